@@ -1,0 +1,203 @@
+/**
+ * The Sys port: everything the boot core needs from the outside world, shaped like
+ * the Linux syscalls behind it. Adapters: `quickjs.ts` (the native `sys` module of
+ * the static host, at boot), `node.ts` (host side, for the CLI and tests), `fake.ts`
+ * (a simulated kernel for simulation tests).
+ *
+ * Conventions, shared by every adapter:
+ * - Failures throw a `SysError` whose `code` is errno's name (`ENOENT`, `EBUSY`, …).
+ * - Offsets and sizes are JavaScript numbers (exact up to 2^53 bytes = 8 PiB).
+ * - Paths are strings; the native host encodes them as UTF-8.
+ * - Every call is synchronous: PID 1 is one thread that waits in `poll`.
+ */
+
+export class SysError extends Error {
+  constructor(
+    /** errno's name, e.g. "ENOENT" */
+    readonly code: string,
+    /** errno's number */
+    readonly errno: number,
+    /** the call and its main argument, e.g. "mount /dev/vda1 on /root" */
+    readonly call: string,
+  ) {
+    super(`${call}: ${code}`);
+    this.name = 'SysError';
+  }
+}
+
+export function isSysError(e: unknown, code?: string): e is SysError {
+  return (
+    typeof e === 'object' && e !== null && (e as { name?: unknown }).name === 'SysError' &&
+    (code === undefined || (e as SysError).code === code)
+  );
+}
+
+export interface Stat {
+  /** st_mode: file type bits and permissions */
+  mode: number;
+  size: number;
+  /** st_rdev for device nodes, as (major << 8 | minor) packing of the kernel's new_encode_dev */
+  rdevMajor: number;
+  rdevMinor: number;
+  devMajor: number;
+  devMinor: number;
+  ino: number;
+  nlink: number;
+  uid: number;
+  gid: number;
+  mtimeSec: number;
+}
+
+export interface StatFs {
+  type: number;
+  blockSize: number;
+  blocks: number;
+  blocksFree: number;
+  blocksAvailable: number;
+}
+
+export interface PollFd {
+  fd: number;
+  events: number;
+}
+
+export interface WaitResult {
+  pid: number;
+  /** raw wait status: use exitCode/termSignal */
+  status: number;
+  /** exit code when the child exited normally, else -1 */
+  exitCode: number;
+  /** the signal that ended the child, else 0 */
+  termSignal: number;
+}
+
+/** open(2) flags (x86-64 / generic values). */
+export const O = {
+  RDONLY: 0,
+  WRONLY: 1,
+  RDWR: 2,
+  CREAT: 0o100,
+  EXCL: 0o200,
+  NOCTTY: 0o400,
+  TRUNC: 0o1000,
+  APPEND: 0o2000,
+  NONBLOCK: 0o4000,
+  DIRECTORY: 0o200000,
+  CLOEXEC: 0o2000000,
+} as const;
+
+/** mount(2) flags. */
+export const MS = {
+  RDONLY: 1,
+  NOSUID: 2,
+  NODEV: 4,
+  NOEXEC: 8,
+  REMOUNT: 32,
+  NOATIME: 1024,
+  BIND: 4096,
+  MOVE: 8192,
+  REC: 16384,
+  SILENT: 32768,
+  PRIVATE: 1 << 18,
+  SHARED: 1 << 20,
+  RELATIME: 1 << 21,
+} as const;
+
+/** st_mode file types. */
+export const S = {
+  IFMT: 0o170000,
+  IFSOCK: 0o140000,
+  IFLNK: 0o120000,
+  IFREG: 0o100000,
+  IFBLK: 0o060000,
+  IFDIR: 0o040000,
+  IFCHR: 0o020000,
+  IFIFO: 0o010000,
+} as const;
+
+export const POLLIN = 1;
+
+/** reboot(2) commands. */
+export const REBOOT = {
+  RESTART: 0x01234567,
+  HALT: 0xcdef0123,
+  POWER_OFF: 0x4321fedc,
+} as const;
+
+export interface Sys {
+  // --- files ---
+  open(path: string, flags: number, mode?: number): number;
+  close(fd: number): void;
+  /** Reads up to buf.length bytes at offset; returns the count (0 at end of file). */
+  pread(fd: number, buf: Uint8Array, offset: number): number;
+  pwrite(fd: number, buf: Uint8Array, offset: number): number;
+  /** read(2)/write(2) at the current position (consoles, pipes, sockets, /proc files). */
+  read(fd: number, buf: Uint8Array): number;
+  write(fd: number, buf: Uint8Array): number;
+  /** ioctl(2) with a struct argument: the kernel reads and writes `arg` in place. */
+  ioctl(fd: number, request: number, arg: ArrayBuffer): number;
+  /** ioctl(2) with an integer argument (LOOP_CLR_FD, BLKRRPART, …). */
+  ioctlInt(fd: number, request: number, arg: number): number;
+  fsync(fd: number): void;
+  /** ftruncate(2) */
+  truncate(fd: number, length: number): void;
+
+  // --- the tree ---
+  stat(path: string): Stat;
+  lstat(path: string): Stat;
+  statfs(path: string): StatFs;
+  /** Entry names, without "." and "..". */
+  readdir(path: string): string[];
+  readlink(path: string): string;
+  mkdir(path: string, mode: number): void;
+  rmdir(path: string): void;
+  unlink(path: string): void;
+  symlink(target: string, path: string): void;
+  link(target: string, path: string): void;
+  rename(from: string, to: string): void;
+  /** mknod(2): mode carries the file type (S.IFBLK, S.IFCHR, …) */
+  mknod(path: string, mode: number, major: number, minor: number): void;
+  chmod(path: string, mode: number): void;
+  /** lchown(2): does not follow symlinks */
+  lchown(path: string, uid: number, gid: number): void;
+
+  // --- mounts and roots ---
+  mount(source: string, target: string, fstype: string, flags: number, data: string): void;
+  umount2(target: string, flags: number): void;
+  chdir(path: string): void;
+  chroot(path: string): void;
+  pivotRoot(newRoot: string, putOld: string): void;
+
+  // --- modules ---
+  /** finit_module(2) on an open module file. */
+  finitModule(fd: number, params: string, flags: number): void;
+
+  // --- processes ---
+  getpid(): number;
+  /** execve(2): returns only by throwing. */
+  execve(path: string, argv: string[], envp: string[]): never;
+  /**
+   * fork + (optional setsid/controlling tty) + execve in the child. Returns the child's pid.
+   * `stdio`: fds for the child's 0, 1, 2 (default: inherit).
+   */
+  spawn(path: string, argv: string[], envp: string[], opts?: { stdio?: [number, number, number]; setsid?: boolean; ctty?: boolean }): number;
+  /** waitpid(2); flags 1 = WNOHANG (then pid 0 means still running). */
+  waitpid(pid: number, flags: number): WaitResult;
+  kill(pid: number, signal: number): void;
+  exit(code: number): never;
+
+  // --- events and time ---
+  /** A NETLINK_KOBJECT_UEVENT socket bound to the kernel's uevent multicast group. */
+  ueventSocket(): number;
+  /** poll(2): returns revents per fd (0 where nothing happened). */
+  poll(fds: PollFd[], timeoutMs: number): number[];
+  /** Monotonic clock in milliseconds (CLOCK_MONOTONIC, with fractions). */
+  monotonicMs(): number;
+  /** CLOCK_BOOTTIME in seconds: the kernel's own uptime, for "reached init at" logs. */
+  uptimeSec(): number;
+  sleepMs(ms: number): void;
+
+  // --- the end ---
+  sync(): void;
+  reboot(cmd: number): never;
+}
