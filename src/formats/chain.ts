@@ -131,8 +131,15 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
 
   const layers: ChainLayer[] = [];
   const seen = new Map<string, string>();
+  const identity = (p: string): string => {
+    try {
+      return host.fileId ? host.fileId(p) : p;
+    } catch {
+      return p;
+    }
+  };
   const remember = (p: string) => {
-    const id = host.fileId ? host.fileId(p) : p;
+    const id = identity(p);
     const before = seen.get(id);
     if (before !== undefined) {
       throw new FormatError(
@@ -181,15 +188,7 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
       const p = joinPath(dir, cand);
       if (tried.some((t) => t.startsWith(`${p}:`))) continue;
       // Refuse a loop before opening: a parent that is an earlier layer
-      let id: string | undefined;
-      try {
-        id = host.fileId ? host.fileId(p) : p;
-      } catch {
-        id = p;
-      }
-      if (seen.has(id)) {
-        remember(p);
-      }
+      if (seen.has(identity(p))) remember(p);
       try {
         const layer = openOne(p, ref.format);
         ref.verify?.(layer.layer);
