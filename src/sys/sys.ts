@@ -173,6 +173,8 @@ export interface Sys {
   finitModule(fd: number, params: string, flags: number): void;
 
   // --- processes ---
+  /** This process's argv: for the init, what the kernel passed (argv[0] is "/init"). */
+  argv(): string[];
   getpid(): number;
   /** execve(2): returns only by throwing. */
   execve(path: string, argv: string[], envp: string[]): never;

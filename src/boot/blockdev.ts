@@ -1,0 +1,37 @@
+/** Block devices and files at boot as BlockReaders, over the Sys port's pread. */
+import type { BlockReader } from '../formats/block-reader.ts';
+import { FormatError } from '../formats/block-reader.ts';
+import { O, type Sys } from '../sys/sys.ts';
+
+export interface OpenedReader extends BlockReader {
+  close(): void;
+}
+
+/** Opens `path` read-only as a BlockReader of `size` bytes (from sysfs or the caller). */
+export function openBlockReader(sys: Sys, path: string, size: number): OpenedReader {
+  const fd = sys.open(path, O.RDONLY | O.CLOEXEC);
+  let open = true;
+  return {
+    name: path,
+    size,
+    read(offset: number, length: number): Uint8Array {
+      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
+        throw new FormatError(`${path}: read of ${length} bytes at ${offset} is past the end (${size} bytes)`, 'offset', offset);
+      }
+      const buf = new Uint8Array(length);
+      let done = 0;
+      while (done < length) {
+        const n = sys.pread(fd, buf.subarray(done), offset + done);
+        if (n <= 0) throw new FormatError(`${path}: short read at ${offset + done} (device ended early?)`, 'offset', offset + done);
+        done += n;
+      }
+      return buf;
+    },
+    close(): void {
+      if (open) {
+        open = false;
+        sys.close(fd);
+      }
+    },
+  };
+}

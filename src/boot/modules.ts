@@ -1,0 +1,123 @@
+/**
+ * Kernel modules at boot, from the manifest mkinitramfs precomputed (no kmod text is
+ * parsed here): coldplug (every device's modalias on every bus), hotplug (MODALIAS of
+ * uevents for devices that appear later, such as USB disks), and loading by name
+ * (filesystems, which the kernel would otherwise ask modprobe for).
+ */
+import { findModule, isBuiltin, loadOrder, matchModalias, moduleForFilesystem, type InitramfsManifest } from '../formats/manifest.ts';
+import { isSysError, O, type Sys } from '../sys/sys.ts';
+import type { ConsoleLog } from './console.ts';
+import { readTextOr } from './fsutil.ts';
+
+export interface LoadReport {
+  loaded: string[];
+  failed: { name: string; error: string }[];
+}
+
+export class ModuleLoader {
+  /** canonical names loaded (or found loaded) so far */
+  readonly loaded = new Set<string>();
+  readonly failed = new Map<string, string>();
+  private readonly seenAliases = new Set<string>();
+
+  constructor(private readonly sys: Sys, private readonly manifest: InitramfsManifest, private readonly log: ConsoleLog) {}
+
+  /** Loads `names` and their dependencies in order. Failures are reported, never thrown. */
+  load(names: readonly string[]): LoadReport {
+    const report: LoadReport = { loaded: [], failed: [] };
+    for (const name of loadOrder(this.manifest, names)) {
+      if (this.loaded.has(name) || this.failed.has(name)) continue;
+      const mod = this.manifest.modules[name]!;
+      if (mod.deps.some((d) => this.failed.has(d))) {
+        const dep = mod.deps.find((d) => this.failed.has(d))!;
+        this.failed.set(name, `its dependency ${dep} failed`);
+        report.failed.push({ name, error: `its dependency ${dep} failed` });
+        continue;
+      }
+      try {
+        const fd = this.sys.open(mod.path, O.RDONLY | O.CLOEXEC);
+        try {
+          // MODULE_INIT_COMPRESSED_FILE (4) lets the kernel decompress .ko.xz/.ko.zst itself.
+          this.sys.finitModule(fd, mod.options, mod.compression ? 4 : 0);
+        } finally {
+          this.sys.close(fd);
+        }
+        this.loaded.add(name);
+        report.loaded.push(name);
+        this.log.debug(`loaded module ${name}`);
+      } catch (e) {
+        if (isSysError(e, 'EEXIST')) {
+          this.loaded.add(name);
+          continue;
+        }
+        const error = isSysError(e) ? e.code : (e as Error).message;
+        this.failed.set(name, error);
+        report.failed.push({ name, error });
+      }
+    }
+    return report;
+  }
+
+  /** Modules for one device modalias (each alias handled once). */
+  modulesForAlias(modalias: string): string[] {
+    if (this.seenAliases.has(modalias)) return [];
+    this.seenAliases.add(modalias);
+    return matchModalias(this.manifest, modalias).filter((m) => !this.loaded.has(m));
+  }
+
+  /** Every modalias of every device on every bus now (the coldplug pass). */
+  coldplugAliases(): string[] {
+    const aliases: string[] = [];
+    let buses: string[] = [];
+    try { buses = this.sys.readdir('/sys/bus'); } catch { return aliases; }
+    for (const bus of buses) {
+      let devices: string[] = [];
+      try { devices = this.sys.readdir(`/sys/bus/${bus}/devices`); } catch { continue; }
+      for (const dev of devices) {
+        const alias = readTextOr(this.sys, `/sys/bus/${bus}/devices/${dev}/modalias`);
+        if (alias) aliases.push(alias);
+      }
+    }
+    return aliases;
+  }
+
+  /** Loads what the present devices need; returns the report. */
+  coldplug(): LoadReport {
+    const wanted = new Set<string>();
+    for (const alias of this.coldplugAliases()) for (const m of this.modulesForAlias(alias)) wanted.add(m);
+    return this.load([...wanted].sort());
+  }
+
+  /** The module a filesystem type needs before mount(2): loads it; false when unknown. */
+  loadFilesystem(fstype: string): boolean {
+    const mod = moduleForFilesystem(this.manifest, fstype);
+    if (mod === undefined) return false;
+    if (mod === '' || isBuiltin(this.manifest, mod)) return true;
+    if (!findModule(this.manifest, mod)) return false;
+    const r = this.load([mod]);
+    this.reportFailures(r);
+    return !this.failed.has(mod);
+  }
+
+  reportFailures(report: LoadReport): void {
+    for (const f of report.failed) this.log.warn(`module ${f.name} did not load: ${f.error}`);
+  }
+}
+
+/** The KEY=VALUE fields of one kernel uevent message ("add@/devices/…\0ACTION=add\0…"). */
+export function parseUevent(bytes: Uint8Array): Record<string, string> {
+  const fields: Record<string, string> = {};
+  let start = 0;
+  for (let i = 0; i <= bytes.length; i++) {
+    if (i === bytes.length || bytes[i] === 0) {
+      if (i > start) {
+        let s = '';
+        for (let k = start; k < i; k++) s += String.fromCharCode(bytes[k]!);
+        const eq = s.indexOf('=');
+        if (eq > 0) fields[s.slice(0, eq)] = s.slice(eq + 1);
+      }
+      start = i + 1;
+    }
+  }
+  return fields;
+}

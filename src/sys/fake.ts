@@ -1,0 +1,614 @@
+/**
+ * A simulated kernel behind the Sys port, for simulation tests: an in-memory tree with
+ * mounts, procfs/sysfs/devtmpfs generated from a machine description (disks with real
+ * bytes, partitions, device modaliases), finit_module, spawn and execve recorded.
+ * The simulation ends at execve (the guest's init) or when the rescue shell is waited
+ * for more often than the machine allows: both throw SimulationEnd.
+ */
+import { S, SysError, type PollFd, type Stat, type StatFs, type Sys, type WaitResult } from './sys.ts';
+
+export interface FakePartition {
+  /** kernel name, e.g. "vda1" */
+  name: string;
+  number: number;
+  /** bytes from the disk's start */
+  start: number;
+  size: number;
+}
+
+export interface FakeDisk {
+  /** kernel name, e.g. "vda" */
+  name: string;
+  bytes: Uint8Array;
+  major: number;
+  minor: number;
+  partitions?: FakePartition[];
+  /** the modalias of the controller that brings this disk (its module must load before the disk appears) */
+  needsModule?: string;
+  /** appears this many simulated ms after its module loaded (a USB disk) */
+  appearsAfterMs?: number;
+  /** the filesystem tree a mount of this disk (or of a partition by name) shows */
+  trees?: Record<string, FakeTree>;
+}
+
+/** A directory tree: path → file content (string), or a symlink / special entry. */
+export type FakeTree = Record<string, string | { symlink: string } | { mode: number; content?: string } | { dir: true }>;
+
+export interface FakeMachine {
+  cmdline: string;
+  argv?: string[];
+  disks: FakeDisk[];
+  /** modalias strings of devices on the "pci" bus, keyed by a device id */
+  pciDevices?: Record<string, string>;
+  /** the initramfs contents (the manifest, module files, /bin/sh …) */
+  initramfs: FakeTree;
+  /** how many rescue shells may run and exit before the simulation ends (rd.break tests) */
+  shellExits?: number;
+  /** modules whose finit_module fails, with the errno name */
+  moduleErrors?: Record<string, string>;
+}
+
+export class SimulationEnd extends Error {
+  constructor(readonly reason: 'exec' | 'shell' | 'reboot' | 'exit' | 'stuck', detail: string) {
+    super(`simulation ended: ${reason} ${detail}`);
+    this.name = 'SimulationEnd';
+  }
+}
+
+type Node =
+  | { kind: 'dir'; mode: number; fs: number; entries: Map<string, Node>; mounted?: Node[] }
+  | { kind: 'file'; mode: number; fs: number; data: Uint8Array | (() => Uint8Array) }
+  | { kind: 'link'; mode: number; fs: number; target: string }
+  | { kind: 'blk' | 'chr'; mode: number; fs: number; major: number; minor: number };
+
+interface OpenFile {
+  node: Node;
+  path: string;
+  flags: number;
+  pos: number;
+}
+
+const ERRNO: Record<string, number> = { ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10 };
+
+function fail(code: string, call: string): never {
+  throw new SysError(code, ERRNO[code] ?? 0, call);
+}
+
+const enc = (s: string): Uint8Array => {
+  const out: number[] = [];
+  for (const ch of s) {
+    const c = ch.codePointAt(0)!;
+    if (c < 0x80) out.push(c);
+    else if (c < 0x800) out.push(0xc0 | (c >> 6), 0x80 | (c & 63));
+    else if (c < 0x10000) out.push(0xe0 | (c >> 12), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
+    else out.push(0xf0 | (c >> 18), 0x80 | ((c >> 12) & 63), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
+  }
+  return Uint8Array.from(out);
+};
+
+export interface FakeEvents {
+  mounts: { source: string; target: string; fstype: string; flags: number; data: string }[];
+  modules: string[];
+  spawns: { path: string; argv: string[] }[];
+  exec?: { path: string; argv: string[]; envp: string[]; cwdRoot: string };
+  rebooted?: number;
+}
+
+let fsCounter = 1;
+
+export class FakeKernel implements Sys {
+  readonly events: FakeEvents = { mounts: [], modules: [], spawns: [] };
+  private readonly consoleBytes: number[] = [];
+
+  /** Everything written to the console (fds 1 and 2), as text. */
+  get consoleText(): string {
+    let s = '';
+    for (const b of this.consoleBytes) s += String.fromCharCode(b);
+    try {
+      return decodeURIComponent(escape(s));
+    } catch {
+      return s;
+    }
+  }
+  private root: Node;
+  private cwd = '/';
+  private chrootPrefix = '';
+  private clock = 0;
+  private readonly fds = new Map<number, OpenFile>();
+  private nextFd = 3;
+  private shellRuns = 0;
+  private readonly loadedAt = new Map<string, number>();
+  private readonly pending: string[] = [];
+  private readonly ueventFds = new Set<number>();
+  private readonly initramfsFs: number;
+
+  constructor(readonly machine: FakeMachine) {
+    this.initramfsFs = fsCounter++;
+    this.root = this.buildTree(machine.initramfs, this.initramfsFs);
+  }
+
+  // ---------------------------------------------------------------- trees
+
+  private buildTree(tree: FakeTree, fs: number): Node {
+    const root: Node = { kind: 'dir', mode: S.IFDIR | 0o755, fs, entries: new Map() };
+    for (const [path, v] of Object.entries(tree)) {
+      const parts = path.split('/').filter(Boolean);
+      let dir = root as Extract<Node, { kind: 'dir' }>;
+      for (const p of parts.slice(0, -1)) {
+        let next = dir.entries.get(p);
+        if (!next) dir.entries.set(p, (next = { kind: 'dir', mode: S.IFDIR | 0o755, fs, entries: new Map() }));
+        if (next.kind !== 'dir') throw new Error(`fake tree: ${path} under a non-directory`);
+        dir = next;
+      }
+      const name = parts[parts.length - 1]!;
+      if (typeof v === 'string') dir.entries.set(name, { kind: 'file', mode: S.IFREG | 0o644, fs, data: enc(v) });
+      else if ('symlink' in v) dir.entries.set(name, { kind: 'link', mode: S.IFLNK | 0o777, fs, target: v.symlink });
+      else if ('dir' in v) { if (!dir.entries.has(name)) dir.entries.set(name, { kind: 'dir', mode: S.IFDIR | 0o755, fs, entries: new Map() }); }
+      else dir.entries.set(name, { kind: 'file', mode: v.mode, fs, data: enc(v.content ?? '') });
+    }
+    return root;
+  }
+
+  private visibleDisks(): FakeDisk[] {
+    return this.machine.disks.filter((d) => {
+      if (!d.needsModule) return true;
+      const at = this.loadedAt.get(d.needsModule);
+      return at !== undefined && this.clock >= at + (d.appearsAfterMs ?? 0);
+    });
+  }
+
+  private procTree(): Node {
+    return this.buildTree({ cmdline: `${this.machine.cmdline}\n`, mounts: '' }, fsCounter++);
+  }
+
+  private sysTree(): Node {
+    const fs = fsCounter++;
+    const t: FakeTree = { 'bus/pci/devices/.keep': '', 'class/block/.keep': '', 'module/.keep': '' };
+    for (const [id, alias] of Object.entries(this.machine.pciDevices ?? {})) t[`bus/pci/devices/${id}/modalias`] = `${alias}\n`;
+    const root = this.buildTree(t, fs);
+    // sysfs is generated on each lookup of /sys/class/block, see dynamicSys().
+    return root;
+  }
+
+  /** /sys/class/block as the kernel shows it now. */
+  private blockClass(): Node {
+    const fs = 999_999;
+    const t: FakeTree = {};
+    for (const d of this.visibleDisks()) {
+      t[`${d.name}`] = { symlink: `../../devices/virtual/block/${d.name}` };
+    }
+    for (const d of this.visibleDisks()) for (const p of d.partitions ?? []) t[p.name] = { symlink: `../../devices/virtual/block/${d.name}/${p.name}` };
+    const node = this.buildTree(t, fs);
+    return node;
+  }
+
+  private blockDevicesDir(): Node {
+    const t: FakeTree = {};
+    for (const d of this.visibleDisks()) {
+      t[`${d.name}/dev`] = `${d.major}:${d.minor}\n`;
+      t[`${d.name}/size`] = `${Math.floor(d.bytes.length / 512)}\n`;
+      for (const p of d.partitions ?? []) {
+        t[`${d.name}/${p.name}/dev`] = `${d.major}:${d.minor + p.number}\n`;
+        t[`${d.name}/${p.name}/size`] = `${Math.floor(p.size / 512)}\n`;
+        t[`${d.name}/${p.name}/partition`] = `${p.number}\n`;
+        t[`${d.name}/${p.name}/start`] = `${Math.floor(p.start / 512)}\n`;
+      }
+    }
+    return this.buildTree(t, 999_998);
+  }
+
+  private devTree(): Node {
+    const fs = fsCounter++;
+    const root = this.buildTree({}, fs) as Extract<Node, { kind: 'dir' }>;
+    root.entries.set('console', { kind: 'chr', mode: S.IFCHR | 0o600, fs, major: 5, minor: 1 });
+    root.entries.set('null', { kind: 'chr', mode: S.IFCHR | 0o666, fs, major: 1, minor: 3 });
+    return root;
+  }
+
+  private diskBytes(name: string): { bytes: Uint8Array; start: number; size: number } | undefined {
+    for (const d of this.visibleDisks()) {
+      if (d.name === name) return { bytes: d.bytes, start: 0, size: d.bytes.length };
+      for (const p of d.partitions ?? []) if (p.name === name) return { bytes: d.bytes, start: p.start, size: p.size };
+    }
+    return undefined;
+  }
+
+  private treeForDevice(source: string): FakeTree | undefined {
+    const name = source.replace(/^\/dev\//, '');
+    for (const d of this.visibleDisks()) if (d.trees && d.trees[name]) return d.trees[name];
+    return undefined;
+  }
+
+  // ---------------------------------------------------------------- path walking
+
+  private abs(path: string): string {
+    const p = path.startsWith('/') ? path : `${this.cwd === '/' ? '' : this.cwd}/${path}`;
+    return p;
+  }
+
+  /** Resolves a path to its node; follows symlinks (the last one only when `follow`). */
+  private lookup(path: string, follow = true, depth = 0): Node {
+    if (depth > 40) fail('ELOOP', `lookup ${path}`);
+    const parts = this.abs(path).split('/').filter((c) => c && c !== '.');
+    let node = this.top(this.root);
+    const trail: Node[] = [];
+    for (let i = 0; i < parts.length; i++) {
+      const part = parts[i]!;
+      if (part === '..') { node = trail.pop() ?? node; continue; }
+      if (node.kind !== 'dir') fail('ENOTDIR', `lookup ${path}`);
+      let next = this.child(node, part, parts.slice(0, i + 1));
+      if (!next) fail('ENOENT', `lookup ${path}`);
+      next = this.top(next);
+      if (next.kind === 'link' && (follow || i < parts.length - 1)) {
+        const base = next.target.startsWith('/') ? next.target : `/${parts.slice(0, i).join('/')}/${next.target}`;
+        const rest = parts.slice(i + 1).join('/');
+        return this.lookup(rest ? `${base}/${rest}` : base, follow, depth + 1);
+      }
+      trail.push(node);
+      node = next;
+    }
+    return node;
+  }
+
+  private top(node: Node): Node {
+    return node.kind === 'dir' && node.mounted?.length ? this.top(node.mounted[node.mounted.length - 1]!) : node;
+  }
+
+  /** Directory entries, with the dynamic parts of sysfs and devtmpfs. */
+  private child(dir: Extract<Node, { kind: 'dir' }>, name: string, pathParts: string[]): Node | undefined {
+    const dyn = this.dynamicEntries(dir);
+    return dyn?.get(name) ?? dir.entries.get(name);
+    void pathParts;
+  }
+
+  private dynamicEntries(dir: Extract<Node, { kind: 'dir' }>): Map<string, Node> | undefined {
+    if ((dir as { dynamic?: string }).dynamic === 'class-block') return (this.blockClass() as Extract<Node, { kind: 'dir' }>).entries;
+    if ((dir as { dynamic?: string }).dynamic === 'devices-block') return (this.blockDevicesDir() as Extract<Node, { kind: 'dir' }>).entries;
+    if ((dir as { dynamic?: string }).dynamic === 'dev') {
+      const m = new Map(dir.entries);
+      for (const d of this.visibleDisks()) {
+        m.set(d.name, { kind: 'blk', mode: S.IFBLK | 0o660, fs: dir.fs, major: d.major, minor: d.minor });
+        for (const p of d.partitions ?? []) m.set(p.name, { kind: 'blk', mode: S.IFBLK | 0o660, fs: dir.fs, major: d.major, minor: d.minor + p.number });
+      }
+      return m;
+    }
+    return undefined;
+  }
+
+  private parentAndName(path: string): { dir: Extract<Node, { kind: 'dir' }>; name: string } {
+    const abs = this.abs(path).replace(/\/+$/, '');
+    const cut = abs.lastIndexOf('/');
+    const dir = this.lookup(cut <= 0 ? '/' : abs.slice(0, cut));
+    if (dir.kind !== 'dir') fail('ENOTDIR', path);
+    return { dir, name: abs.slice(cut + 1) };
+  }
+
+  // ---------------------------------------------------------------- Sys: files
+
+  open(path: string, flags: number, mode = 0o644): number {
+    let node: Node;
+    try {
+      node = this.lookup(path);
+    } catch (e) {
+      if (!(flags & 0o100)) throw e;
+      const { dir, name } = this.parentAndName(path);
+      node = { kind: 'file', mode: S.IFREG | mode, fs: dir.fs, data: new Uint8Array(0) };
+      dir.entries.set(name, node);
+    }
+    const fd = this.nextFd++;
+    this.fds.set(fd, { node, path: this.abs(path), flags, pos: 0 });
+    return fd;
+  }
+
+  close(fd: number): void {
+    if (!this.fds.delete(fd) && !this.ueventFds.delete(fd)) fail('EBADF', `close ${fd}`);
+  }
+
+  private bytesOf(f: OpenFile): { bytes: Uint8Array; start: number; size: number } {
+    const n = f.node;
+    if (n.kind === 'file') {
+      const data = typeof n.data === 'function' ? n.data() : n.data;
+      return { bytes: data, start: 0, size: data.length };
+    }
+    if (n.kind === 'blk') {
+      const name = f.path.replace(/^\/dev\//, '');
+      const d = this.diskBytes(name);
+      if (!d) fail('ENODEV', `open ${f.path}`);
+      return d;
+    }
+    if (n.kind === 'chr') return { bytes: new Uint8Array(0), start: 0, size: 0 };
+    fail('EISDIR', `read ${f.path}`);
+  }
+
+  pread(fd: number, buf: Uint8Array, offset: number): number {
+    const f = this.fds.get(fd) ?? fail('EBADF', `pread ${fd}`);
+    const { bytes, start, size } = this.bytesOf(f);
+    if (offset >= size) return 0;
+    const n = Math.min(buf.length, size - offset);
+    buf.set(bytes.subarray(start + offset, start + offset + n));
+    return n;
+  }
+
+  pwrite(fd: number, buf: Uint8Array, offset: number): number {
+    const f = this.fds.get(fd) ?? fail('EBADF', `pwrite ${fd}`);
+    if (f.node.kind !== 'file' || typeof f.node.data === 'function') fail('EINVAL', `pwrite ${f.path}`);
+    const old = f.node.data as Uint8Array;
+    const next = new Uint8Array(Math.max(old.length, offset + buf.length));
+    next.set(old);
+    next.set(buf, offset);
+    f.node.data = next;
+    return buf.length;
+  }
+
+  read(fd: number, buf: Uint8Array): number {
+    if (this.ueventFds.has(fd)) {
+      const msg = this.pending.shift();
+      if (!msg) fail('EAGAIN', 'read uevent');
+      const b = enc(msg);
+      buf.set(b.subarray(0, buf.length));
+      return Math.min(b.length, buf.length);
+    }
+    const f = this.fds.get(fd) ?? fail('EBADF', `read ${fd}`);
+    const n = this.pread(fd, buf, f.pos);
+    f.pos += n;
+    return n;
+  }
+
+  write(fd: number, buf: Uint8Array): number {
+    if (fd === 1 || fd === 2) {
+      for (const b of buf) this.consoleBytes.push(b);
+      return buf.length;
+    }
+    const f = this.fds.get(fd) ?? fail('EBADF', `write ${fd}`);
+    const n = this.pwrite(fd, buf, f.pos);
+    f.pos += n;
+    return n;
+  }
+
+  ioctl(_fd: number, request: number, _arg: ArrayBuffer): number { fail('ENOSYS', `ioctl 0x${request.toString(16)}`); }
+  ioctlInt(_fd: number, request: number, _arg: number): number { fail('ENOSYS', `ioctl 0x${request.toString(16)}`); }
+  fsync(_fd: number): void {}
+  truncate(_fd: number, _length: number): void { fail('ENOSYS', 'ftruncate'); }
+
+  // ---------------------------------------------------------------- Sys: the tree
+
+  private statOf(node: Node, path: string): Stat {
+    const size = node.kind === 'file' ? (typeof node.data === 'function' ? 4096 : node.data.length) : node.kind === 'blk' ? this.diskBytes(path.replace(/^\/dev\//, ''))?.size ?? 0 : 0;
+    return {
+      mode: node.mode, size, ino: 1, nlink: 1, uid: 0, gid: 0, mtimeSec: 0,
+      devMajor: 0, devMinor: node.fs,
+      rdevMajor: node.kind === 'blk' || node.kind === 'chr' ? node.major : 0,
+      rdevMinor: node.kind === 'blk' || node.kind === 'chr' ? node.minor : 0,
+    };
+  }
+
+  stat(path: string): Stat { return this.statOf(this.lookup(path), this.abs(path)); }
+  lstat(path: string): Stat { return this.statOf(this.lookup(path, false), this.abs(path)); }
+
+  statfs(path: string): StatFs {
+    const node = this.lookup(path);
+    return { type: node.fs === this.initramfsFs ? 0x858458f6 : 0xef53, blockSize: 4096, blocks: 0, blocksFree: 0, blocksAvailable: 0 };
+  }
+
+  readdir(path: string): string[] {
+    const node = this.lookup(path);
+    if (node.kind !== 'dir') fail('ENOTDIR', `readdir ${path}`);
+    const dyn = this.dynamicEntries(node);
+    return [...new Set([...(dyn?.keys() ?? []), ...node.entries.keys()])].filter((n) => n !== '.keep');
+  }
+
+  readlink(path: string): string {
+    const node = this.lookup(path, false);
+    if (node.kind !== 'link') fail('EINVAL', `readlink ${path}`);
+    return node.target;
+  }
+
+  mkdir(path: string, mode: number): void {
+    const { dir, name } = this.parentAndName(path);
+    if (dir.entries.has(name) || this.dynamicEntries(dir)?.has(name)) fail('EEXIST', `mkdir ${path}`);
+    dir.entries.set(name, { kind: 'dir', mode: S.IFDIR | mode, fs: dir.fs, entries: new Map() });
+  }
+
+  rmdir(path: string): void {
+    const { dir, name } = this.parentAndName(path);
+    const n = dir.entries.get(name) ?? fail('ENOENT', `rmdir ${path}`);
+    if (n.kind !== 'dir') fail('ENOTDIR', `rmdir ${path}`);
+    if (n.mounted?.length) fail('EBUSY', `rmdir ${path}`);
+    if (n.entries.size) fail('ENOTEMPTY', `rmdir ${path}`);
+    dir.entries.delete(name);
+  }
+
+  unlink(path: string): void {
+    const { dir, name } = this.parentAndName(path);
+    const n = dir.entries.get(name) ?? fail('ENOENT', `unlink ${path}`);
+    if (n.kind === 'dir') fail('EISDIR', `unlink ${path}`);
+    dir.entries.delete(name);
+  }
+
+  symlink(target: string, path: string): void {
+    const { dir, name } = this.parentAndName(path);
+    if (dir.entries.has(name)) fail('EEXIST', `symlink ${path}`);
+    dir.entries.set(name, { kind: 'link', mode: S.IFLNK | 0o777, fs: dir.fs, target });
+  }
+
+  link(target: string, path: string): void {
+    const node = this.lookup(target, false);
+    const { dir, name } = this.parentAndName(path);
+    dir.entries.set(name, node);
+  }
+
+  rename(from: string, to: string): void {
+    const a = this.parentAndName(from);
+    const node = a.dir.entries.get(a.name) ?? fail('ENOENT', `rename ${from}`);
+    const b = this.parentAndName(to);
+    a.dir.entries.delete(a.name);
+    b.dir.entries.set(b.name, node);
+  }
+
+  mknod(path: string, mode: number, major: number, minor: number): void {
+    const { dir, name } = this.parentAndName(path);
+    const kind = (mode & S.IFMT) === S.IFBLK ? 'blk' : 'chr';
+    dir.entries.set(name, { kind, mode, fs: dir.fs, major, minor });
+  }
+
+  chmod(path: string, mode: number): void {
+    const n = this.lookup(path);
+    n.mode = (n.mode & S.IFMT) | (mode & 0o7777);
+  }
+
+  lchown(_path: string, _uid: number, _gid: number): void {}
+
+  // ---------------------------------------------------------------- Sys: mounts
+
+  mount(source: string, target: string, fstype: string, flags: number, data: string): void {
+    const MS_MOVE = 8192;
+    const node = this.lookup(target, true);
+    if (node.kind !== 'dir') fail('ENOTDIR', `mount on ${target}`);
+    // `node` is the top of the mount stack at target; mount on the underlying directory.
+    const under = this.underlying(target);
+    if (flags & MS_MOVE) {
+      const src = this.underlying(source);
+      const moved = src.mounted?.pop() ?? fail('EINVAL', `move ${source}`);
+      (under.mounted ??= []).push(moved);
+      this.events.mounts.push({ source, target, fstype: 'move', flags, data });
+      return;
+    }
+    let fsRoot: Node;
+    if (fstype === 'proc') fsRoot = this.procTree();
+    else if (fstype === 'sysfs') {
+      fsRoot = this.sysTree();
+      const cls = (fsRoot as Extract<Node, { kind: 'dir' }>).entries.get('class') as Extract<Node, { kind: 'dir' }>;
+      const blk = cls.entries.get('block') as Extract<Node, { kind: 'dir' }>;
+      (blk as { dynamic?: string }).dynamic = 'class-block';
+      const devices = this.buildTree({}, fsRoot.fs) as Extract<Node, { kind: 'dir' }>;
+      const virtual = this.buildTree({}, fsRoot.fs) as Extract<Node, { kind: 'dir' }>;
+      const block = this.buildTree({}, fsRoot.fs);
+      (block as { dynamic?: string }).dynamic = 'devices-block';
+      virtual.entries.set('block', block);
+      devices.entries.set('virtual', virtual);
+      (fsRoot as Extract<Node, { kind: 'dir' }>).entries.set('devices', devices);
+    } else if (fstype === 'devtmpfs') {
+      fsRoot = this.devTree();
+      (fsRoot as { dynamic?: string }).dynamic = 'dev';
+    } else if (fstype === 'tmpfs' || fstype === 'devpts') fsRoot = this.buildTree({}, fsCounter++);
+    else {
+      const tree = this.treeForDevice(source);
+      if (!tree) fail(this.diskBytes(source.replace(/^\/dev\//, '')) ? 'EINVAL' : 'ENOENT', `mount ${source}`);
+      fsRoot = this.buildTree(tree, fsCounter++);
+    }
+    (under.mounted ??= []).push(fsRoot);
+    this.events.mounts.push({ source, target, fstype, flags, data });
+  }
+
+  /** The directory node at `path` before mounts on it are applied (the mountpoint). */
+  private underlying(path: string): Extract<Node, { kind: 'dir' }> {
+    const abs = this.abs(path).replace(/\/+$/, '');
+    if (abs === '' || abs === '/') return this.root as Extract<Node, { kind: 'dir' }>;
+    const { dir, name } = this.parentAndName(abs);
+    const n = this.child(dir, name, []) ?? fail('ENOENT', `mountpoint ${path}`);
+    if (n.kind !== 'dir') fail('ENOTDIR', `mountpoint ${path}`);
+    return n;
+  }
+
+  umount2(target: string, _flags: number): void {
+    const under = this.underlying(target);
+    if (!under.mounted?.length) fail('EINVAL', `umount ${target}`);
+    under.mounted.pop();
+  }
+
+  chdir(path: string): void {
+    const n = this.lookup(path);
+    if (n.kind !== 'dir') fail('ENOTDIR', `chdir ${path}`);
+    this.cwd = this.abs(path);
+  }
+
+  chroot(path: string): void {
+    const target = this.abs(path);
+    const node = this.lookup(target);
+    if (node.kind !== 'dir') fail('ENOTDIR', `chroot ${path}`);
+    this.chrootPrefix = target === '/' ? this.chrootPrefix : `${this.chrootPrefix}${target}`;
+    this.root = node;
+    this.cwd = '/';
+  }
+
+  pivotRoot(_newRoot: string, _putOld: string): void { fail('ENOSYS', 'pivot_root'); }
+
+  // ---------------------------------------------------------------- Sys: modules, processes
+
+  finitModule(fd: number, _params: string, _flags: number): void {
+    const f = this.fds.get(fd) ?? fail('EBADF', 'finit_module');
+    const name = (f.path.split('/').pop() ?? '').replace(/\.ko(\..*)?$/, '').replace(/-/g, '_');
+    if (this.loadedAt.has(name)) fail('EEXIST', `finit_module ${name}`);
+    const err = this.machine.moduleErrors?.[name];
+    if (err) fail(err, `finit_module ${name}`);
+    this.loadedAt.set(name, this.clock);
+    this.events.modules.push(name);
+    for (const d of this.machine.disks) if (d.needsModule === name) this.pending.push(`add@/devices/virtual/block/${d.name}\0ACTION=add\0SUBSYSTEM=block\0DEVNAME=${d.name}\0`);
+  }
+
+  argv(): string[] { return this.machine.argv ?? ['/init']; }
+  getpid(): number { return 1; }
+
+  execve(path: string, argv: string[], envp: string[]): never {
+    const node = this.lookup(path);
+    if (node.kind !== 'file' || !(node.mode & 0o111)) fail(node.kind === 'file' ? 'EACCES' : 'ENOENT', `execve ${path}`);
+    this.events.exec = { path, argv, envp, cwdRoot: this.chrootPrefix };
+    throw new SimulationEnd('exec', path);
+  }
+
+  spawn(path: string, argv: string[], _envp: string[]): number {
+    const node = this.lookup(path);
+    if (node.kind !== 'file') fail('ENOENT', `spawn ${path}`);
+    this.events.spawns.push({ path, argv });
+    return 100 + this.events.spawns.length;
+  }
+
+  waitpid(pid: number, _flags: number): WaitResult {
+    this.shellRuns++;
+    if (this.shellRuns > (this.machine.shellExits ?? 0)) throw new SimulationEnd('shell', `pid ${pid}`);
+    return { pid, status: 0, exitCode: 0, termSignal: 0 };
+  }
+
+  kill(_pid: number, _signal: number): void {}
+  exit(code: number): never { throw new SimulationEnd('exit', String(code)); }
+
+  // ---------------------------------------------------------------- Sys: events, time
+
+  ueventSocket(): number {
+    const fd = this.nextFd++;
+    this.ueventFds.add(fd);
+    return fd;
+  }
+
+  poll(fds: PollFd[], timeoutMs: number): number[] {
+    const ready = () => fds.map((p) => (this.ueventFds.has(p.fd) && this.pending.length ? 1 : 0));
+    let r = ready();
+    if (r.some(Boolean) || timeoutMs === 0) return r;
+    this.sleepMs(timeoutMs < 0 ? 1000 : timeoutMs);
+    r = ready();
+    return r;
+  }
+
+  monotonicMs(): number { return this.clock; }
+  uptimeSec(): number { return 1 + this.clock / 1000; }
+
+  sleepMs(ms: number): void {
+    const before = this.clock;
+    this.clock += ms;
+    // Disks whose time has come announce themselves.
+    for (const d of this.machine.disks) {
+      if (!d.needsModule) continue;
+      const at = this.loadedAt.get(d.needsModule);
+      if (at === undefined) continue;
+      const due = at + (d.appearsAfterMs ?? 0);
+      if (due > before && due <= this.clock) this.pending.push(`add@/devices/virtual/block/${d.name}\0ACTION=add\0SUBSYSTEM=block\0DEVNAME=${d.name}\0`);
+    }
+    if (this.clock > 3_600_000) throw new SimulationEnd('stuck', 'an hour of simulated time passed');
+  }
+
+  sync(): void {}
+  reboot(cmd: number): never {
+    this.events.rebooted = cmd;
+    throw new SimulationEnd('reboot', cmd.toString(16));
+  }
+}
