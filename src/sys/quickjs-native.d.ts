@@ -1,0 +1,93 @@
+/**
+ * The native module `sys` of vdboot's static host (init/host.c), as the init bundle
+ * imports it: `import * as native from 'sys'`. One function per syscall; failures throw
+ * a SysError-shaped exception (see setErrorFactory); wrong argument types throw TypeError.
+ * Byte buffers may be ArrayBuffers or any typed-array view: the kernel works on their
+ * memory in place.
+ */
+declare module 'sys' {
+  type Bytes = ArrayBuffer | ArrayBufferView;
+
+  /** The host's argv (argv[0] is "/init"; the kernel adds cmdline words without "="). */
+  export const args: string[];
+  /** The host's environment as "KEY=value" strings (the kernel passes cmdline words with "="). */
+  export const env: string[];
+
+  /** Makes every later syscall failure throw factory(code, errno, call). */
+  export function setErrorFactory(factory: (code: string, errno: number, call: string) => Error): void;
+
+  export function open(path: string, flags: number, mode?: number): number;
+  export function close(fd: number): void;
+  export function pread(fd: number, buf: Bytes, offset: number): number;
+  export function pwrite(fd: number, buf: Bytes, offset: number): number;
+  export function read(fd: number, buf: Bytes): number;
+  export function write(fd: number, buf: Bytes): number;
+  /** ioctl(fd, request, pointer to arg's memory); returns ioctl's result. */
+  export function ioctl(fd: number, request: number, arg: Bytes): number;
+  export function ioctlInt(fd: number, request: number, arg: number): number;
+  export function fsync(fd: number): void;
+  /** ftruncate(2) */
+  export function truncate(fd: number, length: number): void;
+
+  export interface NativeStat {
+    mode: number; size: number; rdevMajor: number; rdevMinor: number; devMajor: number; devMinor: number;
+    ino: number; nlink: number; uid: number; gid: number; mtimeSec: number;
+  }
+  export function stat(path: string): NativeStat;
+  export function lstat(path: string): NativeStat;
+  export function statfs(path: string): { type: number; blockSize: number; blocks: number; blocksFree: number; blocksAvailable: number };
+  /** Entry names without "." and "..". */
+  export function readdir(path: string): string[];
+  export function readlink(path: string): string;
+  export function mkdir(path: string, mode: number): void;
+  export function rmdir(path: string): void;
+  export function unlink(path: string): void;
+  export function symlink(target: string, path: string): void;
+  export function link(target: string, path: string): void;
+  export function rename(from: string, to: string): void;
+  export function mknod(path: string, mode: number, major: number, minor: number): void;
+  export function chmod(path: string, mode: number): void;
+  export function lchown(path: string, uid: number, gid: number): void;
+
+  /** source, fstype and data may be null; "" fstype/data are passed as NULL. */
+  export function mount(source: string | null, target: string, fstype: string | null, flags: number, data: string | null): void;
+  export function umount2(target: string, flags?: number): void;
+  export function chdir(path: string): void;
+  export function chroot(path: string): void;
+  export function pivotRoot(newRoot: string, putOld: string): void;
+  export function finitModule(fd: number, params?: string, flags?: number): void;
+
+  export function getpid(): number;
+  export function execve(path: string, argv: string[], envp: string[]): never;
+  /**
+   * fork + [setsid] + stdio fds as 0/1/2 + [fd 0 as controlling tty] + every other fd
+   * closed + execve. Throws (after reaping the child) when execve fails; the child's
+   * status would be exit code 127.
+   */
+  export function spawn(path: string, argv: string[], envp: string[],
+    opts?: { stdio?: [number, number, number]; setsid?: boolean; ctty?: boolean }): number;
+  /** fork(2): the child's pid in the parent, 0 in the child, which must end with _exit. */
+  export function fork(): number;
+  export function waitpid(pid: number, flags?: number): { pid: number; status: number; exitCode: number; termSignal: number };
+  export function kill(pid: number, signal: number): void;
+  /** As PID 1 both start the host's rescue shell instead of exiting. */
+  export function exit(code?: number): never;
+  export function _exit(code?: number): never;
+  export function dup2(oldFd: number, newFd: number): number;
+  /** pipe2(O_CLOEXEC): [readFd, writeFd] */
+  export function pipe(): [number, number];
+
+  /** Non-blocking, close-on-exec; read() throws EAGAIN when nothing is queued. */
+  export function ueventSocket(): number;
+  export function poll(fds: { fd: number; events: number }[], timeoutMs: number): number[];
+  export function monotonicMs(): number;
+  export function uptimeSec(): number;
+  export function sleepMs(ms: number): void;
+  export function sync(): void;
+  export function reboot(cmd: number): never;
+
+  /** Arguments joined by spaces, newline, to fd 1 (print) or fd 2 (printErr). */
+  export function print(...args: unknown[]): void;
+  export function printErr(...args: unknown[]): void;
+  export function uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
+}

@@ -1,0 +1,91 @@
+/// <reference path="./quickjs-native.d.ts" />
+/**
+ * The Sys adapter for vdboot's static host: wraps the native module `sys` (init/host.c).
+ * The boot entry does:
+ *
+ *   import * as native from 'sys';
+ *   import { quickjsSys } from '../sys/quickjs.ts';
+ *   const sys = quickjsSys(native);
+ *
+ * Native failures become real `SysError`s (code = errno's name), created by the factory
+ * registered here, so `instanceof SysError` and `isSysError` both work.
+ */
+import type * as NativeModule from 'sys';
+import { SysError, type Sys } from './sys.ts';
+
+export type NativeSys = typeof NativeModule;
+
+/** What the static host offers beyond the Sys port. */
+export interface QuickjsSys extends Sys {
+  /** fork(2): the child's pid in the parent, 0 in the child, which must end with `_exit`. */
+  fork(): number;
+  /** _exit(2) without cleanup, for forked children. As PID 1: the rescue shell. */
+  _exit(code: number): never;
+  dup2(oldFd: number, newFd: number): number;
+  /** pipe2(O_CLOEXEC): [readFd, writeFd] */
+  pipe(): [number, number];
+  uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
+  /** Debug output: arguments joined by spaces, newline, on fd 1 / fd 2. */
+  print(...args: unknown[]): void;
+  printErr(...args: unknown[]): void;
+  /** The host's environment ("KEY=value"), as the kernel passed it to init. */
+  readonly env: readonly string[];
+}
+
+export function quickjsSys(native: NativeSys): QuickjsSys {
+  native.setErrorFactory((code, errno, call) => new SysError(code, errno, call));
+  return {
+    open: native.open,
+    close: native.close,
+    pread: native.pread,
+    pwrite: native.pwrite,
+    read: native.read,
+    write: native.write,
+    ioctl: native.ioctl,
+    ioctlInt: native.ioctlInt,
+    fsync: native.fsync,
+    truncate: native.truncate,
+    stat: native.stat,
+    lstat: native.lstat,
+    statfs: native.statfs,
+    readdir: native.readdir,
+    readlink: native.readlink,
+    mkdir: native.mkdir,
+    rmdir: native.rmdir,
+    unlink: native.unlink,
+    symlink: native.symlink,
+    link: native.link,
+    rename: native.rename,
+    mknod: native.mknod,
+    chmod: native.chmod,
+    lchown: native.lchown,
+    mount: native.mount,
+    umount2: native.umount2,
+    chdir: native.chdir,
+    chroot: native.chroot,
+    pivotRoot: native.pivotRoot,
+    finitModule: native.finitModule,
+    argv: () => native.args.slice(),
+    getpid: native.getpid,
+    execve: native.execve,
+    spawn: native.spawn,
+    waitpid: native.waitpid,
+    kill: native.kill,
+    exit: native.exit,
+    ueventSocket: native.ueventSocket,
+    poll: native.poll,
+    monotonicMs: native.monotonicMs,
+    uptimeSec: native.uptimeSec,
+    sleepMs: native.sleepMs,
+    sync: native.sync,
+    reboot: native.reboot,
+    fork: native.fork,
+    _exit: native._exit,
+    dup2: native.dup2,
+    pipe: native.pipe,
+    uname: native.uname,
+    print: native.print,
+    printErr: native.printErr,
+    env: native.env,
+  };
+}
