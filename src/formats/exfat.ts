@@ -1,0 +1,337 @@
+/**
+ * exFAT read by vdboot itself (large USB sticks and SD cards): path → the file's
+ * clusters on the partition. Files are contiguous (NoFatChain) or FAT-chained; names
+ * compare through the volume's own up-case table; bytes past the valid data length
+ * read as zeros (`uninitialized`, like NTFS past its initialized size). Nothing here
+ * writes; everything read from the volume is bounds-checked.
+ */
+import { type BlockReader, FormatError } from './block-reader.ts';
+import {
+  type FileExtent, type HostDirEntry, type HostFile, type HostFs,
+  joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, u64, viewOf,
+} from './hostfs.ts';
+
+const ENTRY_BITMAP = 0x81;
+const ENTRY_UPCASE = 0x82;
+const ENTRY_LABEL = 0x83;
+const ENTRY_FILE = 0x85;
+const ENTRY_STREAM = 0xc0;
+const ENTRY_NAME = 0xc1;
+
+const ATTR_DIRECTORY = 0x10;
+const FLAG_NO_FAT_CHAIN = 0x02;
+const VOLUME_DIRTY = 0x02;
+
+/** A directory of more than 256 MiB is not something a real exFAT volume holds. */
+const MAX_DIR_BYTES = 256 * 1024 * 1024;
+
+export function isExfatBootSector(b: Uint8Array): boolean {
+  return b.length >= 512 && String.fromCharCode(...b.subarray(3, 11)) === 'EXFAT   ';
+}
+
+interface DirEntry {
+  name: string;
+  attributes: number;
+  noFatChain: boolean;
+  firstCluster: number;
+  validDataLength: number;
+  dataLength: number;
+}
+
+export class ExfatVolume implements HostFs {
+  readonly type = 'exfat' as const;
+  readonly clusterSize: number;
+  label?: string;
+  private readonly sectorSize: number;
+  private readonly fatOffset: number;
+  private readonly heapOffset: number;
+  private readonly clusterCount: number;
+  private readonly rootCluster: number;
+  private readonly volumeFlags: number;
+  private upcaseTable: Uint16Array;
+  private readonly volumeName: string;
+
+  constructor(private readonly partition: BlockReader) {
+    const name = (this.volumeName = partition.name);
+    const b = partition.read(0, 512);
+    const v = viewOf(b);
+    const sectorShift = b[108]!;
+    const clusterShift = b[109]!;
+    if (sectorShift < 9 || sectorShift > 12 || clusterShift > 25 - sectorShift) {
+      throw new FormatError(`${name}: exFAT boot sector gives sector shift ${sectorShift} and cluster shift ${clusterShift}: the boot sector is damaged; run fsck.exfat or chkdsk`, 'bytes_per_sector_shift', sectorShift);
+    }
+    this.sectorSize = 2 ** sectorShift;
+    this.clusterSize = this.sectorSize * 2 ** clusterShift;
+    this.verifyBootChecksum();
+    const volumeLength = u64(v, 72, 'exFAT volume length');
+    this.fatOffset = v.getUint32(80, true) * this.sectorSize;
+    const fatLength = v.getUint32(84, true) * this.sectorSize;
+    this.heapOffset = v.getUint32(88, true) * this.sectorSize;
+    this.clusterCount = v.getUint32(92, true);
+    this.rootCluster = v.getUint32(96, true);
+    this.volumeFlags = v.getUint16(106, true);
+    if (fatLength < (this.clusterCount + 2) * 4) {
+      throw new FormatError(`${name}: exFAT FAT (${fatLength} bytes) is too small for ${this.clusterCount} clusters: the boot sector is damaged`, 'fat_length', fatLength);
+    }
+    const end = this.heapOffset + this.clusterCount * this.clusterSize;
+    if (end > partition.size || end > volumeLength * this.sectorSize) {
+      throw new FormatError(`${name}: exFAT cluster heap ends at byte ${end}, past the end of the partition (${Math.min(partition.size, volumeLength * this.sectorSize)} bytes): the partition is truncated or the boot sector damaged`, 'cluster_count', this.clusterCount);
+    }
+    this.upcaseTable = new Uint16Array(0);
+    const root = this.readDirEntries(this.rootCluster, false, 0, '/', true);
+    this.upcaseTable = root.upcase ?? identityUpcase();
+    this.label = root.label;
+  }
+
+  /** The boot region's checksum (sector 11) over sectors 0..10: a half-written boot region is refused. */
+  private verifyBootChecksum(): void {
+    const ss = this.sectorSize;
+    const region = this.partition.read(0, 12 * ss);
+    let sum = 0;
+    for (let i = 0; i < 11 * ss; i++) {
+      if (i === 106 || i === 107 || i === 112) continue;
+      sum = (((sum & 1) ? 0x80000000 : 0) + (sum >>> 1) + region[i]!) >>> 0;
+    }
+    const v = viewOf(region);
+    for (let o = 11 * ss; o < 12 * ss; o += 4) {
+      if (v.getUint32(o, true) !== sum) {
+        throw new FormatError(`${this.volumeName}: exFAT boot region checksum does not match (0x${v.getUint32(o, true).toString(16)} stored, 0x${sum.toString(16)} computed): the boot region is damaged; run fsck.exfat or chkdsk`, 'boot_checksum', v.getUint32(o, true));
+      }
+    }
+  }
+
+  private fatEntry(c: number): number {
+    return viewOf(this.partition.read(this.fatOffset + c * 4, 4)).getUint32(0, true);
+  }
+
+  private checkCluster(c: number, what: string): void {
+    if (c < 2 || c >= this.clusterCount + 2) {
+      throw new FormatError(`${this.volumeName}: ${what}: cluster ${c} is outside the volume (2..${this.clusterCount + 1}): the filesystem is damaged; run fsck.exfat or chkdsk`, 'cluster', c);
+    }
+  }
+
+  /** The clusters of a stream as (first cluster, count) runs. */
+  private runs(first: number, noFatChain: boolean, bytes: number, what: string): { cluster: number; count: number }[] {
+    const n = Math.ceil(bytes / this.clusterSize);
+    if (n === 0) return [];
+    this.checkCluster(first, what);
+    if (noFatChain) {
+      this.checkCluster(first + n - 1, what);
+      return [{ cluster: first, count: n }];
+    }
+    const out: { cluster: number; count: number }[] = [];
+    let c = first;
+    for (let i = 0; i < n; i++) {
+      this.checkCluster(c, what);
+      const last = out[out.length - 1];
+      if (last && last.cluster + last.count === c) last.count++;
+      else out.push({ cluster: c, count: 1 });
+      if (i === n - 1) break;
+      const next = this.fatEntry(c);
+      if (next === 0xffffffff || next === 0xfffffff7 || next === 0) {
+        throw new FormatError(`${this.volumeName}: ${what}: cluster chain ends after ${i + 1} of ${n} clusters (FAT entry 0x${next.toString(16)} at cluster ${c}): the filesystem is damaged; run fsck.exfat or chkdsk`, 'cluster', c);
+      }
+      c = next;
+    }
+    return out;
+  }
+
+  private clusterOffset(c: number): number {
+    return this.heapOffset + (c - 2) * this.clusterSize;
+  }
+
+  /** Reads a directory's bytes; the root has no length, so its FAT chain is followed to its end. */
+  private dirBytes(first: number, noFatChain: boolean, length: number, what: string, isRoot: boolean): Uint8Array {
+    if (isRoot) {
+      const chunks: Uint8Array[] = [];
+      let c = first;
+      const seen = new Set<number>();
+      for (;;) {
+        this.checkCluster(c, what);
+        if (seen.has(c) || seen.size * this.clusterSize >= MAX_DIR_BYTES) throw new FormatError(`${this.volumeName}: the root directory's cluster chain loops: the filesystem is damaged; run fsck.exfat or chkdsk`, 'cluster', c);
+        seen.add(c);
+        chunks.push(this.partition.read(this.clusterOffset(c), this.clusterSize));
+        const next = this.fatEntry(c);
+        if (next === 0xffffffff) break;
+        c = next;
+      }
+      const out = new Uint8Array(chunks.length * this.clusterSize);
+      chunks.forEach((ch, i) => out.set(ch, i * this.clusterSize));
+      return out;
+    }
+    if (length > MAX_DIR_BYTES) throw new FormatError(`${this.volumeName}: ${what}: directory of ${length} bytes is larger than exFAT allows`, 'data_length', length);
+    const out = new Uint8Array(length);
+    let pos = 0;
+    for (const r of this.runs(first, noFatChain, length, what)) {
+      const n = Math.min(r.count * this.clusterSize, length - pos);
+      out.set(this.partition.read(this.clusterOffset(r.cluster), n), pos);
+      pos += n;
+    }
+    return out;
+  }
+
+  private readDirEntries(first: number, noFatChain: boolean, length: number, what: string, isRoot: boolean):
+    { entries: DirEntry[]; upcase?: Uint16Array; label?: string } {
+    const b = this.dirBytes(first, noFatChain, length, what, isRoot);
+    const v = viewOf(b);
+    const entries: DirEntry[] = [];
+    let upcase: Uint16Array | undefined;
+    let label: string | undefined;
+    for (let pos = 0; pos + 32 <= b.length; pos += 32) {
+      const type = b[pos]!;
+      if (type === 0) break;
+      if (!(type & 0x80)) continue;
+      if (isRoot && type === ENTRY_UPCASE) {
+        upcase = this.loadUpcase(v.getUint32(pos + 4, true), v.getUint32(pos + 20, true), u64(v, pos + 24, 'exFAT up-case table length'));
+      } else if (isRoot && type === ENTRY_LABEL) {
+        const n = Math.min(11, b[pos + 1]!);
+        let s = '';
+        for (let i = 0; i < n; i++) s += String.fromCharCode(v.getUint16(pos + 2 + i * 2, true));
+        label = s;
+      } else if (type === ENTRY_FILE) {
+        const secondary = b[pos + 1]!;
+        if (secondary < 2 || secondary > 18 || pos + (secondary + 1) * 32 > b.length) {
+          throw new FormatError(`${this.volumeName}: ${what}: file entry at byte ${pos} claims ${secondary} secondary entries: the directory is damaged; run fsck.exfat or chkdsk`, 'secondary_count', secondary);
+        }
+        const set = b.subarray(pos, pos + (secondary + 1) * 32);
+        let sum = 0;
+        for (let i = 0; i < set.length; i++) {
+          if (i === 2 || i === 3) continue;
+          sum = (((sum & 1) ? 0x8000 : 0) + (sum >> 1) + set[i]!) & 0xffff;
+        }
+        if (sum !== v.getUint16(pos + 2, true)) {
+          throw new FormatError(`${this.volumeName}: ${what}: directory entry set at byte ${pos} fails its checksum: the directory is damaged; run fsck.exfat or chkdsk`, 'set_checksum', v.getUint16(pos + 2, true));
+        }
+        const s = pos + 32;
+        if (b[s] !== ENTRY_STREAM) throw new FormatError(`${this.volumeName}: ${what}: file entry at byte ${pos} lacks its stream extension: the directory is damaged`, 'entry_type', b[s]!);
+        const nameLen = b[s + 3]!;
+        let name = '';
+        for (let k = 2; k <= secondary && name.length < nameLen; k++) {
+          const o = pos + k * 32;
+          if (b[o] !== ENTRY_NAME) break;
+          for (let i = 0; i < 15 && name.length < nameLen; i++) name += String.fromCharCode(v.getUint16(o + 2 + i * 2, true));
+        }
+        if (name.length !== nameLen) throw new FormatError(`${this.volumeName}: ${what}: file entry at byte ${pos} has a name shorter than its length ${nameLen}: the directory is damaged`, 'name_length', nameLen);
+        const validDataLength = u64(v, s + 8, 'exFAT valid data length');
+        const dataLength = u64(v, s + 24, 'exFAT data length');
+        if (validDataLength > dataLength) throw new FormatError(`${this.volumeName}: ${what}/${name}: valid data length ${validDataLength} exceeds the data length ${dataLength}: the directory is damaged`, 'valid_data_length', validDataLength);
+        entries.push({
+          name,
+          attributes: v.getUint16(pos + 4, true),
+          noFatChain: (b[s + 1]! & FLAG_NO_FAT_CHAIN) !== 0,
+          firstCluster: v.getUint32(s + 20, true),
+          validDataLength,
+          dataLength,
+        });
+        pos += secondary * 32;
+      } else if (type === ENTRY_BITMAP) {
+        // the allocation bitmap: not needed for reading
+      }
+    }
+    return { entries, upcase, label };
+  }
+
+  private loadUpcase(checksum: number, first: number, length: number): Uint16Array {
+    if (length > 65536 * 2 * 2 || length < 2) throw new FormatError(`${this.volumeName}: exFAT up-case table of ${length} bytes is invalid`, 'upcase_length', length);
+    let bytes = new Uint8Array(length);
+    let pos = 0;
+    for (const r of this.runs(first, false, length, 'up-case table')) {
+      const n = Math.min(r.count * this.clusterSize, length - pos);
+      bytes.set(this.partition.read(this.clusterOffset(r.cluster), n), pos);
+      pos += n;
+    }
+    let sum = 0;
+    for (let i = 0; i < length; i++) sum = (((sum & 1) ? 0x80000000 : 0) + (sum >>> 1) + bytes[i]!) >>> 0;
+    if (sum !== checksum) throw new FormatError(`${this.volumeName}: exFAT up-case table fails its checksum: the filesystem is damaged; run fsck.exfat or chkdsk`, 'upcase_checksum', checksum);
+    bytes = bytes.subarray(0, length & ~1);
+    const table = identityUpcase();
+    // compressed form: 0xFFFF followed by a count of characters that map to themselves
+    let ch = 0;
+    for (let i = 0; i + 1 < bytes.length && ch < 65536; i += 2) {
+      const u = bytes[i]! | (bytes[i + 1]! << 8);
+      if (u === 0xffff && i + 3 < bytes.length) {
+        ch += bytes[i + 2]! | (bytes[i + 3]! << 8);
+        i += 2;
+        continue;
+      }
+      table[ch++] = u;
+    }
+    return table;
+  }
+
+  private sameName(a: string, b: string): boolean {
+    if (a.length !== b.length) return false;
+    const up = this.upcaseTable;
+    for (let i = 0; i < a.length; i++) if (up[a.charCodeAt(i)] !== up[b.charCodeAt(i)]) return false;
+    return true;
+  }
+
+  private listDir(e: DirEntry | null, what: string): DirEntry[] {
+    if (!e) return this.readDirEntries(this.rootCluster, false, 0, what, true).entries;
+    if (e.dataLength === 0) return [];
+    return this.readDirEntries(e.firstCluster, e.noFatChain, e.dataLength, what, false).entries;
+  }
+
+  private resolve(path: string): { entry: DirEntry | null; parts: string[] } {
+    let entry: DirEntry | null = null;
+    const found: string[] = [];
+    for (const part of splitHostPath(path)) {
+      const here = joinHostPath(found);
+      if (entry && !(entry.attributes & ATTR_DIRECTORY)) throw new FormatError(`${this.volumeName}: ${path} not found: ${here} is a file, not a directory`, 'path', path);
+      const entries = this.listDir(entry, here);
+      const e = entries.find((x) => this.sameName(x.name, part));
+      if (!e) throw notFoundError(`${this.volumeName} (exFAT${this.label ? ` "${this.label}"` : ''})`, path, here, part, entries.map((x) => x.name));
+      entry = e;
+      found.push(e.name);
+    }
+    return { entry, parts: found };
+  }
+
+  writeBlocker(): string | null {
+    if (!(this.volumeFlags & VOLUME_DIRTY)) return null;
+    return `exFAT volume ${this.label ? `"${this.label}" ` : ''}(${this.volumeName}) is marked dirty: it was not ejected cleanly. Check it first (fsck.exfat on Linux, chkdsk /f on Windows), then try again.`;
+  }
+
+  lookup(path: string): HostFile {
+    const { entry, parts } = this.resolve(path);
+    const p = joinHostPath(parts);
+    if (!entry || entry.attributes & ATTR_DIRECTORY) throw new FormatError(`${this.volumeName}: ${p} is a directory, not a file`, 'path', path);
+    const extents: FileExtent[] = [];
+    const size = entry.dataLength;
+    const valid = entry.validDataLength;
+    let off = 0;
+    for (const r of this.runs(entry.firstCluster, entry.noFatChain, size, p)) {
+      const len = Math.min(r.count * this.clusterSize, size - off);
+      const dev = this.clusterOffset(r.cluster);
+      const initEnd = Math.max(off, Math.min(off + len, valid));
+      pushExtent(extents, { kind: 'data', fileOffset: off, length: initEnd - off, deviceOffset: dev });
+      pushExtent(extents, { kind: 'uninitialized', fileOffset: initEnd, length: off + len - initEnd, deviceOffset: dev + (initEnd - off) });
+      off += len;
+    }
+    return { path: p, size, extents };
+  }
+
+  readdir(path: string): HostDirEntry[] {
+    const { entry, parts } = this.resolve(path);
+    if (entry && !(entry.attributes & ATTR_DIRECTORY)) throw new FormatError(`${this.volumeName}: ${joinHostPath(parts)} is a file, not a directory`, 'path', path);
+    return this.listDir(entry, joinHostPath(parts)).map((e) => ({
+      name: e.name,
+      isDir: (e.attributes & ATTR_DIRECTORY) !== 0,
+      size: e.attributes & ATTR_DIRECTORY ? 0 : e.dataLength,
+    }));
+  }
+
+  readFile(file: HostFile, offset: number, length: number): Uint8Array {
+    return readThroughExtents(this.partition, file, offset, length);
+  }
+}
+
+function identityUpcase(): Uint16Array {
+  const t = new Uint16Array(65536);
+  for (let i = 0; i < 65536; i++) t[i] = i;
+  return t;
+}
+
+export function openExfat(partition: BlockReader): ExfatVolume {
+  return new ExfatVolume(partition);
+}

@@ -1,0 +1,203 @@
+/**
+ * Host filesystems read by vdboot itself (DESIGN §3, `direct` path): given a partition,
+ * find a file by path and return where its bytes lie on the partition, so an image file
+ * can be mapped with device-mapper straight onto the partition's sectors.
+ *
+ * NTFS (ntfs.ts), exFAT (exfat.ts) and FAT12/16/32 (fat.ts) implement HostFs; openHostFs
+ * picks one by the boot sector's signature. Everything read from the partition is
+ * untrusted: every offset and size is checked before use.
+ */
+import { type BlockReader, FormatError } from './block-reader.ts';
+import { openNtfs, isNtfsBootSector } from './ntfs.ts';
+import { openExfat, isExfatBootSector } from './exfat.ts';
+import { openFat, isFatBootSector } from './fat.ts';
+
+export interface HostFile {
+  /** the path as found on the volume (the volume's own spelling of each name) */
+  path: string;
+  /** size in bytes */
+  size: number;
+  /** extents in file order, covering [0, size) without gaps */
+  extents: FileExtent[];
+  /**
+   * NTFS resident data: a small file whose bytes live inside its MFT record. It has no
+   * clusters of its own, so `extents` is empty and nothing can be mapped onto the
+   * partition; readFile and hostFileReader still read it.
+   */
+  resident?: Uint8Array;
+}
+
+export type FileExtent =
+  | { kind: 'data'; fileOffset: number; length: number; deviceOffset: number } // bytes, relative to the partition start
+  | { kind: 'hole'; fileOffset: number; length: number } // sparse run: reads zero, has no clusters
+  | { kind: 'uninitialized'; fileOffset: number; length: number; deviceOffset?: number }; // past the initialized size / valid data length: reads zero, never write in place
+
+export interface HostDirEntry {
+  name: string;
+  isDir: boolean;
+  size: number;
+}
+
+export interface HostFs {
+  type: 'ntfs' | 'exfat' | 'vfat';
+  label?: string;
+  clusterSize: number;
+  /** dirty / hibernated state: why writing is unsafe, or null */
+  writeBlocker(): string | null;
+  /** FormatError "not found" naming the path and the last directory that did exist, listing a few near names */
+  lookup(path: string): HostFile;
+  readdir(path: string): HostDirEntry[];
+  readFile(file: HostFile, offset: number, length: number): Uint8Array;
+}
+
+/** The filesystem on `partition`, or null when it is not NTFS, exFAT or FAT. */
+export function openHostFs(partition: BlockReader): HostFs | null {
+  if (partition.size < 512) return null;
+  const boot = partition.read(0, 512);
+  if (isNtfsBootSector(boot)) return openNtfs(partition);
+  if (isExfatBootSector(boot)) return openExfat(partition);
+  if (isFatBootSector(boot)) return openFat(partition);
+  return null;
+}
+
+/** Reads a file through its extents (holes and uninitialized ranges as zeros). */
+export function hostFileReader(fs: HostFs, file: HostFile): BlockReader {
+  return {
+    name: file.path,
+    size: file.size,
+    read: (offset: number, length: number) => fs.readFile(file, offset, length),
+  };
+}
+
+// ---- helpers shared by the three readers -------------------------------------------
+
+/** Splits a host path on `/` and `\`; empty components and `.` are dropped, `..` goes up. */
+export function splitHostPath(path: string): string[] {
+  const parts: string[] = [];
+  for (const p of path.split(/[\\/]+/)) {
+    if (p === '' || p === '.') continue;
+    if (p === '..') { parts.pop(); continue; }
+    parts.push(p);
+  }
+  return parts;
+}
+
+export function joinHostPath(parts: string[]): string {
+  return '/' + parts.join('/');
+}
+
+/**
+ * Reads `length` bytes at `offset` of a file from its extents. Shared by the readers;
+ * every data extent was bounds-checked against the partition when it was built.
+ */
+export function readThroughExtents(partition: BlockReader, file: HostFile, offset: number, length: number): Uint8Array {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > file.size) {
+    throw new FormatError(`${file.path}: read of ${length} bytes at offset ${offset} is past the end of the file (${file.size} bytes)`, 'offset', offset);
+  }
+  if (file.resident) return file.resident.slice(offset, offset + length);
+  const out = new Uint8Array(length);
+  const ex = file.extents;
+  // binary search for the extent holding `offset`
+  let lo = 0;
+  let hi = ex.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (ex[mid]!.fileOffset <= offset) lo = mid; else hi = mid - 1;
+  }
+  let pos = offset;
+  const end = offset + length;
+  for (let i = lo; i < ex.length && pos < end; i++) {
+    const e = ex[i]!;
+    const eEnd = e.fileOffset + e.length;
+    if (eEnd <= pos) continue;
+    const n = Math.min(end, eEnd) - pos;
+    if (e.kind === 'data') {
+      out.set(partition.read(e.deviceOffset + (pos - e.fileOffset), n), pos - offset);
+    }
+    pos += n;
+  }
+  if (pos < end) {
+    throw new FormatError(`${file.path}: the file's extents end at ${pos}, before its size ${file.size}`, 'extents', pos);
+  }
+  return out;
+}
+
+/** Appends an extent, merging it with the previous one when both are contiguous on both sides. */
+export function pushExtent(list: FileExtent[], e: FileExtent): void {
+  if (e.length <= 0) return;
+  const last = list[list.length - 1];
+  if (last && last.kind === e.kind && last.fileOffset + last.length === e.fileOffset) {
+    if (last.kind === 'hole') { last.length += e.length; return; }
+    const lastDev = (last as { deviceOffset?: number }).deviceOffset;
+    const eDev = (e as { deviceOffset?: number }).deviceOffset;
+    if (lastDev === undefined && eDev === undefined) { last.length += e.length; return; }
+    if (lastDev !== undefined && eDev !== undefined && lastDev + last.length === eDev) { last.length += e.length; return; }
+  }
+  list.push({ ...e });
+}
+
+/** Up to `max` names that look like `wanted` (case, a typo, a prefix), closest first. */
+export function nearNames(wanted: string, names: string[], max = 5): string[] {
+  const w = wanted.toLowerCase();
+  const scored: { name: string; d: number }[] = [];
+  for (const name of names) {
+    const n = name.toLowerCase();
+    let d: number;
+    if (n === w) d = 0;
+    else if (n.startsWith(w) || w.startsWith(n) || (w.length >= 3 && n.includes(w))) d = 1;
+    else {
+      if (Math.abs(n.length - w.length) > 4 || n.length > 128 || w.length > 128) continue;
+      d = 1 + editDistance(w, n);
+      if (d - 1 > Math.max(2, Math.floor(w.length / 3))) continue;
+    }
+    scored.push({ name, d });
+  }
+  scored.sort((a, b) => a.d - b.d || (a.name < b.name ? -1 : 1));
+  return scored.slice(0, max).map((s) => s.name);
+}
+
+function editDistance(a: string, b: string): number {
+  let prev = new Array<number>(b.length + 1);
+  for (let j = 0; j <= b.length; j++) prev[j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    const cur = new Array<number>(b.length + 1);
+    cur[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      cur[j] = Math.min(prev[j]! + 1, cur[j - 1]! + 1, prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    prev = cur;
+  }
+  return prev[b.length]!;
+}
+
+/**
+ * The "not found" error every reader throws: the path, the last directory that did
+ * exist, and a few names there that look like the missing one.
+ */
+export function notFoundError(volume: string, path: string, lastDir: string, missing: string, siblings: string[]): FormatError {
+  const near = nearNames(missing, siblings);
+  const hint = near.length ? `; names there that look close: ${near.map((n) => `"${n}"`).join(', ')}` : siblings.length ? '' : ` (the directory is empty)`;
+  return new FormatError(`${volume}: ${path} not found: ${lastDir} has no "${missing}"${hint}`, 'path', path);
+}
+
+/** A safe 64-bit little-endian read: a Number, or FormatError when it exceeds 2^53. */
+export function u64(view: DataView, off: number, what: string): number {
+  const v = view.getBigUint64(off, true);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new FormatError(`${what} is ${v}, beyond what vdboot can address (2^53 bytes): the filesystem is damaged`, what, v);
+  }
+  return Number(v);
+}
+
+export function viewOf(b: Uint8Array): DataView {
+  return new DataView(b.buffer, b.byteOffset, b.byteLength);
+}
+
+/** Simple case folding for FAT long names (Windows compares them case-insensitively). */
+export function upcaseChar(c: number): number {
+  if (c < 0x61) return c;
+  if (c <= 0x7a) return c - 32;
+  if (c < 0x80) return c;
+  const s = String.fromCharCode(c).toUpperCase();
+  return s.length === 1 ? s.charCodeAt(0) : c;
+}
