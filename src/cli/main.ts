@@ -19,6 +19,10 @@ export interface Command {
 export const COMMANDS: Record<string, () => Promise<Command>> = {
   // one line per command, e.g.:
   // inspect: async () => (await import('./inspect.ts')).inspect,
+  mkinitramfs: async () => (await import('./mkinitramfs.ts')).command,
+  inspect: async () => (await import('./inspect.ts')).command,
+  map: async () => (await import('./map.ts')).command,
+  cat: async () => (await import('./cat.ts')).command,
 };
 
 export async function main(argv: string[], io: CliIO): Promise<number> {
