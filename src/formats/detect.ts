@@ -9,6 +9,7 @@
  */
 import { isFormatError, type BlockReader } from './block-reader.ts';
 import type { FormatReader, ImageFormat } from './image.ts';
+import { qcow2Format } from './qcow2.ts';
 import { rawFormat } from './raw.ts';
 import { vhdFormat } from './vhd.ts';
 import { vhdxFormat } from './vhdx.ts';
@@ -16,6 +17,7 @@ import { vhdxFormat } from './vhdx.ts';
 export const FORMAT_READERS: FormatReader[] = [
   vhdxFormat,
   vhdFormat,
+  qcow2Format,
   // other formats: one line each, above this comment
   rawFormat,
 ];
