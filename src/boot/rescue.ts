@@ -14,19 +14,19 @@ export function runShell(sys: Sys, log: ConsoleLog): boolean {
   } catch {
     fd = -1;
   }
+  let pid: number;
   try {
     const stdio: [number, number, number] | undefined = fd >= 0 ? [fd, fd, fd] : undefined;
-    const pid = sys.spawn(SHELL, ['sh'], SHELL_ENV, { stdio, setsid: true, ctty: true });
-    for (;;) {
-      const r = sys.waitpid(pid, 0);
-      if (r.pid === pid) return true;
-    }
+    pid = sys.spawn(SHELL, ['sh'], SHELL_ENV, { stdio, setsid: true, ctty: true });
   } catch (e) {
     log.error(`the rescue shell ${SHELL} could not start: ${(e as Error).message}`);
     return false;
   } finally {
     if (fd >= 0) sys.close(fd);
   }
+  // Other children (storage daemons) may end meanwhile: wait for the shell itself.
+  while (sys.waitpid(pid, 0).pid !== pid);
+  return true;
 }
 
 /** rd.break: a shell, then the boot goes on when it exits. */
