@@ -1,0 +1,391 @@
+/**
+ * Builds vdboot's initramfs: the /init host, busybox for the rescue shell, the kernel
+ * modules of a universal set (storage, filesystems, device-mapper, keyboards) with their
+ * dependencies, and the manifest the init reads. The archive is a deterministic newc cpio:
+ * the same inputs and SOURCE_DATE_EPOCH give the same bytes.
+ */
+import { existsSync, readFileSync, readdirSync, statSync, writeFileSync, openSync, readSync, closeSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
+import { MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestModule } from '../src/formats/manifest.ts';
+import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
+
+export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
+export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none'];
+
+/**
+ * The universal module set: what a machine (or VM) may need to reach a root on a disk or an
+ * image file, plus keyboards for the rescue shell. Names the kernel lacks (neither a module
+ * nor built in) are reported as notes: kernels are configured differently.
+ */
+export const UNIVERSAL_MODULES: readonly string[] = [
+  // virtual machines (Hyper-V's hv_storvsc and VMware's vmw_pvscsi cost 170 KiB: --add-module them)
+  'virtio_pci', 'virtio_blk', 'virtio_scsi', 'virtio_console',
+  // SCSI disks and CD-ROMs, SATA/AHCI, legacy IDE as QEMU's pc machine has it, NVMe
+  'sd_mod', 'sr_mod', 'ahci', 'libata', 'ata_piix', 'ata_generic', 'nvme',
+  // USB mass storage and the host controllers (PCI and platform)
+  'usb_storage', 'uas', 'xhci_pci', 'xhci_plat_hcd', 'ehci_pci', 'ehci_platform', 'ohci_pci', 'ohci_platform', 'uhci_hcd',
+  // SD/MMC
+  'mmc_block', 'sdhci_pci', 'sdhci_acpi',
+  // filesystems (ext4 also mounts ext2/ext3 when the kernel says so in its fs- aliases)
+  'ext4', 'xfs', 'btrfs', 'vfat', 'nls_cp437', 'nls_iso8859_1', 'nls_utf8', 'exfat', 'isofs', 'squashfs', 'overlay', 'ntfs3',
+  // device-mapper (linear is part of dm_mod), loop, nbd, fuse
+  'dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse',
+  // keyboards for the rescue shell
+  'hid_generic', 'usbhid', 'atkbd', 'i8042',
+];
+
+/**
+ * Loaded by the init at every boot, whatever devices it finds. Filesystems are not here: the
+ * init probes the superblock first and loads `manifest.filesystems[type]` just before the
+ * mount (loading btrfs unconditionally would also run raid6's benchmark at every boot).
+ * The nls tables are here because vfat asks for them by name during its mount.
+ */
+export const PRELOAD_MODULES: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nls_cp437', 'nls_iso8859_1', 'nls_utf8'];
+
+export interface MkinitramfsOptions {
+  /** A kernel release ("6.1.0-56-amd64") or a vmlinuz file; default: the running kernel's, else the newest in /lib/modules. */
+  kernel?: string;
+  /** The modules directory to read instead of /lib/modules/RELEASE. */
+  modulesDir?: string;
+  /** Extra modules (names or aliases), with their dependencies. */
+  addModules?: string[];
+  compress?: Compression;
+  /** The compressor's level (zstd 1-19, gzip 1-9, xz 1-9); default DEFAULT_LEVELS. */
+  level?: number;
+  /** The static /init; default build/init of this checkout. */
+  initBinary?: string;
+  /** A static busybox; default /bin/busybox. */
+  busybox?: string;
+  /** Seconds since the epoch for every mtime; default $SOURCE_DATE_EPOCH, else 0. */
+  sourceDateEpoch?: number;
+  /** Where modprobe.d `options`/`softdep` lines are read; default /lib/modprobe.d, /etc/modprobe.d. */
+  modprobeDirs?: string[];
+}
+
+export interface MkinitramfsResult {
+  /** The compressed image (equal to `cpio` when compress is none). */
+  image: Uint8Array;
+  cpio: Uint8Array;
+  manifest: InitramfsManifest;
+  compression: Compression;
+  /** Entries in the archive (files, links, directories, nodes). */
+  files: number;
+  modules: number;
+  /** Things the user may want to know: modules this kernel does not have, … */
+  notes: string[];
+  milliseconds: number;
+}
+
+/** The vdboot checkout this code runs from (the folder with vdboot's package.json). */
+export function repoRoot(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pkg = path.join(dir, 'package.json');
+    if (existsSync(pkg)) {
+      try {
+        if (JSON.parse(readFileSync(pkg, 'utf8')).name === 'vdboot') return dir;
+      } catch {
+        /* keep looking */
+      }
+    }
+    const up = path.dirname(dir);
+    if (up === dir) throw new ModuleError('cannot find the vdboot checkout (package.json) above ' + fileURLToPath(import.meta.url));
+    dir = up;
+  }
+}
+
+/** The release string inside a bzImage (setup header "HdrS", kernel_version pointer at 0x20E). */
+export function kernelReleaseOfImage(file: string): string {
+  const fd = openSync(file, 'r');
+  try {
+    const head = Buffer.alloc(0x4000);
+    const n = readSync(fd, head, 0, head.length, 0);
+    if (n < 0x210 || head.toString('latin1', 0x202, 0x206) !== 'HdrS') throw new ModuleError(`${file} is not a Linux bzImage (no "HdrS" setup header at 0x202); give --kernel a release such as ${os.release()} or a vmlinuz file`);
+    const off = head.readUInt16LE(0x20e) + 0x200;
+    if (off >= n) throw new ModuleError(`${file}: its kernel_version pointer (0x${off.toString(16)}) is outside the setup header`);
+    const end = head.indexOf(0, off);
+    const release = head.toString('latin1', off, end < 0 ? n : end).split(' ')[0];
+    if (!/^[\w.+~-]+$/.test(release)) throw new ModuleError(`${file}: its version string "${release}" does not look like a kernel release`);
+    return release;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** The modules directory for `kernel` (release or vmlinuz), or the default kernel's. */
+export function findModulesDir(kernel?: string, modulesRoot = '/lib/modules'): string {
+  let release = kernel;
+  if (kernel && existsSync(kernel) && statSync(kernel).isFile()) release = kernelReleaseOfImage(kernel);
+  if (!release) {
+    if (existsSync(path.join(modulesRoot, os.release(), 'modules.dep'))) release = os.release();
+    else {
+      const all = existsSync(modulesRoot) ? readdirSync(modulesRoot).filter((r) => existsSync(path.join(modulesRoot, r, 'modules.dep'))) : [];
+      all.sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
+      release = all.at(-1);
+      if (!release) throw new ModuleError(`no kernel modules under ${modulesRoot}; install a kernel (Debian: linux-image-amd64) or give --modules-dir`);
+    }
+  }
+  const dir = path.join(modulesRoot, release);
+  if (!existsSync(path.join(dir, 'modules.dep'))) {
+    const have = existsSync(modulesRoot) ? readdirSync(modulesRoot).join(', ') : 'none';
+    throw new ModuleError(`no modules for kernel ${release}: ${dir}/modules.dep does not exist (installed: ${have || 'none'}); give --kernel one of those, or --modules-dir`);
+  }
+  return dir;
+}
+
+/** The closure of `roots` (names or aliases) over hard deps and softdeps, each module once. */
+export function moduleClosure(index: KernelModuleIndex, roots: readonly string[]): Set<string> {
+  const included = new Set<string>();
+  const queue = [...roots];
+  while (queue.length > 0) {
+    const name = queue.shift()!;
+    if (included.has(name)) continue;
+    included.add(name);
+    for (const d of index.depList.get(name) ?? []) queue.push(d);
+    const soft = index.softdeps.get(name);
+    if (soft) for (const s of [...soft.pre, ...soft.post]) queue.push(...resolveName(index, s));
+  }
+  return included;
+}
+
+interface ModuleSelection {
+  roots: string[];
+  builtinRequested: string[];
+  notes: string[];
+}
+
+function selectModules(index: KernelModuleIndex, added: readonly string[]): ModuleSelection {
+  const roots: string[] = [];
+  const builtinRequested: string[] = [];
+  const missing: string[] = [];
+  for (const name of UNIVERSAL_MODULES) {
+    const key = moduleKey(name);
+    if (index.files.has(key)) roots.push(key);
+    else if (index.builtin.has(key)) builtinRequested.push(key);
+    else missing.push(key);
+  }
+  for (const name of added) {
+    const key = moduleKey(name);
+    if (index.builtin.has(key)) {
+      builtinRequested.push(key);
+      continue;
+    }
+    const found = resolveName(index, name);
+    if (found.length === 0) throw new ModuleError(`--add-module ${name}: kernel ${index.release} has no module or alias of that name (looked in ${index.dir}/modules.dep, modules.alias and modules.builtin)`);
+    roots.push(...found);
+  }
+  const notes = missing.length > 0 ? [`kernel ${index.release} has neither a module nor a built-in for: ${missing.join(', ')} (skipped)`] : [];
+  return { roots, builtinRequested, notes };
+}
+
+/** Filesystem type → module, from `fs-TYPE` aliases of included modules and of built-in ones. */
+function filesystemTable(index: KernelModuleIndex, included: Set<string>): Record<string, string> {
+  const table: Record<string, string> = {};
+  const builtinInfo = path.join(index.dir, 'modules.builtin.modinfo');
+  if (existsSync(builtinInfo)) {
+    for (const rec of readFileSync(builtinInfo, 'latin1').split('\0')) {
+      const m = /^[^.]+\.alias=fs-(.+)$/.exec(rec);
+      if (m) table[m[1]] = '';
+    }
+  }
+  for (const [pattern, mod] of index.aliases) {
+    if (pattern.startsWith('fs-') && included.has(mod) && !/[*?[]/.test(pattern)) table[pattern.slice(3)] = mod;
+  }
+  return Object.fromEntries(Object.entries(table).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+}
+
+function readModuleFile(file: string): Uint8Array {
+  const ext = path.extname(file);
+  const tool = ext === '.xz' ? 'xz' : ext === '.zst' ? 'zstd' : ext === '.gz' ? 'gzip' : '';
+  // Compressed modules are unpacked here so the init can finit_module every kernel's modules
+  // without MODULE_INIT_COMPRESSED_FILE; the image compression covers them anyway.
+  if (tool) return execFileSync(tool, ['-dc', file], { maxBuffer: 1 << 30 });
+  return readFileSync(file);
+}
+
+function busyboxApplets(busybox: string): string[] {
+  let out: string;
+  try {
+    out = execFileSync(busybox, ['--list-full'], { encoding: 'utf8' });
+  } catch (e) {
+    throw new ModuleError(`cannot run ${busybox} --list-full (${(e as Error).message.split('\n')[0]}); install Debian's busybox-static or give another static busybox`);
+  }
+  return out.split('\n').map((l) => l.trim()).filter((l) => l && !l.includes('..') && l !== 'linuxrc');
+}
+
+function isStaticElf(file: string): boolean {
+  const b = readFileSync(file);
+  if (b.length < 64 || b.readUInt32BE(0) !== 0x7f454c46 || b[4] !== 2) return false;
+  const phoff = Number(b.readBigUInt64LE(32));
+  const phentsize = b.readUInt16LE(54);
+  const phnum = b.readUInt16LE(56);
+  for (let i = 0; i < phnum; i++) {
+    const off = phoff + i * phentsize;
+    if (off + 4 > b.length) return false;
+    if (b.readUInt32LE(off) === 3 /* PT_INTERP */) return false;
+  }
+  return true;
+}
+
+/** Levels used when none is given: zstd -9 keeps the build well under a second (-19 saves ~10% and takes ~15 s). */
+export const DEFAULT_LEVELS: Record<Exclude<Compression, 'none'>, number> = { zstd: 9, gzip: 9, xz: 6 };
+const MAX_LEVELS: Record<Exclude<Compression, 'none'>, number> = { zstd: 19, gzip: 9, xz: 9 };
+
+export function compress(bytes: Uint8Array, how: Compression, level?: number): Uint8Array {
+  if (how === 'none') return bytes;
+  const l = level ?? DEFAULT_LEVELS[how];
+  if (!Number.isInteger(l) || l < 1 || l > MAX_LEVELS[how]) throw new ModuleError(`compression level ${l} is not valid for ${how} (1 to ${MAX_LEVELS[how]})`);
+  // Every flag is chosen for reproducible output: no names or times in headers, a fixed
+  // thread count (zstd's output does not depend on it from one worker up; xz's does).
+  // Kernel-side: xz must use CRC32 (the kernel's decoder may lack CRC64) and the
+  // dictionary the documentation recommends (1 MiB); zstd -19 keeps its window at 8 MiB.
+  const args: Record<Exclude<Compression, 'none'>, [string, string[]]> = {
+    zstd: ['zstd', ['-q', '-c', `-${l}`, '-T2', '--no-progress']],
+    gzip: ['gzip', ['-n', `-${l}`, '-c']],
+    xz: ['xz', ['-c', '-T1', '--check=crc32', `--lzma2=preset=${l},dict=1MiB`]],
+  };
+  const [tool, flags] = args[how];
+  try {
+    return execFileSync(tool, flags, { input: bytes, maxBuffer: 1 << 30 });
+  } catch (e) {
+    throw new ModuleError(`${tool} failed (${(e as Error).message.split('\n')[0]}); install it (Debian package: ${tool === 'xz' ? 'xz-utils' : tool}) or use --compress none`);
+  }
+}
+
+export function sourceDateEpochFromEnv(): number {
+  const v = process.env.SOURCE_DATE_EPOCH;
+  if (v === undefined || v === '') return 0;
+  if (!/^\d+$/.test(v) || Number(v) > 0xffffffff) throw new ModuleError(`SOURCE_DATE_EPOCH="${v}" is not a whole number of seconds since 1970 (up to 4294967295)`);
+  return Number(v);
+}
+
+/** Builds the initramfs in memory; see MkinitramfsResult. */
+export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsResult {
+  const started = performance.now();
+  const compression = options.compress ?? 'zstd';
+  if (!COMPRESSIONS.includes(compression)) throw new ModuleError(`unknown compression "${compression}"; use one of ${COMPRESSIONS.join(', ')}`);
+  const mtime = options.sourceDateEpoch ?? sourceDateEpochFromEnv();
+  const root = options.initBinary && options.busybox ? '' : repoRoot();
+  const initBinary = options.initBinary ?? path.join(root, 'build', 'init');
+  if (!existsSync(initBinary)) throw new ModuleError(`${initBinary} does not exist: build the /init host first ("npm run build" builds it when init/ and src/boot/main.ts are present)`);
+  const busybox = options.busybox ?? '/bin/busybox';
+  if (!existsSync(busybox)) throw new ModuleError(`${busybox} does not exist: install Debian's busybox-static (apt-get install busybox-static)`);
+  if (!isStaticElf(busybox)) throw new ModuleError(`${busybox} is not a statically linked ELF program; the initramfs has no shared libraries for it: install busybox-static`);
+
+  const modulesDir = options.modulesDir ?? findModulesDir(options.kernel);
+  const index = loadModuleIndex(modulesDir, options.modprobeDirs);
+  const selection = selectModules(index, options.addModules ?? []);
+  const included = moduleClosure(index, selection.roots);
+  const release = index.release;
+  const modRoot = `lib/modules/${release}`;
+
+  const inputs: CpioInput[] = [];
+  for (const d of ['dev', 'proc', 'sys', 'run', 'root', 'mnt', 'etc/vdboot', 'bin', 'sbin', 'usr/bin', 'usr/sbin']) inputs.push({ type: 'dir', path: d, mode: 0o755 });
+  inputs.push({ type: 'dir', path: 'tmp', mode: 0o1777 });
+  inputs.push({ type: 'char', path: 'dev/console', major: 5, minor: 1, mode: 0o600 });
+  inputs.push({ type: 'char', path: 'dev/null', major: 1, minor: 3, mode: 0o666 });
+  inputs.push({ type: 'file', path: 'init', data: readFileSync(initBinary), mode: 0o755 });
+  inputs.push({ type: 'file', path: 'bin/busybox', data: readFileSync(busybox), mode: 0o755 });
+  const taken = new Set(['bin/busybox', 'init']);
+  for (const applet of busyboxApplets(busybox)) {
+    if (taken.has(applet)) continue;
+    taken.add(applet);
+    inputs.push({ type: 'symlink', path: applet, target: '/bin/busybox' });
+  }
+
+  const sortedNames = [...included].sort();
+  const modules: Record<string, ManifestModule> = {};
+  const depLines: string[] = [];
+  for (const name of sortedNames) {
+    const rel = index.files.get(name)!;
+    const plainRel = rel.replace(/\.ko\.(xz|zst|gz)$/, '.ko');
+    inputs.push({ type: 'file', path: `${modRoot}/${plainRel}`, data: readModuleFile(path.join(modulesDir, rel)), mode: 0o644 });
+    const deps = hardDepsInLoadOrder(index, name);
+    const soft = index.softdeps.get(name) ?? { pre: [], post: [] };
+    const resolveSoft = (list: string[]) => [...new Set(list.flatMap((s) => resolveName(index, s)))].filter((m) => included.has(m) && m !== name);
+    modules[name] = {
+      name,
+      path: `/${modRoot}/${plainRel}`,
+      deps,
+      softPre: resolveSoft(soft.pre),
+      softPost: resolveSoft(soft.post),
+      options: index.options.get(name) ?? '',
+      compression: '',
+    };
+    depLines.push(`${plainRel}: ${deps.slice().reverse().map((d) => index.files.get(d)!.replace(/\.ko\.(xz|zst|gz)$/, '.ko')).join(' ')}`.trimEnd() + '\n');
+  }
+
+  const aliasMap = new Map<string, Set<string>>();
+  for (const [pattern, mod] of index.aliases) {
+    if (!included.has(mod)) continue;
+    let s = aliasMap.get(pattern);
+    if (!s) aliasMap.set(pattern, (s = new Set()));
+    s.add(mod);
+  }
+  const aliases: Array<[string, string[]]> = [...aliasMap.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([p, s]) => [p, [...s].sort()]);
+
+  const tools = { busybox: '/bin/busybox' };
+  const preload = PRELOAD_MODULES.map(moduleKey).filter((m) => included.has(m));
+  const pkgVersion = (() => {
+    try {
+      return JSON.parse(readFileSync(path.join(repoRoot(), 'package.json'), 'utf8')).version as string;
+    } catch {
+      return 'unknown';
+    }
+  })();
+  const manifest: InitramfsManifest = {
+    version: MANIFEST_VERSION,
+    kernelRelease: release,
+    build: {
+      generator: `vdboot mkinitramfs ${pkgVersion}`,
+      sourceDateEpoch: mtime,
+      compression,
+      modulesDir,
+      addedModules: (options.addModules ?? []).map(moduleKey),
+    },
+    modules,
+    aliases,
+    builtin: [...index.builtin].sort(),
+    preload,
+    filesystems: filesystemTable(index, included),
+    tools,
+  };
+  inputs.push({ type: 'file', path: MANIFEST_PATH, data: new TextEncoder().encode(JSON.stringify(manifest) + '\n') });
+  inputs.push({ type: 'file', path: `${modRoot}/modules.dep`, data: new TextEncoder().encode(depLines.join('')) });
+  inputs.push({ type: 'file', path: `${modRoot}/modules.alias`, data: new TextEncoder().encode(aliases.flatMap(([p, ms]) => ms.map((m) => `alias ${p} ${m}\n`)).join('')) });
+  const builtinFile = path.join(modulesDir, 'modules.builtin');
+  if (existsSync(builtinFile)) inputs.push({ type: 'file', path: `${modRoot}/modules.builtin`, data: readFileSync(builtinFile) });
+  const release_ = [`NAME="vdboot"`, `ID=vdboot`, `VERSION_ID="${pkgVersion}"`, `PRETTY_NAME="vdboot initramfs ${pkgVersion} (kernel ${release})"`, `VDBOOT_KERNEL="${release}"`].join('\n') + '\n';
+  inputs.push({ type: 'file', path: 'etc/initrd-release', data: new TextEncoder().encode(release_) });
+
+  const cpio = writeCpio(inputs, { mtime });
+  const image = compress(cpio, compression, options.level);
+  const files = readCpio(cpio).length;
+  return {
+    image,
+    cpio,
+    manifest,
+    compression,
+    files,
+    modules: sortedNames.length,
+    notes: selection.notes,
+    milliseconds: performance.now() - started,
+  };
+}
+
+/** Builds and writes the image to `output`; returns the result for the summary. */
+export function writeInitramfs(output: string, options: MkinitramfsOptions = {}): MkinitramfsResult {
+  const result = buildInitramfs(options);
+  writeFileSync(output, result.image);
+  return result;
+}
+
+/** One line for the console: size, files, modules, time. */
+export function summary(output: string, r: MkinitramfsResult): string {
+  const mib = (n: number) => `${(n / 1048576).toFixed(2)} MiB`;
+  return `${output}: ${mib(r.image.length)} (${r.compression}; ${mib(r.cpio.length)} unpacked), ${r.files} files, ${r.modules} modules for kernel ${r.manifest.kernelRelease}, ${(r.milliseconds / 1000).toFixed(2)} s`;
+}

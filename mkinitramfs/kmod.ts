@@ -1,0 +1,141 @@
+/**
+ * Reads a kernel's module index as depmod writes it (/lib/modules/RELEASE/modules.*) and
+ * answers what modprobe would: a module's file, its hard dependencies in load order, its
+ * softdeps, the modules behind an alias. The init never does this; mkinitramfs precomputes
+ * the answers into the manifest.
+ */
+import { readFileSync, existsSync, readdirSync } from 'node:fs';
+import path from 'node:path';
+import { fnmatch, moduleKey } from '../src/formats/manifest.ts';
+
+export interface KernelModuleIndex {
+  /** e.g. /lib/modules/6.1.0-56-amd64 */
+  dir: string;
+  release: string;
+  /** canonical name → path relative to `dir` (kernel/fs/ext4/ext4.ko) */
+  files: Map<string, string>;
+  /** canonical name → its transitive hard deps as modules.dep lists them (canonical names) */
+  depList: Map<string, string[]>;
+  /** alias lines in file order: pattern, canonical module name */
+  aliases: Array<[string, string]>;
+  /** canonical name → softdep pre/post names as written (module names or aliases) */
+  softdeps: Map<string, { pre: string[]; post: string[] }>;
+  /** canonical names of built-in modules */
+  builtin: Set<string>;
+  /** canonical name → options from modprobe.d */
+  options: Map<string, string>;
+}
+
+/** A problem with the user's request or system (unknown module, missing kernel): shown as a message, not a stack. */
+export class ModuleError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'UsageError'; // the CLI prints UsageErrors as "vdboot: MESSAGE"
+  }
+}
+
+/** The canonical module name of a path in modules.dep ("kernel/drivers/md/dm-mod.ko" → "dm_mod"). */
+export function moduleNameOfPath(p: string): string {
+  return moduleKey(path.basename(p).replace(/\.ko(\.(xz|zst|gz))?$/, ''));
+}
+
+/** Where depmod's files of one kernel are, given a release or the modules directory itself. */
+export function loadModuleIndex(modulesDir: string, modprobeDirs: string[] = ['/lib/modprobe.d', '/etc/modprobe.d']): KernelModuleIndex {
+  const depPath = path.join(modulesDir, 'modules.dep');
+  if (!existsSync(depPath)) throw new ModuleError(`${depPath} does not exist: ${modulesDir} is not a kernel's modules directory (install the kernel's package, or run depmod)`);
+  const index: KernelModuleIndex = {
+    dir: modulesDir,
+    release: path.basename(modulesDir),
+    files: new Map(),
+    depList: new Map(),
+    aliases: [],
+    softdeps: new Map(),
+    builtin: new Set(),
+    options: new Map(),
+  };
+  for (const line of readFileSync(depPath, 'utf8').split('\n')) {
+    const colon = line.indexOf(':');
+    if (colon <= 0) continue;
+    const file = line.slice(0, colon).trim();
+    const name = moduleNameOfPath(file);
+    index.files.set(name, file);
+    index.depList.set(name, line.slice(colon + 1).trim().split(/\s+/).filter(Boolean).map(moduleNameOfPath));
+  }
+  const aliasPath = path.join(modulesDir, 'modules.alias');
+  if (existsSync(aliasPath)) {
+    for (const line of readFileSync(aliasPath, 'utf8').split('\n')) {
+      const m = /^alias\s+(\S+)\s+(\S+)/.exec(line);
+      if (m) index.aliases.push([m[1], moduleKey(m[2])]);
+    }
+  }
+  const softPath = path.join(modulesDir, 'modules.softdep');
+  const softLines: string[] = existsSync(softPath) ? readFileSync(softPath, 'utf8').split('\n') : [];
+  const confLines: string[] = [];
+  for (const dir of modprobeDirs) {
+    if (!existsSync(dir)) continue;
+    for (const f of readdirSync(dir).filter((n) => n.endsWith('.conf')).sort()) {
+      try {
+        confLines.push(...readFileSync(path.join(dir, f), 'utf8').split('\n'));
+      } catch {
+        /* an unreadable config file is skipped, as modprobe does */
+      }
+    }
+  }
+  for (const line of [...softLines, ...confLines]) {
+    const words = line.replace(/#.*/, '').trim().split(/\s+/);
+    if (words[0] === 'softdep' && words.length > 2) {
+      const name = moduleKey(words[1]);
+      const entry = index.softdeps.get(name) ?? { pre: [], post: [] };
+      let mode: 'pre' | 'post' | '' = '';
+      for (const w of words.slice(2)) {
+        if (w === 'pre:') mode = 'pre';
+        else if (w === 'post:') mode = 'post';
+        else if (mode) entry[mode].push(w); // words before any pre:/post: are ignored, as kmod does
+      }
+      index.softdeps.set(name, entry);
+    } else if (words[0] === 'options' && words.length > 2) {
+      const name = moduleKey(words[1]);
+      const prev = index.options.get(name);
+      const opts = words.slice(2).join(' ');
+      index.options.set(name, prev ? `${prev} ${opts}` : opts);
+    }
+  }
+  const builtinPath = path.join(modulesDir, 'modules.builtin');
+  if (existsSync(builtinPath)) {
+    for (const line of readFileSync(builtinPath, 'utf8').split('\n')) if (line.trim()) index.builtin.add(moduleNameOfPath(line.trim()));
+  }
+  return index;
+}
+
+/** The canonical names of the modules (not built in) that an alias or name resolves to, like `modprobe -R`. */
+export function resolveName(index: KernelModuleIndex, nameOrAlias: string): string[] {
+  const key = moduleKey(nameOrAlias);
+  if (index.files.has(key)) return [key];
+  const out = new Set<string>();
+  for (const [pattern, mod] of index.aliases) if (fnmatch(pattern, nameOrAlias) && index.files.has(mod)) out.add(mod);
+  return [...out].sort();
+}
+
+/**
+ * A module's hard dependencies in load order (each dependency after its own dependencies),
+ * from modules.dep's transitive lists. Lists are walked from their end, as modprobe loads
+ * them, so the order matches `modprobe --show-depends` where the graph allows.
+ */
+export function hardDepsInLoadOrder(index: KernelModuleIndex, name: string): string[] {
+  const out: string[] = [];
+  const seen = new Set<string>();
+  const visit = (n: string, stack: Set<string>): void => {
+    for (const d of [...(index.depList.get(n) ?? [])].reverse()) {
+      if (seen.has(d) || stack.has(d)) continue;
+      stack.add(d);
+      visit(d, stack);
+      stack.delete(d);
+      if (!seen.has(d)) {
+        seen.add(d);
+        out.push(d);
+      }
+    }
+  };
+  visit(name, new Set([name]));
+  return out;
+}
