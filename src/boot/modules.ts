@@ -4,7 +4,7 @@
  * uevents for devices that appear later, such as USB disks), and loading by name
  * (filesystems, which the kernel would otherwise ask modprobe for).
  */
-import { findModule, isBuiltin, loadOrder, matchModalias, moduleForFilesystem, type InitramfsManifest } from '../formats/manifest.ts';
+import { findModule, isBuiltin, loadOrder, loadWaves, matchModalias, moduleForFilesystem, type InitramfsManifest } from '../formats/manifest.ts';
 import { isSysError, O, type Sys } from '../sys/sys.ts';
 import type { ConsoleLog } from './console.ts';
 import { readTextOr } from './fsutil.ts';
@@ -12,6 +12,16 @@ import { readTextOr } from './fsutil.ts';
 export interface LoadReport {
   loaded: string[];
   failed: { name: string; error: string }[];
+}
+
+/** A Sys that can fork (the static host can; the fake kernel cannot). */
+interface ForkingSys extends Sys {
+  fork(): number;
+  _exit(code: number): never;
+}
+
+function canFork(sys: Sys): sys is ForkingSys {
+  return typeof (sys as Partial<ForkingSys>).fork === 'function' && typeof (sys as Partial<ForkingSys>)._exit === 'function';
 }
 
 export class ModuleLoader {
@@ -22,10 +32,69 @@ export class ModuleLoader {
 
   constructor(private readonly sys: Sys, private readonly manifest: InitramfsManifest, private readonly log: ConsoleLog) {}
 
-  /** Loads `names` and their dependencies in order. Failures are reported, never thrown. */
+  /** How many modules may load at once: the online CPUs (1 when unknown). */
+  private parallelism(): number {
+    if (!canFork(this.sys)) return 1;
+    const online = readTextOr(this.sys, '/sys/devices/system/cpu/online') ?? '0';
+    let cpus = 0;
+    for (const range of online.split(',')) {
+      const [a, b] = range.split('-').map(Number);
+      if (a !== undefined && Number.isFinite(a)) cpus += b !== undefined && Number.isFinite(b) ? b - a + 1 : 1;
+    }
+    return Math.max(1, Math.min(cpus, 8));
+  }
+
+  /**
+   * Loads `names` and their dependencies: wave by wave (every module's dependencies in an
+   * earlier wave), the modules of one wave in parallel child processes when there are
+   * several CPUs. Children only call finit_module and exit; the parent then loads the
+   * wave again in order, which costs an EEXIST per module already loaded and learns the
+   * errno of any that failed. Failures are reported, never thrown.
+   */
   load(names: readonly string[]): LoadReport {
+    const workers = this.parallelism();
+    if (workers < 2) return this.loadSequential(loadOrder(this.manifest, names));
     const report: LoadReport = { loaded: [], failed: [] };
-    for (const name of loadOrder(this.manifest, names)) {
+    for (const wave of loadWaves(this.manifest, names)) {
+      const todo = wave.filter((n) => !this.loaded.has(n) && !this.failed.has(n));
+      if (todo.length > 1) this.loadInChildren(todo, workers);
+      const r = this.loadSequential(todo);
+      report.loaded.push(...r.loaded);
+      report.failed.push(...r.failed);
+    }
+    return report;
+  }
+
+  private loadInChildren(wave: string[], workers: number): void {
+    const sys = this.sys as ForkingSys;
+    const pids: number[] = [];
+    for (let w = 0; w < Math.min(workers, wave.length); w++) {
+      let pid: number;
+      try {
+        pid = sys.fork();
+      } catch {
+        break; // the parent loads what is left
+      }
+      if (pid === 0) {
+        for (let i = w; i < wave.length; i += workers) {
+          try {
+            const mod = this.manifest.modules[wave[i]!]!;
+            const fd = sys.open(mod.path, O.RDONLY | O.CLOEXEC);
+            sys.finitModule(fd, mod.options, mod.compression ? 4 : 0);
+          } catch { /* the parent's pass reports it */ }
+        }
+        sys._exit(0);
+      }
+      pids.push(pid);
+    }
+    for (const pid of pids) {
+      try { sys.waitpid(pid, 0); } catch { /* already reaped */ }
+    }
+  }
+
+  private loadSequential(order: readonly string[]): LoadReport {
+    const report: LoadReport = { loaded: [], failed: [] };
+    for (const name of order) {
       if (this.loaded.has(name) || this.failed.has(name)) continue;
       const mod = this.manifest.modules[name]!;
       if (mod.deps.some((d) => this.failed.has(d))) {
@@ -47,7 +116,9 @@ export class ModuleLoader {
         this.log.debug(`loaded module ${name}`);
       } catch (e) {
         if (isSysError(e, 'EEXIST')) {
+          // Loaded already: by a parallel child, or by the kernel itself.
           this.loaded.add(name);
+          report.loaded.push(name);
           continue;
         }
         const error = isSysError(e) ? e.code : (e as Error).message;
