@@ -13,8 +13,9 @@
  *                   opts?: ValidateOptions): void
  *   validateMap(map: ExtentMap, opts?: ValidateOptions): void
  *       Throws FormatError unless the list is sorted, gap-free, covers [0, size), every
- *       data extent lies inside its file (opts.fileSizes[file]) and overlaps none of
- *       opts.metadata (the layer's own headers/tables). `what` names the image in messages.
+ *       data extent lies inside its file (opts.fileSizes[file]), overlaps no other data
+ *       extent (two virtual ranges on the same file bytes) and none of opts.metadata
+ *       (the layer's own headers/tables). `what` names the image in messages.
  *
  *   sliceExtents<T extends LayerExtent>(extents: readonly T[], start: number, length: number): T[]
  *   sliceMap(map: ExtentMap, start: number, length: number): ExtentMap
@@ -184,7 +185,7 @@ export function validateExtents(
   if (pos !== size) {
     throw new FormatError(`${what}: the map covers ${pos} bytes, the virtual size is ${size}`, 'size', size);
   }
-  if (opts.metadata && opts.metadata.length > 0) checkMetadataOverlap(what, extents, opts.metadata, opts.files);
+  checkMetadataOverlap(what, extents, opts.metadata ?? [], opts.files);
 }
 
 /** Sweep of data extents against metadata ranges, both sorted by (file, offset). */
@@ -198,6 +199,16 @@ function checkMetadataOverlap(
   for (const e of extents) if (e.kind === 'data') data.push(e);
   const byPos = (a: { file: number; offset: number }, b: { file: number; offset: number }) => a.file - b.file || a.offset - b.offset;
   data.sort(byPos);
+  for (let i = 1; i < data.length; i++) {
+    const a = data[i - 1]!;
+    const b = data[i]!;
+    if (a.file === b.file && a.offset + a.length > b.offset) {
+      throw new FormatError(
+        `${what}: virtual bytes ${a.start}..${a.start + a.length} and ${b.start}..${b.start + b.length} are mapped onto the same bytes of ${files?.[a.file] ?? `file ${a.file}`} (from ${b.offset}): the tables are damaged; refusing it, since writing one range would change the other`,
+        'offset', b.offset,
+      );
+    }
+  }
   const meta = metadata.filter((m) => m.length > 0).sort(byPos);
   let j = 0;
   for (const d of data) {
