@@ -11,6 +11,7 @@ import { isFormatError, type BlockReader } from './block-reader.ts';
 import type { FormatReader, ImageFormat } from './image.ts';
 import { qcow2Format } from './qcow2.ts';
 import { rawFormat } from './raw.ts';
+import { vdiFormat } from './vdi.ts';
 import { vhdFormat } from './vhd.ts';
 import { vhdxFormat } from './vhdx.ts';
 
@@ -18,6 +19,7 @@ export const FORMAT_READERS: FormatReader[] = [
   vhdxFormat,
   vhdFormat,
   qcow2Format,
+  vdiFormat,
   // other formats: one line each, above this comment
   rawFormat,
 ];
