@@ -1187,8 +1187,9 @@ static void report_exception(JSContext *ctx, const char *what, JSValueConst exc)
     report(buf);
 }
 
-/* The end of the script, one way or another. PID 1 goes to the rescue shell; anything
- * else (a test run, a forked child) exits. */
+/* The end of the script, one way or another (why: NULL when the error was already
+ * reported). PID 1 goes to the rescue shell; anything else (a test run, a forked child)
+ * exits. */
 static _Noreturn void script_ended(const char *why, int code)
 {
     if (getpid() == 1)
@@ -1251,13 +1252,13 @@ int main(int argc, char **argv, char **envp)
     if (JS_IsException(obj) || JS_ResolveModule(ctx, obj) < 0) {
         JSValue e = JS_GetException(ctx);
         report_exception(ctx, "cannot load the init script", e);
-        script_ended("the init script could not be loaded", 1);
+        script_ended(NULL, 1);
     }
     val = JS_EvalFunction(ctx, obj);
     if (JS_IsException(val)) {
         JSValue e = JS_GetException(ctx);
         report_exception(ctx, "the init script failed", e);
-        script_ended("the init script failed", 1);
+        script_ended(NULL, 1);
     }
     /* A module's evaluation is a promise (top-level await): run jobs until it settles. */
     for (;;) {
@@ -1265,7 +1266,7 @@ int main(int argc, char **argv, char **envp)
         if (state == JS_PROMISE_REJECTED) {
             JSValue e = JS_PromiseResult(ctx, val);
             report_exception(ctx, "the init script failed", e);
-            script_ended("the init script failed", 1);
+            script_ended(NULL, 1);
         }
         if (state != JS_PROMISE_PENDING)
             break;
@@ -1285,7 +1286,7 @@ int main(int argc, char **argv, char **envp)
     if (unhandled_count > 0) {
         for (int i = 0; i < unhandled_count; i++)
             report_exception(ctx, "unhandled promise rejection", unhandled[i][1]);
-        script_ended("the init script failed", 1);
+        script_ended(NULL, 1);
     }
     script_ended(getpid() == 1 ? "the init script returned without starting the system" : NULL, 0);
 }
@@ -1303,8 +1304,8 @@ static _Noreturn void rescue(const char *why)
         "PS1=vdboot-rescue# ", NULL,
     };
     char msg[768];
-    snprintf(msg, sizeof(msg), "vdboot: %s\nvdboot: starting a rescue shell on the console (it restarts when it exits)\n",
-             why ? why : "the init script ended");
+    snprintf(msg, sizeof(msg), "%s%s%svdboot: starting a rescue shell on the console (it restarts when it exits)\n",
+             why ? "vdboot: " : "", why ? why : "", why ? "\n" : "");
     report(msg);
     for (;;) {
         int con = open_console();
