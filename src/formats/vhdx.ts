@@ -100,10 +100,9 @@ function safe64(dv: DataView, off: number, name: string, field: string): number 
 
 /** CRC-32C of a structure with its 4-byte checksum field at offset 4 taken as zero. */
 function structCrc(b: Uint8Array): number {
-  const copy = b.slice();
-  copy[4] = copy[5] = copy[6] = copy[7] = 0;
-  return crc32c(copy);
+  return crc32c(b.subarray(8), crc32c(ZERO4, crc32c(b.subarray(0, 4))));
 }
+const ZERO4 = new Uint8Array(4);
 
 /** Parses one header; returns undefined when its signature or checksum is wrong. */
 export function parseVhdxHeader(b: Uint8Array, offset: number, name: string): VhdxHeader | undefined {

@@ -1,0 +1,323 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { isFormatError } from '../../src/formats/block-reader.ts';
+import { crc32c } from '../../src/formats/crc.ts';
+import { parseVhdxHeader, parseVhdxMetadataTable, parseVhdxRegionTable } from '../../src/formats/vhdx.ts';
+import { utf16leEncode } from '../../src/formats/text.ts';
+import {
+  cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, openTestImage, qemuImg, qemuIo, qemuRaw, readWholeImage,
+} from './helpers.ts';
+
+afterAll(cleanupTmpDirs);
+
+const KiB = 1024;
+const MiB = 1024 * 1024;
+
+interface Write { kind: 'P' | 'z'; off: number; len: number; pattern?: number }
+
+function qemuIoCommands(writes: Write[]): string[] {
+  return writes.map((w) => (w.kind === 'P' ? `write -P 0x${w.pattern!.toString(16)} ${w.off} ${w.len}` : `write -z ${w.off} ${w.len}`));
+}
+
+function vhdx(dir: string, name: string, size: number, opts: string[], writes: Write[]): string {
+  const p = path.join(dir, name);
+  qemuImg('create', '-q', '-f', 'vhdx', ...(opts.length ? ['-o', opts.join(',')] : []), p, String(size));
+  if (writes.length) qemuIo(p, 'vhdx', qemuIoCommands(writes));
+  return p;
+}
+
+/** Writes crossing block boundaries for a given block size. */
+function boundaryWrites(bs: number, size: number): Write[] {
+  const w: Write[] = [
+    { kind: 'P', off: 0, len: 4 * KiB, pattern: 0xa1 },
+    { kind: 'P', off: bs - 2 * KiB, len: 4 * KiB, pattern: 0xb2 }, // straddles blocks 0|1
+    { kind: 'z', off: 3 * bs - 512, len: 1024 }, // zeroes straddling 2|3
+    { kind: 'P', off: 5 * bs + bs / 2, len: bs, pattern: 0xc3 }, // half of 5, half of 6
+  ];
+  return w.filter((x) => x.off + x.len <= size);
+}
+
+function touchedBlocks(writes: Write[], bs: number): Set<number> {
+  const s = new Set<number>();
+  for (const w of writes) for (let b = Math.floor(w.off / bs); b * bs < w.off + w.len; b++) s.add(b);
+  return s;
+}
+
+describe('VHDX read by vdboot matches qemu-img', () => {
+  const dir = makeTmpDir();
+  const cases: { name: string; size: number; opts: string[]; bs: number }[] = [
+    { name: 'default options', size: 40 * MiB, opts: [], bs: 0 },
+    { name: 'block_size=1M', size: 24 * MiB, opts: ['block_size=1M'], bs: MiB },
+    { name: 'block_size=1M, block_state_zero=off', size: 24 * MiB, opts: ['block_size=1M', 'block_state_zero=off'], bs: MiB },
+    { name: 'block_size=32M', size: 200 * MiB, opts: ['block_size=32M'], bs: 32 * MiB },
+    { name: 'block_size=256M (disk not a multiple of the block)', size: 300 * MiB, opts: ['block_size=256M'], bs: 256 * MiB },
+    { name: 'log_size=4M', size: 24 * MiB, opts: ['log_size=4M', 'block_size=2M'], bs: 2 * MiB },
+    { name: 'subformat=fixed', size: 16 * MiB, opts: ['subformat=fixed', 'block_size=1M'], bs: MiB },
+  ];
+  for (const c of cases) {
+    it(`dynamic/fixed VHDX, ${c.name}: bytes agree with qemu; data exactly where blocks were written`, () => {
+      const bs = c.bs || 8 * MiB;
+      const writes = boundaryWrites(bs, c.size);
+      const p = vhdx(dir, `${c.name.replace(/\W+/g, '_')}.vhdx`, c.size, c.opts, writes);
+      const img = expectMatchesQemu(p);
+      const layer = img.layers[0]!.layer;
+      const blockSize = Number(layer.details['block size']);
+      if (c.bs) expect(blockSize).toBe(c.bs);
+      // qemu-img map reports VHDX as all data without offsets, so check allocation against the writes
+      const touched = touchedBlocks(writes, blockSize);
+      for (const e of img.map.extents) {
+        for (let b = Math.floor(e.start / blockSize); b * blockSize < e.start + e.length; b++) {
+          expect(e.kind === 'data', `block ${b} (${JSON.stringify(e)})`).toBe(touched.has(b));
+        }
+      }
+    });
+  }
+
+  it('fixed VHDX with block_state_zero=off: every block present, merged into one data extent', () => {
+    const p = vhdx(dir, 'fixed-full.vhdx', 16 * MiB, ['subformat=fixed', 'block_size=1M', 'block_state_zero=off'], [{ kind: 'P', off: MiB - 512, len: 1024, pattern: 0x77 }]);
+    const img = expectMatchesQemu(p);
+    expect(img.layers[0]!.layer.subformat).toBe('fixed');
+    expect(img.map.extents).toHaveLength(1);
+    expect(img.map.extents[0]!.kind).toBe('data');
+  });
+
+  it('4096-byte logical sectors: the same bytes (metadata item patched from 512 to 4096)', () => {
+    const p = vhdx(dir, 'lss4k.vhdx', 24 * MiB, ['block_size=1M'], boundaryWrites(MiB, 24 * MiB));
+    const before = qemuRaw(p);
+    const b = fs.readFileSync(p);
+    const { metaOffset, items } = vhdxLayout(b);
+    const lss = items.find((i) => i.guid === '8141bf1d-a96f-4709-ba47-f233a8faab5f')!;
+    b.writeUInt32LE(4096, metaOffset + lss.offset);
+    fs.writeFileSync(p, b);
+    // qemu refuses to open the patched image, so the oracle is its raw output from before the patch
+    const img = openTestImage(p);
+    try {
+      expect(img.layers[0]!.layer.details['logical sector size']).toBe(4096);
+      expectSameBytes(readWholeImage(img), before, p);
+    } finally {
+      img.close();
+    }
+  });
+});
+
+// ---- patching helpers: take a qemu-made VHDX and change single structures ----------
+
+function vhdxLayout(b: Buffer) {
+  const regions = parseVhdxRegionTable(b.subarray(192 * KiB, 256 * KiB), 't')!;
+  const bat = regions.find((r) => r.guid === '2dc27766-f623-4200-9d64-115e9bfd4a08')!;
+  const meta = regions.find((r) => r.guid === '8b7ca206-4790-4b9a-b8fe-575f050f886e')!;
+  const items = parseVhdxMetadataTable(b.subarray(meta.offset, meta.offset + 64 * KiB), 't');
+  return { batOffset: bat.offset, metaOffset: meta.offset, items };
+}
+
+function currentHeader(b: Buffer) {
+  const hs = [64 * KiB, 128 * KiB].map((o) => parseVhdxHeader(b.subarray(o, o + 4 * KiB), o, 't')).filter((h) => h !== undefined);
+  return hs.reduce((a, h) => (h!.sequence > a!.sequence ? h : a))!;
+}
+
+function fixHeaderCrc(b: Buffer, at: number): void {
+  b.writeUInt32LE(0, at + 4);
+  b.writeUInt32LE(crc32c(b.subarray(at, at + 4 * KiB)), at + 4);
+}
+
+function guidBytes(g: string): Buffer {
+  const h = g.replace(/-/g, '');
+  const x = Buffer.from(h, 'hex');
+  return Buffer.concat([Buffer.from([x[3]!, x[2]!, x[1]!, x[0]!, x[5]!, x[4]!, x[7]!, x[6]!]), x.subarray(8)]);
+}
+
+function parentLocator(entries: Record<string, string>): Buffer {
+  const keys = Object.entries(entries);
+  const head = Buffer.alloc(20 + keys.length * 12);
+  guidBytes('b04aefb7-d19e-4a81-b789-25b8e9445913').copy(head, 0);
+  head.writeUInt16LE(keys.length, 18);
+  const strings: Buffer[] = [];
+  let off = head.length;
+  keys.forEach(([k, v], i) => {
+    const kb = Buffer.from(utf16leEncode(k));
+    const vb = Buffer.from(utf16leEncode(v));
+    head.writeUInt32LE(off, 20 + i * 12);
+    head.writeUInt32LE(off + kb.length, 20 + i * 12 + 4);
+    head.writeUInt16LE(kb.length, 20 + i * 12 + 8);
+    head.writeUInt16LE(vb.length, 20 + i * 12 + 10);
+    strings.push(kb, vb);
+    off += kb.length + vb.length;
+  });
+  return Buffer.concat([head, ...strings]);
+}
+
+/**
+ * Turns a qemu-made dynamic VHDX (1 MiB blocks, 512-byte sectors) into a differencing
+ * one: HasParent, a parent locator, BAT states per block, and a sector bitmap block.
+ */
+function makeDifferencing(child: string, parentHeaderGuid: string, relPath: string, states: Map<number, number>, bitmap: (block: number, sector: number) => boolean): void {
+  const b = fs.readFileSync(child);
+  const { batOffset, metaOffset, items } = vhdxLayout(b);
+  const fp = items.find((i) => i.guid === 'caa16737-fa36-4d43-b3b6-33f0aa44e76b')!;
+  b.writeUInt32LE(b.readUInt32LE(metaOffset + fp.offset + 4) | 2, metaOffset + fp.offset + 4);
+  // add the parent locator item
+  const count = b.readUInt16LE(metaOffset + 10);
+  const loc = parentLocator({ parent_linkage: `{${parentHeaderGuid}}`, relative_path: relPath.replace(/\//g, '\\') });
+  const locAt = 512 * KiB;
+  const e = metaOffset + 32 + count * 32;
+  guidBytes('a8d35f2d-b30b-454d-abf7-d3d84834ab0c').copy(b, e);
+  b.writeUInt32LE(locAt, e + 16);
+  b.writeUInt32LE(loc.length, e + 20);
+  b.writeUInt32LE(4 | 2, e + 24); // required, virtual disk
+  b.writeUInt16LE(count + 1, metaOffset + 10);
+  loc.copy(b, metaOffset + locAt);
+  // sector bitmap block appended at a 1 MiB boundary
+  const bmAt = Math.ceil(b.length / MiB) * MiB;
+  const bm = Buffer.alloc(MiB);
+  const spb = 2048; // sectors per 1 MiB block
+  for (const [blk, st] of states) {
+    const entry = batOffset + blk * 8; // blocks < chunk ratio: payload index = block
+    const lo = b.readUInt32LE(entry);
+    const hi = b.readUInt32LE(entry + 4);
+    b.writeUInt32LE((lo & ~7) | st, entry);
+    b.writeUInt32LE(hi, entry + 4);
+    if (st === 7) for (let s = 0; s < spb; s++) if (bitmap(blk, s)) bm[(blk * spb + s) >> 3]! |= 1 << (s & 7);
+  }
+  const chunkRatio = 4096;
+  b.writeUInt32LE(6 | ((bmAt / MiB) << 20), batOffset + chunkRatio * 8);
+  b.writeUInt32LE(0, batOffset + chunkRatio * 8 + 4);
+  fs.writeFileSync(child, Buffer.concat([b, Buffer.alloc(bmAt - b.length), bm]));
+}
+
+describe('differencing VHDX', () => {
+  const dir = makeTmpDir();
+  const size = 16 * MiB;
+  const parentPath = vhdx(dir, 'parent.vhdx', size, ['block_size=1M'], [{ kind: 'P', off: 0, len: size, pattern: 0x11 }]);
+  const childPath = vhdx(dir, 'child.vhdx', size, ['block_size=1M', 'block_state_zero=off'], [
+    { kind: 'P', off: 0, len: 6 * MiB, pattern: 0x22 },
+  ]);
+  const parentRaw = qemuRaw(parentPath);
+  const childRaw = qemuRaw(childPath);
+  const parentGuid = currentHeader(fs.readFileSync(parentPath)).dataWriteGuid;
+  // block 0 full, 1 not present (parent), 2 partially present, 3 zero, 4 unmapped, 5 full, 6.. parent
+  const states = new Map([[1, 0], [2, 7], [3, 2], [4, 3]]);
+  const present = (blk: number, s: number) => blk === 2 && (s < 1000 || (s >= 1500 && s % 3 === 0));
+  makeDifferencing(childPath, parentGuid, 'parent.vhdx', states, present);
+
+  function expected(): Buffer {
+    const out = Buffer.from(parentRaw);
+    for (let blk = 0; blk < 16; blk++) {
+      const at = blk * MiB;
+      if (blk === 0 || blk === 5) childRaw.copy(out, at, at, at + MiB);
+      else if (blk === 3 || blk === 4) out.fill(0, at, at + MiB);
+      else if (blk === 2) for (let s = 0; s < 2048; s++) if (present(2, s)) childRaw.copy(out, at + s * 512, at + s * 512, at + s * 512 + 512);
+    }
+    return out;
+  }
+
+  it('partially present blocks map sector run by sector run to the child or the parent', () => {
+    const img = openTestImage(childPath);
+    try {
+      expect(img.layers.map((l) => path.basename(l.path))).toEqual(['child.vhdx', 'parent.vhdx']);
+      expect(img.layers[0]!.layer.subformat).toBe('differencing');
+      expectSameBytes(readWholeImage(img), expected(), childPath);
+      // block 2: runs alternate between the two files
+      const inBlock2 = img.map.extents.filter((e) => e.start >= 2 * MiB && e.start < 3 * MiB && e.kind === 'data');
+      const files = new Set(inBlock2.map((e) => (e.kind === 'data' ? img.map.files[e.file] : '')));
+      expect(files.size).toBe(2);
+      expect(img.map.extents.filter((e) => e.start >= 3 * MiB && e.start < 5 * MiB).every((e) => e.kind === 'zero')).toBe(true);
+    } finally {
+      img.close();
+    }
+  });
+
+  it('a parent modified after the child was made is refused by its data write GUID', () => {
+    const copyDir = makeTmpDir();
+    fs.copyFileSync(childPath, path.join(copyDir, 'child.vhdx'));
+    fs.copyFileSync(parentPath, path.join(copyDir, 'parent.vhdx'));
+    qemuIo(path.join(copyDir, 'parent.vhdx'), 'vhdx', ['write -P 0x33 0 512']);
+    let err: unknown;
+    try {
+      openTestImage(path.join(copyDir, 'child.vhdx')).close();
+    } catch (e) {
+      err = e;
+    }
+    expect(isFormatError(err)).toBe(true);
+    expect((err as Error).message).toMatch(/not its parent/);
+  });
+
+  it('a missing parent is named in the error', () => {
+    const copyDir = makeTmpDir();
+    fs.copyFileSync(childPath, path.join(copyDir, 'child.vhdx'));
+    expect(() => openTestImage(path.join(copyDir, 'child.vhdx'))).toThrow(/parent.vhdx/);
+  });
+});
+
+describe('VHDX headers', () => {
+  const dir = makeTmpDir();
+
+  function expectRefused(p: string, re: RegExp): void {
+    let err: unknown;
+    try {
+      openTestImage(p).close();
+    } catch (e) {
+      err = e;
+    }
+    expect(isFormatError(err), String(err)).toBe(true);
+    expect((err as Error).message).toMatch(re);
+  }
+
+  it('a header with a bad CRC-32C is skipped; the other header is used', () => {
+    const p = vhdx(dir, 'h1.vhdx', 8 * MiB, ['block_size=1M'], [{ kind: 'P', off: 0, len: MiB, pattern: 0x42 }]);
+    const b = fs.readFileSync(p);
+    const cur = currentHeader(b);
+    b[cur.offset + 100] ^= 0xff; // inside the header, not fixing the CRC
+    fs.writeFileSync(p, b);
+    const img = openTestImage(p);
+    try {
+      expect(img.layers[0]!.layer.details['header sequence']).not.toBe(cur.sequence.toString());
+      expectSameBytes(readWholeImage(img), qemuRaw(p), p);
+    } finally {
+      img.close();
+    }
+  });
+
+  it('the valid header with the highest sequence number wins', () => {
+    const p = vhdx(dir, 'h2.vhdx', 8 * MiB, ['block_size=1M'], []);
+    const b = fs.readFileSync(p);
+    const cur = currentHeader(b);
+    const other = cur.offset === 64 * KiB ? 128 * KiB : 64 * KiB;
+    b.writeBigUInt64LE(cur.sequence + 5n, other + 8);
+    b.fill(0xab, other + 32, other + 48); // a distinguishable DataWriteGuid
+    fixHeaderCrc(b, other);
+    fs.writeFileSync(p, b);
+    const img = openTestImage(p);
+    expect(img.layers[0]!.layer.details['header sequence']).toBe((cur.sequence + 5n).toString());
+    expect(img.layers[0]!.layer.id).toBe('abababab-abab-abab-abab-abababababab');
+    img.close();
+  });
+
+  it('both headers damaged: refused, naming the headers', () => {
+    const p = vhdx(dir, 'h3.vhdx', 8 * MiB, [], []);
+    const b = fs.readFileSync(p);
+    b[64 * KiB + 100] ^= 1;
+    b[128 * KiB + 100] ^= 1;
+    fs.writeFileSync(p, b);
+    expectRefused(p, /neither VHDX header/);
+  });
+
+  it('a header whose log GUID is set is refused with the replay advice', () => {
+    const p = vhdx(dir, 'log.vhdx', 8 * MiB, [], []);
+    const b = fs.readFileSync(p);
+    const cur = currentHeader(b);
+    b.fill(0x5c, cur.offset + 48, cur.offset + 64);
+    fixHeaderCrc(b, cur.offset);
+    fs.writeFileSync(p, b);
+    expectRefused(p, /log that must be replayed.*qemu-img check -r all/s);
+  });
+
+  it('a BAT entry pointing into the metadata region is refused', () => {
+    const p = vhdx(dir, 'batmeta.vhdx', 8 * MiB, ['block_size=1M'], [{ kind: 'P', off: 0, len: MiB, pattern: 0x42 }]);
+    const b = fs.readFileSync(p);
+    const { batOffset, metaOffset } = vhdxLayout(b);
+    b.writeUInt32LE(6 | ((metaOffset / MiB) << 20), batOffset);
+    fs.writeFileSync(p, b);
+    expectRefused(p, /metadata region/);
+  });
+});
