@@ -6,7 +6,7 @@ import { COMPRESSIONS, buildInitramfs, summary, type Compression, type Mkinitram
 import { ModuleError } from '../../mkinitramfs/kmod.ts';
 
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
-                  [--add-module NAME]... [--modules-dir DIR]
+                  [--add-module NAME]... [--modules-dir DIR] [--init FILE] [--busybox FILE]
 
 Builds an initramfs whose /init is vdboot, with the kernel modules to reach a root on
 virtio, SCSI, SATA/AHCI, NVMe, USB and SD storage, the usual filesystems, device-mapper,
@@ -18,6 +18,8 @@ loop, nbd and fuse, and busybox for the rescue shell.
   --level N                 compression level (default: zstd 9, gzip 9, xz 6; zstd 19 is ~10% smaller, ~15 s)
   --add-module NAME         also include this module (or alias) and its dependencies; repeatable
   --modules-dir DIR         read modules from DIR instead of /lib/modules/VERSION
+  --init FILE               the static /init host to include (default: build/init of this checkout)
+  --busybox FILE            the static busybox to include (default: /bin/busybox)
 
 SOURCE_DATE_EPOCH sets every timestamp; the same inputs give the same bytes.`;
 
@@ -58,6 +60,12 @@ export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOpti
       case '--add-module':
       case '-m':
         options.addModules!.push(...value().split(',').filter(Boolean));
+        break;
+      case '--init':
+        options.initBinary = value();
+        break;
+      case '--busybox':
+        options.busybox = value();
         break;
       case '--modules-dir':
         options.modulesDir = value();

@@ -226,15 +226,15 @@ function firstWildcard(s: string): number {
 }
 
 /**
- * The included modules whose alias patterns match `modalias` (a device's
- * /sys/devices/.../modalias or a uevent's MODALIAS), or whose name is `modalias` itself;
- * like `modprobe --resolve-alias`, restricted to this initramfs. Canonical names, sorted,
- * each once. Built-in modules are not listed (the kernel already has them).
+ * The included modules for `modalias` (a device's /sys/devices/.../modalias or a uevent's
+ * MODALIAS), as `modprobe --resolve-alias` answers restricted to this initramfs: a module
+ * name gives that module alone; otherwise every module with a matching alias pattern.
+ * Canonical names, sorted, each once. Built-in modules are not listed (the kernel has them).
  */
 export function matchModalias(manifest: InitramfsManifest, modalias: string): string[] {
-  const found = new Set<string>();
   const direct = findModule(manifest, modalias);
-  if (direct) found.add(direct.name);
+  if (direct) return [direct.name];
+  const found = new Set<string>();
   const idx = aliasIndex(manifest);
   const colon = modalias.indexOf(':');
   const bucket = colon >= 0 ? idx.byBus.get(modalias.slice(0, colon)) : undefined;
