@@ -210,6 +210,18 @@ describe('probeFilesystem against blkid -p', () => {
     expect(expectSameAsBlkid(f2).LABEL).toBe('luks label');
   });
 
+  // pvcreate refuses plain files: the PV is written through a loop device, then read from the file.
+  it.runIf(has('pvcreate') && has('losetup') && process.getuid?.() === 0)('LVM2 physical volume (pvcreate on a loop device of the file): LVM2_member, UUID in LVM\'s 6-4-4-4-4-4-6 form', () => {
+    const f = image('lvm.img', '20M');
+    const loop = execFileSync('losetup', ['-f', '--show', f], { encoding: 'utf8' }).trim();
+    try {
+      run('pvcreate', ['-q', '--config', 'devices{obtain_device_list_from_udev=0} activation{udev_sync=0 udev_rules=0}', loop]);
+    } finally {
+      run('losetup', ['-d', loop]);
+    }
+    expect(expectSameAsBlkid(f).TYPE).toBe('LVM2_member');
+  });
+
   it('a filesystem inside a partition of a disk, read through sliceReader (blkid -O OFFSET as the oracle)', () => {
     const f = image('disk-with-ext4.img', '64M');
     run('sfdisk', ['-q', f], 'label: gpt\nstart=2048, size=32768, type=linux\nsize=40960, type=linux\n');
