@@ -90,7 +90,8 @@ export interface FakeEvents {
   mounts: { source: string; target: string; fstype: string; flags: number; data: string }[];
   modules: string[];
   spawns: { path: string; argv: string[] }[];
-  exec?: { path: string; argv: string[]; envp: string[]; cwdRoot: string };
+  /** the exec that ended the simulation, and the device whose filesystem was / then */
+  exec?: { path: string; argv: string[]; envp: string[]; rootDevice: string };
   rebooted?: number;
 }
 
@@ -112,7 +113,6 @@ export class FakeKernel implements Sys {
   }
   private root: Node;
   private cwd = '/';
-  private chrootPrefix = '';
   private clock = 0;
   private readonly fds = new Map<number, OpenFile>();
   private nextFd = 3;
@@ -121,6 +121,8 @@ export class FakeKernel implements Sys {
   private readonly pending: string[] = [];
   private readonly ueventFds = new Set<number>();
   private readonly initramfsFs: number;
+  /** which device each mounted disk filesystem came from */
+  private readonly deviceOfFs = new Map<Node, string>();
 
   constructor(readonly machine: FakeMachine) {
     this.initramfsFs = fsCounter++;
@@ -221,9 +223,16 @@ export class FakeKernel implements Sys {
 
   // ---------------------------------------------------------------- path walking
 
+  /** An absolute path with "." and ".." resolved lexically. */
   private abs(path: string): string {
     const p = path.startsWith('/') ? path : `${this.cwd === '/' ? '' : this.cwd}/${path}`;
-    return p;
+    const out: string[] = [];
+    for (const c of p.split('/')) {
+      if (c === '' || c === '.') continue;
+      if (c === '..') out.pop();
+      else out.push(c);
+    }
+    return `/${out.join('/')}`;
   }
 
   /** Resolves a path to its node; follows symlinks (the last one only when `follow`). */
@@ -470,6 +479,10 @@ export class FakeKernel implements Sys {
       const src = this.underlying(source);
       const moved = src.mounted?.pop() ?? fail('EINVAL', `move ${source}`);
       (under.mounted ??= []).push(moved);
+      // A process's working directory follows the moved mount (it holds the directory, not the path).
+      const from = this.abs(source);
+      if (this.cwd === from || this.cwd.startsWith(`${from}/`)) this.cwd = this.abs(target) + this.cwd.slice(from.length);
+      this.cwd = this.abs(this.cwd);
       this.events.mounts.push({ source, target, fstype: 'move', flags, data });
       return;
     }
@@ -495,6 +508,7 @@ export class FakeKernel implements Sys {
       const tree = this.treeForDevice(source);
       if (!tree) fail(this.diskBytes(source.replace(/^\/dev\//, '')) ? 'EINVAL' : 'ENOENT', `mount ${source}`);
       fsRoot = this.buildTree(tree, fsCounter++);
+      this.deviceOfFs.set(fsRoot, source);
     }
     (under.mounted ??= []).push(fsRoot);
     this.events.mounts.push({ source, target, fstype, flags, data });
@@ -526,7 +540,6 @@ export class FakeKernel implements Sys {
     const target = this.abs(path);
     const node = this.lookup(target);
     if (node.kind !== 'dir') fail('ENOTDIR', `chroot ${path}`);
-    this.chrootPrefix = target === '/' ? this.chrootPrefix : `${this.chrootPrefix}${target}`;
     this.root = node;
     this.cwd = '/';
   }
@@ -552,7 +565,7 @@ export class FakeKernel implements Sys {
   execve(path: string, argv: string[], envp: string[]): never {
     const node = this.lookup(path);
     if (node.kind !== 'file' || !(node.mode & 0o111)) fail(node.kind === 'file' ? 'EACCES' : 'ENOENT', `execve ${path}`);
-    this.events.exec = { path, argv, envp, cwdRoot: this.chrootPrefix };
+    this.events.exec = { path, argv, envp, rootDevice: this.deviceOfFs.get(this.top(this.root)) ?? '(initramfs)' };
     throw new SimulationEnd('exec', path);
   }
 

@@ -66,6 +66,9 @@ export async function runBundleInQuickJS(machine: FakeMachine, bundlePath = 'bui
   let end: SimulationEnd | undefined;
   const fn = vm.newFunction('__sysCall', (nameH: QuickJSHandle, ...argH: QuickJSHandle[]) => {
     const name = vm.getString(nameH);
+    // After the exec (or the final shell) nothing more happens on this machine: every
+    // later call fails, so whatever the init tries next leaves no trace.
+    if (end) return vm.newString(JSON.stringify({ end: end.message }));
     const args = argH.map((h) => vm.dump(h) as unknown);
     try {
       if (BYTES_OUT.has(name)) {
@@ -87,6 +90,8 @@ export async function runBundleInQuickJS(machine: FakeMachine, bundlePath = 'bui
       throw e;
     }
   });
+  // Stops the VM soon after the end even if the init loops without calling the kernel.
+  runtime.setInterruptHandler(() => end !== undefined);
   vm.setProp(vm.global, '__sysCall', fn);
   fn.dispose();
   let escaped: string | undefined;
@@ -99,7 +104,8 @@ export async function runBundleInQuickJS(machine: FakeMachine, bundlePath = 'bui
   }
   vm.dispose();
   runtime.dispose();
-  if (escaped && end && escaped.includes('SimulationEnd')) escaped = undefined;
+  // After the end, the interrupt or the end's own exception is how the VM stops: not an escape.
+  if (escaped && end && (escaped.includes('SimulationEnd') || escaped.startsWith('interrupted'))) escaped = undefined;
   return { kernel, end, escaped };
 }
 

@@ -71,7 +71,7 @@ describe('simulation: the init bundle on QuickJS reaches the guest init', () => 
     expect(r.kernel.events.exec).toMatchObject({ path: '/bin/custom-init', argv: ['/bin/custom-init', 'single', 'two words'] });
     const moves = r.kernel.events.mounts.filter((m) => m.fstype === 'move').map((m) => `${m.source}->${m.target}`);
     expect(moves).toEqual(['/dev->/root/dev', '/proc->/root/proc', '/sys->/root/sys', '/run->/root/run', '.->/']);
-    expect(r.kernel.events.exec!.cwdRoot).toBe('/root');
+    expect(r.kernel.events.exec!.rootDevice).toBe('/dev/vda2');
   });
 
   it('waits for a USB disk that appears after its driver loaded', async () => {
