@@ -6,10 +6,10 @@ import type { HostFile, HostFs } from '../../src/formats/hostfs.ts';
 import { hostFileReader } from '../../src/formats/hostfs.ts';
 import { run } from './helpers.ts';
 
-export function mkntfs(img: string, sizeMiB: number, clusterSize: number, label = 'Windows'): void {
+export function mkntfs(img: string, sizeMiB: number, clusterSize: number, label = 'Windows', sectorSize = 512): void {
   fs.writeFileSync(img, Buffer.alloc(0));
-  fs.truncateSync(img, sizeMiB << 20);
-  run('mkntfs', ['-F', '-f', '-q', '-c', String(clusterSize), '-L', label, img]);
+  fs.truncateSync(img, sizeMiB * 1024 * 1024); // sparse: only what mkntfs writes takes disk space
+  run('mkntfs', ['-F', '-f', '-q', '-s', String(sectorSize), '-c', String(clusterSize), '-L', label, img]);
 }
 
 /** Copies host files into the volume's root with ntfscp (no mount needed). */
