@@ -102,7 +102,7 @@ export function repoRoot(): string {
 export function kernelReleaseOfImage(file: string): string {
   const fd = openSync(file, 'r');
   try {
-    const head = Buffer.alloc(0x4000);
+    const head = Buffer.alloc(0x10000); // the real-mode setup area is at most 64 KiB
     const n = readSync(fd, head, 0, head.length, 0);
     if (n < 0x210 || head.toString('latin1', 0x202, 0x206) !== 'HdrS') throw new ModuleError(`${file} is not a Linux bzImage (no "HdrS" setup header at 0x202); give --kernel a release such as ${os.release()} or a vmlinuz file`);
     const off = head.readUInt16LE(0x20e) + 0x200;

@@ -1,0 +1,129 @@
+import { describe, expect, it } from 'vitest';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { buildInitramfs, kernelReleaseOfImage, writeInitramfs } from '../../mkinitramfs/build.ts';
+import { MANIFEST_PATH, validateManifest } from '../../src/formats/manifest.ts';
+import { main, type CliIO } from '../../src/cli/main.ts';
+import { initBinary, installedRelease, tmpdir } from './helpers.ts';
+
+const release = installedRelease();
+
+function listArchive(cpioBytes: Buffer, verbose = false): string[] {
+  return execFileSync('cpio', [verbose ? '-itv' : '-it', '--quiet'], { input: cpioBytes, encoding: 'utf8' }).split('\n').filter(Boolean);
+}
+
+function captureIO(): CliIO & { out: string; err: string } {
+  const io = {
+    out: '',
+    err: '',
+    stdout(t: string) {
+      io.out += t;
+    },
+    stderr(t: string) {
+      io.err += t;
+    },
+    async stdoutBytes() {},
+  };
+  return io;
+}
+
+describe(`vdboot mkinitramfs for kernel ${release}`, () => {
+  it('a zstd image unpacks (zstd -d, GNU cpio) to /init, busybox, the manifest and every module, byte for byte', () => {
+    const dir = tmpdir();
+    const out = path.join(dir, 'initramfs.img');
+    const init = initBinary();
+    const epoch = 1_650_000_000;
+    const result = writeInitramfs(out, { kernel: release, initBinary: init, compress: 'zstd', sourceDateEpoch: epoch });
+    const cpioBytes = execFileSync('zstd', ['-dc', out], { maxBuffer: 1 << 30 });
+    expect(cpioBytes.equals(Buffer.from(result.cpio))).toBe(true);
+    const names = listArchive(cpioBytes);
+    expect(names.length).toBe(result.files);
+    for (const p of ['init', 'bin/busybox', 'bin/sh', 'bin/mount', 'bin/umount', 'bin/dmesg', 'bin/ls', 'bin/cat', 'sbin/modprobe', 'etc/initrd-release', MANIFEST_PATH.slice(1), 'dev', 'dev/console', 'dev/null', 'proc', 'sys', 'run', 'root', 'tmp', `lib/modules/${release}/modules.dep`]) {
+      expect(names, p).toContain(p);
+    }
+    for (const mod of Object.values(result.manifest.modules)) expect(names, mod.name).toContain(mod.path.slice(1));
+
+    const x = path.join(dir, 'x');
+    fs.mkdirSync(x);
+    execFileSync('cpio', ['-i', '-d', '-m', '--quiet', '--nonmatching', 'dev/*'], { cwd: x, input: cpioBytes });
+    expect(fs.readFileSync(path.join(x, 'init')).equals(fs.readFileSync(init))).toBe(true);
+    expect(fs.statSync(path.join(x, 'init')).mode & 0o777).toBe(0o755);
+    expect(fs.statSync(path.join(x, 'init')).mtimeMs / 1000).toBe(epoch);
+    expect(fs.readFileSync(path.join(x, 'bin/busybox')).equals(fs.readFileSync('/bin/busybox'))).toBe(true);
+    expect(fs.readlinkSync(path.join(x, 'bin/sh'))).toBe('/bin/busybox');
+    for (const mod of Object.values(result.manifest.modules)) {
+      const rel = path.relative(`/lib/modules/${release}`, mod.path);
+      expect(fs.readFileSync(path.join(x, mod.path)).equals(fs.readFileSync(path.join('/lib/modules', release, rel))), mod.name).toBe(true);
+    }
+    const manifest = JSON.parse(fs.readFileSync(path.join(x, MANIFEST_PATH), 'utf8'));
+    expect(validateManifest(manifest)).toEqual([]);
+    expect(manifest).toEqual(result.manifest);
+    expect(manifest.kernelRelease).toBe(release);
+    expect(manifest.build.sourceDateEpoch).toBe(epoch);
+    expect(fs.readFileSync(path.join(x, 'etc/initrd-release'), 'utf8')).toMatch(/^NAME="vdboot"$/m);
+    // busybox's own modprobe can use the trimmed modules.dep in the rescue shell
+    const dep = fs.readFileSync(path.join(x, `lib/modules/${release}/modules.dep`), 'utf8');
+    expect(dep).toMatch(/^kernel\/fs\/ext4\/ext4\.ko: .*jbd2\.ko/m);
+
+    const verbose = listArchive(cpioBytes, true);
+    expect(verbose.find((l) => l.endsWith(' dev/console'))).toMatch(/^crw------- +1 root +root +5, +1 /);
+    expect(verbose.find((l) => l.endsWith(' dev/null'))).toMatch(/^crw-rw-rw- +1 root +root +1, +3 /);
+    expect(verbose.find((l) => / tmp$/.test(l))).toMatch(/^drwxrwxrwt /);
+  });
+
+  it('two builds of the same inputs are byte-identical; SOURCE_DATE_EPOCH changes the bytes', () => {
+    const init = initBinary();
+    const saved = process.env.SOURCE_DATE_EPOCH;
+    try {
+      process.env.SOURCE_DATE_EPOCH = '1234567890';
+      const a = buildInitramfs({ kernel: release, initBinary: init, compress: 'gzip', level: 1 });
+      const b = buildInitramfs({ kernel: release, initBinary: init, compress: 'gzip', level: 1 });
+      expect(Buffer.from(a.image).equals(Buffer.from(b.image))).toBe(true);
+      expect(a.manifest.build.sourceDateEpoch).toBe(1234567890);
+      const first = listArchive(execFileSync('gzip', ['-dc'], { input: a.image, maxBuffer: 1 << 30 }), true)[0];
+      expect(first).toMatch(/ Feb 1[34] {2}2009 /);
+      process.env.SOURCE_DATE_EPOCH = '1234567891';
+      const c = buildInitramfs({ kernel: release, initBinary: init, compress: 'none' });
+      expect(Buffer.from(c.cpio).equals(Buffer.from(a.cpio))).toBe(false);
+      expect(c.cpio.length).toBe(a.cpio.length);
+    } finally {
+      if (saved === undefined) delete process.env.SOURCE_DATE_EPOCH;
+      else process.env.SOURCE_DATE_EPOCH = saved;
+    }
+  });
+
+  it('the command writes the image and prints its size, files and modules', async () => {
+    const dir = tmpdir();
+    const out = path.join(dir, 'cli.img');
+    const io = captureIO();
+    const rc = await main(['mkinitramfs', '--kernel', release, '-o', out, '--compress', 'xz', '--level', '1', '--init', initBinary(), '--add-module', 'hv_storvsc'], io);
+    expect(rc).toBe(0);
+    const size = fs.statSync(out).size;
+    const m = /: ([\d.]+) MiB \(xz; [\d.]+ MiB unpacked\), (\d+) files, (\d+) modules for kernel (\S+),/.exec(io.out);
+    expect(m, io.out).not.toBeNull();
+    expect(m![1]).toBe((size / 1048576).toFixed(2));
+    const names = listArchive(execFileSync('xz', ['-dc', out], { maxBuffer: 1 << 30 }));
+    expect(Number(m![2])).toBe(names.length);
+    expect(Number(m![3])).toBe(names.filter((n) => n.endsWith('.ko')).length);
+    expect(m![4]).toBe(release);
+    expect(names.some((n) => n.endsWith('/hv_storvsc.ko'))).toBe(true);
+  });
+
+  it('a missing /init host, an unknown kernel and bad arguments give messages, not stacks', async () => {
+    expect(() => buildInitramfs({ kernel: release, initBinary: '/nonexistent/vdboot-init' })).toThrow(/\/nonexistent\/vdboot-init does not exist: build the \/init host/);
+    expect(() => buildInitramfs({ kernel: '0.0.0-none', initBinary: initBinary() })).toThrow(/no modules for kernel 0\.0\.0-none.*installed:/);
+    const io = captureIO();
+    await expect(main(['mkinitramfs', '--compress', 'lz77'], io)).rejects.toThrow(/--compress lz77: use one of zstd, gzip, xz, none/);
+    await expect(main(['mkinitramfs', '--frobnicate'], io)).rejects.toThrow(/unknown argument "--frobnicate"/);
+  });
+
+  it('--kernel accepts a vmlinuz file: its release is read from the bzImage header', () => {
+    const vmlinuz = `/boot/vmlinuz-${release}`;
+    expect(fs.existsSync(vmlinuz)).toBe(true);
+    const described = execFileSync('file', ['-b', vmlinuz], { encoding: 'utf8' });
+    const oracle = /version (\S+)/.exec(described)![1];
+    expect(kernelReleaseOfImage(vmlinuz)).toBe(oracle);
+    expect(() => kernelReleaseOfImage('/bin/busybox')).toThrow(/not a Linux bzImage/);
+  });
+});
