@@ -12,7 +12,7 @@
  *   relative UTF-16LE Windows paths; MacX a file URL) in the dynamic header.
  *
  * Virtual size: Virtual PC (creator "vpc ") and older qemu ("qemu") show the disk as
- * cylinders × heads × sectors of the CHS geometry; Hyper-V ("win "), Disk2vhd ("d2v "),
+ * cylinders × heads × sectors of the CHS geometry; Hyper-V ("win "), Disk2vhd ("d2v " or "d2v\0"),
  * qemu with force_size ("qem2"), XenServer ("tap\0"), XenConverter ("CTXS") and Azure ("wa\0\0") use the
  * footer's current_size; so does any image whose geometry is the maximum 65535/16/255,
  * where the geometry cannot express the size.
@@ -40,7 +40,7 @@ const MAX_BAT_ENTRIES = 1 << 24;
 export const VHD_DISK_TYPES: Record<number, string> = { 2: 'fixed', 3: 'dynamic', 4: 'differencing' };
 
 /** Creator applications whose images are sized by current_size, not CHS geometry. */
-const SIZED_BY_CURRENT_SIZE = ['win ', 'qem2', 'd2v ', 'CTXS', 'tap\0', 'wa\0\0'];
+const SIZED_BY_CURRENT_SIZE = ['win ', 'qem2', 'd2v ', 'd2v\0', 'CTXS', 'tap\0', 'wa\0\0'];
 
 export interface VhdFooter {
   features: number;
