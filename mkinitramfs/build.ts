@@ -4,13 +4,13 @@
  * dependencies, and the manifest the init reads. The archive is a deterministic newc cpio:
  * the same inputs and SOURCE_DATE_EPOCH give the same bytes.
  */
-import { existsSync, readFileSync, readdirSync, statSync, writeFileSync, openSync, readSync, closeSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, realpathSync, statSync, writeFileSync, openSync, readSync, closeSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
-import { MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestModule } from '../src/formats/manifest.ts';
+import { MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
 
 export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
@@ -53,6 +53,10 @@ export interface MkinitramfsOptions {
   modulesDir?: string;
   /** Extra modules (names or aliases), with their dependencies. */
   addModules?: string[];
+  /** Universal-set modules to leave out (kept anyway when another included module needs them). */
+  omitModules?: string[];
+  /** Optional programs with their shared libraries: ntfs-3g (the loop path on kernels without ntfs3), qemu-nbd (the nbd path). */
+  tools?: ToolName[];
   compress?: Compression;
   /** The compressor's level (zstd 1-19, gzip 1-9, xz 1-9); default DEFAULT_LEVELS. */
   level?: number;
@@ -65,6 +69,12 @@ export interface MkinitramfsOptions {
   /** Where modprobe.d `options`/`softdep` lines are read; default /lib/modprobe.d, /etc/modprobe.d. */
   modprobeDirs?: string[];
 }
+
+export type ToolName = 'ntfs-3g' | 'qemu-nbd';
+export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd'; module: string; path: string }> = {
+  'ntfs-3g': { manifestKey: 'ntfs3g', module: 'fuse', path: 'usr/bin/ntfs-3g' },
+  'qemu-nbd': { manifestKey: 'qemuNbd', module: 'nbd', path: 'usr/bin/qemu-nbd' },
+};
 
 export interface MkinitramfsResult {
   /** The compressed image (equal to `cpio` when compress is none). */
@@ -158,12 +168,15 @@ interface ModuleSelection {
   notes: string[];
 }
 
-function selectModules(index: KernelModuleIndex, added: readonly string[]): ModuleSelection {
+function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[]): ModuleSelection {
   const roots: string[] = [];
   const builtinRequested: string[] = [];
   const missing: string[] = [];
+  const omit = new Set(omitted.map(moduleKey));
+  for (const o of omit) if (!UNIVERSAL_MODULES.includes(o)) throw new ModuleError(`--omit-module ${o}: not in the universal set (${UNIVERSAL_MODULES.join(', ')})`);
   for (const name of UNIVERSAL_MODULES) {
     const key = moduleKey(name);
+    if (omit.has(key)) continue;
     if (index.files.has(key)) roots.push(key);
     else if (index.builtin.has(key)) builtinRequested.push(key);
     else missing.push(key);
@@ -215,6 +228,39 @@ function busyboxApplets(busybox: string): string[] {
     throw new ModuleError(`cannot run ${busybox} --list-full (${(e as Error).message.split('\n')[0]}); install Debian's busybox-static or give another static busybox`);
   }
   return out.split('\n').map((l) => l.trim()).filter((l) => l && !l.includes('..') && l !== 'linuxrc');
+}
+
+/** The program `name` on this host's PATH (plus the sbin directories). */
+function findProgram(name: string): string {
+  const dirs = [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/sbin', '/usr/bin', '/bin'].filter(Boolean);
+  for (const d of dirs) {
+    const p = path.join(d, name);
+    if (existsSync(p) && statSync(p).isFile()) return p;
+  }
+  const pkg = name === 'qemu-nbd' ? 'qemu-utils' : name;
+  throw new ModuleError(`${name} is not installed on this machine (searched ${[...new Set(dirs)].join(':')}); install the Debian package ${pkg}`);
+}
+
+/**
+ * The shared libraries `program` loads (and the dynamic loader), as absolute paths, from
+ * ldd. They go into the initramfs at the same paths, where the loader's default search finds
+ * them without an ld.so.cache.
+ */
+export function sharedLibraries(program: string): string[] {
+  if (isStaticElf(program)) return [];
+  let out: string;
+  try {
+    out = execFileSync('ldd', [program], { encoding: 'utf8' });
+  } catch (e) {
+    throw new ModuleError(`ldd ${program} failed (${(e as Error).message.split('\n')[0]}); is it a program for this machine?`);
+  }
+  const libs: string[] = [];
+  for (const line of out.split('\n')) {
+    if (/=> not found/.test(line)) throw new ModuleError(`${program} needs ${line.trim().split(' ')[0]}, which is not installed`);
+    const m = /=>\s+(\/\S+)\s+\(/.exec(line) ?? /^\s*(\/\S+)\s+\(/.exec(line);
+    if (m) libs.push(m[1]);
+  }
+  return libs.sort();
 }
 
 function isStaticElf(file: string): boolean {
@@ -278,8 +324,11 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
 
   const modulesDir = options.modulesDir ?? findModulesDir(options.kernel);
   const index = loadModuleIndex(modulesDir, options.modprobeDirs);
-  const selection = selectModules(index, options.addModules ?? []);
-  const included = moduleClosure(index, selection.roots);
+  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? []);
+  const tools = [...new Set(options.tools ?? [])].sort();
+  for (const t of tools) if (!(t in TOOLS)) throw new ModuleError(`unknown tool "${t}"; vdboot can include ${Object.keys(TOOLS).join(', ')}`);
+  const included = moduleClosure(index, [...selection.roots, ...tools.map((t) => TOOLS[t].module).filter((m) => index.files.has(m))]);
+  for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   const release = index.release;
   const modRoot = `lib/modules/${release}`;
 
@@ -291,6 +340,20 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   inputs.push({ type: 'file', path: 'init', data: readFileSync(initBinary), mode: 0o755 });
   inputs.push({ type: 'file', path: 'bin/busybox', data: readFileSync(busybox), mode: 0o755 });
   const taken = new Set(['bin/busybox', 'init']);
+  const manifestTools: ManifestTools = { busybox: '/bin/busybox' };
+  for (const t of tools) {
+    const found = findProgram(t);
+    const spec = TOOLS[t];
+    inputs.push({ type: 'file', path: spec.path, data: readFileSync(found), mode: 0o755 });
+    taken.add(spec.path);
+    manifestTools[spec.manifestKey] = `/${spec.path}`;
+    for (const lib of sharedLibraries(found)) {
+      const rel = lib.replace(/^\/+/, '');
+      if (taken.has(rel)) continue;
+      taken.add(rel);
+      inputs.push({ type: 'file', path: rel, data: readFileSync(realpathSync(lib)), mode: 0o755 });
+    }
+  }
   for (const applet of busyboxApplets(busybox)) {
     if (taken.has(applet)) continue;
     taken.add(applet);
@@ -328,8 +391,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   }
   const aliases: Array<[string, string[]]> = [...aliasMap.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([p, s]) => [p, [...s].sort()]);
 
-  const tools = { busybox: '/bin/busybox' };
-  const preload = PRELOAD_MODULES.map(moduleKey).filter((m) => included.has(m));
+  const preload = [...PRELOAD_MODULES, ...tools.map((t) => TOOLS[t].module)].map(moduleKey).filter((m) => included.has(m));
   const pkgVersion = (() => {
     try {
       return JSON.parse(readFileSync(path.join(repoRoot(), 'package.json'), 'utf8')).version as string;
@@ -352,7 +414,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     builtin: [...index.builtin].sort(),
     preload,
     filesystems: filesystemTable(index, included),
-    tools,
+    tools: manifestTools,
   };
   inputs.push({ type: 'file', path: MANIFEST_PATH, data: new TextEncoder().encode(JSON.stringify(manifest) + '\n') });
   inputs.push({ type: 'file', path: `${modRoot}/modules.dep`, data: new TextEncoder().encode(depLines.join('')) });

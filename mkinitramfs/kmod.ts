@@ -6,7 +6,7 @@
  */
 import { readFileSync, existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
-import { fnmatch, moduleKey } from '../src/formats/manifest.ts';
+import { matchModalias, moduleKey, MANIFEST_VERSION, type InitramfsManifest } from '../src/formats/manifest.ts';
 
 export interface KernelModuleIndex {
   /** e.g. /lib/modules/6.1.0-56-amd64 */
@@ -111,9 +111,34 @@ export function loadModuleIndex(modulesDir: string, modprobeDirs: string[] = ['/
 export function resolveName(index: KernelModuleIndex, nameOrAlias: string): string[] {
   const key = moduleKey(nameOrAlias);
   if (index.files.has(key)) return [key];
-  const out = new Set<string>();
-  for (const [pattern, mod] of index.aliases) if (fnmatch(pattern, nameOrAlias) && index.files.has(mod)) out.add(mod);
-  return [...out].sort();
+  return matchModalias(aliasTable(index), nameOrAlias).filter((m) => index.files.has(m));
+}
+
+const aliasTables = new WeakMap<KernelModuleIndex, InitramfsManifest>();
+/** All of the kernel's aliases in the manifest's shape, so the init's bucketed matcher serves here too. */
+function aliasTable(index: KernelModuleIndex): InitramfsManifest {
+  let table = aliasTables.get(index);
+  if (!table) {
+    const grouped = new Map<string, string[]>();
+    for (const [pattern, mod] of index.aliases) {
+      const list = grouped.get(pattern);
+      if (list) list.push(mod);
+      else grouped.set(pattern, [mod]);
+    }
+    table = {
+      version: MANIFEST_VERSION,
+      kernelRelease: index.release,
+      build: { generator: '', sourceDateEpoch: 0, compression: 'none', modulesDir: index.dir, addedModules: [] },
+      modules: {},
+      aliases: [...grouped.entries()],
+      builtin: [],
+      preload: [],
+      filesystems: {},
+      tools: { busybox: '' },
+    };
+    aliasTables.set(index, table);
+  }
+  return table;
 }
 
 /**

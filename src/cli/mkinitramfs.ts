@@ -2,11 +2,12 @@
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { Command, CliIO } from './main.ts';
-import { COMPRESSIONS, buildInitramfs, summary, type Compression, type MkinitramfsOptions } from '../../mkinitramfs/build.ts';
+import { COMPRESSIONS, TOOLS, buildInitramfs, summary, type Compression, type MkinitramfsOptions, type ToolName } from '../../mkinitramfs/build.ts';
 import { ModuleError } from '../../mkinitramfs/kmod.ts';
 
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
-                  [--add-module NAME]... [--modules-dir DIR] [--init FILE] [--busybox FILE]
+                  [--add-module NAME]... [--omit-module NAME]...
+                  [--with ntfs-3g|qemu-nbd]... [--modules-dir DIR] [--init FILE] [--busybox FILE]
 
 Builds an initramfs whose /init is vdboot, with the kernel modules to reach a root on
 virtio, SCSI, SATA/AHCI, NVMe, USB and SD storage, the usual filesystems, device-mapper,
@@ -17,6 +18,9 @@ loop, nbd and fuse, and busybox for the rescue shell.
   --compress METHOD         zstd (default), gzip, xz or none
   --level N                 compression level (default: zstd 9, gzip 9, xz 6; zstd 19 is ~10% smaller, ~15 s)
   --add-module NAME         also include this module (or alias) and its dependencies; repeatable
+  --omit-module NAME        leave a universal-set module out (e.g. btrfs, xfs: ~0.8 MiB each); repeatable
+  --with ntfs-3g|qemu-nbd   include the program and its libraries (ntfs-3g: NTFS through fuse, for kernels
+                            without ntfs3; qemu-nbd: images the kernel cannot map); repeatable
   --modules-dir DIR         read modules from DIR instead of /lib/modules/VERSION
   --init FILE               the static /init host to include (default: build/init of this checkout)
   --busybox FILE            the static busybox to include (default: /bin/busybox)
@@ -61,6 +65,15 @@ export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOpti
       case '-m':
         options.addModules!.push(...value().split(',').filter(Boolean));
         break;
+      case '--omit-module':
+        (options.omitModules ??= []).push(...value().split(',').filter(Boolean));
+        break;
+      case '--with': {
+        const t = value();
+        if (!(t in TOOLS)) throw new ModuleError(`--with ${t}: vdboot can include ${Object.keys(TOOLS).join(', ')}`);
+        (options.tools ??= []).push(t as ToolName);
+        break;
+      }
       case '--init':
         options.initBinary = value();
         break;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { buildInitramfs, kernelReleaseOfImage, writeInitramfs } from '../../mkinitramfs/build.ts';
@@ -125,5 +125,38 @@ describe(`vdboot mkinitramfs for kernel ${release}`, () => {
     const oracle = /version (\S+)/.exec(described)![1];
     expect(kernelReleaseOfImage(vmlinuz)).toBe(oracle);
     expect(() => kernelReleaseOfImage('/bin/busybox')).toThrow(/not a Linux bzImage/);
+  });
+
+  it('--with ntfs-3g carries the program and every shared library it loads; fuse is preloaded', () => {
+    const dir = tmpdir();
+    const result = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', tools: ['ntfs-3g'] });
+    expect(result.manifest.tools.ntfs3g).toBe('/usr/bin/ntfs-3g');
+    expect(result.manifest.preload).toContain('fuse');
+    const x = path.join(dir, 'x');
+    fs.mkdirSync(x);
+    execFileSync('cpio', ['-i', '-d', '--quiet', '--nonmatching', 'dev/*'], { cwd: x, input: Buffer.from(result.cpio) });
+    const interp = fs.readdirSync(path.join(x, 'lib64')).find((n) => n.startsWith('ld-linux'));
+    expect(interp).toBeDefined();
+    // The extracted loader, told to search only the extracted library directory, finds
+    // every library there: the closure is complete.
+    const libdir = path.dirname(execFileSync('ldd', ['/usr/bin/ntfs-3g'], { encoding: 'utf8' }).match(/=> (\/\S+)/)![1]);
+    const listing = execFileSync(path.join(x, 'lib64', interp!), ['--library-path', path.join(x, libdir), '--list', path.join(x, 'usr/bin/ntfs-3g')], { encoding: 'utf8' });
+    const resolved = [...listing.matchAll(/=> (\/\S+)/g)].map((m) => m[1]);
+    expect(resolved.length).toBeGreaterThan(0);
+    for (const r of resolved) expect(r.startsWith(x), r).toBe(true);
+    // and the extracted program runs on them (it prints its version on stderr)
+    const run = spawnSync(path.join(x, 'lib64', interp!), ['--library-path', path.join(x, libdir), path.join(x, 'usr/bin/ntfs-3g'), '--version'], { encoding: 'utf8' });
+    expect(run.status).toBe(0);
+    expect(run.stderr).toMatch(/^ntfs-3g \d/);
+  });
+
+  it('--omit-module leaves a universal module out unless another needs it', () => {
+    const result = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', omitModules: ['btrfs', 'xfs', 'libata'] });
+    expect(result.manifest.modules).not.toHaveProperty('btrfs');
+    expect(result.manifest.modules).not.toHaveProperty('xfs');
+    expect(result.manifest.filesystems.btrfs).toBeUndefined();
+    expect(result.manifest.modules).toHaveProperty('libata'); // ahci needs it
+    expect(result.notes.join('\n')).toMatch(/libata stays in/);
+    expect(() => buildInitramfs({ kernel: release, initBinary: initBinary(), omitModules: ['snd_hda_intel'] })).toThrow(/not in the universal set/);
   });
 });
