@@ -94,7 +94,7 @@ export function readThroughExtents(partition: BlockReader, file: HostFile, offse
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > file.size) {
     throw new FormatError(`${file.path}: read of ${length} bytes at offset ${offset} is past the end of the file (${file.size} bytes)`, 'offset', offset);
   }
-  if (file.resident) return file.resident.slice(offset, offset + length);
+  if (file.resident) return new Uint8Array(file.resident.subarray(offset, offset + length));
   const out = new Uint8Array(length);
   const ex = file.extents;
   // binary search for the extent holding `offset`

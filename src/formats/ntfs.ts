@@ -247,7 +247,8 @@ export class NtfsVolume implements HostFs {
 
   private loadMft(): void {
     const size = this.boot.mftRecordSize;
-    const raw = this.partition.read(this.boot.mftLcn * this.clusterSize, size).slice();
+    // a copy: fixups are applied in place, and a reader may hand out a view of its buffer
+    const raw = new Uint8Array(this.partition.read(this.boot.mftLcn * this.clusterSize, size));
     const rec0 = this.parseRecord(raw, REC_MFT);
     const data = rec0.attrs.find((a) => a.type === AT_DATA && a.name === '' && a.lowVcn === 0);
     if (!data || !data.nonResident || !data.runs) {
@@ -343,7 +344,7 @@ export class NtfsVolume implements HostFs {
       if (valueOfs + valueLen > a.length) {
         throw new FormatError(`${what}: resident attribute 0x${type.toString(16)} value (${valueLen} bytes at ${valueOfs}) does not fit the attribute (${a.length} bytes): the record is damaged`, 'value_length', valueLen);
       }
-      const value = a.slice(valueOfs, valueOfs + valueLen);
+      const value = new Uint8Array(a.subarray(valueOfs, valueOfs + valueLen));
       return { type, name, flags, id, nonResident, value, lowVcn: 0, highVcn: 0, allocatedSize: valueLen, dataSize: valueLen, initializedSize: valueLen, compressionUnit: 0 };
     }
     if (a.length < 0x40) throw new FormatError(`${what}: non-resident attribute 0x${type.toString(16)} is only ${a.length} bytes`, 'attribute_length', a.length);
@@ -707,11 +708,17 @@ export class NtfsVolume implements HostFs {
       if (!(rec.flags & MFT_RECORD_IS_DIRECTORY)) {
         throw new FormatError(`${this.volumeName}: ${path} not found: ${here} is a file, not a directory`, 'path', path);
       }
-      const e = this.findInDir(rec, part, here);
+      let e = this.findInDir(rec, part, here);
+      let all: IndexEntry[] = [];
       if (!e) {
-        let names: string[] = [];
-        try { names = this.listDir(rec, here).map((x) => x.name); } catch { /* the error names the path anyway */ }
-        throw notFoundError(`${this.volumeName} (NTFS${this.label ? ` "${this.label}"` : ''})`, path, here, part, names);
+        // The B+ tree walk trusts the index's order. An index sorted by another up-case
+        // table than this volume's (an older Windows, another driver) could hide a name
+        // from it, so a miss is confirmed by reading every entry.
+        try { all = this.listDir(rec, here); } catch { /* the error names the path anyway */ }
+        e = all.find((x) => this.compareNames(part, x.name) === 0) ?? null;
+      }
+      if (!e) {
+        throw notFoundError(`${this.volumeName} (NTFS${this.label ? ` "${this.label}"` : ''})`, path, here, part, all.map((x) => x.name));
       }
       rec = this.readEntryRecord(e, joinHostPath([...found, e.name]));
       // the name as the directory spells it; a DOS 8.3 match keeps the long name out of reach, so keep what was typed
@@ -737,7 +744,7 @@ export class NtfsVolume implements HostFs {
       throw new FormatError(`${this.volumeName}: ${p} is NTFS-compressed (perhaps because its folder has compression turned on), so its clusters cannot be mapped. On Windows run: compact /u "${p.replace(/\//g, '\\')}" (and "compact /u /s" on the folder to stop compressing new files)`, '$DATA', 'compressed');
     }
     if (!data.nonResident) {
-      return { path: p, size: data.dataSize, extents: [], resident: data.value!.slice() };
+      return { path: p, size: data.dataSize, extents: [], resident: new Uint8Array(data.value!) };
     }
     return { path: p, size: data.dataSize, extents: this.extentsOf(data, p) };
   }
