@@ -120,7 +120,14 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
   const openGlobal = (resolved: string): number => {
     let i = byPath.get(resolved);
     if (i === undefined) {
-      const r = host.openFile(resolved);
+      let r: BlockReader;
+      try {
+        r = host.openFile(resolved);
+      } catch (e) {
+        if (isFormatError(e)) throw e;
+        // A missing or unreadable file named by an image is a problem of the image set: say which file.
+        throw new FormatError(`cannot open ${resolved}: ${errorText(e)}`, 'file', resolved);
+      }
       i = files.length;
       files.push(resolved);
       readers.push(r);
@@ -196,7 +203,7 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
         current = p;
         break;
       } catch (e) {
-        if (e instanceof Error && !isFormatError(e) && e.name !== 'SysError' && !(e as { code?: unknown }).code) throw e;
+        if (!isFormatError(e)) throw e;
         tried.push(`${p}: ${errorText(e)}`);
       }
     }
