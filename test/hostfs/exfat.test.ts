@@ -135,4 +135,40 @@ describe.skipIf(!loopAndFuseWork())('exFAT volumes filled through exfat-fuse', (
     expect(err.message).toContain('/Users/Jörg/VMs has no "My Linux.vhd"');
     expect(err.message).toContain('"My Linux.vhdx"');
   });
+
+  it('bytes past the valid data length are uninitialized extents and read as zeros (ValidDataLength lowered by hand, fsck.exfat still clean)', () => {
+    // exfat-fuse always zero-fills, so no tool here leaves ValidDataLength short of the
+    // size (Windows and Linux's exfat driver do, after a preallocation). The test lowers
+    // that one field of a real entry set and fixes its checksum; fsck.exfat confirms the
+    // volume is still consistent.
+    const img = path.join(dir, 'vdl.img');
+    mkexfat(img, 16, 4096, 'VDL');
+    const data = pseudoRandom(200_000, 8);
+    withExfatMount(img, (m) => fs.writeFileSync(path.join(m, 'prealloc.img'), data));
+    const image = fs.readFileSync(img);
+    const nameAt = image.indexOf(Buffer.from('prealloc.img', 'utf16le'));
+    const set = nameAt - 2 - 64; // file entry, stream extension, then the name entry (its name at byte 2)
+    expect(image[set]).toBe(0x85);
+    expect(image[set + 32]).toBe(0xc0);
+    image.writeBigUInt64LE(50_000n, set + 32 + 8);
+    const count = image[set + 1]! + 1;
+    let sum = 0;
+    for (let i = 0; i < count * 32; i++) {
+      if (i === 2 || i === 3) continue;
+      sum = (((sum & 1) ? 0x8000 : 0) + (sum >> 1) + image[set + i]!) & 0xffff;
+    }
+    image.writeUInt16LE(sum, set + 2);
+    fs.writeFileSync(img, image);
+    expect(run('fsck.exfat', ['-n', img]).toString()).toMatch(/clean/);
+
+    const fsys = open(img);
+    const f = fsys.lookup('/PREALLOC.IMG');
+    expect(f.size).toBe(200_000);
+    expect(f.extents.map((e) => [e.kind, e.fileOffset, e.length])).toEqual([['data', 0, 50_000], ['uninitialized', 50_000, 150_000]]);
+    const u = f.extents[1]! as { deviceOffset?: number };
+    expect(u.deviceOffset).toBe((f.extents[0] as { deviceOffset: number }).deviceOffset + 50_000);
+    const got = Buffer.from(hostFileReader(fsys, f).read(0, f.size));
+    expect(got.subarray(0, 50_000).equals(data.subarray(0, 50_000))).toBe(true);
+    expect(got.subarray(50_000).every((b) => b === 0)).toBe(true);
+  });
 });
