@@ -23,6 +23,7 @@ export const COMMANDS: Record<string, () => Promise<Command>> = {
   inspect: async () => (await import('./inspect.ts')).command,
   map: async () => (await import('./map.ts')).command,
   cat: async () => (await import('./cat.ts')).command,
+  'vdisk-table': async () => (await import('./vdisk-table.ts')).command,
 };
 
 export async function main(argv: string[], io: CliIO): Promise<number> {
