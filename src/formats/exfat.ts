@@ -8,7 +8,7 @@
 import { type BlockReader, FormatError } from './block-reader.ts';
 import {
   type FileExtent, type HostDirEntry, type HostFile, type HostFs,
-  joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, u64, viewOf,
+  joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, TablePages, u64, viewOf,
 } from './hostfs.ts';
 
 const ENTRY_BITMAP = 0x81;
@@ -49,6 +49,7 @@ export class ExfatVolume implements HostFs {
   private readonly rootCluster: number;
   private readonly volumeFlags: number;
   private upcaseTable: Uint16Array;
+  private fat: TablePages | null = null;
   private readonly volumeName: string;
 
   constructor(private readonly partition: BlockReader) {
@@ -101,7 +102,8 @@ export class ExfatVolume implements HostFs {
   }
 
   private fatEntry(c: number): number {
-    return viewOf(this.partition.read(this.fatOffset + c * 4, 4)).getUint32(0, true);
+    this.fat ??= new TablePages(this.partition, this.fatOffset, (this.clusterCount + 2) * 4);
+    return this.fat.u32(c * 4);
   }
 
   private checkCluster(c: number, what: string): void {

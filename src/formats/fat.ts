@@ -7,7 +7,7 @@
 import { type BlockReader, FormatError } from './block-reader.ts';
 import {
   type FileExtent, type HostDirEntry, type HostFile, type HostFs,
-  joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, upcaseChar, viewOf,
+  joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, TablePages, upcaseChar, viewOf,
 } from './hostfs.ts';
 
 const ATTR_VOLUME_ID = 0x08;
@@ -52,7 +52,7 @@ export class FatVolume implements HostFs {
   private readonly dataOffset: number;
   private readonly clusterCount: number;
   private readonly bootDirty: boolean;
-  private fat: Uint8Array | null = null;
+  private fat: TablePages | null = null;
   private readonly volumeName: string;
 
   constructor(private readonly partition: BlockReader) {
@@ -108,23 +108,13 @@ export class FatVolume implements HostFs {
     if (labelEntry) this.label = labelEntry.shortName.trimEnd();
   }
 
-  private fatTable(): Uint8Array {
-    if (!this.fat) {
-      const need = Math.ceil(((this.clusterCount + 2) * this.fatBits) / 8);
-      this.fat = this.partition.read(this.fatOffset, need);
-    }
-    return this.fat;
-  }
-
   private fatEntry(cluster: number): number {
-    const f = this.fatTable();
-    if (this.fatBits === 32) {
-      const o = cluster * 4;
-      return (f[o]! | (f[o + 1]! << 8) | (f[o + 2]! << 16) | (f[o + 3]! << 24)) & 0x0fffffff;
-    }
-    if (this.fatBits === 16) return f[cluster * 2]! | (f[cluster * 2 + 1]! << 8);
-    const o = cluster + (cluster >> 1);
-    const w = f[o]! | (f[o + 1]! << 8);
+    // the FAT's bytes for clusters 0..clusterCount+1 (FAT12 may need one byte more for the last pair)
+    this.fat ??= new TablePages(this.partition, this.fatOffset, Math.min(this.fatSize, Math.ceil(((this.clusterCount + 2) * this.fatBits) / 8) + 1));
+    const f = this.fat;
+    if (this.fatBits === 32) return f.u32(cluster * 4) & 0x0fffffff;
+    if (this.fatBits === 16) return f.u16(cluster * 2);
+    const w = f.u16(cluster + (cluster >> 1));
     return cluster & 1 ? w >> 4 : w & 0xfff;
   }
 

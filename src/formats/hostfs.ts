@@ -201,3 +201,40 @@ export function upcaseChar(c: number): number {
   const s = String.fromCharCode(c).toUpperCase();
   return s.length === 1 ? s.charCodeAt(0) : c;
 }
+
+/**
+ * Reads a table (a FAT) through a small cache of 64 KiB pages: following a chain of a
+ * large file touches each page once instead of issuing a read per cluster, and a FAT of
+ * hundreds of MiB is never loaded whole.
+ */
+export class TablePages {
+  private readonly pages = new Map<number, Uint8Array>();
+  constructor(
+    private readonly reader: BlockReader,
+    private readonly base: number,
+    readonly length: number,
+    private readonly pageSize = 65536,
+    private readonly maxPages = 256,
+  ) {}
+
+  byte(off: number): number {
+    if (off < 0 || off >= this.length) throw new FormatError(`${this.reader.name}: table read at ${off} is outside the table (${this.length} bytes)`, 'offset', off);
+    const p = Math.floor(off / this.pageSize);
+    let page = this.pages.get(p);
+    if (!page) {
+      if (this.pages.size >= this.maxPages) this.pages.clear();
+      const start = p * this.pageSize;
+      page = this.reader.read(this.base + start, Math.min(this.pageSize, this.length - start));
+      this.pages.set(p, page);
+    }
+    return page[off - p * this.pageSize]!;
+  }
+
+  u16(off: number): number {
+    return this.byte(off) | (this.byte(off + 1) << 8);
+  }
+
+  u32(off: number): number {
+    return (this.byte(off) | (this.byte(off + 1) << 8) | (this.byte(off + 2) << 16) | (this.byte(off + 3) << 24)) >>> 0;
+  }
+}
