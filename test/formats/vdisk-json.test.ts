@@ -151,6 +151,21 @@ describe('*.vdisk.json disks', () => {
     expect(t.partitions.map((p) => p.partuuid)).toEqual(s.partitions.map((p) => p.uuid!.toLowerCase()));
   });
 
+  it('a compressed qcow2 partition image: its clusters are unmappable for dm, and read through the image on the host', async () => {
+    const packed = img('data-compressed.qcow2');
+    execFileSync('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', img('data.img'), packed]);
+    const json = img('packed.vdisk.json');
+    fs.writeFileSync(json, JSON.stringify({ vdisk: 1, table: 'gpt', partitions: [{ image: 'data-compressed.qcow2', name: 'data' }] }));
+    expect((await runVdiskTable([json])).code).toBe(0);
+    const disk = open(json);
+    const start = parsePartitionTable(mappedReader(disk)).partitions[0]!.start;
+    const inPartition = disk.map.extents.filter((e) => e.start >= start && e.start < start + 12 * M);
+    expect(inPartition.some((e) => e.kind === 'unmappable')).toBe(true);
+    const out = img('packed-assembled.raw');
+    catTo(disk, out);
+    expect(bytesOf(out, start, 12 * M).equals(fs.readFileSync(img('data.img')))).toBe(true);
+  });
+
   it('default PARTUUIDs and disk GUID are derived, so they stay the same across runs', () => {
     const text = JSON.stringify({ vdisk: 1, table: 'gpt', partitions: [{ image: 'a.img' }, { image: 'b.img' }] });
     const a = parseVdiskSpec(text, '/x/one.vdisk.json');
