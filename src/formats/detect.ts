@@ -14,12 +14,14 @@ import { rawFormat } from './raw.ts';
 import { vdiFormat } from './vdi.ts';
 import { vhdFormat } from './vhd.ts';
 import { vhdxFormat } from './vhdx.ts';
+import { vmdkFormat } from './vmdk.ts';
 
 export const FORMAT_READERS: FormatReader[] = [
   vhdxFormat,
   vhdFormat,
   qcow2Format,
   vdiFormat,
+  vmdkFormat,
   // other formats: one line each, above this comment
   rawFormat,
 ];
