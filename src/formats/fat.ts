@@ -84,8 +84,14 @@ export class FatVolume implements HostFs {
     if (this.fatBits === 32 && (fat16Size !== 0 || rootEntries !== 0)) {
       throw new FormatError(`${name}: FAT32-sized volume (${clusters} clusters) with a FAT12/16 layout: the boot sector is damaged`, 'fat_size', fat16Size);
     }
-    this.fatOffset = reserved * this.bytesPerSector;
     this.fatSize = fatSectors * this.bytesPerSector;
+    // FAT32 may turn mirroring off (extended flags bit 7) and name the one FAT in use
+    const extFlags = v.getUint16(40, true);
+    const activeFat = total16 === 0 && fat16Size === 0 && extFlags & 0x80 ? extFlags & 0x0f : 0;
+    if (activeFat >= numFats) {
+      throw new FormatError(`${name}: FAT32 boot sector names FAT ${activeFat} as active, but there are only ${numFats}: the boot sector is damaged`, 'ext_flags', extFlags);
+    }
+    this.fatOffset = (reserved + activeFat * fatSectors) * this.bytesPerSector;
     this.rootDirOffset = (reserved + numFats * fatSectors) * this.bytesPerSector;
     this.dataOffset = firstData * this.bytesPerSector;
     this.clusterCount = clusters;

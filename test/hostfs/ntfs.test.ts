@@ -175,13 +175,16 @@ describe.skipIf(!fuseWorks())('NTFS volumes filled through ntfs-3g (FUSE)', () =
       fs.mkdirSync(path.join(m, 'Users/Jörg/VMs'), { recursive: true });
       fs.writeFileSync(path.join(m, 'Users/Jörg/VMs/My Linux.vhdx'), data);
       fs.writeFileSync(path.join(m, 'Users/Jörg/VMs/Other.vhd'), 'x');
+      fs.linkSync(path.join(m, 'Users/Jörg/VMs/My Linux.vhdx'), path.join(m, 'Users/Hard Link.vhdx'));
     });
     const fsys = open(img);
     const f = fsys.lookup('users\\JÖRG\\vms\\my linux.vhdx');
     expect(f.path).toBe('/Users/Jörg/VMs/My Linux.vhdx');
     expectSameAsNtfs3g(img, fsys, f, 4096);
     expect(fsys.readdir('/Users/Jörg/VMs').map((e) => [e.name, e.isDir]).sort()).toEqual([['My Linux.vhdx', false], ['Other.vhd', false]]);
-    expect(fsys.readdir('/Users').map((e) => [e.name, e.isDir])).toEqual([['Jörg', true]]);
+    expect(fsys.readdir('/Users').map((e) => [e.name, e.isDir])).toEqual([['Hard Link.vhdx', false], ['Jörg', true]]);
+    // a hard link: a second name in another directory, the same clusters
+    expect(fsys.lookup('/Users/hard link.VHDX').extents).toEqual(f.extents);
 
     const err = thrown(() => fsys.lookup('/Users/Jörg/VMs/My Linux.vhd'));
     expect(err.message).toContain('/Users/Jörg/VMs has no "My Linux.vhd"');
