@@ -14,6 +14,7 @@ import { mountEarly, mountOptions } from './mounts.ts';
 import { DEFAULT_INITS, PlanError, planBoot, type BootPlan } from './plan.ts';
 import { breakShell, failureShell } from './rescue.ts';
 import { switchRoot } from './switchroot.ts';
+import { setupVdisks } from './vdisk-exec.ts';
 
 export const NEW_ROOT = '/root';
 
@@ -156,7 +157,7 @@ function specFieldName(spec: DeviceSpec): string {
 }
 
 /** Sleeps up to `ms` on the uevent socket; loads modules for devices that were added. */
-function waitForUevents(ctx: InitContext, ms: number): void {
+export function waitForUevents(ctx: InitContext, ms: number): void {
   const { sys, modules } = ctx;
   if (ctx.ueventFd < 0) {
     sys.sleepMs(ms);
@@ -191,10 +192,11 @@ function waitForUevents(ctx: InitContext, ms: number): void {
 function mountRoot(ctx: InitContext): { init: string } {
   const { sys, log, plan } = ctx;
   if (plan.breakAt.includes('pre-mount')) breakShell(sys, log, 'pre-mount');
-  if (plan.root.kind !== 'block') {
-    throw new BootFailure(`root=${describeRoot(plan)}: this vdboot build boots a root on a block device only; image files (vdisk:) and archives (tmpfs:) are not supported by this version yet.`);
+  if (plan.root.kind === 'tmpfs') {
+    throw new BootFailure(`root=${describeRoot(plan)}: this vdboot build boots a root on a block device or an image file; archives (tmpfs:) are not supported by this version yet.`);
   }
-  const dev = waitForDevice(ctx, plan.root.device, 'root device');
+  const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? setupVdisks(ctx) : undefined;
+  const dev = plan.root.kind === 'vdisk' ? images!.root! : waitForDevice(ctx, plan.root.device, 'root device');
   mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags);
   return { init: chooseInit(sys, NEW_ROOT, plan) };
 }

@@ -15,8 +15,41 @@ export type RootSource =
 
 export type BreakPoint = 'pre-mount' | 'pre-switch';
 
+/** rd.vdisk.root: which partition of the image is root. */
+export type VdiskRootChoice =
+  /** GPT "Linux root (x86-64)", else the only Linux filesystem, else the unpartitioned whole disk */
+  | { by: 'auto' }
+  | { by: 'number'; number: number }
+  | { by: 'spec'; spec: DeviceSpec };
+
+/** How the virtual disk may be written: rw (the image takes the writes), ro, snapshot (writes go to RAM). */
+export type VdiskMode = 'rw' | 'ro' | 'snapshot';
+/** The data path (DESIGN §3): auto picks the fastest one that is correct. */
+export type VdiskMapPath = 'auto' | 'direct' | 'loop' | 'nbd';
+
+/** An image to attach without making it root (rd.vdisk.attach, rd.ntfsloop). */
+export interface VdiskAttach {
+  host?: DeviceSpec;
+  path: string;
+  /** the option that asked for it, for messages */
+  from: string;
+}
+
+export interface VdiskOptions {
+  root: VdiskRootChoice;
+  mode: VdiskMode;
+  map: VdiskMapPath;
+  /** rd.vdisk.expand (default on): expand a dynamic image in place before a rw mapping */
+  expand: boolean;
+  attach: VdiskAttach[];
+  /** the compatibility syntax the vdisk root came from (rd.hostdev, loop=), for the console */
+  compat?: string;
+}
+
 export interface BootPlan {
   root: RootSource;
+  /** rd.vdisk.*: how image files (root=vdisk: and attached ones) are put on the kernel */
+  vdisk: VdiskOptions;
   /** rootfstype=; undefined: probe the superblock */
   rootFsType?: string;
   /** rootflags= */
@@ -63,11 +96,13 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   const cmd = new Cmdline(cmdlineText);
   const warnings: string[] = [];
 
+  const vdisk = planVdiskOptions(cmd, warnings);
+  const compatRoot = compatVdiskRoot(cmd, vdisk, warnings);
   const rootText = cmd.get('root');
-  if (rootText === undefined || rootText === '') {
+  if (!compatRoot && (rootText === undefined || rootText === '')) {
     throw new PlanError('No root= on the kernel command line. Add one, e.g. root=UUID=… , root=LABEL=… , root=/dev/sda2 or root=vdisk:LABEL=Windows:/VMs/linux.vhdx');
   }
-  const root = parseRoot(rootText);
+  const root = compatRoot ?? parseRoot(rootText!);
 
   const seconds = (key: string, fallback: number): number => {
     const v = cmd.get(key);
@@ -109,6 +144,7 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
 
   const plan: BootPlan = {
     root,
+    vdisk,
     rootFsType,
     rootFlags: cmd.get('rootflags') ?? '',
     readOnly,
@@ -124,8 +160,12 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     warnings,
   };
 
-  // Keys vdboot reads later (vdisk/tmpfs options) are consumed here so they draw no warning.
-  for (const key of ['rd.vdisk.root', 'rd.vdisk.mode', 'rd.vdisk.map', 'rd.vdisk.expand', 'rd.vdisk.attach', 'rd.tmpfs.size', 'rd.tmpfs.imgfile']) cmd.all(key);
+  if (vdisk.mode === 'ro' && !readOnly) {
+    warnings.push('rd.vdisk.mode=ro makes the image read-only, so the root is mounted read-only despite rw');
+    plan.readOnly = true;
+  }
+  // Keys vdboot reads later (tmpfs options) are consumed here so they draw no warning.
+  for (const key of ['rd.tmpfs.size', 'rd.tmpfs.imgfile']) cmd.all(key);
   for (const p of cmd.unused(OWN_NAMESPACES)) {
     warnings.push(`unknown option ${p.key}${p.value === undefined ? '' : `=${p.value}`} is ignored (vdboot knows: rd.break, rd.shell, rd.timeout, rd.vdboot.debug, rd.vdisk.*, rd.tmpfs.*)`);
   }
@@ -159,15 +199,104 @@ function parseRoot(text: string): RootSource {
  * HOST:PATH where PATH begins with `/`: the host spec ends at the first `:/`.
  * A lone PATH (no `:/`) leaves the host to be searched.
  */
-function splitHostPath(text: string, kind: string): { host?: DeviceSpec; path: string } {
+function splitHostPath(text: string, kind: string, prefix = `root=${kind}:`): { host?: DeviceSpec; path: string } {
   const cut = text.indexOf(':/');
   if (cut < 0) {
     const path = text.replace(/\\/g, '/');
-    if (!path.startsWith('/')) throw new PlanError(`root=${kind}:${text}: the path must start with /, e.g. root=${kind}:LABEL=Windows:/VMs/linux.vhdx`);
+    if (!path.startsWith('/')) throw new PlanError(`${prefix}${text}: the path must start with /, e.g. ${prefix}LABEL=Windows:/VMs/linux.vhdx`);
     return { path };
   }
   const hostText = text.slice(0, cut);
   const host = parseDeviceSpec(hostText);
-  if (!host) throw new PlanError(`root=${kind}:${text}: "${hostText}" is not a device spec; use LABEL=…, UUID=…, PARTUUID=… or /dev/NAME before the path`);
+  if (!host) throw new PlanError(`${prefix}${text}: "${hostText}" is not a device spec; use LABEL=…, UUID=…, PARTUUID=… or /dev/NAME before the path`);
   return { host, path: text.slice(cut + 1).replace(/\\/g, '/') };
+}
+
+const ROOT_BY_SPEC = /^(UUID|LABEL|PARTUUID|PARTLABEL)=/;
+
+/** rd.vdisk.root, .mode, .map, .expand, .attach and rd.ntfsloop. */
+function planVdiskOptions(cmd: Cmdline, warnings: string[]): VdiskOptions {
+  const out: VdiskOptions = { root: { by: 'auto' }, mode: 'rw', map: 'auto', expand: true, attach: [] };
+  const rootText = cmd.get('rd.vdisk.root');
+  if (rootText !== undefined && rootText !== '' && rootText !== 'auto') {
+    if (/^\d+$/.test(rootText) && Number(rootText) >= 1 && Number(rootText) <= 256) out.root = { by: 'number', number: Number(rootText) };
+    else {
+      const spec = ROOT_BY_SPEC.test(rootText) ? parseDeviceSpec(rootText) : undefined;
+      if (spec) out.root = { by: 'spec', spec };
+      else warnings.push(`rd.vdisk.root=${rootText} is not a partition number, PARTUUID=, PARTLABEL=, UUID=, LABEL= or auto; using auto`);
+    }
+  }
+  const mode = cmd.get('rd.vdisk.mode');
+  if (mode !== undefined) {
+    if (mode === 'rw' || mode === 'ro' || mode === 'snapshot') out.mode = mode;
+    else warnings.push(`rd.vdisk.mode=${mode} is not rw, ro or snapshot; using rw`);
+  }
+  const map = cmd.get('rd.vdisk.map');
+  if (map !== undefined) {
+    if (map === 'auto' || map === 'direct' || map === 'loop' || map === 'nbd') out.map = map;
+    else warnings.push(`rd.vdisk.map=${map} is not auto, direct, loop or nbd; using auto`);
+  }
+  const expand = cmd.get('rd.vdisk.expand');
+  if (expand !== undefined) {
+    if (expand === '0' || expand === 'no' || expand === 'false') out.expand = false;
+    else if (!(expand === '' || expand === '1' || expand === 'yes' || expand === 'true')) warnings.push(`rd.vdisk.expand=${expand} is neither 0 nor 1; expansion stays on`);
+  }
+  const attachOne = (key: string, text: string) => {
+    try {
+      const { host, path } = splitHostPath(text, key, `${key}=`);
+      out.attach.push(host ? { host, path, from: `${key}=${text}` } : { path, from: `${key}=${text}` });
+    } catch (e) {
+      warnings.push(`${(e as Error).message}; that image is not attached`);
+    }
+  };
+  // In command-line order: vdisk0, vdisk1, … follow the order the images are named in.
+  cmd.all('rd.vdisk.attach');
+  cmd.all('rd.ntfsloop');
+  for (const p of cmd.params) if (p.key === 'rd.vdisk.attach' || p.key === 'rd.ntfsloop') attachOne(p.key, p.value ?? '');
+  return out;
+}
+
+/**
+ * Compatibility syntaxes that make an image the root (DESIGN §2):
+ *  - dracut-vdfuseloop: rd.hostdev=HOST rd.vdisk=PATH [rd.vdloop=/dev/vdhost/PartitionN]
+ *  - Wubi / initramfs-tools: root=HOST loop=PATH [loopflags=] [loopfstype=]
+ */
+function compatVdiskRoot(cmd: Cmdline, vdisk: VdiskOptions, warnings: string[]): RootSource | undefined {
+  const hostdev = cmd.get('rd.hostdev');
+  const vdPath = cmd.get('rd.vdisk');
+  const vdloop = cmd.get('rd.vdloop');
+  if (hostdev !== undefined || vdPath !== undefined) {
+    if (!hostdev || !vdPath) {
+      throw new PlanError(`rd.hostdev= and rd.vdisk= go together (dracut-vdfuseloop syntax): rd.hostdev=LABEL=Windows rd.vdisk=/VMs/linux.vdi; or use root=vdisk:HOST:PATH`);
+    }
+    const host = parseDeviceSpec(hostdev);
+    if (!host) throw new PlanError(`rd.hostdev=${hostdev} is not a device spec; use LABEL=…, UUID=…, PARTUUID=… or /dev/NAME`);
+    const path = vdPath.replace(/\\/g, '/');
+    if (!path.startsWith('/')) throw new PlanError(`rd.vdisk=${vdPath}: the path must start with /, e.g. rd.vdisk=/VMs/linux.vdi`);
+    if (vdloop !== undefined) {
+      const m = /^\/dev\/vdhost\/Partition(\d+)$/.exec(vdloop);
+      if (m && vdisk.root.by === 'auto') vdisk.root = { by: 'number', number: Number(m[1]) };
+      else if (!m) warnings.push(`rd.vdloop=${vdloop} is not /dev/vdhost/PartitionN; the root partition is chosen by rd.vdisk.root`);
+    }
+    const root = cmd.get('root');
+    if (root !== undefined && root !== '' && !root.startsWith('vdisk:') && !/^\/dev\/(loop|vdhost|mapper\/vdisk)/.test(root)) {
+      warnings.push(`root=${root} is ignored: rd.hostdev= with rd.vdisk= boot the image's root partition`);
+    }
+    vdisk.compat = 'rd.hostdev/rd.vdisk';
+    return { kind: 'vdisk', host, path };
+  }
+  const loop = cmd.get('loop');
+  if (loop !== undefined && loop !== '') {
+    const rootText = cmd.get('root');
+    const host = rootText ? parseDeviceSpec(rootText) : undefined;
+    if (!host) throw new PlanError(`loop=${loop} needs root= to name the partition that holds the file (Wubi syntax: root=UUID=… loop=/ubuntu/disks/root.disk)`);
+    const path = loop.replace(/\\/g, '/');
+    if (!path.startsWith('/')) throw new PlanError(`loop=${loop}: the path must start with /, e.g. loop=/ubuntu/disks/root.disk`);
+    const flags = cmd.get('loopflags');
+    if (flags !== undefined && flags !== '' && flags !== 'rw' && flags !== 'defaults') warnings.push(`loopflags=${flags} is ignored: use rootflags= for the root's mount options`);
+    cmd.get('loopfstype');
+    vdisk.compat = 'loop=';
+    return { kind: 'vdisk', host, path };
+  }
+  return undefined;
 }

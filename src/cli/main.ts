@@ -24,6 +24,8 @@ export const COMMANDS: Record<string, () => Promise<Command>> = {
   map: async () => (await import('./map.ts')).command,
   cat: async () => (await import('./cat.ts')).command,
   'vdisk-table': async () => (await import('./vdisk-table.ts')).command,
+  plan: async () => (await import('./plan.ts')).command,
+  hostfs: async () => (await import('./hostfs.ts')).command,
 };
 
 export async function main(argv: string[], io: CliIO): Promise<number> {

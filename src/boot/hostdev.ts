@@ -1,0 +1,144 @@
+/**
+ * The host partition of an image file: finding it (a device spec, or every partition
+ * searched for the path, like grub4dos `find --set-root`), opening its filesystem with
+ * vdboot's own readers, and reading image files through it for the chain resolver.
+ * Pure: devices come in as BlockDeviceInfo plus a way to read them, so the same code
+ * runs at boot (Sys.pread) and in `vdboot plan` (disk image files).
+ */
+import { type BlockReader, FormatError, isFormatError } from '../formats/block-reader.ts';
+import type { ChainHost } from '../formats/chain.ts';
+import type { FileLayout } from '../formats/extent-ops.ts';
+import { hostFileReader, openHostFs, type HostFile, type HostFs } from '../formats/hostfs.ts';
+import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
+import type { ImageHost } from './vdisk.ts';
+
+export interface ClosableReader extends BlockReader {
+  close(): void;
+}
+
+/** A block device the planner may read. */
+export interface HostDevice {
+  info: BlockDeviceInfo;
+  open(): ClosableReader;
+}
+
+/** The filesystems vdboot reads itself and can map files of directly. */
+export const HOST_FS_TYPES: ReadonlySet<string> = new Set(['ntfs', 'exfat', 'vfat']);
+
+/** A host filesystem opened by vdboot on one device. */
+export interface OpenedHostFs {
+  device: BlockDeviceInfo;
+  fs: HostFs;
+  close(): void;
+}
+
+export function describeHost(d: BlockDeviceInfo): string {
+  const facts = [d.fsType ?? 'no filesystem found'];
+  if (d.label) facts.push(`LABEL="${d.label}"`);
+  else if (d.uuid) facts.push(`UUID=${d.uuid}`);
+  return `${d.path} (${facts.join(', ')})`;
+}
+
+/** Opens the filesystem on `dev`; FormatError when it is none vdboot reads. */
+export function openHostDevice(dev: HostDevice): OpenedHostFs {
+  const reader = dev.open();
+  try {
+    const fs = openHostFs(reader);
+    if (!fs) {
+      throw new FormatError(
+        `${describeHost(dev.info)} holds no NTFS, exFAT or FAT filesystem, the ones vdboot reads itself to find image files. ` +
+          `Put the image on such a partition, or name the right one (root=vdisk:LABEL=…:/path).`,
+        'host', dev.info.path,
+      );
+    }
+    return { device: dev.info, fs, close: () => reader.close() };
+  } catch (e) {
+    reader.close();
+    throw e;
+  }
+}
+
+export interface FoundImage {
+  host: OpenedHostFs;
+  file: HostFile;
+}
+
+/**
+ * Finds `path` on the device matching `spec`, or when `spec` is undefined on every
+ * partition holding a filesystem vdboot reads (the first that has it wins). The error
+ * names every partition searched and what each holds.
+ */
+export function findImage(devices: readonly HostDevice[], spec: DeviceSpec | undefined, path: string): FoundImage {
+  const candidates = spec ? devices.filter((d) => deviceMatches(spec, d.info)) : devices.filter((d) => d.info.fsType !== undefined && HOST_FS_TYPES.has(d.info.fsType));
+  const searched: string[] = [];
+  let lastError: unknown;
+  for (const dev of candidates) {
+    let host: OpenedHostFs;
+    try {
+      host = openHostDevice(dev);
+    } catch (e) {
+      if (!isFormatError(e) && (e as Error).name !== 'SysError') throw e;
+      searched.push(`${describeHost(dev.info)}: ${(e as Error).message}`);
+      lastError = e;
+      continue;
+    }
+    try {
+      const file = host.fs.lookup(path);
+      return { host, file };
+    } catch (e) {
+      host.close();
+      if (!isFormatError(e) && (e as Error).name !== 'SysError') throw e;
+      searched.push(`${describeHost(dev.info)}: ${(e as Error).message}`);
+      lastError = e;
+    }
+  }
+  if (spec && candidates.length === 1 && lastError) throw lastError;
+  const others = devices.filter((d) => !candidates.includes(d)).map((d) => `${d.info.path} ${d.info.fsType ?? '(no filesystem)'}`);
+  const where = spec ? formatDeviceSpec(spec) : 'any partition';
+  throw new FormatError(
+    `Could not find ${path} on ${where}. ` +
+      (candidates.length ? `Searched ${candidates.length} partition${candidates.length === 1 ? '' : 's'}:${searched.map((s) => `\n  ${s}`).join('')}` : 'No partition holds an NTFS, exFAT or FAT filesystem to search.') +
+      (others.length ? `\nNot searched (${spec ? 'not matching, or ' : ''}not NTFS, exFAT or FAT): ${others.join(', ')}` : '') +
+      `\nCheck the path (it starts with "/"; "\\" works too) and the host spec on the kernel command line.`,
+    'path', path,
+  );
+}
+
+/** The chain resolver's view of the host filesystem: paths are host paths; files are read through their extents. */
+export function hostChainHost(host: OpenedHostFs): ChainHost & { lookup(path: string): HostFile } {
+  const files = new Map<string, HostFile>();
+  const lookup = (p: string): HostFile => {
+    let f = files.get(p);
+    if (!f) {
+      f = host.fs.lookup(p);
+      files.set(p, f);
+    }
+    return f;
+  };
+  return {
+    openFile: (p) => hostFileReader(host.fs, lookup(p)),
+    // NTFS and FAT names are case-insensitive: the volume's own spelling identifies a file.
+    fileId: (p) => lookup(p).path.toLowerCase(),
+    lookup,
+  };
+}
+
+/** Where a host file's bytes lie on the host device, for composing a direct mapping. */
+export function hostFileLayout(host: OpenedHostFs, file: HostFile): FileLayout {
+  if (file.resident) {
+    throw new FormatError(`${file.path} on ${describeHost(host.device)} is only ${file.size} bytes, stored inside its NTFS record: it has no clusters to map`, 'path', file.path);
+  }
+  return { device: host.device.path, extents: file.extents };
+}
+
+/** The planner's view of a found image's host: the chain host, file layouts, the write blocker. */
+export function imageHostFor(host: OpenedHostFs): ImageHost {
+  const chain = hostChainHost(host);
+  return {
+    description: describeHost(host.device),
+    device: host.device.path,
+    chain,
+    layout: (p) => hostFileLayout(host, chain.lookup(p)),
+    writeBlocker: host.fs.writeBlocker(),
+  };
+}

@@ -1,0 +1,216 @@
+/**
+ * root=vdisk: at boot: find the host partition and the image (waiting for devices like
+ * the root wait does), plan every image completely (vdisk.ts), and only then put the
+ * plan on the kernel: loop devices, the snapshot's RAM store, device-mapper devices,
+ * the host filesystem at /run/vdboot/host. What was created is recorded in
+ * /run/vdboot/state.json for the shutdown hand-off (shutdown.ts).
+ */
+import { isFormatError } from '../formats/block-reader.ts';
+import { isSysError, O, type Sys } from '../sys/sys.ts';
+import { openBlockReader } from './blockdev.ts';
+import { describeDevices } from './devices.ts';
+import { DeviceMapper, type DmTarget } from './dm.ts';
+import type { BlockDeviceInfo, DeviceSpec } from './devspec.ts';
+import { mkdirs, writeText } from './fsutil.ts';
+import { findImage, imageHostFor, type FoundImage, type HostDevice } from './hostdev.ts';
+import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
+import { attachLoop, detachLoop } from './loop.ts';
+import { describeVdiskPlan, DM_UUID_PREFIX, planVdisk, type DmDevicePlan, type ImageRequest, type VdiskPlan } from './vdisk.ts';
+
+export const HOST_MOUNT = '/run/vdboot/host';
+export const STATE_DIR = '/run/vdboot';
+export const STATE_PATH = '/run/vdboot/state.json';
+
+/** What vdboot put on the kernel, for the shutdown hand-off to take down in reverse. */
+export interface VdiskState {
+  /** dm device names in creation order */
+  dm: string[];
+  /** loop devices in attach order */
+  loops: string[];
+  /** the host filesystem's mountpoint (in the booted system), if mounted */
+  hostMount?: string;
+  /** pids of storage daemons (ntfs-3g) started with "@" in argv[0] */
+  daemons: number[];
+}
+
+/** dm-linear over the whole host partition: the host filesystem is mounted through it while a direct mapping holds the partition. */
+export function vdhostPlan(host: BlockDeviceInfo, readOnly = true): DmDevicePlan {
+  return { name: 'vdhost', uuid: `${DM_UUID_PREFIX}vdhost`, readOnly, targets: [{ start: 0, length: Math.floor(host.size / 512), type: 'linear', params: `${host.path} 0` }] };
+}
+
+/** The kernel's block devices as the planner reads them. */
+function hostDevices(ctx: InitContext, devices: BlockDeviceInfo[]): HostDevice[] {
+  return devices.map((info) => ({ info, open: () => openBlockReader(ctx.sys, info.path, info.size) }));
+}
+
+/**
+ * Waits for the host of `path`: the device matching `spec`, or any partition holding
+ * the file when there is no spec (devices that appear later are searched too).
+ */
+function waitForImage(ctx: InitContext, spec: DeviceSpec | undefined, path: string, what: string): FoundImage {
+  if (spec) {
+    const dev = waitForDevice(ctx, spec, `host partition of ${what}`);
+    return findImage(hostDevices(ctx, [dev]), spec, path);
+  }
+  const { sys, log, plan } = ctx;
+  const start = sys.monotonicMs();
+  const deadline = plan.rootWait ? Infinity : start + plan.timeoutSec * 1000;
+  for (;;) {
+    const devices = ctx.devices.scan();
+    try {
+      const found = findImage(hostDevices(ctx, devices), undefined, path);
+      log.info(`found ${path} on ${found.host.device.path} after ${((sys.monotonicMs() - start) / 1000).toFixed(2)} s`);
+      return found;
+    } catch (e) {
+      if (!isFormatError(e)) throw e;
+      if (sys.monotonicMs() >= deadline) {
+        throw new BootFailure(`${(e as Error).message}\nWaited ${plan.timeoutSec} s for devices (rd.timeout=SECONDS or rootwait waits longer). Block devices seen:\n${describeDevices(devices)}`);
+      }
+    }
+    waitForUevents(ctx, Math.min(500, deadline - sys.monotonicMs()));
+  }
+}
+
+/** Everything created so far, so a failure half-way takes it down again. */
+class Undo {
+  readonly state: VdiskState = { dm: [], loops: [], daemons: [] };
+  constructor(private readonly sys: Sys, private readonly dm: DeviceMapper) {}
+
+  rollback(): void {
+    const { sys, dm, state } = this;
+    if (state.hostMount) try { sys.umount2(state.hostMount, 0); } catch { /* best effort */ }
+    for (const name of [...state.dm].reverse()) try { dm.remove(name); } catch { /* best effort */ }
+    for (const loop of [...state.loops].reverse()) try { detachLoop(sys, loop); } catch { /* best effort */ }
+  }
+}
+
+function substitute(targets: DmTarget[], loops: string[], cow: string | undefined): DmTarget[] {
+  return targets.map((t) => ({
+    ...t,
+    params: t.params.replace(/\$LOOP(\d+)/g, (_, i: string) => loops[Number(i)] ?? `$LOOP${i}`).replace(/\$COW/g, cow ?? '$COW'),
+  }));
+}
+
+/**
+ * Sets up root=vdisk: (and rd.vdisk.attach images) and returns the root device to
+ * mount. Every image is planned before anything is written or created.
+ */
+export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: VdiskPlan[] } {
+  const { sys, log, plan } = ctx;
+  const requests: { spec?: DeviceSpec; path: string; root: boolean; what: string }[] = [];
+  if (plan.root.kind === 'vdisk') requests.push({ ...(plan.root.host ? { spec: plan.root.host } : {}), path: plan.root.path, root: true, what: 'the root image' });
+  for (const a of plan.vdisk.attach) requests.push({ ...(a.host ? { spec: a.host } : {}), path: a.path, root: false, what: a.from });
+  if (plan.vdisk.compat) log.info(`${plan.vdisk.compat}: booting ${plan.root.kind === 'vdisk' ? plan.root.path : ''} as root=vdisk: does`);
+
+  // 1. Plan everything (reads only).
+  const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
+  for (const [index, r] of requests.entries()) {
+    const found = waitForImage(ctx, r.spec, r.path, r.what);
+    try {
+      const req: ImageRequest = { index, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, ...(r.root ? { root: plan.vdisk.root } : {}) };
+      const vp = log.step('plan', () => planVdisk(req, imageHostFor(found.host)), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
+      for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
+      for (const w of vp.warnings) log.warn(w);
+      planned.push({ vp, host: found.host.device });
+    } finally {
+      found.host.close();
+    }
+  }
+
+  // 2. Execute.
+  const wanted = ['dm_mod', 'dm_zero'];
+  if (planned.some((p) => p.vp.mode === 'snapshot')) wanted.push('dm_snapshot');
+  if (planned.some((p) => p.vp.loops.length || p.vp.cowBytes !== undefined)) wanted.push('loop');
+  ctx.modules.reportFailures(ctx.modules.load(wanted));
+  const dm = new DeviceMapper(sys);
+  const undo = new Undo(sys, dm);
+  try {
+    const hostInfo = planned[0]?.host;
+    const needsHostMount = planned.some((p) => p.vp.path === 'loop');
+    const hostWritable = planned.some((p) => p.vp.hostMountWritable);
+    if (hostInfo && needsHostMount) mountHost(ctx, dm, undo, hostInfo, hostWritable, true);
+    for (const { vp } of planned) {
+      const loops = vp.loops.map((l) => {
+        const dev = attachLoop(sys, `${HOST_MOUNT}${l.file}`, { readOnly: l.readOnly, directIo: false });
+        undo.state.loops.push(dev);
+        return dev;
+      });
+      let cow: string | undefined;
+      if (vp.cowBytes !== undefined) cow = makeCow(sys, undo, vp.name, vp.cowBytes);
+      for (const d of vp.devices) {
+        log.step('dm', () => dm.create(d.name, d.uuid, substitute(d.targets, loops, cow), d.readOnly), () => `created /dev/mapper/${d.name} (${d.targets.length} target${d.targets.length === 1 ? '' : 's'}${d.readOnly ? ', read-only' : ''})`);
+        undo.state.dm.push(d.name);
+      }
+    }
+    if (hostInfo && !needsHostMount) mountHost(ctx, dm, undo, hostInfo, false, false);
+  } catch (e) {
+    undo.rollback();
+    if (isSysError(e)) {
+      throw new BootFailure(`Setting up the image devices failed (${e.message}). Nothing was written to the image. ` +
+        `Does the initramfs have device-mapper (dm_mod${planned.some((p) => p.vp.mode === 'snapshot') ? ', dm_snapshot' : ''}) and loop? Rebuild it with "vdboot mkinitramfs".`);
+    }
+    throw e;
+  }
+  writeState(sys, undo.state);
+  const root = planned.find((p) => p.vp.root)?.vp.root?.device;
+  return root ? { root, plans: planned.map((p) => p.vp) } : { plans: planned.map((p) => p.vp) };
+}
+
+/** A sparse file in /run (RAM) on a loop device: the snapshot's copy-on-write store. */
+function makeCow(sys: Sys, undo: Undo, name: string, size: number): string {
+  mkdirs(sys, STATE_DIR);
+  const file = `${STATE_DIR}/${name}.cow`;
+  const fd = sys.open(file, O.RDWR | O.CREAT | O.TRUNC | O.CLOEXEC, 0o600);
+  try {
+    sys.truncate(fd, size);
+  } finally {
+    sys.close(fd);
+  }
+  const dev = attachLoop(sys, file, { readOnly: false });
+  undo.state.loops.push(dev);
+  // The loop holds the file open: unlinking it now means the RAM is freed when the loop goes.
+  try { sys.unlink(file); } catch { /* left in /run: harmless */ }
+  return dev;
+}
+
+/** Kernel filesystem types to try for a host filesystem type vdboot probed. */
+const HOST_MOUNT_TYPES: Record<string, string> = { ntfs: 'ntfs3,ntfs', vfat: 'vfat', exfat: 'exfat' };
+
+/**
+ * Mounts the host filesystem at /run/vdboot/host through vdhost. `required`: the loop
+ * path reads the image through it, so failing is fatal; otherwise the boot goes on.
+ */
+function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo, writable: boolean, required: boolean): void {
+  const { sys, log } = ctx;
+  try {
+    const vh = vdhostPlan(host, !writable);
+    const created = dm.create(vh.name, vh.uuid, vh.targets, vh.readOnly);
+    undo.state.dm.push(vh.name);
+    const dev: BlockDeviceInfo = { ...host, name: vh.name, path: created.path };
+    mkdirs(sys, HOST_MOUNT);
+    const types = HOST_MOUNT_TYPES[host.fsType ?? ''] ?? host.fsType;
+    try {
+      mountDevice(ctx, dev, HOST_MOUNT, types, !writable, '');
+      undo.state.hostMount = HOST_MOUNT;
+    } catch (e) {
+      const ntfs3g = ctx.manifest.tools.ntfs3g;
+      if (host.fsType !== 'ntfs' || !ntfs3g) throw e;
+      // Storage daemons run with "@" as argv[0]'s first character: systemd's final kill spares them.
+      const pid = sys.spawn(ntfs3g, ['@ntfs-3g', '-o', writable ? 'rw' : 'ro', dev.path, HOST_MOUNT], []);
+      const r = sys.waitpid(pid, 0);
+      if (r.exitCode !== 0) throw new BootFailure(`ntfs-3g could not mount ${dev.path} (exit ${r.exitCode})`);
+      undo.state.hostMount = HOST_MOUNT;
+      log.info(`mounted ${host.path} through ${dev.path} with ntfs-3g on ${HOST_MOUNT}`);
+    }
+  } catch (e) {
+    if (required) throw e;
+    log.warn(`the host filesystem ${host.path} is not reachable at ${HOST_MOUNT}: ${(e as Error).message}`);
+  }
+}
+
+function writeState(sys: Sys, state: VdiskState): void {
+  try {
+    mkdirs(sys, STATE_DIR);
+    writeText(sys, STATE_PATH, `${JSON.stringify(state)}\n`);
+  } catch { /* the shutdown hand-off then finds devices by their dm uuid prefix */ }
+}

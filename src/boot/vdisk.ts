@@ -1,0 +1,391 @@
+/**
+ * Planning an image boot (DESIGN §3), as a pure function: open the image chain through
+ * the host filesystem, compose its map with the host file's extents, choose the data
+ * path for the mode, and write down every device-mapper device to create (`vdisk0`,
+ * `vdisk0p1`…, and for snapshots `vdisk0-base`) and the root partition. Nothing is
+ * written here: the boot (vdisk-exec.ts) executes the plan only once it is complete,
+ * and `vdboot plan` prints the same plan on the host.
+ *
+ * Device references that exist only at execution are tokens in target params:
+ * `$LOOP<i>` (a loop device of map file i) and `$COW` (the snapshot's RAM store).
+ */
+import { FormatError, type BlockReader } from '../formats/block-reader.ts';
+import { openImage, type ChainHost, type OpenedImage } from '../formats/chain.ts';
+import type { ExtentMap } from '../formats/extent-map.ts';
+import { composeMap, dmTable, summarizeMap, type FileLayout, type MapSummary } from '../formats/extent-ops.ts';
+import { GPT_TYPE } from '../formats/guid.ts';
+import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
+import { probeFilesystem } from '../formats/probe.ts';
+import { mappedReader } from '../formats/read-map.ts';
+import type { DmTarget } from './dm.ts';
+import { humanSize } from './devices.ts';
+import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
+import type { VdiskMapPath, VdiskMode, VdiskRootChoice } from './plan.ts';
+
+export interface ImageRequest {
+  /** N of vdiskN */
+  index: number;
+  /** path on the host filesystem */
+  path: string;
+  mode: VdiskMode;
+  map: VdiskMapPath;
+  expand: boolean;
+  /** which partition is root; undefined for an attached image */
+  root?: VdiskRootChoice;
+}
+
+/** The host side of an image: how to read its files and where they lie. */
+export interface ImageHost {
+  /** "/dev/sda2 (ntfs, LABEL=Windows)" */
+  description: string;
+  /** the host device's path, for direct tables */
+  device: string;
+  chain: ChainHost;
+  /** the physical extents of a host file, or null when vdboot cannot tell (no direct path) */
+  layout(path: string): FileLayout | null;
+  /** why the host filesystem must not be written (hibernated, dirty), or null */
+  writeBlocker: string | null;
+}
+
+export interface DmDevicePlan {
+  name: string;
+  uuid: string;
+  readOnly: boolean;
+  targets: DmTarget[];
+}
+
+export interface VirtualPartition {
+  /** 1-based, or 0 for the whole unpartitioned disk */
+  number: number;
+  /** dm name: vdisk0p1 (vdisk0 for the whole disk) */
+  name: string;
+  start: number;
+  size: number;
+  /** GPT type GUID or MBR type byte */
+  type?: string;
+  fsType?: string;
+  uuid?: string;
+  label?: string;
+  partuuid?: string;
+  partlabel?: string;
+}
+
+export interface LoopPlan {
+  /** host path of the file */
+  file: string;
+  readOnly: boolean;
+}
+
+export interface VdiskPlan {
+  name: string;
+  imagePath: string;
+  host: string;
+  hostDevice: string;
+  chain: { path: string; format: string; subformat: string; size: number }[];
+  size: number;
+  mode: VdiskMode;
+  path: 'direct' | 'loop';
+  /** one line for the console: the path and why */
+  why: string;
+  /** the map the tables come from (on the host device for direct, on the files for loop) */
+  map: ExtentMap;
+  summary: MapSummary;
+  partitionTable: PartitionTable['kind'];
+  partitions: VirtualPartition[];
+  /** in creation order; removed in reverse */
+  devices: DmDevicePlan[];
+  /** loop devices the tables name as $LOOP<i> */
+  loops: LoopPlan[];
+  /** snapshot mode: the size of the RAM store the COW device is made from */
+  cowBytes?: number;
+  /** the root partition and why it was chosen */
+  root?: { partition: VirtualPartition; device: BlockDeviceInfo; why: string };
+  /** the host filesystem must be mounted read-write by the kernel (loop path in rw mode) */
+  hostMountWritable: boolean;
+  warnings: string[];
+}
+
+export const DM_UUID_PREFIX = 'VDBOOT-';
+const SECTOR = 512;
+
+/** Filesystems a Linux root lives on; `auto` looks for exactly one of them. */
+const LINUX_FS = new Set(['ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'f2fs', 'jfs', 'reiserfs', 'nilfs2', 'bcachefs']);
+
+function bytes(n: number): string {
+  return `${humanSize(n)}${n >= 1024 ? ` (${n} bytes)` : ''}`;
+}
+
+export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
+  const name = `vdisk${req.index}`;
+  const warnings: string[] = [];
+  if (req.mode === 'rw' && host.writeBlocker) {
+    throw new FormatError(
+      `${req.path} is on ${host.description}, which vdboot will not write to: ${host.writeBlocker}\n` +
+        `To boot without writing to it now, add rd.vdisk.mode=snapshot (changes are kept in RAM and lost at power-off) or rd.vdisk.mode=ro.`,
+      'host', host.device,
+    );
+  }
+  const image = openImage(req.path, host.chain);
+  const { map } = image;
+  if (map.size % SECTOR !== 0) {
+    throw new FormatError(`${req.path}: its virtual size ${map.size} is not a whole number of 512-byte sectors, so device-mapper cannot present it`, 'size', map.size);
+  }
+  const chain = image.layers.map((l) => ({ path: l.path, format: l.layer.format, subformat: l.layer.subformat, size: l.layer.size }));
+
+  // Direct: the image map composed with every chain file's extents on the host device.
+  let direct: ExtentMap | undefined;
+  let directProblem: string | undefined;
+  try {
+    const layouts = map.files.map((f) => host.layout(f));
+    const missing = layouts.findIndex((l) => l === null);
+    if (missing >= 0) directProblem = `vdboot cannot see where ${map.files[missing]} lies on ${host.description}`;
+    else direct = composeMap(map, layouts);
+  } catch (e) {
+    if ((e as Error).name !== 'FormatError') throw e;
+    directProblem = (e as Error).message;
+  }
+
+  const chosen = choosePath(req, image, direct, directProblem, host);
+  const tableMap = chosen.path === 'direct' ? direct! : map;
+  const devicesForFiles = chosen.path === 'direct' ? undefined : map.files.map((_, i) => `$LOOP${i}`);
+  const loops: LoopPlan[] = chosen.path === 'loop' ? map.files.map((f, i) => ({ file: f, readOnly: req.mode !== 'rw' || !topLayerFiles(image).has(i) })) : [];
+  const lines = dmTable(tableMap, { writable: req.mode === 'rw', devices: devicesForFiles });
+  const targets = lines.map(parseTableLine);
+
+  const devices: DmDevicePlan[] = [];
+  const sectors = map.size / SECTOR;
+  let cowBytes: number | undefined;
+  if (req.mode === 'snapshot') {
+    devices.push({ name: `${name}-base`, uuid: `${DM_UUID_PREFIX}${name}-base`, readOnly: true, targets });
+    // Non-persistent snapshot ("N"), 4 KiB chunks: writes land in the RAM store, reads of unchanged chunks come from the image.
+    devices.push({ name, uuid: `${DM_UUID_PREFIX}${name}`, readOnly: false, targets: [{ start: 0, length: sectors, type: 'snapshot', params: `/dev/mapper/${name}-base $COW N 8` }] });
+    cowBytes = map.size;
+  } else {
+    devices.push({ name, uuid: `${DM_UUID_PREFIX}${name}`, readOnly: req.mode === 'ro', targets });
+  }
+
+  // The partitions inside the virtual disk, read through the image (as the guest will see it).
+  const disk: BlockReader = mappedReader(image, req.path);
+  let table: PartitionTable;
+  try {
+    table = parsePartitionTable(disk);
+  } catch (e) {
+    warnings.push(`${req.path}: its partition table could not be read (${(e as Error).message}); using the whole disk`);
+    table = { kind: 'none', sectorSize: 512, partitions: [], warnings: [] };
+  }
+  for (const w of table.warnings) warnings.push(`${req.path}: ${w}`);
+  const partitions: VirtualPartition[] = [];
+  for (const p of table.partitions) {
+    if (p.extended) continue;
+    if (p.start % SECTOR !== 0 || p.size % SECTOR !== 0 || p.size <= 0 || p.start + p.size > map.size) {
+      warnings.push(`${req.path}: partition ${p.number} (${p.start}+${p.size}) lies outside the disk or off sector boundaries; skipped`);
+      continue;
+    }
+    const vp: VirtualPartition = { number: p.number, name: `${name}p${p.number}`, start: p.start, size: p.size, type: p.type, partuuid: p.partuuid };
+    if (p.name) vp.partlabel = p.name;
+    probeInto(vp, sliceReader(disk, p.start, p.size, vp.name), warnings);
+    partitions.push(vp);
+    devices.push({
+      name: vp.name,
+      uuid: `${DM_UUID_PREFIX}${name}-part${p.number}`,
+      readOnly: req.mode === 'ro',
+      targets: [{ start: 0, length: p.size / SECTOR, type: 'linear', params: `/dev/mapper/${name} ${p.start / SECTOR}` }],
+    });
+  }
+  const whole: VirtualPartition = { number: 0, name, start: 0, size: map.size };
+  if (table.kind === 'none') probeInto(whole, disk, warnings);
+
+  const plan: VdiskPlan = {
+    name,
+    imagePath: req.path,
+    host: host.description,
+    hostDevice: host.device,
+    chain,
+    size: map.size,
+    mode: req.mode,
+    path: chosen.path,
+    why: chosen.why,
+    map: tableMap,
+    summary: summarizeMap(tableMap),
+    partitionTable: table.kind,
+    partitions,
+    devices,
+    loops,
+    hostMountWritable: chosen.path === 'loop' && req.mode === 'rw',
+    warnings,
+  };
+  if (cowBytes !== undefined) plan.cowBytes = cowBytes;
+  if (req.root) {
+    const r = chooseRoot(req, req.root, table.kind, partitions, whole);
+    plan.root = {
+      partition: r.partition,
+      why: r.why,
+      device: {
+        name: r.partition.name,
+        path: `/dev/mapper/${r.partition.name}`,
+        major: 0,
+        minor: 0,
+        size: r.partition.size,
+        ...(r.partition.fsType ? { fsType: r.partition.fsType } : {}),
+        ...(r.partition.uuid ? { uuid: r.partition.uuid } : {}),
+        ...(r.partition.label !== undefined ? { label: r.partition.label } : {}),
+        ...(r.partition.partuuid ? { partuuid: r.partition.partuuid } : {}),
+        ...(r.partition.partlabel ? { partlabel: r.partition.partlabel } : {}),
+      },
+    };
+  }
+  return plan;
+}
+
+function probeInto(vp: VirtualPartition, reader: BlockReader, warnings: string[]): void {
+  try {
+    const fs = probeFilesystem(reader);
+    if (fs) {
+      vp.fsType = fs.type;
+      if (fs.uuid) vp.uuid = fs.uuid;
+      if (fs.label !== undefined) vp.label = fs.label;
+    }
+  } catch (e) {
+    warnings.push(`${vp.name}: probing its filesystem failed (${(e as Error).message})`);
+  }
+}
+
+/** Map file indexes that belong to the image itself (not a parent): the only ones rw may write. */
+function topLayerFiles(image: OpenedImage): Set<number> {
+  return new Set(image.layers[0]!.fileIndex);
+}
+
+interface PathChoice {
+  path: 'direct' | 'loop';
+  why: string;
+}
+
+/**
+ * The data path for the mode (DESIGN §3). `direct` needs every range mappable onto the
+ * host device; in rw mode also no range that reads as zero (a write there would vanish or
+ * stay invisible to the host filesystem) and no range that belongs to a parent image (a
+ * write there would change the parent). `loop` goes through the host's own driver, which
+ * fixes the host-file cases only.
+ */
+function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | undefined, directProblem: string | undefined, host: ImageHost): PathChoice {
+  const map = image.map;
+  const s = summarizeMap(map);
+  if (s.unmappableBytes > 0) {
+    const first = map.extents.find((e) => e.kind === 'unmappable');
+    throw new FormatError(
+      `${req.path}: ${bytes(s.unmappableBytes)} of the virtual disk cannot be handed to device-mapper (${first && first.kind === 'unmappable' ? first.reason : 'unmappable'}), ` +
+        `and this vdboot has no nbd path (qemu-nbd) to serve such images. Convert the image on another machine, e.g. ` +
+        `"qemu-img convert -O vhdx in out.vhdx" (uncompressed), then boot that one.`,
+      'extent', first?.start ?? 0,
+    );
+  }
+  if (req.map === 'nbd') {
+    throw new FormatError(`rd.vdisk.map=nbd: this vdboot has no nbd path yet (qemu-nbd). Use rd.vdisk.map=auto, direct or loop.`, 'map', 'nbd');
+  }
+  if (req.mode === 'rw') {
+    const top = topLayerFiles(image);
+    let parentBytes = 0;
+    for (const e of map.extents) if (e.kind === 'data' && !top.has(e.file)) parentBytes += e.length;
+    const unallocated = (s.zeroBytesByWhy.unallocated ?? 0) + (s.zeroBytesByWhy.zeroed ?? 0) + (s.zeroBytesByWhy.uninitialized ?? 0);
+    if (parentBytes > 0 || unallocated > 0) {
+      const parts: string[] = [];
+      if (unallocated > 0) parts.push(`${bytes(unallocated)} of it ${unallocated === s.zeroBytes ? 'are' : 'is'} not allocated in the image (a dynamic image's absent blocks), where writes through a direct mapping would vanish`);
+      if (parentBytes > 0) parts.push(`${bytes(parentBytes)} of it ${parentBytes > 1 ? 'are' : 'is'} held by the parent image ${image.layers[1]?.path ?? ''}, which a write must not change`);
+      throw new FormatError(
+        `${req.path} cannot be mapped read-write: ${parts.join('; and ')}. ` +
+          `${req.expand ? 'This vdboot cannot expand images in place yet. ' : 'rd.vdisk.expand=0 forbids expanding it in place. '}` +
+          `Remedies: boot with rd.vdisk.mode=snapshot (writes go to RAM and are lost at power-off), or rd.vdisk.mode=ro; ` +
+          `or make the image preallocated on another machine (a fixed VHD/VHDX: "qemu-img convert -O vpc -o subformat=fixed", ` +
+          `"qemu-img convert -O vhdx -o subformat=fixed"; qcow2 with "-o preallocation=metadata"; or raw)${parentBytes > 0 ? ', merging the differencing chain ("qemu-img commit")' : ''}.`,
+        'mode', 'rw',
+      );
+    }
+  }
+  const directIssues: string[] = [];
+  if (!direct) directIssues.push(directProblem ?? 'the image could not be composed with its host file');
+  else {
+    const ds = summarizeMap(direct);
+    const uninit = ds.zeroBytesByWhy.uninitialized ?? 0;
+    if (req.mode === 'rw' && uninit > 0) directIssues.push(`${bytes(uninit)} of the host file lie past its initialized size or in holes, where a write through the raw partition would stay invisible to ${host.description}`);
+    try {
+      dmTable(direct, { writable: req.mode === 'rw' });
+    } catch (e) {
+      directIssues.push((e as Error).message);
+    }
+  }
+  const hostName = host.device;
+  if (req.map === 'direct') {
+    if (directIssues.length) throw new FormatError(`rd.vdisk.map=direct: ${req.path} cannot be mapped directly onto ${host.description}: ${directIssues.join('; ')}. Use rd.vdisk.map=auto or loop.`, 'map', 'direct');
+    return { path: 'direct', why: `direct (asked for): ${directExplain(direct!, hostName)}` };
+  }
+  if (req.map === 'loop') return { path: 'loop', why: `loop (asked for): through the host filesystem's kernel driver` };
+  if (!directIssues.length) return { path: 'direct', why: `direct: ${directExplain(direct!, hostName)}` };
+  return { path: 'loop', why: `loop: the direct path is not safe here (${directIssues.join('; ')}); the host filesystem's kernel driver carries the data` };
+}
+
+function directExplain(direct: ExtentMap, hostDevice: string): string {
+  const s = summarizeMap(direct);
+  const zero = s.zeroBytes ? `, ${humanSize(s.zeroBytes)} read as zeros` : '';
+  return `the image is fully mappable: ${s.dataExtents} extent${s.dataExtents === 1 ? '' : 's'} on ${hostDevice}${zero}; the host filesystem driver is not in the data path`;
+}
+
+function chooseRoot(req: ImageRequest, choice: VdiskRootChoice, kind: string, parts: VirtualPartition[], whole: VirtualPartition): { partition: VirtualPartition; why: string } {
+  const list = () =>
+    (kind === 'none' ? [whole] : parts)
+      .map((p) => `  ${p.number ? `partition ${p.number}` : 'whole disk'}: ${humanSize(p.size)} ${p.fsType ?? '(no filesystem found)'}${p.label ? ` LABEL="${p.label}"` : ''}${p.uuid ? ` UUID=${p.uuid}` : ''}${p.partuuid ? ` PARTUUID=${p.partuuid}` : ''}${p.partlabel ? ` PARTLABEL="${p.partlabel}"` : ''}`)
+      .join('\n');
+  if (choice.by === 'number') {
+    const p = parts.find((x) => x.number === choice.number);
+    if (!p) throw new FormatError(`rd.vdisk.root=${choice.number}: ${req.path} has no partition ${choice.number} (${kind === 'none' ? 'it has no partition table' : `${kind} table`}):\n${list()}`, 'root', choice.number);
+    return { partition: p, why: `rd.vdisk.root=${choice.number}` };
+  }
+  if (choice.by === 'spec') {
+    const candidates = kind === 'none' ? [whole] : parts;
+    const p = candidates.find((x) => deviceMatches(choice.spec, { name: x.name, path: `/dev/mapper/${x.name}`, major: 0, minor: 0, size: x.size, fsType: x.fsType, uuid: x.uuid, label: x.label, partuuid: x.partuuid, partlabel: x.partlabel }));
+    if (!p) throw new FormatError(`rd.vdisk.root=${formatDeviceSpec(choice.spec)}: no partition of ${req.path} matches:\n${list()}`, 'root', formatDeviceSpec(choice.spec));
+    return { partition: p, why: `rd.vdisk.root=${formatDeviceSpec(choice.spec)}` };
+  }
+  const rootType = parts.filter((p) => p.type === GPT_TYPE.linuxRootX86_64);
+  if (rootType.length >= 1) return { partition: rootType[0]!, why: `the GPT type "Linux root (x86-64)"${rootType.length > 1 ? ` (the first of ${rootType.length})` : ''}` };
+  const linux = parts.filter((p) => p.fsType && LINUX_FS.has(p.fsType));
+  if (linux.length === 1) return { partition: linux[0]!, why: `the only Linux filesystem (${linux[0]!.fsType})` };
+  if (kind === 'none' && whole.fsType) return { partition: whole, why: `the unpartitioned disk holds ${whole.fsType}` };
+  throw new FormatError(
+    `${req.path}: vdboot cannot tell which partition is root (${linux.length > 1 ? `${linux.length} Linux filesystems` : 'no Linux filesystem'}, no GPT "Linux root (x86-64)" partition):\n${list()}\n` +
+      `Name it with rd.vdisk.root=N (the partition number), or PARTUUID=…, PARTLABEL=…, UUID=…, LABEL=….`,
+    'root', 'auto',
+  );
+}
+
+/** "start length type params" (dmTable's line) as a DmTarget. */
+export function parseTableLine(line: string): DmTarget {
+  const m = /^(\d+) (\d+) (\S+)(?: (.*))?$/.exec(line);
+  if (!m) throw new Error(`internal: bad device-mapper line "${line}"`);
+  return { start: Number(m[1]), length: Number(m[2]), type: m[3]!, params: m[4] ?? '' };
+}
+
+export function formatTarget(t: DmTarget): string {
+  return `${t.start} ${t.length} ${t.type}${t.params ? ` ${t.params}` : ''}`;
+}
+
+/** The plan as text for `vdboot plan` and rd.vdboot.debug: chain, path, devices with their tables, root. */
+export function describeVdiskPlan(plan: VdiskPlan, maxLines = 20): string[] {
+  const out: string[] = [];
+  out.push(`${plan.name}: ${plan.imagePath} on ${plan.host}, ${humanSize(plan.size)}, mode ${plan.mode}`);
+  for (const [i, l] of plan.chain.entries()) out.push(`  ${i === 0 ? 'image ' : 'parent'} ${l.path}: ${l.format} ${l.subformat}, ${humanSize(l.size)}`);
+  out.push(`  path: ${plan.why}`);
+  for (const lp of plan.loops.entries()) out.push(`  $LOOP${lp[0]}: loop device of ${lp[1].file}${lp[1].readOnly ? ' (read-only)' : ''}`);
+  if (plan.cowBytes !== undefined) out.push(`  $COW: loop device of a sparse RAM file of ${humanSize(plan.cowBytes)} in /run/vdboot`);
+  out.push(`  partitions (${plan.partitionTable}):${plan.partitions.length ? '' : ' none'}`);
+  for (const p of plan.partitions) {
+    out.push(`    ${p.name}: ${humanSize(p.size)} at ${p.start} ${p.fsType ?? '(no filesystem found)'}${p.label ? ` LABEL="${p.label}"` : ''}${p.uuid ? ` UUID=${p.uuid}` : ''}`);
+  }
+  for (const d of plan.devices) {
+    out.push(`  dm ${d.name} (uuid ${d.uuid}${d.readOnly ? ', read-only' : ''}): ${d.targets.length} target${d.targets.length === 1 ? '' : 's'}`);
+    for (const t of d.targets.slice(0, maxLines)) out.push(`    ${formatTarget(t)}`);
+    if (d.targets.length > maxLines) out.push(`    … ${d.targets.length - maxLines} more`);
+  }
+  if (plan.root) out.push(`  root: /dev/mapper/${plan.root.partition.name} (${plan.root.partition.fsType ?? 'no filesystem found'}), chosen by ${plan.root.why}`);
+  for (const w of plan.warnings) out.push(`  warning: ${w}`);
+  return out;
+}

@@ -1,0 +1,286 @@
+/**
+ * Planning image boots against real disks: guest disks made with sfdisk + mke2fs,
+ * converted by qemu-img, stored on NTFS with mkntfs + ntfscp. The planned device-mapper
+ * tables are read back sector by sector and compared with `qemu-img convert -O raw`.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { planAgainstDevices, formatReport, command as planCommand } from '../../src/cli/plan.ts';
+import type { VdiskPlan } from '../../src/boot/vdisk.ts';
+import {
+  BASIC_DATA, convert, devicesOf, GUEST_LABEL, loadNtfsMkdir, makeGuestDisk, makeGuestFs, makeHostDisk, makeNtfs, qemuRaw, readPlanned, sh, tmpDir,
+} from './helpers.ts';
+
+let dir: string;
+let hostDisk: string;
+let secondDisk: string;
+let hibernated: string;
+let guestRaw: string;
+const images: Record<string, string> = {};
+
+beforeAll(async () => {
+  await loadNtfsMkdir();
+  dir = tmpDir();
+  guestRaw = makeGuestDisk(dir);
+  images.qcow2 = convert(guestRaw, path.join(dir, 'prealloc.qcow2'), 'qcow2', ['preallocation=metadata']);
+  images.vhdFixed = convert(guestRaw, path.join(dir, 'fixed.vhd'), 'vpc', ['subformat=fixed']);
+  images.vhdDynamic = convert(guestRaw, path.join(dir, 'dynamic.vhd'), 'vpc', ['subformat=dynamic']);
+  images.vhdx = convert(guestRaw, path.join(dir, 'dynamic.vhdx'), 'vhdx', ['block_size=1M']);
+  images.compressed = path.join(dir, 'compressed.qcow2');
+  sh('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', guestRaw, images.compressed]);
+  // A differencing chain: overlay on the fixed VHD's raw twin, with one write of its own.
+  images.base = convert(guestRaw, path.join(dir, 'base.qcow2'), 'qcow2', ['preallocation=metadata']);
+  images.overlay = path.join(dir, 'overlay.qcow2');
+  sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', 'base.qcow2', images.overlay]);
+  sh('qemu-io', ['-c', 'write -P 0x5a 1M 64k', images.overlay]);
+  // A Wubi-style root.disk: a bare ext4 filesystem, no partition table.
+  images.wubi = makeGuestFs(dir, 'wubi', 8, 'wubiroot');
+
+  const ntfs = makeNtfs(dir, 'host', 200, 'Windows', {
+    '/VMs/My Linux ü.qcow2': images.qcow2,
+    '/VMs/fixed.vhd': images.vhdFixed,
+    '/VMs/dynamic.vhd': images.vhdDynamic,
+    '/VMs/dynamic.vhdx': images.vhdx,
+    '/VMs/compressed.qcow2': images.compressed,
+    '/VMs/base.qcow2': images.base,
+    '/VMs/overlay.qcow2': images.overlay,
+    '/ubuntu/disks/root.disk': images.wubi,
+  }, ['/VMs', '/ubuntu', '/ubuntu/disks']);
+  hostDisk = makeHostDisk(dir, 'host', [{ sizeMiB: 4, type: 'uefi' }, { image: ntfs, type: BASIC_DATA, label: 'Basic data partition' }]);
+
+  // A second disk: an empty FAT partition, then NTFS with the raw image (found by searching).
+  const fat = path.join(dir, 'usb.vfat');
+  sh('truncate', ['-s', '34M', fat]);
+  sh('mkfs.vfat', ['-F', '32', '-n', 'USB', fat]);
+  const ntfs2 = makeNtfs(dir, 'data', 40, 'Data', { '/linux.raw': guestRaw });
+  secondDisk = makeHostDisk(dir, 'second', [{ image: fat, type: BASIC_DATA }, { image: ntfs2, type: BASIC_DATA }]);
+
+  // A hibernated Windows volume: hiberfil.sys begins with "hibr".
+  const hib = path.join(dir, 'hiberfil.sys');
+  fs.writeFileSync(hib, Buffer.concat([Buffer.from('hibr'), Buffer.alloc(8188)]));
+  const ntfs3 = makeNtfs(dir, 'hib', 40, 'Hibernated', { '/linux.qcow2': images.qcow2!, '/hiberfil.sys': hib });
+  hibernated = makeHostDisk(dir, 'hib', [{ image: ntfs3, type: BASIC_DATA }]);
+}, 120_000);
+
+afterAll(() => {
+  if (dir) fs.rmSync(dir, { recursive: true, force: true });
+});
+
+function plan(cmdline: string, disks = [hostDisk]) {
+  const d = devicesOf(disks);
+  try {
+    return { report: planAgainstDevices(cmdline, d.devices), devices: d };
+  } catch (e) {
+    d.close();
+    throw e;
+  }
+}
+
+function planError(cmdline: string, disks = [hostDisk]): string {
+  const d = devicesOf(disks);
+  try {
+    planAgainstDevices(cmdline, d.devices);
+  } catch (e) {
+    return (e as Error).message;
+  } finally {
+    d.close();
+  }
+  throw new Error(`${cmdline}: planned without error`);
+}
+
+/** The whole virtual disk and each partition device, read through the planned tables, against qemu-img. */
+function expectTablesMatch(vp: VdiskPlan, devices: ReturnType<typeof devicesOf>, image: string) {
+  const oracle = qemuRaw(image, dir);
+  expect(vp.size).toBe(oracle.length);
+  const whole = readPlanned(vp.devices, devices.devices, vp.name, 0, vp.size);
+  expect(Buffer.from(whole).equals(oracle)).toBe(true);
+  for (const p of vp.partitions) {
+    const bytes = readPlanned(vp.devices, devices.devices, p.name, 0, p.size);
+    expect(Buffer.from(bytes).equals(oracle.subarray(p.start, p.start + p.size)), p.name).toBe(true);
+  }
+}
+
+describe('vdisk plan: direct mappings read what qemu-img reads', () => {
+  it('qcow2 (preallocated) on NTFS, a path with spaces and non-ASCII: rw direct, root by the GPT root type', () => {
+    const { report, devices } = plan('root="vdisk:LABEL=Windows:/VMs/My Linux ü.qcow2" rw');
+    try {
+      const vp = report.vdisks[0]!;
+      expect(vp.path).toBe('direct');
+      expect(vp.why).toMatch(/^direct: the image is fully mappable/);
+      expect(vp.devices.map((d) => [d.name, d.uuid, d.readOnly])).toEqual([
+        ['vdisk0', 'VDBOOT-vdisk0', false], ['vdisk0p1', 'VDBOOT-vdisk0-part1', false], ['vdisk0p2', 'VDBOOT-vdisk0-part2', false],
+      ]);
+      expect(vp.devices[0]!.targets.every((t) => t.type === 'linear' && t.params.startsWith('/dev/sda2 '))).toBe(true);
+      expect(vp.root?.partition.name).toBe('vdisk0p2');
+      expect(vp.root?.why).toMatch(/Linux root \(x86-64\)/);
+      expect(vp.root?.device).toMatchObject({ path: '/dev/mapper/vdisk0p2', fsType: 'ext4', label: GUEST_LABEL });
+      expect(report.mounts[0]).toMatchObject({ source: '/dev/mapper/vdisk0p2', target: '/root', fstype: 'ext4', readOnly: false });
+      expect(report.vdhost?.targets[0]?.params).toBe('/dev/sda2 0');
+      expectTablesMatch(vp, devices, images.qcow2!);
+    } finally {
+      devices.close();
+    }
+  });
+
+  it('fixed VHD: rw direct, the footer is not part of the disk', () => {
+    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/fixed.vhd rw');
+    try {
+      const vp = report.vdisks[0]!;
+      expect(vp.chain[0]).toMatchObject({ format: 'vhd', subformat: 'fixed' });
+      expect(vp.path).toBe('direct');
+      expectTablesMatch(vp, devices, images.vhdFixed!);
+    } finally {
+      devices.close();
+    }
+  });
+
+  it('dynamic VHDX in snapshot mode: absent blocks become dm-zero under a snapshot over a read-only base', () => {
+    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rd.vdisk.mode=snapshot');
+    try {
+      const vp = report.vdisks[0]!;
+      expect(vp.devices.map((d) => d.name)).toEqual(['vdisk0-base', 'vdisk0', 'vdisk0p1', 'vdisk0p2']);
+      expect(vp.devices[0]!.readOnly).toBe(true);
+      expect(vp.devices[0]!.targets.some((t) => t.type === 'zero')).toBe(true);
+      expect(vp.devices[1]!.targets).toEqual([{ start: 0, length: vp.size / 512, type: 'snapshot', params: '/dev/mapper/vdisk0-base $COW N 8' }]);
+      expect(vp.cowBytes).toBe(vp.size);
+      expectTablesMatch(vp, devices, images.vhdx!);
+    } finally {
+      devices.close();
+    }
+  });
+
+  it('a differencing qcow2 chain resolves its parent on the same NTFS volume', () => {
+    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/overlay.qcow2 rd.vdisk.mode=ro');
+    try {
+      const vp = report.vdisks[0]!;
+      expect(vp.chain.map((l) => l.path)).toEqual(['/VMs/overlay.qcow2', '/VMs/base.qcow2']);
+      expect(vp.devices.every((d) => d.readOnly)).toBe(true);
+      expect(report.plan.readOnly).toBe(true);
+      expectTablesMatch(vp, devices, images.overlay!);
+    } finally {
+      devices.close();
+    }
+  });
+
+  it('without a host spec every partition is searched: found on the second disk\'s NTFS', () => {
+    const { report, devices } = plan('root=vdisk:/linux.raw rd.vdisk.root=2 rd.vdisk.mode=ro', [hostDisk, secondDisk]);
+    try {
+      const vp = report.vdisks[0]!;
+      expect(vp.hostDevice).toBe('/dev/sdb2');
+      expect(vp.root?.why).toBe('rd.vdisk.root=2');
+      expectTablesMatch(vp, devices, guestRaw);
+    } finally {
+      devices.close();
+    }
+  });
+});
+
+describe('vdisk plan: root partition choice', () => {
+  it('rd.vdisk.root by number, PARTLABEL and UUID', () => {
+    for (const [opt, want] of [['1', 'vdisk0p1'], ['PARTLABEL=esp', 'vdisk0p1'], [`LABEL=${GUEST_LABEL}`, 'vdisk0p2']] as const) {
+      const { report, devices } = plan(`root=vdisk:LABEL=Windows:/VMs/fixed.vhd rd.vdisk.root=${opt}`);
+      devices.close();
+      expect(report.vdisks[0]!.root?.partition.name, opt).toBe(want);
+    }
+  });
+
+  it('a partition that does not exist lists the ones that do', () => {
+    const msg = planError('root=vdisk:LABEL=Windows:/VMs/fixed.vhd rd.vdisk.root=7');
+    expect(msg).toMatch(/has no partition 7/);
+    expect(msg).toMatch(/partition 2: 12 MiB ext4 LABEL="guestroot"/);
+  });
+
+  it('Wubi syntax: root=HOST loop=PATH boots an unpartitioned filesystem image as the whole disk', () => {
+    const { report, devices } = plan('root=LABEL=Windows loop=/ubuntu/disks/root.disk ro');
+    try {
+      const vp = report.vdisks[0]!;
+      expect(report.plan.vdisk.compat).toBe('loop=');
+      expect(vp.partitionTable).toBe('none');
+      expect(vp.devices.map((d) => d.name)).toEqual(['vdisk0']);
+      expect(vp.root?.partition.name).toBe('vdisk0');
+      expect(vp.root?.why).toMatch(/unpartitioned disk holds ext4/);
+      expectTablesMatch(vp, devices, images.wubi!);
+    } finally {
+      devices.close();
+    }
+  });
+
+  it('dracut-vdfuseloop syntax: rd.hostdev + rd.vdisk + rd.vdloop pick the host, image and partition', () => {
+    const { report, devices } = plan('rd.hostdev=LABEL=Windows rd.vdisk=/VMs/fixed.vhd rd.vdloop=/dev/vdhost/Partition2 root=/dev/loop0');
+    devices.close();
+    expect(report.plan.root).toMatchObject({ kind: 'vdisk', path: '/VMs/fixed.vhd' });
+    expect(report.vdisks[0]!.root?.partition.name).toBe('vdisk0p2');
+  });
+
+  it('rd.vdisk.attach and rd.ntfsloop attach images; root=UUID= then finds root among their partitions', () => {
+    const { report: probe, devices: d0 } = plan('root=vdisk:LABEL=Windows:/VMs/fixed.vhd');
+    d0.close();
+    const uuid = probe.vdisks[0]!.root!.partition.uuid!;
+    const { report, devices } = plan(`root=UUID=${uuid} rd.ntfsloop=LABEL=Windows:/VMs/fixed.vhd rd.vdisk.attach=/VMs/dynamic.vhdx rd.vdisk.mode=ro`);
+    devices.close();
+    expect(report.vdisks.map((v) => [v.name, v.imagePath, v.root])).toEqual([['vdisk0', '/VMs/fixed.vhd', undefined], ['vdisk1', '/VMs/dynamic.vhdx', undefined]]);
+    expect(report.mounts[0]).toMatchObject({ source: '/dev/mapper/vdisk0p2', fstype: 'ext4' });
+  });
+});
+
+describe('vdisk plan: what rw refuses, and why', () => {
+  it('a dynamic VHD with absent blocks is refused rw, naming the sizes and the remedies', () => {
+    const msg = planError('root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw');
+    expect(msg).toMatch(/cannot be mapped read-write: \d[\d.]* MiB \(\d+ bytes\) of it are not allocated in the image/);
+    expect(msg).toMatch(/rd\.vdisk\.mode=snapshot/);
+    expect(msg).toMatch(/subformat=fixed/);
+    expect(msg).toMatch(/cannot expand images in place yet/);
+    expect(planError('root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rd.vdisk.expand=0')).toMatch(/rd\.vdisk\.expand=0 forbids expanding/);
+  });
+
+  it('a differencing chain is refused rw: writes would change the parent', () => {
+    expect(planError('root=vdisk:LABEL=Windows:/VMs/overlay.qcow2 rw')).toMatch(/held by the parent image \/VMs\/base\.qcow2/);
+  });
+
+  it('a hibernated NTFS volume is never written: rw refused with the write blocker\'s advice, snapshot allowed', () => {
+    const msg = planError('root=vdisk:LABEL=Hibernated:/linux.qcow2 rw', [hibernated]);
+    expect(msg).toMatch(/which vdboot will not write to/);
+    expect(msg).toMatch(/hiberfil\.sys starts with "hibr"/);
+    expect(msg).toMatch(/powercfg \/h off/);
+    expect(msg).toMatch(/rd\.vdisk\.mode=snapshot/);
+    const { report, devices } = plan('root=vdisk:LABEL=Hibernated:/linux.qcow2 rd.vdisk.mode=snapshot', [hibernated]);
+    devices.close();
+    expect(report.vdisks[0]!.mode).toBe('snapshot');
+  });
+
+  it('compressed clusters cannot be mapped: the message says how to convert', () => {
+    const msg = planError('root=vdisk:LABEL=Windows:/VMs/compressed.qcow2 rd.vdisk.mode=ro');
+    expect(msg).toMatch(/cannot be handed to device-mapper \(.*compress/);
+    expect(msg).toMatch(/qemu-img convert/);
+  });
+
+  it('a missing file names every partition searched and what each holds', () => {
+    const msg = planError('root=vdisk:/VMs/missing.vhdx', [hostDisk, secondDisk]);
+    expect(msg).toMatch(/Could not find \/VMs\/missing\.vhdx on any partition\. Searched 3 partitions/);
+    expect(msg).toMatch(/\/dev\/sda2 \(ntfs, LABEL="Windows"\): .*\/VMs has no "missing\.vhdx"/);
+    expect(msg).toMatch(/\/dev\/sdb1 \(vfat, LABEL="USB"\)/);
+    expect(msg).toMatch(/Not searched .*\/dev\/sda1 \(no filesystem\)/);
+  });
+});
+
+describe('vdboot plan command', () => {
+  it('prints devices, the chain, the path and why, every dm table and the mounts', async () => {
+    let out = '';
+    let err = '';
+    const io = { stdout: (t: string) => { out += t; }, stderr: (t: string) => { err += t; }, stdoutBytes: async () => {} };
+    const rc = await planCommand.run(['--cmdline', 'root=vdisk:LABEL=Windows:/VMs/fixed.vhd rw', '--disk', hostDisk], io);
+    expect(err).toBe('');
+    expect(rc).toBe(0);
+    expect(out).toMatch(/\/dev\/sda2 +\d+ MiB ntfs LABEL="Windows"/);
+    expect(out).toMatch(/image +\/VMs\/fixed\.vhd: vhd fixed, 16 MiB/);
+    expect(out).toMatch(/path: direct: the image is fully mappable/);
+    expect(out).toMatch(/dm vdisk0p2 \(uuid VDBOOT-vdisk0-part2\): 1 target\n +0 24576 linear \/dev\/mapper\/vdisk0 6144/);
+    expect(out).toMatch(/\/dev\/mapper\/vdisk0p2 on \/root \(ext4, rw\)/);
+    expect(out).toMatch(/\/dev\/mapper\/vdhost on \/run\/vdboot\/host \(ntfs, ro\)/);
+    const bad = await planCommand.run(['--cmdline', 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw', '--disk', hostDisk], io);
+    expect(bad).toBe(1);
+    expect(err).toMatch(/the boot would fail here:\n.*not allocated in the image/);
+    void formatReport;
+  });
+});
