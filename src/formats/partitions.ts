@@ -275,7 +275,16 @@ function readGptEntries(reader: BlockReader, h: GptHeader, ss: number, warnings:
       p.attributeBits = attrs.toString(16).padStart(16, '0');
     }
     if (attrs & 4n) p.bootable = true;
+    if (first < h.firstUsable || last > h.lastUsable) {
+      warnings.push(`GPT partition ${i + 1} (LBA ${first}–${last}) lies outside the usable area (LBA ${h.firstUsable}–${h.lastUsable}): it overlaps the partition table`);
+    }
     parts.push(p);
+  }
+  const byStart = parts.slice().sort((a, b) => a.start - b.start);
+  for (let k = 1; k < byStart.length; k++) {
+    const a = byStart[k - 1]!;
+    const b = byStart[k]!;
+    if (b.start < a.start + a.size) warnings.push(`GPT partitions ${a.number} and ${b.number} overlap: writing one changes the other`);
   }
   return { ok: true, value: parts };
 }

@@ -1,9 +1,10 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { type BlockReader, FormatError } from '../../src/formats/block-reader.ts';
+import { crc32 } from '../../src/formats/crc.ts';
 import { GPT_TYPE } from '../../src/formats/guid.ts';
 import { type PartitionTable, parsePartitionTable, sliceReader, writeGpt, writeMbr } from '../../src/formats/partitions.ts';
 
@@ -373,5 +374,35 @@ describe('sliceReader', () => {
     expect(r.size).toBe(512);
     expect(() => r.read(510, 4)).toThrow(FormatError);
     expect(() => sliceReader(r, 256, 512, 'x')).toThrow(/past the end/);
+  });
+});
+
+describe('GPT sanity warnings', () => {
+  it('overlapping partitions are reported, as sfdisk --verify reports them', () => {
+    const f = path.join(dir, 'overlap.img');
+    const size = 16 * 2 ** 20;
+    const g = writeGpt({
+      diskSize: size, sectorSize: 512, diskGuid: '12345678-1234-1234-1234-123456789abc',
+      partitions: [
+        { start: 2 ** 20, size: 4 * 2 ** 20, type: GPT_TYPE.linuxFilesystem, uuid: '12345678-1234-1234-1234-000000000001' },
+        { start: 6 * 2 ** 20, size: 4 * 2 ** 20, type: GPT_TYPE.linuxFilesystem, uuid: '12345678-1234-1234-1234-000000000002' },
+      ],
+    });
+    // Move partition 2's first LBA into partition 1 in both entry arrays, and fix every CRC.
+    const patch = (bytes: Uint8Array, entries: number, header: number) => {
+      const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      dv.setUint32(entries + 128 + 32, 4096, true);
+      dv.setUint32(header + 88, crc32(bytes.subarray(entries, entries + 128 * 128)), true);
+      dv.setUint32(header + 16, 0, true);
+      dv.setUint32(header + 16, crc32(bytes.subarray(header, header + 92)), true);
+    };
+    patch(g.head, 1024, 512);
+    patch(g.tail, 0, g.tail.length - 512);
+    writeRegions(f, size, g.regions);
+    const verify = spawnSync('sfdisk', ['--verify', f], { encoding: 'utf8' });
+    expect(verify.stdout + verify.stderr).toMatch(/overlap/i);
+    const t = parsePartitionTable(fileReader(f));
+    expect(t.warnings.join('\n')).toMatch(/partitions 1 and 2 overlap/);
+    expectSameAsSfdisk(t, f);
   });
 });
