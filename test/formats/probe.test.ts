@@ -235,6 +235,59 @@ describe('probeFilesystem against blkid -p', () => {
   });
 });
 
+describe('engine neutrality', () => {
+  it('partition parsing and probing give the same answers inside QuickJS (quickjs-emscripten) as on Node', async () => {
+    const f = image('quickjs-disk.img', '96M');
+    run('sfdisk', ['-q', f], 'label: gpt\nstart=2048, size=40960, type=uefi, name=esp\nsize=65536, type=linux, name="root ü"\nsize=16384, type=swap\n');
+    const t = parsePartitionTable(fileReader(f));
+    const [p1, p2, p3] = t.partitions;
+    const part = (p: typeof p1) => path.join(dir, `qjs-part${p!.number}.img`);
+    for (const p of [p1, p2, p3]) execFileSync('truncate', ['-s', String(p!.size), part(p)]);
+    run('mkfs.vfat', ['-F', '32', '-n', 'QJSESP', part(p1)]);
+    run('mke2fs', ['-q', '-F', '-t', 'ext4', '-L', 'wurzel-ü', part(p2)]);
+    run('mkswap', ['-L', 'qjsswap', part(p3)]);
+    for (const p of [p1, p2, p3]) run('dd', [`if=${part(p)}`, `of=${f}`, 'bs=1M', `seek=${p!.start}`, 'oflag=seek_bytes', 'conv=notrunc,sparse', 'status=none']);
+
+    const { build } = await import('esbuild');
+    const { getQuickJS } = await import('quickjs-emscripten');
+    const root = path.resolve(__dirname, '../..');
+    const bundle = await build({
+      stdin: {
+        contents: `import { parsePartitionTable, sliceReader } from './src/formats/partitions.ts';
+import { probeFilesystem } from './src/formats/probe.ts';
+globalThis.runProbe = (size) => {
+  const disk = { name: 'disk', size, read: (o, l) => new Uint8Array(__read(o, l)) };
+  const t = parsePartitionTable(disk);
+  return JSON.stringify({ t, fs: t.partitions.map((p) => probeFilesystem(sliceReader(disk, p.start, p.size, 'p' + p.number))) });
+};`,
+        resolveDir: root, loader: 'ts',
+      },
+      bundle: true, format: 'iife', write: false, target: 'es2022', platform: 'neutral',
+    });
+    const QuickJS = await getQuickJS();
+    const vm = QuickJS.newContext();
+    try {
+      const reader = fileReader(f);
+      const readFn = vm.newFunction('__read', (o, l) => {
+        const bytes = reader.read(vm.getNumber(o), vm.getNumber(l));
+        return vm.newArrayBuffer(bytes.slice().buffer);
+      });
+      vm.setProp(vm.global, '__read', readFn);
+      readFn.dispose();
+      vm.unwrapResult(vm.evalCode(bundle.outputFiles[0]!.text)).dispose();
+      const res = vm.unwrapResult(vm.evalCode(`runProbe(${reader.size})`));
+      const inQuickJS = JSON.parse(vm.getString(res));
+      res.dispose();
+      const onNode = JSON.parse(JSON.stringify({ t, fs: t.partitions.map((p) => probeFilesystem(sliceReader(fileReader(f), p.start, p.size, `p${p.number}`))) }));
+      expect(inQuickJS).toEqual(onNode);
+      expect(onNode.fs.map((r: { type: string }) => r.type)).toEqual(['vfat', 'ext4', 'swap']);
+      expect(onNode.fs[1].label).toBe('wurzel-ü');
+    } finally {
+      vm.dispose();
+    }
+  });
+});
+
 describe('probeFilesystem on bad input', () => {
   it('an all-zero device and a tiny device are nothing', () => {
     expect(probeFilesystem(bytesReader('zero', new Uint8Array(1 << 20)))).toBeNull();
