@@ -80,6 +80,7 @@ function explain(e: unknown): string {
 /** Manifest, uevents, modules: everything before looking for the root. */
 function prepare(sys: Sys, log: ConsoleLog, plan: BootPlan): InitContext {
   const manifest = readManifest(sys);
+  log.debug(`manifest read: ${Object.keys(manifest.modules).length} modules, ${manifest.aliases.length} aliases`);
   let ueventFd = -1;
   try {
     ueventFd = sys.ueventSocket();

@@ -170,8 +170,16 @@ export class ModuleLoader {
     return !this.failed.has(mod);
   }
 
+  /**
+   * ENODEV means the module found nothing to drive (a CPU-feature module such as
+   * crc32c_intel on a processor without the feature, a driver for absent hardware):
+   * normal, and only shown with rd.vdboot.debug. Anything else is a warning.
+   */
   reportFailures(report: LoadReport): void {
-    for (const f of report.failed) this.log.warn(`module ${f.name} did not load: ${f.error}`);
+    for (const f of report.failed) {
+      if (f.error === 'ENODEV') this.log.debug(`module ${f.name}: no device for it (ENODEV)`);
+      else this.log.warn(`module ${f.name} did not load: ${f.error}`);
+    }
   }
 }
 

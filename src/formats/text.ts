@@ -32,31 +32,66 @@ export function utf8Encode(text: string): Uint8Array {
   return o === n ? out : out.subarray(0, o);
 }
 
-/** Decodes UTF-8; malformed sequences become U+FFFD. Stops at the end of `bytes`. */
+/**
+ * Decodes UTF-8; malformed sequences become U+FFFD. Code units are gathered in a
+ * Uint16Array and turned into text a chunk at a time: per-character string building is
+ * far too slow on QuickJS under emulation (the manifest is read at every boot).
+ */
 export function utf8Decode(bytes: Uint8Array): string {
-  let s = '';
+  // Most text here is ASCII (manifests, sysfs, procfs): read it as Latin-1 in large
+  // chunks and let the regular-expression engine (native code) confirm no byte is >= 0x80.
+  const latin1: string[] = [];
+  for (let off = 0; off < bytes.length; off += 32768) {
+    latin1.push(String.fromCharCode.apply(null, bytes.subarray(off, off + 32768) as unknown as number[]));
+  }
+  const text = latin1.join('');
+  return NON_ASCII.test(text) ? utf8DecodeSlow(bytes) : text;
+}
+
+const NON_ASCII = /[\u0080-\u00ff]/;
+
+function utf8DecodeSlow(bytes: Uint8Array): string {
+  const CHUNK = 8192;
+  const units = new Uint16Array(CHUNK + 2);
   const parts: string[] = [];
+  let u = 0;
   let i = 0;
-  while (i < bytes.length) {
+  const n = bytes.length;
+  while (i < n) {
+    if (u >= CHUNK) {
+      parts.push(String.fromCharCode.apply(null, units.subarray(0, u) as unknown as number[]));
+      u = 0;
+    }
     const b = bytes[i]!;
+    if (b < 0x80) {
+      units[u++] = b;
+      i++;
+      continue;
+    }
     let c: number;
-    let need = 0;
-    if (b < 0x80) { c = b; }
-    else if (b >= 0xc2 && b < 0xe0) { c = b & 0x1f; need = 1; }
+    let need: number;
+    if (b >= 0xc2 && b < 0xe0) { c = b & 0x1f; need = 1; }
     else if (b >= 0xe0 && b < 0xf0) { c = b & 0x0f; need = 2; }
     else if (b >= 0xf0 && b < 0xf5) { c = b & 0x07; need = 3; }
-    else { c = 0xfffd; }
+    else { units[u++] = 0xfffd; i++; continue; }
     i++;
+    let ok = true;
     for (let k = 0; k < need; k++) {
       const d = bytes[i];
-      if (d === undefined || (d & 0xc0) !== 0x80) { c = 0xfffd; need = 0; break; }
+      if (d === undefined || (d & 0xc0) !== 0x80) { ok = false; break; }
       c = (c << 6) | (d & 0x3f);
       i++;
     }
-    s += String.fromCodePoint(c > 0x10ffff ? 0xfffd : c);
-    if (s.length > 4096) { parts.push(s); s = ''; }
+    if (!ok || c > 0x10ffff || (need === 2 && c < 0x800) || (need === 3 && c < 0x10000)) { units[u++] = 0xfffd; continue; }
+    if (c >= 0x10000) {
+      c -= 0x10000;
+      units[u++] = 0xd800 + (c >> 10);
+      units[u++] = 0xdc00 + (c & 0x3ff);
+    } else {
+      units[u++] = c;
+    }
   }
-  parts.push(s);
+  parts.push(String.fromCharCode.apply(null, units.subarray(0, u) as unknown as number[]));
   return parts.join('');
 }
 

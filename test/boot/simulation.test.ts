@@ -126,9 +126,12 @@ describe('simulation: failures end in the rescue shell with the reason', () => {
   });
 
   it('a module that fails to load is named with its errno and the boot continues', async () => {
-    const r = await boot('root=/dev/vda2', { moduleErrors: { virtio_pci: 'ENODEV' } });
+    const r = await boot('root=/dev/vda2', { moduleErrors: { virtio_pci: 'ENOEXEC', jbd2: 'ENODEV' } });
     expect(r.end?.reason).toBe('exec');
-    expect(r.kernel.consoleText).toMatch(/module virtio_pci did not load: ENODEV/);
+    expect(r.kernel.consoleText).toMatch(/module virtio_pci did not load: ENOEXEC/);
+    expect(r.kernel.consoleText).toMatch(/module ext4 did not load: its dependency jbd2 failed/);
+    // ENODEV (nothing to drive) is normal and stays off the console unless debugging.
+    expect(r.kernel.consoleText).not.toMatch(/jbd2 did not load/);
   });
 
   it('unknown vdboot options draw a warning that names them', async () => {
