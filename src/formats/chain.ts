@@ -28,7 +28,7 @@
 import { FormatError, isFormatError, type BlockReader } from './block-reader.ts';
 import { detectFormat, FORMAT_READERS, readerFor } from './detect.ts';
 import type { Extent, ExtentMap } from './extent-map.ts';
-import { findExtent, mergeExtents, validateExtents, type LayerMetadata } from './extent-ops.ts';
+import { appendExtent, findExtent, validateExtents, type LayerMetadata } from './extent-ops.ts';
 import type { FormatReader, ImageFormat, ImageLayer, OpenContext } from './image.ts';
 
 export const MAX_CHAIN_DEPTH = 64;
@@ -224,11 +224,11 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
     const { layer, fileIndex } = layers[k]!;
     const out: Extent[] = [];
     for (const e of layer.extents) {
-      if (e.kind === 'data') out.push({ ...e, file: fileIndex[e.file]! });
+      if (e.kind === 'data') appendExtent(out, { kind: 'data', start: e.start, length: e.length, file: fileIndex[e.file]!, offset: e.offset });
       else if (e.kind === 'parent') appendParent(out, below, belowSize, e.start, e.length);
-      else out.push({ ...e });
+      else appendExtent(out, { ...e });
     }
-    below = mergeExtents(out);
+    below = out;
     belowSize = layer.size;
   }
   const map: ExtentMap = { size: layers[0]!.layer.size, files, extents: below };
@@ -283,9 +283,9 @@ function appendParent(out: Extent[], below: readonly Extent[], belowSize: number
       const t = Math.min(e.start + e.length, inParentEnd);
       const piece = { ...e, start: s, length: t - s };
       if (piece.kind === 'data') piece.offset = (e as { offset: number }).offset + (s - e.start);
-      out.push(piece);
+      appendExtent(out, piece);
     }
   }
   const zeroFrom = Math.max(start, belowSize);
-  if (zeroFrom < end) out.push({ kind: 'zero', start: zeroFrom, length: end - zeroFrom, why: 'unallocated' });
+  if (zeroFrom < end) appendExtent(out, { kind: 'zero', start: zeroFrom, length: end - zeroFrom, why: 'unallocated' });
 }

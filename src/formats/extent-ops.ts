@@ -8,6 +8,9 @@
  *       Joins neighbours that are contiguous on both sides (same kind; data: same file
  *       and offset continues; zero: same `why`; unmappable: same reason). Drops
  *       zero-length extents. Input must be sorted.
+ *   appendExtent<T extends LayerExtent>(out: T[], e: T): T[]
+ *       The same while building a list: extends out's last extent in place when e
+ *       continues it, else pushes e (a fresh object the list then owns).
  *
  *   validateExtents(what: string, size: number, extents: readonly LayerExtent[],
  *                   opts?: ValidateOptions): void
@@ -112,6 +115,18 @@ function sameRun(a: LayerExtent, b: LayerExtent): boolean {
     case 'parent':
       return true;
   }
+}
+
+/**
+ * Appends `e` to a list being built in order, extending the last extent in place when
+ * `e` continues it (the last extent must be owned by the list). Returns the list.
+ */
+export function appendExtent<T extends LayerExtent>(out: T[], e: T): T[] {
+  if (e.length <= 0) return out;
+  const last = out[out.length - 1];
+  if (last !== undefined && sameRun(last, e)) last.length += e.length;
+  else out.push(e);
+  return out;
 }
 
 export function mergeExtents<T extends LayerExtent>(extents: readonly T[]): T[] {
@@ -325,7 +340,9 @@ const SECTOR = 512;
 
 export function dmTable(map: ExtentMap, opts: DmTableOptions = {}): string[] {
   const lines: string[] = [];
-  for (const e of mergeExtents(map.extents)) {
+  let merged = true;
+  for (let i = 1; i < map.extents.length && merged; i++) merged = !sameRun(map.extents[i - 1]!, map.extents[i]!);
+  for (const e of merged ? map.extents : mergeExtents(map.extents)) {
     if (e.start % SECTOR !== 0 || e.length % SECTOR !== 0 || (e.kind === 'data' && e.offset % SECTOR !== 0)) {
       throw new FormatError(
         `${describe(e)} is not aligned to 512-byte sectors, so device-mapper cannot map it; use the loop or nbd path instead`,

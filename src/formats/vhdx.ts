@@ -19,7 +19,7 @@
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
 import { crc32c } from './crc.ts';
-import { mergeExtents, type LayerMetadata, type MetadataRange } from './extent-ops.ts';
+import { appendExtent, type LayerMetadata, type MetadataRange } from './extent-ops.ts';
 import type { FormatReader, ImageLayer, LayerExtent, OpenContext, ParentRef } from './image.ts';
 import { utf16leDecode } from './text.ts';
 
@@ -351,7 +351,10 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
   const SLICE_ENTRIES = 128 * 1024;
   let sliceStart = -1;
   let slice: DataView | undefined;
-  const entry = (i: number): { state: number; offset: number } => {
+  // entry(i) sets entryState/entryOffset (no object per entry: a BAT can have millions)
+  let entryState = 0;
+  let entryOffset = 0;
+  const entry = (i: number): void => {
     if (slice === undefined || i < sliceStart || i >= sliceStart + SLICE_ENTRIES) {
       sliceStart = i - (i % SLICE_ENTRIES);
       const n = Math.min(SLICE_ENTRIES, totalEntries - sliceStart);
@@ -359,20 +362,21 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
     }
     const lo = slice.getUint32((i - sliceStart) * 8, true);
     const hi = slice.getUint32((i - sliceStart) * 8 + 4, true);
-    return { state: lo & 7, offset: ((lo >>> 20) + hi * 4096) * MiB };
+    entryState = lo & 7;
+    entryOffset = ((lo >>> 20) + hi * 4096) * MiB;
   };
   const bitmapOffsets = new Map<number, number>();
   const chunkBitmap = (chunk: number, block: number): number => {
     let off = bitmapOffsets.get(chunk);
     if (off === undefined) {
-      const e = entry(chunk * (chunkRatio + 1) + chunkRatio);
-      if (e.state !== 6) {
-        throw new FormatError(`${name}: VHDX block ${block} is partially present but its chunk's sector bitmap (state ${e.state}) is not`, 'bat.sector_bitmap', e.state);
+      entry(chunk * (chunkRatio + 1) + chunkRatio);
+      if (entryState !== 6) {
+        throw new FormatError(`${name}: VHDX block ${block} is partially present but its chunk's sector bitmap (state ${entryState}) is not`, 'bat.sector_bitmap', entryState);
       }
-      if (!Number.isSafeInteger(e.offset) || e.offset < MiB || e.offset + MiB > file.size) {
-        throw new FormatError(`${name}: VHDX sector bitmap of chunk ${chunk} at ${e.offset} is outside the ${file.size}-byte file`, 'bat.sector_bitmap', e.offset);
+      if (!Number.isSafeInteger(entryOffset) || entryOffset < MiB || entryOffset + MiB > file.size) {
+        throw new FormatError(`${name}: VHDX sector bitmap of chunk ${chunk} at ${entryOffset} is outside the ${file.size}-byte file`, 'bat.sector_bitmap', entryOffset);
       }
-      off = e.offset;
+      off = entryOffset;
       bitmapOffsets.set(chunk, off);
       metadata.push({ file: 0, offset: off, length: MiB, what: `sector bitmap of chunk ${chunk}` });
     }
@@ -384,29 +388,31 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
   for (let b = 0; b < dataBlocks; b++) {
     const start = b * blockSize;
     const len = Math.min(blockSize, size - start);
-    const e = entry(b + Math.floor(b / chunkRatio));
-    const stateName = STATE_NAMES[e.state];
-    if (!stateName) throw new FormatError(`${name}: VHDX BAT entry of block ${b} has an unknown state ${e.state}`, 'bat.state', e.state);
+    entry(b + Math.floor(b / chunkRatio));
+    const state = entryState;
+    const blockOffset = entryOffset;
+    const stateName = STATE_NAMES[state];
+    if (!stateName) throw new FormatError(`${name}: VHDX BAT entry of block ${b} has an unknown state ${state}`, 'bat.state', state);
     counts[stateName] = (counts[stateName] ?? 0) + 1;
-    switch (e.state) {
+    switch (state) {
       case 0: // NOT_PRESENT
       case 1: // UNDEFINED
-        extents.push(absent(start, len));
+        appendExtent(extents, absent(start, len));
         break;
       case 2: // ZERO
-        extents.push({ kind: 'zero', start, length: len, why: 'zeroed' });
+        appendExtent(extents, { kind: 'zero', start, length: len, why: 'zeroed' });
         break;
       case 3: // UNMAPPED
       case 5: // UNMAPPED in the 0.95 draft
-        extents.push({ kind: 'zero', start, length: len, why: 'unallocated' });
+        appendExtent(extents, { kind: 'zero', start, length: len, why: 'unallocated' });
         break;
       case 6: // FULLY_PRESENT
-        if (e.offset < MiB) throw new FormatError(`${name}: VHDX block ${b} is at file offset ${e.offset}, inside the headers`, 'bat.offset', e.offset);
-        extents.push({ kind: 'data', start, length: len, file: 0, offset: e.offset });
+        if (blockOffset < MiB) throw new FormatError(`${name}: VHDX block ${b} is at file offset ${blockOffset}, inside the headers`, 'bat.offset', blockOffset);
+        appendExtent(extents, { kind: 'data', start, length: len, file: 0, offset: blockOffset });
         break;
       case 7: { // PARTIALLY_PRESENT
-        if (!hasParent) throw new FormatError(`${name}: VHDX block ${b} is partially present, but the image is not differencing`, 'bat.state', e.state);
-        if (e.offset < MiB) throw new FormatError(`${name}: VHDX block ${b} is at file offset ${e.offset}, inside the headers`, 'bat.offset', e.offset);
+        if (!hasParent) throw new FormatError(`${name}: VHDX block ${b} is partially present, but the image is not differencing`, 'bat.state', state);
+        if (blockOffset < MiB) throw new FormatError(`${name}: VHDX block ${b} is at file offset ${blockOffset}, inside the headers`, 'bat.offset', blockOffset);
         const chunk = Math.floor(b / chunkRatio);
         const bmOff = chunkBitmap(chunk, b) + (b % chunkRatio) * bitmapBytesPerBlock;
         const sectors = len / lss;
@@ -422,7 +428,7 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
           }
           const vs = start + s * lss;
           const vl = (t - s) * lss;
-          extents.push(present ? { kind: 'data', start: vs, length: vl, file: 0, offset: e.offset + s * lss } : absent(vs, vl));
+          appendExtent(extents, present ? { kind: 'data', start: vs, length: vl, file: 0, offset: blockOffset + s * lss } : absent(vs, vl));
           s = t;
         }
         break;
@@ -437,7 +443,7 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
     size,
     files: [ctx.path],
     id: header.dataWriteGuid,
-    extents: mergeExtents(extents),
+    extents,
     ...(parent ? { parent } : {}),
     details,
     metadata,
