@@ -184,6 +184,33 @@ describe('probeFilesystem against blkid -p', () => {
     expect(expectSameAsBlkid(f).UUID).toMatch(/^\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d-\d\d$/);
   });
 
+  it.each([
+    ['FAT12 floppy (mkfs.vfat on 1440 KiB)', '1440K', ['mkfs.vfat', '-n', 'floppy']],
+    ['FAT32 with 4096-byte sectors', '64M', ['mkfs.vfat', '-F', '32', '-S', '4096', '-n', 'BIGSECT']],
+    ['exFAT with 4096-byte sectors, no label', '64M', ['mkfs.exfat', '-b', '4096']],
+    ['NTFS with 4096-byte sectors and 64 KiB clusters', '64M', ['mkntfs', '-q', '-F', '-f', '-s', '4096', '-c', '65536', '-L', 'big clusters']],
+    ['NTFS without a label', '16M', ['mkntfs', '-q', '-F', '-f']],
+    ['xfs with 4096-byte sectors', '400M', ['mkfs.xfs', '-q', '-s', 'size=4096', '-L', 'x4']],
+    ['ext4 with 64bit and metadata_csum, 1 KiB blocks', '64M', ['mke2fs', '-q', '-F', '-t', 'ext4', '-O', '64bit,metadata_csum', '-b', '1024']],
+    ['swap with 64 KiB pages', '16M', ['mkswap', '-p', '65536', '-L', 's64']],
+  ])('variant: %s', (name, size, cmd) => {
+    const f = image(`variant-${name.replace(/\W+/g, '-')}.img`, size as string);
+    const [tool, ...args] = cmd as string[];
+    run(tool!, [...args, f]);
+    expectSameAsBlkid(f);
+  });
+
+  it('iso9660 with an El Torito boot record and a non-ASCII Joliet label (BOOT_SYSTEM_ID, merged IDs)', () => {
+    const src = path.join(dir, 'isoboot');
+    fs.mkdirSync(src, { recursive: true });
+    fs.writeFileSync(path.join(src, 'boot.img'), new Uint8Array(1440 * 1024));
+    const f = path.join(dir, 'boot.iso');
+    run('genisoimage', ['-quiet', '-J', '-b', 'boot.img', '-c', 'boot.cat', '-V', 'ünïcödé vol', '-o', f, src]);
+    const tags = expectSameAsBlkid(f);
+    expect(tags.BOOT_SYSTEM_ID).toBe('EL TORITO SPECIFICATION');
+    expect(tags.LABEL).toBe('ünïcödé vol');
+  });
+
   it('squashfs (mksquashfs): type and version, no UUID', () => {
     const src = path.join(dir, 'sqsrc');
     fs.mkdirSync(src, { recursive: true });
