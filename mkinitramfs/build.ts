@@ -38,6 +38,9 @@ export const UNIVERSAL_MODULES: readonly string[] = [
   'hid_generic', 'usbhid', 'atkbd', 'i8042',
 ];
 
+/** Universal-set modules many x86 kernels lack (platform USB controllers of SoC boards): no note when absent. */
+export const QUIETLY_OPTIONAL: ReadonlySet<string> = new Set(['xhci_plat_hcd', 'ehci_platform', 'ohci_platform']);
+
 /**
  * Loaded by the init at every boot, whatever devices it finds. Filesystems are not here: the
  * init probes the superblock first and loads `manifest.filesystems[type]` just before the
@@ -168,7 +171,7 @@ interface ModuleSelection {
   notes: string[];
 }
 
-function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[]): ModuleSelection {
+function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[], tools: readonly ToolName[]): ModuleSelection {
   const roots: string[] = [];
   const builtinRequested: string[] = [];
   const missing: string[] = [];
@@ -191,7 +194,10 @@ function selectModules(index: KernelModuleIndex, added: readonly string[], omitt
     if (found.length === 0) throw new ModuleError(`--add-module ${name}: kernel ${index.release} has no module or alias of that name (looked in ${index.dir}/modules.dep, modules.alias and modules.builtin)`);
     roots.push(...found);
   }
-  const notes = missing.length > 0 ? [`kernel ${index.release} has neither a module nor a built-in for: ${missing.join(', ')} (skipped)`] : [];
+  const notes: string[] = [];
+  const worthSaying = missing.filter((m) => !QUIETLY_OPTIONAL.has(m));
+  if (worthSaying.length > 0) notes.push(`kernel ${index.release} has neither a module nor a built-in for: ${worthSaying.join(', ')} (skipped)`);
+  if (missing.includes('ntfs3') && !tools.includes('ntfs-3g')) notes.push(`without ntfs3, NTFS host partitions are reached only by vdboot's direct path; add --with ntfs-3g for the loop path and a mounted host at /run/vdboot/host`);
   return { roots, builtinRequested, notes };
 }
 
@@ -324,9 +330,9 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
 
   const modulesDir = options.modulesDir ?? findModulesDir(options.kernel);
   const index = loadModuleIndex(modulesDir, options.modprobeDirs);
-  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? []);
   const tools = [...new Set(options.tools ?? [])].sort();
   for (const t of tools) if (!(t in TOOLS)) throw new ModuleError(`unknown tool "${t}"; vdboot can include ${Object.keys(TOOLS).join(', ')}`);
+  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools);
   const included = moduleClosure(index, [...selection.roots, ...tools.map((t) => TOOLS[t].module).filter((m) => index.files.has(m))]);
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   const release = index.release;
