@@ -8,7 +8,7 @@
  *   {
  *     "vdisk": 1,                        // schema version (required)
  *     "table": "gpt",                    // "gpt" or "mbr" (required)
- *     "sectorSize": 512,                 // 512 (default) or 4096: the sector size the table is written for
+ *     "sectorSize": 512,                 // 512 (default) or 4096: the sector size the table is written for (*)
  *     "alignment": 1048576,              // partition starts are multiples of this many bytes (default 1 MiB)
  *     "diskGuid": "…",                   // GPT only; default: derived from the file's name
  *     "diskSignature": "1234abcd",       // MBR only, 8 hex digits; default: derived from the file's name
@@ -28,6 +28,11 @@
  * with more than four partitions gets three primaries and an extended partition holding
  * the rest as logical partitions (Linux numbers them 5, 6, …). Each partition is as large
  * as its image's virtual size, rounded up to a whole sector.
+ *
+ * (*) The kernel reads a partition table in the sector size of the device it is on, and a
+ * device-mapper device has the logical sector size of the host disk below it. So use 4096
+ * only when the assembled disk will sit on a host disk (or loop device) with 4096-byte
+ * logical sectors; 512 suits every other case.
  *
  * ## The table file: why there is one
  *
@@ -425,7 +430,9 @@ export const vdiskJsonFormat: FormatReader = {
     if (head[0] === 0xef && head[1] === 0xbb && head[2] === 0xbf) i = 3;
     while (i < head.length && (head[i] === 0x20 || head[i] === 0x0a || head[i] === 0x0d || head[i] === 0x09)) i++;
     if (head[i] !== 0x7b) return false;
-    return /"vdisk"\s*:/.test(utf8Decode(head));
+    // A small file that starts like a JSON object: look for the schema key in all of it.
+    const text = file.size <= head.length ? utf8Decode(head) : utf8Decode(file.read(0, file.size));
+    return /"vdisk"\s*:/.test(text);
   },
   open(file: BlockReader, ctx: OpenContext): ImageLayer {
     const spec = parseVdiskSpec(readJson(file).replace(/^\ufeff/, ''), ctx.path);
