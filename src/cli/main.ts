@@ -19,6 +19,7 @@ export interface Command {
 export const COMMANDS: Record<string, () => Promise<Command>> = {
   // one line per command, e.g.:
   // inspect: async () => (await import('./inspect.ts')).inspect,
+  demo: async () => (await import('./demo.ts')).command,
   mkinitramfs: async () => (await import('./mkinitramfs.ts')).command,
   inspect: async () => (await import('./inspect.ts')).command,
   map: async () => (await import('./map.ts')).command,
