@@ -1,12 +1,14 @@
 /**
  * `vdboot inspect IMAGE [--json]`: format, virtual size, the chain of parents, each
- * layer's facts (block size, allocation), the partitions, and whether the image can be
+ * layer's facts (block size, allocation), the partitions with their filesystems (type,
+ * LABEL, UUID as blkid reports them), and whether the image can be
  * mapped with device-mapper for read-only and read-write boots, and why not.
  */
 import type { Command, CliIO } from './main.ts';
 import { dmTable, summarizeMap } from '../formats/extent-ops.ts';
 import { mappedReader } from '../formats/read-map.ts';
-import { parsePartitionTable, type PartitionTable } from '../formats/partitions.ts';
+import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
+import { probeFilesystem, type ProbeResult } from '../formats/probe.ts';
 import { gptTypeName } from '../formats/guid.ts';
 import { openHostImage, parseImageArgs } from './map.ts';
 import type { OpenedImage } from '../formats/chain.ts';
@@ -46,12 +48,32 @@ export const command: Command = {
     try {
       const top = img.layers[0]!.layer;
       const summary = summarizeMap(img.map);
+      const disk = mappedReader(img, a.image);
       let partitions: PartitionTable | { error: string };
+      const filesystems: Record<string, ProbeResult | { error: string } | null> = {};
+      const probe = (key: string, r: () => ReturnType<typeof mappedReader>) => {
+        try {
+          filesystems[key] = probeFilesystem(r());
+        } catch (e) {
+          filesystems[key] = { error: (e as Error).message };
+        }
+      };
       try {
-        partitions = parsePartitionTable(mappedReader(img, a.image));
+        partitions = parsePartitionTable(disk);
+        for (const p of partitions.partitions) {
+          if (!p.extended) probe(String(p.number), () => sliceReader(disk, p.start, Math.min(p.size, disk.size - p.start), `${a.image} partition ${p.number}`));
+        }
+        if (partitions.kind === 'none') probe('disk', () => disk);
       } catch (e) {
         partitions = { error: (e as Error).message };
       }
+      const fsText = (key: string): string => {
+        const f = filesystems[key];
+        if (f === undefined) return '';
+        if (f === null) return ', no filesystem recognized';
+        if ('error' in f) return `, filesystem unreadable: ${f.error}`;
+        return `, ${f.type}${f.label ? ` LABEL="${f.label}"` : ''}${f.uuid ? ` UUID=${f.uuid}` : ''}`;
+      };
       const mapping = mappability(img);
       const chain = img.layers.map((l) => ({
         path: l.path,
@@ -63,7 +85,7 @@ export const command: Command = {
         details: l.layer.details,
       }));
       if (a.flags.has('--json')) {
-        io.stdout(`${JSON.stringify({ image: a.image, format: top.format, subformat: top.subformat, size: img.map.size, chain, map: summary, partitions, mapping }, null, 1)}\n`);
+        io.stdout(`${JSON.stringify({ image: a.image, format: top.format, subformat: top.subformat, size: img.map.size, chain, map: summary, partitions, filesystems, mapping }, null, 1)}\n`);
         return 0;
       }
       const out: string[] = [];
@@ -79,12 +101,12 @@ export const command: Command = {
       const why = Object.entries(summary.zeroBytesByWhy).map(([k, v]) => `${k} ${v}`).join(', ');
       out.push(`map:          ${summary.extents} extents; data ${human(summary.dataBytes)}; zero ${summary.zeroBytes}${why ? ` (${why})` : ''}; unmappable ${summary.unmappableBytes}`);
       if ('error' in partitions) out.push(`partitions:   cannot read them: ${partitions.error}`);
-      else if (partitions.kind === 'none') out.push('partitions:   no partition table');
+      else if (partitions.kind === 'none') out.push(`partitions:   no partition table${fsText('disk')}`);
       else {
         out.push(`partitions:   ${partitions.kind.toUpperCase()}, ${partitions.sectorSize}-byte sectors${partitions.diskGuid ? `, disk GUID ${partitions.diskGuid}` : ''}${partitions.diskSignature ? `, disk signature ${partitions.diskSignature}` : ''}`);
         for (const p of partitions.partitions) {
           const type = partitions.kind === 'gpt' ? gptTypeName(p.type) : `type 0x${p.type}`;
-          out.push(`  ${String(p.number).padStart(2)}: start ${p.start}, ${human(p.size)}, ${type}${p.name ? `, name "${p.name}"` : ''}, PARTUUID ${p.partuuid}${p.bootable ? ', bootable' : ''}${p.extended ? ', extended' : ''}`);
+          out.push(`  ${String(p.number).padStart(2)}: start ${p.start}, ${human(p.size)}, ${type}${p.name ? `, name "${p.name}"` : ''}, PARTUUID ${p.partuuid}${p.bootable ? ', bootable' : ''}${p.extended ? ', extended' : ''}${fsText(String(p.number))}`);
         }
         for (const w of partitions.warnings) out.push(`  warning: ${w}`);
       }

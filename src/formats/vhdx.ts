@@ -395,9 +395,11 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
     if (!stateName) throw new FormatError(`${name}: VHDX BAT entry of block ${b} has an unknown state ${state}`, 'bat.state', state);
     counts[stateName] = (counts[stateName] ?? 0) + 1;
     switch (state) {
-      case 0: // NOT_PRESENT
-      case 1: // UNDEFINED
+      case 0: // NOT_PRESENT: the parent's, or zeros
         appendExtent(extents, absent(start, len));
+        break;
+      case 1: // UNDEFINED: content undefined; zeros, as qemu reads it
+        appendExtent(extents, { kind: 'zero', start, length: len, why: 'unallocated' });
         break;
       case 2: // ZERO
         appendExtent(extents, { kind: 'zero', start, length: len, why: 'zeroed' });

@@ -31,9 +31,12 @@ describe('vdboot inspect, map, cat', () => {
   fs.writeFileSync(raw, Buffer.alloc(0));
   fs.truncateSync(raw, 24 * MiB);
   run('sfdisk', ['-q', raw], { input: 'label: dos\nstart=2048, size=8192, type=83\nstart=12288, size=20480, type=c\n' });
+  const fat = path.join(dir, 'fat.img');
+  run('mkfs.vfat', ['-C', '-n', 'VDBOOTTEST', fat, String(20480 / 2)]);
+  run('dd', [`if=${fat}`, `of=${raw}`, 'bs=512', 'seek=12288', 'conv=notrunc', 'status=none']);
   const image = path.join(dir, 'disk.vhd');
   qemuImg('convert', '-q', '-f', 'raw', '-O', 'vpc', '-o', 'force_size=on', raw, image);
-  qemuIo(image, 'vpc', ['write -P 0x61 1M 4M', 'write -P 0x62 6M 512k', 'write -P 0x63 20M 1M']);
+  qemuIo(image, 'vpc', ['write -P 0x61 1M 4M', 'write -P 0x62 14M 512k', 'write -P 0x63 20M 1M']);
   const table = JSON.parse(run('sfdisk', ['--json', raw]).toString()).partitiontable as { partitions: { start: number; size: number }[] };
 
   it('cat streams the whole virtual disk, equal to qemu-img convert', async () => {
@@ -84,6 +87,9 @@ describe('vdboot inspect, map, cat', () => {
     const text = (await vdboot(['inspect', image])).out;
     expect(text).toMatch(/format: +vhd \(dynamic\)/);
     expect(text).toMatch(/MBR/);
+    // the filesystems of the partitions (the disk was formatted: partition 2 is FAT)
+    expect(info.filesystems['2']).toMatchObject({ type: 'vfat', label: 'VDBOOTTEST' });
+    expect(text).toMatch(/vfat LABEL="VDBOOTTEST"/);
   });
 
   it('a missing image and a missing argument are errors for the user, not crashes', async () => {

@@ -195,8 +195,8 @@ describe('differencing VHDX', () => {
   const parentRaw = qemuRaw(parentPath);
   const childRaw = qemuRaw(childPath);
   const parentGuid = currentHeader(fs.readFileSync(parentPath)).dataWriteGuid;
-  // block 0 full, 1 not present (parent), 2 partially present, 3 zero, 4 unmapped, 5 full, 6.. parent
-  const states = new Map([[1, 0], [2, 7], [3, 2], [4, 3]]);
+  // block 0 full, 1 not present (parent), 2 partially present, 3 zero, 4 unmapped, 5 full, 6 undefined, 7.. parent
+  const states = new Map([[1, 0], [2, 7], [3, 2], [4, 3], [6, 1]]);
   const present = (blk: number, s: number) => blk === 2 && (s < 1000 || (s >= 1500 && s % 3 === 0));
   makeDifferencing(childPath, parentGuid, 'parent.vhdx', states, present);
 
@@ -205,7 +205,7 @@ describe('differencing VHDX', () => {
     for (let blk = 0; blk < 16; blk++) {
       const at = blk * MiB;
       if (blk === 0 || blk === 5) childRaw.copy(out, at, at, at + MiB);
-      else if (blk === 3 || blk === 4) out.fill(0, at, at + MiB);
+      else if (blk === 3 || blk === 4 || blk === 6) out.fill(0, at, at + MiB);
       else if (blk === 2) for (let s = 0; s < 2048; s++) if (present(2, s)) childRaw.copy(out, at + s * 512, at + s * 512, at + s * 512 + 512);
     }
     return out;
