@@ -178,20 +178,23 @@ export function loadWaves(manifest: InitramfsManifest, names: readonly string[])
 
 // ---------------------------------------------------------------- modalias matching
 
-/** One compiled alias pattern. */
+/** One alias pattern with the modules that declare it. */
 interface CompiledAlias {
   pattern: string;
   modules: string[];
 }
 
 /**
- * The patterns bucketed by the literal text before their first ':' (the bus: "pci", "usb",
- * "virtio", "acpi", …). Patterns with a wildcard before any ':' go to `other` and are tried
- * for every modalias.
+ * The patterns grouped by their literal prefix (the text before the first wildcard):
+ * "pci:v00008086d00002922sv" for most PCI ids, "pci:v" for class matches, "" for patterns
+ * that start with a wildcard. A modalias string can only match patterns whose prefix it
+ * starts with, so a lookup tries one map probe per distinct prefix length and runs fnmatch on
+ * the few candidates found: a few dozen instead of the whole table, per device.
  */
 interface AliasIndex {
-  byBus: Map<string, CompiledAlias[]>;
-  other: CompiledAlias[];
+  byPrefix: Map<string, CompiledAlias[]>;
+  /** The distinct prefix lengths, ascending. */
+  lengths: number[];
 }
 
 const aliasCache = new WeakMap<InitramfsManifest, AliasIndex>();
@@ -199,20 +202,17 @@ const aliasCache = new WeakMap<InitramfsManifest, AliasIndex>();
 function aliasIndex(manifest: InitramfsManifest): AliasIndex {
   let idx = aliasCache.get(manifest);
   if (idx) return idx;
-  idx = { byBus: new Map(), other: [] };
+  const byPrefix = new Map<string, CompiledAlias[]>();
+  const lengths = new Set<number>();
   for (const [pattern, modules] of manifest.aliases) {
-    const entry: CompiledAlias = { pattern, modules };
-    const colon = pattern.indexOf(':');
     const wild = firstWildcard(pattern);
-    if (colon >= 0 && (wild < 0 || wild > colon)) {
-      const bus = pattern.slice(0, colon);
-      let list = idx.byBus.get(bus);
-      if (!list) idx.byBus.set(bus, (list = []));
-      list.push(entry);
-    } else {
-      idx.other.push(entry);
-    }
+    const prefix = wild < 0 ? pattern : pattern.slice(0, wild);
+    let list = byPrefix.get(prefix);
+    if (!list) byPrefix.set(prefix, (list = []));
+    list.push({ pattern, modules });
+    lengths.add(prefix.length);
   }
+  idx = { byPrefix, lengths: [...lengths].sort((a, b) => a - b) };
   aliasCache.set(manifest, idx);
   return idx;
 }
@@ -236,10 +236,11 @@ export function matchModalias(manifest: InitramfsManifest, modalias: string): st
   if (direct) return [direct.name];
   const found = new Set<string>();
   const idx = aliasIndex(manifest);
-  const colon = modalias.indexOf(':');
-  const bucket = colon >= 0 ? idx.byBus.get(modalias.slice(0, colon)) : undefined;
-  if (bucket) for (const a of bucket) if (fnmatch(a.pattern, modalias)) for (const m of a.modules) found.add(m);
-  for (const a of idx.other) if (fnmatch(a.pattern, modalias)) for (const m of a.modules) found.add(m);
+  for (const len of idx.lengths) {
+    if (len > modalias.length) break;
+    const bucket = idx.byPrefix.get(len === modalias.length ? modalias : modalias.slice(0, len));
+    if (bucket) for (const a of bucket) if (fnmatch(a.pattern, modalias)) for (const m of a.modules) found.add(m);
+  }
   return [...found].sort();
 }
 
