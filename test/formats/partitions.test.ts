@@ -406,3 +406,46 @@ describe('GPT sanity warnings', () => {
     expectSameAsSfdisk(t, f);
   });
 });
+
+describe('malformed tables', () => {
+  it('seeded random corruption of GPT and MBR/EBR sectors ends in a table or warnings, never an exception or a runaway', () => {
+    const gpt = disk('fuzz-gpt.img', '64M');
+    sfdisk(gpt, GPT_SCRIPT);
+    const mbr = disk('fuzz-mbr.img', '64M');
+    sfdisk(mbr, `label: dos\n${mbr}1: start=2048, size=8192, type=83\n${mbr}2: size=60000, type=5\n${mbr}5: size=4096, type=83\n${mbr}6: size=4096, type=82\n${mbr}7: size=4096, type=7\n`);
+    let seed = 4242;
+    const rand = () => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed; };
+    let cases = 0;
+    for (const f of [gpt, mbr]) {
+      const base = fileReader(f);
+      const hot = f === gpt
+        ? [[0, 34 * 512], [base.size - 33 * 512, 33 * 512]]
+        : [[0, 512], ...parsePartitionTable(base).partitions.filter((p) => p.number >= 5).map((p) => [p.start - 2048 * 512, 512])];
+      for (let i = 0; i < 1500; i++) {
+        const patch = new Map<number, number>();
+        for (let k = 0; k < 1 + (rand() % 6); k++) {
+          const [at, len] = hot[rand() % hot.length]!;
+          // Bias toward the fields that matter: header fields, the first entries, MBR entries.
+          const off = at! + (rand() % 2 ? rand() % Math.min(len!, 1024) : rand() % len!);
+          patch.set(off, rand() & 0xff);
+        }
+        let reads = 0;
+        const r: BlockReader = {
+          name: 'fuzz', size: base.size,
+          read(offset, length) {
+            reads += length;
+            const b = base.read(offset, length);
+            for (const [o, v] of patch) if (o >= offset && o < offset + length) b[o - offset] = v;
+            return b;
+          },
+        };
+        const t = parsePartitionTable(r);
+        expect(['gpt', 'mbr', 'none']).toContain(t.kind);
+        expect(t.partitions.length).toBeLessThanOrEqual(1024);
+        expect(reads).toBeLessThan(4 * 2 ** 20);
+        cases++;
+      }
+    }
+    expect(cases).toBe(3000);
+  });
+});
