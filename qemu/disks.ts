@@ -138,14 +138,15 @@ export interface NtfsOptions extends FilesystemOptions {
 const here = path.dirname(fileURLToPath(import.meta.url));
 
 /**
- * The ntfs-mkdir helper (qemu/ntfs-mkdir.c), compiled against libntfs-3g on first use and
- * cached in .cache/ by the source's hash. Needs gcc and ntfs-3g-dev.
+ * The ntfs-tool helper (qemu/ntfs-tool.c: mkdir, write-fragmented, set-flags), compiled
+ * against libntfs-3g on first use and cached in .cache/ by the source's hash. Needs gcc and
+ * ntfs-3g-dev.
  */
-export function ntfsMkdirTool(): string {
-  const source = path.join(here, 'ntfs-mkdir.c');
+export function ntfsTool(): string {
+  const source = path.join(here, 'ntfs-tool.c');
   const hash = crypto.createHash('sha256').update(fs.readFileSync(source)).digest('hex').slice(0, 16);
   const cacheDir = path.join(here, '..', '.cache', 'qemu');
-  const tool = path.join(cacheDir, `ntfs-mkdir-${hash}`);
+  const tool = path.join(cacheDir, `ntfs-tool-${hash}`);
   if (fs.existsSync(tool)) return tool;
   fs.mkdirSync(cacheDir, { recursive: true });
   const tmp = `${tool}.${process.pid}.tmp`;
@@ -157,7 +158,7 @@ export function ntfsMkdirTool(): string {
   return tool;
 }
 
-/** An NTFS image made by mkntfs; directories through ntfs-mkdir, files through ntfscp. */
+/** An NTFS image made by mkntfs; directories through ntfs-tool, files through ntfscp. */
 export function makeNtfs(image: string, opts: NtfsOptions): void {
   createSparse(image, opts.sizeMiB * MiB);
   const args = ['-q', '-F', '-f', '-s', '512', '-H', '255', '-S', '63', '-p', String(opts.partitionStartSector ?? 0)];
@@ -175,12 +176,41 @@ export function makeNtfs(image: string, opts: NtfsOptions): void {
 /** Adds files and directories to an existing NTFS image (parents are created). */
 export function ntfsAdd(image: string, files: FileTree = {}, dirs: string[] = []): void {
   const directories = directoriesOf(files, dirs);
-  if (directories.length) run(ntfsMkdirTool(), [image, ...directories], UTF8);
+  if (directories.length) run(ntfsTool(), [image, 'mkdir', ...directories], UTF8);
   withTempDir((scratch) => {
     for (const [p, content] of Object.entries(files)) {
       run('ntfscp', ['-q', '-f', image, hostFileFor(content, scratch), normalize(p)], UTF8);
     }
   });
+}
+
+/**
+ * Adds a file in about size/chunkBytes fragments (default chunk: 4 KiB), with one cluster
+ * of `fillerPath` (default: the file's path + ".filler") between fragments. With a few
+ * hundred fragments the file's runlist spills into extension records ($ATTRIBUTE_LIST).
+ * Parents are created. Check the result with `ntfsinfo -F PATH -v IMAGE` ("Total runs").
+ */
+export function ntfsAddFragmented(
+  image: string,
+  file: string,
+  content: FileContent,
+  opts: { chunkBytes?: number; fillerPath?: string } = {},
+): void {
+  const dest = normalize(file);
+  const filler = normalize(opts.fillerPath ?? `${dest}.filler`);
+  const parents = directoriesOf({ [dest]: '', [filler]: '' });
+  withTempDir((scratch) => {
+    if (parents.length) run(ntfsTool(), [image, 'mkdir', ...parents], UTF8);
+    run(ntfsTool(), [image, 'write-fragmented', dest, hostFileFor(content, scratch), filler, String(opts.chunkBytes ?? 4096)], UTF8);
+  });
+}
+
+/** NTFS $Volume flags (ntfs-3g's layout.h): what Windows and ntfs-3g leave behind. */
+export const NTFS_VOLUME_FLAGS = { dirty: 0x0001, resizeLogFile: 0x0002, upgradeOnMount: 0x0004, mountedOnNT4: 0x0008, deleteUsnUnderway: 0x0010, repairObjectId: 0x0020, chkdskUnderway: 0x4000, modifiedByChkdsk: 0x8000 } as const;
+
+/** Writes the NTFS volume flags, e.g. NTFS_VOLUME_FLAGS.dirty for "not cleanly unmounted". */
+export function ntfsSetVolumeFlags(image: string, flags: number): void {
+  run(ntfsTool(), [image, 'set-flags', flags.toString(16)]);
 }
 
 /** Reads a file from an NTFS image (ntfscat). */

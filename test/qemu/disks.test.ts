@@ -1,11 +1,12 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
-  convertImage, fatRead, makeExfat, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsAdd, ntfsRead, readPartitions,
+  convertImage, fatRead, makeExfat, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsAdd, ntfsAddFragmented, ntfsRead,
+  ntfsSetVolumeFlags, NTFS_VOLUME_FLAGS, readPartitions,
 } from '../../qemu/disks.ts';
 import { diskArgs } from '../../qemu/harness.ts';
 import { moduleClosure } from '../../qemu/guest.ts';
@@ -17,7 +18,8 @@ beforeAll(() => {
 });
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-const sh = (cmd: string, args: string[]): string => execFileSync(cmd, args, { encoding: 'utf8', env: { ...process.env, LC_ALL: 'C.UTF-8' } });
+const sh = (cmd: string, args: string[]): string =>
+  execFileSync(cmd, args, { encoding: 'utf8', env: { ...process.env, LC_ALL: 'C.UTF-8' }, stdio: ['ignore', 'pipe', 'pipe'] });
 /** blkid's low-level probe of a filesystem at a byte offset of a file. */
 function blkid(file: string, offset = 0): Record<string, string> {
   const out = sh('blkid', ['-p', '-o', 'export', '-O', String(offset), file]);
@@ -55,6 +57,33 @@ describe('filesystem images built without mounting', () => {
     expect(ls('/Empty Dir')).toEqual(['ß']);
     // ntfsfix -n only reports: a volume the tools left inconsistent would say so.
     expect(sh('ntfsfix', ['-n', img])).toMatch(/processed successfully/);
+  });
+
+  it('NTFS: a file written in hundreds of fragments keeps its bytes and spills its runlist into an attribute list', () => {
+    const img = path.join(dir, 'frag.ntfs');
+    makeNtfs(img, { sizeMiB: 32, label: 'Frag' });
+    const data = random(2_000_000);
+    ntfsAddFragmented(img, '/VMs/Frag mentiert.img', data, { chunkBytes: 8192 });
+    expect(ntfsRead(img, '/VMs/Frag mentiert.img').equals(data)).toBe(true);
+    const info = sh('ntfsinfo', ['-v', '-F', '/VMs/Frag mentiert.img', img]);
+    const runs = Number(/Total runs: (\d+)/.exec(info)![1]);
+    expect(runs).toBeGreaterThanOrEqual(Math.floor(data.length / 8192));
+    expect(info).toMatch(/\$ATTRIBUTE_LIST/);
+    expect(sh('ntfsfix', ['-n', img])).toMatch(/processed successfully/);
+  });
+
+  it('NTFS: the dirty volume flag is set and cleared', () => {
+    const img = path.join(dir, 'dirty.ntfs');
+    makeNtfs(img, { sizeMiB: 8, label: 'Dirty' });
+    const state = (): string => {
+      const r = spawnSync('ntfsinfo', ['-m', img], { encoding: 'utf8' });
+      return r.stdout + r.stderr;
+    };
+    expect(state()).not.toMatch(/scheduled for check/);
+    ntfsSetVolumeFlags(img, NTFS_VOLUME_FLAGS.dirty);
+    expect(state()).toMatch(/Volume is scheduled for check/);
+    ntfsSetVolumeFlags(img, 0);
+    expect(state()).not.toMatch(/scheduled for check/);
   });
 
   it('FAT32 holds files in directories with long and non-ASCII names', () => {
