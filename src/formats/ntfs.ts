@@ -19,7 +19,6 @@ import { utf16leDecode } from './text.ts';
 
 const AT_STANDARD_INFORMATION = 0x10;
 const AT_ATTRIBUTE_LIST = 0x20;
-const AT_FILE_NAME = 0x30;
 const AT_VOLUME_NAME = 0x60;
 const AT_VOLUME_INFORMATION = 0x70;
 const AT_DATA = 0x80;

@@ -54,11 +54,12 @@ describe('NTFS without mounting (mkntfs + ntfscp)', () => {
     });
   }
 
-  it('a directory with hundreds of entries (a multi-level $I30 B+ tree): every name is found, case-insensitively', () => {
-    const img = path.join(dir, 'many.img');
-    mkntfs(img, 32, 4096);
+  // with 64 KiB clusters the 4 KiB index blocks are addressed in 512-byte VCN units
+  for (const [cs, count] of [[4096, 250], [65536, 150]] as const) it(`${cs}-byte clusters: a directory with ${count} entries (a multi-level $I30 B+ tree): every name is found, case-insensitively`, () => {
+    const img = path.join(dir, `many${cs}.img`);
+    mkntfs(img, 64, cs);
     const files: Record<string, Buffer> = {};
-    for (let i = 0; i < 250; i++) {
+    for (let i = 0; i < count; i++) {
       const name = `Datei ${String(i * 7919 % 1000).padStart(3, '0')} Größe-${i}.bin`;
       files[name] = Buffer.from(name.repeat(i % 3 === 0 ? 60 : 1)); // some resident, some not
     }
