@@ -46,7 +46,51 @@ export interface FakeMachine {
   shellExits?: number;
   /** modules whose finit_module fails, with the errno name */
   moduleErrors?: Record<string, string>;
+  /**
+   * The filesystem tree a mount of a device-mapper device shows, by dm name ("vdisk0p2",
+   * "vdhost"). The mount also checks that the device's bytes start with an ext or NTFS
+   * superblock, so a wrong table fails the mount as the kernel would.
+   */
+  deviceTrees?: Record<string, FakeTree>;
 }
+
+/** One device-mapper target as the simulated kernel received it. */
+export interface FakeDmTarget {
+  start: number;
+  length: number;
+  type: string;
+  params: string;
+}
+
+export type FakeDmEvent =
+  | { op: 'create'; name: string; uuid: string }
+  | { op: 'load'; name: string; targets: FakeDmTarget[]; readOnly: boolean }
+  | { op: 'resume' | 'suspend' | 'remove'; name: string };
+
+export type FakeLoopEvent =
+  | { op: 'attach'; device: string; file: string; readOnly: boolean; offset: number; sizeLimit: number }
+  | { op: 'detach'; device: string };
+
+interface FakeDm {
+  name: string;
+  uuid: string;
+  minor: number;
+  live?: { targets: FakeDmTarget[]; readOnly: boolean };
+  inactive?: { targets: FakeDmTarget[]; readOnly: boolean };
+  suspended: boolean;
+}
+
+interface FakeLoop {
+  n: number;
+  node?: Node;
+  file?: string;
+  offset: number;
+  sizeLimit: number;
+  readOnly: boolean;
+}
+
+const DM_MAJOR = 253;
+const LOOP_MAJOR = 7;
 
 export class SimulationEnd extends Error {
   constructor(readonly reason: 'exec' | 'shell' | 'reboot' | 'exit' | 'stuck', detail: string) {
@@ -68,7 +112,7 @@ interface OpenFile {
   pos: number;
 }
 
-const ERRNO: Record<string, number> = { ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10 };
+const ERRNO: Record<string, number> = { ENXIO: 6, EACCES: 13, ENOTTY: 25,  ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10 };
 
 function fail(code: string, call: string): never {
   throw new SysError(code, ERRNO[code] ?? 0, call);
@@ -93,12 +137,18 @@ export interface FakeEvents {
   /** the exec that ended the simulation, and the device whose filesystem was / then */
   exec?: { path: string; argv: string[]; envp: string[]; rootDevice: string };
   rebooted?: number;
+  /** device-mapper ioctls in the order they were made */
+  dm: FakeDmEvent[];
+  /** loop devices attached and detached */
+  loops: FakeLoopEvent[];
+  /** umount2 targets, in order */
+  umounts: string[];
 }
 
 let fsCounter = 1;
 
 export class FakeKernel implements Sys {
-  readonly events: FakeEvents = { mounts: [], modules: [], spawns: [] };
+  readonly events: FakeEvents = { mounts: [], modules: [], spawns: [], dm: [], loops: [], umounts: [] };
   private readonly consoleBytes: number[] = [];
 
   /** Everything written to the console (fds 1 and 2), as text. */
@@ -180,6 +230,8 @@ export class FakeKernel implements Sys {
       t[`${d.name}`] = { symlink: `../../devices/virtual/block/${d.name}` };
     }
     for (const d of this.visibleDisks()) for (const p of d.partitions ?? []) t[p.name] = { symlink: `../../devices/virtual/block/${d.name}/${p.name}` };
+    for (const dm of this.dms.values()) t[`dm-${dm.minor}`] = { symlink: `../../devices/virtual/block/dm-${dm.minor}` };
+    for (const l of this.loops.values()) t[`loop${l.n}`] = { symlink: `../../devices/virtual/block/loop${l.n}` };
     const node = this.buildTree(t, fs);
     return node;
   }
@@ -196,6 +248,17 @@ export class FakeKernel implements Sys {
         t[`${d.name}/${p.name}/start`] = `${Math.floor(p.start / 512)}\n`;
       }
     }
+    for (const dm of this.dms.values()) {
+      t[`dm-${dm.minor}/dev`] = `${DM_MAJOR}:${dm.minor}\n`;
+      t[`dm-${dm.minor}/size`] = `${dm.live ? dmSectors(dm.live.targets) : 0}\n`;
+      t[`dm-${dm.minor}/ro`] = `${dm.live?.readOnly ? 1 : 0}\n`;
+      t[`dm-${dm.minor}/dm/name`] = `${dm.name}\n`;
+      t[`dm-${dm.minor}/dm/uuid`] = `${dm.uuid}\n`;
+    }
+    for (const l of this.loops.values()) {
+      t[`loop${l.n}/dev`] = `${LOOP_MAJOR}:${l.n}\n`;
+      t[`loop${l.n}/size`] = `${Math.floor((this.blockByNumber(LOOP_MAJOR, l.n)?.size ?? 0) / 512)}\n`;
+    }
     return this.buildTree(t, 999_998);
   }
 
@@ -204,6 +267,7 @@ export class FakeKernel implements Sys {
     const root = this.buildTree({}, fs) as Extract<Node, { kind: 'dir' }>;
     root.entries.set('console', { kind: 'chr', mode: S.IFCHR | 0o600, fs, major: 5, minor: 1 });
     root.entries.set('null', { kind: 'chr', mode: S.IFCHR | 0o666, fs, major: 1, minor: 3 });
+    root.entries.set('loop-control', { kind: 'chr', mode: S.IFCHR | 0o660, fs, major: 10, minor: 237 });
     return root;
   }
 
@@ -279,6 +343,8 @@ export class FakeKernel implements Sys {
         m.set(d.name, { kind: 'blk', mode: S.IFBLK | 0o660, fs: dir.fs, major: d.major, minor: d.minor });
         for (const p of d.partitions ?? []) m.set(p.name, { kind: 'blk', mode: S.IFBLK | 0o660, fs: dir.fs, major: d.major, minor: d.minor + p.number });
       }
+      for (const dm of this.dms.values()) m.set(`dm-${dm.minor}`, { kind: 'blk', mode: S.IFBLK | 0o660, fs: dir.fs, major: DM_MAJOR, minor: dm.minor });
+      for (const l of this.loops.values()) m.set(`loop${l.n}`, { kind: 'blk', mode: S.IFBLK | 0o660, fs: dir.fs, major: LOOP_MAJOR, minor: l.n });
       return m;
     }
     return undefined;
@@ -320,6 +386,8 @@ export class FakeKernel implements Sys {
       return { bytes: data, start: 0, size: data.length };
     }
     if (n.kind === 'blk') {
+      const byNumber = this.blockByNumber(n.major, n.minor);
+      if (byNumber) return byNumber;
       const name = f.path.replace(/^\/dev\//, '');
       const d = this.diskBytes(name);
       if (!d) fail('ENODEV', `open ${f.path}`);
@@ -340,6 +408,7 @@ export class FakeKernel implements Sys {
 
   pwrite(fd: number, buf: Uint8Array, offset: number): number {
     const f = this.fds.get(fd) ?? fail('EBADF', `pwrite ${fd}`);
+    this.dmBytes.clear();
     if (f.node.kind !== 'file' || typeof f.node.data === 'function') fail('EINVAL', `pwrite ${f.path}`);
     const old = f.node.data as Uint8Array;
     const next = new Uint8Array(Math.max(old.length, offset + buf.length));
@@ -374,10 +443,263 @@ export class FakeKernel implements Sys {
     return n;
   }
 
-  ioctl(_fd: number, request: number, _arg: ArrayBuffer): number { fail('ENOSYS', `ioctl 0x${request.toString(16)}`); }
-  ioctlInt(_fd: number, request: number, _arg: number): number { fail('ENOSYS', `ioctl 0x${request.toString(16)}`); }
+  ioctl(fd: number, request: number, arg: ArrayBuffer): number {
+    const f = this.fds.get(fd);
+    const n = f?.node;
+    if (n && n.kind === 'chr' && n.major === 10 && n.minor === 236 && ((request >>> 8) & 0xff) === 0xfd) return this.dmIoctl(request & 0xff, arg);
+    if (n && n.kind === 'blk' && n.major === LOOP_MAJOR && request === 0x4c0a) return this.loopConfigure(n.minor, arg);
+    fail('ENOSYS', `ioctl 0x${request.toString(16)}`);
+  }
+
+  ioctlInt(fd: number, request: number, _arg: number): number {
+    this.dmBytes.clear();
+    const n = this.fds.get(fd)?.node;
+    if (n && n.kind === 'chr' && n.major === 10 && n.minor === 237 && request === 0x4c82) {
+      let k = 0;
+      while (this.loops.get(k)?.node) k++;
+      if (!this.loops.has(k)) this.loops.set(k, { n: k, offset: 0, sizeLimit: 0, readOnly: false });
+      return k;
+    }
+    if (n && n.kind === 'blk' && n.major === LOOP_MAJOR && request === 0x4c01) {
+      const l = this.loops.get(n.minor);
+      if (!l?.node) fail('ENXIO', `LOOP_CLR_FD loop${n.minor}`);
+      if (this.claimed().has(`${LOOP_MAJOR}:${n.minor}`)) fail('EBUSY', `LOOP_CLR_FD loop${n.minor}`);
+      this.loops.set(n.minor, { n: n.minor, offset: 0, sizeLimit: 0, readOnly: false });
+      this.events.loops.push({ op: 'detach', device: `/dev/loop${n.minor}` });
+      return 0;
+    }
+    fail('ENOSYS', `ioctl 0x${request.toString(16)}`);
+  }
+
   fsync(_fd: number): void {}
-  truncate(_fd: number, _length: number): void { fail('ENOSYS', 'ftruncate'); }
+
+  truncate(fd: number, length: number): void {
+    const f = this.fds.get(fd) ?? fail('EBADF', `ftruncate ${fd}`);
+    if (f.node.kind !== 'file' || typeof f.node.data === 'function') fail('EINVAL', `ftruncate ${f.path}`);
+    const next = new Uint8Array(length);
+    next.set(f.node.data.subarray(0, Math.min(length, f.node.data.length)));
+    f.node.data = next;
+  }
+
+  // ---------------------------------------------------------------- device-mapper and loop
+
+  private readonly dms = new Map<string, FakeDm>();
+  /** dm devices' bytes, read through their tables; dropped whenever a table, loop or file changes */
+  private readonly dmBytes = new Map<number, Uint8Array>();
+  private nextDmMinor = 0;
+  private readonly loops = new Map<number, FakeLoop>();
+
+  /** A block device's bytes by device number: disks, partitions, dm devices (through their table), loops. */
+  private blockByNumber(major: number, minor: number, depth = 0): { bytes: Uint8Array; start: number; size: number } | undefined {
+    if (depth > 16) fail('ELOOP', 'device stack');
+    if (major === DM_MAJOR) {
+      const dm = [...this.dms.values()].find((d) => d.minor === minor);
+      if (!dm?.live) return undefined;
+      let bytes = this.dmBytes.get(dm.minor);
+      if (!bytes) this.dmBytes.set(dm.minor, (bytes = this.materialize(dm.live.targets, depth)));
+      return { bytes, start: 0, size: bytes.length };
+    }
+    if (major === LOOP_MAJOR) {
+      const l = this.loops.get(minor);
+      if (!l?.node || l.node.kind !== 'file') return l ? { bytes: new Uint8Array(0), start: 0, size: 0 } : undefined;
+      const data = typeof l.node.data === 'function' ? l.node.data() : l.node.data;
+      const size = Math.max(0, Math.min(data.length - l.offset, l.sizeLimit || Infinity));
+      return { bytes: data, start: l.offset, size };
+    }
+    for (const d of this.visibleDisks()) {
+      if (d.major !== major) continue;
+      if (d.minor === minor) return { bytes: d.bytes, start: 0, size: d.bytes.length };
+      for (const p of d.partitions ?? []) if (d.minor + p.number === minor) return { bytes: d.bytes, start: p.start, size: p.size };
+    }
+    return undefined;
+  }
+
+  /** "major:minor" or a /dev path, as a dm table names a device. */
+  private resolveDevice(ref: string): { major: number; minor: number } {
+    const m = /^(\d+):(\d+)$/.exec(ref);
+    if (m) return { major: Number(m[1]), minor: Number(m[2]) };
+    let node: Node;
+    try { node = this.lookup(ref); } catch { fail('ENODEV', `dm: device ${ref}`); }
+    if (node.kind !== 'blk') fail('EINVAL', `dm: ${ref} is not a block device`);
+    return { major: node.major, minor: node.minor };
+  }
+
+  /** The devices named by live and loaded tables: claimed, so mounting them fails with EBUSY. */
+  private claimed(): Set<string> {
+    const out = new Set<string>();
+    for (const dm of this.dms.values()) {
+      for (const t of [...(dm.live?.targets ?? []), ...(dm.inactive?.targets ?? [])]) {
+        const refs = t.type === 'linear' ? [t.params.split(' ')[0]!] : t.type === 'snapshot' ? t.params.split(' ').slice(0, 2) : [];
+        for (const r of refs) {
+          try {
+            const d = this.resolveDevice(r);
+            out.add(`${d.major}:${d.minor}`);
+          } catch { /* gone */ }
+        }
+      }
+    }
+    return out;
+  }
+
+  private materialize(targets: FakeDmTarget[], depth: number): Uint8Array {
+    const out = new Uint8Array(dmSectors(targets) * 512);
+    for (const t of targets) {
+      const at = t.start * 512;
+      const len = t.length * 512;
+      if (t.type === 'linear' || t.type === 'snapshot') {
+        const [ref, off] = t.params.split(' ');
+        const dev = this.resolveDevice(ref!);
+        const src = this.blockByNumber(dev.major, dev.minor, depth + 1) ?? fail('ENXIO', `dm: ${ref} has no bytes`);
+        const from = t.type === 'linear' ? Number(off) * 512 : 0;
+        const n = Math.max(0, Math.min(len, src.size - from));
+        out.set(src.bytes.subarray(src.start + from, src.start + from + n), at);
+      }
+    }
+    return out;
+  }
+
+  private dmIoctl(cmd: number, buf: ArrayBuffer): number {
+    this.dmBytes.clear();
+    const v = new DataView(buf);
+    const bytes = new Uint8Array(buf);
+    if (buf.byteLength < 312 || v.getUint32(0, true) !== 4) fail('EINVAL', 'dm ioctl: bad struct dm_ioctl');
+    const dataSize = v.getUint32(12, true);
+    if (dataSize > buf.byteLength) fail('EINVAL', 'dm ioctl: data_size past the buffer');
+    const cstr = (off: number, max: number) => {
+      let end = off;
+      while (end < off + max && bytes[end] !== 0) end++;
+      return decodeUtf8(bytes.subarray(off, end));
+    };
+    const name = cstr(48, 128);
+    const flags = v.getUint32(28, true);
+    const get = () => this.dms.get(name) ?? fail('ENXIO', `dm: no device ${name}`);
+    switch (cmd) {
+      case 0: // VERSION
+        v.setUint32(0, 4, true); v.setUint32(4, 47, true); v.setUint32(8, 0, true);
+        return 0;
+      case 3: { // DEV_CREATE
+        if (!name || this.dms.has(name)) fail('EBUSY', `dm create ${name}`);
+        const uuid = cstr(176, 129);
+        if (uuid && [...this.dms.values()].some((d) => d.uuid === uuid)) fail('EBUSY', `dm create ${name}: uuid ${uuid} in use`);
+        const dm: FakeDm = { name, uuid, minor: this.nextDmMinor++, suspended: true };
+        this.dms.set(name, dm);
+        v.setBigUint64(40, BigInt((dm.minor & 0xff) + DM_MAJOR * 256 + (dm.minor & ~0xff) * 4096), true);
+        this.events.dm.push({ op: 'create', name, uuid });
+        return 0;
+      }
+      case 9: { // TABLE_LOAD
+        const dm = get();
+        const count = v.getUint32(20, true);
+        let off = v.getUint32(16, true);
+        const targets: FakeDmTarget[] = [];
+        for (let i = 0; i < count; i++) {
+          if (off + 40 > dataSize) fail('EINVAL', `dm load ${name}: target ${i} past data_size`);
+          const next = v.getUint32(off + 20, true);
+          const t: FakeDmTarget = { start: Number(v.getBigUint64(off, true)), length: Number(v.getBigUint64(off + 8, true)), type: cstr(off + 24, 16), params: cstr(off + 40, (i === count - 1 ? dataSize - off : next) - 40) };
+          targets.push(t);
+          if (next <= 0 && i < count - 1) fail('EINVAL', `dm load ${name}: bad next`);
+          off += next;
+        }
+        let pos = 0;
+        for (const t of targets) {
+          if (t.start !== pos || t.length <= 0) fail('EINVAL', `dm load ${name}: targets not contiguous at sector ${t.start}`);
+          pos += t.length;
+          if (!['linear', 'zero', 'error', 'snapshot', 'snapshot-origin'].includes(t.type)) fail('EINVAL', `dm load ${name}: unknown target type ${t.type}`);
+          if (t.type === 'linear') {
+            const [ref, off0] = t.params.split(' ');
+            if (!ref || !/^\d+$/.test(off0 ?? '')) fail('EINVAL', `dm load ${name}: linear params "${t.params}"`);
+            const d = this.resolveDevice(ref);
+            const size = this.blockByNumber(d.major, d.minor)?.size ?? fail('ENXIO', `dm load ${name}: ${ref}`);
+            if ((Number(off0) + t.length) * 512 > size) fail('EINVAL', `dm load ${name}: ${ref} is too small for ${t.params} + ${t.length}`);
+          }
+          if (t.type === 'snapshot') {
+            const p = t.params.split(' ');
+            if (p.length !== 4 || !['N', 'P', 'PO'].includes(p[2]!)) fail('EINVAL', `dm load ${name}: snapshot params "${t.params}"`);
+            this.resolveDevice(p[0]!);
+            this.resolveDevice(p[1]!);
+          }
+        }
+        // A device held by a mounted filesystem cannot be claimed (the kernel's exclusive open).
+        for (const t of targets) {
+          if (t.type !== 'linear') continue;
+          const d = this.resolveDevice(t.params.split(' ')[0]!);
+          if (this.mountedDevices().has(`${d.major}:${d.minor}`)) fail('EBUSY', `dm load ${name}: ${t.params.split(' ')[0]} is mounted`);
+        }
+        dm.inactive = { targets, readOnly: (flags & 1) !== 0 };
+        this.events.dm.push({ op: 'load', name, targets, readOnly: (flags & 1) !== 0 });
+        return 0;
+      }
+      case 6: { // DEV_SUSPEND: suspend, or resume (activating a loaded table)
+        const dm = get();
+        if (flags & 2) {
+          dm.suspended = true;
+          this.events.dm.push({ op: 'suspend', name });
+          return 0;
+        }
+        if (dm.inactive) {
+          dm.live = dm.inactive;
+          dm.inactive = undefined;
+        }
+        if (!dm.live) fail('EINVAL', `dm resume ${name}: no table`);
+        dm.suspended = false;
+        this.events.dm.push({ op: 'resume', name });
+        return 0;
+      }
+      case 4: { // DEV_REMOVE
+        const dm = get();
+        if (this.claimed().has(`${DM_MAJOR}:${dm.minor}`) || this.mountedDevices().has(`${DM_MAJOR}:${dm.minor}`)) fail('EBUSY', `dm remove ${name}`);
+        this.dms.delete(name);
+        this.events.dm.push({ op: 'remove', name });
+        return 0;
+      }
+      default:
+        fail('ENOTTY', `dm ioctl ${cmd}`);
+    }
+  }
+
+  private loopConfigure(n: number, buf: ArrayBuffer): number {
+    this.dmBytes.clear();
+    const l = this.loops.get(n) ?? fail('ENXIO', `loop${n}`);
+    if (l.node) fail('EBUSY', `LOOP_CONFIGURE loop${n}`);
+    const v = new DataView(buf);
+    const file = this.fds.get(v.getUint32(0, true)) ?? fail('EBADF', `LOOP_CONFIGURE loop${n}`);
+    if (file.node.kind !== 'file') fail('EINVAL', `LOOP_CONFIGURE loop${n}: ${file.path} is not a file`);
+    const offset = Number(v.getBigUint64(8 + 24, true));
+    const sizeLimit = Number(v.getBigUint64(8 + 32, true));
+    const readOnly = (v.getUint32(8 + 52, true) & 1) !== 0;
+    this.loops.set(n, { n, node: file.node, file: file.path, offset, sizeLimit, readOnly });
+    this.events.loops.push({ op: 'attach', device: `/dev/loop${n}`, file: file.path, readOnly, offset, sizeLimit });
+    return 0;
+  }
+
+  /** Device numbers of mounted filesystems' sources. */
+  private mountedDevices(): Set<string> {
+    const out = new Set<string>();
+    for (const source of this.deviceOfFs.values()) {
+      try {
+        const d = this.resolveDevice(source);
+        out.add(`${d.major}:${d.minor}`);
+      } catch { /* not a device */ }
+    }
+    return out;
+  }
+
+  /** The tree to show for a mount of a dm device, after checking its bytes hold a filesystem. */
+  private dmTreeFor(source: string): FakeTree | undefined {
+    let node: Node;
+    try { node = this.lookup(source); } catch { return undefined; }
+    if (node.kind !== 'blk' || node.major !== DM_MAJOR) return undefined;
+    const dm = [...this.dms.values()].find((d) => d.minor === node.minor);
+    if (!dm) fail('ENXIO', `mount ${source}`);
+    const tree = this.machine.deviceTrees?.[dm.name];
+    if (!tree) fail('EINVAL', `mount ${source}: no filesystem`);
+    const b = this.blockByNumber(DM_MAJOR, dm.minor)!;
+    const at = (o: number, n: number) => b.bytes.subarray(b.start + o, b.start + o + n);
+    const ext = b.size > 1082 && at(1080, 2)[0] === 0x53 && at(1080, 2)[1] === 0xef;
+    const ntfs = b.size > 11 && String.fromCharCode(...at(3, 8)) === 'NTFS    ';
+    if (!ext && !ntfs) fail('EINVAL', `mount ${source}: no ext or NTFS superblock on ${dm.name}`);
+    return tree;
+  }
 
   // ---------------------------------------------------------------- Sys: the tree
 
@@ -505,7 +827,10 @@ export class FakeKernel implements Sys {
       (fsRoot as { dynamic?: string }).dynamic = 'dev';
     } else if (fstype === 'tmpfs' || fstype === 'devpts') fsRoot = this.buildTree({}, fsCounter++);
     else {
-      const tree = this.treeForDevice(source);
+      let srcNode: Node | undefined;
+      try { srcNode = this.lookup(source); } catch { srcNode = undefined; }
+      if (srcNode?.kind === 'blk' && this.claimed().has(`${srcNode.major}:${srcNode.minor}`)) fail('EBUSY', `mount ${source}: held by device-mapper`);
+      const tree = this.dmTreeFor(source) ?? this.treeForDevice(source);
       if (!tree) fail(this.diskBytes(source.replace(/^\/dev\//, '')) ? 'EINVAL' : 'ENOENT', `mount ${source}`);
       fsRoot = this.buildTree(tree, fsCounter++);
       this.deviceOfFs.set(fsRoot, source);
@@ -527,7 +852,9 @@ export class FakeKernel implements Sys {
   umount2(target: string, _flags: number): void {
     const under = this.underlying(target);
     if (!under.mounted?.length) fail('EINVAL', `umount ${target}`);
-    under.mounted.pop();
+    const gone = under.mounted.pop()!;
+    this.deviceOfFs.delete(gone);
+    this.events.umounts.push(this.abs(target));
   }
 
   chdir(path: string): void {
@@ -623,5 +950,19 @@ export class FakeKernel implements Sys {
   reboot(cmd: number): never {
     this.events.rebooted = cmd;
     throw new SimulationEnd('reboot', cmd.toString(16));
+  }
+}
+
+function dmSectors(targets: FakeDmTarget[]): number {
+  return targets.reduce((a, t) => Math.max(a, t.start + t.length), 0);
+}
+
+function decodeUtf8(b: Uint8Array): string {
+  let s = '';
+  for (const c of b) s += String.fromCharCode(c);
+  try {
+    return decodeURIComponent(escape(s));
+  } catch {
+    return s;
   }
 }

@@ -34,7 +34,7 @@ ${[
   'symlink', 'link', 'rename', 'mknod', 'chmod', 'lchown', 'mount', 'umount2', 'chdir', 'chroot', 'pivotRoot', 'finitModule',
   'getpid', 'execve', 'spawn', 'waitpid', 'kill', 'exit', 'ueventSocket', 'poll', 'monotonicMs', 'uptimeSec', 'sleepMs', 'sync', 'reboot',
 ].map((n) => `export function ${n}(...a) { return unwrap(call('${n}', ...a)); }`).join('\n')}
-export function ioctl(fd, req, arg) { return unwrap(call('ioctl', fd, req)); }
+export function ioctl(fd, req, arg) { const v = view(arg); const r = unwrap(call('ioctl', fd, req, Array.from(v))); v.set(r.buf); return r.ret; }
 export function fork() { throw factory('ENOSYS', 38, 'fork'); }
 export function _exit(c) { return unwrap(call('exit', c)); }
 export function dup2() { throw factory('ENOSYS', 38, 'dup2'); }
@@ -77,7 +77,12 @@ export async function runBundleInQuickJS(machine: FakeMachine, bundlePath = 'bui
         return vm.newArrayBuffer(buf.slice(0, n).buffer);
       }
       if (BYTES_IN.has(name)) args[1] = Uint8Array.from(args[1] as number[]);
-      if (name === 'ioctl') args.push(new ArrayBuffer(0));
+      if (name === 'ioctl') {
+        // The struct goes in and comes back: the kernel writes its reply into it.
+        const buf = Uint8Array.from(args[2] as number[]).buffer;
+        const ret = kernel.ioctl(args[0] as number, args[1] as number, buf);
+        return vm.newString(JSON.stringify({ value: { ret, buf: Array.from(new Uint8Array(buf)) } }));
+      }
       const value = (kernel as unknown as Record<string, (...a: unknown[]) => unknown>)[name]!(...args);
       return vm.newString(JSON.stringify({ value: value === undefined ? null : value }));
     } catch (e) {

@@ -85,16 +85,17 @@ export function makeNtfs(dir: string, name: string, sizeMiB: number, label: stri
   return img;
 }
 
-let mkdirTool: ((img: string, dirs: string[]) => void) | undefined;
+type Disks = typeof import('../../qemu/disks.ts');
+let disks: Disks | undefined;
 function ntfsMkdir(img: string, d: string): void {
-  if (!mkdirTool) throw new Error('call loadNtfsMkdir() first');
-  mkdirTool(img, [d]);
+  if (!disks) throw new Error('call loadNtfsMkdir() first');
+  disks.ntfsAdd(img, {}, [d]);
 }
 
-/** Directories on NTFS without mounting: qemu/disks.ts builds a libntfs-3g helper. */
-export async function loadNtfsMkdir(): Promise<void> {
-  const disks = await import('../../qemu/disks.ts');
-  mkdirTool = (img, dirs) => { sh(disks.ntfsMkdirTool(), [img, ...dirs]); };
+/** Directories, fragmented files and volume flags on NTFS without mounting: the qemu test helpers (libntfs-3g). */
+export async function loadNtfsMkdir(): Promise<Disks> {
+  disks = await import('../../qemu/disks.ts');
+  return disks;
 }
 
 /** A GPT host disk whose partitions hold the given filesystem images (1 MiB aligned). */

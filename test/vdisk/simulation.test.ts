@@ -1,0 +1,153 @@
+/**
+ * root=vdisk: in the production init bundle, run by QuickJS against the fake kernel: a
+ * virtio disk whose first partition is NTFS (mkntfs + ntfscp) holding images made by
+ * qemu-img. The fake kernel takes device-mapper and loop ioctls, serves /dev/mapper/*
+ * through the loaded tables and refuses a mount whose device holds no superblock, so a
+ * wrong table ends the boot in the rescue shell instead of at the guest's init.
+ */
+import { existsSync, rmSync } from 'node:fs';
+import * as path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { MS } from '../../src/sys/sys.ts';
+import type { FakeDmEvent, FakeMachine } from '../../src/sys/fake.ts';
+import { runBundleInQuickJS } from '../boot/sim-harness.ts';
+import { GUEST_TREE, simInitramfs, simManifest } from '../boot/sim-machine.ts';
+import { BASIC_DATA, convert, devicesOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, qemuRaw, tmpDir } from './helpers.ts';
+import { readFileSync } from 'node:fs';
+
+let dir: string;
+let hostDisk: Uint8Array;
+let partitions: { name: string; number: number; start: number; size: number }[];
+let fixedVhd: string;
+let guestUuid: string;
+
+beforeAll(async () => {
+  if (!existsSync('build/init.js')) throw new Error('build/init.js is missing: run "npm run build" first');
+  await loadNtfsMkdir();
+  dir = tmpDir();
+  const raw = makeGuestDisk(dir);
+  fixedVhd = convert(raw, path.join(dir, 'linux.vhd'), 'vpc', ['subformat=fixed']);
+  const dynamic = convert(raw, path.join(dir, 'dynamic.vhdx'), 'vhdx', ['block_size=1M']);
+  const ntfs = makeNtfs(dir, 'win', 60, 'Windows', { '/VMs/linux.vhd': fixedVhd, '/VMs/dynamic.vhdx': dynamic }, ['/VMs']);
+  const file = makeHostDisk(dir, 'host', [{ image: ntfs, type: BASIC_DATA }]);
+  hostDisk = new Uint8Array(readFileSync(file));
+  const d = devicesOf([file]);
+  partitions = d.devices.filter((x) => x.info.partNumber).map((x) => ({ name: `vda${x.info.partNumber}`, number: x.info.partNumber!, start: 0, size: x.info.size }));
+  // partition offsets from the table the devices were read from
+  const { parsePartitionTable } = await import('../../src/formats/partitions.ts');
+  const table = parsePartitionTable({ name: file, size: hostDisk.length, read: (o, l) => hostDisk.subarray(o, o + l) });
+  for (const p of partitions) p.start = table.partitions.find((t) => t.number === p.number)!.start;
+  d.close();
+  const { probeFilesystem } = await import('../../src/formats/probe.ts');
+  const guest = new Uint8Array(readFileSync(raw));
+  guestUuid = probeFilesystem({ name: 'root', size: 12 << 20, read: (o, l) => guest.subarray((3 << 20) + o, (3 << 20) + o + l) })!.uuid!;
+}, 60_000);
+
+afterAll(() => {
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+function machine(cmdline: string): FakeMachine {
+  return {
+    cmdline,
+    disks: [{ name: 'vda', bytes: hostDisk, major: 254, minor: 0, partitions, needsModule: 'virtio_blk' }],
+    pciDevices: { '0000:00:04.0': 'pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00', virtio1: 'virtio:d00000002v00001AF4' },
+    initramfs: simInitramfs(simManifest()),
+    deviceTrees: { vdisk0p2: GUEST_TREE, vdhost: { 'VMs/linux.vhd': 'image' } },
+  };
+}
+
+async function boot(cmdline: string) {
+  const r = await runBundleInQuickJS(machine(cmdline));
+  if (r.escaped) throw new Error(`an exception escaped the init:\n${r.escaped}\nconsole:\n${r.kernel.consoleText}`);
+  return r;
+}
+
+function created(events: FakeDmEvent[]) {
+  return events.filter((e) => e.op === 'create').map((e) => [e.name, (e as { uuid: string }).uuid]);
+}
+
+describe('simulation: root=vdisk: boots through device-mapper', () => {
+  it('a fixed VHD on NTFS: vdisk0 and its partitions on the host partition, root mounted from vdisk0p2, host at /run/vdboot/host', async () => {
+    const r = await boot('root=vdisk:LABEL=Windows:/VMs/linux.vhd rw');
+    const text = r.kernel.consoleText;
+    if (process.env.VDBOOT_SHOW) process.stdout.write(text);
+    expect(r.end?.reason, text).toBe('exec');
+    expect(r.kernel.events.exec).toMatchObject({ path: '/sbin/init', rootDevice: '/dev/mapper/vdisk0p2' });
+    expect(created(r.kernel.events.dm)).toEqual([
+      ['vdisk0', 'VDBOOT-vdisk0'], ['vdisk0p1', 'VDBOOT-vdisk0-part1'], ['vdisk0p2', 'VDBOOT-vdisk0-part2'], ['vdhost', 'VDBOOT-vdhost'],
+    ]);
+    const load = r.kernel.events.dm.find((e) => e.op === 'load' && e.name === 'vdisk0') as Extract<FakeDmEvent, { op: 'load' }>;
+    expect(load.readOnly).toBe(false);
+    expect(load.targets.every((t) => t.type === 'linear' && t.params.startsWith('/dev/vda1 '))).toBe(true);
+    const root = r.kernel.events.mounts.find((m) => m.target === '/root')!;
+    expect(root).toMatchObject({ source: '/dev/mapper/vdisk0p2', fstype: 'ext4' });
+    expect(root.flags & MS.RDONLY).toBe(0);
+    const host = r.kernel.events.mounts.find((m) => m.target === '/run/vdboot/host')!;
+    expect(host).toMatchObject({ source: '/dev/mapper/vdhost', fstype: 'ntfs3' });
+    expect(host.flags & MS.RDONLY).toBe(MS.RDONLY);
+    expect(text).toMatch(/vdisk0: \/VMs\/linux\.vhd on \/dev\/vda1 \(ntfs, LABEL="Windows"\): vhd fixed, direct: the image is fully mappable/);
+    // The whole virtual disk as the kernel now serves it is what qemu-img reads from the image.
+    const fd = r.kernel.open('/dev/mapper/vdisk0', 0);
+    const oracle = qemuRaw(fixedVhd, dir);
+    const buf = new Uint8Array(oracle.length);
+    expect(r.kernel.pread(fd, buf, 0)).toBe(oracle.length);
+    expect(Buffer.from(buf).equals(oracle)).toBe(true);
+    // The shutdown hand-off finds what to take down.
+    const state = JSON.parse(new TextDecoder().decode(readAll(r.kernel, '/run/vdboot/state.json')));
+    expect(state).toMatchObject({ dm: ['vdisk0', 'vdisk0p1', 'vdisk0p2', 'vdhost'], loops: [], hostMount: '/run/vdboot/host' });
+  });
+
+  it('snapshot mode: a read-only base, a RAM store on a loop device, and the snapshot as vdisk0', async () => {
+    const r = await boot('root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rd.vdisk.mode=snapshot');
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    expect(created(r.kernel.events.dm).map((c) => c[0])).toEqual(['vdisk0-base', 'vdisk0', 'vdisk0p1', 'vdisk0p2', 'vdhost']);
+    const loads = r.kernel.events.dm.filter((e): e is Extract<FakeDmEvent, { op: 'load' }> => e.op === 'load');
+    expect(loads.find((l) => l.name === 'vdisk0-base')!.readOnly).toBe(true);
+    expect(loads.find((l) => l.name === 'vdisk0-base')!.targets.some((t) => t.type === 'zero')).toBe(true);
+    const attach = r.kernel.events.loops.find((e) => e.op === 'attach')!;
+    expect(attach).toMatchObject({ device: '/dev/loop0', file: '/run/vdboot/vdisk0.cow', readOnly: false });
+    expect(loads.find((l) => l.name === 'vdisk0')!.targets).toEqual([{ start: 0, length: 32768, type: 'snapshot', params: '/dev/mapper/vdisk0-base /dev/loop0 N 8' }]);
+    expect(r.kernel.events.exec).toMatchObject({ rootDevice: '/dev/mapper/vdisk0p2' });
+  });
+
+  it('without a host spec every partition is searched', async () => {
+    const r = await boot('root=vdisk:/VMs/linux.vhd');
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    expect(r.kernel.consoleText).toMatch(/found \/VMs\/linux\.vhd on \/dev\/vda1/);
+  });
+
+  it('rd.vdisk.attach: root=UUID= finds the root on the attached image\'s partition', async () => {
+    const r = await boot(`root=UUID=${guestUuid} rd.vdisk.attach=LABEL=Windows:/VMs/linux.vhd`);
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    const root = r.kernel.events.mounts.find((m) => m.target === '/root')!;
+    expect(root.source).toMatch(/^\/dev\/dm-\d+$/);
+    expect(r.kernel.consoleText).toMatch(new RegExp(`found root device UUID=${guestUuid} at /dev/dm-2`));
+  });
+});
+
+describe('simulation: root=vdisk: failures create nothing and explain', () => {
+  it('a dynamic image in rw: the rescue shell with the remedies, and no device-mapper device was made', async () => {
+    const r = await boot('root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rw');
+    expect(r.end?.reason).toBe('shell');
+    expect(r.kernel.consoleText).toMatch(/cannot be mapped read-write/);
+    expect(r.kernel.consoleText).toMatch(/rd\.vdisk\.mode=snapshot/);
+    expect(r.kernel.events.dm).toEqual([]);
+  });
+
+  it('a missing image: the partitions searched, after rd.timeout', async () => {
+    const r = await boot('root=vdisk:/VMs/nothere.vhd rd.timeout=2');
+    expect(r.end?.reason).toBe('shell');
+    expect(r.kernel.consoleText).toMatch(/Could not find \/VMs\/nothere\.vhd on any partition\. Searched 1 partition:\n +\/dev\/vda1 \(ntfs, LABEL="Windows"\)/);
+    expect(r.kernel.consoleText).toMatch(/Waited 2 s for devices/);
+    expect(r.kernel.events.dm).toEqual([]);
+  });
+});
+
+function readAll(k: { open(p: string, f: number): number; pread(fd: number, b: Uint8Array, o: number): number; close(fd: number): void }, p: string): Uint8Array {
+  const fd = k.open(p, 0);
+  const buf = new Uint8Array(1 << 16);
+  const n = k.pread(fd, buf, 0);
+  k.close(fd);
+  return buf.subarray(0, n);
+}
