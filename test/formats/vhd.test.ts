@@ -5,8 +5,8 @@ import { isFormatError } from '../../src/formats/block-reader.ts';
 import { validateMap } from '../../src/formats/extent-ops.ts';
 import { vhdChecksum } from '../../src/formats/vhd.ts';
 import {
-  cleanupTmpDirs, expectMapAgreesWithQemu, expectMatchesQemu, expectSameBytes, makeTmpDir, openTestImage,
-  qemuImg, qemuIo, qemuRaw, readWholeImage,
+  cleanupTmpDirs, expectMapAgreesWithQemu, expectMatchesQemu, expectSameBytes, expectSameBytesAsQemu, makeTmpDir, openTestImage,
+  qemuImg, qemuIo, qemuRaw, qemuVirtualSize, readWholeImage,
 } from './helpers.ts';
 
 afterAll(cleanupTmpDirs);
@@ -145,3 +145,52 @@ describe('VHD damage is refused with a FormatError', () => {
     expectRefused(p, /block size/);
   });
 });
+
+describe('VHD size by creator application', () => {
+  const dir = makeTmpDir();
+  // current_size 10,000,384 bytes; the geometry written below, 287/4/17, covers 9,992,192 of them
+  const proto = vpc(dir, 'proto.vhd', '10000384', ['force_size=on'], ['write -P 0x11 9M 512']);
+  const GEOMETRY: [number, number, number] = [287, 4, 17];
+  const CHS_BYTES = GEOMETRY[0] * GEOMETRY[1] * GEOMETRY[2] * 512;
+
+  function withCreator(name: string, creator: string, geometry: [number, number, number] = GEOMETRY): string {
+    const p = path.join(dir, name);
+    const b = fs.readFileSync(proto);
+    for (const at of [0, b.length - 512]) {
+      b.write(creator, at + 28, 'latin1');
+      b.writeUInt16BE(geometry[0], at + 56);
+      b[at + 58] = geometry[1];
+      b[at + 59] = geometry[2];
+      b.writeUInt32BE(vhdChecksum(b.subarray(at, at + 512), 64), at + 64);
+    }
+    fs.writeFileSync(p, b);
+    return p;
+  }
+
+  for (const [creator, rule] of [['vpc ', 'CHS'], ['qemu', 'CHS'], ['win ', 'current_size'], ['qem2', 'current_size'], ['d2v ', 'current_size'], ['CTXS', 'current_size'], ['tap\0', 'current_size']] as const) {
+    it(`creator "${creator}" is sized by ${rule}, as qemu sizes it`, () => {
+      const p = withCreator(`c-${creator.replace(/\W/g, '_')}.vhd`, creator);
+      const img = openTestImage(p);
+      try {
+        expect(img.map.size).toBe(rule === 'CHS' ? CHS_BYTES : 10_000_384);
+        expect(img.map.size).toBe(qemuVirtualSize(p));
+        expectSameBytesAsQemu(img, p);
+      } finally {
+        img.close();
+      }
+    });
+  }
+
+  it('a CHS geometry at its maximum (65535/16/255) means current_size whatever the creator', () => {
+    const img = openTestImage(withCreator('maxchs.vhd', 'vpc ', [65535, 16, 255]));
+    expect(img.map.size).toBe(10_000_384);
+    img.close();
+  });
+
+  it('Disk2vhd\'s "d2v\\0" creator is sized by current_size, as Windows mounts it', () => {
+    const img = openTestImage(withCreator('d2vnul.vhd', 'd2v\0'));
+    expect(img.map.size).toBe(10_000_384);
+    img.close();
+  });
+});
+
