@@ -31,10 +31,12 @@ export interface GuestOptions {
   commands?: string[];
   /**
    * what init does last: 'poweroff' (default: remount / read-only, sync, power off),
-   * 'shell' (an interactive busybox sh on the console), 'reboot', or 'exit' (init exits,
-   * so the kernel panics; with panic=-1 and -no-reboot qemu ends).
+   * 'shell' (an interactive busybox sh on the console), 'reboot', 'exit' (init exits,
+   * so the kernel panics; with panic=-1 and -no-reboot qemu ends), or { exec } to hand
+   * over to a command, e.g. { exec: '/run/initramfs/shutdown poweroff' } (the initramfs's
+   * shutdown hand-off, as a guest without systemd would call it).
    */
-  then?: 'poweroff' | 'shell' | 'reboot' | 'exit';
+  then?: 'poweroff' | 'shell' | 'reboot' | 'exit' | { exec: string };
   /** keep kernel messages on the console after init starts (default: console loglevel 1) */
   kernelMessages?: boolean;
   /** extra files: guest path → content */
@@ -111,7 +113,12 @@ export function guestInitScript(opts: GuestOptions = {}): string {
   }
   lines.push(...(opts.commands ?? []));
   lines.push(`echo ${shellQuote(marker)}`);
-  switch (opts.then ?? 'poweroff') {
+  const then = opts.then ?? 'poweroff';
+  if (typeof then === 'object') {
+    lines.push('sync', `exec ${then.exec}`);
+    return lines.filter((l) => l !== '').join('\n') + '\n';
+  }
+  switch (then) {
     case 'poweroff':
       lines.push('sync', 'mount -o remount,ro / 2>/dev/null', 'poweroff -f');
       break;

@@ -54,7 +54,11 @@ export interface BootOptions {
   memoryMiB?: number;
   /** virtual CPUs; default 1 */
   cpus?: number;
-  /** 'bios' (SeaBIOS, default) or 'uefi' (OVMF, with a private copy of the variable store) */
+  /**
+   * 'bios' (SeaBIOS, default) or 'uefi' (OVMF, with a private copy of the variable store).
+   * Note: OVMF's direct kernel boot appends ` initrd=initrd` to the command line, after any
+   * `--`, so the guest's init then gets an extra "initrd=initrd" argument.
+   */
   firmware?: 'bios' | 'uefi';
   /** 'auto' (default): KVM when the probe boot works, else TCG */
   accel?: Accel | 'auto';
@@ -108,7 +112,9 @@ export interface Vm {
   stderr(): string;
   /**
    * Waits until a console line (or the unfinished last line, e.g. a shell prompt) matches,
-   * searching from just after the previous waitFor's match, and returns that line.
+   * searching from just after the previous waitFor's match, and returns that line. A string
+   * matches anywhere in the line; the console echoes what send() types, so to wait for a
+   * command's answer use an anchored RegExp (/^42$/) rather than a string it contains.
    * Rejects when the timeout passes (the VM keeps running: kill it or waitExit) or when the
    * VM exits first, with the console's last lines and the log file's path in the message.
    */
