@@ -31,7 +31,7 @@ export const UNIVERSAL_MODULES: readonly string[] = [
   // SD/MMC
   'mmc_block', 'sdhci_pci', 'sdhci_acpi',
   // filesystems (ext4 also mounts ext2/ext3 when the kernel says so in its fs- aliases)
-  'ext4', 'xfs', 'btrfs', 'vfat', 'nls_cp437', 'nls_iso8859_1', 'nls_utf8', 'exfat', 'isofs', 'squashfs', 'overlay', 'ntfs3',
+  'ext4', 'xfs', 'btrfs', 'vfat', 'nls_cp437', 'nls_ascii', 'nls_iso8859_1', 'nls_utf8', 'exfat', 'isofs', 'squashfs', 'overlay', 'ntfs3',
   // device-mapper (linear is part of dm_mod), loop, nbd, fuse
   'dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse',
   // keyboards for the rescue shell
@@ -45,9 +45,38 @@ export const QUIETLY_OPTIONAL: ReadonlySet<string> = new Set(['xhci_plat_hcd', '
  * Loaded by the init at every boot, whatever devices it finds. Filesystems are not here: the
  * init probes the superblock first and loads `manifest.filesystems[type]` just before the
  * mount (loading btrfs unconditionally would also run raid6's benchmark at every boot).
- * The nls tables are here because vfat asks for them by name during its mount.
+ * The character sets a filesystem asks for by name during its mount are its softPre
+ * (see filesystemCharsets), so they come with it.
  */
-export const PRELOAD_MODULES: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nls_cp437', 'nls_iso8859_1', 'nls_utf8'];
+export const PRELOAD_MODULES: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop'];
+
+/**
+ * The nls modules each filesystem loads by name in its mount with default options, from the
+ * kernel's config (vfat: codepage and iocharset, e.g. cp437 and "ascii" on Debian; exfat and
+ * isofs: their default iocharset). The init does not run modprobe, so they become softPre of
+ * the filesystem's module. Without a config file, every usual table is listed.
+ */
+export function filesystemCharsets(release: string, configFile = `/boot/config-${release}`): Record<string, string[]> {
+  const nls = (charset: string) => `nls_${moduleKey(charset.toLowerCase())}`;
+  if (!existsSync(configFile)) {
+    const all = ['nls_cp437', 'nls_ascii', 'nls_iso8859_1', 'nls_utf8'];
+    return { vfat: all, msdos: all, exfat: ['nls_utf8'], isofs: ['nls_utf8', 'nls_iso8859_1'] };
+  }
+  const config = new Map<string, string>();
+  for (const line of readFileSync(configFile, 'utf8').split('\n')) {
+    const m = /^(CONFIG_\w+)=(.*)$/.exec(line);
+    if (m) config.set(m[1], m[2].replace(/^"(.*)"$/, '$1'));
+  }
+  const fat = [`nls_cp${config.get('CONFIG_FAT_DEFAULT_CODEPAGE') ?? '437'}`, nls(config.get('CONFIG_FAT_DEFAULT_IOCHARSET') ?? 'iso8859-1')];
+  if (config.get('CONFIG_FAT_DEFAULT_UTF8') === 'y') fat.push('nls_utf8');
+  const nlsDefault = nls(config.get('CONFIG_NLS_DEFAULT') ?? 'iso8859-1');
+  return {
+    vfat: fat,
+    msdos: fat.slice(0, 1),
+    exfat: [nls(config.get('CONFIG_EXFAT_DEFAULT_IOCHARSET') ?? 'utf8')],
+    isofs: [nlsDefault],
+  };
+}
 
 export interface MkinitramfsOptions {
   /** A kernel release ("6.1.0-56-amd64") or a vmlinuz file; default: the running kernel's, else the newest in /lib/modules. */
@@ -333,7 +362,10 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const tools = [...new Set(options.tools ?? [])].sort();
   for (const t of tools) if (!(t in TOOLS)) throw new ModuleError(`unknown tool "${t}"; vdboot can include ${Object.keys(TOOLS).join(', ')}`);
   const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools);
-  const included = moduleClosure(index, [...selection.roots, ...tools.map((t) => TOOLS[t].module).filter((m) => index.files.has(m))]);
+  const charsets = filesystemCharsets(index.release);
+  const fsRoots = new Set(selection.roots);
+  const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
+  const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).filter((m) => index.files.has(m))]);
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   const release = index.release;
   const modRoot = `lib/modules/${release}`;
@@ -380,7 +412,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
       name,
       path: `/${modRoot}/${plainRel}`,
       deps,
-      softPre: resolveSoft(soft.pre),
+      softPre: [...new Set([...resolveSoft(soft.pre), ...(Object.hasOwn(charsets, name) ? charsets[name] : []).filter((m) => included.has(m))])],
       softPost: resolveSoft(soft.post),
       options: index.options.get(name) ?? '',
       compression: '',

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { loadOrder, loadWaves, moduleKey } from '../../src/formats/manifest.ts';
 import { QUIETLY_OPTIONAL, UNIVERSAL_MODULES } from '../../mkinitramfs/build.ts';
@@ -135,5 +136,21 @@ describe(`module closure for kernel ${release}`, () => {
       if (oracle.length === 1) expect(manifest.filesystems[fstype], fstype).toBe(oracle[0]);
     }
     for (const p of manifest.preload) expect(manifest.modules, p).toHaveProperty(p);
+  });
+
+  it("vfat brings the code page and I/O charset the kernel's config makes it ask for at mount", () => {
+    const { manifest } = universalBuild();
+    const config = fs.readFileSync(`/boot/config-${release}`, 'utf8');
+    const value = (key: string) => new RegExp(`^${key}="?([^"\\n]*)"?$`, 'm').exec(config)?.[1];
+    const wanted = [`nls_cp${value('CONFIG_FAT_DEFAULT_CODEPAGE')}`, `nls_${value('CONFIG_FAT_DEFAULT_IOCHARSET')!.replace(/-/g, '_')}`];
+    const order = loadOrder(manifest, ['vfat']);
+    for (const w of wanted) {
+      if (modprobeShowDepends(w).length === 0) continue; // built in
+      expect(manifest.modules.vfat.softPre, w).toContain(w);
+      expect(order.indexOf(w), w).toBeLessThan(order.indexOf('vfat'));
+    }
+    const exfatCharset = `nls_${value('CONFIG_EXFAT_DEFAULT_IOCHARSET')}`;
+    expect(loadOrder(manifest, ['exfat'])).toContain(exfatCharset);
+    expect(manifest.preload.filter((m) => m.startsWith('nls_'))).toEqual([]);
   });
 });
