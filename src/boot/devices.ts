@@ -96,7 +96,9 @@ export class DeviceScanner {
     try {
       const reader = openBlockReader(this.sys, `/dev/${disk.replace(/!/g, '/')}`, size);
       try {
-        const table = parsePartitionTable(reader);
+        // An MBR on a 4Kn disk counts in 4096-byte sectors: only the device can say so.
+        const logical = Number(readTextOr(this.sys, `/sys/class/block/${disk}/queue/logical_block_size`) ?? '512');
+        const table = parsePartitionTable(reader, logical === 4096 ? { sectorSize: 4096 } : {});
         entry.kind = table.kind;
         for (const p of table.partitions) {
           entry.parts.set(p.number, { partuuid: p.partuuid, partlabel: p.name || undefined });
