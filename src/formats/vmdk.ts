@@ -215,6 +215,8 @@ interface GrainTables {
   /** a directory entry → the byte offset of its grain table, 0 when absent */
   gdEntry(lo: number, hi: number, index: number): number;
   gtEntry(lo: number, hi: number): Grain;
+  /** entries are 32-bit sector numbers (0 unallocated; 1 zeroed when the extent has zeroed grains) */
+  sectorEntries: boolean;
   compressed: boolean;
   markers: boolean;
   what: string;
@@ -235,6 +237,8 @@ function mapGrains(b: Builder, reader: BlockReader, fileIndex: number, start: nu
   const gtBytes = t.gtEntries * t.entryBytes;
   const reason = 'streamOptimized compressed grain';
   const chunkEntries = 65536;
+  // the pending run of whole data grains, counted in grains (a byte count past 2^31 would be boxed)
+  let runStart = 0, runOff = 0, runCount = 0;
   for (let first = 0; first < needed; first += chunkEntries) {
     const n = Math.min(chunkEntries, needed - first);
     const gd = reader.read(t.gdOffset + first * t.entryBytes, n * t.entryBytes);
@@ -246,7 +250,11 @@ function mapGrains(b: Builder, reader: BlockReader, fileIndex: number, start: nu
       const base = start + gi * gtSpan;
       const span = Math.min(gtSpan, start + length - base);
       const gtOffset = t.gdEntry(lo, hi, gi);
-      if (gtOffset === 0) { unallocated(b, base, span); continue; }
+      if (gtOffset === 0) {
+        if (runCount > 0) { push(b, { kind: 'data', start: runStart, length: runCount * t.grainBytes, file: fileIndex, offset: runOff }); runCount = 0; }
+        unallocated(b, base, span);
+        continue;
+      }
       if (gtOffset + gtBytes > reader.size) {
         fail(reader, `${t.what} grain table ${gi} at offset ${gtOffset} is past the end of the file (${reader.size} bytes)`, 'gd.entry', gtOffset);
       }
@@ -258,6 +266,19 @@ function mapGrains(b: Builder, reader: BlockReader, fileIndex: number, start: nu
         const gs = base + j * t.grainBytes;
         const glen = Math.min(t.grainBytes, start + length - gs);
         const elo = gtv.getUint32(j * t.entryBytes, true);
+        // The common case, a hosted or COWD grain by sector number: no allocation per grain.
+        if (t.sectorEntries && elo > 1 && !t.compressed && glen === t.grainBytes) {
+          const off = elo * SECTOR;
+          if (off + glen > reader.size) {
+            fail(reader, `${t.what} grain for virtual offset ${gs} is at offset ${off}, past the end of the file (${reader.size} bytes)`, 'gt.entry', off);
+          }
+          b.allocatedGrains++;
+          if (runCount > 0 && gs === runStart + runCount * t.grainBytes && off === runOff + runCount * t.grainBytes) { runCount++; continue; }
+          if (runCount > 0) { push(b, { kind: 'data', start: runStart, length: runCount * t.grainBytes, file: fileIndex, offset: runOff }); runCount = 0; }
+          runStart = gs; runOff = off; runCount = 1;
+          continue;
+        }
+        if (runCount > 0) { push(b, { kind: 'data', start: runStart, length: runCount * t.grainBytes, file: fileIndex, offset: runOff }); runCount = 0; }
         const ehi = t.entryBytes === 8 ? gtv.getUint32(j * 8 + 4, true) : 0;
         const g = elo === 0 && ehi === 0 ? UNALLOCATED : t.gtEntry(elo, ehi);
         if (g.kind === 'unallocated') unallocated(b, gs, glen);
@@ -277,6 +298,7 @@ function mapGrains(b: Builder, reader: BlockReader, fileIndex: number, start: nu
       }
     }
   }
+  if (runCount > 0) push(b, { kind: 'data', start: runStart, length: runCount * t.grainBytes, file: fileIndex, offset: runOff });
 }
 
 /** Maps a hosted sparse ("KDMV") extent. Returns its header. */
@@ -320,6 +342,7 @@ function mapSparseExtent(b: Builder, reader: BlockReader, fileIndex: number, sta
     grainBytes,
     gdEntry: (lo) => sectorsToBytes(lo),
     gtEntry: (lo) => (zeroGrain && lo === GTE_ZEROED ? ZERO : { kind: 'data', offset: sectorsToBytes(lo) }),
+    sectorEntries: true,
     compressed,
     markers,
     what,
@@ -361,6 +384,7 @@ function mapCowdExtent(b: Builder, reader: BlockReader, fileIndex: number, start
     grainBytes: granularity * SECTOR,
     gdEntry: (lo) => lo * SECTOR,
     gtEntry: (lo) => ({ kind: 'data', offset: lo * SECTOR }),
+    sectorEntries: true,
     compressed: false,
     markers: false,
     what,
@@ -419,6 +443,7 @@ function mapSeSparseExtent(b: Builder, reader: BlockReader, fileIndex: number, s
       }
       return fail(reader, `SESPARSE grain table entry 0x${hi.toString(16)}${lo.toString(16).padStart(8, '0')} has an invalid type`, 'gt.entry', hi);
     },
+    sectorEntries: false,
     compressed: false,
     markers: false,
     what,
