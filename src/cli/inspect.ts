@@ -22,6 +22,13 @@ export interface Mappability {
 export function mappability(img: OpenedImage): { readOnly: Mappability; readWrite: Mappability } {
   const check = (writable: boolean): Mappability => {
     try {
+      if (writable && img.layers.length > 1) {
+        const own = new Set(img.layers[0]!.fileIndex);
+        const inParent = img.map.extents.find((e) => e.kind === 'data' && !own.has(e.file));
+        if (inParent && inParent.kind === 'data') {
+          return { ok: false, reason: `virtual bytes ${inParent.start}.. lie in the parent image ${img.map.files[inParent.file]}: writes there would change the parent. Use rd.vdisk.mode=snapshot or merge the chain` };
+        }
+      }
       dmTable(img.map, { writable });
       return { ok: true, reason: writable ? 'every range is data in an image file' : 'every range is data or zeros' };
     } catch (e) {

@@ -92,6 +92,16 @@ describe('vdboot inspect, map, cat', () => {
     expect(text).toMatch(/vfat LABEL="VDBOOTTEST"/);
   });
 
+  it('inspect of an overlay: the chain is listed and a read-write mapping is refused (writes would reach the parent)', async () => {
+    const overlay = path.join(dir, 'overlay.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', 'disk.vhd', '-F', 'vpc', overlay);
+    qemuIo(overlay, 'qcow2', ['write -P 0x71 0 64k']);
+    const info = JSON.parse((await vdboot(['inspect', overlay, '--json'])).out);
+    expect(info.chain.map((l: { format: string }) => l.format)).toEqual(['qcow2', 'vhd']);
+    expect(info.mapping.readWrite.ok).toBe(false);
+    expect(info.mapping.readWrite.reason).toMatch(/parent image .*disk\.vhd/);
+  });
+
   it('a missing image and a missing argument are errors for the user, not crashes', async () => {
     await expect(vdboot(['inspect', path.join(dir, 'nope.vhd')])).rejects.toMatchObject({ name: 'FormatError', message: expect.stringMatching(/nope\.vhd/) });
     await expect(vdboot(['map'])).rejects.toMatchObject({ name: 'UsageError' });
