@@ -24,6 +24,7 @@ const AT_VOLUME_INFORMATION = 0x70;
 const AT_DATA = 0x80;
 const AT_INDEX_ROOT = 0x90;
 const AT_INDEX_ALLOCATION = 0xa0;
+const AT_REPARSE_POINT = 0xc0;
 const AT_END = 0xffffffff;
 
 const ATTR_COMPRESSED = 0x0001;
@@ -36,6 +37,11 @@ const MFT_RECORD_IN_USE = 0x0001;
 const MFT_RECORD_IS_DIRECTORY = 0x0002;
 
 const FILE_NAME_DOS = 2;
+
+const IO_REPARSE_TAG_MOUNT_POINT = 0xa0000003;
+const IO_REPARSE_TAG_SYMLINK = 0xa000000c;
+const IO_REPARSE_TAG_DEDUP = 0x80000013;
+const IO_REPARSE_TAG_WOF = 0x80000017;
 
 const VOLUME_IS_DIRTY = 0x0001;
 
@@ -722,8 +728,54 @@ export class NtfsVolume implements HostFs {
       rec = this.readEntryRecord(e, joinHostPath([...found, e.name]));
       // the name as the directory spells it; a DOS 8.3 match keeps the long name out of reach, so keep what was typed
       found.push(e.namespace === FILE_NAME_DOS ? part : e.name);
+      if (rec.flags & MFT_RECORD_IS_DIRECTORY || found.length < wanted.length) {
+        // a junction or directory symlink: its own index is empty, its target elsewhere
+        const rp = this.reparsePoint(rec, joinHostPath(found));
+        if (rp) {
+          const kind = rp.tag === IO_REPARSE_TAG_MOUNT_POINT ? 'a junction' : rp.tag === IO_REPARSE_TAG_SYMLINK ? 'a symbolic link' : `a reparse point (tag 0x${rp.tag.toString(16)})`;
+          throw new FormatError(`${this.volumeName}: ${joinHostPath(found)} is ${kind}${rp.target ? ` to "${rp.target}"` : ''}: vdboot does not follow links; give the path where the file really is`, 'path', path);
+        }
+      }
     }
     return { rec, parts: found };
+  }
+
+  /** The record's reparse tag and, for junctions and symbolic links, the target as Windows prints it. */
+  private reparsePoint(rec: MftRecord, what: string): { tag: number; target?: string } | null {
+    const a = this.getAttr(rec, AT_REPARSE_POINT, '', what);
+    if (!a) return null;
+    const b = this.readAttrValue(a, `${what} $REPARSE_POINT`, 65536);
+    if (b.length < 8) return { tag: 0 };
+    const v = viewOf(b);
+    const tag = v.getUint32(0, true);
+    let target: string | undefined;
+    if (tag === IO_REPARSE_TAG_MOUNT_POINT || tag === IO_REPARSE_TAG_SYMLINK) {
+      const base = tag === IO_REPARSE_TAG_SYMLINK ? 20 : 16;
+      if (b.length >= base) {
+        const name = (ofs: number, len: number): string | undefined =>
+          base + ofs + len <= b.length && len > 0 ? utf16leDecode(b.subarray(base + ofs, base + ofs + len)) : undefined;
+        target = name(v.getUint16(12, true), v.getUint16(14, true)) ?? name(v.getUint16(8, true), v.getUint16(10, true))?.replace(/^\\\?\?\\/, '');
+      }
+    }
+    return { tag, target };
+  }
+
+  /** Why a file with this reparse tag cannot be mapped, and what to do, for the user. */
+  private reparseRefusal(p: string, tag: number, target?: string): string {
+    const win = `"${p.replace(/\//g, '\\')}"`;
+    if (tag === IO_REPARSE_TAG_WOF) {
+      return `${p} is compressed by Windows (compact /EXE or CompactOS): its clusters hold compressed data, not the file. On Windows run: compact /u /exe ${win}`;
+    }
+    if (tag === IO_REPARSE_TAG_DEDUP) {
+      return `${p} is deduplicated (Windows Server Data Deduplication): its data lives in the volume's chunk store. Exclude its folder from deduplication and run Expand-DedupFile on it`;
+    }
+    if (((tag & 0xffff0fff) >>> 0) === 0x9000001a) {
+      return `${p} is a OneDrive (cloud files) placeholder: its data may not be on this disk and OneDrive may rewrite it. Right-click it and choose "Always keep on this device", or better, move the image out of the OneDrive folder`;
+    }
+    if (tag === IO_REPARSE_TAG_SYMLINK || tag === IO_REPARSE_TAG_MOUNT_POINT) {
+      return `${p} is a symbolic link${target ? ` to "${target}"` : ''}: vdboot does not follow links; give the path where the file really is`;
+    }
+    return `${p} is a reparse point (tag 0x${tag.toString(16)}), which vdboot cannot map: copy the image to a plain file`;
   }
 
   // ---- HostFs -----------------------------------------------------------------------
@@ -734,8 +786,12 @@ export class NtfsVolume implements HostFs {
     if (rec.flags & MFT_RECORD_IS_DIRECTORY) throw new FormatError(`${this.volumeName}: ${p} is a directory, not a file`, 'path', path);
     const si = rec.attrs.find((a) => a.type === AT_STANDARD_INFORMATION && !a.nonResident);
     const fileAttrs = si?.value && si.value.length >= 0x24 ? viewOf(si.value).getUint32(0x20, true) : 0;
+    // Windows keeps some files' data outside their clusters (WOF compression,
+    // deduplication, cloud placeholders): mapping their clusters would boot zeros
+    const rp = this.reparsePoint(rec, p);
+    if (rp) throw new FormatError(`${this.volumeName}: ${this.reparseRefusal(p, rp.tag, rp.target)}`, '$REPARSE_POINT', rp.tag);
     const data = this.getAttr(rec, AT_DATA, '', p);
-    if (!data) throw new FormatError(`${this.volumeName}: ${p} has no data stream: it may be a reparse point (symbolic link, OneDrive placeholder) rather than a file`, '$DATA', rec.no);
+    if (!data) throw new FormatError(`${this.volumeName}: ${p} has no data stream (it is a system index, not a file)`, '$DATA', rec.no);
     if ((data.flags & ATTR_ENCRYPTED) || (fileAttrs & FILE_ATTR_ENCRYPTED)) {
       throw new FormatError(`${this.volumeName}: ${p} is encrypted (EFS), so its clusters cannot be read or mapped. On Windows, open its Properties → Advanced and clear "Encrypt contents", or run: cipher /d "${p.replace(/\//g, '\\')}"`, '$DATA', 'encrypted');
     }

@@ -272,4 +272,39 @@ describe.skipIf(!fuseWorks())('NTFS volumes filled through ntfs-3g (FUSE)', () =
     expect(byShort.extents).toEqual(byLong.extents);
     expect(Buffer.from(hostFileReader(fsys, byLong).read(0, byLong.size)).equals(ntfscat(img, '/Long Image Name.vhdx'))).toBe(true);
   });
+
+  it('reparse points are refused with what to do: a WOF-compressed file, a OneDrive placeholder, a junction on the path', () => {
+    const img = path.join(dir, 'reparse.img');
+    mkntfs(img, 16, 4096);
+    /** A reparse buffer: tag, data length, reserved, data. */
+    const reparse = (tag: number, body: Buffer): string => {
+      const head = Buffer.alloc(8);
+      head.writeUInt32LE(tag, 0);
+      head.writeUInt16LE(body.length, 4);
+      return '0x' + Buffer.concat([head, body]).toString('hex');
+    };
+    const u32s = (...n: number[]): Buffer => Buffer.concat(n.map((x) => { const b = Buffer.alloc(4); b.writeUInt32LE(x); return b; }));
+    withMount(img, (m) => {
+      fs.mkdirSync(path.join(m, 'VMs'));
+      fs.writeFileSync(path.join(m, 'VMs', 'wof.vhdx'), pseudoRandom(100_000, 1));
+      fs.writeFileSync(path.join(m, 'VMs', 'cloud.vhdx'), pseudoRandom(100_000, 2));
+      fs.mkdirSync(path.join(m, 'Linked'));
+      // ntfs-3g stores reparse data given through this attribute as Windows would
+      run('setfattr', ['-n', 'system.ntfs_reparse_data', '-v', reparse(0x80000017, u32s(1, 2, 1, 1)), path.join(m, 'VMs', 'wof.vhdx')]);
+      run('setfattr', ['-n', 'system.ntfs_reparse_data', '-v', reparse(0x9000601a, u32s(0, 0)), path.join(m, 'VMs', 'cloud.vhdx')]);
+      const sub = Buffer.from('\\??\\D:\\Real VMs', 'utf16le');
+      const print = Buffer.from('D:\\Real VMs', 'utf16le');
+      const offsets = Buffer.alloc(8);
+      offsets.writeUInt16LE(0, 0); offsets.writeUInt16LE(sub.length, 2); offsets.writeUInt16LE(sub.length + 2, 4); offsets.writeUInt16LE(print.length, 6);
+      const body = Buffer.concat([offsets, sub, Buffer.alloc(2), print, Buffer.alloc(2)]);
+      run('setfattr', ['-n', 'system.ntfs_reparse_data', '-v', reparse(0xa0000003, body), path.join(m, 'Linked')]);
+    });
+    expect(run('ntfsinfo', ['-F', '/VMs/wof.vhdx', img]).toString()).toContain('REPARSE_POINT');
+    const fsys = open(img);
+    expect(thrown(() => fsys.lookup('/VMs/wof.vhdx')).message).toMatch(/compact \/u \/exe "\\VMs\\wof\.vhdx"/);
+    expect(thrown(() => fsys.lookup('/VMs/cloud.vhdx')).message).toMatch(/OneDrive/);
+    const j = thrown(() => fsys.lookup('/Linked/disk.vhdx'));
+    expect(isFormatError(j)).toBe(true);
+    expect(j.message).toContain('/Linked is a junction to "D:\\Real VMs"');
+  });
 });
