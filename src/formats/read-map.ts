@@ -28,10 +28,15 @@ export function readMapped(src: MapSource, start: number, length: number): Uint8
     throw new FormatError(`read of ${length} bytes at ${start} is outside the ${map.size}-byte disk`, 'offset', start);
   }
   if (length > MAX_READ) throw new FormatError(`read of ${length} bytes at once is too large; read in chunks`, 'length', length);
-  const out = new Uint8Array(length);
   const end = start + length;
   let pos = start;
   let i = findExtent(map.extents, pos);
+  const first = i >= 0 ? map.extents[i] : undefined;
+  if (first?.kind === 'data' && first.start + first.length >= end && src.readers[first.file]) {
+    // one data extent holds it all: the file's bytes as they are, no copy
+    return src.readers[first.file]!.read(first.offset + (start - first.start), length);
+  }
+  const out = new Uint8Array(length);
   while (pos < end) {
     const e = i >= 0 ? map.extents[i] : undefined;
     if (!e) throw new FormatError(`the map has no extent at virtual offset ${pos}`, 'offset', pos);
