@@ -7,7 +7,8 @@
  *   mappedReader(src: MapSource, name?: string): BlockReader   the virtual disk as a BlockReader
  *
  * MapSource is what openImage returns (OpenedImage fits it): the map, a BlockReader per
- * map file, and readUnmappable for unmappable ranges.
+ * map file, and readUnmappable for unmappable ranges. Like any BlockReader's, the bytes
+ * returned may be the underlying reader's own: copy them before modifying them.
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
 import type { ExtentMap } from './extent-map.ts';
