@@ -15,6 +15,7 @@ import { DEFAULT_INITS, PlanError, planBoot, type BootPlan } from './plan.ts';
 import { breakShell, failureShell } from './rescue.ts';
 import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
+import { installShutdown } from './shutdown.ts';
 
 export const NEW_ROOT = '/root';
 
@@ -52,6 +53,7 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     const ctx = prepare(sys, log, plan);
     const { init } = mountRoot(ctx);
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
+    installShutdown(sys, log, ctx.manifest.tools.busybox);
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);
     log.info(`starting ${init}${plan.initArgs.length ? ` ${plan.initArgs.join(' ')}` : ''} (vdboot took ${(sys.uptimeSec() - t0).toFixed(2)} s)`);
     return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log);

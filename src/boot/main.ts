@@ -2,6 +2,10 @@
 import * as native from 'sys';
 import { quickjsSys } from '../sys/quickjs.ts';
 import { runInit } from './init.ts';
+import { runShutdown } from './shutdown.ts';
 
 const sys = quickjsSys(native);
-runInit(sys, sys.argv().slice(1));
+const argv = sys.argv();
+// The same binary is /run/initramfs/shutdown at power-off (systemd's initrd interface).
+if (/(^|\/)shutdown$/.test(argv[0] ?? '')) runShutdown(sys, argv.slice(1));
+else runInit(sys, argv.slice(1));

@@ -32,7 +32,7 @@ export interface FakeDisk {
 }
 
 /** A directory tree: path → file content (string), or a symlink / special entry. */
-export type FakeTree = Record<string, string | { symlink: string } | { mode: number; content?: string } | { dir: true }>;
+export type FakeTree = Record<string, string | { symlink: string } | { mode: number; content?: string } | { dir: true } | { bytes: Uint8Array }>;
 
 export interface FakeMachine {
   cmdline: string;
@@ -195,6 +195,7 @@ export class FakeKernel implements Sys {
       const name = parts[parts.length - 1]!;
       if (typeof v === 'string') dir.entries.set(name, { kind: 'file', mode: S.IFREG | 0o644, fs, data: enc(v) });
       else if ('symlink' in v) dir.entries.set(name, { kind: 'link', mode: S.IFLNK | 0o777, fs, target: v.symlink });
+      else if ('bytes' in v) dir.entries.set(name, { kind: 'file', mode: S.IFREG | 0o644, fs, data: v.bytes });
       else if ('dir' in v) { if (!dir.entries.has(name)) dir.entries.set(name, { kind: 'dir', mode: S.IFDIR | 0o755, fs, entries: new Map() }); }
       else dir.entries.set(name, { kind: 'file', mode: v.mode, fs, data: enc(v.content ?? '') });
     }
@@ -871,7 +872,16 @@ export class FakeKernel implements Sys {
     this.cwd = '/';
   }
 
-  pivotRoot(_newRoot: string, _putOld: string): void { fail('ENOSYS', 'pivot_root'); }
+  /** pivot_root(2): `newRoot` becomes /, the old root is mounted on `putOld` (a directory under newRoot). */
+  pivotRoot(newRoot: string, putOld: string): void {
+    const next = this.lookup(newRoot);
+    if (next.kind !== 'dir') fail('ENOTDIR', `pivot_root ${newRoot}`);
+    const old = this.top(this.root);
+    const put = this.underlying(putOld);
+    (put.mounted ??= []).push(old);
+    this.root = next;
+    this.cwd = '/';
+  }
 
   // ---------------------------------------------------------------- Sys: modules, processes
 

@@ -52,7 +52,8 @@ export interface SimResult {
   escaped?: string;
 }
 
-export async function runBundleInQuickJS(machine: FakeMachine, bundlePath = 'build/init.js'): Promise<SimResult> {
+/** `kernel`: go on with an existing simulated kernel (its state after an earlier run), e.g. for the shutdown hand-off. */
+export async function runBundleInQuickJS(machine: FakeMachine, bundlePath = 'build/init.js', existing?: FakeKernel): Promise<SimResult> {
   const QuickJS = await getQuickJS();
   const runtime = QuickJS.newRuntime();
   runtime.setMemoryLimit(256 << 20);
@@ -62,7 +63,7 @@ export async function runBundleInQuickJS(machine: FakeMachine, bundlePath = 'bui
     throw new Error(`the init bundle imports "${name}": only "sys" is external`);
   });
   const vm = runtime.newContext();
-  const kernel = new FakeKernel(machine);
+  const kernel = existing ?? new FakeKernel(machine);
   let end: SimulationEnd | undefined;
   const fn = vm.newFunction('__sysCall', (nameH: QuickJSHandle, ...argH: QuickJSHandle[]) => {
     const name = vm.getString(nameH);

@@ -8,7 +8,7 @@
 import { existsSync, rmSync } from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MS } from '../../src/sys/sys.ts';
+import { MS, REBOOT } from '../../src/sys/sys.ts';
 import type { FakeDmEvent, FakeMachine } from '../../src/sys/fake.ts';
 import { runBundleInQuickJS } from '../boot/sim-harness.ts';
 import { GUEST_TREE, simInitramfs, simManifest } from '../boot/sim-machine.ts';
@@ -40,6 +40,7 @@ beforeAll(async () => {
   d.close();
   const { probeFilesystem } = await import('../../src/formats/probe.ts');
   const guest = new Uint8Array(readFileSync(raw));
+  vhdBytes = new Uint8Array(readFileSync(fixedVhd));
   guestUuid = probeFilesystem({ name: 'root', size: 12 << 20, read: (o, l) => guest.subarray((3 << 20) + o, (3 << 20) + o + l) })!.uuid!;
 }, 60_000);
 
@@ -47,13 +48,15 @@ afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
+let vhdBytes: Uint8Array;
+
 function machine(cmdline: string): FakeMachine {
   return {
     cmdline,
     disks: [{ name: 'vda', bytes: hostDisk, major: 254, minor: 0, partitions, needsModule: 'virtio_blk' }],
     pciDevices: { '0000:00:04.0': 'pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00', virtio1: 'virtio:d00000002v00001AF4' },
     initramfs: simInitramfs(simManifest()),
-    deviceTrees: { vdisk0p2: GUEST_TREE, vdhost: { 'VMs/linux.vhd': 'image' } },
+    deviceTrees: { vdisk0p2: GUEST_TREE, vdhost: { 'VMs/linux.vhd': { bytes: vhdBytes } } },
   };
 }
 
@@ -123,6 +126,57 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
     const root = r.kernel.events.mounts.find((m) => m.target === '/root')!;
     expect(root.source).toMatch(/^\/dev\/dm-\d+$/);
     expect(r.kernel.consoleText).toMatch(new RegExp(`found root device UUID=${guestUuid} at /dev/dm-2`));
+  });
+});
+
+describe('simulation: the loop path and the shutdown hand-off', () => {
+  it('rd.vdisk.map=loop: the host mounted read-write through vdhost, the image on a loop device, vdisk0 over it', async () => {
+    const r = await boot('root=vdisk:LABEL=Windows:/VMs/linux.vhd rd.vdisk.map=loop rw');
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    expect(r.kernel.consoleText).toMatch(/loop \(asked for\): through the host filesystem's kernel driver/);
+    expect(created(r.kernel.events.dm).map((c) => c[0])).toEqual(['vdhost', 'vdisk0', 'vdisk0p1', 'vdisk0p2']);
+    const host = r.kernel.events.mounts.find((m) => m.target === '/run/vdboot/host')!;
+    expect(host.flags & MS.RDONLY).toBe(0);
+    expect(r.kernel.events.loops[0]).toMatchObject({ op: 'attach', device: '/dev/loop0', file: '/run/vdboot/host/VMs/linux.vhd', readOnly: false });
+    const load = r.kernel.events.dm.find((e) => e.op === 'load' && e.name === 'vdisk0') as Extract<FakeDmEvent, { op: 'load' }>;
+    expect(load.targets).toEqual([{ start: 0, length: 32776, type: 'linear', params: '/dev/loop0 0' }]);
+    expect(r.kernel.events.exec).toMatchObject({ rootDevice: '/dev/mapper/vdisk0p2' });
+  });
+
+  it('systemd\'s hand-off: /run/initramfs/shutdown unmounts the host before the root, removes the dm devices newest first, powers off', async () => {
+    const r = await boot('root=vdisk:LABEL=Windows:/VMs/linux.vhd rw');
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    const k = r.kernel;
+    expect(k.consoleText).toMatch(/shutdown hand-off ready in \/run\/initramfs/);
+    // What systemd-shutdown does last: pivot into /run/initramfs, the old root at /oldroot, exec /shutdown VERB.
+    k.pivotRoot('/run/initramfs', '/run/initramfs/oldroot');
+    expect(k.stat('/shutdown').mode & 0o111).not.toBe(0);
+    expect(k.stat('/bin/busybox').mode & 0o111).not.toBe(0);
+    k.machine.argv = ['/shutdown', 'poweroff'];
+    const before = k.events.dm.length;
+    const s = await runBundleInQuickJS(k.machine, 'build/init.js', k);
+    if (s.escaped) throw new Error(`${s.escaped}\n${k.consoleText}`);
+    if (process.env.VDBOOT_SHOW) process.stdout.write(k.consoleText);
+    expect(s.end?.reason, k.consoleText).toBe('reboot');
+    expect(k.events.rebooted).toBe(REBOOT.POWER_OFF);
+    const umounts = k.events.umounts;
+    expect(umounts.indexOf('/oldroot/run/vdboot/host')).toBeGreaterThanOrEqual(0);
+    expect(umounts.indexOf('/oldroot/run/vdboot/host')).toBeLessThan(umounts.indexOf('/oldroot'));
+    expect(k.events.dm.slice(before).filter((e) => e.op === 'remove').map((e) => e.name)).toEqual(['vdhost', 'vdisk0p2', 'vdisk0p1', 'vdisk0']);
+    expect(k.consoleText).toMatch(/removed \/dev\/mapper\/vdisk0\n/);
+    expect(k.consoleText).toMatch(/powering off/);
+  });
+
+  it('snapshot mode: the shutdown also detaches the RAM store\'s loop device', async () => {
+    const r = await boot('root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rd.vdisk.mode=snapshot');
+    const k = r.kernel;
+    k.pivotRoot('/run/initramfs', '/run/initramfs/oldroot');
+    k.machine.argv = ['/shutdown', 'reboot'];
+    const s = await runBundleInQuickJS(k.machine, 'build/init.js', k);
+    expect(s.end?.reason, k.consoleText).toBe('reboot');
+    expect(k.events.rebooted).toBe(REBOOT.RESTART);
+    expect(k.events.dm.filter((e) => e.op === 'remove').map((e) => e.name)).toEqual(['vdhost', 'vdisk0p2', 'vdisk0p1', 'vdisk0', 'vdisk0-base']);
+    expect(k.events.loops.filter((e) => e.op === 'detach')).toEqual([{ op: 'detach', device: '/dev/loop0' }]);
   });
 });
 

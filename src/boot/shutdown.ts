@@ -1,0 +1,224 @@
+/**
+ * Leaving the system safely (DESIGN §4), through systemd's initrd interface:
+ *
+ * Before switch_root, installShutdown() makes /run/initramfs a small root of its own:
+ * `shutdown` (a copy of vdboot's /init, which runs runShutdown() when started under that
+ * name), busybox for a shell, /etc/initrd-release and the record of what vdboot created.
+ * At power-off systemd-shutdown unmounts what it can, pivots into /run/initramfs with
+ * the old root at /oldroot and executes `/shutdown VERB` as PID 1.
+ *
+ * runShutdown() then unmounts everything left under /oldroot deepest first (the host
+ * filesystem before the root, so NTFS is flushed and marked clean), stops storage daemons
+ * that started with "@" in argv[0], removes vdboot's dm devices in reverse order of
+ * creation, detaches its loop devices, syncs and powers off / reboots / halts.
+ *
+ * Guests without systemd: run `/run/initramfs/shutdown poweroff` (or reboot, halt) as the
+ * last step of the shutdown scripts, after the other processes are stopped and the
+ * filesystems other than / are unmounted: it pivots into /run/initramfs itself.
+ */
+import { isSysError, MS, O, REBOOT, type Sys } from '../sys/sys.ts';
+import { ConsoleLog } from './console.ts';
+import { DeviceMapper } from './dm.ts';
+import { exists, isDirectory, mkdirs, readFileBytes, readText, readTextOr, writeText } from './fsutil.ts';
+import { detachLoop } from './loop.ts';
+import { STATE_PATH, type VdiskState } from './vdisk-exec.ts';
+
+export const SHUTDOWN_ROOT = '/run/initramfs';
+export const OLD_ROOT = '/oldroot';
+/** The record of what to take down, inside the shutdown root. */
+export const SHUTDOWN_STATE = '/etc/vdboot/state.json';
+const MNT_DETACH = 2;
+const SIGTERM = 15;
+const WNOHANG = 1;
+
+function copyFile(sys: Sys, from: string, to: string, mode: number): void {
+  const bytes = readFileBytes(sys, from, 256 << 20);
+  const fd = sys.open(to, O.WRONLY | O.CREAT | O.TRUNC | O.CLOEXEC, mode);
+  try {
+    let off = 0;
+    while (off < bytes.length) off += sys.pwrite(fd, bytes.subarray(off), off);
+  } finally {
+    sys.close(fd);
+  }
+  sys.chmod(to, mode);
+}
+
+/**
+ * Prepares /run/initramfs when vdboot created devices the booted system cannot take
+ * down itself (the record at /run/vdboot/state.json exists). Best-effort: a failure is
+ * a warning, since the system can still boot, and says what will not be clean.
+ */
+export function installShutdown(sys: Sys, log: ConsoleLog, busybox: string | undefined, self = '/init'): boolean {
+  if (!exists(sys, STATE_PATH)) return false;
+  try {
+    for (const d of ['bin', 'etc/vdboot', 'proc', 'sys', 'dev', 'run', 'tmp', OLD_ROOT.slice(1)]) mkdirs(sys, `${SHUTDOWN_ROOT}/${d}`);
+    copyFile(sys, self, `${SHUTDOWN_ROOT}/shutdown`, 0o755);
+    if (busybox && exists(sys, busybox)) {
+      copyFile(sys, busybox, `${SHUTDOWN_ROOT}/bin/busybox`, 0o755);
+      try { sys.symlink('busybox', `${SHUTDOWN_ROOT}/bin/sh`); } catch (e) { if (!isSysError(e, 'EEXIST')) throw e; }
+    }
+    writeText(sys, `${SHUTDOWN_ROOT}/etc/initrd-release`, 'NAME=vdboot\nID=vdboot\nPRETTY_NAME="vdboot shutdown hand-off"\n');
+    writeText(sys, `${SHUTDOWN_ROOT}${SHUTDOWN_STATE}`, readText(sys, STATE_PATH));
+    log.info(`shutdown hand-off ready in ${SHUTDOWN_ROOT} (systemd runs it at power-off; other inits: "${SHUTDOWN_ROOT}/shutdown poweroff" last)`);
+    return true;
+  } catch (e) {
+    log.warn(`could not prepare ${SHUTDOWN_ROOT}/shutdown (${(e as Error).message}): at power-off the image devices are not taken down by vdboot; the host filesystem may be left mounted`);
+    return false;
+  }
+}
+
+/** The reboot(2) command for systemd's shutdown verb. */
+export function rebootCommand(verb: string | undefined): number {
+  switch (verb) {
+    case 'reboot':
+    case 'kexec': return REBOOT.RESTART;
+    case 'halt': return REBOOT.HALT;
+    default: return REBOOT.POWER_OFF;
+  }
+}
+
+/** Mount points under `base` from a /proc/self/mounts text, deepest first. */
+export function mountsUnder(mountsText: string, base: string): string[] {
+  const out: string[] = [];
+  for (const line of mountsText.split('\n')) {
+    const f = line.split(' ');
+    if (f.length < 2) continue;
+    // /proc/mounts escapes space, tab, newline and backslash as octal
+    const mp = f[1]!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    if (mp === base || mp.startsWith(`${base}/`)) out.push(mp);
+  }
+  return [...new Set(out)].sort((a, b) => b.split('/').length - a.split('/').length || b.length - a.length);
+}
+
+function readState(sys: Sys, log: ConsoleLog): VdiskState {
+  for (const p of [SHUTDOWN_STATE, `${OLD_ROOT}${STATE_PATH}`]) {
+    try {
+      const s = JSON.parse(readText(sys, p)) as VdiskState;
+      if (Array.isArray(s.dm) && Array.isArray(s.loops)) return { dm: s.dm, loops: s.loops, daemons: Array.isArray(s.daemons) ? s.daemons : [], ...(s.hostMount ? { hostMount: s.hostMount } : {}) };
+    } catch { /* try the next */ }
+  }
+  log.warn('no record of the devices vdboot created; only unmounting');
+  return { dm: [], loops: [], daemons: [] };
+}
+
+/** Not started by systemd's hand-off: pivot into /run/initramfs ourselves, the old root at /oldroot. */
+function pivotIntoShutdownRoot(sys: Sys, log: ConsoleLog): void {
+  sys.mount(SHUTDOWN_ROOT, SHUTDOWN_ROOT, '', MS.BIND, '');
+  sys.chdir(SHUTDOWN_ROOT);
+  mkdirs(sys, `${SHUTDOWN_ROOT}${OLD_ROOT}`);
+  sys.pivotRoot('.', OLD_ROOT.slice(1));
+  sys.chroot('.');
+  sys.chdir('/');
+  log.info(`entered ${SHUTDOWN_ROOT}; the system's root is at ${OLD_ROOT}`);
+}
+
+/**
+ * Unmounts `mounts` (deepest first), retrying those that are busy once the others are
+ * gone; what stays busy is remounted read-only (so its data is on disk) and detached.
+ */
+function unmountAll(sys: Sys, log: ConsoleLog, mounts: string[]): void {
+  let todo = mounts;
+  for (let round = 0; round < 3 && todo.length; round++) {
+    const busy: string[] = [];
+    for (const m of todo) {
+      try {
+        sys.umount2(m, 0);
+        log.info(`unmounted ${m}`);
+      } catch (e) {
+        if (isSysError(e, 'EINVAL') || isSysError(e, 'ENOENT')) continue; // not a mount (any more)
+        busy.push(m);
+      }
+    }
+    todo = busy;
+  }
+  for (const m of todo) {
+    try { sys.mount('', m, '', MS.REMOUNT | MS.RDONLY, ''); } catch { /* best effort */ }
+    try {
+      sys.umount2(m, MNT_DETACH);
+      log.warn(`${m} was busy: remounted read-only and detached`);
+    } catch (e) {
+      log.warn(`could not unmount ${m}: ${(e as Error).message}`);
+    }
+  }
+}
+
+/** Waits up to `ms` for the storage daemons to exit after SIGTERM (they flush on exit). */
+function stopDaemons(sys: Sys, log: ConsoleLog, pids: number[], ms = 10_000): void {
+  const left = new Set(pids);
+  for (const pid of pids) {
+    try { sys.kill(pid, SIGTERM); } catch { left.delete(pid); }
+  }
+  const deadline = sys.monotonicMs() + ms;
+  while (left.size && sys.monotonicMs() < deadline) {
+    for (const pid of [...left]) {
+      try {
+        if (sys.waitpid(pid, WNOHANG).pid === pid) left.delete(pid);
+      } catch {
+        left.delete(pid); // not our child: it is gone or was never ours to wait for
+      }
+    }
+    if (left.size) sys.sleepMs(100);
+  }
+  if (left.size) log.warn(`storage daemon(s) ${[...left].join(', ')} did not exit within ${ms / 1000} s`);
+}
+
+/** Removes dm devices newest first; devices systemd-shutdown already removed are fine. */
+function removeDevices(sys: Sys, log: ConsoleLog, state: VdiskState): void {
+  const dm = new DeviceMapper(sys);
+  try {
+    for (const name of [...state.dm].reverse()) {
+      try {
+        dm.remove(name);
+        log.info(`removed /dev/mapper/${name}`);
+      } catch (e) {
+        if (isSysError(e, 'ENXIO') || isSysError(e, 'ENODEV')) continue;
+        log.warn(`could not remove /dev/mapper/${name}: ${(e as Error).message}`);
+      }
+    }
+  } finally {
+    dm.close();
+  }
+  for (const loop of [...state.loops].reverse()) {
+    try {
+      detachLoop(sys, loop);
+      log.info(`detached ${loop}`);
+    } catch (e) {
+      if (!isSysError(e, 'ENXIO') && !isSysError(e, 'ENOENT')) log.warn(`could not detach ${loop}: ${(e as Error).message}`);
+    }
+  }
+}
+
+/** /shutdown VERB: take down what vdboot set up, then power off, reboot or halt. Never returns. */
+export function runShutdown(sys: Sys, args: string[]): never {
+  const log = new ConsoleLog(sys);
+  const verb = args[0];
+  try {
+    log.info(`shutdown hand-off (${verb ?? 'poweroff'})`);
+    const pivoted = isDirectory(sys, OLD_ROOT) && (() => { try { return sys.readdir(OLD_ROOT).length > 0; } catch { return false; } })();
+    if (!pivoted) pivotIntoShutdownRoot(sys, log);
+    for (const [src, target, type] of [['proc', '/proc', 'proc'], ['sysfs', '/sys', 'sysfs'], ['devtmpfs', '/dev', 'devtmpfs']] as const) {
+      try {
+        mkdirs(sys, target);
+        sys.mount(src, target, type, MS.NOSUID, '');
+      } catch { /* already there */ }
+    }
+    const state = readState(sys, log);
+    const known = [
+      ...(state.hostMount ? [`${OLD_ROOT}${state.hostMount}`] : []),
+      `${OLD_ROOT}/run`, `${OLD_ROOT}/dev/pts`, `${OLD_ROOT}/dev`, `${OLD_ROOT}/proc`, `${OLD_ROOT}/sys`, OLD_ROOT,
+    ];
+    const listed = mountsUnder(readTextOr(sys, '/proc/self/mounts') ?? '', OLD_ROOT);
+    // The host filesystem first: it is flushed and left clean before its devices go.
+    const order = listed.length ? listed : known;
+    const host = state.hostMount ? `${OLD_ROOT}${state.hostMount}` : undefined;
+    const mounts = host && order.includes(host) ? [host, ...order.filter((m) => m !== host)] : order;
+    unmountAll(sys, log, mounts);
+    if (state.daemons.length) stopDaemons(sys, log, state.daemons);
+    removeDevices(sys, log, state);
+  } catch (e) {
+    log.error(`the shutdown hand-off failed: ${(e as Error).message}; syncing and going on`);
+  }
+  sys.sync();
+  log.info(verb === 'reboot' || verb === 'kexec' ? 'rebooting' : verb === 'halt' ? 'halting' : 'powering off');
+  return sys.reboot(rebootCommand(verb));
+}
