@@ -141,6 +141,39 @@ function readLayer(file: string, layer: ReturnType<typeof openVdi>, parent: (sta
   return out;
 }
 
+describe('VDI version 0 headers', () => {
+  it('an old version 0.x image (block map right after the 348-byte header) reads like the same disk in 1.1 layout', () => {
+    const src = newVdi('v1-src.vdi', 'static=off', '3M', WRITES.slice(0, 2));
+    const bytes = new Uint8Array(fs.readFileSync(src));
+    const dv = new DataView(bytes.buffer);
+    const offBmap = dv.getUint32(0x154, true);
+    const offData = dv.getUint32(0x158, true);
+    const blocks = dv.getUint32(0x180, true);
+    const dataBytes = bytes.length - offData;
+    const bmapAt = 0x48 + 348;
+    const out = new Uint8Array(bmapAt + blocks * 4 + dataBytes);
+    out.set(bytes.subarray(0, 0x40));
+    const o = new DataView(out.buffer);
+    o.setUint32(0x40, 0xbeda107f, true);
+    o.setUint32(0x44, 0x00000001, true); // version 0.1
+    o.setUint32(0x48, 1, true); // type: normal
+    o.setUint32(0x48 + 0x114, 512, true); // sector size
+    o.setBigUint64(0x48 + 0x118, dv.getBigUint64(0x170, true), true); // disk size
+    o.setUint32(0x48 + 0x120, dv.getUint32(0x178, true), true); // block size
+    o.setUint32(0x48 + 0x124, blocks, true);
+    o.setUint32(0x48 + 0x128, dv.getUint32(0x184, true), true);
+    out.set(bytes.subarray(0x188, 0x198), 0x48 + 0x12c); // creation UUID
+    out.set(bytes.subarray(offBmap, offBmap + blocks * 4), bmapAt);
+    out.set(bytes.subarray(offData), bmapAt + blocks * 4);
+    const f = path.join(dir, 'v0.vdi');
+    fs.writeFileSync(f, out);
+    const layer = layerOf(f);
+    expect(layer.details.version).toBe('0.1');
+    expect(layer.id).toBe(layerOf(src).id);
+    expectSameBytes(readLayer(f, layer, () => { throw new Error('no parent'); }), qemuRaw(src), 'version 0 image vs qemu-img convert of the 1.1 original');
+  });
+});
+
 describe('VDI differencing images', () => {
   function makeDiff(sub: string): { parent: string; child: string; expected: Uint8Array } {
     const d = path.join(dir, sub);
