@@ -34,8 +34,9 @@ if [[ -z "$mirror" && -f /etc/apt/sources.list ]]; then
 fi
 [[ -n "$mirror" ]] || die "no Debian mirror found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
 
-# Trixie's Release file is signed with keys that debian-archive-keyring (bookworm's
-# 2023.3+deb12u1 and later) already ships; apt verifies it as usual.
+# apt verifies trixie's InRelease as usual: it carries signatures by the bookworm and the
+# trixie archive keys, and bookworm's debian-archive-keyring ships both (checked with
+# 2023.3+deb12u2). Verification is never switched off.
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 [[ -f "$keyring" ]] || die "$keyring is missing: install the debian-archive-keyring package"
 

@@ -350,7 +350,8 @@ static void close_fds_from(int from, int keep)
 static JSValue sys_open(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
 {
     int flags, mode;
-    if (get_int(ctx, argc, argv, 1, "open", &flags) || get_int_opt(ctx, argc, argv, 2, "open", 0, &mode))
+    /* mode defaults to 0666 (less the umask) like most runtimes, not to 0 */
+    if (get_int(ctx, argc, argv, 1, "open", &flags) || get_int_opt(ctx, argc, argv, 2, "open", 0666, &mode))
         return JS_EXCEPTION;
     const char *path = get_str(ctx, argc, argv, 0, "open");
     if (!path)

@@ -16,6 +16,7 @@ declare module 'sys' {
   /** Makes every later syscall failure throw factory(code, errno, call). */
   export function setErrorFactory(factory: (code: string, errno: number, call: string) => Error): void;
 
+  /** mode defaults to 0o666 (less the umask) */
   export function open(path: string, flags: number, mode?: number): number;
   export function close(fd: number): void;
   export function pread(fd: number, buf: Bytes, offset: number): number;

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { afterAll, beforeAll, describe, test } from 'vitest';
 
 const root = fileURLToPath(new URL('../..', import.meta.url));
 const here = path.join(root, 'test/host');
@@ -67,7 +67,7 @@ interface Boot {
  * on the serial console. Resolves when QEMU exits (power-off) or after timeoutMs.
  */
 function boot(initrd: string, opts: { drive?: string; timeoutMs: number; script?: (output: string, type: (s: string) => void) => void }): Promise<Boot> {
-  const args = ['-accel', 'tcg', '-m', '512', '-nographic', '-no-reboot', '-kernel', kernel, '-initrd', initrd,
+  const args = ['-accel', 'tcg', '-m', '512', '-nographic', '-no-reboot', '-nic', 'none', '-kernel', kernel, '-initrd', initrd,
     '-append', 'console=ttyS0 panic=-1 quiet'];
   if (opts.drive) args.push('-drive', `file=${opts.drive},format=raw,if=virtio,readonly=on`);
   const qemu = spawn('qemu-system-x86_64', args, { stdio: ['pipe', 'pipe', 'pipe'] });
@@ -93,8 +93,9 @@ afterAll(() => {
   if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
 });
 
-describe('static /init host under QEMU', () => {
-  test('self-test bundle: syscalls, errno names, spawn, fork, uevents and a virtio disk behave as on Linux', async () => {
+// The three boots run side by side: each is mostly waiting on its own QEMU.
+describe.concurrent('static /init host under QEMU', () => {
+  test('self-test bundle: syscalls, errno names, spawn, fork, uevents and a virtio disk behave as on Linux', async ({ expect }) => {
     const init = await makeInit(path.join(here, 'selftest-entry.ts'), 'selftest');
     // Stripped, static: one file with no interpreter.
     const elf = execFileSync('file', ['-b', init], { encoding: 'utf8' });
@@ -116,7 +117,7 @@ describe('static /init host under QEMU', () => {
     fs.writeSync(fd, Buffer.from(marker), 0, marker.length, 4.5 * 2 ** 30);
     fs.closeSync(fd);
 
-    const run = await boot(initrd, { drive: disk, timeoutMs: 60_000 });
+    const run = await boot(initrd, { drive: disk, timeoutMs: 100_000 });
     const line = /SELFTEST-RESULT (\{.*\})\r?\n/.exec(run.output);
     expect(line, `no result line; console:\n${run.output}`).not.toBeNull();
     expect(run.timedOut, 'QEMU should power off by itself').toBe(false);
@@ -157,13 +158,13 @@ describe('static /init host under QEMU', () => {
     expect(r.virtioDisk.uevent).toMatch(/^add@\/devices\/.*\/block\/vda$/);
   });
 
-  test('a throwing init prints the error with its stack, then a rescue shell answers typed commands and restarts', async () => {
+  test('a throwing init prints the error with its stack, then a rescue shell answers typed commands and restarts', async ({ expect }) => {
     const init = await makeInit(path.join(here, 'throwing-entry.ts'), 'throwing');
     const initrd = makeInitramfs('throwing', init, { console: true });
     const prompt = 'vdboot-rescue# ';
     let step = 0;
     const run = await boot(initrd, {
-      timeoutMs: 60_000,
+      timeoutMs: 100_000,
       script: (out, type) => {
         const prompts = out.split(prompt).length - 1;
         if (step === 0 && prompts >= 1) { step = 1; type('echo answer-$((6*7))\n'); }
@@ -181,5 +182,25 @@ describe('static /init host under QEMU', () => {
     expect(step, `rescue shell did not restart after exit; console:\n${out}`).toBe(3);
     expect(out).not.toContain('Kernel panic');
     expect(run.timedOut, 'poweroff -f in the rescue shell should end QEMU').toBe(false);
+  });
+
+  test('a script that leaves an unhandled rejection and returns gets the rescue shell; a failing forked child just exits 1', async ({ expect }) => {
+    const init = await makeInit(path.join(here, 'returning-entry.ts'), 'returning');
+    const initrd = makeInitramfs('returning', init, { console: true });
+    let typed = false;
+    const run = await boot(initrd, {
+      timeoutMs: 100_000,
+      script: (out, type) => {
+        if (!typed && out.includes('vdboot-rescue# ')) { typed = true; type('busybox poweroff -f\n'); }
+      },
+    });
+    const out = run.output;
+    expect(out).toContain('failure inside a forked child');
+    expect(out).toContain('FORKED-CHILD exit code 1');
+    expect(out).toContain('RETURNING-ENTRY returns');
+    expect(out).toContain('vdboot: unhandled promise rejection: Error: a rejection nobody handles');
+    expect(out.split('starting a rescue shell').length - 1, out).toBe(1);
+    expect(out).not.toContain('Kernel panic');
+    expect(run.timedOut, `the rescue shell should have powered off; console:\n${out}`).toBe(false);
   });
 });

@@ -44,7 +44,7 @@ result.pid = sys.getpid();
 result.argv = sys.argv();
 
 check('mounts', () => {
-  sys.mount('proc', '/proc', 'proc', MS.NOSUID | MS.NODEV | MS.NOEXEC, null);
+  sys.mount('proc', '/proc', 'proc', MS.NOSUID | MS.NODEV | MS.NOEXEC, '');
   sys.mount('sysfs', '/sys', 'sysfs', MS.NOSUID | MS.NODEV | MS.NOEXEC, '');
   sys.mount('devtmpfs', '/dev', 'devtmpfs', MS.NOSUID, 'mode=0755');
   return 'ok';
@@ -195,7 +195,7 @@ check('virtioDisk', () => {
   const size = new DataView(arg).getBigUint64(0, true).toString();
   // The same ioctl through a view that starts 8 bytes into its buffer.
   const whole = new Uint8Array(16);
-  sys.ioctl(fd, 0x80081272, whole.subarray(8));
+  native.ioctl(fd, 0x80081272, whole.subarray(8));
   const viaView = new DataView(whole.buffer).getBigUint64(8, true).toString();
   const flush = sys.ioctlInt(fd, 0x1261 /* BLKFLSBUF */, 0);
   const marker = new Uint8Array(32);
