@@ -102,15 +102,15 @@ describe('qcow2 reader against qemu-img', () => {
     expect(data.every((e) => e.kind === 'data' && e.file === 1 && e.offset === e.start)).toBe(true);
   });
 
-  for (const ct of ['zlib', 'zstd']) {
-    it(`compression_type=${ct} (qemu-img convert -c): compressed clusters are unmappable and read back through readUnmappable`, () => {
-      const src = path.join(dir, `src-${ct}.raw`);
+  for (const [ct, extra] of [['zlib', ''], ['zstd', ''], ['zlib', ',extended_l2=on'], ['zstd', ',cluster_size=4k']] as const) {
+    it(`compression_type=${ct}${extra} (qemu-img convert -c): compressed clusters are unmappable and read back through readUnmappable`, () => {
+      const src = path.join(dir, `src-${ct}${extra}.raw`);
       const bytes = new Uint8Array(3 << 20);
       for (let i = 0; i < bytes.length; i++) bytes[i] = (i >> 12) % 3 === 0 ? 0 : (i * 7 + (i >> 9)) & 0xff;
       bytes.fill(0xee, 2 << 20, (2 << 20) + 70000);
       fs.writeFileSync(src, bytes);
-      const f = path.join(dir, `comp-${ct}.qcow2`);
-      qemuImg(dir, 'convert', '-c', '-O', 'qcow2', '-o', `compression_type=${ct}`, src, f);
+      const f = path.join(dir, `comp-${ct}${extra}.qcow2`);
+      qemuImg(dir, 'convert', '-c', '-O', 'qcow2', '-o', `compression_type=${ct}${extra}`, src, f);
       qemuIo(dir, f, ['write -P 0xb1 1M 64k']);
       const img = checkAgainstQemu(f);
       const unmappable = img.map.extents.filter((e) => e.kind === 'unmappable');

@@ -75,6 +75,11 @@ describe('VDI reader against qemu-img', () => {
     expect(img.map.extents.every((e) => e.kind === 'data')).toBe(true);
   });
 
+  it('preallocation=full: every block is allocated, as qemu-img map says', () => {
+    const f = newVdi('prefull.vdi', 'preallocation=full', '3M', WRITES.slice(0, 2));
+    checkAgainstQemu(f, { checkPresent: false });
+  });
+
   it('a size that is not a multiple of the block size: the last block is cut at the disk end', () => {
     const f = newVdi('odd.vdi', 'static=off', '2560k', ['write -P 0x44 2M 512k']);
     checkAgainstQemu(f, { checkPresent: false });

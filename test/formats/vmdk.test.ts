@@ -68,6 +68,14 @@ describe('VMDK reader against qemu-img', () => {
     });
   }
 
+  for (const prealloc of ['falloc', 'full']) {
+    it(`preallocation=${prealloc}: the preallocated file reads and maps as qemu-img says`, () => {
+      const f = newVmdk(`pre-${prealloc}.vmdk`, `preallocation=${prealloc}`, '3M', WRITES.slice(0, 3));
+      const img = checkAgainstQemu(f, { checkPresent: false });
+      expect(img.map.extents.some((e) => e.kind === 'data')).toBe(true);
+    });
+  }
+
   it('zeroed_grain=on: zero writes become zeroed grain entries, mapped as zero', () => {
     const f = newVmdk('zg.vmdk', 'zeroed_grain=on', '5M', [...WRITES, 'write -P 0x66 1M 128k', 'write -z 1M 128k']);
     const img = checkAgainstQemu(f, { checkPresent: false });
