@@ -36,7 +36,8 @@ function timed(cmd: string, args: string[], env?: NodeJS.ProcessEnv): { seconds:
 
 try {
   const accel = await probeAccel(kernel);
-  console.log(`kernel ${version}, accel ${accel}, ${runs} boot(s) each, work dir ${work}`);
+  const load = os.loadavg().map((l) => l.toFixed(1)).join(' ');
+  console.log(`kernel ${version}, accel ${accel}, ${runs} boot(s) each, ${os.cpus().length} CPUs, load average ${load}`);
 
   // The same guest root for every candidate; each boot writes to a throw-away overlay.
   const rootDir = path.join(work, 'root');
@@ -109,7 +110,11 @@ try {
 
   const mean = (xs: number[]): number | undefined => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : undefined);
   const fmt = (v: number | undefined, unit: string, digits = 2): string => (v === undefined ? '—' : `${v.toFixed(digits)} ${unit}`);
-  const ratio = (a: number | undefined, b: number | undefined): string => (a === undefined || b === undefined || b === 0 ? '—' : `${(a / b).toFixed(2)}×`);
+  const ratio = (a: number | undefined, b: number | undefined): string => {
+    if (a === undefined || b === undefined || b === 0) return '—';
+    const r = a / b;
+    return `${r >= 0.1 ? r.toFixed(2) : r.toPrecision(2)}×`;
+  };
 
   console.log('');
   console.log(`${'initramfs'.padEnd(18)}${'image size'.padStart(12)}${'build time'.padStart(12)}${'guest init at (uptime)'.padStart(34)}`);
