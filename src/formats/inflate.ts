@@ -14,26 +14,42 @@ const DIST_BASE = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 25
 const DIST_EXTRA = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
 const CLEN_ORDER = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
 
-/** A canonical Huffman code as counts per length and symbols sorted by code. */
+/**
+ * A canonical Huffman code as a lookup table indexed by the next `bits` input bits
+ * (LSB first): each entry is symbol << 4 | code length, 0 for an unused pattern.
+ */
 interface Huffman {
-  counts: Uint16Array;
-  symbols: Uint16Array;
+  table: Uint16Array;
+  bits: number;
 }
 
 function buildHuffman(lengths: Uint8Array, what: string): Huffman {
   const counts = new Uint16Array(16);
-  for (const l of lengths) counts[l]!++;
+  let maxLen = 0;
+  for (const l of lengths) { counts[l]!++; if (l > maxLen) maxLen = l; }
   counts[0] = 0;
   let left = 1;
   for (let len = 1; len < 16; len++) {
     left = left * 2 - counts[len]!;
     if (left < 0) throw new FormatError(`deflate stream: over-subscribed ${what} code`, 'deflate', what);
   }
-  const offs = new Uint16Array(16);
-  for (let len = 1; len < 15; len++) offs[len + 1] = offs[len]! + counts[len]!;
-  const symbols = new Uint16Array(lengths.length);
-  for (let s = 0; s < lengths.length; s++) if (lengths[s]) symbols[offs[lengths[s]!]!++] = s;
-  return { counts, symbols };
+  const bits = Math.max(1, maxLen);
+  const table = new Uint16Array(1 << bits);
+  const next = new Uint16Array(16);
+  let code = 0;
+  for (let len = 1; len < 16; len++) {
+    code = (code + counts[len - 1]!) << 1;
+    next[len] = code;
+  }
+  for (let sym = 0; sym < lengths.length; sym++) {
+    const l = lengths[sym]!;
+    if (l === 0) continue;
+    const c = next[l]!++;
+    let r = 0;
+    for (let i = 0; i < l; i++) r |= ((c >> i) & 1) << (l - 1 - i);
+    for (let k = r; k < table.length; k += 1 << l) table[k] = (sym << 4) | l;
+  }
+  return { table, bits };
 }
 
 let FIXED_LIT: Huffman | undefined;
@@ -77,16 +93,17 @@ class Inflater {
   }
 
   decode(h: Huffman): number {
-    let code = 0, first = 0, index = 0;
-    for (let len = 1; len < 16; len++) {
-      code |= this.bits(1);
-      const count = h.counts[len]!;
-      if (code - count < first) return h.symbols[index + (code - first)]!;
-      index += count;
-      first = (first + count) << 1;
-      code <<= 1;
+    while (this.bitCnt < h.bits && this.pos < this.input.length) {
+      this.bitBuf |= this.input[this.pos++]! << this.bitCnt;
+      this.bitCnt += 8;
     }
-    return this.fail('invalid Huffman code');
+    const e = h.table[this.bitBuf & ((1 << h.bits) - 1)]!;
+    const len = e & 15;
+    if (len === 0) this.fail('invalid Huffman code');
+    if (len > this.bitCnt) this.fail('stream ends early');
+    this.bitBuf >>>= len;
+    this.bitCnt -= len;
+    return e >> 4;
   }
 
   ensure(n: number): void {
@@ -100,6 +117,8 @@ class Inflater {
   }
 
   stored(): void {
+    // drop the partial byte; give back whole bytes the Huffman decoder fetched ahead
+    this.pos -= this.bitCnt >> 3;
     this.bitBuf = 0;
     this.bitCnt = 0;
     if (this.pos + 4 > this.input.length) this.fail('stored block header truncated');
