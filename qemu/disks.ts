@@ -213,6 +213,14 @@ export function ntfsSetVolumeFlags(image: string, flags: number): void {
   run(ntfsTool(), [image, 'set-flags', flags.toString(16)]);
 }
 
+/** The NTFS volume flags as ntfsinfo reports them (0 = clean), e.g. to check a clean shutdown. */
+export function ntfsVolumeFlags(image: string): number {
+  const out = run('ntfsinfo', ['-f', '-m', image]);
+  const m = /Volume Flags: 0x([0-9a-fA-F]+)/.exec(out);
+  if (!m) throw new Error(`ntfsinfo printed no volume flags for ${image}:\n${out}`);
+  return parseInt(m[1]!, 16);
+}
+
 /** Reads a file from an NTFS image (ntfscat). */
 export function ntfsRead(image: string, file: string): Buffer {
   return execFileSync('ntfscat', [image, normalize(file)], { env: { ...process.env, ...UTF8 }, maxBuffer: 1024 * MiB });

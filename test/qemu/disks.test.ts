@@ -6,7 +6,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   convertImage, fatRead, makeExfat, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsAdd, ntfsAddFragmented, ntfsRead,
-  ntfsSetVolumeFlags, NTFS_VOLUME_FLAGS, readPartitions,
+  ntfsSetVolumeFlags, ntfsVolumeFlags, NTFS_VOLUME_FLAGS, readPartitions,
 } from '../../qemu/disks.ts';
 import { diskArgs } from '../../qemu/harness.ts';
 import { moduleClosure } from '../../qemu/guest.ts';
@@ -80,10 +80,13 @@ describe('filesystem images built without mounting', () => {
       return r.stdout + r.stderr;
     };
     expect(state()).not.toMatch(/scheduled for check/);
+    expect(ntfsVolumeFlags(img)).toBe(0);
     ntfsSetVolumeFlags(img, NTFS_VOLUME_FLAGS.dirty);
     expect(state()).toMatch(/Volume is scheduled for check/);
+    expect(ntfsVolumeFlags(img)).toBe(NTFS_VOLUME_FLAGS.dirty);
     ntfsSetVolumeFlags(img, 0);
     expect(state()).not.toMatch(/scheduled for check/);
+    expect(ntfsVolumeFlags(img)).toBe(0);
   });
 
   it('FAT32 holds files in directories with long and non-ASCII names', () => {
