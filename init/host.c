@@ -241,34 +241,62 @@ static int get_str_or_null(JSContext *ctx, int argc, JSValueConst *argv, int i, 
     return *out ? 0 : -1;
 }
 
-/* The memory of an ArrayBuffer or of a typed-array view. */
+/* A numeric property of a view (byteOffset, byteLength); -1 when it is not one. */
+static int64_t view_number(JSContext *ctx, JSValueConst v, const char *name)
+{
+    JSValue n = JS_GetPropertyStr(ctx, v, name);
+    int64_t r = -1;
+    if (!JS_IsNumber(n) || JS_ToInt64(ctx, &r, n) < 0)
+        r = -1;
+    JS_FreeValue(ctx, n);
+    return r;
+}
+
+/* The memory of an ArrayBuffer, a typed array or a DataView (any view whose buffer,
+ * byteOffset and byteLength describe a range of an ArrayBuffer). */
 static int get_bytes(JSContext *ctx, int argc, JSValueConst *argv, int i, const char *fn, uint8_t **ptr, size_t *len)
 {
     JSValueConst v = arg(argc, argv, i);
-    size_t off, n, per;
+    size_t off, n, per, total;
+    uint8_t *p;
     if (!JS_IsObject(v))
         goto bad;
     JSValue ab = JS_GetTypedArrayBuffer(ctx, v, &off, &n, &per);
-    if (!JS_IsException(ab)) {
-        size_t total;
-        uint8_t *p = JS_GetArrayBuffer(ctx, &total, ab);
-        JS_FreeValue(ctx, ab);
-        if (!p && n > 0)
-            return -1;
-        *ptr = p ? p + off : p;
-        *len = n;
-        return 0;
+    if (JS_IsException(ab)) {
+        JS_FreeValue(ctx, JS_GetException(ctx));
+        /* an ArrayBuffer itself? */
+        p = JS_GetArrayBuffer(ctx, &total, v);
+        if (p || !JS_HasException(ctx)) {
+            *ptr = p;
+            *len = p ? total : 0;
+            return 0;
+        }
+        JS_FreeValue(ctx, JS_GetException(ctx));
+        /* a DataView (or another view) */
+        ab = JS_GetPropertyStr(ctx, v, "buffer");
+        int64_t o = view_number(ctx, v, "byteOffset"), l = view_number(ctx, v, "byteLength");
+        if (JS_IsException(ab) || o < 0 || l < 0) {
+            JS_FreeValue(ctx, ab);
+            goto bad;
+        }
+        off = (size_t)o;
+        n = (size_t)l;
     }
-    JS_FreeValue(ctx, JS_GetException(ctx));
-    uint8_t *p = JS_GetArrayBuffer(ctx, &n, v);
-    if (p || !JS_HasException(ctx)) {
-        *ptr = p;
-        *len = p ? n : 0;
-        return 0;
-    }
-    JS_FreeValue(ctx, JS_GetException(ctx));
+    p = JS_GetArrayBuffer(ctx, &total, ab);
+    JS_FreeValue(ctx, ab);
+    if (!p && JS_HasException(ctx))
+        return -1;
+    if (!p && n == 0)
+        total = 0;
+    if (off > total || n > total - off)
+        goto bad;
+    *ptr = p ? p + off : p;
+    *len = n;
+    return 0;
 bad:
-    JS_ThrowTypeError(ctx, "sys.%s: argument %d must be an ArrayBuffer or a typed array", fn, i + 1);
+    if (JS_HasException(ctx))
+        JS_FreeValue(ctx, JS_GetException(ctx));
+    JS_ThrowTypeError(ctx, "sys.%s: argument %d must be an ArrayBuffer, a typed array or a DataView", fn, i + 1);
     return -1;
 }
 
@@ -994,6 +1022,8 @@ static JSValue sys_sleep_ms(JSContext *ctx, JSValueConst this_val, int argc, JSV
         return JS_ThrowTypeError(ctx, "sys.sleepMs: argument 1 must be a number");
     if (!(ms > 0))
         return JS_UNDEFINED;
+    if (ms > 1e12)
+        ms = 1e12; /* about 30 years: forever, without overflowing time_t arithmetic */
     struct timespec ts = { (time_t)(ms / 1000), (long)((ms - (double)(time_t)(ms / 1000) * 1000) * 1e6) };
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
         ;

@@ -2,8 +2,8 @@
  * The native module `sys` of vdboot's static host (init/host.c), as the init bundle
  * imports it: `import * as native from 'sys'`. One function per syscall; failures throw
  * a SysError-shaped exception (see setErrorFactory); wrong argument types throw TypeError.
- * Byte buffers may be ArrayBuffers or any typed-array view: the kernel works on their
- * memory in place.
+ * Byte buffers may be ArrayBuffers, typed arrays or DataViews: the kernel works on
+ * their memory in place (a view: only its byteOffset..byteOffset+byteLength range).
  */
 declare module 'sys' {
   type Bytes = ArrayBuffer | ArrayBufferView;
