@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { qcow2Format } from '../../src/formats/qcow2.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
-import { be32, checkAgainstQemu, openChain, patchFile, qemuImg, qemuIo, realWorld, tempDir } from './qemu-oracle.ts';
+import { be32, checkAgainstQemu, openChain, patchFile, qemuImg, qemuIo, realWorld, run, tempDir } from './qemu-oracle.ts';
 
 let dir: string;
 beforeAll(() => { dir = tempDir(); });
@@ -53,6 +53,16 @@ describe('qcow2 reader against qemu-img', () => {
         expect(img.layers[0]!.layer.subformat).toBe(compat === '0.10' ? 'v2' : 'v3');
       });
     }
+  }
+
+  for (const opts of ['refcount_bits=1', 'refcount_bits=64', 'lazy_refcounts=on']) {
+    it(`${opts}: refcount layout does not change the map (refcount blocks count as metadata)`, () => {
+      const f = path.join(dir, `${opts.replace(/\W/g, '-')}.qcow2`);
+      qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', `${opts},cluster_size=4k`, f, '4M');
+      scribble(f, 4096);
+      const img = checkAgainstQemu(f);
+      expect(img.layers[0]!.layer.metadata!.some((m) => m.what === 'refcount block')).toBe(true);
+    });
   }
 
   it('extended_l2=on: subcluster runs (allocated, zero, unallocated) map like qemu-img map', () => {
@@ -177,13 +187,14 @@ describe('qcow2 damaged or unsupported images', () => {
     expectFormatError(() => layerOf(f), /bit 5.*bit 8|bit 8.*bit 5/);
   });
 
-  it('the dirty bit does not stop reading (the L2 tables are valid) and is reported', () => {
-    const f = fresh('dirty.qcow2');
-    patchFile(f, 79, [0x01]);
-    const layer = layerOf(f);
-    expect(layer.details.dirty).toBe(true);
-    patchFile(f, 79, [0x00]);
-    expect(layerOf(f).details.dirty).toBe(false);
+  it('an image left dirty by a crash (lazy_refcounts, qemu-io abort) reads as qemu-img convert and reports dirty', () => {
+    const f = path.join(dir, 'dirty.qcow2');
+    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on,cluster_size=4k', f, '4M');
+    expect(() => run('qemu-io', ['-c', 'write -P 0x5a 8k 20k', '-c', 'abort', f], dir)).toThrow();
+    const img = checkAgainstQemu(f);
+    expect(img.layers[0]!.layer.details.dirty).toBe(true);
+    expect(img.map.extents.some((e) => e.kind === 'data')).toBe(true);
+    expect(layerOf(fresh('clean.qcow2')).details.dirty).toBe(false);
   });
 
   it('the corrupt bit is refused, naming qemu-img check', () => {
