@@ -39,7 +39,7 @@ async function makeInit(entry: string, name: string): Promise<string> {
 }
 
 /** A newc initramfs: the init, busybox as /bin/sh, the given kernel modules in /modules. */
-function makeInitramfs(name: string, init: string, opts: { modules?: string[]; console?: boolean }): string {
+function makeInitramfs(name: string, init: string, opts: { modules?: string[]; console?: boolean | 'directory' }): string {
   const dir = path.join(tmp, `${name}.root`);
   for (const d of ['bin', 'dev', 'proc', 'sys', 'modules']) fs.mkdirSync(path.join(dir, d), { recursive: true });
   fs.copyFileSync(init, path.join(dir, 'init'));
@@ -50,7 +50,8 @@ function makeInitramfs(name: string, init: string, opts: { modules?: string[]; c
   for (const m of opts.modules ?? []) {
     fs.copyFileSync(path.join(`/lib/modules/${kernelVersion}`, m), path.join(dir, 'modules', path.basename(m)));
   }
-  if (opts.console) execFileSync('mknod', ['-m', '600', path.join(dir, 'dev/console'), 'c', '5', '1']);
+  if (opts.console === 'directory') fs.mkdirSync(path.join(dir, 'dev/console'));
+  else if (opts.console) execFileSync('mknod', ['-m', '600', path.join(dir, 'dev/console'), 'c', '5', '1']);
   const out = path.join(tmp, `${name}.cpio`);
   execFileSync('sh', ['-c', `cd "${dir}" && find . | sort | cpio -o -H newc -R 0:0 --quiet > "${out}"`]);
   return out;
@@ -105,8 +106,10 @@ describe.concurrent('static /init host under QEMU', () => {
 
     const virtio = ['virtio_ring', 'virtio', 'virtio_pci_legacy_dev', 'virtio_pci_modern_dev', 'virtio_pci']
       .map((m) => `kernel/drivers/virtio/${m}.ko`).concat('kernel/drivers/block/virtio_blk.ko');
-    // No /dev/console in this initramfs: the host must still get its output onto the console.
-    const initrd = makeInitramfs('selftest', init, { modules: virtio, console: false });
+    // /dev/console is a directory here (it replaces the node of the kernel's built-in
+    // initramfs), so the kernel starts init without fds 0-2: the host must still get its
+    // output onto the console (it opens it through a devtmpfs it mounts and detaches).
+    const initrd = makeInitramfs('selftest', init, { modules: virtio, console: 'directory' });
 
     // A sparse disk larger than 4 GiB with a marker beyond 4 GiB: 64-bit offsets and sizes.
     const disk = path.join(tmp, 'disk.raw');
@@ -122,6 +125,7 @@ describe.concurrent('static /init host under QEMU', () => {
     expect(line, `no result line; console:\n${run.output}`).not.toBeNull();
     expect(run.timedOut, 'QEMU should power off by itself').toBe(false);
     const r = JSON.parse(line![1]);
+    expect(run.output).toContain('unable to open an initial console');
 
     expect(r.pid).toBe(1);
     expect(r.argv[0]).toBe('/init');
