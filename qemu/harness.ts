@@ -151,6 +151,23 @@ function killGroup(pid: number): void {
   }
 }
 
+let logsPruned = false;
+
+/** Deletes console logs older than a day, once per process, so the log directory stays small. */
+function pruneOldLogs(logDir: string): void {
+  if (logsPruned) return;
+  logsPruned = true;
+  const dayAgo = Date.now() - 24 * 3600_000;
+  for (const f of fs.readdirSync(logDir)) {
+    try {
+      const p = path.join(logDir, f);
+      if (fs.statSync(p).mtimeMs < dayAgo) fs.rmSync(p, { force: true });
+    } catch {
+      // another process pruned it first
+    }
+  }
+}
+
 /** Waits (polling) until no process of the group is left, or the time is up. */
 async function groupGone(pid: number, timeoutMs: number): Promise<boolean> {
   const until = Date.now() + timeoutMs;
@@ -392,6 +409,7 @@ export async function bootVm(opts: BootOptions = {}): Promise<Vm> {
   if (!logFile) {
     const logDir = path.join(os.tmpdir(), 'vdboot-qemu-logs');
     fs.mkdirSync(logDir, { recursive: true });
+    pruneOldLogs(logDir);
     const stamp = new Date().toISOString().replace(/[:.]/g, '-');
     logFile = path.join(logDir, `${name.replace(/[^\w.-]/g, '_')}-${stamp}-${process.pid}-${++vmCounter}.log`);
   }
