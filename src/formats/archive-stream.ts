@@ -1,0 +1,207 @@
+/**
+ * What the archive readers (tar.ts, the newc reader in archive.ts) share: a cursor over a
+ * stream of byte chunks pulled one at a time (a pipe, a decompressor, a file read in
+ * pieces), and the entry they produce. Nothing here holds the whole archive in memory.
+ *
+ * Engine-neutral: Uint8Array only.
+ */
+import { FormatError } from './block-reader.ts';
+
+/**
+ * Where the bytes come from. `pull` returns the next chunk (at least one byte), or null
+ * at the end of the stream. A chunk stays valid only until the next pull.
+ */
+export interface ByteSource {
+  pull(): Uint8Array | null;
+}
+
+export type ArchiveEntryType = 'file' | 'dir' | 'symlink' | 'hardlink' | 'char' | 'block' | 'fifo';
+
+export interface Xattr {
+  name: string;
+  value: Uint8Array;
+}
+
+/** One member of an archive, as the unpacker needs it. */
+export interface ArchiveEntry {
+  /** Relative path with no leading "/" or "./" and no "." or ".." components; "" is the root itself. */
+  path: string;
+  type: ArchiveEntryType;
+  /** Permission bits including setuid, setgid and sticky (mode & 0o7777). */
+  perm: number;
+  uid: number;
+  gid: number;
+  /** Modification time: whole seconds since the epoch, and nanoseconds. */
+  mtimeSec: number;
+  mtimeNsec: number;
+  /** Bytes of body that follow (read them with the reader's `body`); hard links may carry some too. */
+  size: number;
+  /** A symlink's target as written, or a hard link's target as a normalised archive path. */
+  linkTarget: string;
+  devMajor: number;
+  devMinor: number;
+  xattrs: Xattr[];
+  /** Byte offset in the (decompressed) stream where this entry's first header starts. */
+  offset: number;
+}
+
+export interface ArchiveReader {
+  readonly format: 'tar' | 'cpio';
+  /** The next entry (its body unread), or null after the end marker. */
+  next(): ArchiveEntry | null;
+  /** Up to `max` bytes of the current entry's body; an empty array once it is all read. */
+  body(max: number): Uint8Array;
+  /** Bytes of the stream consumed so far. */
+  readonly offset: number;
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** Sequential reads over a ByteSource, copying only when a read spans two chunks. */
+export class StreamCursor {
+  private chunk: Uint8Array = EMPTY;
+  private pos = 0;
+  private consumed = 0;
+  private ended = false;
+
+  constructor(private readonly source: ByteSource) {}
+
+  /** Bytes consumed so far. */
+  get offset(): number {
+    return this.consumed;
+  }
+
+  private fill(): boolean {
+    while (this.pos >= this.chunk.length) {
+      if (this.ended) return false;
+      const next = this.source.pull();
+      if (next === null) {
+        this.ended = true;
+        this.chunk = EMPTY;
+        this.pos = 0;
+        return false;
+      }
+      this.chunk = next;
+      this.pos = 0;
+    }
+    return true;
+  }
+
+  /** True when no byte is left. */
+  atEnd(): boolean {
+    return !this.fill();
+  }
+
+  /**
+   * Exactly `n` bytes, or fewer only at the end of the stream (check `.length`). The
+   * result may be a view into the current chunk: valid until the next call.
+   */
+  take(n: number): Uint8Array {
+    if (n === 0) return EMPTY;
+    if (!this.fill()) return EMPTY;
+    const avail = this.chunk.length - this.pos;
+    if (avail >= n) {
+      const out = this.chunk.subarray(this.pos, this.pos + n);
+      this.pos += n;
+      this.consumed += n;
+      return out;
+    }
+    const out = new Uint8Array(n);
+    let got = 0;
+    while (got < n && this.fill()) {
+      const k = Math.min(n - got, this.chunk.length - this.pos);
+      out.set(this.chunk.subarray(this.pos, this.pos + k), got);
+      this.pos += k;
+      got += k;
+      this.consumed += k;
+    }
+    return got === n ? out : out.subarray(0, got);
+  }
+
+  /** Up to `max` bytes (at least one unless the stream ended): a view, valid until the next call. */
+  some(max: number): Uint8Array {
+    if (max <= 0 || !this.fill()) return EMPTY;
+    const k = Math.min(max, this.chunk.length - this.pos);
+    const out = this.chunk.subarray(this.pos, this.pos + k);
+    this.pos += k;
+    this.consumed += k;
+    return out;
+  }
+
+  /** Skips `n` bytes; returns how many were skipped (fewer only at the end). */
+  skip(n: number): number {
+    let left = n;
+    while (left > 0 && this.fill()) {
+      const k = Math.min(left, this.chunk.length - this.pos);
+      this.pos += k;
+      this.consumed += k;
+      left -= k;
+    }
+    return n - left;
+  }
+
+  /** Looks at the next `n` bytes without consuming them (fewer at the end). */
+  peek(n: number): Uint8Array {
+    if (!this.fill()) return EMPTY;
+    if (this.chunk.length - this.pos >= n) return this.chunk.subarray(this.pos, this.pos + n);
+    // Gather into one chunk that holds the peeked bytes followed by the rest.
+    const parts: Uint8Array[] = [this.chunk.slice(this.pos)];
+    let have = parts[0]!.length;
+    while (have < n) {
+      const next = this.source.pull();
+      if (next === null) {
+        this.ended = true;
+        break;
+      }
+      parts.push(next.slice());
+      have += next.length;
+    }
+    const joined = new Uint8Array(have);
+    let at = 0;
+    for (const p of parts) {
+      joined.set(p, at);
+      at += p.length;
+    }
+    this.chunk = joined;
+    this.pos = 0;
+    return joined.subarray(0, Math.min(n, have));
+  }
+}
+
+/** A ByteSource over a byte array, in chunks of `chunkSize` (tests, small archives). */
+export function bytesSource(bytes: Uint8Array, chunkSize = 1 << 20): ByteSource {
+  let at = 0;
+  return {
+    pull(): Uint8Array | null {
+      if (at >= bytes.length) return null;
+      const out = bytes.subarray(at, Math.min(bytes.length, at + chunkSize));
+      at += out.length;
+      return out;
+    },
+  };
+}
+
+/**
+ * An archive member's path made safe to create under the new root: "/" and "./"
+ * prefixes, empty and "." components dropped; ".." refused (it could leave the root).
+ */
+export function archivePath(raw: string, what: string, offset: number): string {
+  const parts = raw.split('/').filter((p) => p !== '' && p !== '.');
+  if (parts.some((p) => p === '..')) {
+    throw new FormatError(`${what} at byte ${offset}: the path "${raw}" contains "..", which would leave the root; the archive cannot be unpacked as a root filesystem`, 'path', raw);
+  }
+  return parts.join('/');
+}
+
+/** "12.3 MiB"-style sizes for console messages. */
+export function formatBytes(n: number): string {
+  if (n < 1024) return `${n} bytes`;
+  const units = ['KiB', 'MiB', 'GiB', 'TiB'];
+  let v = n / 1024;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${v.toFixed(v < 10 ? 1 : 0)} ${units[u]}`;
+}
