@@ -131,6 +131,27 @@ function unmountAll(sys: Sys, log: ConsoleLog, mounts: string[]): void {
     }
     todo = busy;
   }
+  // The old /run holds this shutdown root (/run/initramfs): it can only be detached. Once
+  // it is, the mounts that were busy only because of it unmount normally.
+  const holdsUs = todo.filter((m) => `${OLD_ROOT}${SHUTDOWN_ROOT}`.startsWith(`${m}/`)).sort((a, b) => b.length - a.length).slice(0, 1);
+  for (const m of holdsUs) {
+    try {
+      sys.umount2(m, MNT_DETACH);
+      log.info(`detached ${m} (it holds this shutdown root)`);
+    } catch (e) {
+      log.warn(`could not detach ${m}: ${(e as Error).message}`);
+    }
+  }
+  todo = todo.filter((m) => !holdsUs.includes(m));
+  todo = todo.filter((m) => {
+    try {
+      sys.umount2(m, 0);
+      log.info(`unmounted ${m}`);
+      return false;
+    } catch (e) {
+      return !(isSysError(e, 'EINVAL') || isSysError(e, 'ENOENT'));
+    }
+  });
   for (const m of todo) {
     try { sys.mount('', m, '', MS.REMOUNT | MS.RDONLY, ''); } catch { /* best effort */ }
     try {

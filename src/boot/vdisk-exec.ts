@@ -204,7 +204,7 @@ function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDe
     }
   } catch (e) {
     if (required) throw e;
-    log.warn(`the host filesystem ${host.path} is not reachable at ${HOST_MOUNT}: ${(e as Error).message}`);
+    log.warn(`the host filesystem ${host.path} is not reachable at ${HOST_MOUNT} (${(e as Error).message}); the booted system can mount /dev/mapper/vdhost itself${host.fsType === 'ntfs' ? ', e.g. with ntfs-3g' : ''}`);
   }
 }
 
