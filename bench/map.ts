@@ -7,7 +7,7 @@
  * reverse order (they cannot merge). Prints the time to open and map it, and the size of
  * the merged map and of its device-mapper table.
  *
- *   npx tsx bench/map.ts [BLOCKS]
+ *   npx tsx bench/map.ts [BLOCKS] [--quickjs]   (--quickjs: also map it inside QuickJS)
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -112,28 +112,86 @@ export function writeSyntheticVhdx(file: string, blocks: number): { batEntries: 
   return { batEntries };
 }
 
-const blocks = Number(process.argv[2] ?? 1_000_000);
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-bench-'));
-try {
-  const file = path.join(dir, 'million.vhdx');
-  const { batEntries } = writeSyntheticVhdx(file, blocks);
-  const host = nodeChainHost();
-  const c0 = process.cpuUsage();
-  const t0 = performance.now();
-  const img = openImage(file, host);
-  const t1 = performance.now();
-  const c1 = process.cpuUsage(c0);
-  const table = dmTable(img.map);
-  const t2 = performance.now();
-  const c2 = process.cpuUsage(c0);
-  host.close();
-  const s = summarizeMap(img.map);
-  process.stdout.write(
-    `VHDX with ${blocks} allocated 1 MiB blocks (${batEntries} BAT entries, ${(blocks / 1024).toFixed(0)} GiB virtual)\n` +
-      `  open + map + validate: ${(t1 - t0).toFixed(0)} ms wall, ${((c1.user + c1.system) / 1000).toFixed(0)} ms CPU (Node ${process.version})\n` +
-      `  merged map: ${s.extents} extents (${s.dataExtents} data)\n` +
-      `  dm table: ${table.length} lines, ${table.reduce((n, l) => n + l.length + 1, 0)} bytes, made in ${(t2 - t1).toFixed(0)} ms wall, ${((c2.user + c2.system - c1.user - c1.system) / 1000).toFixed(0)} ms CPU\n`,
-  );
-} finally {
-  fs.rmSync(dir, { recursive: true, force: true });
+/** Maps the same file inside QuickJS (quickjs-emscripten, the engine the init runs on). */
+async function mapInQuickJS(file: string): Promise<{ ms: number; cpuMs: number; extents: number }> {
+  const { build } = await import('esbuild');
+  const { getQuickJS } = await import('quickjs-emscripten');
+  const bundle = await build({
+    stdin: {
+      contents: `import { openImage } from './src/formats/chain.ts';
+globalThis.runMap = (p) => {
+  const host = { openFile: (name) => ({ name, size: __size(name), read: (o, l) => new Uint8Array(__read(o, l)) }) };
+  const t0 = Date.now();
+  const img = openImage(p, host);
+  return JSON.stringify({ ms: Date.now() - t0, extents: img.map.extents.length });
+};`,
+      resolveDir: path.resolve(path.dirname(new URL(import.meta.url).pathname), '..'),
+      loader: 'ts',
+    },
+    bundle: true, format: 'iife', write: false, target: 'es2022', platform: 'neutral',
+  });
+  const QuickJS = await getQuickJS();
+  const rt = QuickJS.newRuntime();
+  rt.setMemoryLimit(1024 * 1024 * 1024);
+  const vm = rt.newContext();
+  const fd = fs.openSync(file, 'r');
+  try {
+    const sizeFn = vm.newFunction('__size', () => vm.newNumber(fs.fstatSync(fd).size));
+    const readFn = vm.newFunction('__read', (o, l) => {
+      const buf = Buffer.alloc(vm.getNumber(l));
+      fs.readSync(fd, buf, 0, buf.length, vm.getNumber(o));
+      return vm.newArrayBuffer(buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.length));
+    });
+    vm.setProp(vm.global, '__size', sizeFn);
+    vm.setProp(vm.global, '__read', readFn);
+    sizeFn.dispose();
+    readFn.dispose();
+    vm.unwrapResult(vm.evalCode(bundle.outputFiles[0]!.text)).dispose();
+    const c0 = process.cpuUsage();
+    const res = vm.unwrapResult(vm.evalCode(`runMap(${JSON.stringify(file)})`));
+    const c1 = process.cpuUsage(c0);
+    const out = JSON.parse(vm.getString(res)) as { ms: number; extents: number };
+    res.dispose();
+    return { ...out, cpuMs: Math.round((c1.user + c1.system) / 1000) };
+  } finally {
+    fs.closeSync(fd);
+    vm.dispose();
+    rt.dispose();
+  }
+}
+
+const isMain = import.meta.url === `file://${process.argv[1]}` || process.argv[1]?.endsWith('bench/map.ts');
+const quickjs = process.argv.includes('--quickjs');
+const blocks = Number(process.argv.slice(2).find((a) => !a.startsWith('--')) ?? 1_000_000);
+if (isMain) await runBench();
+
+async function runBench(): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-bench-'));
+  try {
+    const file = path.join(dir, 'million.vhdx');
+    const { batEntries } = writeSyntheticVhdx(file, blocks);
+    const host = nodeChainHost();
+    const c0 = process.cpuUsage();
+    const t0 = performance.now();
+    const img = openImage(file, host);
+    const t1 = performance.now();
+    const c1 = process.cpuUsage(c0);
+    const table = dmTable(img.map);
+    const t2 = performance.now();
+    const c2 = process.cpuUsage(c0);
+    host.close();
+    const s = summarizeMap(img.map);
+    process.stdout.write(
+      `VHDX with ${blocks} allocated 1 MiB blocks (${batEntries} BAT entries, ${(blocks / 1024).toFixed(0)} GiB virtual)\n` +
+        `  open + map + validate: ${(t1 - t0).toFixed(0)} ms wall, ${((c1.user + c1.system) / 1000).toFixed(0)} ms CPU (Node ${process.version})\n` +
+        `  merged map: ${s.extents} extents (${s.dataExtents} data)\n` +
+        `  dm table: ${table.length} lines, ${table.reduce((n, l) => n + l.length + 1, 0)} bytes, made in ${(t2 - t1).toFixed(0)} ms wall, ${((c2.user + c2.system - c1.user - c1.system) / 1000).toFixed(0)} ms CPU\n`,
+    );
+    if (quickjs) {
+      const q = await mapInQuickJS(file);
+      process.stdout.write(`  QuickJS (quickjs-emscripten): open + map + validate ${q.ms} ms wall, ${q.cpuMs} ms CPU, ${q.extents} extents\n`);
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 }

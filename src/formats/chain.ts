@@ -222,6 +222,12 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
   let belowSize = 0;
   for (let k = layers.length - 1; k >= 0; k--) {
     const { layer, fileIndex } = layers[k]!;
+    if (k === layers.length - 1 && fileIndex.every((g, i) => g === i) && layer.extents.every((e) => e.kind !== 'parent')) {
+      // the base layer's extents already name the map's files by the same indices
+      below = layer.extents as Extent[];
+      belowSize = layer.size;
+      continue;
+    }
     const out: Extent[] = [];
     for (const e of layer.extents) {
       if (e.kind === 'data') appendExtent(out, { kind: 'data', start: e.start, length: e.length, file: fileIndex[e.file]!, offset: e.offset });

@@ -88,6 +88,19 @@ function ascii(bytes: Uint8Array): string {
   return s;
 }
 
+const LITTLE_ENDIAN_HOST = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+
+/** Little-endian 32-bit words of `b` (length a multiple of 4), as a Uint32Array. */
+function wordsLE(b: Uint8Array): Uint32Array {
+  const aligned = b.byteOffset % 4 === 0 ? b : b.slice();
+  const w = new Uint32Array(aligned.buffer, aligned.byteOffset, aligned.length >>> 2);
+  if (LITTLE_ENDIAN_HOST) return w;
+  const dv = view(aligned);
+  const out = new Uint32Array(w.length);
+  for (let i = 0; i < out.length; i++) out[i] = dv.getUint32(i * 4, true);
+  return out;
+}
+
 function view(b: Uint8Array): DataView {
   return new DataView(b.buffer, b.byteOffset, b.byteLength);
 }
@@ -345,23 +358,24 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
 
   // BAT, read in slices so a large table never needs one big allocation.
   const extents: LayerExtent[] = [];
-  const counts: Record<string, number> = {};
+  const counts = [0, 0, 0, 0, 0, 0, 0, 0];
   const sectorsPerBlock = blockSize / lss;
   const bitmapBytesPerBlock = sectorsPerBlock / 8;
   const SLICE_ENTRIES = 128 * 1024;
   let sliceStart = -1;
-  let slice: DataView | undefined;
+  // the slice as 32-bit words, little-endian (converted once on a big-endian host)
+  let words: Uint32Array = new Uint32Array(0);
   // entry(i) sets entryState/entryOffset (no object per entry: a BAT can have millions)
   let entryState = 0;
   let entryOffset = 0;
   const entry = (i: number): void => {
-    if (slice === undefined || i < sliceStart || i >= sliceStart + SLICE_ENTRIES) {
+    if (sliceStart < 0 || i < sliceStart || i >= sliceStart + SLICE_ENTRIES) {
       sliceStart = i - (i % SLICE_ENTRIES);
       const n = Math.min(SLICE_ENTRIES, totalEntries - sliceStart);
-      slice = view(file.read(batRegion.offset + sliceStart * 8, n * 8));
+      words = wordsLE(file.read(batRegion.offset + sliceStart * 8, n * 8));
     }
-    const lo = slice.getUint32((i - sliceStart) * 8, true);
-    const hi = slice.getUint32((i - sliceStart) * 8 + 4, true);
+    const lo = words[(i - sliceStart) * 2]!;
+    const hi = words[(i - sliceStart) * 2 + 1]!;
     entryState = lo & 7;
     entryOffset = ((lo >>> 20) + hi * 4096) * MiB;
   };
@@ -391,9 +405,7 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
     entry(b + Math.floor(b / chunkRatio));
     const state = entryState;
     const blockOffset = entryOffset;
-    const stateName = STATE_NAMES[state];
-    if (!stateName) throw new FormatError(`${name}: VHDX BAT entry of block ${b} has an unknown state ${state}`, 'bat.state', state);
-    counts[stateName] = (counts[stateName] ?? 0) + 1;
+    counts[state]!++;
     switch (state) {
       case 0: // NOT_PRESENT: the parent's, or zeros
         appendExtent(extents, absent(start, len));
@@ -408,10 +420,14 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
       case 5: // UNMAPPED in the 0.95 draft
         appendExtent(extents, { kind: 'zero', start, length: len, why: 'unallocated' });
         break;
-      case 6: // FULLY_PRESENT
+      case 6: { // FULLY_PRESENT
         if (blockOffset < MiB) throw new FormatError(`${name}: VHDX block ${b} is at file offset ${blockOffset}, inside the headers`, 'bat.offset', blockOffset);
-        appendExtent(extents, { kind: 'data', start, length: len, file: 0, offset: blockOffset });
+        const last = extents[extents.length - 1];
+        // the common case of consecutive blocks, extended without a new object
+        if (last !== undefined && last.kind === 'data' && last.offset + last.length === blockOffset && last.start + last.length === start) last.length += len;
+        else extents.push({ kind: 'data', start, length: len, file: 0, offset: blockOffset });
         break;
+      }
       case 7: { // PARTIALLY_PRESENT
         if (!hasParent) throw new FormatError(`${name}: VHDX block ${b} is partially present, but the image is not differencing`, 'bat.state', state);
         if (blockOffset < MiB) throw new FormatError(`${name}: VHDX block ${b} is at file offset ${blockOffset}, inside the headers`, 'bat.offset', blockOffset);
@@ -435,9 +451,13 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
         }
         break;
       }
+      default:
+        throw new FormatError(`${name}: VHDX BAT entry of block ${b} has an unknown state ${state}`, 'bat.state', state);
     }
   }
-  for (const [k, v] of Object.entries(counts)) details[`blocks ${k}`] = v;
+  counts.forEach((n, state) => {
+    if (n > 0) details[`blocks ${STATE_NAMES[state]}`] = (Number(details[`blocks ${STATE_NAMES[state]}`]) || 0) + n;
+  });
 
   return {
     format: 'vhdx',
