@@ -329,11 +329,8 @@ const OVMF_VARS: Record<string, string> = {
 const DEFAULT_APPEND = 'console=ttyS0,115200 panic=-1 printk.time=1';
 
 function driveOption(disk: VmDisk, id: string): string {
-  if (disk.file.includes(',')) {
-    // qemu's option syntax doubles commas; keep it simple and say so.
-    throw new Error(`Disk path ${disk.file} contains a comma, which qemu's -drive syntax cannot take as is: use a path without commas.`);
-  }
-  const parts = [`file=${disk.file}`, `format=${disk.format ?? 'raw'}`, 'if=none', `id=${id}`];
+  // qemu's option syntax takes a literal comma as ",,"
+  const parts = [`file=${disk.file.replace(/,/g, ',,')}`, `format=${disk.format ?? 'raw'}`, 'if=none', `id=${id}`];
   if (disk.readonly) parts.push('readonly=on');
   if (disk.snapshot) parts.push('snapshot=on');
   return parts.join(',');

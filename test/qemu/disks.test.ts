@@ -191,7 +191,7 @@ describe('qemu command line and guest modules', () => {
     expect(args).toContain('-device nvme,drive=disk3,serial=vdboot3');
     expect(args).toContain('-device usb-storage,drive=disk4,bus=xhci0.0,serial=USB1');
     expect(args).toContain('-device ide-hd,drive=disk5,bus=ide.0,unit=0');
-    expect(() => diskArgs([{ file: '/x,y.img' }])).toThrow(/comma/);
+    expect(diskArgs([{ file: '/a dir/x,y.img' }])[1]).toBe('file=/a dir/x,,y.img,format=raw,if=none,id=disk0');
   });
 
   it('module closure lists dependencies before the module, from modules.dep of the installed kernel', () => {
