@@ -124,6 +124,9 @@ describe(`vdboot mkinitramfs for kernel ${release}`, () => {
     const described = execFileSync('file', ['-b', vmlinuz], { encoding: 'utf8' });
     const oracle = /version (\S+)/.exec(described)![1];
     expect(kernelReleaseOfImage(vmlinuz)).toBe(oracle);
+    const built = buildInitramfs({ kernel: vmlinuz, initBinary: initBinary(), compress: 'none' });
+    expect(built.manifest.kernelRelease).toBe(oracle);
+    expect(built.manifest.build.modulesDir).toBe(`/lib/modules/${oracle}`);
     expect(() => kernelReleaseOfImage('/bin/busybox')).toThrow(/not a Linux bzImage/);
   });
 
