@@ -265,7 +265,7 @@ export function openQcow2(file: BlockReader, ctx: OpenContext): ImageLayer & Lay
     if (h.backingFileOffset + h.backingFileSize > file.size) fail(file, `backing file name at offset ${h.backingFileOffset} is past the end of the file (${file.size} bytes)`, 'backing_file_offset', h.backingFileOffset);
     backingName = utf8Decode(file.read(h.backingFileOffset, h.backingFileSize));
     meta.add(h.backingFileOffset, h.backingFileSize, 'backing file name');
-    parent = { paths: [backingName] };
+    parent = { paths: parentCandidates(backingName) };
     if (ext.backingFormat !== undefined) {
       const f = BACKING_FORMATS[ext.backingFormat];
       if (!f) fail(file, `backing file "${backingName}" has format "${ext.backingFormat}", which vdboot cannot read`, 'backing_format', ext.backingFormat);
@@ -541,6 +541,18 @@ function forEachEntry(file: BlockReader, offset: number, count: number, fn: (hi:
     const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     for (let i = 0; i < n; i++) fn(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), first + i);
   }
+}
+
+
+/**
+ * Where to look for a parent the image names: the name as written, then (for a path
+ * written on another machine, e.g. `C:\\VMs\\base.vmdk` or `/var/lib/libvirt/images/base.qcow2`)
+ * its last component next to the child.
+ */
+function parentCandidates(name: string): string[] {
+  const base = name.slice(Math.max(name.lastIndexOf('/'), name.lastIndexOf('\\')) + 1);
+  const asWritten = /^[A-Za-z]:[\\/]/.test(name) || name.includes('\\') ? [] : [name];
+  return base !== '' && base !== name ? [...asWritten, base] : [name];
 }
 
 export const qcow2Format: FormatReader = {

@@ -574,7 +574,7 @@ export function openVmdk(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
     details.parentCid = parentCid;
     details.parentFileNameHint = desc.parentFileNameHint!;
     const ref: ParentRef = {
-      paths: [desc.parentFileNameHint!],
+      paths: parentCandidates(desc.parentFileNameHint!),
       verify(parent: ImageLayer): void {
         if (parent.format === 'vmdk' && parent.id !== parentCid) {
           throw new FormatError(
@@ -649,6 +649,18 @@ function compressedReader(file: BlockReader, size: number, grains: CompressedGra
     }
     return out;
   };
+}
+
+
+/**
+ * Where to look for a parent the image names: the name as written, then (for a path
+ * written on another machine, e.g. `C:\\VMs\\base.vmdk` or `/var/lib/libvirt/images/base.qcow2`)
+ * its last component next to the child.
+ */
+function parentCandidates(name: string): string[] {
+  const base = name.slice(Math.max(name.lastIndexOf('/'), name.lastIndexOf('\\')) + 1);
+  const asWritten = /^[A-Za-z]:[\\/]/.test(name) || name.includes('\\') ? [] : [name];
+  return base !== '' && base !== name ? [...asWritten, base] : [name];
 }
 
 export const vmdkFormat: FormatReader = {

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { qcow2Format } from '../../src/formats/qcow2.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
-import { be32, checkAgainstQemu, openChain, patchFile, qemuImg, qemuIo, realWorld, run, tempDir } from './qemu-oracle.ts';
+import { be32, checkAgainstQemu, expectSameBytes, openChain, patchFile, qemuImg, qemuIo, qemuRaw, readAll, realWorld, run, tempDir } from './qemu-oracle.ts';
 
 let dir: string;
 beforeAll(() => { dir = tempDir(); });
@@ -137,6 +137,24 @@ describe('qcow2 reader against qemu-img', () => {
     qemuIo(dir, f, ['write -P 0xc2 64k 64k', 'discard 512k 128k']);
     const img = checkAgainstQemu(f);
     expect(img.layers[0]!.layer.details.snapshots).toBe(1);
+  });
+
+  it('a backing file named by an absolute path from another machine is found by its name next to the overlay', () => {
+    const base = path.join(dir, 'moved-base.qcow2');
+    qemuImg(dir, 'create', '-q', '-f', 'qcow2', base, '2M');
+    qemuIo(dir, base, ['write -P 0xe1 0 2M']);
+    const top = path.join(dir, 'moved-top.qcow2');
+    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-b', 'moved-base.qcow2', '-F', 'qcow2', top);
+    qemuIo(dir, top, ['write -P 0xe2 1M 64k']);
+    const expected = qemuRaw(top);
+    qemuImg(dir, 'rebase', '-u', '-b', '/var/lib/libvirt/images/moved-base.qcow2', '-F', 'qcow2', top);
+    const img = openChain(top);
+    try {
+      expect(img.layers[0]!.layer.parent?.paths).toEqual(['/var/lib/libvirt/images/moved-base.qcow2', 'moved-base.qcow2']);
+      expectSameBytes(readAll(img), expected, 'overlay over its moved backing file');
+    } finally {
+      img.close();
+    }
   });
 
   it('backing chain qcow2 -> qcow2 -> raw (with -F): overlays show through to the base', () => {

@@ -117,6 +117,25 @@ describe('VMDK reader against qemu-img', () => {
     expect(img.layers[0]!.layer.parent?.paths).toEqual(['chain-base.vmdk']);
   });
 
+  it('a parentFileNameHint written on Windows (C:\\VMs\\base.vmdk) finds the parent by its name next to the child', () => {
+    const base = newVmdk('win-base.vmdk', 'subformat=monolithicSparse', '2M', ['write -P 0x84 0 2M']);
+    const top = path.join(dir, 'win-top.vmdk');
+    qemuImg(dir, 'create', '-q', '-f', 'vmdk', '-b', path.basename(base), '-F', 'vmdk', top);
+    qemuIo(dir, top, ['write -P 0x85 64k 64k'], 'vmdk');
+    const expected = qemuRaw(top);
+    const bytes = fs.readFileSync(top);
+    const at = bytes.indexOf(Buffer.from('parentFileNameHint="win-base.vmdk"'));
+    expect(at).toBeGreaterThan(0);
+    patchFile(top, at, Buffer.from('parentFileNameHint="C:\\VMs\\win-base.vmdk"\n'));
+    const img = openChain(top);
+    try {
+      expect(img.layers[0]!.layer.parent?.paths).toEqual(['win-base.vmdk']);
+      expectSameBytes(readAll(img), expected, 'child over the parent found by base name');
+    } finally {
+      img.close();
+    }
+  });
+
   it('a parent whose CID no longer matches the child\'s parentCID is refused, naming the CID', () => {
     const base = newVmdk('cid-base.vmdk', 'subformat=monolithicSparse', '1M', ['write -P 0x81 0 1M']);
     const top = path.join(dir, 'cid-top.vmdk');
