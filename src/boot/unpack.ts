@@ -1,0 +1,213 @@
+/**
+ * Unpacks an archive (tar or newc, already decompressed) into a directory through the
+ * Sys port, as root: numeric owners, modes with setuid/setgid/sticky, times, symlinks,
+ * hard links, device nodes, FIFOs and extended attributes (security.capability).
+ *
+ * Order per entry matters and is the kernel's, not a matter of taste:
+ *   create → write data → lchown → chmod → lsetxattr → utimensat
+ * chown clears setuid/setgid and drops security.capability, and writing a file drops
+ * security.capability, so the mode and the xattrs come after both. Directory times are
+ * set last, deepest first, since creating entries inside a directory changes its mtime.
+ *
+ * The archive is untrusted: an entry may not be created through a symbolic link the
+ * archive made earlier (that could write outside the new root), ".." is refused by the
+ * readers, and every path is created under `root` only.
+ */
+import type { ArchiveEntry, ArchiveReader } from '../formats/archive-stream.ts';
+import { FormatError } from '../formats/block-reader.ts';
+import { isSysError, O, S, type Sys } from '../sys/sys.ts';
+import { mkdirs } from './fsutil.ts';
+
+/** What the unpacker uses beyond the Sys port when the host offers it. */
+export interface UnpackSys extends Sys {
+  /** utimensat(AT_FDCWD, path, [atime = mtime, mtime], AT_SYMLINK_NOFOLLOW when `noFollow`) */
+  utimensat?(path: string, sec: number, nsec: number, noFollow: boolean): void;
+  /** lsetxattr(path, name, value, 0) */
+  lsetxattr?(path: string, name: string, value: Uint8Array): void;
+}
+
+export interface UnpackStats {
+  entries: number;
+  files: number;
+  dirs: number;
+  /** bytes of file data written */
+  bytes: number;
+  xattrs: number;
+  /** things the person at the console should know (once each) */
+  warnings: string[];
+}
+
+export interface UnpackOptions {
+  /** Called after every entry (and every MiB of a large file), for the progress line. */
+  onProgress?: () => void;
+  /** Size of the write chunks. */
+  chunk?: number;
+}
+
+/** An unpack failure with the entry it happened at; the cause is kept for ENOSPC checks. */
+export class UnpackError extends Error {
+  constructor(message: string, readonly entry: ArchiveEntry | undefined, readonly reason: unknown) {
+    super(message);
+    this.name = 'UnpackError';
+  }
+}
+
+const TYPE_BITS: Record<string, number> = { char: S.IFCHR, block: S.IFBLK, fifo: S.IFIFO };
+
+export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: string, opts: UnpackOptions = {}): UnpackStats {
+  const stats: UnpackStats = { entries: 0, files: 0, dirs: 0, bytes: 0, xattrs: 0, warnings: [] };
+  const chunk = opts.chunk ?? 1 << 20;
+  const symlinks = new Set<string>();
+  const dirTimes: { path: string; sec: number; nsec: number }[] = [];
+  const canTime = typeof sys.utimensat === 'function';
+  const canXattr = typeof sys.lsetxattr === 'function';
+  let warnedTime = false;
+  let warnedXattr = false;
+  const full = (p: string): string => (p === '' ? root : `${root}/${p}`);
+
+  for (;;) {
+    const entry = reader.next();
+    if (!entry) break;
+    stats.entries++;
+    try {
+      // An entry below a symlink the archive created would be written wherever the link points.
+      for (let i = entry.path.indexOf('/'); i > 0; i = entry.path.indexOf('/', i + 1)) {
+        const parent = entry.path.slice(0, i);
+        if (symlinks.has(parent)) {
+          throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} lies under "${parent}", which the archive made a symbolic link; vdboot does not write through links (the archive may be malicious or damaged)`, 'path', entry.path);
+        }
+      }
+      const path = full(entry.path);
+      if (entry.type === 'hardlink' && symlinks.has(entry.linkTarget)) symlinks.add(entry.path);
+      createEntry(sys, entry, path, full, symlinks);
+      if (entry.type === 'symlink') symlinks.add(entry.path);
+      else if (entry.path !== '') symlinks.delete(entry.path);
+      if (entry.size > 0) stats.bytes += writeBody(sys, reader, entry, path, chunk, opts.onProgress);
+      if (entry.type === 'hardlink') {
+        // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
+        if (entry.size > 0 && canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
+        opts.onProgress?.();
+        continue; // the inode's owner, mode and times came with the first name
+      }
+      sys.lchown(path, entry.uid, entry.gid);
+      if (entry.type !== 'symlink') sys.chmod(path, entry.perm);
+      if (entry.xattrs.length) {
+        if (canXattr) {
+          for (const x of entry.xattrs) {
+            sys.lsetxattr!(path, x.name, x.value);
+            stats.xattrs++;
+          }
+        } else if (!warnedXattr) {
+          warnedXattr = true;
+          stats.warnings.push(`this vdboot host cannot set extended attributes: "${entry.path}" and others lose theirs (${entry.xattrs.map((x) => x.name).join(', ')})`);
+        }
+      }
+      if (entry.type === 'dir') {
+        stats.dirs++;
+        dirTimes.push({ path, sec: entry.mtimeSec, nsec: entry.mtimeNsec });
+      } else {
+        if (entry.type === 'file') stats.files++;
+        if (canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
+        else if (!warnedTime) {
+          warnedTime = true;
+          stats.warnings.push('this vdboot host cannot set file times: unpacked files carry the time of the boot');
+        }
+      }
+    } catch (e) {
+      const where = `"${entry.path || '/'}" (${entry.type}, header at byte ${entry.offset} of the archive)`;
+      if (e instanceof UnpackError) throw e;
+      if (isSysError(e)) throw new UnpackError(`could not create ${where}: ${e.message}`, entry, e);
+      throw new UnpackError(`${(e as Error).message}${(e as Error).message.includes(entry.path) ? '' : ` (at ${where})`}`, entry, e);
+    }
+    opts.onProgress?.();
+  }
+  if (canTime) {
+    // Deepest first, so setting a parent's time is the last change to it.
+    for (let i = dirTimes.length - 1; i >= 0; i--) {
+      const d = dirTimes[i]!;
+      sys.utimensat!(d.path, d.sec, d.nsec, true);
+    }
+  }
+  return stats;
+}
+
+function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p: string) => string, symlinks: Set<string>): void {
+  const make = (): void => {
+    switch (entry.type) {
+      case 'dir':
+        if (entry.path === '') return; // the root itself: metadata only
+        sys.mkdir(path, 0o700);
+        return;
+      case 'file':
+        sys.close(sys.open(path, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, 0o600));
+        return;
+      case 'symlink':
+        sys.symlink(entry.linkTarget, path);
+        return;
+      case 'hardlink':
+        sys.link(full(entry.linkTarget), path);
+        return;
+      case 'char':
+      case 'block':
+      case 'fifo':
+        sys.mknod(path, TYPE_BITS[entry.type]! | 0o600, entry.devMajor, entry.devMinor);
+        return;
+    }
+  };
+  for (let attempt = 0; ; attempt++) {
+    try {
+      make();
+      return;
+    } catch (e) {
+      if (attempt >= 2) throw e;
+      if (isSysError(e, 'ENOENT')) {
+        if (entry.type === 'hardlink' && !exists(sys, full(entry.linkTarget))) {
+          throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} is a hard link to "${entry.linkTarget}", which the archive did not hold before it`, 'linkname', entry.linkTarget);
+        }
+        // Archives may leave parent directories out (tar of single files): create them.
+        const parent = path.slice(0, path.lastIndexOf('/'));
+        mkdirs(sys, parent, 0o755);
+        continue;
+      }
+      if (isSysError(e, 'EEXIST')) {
+        const st = sys.lstat(path);
+        const isDir = (st.mode & S.IFMT) === S.IFDIR;
+        if (entry.type === 'dir' && isDir) return; // a directory named twice, or made for a child first: keep it
+        // A later member replaces an earlier one with the same name, as tar does.
+        if (isDir) sys.rmdir(path);
+        else sys.unlink(path);
+        symlinks.delete(entry.path);
+        continue;
+      }
+      throw e;
+    }
+  }
+}
+
+function exists(sys: Sys, path: string): boolean {
+  try {
+    sys.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Writes the entry's body into `path` (a new file, or the inode a hard link shares). */
+function writeBody(sys: Sys, reader: ArchiveReader, entry: ArchiveEntry, path: string, chunk: number, onProgress?: () => void): number {
+  const fd = sys.open(path, O.WRONLY | O.CLOEXEC, 0);
+  let written = 0;
+  try {
+    for (;;) {
+      const b = reader.body(chunk);
+      if (b.length === 0) break;
+      let off = 0;
+      while (off < b.length) off += sys.write(fd, off === 0 ? b : b.subarray(off));
+      written += b.length;
+      if (written % (4 << 20) < b.length) onProgress?.();
+    }
+  } finally {
+    sys.close(fd);
+  }
+  return written;
+}

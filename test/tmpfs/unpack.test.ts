@@ -1,0 +1,121 @@
+/**
+ * vdboot's unpacker (the code that runs at boot) on the build machine, as root, through
+ * a Sys over Node's fs: the unpacked tree equals the source tree entry by entry (type,
+ * mode bits, owners, times, bodies, link targets, device numbers, hard links, the file
+ * capability), and hostile or odd archives end as they should.
+ */
+import { execFileSync, execSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { bytesSource, StreamCursor } from '../../src/formats/archive-stream.ts';
+import { openArchive } from '../../src/formats/archive.ts';
+import { unpackArchive, UnpackError } from '../../src/boot/unpack.ts';
+import { buildTree, describeTree } from './helpers.ts';
+import { nodeUnpackSys } from './node-sys.ts';
+
+let dir: string;
+let tree: string;
+
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-unpack-'));
+  tree = path.join(dir, 'root');
+  buildTree(tree, { capability: true });
+});
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+function unpack(bytes: Uint8Array, name: string) {
+  const out = path.join(dir, name);
+  fs.mkdirSync(out);
+  const reader = openArchive(new StreamCursor(bytesSource(bytes, 10_000)), name);
+  const stats = unpackArchive(nodeUnpackSys(), reader, out);
+  return { out, stats };
+}
+
+function cap(p: string): string {
+  return execFileSync('getfattr', ['--absolute-names', '-n', 'security.capability', '-e', 'hex', p], { encoding: 'utf8' }).split('\n').find((l) => l.startsWith('security'))!;
+}
+
+function expectSameTree(a: string, b: string): void {
+  const want = describeTree(a);
+  const got = describeTree(b);
+  expect([...got.keys()].sort()).toEqual([...want.keys()].sort());
+  const inoA = new Map<number, string>();
+  const inoB = new Map<number, string>();
+  for (const [p, w] of want) {
+    const g = got.get(p)!;
+    const { ino: wi, ...wRest } = w;
+    const { ino: gi, ...gRest } = g;
+    expect(gRest, p).toEqual(wRest);
+    // Hard links: the same names share an inode on both sides.
+    if (w.type === 'file') {
+      expect(inoB.get(gi) === undefined ? undefined : inoA.get(wi), `${p} link group`).toBe(inoB.get(gi));
+      inoA.set(wi, p);
+      inoB.set(gi, p);
+    }
+  }
+}
+
+describe('unpacking with vdboot', () => {
+  it('GNU tar pax --xattrs: the tree comes back identical, with the file capability, and the root directory gets the archive\'s mode', () => {
+    fs.chmodSync(tree, 0o755);
+    const bytes = new Uint8Array(execSync("tar --format=pax --xattrs --xattrs-include='*' -C root -cf - .", { cwd: dir, maxBuffer: 64 << 20 }));
+    const { out, stats } = unpack(bytes, 'pax');
+    expectSameTree(tree, out);
+    expect(cap(path.join(out, 'bin/ping'))).toBe(cap(path.join(tree, 'bin/ping')));
+    expect(stats.xattrs).toBeGreaterThanOrEqual(1);
+    expect(stats.warnings).toEqual([]);
+    expect((fs.statSync(out).mode & 0o7777).toString(8)).toBe('755');
+  });
+
+  it('GNU cpio newc (data on the last name of a hard-link group): identical tree', () => {
+    const bytes = new Uint8Array(execSync('find . | cpio --quiet -o -H newc', { cwd: tree, maxBuffer: 64 << 20 }));
+    const { out } = unpack(bytes, 'newc');
+    // cpio keeps no xattrs: compare everything else.
+    expectSameTree(tree, out);
+  });
+
+  it('a later member with the same name replaces the earlier one, as tar does', () => {
+    const src = path.join(dir, 'dup');
+    fs.mkdirSync(src);
+    fs.writeFileSync(path.join(src, 'f'), 'first');
+    const a = execSync('tar -C dup -cf - f', { cwd: dir });
+    fs.rmSync(path.join(src, 'f'));
+    fs.symlinkSync('elsewhere', path.join(src, 'f'));
+    const b = execSync('tar -C dup -cf - f', { cwd: dir });
+    // Concatenate the members (drop the first archive's end blocks).
+    const joined = Buffer.concat([a.subarray(0, 1024), b]);
+    const { out } = unpack(new Uint8Array(joined), 'dup-out');
+    expect(fs.readlinkSync(path.join(out, 'f'))).toBe('elsewhere');
+  });
+
+  it('an entry under a symbolic link the archive made is refused, and nothing is written outside the root', () => {
+    const src = path.join(dir, 'evil');
+    fs.mkdirSync(src);
+    fs.symlinkSync(dir, path.join(src, 'escape'));
+    const a = execSync('tar -C evil -cf - escape', { cwd: dir });
+    fs.rmSync(path.join(src, 'escape'));
+    fs.mkdirSync(path.join(src, 'escape'));
+    fs.writeFileSync(path.join(src, 'escape', 'pwned'), 'x');
+    const b = execSync('tar -C evil -cf - escape/pwned', { cwd: dir });
+    const joined = new Uint8Array(Buffer.concat([a.subarray(0, 512), b]));
+    let error: unknown;
+    try {
+      unpack(joined, 'evil-out');
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(UnpackError);
+    expect((error as Error).message).toMatch(/"escape\/pwned" at byte \d+ lies under "escape", which the archive made a symbolic link/);
+    expect(fs.existsSync(path.join(dir, 'pwned'))).toBe(false);
+  });
+
+  it('members without their parent directories get them created', () => {
+    const bytes = new Uint8Array(execSync('tar -cf - usr/lib/big.bin etc/hostname', { cwd: tree, maxBuffer: 64 << 20 }));
+    const { out, stats } = unpack(bytes, 'noparents');
+    expect(fs.readFileSync(path.join(out, 'etc/hostname'), 'utf8')).toBe('tmpfs-guest\n');
+    expect(stats.files).toBe(2);
+    expect(stats.bytes).toBe(300_000 + 12);
+  });
+});
