@@ -283,6 +283,15 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
     throw new FormatError(`rd.vdisk.map=nbd: this vdboot has no nbd path yet (qemu-nbd). Use rd.vdisk.map=auto, direct or loop.`, 'map', 'nbd');
   }
   if (req.mode === 'rw') {
+    const topLayer = image.layers[0]!.layer;
+    const snapshots = Number(topLayer.details.snapshots ?? 0);
+    if (topLayer.format === 'qcow2' && snapshots > 0) {
+      throw new FormatError(
+        `${req.path} has ${snapshots} internal snapshot${snapshots === 1 ? '' : 's'}, which share clusters with the disk: writing them in place would change the snapshots too. ` +
+          `Boot with rd.vdisk.mode=snapshot or ro, or remove the snapshots on another machine ("qemu-img snapshot -l" lists them, "qemu-img snapshot -d NAME" deletes one).`,
+        'mode', 'rw',
+      );
+    }
     const top = topLayerFiles(image);
     let parentBytes = 0;
     for (const e of map.extents) if (e.kind === 'data' && !top.has(e.file)) parentBytes += e.length;

@@ -16,11 +16,14 @@ let dir: string;
 let hostDisk: string;
 let secondDisk: string;
 let hibernated: string;
+let dirty: string;
+let fragments = 0;
+let fragDisk: string;
 let guestRaw: string;
 const images: Record<string, string> = {};
 
 beforeAll(async () => {
-  await loadNtfsMkdir();
+  const disks = await loadNtfsMkdir();
   dir = tmpDir();
   guestRaw = makeGuestDisk(dir);
   images.qcow2 = convert(guestRaw, path.join(dir, 'prealloc.qcow2'), 'qcow2', ['preallocation=metadata']);
@@ -34,6 +37,9 @@ beforeAll(async () => {
   images.overlay = path.join(dir, 'overlay.qcow2');
   sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', 'base.qcow2', images.overlay]);
   sh('qemu-io', ['-c', 'write -P 0x5a 1M 64k', images.overlay]);
+  // A qcow2 with an internal snapshot: its clusters are shared with the snapshot.
+  images.withSnapshot = convert(guestRaw, path.join(dir, 'snap.qcow2'), 'qcow2', ['preallocation=metadata']);
+  sh('qemu-img', ['snapshot', '-c', 'before-update', images.withSnapshot]);
   // A Wubi-style root.disk: a bare ext4 filesystem, no partition table.
   images.wubi = makeGuestFs(dir, 'wubi', 8, 'wubiroot');
 
@@ -46,7 +52,19 @@ beforeAll(async () => {
     '/VMs/base.qcow2': images.base,
     '/VMs/overlay.qcow2': images.overlay,
     '/ubuntu/disks/root.disk': images.wubi,
+    '/VMs/snap.qcow2': images.withSnapshot,
   }, ['/VMs', '/ubuntu', '/ubuntu/disks']);
+  // An image in hundreds of fragments (its runlist spills into an $ATTRIBUTE_LIST).
+  // (on a fresh volume of its own: there the helper's allocation pattern holds)
+  const fragNtfs = makeNtfs(dir, 'frag', 40, 'Fragments', {});
+  disks.ntfsAddFragmented(fragNtfs, '/VMs/fragmented.vhd', { hostFile: images.vhdFixed }, { chunkBytes: 64 * 1024 });
+  fragments = Number(/Total runs:\s*(\d+)/i.exec(sh('ntfsinfo', ['-F', '/VMs/fragmented.vhd', '-v', fragNtfs]))?.[1] ?? 0);
+  fragDisk = makeHostDisk(dir, 'frag', [{ image: fragNtfs, type: BASIC_DATA }]);
+  // A raw image whose last 4 MiB lie past NTFS's initialized size (ntfstruncate grows the data size only).
+  fs.copyFileSync(guestRaw, path.join(dir, 'grown.raw'));
+  sh('ntfscp', ['-q', ntfs, path.join(dir, 'grown.raw'), '/VMs/grown.raw']);
+  const inode = /Dumping Inode (\d+)/.exec(sh('ntfsinfo', ['-F', '/VMs/grown.raw', ntfs]))![1]!;
+  sh('ntfstruncate', [ntfs, inode, String(20 << 20)]);
   hostDisk = makeHostDisk(dir, 'host', [{ sizeMiB: 4, type: 'uefi' }, { image: ntfs, type: BASIC_DATA, label: 'Basic data partition' }]);
 
   // A second disk: an empty FAT partition, then NTFS with the raw image (found by searching).
@@ -61,6 +79,11 @@ beforeAll(async () => {
   fs.writeFileSync(hib, Buffer.concat([Buffer.from('hibr'), Buffer.alloc(8188)]));
   const ntfs3 = makeNtfs(dir, 'hib', 40, 'Hibernated', { '/linux.qcow2': images.qcow2!, '/hiberfil.sys': hib });
   hibernated = makeHostDisk(dir, 'hib', [{ image: ntfs3, type: BASIC_DATA }]);
+
+  // A volume Windows did not close cleanly: the $Volume dirty flag.
+  const ntfs4 = makeNtfs(dir, 'dirty', 40, 'Dirty', { '/linux.qcow2': images.qcow2! });
+  disks.ntfsSetVolumeFlags(ntfs4, disks.NTFS_VOLUME_FLAGS.dirty);
+  dirty = makeHostDisk(dir, 'dirty', [{ image: ntfs4, type: BASIC_DATA }]);
 }, 120_000);
 
 afterAll(() => {
@@ -163,6 +186,19 @@ describe('vdisk plan: direct mappings read what qemu-img reads', () => {
     }
   });
 
+  it('an image in hundreds of NTFS fragments: one linear target per fragment, reading what qemu-img reads', () => {
+    expect(fragments).toBeGreaterThan(200);
+    const { report, devices } = plan('root=vdisk:LABEL=Fragments:/VMs/fragmented.vhd rw', [fragDisk]);
+    try {
+      const vp = report.vdisks[0]!;
+      expect(vp.path).toBe('direct');
+      expect(vp.devices[0]!.targets.length).toBeGreaterThan(200);
+      expectTablesMatch(vp, devices, images.vhdFixed!);
+    } finally {
+      devices.close();
+    }
+  });
+
   it('without a host spec every partition is searched: found on the second disk\'s NTFS', () => {
     const { report, devices } = plan('root=vdisk:/linux.raw rd.vdisk.root=2 rd.vdisk.mode=ro', [hostDisk, secondDisk]);
     try {
@@ -247,6 +283,40 @@ describe('vdisk plan: what rw refuses, and why', () => {
     const { report, devices } = plan('root=vdisk:LABEL=Hibernated:/linux.qcow2 rd.vdisk.mode=snapshot', [hibernated]);
     devices.close();
     expect(report.vdisks[0]!.mode).toBe('snapshot');
+  });
+
+  it('bytes past NTFS\'s initialized size: rw goes through the loop path (auto) and direct is refused; ro maps them as zeros', () => {
+    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/grown.raw rw rd.vdisk.root=2');
+    devices.close();
+    const vp = report.vdisks[0]!;
+    expect(vp.path).toBe('loop');
+    expect(vp.why).toMatch(/^loop: the direct path is not safe here \(4\.0 MiB \(4194304 bytes\) of the host file lie past its initialized size or in holes/);
+    expect(vp.loops).toEqual([{ file: '/VMs/grown.raw', readOnly: false }]);
+    expect(vp.devices[0]!.targets).toEqual([{ start: 0, length: 40960, type: 'linear', params: '$LOOP0 0' }]);
+    expect(report.mounts.find((m) => m.target === '/run/vdboot/host')).toMatchObject({ readOnly: false });
+    expect(planError('root=vdisk:LABEL=Windows:/VMs/grown.raw rw rd.vdisk.root=2 rd.vdisk.map=direct')).toMatch(/rd\.vdisk\.map=direct: .*past its initialized size/);
+    const ro = plan('root=vdisk:LABEL=Windows:/VMs/grown.raw rd.vdisk.mode=ro rd.vdisk.root=2');
+    try {
+      const v = ro.report.vdisks[0]!;
+      expect(v.path).toBe('direct');
+      expect(v.devices[0]!.targets.at(-1)).toEqual({ start: 32768, length: 8192, type: 'zero', params: '' });
+      const oracle = fs.readFileSync(guestRaw);
+      const bytes = readPlanned(v.devices, ro.devices.devices, 'vdisk0', 0, 20 << 20);
+      expect(Buffer.from(bytes.subarray(0, oracle.length)).equals(oracle)).toBe(true);
+      expect(bytes.subarray(oracle.length).every((b) => b === 0)).toBe(true);
+    } finally {
+      ro.devices.close();
+    }
+  });
+
+  it('a volume marked dirty is not written: rw refused, naming chkdsk', () => {
+    const msg = planError('root=vdisk:LABEL=Dirty:/linux.qcow2 rw', [dirty]);
+    expect(msg).toMatch(/is marked dirty/);
+    expect(msg).toMatch(/chkdsk \/f/);
+  });
+
+  it('a qcow2 with internal snapshots is refused rw: its clusters are shared', () => {
+    expect(planError('root=vdisk:LABEL=Windows:/VMs/snap.qcow2 rw')).toMatch(/has 1 internal snapshot, which share clusters/);
   });
 
   it('compressed clusters cannot be mapped: the message says how to convert', () => {
