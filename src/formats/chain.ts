@@ -28,7 +28,7 @@
 import { FormatError, isFormatError, type BlockReader } from './block-reader.ts';
 import { detectFormat, FORMAT_READERS, readerFor } from './detect.ts';
 import type { Extent, ExtentMap } from './extent-map.ts';
-import { appendExtent, findExtent, validateExtents, type LayerMetadata } from './extent-ops.ts';
+import { appendExtent, findExtent, isMerged, validateExtents, type LayerMetadata } from './extent-ops.ts';
 import type { FormatReader, ImageFormat, ImageLayer, OpenContext } from './image.ts';
 
 export const MAX_CHAIN_DEPTH = 64;
@@ -222,8 +222,8 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
   let belowSize = 0;
   for (let k = layers.length - 1; k >= 0; k--) {
     const { layer, fileIndex } = layers[k]!;
-    if (k === layers.length - 1 && fileIndex.every((g, i) => g === i) && layer.extents.every((e) => e.kind !== 'parent')) {
-      // the base layer's extents already name the map's files by the same indices
+    if (k === layers.length - 1 && fileIndex.every((g, i) => g === i) && layer.extents.every((e) => e.kind !== 'parent') && isMerged(layer.extents)) {
+      // the base layer's extents already name the map's files by the same indices, merged
       below = layer.extents as Extent[];
       belowSize = layer.size;
       continue;

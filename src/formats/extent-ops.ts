@@ -8,6 +8,7 @@
  *       Joins neighbours that are contiguous on both sides (same kind; data: same file
  *       and offset continues; zero: same `why`; unmappable: same reason). Drops
  *       zero-length extents. Input must be sorted.
+ *   isMerged(extents): boolean          true when mergeExtents would change nothing
  *   appendExtent<T extends LayerExtent>(out: T[], e: T): T[]
  *       The same while building a list: extends out's last extent in place when e
  *       continues it, else pushes e (a fresh object the list then owns).
@@ -127,6 +128,14 @@ export function appendExtent<T extends LayerExtent>(out: T[], e: T): T[] {
   if (last !== undefined && sameRun(last, e)) last.length += e.length;
   else out.push(e);
   return out;
+}
+
+/** True when no two neighbours could be merged (and none is empty). */
+export function isMerged(extents: readonly LayerExtent[]): boolean {
+  for (let i = 0; i < extents.length; i++) {
+    if (extents[i]!.length <= 0 || (i > 0 && sameRun(extents[i - 1]!, extents[i]!))) return false;
+  }
+  return true;
 }
 
 export function mergeExtents<T extends LayerExtent>(extents: readonly T[]): T[] {
@@ -387,9 +396,7 @@ const SECTOR = 512;
 
 export function dmTable(map: ExtentMap, opts: DmTableOptions = {}): string[] {
   const lines: string[] = [];
-  let merged = true;
-  for (let i = 1; i < map.extents.length && merged; i++) merged = !sameRun(map.extents[i - 1]!, map.extents[i]!);
-  for (const e of merged ? map.extents : mergeExtents(map.extents)) {
+  for (const e of isMerged(map.extents) ? map.extents : mergeExtents(map.extents)) {
     if (e.start % SECTOR !== 0 || e.length % SECTOR !== 0 || (e.kind === 'data' && e.offset % SECTOR !== 0)) {
       throw new FormatError(
         `${describe(e)} is not aligned to 512-byte sectors, so device-mapper cannot map it; use the loop or nbd path instead`,

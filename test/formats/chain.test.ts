@@ -1,8 +1,11 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { isFormatError } from '../../src/formats/block-reader.ts';
-import { readerFor } from '../../src/formats/detect.ts';
+import { bytesReader, isFormatError } from '../../src/formats/block-reader.ts';
+import { openImage, type ChainHost } from '../../src/formats/chain.ts';
+import { FORMAT_READERS, readerFor } from '../../src/formats/detect.ts';
+import type { FormatReader, ImageFormat, ImageLayer, LayerExtent } from '../../src/formats/image.ts';
+import { readMapped } from '../../src/formats/read-map.ts';
 import { vhdChecksum } from '../../src/formats/vhd.ts';
 import {
   cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, openTestImage, qemuImg, qemuIo, qemuMap, qemuRaw, readWholeImage,
@@ -141,4 +144,69 @@ describe.skipIf(!readerFor('qcow2'))('qcow2 overlays on VHD and VHDX parents (qe
       expect(img.layers.map((l) => l.layer.format)).toEqual(['qcow2', 'qcow2', ext]);
     });
   }
+});
+
+describe('chain resolver with in-memory layers', () => {
+  // A toy format: "TOY<n>" names layer n; each layer's extents are given below.
+  const layers: Record<string, { size: number; extents: LayerExtent[]; parent?: string; parentFormat?: ImageFormat }> = {
+    '/m/top': {
+      size: 8192,
+      extents: [
+        { kind: 'data', start: 0, length: 512, file: 0, offset: 512 },
+        { kind: 'data', start: 512, length: 512, file: 0, offset: 1024 }, // continues the first: merged
+        { kind: 'parent', start: 1024, length: 7168 },
+      ],
+      parent: 'base',
+    },
+    '/m/base': {
+      size: 4096, // smaller than the child: the child's tail reads as zeros
+      extents: [
+        { kind: 'unmappable', start: 0, length: 2048, reason: 'toy-compressed' },
+        { kind: 'data', start: 2048, length: 1024, file: 0, offset: 0 },
+        { kind: 'data', start: 3072, length: 1024, file: 0, offset: 1024 },
+      ],
+    },
+  };
+  const toy: FormatReader = {
+    format: 'raw',
+    probe: (head) => head[0] === 0x54,
+    open(file, ctx): ImageLayer {
+      const l = layers[ctx.path]!;
+      return {
+        format: 'raw', subformat: 'toy', size: l.size, files: [ctx.path], extents: l.extents.map((e) => ({ ...e })), details: {},
+        ...(l.parent ? { parent: { paths: [l.parent], ...(l.parentFormat ? { format: l.parentFormat } : {}) } } : {}),
+        readUnmappable: (start, length) => new Uint8Array(length).fill(0xc0 + start / 512),
+      };
+    },
+  };
+  const fileBytes = (p: string) => { const b = new Uint8Array(4096).fill(p.endsWith('top') ? 0x70 : 0xb0); b[0] = 0x54; return b; };
+  const host: ChainHost = { openFile: (p) => bytesReader(p, fileBytes(p)), readers: [toy] };
+
+  it('composes the child over a smaller parent: merged, parent ranges sliced, the tail zero', () => {
+    const img = openImage('/m/top', host);
+    expect(img.map.files).toEqual(['/m/top', '/m/base']);
+    expect(img.map.extents).toEqual([
+      { kind: 'data', start: 0, length: 1024, file: 0, offset: 512 },
+      { kind: 'unmappable', start: 1024, length: 1024, reason: 'toy-compressed' },
+      { kind: 'data', start: 2048, length: 2048, file: 1, offset: 0 },
+      { kind: 'zero', start: 4096, length: 4096, why: 'unallocated' },
+    ]);
+  });
+
+  it("reads unmappable ranges through the layer that holds them (the parent's readUnmappable)", () => {
+    const img = openImage('/m/top', host);
+    const bytes = readMapped(img, 512, 2048);
+    expect(bytes[0]).toBe(0x70); // child data
+    expect(bytes[512]).toBe(0xc0 + 1024 / 512); // parent's unmappable, read at virtual 1024
+    expect(bytes[1537]).toBe(0xb0); // parent data at 2049 (file byte 1; byte 0 is the toy signature)
+  });
+
+  it('a parent whose content is not the format the child names is refused', () => {
+    layers['/m/top']!.parentFormat = 'vhdx';
+    try {
+      expect(() => openImage('/m/top', { ...host, readers: [toy, ...FORMAT_READERS] })).toThrow(/says it is vhdx/);
+    } finally {
+      delete layers['/m/top']!.parentFormat;
+    }
+  });
 });
