@@ -2,7 +2,8 @@ import { describe, expect, it } from 'vitest';
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { buildInitramfs, kernelReleaseOfImage, writeInitramfs } from '../../mkinitramfs/build.ts';
+import { buildInitramfs, compress, kernelReleaseOfImage, writeInitramfs } from '../../mkinitramfs/build.ts';
+import { writeCpio } from '../../src/formats/cpio.ts';
 import { MANIFEST_PATH, validateManifest } from '../../src/formats/manifest.ts';
 import { main, type CliIO } from '../../src/cli/main.ts';
 import { initBinary, installedRelease, tmpdir } from './helpers.ts';
@@ -79,6 +80,7 @@ describe(`vdboot mkinitramfs for kernel ${release}`, () => {
       process.env.SOURCE_DATE_EPOCH = '1234567890';
       const a = buildInitramfs({ kernel: release, initBinary: init, compress: 'gzip', level: 1 });
       const b = buildInitramfs({ kernel: release, initBinary: init, compress: 'gzip', level: 1 });
+      // (each compressor's own determinism is checked on a small archive below)
       expect(Buffer.from(a.image).equals(Buffer.from(b.image))).toBe(true);
       expect(a.manifest.build.sourceDateEpoch).toBe(1234567890);
       const first = listArchive(execFileSync('gzip', ['-dc'], { input: a.image, maxBuffer: 1 << 30 }), true)[0];
@@ -97,17 +99,33 @@ describe(`vdboot mkinitramfs for kernel ${release}`, () => {
     const dir = tmpdir();
     const out = path.join(dir, 'cli.img');
     const io = captureIO();
-    const rc = await main(['mkinitramfs', '--kernel', release, '-o', out, '--compress', 'xz', '--level', '1', '--init', initBinary(), '--add-module', 'hv_storvsc'], io);
+    const rc = await main(['mkinitramfs', '--kernel', release, '-o', out, '--compress', 'zstd', '--level', '1', '--init', initBinary(), '--add-module', 'hv_storvsc'], io);
     expect(rc).toBe(0);
     const size = fs.statSync(out).size;
-    const m = /: ([\d.]+) MiB \(xz; [\d.]+ MiB unpacked\), (\d+) files, (\d+) modules for kernel (\S+),/.exec(io.out);
+    const m = /: ([\d.]+) MiB \(zstd; [\d.]+ MiB unpacked\), (\d+) files, (\d+) modules for kernel (\S+),/.exec(io.out);
     expect(m, io.out).not.toBeNull();
     expect(m![1]).toBe((size / 1048576).toFixed(2));
-    const names = listArchive(execFileSync('xz', ['-dc', out], { maxBuffer: 1 << 30 }));
+    const names = listArchive(execFileSync('zstd', ['-dc', out], { maxBuffer: 1 << 30 }));
     expect(Number(m![2])).toBe(names.length);
     expect(Number(m![3])).toBe(names.filter((n) => n.endsWith('.ko')).length);
     expect(m![4]).toBe(release);
     expect(names.some((n) => n.endsWith('/hv_storvsc.ko'))).toBe(true);
+  });
+
+  it('every compression round-trips through its own decompressor (xz with the CRC32 check the kernel needs)', () => {
+    const cpio = writeCpio([{ type: 'file', path: 'etc/hello', data: new TextEncoder().encode('hello\n'.repeat(1000)) }], { mtime: 1 });
+    for (const how of ['zstd', 'gzip', 'xz'] as const) {
+      const packed = compress(cpio, how);
+      expect(packed.length, how).toBeLessThan(cpio.length);
+      const back = execFileSync(how, ['-dc'], { input: packed });
+      expect(back.equals(Buffer.from(cpio)), how).toBe(true);
+      expect(Buffer.from(compress(cpio, how)).equals(Buffer.from(packed)), `${how} is deterministic`).toBe(true);
+    }
+    const xzFile = path.join(tmpdir(), 'a.xz');
+    fs.writeFileSync(xzFile, compress(cpio, 'xz'));
+    expect(execFileSync('xz', ['--robot', '--list', xzFile], { encoding: 'utf8' })).toMatch(/\tCRC32\t/);
+    expect(compress(cpio, 'none')).toBe(cpio);
+    expect(() => compress(cpio, 'gzip', 12)).toThrow(/level 12 is not valid for gzip/);
   });
 
   it('a missing /init host, an unknown kernel and bad arguments give messages, not stacks', async () => {
