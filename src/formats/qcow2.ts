@@ -447,6 +447,7 @@ function walkTables(
   const runs = new ExtentRuns(hostIndex, opts.reason);
   const compressed = new Map<number, CompressedCluster>();
   const l2Offsets: number[] = [];
+  const seenL2 = new Set<number>();
   let allocatedClusters = 0;
   let zeroClusters = 0;
   // The pending run of whole data clusters, counted in clusters: a byte length past
@@ -470,6 +471,10 @@ function walkTables(
       }
       if ((l1v.getUint32(k * 8 + 4) & (cs - 1) & ~0x1ff) !== 0) fail(file, `L1 entry ${l1i} points to offset ${l2Off}, not aligned to the cluster size ${cs}`, 'l1_entry', l2Off);
       if (l2Off + cs > file.size) fail(file, `L1 entry ${l1i} points to an L2 table at offset ${l2Off}, past the end of the file (${file.size} bytes)`, 'l1_entry', l2Off);
+      // A table used twice would let a small file describe an enormous disk (and is
+      // corruption anyway): refuse it, which also bounds the work by the file size.
+      if (seenL2.has(l2Off)) fail(file, `L1 entry ${l1i} points to the L2 table at offset ${l2Off}, which an earlier L1 entry already uses`, 'l1_entry', l2Off);
+      seenL2.add(l2Off);
       l2Offsets.push(l2Off);
       const l2 = file.read(l2Off, cs);
       const dv = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);

@@ -239,6 +239,7 @@ function mapGrains(b: Builder, reader: BlockReader, fileIndex: number, start: nu
   const chunkEntries = 65536;
   // the pending run of whole data grains, counted in grains (a byte count past 2^31 would be boxed)
   let runStart = 0, runOff = 0, runCount = 0;
+  const seenGt = new Set<number>();
   for (let first = 0; first < needed; first += chunkEntries) {
     const n = Math.min(chunkEntries, needed - first);
     const gd = reader.read(t.gdOffset + first * t.entryBytes, n * t.entryBytes);
@@ -258,6 +259,10 @@ function mapGrains(b: Builder, reader: BlockReader, fileIndex: number, start: nu
       if (gtOffset + gtBytes > reader.size) {
         fail(reader, `${t.what} grain table ${gi} at offset ${gtOffset} is past the end of the file (${reader.size} bytes)`, 'gd.entry', gtOffset);
       }
+      // A grain table used twice would let a small file describe an enormous disk (and
+      // is corruption anyway): refuse it, which also bounds the work by the file size.
+      if (seenGt.has(gtOffset)) fail(reader, `${t.what} grain directory entry ${gi} points to the grain table at offset ${gtOffset}, which an earlier entry already uses`, 'gd.entry', gtOffset);
+      seenGt.add(gtOffset);
       b.metadata.push({ file: fileIndex, offset: gtOffset, length: gtBytes, what: `${t.what} grain table ${gi}` });
       const gt = reader.read(gtOffset, gtBytes);
       const gtv = new DataView(gt.buffer, gt.byteOffset, gt.byteLength);
@@ -518,6 +523,9 @@ export function openVmdk(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
       if (e.file === undefined || e.file === '') fail(file, `${what} of type ${e.type} names no file`, 'extent.file', e.type);
       let fi = opened.get(e.file);
       let reader: BlockReader;
+      if (fi !== undefined && e.type !== 'FLAT' && e.type !== 'VMFS') {
+        fail(file, `${what} uses a sparse extent file that an earlier extent line already uses`, 'extent.file', e.file);
+      }
       if (fi === undefined) {
         reader = ctx.openFile(e.file);
         fi = files.length;

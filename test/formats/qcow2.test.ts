@@ -251,6 +251,17 @@ describe('qcow2 damaged or unsupported images', () => {
     expect(String(err)).toMatch(/L1 table/);
   });
 
+  it('two L1 entries sharing one L2 table are refused (a small file cannot describe a huge disk)', () => {
+    const f = path.join(dir, 'shared-l2.qcow2');
+    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', f, '8M');
+    qemuIo(dir, f, ['write -P 0x11 0 4k']);
+    const hdr = new DataView(new Uint8Array(fs.readFileSync(f)).buffer);
+    const l1Off = Number(hdr.getBigUint64(40));
+    const l1 = new Uint8Array(fs.readFileSync(f)).subarray(l1Off, l1Off + 8);
+    patchFile(f, l1Off + 8, l1);
+    expectFormatError(() => layerOf(f), /L2 table .* already uses/);
+  });
+
   it('a truncated image names the L2 table past the end', () => {
     const f = fresh('trunc.qcow2');
     const size = fs.statSync(f).size;

@@ -319,6 +319,22 @@ describe('VMDK damaged images', () => {
     expect(String(err)).toMatch(/grain directory/);
   });
 
+  it('two grain directory entries sharing one grain table are refused', () => {
+    const f = newVmdk('shared-gt.vmdk', 'subformat=monolithicSparse', '64M', ['write -P 1 0 64k']);
+    const bytes = new Uint8Array(fs.readFileSync(f));
+    const gdSector = Number(new DataView(bytes.buffer).getBigUint64(56, true));
+    patchFile(f, gdSector * 512 + 4, bytes.subarray(gdSector * 512, gdSector * 512 + 4));
+    expectFormatError(() => layerOf(f), /grain table .* already uses/);
+  });
+
+  it('a sparse extent file listed twice in a descriptor is refused', () => {
+    const d = path.join(dir, 'twice');
+    fs.mkdirSync(d);
+    qemuImg(d, 'create', '-q', '-f', 'vmdk', 's.vmdk', '1M');
+    fs.writeFileSync(path.join(d, 't.vmdk'), '# Disk DescriptorFile\nversion=1\ncreateType="twoGbMaxExtentSparse"\nRW 2048 SPARSE "s.vmdk"\nRW 2048 SPARSE "s.vmdk"\n');
+    expectFormatError(() => layerOf(path.join(d, 't.vmdk')), /already uses/);
+  });
+
   it('a capacity of 2^50 sectors fails quickly without a large allocation', () => {
     const f = newVmdk('cap.vmdk', 'subformat=monolithicSparse', '1M', []);
     patchFile(f, 12, [0, 0, 0, 0, 0, 0, 4, 0]);
