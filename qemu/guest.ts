@@ -179,9 +179,10 @@ export function parseGuestFacts(transcript: string, marker = GUEST_MARKER): Gues
   let end = all.length - 1;
   while (end >= 0 && !all[end]!.endsWith(marker)) end--;
   if (end < 0) throw new Error(`The guest's marker ${marker} is not in the transcript.`);
-  let start = end;
-  while (start > 0 && all[start - 1]!.includes(GUEST_FACT)) start--;
-  // Facts start at "uptime=": anything before belongs to an earlier boot.
+  // This boot's facts start at its uptime line; other console lines may sit in between.
+  let start = end - 1;
+  while (start >= 0 && !all[start]!.includes(`${GUEST_FACT}uptime=`)) start--;
+  if (start < 0) throw new Error(`The guest printed ${marker} without its facts (no "${GUEST_FACT}uptime=" line before it).`);
   const facts = new Map<string, string>();
   for (const line of all.slice(start, end)) {
     const at = line.indexOf(GUEST_FACT);

@@ -9,7 +9,7 @@ import {
   ntfsSetVolumeFlags, ntfsVolumeFlags, NTFS_VOLUME_FLAGS, readPartitions,
 } from '../../qemu/disks.ts';
 import { diskArgs } from '../../qemu/harness.ts';
-import { moduleClosure } from '../../qemu/guest.ts';
+import { guestInitScript, moduleClosure, parseGuestFacts } from '../../qemu/guest.ts';
 import { defaultKernel, kernelVersion } from '../../qemu/harness.ts';
 
 let dir: string;
@@ -206,5 +206,41 @@ describe('qemu command line and guest modules', () => {
     }
     expect(new Set(closure).size).toBe(closure.length);
     expect(() => moduleClosure(version, ['no_such_module_here'])).toThrow(/no module "no_such_module_here"/);
+  });
+
+  it('guest facts come from the last boot, across kernel lines printed between them', () => {
+    const boot = (uptime: string, args: string[], root: string): string[] => [
+      `[    1.000000] Run /init as init process`,
+      `VDBOOT-GUEST uptime=${uptime}`,
+      'VDBOOT-GUEST pid=1',
+      '[    2.000000] random: crng init done',
+      'VDBOOT-GUEST argv0=/sbin/init',
+      `VDBOOT-GUEST argc=${args.length}`,
+      ...args.map((a, i) => `VDBOOT-GUEST arg${i + 1}=${a}`),
+      `VDBOOT-GUEST root=${root}`,
+      'VDBOOT-GUEST cmdline=root=/dev/vda -- a',
+      'VDBOOT-GUEST custom=42',
+      'VDBOOT-GUEST-OK',
+    ];
+    const transcript = [...boot('9.99', ['old'], '/dev/vdb / ext4 rw 0 0'), ...boot('3.25', ['x', 'y z'], '/dev/vda / ext4 ro,relatime 0 0')].join('\n');
+    const facts = parseGuestFacts(transcript);
+    expect(facts).toMatchObject({ uptime: 3.25, pid: 1, argv0: '/sbin/init', args: ['x', 'y z'], cmdline: 'root=/dev/vda -- a' });
+    expect(facts.root).toEqual({ device: '/dev/vda', fstype: 'ext4', options: ['ro', 'relatime'], mode: 'ro' });
+    expect(facts.facts.custom).toBe('42');
+    expect(() => parseGuestFacts(transcript.replace(/VDBOOT-GUEST-OK/g, ''))).toThrow(/marker/);
+    expect(() => parseGuestFacts(transcript.replace(/VDBOOT-GUEST argc=2\n/, ''))).toThrow(/"argc"/);
+  });
+
+  it('the guest init script writes the file content literally and ends with the asked action', () => {
+    const target = path.join(dir, "it's here");
+    const content = "a 'quoted' $HOME `x` \\n \"q\"";
+    const script = guestInitScript({ writeFile: { path: target, content }, then: 'shell' });
+    const writeLine = script.split('\n').find((l) => l.startsWith("printf '%s'"))!;
+    execFileSync('sh', ['-c', writeLine.replace(/ && sync && .*$/, '')]);
+    expect(fs.readFileSync(target, 'utf8')).toBe(content);
+    expect(script.trimEnd().split('\n').at(-1)).toBe('exec sh </dev/console >/dev/console 2>&1');
+    expect(guestInitScript({ then: { exec: '/run/initramfs/shutdown poweroff' } }).trimEnd().split('\n').at(-1)).toBe(
+      'exec /run/initramfs/shutdown poweroff',
+    );
   });
 });
