@@ -62,7 +62,7 @@ it('boots Debian kernel + initramfs-tools to the guest init on /dev/vda rw, whic
       { file: fatImg, interface: 'virtio-scsi', snapshot: true },
     ],
   });
-  const marker = await vm.waitForLine('VDBOOT-GUEST-OK', 110_000);
+  const marker = await vm.waitForLine('VDBOOT-GUEST-OK', 180_000);
   const facts = parseGuestFacts(vm.transcript());
   expect(facts.pid).toBe(1);
   expect(facts.argv0).toBe('/sbin/init');
@@ -90,4 +90,4 @@ it('boots Debian kernel + initramfs-tools to the guest init on /dev/vda rw, whic
 
   const written = execFileSync('debugfs', ['-R', 'cat "/var/tmp/from the guest.txt"', rootImg], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
   expect(written).toBe('written by the guest');
-});
+}, 300_000); // generous for a loaded machine: a TCG boot of the 33 MB initramfs-tools image takes 20–60 s

@@ -43,4 +43,4 @@ it('the floor initramfs mounts root read-only when asked, runs init= with its ar
   } finally {
     await vm.kill();
   }
-});
+}, 200_000);
