@@ -217,6 +217,24 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
     layers.push(opened);
   }
 
+  // Drop files opened only by parent candidates that were not the parent.
+  const used = new Set<number>();
+  for (const l of layers) for (const g of l.fileIndex) used.add(g);
+  if (used.size !== files.length) {
+    const remap = new Map<number, number>();
+    const keptFiles: string[] = [];
+    const keptReaders: BlockReader[] = [];
+    files.forEach((f, i) => {
+      if (!used.has(i)) return;
+      remap.set(i, keptFiles.length);
+      keptFiles.push(f);
+      keptReaders.push(readers[i]!);
+    });
+    for (const l of layers) l.fileIndex = l.fileIndex.map((g) => remap.get(g)!);
+    files.splice(0, files.length, ...keptFiles);
+    readers.splice(0, readers.length, ...keptReaders);
+  }
+
   // Compose from the base up.
   let below: Extent[] = [];
   let belowSize = 0;

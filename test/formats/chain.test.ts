@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { bytesReader, isFormatError } from '../../src/formats/block-reader.ts';
+import { bytesReader, FormatError, isFormatError } from '../../src/formats/block-reader.ts';
 import { openImage, type ChainHost } from '../../src/formats/chain.ts';
 import { FORMAT_READERS, readerFor } from '../../src/formats/detect.ts';
 import type { FormatReader, ImageFormat, ImageLayer, LayerExtent } from '../../src/formats/image.ts';
@@ -148,7 +148,9 @@ describe.skipIf(!readerFor('qcow2'))('qcow2 overlays on VHD and VHDX parents (qe
 
 describe('chain resolver with in-memory layers', () => {
   // A toy format: "TOY<n>" names layer n; each layer's extents are given below.
-  const layers: Record<string, { size: number; extents: LayerExtent[]; parent?: string; parentFormat?: ImageFormat }> = {
+  const layers: Record<string, { size: number; extents: LayerExtent[]; parent?: string[]; parentFormat?: ImageFormat }> = {
+    '/m/child-of-decoy': { size: 1024, extents: [{ kind: 'parent', start: 0, length: 1024 }], parent: ['decoy', 'base'] },
+    '/m/decoy': { size: 4096, extents: [{ kind: 'zero', start: 0, length: 4096, why: 'zeroed' }] },
     '/m/top': {
       size: 8192,
       extents: [
@@ -156,7 +158,7 @@ describe('chain resolver with in-memory layers', () => {
         { kind: 'data', start: 512, length: 512, file: 0, offset: 1024 }, // continues the first: merged
         { kind: 'parent', start: 1024, length: 7168 },
       ],
-      parent: 'base',
+      parent: ['base'],
     },
     '/m/base': {
       size: 4096, // smaller than the child: the child's tail reads as zeros
@@ -174,7 +176,13 @@ describe('chain resolver with in-memory layers', () => {
       const l = layers[ctx.path]!;
       return {
         format: 'raw', subformat: 'toy', size: l.size, files: [ctx.path], extents: l.extents.map((e) => ({ ...e })), details: {},
-        ...(l.parent ? { parent: { paths: [l.parent], ...(l.parentFormat ? { format: l.parentFormat } : {}) } } : {}),
+        ...(l.parent ? {
+          parent: {
+            paths: l.parent,
+            ...(l.parentFormat ? { format: l.parentFormat } : {}),
+            verify: (p: ImageLayer) => { if (p.files[0]!.endsWith('decoy')) throw new FormatError('the decoy is not the parent', 'parent'); },
+          },
+        } : {}),
         readUnmappable: (start, length) => new Uint8Array(length).fill(0xc0 + start / 512),
       };
     },
@@ -199,6 +207,13 @@ describe('chain resolver with in-memory layers', () => {
     expect(bytes[0]).toBe(0x70); // child data
     expect(bytes[512]).toBe(0xc0 + 1024 / 512); // parent's unmappable, read at virtual 1024
     expect(bytes[1537]).toBe(0xb0); // parent data at 2049 (file byte 1; byte 0 is the toy signature)
+  });
+
+  it('a candidate that fails verify() is skipped, and its file is not among the map files', () => {
+    const img = openImage('/m/child-of-decoy', host);
+    expect(img.map.files).toEqual(['/m/child-of-decoy', '/m/base']);
+    expect(img.readers.map((r) => r.name)).toEqual(['/m/child-of-decoy', '/m/base']);
+    expect(img.map.extents[0]).toMatchObject({ kind: 'unmappable', start: 0, length: 1024 });
   });
 
   it('a parent whose content is not the format the child names is refused', () => {
