@@ -27,6 +27,8 @@ export const COMMANDS: Record<string, () => Promise<Command>> = {
   'vdisk-table': async () => (await import('./vdisk-table.ts')).command,
   plan: async () => (await import('./plan.ts')).command,
   hostfs: async () => (await import('./hostfs.ts')).command,
+  mkdisk: async () => (await import('./mkdisk.ts')).command,
+  kit: async () => (await import('./kit.ts')).command,
 };
 
 export async function main(argv: string[], io: CliIO): Promise<number> {

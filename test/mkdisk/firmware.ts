@@ -1,0 +1,56 @@
+/**
+ * Boots a disk under QEMU through its firmware alone (SeaBIOS or OVMF), with no -kernel:
+ * the harness in qemu/ always loads a kernel itself, and a bootable disk must be shown to
+ * boot without one. Resolves with the console once `marker` appears; rejects with the
+ * console's tail when qemu exits first or the time runs out.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export const OVMF_CODE = '/usr/share/OVMF/OVMF_CODE_4M.fd';
+export const OVMF_VARS = '/usr/share/OVMF/OVMF_VARS_4M.fd';
+
+export interface FirmwareBoot {
+  disk: string;
+  format: string;
+  firmware: 'bios' | 'uefi';
+  marker: string;
+  timeoutMs: number;
+  /** disk interface: virtio (default) or ide */
+  interface?: 'virtio' | 'ide';
+}
+
+export function bootFromDisk(o: FirmwareBoot): Promise<string> {
+  const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-fwboot-'));
+  const args = [
+    '--signal=KILL', String(Math.ceil(o.timeoutMs / 1000) + 5), 'qemu-system-x86_64',
+    '-machine', 'pc', '-accel', 'tcg', '-m', '512', '-nodefaults', '-display', 'none', '-no-reboot',
+    '-serial', 'stdio',
+    '-drive', `file=${o.disk},format=${o.format},if=${o.interface ?? 'virtio'},snapshot=on`,
+  ];
+  if (o.firmware === 'uefi') {
+    const vars = path.join(scratch, 'vars.fd');
+    fs.copyFileSync(OVMF_VARS, vars);
+    args.push('-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${OVMF_CODE}`, '-drive', `if=pflash,format=raw,unit=1,file=${vars}`);
+  }
+  const child = spawn('timeout', args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  let out = '';
+  return new Promise<string>((resolve, reject) => {
+    const finish = (err?: Error) => {
+      clearTimeout(timer);
+      try { process.kill(-child.pid!, 'SIGKILL'); } catch { /* already gone */ }
+      fs.rmSync(scratch, { recursive: true, force: true });
+      if (err) reject(err); else resolve(out);
+    };
+    const timer = setTimeout(() => finish(new Error(`no "${o.marker}" within ${o.timeoutMs} ms; console tail:\n${out.slice(-3000)}`)), o.timeoutMs);
+    const onData = (b: Buffer) => {
+      out += b.toString('latin1');
+      if (out.includes(o.marker)) finish();
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', (b: Buffer) => { out += b.toString('latin1'); });
+    child.on('exit', () => { if (!out.includes(o.marker)) finish(new Error(`qemu exited before "${o.marker}"; console tail:\n${out.slice(-3000)}`)); });
+  });
+}
