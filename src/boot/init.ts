@@ -91,7 +91,10 @@ function prepare(sys: Sys, log: ConsoleLog, plan: BootPlan): InitContext {
   }
   const modules = new ModuleLoader(sys, manifest, log);
   const report = log.step('modules', () => {
-    const pre = modules.load(manifest.preload);
+    // A plain root needs none of the preloaded drivers (device-mapper, loop): each costs
+    // boot time, and the image paths load what they use themselves.
+    const plainRoot = plan.root.kind === 'block' && plan.vdisk.attach.length === 0;
+    const pre = modules.load(plainRoot ? [] : manifest.preload);
     const cold = modules.coldplug();
     return { loaded: [...pre.loaded, ...cold.loaded], failed: [...pre.failed, ...cold.failed] };
   }, (r) => `loaded ${r.loaded.length} modules${r.failed.length ? `, ${r.failed.length} failed` : ''}`);
