@@ -30,6 +30,8 @@ const EXT_BACKING_FORMAT = 0xe2792aca;
 const EXT_FEATURE_TABLE = 0x6803f857;
 const EXT_DATA_FILE = 0x44415441;
 const EXT_CRYPTO = 0x0537be77;
+const EXT_BITMAPS = 0x23852875;
+const AUTOCLEAR_BITMAPS = 1;
 
 /** Tables are read in pieces of at most this many bytes. */
 const CHUNK = 1 << 20;
@@ -60,6 +62,8 @@ export interface Qcow2Extensions {
   dataFile?: string;
   featureNames: Map<string, string>;
   crypto: boolean;
+  /** persistent dirty bitmaps: count and directory */
+  bitmaps?: { count: number; directorySize: number; directoryOffset: number };
 }
 
 function fail(file: BlockReader, msg: string, field: string, value: string | number | bigint): never {
@@ -133,6 +137,14 @@ function parseExtensions(head: Uint8Array, h: Qcow2Header, clusterSize: number, 
     if (type === EXT_BACKING_FORMAT) ext.backingFormat = utf8Decode(body);
     else if (type === EXT_DATA_FILE) ext.dataFile = utf8Decode(body);
     else if (type === EXT_CRYPTO) ext.crypto = true;
+    else if (type === EXT_BITMAPS && len >= 24) {
+      const bv = new DataView(body.buffer, body.byteOffset, body.byteLength);
+      const dirSize = bv.getBigUint64(8);
+      const dirOffset = bv.getBigUint64(16);
+      if (dirSize <= BigInt(Number.MAX_SAFE_INTEGER) && dirOffset <= BigInt(Number.MAX_SAFE_INTEGER)) {
+        ext.bitmaps = { count: bv.getUint32(0), directorySize: Number(dirSize), directoryOffset: Number(dirOffset) };
+      }
+    }
     else if (type === EXT_FEATURE_TABLE) {
       for (let q = 0; q + 48 <= len; q += 48) {
         const kind = body[q]!;
@@ -307,6 +319,11 @@ export function openQcow2(file: BlockReader, ctx: OpenContext): ImageLayer & Lay
     const off = (hi & 0x00ffffff) * 2 ** 32 + ((lo & ~0x1ff) >>> 0);
     if (off !== 0) meta.add(off, cs, 'refcount block');
   });
+
+  // Persistent dirty bitmaps: their directory, tables and data clusters.
+  if (ext.bitmaps && (h.autoclearFeatures & BigInt(AUTOCLEAR_BITMAPS)) !== 0n) {
+    addBitmapMetadata(file, ext.bitmaps, cs, meta.add);
+  }
 
   // Snapshot table and snapshot L1 tables.
   if (h.nbSnapshots > 65536) fail(file, `nb_snapshots ${h.nbSnapshots} is more than qemu allows (65536)`, 'nb_snapshots', h.nbSnapshots);
@@ -535,6 +552,36 @@ function walkTables(
   }
   if (runCount > 0) { runs.add(RUN_DATA, runStart, runCount * cs, runOff); runCount = 0; }
   return { extents: runs.finish(), compressed, l2Offsets, allocatedClusters, zeroClusters };
+}
+
+/** Adds the persistent bitmaps' directory, tables and data clusters to the metadata ranges. */
+function addBitmapMetadata(
+  file: BlockReader,
+  b: { count: number; directorySize: number; directoryOffset: number },
+  cs: number,
+  add: (offset: number, length: number, what: string) => void,
+): void {
+  if (b.count > 65535 || b.directorySize > 64 * 1024 * 1024 || b.directoryOffset + b.directorySize > file.size) {
+    fail(file, `bitmap directory (${b.count} bitmaps, ${b.directorySize} bytes at offset ${b.directoryOffset}) is invalid or past the end of the file`, 'bitmap_directory_offset', b.directoryOffset);
+  }
+  add(b.directoryOffset, b.directorySize, 'bitmap directory');
+  const dir = file.read(b.directoryOffset, b.directorySize);
+  const dv = new DataView(dir.buffer, dir.byteOffset, dir.byteLength);
+  let p = 0;
+  for (let i = 0; i < b.count; i++) {
+    if (p + 24 > dir.length) fail(file, `bitmap directory entry ${i} is past the directory's ${dir.length} bytes`, 'bitmap_directory_size', b.directorySize);
+    const tableOffset = u64(dv, p, file, `bitmap ${i} table offset`);
+    const tableSize = dv.getUint32(p + 8);
+    const nameSize = dv.getUint16(p + 18);
+    const extraSize = dv.getUint32(p + 20);
+    if (tableOffset + tableSize * 8 > file.size) fail(file, `bitmap ${i} table (${tableSize} entries at offset ${tableOffset}) is past the end of the file`, 'bitmap_table_offset', tableOffset);
+    add(tableOffset, tableSize * 8, `bitmap ${i} table`);
+    forEachEntry(file, tableOffset, tableSize, (hi, lo) => {
+      const off = (hi & 0x00ffffff) * 2 ** 32 + ((lo & ~0x1ff) >>> 0);
+      if (off !== 0) add(off, cs, `bitmap ${i} data`);
+    });
+    p += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
+  }
 }
 
 /** Calls fn(hi, lo, index) for `count` big-endian 64-bit entries at `offset`, reading in bounded chunks. */

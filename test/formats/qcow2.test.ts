@@ -129,6 +129,20 @@ describe('qcow2 reader against qemu-img', () => {
     });
   }
 
+  it('persistent dirty bitmaps (qemu-img bitmap --add): their directory, tables and data count as metadata', () => {
+    const f = path.join(dir, 'bitmaps.qcow2');
+    qemuImg(dir, 'create', '-q', '-f', 'qcow2', f, '4M');
+    qemuIo(dir, f, ['write -P 0xf1 0 1M']);
+    qemuImg(dir, 'bitmap', '--add', f, 'b0');
+    qemuImg(dir, 'bitmap', '--add', '-g', '64k', f, 'b1');
+    qemuIo(dir, f, ['write -P 0xf2 2M 64k']);
+    const img = checkAgainstQemu(f);
+    const what = img.layers[0]!.layer.metadata!.map((m) => m.what);
+    expect(what).toContain('bitmap directory');
+    expect(what.filter((w) => /^bitmap \d+ table$/.test(w)).length).toBe(2);
+    expect(what.some((w) => /^bitmap \d+ data$/.test(w))).toBe(true);
+  });
+
   it('internal snapshots are ignored: the active L1 is the disk', () => {
     const f = path.join(dir, 'snap.qcow2');
     qemuImg(dir, 'create', '-q', '-f', 'qcow2', f, '2M');
