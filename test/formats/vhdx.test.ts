@@ -5,6 +5,7 @@ import { isFormatError } from '../../src/formats/block-reader.ts';
 import { crc32c } from '../../src/formats/crc.ts';
 import { parseVhdxHeader, parseVhdxMetadataTable, parseVhdxRegionTable } from '../../src/formats/vhdx.ts';
 import { utf16leEncode } from '../../src/formats/text.ts';
+import { readMapped } from '../../src/formats/read-map.ts';
 import {
   cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, openTestImage, qemuImg, qemuIo, qemuRaw, readWholeImage,
 } from './helpers.ts';
@@ -95,6 +96,28 @@ describe('VHDX read by vdboot matches qemu-img', () => {
     try {
       expect(img.layers[0]!.layer.details['logical sector size']).toBe(4096);
       expectSameBytes(readWholeImage(img), before, p);
+    } finally {
+      img.close();
+    }
+  });
+});
+
+describe('VHDX larger than one chunk (sector-bitmap entries interleaved in the BAT)', () => {
+  it('blocks after the first chunk (4 GiB with 512-byte sectors) are found past the bitmap entry', () => {
+    const dir = makeTmpDir();
+    const p = path.join(dir, 'big.vhdx');
+    qemuImg('create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', p, '6G');
+    qemuIo(p, 'vhdx', ['write -P 0x11 0 1M', 'write -P 0x22 4095M 2M', 'write -P 0x33 5G 512k']);
+    const img = openTestImage(p);
+    try {
+      const data = img.map.extents.filter((e) => e.kind === 'data').map((e) => [e.start / MiB, e.length / MiB]);
+      expect(data).toEqual([[0, 1], [4095, 2], [5120, 1]]);
+      // the bytes around the chunk boundary and at 5 GiB: qemu-io checks the same patterns (read -P fails on a mismatch)
+      const ranges: [number, number, number][] = [[0, MiB, 0x11], [4094 * MiB, MiB, 0], [4095 * MiB, 2 * MiB, 0x22], [4097 * MiB, MiB, 0], [5 * 1024 * MiB, 512 * 1024, 0x33], [5 * 1024 * MiB + 512 * 1024, 512 * 1024, 0]];
+      qemuIo(p, 'vhdx', ranges.map(([off, len, b]) => `read -P 0x${b.toString(16)} ${off} ${len}`));
+      for (const [off, len, b] of ranges) {
+        expectSameBytes(Buffer.from(readMapped(img, off, len)), Buffer.alloc(len, b), `${p} at ${off}`);
+      }
     } finally {
       img.close();
     }
