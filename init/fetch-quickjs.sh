@@ -18,9 +18,14 @@ STAMP=$CACHE/src.verified
 
 die() { echo "fetch-quickjs: $*" >&2; exit 1; }
 
-if [[ -f "$STAMP" && -f "$SRC/quickjs.c" && "$(cat "$STAMP")" == "$PKG $VERSION"* ]]; then
-  exit 0
-fi
+ready() { [[ -f "$STAMP" && -f "$SRC/quickjs.c" && "$(cat "$STAMP")" == "$PKG $VERSION"* ]]; }
+ready && exit 0
+
+# One fetch at a time (parallel builds and test files may all start here).
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
+ready && exit 0
 
 # The mirror: the first URI of the machine's own Debian sources (deb822 or one-line format).
 mirror=""

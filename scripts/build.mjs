@@ -3,6 +3,7 @@
 import { build } from 'esbuild';
 import { existsSync, mkdirSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
+import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -36,6 +37,7 @@ if (existsSync('src/boot/main.ts')) {
     logLevel: 'warning',
   });
   if (existsSync('init/Makefile')) {
-    execFileSync('make', ['-s', '-C', 'init'], { stdio: 'inherit' });
+    // -j: QuickJS is compiled twice (gcc for qjsc, musl-gcc for /init), side by side.
+    execFileSync('make', ['-s', `-j${os.availableParallelism()}`, '-C', 'init'], { stdio: 'inherit' });
   }
 }

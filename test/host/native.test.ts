@@ -23,7 +23,8 @@ beforeAll(async () => {
     format: 'esm', target: 'es2022', external: ['sys'], minifySyntax: true, legalComments: 'none', logLevel: 'warning',
   });
   init = path.join(tmp, 'native.init');
-  execFileSync('make', ['-s', '-C', path.join(root, 'init'), `ENTRY=${js}`, `OUT=${init}`], { stdio: ['ignore', 'pipe', 'inherit'] });
+  execFileSync('make', ['-s', '-j2', '-C', path.join(root, 'init'), 'deps'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  execFileSync('make', ['-s', '-j2', '-C', path.join(root, 'init'), `ENTRY=${js}`, `OUT=${init}`], { stdio: ['ignore', 'pipe', 'inherit'] });
 });
 afterAll(() => {
   if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
