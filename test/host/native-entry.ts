@@ -53,5 +53,11 @@ if (mode === 'checks') {
 } else if (mode === 'hang') {
   await new Promise(() => {});
 } else if (mode === 'return') {
-  sys.print('returned normally');
+  // A rejection handled one tick later is not an unhandled rejection.
+  const late = (async () => {
+    throw new Error('handled later');
+  })();
+  await Promise.resolve();
+  const message = await late.catch((e: Error) => e.message);
+  sys.print('returned normally after ' + message);
 }
