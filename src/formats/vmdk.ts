@@ -515,11 +515,16 @@ export function openVmdk(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
       const what = `extent "${e.file ?? e.type}" (descriptor line ${e.line})`;
       if (e.access === 'NOACCESS') fail(file, `${what} is NOACCESS: vdboot cannot read a disk with an inaccessible extent`, 'extent.access', e.access);
       if (len === 0) continue;
+      if (!Number.isSafeInteger(size + len)) fail(file, 'extents add up to more than vdboot can address', 'extent.sectors', e.sectors);
       if (e.type === 'ZERO') {
         push(b, { kind: 'zero', start: size, length: len, why: 'zeroed' });
         size += len;
         continue;
       }
+      if (e.type === 'VMFSRDM' || e.type === 'VMFSRAW') {
+        fail(file, `${what} is a raw device mapping (${e.type}), which vdboot cannot follow`, 'extent.type', e.type);
+      }
+      if (!['FLAT', 'VMFS', 'SPARSE', 'VMFSSPARSE', 'SESPARSE'].includes(e.type)) fail(file, `${what} has unknown type ${e.type}`, 'extent.type', e.type);
       if (e.file === undefined || e.file === '') fail(file, `${what} of type ${e.type} names no file`, 'extent.file', e.type);
       let fi = opened.get(e.file);
       let reader: BlockReader;
@@ -542,22 +547,18 @@ export function openVmdk(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
         }
         push(b, { kind: 'data', start: size, length: len, file: fi, offset: off });
       } else if (e.type === 'SPARSE' || e.type === 'VMFSSPARSE') {
-        const m = reader.size >= 4 ? new DataView(reader.read(0, 4).buffer).getUint32(0, true) : 0;
+        const mb = reader.size >= 4 ? reader.read(0, 4) : undefined;
+        const m = mb ? mb[0]! | (mb[1]! << 8) | (mb[2]! << 16) | (mb[3]! * 2 ** 24) : 0;
         if (m === COWD) mapCowdExtent(b, reader, fi, size, len, what);
         else {
           const h = mapSparseExtent(b, reader, fi, size, len, what);
           grainSize ??= h.grainSize * SECTOR;
           if (h.compressAlgorithm === 1) subformat = 'streamOptimized';
         }
-      } else if (e.type === 'SESPARSE') {
-        mapSeSparseExtent(b, reader, fi, size, len, what);
-      } else if (e.type === 'VMFSRDM' || e.type === 'VMFSRAW') {
-        fail(file, `${what} is a raw device mapping (${e.type}), which vdboot cannot follow`, 'extent.type', e.type);
       } else {
-        fail(file, `${what} has unknown type ${e.type}`, 'extent.type', e.type);
+        mapSeSparseExtent(b, reader, fi, size, len, what);
       }
       size += len;
-      if (!Number.isSafeInteger(size)) fail(file, 'extents add up to more than vdboot can address', 'extent.sectors', e.sectors);
     }
     if (grainSize !== undefined) details.grainSize = grainSize;
     details.extents = desc.extents.length;

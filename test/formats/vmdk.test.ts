@@ -341,6 +341,13 @@ describe('VMDK damaged images', () => {
     expectFormatError(() => layerOf(f), /grain directory .* past the end|too large/);
   });
 
+  it('a raw device mapping extent (VMFSRDM) is refused naming it, before any file is opened', () => {
+    const d = path.join(dir, 'rdm');
+    fs.mkdirSync(d);
+    fs.writeFileSync(path.join(d, 'r.vmdk'), '# Disk DescriptorFile\nversion=1\ncreateType="vmfsRawDeviceMap"\nRW 2048 VMFSRDM "r-rdm.vmdk"\n');
+    expectFormatError(() => layerOf(path.join(d, 'r.vmdk')), /raw device mapping \(VMFSRDM\)/);
+  });
+
   it('a NOACCESS extent is refused naming it', () => {
     const d = path.join(dir, 'noaccess');
     fs.mkdirSync(d);
