@@ -15,6 +15,7 @@ import { DEFAULT_INITS, PlanError, planBoot, type BootPlan } from './plan.ts';
 import { breakShell, failureShell } from './rescue.ts';
 import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
+import { unpackTmpfsRoot } from './tmpfs-root.ts';
 import { installShutdown } from './shutdown.ts';
 
 export const NEW_ROOT = '/root';
@@ -199,7 +200,9 @@ function mountRoot(ctx: InitContext): { init: string } {
   const { sys, log, plan } = ctx;
   if (plan.breakAt.includes('pre-mount')) breakShell(sys, log, 'pre-mount');
   if (plan.root.kind === 'tmpfs') {
-    throw new BootFailure(`root=${describeRoot(plan)}: this vdboot build boots a root on a block device or an image file; archives (tmpfs:) are not supported by this version yet.`);
+    if (plan.vdisk.attach.length) setupVdisks(ctx);
+    unpackTmpfsRoot(ctx, plan.root, NEW_ROOT);
+    return { init: chooseInit(sys, NEW_ROOT, plan) };
   }
   const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? setupVdisks(ctx) : undefined;
   const dev = plan.root.kind === 'vdisk' ? images!.root! : waitForDevice(ctx, plan.root.device, 'root device');

@@ -10,8 +10,8 @@ export type RootSource =
   | { kind: 'block'; device: DeviceSpec }
   /** root=vdisk:[HOST:]PATH — an image file on a host filesystem (HOST undefined: search every partition) */
   | { kind: 'vdisk'; host?: DeviceSpec; path: string }
-  /** root=tmpfs:HOST:PATH — an archive unpacked into a tmpfs root */
-  | { kind: 'tmpfs'; host: DeviceSpec; path: string };
+  /** root=tmpfs:HOST:PATH (or root=tmpfs:HOST rd.tmpfs.imgfile=PATH) — an archive unpacked into a tmpfs root; size: rd.tmpfs.size= as written */
+  | { kind: 'tmpfs'; host: DeviceSpec; path: string; size?: string };
 
 export type BreakPoint = 'pre-mount' | 'pre-switch';
 
@@ -102,7 +102,9 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   if (!compatRoot && (rootText === undefined || rootText === '')) {
     throw new PlanError('No root= on the kernel command line. Add one, e.g. root=UUID=… , root=LABEL=… , root=/dev/sda2 or root=vdisk:LABEL=Windows:/VMs/linux.vhdx');
   }
-  const root = compatRoot ?? parseRoot(rootText!);
+  const root = compatRoot ?? parseRoot(rootText!, cmd.get('rd.tmpfs.imgfile'));
+  const tmpfsSize = cmd.get('rd.tmpfs.size');
+  if (root.kind === 'tmpfs' && tmpfsSize) root.size = tmpfsSize;
 
   const seconds = (key: string, fallback: number): number => {
     const v = cmd.get(key);
@@ -176,7 +178,7 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
 }
 
 /** root= forms: a device spec, vdisk:[HOST:]PATH, tmpfs:HOST:PATH. */
-function parseRoot(text: string): RootSource {
+function parseRoot(text: string, tmpfsImgfile?: string): RootSource {
   if (text.startsWith('vdisk:')) {
     const rest = text.slice('vdisk:'.length);
     const { host, path } = splitHostPath(rest, 'vdisk');
@@ -184,6 +186,8 @@ function parseRoot(text: string): RootSource {
   }
   if (text.startsWith('tmpfs:')) {
     const rest = text.slice('tmpfs:'.length);
+    // dracut's tmpfs-root form: root=tmpfs:HOST rd.tmpfs.imgfile=PATH
+    if (tmpfsImgfile && !rest.includes(':/')) return { kind: 'tmpfs', ...splitHostPath(`${rest}:${tmpfsImgfile.startsWith('/') ? '' : '/'}${tmpfsImgfile}`, 'tmpfs'), host: tmpfsHost(rest, text) };
     const { host, path } = splitHostPath(rest, 'tmpfs');
     if (host === undefined) throw new PlanError(`root=${text}: name the partition that holds the archive, e.g. root=tmpfs:LABEL=USB:/images/root.tar.zst`);
     return { kind: 'tmpfs', host, path };
@@ -193,6 +197,12 @@ function parseRoot(text: string): RootSource {
     throw new PlanError(`root=${text} is not a device vdboot understands. Use /dev/NAME, UUID=…, LABEL=…, PARTUUID=…, PARTLABEL=…, or vdisk:HOST:PATH for an image file`);
   }
   return { kind: 'block', device };
+}
+
+function tmpfsHost(hostText: string, text: string): DeviceSpec {
+  const host = parseDeviceSpec(hostText);
+  if (!host) throw new PlanError(`root=${text}: "${hostText}" is not a device spec; use LABEL=…, UUID=…, PARTUUID=… or /dev/NAME (with rd.tmpfs.imgfile=/path/to/root.tar.gz)`);
+  return host;
 }
 
 /**

@@ -1,0 +1,229 @@
+/**
+ * The decompressed byte stream of a root archive at boot.
+ *
+ * Which decoder: gzip, xz, bzip2 and lzma go through busybox's applets (C, in the
+ * initramfs anyway); zstd and lz4 through the `zstd`/`lz4` programs when the initramfs
+ * has them, else through decoders written in TypeScript (lz4 is fast enough that way;
+ * zstd in QuickJS is several times slower than the C program). An uncompressed archive
+ * is read straight.
+ *
+ * How an external decoder gets its input: a file on a host the kernel mounted is its
+ * stdin directly; a file vdboot reads from the partition's sectors itself (NTFS, exFAT,
+ * FAT) is pumped into a pipe by a forked copy of vdboot. Output comes back through a pipe.
+ * Nothing here writes to the host.
+ */
+import { type ByteSource } from '../formats/archive-stream.ts';
+import { type Compression, jsDecoderSource } from '../formats/archive.ts';
+import { FormatError, type BlockReader } from '../formats/block-reader.ts';
+import { isSysError, O, type Sys } from '../sys/sys.ts';
+import { exists, readTextOr } from './fsutil.ts';
+import { INIT_ENV } from './switchroot.ts';
+
+/** The static host's process calls beyond the Sys port (QuickjsSys has them). */
+interface ProcessSys extends Sys {
+  fork?(): number;
+  _exit?(code: number): never;
+  pipe?(): [number, number];
+}
+
+export interface ArchiveStream {
+  source: ByteSource;
+  /** how it is decoded, for the console: "busybox gunzip", "zstd (in vdboot)" … */
+  how: string;
+  /** Bytes of the (compressed) archive file consumed so far, when known. */
+  consumed(): number | undefined;
+  /** After the archive's end: drains the stream, reaps helpers; throws if a decoder failed. */
+  finish(): void;
+  /** On failure: stops and reaps helpers (best effort). */
+  abort(): void;
+}
+
+const READ_CHUNK = 1 << 20;
+
+/** Reads a BlockReader sequentially in chunks. */
+function readerSource(reader: BlockReader, counter: { at: number }): ByteSource {
+  return {
+    pull(): Uint8Array | null {
+      if (counter.at >= reader.size) return null;
+      const n = Math.min(READ_CHUNK, reader.size - counter.at);
+      const b = reader.read(counter.at, n);
+      counter.at += n;
+      return b;
+    },
+  };
+}
+
+interface Decoder {
+  path: string;
+  argv: string[];
+  name: string;
+}
+
+/** The external program for `compression`, or undefined to decode inside vdboot. */
+function externalDecoder(sys: Sys, compression: Compression, busybox: string | undefined): Decoder | undefined {
+  const applet: Partial<Record<Compression, string>> = { gzip: 'gunzip', xz: 'unxz', bzip2: 'bunzip2', lzma: 'unlzma' };
+  const a = applet[compression];
+  if (a) {
+    if (!busybox || !exists(sys, busybox)) throw new FormatError(`the archive is ${compression}-compressed and this initramfs has no busybox to decompress it; rebuild it with "vdboot mkinitramfs"`, 'compression', compression);
+    return { path: busybox, argv: [a, '-c'], name: `busybox ${a}` };
+  }
+  const tool: Partial<Record<Compression, string>> = { zstd: 'zstd', lz4: 'lz4' };
+  const t = tool[compression];
+  if (t) {
+    for (const dir of ['/usr/bin', '/bin', '/usr/sbin', '/sbin']) {
+      if (exists(sys, `${dir}/${t}`)) return { path: `${dir}/${t}`, argv: [t, '-d', '-c', '-q'], name: `${dir}/${t}` };
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Opens the decompressed stream of the archive in `reader`. `filePath`: the archive's
+ * path in a kernel-mounted host, when it is one (the decoder then reads it directly).
+ */
+export function openArchiveStream(sys: Sys, reader: BlockReader, filePath: string | undefined, compression: Compression, busybox: string | undefined): ArchiveStream {
+  const counter = { at: 0 };
+  const ext = externalDecoder(sys, compression, busybox);
+  const ps = sys as ProcessSys;
+  if (!ext || typeof ps.pipe !== 'function') {
+    const js = jsDecoderSource(compression, readerSource(reader, counter), reader.name);
+    if (!js) throw new FormatError(`${reader.name}: ${compression} archives need an external decompressor, which this vdboot host cannot start`, 'compression', compression);
+    return {
+      source: js,
+      how: compression === 'none' ? 'uncompressed' : `${compression} (decoded inside vdboot)`,
+      consumed: () => counter.at,
+      finish: () => {},
+      abort: () => {},
+    };
+  }
+  return externalStream(ps, reader, filePath, ext);
+}
+
+function externalStream(sys: ProcessSys, reader: BlockReader, filePath: string | undefined, dec: Decoder): ArchiveStream {
+  const [outR, outW] = sys.pipe!();
+  let inFd = -1;
+  let feedW = -1;
+  let feeder = 0;
+  let decoder = 0;
+  const closeQuietly = (fd: number): void => {
+    if (fd >= 0) try { sys.close(fd); } catch { /* already closed */ }
+  };
+  try {
+    if (filePath) {
+      inFd = sys.open(filePath, O.RDONLY | O.CLOEXEC);
+    } else {
+      if (typeof sys.fork !== 'function') throw new Error('no fork');
+      const [r, w] = sys.pipe!();
+      inFd = r;
+      feedW = w;
+    }
+    decoder = sys.spawn(dec.path, dec.argv, INIT_ENV, { stdio: [inFd, outW, 2] });
+    closeQuietly(inFd);
+    closeQuietly(outW);
+    inFd = -1;
+    if (feedW >= 0) {
+      feeder = sys.fork!();
+      if (feeder === 0) feed(sys, reader, feedW, outR);
+      closeQuietly(feedW);
+      feedW = -1;
+    }
+  } catch (e) {
+    closeQuietly(inFd);
+    closeQuietly(outW);
+    closeQuietly(feedW);
+    closeQuietly(outR);
+    if (decoder > 0) reap(sys, decoder, true);
+    throw e;
+  }
+  const buf = new Uint8Array(READ_CHUNK);
+  let open = true;
+  const reader_ = feeder || decoder;
+  const source: ByteSource = {
+    pull(): Uint8Array | null {
+      if (!open) return null;
+      for (;;) {
+        let n: number;
+        try {
+          n = sys.read(outR, buf);
+        } catch (e) {
+          if (isSysError(e, 'EINTR')) continue;
+          throw e;
+        }
+        if (n <= 0) {
+          open = false;
+          return null;
+        }
+        return buf.subarray(0, n);
+      }
+    },
+  };
+  let done = false;
+  const stop = (kill: boolean): { decoder?: number; feeder?: number } => {
+    if (done) return {};
+    done = true;
+    closeQuietly(outR);
+    open = false;
+    return { decoder: reap(sys, decoder, kill), ...(feeder ? { feeder: reap(sys, feeder, kill) } : {}) };
+  };
+  return {
+    source,
+    how: filePath ? dec.name : `${dec.name}, fed by vdboot`,
+    consumed: () => bytesRead(sys, reader_, filePath !== undefined),
+    finish(): void {
+      // Whatever follows the archive's end (tar's record padding) is read and dropped, so the decoder exits normally.
+      while (source.pull()) { /* drain */ }
+      const r = stop(false);
+      if (r.decoder !== undefined && r.decoder !== 0) {
+        throw new FormatError(`${dec.name} failed on ${reader.name} (exit status ${r.decoder}): the archive is corrupt or truncated; its own message is above`, 'decoder', r.decoder);
+      }
+      if (r.feeder !== undefined && r.feeder !== 0) {
+        throw new FormatError(`reading ${reader.name} from its partition failed (the feeding process ended with status ${r.feeder})`, 'feeder', r.feeder);
+      }
+    },
+    abort(): void {
+      stop(true);
+    },
+  };
+}
+
+/** The forked feeder: pumps the archive's bytes into the decoder's stdin, then exits. */
+function feed(sys: ProcessSys, reader: BlockReader, fd: number, unrelated: number): never {
+  let code = 0;
+  try {
+    try { sys.close(unrelated); } catch { /* fine */ }
+    for (let at = 0; at < reader.size;) {
+      const n = Math.min(READ_CHUNK, reader.size - at);
+      const b = reader.read(at, n);
+      let off = 0;
+      while (off < n) off += sys.write(fd, off === 0 ? b : b.subarray(off));
+      at += n;
+    }
+  } catch {
+    code = 1; // EPIPE when the decoder stopped early; the parent reports the decoder's failure
+  }
+  return sys._exit!(code);
+}
+
+/** Waits for `pid`; returns its exit status (128+signal when killed), -1 if it could not be reaped. */
+function reap(sys: Sys, pid: number, kill: boolean): number {
+  if (kill) try { sys.kill(pid, 9); } catch { /* already gone */ }
+  try {
+    const r = sys.waitpid(pid, 0);
+    return r.exitCode >= 0 ? r.exitCode : 128 + r.termSignal;
+  } catch {
+    return -1;
+  }
+}
+
+/**
+ * How far the process reading the archive got: the decoder's file position when it reads
+ * the file itself, else the feeder's read count (/proc/PID/io rchar).
+ */
+function bytesRead(sys: Sys, pid: number, fromFile: boolean): number | undefined {
+  if (fromFile) {
+    const m = /pos:\s*(\d+)/.exec(readTextOr(sys, `/proc/${pid}/fdinfo/0`) ?? '');
+    return m ? Number(m[1]) : undefined;
+  }
+  const m = /rchar:\s*(\d+)/.exec(readTextOr(sys, `/proc/${pid}/io`) ?? '');
+  return m ? Number(m[1]) : undefined;
+}
