@@ -79,10 +79,10 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
       }
       const path = full(entry.path);
       if (entry.type === 'hardlink' && symlinks.has(entry.linkTarget)) symlinks.add(entry.path);
-      createEntry(sys, entry, path, full, symlinks);
+      const fd = createEntry(sys, entry, path, full, symlinks);
       if (entry.type === 'symlink') symlinks.add(entry.path);
       else if (entry.path !== '') symlinks.delete(entry.path);
-      if (entry.size > 0) stats.bytes += writeBody(sys, reader, entry, path, chunk, opts.onProgress);
+      if (fd >= 0 || entry.size > 0) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : sys.open(path, O.WRONLY | O.CLOEXEC, 0), chunk, opts.onProgress);
       if (entry.type === 'hardlink') {
         // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
         if (entry.size > 0 && canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
@@ -131,33 +131,31 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   return stats;
 }
 
-function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p: string) => string, symlinks: Set<string>): void {
-  const make = (): void => {
+/** Creates the entry; for a regular file returns its open fd (the body is written next), else -1. */
+function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p: string) => string, symlinks: Set<string>): number {
+  const make = (): number => {
     switch (entry.type) {
       case 'dir':
-        if (entry.path === '') return; // the root itself: metadata only
-        sys.mkdir(path, 0o700);
-        return;
+        if (entry.path !== '') sys.mkdir(path, 0o700); // the root itself: metadata only
+        return -1;
       case 'file':
-        sys.close(sys.open(path, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, 0o600));
-        return;
+        return sys.open(path, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, 0o600);
       case 'symlink':
         sys.symlink(entry.linkTarget, path);
-        return;
+        return -1;
       case 'hardlink':
         sys.link(full(entry.linkTarget), path);
-        return;
+        return -1;
       case 'char':
       case 'block':
       case 'fifo':
         sys.mknod(path, TYPE_BITS[entry.type]! | 0o600, entry.devMajor, entry.devMinor);
-        return;
+        return -1;
     }
   };
   for (let attempt = 0; ; attempt++) {
     try {
-      make();
-      return;
+      return make();
     } catch (e) {
       if (attempt >= 2) throw e;
       if (isSysError(e, 'ENOENT')) {
@@ -172,7 +170,7 @@ function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p
       if (isSysError(e, 'EEXIST')) {
         const st = sys.lstat(path);
         const isDir = (st.mode & S.IFMT) === S.IFDIR;
-        if (entry.type === 'dir' && isDir) return; // a directory named twice, or made for a child first: keep it
+        if (entry.type === 'dir' && isDir) return -1; // a directory named twice, or made for a child first: keep it
         // A later member replaces an earlier one with the same name, as tar does.
         if (isDir) sys.rmdir(path);
         else sys.unlink(path);
@@ -193,9 +191,8 @@ function exists(sys: Sys, path: string): boolean {
   }
 }
 
-/** Writes the entry's body into `path` (a new file, or the inode a hard link shares). */
-function writeBody(sys: Sys, reader: ArchiveReader, entry: ArchiveEntry, path: string, chunk: number, onProgress?: () => void): number {
-  const fd = sys.open(path, O.WRONLY | O.CLOEXEC, 0);
+/** Writes the entry's body into `fd` (a new file, or the inode a hard link shares) and closes it. */
+function writeBody(sys: Sys, reader: ArchiveReader, fd: number, chunk: number, onProgress?: () => void): number {
   let written = 0;
   try {
     for (;;) {
