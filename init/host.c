@@ -931,6 +931,15 @@ static JSValue sys_dup2(JSContext *ctx, JSValueConst this_val, int argc, JSValue
     return JS_NewInt32(ctx, b);
 }
 
+/* umask(mask) → the previous mask (the kernel starts init with 022). */
+static JSValue sys_umask(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int mask;
+    if (get_int(ctx, argc, argv, 0, "umask", &mask))
+        return JS_EXCEPTION;
+    return JS_NewInt32(ctx, (int)umask((mode_t)(mask & 0777)));
+}
+
 static JSValue sys_pipe(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
 {
     int p[2];
@@ -1132,6 +1141,7 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_MAGIC_DEF("_exit", 1, sys_exit, 1),
     JS_CFUNC_DEF("dup2", 2, sys_dup2),
     JS_CFUNC_DEF("pipe", 0, sys_pipe),
+    JS_CFUNC_DEF("umask", 1, sys_umask),
     JS_CFUNC_DEF("ueventSocket", 0, sys_uevent_socket),
     JS_CFUNC_DEF("poll", 2, sys_poll),
     JS_CFUNC_MAGIC_DEF("monotonicMs", 0, sys_clock, 0),

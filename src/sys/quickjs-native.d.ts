@@ -77,6 +77,8 @@ declare module 'sys' {
   export function dup2(oldFd: number, newFd: number): number;
   /** pipe2(O_CLOEXEC): [readFd, writeFd] */
   export function pipe(): [number, number];
+  /** umask(2): sets the mask, returns the previous one (the kernel starts init with 0o022). */
+  export function umask(mask: number): number;
 
   /** Non-blocking, close-on-exec; read() throws EAGAIN when nothing is queued. */
   export function ueventSocket(): number;

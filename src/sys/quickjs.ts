@@ -24,6 +24,8 @@ export interface QuickjsSys extends Sys {
   dup2(oldFd: number, newFd: number): number;
   /** pipe2(O_CLOEXEC): [readFd, writeFd] */
   pipe(): [number, number];
+  /** umask(2): sets the mask, returns the previous one (the kernel starts init with 0o022). */
+  umask(mask: number): number;
   uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
   /** Debug output: arguments joined by spaces, newline, on fd 1 / fd 2. */
   print(...args: unknown[]): void;
@@ -83,6 +85,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     _exit: native._exit,
     dup2: native.dup2,
     pipe: native.pipe,
+    umask: native.umask,
     uname: native.uname,
     print: native.print,
     printErr: native.printErr,

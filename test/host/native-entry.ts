@@ -41,6 +41,7 @@ if (mode === 'checks') {
     enotdir: caught(() => sys.readdir('/etc/passwd')),
     ebadf: caught(() => sys.close(9999)),
     closedPipeRead: (sys.close(w), sys.read(r, new Uint8Array(4))),
+    umask: [sys.umask(0o077), sys.umask(0o022)],
   };
   sys.print('NATIVE-RESULT ' + JSON.stringify(result));
 } else if (mode === 'exit3') {

@@ -56,6 +56,7 @@ describe('static host as an ordinary process', () => {
     expect(v.enotdir).toBe('SysError ENOTDIR 20 readdir /etc/passwd');
     expect(v.ebadf).toBe('SysError EBADF 9 close fd 9999');
     expect(v.closedPipeRead).toBe(0);
+    expect(v.umask).toEqual([process.umask(), 0o077]);
     expect(r.status).toBe(0);
   });
 
