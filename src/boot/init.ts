@@ -56,6 +56,7 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
     installShutdown(sys, log, ctx.manifest.tools.busybox);
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);
+    ctx.modules.stopColdplug();
     log.info(`starting ${init}${plan.initArgs.length ? ` ${plan.initArgs.join(' ')}` : ''} (vdboot took ${(sys.uptimeSec() - t0).toFixed(2)} s)`);
     return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log);
   } catch (e) {
@@ -91,15 +92,16 @@ function prepare(sys: Sys, log: ConsoleLog, plan: BootPlan): InitContext {
     log.warn(`no uevent socket (${(e as Error).message}): devices that appear later are found by polling only`);
   }
   const modules = new ModuleLoader(sys, manifest, log);
-  const report = log.step('modules', () => {
-    // A plain root needs none of the preloaded drivers (device-mapper, loop): each costs
-    // boot time, and the image paths load what they use themselves.
-    const plainRoot = plan.root.kind === 'block' && plan.vdisk.attach.length === 0;
-    const pre = modules.load(plainRoot ? [] : manifest.preload);
-    const cold = modules.coldplug();
-    return { loaded: [...pre.loaded, ...cold.loaded], failed: [...pre.failed, ...cold.failed] };
-  }, (r) => `loaded ${r.loaded.length} modules${r.failed.length ? `, ${r.failed.length} failed` : ''}`);
-  modules.reportFailures(report);
+  // A plain root needs none of the preloaded drivers (device-mapper, loop): each costs
+  // boot time, and the image paths load what they use themselves.
+  const plainRoot = plan.root.kind === 'block' && plan.vdisk.attach.length === 0;
+  if (!plainRoot) {
+    log.step('preload', () => modules.load(manifest.preload), (r) => {
+      modules.reportFailures(r);
+      return `loaded ${r.loaded.length} device-mapper and loop modules${r.failed.length ? `, ${r.failed.length} failed` : ''}`;
+    });
+  }
+  log.step('coldplug', () => modules.startColdplug(), (n) => `loading ${n} modules for the devices present`);
   if (plan.rootDelaySec > 0) {
     log.info(`rootdelay=${plan.rootDelaySec}: waiting`);
     sys.sleepMs(plan.rootDelaySec * 1000);
@@ -138,6 +140,13 @@ export function waitForDevice(ctx: InitContext, spec: DeviceSpec, what: string):
     }
     const now = sys.monotonicMs();
     if (now >= deadline) {
+      if (ctx.modules.coldplugRunning()) {
+        // Drivers are still loading: let them finish and look once more before giving up.
+        log.info(`the ${what} is not there yet; waiting for the remaining drivers to load`);
+        ctx.modules.finishColdplug();
+        waitForUevents(ctx, 0);
+        continue;
+      }
       throw new BootFailure(
         `The ${what} ${formatDeviceSpec(spec)} did not appear within ${plan.timeoutSec} s.\n` +
           `Block devices seen:\n${describeDevices(devices)}\n` +

@@ -152,11 +152,89 @@ export class ModuleLoader {
     return aliases;
   }
 
-  /** Loads what the present devices need; returns the report. */
+  /**
+   * The modules the present devices need, storage first: NVMe, AHCI, SCSI and virtio
+   * block/SCSI controllers, then legacy storage (IDE, RAID), then USB host controllers
+   * and USB disks, then everything else (keyboards, …). The root is usually reachable
+   * long before the last of them has loaded.
+   */
+  coldplugModules(): string[] {
+    const tiers: Set<string>[] = [new Set(), new Set(), new Set(), new Set()];
+    for (const alias of this.coldplugAliases()) {
+      const tier = storageTier(alias);
+      for (const m of this.modulesForAlias(alias)) tiers[tier]!.add(m);
+    }
+    const out: string[] = [];
+    for (const t of tiers) for (const m of [...t].sort()) if (!out.includes(m)) out.push(m);
+    return out;
+  }
+
+  /** Loads what the present devices need, now; returns the report. */
   coldplug(): LoadReport {
-    const wanted = new Set<string>();
-    for (const alias of this.coldplugAliases()) for (const m of this.modulesForAlias(alias)) wanted.add(m);
-    return this.load([...wanted].sort());
+    return this.load(this.coldplugModules());
+  }
+
+  /** The child process loading coldplug modules, while the init goes on (-1: none). */
+  private background = -1;
+
+  /**
+   * Starts loading the coldplug modules in a child process, in storage-first order, and
+   * returns at once: the init meanwhile waits for the root device, loading what uevents
+   * ask for (the disk's own driver once its controller is up). Without fork (the fake
+   * kernel) the modules are loaded here and now. Returns how many modules were asked for.
+   */
+  startColdplug(): number {
+    const names = this.coldplugModules();
+    if (!canFork(this.sys) || names.length === 0) {
+      this.reportFailures(this.load(names));
+      return names.length;
+    }
+    const sys = this.sys;
+    let pid: number;
+    try {
+      pid = sys.fork();
+    } catch {
+      this.reportFailures(this.load(names));
+      return names.length;
+    }
+    if (pid === 0) {
+      try {
+        this.reportFailures(this.loadSequential(loadOrder(this.manifest, names)));
+      } catch { /* the parent goes on regardless */ }
+      sys._exit(0);
+    }
+    this.background = pid;
+    return names.length;
+  }
+
+  /** True while the coldplug child still runs. */
+  coldplugRunning(): boolean {
+    if (this.background < 0) return false;
+    try {
+      const r = this.sys.waitpid(this.background, 1 /* WNOHANG */);
+      if (r.pid === 0) return true;
+    } catch { /* reaped elsewhere */ }
+    this.background = -1;
+    return false;
+  }
+
+  /** Waits for the coldplug child (before giving up on a device: it may still bring it). */
+  finishColdplug(): void {
+    if (this.background < 0) return;
+    try { this.sys.waitpid(this.background, 0); } catch { /* reaped elsewhere */ }
+    this.background = -1;
+  }
+
+  /**
+   * Before switch_root: the remaining coldplug modules are left to the booted system
+   * (its udev loads them for the same devices). The child is killed and reaped, so it
+   * does not outlive the initramfs it reads modules from; the kernel finishes or
+   * cleanly abandons a finit_module the signal interrupts, never leaving half a module.
+   */
+  stopColdplug(): void {
+    if (this.background < 0) return;
+    try { this.sys.kill(this.background, 9); } catch { /* already gone */ }
+    this.finishColdplug();
   }
 
   /** The module a filesystem type needs before mount(2): loads it; false when unknown. */
@@ -181,6 +259,23 @@ export class ModuleLoader {
       else this.log.warn(`module ${f.name} did not load: ${f.error}`);
     }
   }
+}
+
+/**
+ * How early a device's driver loads: 0 modern storage (PCI class 01 subclass 00 SCSI,
+ * 06 SATA/AHCI, 07 SAS, 08 NVMe; virtio block and SCSI; NVMe/MMC/SCSI buses), 1 other
+ * storage (IDE, RAID, …), 2 USB host controllers and USB mass storage, 3 the rest.
+ */
+export function storageTier(modalias: string): number {
+  if (/^virtio:d0000000[28]v/.test(modalias) || /^(nvme|mmc|scsi):/.test(modalias)) return 0;
+  const pci = /^pci:.*bc([0-9A-F]{2})sc([0-9A-F]{2})/.exec(modalias);
+  if (pci) {
+    if (pci[1] === '01') return ['00', '06', '07', '08'].includes(pci[2]!) ? 0 : 1;
+    if (pci[1] === '0C' && pci[2] === '03') return 2;
+    return 3;
+  }
+  if (/^usb:.*ic08isc06/.test(modalias)) return 2;
+  return 3;
 }
 
 /** The KEY=VALUE fields of one kernel uevent message ("add@/devices/…\0ACTION=add\0…"). */

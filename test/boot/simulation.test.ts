@@ -82,7 +82,7 @@ describe('simulation: the init bundle on QuickJS reaches the guest init', () => 
 
   it('logs each step with the time it took', async () => {
     const r = await boot('root=/dev/vda2');
-    expect(r.kernel.consoleText).toMatch(/loaded \d+ modules \(\d+\.\d\d s\)/);
+    expect(r.kernel.consoleText).toMatch(/loading \d+ modules for the devices present \(\d+\.\d\d s\)/);
     expect(r.kernel.consoleText).toMatch(/mounted \/dev\/vda2 \(ext4, ro\) on \/root \(\d+\.\d\d s\)/);
     expect(r.kernel.consoleText).toMatch(/starting \/sbin\/init \(vdboot took/);
   });
