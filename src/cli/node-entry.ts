@@ -2,12 +2,17 @@
 import { main, type CliIO } from './main.ts';
 
 export async function runCli(argv: string[]): Promise<number> {
+  // `vdboot cat IMAGE | head`: the reader going away is the end of the job, not an error.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(0);
+    throw err;
+  });
   const io: CliIO = {
     stdout: (text) => void process.stdout.write(text),
     stderr: (text) => void process.stderr.write(text),
     stdoutBytes: (bytes) =>
       new Promise((resolve, reject) => {
-        process.stdout.write(bytes, (err) => (err ? reject(err) : resolve()));
+        process.stdout.write(bytes, (err) => (err ? ((err as NodeJS.ErrnoException).code === 'EPIPE' ? process.exit(0) : reject(err)) : resolve()));
       }),
   };
   try {

@@ -22,14 +22,16 @@
  *       readUnmappable where a range is unmappable). read-map.ts uses it for the
  *       unmappable parts of the map.
  *
- *   joinPath(dir, path), dirName(path), normalizePath(path): POSIX path helpers that
- *       need no node:path.
+ *   joinPath(dir, path), dirName(path), normalizePath(path): re-exported from paths.ts.
  */
 import { FormatError, isFormatError, type BlockReader } from './block-reader.ts';
+import { dirName, joinPath, normalizePath } from './paths.ts';
 import { detectFormat, FORMAT_READERS, readerFor } from './detect.ts';
 import type { Extent, ExtentMap } from './extent-map.ts';
 import { appendExtent, findExtent, isMerged, validateExtents, type LayerMetadata } from './extent-ops.ts';
 import type { FormatReader, ImageFormat, ImageLayer, OpenContext } from './image.ts';
+
+export { dirName, joinPath, normalizePath };
 
 export const MAX_CHAIN_DEPTH = 64;
 
@@ -40,6 +42,8 @@ export interface ChainHost {
   fileId?(path: string): string;
   /** The formats to try; FORMAT_READERS by default. */
   readers?: readonly FormatReader[];
+  /** Names in a directory (a VDI parent is found by UUID among its neighbours); optional. */
+  listDir?(dir: string): string[];
 }
 
 export interface ChainLayer {
@@ -57,32 +61,6 @@ export interface OpenedImage {
   /** BlockReaders by map file index */
   readers: BlockReader[];
   readUnmappable(start: number, length: number): Uint8Array;
-}
-
-export function normalizePath(path: string): string {
-  const abs = path.startsWith('/');
-  const parts: string[] = [];
-  for (const p of path.split('/')) {
-    if (p === '' || p === '.') continue;
-    if (p === '..') {
-      if (parts.length > 0 && parts[parts.length - 1] !== '..') parts.pop();
-      else if (!abs) parts.push('..');
-    } else parts.push(p);
-  }
-  const s = parts.join('/');
-  return abs ? `/${s}` : s === '' ? '.' : s;
-}
-
-export function dirName(path: string): string {
-  const i = path.lastIndexOf('/');
-  if (i < 0) return '.';
-  if (i === 0) return '/';
-  return path.slice(0, i);
-}
-
-export function joinPath(dir: string, path: string): string {
-  if (path.startsWith('/')) return normalizePath(path);
-  return normalizePath(`${dir}/${path}`);
 }
 
 export function openLayer(
@@ -160,7 +138,13 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
   const openOne = (p: string, expected?: ImageFormat): ChainLayer => {
     const primary = openGlobal(p);
     const dir = dirName(p);
-    const ctx: OpenContext = { path: p, openFile: (name) => readers[openGlobal(joinPath(dir, name))]! };
+    const ctx: OpenContext = {
+      path: p,
+      openFile: (name) => readers[openGlobal(joinPath(dir, name))]!,
+      // A disk definition's partition images: whole chains of their own, never another definition.
+      openImage: (name) => openImage(joinPath(dir, name), { ...host, readers: readersList.filter((r) => r.format !== 'vdisk-json') }),
+    };
+    if (host.listDir) ctx.listDir = () => host.listDir!(dir);
     const layer = openLayer(readers[primary]!, ctx, expected, readersList);
     const fileIndex = layer.files.map((name, i) => (i === 0 ? primary : openGlobal(joinPath(dir, name))));
     validateExtents(p, layer.size, layer.extents, {
@@ -191,11 +175,15 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
     const dir = dirName(child.path);
     const tried: string[] = [];
     let opened: ChainLayer | undefined;
+    let loopCandidate: string | undefined;
     for (const cand of ref.paths) {
       const p = joinPath(dir, cand);
       if (tried.some((t) => t.startsWith(`${p}:`))) continue;
-      // Refuse a loop before opening: a parent that is an earlier layer
-      if (seen.has(identity(p))) remember(p);
+      // A candidate that is an earlier layer would loop: try the others first.
+      if (seen.has(identity(p))) {
+        loopCandidate ??= p;
+        continue;
+      }
       try {
         const layer = openOne(p, ref.format);
         ref.verify?.(layer.layer);
@@ -207,6 +195,7 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
         tried.push(`${p}: ${errorText(e)}`);
       }
     }
+    if (!opened && loopCandidate !== undefined && tried.length === 0) remember(loopCandidate); // throws: the chain loops
     if (!opened) {
       throw new FormatError(
         `${child.path}: its parent image could not be opened. Tried:\n  ${tried.join('\n  ')}\nPut the parent next to the child image (or where the locator says) under its original name`,

@@ -14,6 +14,7 @@ import { rawFormat } from './raw.ts';
 import { vdiFormat } from './vdi.ts';
 import { vhdFormat } from './vhd.ts';
 import { vhdxFormat } from './vhdx.ts';
+import { vdiskJsonFormat } from './vdisk-json.ts';
 import { vmdkFormat } from './vmdk.ts';
 
 export const FORMAT_READERS: FormatReader[] = [
@@ -22,6 +23,7 @@ export const FORMAT_READERS: FormatReader[] = [
   qcow2Format,
   vdiFormat,
   vmdkFormat,
+  vdiskJsonFormat,
   // other formats: one line each, above this comment
   rawFormat,
 ];

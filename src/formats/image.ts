@@ -8,7 +8,9 @@
  * (chain.ts) opens the parent and composes the final ExtentMap.
  */
 import type { BlockReader } from './block-reader.ts';
+import type { OpenedImage } from './chain.ts';
 import type { DataExtent, UnmappableExtent, ZeroExtent } from './extent-map.ts';
+import type { MetadataRange } from './extent-ops.ts';
 
 export interface ParentExtent {
   kind: 'parent';
@@ -49,6 +51,8 @@ export interface ImageLayer {
    * layer has none or cannot read them at all (encryption).
    */
   readUnmappable?(start: number, length: number): Uint8Array;
+  /** The layer's own structures in its files (header, tables): no data extent may point into them. */
+  metadata?: MetadataRange[];
 }
 
 export interface OpenContext {
@@ -56,6 +60,10 @@ export interface OpenContext {
   path: string;
   /** Opens another file of the same layer or a parent, relative to this file's directory unless absolute. */
   openFile(path: string): BlockReader;
+  /** Names (not paths) in this file's directory, when the host can list it (VDI parents by UUID). */
+  listDir?(): string[];
+  /** Opens another image with its whole chain, relative to this file's directory (disk definitions). */
+  openImage?(path: string): OpenedImage;
 }
 
 export interface FormatReader {

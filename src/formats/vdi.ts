@@ -23,12 +23,6 @@ const BLOCK_ZERO = 0xfffffffe;
 
 const TYPE_NAMES: Record<number, string> = { 1: 'dynamic', 2: 'fixed', 3: 'undo', 4: 'differencing' };
 
-/** An OpenContext that can list the opened file's directory (to find a VDI parent by UUID). */
-export interface DirListingContext extends OpenContext {
-  /** Names (not paths) of the entries of the opened file's directory. */
-  listDir?(): string[];
-}
-
 export interface VdiHeader {
   version: number;
   headerSize: number;
@@ -224,7 +218,7 @@ export function openVdi(file: BlockReader, ctx: OpenContext): ImageLayer & Layer
 }
 
 function vdiParentRef(file: BlockReader, ctx: OpenContext, uuid: string): ParentRef {
-  const listDir = (ctx as DirListingContext).listDir;
+  const listDir = ctx.listDir;
   const self = ctx.path.slice(ctx.path.lastIndexOf('/') + 1);
   const paths = listDir ? listDir.call(ctx).filter((n) => /\.vdi$/i.test(n) && n !== self).sort() : [];
   return {

@@ -53,9 +53,9 @@
  * the table vdboot would write.
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
-import { normalizePath, openImage, type ChainHost, type OpenedImage } from './chain.ts';
+import type { OpenedImage } from './chain.ts';
+import { normalizePath } from './paths.ts';
 import { crc32 } from './crc.ts';
-import { FORMAT_READERS } from './detect.ts';
 import type { Extent } from './extent-map.ts';
 import { mergeExtents } from './extent-ops.ts';
 import { gptTypeByGuid, gptTypeFromText, GPT_TYPES, normalizeGuid } from './guid.ts';
@@ -405,14 +405,11 @@ export function verifyVdiskTableFile(layout: VdiskLayout, tableFile: BlockReader
 /** What the vdisk reader needs from the chain resolver: opening a partition image with its parents. */
 export type OpenPartitionImage = (path: string) => OpenedImage;
 
-/** Opens a partition image (relative to the JSON's directory) through ctx.openFile, with its parent chain. */
+/** Opens a partition image (relative to the JSON's directory) with its parent chain, through the chain resolver. */
 function partitionOpener(ctx: OpenContext): OpenPartitionImage {
-  const host: ChainHost = {
-    openFile: (p) => ctx.openFile(p),
-    // A disk definition inside a disk definition would be a loop waiting to happen.
-    readers: FORMAT_READERS.filter((r) => r.format !== 'vdisk-json'),
-  };
-  return (p) => openImage(p, host);
+  const open = ctx.openImage;
+  if (!open) throw new FormatError(`${ctx.path}: a disk definition can only be opened through the image chain resolver (openImage)`, 'context');
+  return (p) => open.call(ctx, p);
 }
 
 function readJson(file: BlockReader): string {

@@ -68,6 +68,9 @@ export function nodeChainHost(): ChainHost & { close(): void } {
       opened.push(r);
       return r;
     },
+    listDir(dir: string) {
+      return fs.readdirSync(dir);
+    },
     fileId(path: string) {
       const st = fs.statSync(path);
       return `${st.dev}:${st.ino}`;

@@ -2,7 +2,11 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
-import { openVdi, vdiFormat, type DirListingContext } from '../../src/formats/vdi.ts';
+import { openVdi, vdiFormat } from '../../src/formats/vdi.ts';
+import { openImage } from '../../src/formats/chain.ts';
+import { readMapped } from '../../src/formats/read-map.ts';
+import { nodeChainHost } from '../../src/sys/node-reader.ts';
+import type { OpenContext } from '../../src/formats/image.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 import { checkAgainstQemu, expectSameBytes, le32, patchFile, qemuImg, qemuIo, qemuRaw, tempDir } from './qemu-oracle.ts';
 
@@ -12,8 +16,8 @@ afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
 
 const MiB = 1 << 20;
 
-function ctxFor(file: string, withListing = false): DirListingContext {
-  const ctx: DirListingContext = { path: file, openFile: (p) => openFileReader(path.join(path.dirname(file), p)) };
+function ctxFor(file: string, withListing = false): OpenContext {
+  const ctx: OpenContext = { path: file, openFile: (p) => openFileReader(path.join(path.dirname(file), p)) };
   if (withListing) ctx.listDir = () => fs.readdirSync(path.dirname(file));
   return ctx;
 }
@@ -216,6 +220,19 @@ describe('VDI differencing images', () => {
     expect(layer.extents.filter((e) => e.kind === 'parent').map((e) => [e.start, e.length])).toEqual([[0, MiB], [2 * MiB, MiB]]);
     const parentBytes = qemuRaw(parent);
     expectSameBytes(readLayer(child, layer, (s, n) => parentBytes.subarray(s, s + n)), expected, 'differencing VDI over its parent');
+  });
+
+  it('the chain resolver finds the parent by UUID among the .vdi files beside it', () => {
+    const { child, expected } = makeDiff('diff3');
+    const host = nodeChainHost();
+    try {
+      const img = openImage(child, host);
+      expect(img.layers.map((l) => path.basename(l.path))).toEqual(['snapshot.vdi', 'base.vdi']);
+      expect(img.map.files.map((f) => path.basename(f))).toEqual(['snapshot.vdi', 'base.vdi']);
+      expectSameBytes(readMapped(img, 0, img.map.size), expected, 'differencing VDI through openImage');
+    } finally {
+      host.close();
+    }
   });
 
   it('without a directory listing the parent is still checked by UUID, but no path is offered', () => {
