@@ -70,7 +70,7 @@ try {
   for (const c of cases) {
     const r = { name: c.name, size: sizes[c.name]!, vdboot: [] as number[], busybox: [] as number[] };
     for (let i = 0; i < runs; i++) {
-      const vm = await bootVm({ initrd, append: `root=tmpfs:/dev/vda:/${c.file}`, disks: [{ file: hostImg, snapshot: true }], name: `bench-tmpfs-${c.name}`, memoryMiB: 1024 });
+      const vm = await bootVm({ initrd, append: `root=tmpfs:/dev/vda:/${c.file}${process.env.BENCH_DEBUG ? ' rd.vdboot.debug' : ''}`, disks: [{ file: hostImg, snapshot: true }], name: `bench-tmpfs-${c.name}`, memoryMiB: 1024 });
       try {
         await vm.waitFor('VDBOOT-GUEST-OK', 600_000);
         const t = vm.transcript();

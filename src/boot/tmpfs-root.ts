@@ -16,7 +16,7 @@
  * rescue shell (init.ts).
  */
 import { detectCompression, declaredStreamSize, openArchive, type Compression } from '../formats/archive.ts';
-import { formatBytes, StreamCursor } from '../formats/archive-stream.ts';
+import { type ArchiveReader, type ByteSource, formatBytes, StreamCursor } from '../formats/archive-stream.ts';
 import { isFormatError, type BlockReader } from '../formats/block-reader.ts';
 import { hostFileReader } from '../formats/hostfs.ts';
 import { isSysError, MS, type Sys } from '../sys/sys.ts';
@@ -139,7 +139,10 @@ export function unpackTmpfsRoot(ctx: InitContext, req: TmpfsRootRequest, target:
     mounted = true;
     stream = openArchiveStream(sys, archive.reader, archive.filePath, compression, ctx.manifest.tools.busybox);
     log.info(`unpacking ${archive.where} (${formatBytes(archive.reader.size)}, ${compression}${declared !== undefined && compression !== 'none' ? `, ${formatBytes(declared)} inside` : ''}; ${stream.how}) into a tmpfs of up to ${formatBytes(limit)}`);
-    const reader = openArchive(new StreamCursor(stream.source), archive.where);
+    // With rd.vdboot.debug: where the time goes (waiting for the decoder, parsing, creating files).
+    const timing = { pullMs: 0, parseMs: 0 };
+    const source = ctx.plan.debug ? timedSource(sys, stream.source, timing) : stream.source;
+    const reader = ctx.plan.debug ? timedReader(sys, openArchive(new StreamCursor(source), archive.where), timing) : openArchive(new StreamCursor(source), archive.where);
     const total = archive.reader.size;
     const t0 = sys.monotonicMs();
     let nextReport = t0 + 1000;
@@ -164,6 +167,7 @@ export function unpackTmpfsRoot(ctx: InitContext, req: TmpfsRootRequest, target:
     stream.finish();
     for (const w of stats.warnings) log.warn(w);
     const secs = (sys.monotonicMs() - t0) / 1000;
+    log.debug(`unpack time: ${(timing.pullMs / 1000).toFixed(2)} s waiting for ${stream.how}, ${((timing.parseMs - timing.pullMs) / 1000).toFixed(2)} s reading the archive, ${(secs - timing.parseMs / 1000).toFixed(2)} s creating files`);
     const used = usedBytes(sys, target);
     let size = limit;
     if (asked === undefined) {
@@ -216,4 +220,36 @@ function recordForShutdown(sys: Sys): void {
   if (exists(sys, STATE_PATH)) return;
   mkdirs(sys, STATE_DIR);
   writeText(sys, STATE_PATH, JSON.stringify({ dm: [], loops: [], daemons: [] }));
+}
+
+function timedSource(sys: Sys, source: ByteSource, timing: { pullMs: number }): ByteSource {
+  return {
+    pull(): Uint8Array | null {
+      const t = sys.monotonicMs();
+      const r = source.pull();
+      timing.pullMs += sys.monotonicMs() - t;
+      return r;
+    },
+  };
+}
+
+function timedReader(sys: Sys, reader: ArchiveReader, timing: { parseMs: number }): ArchiveReader {
+  return {
+    format: reader.format,
+    get offset() {
+      return reader.offset;
+    },
+    next() {
+      const t = sys.monotonicMs();
+      const r = reader.next();
+      timing.parseMs += sys.monotonicMs() - t;
+      return r;
+    },
+    body(max: number) {
+      const t = sys.monotonicMs();
+      const r = reader.body(max);
+      timing.parseMs += sys.monotonicMs() - t;
+      return r;
+    },
+  };
 }

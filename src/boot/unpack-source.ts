@@ -53,6 +53,19 @@ function readerSource(reader: BlockReader, counter: { at: number }): ByteSource 
   };
 }
 
+/** Reads an open file sequentially into one reused buffer (a chunk is valid until the next pull). */
+function fileSource(sys: Sys, fd: number, counter: { at: number }): ByteSource {
+  const buf = new Uint8Array(READ_CHUNK);
+  return {
+    pull(): Uint8Array | null {
+      const n = sys.read(fd, buf);
+      if (n <= 0) return null;
+      counter.at += n;
+      return buf.subarray(0, n);
+    },
+  };
+}
+
 interface Decoder {
   path: string;
   argv: string[];
@@ -86,14 +99,21 @@ export function openArchiveStream(sys: Sys, reader: BlockReader, filePath: strin
   const ext = externalDecoder(sys, compression, busybox);
   const ps = sys as ProcessSys;
   if (!ext || typeof ps.pipe !== 'function') {
-    const js = jsDecoderSource(compression, readerSource(reader, counter), reader.name);
+    let fd = -1;
+    if (filePath) fd = sys.open(filePath, O.RDONLY | O.CLOEXEC);
+    const raw = fd >= 0 ? fileSource(sys, fd, counter) : readerSource(reader, counter);
+    const js = jsDecoderSource(compression, raw, reader.name);
+    const close = (): void => {
+      if (fd >= 0) try { sys.close(fd); } catch { /* closed */ }
+      fd = -1;
+    };
     if (!js) throw new FormatError(`${reader.name}: ${compression} archives need an external decompressor, which this vdboot host cannot start`, 'compression', compression);
     return {
       source: js,
       how: compression === 'none' ? 'uncompressed' : `${compression} (decoded inside vdboot)`,
       consumed: () => counter.at,
-      finish: () => {},
-      abort: () => {},
+      finish: close,
+      abort: close,
     };
   }
   return externalStream(ps, reader, filePath, ext);

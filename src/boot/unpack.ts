@@ -64,6 +64,9 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   let warnedTime = false;
   let warnedXattr = false;
   const full = (p: string): string => (p === '' ? root : `${root}/${p}`);
+  let safeDir = '';
+  let safeLinks = 0;
+  let linksMade = 0;
 
   for (;;) {
     const entry = reader.next();
@@ -71,17 +74,27 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
     stats.entries++;
     try {
       // An entry below a symlink the archive created would be written wherever the link points.
-      for (let i = entry.path.indexOf('/'); i > 0; i = entry.path.indexOf('/', i + 1)) {
+      // (Entries of one directory usually follow each other: its ancestors are checked once.)
+      const slash = entry.path.lastIndexOf('/');
+      const dir = slash > 0 ? entry.path.slice(0, slash) : '';
+      if (dir !== safeDir || linksMade !== safeLinks) for (let i = entry.path.indexOf('/'); i > 0; i = entry.path.indexOf('/', i + 1)) {
         const parent = entry.path.slice(0, i);
         if (symlinks.has(parent)) {
           throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} lies under "${parent}", which the archive made a symbolic link; vdboot does not write through links (the archive may be malicious or damaged)`, 'path', entry.path);
         }
       }
+      safeDir = dir;
+      safeLinks = linksMade;
       const path = full(entry.path);
-      if (entry.type === 'hardlink' && symlinks.has(entry.linkTarget)) symlinks.add(entry.path);
+      if (entry.type === 'hardlink' && symlinks.has(entry.linkTarget)) {
+        symlinks.add(entry.path);
+        linksMade++;
+      }
       const fd = createEntry(sys, entry, path, full, symlinks);
-      if (entry.type === 'symlink') symlinks.add(entry.path);
-      else if (entry.path !== '') symlinks.delete(entry.path);
+      if (entry.type === 'symlink') {
+        symlinks.add(entry.path);
+        linksMade++;
+      } else if (entry.path !== '') symlinks.delete(entry.path);
       if (fd >= 0 || entry.size > 0) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : sys.open(path, O.WRONLY | O.CLOEXEC, 0), chunk, opts.onProgress);
       if (entry.type === 'hardlink') {
         // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.

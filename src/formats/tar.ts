@@ -34,19 +34,22 @@ export function isTarHeader(block: Uint8Array): boolean {
  * per 16-bit lane: a byte loop costs a quarter of a millisecond per header in QuickJS.
  */
 function checksumMatches(b: Uint8Array, stored: number): boolean {
-  let words: Uint32Array;
-  if (b.byteOffset % 4 === 0) words = new Uint32Array(b.buffer, b.byteOffset, BLOCK / 4);
+  let words: Int32Array;
+  if (b.byteOffset % 4 === 0) words = new Int32Array(b.buffer, b.byteOffset, BLOCK / 4);
   else {
     const copy = new Uint8Array(BLOCK);
     copy.set(b.subarray(0, BLOCK));
-    words = new Uint32Array(copy.buffer);
+    words = new Int32Array(copy.buffer);
   }
   let lo = 0;
   let hi = 0;
-  for (let i = 0; i < BLOCK / 4; i++) {
-    const w = words[i]!;
-    lo += w & 0x00ff00ff;
-    hi += (w >>> 8) & 0x00ff00ff;
+  for (let i = 0; i < BLOCK / 4; i += 4) {
+    const w0 = words[i]!;
+    const w1 = words[i + 1]!;
+    const w2 = words[i + 2]!;
+    const w3 = words[i + 3]!;
+    lo += (w0 & 0x00ff00ff) + (w1 & 0x00ff00ff) + (w2 & 0x00ff00ff) + (w3 & 0x00ff00ff);
+    hi += ((w0 >> 8) & 0x00ff00ff) + ((w1 >> 8) & 0x00ff00ff) + ((w2 >> 8) & 0x00ff00ff) + ((w3 >> 8) & 0x00ff00ff);
   }
   let sum = (lo & 0xffff) + (lo >>> 16) + (hi & 0xffff) + (hi >>> 16);
   for (let i = 148; i < 156; i++) sum += 0x20 - b[i]!;
@@ -69,25 +72,34 @@ function headerSums(b: Uint8Array): { unsigned: number; signed: number } {
 function parseOctal(b: Uint8Array, off: number, len: number): number | undefined {
   let i = off;
   const end = off + len;
-  while (i < end && (b[i] === 0x20 || b[i] === 0)) i++;
-  if (i === end) return 0;
   let v = 0;
-  let digits = 0;
+  while (i < end && (b[i] === 0x20 || b[i] === 0)) i++;
   for (; i < end; i++) {
     const c = b[i]!;
-    if (c >= 0x30 && c <= 0x37) {
-      v = v * 8 + (c - 0x30);
-      digits++;
-    } else if (c === 0x20 || c === 0) break;
-    else return undefined;
+    if (c < 0x30 || c > 0x37) break;
+    v = v * 8 + c - 0x30;
   }
-  for (; i < end; i++) if (b[i] !== 0x20 && b[i] !== 0) return undefined;
-  return digits ? v : 0;
+  for (; i < end; i++) {
+    const c = b[i]!;
+    if (c !== 0x20 && c !== 0) return undefined;
+  }
+  return v;
 }
 
 function isZeroBlock(b: Uint8Array): boolean {
   for (let i = 0; i < BLOCK; i++) if (b[i] !== 0) return false;
   return true;
+}
+
+const NON_ASCII = /[\x80-\xff]/;
+
+/** A NUL-terminated text field: the end found natively, ASCII read without the UTF-8 decoder. */
+function textField(b: Uint8Array, off: number, len: number): string {
+  let end = b.indexOf(0, off);
+  if (end < 0 || end > off + len) end = off + len;
+  const bytes = b.subarray(off, end);
+  const s = String.fromCharCode.apply(null, bytes as unknown as number[]);
+  return NON_ASCII.test(s) ? utf8Decode(bytes) : s;
 }
 
 function cstr(b: Uint8Array, off: number, len: number): string {
@@ -234,7 +246,7 @@ export class TarReader implements ArchiveReader {
       }
       // "ustar\0" (POSIX: the prefix field extends the name); GNU's "ustar  " has no prefix.
       const ustar = block[257] === 0x75 && block[258] === 0x73 && block[259] === 0x74 && block[260] === 0x61 && block[261] === 0x72 && block[262] === 0;
-      const base = longName ?? (ustar && block[345] !== 0 ? `${cstr(block, 345, 155)}/${cstr(block, 0, 100)}` : cstr(block, 0, 100));
+      const base = longName ?? (ustar && block[345] !== 0 ? `${textField(block, 345, 155)}/${textField(block, 0, 100)}` : textField(block, 0, 100));
       if (this.globalPax.size) {
         const merged = new Map(this.globalPax);
         for (const [k, v] of pax) merged.set(k, v);
@@ -244,8 +256,8 @@ export class TarReader implements ArchiveReader {
         const v = pax.get(k);
         return v === undefined ? undefined : utf8Decode(v);
       };
-      const rawPath = text('path') ?? base;
-      for (const k of pax.keys()) {
+      const rawPath = pax.size ? text('path') ?? base : base;
+      if (pax.size) for (const k of pax.keys()) {
         if (k.startsWith('GNU.sparse.')) throw this.sparse(rawPath, at);
       }
       if (flag === 'S') throw this.sparse(rawPath, at);
@@ -288,7 +300,7 @@ export class TarReader implements ArchiveReader {
       const t = mtime === undefined ? { sec: this.number(block, 136, 12, 'mtime', at, true), nsec: 0 } : paxTime(mtime);
       if (!t) throw new FormatError(`${what}: pax mtime "${mtime}" is not a time`, 'mtime', mtime ?? '');
       let linkTarget = '';
-      const rawLink = type === 'symlink' || type === 'hardlink' ? text('linkpath') ?? longLink ?? cstr(block, 157, 100) : '';
+      const rawLink = type === 'symlink' || type === 'hardlink' ? text('linkpath') ?? longLink ?? textField(block, 157, 100) : '';
       if (type === 'symlink') {
         if (rawLink === '') throw new FormatError(`${what}: a symbolic link with an empty target`, 'linkname', '');
         linkTarget = rawLink;
@@ -297,10 +309,10 @@ export class TarReader implements ArchiveReader {
         if (linkTarget === '' || linkTarget === path) throw new FormatError(`${what}: a hard link to "${rawLink}", which is not another member`, 'linkname', rawLink);
       }
       const xattrs = new Map<string, Uint8Array>();
-      for (const [k, v] of pax) {
+      if (pax.size) for (const [k, v] of pax) {
         if (k.startsWith('SCHILY.xattr.')) xattrs.set(k.slice('SCHILY.xattr.'.length), v);
       }
-      for (const [k, v] of pax) {
+      if (pax.size) for (const [k, v] of pax) {
         if (k.startsWith('LIBARCHIVE.xattr.')) {
           const value = base64Decode(utf8Decode(v));
           if (!value) throw new FormatError(`${what}: extended attribute ${k} is not base64`, 'pax', k);
