@@ -105,8 +105,9 @@ export function findImage(devices: readonly HostDevice[], spec: DeviceSpec | und
 }
 
 /** The chain resolver's view of the host filesystem: paths are host paths; files are read through their extents. */
-export function hostChainHost(host: OpenedHostFs): ChainHost & { lookup(path: string): HostFile } {
-  const files = new Map<string, HostFile>();
+export function hostChainHost(host: OpenedHostFs, known: readonly HostFile[] = []): ChainHost & { lookup(path: string): HostFile } {
+  // Looking a big file up walks its whole allocation (a FAT chain): each file once.
+  const files = new Map<string, HostFile>(known.map((f) => [f.path, f]));
   const lookup = (p: string): HostFile => {
     let f = files.get(p);
     if (!f) {
@@ -132,8 +133,8 @@ export function hostFileLayout(host: OpenedHostFs, file: HostFile): FileLayout {
 }
 
 /** The planner's view of a found image's host: the chain host, file layouts, the write blocker. */
-export function imageHostFor(host: OpenedHostFs): ImageHost {
-  const chain = hostChainHost(host);
+export function imageHostFor(host: OpenedHostFs, known: readonly HostFile[] = []): ImageHost {
+  const chain = hostChainHost(host, known);
   return {
     description: describeHost(host.device),
     device: host.device.path,

@@ -7,10 +7,12 @@
  * At power-off systemd-shutdown unmounts what it can, pivots into /run/initramfs with
  * the old root at /oldroot and executes `/shutdown VERB` as PID 1.
  *
- * runShutdown() then unmounts everything left under /oldroot deepest first (the host
- * filesystem before the root, so NTFS is flushed and marked clean), stops storage daemons
- * that started with "@" in argv[0], removes vdboot's dm devices in reverse order of
- * creation, detaches its loop devices, syncs and powers off / reboots / halts.
+ * runShutdown() then moves the host filesystem's mount out of the old root (to /host),
+ * unmounts everything left under /oldroot deepest first, removes vdboot's image dm devices
+ * newest first, detaches its loop devices (the loop path reads through the host
+ * filesystem), unmounts the host filesystem (NTFS is flushed and marked clean), stops
+ * storage daemons that started with "@" in argv[0], removes vdhost, syncs and powers off /
+ * reboots / halts.
  *
  * Guests without systemd: run `/run/initramfs/shutdown poweroff` (or reboot, halt) as the
  * last step of the shutdown scripts, after the other processes are stopped and the
@@ -27,6 +29,8 @@ export const SHUTDOWN_ROOT = '/run/initramfs';
 export const OLD_ROOT = '/oldroot';
 /** The record of what to take down, inside the shutdown root. */
 export const SHUTDOWN_STATE = '/etc/vdboot/state.json';
+/** Where the host filesystem's mount is moved inside the shutdown root. */
+export const HOST_AT_SHUTDOWN = '/host';
 const MNT_DETACH = 2;
 const SIGTERM = 15;
 const WNOHANG = 1;
@@ -51,7 +55,7 @@ function copyFile(sys: Sys, from: string, to: string, mode: number): void {
 export function installShutdown(sys: Sys, log: ConsoleLog, busybox: string | undefined, self = '/init'): boolean {
   if (!exists(sys, STATE_PATH)) return false;
   try {
-    for (const d of ['bin', 'etc/vdboot', 'proc', 'sys', 'dev', 'run', 'tmp', OLD_ROOT.slice(1)]) mkdirs(sys, `${SHUTDOWN_ROOT}/${d}`);
+    for (const d of ['bin', 'etc/vdboot', 'proc', 'sys', 'dev', 'run', 'tmp', OLD_ROOT.slice(1), HOST_AT_SHUTDOWN.slice(1)]) mkdirs(sys, `${SHUTDOWN_ROOT}/${d}`);
     copyFile(sys, self, `${SHUTDOWN_ROOT}/shutdown`, 0o755);
     if (busybox && exists(sys, busybox)) {
       copyFile(sys, busybox, `${SHUTDOWN_ROOT}/bin/busybox`, 0o755);
@@ -163,8 +167,34 @@ function unmountAll(sys: Sys, log: ConsoleLog, mounts: string[]): void {
   }
 }
 
+/**
+ * Storage daemons left running: processes whose argv[0] begins with "@" (the mark that
+ * spares them from systemd's final kill), found in /proc, plus the ones vdboot recorded.
+ */
+export function storageDaemons(sys: Sys, recorded: readonly number[]): number[] {
+  const out = new Set<number>();
+  const self = sys.getpid();
+  let names: string[] = [];
+  try { names = sys.readdir('/proc'); } catch { /* no /proc */ }
+  for (const n of names) {
+    if (!/^\d+$/.test(n) || Number(n) === self || n === '1') continue;
+    let argv0: string;
+    try {
+      const bytes = readFileBytes(sys, `/proc/${n}/cmdline`, 4096);
+      const end = bytes.indexOf(0);
+      argv0 = String.fromCharCode(...bytes.subarray(0, end < 0 ? bytes.length : end));
+    } catch {
+      continue;
+    }
+    if (argv0.startsWith('@')) out.add(Number(n));
+  }
+  for (const p of recorded) if (exists(sys, `/proc/${p}`)) out.add(p);
+  return [...out];
+}
+
 /** Waits up to `ms` for the storage daemons to exit after SIGTERM (they flush on exit). */
 function stopDaemons(sys: Sys, log: ConsoleLog, pids: number[], ms = 10_000): void {
+  log.info(`stopping storage daemon${pids.length === 1 ? '' : 's'} ${pids.join(', ')}`);
   const left = new Set(pids);
   for (const pid of pids) {
     try { sys.kill(pid, SIGTERM); } catch { left.delete(pid); }
@@ -175,7 +205,8 @@ function stopDaemons(sys: Sys, log: ConsoleLog, pids: number[], ms = 10_000): vo
       try {
         if (sys.waitpid(pid, WNOHANG).pid === pid) left.delete(pid);
       } catch {
-        left.delete(pid); // not our child: it is gone or was never ours to wait for
+        // not our child: it is gone when /proc no longer lists it
+        if (!exists(sys, `/proc/${pid}`)) left.delete(pid);
       }
     }
     if (left.size) sys.sleepMs(100);
@@ -184,10 +215,10 @@ function stopDaemons(sys: Sys, log: ConsoleLog, pids: number[], ms = 10_000): vo
 }
 
 /** Removes dm devices newest first; devices systemd-shutdown already removed are fine. */
-function removeDevices(sys: Sys, log: ConsoleLog, state: VdiskState): void {
+function removeDevices(sys: Sys, log: ConsoleLog, names: string[]): void {
   const dm = new DeviceMapper(sys);
   try {
-    for (const name of [...state.dm].reverse()) {
+    for (const name of [...names].reverse()) {
       try {
         dm.remove(name);
         log.info(`removed /dev/mapper/${name}`);
@@ -199,7 +230,10 @@ function removeDevices(sys: Sys, log: ConsoleLog, state: VdiskState): void {
   } finally {
     dm.close();
   }
-  for (const loop of [...state.loops].reverse()) {
+}
+
+function detachLoops(sys: Sys, log: ConsoleLog, loops: string[]): void {
+  for (const loop of [...loops].reverse()) {
     try {
       detachLoop(sys, loop);
       log.info(`detached ${loop}`);
@@ -224,18 +258,30 @@ export function runShutdown(sys: Sys, args: string[]): never {
       } catch { /* already there */ }
     }
     const state = readState(sys, log);
+    // The host filesystem outlives the root: with the loop path the root's blocks are read
+    // through it. Its mount moves out of the old root, whose /run is only detached.
+    let host: string | undefined;
+    if (state.hostMount) {
+      try { sys.mount('', '/', '', MS.REC | MS.PRIVATE, ''); } catch { /* already private */ }
+      try {
+        sys.mount(`${OLD_ROOT}${state.hostMount}`, HOST_AT_SHUTDOWN, '', MS.MOVE, '');
+        host = HOST_AT_SHUTDOWN;
+      } catch (e) {
+        if (!isSysError(e, 'EINVAL') && !isSysError(e, 'ENOENT')) log.warn(`could not move the host filesystem out of ${OLD_ROOT} (${(e as Error).message}); unmounting it in place`);
+      }
+    }
     const known = [
-      ...(state.hostMount ? [`${OLD_ROOT}${state.hostMount}`] : []),
+      ...(state.hostMount && !host ? [`${OLD_ROOT}${state.hostMount}`] : []),
       `${OLD_ROOT}/run`, `${OLD_ROOT}/dev/pts`, `${OLD_ROOT}/dev`, `${OLD_ROOT}/proc`, `${OLD_ROOT}/sys`, OLD_ROOT,
     ];
     const listed = mountsUnder(readTextOr(sys, '/proc/self/mounts') ?? '', OLD_ROOT);
-    // The host filesystem first: it is flushed and left clean before its devices go.
-    const order = listed.length ? listed : known;
-    const host = state.hostMount ? `${OLD_ROOT}${state.hostMount}` : undefined;
-    const mounts = host && order.includes(host) ? [host, ...order.filter((m) => m !== host)] : order;
-    unmountAll(sys, log, mounts);
-    if (state.daemons.length) stopDaemons(sys, log, state.daemons);
-    removeDevices(sys, log, state);
+    unmountAll(sys, log, listed.length ? listed : known);
+    removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));
+    detachLoops(sys, log, state.loops);
+    if (host) unmountAll(sys, log, [host]);
+    const daemons = storageDaemons(sys, state.daemons);
+    if (daemons.length) stopDaemons(sys, log, daemons);
+    if (state.dm.includes('vdhost')) removeDevices(sys, log, ['vdhost']);
   } catch (e) {
     log.error(`the shutdown hand-off failed: ${(e as Error).message}; syncing and going on`);
   }

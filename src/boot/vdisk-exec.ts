@@ -108,7 +108,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     const found = waitForImage(ctx, r.spec, r.path, r.what);
     try {
       const req: ImageRequest = { index, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, ...(r.root ? { root: plan.vdisk.root } : {}) };
-      const vp = log.step('plan', () => planVdisk(req, imageHostFor(found.host)), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
+      const vp = log.step('plan', () => planVdisk(req, imageHostFor(found.host, [found.file])), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
       for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
       for (const w of vp.warnings) log.warn(w);
       planned.push({ vp, host: found.host.device });
@@ -130,11 +130,12 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     const hostWritable = planned.some((p) => p.vp.hostMountWritable);
     if (hostInfo && needsHostMount) mountHost(ctx, dm, undo, hostInfo, hostWritable, true);
     for (const { vp } of planned) {
-      const loops = vp.loops.map((l) => {
+      const loops: string[] = [];
+      for (const l of vp.loops) {
         const dev = attachLoop(sys, `${HOST_MOUNT}${l.file}`, { readOnly: l.readOnly, directIo: false });
         undo.state.loops.push(dev);
-        return dev;
-      });
+        loops[l.index] = dev;
+      }
       let cow: string | undefined;
       if (vp.cowBytes !== undefined) cow = makeCow(sys, undo, vp.name, vp.cowBytes);
       for (const d of vp.devices) {

@@ -71,6 +71,8 @@ export interface VirtualPartition {
 }
 
 export interface LoopPlan {
+  /** the map file index: the tables name this loop device $LOOP<index> */
+  index: number;
   /** host path of the file */
   file: string;
   readOnly: boolean;
@@ -136,8 +138,12 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
   let direct: ExtentMap | undefined;
   let directProblem: string | undefined;
   try {
-    const layouts = map.files.map((f) => host.layout(f));
-    const missing = layouts.findIndex((l) => l === null);
+    // Only files that hold data need a place on the device: a VMDK descriptor holds none
+    // (and is often small enough to live inside its NTFS record).
+    const used = new Set<number>();
+    for (const e of map.extents) if (e.kind === 'data') used.add(e.file);
+    const layouts = map.files.map((f, i) => (used.has(i) ? host.layout(f) : null));
+    const missing = layouts.findIndex((l, i) => used.has(i) && l === null);
     if (missing >= 0) directProblem = `vdboot cannot see where ${map.files[missing]} lies on ${host.description}`;
     else direct = composeMap(map, layouts);
   } catch (e) {
@@ -148,7 +154,11 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
   const chosen = choosePath(req, image, direct, directProblem, host);
   const tableMap = chosen.path === 'direct' ? direct! : map;
   const devicesForFiles = chosen.path === 'direct' ? undefined : map.files.map((_, i) => `$LOOP${i}`);
-  const loops: LoopPlan[] = chosen.path === 'loop' ? map.files.map((f, i) => ({ file: f, readOnly: req.mode !== 'rw' || !topLayerFiles(image).has(i) })) : [];
+  const dataFiles = new Set<number>();
+  for (const e of map.extents) if (e.kind === 'data') dataFiles.add(e.file);
+  const loops: LoopPlan[] = chosen.path === 'loop'
+    ? map.files.flatMap((f, i) => (dataFiles.has(i) ? [{ index: i, file: f, readOnly: req.mode !== 'rw' || !topLayerFiles(image).has(i) }] : []))
+    : [];
   const lines = dmTable(tableMap, { writable: req.mode === 'rw', devices: devicesForFiles });
   const targets = lines.map(parseTableLine);
 
@@ -383,7 +393,7 @@ export function describeVdiskPlan(plan: VdiskPlan, maxLines = 20): string[] {
   out.push(`${plan.name}: ${plan.imagePath} on ${plan.host}, ${humanSize(plan.size)}, mode ${plan.mode}`);
   for (const [i, l] of plan.chain.entries()) out.push(`  ${i === 0 ? 'image ' : 'parent'} ${l.path}: ${l.format} ${l.subformat}, ${humanSize(l.size)}`);
   out.push(`  path: ${plan.why}`);
-  for (const lp of plan.loops.entries()) out.push(`  $LOOP${lp[0]}: loop device of ${lp[1].file}${lp[1].readOnly ? ' (read-only)' : ''}`);
+  for (const lp of plan.loops) out.push(`  $LOOP${lp.index}: loop device of ${lp.file}${lp.readOnly ? ' (read-only)' : ''}`);
   if (plan.cowBytes !== undefined) out.push(`  $COW: loop device of a sparse RAM file of ${humanSize(plan.cowBytes)} in /run/vdboot`);
   out.push(`  partitions (${plan.partitionTable}):${plan.partitions.length ? '' : ' none'}`);
   for (const p of plan.partitions) {

@@ -78,7 +78,7 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[]): Boot
       const found = findImage(devices, hostSpec, path);
       hosts.push(found.host);
       const req = { index: index++, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, ...(root ? { root: plan.vdisk.root } : {}) };
-      const vp = planVdisk(req, imageHostFor(found.host));
+      const vp = planVdisk(req, imageHostFor(found.host, [found.file]));
       vdisks.push(vp);
       return vp;
     };

@@ -1,19 +1,20 @@
 /**
  * End to end: root=vdisk: under QEMU. A guest disk (GPT, root partition of type
- * "Linux root (x86-64)" with ext4) is converted by qemu-img and copied onto an NTFS
- * partition (mkntfs + ntfscp); vdboot's initramfs maps it with device-mapper straight
- * onto the NTFS partition's sectors, the guest writes a file, hands over to
- * /run/initramfs/shutdown (as a guest without systemd does), and on the host the image
- * passes `qemu-img check`, holds the file, and the NTFS volume is still clean.
+ * "Linux root (x86-64)" with ext4) is converted by qemu-img and copied onto an NTFS or
+ * FAT32 partition; vdboot's initramfs maps it with device-mapper (straight onto the host
+ * partition's sectors, or through a loop device of the file), the guest writes a file and
+ * hands over to /run/initramfs/shutdown (as a guest without systemd does), and on the host
+ * the image passes `qemu-img check`, holds the file, and the host filesystem is clean.
  */
-import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, makeExt4, makeNtfs, makePartitionedDisk, ntfsRead } from '../../qemu/disks.ts';
-import { buildGuestRoot, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { convertImage, fatRead, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { buildGuestRoot, guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { sliceReader } from '../../src/formats/partitions.ts';
@@ -33,7 +34,17 @@ beforeAll(() => {
   initrd = join(dir, 'initrd.img');
   writeInitramfs(initrd, { kernel: defaultKernel() });
   const rootDir = join(dir, 'root');
-  buildGuestRoot(rootDir, { writeFile: { path: '/home/note.txt', content: NOTE }, then: { exec: '/run/initramfs/shutdown poweroff' } });
+  buildGuestRoot(rootDir, {
+    writeFile: { path: '/home/note.txt', content: NOTE },
+    commands: [
+      // a boot counter: the second boot sees what the first one wrote
+      'n=$(cat /home/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /home/count; sync',
+      guestFact('count', '$n'),
+      guestFact('host', "$(ls /run/vdboot/host 2>/dev/null | tr '\\n' ,)"),
+      guestFact('mapper', "$(ls /dev/mapper | tr '\\n' ,)"),
+    ],
+    then: { exec: '/run/initramfs/shutdown poweroff' },
+  });
   const fsImg = join(dir, 'root.ext4');
   makeExt4(fsImg, { sizeMiB: 24, label: 'vdisk root', fromDir: rootDir });
   guestRaw = join(dir, 'guest.raw');
@@ -45,75 +56,210 @@ afterAll(async () => {
   if (dir && !process.env.VDBOOT_KEEP) rmSync(dir, { recursive: true, force: true });
 });
 
-/** The host disk: one NTFS partition "Windows" holding the image at `path`. */
-function hostDisk(name: string, image: string, path: string): { disk: string; ntfsOffset: number; ntfsSize: number } {
-  const ntfs = join(dir, `${name}.ntfs`);
-  makeNtfs(ntfs, { sizeMiB: 120, label: 'Windows', files: { [path]: { hostFile: image } } });
+interface Host {
+  disk: string;
+  fs: 'ntfs' | 'vfat';
+  offset: number;
+  size: number;
+}
+
+/** A host disk with one partition "Windows" (NTFS) or "USB" (FAT32) holding `files`. */
+function hostDisk(name: string, fsType: 'ntfs' | 'vfat', files: FileTree, extra?: (img: string) => void): Host {
+  const img = join(dir, `${name}.${fsType}`);
+  if (fsType === 'ntfs') makeNtfs(img, { sizeMiB: 120, label: 'Windows', files });
+  else makeFat(img, { sizeMiB: 120, label: 'USB', files });
+  extra?.(img);
   const disk = join(dir, `${name}.img`);
-  const layout = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: ntfs, type: BASIC_DATA, name: 'Basic data partition' }] });
-  return { disk, ntfsOffset: layout[0]!.offset, ntfsSize: layout[0]!.size };
+  const layout = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: img, type: BASIC_DATA, name: 'Basic data partition' }] });
+  return { disk, fs: fsType, offset: layout[0]!.offset, size: layout[0]!.size };
 }
 
-/** Copies the NTFS partition out of the host disk (to read it with ntfs-3g's tools). */
-function extractPartition(disk: string, offset: number, size: number, out: string): string {
-  const bytes = readFileSync(disk).subarray(offset, offset + size);
-  writeFileSync(out, bytes);
-  return out;
+/** A file from the host partition as it is on the disk now. */
+function readHostFile(host: Host, path: string): Buffer {
+  const part = join(dir, `part-${Date.now()}.${host.fs}`);
+  writeFileSync(part, readFileSync(host.disk).subarray(host.offset, host.offset + host.size));
+  try {
+    return host.fs === 'ntfs' ? ntfsRead(part, path) : fatRead(part, path);
+  } finally {
+    rmSync(part);
+  }
 }
 
-/** The guest's file, read from the image on the host: qemu-img convert, then debugfs on the root partition. */
+/** The host filesystem is clean: NTFS neither dirty nor hibernated (vdboot's reader); FAT by fsck.fat -n. */
+function expectHostClean(host: Host): void {
+  if (host.fs === 'ntfs') {
+    const r = openFileReader(host.disk);
+    try {
+      expect(openHostFs(sliceReader(r, host.offset, host.size, 'ntfs'))?.writeBlocker()).toBeNull();
+    } finally {
+      r.close();
+    }
+  } else {
+    const part = join(dir, `fsck-${Date.now()}.vfat`);
+    writeFileSync(part, readFileSync(host.disk).subarray(host.offset, host.offset + host.size));
+    const r = spawnSync('fsck.fat', ['-n', part], { encoding: 'utf8' });
+    rmSync(part);
+    expect(r.status, `${r.stdout}${r.stderr}`).toBe(0);
+  }
+}
+
+/** The guest's file, read from an image on the host: qemu-img convert, then debugfs on the root partition. */
 function fileInImage(image: string, format: string, guestPath: string): string {
   const raw = join(dir, `check-${Date.now()}.raw`);
   execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', image, raw]);
   const part = join(dir, `check-${Date.now()}.ext4`);
-  // root partition: 3 MiB in (1 MiB alignment, 2 MiB ESP), as makePartitionedDisk lays it out
+  // the root partition starts 3 MiB in (1 MiB alignment, then the 2 MiB ESP)
   execFileSync('dd', [`if=${raw}`, `of=${part}`, 'bs=1M', 'skip=3', 'status=none']);
-  const out = execFileSync('debugfs', ['-R', `cat ${guestPath}`, part], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-  rmSync(raw);
-  rmSync(part);
-  return out;
+  try {
+    return execFileSync('debugfs', ['-R', `cat ${guestPath}`, part], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  } finally {
+    rmSync(raw);
+    rmSync(part);
+  }
 }
 
-describe('end to end: root=vdisk: on an NTFS partition, direct path', { timeout: 420_000 }, () => {
-  for (const c of [
-    { format: 'qcow2', qemuFormat: 'qcow2', options: ['preallocation=metadata'], file: '/VMs/My Linux.qcow2' },
-    { format: 'vhdx', qemuFormat: 'vhdx', options: ['subformat=fixed'], file: '/VMs/linux.vhdx' },
-    { format: 'raw', qemuFormat: 'raw', options: [], file: '/linux.img' },
-  ]) {
-    it(`${c.format}: boots rw, the guest writes a file, the shutdown hand-off runs; qemu-img check passes and the file is in the image`, async () => {
-      const image = join(dir, `image.${c.format}`);
-      convertImage(guestRaw, image, c.qemuFormat, c.options);
-      const host = hostDisk(c.format, image, c.file);
-      const vm = await bootVm({
-        initrd,
-        append: `"root=vdisk:LABEL=Windows:${c.file}" rw`,
-        disks: [{ file: host.disk, interface: 'virtio-blk' }],
-        name: `vdisk-${c.format}`,
-      });
-      vms.push(vm);
-      await vm.waitFor(GUEST_MARKER, 240_000);
-      const facts = parseGuestFacts(vm.transcript());
+async function bootGuest(host: Host, append: string, name: string) {
+  const vm = await bootVm({ initrd, append, disks: [{ file: host.disk, interface: 'virtio-blk' }], name });
+  vms.push(vm);
+  await vm.waitFor(GUEST_MARKER, 240_000);
+  const facts = parseGuestFacts(vm.transcript());
+  await vm.waitExit(120_000);
+  return { vm, facts, transcript: vm.transcript() };
+}
+
+function expectHandOff(t: string): void {
+  expect(t).toMatch(/shutdown hand-off \(poweroff\)/);
+  expect(t).toMatch(/removed \/dev\/mapper\/vdisk0\r?\n/);
+  expect(t).toMatch(/reboot: Power down/);
+}
+
+interface FormatCase {
+  name: string;
+  /** qemu-img's format name */
+  format: string;
+  options: string[];
+  /** the image's path on the host; extra files (a flat VMDK's extent) go next to it */
+  file: string;
+}
+
+const FORMATS: FormatCase[] = [
+  { name: 'qcow2 (preallocated metadata)', format: 'qcow2', options: ['preallocation=metadata'], file: '/VMs/My Linux ü.qcow2' },
+  { name: 'VHDX fixed', format: 'vhdx', options: ['subformat=fixed'], file: '/VMs/linux.vhdx' },
+  { name: 'VHD fixed', format: 'vpc', options: ['subformat=fixed'], file: '/VMs/linux.vhd' },
+  { name: 'VDI static', format: 'vdi', options: ['static=on'], file: '/VMs/linux.vdi' },
+  { name: 'VMDK monolithicFlat (descriptor + extent file)', format: 'vmdk', options: ['subformat=monolithicFlat'], file: '/VMs/linux.vmdk' },
+  { name: 'raw', format: 'raw', options: [], file: '/linux.img' },
+];
+
+describe('end to end: root=vdisk: on NTFS, direct path, rw', { timeout: 420_000 }, () => {
+  for (const c of FORMATS) {
+    it(`${c.name}: the guest's file is in the image after the shutdown hand-off; qemu-img check passes; NTFS stays clean`, async () => {
+      const image = join(dir, `image-${c.format}-${basename(c.file)}`);
+      convertImage(guestRaw, image, c.format, c.options);
+      const files: FileTree = { [c.file]: { hostFile: image } };
+      if (c.format === 'vmdk') {
+        // the descriptor names its extent by file name: copy it under that name, next to the descriptor
+        const extent = /"([^"]+-flat\.vmdk)"/.exec(readFileSync(image, 'latin1'))![1]!;
+        files[`${c.file.slice(0, c.file.lastIndexOf('/'))}/${extent}`] = { hostFile: join(dir, extent) };
+      }
+      const host = hostDisk(`ntfs-${c.format}`, 'ntfs', files);
+      const { facts, transcript } = await bootGuest(host, `"root=vdisk:LABEL=Windows:${c.file}" rw`, `vdisk-${c.format}`);
       expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', fstype: 'ext4', mode: 'rw' });
       expect(facts.wrote).toBe('/home/note.txt');
-      await vm.waitExit(120_000);
-      const t = vm.transcript();
-      expect(t).toMatch(/vdisk0: .* direct: the image is fully mappable/);
-      expect(t).toMatch(/shutdown hand-off \(poweroff\)/);
-      expect(t).toMatch(/removed \/dev\/mapper\/vdisk0\r?\n/);
-      // On the host: the image out of NTFS, checked and read by qemu-img.
-      const ntfs = extractPartition(host.disk, host.ntfsOffset, host.ntfsSize, join(dir, `${c.format}-after.ntfs`));
-      const after = join(dir, `after.${c.format}`);
-      writeFileSync(after, ntfsRead(ntfs, c.file));
-      if (c.format !== 'raw') execFileSync('qemu-img', ['check', '-f', c.qemuFormat, after]);
-      expect(fileInImage(after, c.qemuFormat, '/home/note.txt')).toBe(NOTE);
-      // NTFS itself was never written: no dirty flag, no hibernation.
-      const r = openFileReader(host.disk);
-      try {
-        const fs = openHostFs(sliceReader(r, host.ntfsOffset, host.ntfsSize, 'ntfs'));
-        expect(fs?.writeBlocker()).toBeNull();
-      } finally {
-        r.close();
+      expect(facts.facts.mapper).toMatch(/vdisk0,vdisk0p1,vdisk0p2,/);
+      expect(transcript).toMatch(/vdisk0: .* direct: the image is fully mappable/);
+      expectHandOff(transcript);
+      const after = join(dir, `after-${basename(c.file)}`);
+      writeFileSync(after, readHostFile(host, c.file));
+      if (c.format === 'vmdk') {
+        const extent = /"([^"]+-flat\.vmdk)"/.exec(readFileSync(after, 'latin1'))![1]!;
+        writeFileSync(join(dir, extent), readHostFile(host, `${c.file.slice(0, c.file.lastIndexOf('/'))}/${extent}`));
       }
+      if (c.format !== 'raw') {
+        const check = spawnSync('qemu-img', ['check', '-f', c.format, after], { encoding: 'utf8' });
+        // qemu-img has no check for VHD (vpc): the content check below is all there is
+        if (!/does not support checks/.test(check.stderr)) expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+      }
+      expect(fileInImage(after, c.format, '/home/note.txt')).toBe(NOTE);
+      expectHostClean(host);
     });
   }
+
+  it('a second boot sees what the first one wrote', async () => {
+    const image = join(dir, 'twice.qcow2');
+    convertImage(guestRaw, image, 'qcow2', ['preallocation=metadata']);
+    const host = hostDisk('twice', 'ntfs', { '/VMs/twice.qcow2': { hostFile: image } });
+    const first = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/twice.qcow2 rw', 'vdisk-twice-1');
+    expect(first.facts.facts.count).toBe('1');
+    const second = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/twice.qcow2 rw', 'vdisk-twice-2');
+    expect(second.facts.facts.count).toBe('2');
+    expectHostClean(host);
+  });
+});
+
+describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, () => {
+  it('FAT32 host, direct path: the host is reachable at /run/vdboot/host (through vdhost) while the image holds its partition', async () => {
+    const host = hostDisk('fat-direct', 'vfat', { '/linux.img': { hostFile: guestRaw }, '/readme.txt': 'on the host\n' });
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=USB:/linux.img rw', 'vdisk-fat-direct');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(facts.facts.host).toMatch(/linux\.img/);
+    expect(facts.facts.host).toMatch(/readme\.txt/);
+    expect(transcript).toMatch(/mounted \/dev\/mapper\/vdhost \(vfat, ro\) on \/run\/vdboot\/host/);
+    expectHandOff(transcript);
+    expect(transcript).toMatch(/unmounted \/host/);
+    const after = join(dir, 'after-fat-direct.img');
+    writeFileSync(after, readHostFile(host, '/linux.img'));
+    expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
+    expectHostClean(host);
+  });
+
+  it('FAT32 host, rd.vdisk.map=loop: the image through a loop device of the file on the host mounted read-write', async () => {
+    const host = hostDisk('fat-loop', 'vfat', { '/linux.img': { hostFile: guestRaw } });
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=USB:/linux.img rw rd.vdisk.map=loop', 'vdisk-fat-loop');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(transcript).toMatch(/loop \(asked for\)/);
+    expect(transcript).toMatch(/mounted \/dev\/mapper\/vdhost \(vfat, rw\) on \/run\/vdboot\/host/);
+    expectHandOff(transcript);
+    expect(transcript).toMatch(/detached \/dev\/loop0/);
+    expect(transcript).toMatch(/unmounted \/host/);
+    const after = join(dir, 'after-fat-loop.img');
+    writeFileSync(after, readHostFile(host, '/linux.img'));
+    expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
+    expectHostClean(host);
+  });
+
+  it('snapshot mode: a dynamic qcow2 boots, the guest writes, and the image on NTFS is byte-identical afterwards', async () => {
+    const image = join(dir, 'dynamic.qcow2');
+    convertImage(guestRaw, image, 'qcow2');
+    const before = createHash('sha256').update(readFileSync(image)).digest('hex');
+    const host = hostDisk('snapshot', 'ntfs', { '/VMs/dynamic.qcow2': { hostFile: image } });
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/dynamic.qcow2 rd.vdisk.mode=snapshot rw', 'vdisk-snapshot');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(facts.wrote).toBe('/home/note.txt');
+    expect(facts.facts.mapper).toMatch(/vdisk0-base/);
+    expectHandOff(transcript);
+    expect(createHash('sha256').update(readHostFile(host, '/VMs/dynamic.qcow2')).digest('hex')).toBe(before);
+    expectHostClean(host);
+  });
+
+  it('a hibernated Windows volume is refused for writing: the console says why and what to do, then the rescue shell', async () => {
+    const hib = join(dir, 'hiberfil.sys');
+    writeFileSync(hib, Buffer.concat([Buffer.from('hibr'), Buffer.alloc(65532)]));
+    // ntfs-3g refuses to write to a hibernated volume: the image goes in first
+    const image = join(dir, 'hib.qcow2');
+    convertImage(guestRaw, image, 'qcow2', ['preallocation=metadata']);
+    const host = hostDisk('hibernated', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image }, '/hiberfil.sys': { hostFile: hib } });
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=Windows:/VMs/linux.qcow2 rw', disks: [{ file: host.disk, interface: 'virtio-blk' }], name: 'vdisk-hibernated' });
+    vms.push(vm);
+    try {
+      await vm.waitFor('starting the rescue shell', 180_000);
+      const t = vm.transcript();
+      expect(t).toMatch(/which vdboot will not write to/);
+      expect(t).toMatch(/hiberfil\.sys starts with "hibr"/);
+      expect(t).toMatch(/rd\.vdisk\.mode=snapshot/);
+      expect(t).not.toMatch(/created \/dev\/mapper/);
+    } finally {
+      await vm.kill();
+    }
+  });
 });

@@ -30,6 +30,8 @@ beforeAll(async () => {
   images.vhdFixed = convert(guestRaw, path.join(dir, 'fixed.vhd'), 'vpc', ['subformat=fixed']);
   images.vhdDynamic = convert(guestRaw, path.join(dir, 'dynamic.vhd'), 'vpc', ['subformat=dynamic']);
   images.vhdx = convert(guestRaw, path.join(dir, 'dynamic.vhdx'), 'vhdx', ['block_size=1M']);
+  // A monolithicFlat VMDK: a descriptor small enough to live inside its NTFS record, and its extent file.
+  images.vmdk = convert(guestRaw, path.join(dir, 'flat.vmdk'), 'vmdk', ['subformat=monolithicFlat']);
   images.compressed = path.join(dir, 'compressed.qcow2');
   sh('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', guestRaw, images.compressed]);
   // A differencing chain: overlay on the fixed VHD's raw twin, with one write of its own.
@@ -53,6 +55,8 @@ beforeAll(async () => {
     '/VMs/overlay.qcow2': images.overlay,
     '/ubuntu/disks/root.disk': images.wubi,
     '/VMs/snap.qcow2': images.withSnapshot,
+    '/VMs/flat.vmdk': images.vmdk,
+    '/VMs/flat-flat.vmdk': path.join(dir, 'flat-flat.vmdk'),
   }, ['/VMs', '/ubuntu', '/ubuntu/disks']);
   // An image in hundreds of fragments (its runlist spills into an $ATTRIBUTE_LIST).
   // (on a fresh volume of its own: there the helper's allocation pattern holds)
@@ -168,6 +172,18 @@ describe('vdisk plan: direct mappings read what qemu-img reads', () => {
       expect(vp.devices[1]!.targets).toEqual([{ start: 0, length: vp.size / 512, type: 'snapshot', params: '/dev/mapper/vdisk0-base $COW N 8' }]);
       expect(vp.cowBytes).toBe(vp.size);
       expectTablesMatch(vp, devices, images.vhdx!);
+    } finally {
+      devices.close();
+    }
+  });
+
+  it('a monolithicFlat VMDK: the resident descriptor needs no clusters, the extent file is mapped directly', () => {
+    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/flat.vmdk rw');
+    try {
+      const vp = report.vdisks[0]!;
+      expect(vp.chain[0]).toMatchObject({ format: 'vmdk', subformat: 'monolithicFlat' });
+      expect(vp.path).toBe('direct');
+      expectTablesMatch(vp, devices, images.vmdk!);
     } finally {
       devices.close();
     }
@@ -291,7 +307,7 @@ describe('vdisk plan: what rw refuses, and why', () => {
     const vp = report.vdisks[0]!;
     expect(vp.path).toBe('loop');
     expect(vp.why).toMatch(/^loop: the direct path is not safe here \(4\.0 MiB \(4194304 bytes\) of the host file lie past its initialized size or in holes/);
-    expect(vp.loops).toEqual([{ file: '/VMs/grown.raw', readOnly: false }]);
+    expect(vp.loops).toEqual([{ index: 0, file: '/VMs/grown.raw', readOnly: false }]);
     expect(vp.devices[0]!.targets).toEqual([{ start: 0, length: 40960, type: 'linear', params: '$LOOP0 0' }]);
     expect(report.mounts.find((m) => m.target === '/run/vdboot/host')).toMatchObject({ readOnly: false });
     expect(planError('root=vdisk:LABEL=Windows:/VMs/grown.raw rw rd.vdisk.root=2 rd.vdisk.map=direct')).toMatch(/rd\.vdisk\.map=direct: .*past its initialized size/);

@@ -143,7 +143,7 @@ describe('simulation: the loop path and the shutdown hand-off', () => {
     expect(r.kernel.events.exec).toMatchObject({ rootDevice: '/dev/mapper/vdisk0p2' });
   });
 
-  it('systemd\'s hand-off: /run/initramfs/shutdown unmounts the host before the root, removes the dm devices newest first, powers off', async () => {
+  it('systemd\'s hand-off: /run/initramfs/shutdown unmounts the root, removes the image\'s dm devices newest first, then unmounts the host and removes vdhost, powers off', async () => {
     const r = await boot('root=vdisk:LABEL=Windows:/VMs/linux.vhd rw');
     expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
     const k = r.kernel;
@@ -160,9 +160,11 @@ describe('simulation: the loop path and the shutdown hand-off', () => {
     expect(s.end?.reason, k.consoleText).toBe('reboot');
     expect(k.events.rebooted).toBe(REBOOT.POWER_OFF);
     const umounts = k.events.umounts;
-    expect(umounts.indexOf('/oldroot/run/vdboot/host')).toBeGreaterThanOrEqual(0);
-    expect(umounts.indexOf('/oldroot/run/vdboot/host')).toBeLessThan(umounts.indexOf('/oldroot'));
-    expect(k.events.dm.slice(before).filter((e) => e.op === 'remove').map((e) => e.name)).toEqual(['vdhost', 'vdisk0p2', 'vdisk0p1', 'vdisk0']);
+    // The host's mount was moved out of the old root, and goes after the root.
+    expect(k.events.mounts.some((m) => m.fstype === 'move' && m.source === '/oldroot/run/vdboot/host' && m.target === '/host')).toBe(true);
+    expect(umounts.indexOf('/oldroot')).toBeGreaterThanOrEqual(0);
+    expect(umounts.indexOf('/host')).toBeGreaterThan(umounts.indexOf('/oldroot'));
+    expect(k.events.dm.slice(before).filter((e) => e.op === 'remove').map((e) => e.name)).toEqual(['vdisk0p2', 'vdisk0p1', 'vdisk0', 'vdhost']);
     expect(k.consoleText).toMatch(/removed \/dev\/mapper\/vdisk0\n/);
     expect(k.consoleText).toMatch(/powering off/);
   });
@@ -175,7 +177,7 @@ describe('simulation: the loop path and the shutdown hand-off', () => {
     const s = await runBundleInQuickJS(k.machine, 'build/init.js', k);
     expect(s.end?.reason, k.consoleText).toBe('reboot');
     expect(k.events.rebooted).toBe(REBOOT.RESTART);
-    expect(k.events.dm.filter((e) => e.op === 'remove').map((e) => e.name)).toEqual(['vdhost', 'vdisk0p2', 'vdisk0p1', 'vdisk0', 'vdisk0-base']);
+    expect(k.events.dm.filter((e) => e.op === 'remove').map((e) => e.name)).toEqual(['vdisk0p2', 'vdisk0p1', 'vdisk0', 'vdisk0-base', 'vdhost']);
     expect(k.events.loops.filter((e) => e.op === 'detach')).toEqual([{ op: 'detach', device: '/dev/loop0' }]);
   });
 });
