@@ -160,12 +160,16 @@ export class ModuleLoader {
    */
   coldplugModules(): string[] {
     const tiers: Set<string>[] = [new Set(), new Set(), new Set(), new Set()];
-    for (const alias of this.coldplugAliases()) {
+    const t0 = this.sys.monotonicMs();
+    const aliases = this.coldplugAliases();
+    const t1 = this.sys.monotonicMs();
+    for (const alias of aliases) {
       const tier = storageTier(alias);
       for (const m of this.modulesForAlias(alias)) tiers[tier]!.add(m);
     }
     const out: string[] = [];
     for (const t of tiers) for (const m of [...t].sort()) if (!out.includes(m)) out.push(m);
+    this.log.debug(`coldplug: ${aliases.length} device aliases read in ${((t1 - t0) / 1000).toFixed(3)} s, matched to ${out.length} modules in ${((this.sys.monotonicMs() - t1) / 1000).toFixed(3)} s`);
     return out;
   }
 
