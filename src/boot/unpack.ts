@@ -24,7 +24,12 @@ export interface UnpackSys extends Sys {
   utimensat?(path: string, sec: number, nsec: number, noFollow: boolean): void;
   /** lsetxattr(path, name, value, 0) */
   lsetxattr?(path: string, name: string, value: Uint8Array): void;
+  /** umask(2); with it, entries are created with their final mode and most chmod calls are saved */
+  umask?(mask: number): number;
 }
+
+/** createEntry's answer for an entry that already existed (a directory named again): its metadata must be set. */
+const KEPT = -2;
 
 export interface UnpackStats {
   entries: number;
@@ -68,6 +73,13 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   let safeLinks = 0;
   let linksMade = 0;
 
+  // With no umask, a new entry gets exactly the mode it is created with: chmod is then needed
+  // only where chown clears bits (setuid, setgid) or mkdir ignores them (setgid).
+  const oldMask = typeof sys.umask === 'function' ? sys.umask(0) : undefined;
+  const exactModes = oldMask !== undefined;
+  // A new entry is owned by root:root, unless its directory is setgid (it then takes the directory's group).
+  let setgidDirs = false;
+  try {
   for (;;) {
     const entry = reader.next();
     if (!entry) break;
@@ -90,20 +102,21 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
         symlinks.add(entry.path);
         linksMade++;
       }
-      const fd = createEntry(sys, entry, path, full, symlinks);
+      const fd = createEntry(sys, entry, path, full, symlinks, exactModes ? entry.perm & 0o1777 : 0o700);
       if (entry.type === 'symlink') {
         symlinks.add(entry.path);
         linksMade++;
       } else if (entry.path !== '') symlinks.delete(entry.path);
-      if (fd >= 0 || entry.size > 0) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : sys.open(path, O.WRONLY | O.CLOEXEC, 0), chunk, opts.onProgress);
+      if (fd >= 0 || (entry.size > 0 && entry.type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : sys.open(path, O.WRONLY | O.CLOEXEC, 0), chunk, opts.onProgress);
       if (entry.type === 'hardlink') {
         // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
         if (entry.size > 0 && canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
-        opts.onProgress?.();
-        continue; // the inode's owner, mode and times came with the first name
+          continue; // the inode's owner, mode and times came with the first name
       }
-      sys.lchown(path, entry.uid, entry.gid);
-      if (entry.type !== 'symlink') sys.chmod(path, entry.perm);
+      const fresh = fd !== KEPT && entry.path !== '';
+      if (!fresh || entry.uid !== 0 || entry.gid !== 0 || setgidDirs) sys.lchown(path, entry.uid, entry.gid);
+      if (entry.type !== 'symlink' && (!fresh || !exactModes || setgidDirs || (entry.perm & 0o6000) !== 0)) sys.chmod(path, entry.perm);
+      if (entry.type === 'dir' && (entry.perm & 0o2000) !== 0) setgidDirs = true;
       if (entry.xattrs.length) {
         if (canXattr) {
           for (const x of entry.xattrs) {
@@ -132,7 +145,10 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
       if (isSysError(e)) throw new UnpackError(`could not create ${where}: ${e.message}`, entry, e);
       throw new UnpackError(`${(e as Error).message}${(e as Error).message.includes(entry.path) ? '' : ` (at ${where})`}`, entry, e);
     }
-    opts.onProgress?.();
+    if ((stats.entries & 31) === 0) opts.onProgress?.();
+  }
+  } finally {
+    if (oldMask !== undefined) sys.umask!(oldMask);
   }
   if (canTime) {
     // Deepest first, so setting a parent's time is the last change to it.
@@ -145,14 +161,15 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
 }
 
 /** Creates the entry; for a regular file returns its open fd (the body is written next), else -1. */
-function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p: string) => string, symlinks: Set<string>): number {
+function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p: string) => string, symlinks: Set<string>, mode: number): number {
   const make = (): number => {
     switch (entry.type) {
       case 'dir':
-        if (entry.path !== '') sys.mkdir(path, 0o700); // the root itself: metadata only
+        if (entry.path === '') return KEPT; // the root itself: metadata only
+        sys.mkdir(path, mode);
         return -1;
       case 'file':
-        return sys.open(path, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, 0o600);
+        return sys.open(path, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, mode & 0o777);
       case 'symlink':
         sys.symlink(entry.linkTarget, path);
         return -1;
@@ -162,7 +179,7 @@ function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p
       case 'char':
       case 'block':
       case 'fifo':
-        sys.mknod(path, TYPE_BITS[entry.type]! | 0o600, entry.devMajor, entry.devMinor);
+        sys.mknod(path, TYPE_BITS[entry.type]! | (mode & 0o777), entry.devMajor, entry.devMinor);
         return -1;
     }
   };
@@ -183,7 +200,7 @@ function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p
       if (isSysError(e, 'EEXIST')) {
         const st = sys.lstat(path);
         const isDir = (st.mode & S.IFMT) === S.IFDIR;
-        if (entry.type === 'dir' && isDir) return -1; // a directory named twice, or made for a child first: keep it
+        if (entry.type === 'dir' && isDir) return KEPT; // a directory named twice, or made for a child first: keep it
         // A later member replaces an earlier one with the same name, as tar does.
         if (isDir) sys.rmdir(path);
         else sys.unlink(path);

@@ -188,11 +188,11 @@ export function bytesSource(bytes: Uint8Array, chunkSize = 1 << 20): ByteSource 
 /** Paths that need no normalising: no leading "/" or "./", no empty, "." or ".." component, no trailing "/". */
 const PLAIN_PATH = /^(?!\.{1,2}(?:\/|$))(?:[^/]+\/(?!\.{1,2}(?:\/|$)))*[^/]+$/;
 
-export function archivePath(raw: string, what: string, offset: number): string {
+export function archivePath(raw: string, what: string | (() => string), offset: number): string {
   if (PLAIN_PATH.test(raw)) return raw;
   const parts = raw.split('/').filter((p) => p !== '' && p !== '.');
   if (parts.some((p) => p === '..')) {
-    throw new FormatError(`${what} at byte ${offset}: the path "${raw}" contains "..", which would leave the root; the archive cannot be unpacked as a root filesystem`, 'path', raw);
+    throw new FormatError(`${typeof what === 'string' ? what : what()} at byte ${offset}: the path "${raw}" contains "..", which would leave the root; the archive cannot be unpacked as a root filesystem`, 'path', raw);
   }
   return parts.join('/');
 }

@@ -18,6 +18,7 @@ import { archivePath, type ArchiveEntry, type ArchiveEntryType, type ArchiveRead
 import { utf8Decode } from './text.ts';
 
 const BLOCK = 512;
+const NO_XATTRS: Xattr[] = [];
 /** Bodies of pax and GNU long-name headers are read whole: bound them. */
 const MAX_META_BODY = 1 << 20;
 
@@ -252,12 +253,14 @@ export class TarReader implements ArchiveReader {
         for (const [k, v] of pax) merged.set(k, v);
         pax = merged;
       }
+      const hasPax = pax.size > 0;
       const text = (k: string): string | undefined => {
+        if (!hasPax) return undefined;
         const v = pax.get(k);
         return v === undefined ? undefined : utf8Decode(v);
       };
-      const rawPath = pax.size ? text('path') ?? base : base;
-      if (pax.size) for (const k of pax.keys()) {
+      const rawPath = hasPax ? text('path') ?? base : base;
+      if (hasPax) for (const k of pax.keys()) {
         if (k.startsWith('GNU.sparse.')) throw this.sparse(rawPath, at);
       }
       if (flag === 'S') throw this.sparse(rawPath, at);
@@ -266,13 +269,14 @@ export class TarReader implements ArchiveReader {
       }
       let type: ArchiveEntryType | undefined = TYPES[flag];
       // Old archives mark directories only by a trailing slash.
-      if (type === 'file' && rawPath.endsWith('/') && (flag === '\0' || flag === '0')) type = 'dir';
-      const what = `${this.name}: entry "${rawPath}" at byte ${at}`;
+      if (type === 'file' && (flag === '\0' || flag === '0') && rawPath.endsWith('/')) type = 'dir';
+      // Built only for messages: string building per entry is measurable at boot.
+      const what = (): string => `${this.name}: entry "${rawPath}" at byte ${at}`;
       let bodySize = size;
       const paxSize = text('size');
       if (paxSize !== undefined) {
         const v = paxInt(paxSize);
-        if (v === undefined || v < 0) throw new FormatError(`${what}: pax size "${paxSize}" is not a byte count`, 'size', paxSize);
+        if (v === undefined || v < 0) throw new FormatError(`${what()}: pax size "${paxSize}" is not a byte count`, 'size', paxSize);
         bodySize = v;
       }
       if (type === undefined) {
@@ -284,54 +288,68 @@ export class TarReader implements ArchiveReader {
           firstOffset = -1;
           continue;
         }
-        throw new FormatError(`${what} has type '${printable(flag)}', which vdboot does not unpack (regular files, directories, links, devices and FIFOs only)`, 'typeflag', flag);
+        throw new FormatError(`${what()} has type '${printable(flag)}', which vdboot does not unpack (regular files, directories, links, devices and FIFOs only)`, 'typeflag', flag);
       }
       const path = archivePath(rawPath, what, at);
       const num = (key: string, off: number, len: number, field: string): number => {
         const t = text(key);
         if (t !== undefined) {
           const v = paxInt(t);
-          if (v === undefined || v < 0) throw new FormatError(`${what}: pax ${key} "${t}" is not a number`, key, t);
+          if (v === undefined || v < 0) throw new FormatError(`${what()}: pax ${key} "${t}" is not a number`, key, t);
           return v;
         }
         return this.number(block, off, len, field, at);
       };
+      let mtimeSec: number;
+      let mtimeNsec = 0;
       const mtime = text('mtime');
-      const t = mtime === undefined ? { sec: this.number(block, 136, 12, 'mtime', at, true), nsec: 0 } : paxTime(mtime);
-      if (!t) throw new FormatError(`${what}: pax mtime "${mtime}" is not a time`, 'mtime', mtime ?? '');
+      if (mtime === undefined) mtimeSec = this.number(block, 136, 12, 'mtime', at, true);
+      else {
+        const t = paxTime(mtime);
+        if (!t) throw new FormatError(`${what()}: pax mtime "${mtime}" is not a time`, 'mtime', mtime);
+        mtimeSec = t.sec;
+        mtimeNsec = t.nsec;
+      }
       let linkTarget = '';
-      const rawLink = type === 'symlink' || type === 'hardlink' ? text('linkpath') ?? longLink ?? textField(block, 157, 100) : '';
-      if (type === 'symlink') {
-        if (rawLink === '') throw new FormatError(`${what}: a symbolic link with an empty target`, 'linkname', '');
-        linkTarget = rawLink;
-      } else if (type === 'hardlink') {
-        linkTarget = archivePath(rawLink, `${what} (hard link target)`, at);
-        if (linkTarget === '' || linkTarget === path) throw new FormatError(`${what}: a hard link to "${rawLink}", which is not another member`, 'linkname', rawLink);
-      }
-      const xattrs = new Map<string, Uint8Array>();
-      if (pax.size) for (const [k, v] of pax) {
-        if (k.startsWith('SCHILY.xattr.')) xattrs.set(k.slice('SCHILY.xattr.'.length), v);
-      }
-      if (pax.size) for (const [k, v] of pax) {
-        if (k.startsWith('LIBARCHIVE.xattr.')) {
-          const value = base64Decode(utf8Decode(v));
-          if (!value) throw new FormatError(`${what}: extended attribute ${k} is not base64`, 'pax', k);
-          xattrs.set(percentDecode(k.slice('LIBARCHIVE.xattr.'.length)), value);
+      if (type === 'symlink' || type === 'hardlink') {
+        const rawLink = text('linkpath') ?? longLink ?? textField(block, 157, 100);
+        if (type === 'symlink') {
+          if (rawLink === '') throw new FormatError(`${what()}: a symbolic link with an empty target`, 'linkname', '');
+          linkTarget = rawLink;
+        } else {
+          linkTarget = archivePath(rawLink, () => `${what()} (hard link target)`, at);
+          if (linkTarget === '' || linkTarget === path) throw new FormatError(`${what()}: a hard link to "${rawLink}", which is not another member`, 'linkname', rawLink);
         }
       }
+      let xattrs: Xattr[] = NO_XATTRS;
+      if (hasPax) {
+        const found = new Map<string, Uint8Array>();
+        for (const [k, v] of pax) {
+          if (k.startsWith('SCHILY.xattr.')) found.set(k.slice('SCHILY.xattr.'.length), v);
+        }
+        for (const [k, v] of pax) {
+          if (k.startsWith('LIBARCHIVE.xattr.')) {
+            const value = base64Decode(utf8Decode(v));
+            if (!value) throw new FormatError(`${what()}: extended attribute ${k} is not base64`, 'pax', k);
+            found.set(percentDecode(k.slice('LIBARCHIVE.xattr.'.length)), value);
+          }
+        }
+        if (found.size) xattrs = [...found].map(([name, value]): Xattr => ({ name, value }));
+      }
+      const device = type === 'char' || type === 'block';
       const entry: ArchiveEntry = {
         path,
         type,
         perm: this.number(block, 100, 8, 'mode', at) & 0o7777,
-        uid: num('uid', 108, 8, 'uid'),
-        gid: num('gid', 116, 8, 'gid'),
-        mtimeSec: t.sec,
-        mtimeNsec: t.nsec,
+        uid: hasPax ? num('uid', 108, 8, 'uid') : this.number(block, 108, 8, 'uid', at),
+        gid: hasPax ? num('gid', 116, 8, 'gid') : this.number(block, 116, 8, 'gid', at),
+        mtimeSec,
+        mtimeNsec,
         size: type === 'file' || type === 'hardlink' ? bodySize : 0,
         linkTarget,
-        devMajor: type === 'char' || type === 'block' ? num('SCHILY.devmajor', 329, 8, 'devmajor') : 0,
-        devMinor: type === 'char' || type === 'block' ? num('SCHILY.devminor', 337, 8, 'devminor') : 0,
-        xattrs: [...xattrs].map(([name, value]): Xattr => ({ name, value })),
+        devMajor: device ? num('SCHILY.devmajor', 329, 8, 'devmajor') : 0,
+        devMinor: device ? num('SCHILY.devminor', 337, 8, 'devminor') : 0,
+        xattrs,
         offset: firstOffset,
       };
       // Directories, links, devices and FIFOs carry no data; a size there is ignored, as GNU tar and libarchive do.

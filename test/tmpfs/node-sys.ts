@@ -24,7 +24,7 @@ function toStat(st: fs.Stats): Stat {
   };
 }
 
-export function nodeUnpackSys(): UnpackSys {
+export function nodeUnpackSys(opts: { umask?: boolean } = {}): UnpackSys {
   const unsupported = (name: string) => () => {
     throw new Error(`node test Sys: ${name} is not implemented`);
   };
@@ -51,7 +51,9 @@ export function nodeUnpackSys(): UnpackSys {
       execFileSync('setfattr', ['-h', '-n', name, '-v', `0x${Buffer.from(value).toString('hex')}`, p]);
     }),
   };
+  if (opts.umask) sys.umask = (mask) => process.umask(mask);
   return new Proxy(sys as UnpackSys, {
-    get: (t, k: string) => (k in t ? (t as unknown as Record<string, unknown>)[k] : unsupported(k)),
+    // Optional calls the unpacker feature-tests must read as absent.
+    get: (t, k: string) => (k in t ? (t as unknown as Record<string, unknown>)[k] : k === 'umask' ? undefined : unsupported(k)),
   });
 }

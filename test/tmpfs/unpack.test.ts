@@ -25,11 +25,11 @@ beforeAll(() => {
 });
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-function unpack(bytes: Uint8Array, name: string) {
+function unpack(bytes: Uint8Array, name: string, umask = false) {
   const out = path.join(dir, name);
   fs.mkdirSync(out);
   const reader = openArchive(new StreamCursor(bytesSource(bytes, 10_000)), name);
-  const stats = unpackArchive(nodeUnpackSys(), reader, out);
+  const stats = unpackArchive(nodeUnpackSys({ umask }), reader, out);
   return { out, stats };
 }
 
@@ -67,6 +67,15 @@ describe('unpacking with vdboot', () => {
     expect(stats.xattrs).toBeGreaterThanOrEqual(1);
     expect(stats.warnings).toEqual([]);
     expect((fs.statSync(out).mode & 0o7777).toString(8)).toBe('755');
+  });
+
+  it('with umask(0) available (entries created with their final mode, chmod and chown only where needed): identical tree', () => {
+    const bytes = new Uint8Array(execSync("tar --format=pax --xattrs --xattrs-include='*' -C root -cf - .", { cwd: dir, maxBuffer: 64 << 20 }));
+    const before = process.umask();
+    const { out } = unpack(bytes, 'pax-umask', true);
+    expect(process.umask()).toBe(before);
+    expectSameTree(tree, out);
+    expect(cap(path.join(out, 'bin/ping'))).toBe(cap(path.join(tree, 'bin/ping')));
   });
 
   it('GNU cpio newc (data on the last name of a hard-link group): identical tree', () => {
