@@ -10,7 +10,7 @@ import { isSysError, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { describeDevices } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
-import type { BlockDeviceInfo, DeviceSpec } from './devspec.ts';
+import { formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { mkdirs, writeText } from './fsutil.ts';
 import { findImage, imageHostFor, type FoundImage, type HostDevice } from './hostdev.ts';
 import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
@@ -100,7 +100,9 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   const requests: { spec?: DeviceSpec; path: string; root: boolean; what: string }[] = [];
   if (plan.root.kind === 'vdisk') requests.push({ ...(plan.root.host ? { spec: plan.root.host } : {}), path: plan.root.path, root: true, what: 'the root image' });
   for (const a of plan.vdisk.attach) requests.push({ ...(a.host ? { spec: a.host } : {}), path: a.path, root: false, what: a.from });
-  if (plan.vdisk.compat) log.info(`${plan.vdisk.compat}: booting ${plan.root.kind === 'vdisk' ? plan.root.path : ''} as root=vdisk: does`);
+  if (plan.vdisk.compat && plan.root.kind === 'vdisk') {
+    log.info(`${plan.vdisk.compat}: booting as root=vdisk:${plan.root.host ? `${formatDeviceSpec(plan.root.host)}:` : ''}${plan.root.path} would`);
+  }
 
   // 1. Plan everything (reads only).
   const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
@@ -111,6 +113,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       const vp = log.step('plan', () => planVdisk(req, imageHostFor(found.host, [found.file])), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
       for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
       for (const w of vp.warnings) log.warn(w);
+      if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
       planned.push({ vp, host: found.host.device });
     } finally {
       found.host.close();
@@ -138,10 +141,12 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       }
       let cow: string | undefined;
       if (vp.cowBytes !== undefined) cow = makeCow(sys, undo, vp.name, vp.cowBytes);
-      for (const d of vp.devices) {
-        log.step('dm', () => dm.create(d.name, d.uuid, substitute(d.targets, loops, cow), d.readOnly), () => `created /dev/mapper/${d.name} (${d.targets.length} target${d.targets.length === 1 ? '' : 's'}${d.readOnly ? ', read-only' : ''})`);
-        undo.state.dm.push(d.name);
-      }
+      log.step('dm', () => {
+        for (const d of vp.devices) {
+          dm.create(d.name, d.uuid, substitute(d.targets, loops, cow), d.readOnly);
+          undo.state.dm.push(d.name);
+        }
+      }, () => `created ${vp.devices.map((d) => `/dev/mapper/${d.name}${d.readOnly ? ' (ro)' : ''}`).join(', ')}`);
     }
     if (hostInfo && !needsHostMount) mountHost(ctx, dm, undo, hostInfo, false, false);
   } catch (e) {

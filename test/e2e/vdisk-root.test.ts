@@ -23,10 +23,13 @@ import { openFileReader } from '../../src/sys/node-reader.ts';
 const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
 const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
 const NOTE = 'written by the guest on a vdisk root';
+const ROOT_UUID = '6c0f5b8e-2d4a-4e1b-9f3c-7a8b9c0d1e2f';
 
 let dir: string;
 let initrd: string;
 let guestRaw: string;
+/** the guest's root filesystem alone (a Wubi root.disk) */
+let guestFs: string;
 const vms: Vm[] = [];
 
 beforeAll(() => {
@@ -46,7 +49,8 @@ beforeAll(() => {
     then: { exec: '/run/initramfs/shutdown poweroff' },
   });
   const fsImg = join(dir, 'root.ext4');
-  makeExt4(fsImg, { sizeMiB: 24, label: 'vdisk root', fromDir: rootDir });
+  makeExt4(fsImg, { sizeMiB: 24, label: 'vdisk root', uuid: ROOT_UUID, fromDir: rootDir });
+  guestFs = fsImg;
   guestRaw = join(dir, 'guest.raw');
   makePartitionedDisk(guestRaw, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fsImg, type: ROOT_TYPE, name: 'linux' }] });
 }, 300_000);
@@ -261,5 +265,59 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
     } finally {
       await vm.kill();
     }
+  });
+});
+
+describe('end to end: compatibility syntaxes and chains', { timeout: 420_000 }, () => {
+  let host: Host;
+  beforeAll(() => {
+    const vdi = join(dir, 'compat.vdi');
+    convertImage(guestRaw, vdi, 'vdi', ['static=on']);
+    const base = join(dir, 'base.qcow2');
+    convertImage(guestRaw, base, 'qcow2', ['preallocation=metadata']);
+    const overlay = join(dir, 'overlay.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', 'base.qcow2', overlay]);
+    host = hostDisk('compat', 'ntfs', {
+      '/VMs/linux.vdi': { hostFile: vdi },
+      '/ubuntu/disks/root.disk': { hostFile: guestFs },
+      '/VMs/chain/base.qcow2': { hostFile: base },
+      '/VMs/chain/overlay.qcow2': { hostFile: overlay },
+    });
+  }, 120_000);
+
+  it('dracut-vdfuseloop: rd.hostdev= rd.vdisk= rd.vdloop=/dev/vdhost/Partition2', async () => {
+    const { facts, transcript } = await bootGuest(host, 'rd.hostdev=LABEL=Windows rd.vdisk=/VMs/linux.vdi rd.vdloop=/dev/vdhost/Partition2 rw', 'vdisk-compat-vdfuseloop');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(transcript).toMatch(/rd\.vdisk\.root=2/);
+    expectHandOff(transcript);
+  });
+
+  it('dracut-ntfsloop: rd.ntfsloop=HOST:PATH attaches the image, root=UUID= finds the root in it', async () => {
+    const { facts, transcript } = await bootGuest(host, `root=UUID=${ROOT_UUID} rd.ntfsloop=LABEL=Windows:/VMs/linux.vdi rw`, 'vdisk-compat-ntfsloop');
+    expect(facts.root.device).toMatch(/^\/dev\/(dm-\d+|mapper\/vdisk0p2)$/);
+    expect(transcript).toMatch(new RegExp(`found root device UUID=${ROOT_UUID} at /dev/dm-\\d+`));
+    expectHandOff(transcript);
+  });
+
+  it('Wubi: root=HOST loop=/ubuntu/disks/root.disk boots a bare filesystem image', async () => {
+    const { facts, transcript } = await bootGuest(host, 'root=LABEL=Windows loop=/ubuntu/disks/root.disk rw', 'vdisk-compat-wubi');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0', mode: 'rw' });
+    expect(transcript).toMatch(/unpartitioned disk holds ext4/);
+    expectHandOff(transcript);
+    const after = join(dir, 'after-root.disk');
+    writeFileSync(after, readHostFile(host, '/ubuntu/disks/root.disk'));
+    expect(execFileSync('debugfs', ['-R', 'cat /home/note.txt', after], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })).toBe(NOTE);
+    expectHostClean(host);
+  });
+
+  it('a qcow2 overlay on its backing file, both on NTFS, in snapshot mode: both files unchanged', async () => {
+    const sum = (p: string) => createHash('sha256').update(readHostFile(host, p)).digest('hex');
+    const before = [sum('/VMs/chain/overlay.qcow2'), sum('/VMs/chain/base.qcow2')];
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/chain/overlay.qcow2 rd.vdisk.mode=snapshot rw', 'vdisk-chain');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(facts.wrote).toBe('/home/note.txt');
+    expect(transcript).toMatch(/qcow2 v3 → qcow2 v3/);
+    expectHandOff(transcript);
+    expect([sum('/VMs/chain/overlay.qcow2'), sum('/VMs/chain/base.qcow2')]).toEqual(before);
   });
 });
