@@ -201,6 +201,7 @@ function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDe
     } catch (e) {
       const ntfs3g = ctx.manifest.tools.ntfs3g;
       if (host.fsType !== 'ntfs' || !ntfs3g) throw e;
+      ctx.modules.reportFailures(ctx.modules.load(['fuse']));
       // Storage daemons run with "@" as argv[0]'s first character: systemd's final kill spares them.
       const pid = sys.spawn(ntfs3g, ['@ntfs-3g', '-o', writable ? 'rw' : 'ro', dev.path, HOST_MOUNT], []);
       const r = sys.waitpid(pid, 0);
@@ -209,7 +210,13 @@ function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDe
       log.info(`mounted ${host.path} through ${dev.path} with ntfs-3g on ${HOST_MOUNT}`);
     }
   } catch (e) {
-    if (required) throw e;
+    if (required) {
+      throw new BootFailure(
+        `${(e as Error).message}\nThe loop path reads the image through the host filesystem, so the kernel must mount it` +
+          `${host.fsType === 'ntfs' ? ' (NTFS: the ntfs3 module, or ntfs-3g in the initramfs)' : ''}. ` +
+          `Without that, boot with rd.vdisk.map=direct where the image allows it, or rd.vdisk.mode=snapshot or ro.`,
+      );
+    }
     log.warn(`the host filesystem ${host.path} is not reachable at ${HOST_MOUNT} (${(e as Error).message}); the booted system can mount /dev/mapper/vdhost itself${host.fsType === 'ntfs' ? ', e.g. with ntfs-3g' : ''}`);
   }
 }

@@ -191,6 +191,19 @@ describe('simulation: root=vdisk: failures create nothing and explain', () => {
     expect(r.kernel.events.dm).toEqual([]);
   });
 
+  it('the loop path without a host filesystem driver: the devices made so far are removed again, and the message names the alternatives', async () => {
+    const m = machine('root=vdisk:LABEL=Windows:/VMs/linux.vhd rd.vdisk.map=loop rw');
+    delete m.deviceTrees!.vdhost;
+    const r = await runBundleInQuickJS(m);
+    expect(r.end?.reason).toBe('shell');
+    expect(r.kernel.consoleText).toMatch(/The loop path reads the image through the host filesystem/);
+    expect(r.kernel.consoleText).toMatch(/rd\.vdisk\.mode=snapshot or ro/);
+    const ops = r.kernel.events.dm.map((e) => `${e.op} ${e.name}`);
+    expect(ops[0]).toBe('create vdhost');
+    expect(ops.at(-1)).toBe('remove vdhost');
+    expect(r.kernel.events.dm.filter((e) => e.op === 'create').length).toBe(r.kernel.events.dm.filter((e) => e.op === 'remove').length);
+  });
+
   it('a missing image: the partitions searched, after rd.timeout', async () => {
     const r = await boot('root=vdisk:/VMs/nothere.vhd rd.timeout=2');
     expect(r.end?.reason).toBe('shell');
