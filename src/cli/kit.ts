@@ -1,11 +1,74 @@
-/** `vdboot kit`: boot files and entries for an image on a stick or partition (being built). */
+/** `vdboot kit`: the kernel, a vdboot initramfs and boot entries next to an image on a stick or partition. */
 import type { Command, CliIO } from './main.ts';
+import { KitError, kitInstructions, makeKit, type KitOptions } from '../../mkdisk/kit.ts';
+
+const usage = `vdboot kit --image PATH --root-dir DIR [--host SPEC] [--kernel VMLINUZ] [--append ARGS] [--no-grub-images]
+
+Makes the image PATH bootable from DIR, the root of the stick or partition that holds it:
+writes DIR/boot/vdboot/ with the kernel, a vdboot initramfs, and boot entries that boot
+root=vdisk:HOST:PATH, each finding the image's partition by the image file itself:
+  grub.cfg      GRUB 2 menuentry (search --file)
+  menu.lst      grub4dos entry (find --set-root)
+  syslinux.cfg  syslinux/extlinux entry (FAT)
+  vdboot.conf   systemd-boot entry
+  grubx64.efi   GRUB for UEFI with that search built in (for the firmware's menu or Windows' bcdedit)
+  g2ldr, g2ldr.mbr  GRUB for Windows' BIOS boot manager (bcdedit /application bootsector)
+and prints the entries and what to do on Windows.
+
+  --image PATH       the image (vhd, vhdx, vdi, vmdk, qcow2, raw), inside DIR
+  --root-dir DIR     the root of the filesystem that holds the image
+  --host SPEC        the host filesystem in root=vdisk: (UUID=…, LABEL=…, PARTUUID=…; default:
+                     the UUID of DIR's filesystem from findmnt/blkid, else every partition is searched)
+  --kernel VMLINUZ   the kernel: a file or a release (default: the newest in /boot)
+  --append ARGS      more kernel command line (e.g. "rw", "rd.vdisk.mode=snapshot")
+  --no-grub-images   skip grubx64.efi and g2ldr
+  -q, --quiet        no progress`;
+
+export function parseKitArgs(args: string[]): KitOptions & { quiet: boolean } {
+  const o: Partial<KitOptions> & { quiet: boolean } = { quiet: false };
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    const eq = arg.startsWith('--') ? arg.indexOf('=') : -1;
+    const flag = eq > 0 ? arg.slice(0, eq) : arg;
+    const value = (): string => {
+      if (eq > 0) return arg.slice(eq + 1);
+      const v = args[++i];
+      if (v === undefined) throw new KitError(`${flag} needs a value; see vdboot kit --help`);
+      return v;
+    };
+    switch (flag) {
+      case '--image': o.image = value(); break;
+      case '--root-dir': o.rootDir = value(); break;
+      case '--host': o.host = value(); break;
+      case '--kernel': o.kernel = value(); break;
+      case '--append': o.append = value(); break;
+      case '--no-grub-images': o.grubImages = false; break;
+      case '-q': case '--quiet': o.quiet = true; break;
+      default: throw new KitError(`unknown argument "${arg}"; see vdboot kit --help`);
+    }
+  }
+  if (!o.image || !o.rootDir) throw new KitError('give --image PATH and --root-dir DIR; see vdboot kit --help');
+  if (o.host !== undefined && !/^(UUID|LABEL|PARTUUID|PARTLABEL)=.+|^\/dev\/\S+$/.test(o.host)) {
+    throw new KitError(`--host ${o.host}: give UUID=…, LABEL=…, PARTUUID=…, PARTLABEL=… or /dev/…`);
+  }
+  return o as KitOptions & { quiet: boolean };
+}
 
 export const command: Command = {
-  summary: 'write a kernel, a vdboot initramfs and boot entries next to an image',
-  usage: 'vdboot kit --image PATH --root-dir DIR [--host SPEC] [--kernel VMLINUZ]',
-  async run(_args: string[], io: CliIO): Promise<number> {
-    io.stderr('vdboot kit: not built yet\n');
-    return 1;
+  summary: 'write a kernel, a vdboot initramfs and boot entries next to an image on a stick or partition',
+  usage,
+  async run(args: string[], io: CliIO): Promise<number> {
+    try {
+      const o = parseKitArgs(args);
+      const r = makeKit({ ...o, log: o.quiet ? undefined : (l) => io.stderr(`vdboot kit: ${l}\n`) });
+      io.stdout(kitInstructions(r, o.rootDir));
+      return 0;
+    } catch (e) {
+      if (e instanceof Error && ['KitError', 'BootError', 'ModuleError'].includes(e.name)) {
+        io.stderr(`vdboot kit: ${e.message}\n`);
+        return e.name === 'KitError' ? 2 : 1;
+      }
+      throw e;
+    }
   },
 };

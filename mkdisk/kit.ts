@@ -1,0 +1,327 @@
+/**
+ * `vdboot kit`: what a stick or partition that holds an image needs to boot it: the kernel
+ * and a vdboot initramfs in DIR/boot/vdboot/, and boot entries that find the image's
+ * partition by the image file itself (GRUB 2 `search --file`, grub4dos `find --set-root`;
+ * syslinux and systemd-boot read their own partition) and boot with
+ * `root=vdisk:HOST:PATH`. It also builds GRUB as a UEFI program (grubx64.efi) and as a
+ * BIOS loader Windows' boot manager can chain (g2ldr + g2ldr.mbr), both with the same
+ * search built in, for machines that have no GRUB yet.
+ */
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { GRUB_EFI_DIR, GRUB_PC_DIR, prepareBootFiles } from './boot.ts';
+import { openHostImage } from '../src/cli/map.ts';
+
+const MiB = 1024 * 1024;
+
+export class KitError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'KitError';
+  }
+}
+
+export interface KitOptions {
+  /** the image file, inside rootDir */
+  image: string;
+  /** the root of the filesystem (stick, partition) that holds the image */
+  rootDir: string;
+  /** the host filesystem spec for root=vdisk: (UUID=…, LABEL=…, PARTUUID=…); default: DIR's filesystem UUID */
+  host?: string;
+  kernel?: string;
+  /** more kernel command line (e.g. rw, console=ttyS0,115200) */
+  append?: string;
+  /** build grubx64.efi and g2ldr (default true; needs grub-efi-amd64-bin and grub-pc-bin) */
+  grubImages?: boolean;
+  log?: (line: string) => void;
+}
+
+export interface KitEntries {
+  grub: string;
+  grub4dos: string;
+  syslinux: string;
+  systemdBoot: string;
+}
+
+export interface KitResult {
+  /** the image's path on its filesystem, from the root: /VMs/linux.vhdx */
+  imagePath: string;
+  /** the host spec used, or undefined when the kernel line searches every partition */
+  host?: string;
+  hostSource: 'option' | 'detected' | 'none';
+  /** the kernel command line of every entry */
+  cmdline: string;
+  entries: KitEntries;
+  /** why the entries boot in snapshot mode, when they do */
+  snapshotReason?: string;
+  /** files written, relative to rootDir */
+  files: string[];
+  release: string;
+}
+
+function run(cmd: string, args: string[]): { status: number; stdout: string; stderr: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 16 * MiB, env: { ...process.env, LC_ALL: 'C' } });
+  return { status: r.error ? -1 : r.status ?? 1, stdout: r.stdout ?? '', stderr: r.stderr ?? '' };
+}
+
+/**
+ * The UUID of the filesystem `dir` is on: findmnt (which asks udev's database), then
+ * blkid on the device (which reads the superblock; may need read access to the device).
+ */
+export function detectHostUuid(dir: string): { uuid?: string; device?: string; fstype?: string } {
+  const f = run('findmnt', ['-n', '-o', 'SOURCE,FSTYPE,UUID', '--target', dir]);
+  if (f.status !== 0) return {};
+  const [device, fstype, uuid] = f.stdout.trim().split(/\s+/);
+  if (uuid) return { uuid, device, fstype };
+  if (device?.startsWith('/dev/')) {
+    const b = run('blkid', ['-o', 'value', '-s', 'UUID', device]);
+    if (b.status === 0 && b.stdout.trim()) return { uuid: b.stdout.trim(), device, fstype };
+  }
+  return { device, fstype };
+}
+
+/** The image's path from the root of rootDir, with '/' separators: "/VMs/linux.vhdx". */
+export function imagePathInRoot(image: string, rootDir: string): string {
+  const root = fs.realpathSync(rootDir);
+  let img: string;
+  try {
+    img = fs.realpathSync(image);
+  } catch {
+    throw new KitError(`the image ${image} does not exist`);
+  }
+  const rel = path.relative(root, img);
+  if (rel === '' || rel.startsWith('..') || path.isAbsolute(rel)) {
+    throw new KitError(`the image ${image} is not inside --root-dir ${rootDir}: give the root of the stick or partition that holds it`);
+  }
+  return `/${rel.split(path.sep).join('/')}`;
+}
+
+/** A kernel command-line word, quoted the kernel's way when it holds spaces. */
+function kernelWord(word: string): string {
+  if (word.includes('"')) throw new KitError(`a double quote cannot be passed on the kernel command line: ${word}`);
+  return /\s/.test(word) ? `"${word}"` : word;
+}
+
+/** A GRUB 2 word: single-quoted when needed (GRUB passes words with spaces to the kernel in double quotes). */
+function grubWord(word: string): string {
+  return /^[\w/.,:=+@%-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
+}
+
+/** A grub4dos path: spaces escaped with a backslash. */
+function grub4dosPath(p: string): string {
+  return p.replace(/ /g, '\\ ');
+}
+
+export function rootWord(host: string | undefined, imagePath: string): string {
+  return host ? `root=vdisk:${host}:${imagePath}` : `root=vdisk:${imagePath}`;
+}
+
+export function kitEntries(imagePath: string, host: string | undefined, append: string[]): { entries: KitEntries; cmdline: string } {
+  const words = [rootWord(host, imagePath), ...append];
+  const cmdline = words.map(kernelWord).join(' ');
+  const title = `Linux from ${imagePath} (vdboot)`;
+  const kernel = '/boot/vdboot/vmlinuz';
+  const initrd = '/boot/vdboot/initrd.img';
+  const grub = [
+    `menuentry ${grubWord(title)} {`,
+    `\tsearch --no-floppy --file --set=root ${grubWord(imagePath)}`,
+    `\tlinux ${kernel} ${words.map(grubWord).join(' ')}`,
+    `\tinitrd ${initrd}`,
+    '}',
+    '',
+  ].join('\n');
+  const grub4dos = [
+    `title ${title}`,
+    `find --set-root --ignore-floppies ${grub4dosPath(imagePath)}`,
+    `kernel ${kernel} ${cmdline}`,
+    `initrd ${initrd}`,
+    '',
+  ].join('\n');
+  const syslinux = [
+    'LABEL vdboot',
+    `\tMENU LABEL ${title}`,
+    `\tLINUX ${kernel}`,
+    `\tINITRD ${initrd}`,
+    `\tAPPEND ${cmdline}`,
+    '',
+  ].join('\n');
+  const systemdBoot = [
+    `title   ${title}`,
+    `linux   ${kernel}`,
+    `initrd  ${initrd}`,
+    `options ${cmdline}`,
+    '',
+  ].join('\n');
+  return { entries: { grub, grub4dos, syslinux, systemdBoot }, cmdline };
+}
+
+/** The configuration built into the kit's own GRUB images: find the image's partition, then read the kit's grub.cfg there. */
+export function kitEarlyConfig(imagePath: string): string {
+  return [
+    `search --no-floppy --file --set=root ${grubWord(imagePath)}`,
+    'set prefix=($root)/boot/vdboot',
+    '',
+  ].join('\n');
+}
+
+const GRUB_MODULES = ['part_gpt', 'part_msdos', 'fat', 'exfat', 'ntfs', 'ext2', 'search', 'search_fs_file', 'search_fs_uuid', 'configfile', 'normal', 'linux', 'echo', 'test'];
+
+function copyWithProgress(from: string | Uint8Array, to: string, what: string, log: (l: string) => void): void {
+  const bytes = typeof from === 'string' ? fs.readFileSync(from) : from;
+  const tmp = `${to}.vdboot-tmp`;
+  const fd = fs.openSync(tmp, 'w');
+  try {
+    const chunk = 4 * MiB;
+    for (let at = 0; at < bytes.length; at += chunk) {
+      const n = Math.min(chunk, bytes.length - at);
+      fs.writeSync(fd, bytes, at, n, at);
+      log(`copying ${what}: ${Math.round(((at + n) / bytes.length) * 100)}% of ${(bytes.length / MiB).toFixed(1)} MiB`);
+    }
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, to);
+}
+
+export function makeKit(o: KitOptions): KitResult {
+  const log = o.log ?? (() => {});
+  if (!fs.existsSync(o.rootDir) || !fs.statSync(o.rootDir).isDirectory()) throw new KitError(`--root-dir ${o.rootDir} is not a directory`);
+  const imagePath = imagePathInRoot(o.image, o.rootDir);
+  let host = o.host;
+  let hostSource: KitResult['hostSource'] = host ? 'option' : 'none';
+  if (!host) {
+    const d = detectHostUuid(o.rootDir);
+    if (d.uuid) {
+      host = `UUID=${d.uuid}`;
+      hostSource = 'detected';
+      log(`host: ${o.rootDir} is on ${d.device ?? '?'} (${d.fstype ?? '?'}) with UUID ${d.uuid}`);
+    } else {
+      log(`host: no UUID found for the filesystem of ${o.rootDir}${d.device ? ` (${d.device})` : ''}; the kernel line searches every partition for ${imagePath} (give --host to name it)`);
+    }
+  }
+  const append = (o.append ?? '').trim() ? splitArgs(o.append!) : [];
+  const snapshotReason = readWriteObstacle(o.image);
+  if (snapshotReason && !append.some((w) => w.startsWith('rd.vdisk.mode='))) {
+    append.unshift('rd.vdisk.mode=snapshot');
+    log(`${snapshotReason}: the entries boot it with rd.vdisk.mode=snapshot (writes are kept in RAM until power-off); give --append rd.vdisk.mode=… to choose`);
+  }
+  const { entries, cmdline } = kitEntries(imagePath, host, append);
+
+  const boot = path.join(o.rootDir, 'boot', 'vdboot');
+  fs.mkdirSync(boot, { recursive: true });
+  const files = prepareBootFiles(o.kernel, log);
+  copyWithProgress(files.kernelFile, path.join(boot, 'vmlinuz'), 'the kernel', log);
+  copyWithProgress(files.initrd, path.join(boot, 'initrd.img'), 'the initramfs', log);
+  const written = ['boot/vdboot/vmlinuz', 'boot/vdboot/initrd.img'];
+  const put = (name: string, text: string) => {
+    fs.writeFileSync(path.join(boot, name), text);
+    written.push(`boot/vdboot/${name}`);
+  };
+  put('grub.cfg', `# vdboot kit: GRUB 2 menu entry (source or configfile this file, or paste the entry)\nset timeout=5\n\n${entries.grub}`);
+  put('menu.lst', `# vdboot kit: grub4dos entry (configfile /boot/vdboot/menu.lst, or paste the entry)\ntimeout 5\n\n${entries.grub4dos}`);
+  put('syslinux.cfg', `# vdboot kit: syslinux/extlinux entry (INCLUDE /boot/vdboot/syslinux.cfg)\n${entries.syslinux}`);
+  put('vdboot.conf', `# vdboot kit: systemd-boot entry: copy to /loader/entries/ on this partition (its ESP or XBOOTLDR)\n${entries.systemdBoot}`);
+
+  if (o.grubImages ?? true) {
+    const early = path.join(boot, '.early.cfg');
+    fs.writeFileSync(early, kitEarlyConfig(imagePath));
+    try {
+      if (fs.existsSync(path.join(GRUB_EFI_DIR, 'moddep.lst'))) {
+        mkimage(['-d', GRUB_EFI_DIR, '-O', 'x86_64-efi', '-o', path.join(boot, 'grubx64.efi'), '-c', early, '-p', '/boot/vdboot', ...GRUB_MODULES]);
+        written.push('boot/vdboot/grubx64.efi');
+      } else log(`no ${GRUB_EFI_DIR}: grubx64.efi not built (Debian package grub-efi-amd64-bin)`);
+      if (fs.existsSync(path.join(GRUB_PC_DIR, 'moddep.lst'))) {
+        const core = path.join(boot, '.core.img');
+        mkimage(['-d', GRUB_PC_DIR, '-O', 'i386-pc', '-o', core, '-c', early, '-p', '/boot/vdboot', ...GRUB_MODULES, 'biosdisk']);
+        // g2ldr: GRUB's header for loaders that load a file at 0x2000 (Windows' boot manager through g2ldr.mbr), then core.img.
+        fs.writeFileSync(path.join(boot, 'g2ldr'), Buffer.concat([fs.readFileSync(path.join(GRUB_PC_DIR, 'g2hdr.img')), fs.readFileSync(core)]));
+        fs.copyFileSync(path.join(GRUB_PC_DIR, 'g2ldr.mbr'), path.join(boot, 'g2ldr.mbr'));
+        fs.rmSync(core);
+        written.push('boot/vdboot/g2ldr', 'boot/vdboot/g2ldr.mbr');
+      } else log(`no ${GRUB_PC_DIR}: g2ldr not built (Debian package grub-pc-bin)`);
+    } finally {
+      fs.rmSync(early, { force: true });
+    }
+  }
+  return { imagePath, host, hostSource, cmdline, entries, snapshotReason, files: written, release: files.release };
+}
+
+/**
+ * Why vdboot could not map the image read-write at boot (a dynamic image's absent blocks,
+ * ranges in a parent image, compressed ranges), or undefined when it can.
+ */
+export function readWriteObstacle(image: string): string | undefined {
+  const img = openHostImage(image);
+  try {
+    const absent = img.map.extents.filter((e) => e.kind === 'zero').reduce((n, e) => n + e.length, 0);
+    if (absent > 0) return `${path.basename(image)} is a dynamic image (${(absent / MiB).toFixed(0)} MiB not allocated), which vdboot maps read-only or as a snapshot`;
+    if (img.map.extents.some((e) => e.kind === 'unmappable')) return `${path.basename(image)} has compressed or encrypted ranges`;
+    if (img.map.extents.some((e) => e.kind === 'data' && e.file !== 0)) return `${path.basename(image)} reads ranges from its parent image`;
+    return undefined;
+  } finally {
+    img.close();
+  }
+}
+
+function mkimage(args: string[]): void {
+  const r = run('grub-mkimage', args);
+  if (r.status !== 0) throw new KitError(`grub-mkimage failed: ${r.stderr.trim() || `exit ${r.status}`}`);
+}
+
+/** Splits --append the way a shell would for simple cases: spaces separate, double or single quotes group. */
+export function splitArgs(text: string): string[] {
+  const out: string[] = [];
+  const re = /"([^"]*)"|'([^']*)'|(\S+)/g;
+  let m: RegExpExecArray | null;
+  let current = '';
+  let lastEnd = -1;
+  while ((m = re.exec(text))) {
+    const piece = m[1] ?? m[2] ?? m[3] ?? '';
+    if (m.index === lastEnd) current += piece;
+    else {
+      if (lastEnd >= 0) out.push(current);
+      current = piece;
+    }
+    lastEnd = m.index + m[0].length;
+  }
+  if (lastEnd >= 0) out.push(current);
+  return out;
+}
+
+/** What to do with the entries, for the person at the terminal. */
+export function kitInstructions(r: KitResult, rootDir: string): string {
+  const letter = 'X:';
+  return [
+    `Boot files in ${path.join(rootDir, 'boot/vdboot')}/: ${r.files.map((f) => path.basename(f)).join(', ')}`,
+    `Kernel command line: ${r.cmdline}`,
+    r.snapshotReason ? `  (rd.vdisk.mode=snapshot: ${r.snapshotReason}; for a read-write root, convert it to a fixed VHD/VHDX or raw: vdboot mkdisk --format vhd-fixed)` : '',
+    r.hostSource === 'none' ? '  (no host named: vdboot searches every partition for the image; --host UUID=… or LABEL=… names one)' : '',
+    '',
+    '== GRUB 2 (add to /etc/grub.d/40_custom and run update-grub, or to a grub.cfg on the stick) ==',
+    r.entries.grub,
+    '== grub4dos (menu.lst) ==',
+    r.entries.grub4dos,
+    '== syslinux / extlinux (syslinux.cfg on this FAT partition) ==',
+    r.entries.syslinux,
+    '== systemd-boot (/loader/entries/vdboot.conf on this partition, when it is the ESP) ==',
+    r.entries.systemdBoot,
+    '== Windows (an administrator\'s command prompt; Secure Boot off) ==',
+    `UEFI: an entry in the firmware's boot menu (${letter} is this partition; GRUB finds the image by itself):`,
+    '  mountvol S: /s',
+    '  mkdir S:\\EFI\\vdboot',
+    `  copy ${letter}\\boot\\vdboot\\grubx64.efi S:\\EFI\\vdboot\\grubx64.efi`,
+    '  bcdedit /copy {bootmgr} /d "Linux (vdboot)"          (prints {ID})',
+    '  bcdedit /set {ID} path \\EFI\\vdboot\\grubx64.efi',
+    '  bcdedit /set {fwbootmgr} displayorder {ID} /addlast',
+    `BIOS: an entry in Windows' boot menu (${letter} is this partition; g2ldr.mbr loads \\g2ldr from the root of a partition):`,
+    `  copy ${letter}\\boot\\vdboot\\g2ldr ${letter}\\g2ldr`,
+    '  bcdedit /create /d "Linux (vdboot)" /application bootsector   (prints {ID})',
+    `  bcdedit /set {ID} device partition=${letter}`,
+    '  bcdedit /set {ID} path \\boot\\vdboot\\g2ldr.mbr',
+    '  bcdedit /displayorder {ID} /addlast',
+    'With grub4dos already in the boot menu (grldr), add the grub4dos entry above to its menu.lst instead.',
+    '',
+  ].filter((l, i, a) => !(l === '' && a[i - 1] === '')).join('\n');
+}
