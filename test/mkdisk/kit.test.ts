@@ -1,0 +1,169 @@
+/**
+ * `vdboot kit`: the files and entries it writes (checked statically, GRUB's syntax by
+ * grub-script-check), and two boots under QEMU of a kit copied onto a stick:
+ *  - NTFS: OVMF starts the kit's own grubx64.efi from a small ESP; GRUB finds the image's
+ *    partition with `search --file`, reads the kit's grub.cfg, loads the kernel and the
+ *    initramfs from NTFS, and vdboot boots root=vdisk:LABEL=…:PATH to the guest init;
+ *  - exFAT: the kernel and initramfs from the stick, with the kernel line of the kit's GRUB
+ *    entry (no --host: vdboot searches every partition for the image).
+ */
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { main, type CliIO } from '../../src/cli/main.ts';
+import { mkdisk } from '../../mkdisk/build.ts';
+import { imagePathInRoot, kitEntries, splitArgs } from '../../mkdisk/kit.ts';
+import { makeExfat, makeFat, makeNtfs, makePartitionedDisk, type FileTree } from '../../qemu/disks.ts';
+import { buildGuestRoot, GUEST_MARKER, parseGuestFacts } from '../../qemu/guest.ts';
+import { bootVm, type Vm } from '../../qemu/harness.ts';
+import { cleanupTmpDirs, makeTmpDir } from '../formats/helpers.ts';
+import { bootFromDisk } from './firmware.ts';
+
+const MiB = 1024 * 1024;
+const IMAGE = '/VMs/Linux Guest.vhdx';
+const FIXED_IMAGE = '/VMs/Linux Guest.vhd';
+
+let dir: string;
+let guestImage: string;
+let fixedImage: string;
+const vms: Vm[] = [];
+
+async function vdboot(...args: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '';
+  let err = '';
+  const io: CliIO = { stdout: (t) => { out += t; }, stderr: (t) => { err += t; }, stdoutBytes: async () => {} };
+  return { code: await main(args, io), out, err };
+}
+
+/** A stick's root with the image at IMAGE, then `vdboot kit` run on it. */
+async function kitOnStick(name: string, extra: string[], fixed = false): Promise<{ root: string; out: string }> {
+  const root = path.join(dir, name);
+  fs.mkdirSync(path.join(root, 'VMs'), { recursive: true });
+  const image = fixed ? FIXED_IMAGE : IMAGE;
+  fs.copyFileSync(fixed ? fixedImage : guestImage, path.join(root, image));
+  const r = await vdboot('kit', '--image', path.join(root, image), '--root-dir', root, '-q', ...extra);
+  expect(r.err).toBe('');
+  expect(r.code).toBe(0);
+  return { root, out: r.out };
+}
+
+/** Every file under `root` as a FileTree of host files, for the test-disk builders. */
+function treeOf(root: string): FileTree {
+  const files: FileTree = {};
+  const walk = (d: string) => {
+    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+      const p = path.join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else files[`/${path.relative(root, p)}`] = { hostFile: p };
+    }
+  };
+  walk(root);
+  return files;
+}
+
+/** The kernel arguments GRUB passes for a `linux` line: its words, double-quoted when they hold spaces. */
+function grubLinuxArgs(grubCfg: string): string {
+  const line = /^\s*linux\s+\S+\s+(.*)$/m.exec(grubCfg)![1]!;
+  return splitArgs(line).map((w) => (/\s/.test(w) ? `"${w}"` : w)).join(' ');
+}
+
+beforeAll(async () => {
+  dir = makeTmpDir();
+  const root = path.join(dir, 'guest');
+  buildGuestRoot(root, {});
+  guestImage = path.join(dir, 'guest.vhdx');
+  await mkdisk({ source: root, output: guestImage, size: { bytes: 16 * MiB, free: true } });
+  fixedImage = path.join(dir, 'guest-fixed.vhd');
+  await mkdisk({ source: root, output: fixedImage, format: 'vhd-fixed', size: { bytes: 16 * MiB, free: true } });
+}, 120_000);
+
+afterAll(async () => {
+  for (const vm of vms) if (!vm.exited) await vm.kill();
+  cleanupTmpDirs();
+});
+
+describe('vdboot kit: files and entries', () => {
+  let stick: { root: string; out: string };
+  beforeAll(async () => {
+    stick = await kitOnStick('static', ['--host', 'LABEL=My Stick', '--append', 'rw quiet']);
+  }, 120_000);
+
+  it('writes the kernel, the initramfs, GRUB images and an entry for each boot loader under boot/vdboot', () => {
+    const boot = path.join(stick.root, 'boot/vdboot');
+    const names = fs.readdirSync(boot).sort();
+    expect(names).toEqual(['g2ldr', 'g2ldr.mbr', 'grub.cfg', 'grubx64.efi', 'initrd.img', 'menu.lst', 'syslinux.cfg', 'vdboot.conf', 'vmlinuz'].sort());
+    expect(fs.readFileSync(path.join(boot, 'vmlinuz')).subarray(0x202, 0x206).toString('latin1')).toBe('HdrS');
+    // grubx64.efi is a PE program; g2ldr starts with GRUB's g2hdr header.
+    expect(fs.readFileSync(path.join(boot, 'grubx64.efi')).subarray(0, 2).toString('latin1')).toBe('MZ');
+    expect(fs.readFileSync(path.join(boot, 'g2ldr')).subarray(0, 512)).toEqual(fs.readFileSync('/usr/lib/grub/i386-pc/g2hdr.img').subarray(0, 512));
+  });
+
+  it('the GRUB entry finds the image by file and passes root=vdisk:HOST:PATH, quoted, to the kernel; grub-script-check accepts it', () => {
+    const cfg = fs.readFileSync(path.join(stick.root, 'boot/vdboot/grub.cfg'), 'utf8');
+    expect(cfg).toContain(`search --no-floppy --file --set=root '${IMAGE}'`);
+    // A dynamic image: vdboot cannot map it read-write yet, so the entry boots it as a snapshot.
+    expect(grubLinuxArgs(cfg)).toBe(`"root=vdisk:LABEL=My Stick:${IMAGE}" rd.vdisk.mode=snapshot rw quiet`);
+    expect(cfg).toMatch(/^\s*initrd \/boot\/vdboot\/initrd\.img$/m);
+    const check = spawnSync('grub-script-check', [path.join(stick.root, 'boot/vdboot/grub.cfg')], { encoding: 'utf8' });
+    expect(check.status, check.stderr).toBe(0);
+  });
+
+  it('grub4dos, syslinux and systemd-boot entries carry the same kernel line; grub4dos finds the image by file', () => {
+    const cmdline = `"root=vdisk:LABEL=My Stick:${IMAGE}" rd.vdisk.mode=snapshot rw quiet`;
+    const menu = fs.readFileSync(path.join(stick.root, 'boot/vdboot/menu.lst'), 'utf8');
+    expect(menu).toContain('find --set-root --ignore-floppies /VMs/Linux\\ Guest.vhdx');
+    expect(menu).toContain(`kernel /boot/vdboot/vmlinuz ${cmdline}`);
+    expect(fs.readFileSync(path.join(stick.root, 'boot/vdboot/syslinux.cfg'), 'utf8')).toContain(`APPEND ${cmdline}`);
+    expect(fs.readFileSync(path.join(stick.root, 'boot/vdboot/vdboot.conf'), 'utf8')).toContain(`options ${cmdline}`);
+    expect(stick.out).toContain(`Kernel command line: ${cmdline}`);
+    expect(stick.out).toContain('bcdedit');
+  });
+
+  it('without a host it searches every partition; an image outside the root dir is refused', () => {
+    expect(kitEntries('/a.img', undefined, []).cmdline).toBe('root=vdisk:/a.img');
+    const outside = path.join(dir, 'outside.img');
+    fs.writeFileSync(outside, '');
+    expect(() => imagePathInRoot(outside, stick.root)).toThrow(/not inside --root-dir/);
+  });
+});
+
+describe('vdboot kit: boots', () => {
+  it('NTFS stick: OVMF runs the kit\'s grubx64.efi, GRUB finds the image by file and boots it through vdboot', async () => {
+    const { root } = await kitOnStick('ntfs', ['--host', 'LABEL=KITNTFS', '--append', 'console=ttyS0,115200']);
+    const esp = path.join(dir, 'esp.img');
+    makeFat(esp, { sizeMiB: 34, files: { '/EFI/BOOT/BOOTX64.EFI': { hostFile: path.join(root, 'boot/vdboot/grubx64.efi') } } });
+    const ntfs = path.join(dir, 'ntfs.img');
+    const ntfsStart = 35 * MiB; // after the ESP at 1 MiB
+    makeNtfs(ntfs, { sizeMiB: 160, label: 'KITNTFS', partitionStartSector: ntfsStart / 512, files: treeOf(root) });
+    const disk = path.join(dir, 'ntfs-stick.img');
+    const layout = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: esp, type: 'uefi' }, { image: ntfs, type: 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7' }] });
+    expect(layout[1]!.offset).toBe(ntfsStart);
+    const transcript = (await bootFromDisk({ disk, format: 'raw', firmware: 'uefi', marker: GUEST_MARKER, timeoutMs: 400_000 })).replace(/\r/g, '');
+    const facts = parseGuestFacts(transcript);
+    expect(facts.cmdline).toContain(`"root=vdisk:LABEL=KITNTFS:${IMAGE}"`);
+    expect(facts.root.fstype).toBe('ext4');
+    expect(facts.root.device).toMatch(/^\/dev\/(mapper\/vdisk|dm-)/);
+  }, 420_000);
+
+  it('exFAT stick: the kernel line of the kit\'s GRUB entry boots a fixed VHD read-write (no host: vdboot searches the partitions)', async () => {
+    const { root } = await kitOnStick('exfat', ['--append', 'rw'], true);
+    const exfat = path.join(dir, 'exfat.img');
+    makeExfat(exfat, { sizeMiB: 160, label: 'KITEXFAT', files: treeOf(root) });
+    const disk = path.join(dir, 'exfat-stick.img');
+    makePartitionedDisk(disk, { table: 'dos', partitions: [{ image: exfat, type: '7' }] });
+    const cfg = fs.readFileSync(path.join(root, 'boot/vdboot/grub.cfg'), 'utf8');
+    const append = grubLinuxArgs(cfg);
+    expect(append).toBe(`"root=vdisk:${FIXED_IMAGE}" rw`);
+    const vm = await bootVm({
+      kernel: path.join(root, 'boot/vdboot/vmlinuz'), initrd: path.join(root, 'boot/vdboot/initrd.img'),
+      append, disks: [{ file: disk, interface: 'virtio-blk', snapshot: true }], name: 'kit-exfat',
+    });
+    vms.push(vm);
+    await vm.waitFor(GUEST_MARKER, 300_000);
+    const facts = parseGuestFacts(vm.transcript());
+    expect(facts.root.fstype).toBe('ext4');
+    expect(facts.root.mode).toBe('rw');
+    expect(facts.root.device).toMatch(/^\/dev\/(mapper\/vdisk|dm-)/);
+  }, 420_000);
+});
