@@ -17,7 +17,6 @@
 import { spawnSync } from 'node:child_process';
 import { randomUUID, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { writeGpt, writeMbr, type TableRegion } from '../src/formats/partitions.ts';
 import { GPT_TYPE } from '../src/formats/guid.ts';
@@ -353,25 +352,24 @@ export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
     }
 
     log(`writing ${opts.output} (${format})`);
-    const source = openRawSource(raw);
     let fileSize: number;
-    try {
-      if (format === 'raw') {
+    if (format === 'raw' && renameAcross(raw, opts.output)) {
+      fileSize = layout.diskSize;
+    } else {
+      // Written next to the output, then renamed: a failed run leaves no half-written image under its name.
+      const source = openRawSource(raw);
+      const tmpOut = `${opts.output}.vdboot-tmp`;
+      const sink = openFileSink(tmpOut);
+      try {
+        fileSize = writeImage(format, source, sink, { identity: randomIdentity(), progress: opts.progress, fileName: path.basename(opts.output) }).fileSize;
+      } catch (e) {
+        fs.rmSync(tmpOut, { force: true });
+        throw e;
+      } finally {
+        sink.close();
         source.close();
-        fs.renameSync(raw, opts.output);
-        fileSize = layout.diskSize;
-      } else {
-        const tmpOut = path.join(scratch, 'out');
-        const sink = openFileSink(tmpOut);
-        try {
-          fileSize = writeImage(format, source, sink, { identity: randomIdentity(), progress: opts.progress, fileName: path.basename(opts.output) }).fileSize;
-        } finally {
-          sink.close();
-        }
-        fs.renameSync(tmpOut, opts.output);
       }
-    } finally {
-      if (format !== 'raw') source.close();
+      fs.renameSync(tmpOut, opts.output);
     }
     return {
       output: opts.output, format, diskSize: layout.diskSize, fileSize, partition: scheme,
@@ -383,4 +381,13 @@ export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
   }
 }
 
-export const DEFAULT_TMP = os.tmpdir();
+/** Moves a file when both names are on one filesystem; false (and nothing done) when they are not. */
+function renameAcross(from: string, to: string): boolean {
+  try {
+    fs.renameSync(from, to);
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EXDEV') return false;
+    throw e;
+  }
+}
