@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, fatRead, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { convertImage, fatRead, makeExfat, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsAddFragmented, ntfsRead, type FileTree } from '../../qemu/disks.ts';
 import { buildGuestRoot, guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
@@ -62,15 +62,16 @@ afterAll(async () => {
 
 interface Host {
   disk: string;
-  fs: 'ntfs' | 'vfat';
+  fs: 'ntfs' | 'vfat' | 'exfat';
   offset: number;
   size: number;
 }
 
 /** A host disk with one partition "Windows" (NTFS) or "USB" (FAT32) holding `files`. */
-function hostDisk(name: string, fsType: 'ntfs' | 'vfat', files: FileTree, extra?: (img: string) => void): Host {
+function hostDisk(name: string, fsType: 'ntfs' | 'vfat' | 'exfat', files: FileTree, extra?: (img: string) => void): Host {
   const img = join(dir, `${name}.${fsType}`);
   if (fsType === 'ntfs') makeNtfs(img, { sizeMiB: 120, label: 'Windows', files });
+  else if (fsType === 'exfat') makeExfat(img, { sizeMiB: 120, label: 'STICK', files });
   else makeFat(img, { sizeMiB: 120, label: 'USB', files });
   extra?.(img);
   const disk = join(dir, `${name}.img`);
@@ -213,6 +214,49 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
     expect(transcript).toMatch(/unmounted \/host/);
     const after = join(dir, 'after-fat-direct.img');
     writeFileSync(after, readHostFile(host, '/linux.img'));
+    expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
+    expectHostClean(host);
+  });
+
+  it('exFAT host (a USB stick), direct path: rw, the file is in the image afterwards', async () => {
+    const host = hostDisk('exfat', 'exfat', { '/images/linux.img': { hostFile: guestRaw } });
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=STICK:/images/linux.img rw', 'vdisk-exfat');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(transcript).toMatch(/vdisk0: .*\(exfat, LABEL="STICK"\).* direct: the image is fully mappable/);
+    expectHandOff(transcript);
+    const part = join(dir, 'after-exfat.part');
+    writeFileSync(part, readFileSync(host.disk).subarray(host.offset, host.offset + host.size));
+    // vdboot's own exFAT reader gets the file back (exfatprogs has no tool that reads files)
+    const r = openFileReader(part);
+    try {
+      const xfs = openHostFs(r)!;
+      const f = xfs.lookup('/images/linux.img');
+      const after = join(dir, 'after-exfat.img');
+      writeFileSync(after, xfs.readFile(f, 0, f.size));
+      expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
+      const fsck = spawnSync('fsck.exfat', ['-n', part], { encoding: 'utf8' });
+      expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
+    } finally {
+      r.close();
+      rmSync(part);
+    }
+  });
+
+  it('an image in hundreds of NTFS fragments: one device-mapper target per run of the file, rw', async () => {
+    let runs = 0;
+    const host = hostDisk('fragmented', 'ntfs', {}, (img) => {
+      ntfsAddFragmented(img, '/VMs/fragmented.img', { hostFile: guestRaw }, { chunkBytes: 32 * 1024 });
+      runs = Number(/Total runs:\s*(\d+)/.exec(execFileSync('ntfsinfo', ['-F', '/VMs/fragmented.img', '-v', img], { encoding: 'utf8' }))?.[1]);
+    });
+    expect(runs).toBeGreaterThan(100);
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/fragmented.img rw', 'vdisk-fragmented');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    // one extent per run of the file (ntfsinfo's count), each a linear target on the partition
+    const extents = Number(/direct: the image is fully mappable: (\d+) extents/.exec(transcript)?.[1]);
+    expect(extents).toBe(runs);
+    expectHandOff(transcript);
+    const after = join(dir, 'after-fragmented.img');
+    writeFileSync(after, readHostFile(host, '/VMs/fragmented.img'));
     expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
     expectHostClean(host);
   });
