@@ -109,6 +109,24 @@ describe.each(OUTPUT_FORMATS)('%s writer', (format) => {
   });
 });
 
+describe('progress', () => {
+  it('writers report progress over the data blocks, rising to the total', () => {
+    const raw = rawDisk('progress.raw', 16 * MiB, ['write -P 1 0 3M', `write -P 2 ${10 * MiB} 1M`]);
+    const src = openRawSource(raw);
+    const sink = openFileSink(path.join(dir, 'progress.qcow2'));
+    const seen: [number, number][] = [];
+    try {
+      writeImage('qcow2', src, sink, { identity: randomIdentity(0), fileName: 'progress.qcow2', progress: (d, t) => seen.push([d, t]) });
+    } finally {
+      sink.close();
+      src.close();
+    }
+    expect(seen.length).toBe(64); // 4 MiB of data in 64 KiB clusters
+    expect(seen.every(([d], i) => i === 0 || d > seen[i - 1]![0])).toBe(true);
+    expect(seen[seen.length - 1]).toEqual([4 * MiB, 4 * MiB]);
+  });
+});
+
 describe('VHD size rule', () => {
   it('a VHD whose size is not a CHS product still has that size for qemu and vdboot (maximum geometry means current_size)', () => {
     // 70 MiB + 4 KiB has no exact CHS geometry: qemu would round it down if the geometry were the specification's.
