@@ -85,7 +85,10 @@ function openArchiveFile(ctx: InitContext, req: TmpfsRootRequest): OpenedArchive
     }
   }
   mkdirs(sys, ARCHIVE_HOST_MOUNT);
-  mountDevice(ctx, dev, ARCHIVE_HOST_MOUNT, undefined, true, '');
+  // Read-only is not enough to leave a journaling filesystem untouched: a dirty journal is
+  // replayed even then. These options skip the replay, so the host is never written.
+  const noReplay: Record<string, string> = { ext3: 'noload', ext4: 'noload', xfs: 'norecovery', btrfs: 'nologreplay' };
+  mountDevice(ctx, dev, ARCHIVE_HOST_MOUNT, undefined, true, noReplay[dev.fsType ?? ''] ?? '');
   const release = (): void => {
     try { sys.umount2(ARCHIVE_HOST_MOUNT, 0); } catch (e) { ctx.log.warn(`could not unmount the archive's host at ${ARCHIVE_HOST_MOUNT} (${(e as Error).message})`); }
   };
@@ -187,7 +190,7 @@ export function unpackTmpfsRoot(ctx: InitContext, req: TmpfsRootRequest, target:
     );
   } catch (e) {
     stream?.abort();
-    throw explainFailure(e, archive.where, limit, asked !== undefined ? req.size! : undefined, mounted ? target : undefined);
+    throw explainUnpackFailure(e, archive.where, limit, asked !== undefined ? req.size! : undefined, mounted ? target : undefined);
   } finally {
     archive.release();
   }
@@ -199,7 +202,7 @@ function usedBytes(sys: Sys, path: string): number {
   return (st.blocks - st.blocksFree) * st.blockSize;
 }
 
-function explainFailure(e: unknown, where: string, limit: number, sizeText: string | undefined, partial: string | undefined): unknown {
+export function explainUnpackFailure(e: unknown, where: string, limit: number, sizeText: string | undefined, partial: string | undefined): unknown {
   const left = partial ? ` What was unpacked so far is left in ${partial} for inspection.` : '';
   if (e instanceof UnpackError) {
     if (isSysError(e.reason, 'ENOSPC')) {

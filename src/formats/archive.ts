@@ -74,7 +74,9 @@ export function declaredStreamSize(file: BlockReader, compression: Compression):
       case 'gzip': {
         if (file.size < 18) return undefined;
         const t = file.read(file.size - 4, 4);
-        return (t[0]! | (t[1]! << 8) | (t[2]! << 16) | (t[3]! << 24)) >>> 0;
+        const isize = (t[0]! | (t[1]! << 8) | (t[2]! << 16) | (t[3]! << 24)) >>> 0;
+        // Deflate expands at most ~1032:1; a larger ISIZE is no trailer (a truncated or padded file).
+        return isize <= file.size * 1032 ? isize : undefined;
       }
       case 'xz':
         return xzIndexSize(file);

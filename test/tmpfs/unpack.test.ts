@@ -12,6 +12,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bytesSource, StreamCursor } from '../../src/formats/archive-stream.ts';
 import { openArchive } from '../../src/formats/archive.ts';
 import { unpackArchive, UnpackError } from '../../src/boot/unpack.ts';
+import { explainUnpackFailure } from '../../src/boot/tmpfs-root.ts';
+import { spawnSync } from 'node:child_process';
 import { buildTree, describeTree } from './helpers.ts';
 import { nodeUnpackSys } from './node-sys.ts';
 
@@ -126,5 +128,27 @@ describe('unpacking with vdboot', () => {
     expect(fs.readFileSync(path.join(out, 'etc/hostname'), 'utf8')).toBe('tmpfs-guest\n');
     expect(stats.files).toBe(2);
     expect(stats.bytes).toBe(300_000 + 12);
+  });
+
+  it('a full tmpfs (ENOSPC) stops at the entry being written and the message names rd.tmpfs.size', () => {
+    const small = path.join(dir, 'small');
+    fs.mkdirSync(small);
+    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=128k', 'tmpfs', small]).status !== 0) return; // not allowed here
+    try {
+      const bytes = new Uint8Array(execSync('tar -cf - etc usr/lib/big.bin', { cwd: tree, maxBuffer: 64 << 20 }));
+      const reader = openArchive(new StreamCursor(bytesSource(bytes, 10_000)), 'root.tar');
+      let error: unknown;
+      try {
+        unpackArchive(nodeUnpackSys({ umask: true }), reader, small);
+      } catch (e) {
+        error = e;
+      }
+      expect(error).toBeInstanceOf(UnpackError);
+      expect((error as UnpackError).entry?.path).toBe('usr/lib/big.bin');
+      const told = explainUnpackFailure(error, '/root.tar on /dev/sda1', 128 << 10, '128k', '/root') as Error;
+      expect(told.message).toMatch(/tmpfs root is full \(128 KiB, rd\.tmpfs\.size=128k\).*"usr\/lib\/big\.bin".*Allow more with rd\.tmpfs\.size=.*left in \/root/s);
+    } finally {
+      spawnSync('umount', [small]);
+    }
   });
 });
