@@ -11,7 +11,7 @@ import { openBlockReader } from './blockdev.ts';
 import { describeDevices } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
-import { mkdirs, writeText } from './fsutil.ts';
+import { mkdirs, readTextOr, writeText } from './fsutil.ts';
 import { findImage, imageHostFor, type FoundImage, type HostDevice } from './hostdev.ts';
 import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
 import { attachLoop, detachLoop } from './loop.ts';
@@ -71,6 +71,12 @@ function waitForImage(ctx: InitContext, spec: DeviceSpec | undefined, path: stri
   }
 }
 
+/** The logical sector size of a device (a partition's is its disk's), 512 when sysfs does not say. */
+function logicalBlockSize(sys: Sys, dev: BlockDeviceInfo): number {
+  const n = Number(readTextOr(sys, `/sys/class/block/${dev.parent ?? dev.name}/queue/logical_block_size`) ?? '512');
+  return Number.isInteger(n) && n >= 512 ? n : 512;
+}
+
 /** Everything created so far, so a failure half-way takes it down again. */
 class Undo {
   readonly state: VdiskState = { dm: [], loops: [], daemons: [] };
@@ -110,7 +116,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     const found = waitForImage(ctx, r.spec, r.path, r.what);
     try {
       const req: ImageRequest = { index, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, ...(r.root ? { root: plan.vdisk.root } : {}) };
-      const vp = log.step('plan', () => planVdisk(req, imageHostFor(found.host, [found.file])), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
+      const imageHost = { ...imageHostFor(found.host, [found.file]), logicalBlockSize: logicalBlockSize(sys, found.host.device) };
+      const vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
       for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
       for (const w of vp.warnings) log.warn(w);
       if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);

@@ -45,6 +45,8 @@ export interface ImageHost {
   layout(path: string): FileLayout | null;
   /** why the host filesystem must not be written (hibernated, dirty), or null */
   writeBlocker: string | null;
+  /** the host device's logical sector size (512 when unknown) */
+  logicalBlockSize?: number;
 }
 
 export interface DmDevicePlan {
@@ -331,6 +333,11 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
     } catch (e) {
       directIssues.push((e as Error).message);
     }
+  }
+  // device-mapper presents the largest logical sector size of what it maps onto: a 4Kn
+  // host would change the sector size the image's partition table was written for.
+  if ((host.logicalBlockSize ?? 512) > 512) {
+    directIssues.push(`${host.device} has ${host.logicalBlockSize}-byte logical sectors, so a device-mapper view of it cannot present the image's 512-byte sectors`);
   }
   const hostName = host.device;
   if (req.map === 'direct') {

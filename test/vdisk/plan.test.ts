@@ -7,7 +7,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planAgainstDevices, formatReport, command as planCommand } from '../../src/cli/plan.ts';
-import type { VdiskPlan } from '../../src/boot/vdisk.ts';
+import { planVdisk, type VdiskPlan } from '../../src/boot/vdisk.ts';
+import { findImage, imageHostFor } from '../../src/boot/hostdev.ts';
 import {
   BASIC_DATA, convert, devicesOf, GUEST_LABEL, loadNtfsMkdir, makeGuestDisk, makeGuestFs, makeHostDisk, makeNtfs, qemuRaw, readPlanned, sh, tmpDir,
 } from './helpers.ts';
@@ -322,6 +323,24 @@ describe('vdisk plan: what rw refuses, and why', () => {
       expect(bytes.subarray(oracle.length).every((b) => b === 0)).toBe(true);
     } finally {
       ro.devices.close();
+    }
+  });
+
+  it('a host with 4096-byte logical sectors: auto takes the loop path, since a dm view would change the sector size', () => {
+    const d = devicesOf([hostDisk]);
+    try {
+      const found = findImage(d.devices, { by: 'label', value: 'Windows' }, '/VMs/fixed.vhd');
+      try {
+        const vp = planVdisk({ index: 0, path: found.file.path, mode: 'ro', map: 'auto', expand: true }, { ...imageHostFor(found.host, [found.file]), logicalBlockSize: 4096 });
+        expect(vp.path).toBe('loop');
+        expect(vp.why).toMatch(/4096-byte logical sectors/);
+        const same = planVdisk({ index: 0, path: found.file.path, mode: 'ro', map: 'auto', expand: true }, { ...imageHostFor(found.host, [found.file]), logicalBlockSize: 512 });
+        expect(same.path).toBe('direct');
+      } finally {
+        found.host.close();
+      }
+    } finally {
+      d.close();
     }
   });
 
