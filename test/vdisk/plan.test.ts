@@ -386,6 +386,12 @@ describe('vdboot plan command', () => {
     const bad = await planCommand.run(['--cmdline', 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw', '--disk', hostDisk], io);
     expect(bad).toBe(1);
     expect(err).toMatch(/the boot would fail here:\n.*not allocated in the image/);
+    out = '';
+    expect(await planCommand.run(['--cmdline', 'root=vdisk:LABEL=Windows:/VMs/fixed.vhd rw', '--disk', hostDisk, '--json'], io)).toBe(0);
+    const json = JSON.parse(out) as { vdisks: { name: string; path: string; devices: { name: string; uuid: string; targets: { type: string }[] }[]; root: { device: { path: string } } }[]; mounts: { target: string }[] };
+    expect(json.vdisks[0]).toMatchObject({ name: 'vdisk0', path: 'direct', root: { device: { path: '/dev/mapper/vdisk0p2' } } });
+    expect(json.vdisks[0]!.devices.map((d) => d.uuid)).toEqual(['VDBOOT-vdisk0', 'VDBOOT-vdisk0-part1', 'VDBOOT-vdisk0-part2']);
+    expect(json.mounts.map((m) => m.target)).toEqual(['/root', '/run/vdboot/host']);
     void formatReport;
   });
 });
