@@ -109,6 +109,27 @@ describe.each(OUTPUT_FORMATS)('%s writer', (format) => {
   });
 });
 
+describe('the raw source', () => {
+  it('finds the non-zero 64 KiB chunks of a 16 GiB sparse disk (holes skipped through qemu-img map, zeros written into the file dropped)', () => {
+    const raw = rawDisk('large.raw', 16 * 1024 * MiB, ['write -P 7 4096 512', 'write -z 1M 1M', `write -P 9 ${16 * 1024 * MiB - 70000} 70000`]);
+    // A written but all-zero range (qemu-io -z on a raw file may allocate it) never becomes data.
+    const zeros = fs.openSync(raw, 'r+');
+    fs.writeSync(zeros, Buffer.alloc(256 * 1024), 0, 256 * 1024, 8 * MiB);
+    fs.closeSync(zeros);
+    const src = openRawSource(raw);
+    try {
+      const end = 16 * 1024 * MiB;
+      expect(src.ranges).toEqual([
+        { start: 0, length: 65536 },
+        { start: end - 2 * 65536, length: 2 * 65536 },
+      ]);
+    } finally {
+      src.close();
+    }
+    fs.rmSync(raw);
+  });
+});
+
 describe('progress', () => {
   it('writers report progress over the data blocks, rising to the total', () => {
     const raw = rawDisk('progress.raw', 16 * MiB, ['write -P 1 0 3M', `write -P 2 ${10 * MiB} 1M`]);
