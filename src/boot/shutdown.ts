@@ -135,18 +135,20 @@ function unmountAll(sys: Sys, log: ConsoleLog, mounts: string[]): void {
     }
     todo = busy;
   }
-  // The old /run holds this shutdown root (/run/initramfs): it can only be detached. Once
-  // it is, the mounts that were busy only because of it unmount normally.
+  // The old /run holds this shutdown root (/run/initramfs), and a storage daemon keeps
+  // /dev/fuse open on the old /dev: those hold no data and can only be detached. Once they
+  // are, the mounts that were busy only because of them unmount normally.
   const holdsUs = todo.filter((m) => `${OLD_ROOT}${SHUTDOWN_ROOT}`.startsWith(`${m}/`)).sort((a, b) => b.length - a.length).slice(0, 1);
-  for (const m of holdsUs) {
+  const api = todo.filter((m) => holdsUs.includes(m) || /^\/oldroot\/(dev|proc|sys|run)(\/|$)/.test(m));
+  for (const m of api) {
     try {
       sys.umount2(m, MNT_DETACH);
-      log.info(`detached ${m} (it holds this shutdown root)`);
+      log.info(`detached ${m}${holdsUs.includes(m) ? ' (it holds this shutdown root)' : ' (still in use; it holds no data)'}`);
     } catch (e) {
-      log.warn(`could not detach ${m}: ${(e as Error).message}`);
+      if (!isSysError(e, 'EINVAL')) log.warn(`could not detach ${m}: ${(e as Error).message}`);
     }
   }
-  todo = todo.filter((m) => !holdsUs.includes(m));
+  todo = todo.filter((m) => !api.includes(m));
   todo = todo.filter((m) => {
     try {
       sys.umount2(m, 0);

@@ -123,8 +123,8 @@ function fileInImage(image: string, format: string, guestPath: string): string {
   }
 }
 
-async function bootGuest(host: Host, append: string, name: string) {
-  const vm = await bootVm({ initrd, append, disks: [{ file: host.disk, interface: 'virtio-blk' }], name });
+async function bootGuest(host: Host, append: string, name: string, withInitrd = initrd) {
+  const vm = await bootVm({ initrd: withInitrd, append, disks: [{ file: host.disk, interface: 'virtio-blk' }], name });
   vms.push(vm);
   await vm.waitFor(GUEST_MARKER, 240_000);
   const facts = parseGuestFacts(vm.transcript());
@@ -363,5 +363,45 @@ describe('end to end: compatibility syntaxes and chains', { timeout: 420_000 }, 
     expect(transcript).toMatch(/qcow2 v3 → qcow2 v3/);
     expectHandOff(transcript);
     expect([sum('/VMs/chain/overlay.qcow2'), sum('/VMs/chain/base.qcow2')]).toEqual(before);
+  });
+});
+
+describe('end to end: NTFS through ntfs-3g (vdboot mkinitramfs --with ntfs-3g)', { timeout: 420_000 }, () => {
+  let initrdNtfs3g: string;
+  beforeAll(() => {
+    initrdNtfs3g = join(dir, 'initrd-ntfs3g.img');
+    writeInitramfs(initrdNtfs3g, { kernel: defaultKernel(), tools: ['ntfs-3g'] });
+  }, 120_000);
+
+  it('direct path: the NTFS host is reachable at /run/vdboot/host through ntfs-3g (read-only) and left clean', async () => {
+    const image = join(dir, 'n3g.qcow2');
+    convertImage(guestRaw, image, 'qcow2', ['preallocation=metadata']);
+    const host = hostDisk('ntfs3g-direct', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image }, '/Users/readme.txt': 'on the host\n' });
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/linux.qcow2 rw', 'vdisk-ntfs3g-direct', initrdNtfs3g);
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(facts.facts.host).toMatch(/Users/);
+    expect(facts.facts.host).toMatch(/VMs/);
+    expect(transcript).toMatch(/with ntfs-3g on \/run\/vdboot\/host/);
+    expectHandOff(transcript);
+    expectHostClean(host);
+  });
+
+  it('loop path on NTFS, rw: the image through ntfs-3g and a loop device; the shutdown unmounts ntfs-3g cleanly', async () => {
+    const image = join(dir, 'n3g-loop.qcow2');
+    convertImage(guestRaw, image, 'qcow2', ['preallocation=metadata']);
+    const host = hostDisk('ntfs3g-loop', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image } });
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/linux.qcow2 rw rd.vdisk.map=loop', 'vdisk-ntfs3g-loop', initrdNtfs3g);
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(transcript).toMatch(/loop \(asked for\)/);
+    expectHandOff(transcript);
+    expect(transcript).toMatch(/detached \/dev\/loop0/);
+    expect(transcript).toMatch(/unmounted \/host/);
+    const after = join(dir, 'after-n3g-loop.qcow2');
+    writeFileSync(after, readHostFile(host, '/VMs/linux.qcow2'));
+    const check = spawnSync('qemu-img', ['check', '-f', 'qcow2', after], { encoding: 'utf8' });
+    expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+    expect(fileInImage(after, 'qcow2', '/home/note.txt')).toBe(NOTE);
+    // ntfs-3g marks the volume dirty while mounted read-write and clean when unmounted cleanly
+    expectHostClean(host);
   });
 });
