@@ -32,6 +32,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
@@ -940,6 +941,17 @@ static JSValue sys_umask(JSContext *ctx, JSValueConst this_val, int argc, JSValu
     return JS_NewInt32(ctx, (int)umask((mode_t)(mask & 0777)));
 }
 
+/* setpriority(PRIO_PROCESS, 0, nice): this process's nice value (-20..19). */
+static JSValue sys_nice(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int value;
+    if (get_int(ctx, argc, argv, 0, "nice", &value))
+        return JS_EXCEPTION;
+    if (setpriority(PRIO_PROCESS, 0, value) != 0)
+        return throw_errno(ctx, "setpriority");
+    return JS_UNDEFINED;
+}
+
 static JSValue sys_pipe(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
 {
     int p[2];
@@ -1142,6 +1154,7 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_DEF("dup2", 2, sys_dup2),
     JS_CFUNC_DEF("pipe", 0, sys_pipe),
     JS_CFUNC_DEF("umask", 1, sys_umask),
+    JS_CFUNC_DEF("nice", 1, sys_nice),
     JS_CFUNC_DEF("ueventSocket", 0, sys_uevent_socket),
     JS_CFUNC_DEF("poll", 2, sys_poll),
     JS_CFUNC_MAGIC_DEF("monotonicMs", 0, sys_clock, 0),

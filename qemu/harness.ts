@@ -326,7 +326,8 @@ const OVMF_VARS: Record<string, string> = {
   '/usr/share/OVMF/OVMF_CODE.fd': '/usr/share/OVMF/OVMF_VARS.fd',
 };
 
-const DEFAULT_APPEND = 'console=ttyS0,115200 panic=-1 printk.time=1';
+// no_timer_check: a heavily loaded host can make a TCG guest's IO-APIC timer check fail and panic.
+const DEFAULT_APPEND = 'console=ttyS0,115200 panic=-1 printk.time=1 no_timer_check';
 
 function driveOption(disk: VmDisk, id: string): string {
   // qemu's option syntax takes a literal comma as ",,"

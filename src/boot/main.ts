@@ -6,6 +6,13 @@ import { runShutdown } from './shutdown.ts';
 
 const sys = quickjsSys(native);
 const argv = sys.argv();
+// vdboot mounts over /proc, /dev and /run, switches roots and powers off: only ever as
+// process 1 (of the initramfs, or of the shutdown hand-off), never by accident on a
+// running system.
+if (sys.getpid() !== 1) {
+  sys.printErr('vdboot: this program is the init of an initramfs and runs only as process 1; it did nothing.');
+  sys.exit(2);
+}
 // The same binary is /run/initramfs/shutdown at power-off (systemd's initrd interface).
 if (/(^|\/)shutdown$/.test(argv[0] ?? '')) runShutdown(sys, argv.slice(1));
 else runInit(sys, argv.slice(1));

@@ -18,6 +18,7 @@ export interface LoadReport {
 interface ForkingSys extends Sys {
   fork(): number;
   _exit(code: number): never;
+  nice?(value: number): void;
 }
 
 function canFork(sys: Sys): sys is ForkingSys {
@@ -203,6 +204,9 @@ export class ModuleLoader {
     }
     if (pid === 0) {
       try {
+        // Lowest priority: the init's own work (the root's driver, its filesystem) goes
+        // first, and this child uses the time the init spends waiting on devices.
+        try { sys.nice?.(19); } catch { /* keeps the default priority */ }
         this.reportFailures(this.loadSequential(loadOrder(this.manifest, names)));
       } catch { /* the parent goes on regardless */ }
       sys._exit(0);

@@ -79,6 +79,8 @@ declare module 'sys' {
   export function pipe(): [number, number];
   /** umask(2): sets the mask, returns the previous one (the kernel starts init with 0o022). */
   export function umask(mask: number): number;
+  /** setpriority(PRIO_PROCESS, 0, value): this process's nice value, -20 (first) to 19 (last). */
+  export function nice(value: number): void;
 
   /** Non-blocking, close-on-exec; read() throws EAGAIN when nothing is queued. */
   export function ueventSocket(): number;

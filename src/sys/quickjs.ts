@@ -26,6 +26,8 @@ export interface QuickjsSys extends Sys {
   pipe(): [number, number];
   /** umask(2): sets the mask, returns the previous one (the kernel starts init with 0o022). */
   umask(mask: number): number;
+  /** setpriority(2) on this process: 19 lets every other process run first. */
+  nice(value: number): void;
   uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
   /** Debug output: arguments joined by spaces, newline, on fd 1 / fd 2. */
   print(...args: unknown[]): void;
@@ -86,6 +88,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     dup2: native.dup2,
     pipe: native.pipe,
     umask: native.umask,
+    nice: native.nice,
     uname: native.uname,
     print: native.print,
     printErr: native.printErr,
