@@ -105,6 +105,8 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   const root = compatRoot ?? parseRoot(rootText!, cmd.get('rd.tmpfs.imgfile'));
   const tmpfsSize = cmd.get('rd.tmpfs.size');
   if (root.kind === 'tmpfs' && tmpfsSize) root.size = tmpfsSize;
+  // A tmpfs root only reads the images it attaches (the archive's host is never written).
+  if (root.kind === 'tmpfs' && cmd.get('rd.vdisk.mode') === undefined) vdisk.mode = 'ro';
 
   const seconds = (key: string, fallback: number): number => {
     const v = cmd.get(key);
@@ -162,7 +164,7 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     warnings,
   };
 
-  if (vdisk.mode === 'ro' && !readOnly) {
+  if (vdisk.mode === 'ro' && !readOnly && root.kind !== 'tmpfs') {
     warnings.push('rd.vdisk.mode=ro makes the image read-only, so the root is mounted read-only despite rw');
     plan.readOnly = true;
   }

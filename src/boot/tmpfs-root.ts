@@ -202,6 +202,10 @@ function usedBytes(sys: Sys, path: string): number {
   return (st.blocks - st.blocksFree) * st.blockSize;
 }
 
+function sentence(text: string): string {
+  return /[.!?]$/.test(text) ? text : `${text}.`;
+}
+
 export function explainUnpackFailure(e: unknown, where: string, limit: number, sizeText: string | undefined, partial: string | undefined): unknown {
   const left = partial ? ` What was unpacked so far is left in ${partial} for inspection.` : '';
   if (e instanceof UnpackError) {
@@ -211,9 +215,9 @@ export function explainUnpackFailure(e: unknown, where: string, limit: number, s
           `Allow more with rd.tmpfs.size= (e.g. rd.tmpfs.size=75% or 4G), or use a smaller archive.${left}`,
       );
     }
-    return new BootFailure(`Unpacking ${where} failed: ${e.message}.${left}`);
+    return new BootFailure(`Unpacking ${where} failed: ${sentence(e.message)}${left}`);
   }
-  if (isFormatError(e)) return new BootFailure(`Unpacking ${where} failed: ${(e as Error).message}${left}`);
+  if (isFormatError(e)) return new BootFailure(`Unpacking ${where} failed: ${sentence((e as Error).message)}${left}`);
   if (isSysError(e, 'ENOSPC')) return new BootFailure(`The tmpfs root is full (${formatBytes(limit)}) while unpacking ${where}. Allow more with rd.tmpfs.size=.${left}`);
   return e;
 }

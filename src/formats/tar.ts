@@ -367,7 +367,7 @@ export class TarReader implements ArchiveReader {
     if (this.remaining === 0) return new Uint8Array(0);
     const at = this.cursor.offset;
     const out = this.cursor.some(Math.min(max, this.remaining));
-    if (out.length === 0) throw this.truncated(this.current!.path, at, this.remaining, 0);
+    if (out.length === 0) throw this.truncated(this.current!.path, at, this.remaining, 0, this.current!.offset);
     this.remaining -= out.length;
     return out;
   }
@@ -376,7 +376,7 @@ export class TarReader implements ArchiveReader {
     if (this.remaining > 0) {
       const at = this.cursor.offset;
       const n = this.cursor.skip(this.remaining);
-      if (n < this.remaining) throw this.truncated(this.current!.path, at, this.remaining, n);
+      if (n < this.remaining) throw this.truncated(this.current!.path, at, this.remaining, n, this.current!.offset);
       this.remaining = 0;
     }
     if (this.padding > 0) {
@@ -412,12 +412,14 @@ export class TarReader implements ArchiveReader {
     return v;
   }
 
-  private truncated(entry: string, at: number, wanted: number, got: number): FormatError {
+  private truncated(entry: string, at: number, wanted: number, got: number, headerAt?: number): FormatError {
     return new FormatError(
-      `${this.name} is truncated: entry "${entry}" needs ${wanted} bytes at byte ${at} but the archive ends after ${got}. Copy the archive again (was the copy complete?).`,
-      'truncated', at,
+      `${this.name} is truncated: entry "${entry}"${headerAt === undefined ? '' : ` (header at byte ${headerAt})`} ends early: ` +
+        `${wanted - got} of its bytes are missing after byte ${at + got}. Copy the archive again (was the copy complete?)`,
+      'truncated', at + got,
     );
   }
+
 
   private sparse(path: string, at: number): FormatError {
     return new FormatError(

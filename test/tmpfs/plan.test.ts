@@ -26,6 +26,11 @@ describe('root=tmpfs: on the command line', () => {
     expect(p.root).toMatchObject({ kind: 'tmpfs', host: { by: 'label', value: 'My Stick' }, path: '/Live Images/root.tar' });
   });
 
+  it('images attached for a tmpfs root are read-only unless rd.vdisk.mode says otherwise', () => {
+    expect(planBoot('root=tmpfs:LABEL=IN:/r.tar rd.vdisk.attach=LABEL=Win:/a.vhdx').vdisk.mode).toBe('ro');
+    expect(planBoot('root=tmpfs:LABEL=IN:/r.tar rd.vdisk.attach=LABEL=Win:/a.vhdx rd.vdisk.mode=snapshot').vdisk.mode).toBe('snapshot');
+  });
+
   it('root=tmpfs:HOST without a path or rd.tmpfs.imgfile is refused with an example', () => {
     expect(() => planBoot('root=tmpfs:LABEL=USB')).toThrow(PlanError);
     expect(() => planBoot('root=tmpfs:LABEL=USB')).toThrow(/must start with \//);
