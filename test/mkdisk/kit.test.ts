@@ -4,8 +4,11 @@
  *  - NTFS: OVMF starts the kit's own grubx64.efi from a small ESP; GRUB finds the image's
  *    partition with `search --file`, reads the kit's grub.cfg, loads the kernel and the
  *    initramfs from NTFS, and vdboot boots root=vdisk:LABEL=…:PATH to the guest init;
+ *  - NTFS, BIOS: g2ldr.mbr as the disk's boot code (Windows' boot manager runs it the same
+ *    way as a bootsector application) loads \g2ldr, the kit's GRUB, which does the same;
  *  - exFAT: the kernel and initramfs from the stick, with the kernel line of the kit's GRUB
- *    entry (no --host: vdboot searches every partition for the image).
+ *    entry, a fixed VHD read-write (no --host: vdboot searches every partition for the image).
+ * The three VMs run side by side.
  */
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -129,39 +132,73 @@ describe('vdboot kit: files and entries', () => {
 });
 
 describe('vdboot kit: boots', () => {
-  it('NTFS stick: OVMF runs the kit\'s grubx64.efi, GRUB finds the image by file and boots it through vdboot', async () => {
-    const { root } = await kitOnStick('ntfs', ['--host', 'LABEL=KITNTFS', '--append', 'console=ttyS0,115200']);
+  // The three sticks are built first, then their VMs run side by side; each test awaits its own.
+  const boots: Record<string, Promise<string>> = {};
+  let exfatAppend = '';
+
+  beforeAll(async () => {
+    // NTFS behind a small ESP that holds the kit's grubx64.efi as the firmware's default loader.
+    const ntfsKit = await kitOnStick('ntfs', ['--host', 'LABEL=KITNTFS', '--append', 'console=ttyS0,115200']);
     const esp = path.join(dir, 'esp.img');
-    makeFat(esp, { sizeMiB: 34, files: { '/EFI/BOOT/BOOTX64.EFI': { hostFile: path.join(root, 'boot/vdboot/grubx64.efi') } } });
+    makeFat(esp, { sizeMiB: 34, files: { '/EFI/BOOT/BOOTX64.EFI': { hostFile: path.join(ntfsKit.root, 'boot/vdboot/grubx64.efi') } } });
     const ntfs = path.join(dir, 'ntfs.img');
     const ntfsStart = 35 * MiB; // after the ESP at 1 MiB
-    makeNtfs(ntfs, { sizeMiB: 160, label: 'KITNTFS', partitionStartSector: ntfsStart / 512, files: treeOf(root) });
-    const disk = path.join(dir, 'ntfs-stick.img');
-    const layout = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: esp, type: 'uefi' }, { image: ntfs, type: 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7' }] });
-    expect(layout[1]!.offset).toBe(ntfsStart);
-    const transcript = (await bootFromDisk({ disk, format: 'raw', firmware: 'uefi', marker: GUEST_MARKER, timeoutMs: 400_000 })).replace(/\r/g, '');
-    const facts = parseGuestFacts(transcript);
-    expect(facts.cmdline).toContain(`"root=vdisk:LABEL=KITNTFS:${IMAGE}"`);
+    makeNtfs(ntfs, { sizeMiB: 160, label: 'KITNTFS', partitionStartSector: ntfsStart / 512, files: treeOf(ntfsKit.root) });
+    const ntfsDisk = path.join(dir, 'ntfs-stick.img');
+    const layout = makePartitionedDisk(ntfsDisk, { table: 'gpt', partitions: [{ image: esp, type: 'uefi' }, { image: ntfs, type: 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7' }] });
+    if (layout[1]!.offset !== ntfsStart) throw new Error(`NTFS partition at ${layout[1]!.offset}, made for ${ntfsStart}`);
+
+    // NTFS on an MBR disk whose boot code is g2ldr.mbr: its first 440 bytes in the MBR (the
+    // partition table stays), the rest in the sectors after it; \g2ldr at the volume's root.
+    const g2Kit = await kitOnStick('g2ldr', ['--host', 'LABEL=KITG2', '--append', 'console=ttyS0,115200']);
+    const ntfsG2 = path.join(dir, 'ntfs-g2.img');
+    makeNtfs(ntfsG2, { sizeMiB: 120, label: 'KITG2', partitionStartSector: 2048, files: { ...treeOf(g2Kit.root), '/g2ldr': { hostFile: path.join(g2Kit.root, 'boot/vdboot/g2ldr') } } });
+    const g2Disk = path.join(dir, 'g2-stick.img');
+    makePartitionedDisk(g2Disk, { table: 'dos', partitions: [{ image: ntfsG2, type: '7', bootable: true }] });
+    const mbrCode = fs.readFileSync(path.join(g2Kit.root, 'boot/vdboot/g2ldr.mbr'));
+    const fd = fs.openSync(g2Disk, 'r+');
+    fs.writeSync(fd, mbrCode, 0, 440, 0);
+    fs.writeSync(fd, mbrCode, 512, mbrCode.length - 512, 512);
+    fs.closeSync(fd);
+
+    // exFAT with a fixed VHD, booted with the kernel line of the kit's GRUB entry.
+    const exfatKit = await kitOnStick('exfat', ['--append', 'rw'], true);
+    const exfat = path.join(dir, 'exfat.img');
+    makeExfat(exfat, { sizeMiB: 160, label: 'KITEXFAT', files: treeOf(exfatKit.root) });
+    const exfatDisk = path.join(dir, 'exfat-stick.img');
+    makePartitionedDisk(exfatDisk, { table: 'dos', partitions: [{ image: exfat, type: '7' }] });
+    exfatAppend = grubLinuxArgs(fs.readFileSync(path.join(exfatKit.root, 'boot/vdboot/grub.cfg'), 'utf8'));
+
+    boots.ntfs = bootFromDisk({ disk: ntfsDisk, format: 'raw', firmware: 'uefi', marker: GUEST_MARKER, timeoutMs: 400_000 });
+    boots.g2ldr = bootFromDisk({ disk: g2Disk, format: 'raw', firmware: 'bios', marker: GUEST_MARKER, timeoutMs: 400_000 });
+    boots.exfat = (async () => {
+      const vm = await bootVm({
+        kernel: path.join(exfatKit.root, 'boot/vdboot/vmlinuz'), initrd: path.join(exfatKit.root, 'boot/vdboot/initrd.img'),
+        append: exfatAppend, disks: [{ file: exfatDisk, interface: 'virtio-blk', snapshot: true }], name: 'kit-exfat',
+      });
+      vms.push(vm);
+      await vm.waitFor(GUEST_MARKER, 400_000);
+      return vm.transcript();
+    })();
+    for (const p of Object.values(boots)) p.catch(() => {}); // awaited in the tests
+  }, 300_000);
+
+  it('NTFS stick: OVMF runs the kit\'s grubx64.efi, GRUB finds the image by file and boots it through vdboot', async () => {
+    const facts = parseGuestFacts((await boots.ntfs!).replace(/\r/g, ''));
+    expect(facts.cmdline).toContain(`"root=vdisk:LABEL=KITNTFS:${IMAGE}" rd.vdisk.mode=snapshot`);
     expect(facts.root.fstype).toBe('ext4');
     expect(facts.root.device).toMatch(/^\/dev\/(mapper\/vdisk|dm-)/);
   }, 420_000);
 
+  it('BIOS: g2ldr.mbr as MBR code (as Windows\' boot manager runs it) loads \\g2ldr from NTFS; GRUB finds the image by file and boots it', async () => {
+    const facts = parseGuestFacts((await boots.g2ldr!).replace(/\r/g, ''));
+    expect(facts.cmdline).toContain(`"root=vdisk:LABEL=KITG2:${IMAGE}"`);
+    expect(facts.root.device).toMatch(/^\/dev\/(mapper\/vdisk|dm-)/);
+  }, 420_000);
+
   it('exFAT stick: the kernel line of the kit\'s GRUB entry boots a fixed VHD read-write (no host: vdboot searches the partitions)', async () => {
-    const { root } = await kitOnStick('exfat', ['--append', 'rw'], true);
-    const exfat = path.join(dir, 'exfat.img');
-    makeExfat(exfat, { sizeMiB: 160, label: 'KITEXFAT', files: treeOf(root) });
-    const disk = path.join(dir, 'exfat-stick.img');
-    makePartitionedDisk(disk, { table: 'dos', partitions: [{ image: exfat, type: '7' }] });
-    const cfg = fs.readFileSync(path.join(root, 'boot/vdboot/grub.cfg'), 'utf8');
-    const append = grubLinuxArgs(cfg);
-    expect(append).toBe(`"root=vdisk:${FIXED_IMAGE}" rw`);
-    const vm = await bootVm({
-      kernel: path.join(root, 'boot/vdboot/vmlinuz'), initrd: path.join(root, 'boot/vdboot/initrd.img'),
-      append, disks: [{ file: disk, interface: 'virtio-blk', snapshot: true }], name: 'kit-exfat',
-    });
-    vms.push(vm);
-    await vm.waitFor(GUEST_MARKER, 300_000);
-    const facts = parseGuestFacts(vm.transcript());
+    expect(exfatAppend).toBe(`"root=vdisk:${FIXED_IMAGE}" rw`);
+    const facts = parseGuestFacts(await boots.exfat!);
     expect(facts.root.fstype).toBe('ext4');
     expect(facts.root.mode).toBe('rw');
     expect(facts.root.device).toMatch(/^\/dev\/(mapper\/vdisk|dm-)/);
