@@ -1,6 +1,6 @@
 /**
  * `vdboot kit`: the files and entries it writes (checked statically, GRUB's syntax by
- * grub-script-check), and two boots under QEMU of a kit copied onto a stick:
+ * grub-script-check), and three boots under QEMU of a kit copied onto a stick:
  *  - NTFS: OVMF starts the kit's own grubx64.efi from a small ESP; GRUB finds the image's
  *    partition with `search --file`, reads the kit's grub.cfg, loads the kernel and the
  *    initramfs from NTFS, and vdboot boots root=vdisk:LABEL=…:PATH to the guest init;
