@@ -80,73 +80,73 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   // A new entry is owned by root:root, unless its directory is setgid (it then takes the directory's group).
   let setgidDirs = false;
   try {
-  for (;;) {
-    const entry = reader.next();
-    if (!entry) break;
-    stats.entries++;
-    try {
-      // An entry below a symlink the archive created would be written wherever the link points.
-      // (Entries of one directory usually follow each other: its ancestors are checked once.)
-      const slash = entry.path.lastIndexOf('/');
-      const dir = slash > 0 ? entry.path.slice(0, slash) : '';
-      if (dir !== safeDir || linksMade !== safeLinks) for (let i = entry.path.indexOf('/'); i > 0; i = entry.path.indexOf('/', i + 1)) {
-        const parent = entry.path.slice(0, i);
-        if (symlinks.has(parent)) {
-          throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} lies under "${parent}", which the archive made a symbolic link; vdboot does not write through links (the archive may be malicious or damaged)`, 'path', entry.path);
-        }
-      }
-      safeDir = dir;
-      safeLinks = linksMade;
-      const path = full(entry.path);
-      if (entry.type === 'hardlink' && symlinks.has(entry.linkTarget)) {
-        symlinks.add(entry.path);
-        linksMade++;
-      }
-      const fd = createEntry(sys, entry, path, full, symlinks, exactModes ? entry.perm & 0o1777 : 0o700);
-      if (entry.type === 'symlink') {
-        symlinks.add(entry.path);
-        linksMade++;
-      } else if (entry.path !== '') symlinks.delete(entry.path);
-      if (fd >= 0 || (entry.size > 0 && entry.type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : sys.open(path, O.WRONLY | O.CLOEXEC, 0), chunk, opts.onProgress);
-      if (entry.type === 'hardlink') {
-        // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
-        if (entry.size > 0 && canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
-          continue; // the inode's owner, mode and times came with the first name
-      }
-      const fresh = fd !== KEPT && entry.path !== '';
-      if (!fresh || entry.uid !== 0 || entry.gid !== 0 || setgidDirs) sys.lchown(path, entry.uid, entry.gid);
-      if (entry.type !== 'symlink' && (!fresh || !exactModes || setgidDirs || (entry.perm & 0o6000) !== 0)) sys.chmod(path, entry.perm);
-      if (entry.type === 'dir' && (entry.perm & 0o2000) !== 0) setgidDirs = true;
-      if (entry.xattrs.length) {
-        if (canXattr) {
-          for (const x of entry.xattrs) {
-            sys.lsetxattr!(path, x.name, x.value);
-            stats.xattrs++;
+    for (;;) {
+      const entry = reader.next();
+      if (!entry) break;
+      stats.entries++;
+      try {
+        // An entry below a symlink the archive created would be written wherever the link points.
+        // (Entries of one directory usually follow each other: its ancestors are checked once.)
+        const slash = entry.path.lastIndexOf('/');
+        const dir = slash > 0 ? entry.path.slice(0, slash) : '';
+        if (dir !== safeDir || linksMade !== safeLinks) for (let i = entry.path.indexOf('/'); i > 0; i = entry.path.indexOf('/', i + 1)) {
+          const parent = entry.path.slice(0, i);
+          if (symlinks.has(parent)) {
+            throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} lies under "${parent}", which the archive made a symbolic link; vdboot does not write through links (the archive may be malicious or damaged)`, 'path', entry.path);
           }
-        } else if (!warnedXattr) {
-          warnedXattr = true;
-          stats.warnings.push(`this vdboot host cannot set extended attributes: "${entry.path}" and others lose theirs (${entry.xattrs.map((x) => x.name).join(', ')})`);
         }
-      }
-      if (entry.type === 'dir') {
-        stats.dirs++;
-        dirTimes.push({ path, sec: entry.mtimeSec, nsec: entry.mtimeNsec });
-      } else {
-        if (entry.type === 'file') stats.files++;
-        if (canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
-        else if (!warnedTime) {
-          warnedTime = true;
-          stats.warnings.push('this vdboot host cannot set file times: unpacked files carry the time of the boot');
+        safeDir = dir;
+        safeLinks = linksMade;
+        const path = full(entry.path);
+        if (entry.type === 'hardlink' && symlinks.has(entry.linkTarget)) {
+          symlinks.add(entry.path);
+          linksMade++;
         }
+        const fd = createEntry(sys, entry, path, full, symlinks, exactModes ? entry.perm & 0o1777 : 0o700);
+        if (entry.type === 'symlink') {
+          symlinks.add(entry.path);
+          linksMade++;
+        } else if (entry.path !== '') symlinks.delete(entry.path);
+        if (fd >= 0 || (entry.size > 0 && entry.type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : sys.open(path, O.WRONLY | O.CLOEXEC, 0), chunk, opts.onProgress);
+        if (entry.type === 'hardlink') {
+          // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
+          if (entry.size > 0 && canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
+          continue; // the inode's owner, mode and times came with the first name
+        }
+        const fresh = fd !== KEPT && entry.path !== '';
+        if (!fresh || entry.uid !== 0 || entry.gid !== 0 || setgidDirs) sys.lchown(path, entry.uid, entry.gid);
+        if (entry.type !== 'symlink' && (!fresh || !exactModes || setgidDirs || (entry.perm & 0o6000) !== 0)) sys.chmod(path, entry.perm);
+        if (entry.type === 'dir' && (entry.perm & 0o2000) !== 0) setgidDirs = true;
+        if (entry.xattrs.length) {
+          if (canXattr) {
+            for (const x of entry.xattrs) {
+              sys.lsetxattr!(path, x.name, x.value);
+              stats.xattrs++;
+            }
+          } else if (!warnedXattr) {
+            warnedXattr = true;
+            stats.warnings.push(`this vdboot host cannot set extended attributes: "${entry.path}" and others lose theirs (${entry.xattrs.map((x) => x.name).join(', ')})`);
+          }
+        }
+        if (entry.type === 'dir') {
+          stats.dirs++;
+          dirTimes.push({ path, sec: entry.mtimeSec, nsec: entry.mtimeNsec });
+        } else {
+          if (entry.type === 'file') stats.files++;
+          if (canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
+          else if (!warnedTime) {
+            warnedTime = true;
+            stats.warnings.push('this vdboot host cannot set file times: unpacked files carry the time of the boot');
+          }
+        }
+      } catch (e) {
+        const where = `"${entry.path || '/'}" (${entry.type}, header at byte ${entry.offset} of the archive)`;
+        if (e instanceof UnpackError) throw e;
+        if (isSysError(e)) throw new UnpackError(`could not create ${where}: ${e.message}`, entry, e);
+        throw new UnpackError(`${(e as Error).message}${(e as Error).message.includes(entry.path) ? '' : ` (at ${where})`}`, entry, e);
       }
-    } catch (e) {
-      const where = `"${entry.path || '/'}" (${entry.type}, header at byte ${entry.offset} of the archive)`;
-      if (e instanceof UnpackError) throw e;
-      if (isSysError(e)) throw new UnpackError(`could not create ${where}: ${e.message}`, entry, e);
-      throw new UnpackError(`${(e as Error).message}${(e as Error).message.includes(entry.path) ? '' : ` (at ${where})`}`, entry, e);
+      if ((stats.entries & 31) === 0) opts.onProgress?.();
     }
-    if ((stats.entries & 31) === 0) opts.onProgress?.();
-  }
   } finally {
     if (oldMask !== undefined) sys.umask!(oldMask);
   }
