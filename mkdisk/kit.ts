@@ -69,16 +69,21 @@ function run(cmd: string, args: string[]): { status: number; stdout: string; std
  * The UUID of the filesystem `dir` is on: findmnt (which asks udev's database), then
  * blkid on the device (which reads the superblock; may need read access to the device).
  */
-export function detectHostUuid(dir: string): { uuid?: string; device?: string; fstype?: string } {
-  const f = run('findmnt', ['-n', '-o', 'SOURCE,FSTYPE,UUID', '--target', dir]);
+export function detectHostUuid(dir: string): { uuid?: string; device?: string; fstype?: string; mountpoint?: string } {
+  const f = run('findmnt', ['-n', '-P', '-o', 'SOURCE,FSTYPE,TARGET,UUID', '--target', dir]);
   if (f.status !== 0) return {};
-  const [device, fstype, uuid] = f.stdout.trim().split(/\s+/);
-  if (uuid) return { uuid, device, fstype };
+  // KEY="value" pairs, first line (a mount point can be listed twice when mounted over)
+  const fields = Object.fromEntries([...(f.stdout.split('\n')[0] ?? '').matchAll(/(\w+)="([^"]*)"/g)].map((m) => [m[1]!, m[2]!]));
+  const device = fields.SOURCE || undefined;
+  const fstype = fields.FSTYPE || undefined;
+  const mountpoint = fields.TARGET || undefined;
+  const uuid = fields.UUID || undefined;
+  if (uuid) return { uuid, device, fstype, mountpoint };
   if (device?.startsWith('/dev/')) {
     const b = run('blkid', ['-o', 'value', '-s', 'UUID', device]);
-    if (b.status === 0 && b.stdout.trim()) return { uuid: b.stdout.trim(), device, fstype };
+    if (b.status === 0 && b.stdout.trim()) return { uuid: b.stdout.trim(), device, fstype, mountpoint };
   }
-  return { device, fstype };
+  return { device, fstype, mountpoint };
 }
 
 /** The image's path from the root of rootDir, with '/' separators: "/VMs/linux.vhdx". */
@@ -191,14 +196,20 @@ export function makeKit(o: KitOptions): KitResult {
   const imagePath = imagePathInRoot(o.image, o.rootDir);
   let host = o.host;
   let hostSource: KitResult['hostSource'] = host ? 'option' : 'none';
+  const d = detectHostUuid(o.rootDir);
+  const isMountRoot = !d.mountpoint || d.mountpoint === fs.realpathSync(o.rootDir);
+  if (!isMountRoot) {
+    // A staging folder to be copied onto a stick later: its filesystem's UUID is not the stick's.
+    log(`note: ${o.rootDir} is not the root of its filesystem (mounted at ${d.mountpoint}); the entries use paths from ${o.rootDir}, as on a stick whose root it is`);
+  }
   if (!host) {
-    const d = detectHostUuid(o.rootDir);
-    if (d.uuid) {
+    if (d.uuid && isMountRoot) {
       host = `UUID=${d.uuid}`;
       hostSource = 'detected';
       log(`host: ${o.rootDir} is on ${d.device ?? '?'} (${d.fstype ?? '?'}) with UUID ${d.uuid}`);
     } else {
-      log(`host: no UUID found for the filesystem of ${o.rootDir}${d.device ? ` (${d.device})` : ''}; the kernel line searches every partition for ${imagePath} (give --host to name it)`);
+      const why = isMountRoot ? `no UUID found for the filesystem of ${o.rootDir}${d.device ? ` (${d.device})` : ''}` : `${o.rootDir} is a folder, so its filesystem's UUID is not the stick's`;
+      log(`host: ${why}; the kernel line searches every partition for ${imagePath} (give --host to name it)`);
     }
   }
   const append = (o.append ?? '').trim() ? splitArgs(o.append!) : [];

@@ -131,6 +131,39 @@ describe('vdboot kit: files and entries', () => {
   });
 });
 
+describe('vdboot kit: the host filesystem', () => {
+  /** Runs the kit with a findmnt that reports `target` as the mount point of the stick, with a UUID. */
+  async function withFakeFindmnt(target: (root: string) => string) {
+    const bin = path.join(dir, 'fake-bin');
+    fs.mkdirSync(bin, { recursive: true });
+    const root = path.join(dir, `host-${fs.readdirSync(dir).length}`);
+    fs.mkdirSync(path.join(root, 'VMs'), { recursive: true });
+    fs.copyFileSync(fixedImage, path.join(root, FIXED_IMAGE));
+    fs.writeFileSync(path.join(bin, 'findmnt'), `#!/bin/sh\necho 'SOURCE="/dev/sdz1" FSTYPE="ntfs" TARGET="${target(fs.realpathSync(root))}" UUID="0123456789ABCDEF"'\n`, { mode: 0o755 });
+    const saved = process.env.PATH;
+    process.env.PATH = `${bin}:${saved}`;
+    try {
+      return await vdboot('kit', '--image', path.join(root, FIXED_IMAGE), '--root-dir', root, '--no-grub-images');
+    } finally {
+      process.env.PATH = saved;
+    }
+  }
+
+  it('without --host, the UUID of the filesystem whose root DIR is goes into root=vdisk:', async () => {
+    const r = await withFakeFindmnt((root) => root);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain(`Kernel command line: "root=vdisk:UUID=0123456789ABCDEF:${FIXED_IMAGE}"`);
+    expect(r.err).toMatch(/on \/dev\/sdz1 \(ntfs\) with UUID 0123456789ABCDEF/);
+  });
+
+  it('a DIR that is a folder inside another filesystem gets no UUID: the kernel line searches every partition', async () => {
+    const r = await withFakeFindmnt(() => '/');
+    expect(r.code).toBe(0);
+    expect(r.out).toContain(`Kernel command line: "root=vdisk:${FIXED_IMAGE}"`);
+    expect(r.err).toMatch(/is a folder/);
+  });
+});
+
 describe('vdboot kit: boots', () => {
   // The three sticks are built first, then their VMs run side by side; each test awaits its own.
   const boots: Record<string, Promise<string>> = {};
