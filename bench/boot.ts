@@ -61,9 +61,15 @@ try {
   const floor: Candidate = { name: 'floor (busybox)', uptimes: [], failures: [] };
   {
     const image = path.join(work, 'floor.img');
-    const t = process.hrtime.bigint();
-    const size = buildFloorInitramfs(image, { kernelVersion: version });
-    Object.assign(floor, { image, size, buildSeconds: Number(process.hrtime.bigint() - t) / 1e9 });
+    // Build times: the fastest of `runs` builds, the usual guard against a busy machine.
+    let best = Infinity;
+    let size = 0;
+    for (let i = 0; i < runs; i++) {
+      const t = process.hrtime.bigint();
+      size = buildFloorInitramfs(image, { kernelVersion: version });
+      best = Math.min(best, Number(process.hrtime.bigint() - t) / 1e9);
+    }
+    Object.assign(floor, { image, size, buildSeconds: best });
   }
   candidates.push(floor);
 
@@ -71,9 +77,14 @@ try {
   const vdboot: Candidate = { name: 'vdboot', uptimes: [], failures: [] };
   {
     const image = path.join(work, 'vdboot.img');
-    const r = timed(process.execPath, [path.join(repo, 'bin/vdboot.mjs'), 'mkinitramfs', '--kernel', version, '-o', image]);
+    let r = timed(process.execPath, [path.join(repo, 'bin/vdboot.mjs'), 'mkinitramfs', '--kernel', version, '-o', image]);
+    let best = r.seconds;
+    for (let i = 1; i < runs && r.ok; i++) {
+      r = timed(process.execPath, [path.join(repo, 'bin/vdboot.mjs'), 'mkinitramfs', '--kernel', version, '-o', image]);
+      best = Math.min(best, r.seconds);
+    }
     if (r.ok && fs.existsSync(image)) {
-      Object.assign(vdboot, { image, size: fs.statSync(image).size, buildSeconds: r.seconds });
+      Object.assign(vdboot, { image, size: fs.statSync(image).size, buildSeconds: best });
     } else {
       console.log('vdboot: not built');
       vdboot.failures.push(`vdboot mkinitramfs failed: ${r.output.trim().split('\n').slice(-3).join(' | ')}`);
@@ -108,7 +119,12 @@ try {
     }
   }
 
-  const mean = (xs: number[]): number | undefined => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : undefined);
+  // The median: one boot slowed by the machine's other work moves it least.
+  const median = (xs: number[]): number | undefined => {
+    if (!xs.length) return undefined;
+    const s = [...xs].sort((a, b) => a - b);
+    return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+  };
   const fmt = (v: number | undefined, unit: string, digits = 2): string => (v === undefined ? '—' : `${v.toFixed(digits)} ${unit}`);
   const ratio = (a: number | undefined, b: number | undefined): string => {
     if (a === undefined || b === undefined || b === 0) return '—';
@@ -117,9 +133,9 @@ try {
   };
 
   console.log('');
-  console.log(`${'initramfs'.padEnd(18)}${'image size'.padStart(12)}${'build time'.padStart(12)}${'guest init at (uptime)'.padStart(34)}`);
+  console.log(`${'initramfs'.padEnd(18)}${'image size'.padStart(12)}${'build time'.padStart(12)}${'guest init at (median uptime)'.padStart(34)}`);
   for (const c of candidates) {
-    const up = mean(c.uptimes);
+    const up = median(c.uptimes);
     const spread = c.uptimes.length > 1 ? ` (${Math.min(...c.uptimes).toFixed(2)}–${Math.max(...c.uptimes).toFixed(2)})` : '';
     console.log(
       `${c.name.padEnd(18)}${fmt(c.size === undefined ? undefined : c.size / MiB, 'MiB').padStart(12)}` +
@@ -132,12 +148,12 @@ try {
   for (const [c, base] of pairs) {
     console.log(
       `${`${c.name} / ${base.name}`.padEnd(36)}${ratio(c.size, base.size).padStart(10)}` +
-        `${ratio(c.buildSeconds, base.buildSeconds).padStart(10)}${ratio(mean(c.uptimes), mean(base.uptimes)).padStart(10)}`,
+        `${ratio(c.buildSeconds, base.buildSeconds).padStart(10)}${ratio(median(c.uptimes), median(base.uptimes)).padStart(10)}`,
     );
   }
   if (vdboot.image) {
-    const up = mean(vdboot.uptimes);
-    const floorUp = mean(floor.uptimes);
+    const up = median(vdboot.uptimes);
+    const floorUp = median(floor.uptimes);
     console.log('');
     console.log('targets (issue 2):');
     console.log(`  image ≤ 4 MiB:            ${fmt(vdboot.size! / MiB, 'MiB')} ${vdboot.size! <= 4 * MiB ? 'met' : 'NOT met'}`);
