@@ -23,7 +23,7 @@ import { ConsoleLog } from './console.ts';
 import { DeviceMapper } from './dm.ts';
 import { exists, isDirectory, mkdirs, readFileBytes, readText, readTextOr, writeText } from './fsutil.ts';
 import { detachLoop } from './loop.ts';
-import { STATE_PATH, type VdiskState } from './vdisk-exec.ts';
+import { disconnectNbd, STATE_PATH, type VdiskState } from './vdisk-exec.ts';
 
 export const SHUTDOWN_ROOT = '/run/initramfs';
 export const OLD_ROOT = '/oldroot';
@@ -98,7 +98,9 @@ function readState(sys: Sys, log: ConsoleLog): VdiskState {
   for (const p of [SHUTDOWN_STATE, `${OLD_ROOT}${STATE_PATH}`]) {
     try {
       const s = JSON.parse(readText(sys, p)) as VdiskState;
-      if (Array.isArray(s.dm) && Array.isArray(s.loops)) return { dm: s.dm, loops: s.loops, daemons: Array.isArray(s.daemons) ? s.daemons : [], ...(s.hostMount ? { hostMount: s.hostMount } : {}) };
+      if (Array.isArray(s.dm) && Array.isArray(s.loops)) {
+        return { dm: s.dm, loops: s.loops, nbds: Array.isArray(s.nbds) ? s.nbds : [], daemons: Array.isArray(s.daemons) ? s.daemons : [], ...(s.hostMount ? { hostMount: s.hostMount } : {}) };
+      }
     } catch { /* try the next */ }
   }
   log.warn('no record of the devices vdboot created; only unmounting');
@@ -173,7 +175,7 @@ function unmountAll(sys: Sys, log: ConsoleLog, mounts: string[]): void {
  * Storage daemons left running: processes whose argv[0] begins with "@" (the mark that
  * spares them from systemd's final kill), found in /proc, plus the ones vdboot recorded.
  */
-export function storageDaemons(sys: Sys, recorded: readonly number[]): number[] {
+export function storageDaemons(sys: Sys, recorded: readonly number[], only?: RegExp): number[] {
   const out = new Set<number>();
   const self = sys.getpid();
   let names: string[] = [];
@@ -188,9 +190,9 @@ export function storageDaemons(sys: Sys, recorded: readonly number[]): number[] 
     } catch {
       continue;
     }
-    if (argv0.startsWith('@')) out.add(Number(n));
+    if (argv0.startsWith('@') && (!only || only.test(argv0))) out.add(Number(n));
   }
-  for (const p of recorded) if (exists(sys, `/proc/${p}`)) out.add(p);
+  if (!only) for (const p of recorded) if (exists(sys, `/proc/${p}`)) out.add(p);
   return [...out];
 }
 
@@ -280,6 +282,17 @@ export function runShutdown(sys: Sys, args: string[]): never {
     unmountAll(sys, log, listed.length ? listed : known);
     removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));
     detachLoops(sys, log, state.loops);
+    for (const nbd of state.nbds ?? []) {
+      try {
+        disconnectNbd(sys, nbd);
+        log.info(`disconnected ${nbd}`);
+      } catch (e) {
+        log.warn(`could not disconnect ${nbd}: ${(e as Error).message}`);
+      }
+    }
+    // qemu-nbd flushes the image and exits; it holds the image open on the host until then.
+    const servers = storageDaemons(sys, [], /^@qemu-nbd/);
+    if (servers.length) stopDaemons(sys, log, servers);
     if (host) unmountAll(sys, log, [host]);
     const daemons = storageDaemons(sys, state.daemons);
     if (daemons.length) stopDaemons(sys, log, daemons);

@@ -27,6 +27,8 @@ export interface VdiskState {
   dm: string[];
   /** loop devices in attach order */
   loops: string[];
+  /** nbd devices qemu-nbd serves images on */
+  nbds?: string[];
   /** the host filesystem's mountpoint (in the booted system), if mounted */
   hostMount?: string;
   /** pids of storage daemons (ntfs-3g) started with "@" in argv[0] */
@@ -79,7 +81,7 @@ function logicalBlockSize(sys: Sys, dev: BlockDeviceInfo): number {
 
 /** Everything created so far, so a failure half-way takes it down again. */
 class Undo {
-  readonly state: VdiskState = { dm: [], loops: [], daemons: [] };
+  readonly state: VdiskState = { dm: [], loops: [], nbds: [], daemons: [] };
   constructor(private readonly sys: Sys, private readonly dm: DeviceMapper) {}
 
   rollback(): void {
@@ -87,14 +89,53 @@ class Undo {
     if (state.hostMount) try { sys.umount2(state.hostMount, 0); } catch { /* best effort */ }
     for (const name of [...state.dm].reverse()) try { dm.remove(name); } catch { /* best effort */ }
     for (const loop of [...state.loops].reverse()) try { detachLoop(sys, loop); } catch { /* best effort */ }
+    for (const nbd of state.nbds ?? []) try { disconnectNbd(sys, nbd); } catch { /* best effort */ }
   }
 }
 
-function substitute(targets: DmTarget[], loops: string[], cow: string | undefined): DmTarget[] {
+function substitute(targets: DmTarget[], loops: string[], cow: string | undefined, nbd: string | undefined): DmTarget[] {
   return targets.map((t) => ({
     ...t,
-    params: t.params.replace(/\$LOOP(\d+)/g, (_, i: string) => loops[Number(i)] ?? `$LOOP${i}`).replace(/\$COW/g, cow ?? '$COW'),
+    params: t.params
+      .replace(/\$LOOP(\d+)/g, (_, i: string) => loops[Number(i)] ?? `$LOOP${i}`)
+      .replace(/\$COW/g, cow ?? '$COW')
+      .replace(/\$NBD/g, nbd ?? '$NBD'),
   }));
+}
+
+/** NBD_DISCONNECT and NBD_CLEAR_SOCK (linux/nbd.h): qemu-nbd flushes the image and exits. */
+export const NBD = { CLEAR_SOCK: 0xab04, DISCONNECT: 0xab08 } as const;
+
+export function disconnectNbd(sys: Sys, dev: string): void {
+  const fd = sys.open(dev, O.RDWR | O.CLOEXEC);
+  try {
+    sys.ioctlInt(fd, NBD.DISCONNECT, 0);
+    try { sys.ioctlInt(fd, NBD.CLEAR_SOCK, 0); } catch { /* newer kernels clear it themselves */ }
+  } finally {
+    sys.close(fd);
+  }
+}
+
+/** Serves the image on a free /dev/nbdN with qemu-nbd (argv[0] "@qemu-nbd": a storage daemon systemd spares). */
+function connectNbd(ctx: InitContext, undo: Undo, n: NonNullable<VdiskPlan['nbd']>): string {
+  const { sys, log } = ctx;
+  const tool = ctx.manifest.tools.qemuNbd;
+  if (!tool) throw new BootFailure('The nbd path needs qemu-nbd in the initramfs: build it with "vdboot mkinitramfs --with qemu-nbd".');
+  for (let i = 0; i < 16; i++) {
+    if (readTextOr(sys, `/sys/class/block/nbd${i}/size`) === undefined) break;
+    if (readTextOr(sys, `/sys/class/block/nbd${i}/pid`) !== undefined) continue; // connected already
+    const dev = `/dev/nbd${i}`;
+    // Its server socket lives in /run (its default, /var/lock, does not exist here).
+    mkdirs(sys, STATE_DIR);
+    const argv = ['@qemu-nbd', '--fork', '--connect', dev, '--socket', `${STATE_DIR}/nbd${i}.sock`, '--format', n.format, ...(n.readOnly ? ['--read-only'] : []), `${HOST_MOUNT}${n.file}`];
+    const pid = sys.spawn(tool, argv, []);
+    const r = sys.waitpid(pid, 0);
+    if (r.exitCode !== 0) throw new BootFailure(`qemu-nbd could not serve ${n.file} on ${dev} (exit ${r.exitCode}${r.termSignal ? `, signal ${r.termSignal}` : ''}); its message is above.`);
+    undo.state.nbds!.push(dev);
+    log.info(`qemu-nbd serves ${n.file} (${n.format}${n.readOnly ? ', read-only' : ''}) on ${dev}`);
+    return dev;
+  }
+  throw new BootFailure('No free nbd device (/dev/nbd0…15): is the nbd module in the initramfs? Build it with "vdboot mkinitramfs --with qemu-nbd".');
 }
 
 /**
@@ -115,7 +156,12 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   for (const [index, r] of requests.entries()) {
     const found = waitForImage(ctx, r.spec, r.path, r.what);
     try {
-      const req: ImageRequest = { index, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, ...(r.root ? { root: plan.vdisk.root } : {}) };
+      const req: ImageRequest = {
+        index, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand,
+        // qemu-nbd reads the image through the host filesystem: the kernel (or ntfs-3g) must mount it
+        nbd: ctx.manifest.tools.qemuNbd !== undefined && (found.host.fs.type !== 'ntfs' || ctx.manifest.tools.ntfs3g !== undefined || 'ntfs3' in ctx.manifest.filesystems),
+        ...(r.root ? { root: plan.vdisk.root } : {}),
+      };
       const imageHost = { ...imageHostFor(found.host, [found.file]), logicalBlockSize: logicalBlockSize(sys, found.host.device) };
       const vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
       for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
@@ -131,12 +177,13 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   const wanted = ['dm_mod', 'dm_zero'];
   if (planned.some((p) => p.vp.mode === 'snapshot')) wanted.push('dm_snapshot');
   if (planned.some((p) => p.vp.loops.length || p.vp.cowBytes !== undefined)) wanted.push('loop');
+  if (planned.some((p) => p.vp.nbd)) wanted.push('nbd');
   ctx.modules.reportFailures(ctx.modules.load(wanted));
   const dm = new DeviceMapper(sys);
   const undo = new Undo(sys, dm);
   try {
     const hostInfo = planned[0]?.host;
-    const needsHostMount = planned.some((p) => p.vp.path === 'loop');
+    const needsHostMount = planned.some((p) => p.vp.path !== 'direct');
     const hostWritable = planned.some((p) => p.vp.hostMountWritable);
     if (hostInfo && needsHostMount) mountHost(ctx, dm, undo, hostInfo, hostWritable, true);
     for (const { vp } of planned) {
@@ -148,9 +195,10 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       }
       let cow: string | undefined;
       if (vp.cowBytes !== undefined) cow = makeCow(sys, undo, vp.name, vp.cowBytes);
+      const nbd = vp.nbd ? connectNbd(ctx, undo, vp.nbd) : undefined;
       log.step('dm', () => {
         for (const d of vp.devices) {
-          dm.create(d.name, d.uuid, substitute(d.targets, loops, cow), d.readOnly);
+          dm.create(d.name, d.uuid, substitute(d.targets, loops, cow, nbd), d.readOnly);
           undo.state.dm.push(d.name);
         }
       }, () => `created ${vp.devices.map((d) => `/dev/mapper/${d.name}${d.readOnly ? ' (ro)' : ''}`).join(', ')}`);

@@ -7,7 +7,8 @@
  * and `vdboot plan` prints the same plan on the host.
  *
  * Device references that exist only at execution are tokens in target params:
- * `$LOOP<i>` (a loop device of map file i) and `$COW` (the snapshot's RAM store).
+ * `$LOOP<i>` (a loop device of map file i), `$NBD` (the nbd device qemu-nbd serves the
+ * image on) and `$COW` (the snapshot's RAM store).
  */
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
 import { openImage, type ChainHost, type OpenedImage } from '../formats/chain.ts';
@@ -32,6 +33,8 @@ export interface ImageRequest {
   expand: boolean;
   /** which partition is root; undefined for an attached image */
   root?: VdiskRootChoice;
+  /** qemu-nbd is in the initramfs (vdboot mkinitramfs --with qemu-nbd): the nbd path exists */
+  nbd?: boolean;
 }
 
 /** The host side of an image: how to read its files and where they lie. */
@@ -88,7 +91,9 @@ export interface VdiskPlan {
   chain: { path: string; format: string; subformat: string; size: number }[];
   size: number;
   mode: VdiskMode;
-  path: 'direct' | 'loop';
+  path: 'direct' | 'loop' | 'nbd';
+  /** nbd path: the image qemu-nbd serves (through the mounted host filesystem) */
+  nbd?: { file: string; format: string; readOnly: boolean };
   /** one line for the console: the path and why */
   why: string;
   /** the map the tables come from (on the host device for direct, on the files for loop) */
@@ -161,8 +166,9 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
   const loops: LoopPlan[] = chosen.path === 'loop'
     ? map.files.flatMap((f, i) => (dataFiles.has(i) ? [{ index: i, file: f, readOnly: req.mode !== 'rw' || !topLayerFiles(image).has(i) }] : []))
     : [];
-  const lines = dmTable(tableMap, { writable: req.mode === 'rw', devices: devicesForFiles });
-  const targets = lines.map(parseTableLine);
+  const targets = chosen.path === 'nbd'
+    ? [{ start: 0, length: map.size / SECTOR, type: 'linear', params: '$NBD 0' }]
+    : dmTable(tableMap, { writable: req.mode === 'rw', devices: devicesForFiles }).map(parseTableLine);
 
   const devices: DmDevicePlan[] = [];
   const sectors = map.size / SECTOR;
@@ -223,9 +229,10 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
     partitions,
     devices,
     loops,
-    hostMountWritable: chosen.path === 'loop' && req.mode === 'rw',
+    hostMountWritable: chosen.path !== 'direct' && req.mode === 'rw',
     warnings,
   };
+  if (chosen.path === 'nbd') plan.nbd = { file: image.layers[0]!.path, format: qemuFormatName(image.layers[0]!.layer.format), readOnly: req.mode !== 'rw' };
   if (cowBytes !== undefined) plan.cowBytes = cowBytes;
   if (req.root) {
     const r = chooseRoot(req, req.root, table.kind, partitions, whole);
@@ -268,9 +275,16 @@ function topLayerFiles(image: OpenedImage): Set<number> {
 }
 
 interface PathChoice {
-  path: 'direct' | 'loop';
+  path: 'direct' | 'loop' | 'nbd';
   why: string;
 }
+
+/** qemu's name for a format (qemu-nbd -f). */
+function qemuFormatName(format: string): string {
+  return format === 'vhd' ? 'vpc' : format;
+}
+
+const NBD_HINT = 'or build the initramfs with "vdboot mkinitramfs --with qemu-nbd --with ntfs-3g" so that qemu-nbd serves the image (rd.vdisk.map=nbd)';
 
 /**
  * The data path for the mode (DESIGN §3). `direct` needs every range mappable onto the
@@ -282,22 +296,25 @@ interface PathChoice {
 function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | undefined, directProblem: string | undefined, host: ImageHost): PathChoice {
   const map = image.map;
   const s = summarizeMap(map);
+  if (req.map === 'nbd') {
+    if (!req.nbd) throw new FormatError(`rd.vdisk.map=nbd: this initramfs has no qemu-nbd. Build it with "vdboot mkinitramfs --with qemu-nbd --with ntfs-3g", or use rd.vdisk.map=auto, direct or loop.`, 'map', 'nbd');
+    return { path: 'nbd', why: 'nbd (asked for): qemu-nbd serves the image through the host filesystem' };
+  }
   if (s.unmappableBytes > 0) {
     const first = map.extents.find((e) => e.kind === 'unmappable');
+    const reason = first && first.kind === 'unmappable' ? first.reason : 'unmappable';
+    if (req.nbd && req.map === 'auto') return { path: 'nbd', why: `nbd: ${bytes(s.unmappableBytes)} of the virtual disk cannot be handed to device-mapper (${reason}); qemu-nbd reads it` };
     throw new FormatError(
-      `${req.path}: ${bytes(s.unmappableBytes)} of the virtual disk cannot be handed to device-mapper (${first && first.kind === 'unmappable' ? first.reason : 'unmappable'}), ` +
-        `and this vdboot has no nbd path (qemu-nbd) to serve such images. Convert the image on another machine, e.g. ` +
-        `"qemu-img convert -O vhdx in out.vhdx" (uncompressed), then boot that one.`,
+      `${req.path}: ${bytes(s.unmappableBytes)} of the virtual disk cannot be handed to device-mapper (${reason}). Convert the image on another machine, e.g. ` +
+        `"qemu-img convert -O vhdx in out.vhdx" (uncompressed), then boot that one; ${NBD_HINT}.`,
       'extent', first?.start ?? 0,
     );
-  }
-  if (req.map === 'nbd') {
-    throw new FormatError(`rd.vdisk.map=nbd: this vdboot has no nbd path yet (qemu-nbd). Use rd.vdisk.map=auto, direct or loop.`, 'map', 'nbd');
   }
   if (req.mode === 'rw') {
     const topLayer = image.layers[0]!.layer;
     const snapshots = Number(topLayer.details.snapshots ?? 0);
     if (topLayer.format === 'qcow2' && snapshots > 0) {
+      if (req.nbd && req.map === 'auto') return { path: 'nbd', why: `nbd: the image has internal snapshots sharing its clusters; qemu-nbd writes through the format` };
       throw new FormatError(
         `${req.path} has ${snapshots} internal snapshot${snapshots === 1 ? '' : 's'}, which share clusters with the disk: writing them in place would change the snapshots too. ` +
           `Boot with rd.vdisk.mode=snapshot or ro, or remove the snapshots on another machine ("qemu-img snapshot -l" lists them, "qemu-img snapshot -d NAME" deletes one).`,
@@ -309,6 +326,9 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
     for (const e of map.extents) if (e.kind === 'data' && !top.has(e.file)) parentBytes += e.length;
     const unallocated = (s.zeroBytesByWhy.unallocated ?? 0) + (s.zeroBytesByWhy.zeroed ?? 0) + (s.zeroBytesByWhy.uninitialized ?? 0);
     if (parentBytes > 0 || unallocated > 0) {
+      if (req.nbd && req.map === 'auto') {
+        return { path: 'nbd', why: `nbd: ${unallocated > 0 ? `${bytes(unallocated)} of the image ${unallocated > 1 ? 'are' : 'is'} not allocated` : `${bytes(parentBytes)} lie in its parent image`}, so writes must go through the image format: qemu-nbd allocates them` };
+      }
       const parts: string[] = [];
       if (unallocated > 0) parts.push(`${bytes(unallocated)} of it ${unallocated === s.zeroBytes ? 'are' : 'is'} not allocated in the image (a dynamic image's absent blocks), where writes through a direct mapping would vanish`);
       if (parentBytes > 0) parts.push(`${bytes(parentBytes)} of it ${parentBytes > 1 ? 'are' : 'is'} held by the parent image ${image.layers[1]?.path ?? ''}, which a write must not change`);
@@ -317,7 +337,7 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
           `${req.expand ? 'This vdboot cannot expand images in place yet. ' : 'rd.vdisk.expand=0 forbids expanding it in place. '}` +
           `Remedies: boot with rd.vdisk.mode=snapshot (writes go to RAM and are lost at power-off), or rd.vdisk.mode=ro; ` +
           `or make the image preallocated on another machine (a fixed VHD/VHDX: "qemu-img convert -O vpc -o subformat=fixed", ` +
-          `"qemu-img convert -O vhdx -o subformat=fixed"; qcow2 with "-o preallocation=metadata"; or raw)${parentBytes > 0 ? ', merging the differencing chain ("qemu-img commit")' : ''}.`,
+          `"qemu-img convert -O vhdx -o subformat=fixed"; qcow2 with "-o preallocation=metadata"; or raw)${parentBytes > 0 ? ', merging the differencing chain ("qemu-img commit")' : ''}; ${NBD_HINT}.`,
         'mode', 'rw',
       );
     }
@@ -401,6 +421,7 @@ export function describeVdiskPlan(plan: VdiskPlan, maxLines = 20): string[] {
   for (const [i, l] of plan.chain.entries()) out.push(`  ${i === 0 ? 'image ' : 'parent'} ${l.path}: ${l.format} ${l.subformat}, ${humanSize(l.size)}`);
   out.push(`  path: ${plan.why}`);
   for (const lp of plan.loops) out.push(`  $LOOP${lp.index}: loop device of ${lp.file}${lp.readOnly ? ' (read-only)' : ''}`);
+  if (plan.nbd) out.push(`  $NBD: qemu-nbd -f ${plan.nbd.format}${plan.nbd.readOnly ? ' -r' : ''} on ${plan.nbd.file}`);
   if (plan.cowBytes !== undefined) out.push(`  $COW: loop device of a sparse RAM file of ${humanSize(plan.cowBytes)} in /run/vdboot`);
   out.push(`  partitions (${plan.partitionTable}):${plan.partitions.length ? '' : ' none'}`);
   for (const p of plan.partitions) {

@@ -67,7 +67,7 @@ export interface BootPlanReport {
 }
 
 /** Plans a boot against host devices, opening every image the command line names. */
-export function planAgainstDevices(cmdline: string, devices: HostDevice[]): BootPlanReport {
+export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts: { nbd?: boolean } = {}): BootPlanReport {
   const plan = planBoot(cmdline);
   const vdisks: VdiskPlan[] = [];
   const hosts: OpenedHostFs[] = [];
@@ -77,7 +77,7 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[]): Boot
     const planOne = (hostSpec: Parameters<typeof findImage>[1], path: string, root: boolean) => {
       const found = findImage(devices, hostSpec, path);
       hosts.push(found.host);
-      const req = { index: index++, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, ...(root ? { root: plan.vdisk.root } : {}) };
+      const req = { index: index++, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, nbd: opts.nbd === true, ...(root ? { root: plan.vdisk.root } : {}) };
       const vp = planVdisk(req, imageHostFor(found.host, [found.file]));
       vdisks.push(vp);
       return vp;
@@ -120,13 +120,15 @@ export function formatReport(r: BootPlanReport): string {
 
 export const command: Command = {
   summary: 'dry-run a boot: the devices, image chain, dm tables and mounts the init would make for a command line',
-  usage: "vdboot plan --cmdline 'root=vdisk:LABEL=Windows:/VMs/linux.vhdx …' --disk host.img [--disk …] [--json]\n" +
+  usage: "vdboot plan --cmdline 'root=vdisk:LABEL=Windows:/VMs/linux.vhdx …' --disk host.img [--disk …] [--json] [--nbd]\n" +
     '  --disk FILE  a disk image file standing for a disk of the machine (sda, sdb, … in order)\n' +
-    '  --json       the plan as JSON (with every device-mapper target)',
+    '  --json       the plan as JSON (with every device-mapper target)\n' +
+    '  --nbd        plan for an initramfs with qemu-nbd and ntfs-3g (mkinitramfs --with qemu-nbd --with ntfs-3g)',
   async run(args: string[], io: CliIO): Promise<number> {
     let cmdline: string | undefined;
     const disks: string[] = [];
     let json = false;
+    let nbd = false;
     for (let i = 0; i < args.length; i++) {
       const a = args[i]!;
       const value = () => {
@@ -137,13 +139,14 @@ export const command: Command = {
       if (a === '--cmdline' || a.startsWith('--cmdline=')) cmdline = value();
       else if (a === '--disk' || a.startsWith('--disk=')) disks.push(value());
       else if (a === '--json') json = true;
+      else if (a === '--nbd') nbd = true;
       else throw new UsageError(`unknown argument ${a}\n${this.usage}`);
     }
     if (cmdline === undefined) throw new UsageError(`--cmdline is required\n${this.usage}`);
     for (const d of disks) if (!fs.existsSync(d)) throw new UsageError(`--disk ${d}: no such file`);
     const { devices, close } = diskFileDevices(disks);
     try {
-      const report = planAgainstDevices(cmdline, devices);
+      const report = planAgainstDevices(cmdline, devices, { nbd });
       if (json) io.stdout(`${JSON.stringify({ ...report, vdisks: report.vdisks.map((v) => ({ ...v, map: undefined })) }, null, 1)}\n`);
       else io.stdout(formatReport(report));
       return 0;

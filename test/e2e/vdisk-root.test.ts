@@ -405,3 +405,31 @@ describe('end to end: NTFS through ntfs-3g (vdboot mkinitramfs --with ntfs-3g)',
     expectHostClean(host);
   });
 });
+
+describe('end to end: the nbd path (vdboot mkinitramfs --with qemu-nbd --with ntfs-3g)', { timeout: 420_000 }, () => {
+  let initrdNbd: string;
+  beforeAll(() => {
+    initrdNbd = join(dir, 'initrd-nbd.img');
+    writeInitramfs(initrdNbd, { kernel: defaultKernel(), tools: ['ntfs-3g', 'qemu-nbd'] });
+  }, 120_000);
+
+  it('a dynamic VHDX rw: auto picks nbd, qemu-nbd allocates the guest\'s writes; qemu-img check passes and the file is in the image', async () => {
+    const image = join(dir, 'nbd-dynamic.vhdx');
+    convertImage(guestRaw, image, 'vhdx', ['block_size=1M']);
+    const host = hostDisk('nbd', 'ntfs', { '/VMs/dynamic.vhdx': { hostFile: image } });
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rw', 'vdisk-nbd', initrdNbd);
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(facts.wrote).toBe('/home/note.txt');
+    expect(transcript).toMatch(/vdisk0: .*nbd: .* not allocated, so writes must go through the image format/);
+    expect(transcript).toMatch(/qemu-nbd serves \/VMs\/dynamic\.vhdx \(vhdx\) on \/dev\/nbd0/);
+    expectHandOff(transcript);
+    expect(transcript).toMatch(/disconnected \/dev\/nbd0/);
+    expect(transcript).toMatch(/unmounted \/host/);
+    const after = join(dir, 'after-nbd.vhdx');
+    writeFileSync(after, readHostFile(host, '/VMs/dynamic.vhdx'));
+    const check = spawnSync('qemu-img', ['check', '-f', 'vhdx', after], { encoding: 'utf8' });
+    expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+    expect(fileInImage(after, 'vhdx', '/home/note.txt')).toBe(NOTE);
+    expectHostClean(host);
+  });
+});

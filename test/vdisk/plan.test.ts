@@ -287,6 +287,25 @@ describe('vdisk plan: what rw refuses, and why', () => {
     expect(planError('root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rd.vdisk.expand=0')).toMatch(/rd\.vdisk\.expand=0 forbids expanding/);
   });
 
+  it('with qemu-nbd in the initramfs, auto serves what device-mapper cannot write or read through nbd', () => {
+    const d = devicesOf([hostDisk]);
+    try {
+      const dyn = planAgainstDevices('root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw', d.devices, { nbd: true }).vdisks[0]!;
+      expect(dyn.path).toBe('nbd');
+      expect(dyn.why).toMatch(/^nbd: .* not allocated, so writes must go through the image format: qemu-nbd allocates them/);
+      expect(dyn.nbd).toEqual({ file: '/VMs/dynamic.vhd', format: 'vpc', readOnly: false });
+      expect(dyn.devices[0]!.targets).toEqual([{ start: 0, length: dyn.size / 512, type: 'linear', params: '$NBD 0' }]);
+      const compressed = planAgainstDevices('root=vdisk:LABEL=Windows:/VMs/compressed.qcow2 rd.vdisk.mode=ro', d.devices, { nbd: true }).vdisks[0]!;
+      expect(compressed.path).toBe('nbd');
+      expect(compressed.nbd).toMatchObject({ format: 'qcow2', readOnly: true });
+      // a fully mappable image still takes the direct path
+      expect(planAgainstDevices('root=vdisk:LABEL=Windows:/VMs/fixed.vhd rw', d.devices, { nbd: true }).vdisks[0]!.path).toBe('direct');
+    } finally {
+      d.close();
+    }
+    expect(planError('root=vdisk:LABEL=Windows:/VMs/fixed.vhd rd.vdisk.map=nbd')).toMatch(/this initramfs has no qemu-nbd/);
+  });
+
   it('a differencing chain is refused rw: writes would change the parent', () => {
     expect(planError('root=vdisk:LABEL=Windows:/VMs/overlay.qcow2 rw')).toMatch(/held by the parent image \/VMs\/base\.qcow2/);
   });
