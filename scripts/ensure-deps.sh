@@ -23,6 +23,8 @@ if ((${#missing[@]})); then
 fi
 
 if [[ ! -d node_modules || package-lock.json -nt node_modules/.package-lock.json ]]; then
-  echo "vdboot: installing npm packages (npm ci)"
-  npm ci --no-audit --no-fund --loglevel=error
+  # `npm install --no-save` installs the locked versions like `npm ci`, but also accepts a
+  # lock file written without the other platforms' optional packages (esbuild's, rollup's).
+  echo "vdboot: installing npm packages (the versions in package-lock.json)"
+  npm install --no-save --no-audit --no-fund --loglevel=error
 fi
