@@ -39,6 +39,7 @@
 #include <sys/sysmacros.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -668,6 +669,46 @@ static JSValue sys_lchown(JSContext *ctx, JSValueConst this_val, int argc, JSVal
     return v;
 }
 
+/* utimensat(path, sec, nsec, noFollow): atime and mtime both set to sec.nsec. */
+static JSValue sys_utimensat(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int64_t sec, nsec;
+    if (get_int64(ctx, argc, argv, 1, "utimensat", &sec) || get_int64(ctx, argc, argv, 2, "utimensat", &nsec))
+        return JS_EXCEPTION;
+    if (nsec < 0 || nsec > 999999999)
+        return JS_ThrowRangeError(ctx, "sys.utimensat: nanoseconds out of range: %lld", (long long)nsec);
+    int nofollow = JS_ToBool(ctx, arg(argc, argv, 3));
+    const char *path = get_str(ctx, argc, argv, 0, "utimensat");
+    if (!path)
+        return JS_EXCEPTION;
+    struct timespec ts[2] = { { (time_t)sec, (long)nsec }, { (time_t)sec, (long)nsec } };
+    JSValue v = utimensat(AT_FDCWD, path, ts, nofollow ? AT_SYMLINK_NOFOLLOW : 0) != 0
+                    ? throw_errno(ctx, "utimensat %s", path) : JS_UNDEFINED;
+    JS_FreeCString(ctx, path);
+    return v;
+}
+
+/* lsetxattr(path, name, value): sets an extended attribute without following a symlink. */
+static JSValue sys_lsetxattr(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    uint8_t *value;
+    size_t len;
+    if (get_bytes(ctx, argc, argv, 2, "lsetxattr", &value, &len))
+        return JS_EXCEPTION;
+    const char *path = get_str(ctx, argc, argv, 0, "lsetxattr");
+    if (!path)
+        return JS_EXCEPTION;
+    const char *name = get_str(ctx, argc, argv, 1, "lsetxattr");
+    if (!name) {
+        JS_FreeCString(ctx, path);
+        return JS_EXCEPTION;
+    }
+    JSValue v = lsetxattr(path, name, value, len, 0) != 0 ? throw_errno(ctx, "lsetxattr %s %s", path, name) : JS_UNDEFINED;
+    JS_FreeCString(ctx, name);
+    JS_FreeCString(ctx, path);
+    return v;
+}
+
 /* ------------------------------------------------------------ mounts and roots ----- */
 
 /* mount(source, target, fstype, flags, data): source, fstype and data may be null. */
@@ -1140,6 +1181,8 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_MAGIC_DEF("pivotRoot", 2, sys_two_paths, 3),
     JS_CFUNC_DEF("mknod", 4, sys_mknod),
     JS_CFUNC_DEF("lchown", 3, sys_lchown),
+    JS_CFUNC_DEF("utimensat", 4, sys_utimensat),
+    JS_CFUNC_DEF("lsetxattr", 3, sys_lsetxattr),
     JS_CFUNC_DEF("mount", 5, sys_mount),
     JS_CFUNC_DEF("umount2", 2, sys_umount2),
     JS_CFUNC_DEF("finitModule", 3, sys_finit_module),

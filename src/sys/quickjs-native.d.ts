@@ -49,6 +49,10 @@ declare module 'sys' {
   export function mknod(path: string, mode: number, major: number, minor: number): void;
   export function chmod(path: string, mode: number): void;
   export function lchown(path: string, uid: number, gid: number): void;
+  /** utimensat(AT_FDCWD, path, [t, t]) with t = sec.nsec; AT_SYMLINK_NOFOLLOW when noFollow */
+  export function utimensat(path: string, sec: number, nsec: number, noFollow: boolean): void;
+  /** lsetxattr(path, name, value, 0) */
+  export function lsetxattr(path: string, name: string, value: Uint8Array | ArrayBuffer): void;
 
   /** source, fstype and data may be null; "" fstype/data are passed as NULL. */
   export function mount(source: string | null, target: string, fstype: string | null, flags: number, data: string | null): void;

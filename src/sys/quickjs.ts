@@ -26,6 +26,10 @@ export interface QuickjsSys extends Sys {
   pipe(): [number, number];
   /** umask(2): sets the mask, returns the previous one (the kernel starts init with 0o022). */
   umask(mask: number): number;
+  /** utimensat(2): atime and mtime set to sec.nsec; AT_SYMLINK_NOFOLLOW when noFollow (root archives keep their times) */
+  utimensat(path: string, sec: number, nsec: number, noFollow: boolean): void;
+  /** lsetxattr(2) (root archives keep file capabilities) */
+  lsetxattr(path: string, name: string, value: Uint8Array): void;
   /** setpriority(2) on this process: 19 lets every other process run first. */
   nice(value: number): void;
   uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
@@ -88,6 +92,8 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     dup2: native.dup2,
     pipe: native.pipe,
     umask: native.umask,
+    utimensat: native.utimensat,
+    lsetxattr: native.lsetxattr,
     nice: native.nice,
     uname: native.uname,
     print: native.print,
