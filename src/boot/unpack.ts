@@ -68,6 +68,7 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   const canXattr = typeof sys.lsetxattr === 'function';
   let warnedTime = false;
   let warnedXattr = false;
+  const refusedXattrs = new Set<string>();
   const full = (p: string): string => (p === '' ? root : `${root}/${p}`);
   let safeDir = '';
   let safeLinks = 0;
@@ -120,8 +121,19 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
         if (entry.xattrs.length) {
           if (canXattr) {
             for (const x of entry.xattrs) {
-              sys.lsetxattr!(path, x.name, x.value);
-              stats.xattrs++;
+              try {
+                sys.lsetxattr!(path, x.name, x.value);
+                stats.xattrs++;
+              } catch (e) {
+                // tmpfs takes security.* and trusted.*; user.* only on newer kernels. An attribute
+                // the kernel refuses costs that attribute, not the boot.
+                if (!isSysError(e)) throw e;
+                const key = `${x.name}:${e.code}`;
+                if (!refusedXattrs.has(key)) {
+                  refusedXattrs.add(key);
+                  stats.warnings.push(`the tmpfs refused extended attribute ${x.name} on "${entry.path}" (${e.code}); entries carrying it keep their other attributes`);
+                }
+              }
             }
           } else if (!warnedXattr) {
             warnedXattr = true;

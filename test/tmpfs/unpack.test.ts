@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bytesSource, StreamCursor } from '../../src/formats/archive-stream.ts';
 import { openArchive } from '../../src/formats/archive.ts';
 import { unpackArchive, UnpackError } from '../../src/boot/unpack.ts';
+import { SysError } from '../../src/sys/sys.ts';
 import { explainUnpackFailure } from '../../src/boot/tmpfs-root.ts';
 import { spawnSync } from 'node:child_process';
 import { buildTree, describeTree } from './helpers.ts';
@@ -150,5 +151,18 @@ describe('unpacking with vdboot', () => {
     } finally {
       spawnSync('umount', [small]);
     }
+  });
+
+  it('an extended attribute the filesystem refuses is a warning, not a failure', () => {
+    const bytes = new Uint8Array(execSync("tar --format=pax --xattrs --xattrs-include='*' -C root -cf - bin/ping", { cwd: dir, maxBuffer: 64 << 20 }));
+    const out = path.join(dir, 'refused');
+    fs.mkdirSync(out);
+    const base = nodeUnpackSys();
+    const refusing = new Proxy(base, {
+      get: (t, k: string) => (k === 'lsetxattr' ? () => { throw new SysError('EOPNOTSUPP', 95, 'lsetxattr'); } : (t as unknown as Record<string, unknown>)[k]),
+    });
+    const stats = unpackArchive(refusing, openArchive(new StreamCursor(bytesSource(bytes)), 'x'), out);
+    expect(stats.files).toBe(1);
+    expect(stats.warnings.join('\n')).toMatch(/refused extended attribute security\.capability on "bin\/ping" \(EOPNOTSUPP\)/);
   });
 });
