@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 
 const bundle = fileURLToPath(new URL('../build/cli.mjs', import.meta.url));
 if (!existsSync(bundle)) {
-  process.stderr.write('vdboot: build/cli.mjs is missing; run "npm ci && npm run build" in the checkout first.\n');
+  process.stderr.write('vdboot: build/cli.mjs is missing; run "bash scripts/ensure-deps.sh && npm run build" in the checkout first.\n');
   process.exit(2);
 }
 const { runCli } = await import(bundle);
