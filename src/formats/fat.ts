@@ -252,10 +252,15 @@ export class FatVolume implements HostFs {
       if (chain.length < n) {
         throw new FormatError(`${this.volumeName}: ${p}: its cluster chain holds ${chain.length * this.clusterSize} bytes, the file is ${entry.size}: the FAT is damaged; run fsck.vfat or chkdsk`, 'size', entry.size);
       }
-      chain.forEach((c, i) => {
-        const fileOffset = i * this.clusterSize;
-        pushExtent(extents, { kind: 'data', fileOffset, length: Math.min(this.clusterSize, entry.size - fileOffset), deviceOffset: this.clusterOffset(c) });
-      });
+      // One extent per run of consecutive clusters, built without an object per cluster.
+      let runStart = 0;
+      for (let i = 1; i <= chain.length; i++) {
+        if (i < chain.length && chain[i] === chain[i - 1]! + 1) continue;
+        const fileOffset = runStart * this.clusterSize;
+        const length = Math.min((i - runStart) * this.clusterSize, entry.size - fileOffset);
+        pushExtent(extents, { kind: 'data', fileOffset, length, deviceOffset: this.clusterOffset(chain[runStart]!) });
+        runStart = i;
+      }
     }
     return { path: p, size: entry.size, extents };
   }

@@ -217,9 +217,7 @@ export class TablePages {
     private readonly maxPages = 256,
   ) {}
 
-  byte(off: number): number {
-    if (off < 0 || off >= this.length) throw new FormatError(`${this.reader.name}: table read at ${off} is outside the table (${this.length} bytes)`, 'offset', off);
-    const p = Math.floor(off / this.pageSize);
+  private page(p: number): Uint8Array {
     let page = this.pages.get(p);
     if (!page) {
       if (this.pages.size >= this.maxPages) this.pages.clear();
@@ -227,7 +225,13 @@ export class TablePages {
       page = this.reader.read(this.base + start, Math.min(this.pageSize, this.length - start));
       this.pages.set(p, page);
     }
-    return page[off - p * this.pageSize]!;
+    return page;
+  }
+
+  byte(off: number): number {
+    if (off < 0 || off >= this.length) throw new FormatError(`${this.reader.name}: table read at ${off} is outside the table (${this.length} bytes)`, 'offset', off);
+    const p = Math.floor(off / this.pageSize);
+    return this.page(p)[off - p * this.pageSize]!;
   }
 
   u16(off: number): number {
@@ -235,6 +239,14 @@ export class TablePages {
   }
 
   u32(off: number): number {
+    // One page lookup for an aligned entry (FAT32 and exFAT entries are): the chain walk of
+    // a large file reads thousands of them, and each lookup counts on QuickJS.
+    const p = Math.floor(off / this.pageSize);
+    const at = off - p * this.pageSize;
+    if (off >= 0 && off + 4 <= this.length && at + 4 <= this.pageSize) {
+      const page = this.page(p);
+      return (page[at]! | (page[at + 1]! << 8) | (page[at + 2]! << 16) | (page[at + 3]! << 24)) >>> 0;
+    }
     return (this.byte(off) | (this.byte(off + 1) << 8) | (this.byte(off + 2) << 16) | (this.byte(off + 3) << 24)) >>> 0;
   }
 }
