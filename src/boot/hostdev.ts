@@ -120,6 +120,8 @@ export function hostChainHost(host: OpenedHostFs, known: readonly HostFile[] = [
     openFile: (p) => hostFileReader(host.fs, lookup(p)),
     // NTFS and FAT names are case-insensitive: the volume's own spelling identifies a file.
     fileId: (p) => lookup(p).path.toLowerCase(),
+    // A differencing VDI names no parent file: its parent is found by UUID among its neighbours.
+    listDir: (dir) => host.fs.readdir(dir).filter((e) => !e.isDir).map((e) => e.name),
     lookup,
   };
 }
