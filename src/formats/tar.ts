@@ -203,9 +203,9 @@ export class TarReader implements ArchiveReader {
   next(): ArchiveEntry | null {
     if (this.done) return null;
     this.finishBody();
-    let pax = new Map<string, Uint8Array>();
-    let longName: string | undefined;
+    let pax: Map<string, Uint8Array> | undefined;
     let longLink: string | undefined;
+    let longName: string | undefined;
     let firstOffset = -1;
     for (;;) {
       const at = this.cursor.offset;
@@ -239,7 +239,7 @@ export class TarReader implements ArchiveReader {
         if (body.length < size) throw this.truncated('(extended header)', at, size, body.length);
         const copy = body.slice();
         this.cursor.skip(pad(size));
-        if (flag === 'x') for (const [k, v] of parsePaxRecords(copy, `${this.name}: pax header at byte ${at}`)) pax.set(k, v);
+        if (flag === 'x') for (const [k, v] of parsePaxRecords(copy, `${this.name}: pax header at byte ${at}`)) (pax ??= new Map()).set(k, v);
         else if (flag === 'g') for (const [k, v] of parsePaxRecords(copy, `${this.name}: global pax header at byte ${at}`)) this.globalPax.set(k, v);
         else if (flag === 'L') longName = cstr(copy, 0, copy.length);
         else longLink = cstr(copy, 0, copy.length);
@@ -250,17 +250,16 @@ export class TarReader implements ArchiveReader {
       const base = longName ?? (ustar && block[345] !== 0 ? `${textField(block, 345, 155)}/${textField(block, 0, 100)}` : textField(block, 0, 100));
       if (this.globalPax.size) {
         const merged = new Map(this.globalPax);
-        for (const [k, v] of pax) merged.set(k, v);
+        if (pax) for (const [k, v] of pax) merged.set(k, v);
         pax = merged;
       }
-      const hasPax = pax.size > 0;
+      const hasPax = pax !== undefined && pax.size > 0;
       const text = (k: string): string | undefined => {
-        if (!hasPax) return undefined;
-        const v = pax.get(k);
+        const v = hasPax ? pax!.get(k) : undefined;
         return v === undefined ? undefined : utf8Decode(v);
       };
       const rawPath = hasPax ? text('path') ?? base : base;
-      if (hasPax) for (const k of pax.keys()) {
+      if (hasPax) for (const k of pax!.keys()) {
         if (k.startsWith('GNU.sparse.')) throw this.sparse(rawPath, at);
       }
       if (flag === 'S') throw this.sparse(rawPath, at);
@@ -283,7 +282,7 @@ export class TarReader implements ArchiveReader {
         if (flag === 'V' || flag === 'D' || flag === 'A' || flag === 'E' || flag === 'I' || flag === 'X') {
           // A volume label, a GNU dumpdir, or a vendor header: nothing to create; skip its data.
           this.skipUnknown(bodySize);
-          pax = new Map();
+          pax = undefined;
           longName = longLink = undefined;
           firstOffset = -1;
           continue;
@@ -324,10 +323,10 @@ export class TarReader implements ArchiveReader {
       let xattrs: Xattr[] = NO_XATTRS;
       if (hasPax) {
         const found = new Map<string, Uint8Array>();
-        for (const [k, v] of pax) {
+        for (const [k, v] of pax!) {
           if (k.startsWith('SCHILY.xattr.')) found.set(k.slice('SCHILY.xattr.'.length), v);
         }
-        for (const [k, v] of pax) {
+        for (const [k, v] of pax!) {
           if (k.startsWith('LIBARCHIVE.xattr.')) {
             const value = base64Decode(utf8Decode(v));
             if (!value) throw new FormatError(`${what()}: extended attribute ${k} is not base64`, 'pax', k);
