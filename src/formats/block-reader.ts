@@ -13,6 +13,11 @@ export interface BlockReader {
    * (FormatError "truncated"), never a short read.
    */
   read(offset: number, length: number): Uint8Array;
+  /**
+   * Optional: reads exactly `into.length` bytes at `offset` straight into `into`, saving the
+   * copy `read` would need (streaming a whole disk). Same bounds rules as `read`.
+   */
+  readInto?(offset: number, into: Uint8Array): void;
 }
 
 /** Something a format can also write through (image expansion, mkdisk). */

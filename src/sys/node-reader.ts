@@ -24,23 +24,28 @@ export function openFileReader(path: string): FileReader {
     fs.closeSync(fd);
     throw e;
   }
+  const readInto = (offset: number, out: Uint8Array): void => {
+    const length = out.length;
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset + length > size) {
+      throw new FormatError(`${path}: read of ${length} bytes at offset ${offset} is past the end (${size} bytes): the file is truncated`, 'offset', offset);
+    }
+    let done = 0;
+    while (done < length) {
+      const n = fs.readSync(fd, out, done, length - done, offset + done);
+      if (n <= 0) throw new FormatError(`${path}: the file ended at ${offset + done} while reading (it shrank?)`, 'offset', offset + done);
+      done += n;
+    }
+  };
   return {
     name: path,
     size,
     fd,
     read(offset: number, length: number): Uint8Array {
-      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
-        throw new FormatError(`${path}: read of ${length} bytes at offset ${offset} is past the end (${size} bytes): the file is truncated`, 'offset', offset);
-      }
       const out = new Uint8Array(length);
-      let done = 0;
-      while (done < length) {
-        const n = fs.readSync(fd, out, done, length - done, offset + done);
-        if (n <= 0) throw new FormatError(`${path}: the file ended at ${offset + done} while reading (it shrank?)`, 'offset', offset + done);
-        done += n;
-      }
+      readInto(offset, out);
       return out;
     },
+    readInto,
     close() {
       fs.closeSync(fd);
     },
