@@ -102,10 +102,14 @@ export interface MkinitramfsOptions {
   modprobeDirs?: string[];
 }
 
-export type ToolName = 'ntfs-3g' | 'qemu-nbd';
-export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd'; module: string; path: string }> = {
+export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4';
+/** Optional programs; `module` is the kernel module the program needs ('' for none). */
+export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd' | 'lz4'; module: string; path: string }> = {
   'ntfs-3g': { manifestKey: 'ntfs3g', module: 'fuse', path: 'usr/bin/ntfs-3g' },
   'qemu-nbd': { manifestKey: 'qemuNbd', module: 'nbd', path: 'usr/bin/qemu-nbd' },
+  // root=tmpfs: archives compressed with zstd or lz4 unpack at C speed instead of in JavaScript
+  zstd: { manifestKey: 'zstd', module: '', path: 'usr/bin/zstd' },
+  lz4: { manifestKey: 'lz4', module: '', path: 'usr/bin/lz4' },
 };
 
 export interface MkinitramfsResult {
@@ -365,7 +369,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const charsets = filesystemCharsets(index.release);
   const fsRoots = new Set(selection.roots);
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
-  const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).filter((m) => index.files.has(m))]);
+  const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).filter((m) => m !== '' && index.files.has(m))]);
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   const release = index.release;
   const modRoot = `lib/modules/${release}`;
@@ -429,7 +433,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   }
   const aliases: Array<[string, string[]]> = [...aliasMap.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([p, s]) => [p, [...s].sort()]);
 
-  const preload = [...PRELOAD_MODULES, ...tools.map((t) => TOOLS[t].module)].map(moduleKey).filter((m) => included.has(m));
+  const preload = [...PRELOAD_MODULES, ...tools.map((t) => TOOLS[t].module).filter((m) => m !== '')].map(moduleKey).filter((m) => included.has(m));
   const pkgVersion = (() => {
     try {
       return JSON.parse(readFileSync(path.join(repoRoot(), 'package.json'), 'utf8')).version as string;

@@ -7,7 +7,7 @@ import { ModuleError } from '../../mkinitramfs/kmod.ts';
 
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
                   [--add-module NAME]... [--omit-module NAME]...
-                  [--with ntfs-3g|qemu-nbd]... [--modules-dir DIR] [--init FILE] [--busybox FILE]
+                  [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--modules-dir DIR] [--init FILE] [--busybox FILE]
 
 Builds an initramfs whose /init is vdboot, with the kernel modules to reach a root on
 virtio, SCSI, SATA/AHCI, NVMe, USB and SD storage, the usual filesystems, device-mapper,
@@ -19,8 +19,10 @@ loop, nbd and fuse, and busybox for the rescue shell.
   --level N                 compression level (default: zstd 9, gzip 9, xz 6; zstd 19 is ~10% smaller, ~15 s)
   --add-module NAME         also include this module (or alias) and its dependencies; repeatable
   --omit-module NAME        leave a universal-set module out (e.g. btrfs, xfs: ~0.8 MiB each); repeatable
-  --with ntfs-3g|qemu-nbd   include the program and its libraries (ntfs-3g: NTFS through fuse, for kernels
-                            without ntfs3; qemu-nbd: images the kernel cannot map); repeatable
+  --with ntfs-3g|qemu-nbd|zstd|lz4
+                            include the program and its libraries (ntfs-3g: NTFS through fuse, for kernels
+                            without ntfs3; qemu-nbd: images the kernel cannot map; zstd, lz4: root=tmpfs:
+                            archives in those compressions unpack at C speed); repeatable
   --modules-dir DIR         read modules from DIR instead of /lib/modules/VERSION
   --init FILE               the static /init host to include (default: build/init of this checkout)
   --busybox FILE            the static busybox to include (default: /bin/busybox)

@@ -88,6 +88,9 @@ export interface ManifestTools {
   ntfs3g?: string;
   /** qemu-nbd, when included (the nbd path). */
   qemuNbd?: string;
+  /** zstd and lz4, when included: root=tmpfs: archives in those compressions unpack at C speed. */
+  zstd?: string;
+  lz4?: string;
 }
 
 /** The canonical spelling of a module name: `-` and `_` are the same to the kernel. */
