@@ -108,7 +108,7 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
           symlinks.add(entry.path);
           linksMade++;
         } else if (entry.path !== '') symlinks.delete(entry.path);
-        if (fd >= 0 || (entry.size > 0 && entry.type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : sys.open(path, O.WRONLY | O.CLOEXEC, 0), chunk, opts.onProgress);
+        if (fd >= 0 || (entry.size > 0 && entry.type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : openForData(sys, entry, path), chunk, opts.onProgress);
         if (entry.type === 'hardlink') {
           // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
           if (entry.size > 0 && canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
@@ -173,6 +173,20 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
 }
 
 /** Creates the entry; for a regular file returns its open fd (the body is written next), else -1. */
+/**
+ * Opens an existing name to receive an entry's data (a hard link that carries the
+ * inode's bytes). Only a regular file, and never through a symbolic link: a crafted
+ * archive could otherwise hard-link a symlink or a device node and have its bytes
+ * written onto /dev/sda or a host file.
+ */
+function openForData(sys: UnpackSys, entry: ArchiveEntry, path: string): number {
+  const st = sys.lstat(path);
+  if ((st.mode & S.IFMT) !== S.IFREG) {
+    throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} carries ${entry.size} bytes of data for a name that is not a regular file; vdboot writes data only into regular files (the archive may be malicious or damaged)`, 'type', entry.type);
+  }
+  return sys.open(path, O.WRONLY | O.NOFOLLOW | O.CLOEXEC, 0);
+}
+
 function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p: string) => string, symlinks: Set<string>, mode: number): number {
   const make = (): number => {
     switch (entry.type) {

@@ -83,6 +83,7 @@ export const O = {
   APPEND: 0o2000,
   NONBLOCK: 0o4000,
   DIRECTORY: 0o200000,
+  NOFOLLOW: 0o400000,
   CLOEXEC: 0o2000000,
 } as const;
 

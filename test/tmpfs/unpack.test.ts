@@ -123,6 +123,29 @@ describe('unpacking with vdboot', () => {
     expect(fs.existsSync(path.join(dir, 'pwned'))).toBe(false);
   });
 
+  it('data carried by a hard link to a symbolic link the archive made is refused, and the link target is not written', () => {
+    // tar could not be made to write this: Python's tarfile crafts the hostile archive.
+    const victim = path.join(dir, 'victim.txt');
+    fs.writeFileSync(victim, 'original');
+    const tarFile = path.join(dir, 'hardlink-evil.tar');
+    execFileSync('python3', ['-c', `
+import io, tarfile, sys
+with tarfile.open(sys.argv[1], 'w', format=tarfile.GNU_FORMAT) as t:
+    s = tarfile.TarInfo('dev-link'); s.type = tarfile.SYMTYPE; s.linkname = sys.argv[2]; t.addfile(s)
+    h = tarfile.TarInfo('copy'); h.type = tarfile.LNKTYPE; h.linkname = 'dev-link'; data = b'PWNED'; h.size = len(data)
+    t.addfile(h, io.BytesIO(data))
+`, tarFile, victim]);
+    let error: unknown;
+    try {
+      unpack(new Uint8Array(fs.readFileSync(tarFile)), 'hardlink-evil-out');
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(UnpackError);
+    expect((error as Error).message).toMatch(/"copy" at byte \d+ carries 5 bytes of data for a name that is not a regular file/);
+    expect(fs.readFileSync(victim, 'utf8')).toBe('original');
+  });
+
   it('members without their parent directories get them created', () => {
     const bytes = new Uint8Array(execSync('tar -cf - usr/lib/big.bin etc/hostname', { cwd: tree, maxBuffer: 64 << 20 }));
     const { out, stats } = unpack(bytes, 'noparents');
