@@ -84,12 +84,23 @@ class Undo {
   readonly state: VdiskState = { dm: [], loops: [], nbds: [], daemons: [] };
   constructor(private readonly sys: Sys, private readonly dm: DeviceMapper) {}
 
-  rollback(): void {
+  /**
+   * Takes down what was made, users before what they use: the image's dm devices, nbd,
+   * loops (they hold files on the host), the host mount, and last vdhost (the host is
+   * mounted through it). In another order the host stays mounted — read-write on the
+   * loop and nbd paths — and is left dirty. Best effort per item; failures are reported.
+   */
+  rollback(log?: { warn(m: string): void }): void {
     const { sys, dm, state } = this;
-    if (state.hostMount) try { sys.umount2(state.hostMount, 0); } catch { /* best effort */ }
-    for (const name of [...state.dm].reverse()) try { dm.remove(name); } catch { /* best effort */ }
-    for (const loop of [...state.loops].reverse()) try { detachLoop(sys, loop); } catch { /* best effort */ }
-    for (const nbd of state.nbds ?? []) try { disconnectNbd(sys, nbd); } catch { /* best effort */ }
+    const attempt = (what: string, fn: () => void): void => {
+      try { fn(); } catch (e) { log?.warn(`while undoing: ${what}: ${(e as Error).message}`); }
+    };
+    const dms = [...state.dm].reverse();
+    for (const name of dms.filter((n) => n !== 'vdhost')) attempt(`removing /dev/mapper/${name}`, () => dm.remove(name));
+    for (const nbd of state.nbds ?? []) attempt(`disconnecting ${nbd}`, () => disconnectNbd(sys, nbd));
+    for (const loop of [...state.loops].reverse()) attempt(`detaching ${loop}`, () => detachLoop(sys, loop));
+    if (state.hostMount) attempt(`unmounting ${state.hostMount}`, () => sys.umount2(state.hostMount!, 0));
+    for (const name of dms.filter((n) => n === 'vdhost')) attempt('removing /dev/mapper/vdhost', () => dm.remove(name));
   }
 }
 
@@ -173,6 +184,20 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     }
   }
 
+  // vdboot mounts one host filesystem (at /run/vdboot/host): images that reach their file
+  // through it (loop, nbd) must all lie on that one host, or a loop would open a file of
+  // the same name on the wrong partition.
+  const throughHost = planned.filter((p) => p.vp.path !== 'direct');
+  const mountedHost = throughHost[0]?.host ?? planned[0]?.host;
+  const elsewhere = throughHost.find((p) => p.host.path !== mountedHost?.path);
+  if (elsewhere && mountedHost) {
+    throw new BootFailure(
+      `${elsewhere.vp.name} (${elsewhere.vp.imagePath} on ${elsewhere.host.path}) takes the ${elsewhere.vp.path} path, which reads the file through the mounted host filesystem, ` +
+        `but ${throughHost[0]!.vp.name} needs ${mountedHost.path} mounted, and vdboot mounts one host filesystem at a time. ` +
+        'Put the images that need loop or nbd on one partition, or let the others take the direct path (rd.vdisk.map=auto, a fully allocated image).',
+    );
+  }
+
   // 2. Execute.
   const wanted = ['dm_mod', 'dm_zero'];
   if (planned.some((p) => p.vp.mode === 'snapshot')) wanted.push('dm_snapshot');
@@ -182,7 +207,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   const dm = new DeviceMapper(sys);
   const undo = new Undo(sys, dm);
   try {
-    const hostInfo = planned[0]?.host;
+    const hostInfo = mountedHost;
     const needsHostMount = planned.some((p) => p.vp.path !== 'direct');
     const hostWritable = planned.some((p) => p.vp.hostMountWritable);
     if (hostInfo && needsHostMount) mountHost(ctx, dm, undo, hostInfo, hostWritable, true);
@@ -205,7 +230,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     }
     if (hostInfo && !needsHostMount) mountHost(ctx, dm, undo, hostInfo, false, false);
   } catch (e) {
-    undo.rollback();
+    undo.rollback(log);
     if (isSysError(e)) {
       throw new BootFailure(`Setting up the image devices failed (${e.message}). Nothing was written to the image. ` +
         `Does the initramfs have device-mapper (dm_mod${planned.some((p) => p.vp.mode === 'snapshot') ? ', dm_snapshot' : ''}) and loop? Rebuild it with "vdboot mkinitramfs".`);

@@ -130,6 +130,17 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
 });
 
 describe('simulation: the loop path and the shutdown hand-off', () => {
+  it('images that read through the host filesystem but lie on two hosts are refused before anything is made', async () => {
+    const m = machine('root=vdisk:/dev/vda1:/VMs/linux.vhd rd.vdisk.attach=/dev/vdb1:/VMs/linux.vhd rd.vdisk.map=loop rw');
+    const second = { ...m.disks[0]!, name: 'vdb', minor: 16, partitions: partitions.map((p) => ({ ...p, name: p.name.replace('vda', 'vdb') })) };
+    m.disks.push(second);
+    const r = await runBundleInQuickJS(m);
+    expect(r.end?.reason).toBe('shell');
+    expect(r.kernel.consoleText).toMatch(/vdisk1 \(.*on \/dev\/vdb1\) takes the loop path.*vdboot mounts one host filesystem at a time/s);
+    expect(r.kernel.events.dm).toEqual([]);
+    expect(r.kernel.events.loops).toEqual([]);
+  });
+
   it('rd.vdisk.map=loop: the host mounted read-write through vdhost, the image on a loop device, vdisk0 over it', async () => {
     const r = await boot('root=vdisk:LABEL=Windows:/VMs/linux.vhd rd.vdisk.map=loop rw');
     expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
