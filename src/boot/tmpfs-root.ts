@@ -59,6 +59,12 @@ export function parseTmpfsSize(text: string, memTotal: number): number {
   const bytes = unit === '%' ? (memTotal * v) / 100 : v * ({ '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 } as Record<string, number>)[unit]!;
   const rounded = Math.ceil(bytes / 4096) * 4096;
   if (!Number.isSafeInteger(rounded) || rounded < 1 << 20) throw new BootFailure(`rd.tmpfs.size=${text} is ${rounded} bytes; a root needs at least 1 MiB.`);
+  // A tmpfs larger than the memory lets a large archive exhaust RAM, and PID 1 cannot be
+  // killed for memory: that would end in a kernel panic. Leave a tenth for the system.
+  const most = Math.ceil((memTotal * 0.9) / 4096) * 4096;
+  if (rounded > most) {
+    throw new BootFailure(`rd.tmpfs.size=${text} is ${rounded} bytes, more than the ${most} bytes (90% of the ${memTotal} bytes of RAM) a tmpfs root may take here; give a smaller size, e.g. rd.tmpfs.size=75%.`);
+  }
   return rounded;
 }
 

@@ -52,4 +52,10 @@ describe('rd.tmpfs.size', () => {
     expect(() => parseTmpfsSize('lots', mem)).toThrow(/rd.tmpfs.size=lots is not a size/);
     expect(() => parseTmpfsSize('10k', mem)).toThrow(/at least 1 MiB/);
   });
+
+  it('refuses a tmpfs bigger than 90% of RAM, which would let an archive exhaust memory', () => {
+    expect(parseTmpfsSize('90%', mem)).toBe(Math.ceil((mem * 0.9) / 4096) * 4096);
+    expect(() => parseTmpfsSize('200%', mem)).toThrow(/rd\.tmpfs\.size=200% is .* more than .*\(90% of the .* RAM\)/);
+    expect(() => parseTmpfsSize('64G', mem)).toThrow(/more than .* a tmpfs root may take here/);
+  });
 });
