@@ -65,13 +65,14 @@ export interface FoundImage {
 
 /**
  * Finds `path` on the device matching `spec`, or when `spec` is undefined on every
- * partition holding a filesystem vdboot reads (the first that has it wins). The error
- * names every partition searched and what each holds.
+ * partition holding a filesystem vdboot reads (exactly one may have it: two copies are
+ * refused, naming both). The error names every partition searched and what each holds.
  */
 export function findImage(devices: readonly HostDevice[], spec: DeviceSpec | undefined, path: string): FoundImage {
   const candidates = spec ? devices.filter((d) => deviceMatches(spec, d.info)) : devices.filter((d) => d.info.fsType !== undefined && HOST_FS_TYPES.has(d.info.fsType));
   const searched: string[] = [];
   let lastError: unknown;
+  let found: FoundImage | undefined;
   for (const dev of candidates) {
     let host: OpenedHostFs;
     try {
@@ -84,14 +85,30 @@ export function findImage(devices: readonly HostDevice[], spec: DeviceSpec | und
     }
     try {
       const file = host.fs.lookup(path);
-      return { host, file };
+      if (spec) return { host, file };
+      // Searching: a second copy (a backup stick) must not be booted, and written, by
+      // the chance of which disk appeared first.
+      if (found) {
+        const first = found.host.device;
+        found.host.close();
+        host.close();
+        throw new FormatError(
+          `${path} is on more than one partition: ${describeHost(first)} and ${describeHost(dev.info)}. ` +
+            `Name the one to boot on the kernel command line, e.g. root="vdisk:${first.uuid ? `UUID=${first.uuid}` : first.label ? `LABEL=${first.label}` : first.path}:${path}"`,
+          'path', path,
+        );
+      }
+      found = { host, file };
+      continue;
     } catch (e) {
+      if (isFormatError(e) && /is on more than one partition/.test((e as Error).message)) throw e;
       host.close();
       if (!isFormatError(e) && (e as Error).name !== 'SysError') throw e;
       searched.push(`${describeHost(dev.info)}: ${(e as Error).message}`);
       lastError = e;
     }
   }
+  if (found) return found;
   if (spec && candidates.length === 1 && lastError) throw lastError;
   const others = devices.filter((d) => !candidates.includes(d)).map((d) => `${d.info.path} ${d.info.fsType ?? '(no filesystem)'}`);
   const where = spec ? formatDeviceSpec(spec) : 'any partition';

@@ -130,6 +130,15 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
 });
 
 describe('simulation: the loop path and the shutdown hand-off', () => {
+  it('an image found on two partitions without a host named is refused, naming both, before anything is made', async () => {
+    const m = machine('root=vdisk:/VMs/linux.vhd');
+    m.disks.push({ ...m.disks[0]!, name: 'vdb', minor: 16, partitions: partitions.map((p) => ({ ...p, name: p.name.replace('vda', 'vdb') })) });
+    const r = await runBundleInQuickJS(m);
+    expect(r.end?.reason).toBe('shell');
+    expect(r.kernel.consoleText).toMatch(/\/VMs\/linux\.vhd is on more than one partition: \/dev\/vda1.* and \/dev\/vdb1.*root="vdisk:UUID=[0-9A-F]+:\/VMs\/linux\.vhd"/s);
+    expect(r.kernel.events.dm).toEqual([]);
+  });
+
   it('images that read through the host filesystem but lie on two hosts are refused before anything is made', async () => {
     const m = machine('root=vdisk:/dev/vda1:/VMs/linux.vhd rd.vdisk.attach=/dev/vdb1:/VMs/linux.vhd rd.vdisk.map=loop rw');
     const second = { ...m.disks[0]!, name: 'vdb', minor: 16, partitions: partitions.map((p) => ({ ...p, name: p.name.replace('vda', 'vdb') })) };
