@@ -141,7 +141,8 @@ function unmountAll(sys: Sys, log: ConsoleLog, mounts: string[]): void {
   // /dev/fuse open on the old /dev: those hold no data and can only be detached. Once they
   // are, the mounts that were busy only because of them unmount normally.
   const holdsUs = todo.filter((m) => `${OLD_ROOT}${SHUTDOWN_ROOT}`.startsWith(`${m}/`)).sort((a, b) => b.length - a.length).slice(0, 1);
-  const api = todo.filter((m) => holdsUs.includes(m) || /^\/oldroot\/(dev|proc|sys|run)(\/|$)/.test(m));
+  // The host filesystem (under /run/vdboot) holds data: it is never only detached.
+  const api = todo.filter((m) => holdsUs.includes(m) || (/^\/oldroot\/(dev|proc|sys|run)(\/|$)/.test(m) && !m.startsWith(`${OLD_ROOT}/run/vdboot/`)));
   for (const m of api) {
     try {
       sys.umount2(m, MNT_DETACH);
@@ -247,6 +248,37 @@ function detachLoops(sys: Sys, log: ConsoleLog, loops: string[]): void {
   }
 }
 
+/**
+ * The fallback when the pivot failed: remount the root read-only, unmount the host
+ * filesystem where it is, detach what is no longer busy, sync, and power off. Each step
+ * is best effort; the sync and the power-off always happen.
+ */
+function shutdownInPlace(sys: Sys, log: ConsoleLog, verb: string | undefined): never {
+  try {
+    const state = readState(sys, log);
+    try {
+      sys.mount('', '/', '', MS.REMOUNT | MS.RDONLY, '');
+      log.info('remounted / read-only');
+    } catch (e) {
+      log.warn(`could not remount / read-only: ${(e as Error).message}`);
+    }
+    if (state.hostMount) unmountAll(sys, log, [state.hostMount]);
+    removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));
+    detachLoops(sys, log, state.loops);
+    for (const nbd of state.nbds ?? []) {
+      try { disconnectNbd(sys, nbd); } catch (e) { log.warn(`could not disconnect ${nbd}: ${(e as Error).message}`); }
+    }
+    const daemons = storageDaemons(sys, state.daemons);
+    if (daemons.length) stopDaemons(sys, log, daemons);
+    if (state.dm.includes('vdhost')) removeDevices(sys, log, ['vdhost']);
+  } catch (e) {
+    log.error(`the shutdown hand-off failed: ${(e as Error).message}; syncing and going on`);
+  }
+  sys.sync();
+  log.info(verb === 'reboot' || verb === 'kexec' ? 'rebooting' : verb === 'halt' ? 'halting' : 'powering off');
+  return sys.reboot(rebootCommand(verb));
+}
+
 /** /shutdown VERB: take down what vdboot set up, then power off, reboot or halt. Never returns. */
 export function runShutdown(sys: Sys, args: string[]): never {
   const log = new ConsoleLog(sys);
@@ -254,7 +286,16 @@ export function runShutdown(sys: Sys, args: string[]): never {
   try {
     log.info(`shutdown hand-off (${verb ?? 'poweroff'})`);
     const pivoted = isDirectory(sys, OLD_ROOT) && (() => { try { return sys.readdir(OLD_ROOT).length > 0; } catch { return false; } })();
-    if (!pivoted) pivotIntoShutdownRoot(sys, log);
+    if (!pivoted) {
+      try {
+        pivotIntoShutdownRoot(sys, log);
+      } catch (e) {
+        // Without the pivot the guest's root cannot be unmounted: make it read-only and
+        // take down what can be taken down from here. Never skip the host's unmount.
+        log.warn(`could not move into the shutdown root (${(e as Error).message}); taking things down in place`);
+        return shutdownInPlace(sys, log, verb);
+      }
+    }
     for (const [src, target, type] of [['proc', '/proc', 'proc'], ['sysfs', '/sys', 'sysfs'], ['devtmpfs', '/dev', 'devtmpfs']] as const) {
       try {
         mkdirs(sys, target);
