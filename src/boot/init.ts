@@ -16,7 +16,7 @@ import { breakShell, failureShell } from './rescue.ts';
 import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
 import { unpackTmpfsRoot } from './tmpfs-root.ts';
-import { installShutdown } from './shutdown.ts';
+import { installShutdown, takeDownInPlace } from './shutdown.ts';
 
 export const NEW_ROOT = '/root';
 
@@ -61,7 +61,7 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log);
   } catch (e) {
     log.error(explain(e));
-    return failureShell(sys, log, shell);
+    return failureShell(sys, log, shell, () => takeDownInPlace(sys, log, [NEW_ROOT]));
   }
 }
 

@@ -39,9 +39,11 @@ export function breakShell(sys: Sys, log: ConsoleLog, point: string): void {
  * After a failure: the shell again and again, never returning — PID 1 must not exit
  * (the kernel would panic). With rd.shell=0 the machine halts instead, after the message.
  */
-export function failureShell(sys: Sys, log: ConsoleLog, shellEnabled: boolean): never {
+export function failureShell(sys: Sys, log: ConsoleLog, shellEnabled: boolean, beforeHalt?: () => void): never {
   if (!shellEnabled) {
     log.info('rd.shell=0: no rescue shell; the system halts. Remove rd.shell=0 to get a shell here.');
+    // Image devices and the host filesystem come down first, so the host is left clean.
+    beforeHalt?.();
     sys.sync();
     sys.reboot(REBOOT.HALT);
   }

@@ -95,7 +95,8 @@ export function mountsUnder(mountsText: string, base: string): string[] {
 }
 
 function readState(sys: Sys, log: ConsoleLog): VdiskState {
-  for (const p of [SHUTDOWN_STATE, `${OLD_ROOT}${STATE_PATH}`]) {
+  // In the shutdown root, then the old root's record, then the initramfs's own (a failed boot).
+  for (const p of [SHUTDOWN_STATE, `${OLD_ROOT}${STATE_PATH}`, STATE_PATH]) {
     try {
       const s = JSON.parse(readText(sys, p)) as VdiskState;
       if (Array.isArray(s.dm) && Array.isArray(s.loops)) {
@@ -249,31 +250,43 @@ function detachLoops(sys: Sys, log: ConsoleLog, loops: string[]): void {
 }
 
 /**
- * The fallback when the pivot failed: remount the root read-only, unmount the host
- * filesystem where it is, detach what is no longer busy, sync, and power off. Each step
- * is best effort; the sync and the power-off always happen.
+ * Takes down what vdboot set up, from where we stand: `unmount` first (the root at /root
+ * when the init gives up), then the image's dm devices, nbd, loops, the host filesystem
+ * and vdhost, users before what they use. Best effort per step; never throws.
  */
-function shutdownInPlace(sys: Sys, log: ConsoleLog, verb: string | undefined): never {
+export function takeDownInPlace(sys: Sys, log: ConsoleLog, unmount: string[]): void {
   try {
+    if (!exists(sys, STATE_PATH)) return; // nothing was set up: no image, no host mount
     const state = readState(sys, log);
-    try {
-      sys.mount('', '/', '', MS.REMOUNT | MS.RDONLY, '');
-      log.info('remounted / read-only');
-    } catch (e) {
-      log.warn(`could not remount / read-only: ${(e as Error).message}`);
-    }
-    if (state.hostMount) unmountAll(sys, log, [state.hostMount]);
+    if (unmount.length) unmountAll(sys, log, unmount.filter((m) => exists(sys, m)));
     removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));
-    detachLoops(sys, log, state.loops);
     for (const nbd of state.nbds ?? []) {
       try { disconnectNbd(sys, nbd); } catch (e) { log.warn(`could not disconnect ${nbd}: ${(e as Error).message}`); }
     }
+    const servers = storageDaemons(sys, [], /^@qemu-nbd/);
+    if (servers.length) stopDaemons(sys, log, servers);
+    detachLoops(sys, log, state.loops);
+    if (state.hostMount) unmountAll(sys, log, [state.hostMount]);
     const daemons = storageDaemons(sys, state.daemons);
     if (daemons.length) stopDaemons(sys, log, daemons);
     if (state.dm.includes('vdhost')) removeDevices(sys, log, ['vdhost']);
   } catch (e) {
-    log.error(`the shutdown hand-off failed: ${(e as Error).message}; syncing and going on`);
+    log.warn(`taking down the image devices: ${(e as Error).message}`);
   }
+}
+
+/**
+ * The fallback when the pivot failed: remount the root read-only, then take down the
+ * host and the devices in place. The sync and the power-off always happen.
+ */
+function shutdownInPlace(sys: Sys, log: ConsoleLog, verb: string | undefined): never {
+  try {
+    sys.mount('', '/', '', MS.REMOUNT | MS.RDONLY, '');
+    log.info('remounted / read-only');
+  } catch (e) {
+    log.warn(`could not remount / read-only: ${(e as Error).message}`);
+  }
+  takeDownInPlace(sys, log, []);
   sys.sync();
   log.info(verb === 'reboot' || verb === 'kexec' ? 'rebooting' : verb === 'halt' ? 'halting' : 'powering off');
   return sys.reboot(rebootCommand(verb));

@@ -130,6 +130,18 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
 });
 
 describe('simulation: the loop path and the shutdown hand-off', () => {
+  it('rd.shell=0 after the image devices were made: the root, the devices and the host come down before the halt', async () => {
+    const r = await boot('root=vdisk:LABEL=Windows:/VMs/linux.vhd init=/sbin/nothing rd.shell=0');
+    expect(r.end?.reason, r.kernel.consoleText).toBe('reboot');
+    expect(r.kernel.consoleText).toMatch(/no init to start/);
+    const made = r.kernel.events.dm.filter((e) => e.op === 'create').map((e) => e.name);
+    const removed = r.kernel.events.dm.filter((e) => e.op === 'remove').map((e) => e.name);
+    expect(made.length).toBeGreaterThan(0);
+    expect([...removed].sort()).toEqual([...made].sort());
+    expect(removed.at(-1)).toBe('vdhost');
+    expect(r.kernel.events.umounts).toContain('/root');
+  });
+
   it('an image found on two partitions without a host named is refused, naming both, before anything is made', async () => {
     const m = machine('root=vdisk:/VMs/linux.vhd');
     m.disks.push({ ...m.disks[0]!, name: 'vdb', minor: 16, partitions: partitions.map((p) => ({ ...p, name: p.name.replace('vda', 'vdb') })) });
