@@ -19,7 +19,7 @@ import { detectCompression, declaredStreamSize, openArchive, type Compression } 
 import { type ArchiveReader, type ByteSource, formatBytes, StreamCursor } from '../formats/archive-stream.ts';
 import { isFormatError, type BlockReader } from '../formats/block-reader.ts';
 import { hostFileReader } from '../formats/hostfs.ts';
-import { isSysError, MS, type Sys } from '../sys/sys.ts';
+import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { exists, mkdirs, readTextOr, writeText } from './fsutil.ts';
 import { describeHost, HOST_FS_TYPES, openHostDevice } from './hostdev.ts';
@@ -68,6 +68,29 @@ export function parseTmpfsSize(text: string, memTotal: number): number {
   return rounded;
 }
 
+const BLKROSET = 0x125d;
+const BLKROGET = 0x125e;
+
+/**
+ * Sets a block device's read-only flag; returns what it was (undefined when the device
+ * would not say, and then nothing is changed back later).
+ */
+function setDeviceReadOnly(sys: InitContext['sys'], path: string, readOnly: boolean): boolean | undefined {
+  let fd = -1;
+  try {
+    fd = sys.open(path, O.RDONLY | O.CLOEXEC);
+    const was = new Int32Array(1);
+    sys.ioctl(fd, BLKROGET, was.buffer);
+    const want = new Int32Array([readOnly ? 1 : 0]);
+    sys.ioctl(fd, BLKROSET, want.buffer);
+    return was[0] !== 0;
+  } catch {
+    return undefined;
+  } finally {
+    if (fd >= 0) sys.close(fd);
+  }
+}
+
 interface OpenedArchive {
   reader: BlockReader;
   /** the archive's path for a decoder to open itself (kernel-mounted host) */
@@ -92,11 +115,25 @@ function openArchiveFile(ctx: InitContext, req: TmpfsRootRequest): OpenedArchive
   }
   mkdirs(sys, ARCHIVE_HOST_MOUNT);
   // Read-only is not enough to leave a journaling filesystem untouched: a dirty journal is
-  // replayed even then. These options skip the replay, so the host is never written.
+  // replayed even then. These options skip the replay, and the device itself is made
+  // read-only (BLKROSET) while it is mounted, so the kernel refuses any write to the host
+  // whatever the filesystem does (f2fs roll-forward, ext4 orphan cleanup, …).
   const noReplay: Record<string, string> = { ext3: 'noload', ext4: 'noload', xfs: 'norecovery', btrfs: 'nologreplay' };
-  mountDevice(ctx, dev, ARCHIVE_HOST_MOUNT, undefined, true, noReplay[dev.fsType ?? ''] ?? '');
+  const wasReadOnly = setDeviceReadOnly(sys, dev.path, true);
+  try {
+    mountDevice(ctx, dev, ARCHIVE_HOST_MOUNT, undefined, true, noReplay[dev.fsType ?? ''] ?? '');
+  } catch (e) {
+    if (wasReadOnly === false) setDeviceReadOnly(sys, dev.path, false);
+    throw e;
+  }
   const release = (): void => {
-    try { sys.umount2(ARCHIVE_HOST_MOUNT, 0); } catch (e) { ctx.log.warn(`could not unmount the archive's host at ${ARCHIVE_HOST_MOUNT} (${(e as Error).message})`); }
+    try {
+      sys.umount2(ARCHIVE_HOST_MOUNT, 0);
+      // The booted system gets the partition back as it was: writable, if it was.
+      if (wasReadOnly === false) setDeviceReadOnly(sys, dev.path, false);
+    } catch (e) {
+      ctx.log.warn(`could not unmount the archive's host at ${ARCHIVE_HOST_MOUNT} (${(e as Error).message}); it stays read-only`);
+    }
   };
   try {
     const full = `${ARCHIVE_HOST_MOUNT}${req.path}`;

@@ -45,6 +45,8 @@ const CHECKS = [
   guestFact('bigsum', '$(md5sum /usr/share/big.bin | cut -d" " -f1)'),
   guestFact('getcap', '$(/usr/sbin/getcap /bin/ping2 2>&1)'),
   guestFact('hosts', '$(grep -c " /run/vdboot/archive-host " /proc/mounts)'),
+  // the host partition was read-only (BLKROSET) only while vdboot read the archive
+  guestFact('devro', '$(cat /sys/class/block/*/ro | sort -u | tr -d "\\n")'),
   guestFact('handoff', '$(test -x /run/initramfs/shutdown && echo yes)'),
 ];
 
@@ -166,6 +168,7 @@ function expectTree(f: Record<string, string>, opts: { xattrs: boolean }): void 
   expect(f.dirmtime).toBe(String(MTIME));
   if (opts.xattrs) expect(f.getcap).toMatch(/\/bin\/ping2 cap_net_raw[=+]ep/);
   expect(f.hosts).toBe('0');
+  expect(f.devro).toBe('0');
   expect(f.handoff).toBe('yes');
 }
 
