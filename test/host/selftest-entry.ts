@@ -209,4 +209,7 @@ check('virtioDisk', () => {
 
 native.print('SELFTEST-RESULT ' + JSON.stringify(result));
 sys.sync();
+// Let the serial line drain (about 0.15 s for this line at 115200 baud): the kernel's own
+// "reboot: Power down" would otherwise land in the middle of it.
+sys.sleepMs(1000);
 sys.reboot(REBOOT.POWER_OFF);
