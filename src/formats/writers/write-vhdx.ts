@@ -9,6 +9,7 @@
 import { crc32c } from '../crc.ts';
 import { guidToBytes } from '../guid.ts';
 import { utf16leEncode } from '../text.ts';
+import { GUID_BAT, GUID_FILE_PARAMETERS, GUID_LOGICAL_SECTOR_SIZE, GUID_METADATA, GUID_PHYSICAL_SECTOR_SIZE, GUID_VIRTUAL_DISK_ID, GUID_VIRTUAL_DISK_SIZE, MAX_VIRTUAL_SIZE } from '../vhdx.ts';
 import {
   alignUp, ascii, checkSource, eachDataBlock, le16, le32, le64, touchedBlocks,
   type ImageSink, type SparseSource, type WriteOptions, type WriteResult,
@@ -18,17 +19,10 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 export const VHDX_BLOCK_SIZE = 2 * MiB;
 /** 64 TiB, the format's limit. */
-export const VHDX_MAX_SIZE = 64 * 1024 * 1024 * MiB;
+export const VHDX_MAX_SIZE = MAX_VIRTUAL_SIZE;
 const LOGICAL_SECTOR = 512;
 const PHYSICAL_SECTOR = 4096;
 
-const REGION_BAT = '2dc27766-f623-4200-9d64-115e9bfd4a08';
-const REGION_METADATA = '8b7ca206-4790-4b9a-b8fe-575f050f886e';
-const META_FILE_PARAMETERS = 'caa16737-fa36-4d43-b3b6-33f0aa44e76b';
-const META_VIRTUAL_DISK_SIZE = '2fa54224-cd1b-4876-b211-5dbed83bf4b8';
-const META_VIRTUAL_DISK_ID = 'beca12ab-b2e6-4523-93ef-c309e000c746';
-const META_LOGICAL_SECTOR = '8141bf1d-a96f-4709-ba47-f233a8faab5f';
-const META_PHYSICAL_SECTOR = 'cda348c7-445d-4471-9cc9-e9885251c556';
 
 const BAT_FULLY_PRESENT = 6n;
 
@@ -69,8 +63,8 @@ function regionTable(batLength: number): Uint8Array {
     le32(t, o + 24, length);
     le32(t, o + 28, 1); // Required
   };
-  entry(0, REGION_BAT, BAT_OFFSET, batLength);
-  entry(1, REGION_METADATA, METADATA_OFFSET, METADATA_LENGTH);
+  entry(0, GUID_BAT, BAT_OFFSET, batLength);
+  entry(1, GUID_METADATA, METADATA_OFFSET, METADATA_LENGTH);
   le32(t, 4, crc32c(t));
   return t;
 }
@@ -86,11 +80,11 @@ function metadata(size: number, diskId: Uint8Array): Uint8Array {
   le32(params, 0, VHDX_BLOCK_SIZE); // flags (4) stay zero: not LeaveBlocksAllocated, no parent
   const sizeBytes = new Uint8Array(8);
   le64(sizeBytes, 0, size);
-  items.push([META_FILE_PARAMETERS, params, IS_REQUIRED]);
-  items.push([META_VIRTUAL_DISK_SIZE, sizeBytes, IS_VIRTUAL_DISK | IS_REQUIRED]);
-  items.push([META_VIRTUAL_DISK_ID, guidToBytes(guidText(diskId)), IS_VIRTUAL_DISK | IS_REQUIRED]);
-  items.push([META_LOGICAL_SECTOR, u32(LOGICAL_SECTOR), IS_VIRTUAL_DISK | IS_REQUIRED]);
-  items.push([META_PHYSICAL_SECTOR, u32(PHYSICAL_SECTOR), IS_VIRTUAL_DISK | IS_REQUIRED]);
+  items.push([GUID_FILE_PARAMETERS, params, IS_REQUIRED]);
+  items.push([GUID_VIRTUAL_DISK_SIZE, sizeBytes, IS_VIRTUAL_DISK | IS_REQUIRED]);
+  items.push([GUID_VIRTUAL_DISK_ID, guidToBytes(guidText(diskId)), IS_VIRTUAL_DISK | IS_REQUIRED]);
+  items.push([GUID_LOGICAL_SECTOR_SIZE, u32(LOGICAL_SECTOR), IS_VIRTUAL_DISK | IS_REQUIRED]);
+  items.push([GUID_PHYSICAL_SECTOR_SIZE, u32(PHYSICAL_SECTOR), IS_VIRTUAL_DISK | IS_REQUIRED]);
   le16(m, 10, items.length);
   // Item data starts at 64 KiB (the table's size), each item on its own 8-byte-aligned slot.
   let dataAt = 64 * KiB;
