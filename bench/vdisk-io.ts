@@ -1,0 +1,207 @@
+// root=vdisk I/O benchmark (issue 4): sequential and random read/write throughput inside the
+// guest, with O_DIRECT on a preallocated scratch file of its root filesystem, for the same
+// ext4 root
+//   raw     on a plain partition of the host disk (the limit)
+//   direct  in a fixed VHDX on the NTFS partition of that disk, mapped by device-mapper
+//           straight onto the partition's sectors (rd.vdisk.map=auto picks it)
+//   loop    the same image through ntfs-3g and a loop device (rd.vdisk.map=loop)
+//   nbd     the same image served by qemu-nbd through ntfs-3g (rd.vdisk.map=nbd)
+// all on one virtio-blk disk (a fresh copy per boot, qemu's default cache mode), measured
+// side by side in this run, plus the kernel uptime at which the guest's init starts (raw vs
+// direct). Targets: direct >= 0.95 x raw and >= 3 x nbd on every measure; init at <= 1.3 x.
+// BENCH_RUNS=N boots each case N times (1), interleaved; medians are shown.
+// BENCH_IO_SEQ_MIB (64) and BENCH_IO_RAND_OPS (2000) size the work per boot.
+import { spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { writeInitramfs } from '../mkinitramfs/build.ts';
+import { convertImage, makeExt4, makeNtfs, makePartitionedDisk } from '../qemu/disks.ts';
+import { buildGuestRoot, parseGuestFacts, GUEST_MARKER } from '../qemu/guest.ts';
+import { bootVm, defaultKernel, kernelVersion, probeAccel } from '../qemu/harness.ts';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const runs = Math.max(1, Number(process.env.BENCH_RUNS ?? 1) || 1);
+const seqMiB = Math.max(1, Number(process.env.BENCH_IO_SEQ_MIB ?? 64) || 64);
+const randOps = Math.max(1, Number(process.env.BENCH_IO_RAND_OPS ?? 2000) || 2000);
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-bench-vdisk-io-'));
+const MiB = 1024 * 1024;
+const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
+const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
+const IMAGE = '/VMs/My Linux.vhdx';
+const MEASURES = ['seq_write_mibs', 'seq_read_mibs', 'rand_write_iops', 'rand_read_iops'] as const;
+type Measure = (typeof MEASURES)[number];
+const LABELS: Record<Measure, string> = {
+  seq_write_mibs: 'seq write MiB/s',
+  seq_read_mibs: 'seq read MiB/s',
+  rand_write_iops: 'rand write IOPS',
+  rand_read_iops: 'rand read IOPS',
+};
+
+interface Case {
+  name: 'raw' | 'direct' | 'loop' | 'nbd';
+  append: string;
+  initrd: string;
+  /** the console line that shows vdboot took the path this case measures */
+  expect?: RegExp;
+  /** the guest's root device */
+  device: string;
+  results: Record<Measure, number>[];
+  uptimes: number[];
+  failures: string[];
+}
+
+/** io-probe.c, compiled static with musl-gcc (the guest has no C library). */
+function buildProbe(out: string): void {
+  const r = spawnSync('musl-gcc', ['-static', '-O2', '-Wall', '-o', out, path.join(here, 'io-probe.c')], { encoding: 'utf8' });
+  if (r.error || r.status !== 0) throw new Error(`Could not build bench/io-probe.c with musl-gcc (Debian package musl-tools): ${r.stderr ?? r.error}`);
+}
+
+/** The VDBOOT-IO line io-probe printed, as numbers; throws on its error line or bad blocks. */
+function parseProbe(transcript: string): Record<Measure, number> {
+  const line = transcript.split('\n').find((l) => l.includes('VDBOOT-IO '));
+  if (!line) throw new Error('io-probe printed no VDBOOT-IO line');
+  const kv = Object.fromEntries([...line.matchAll(/(\w+)=(\S+)/g)].map((m) => [m[1]!, m[2]!]));
+  if (kv.error !== undefined) throw new Error(`io-probe: ${line.slice(line.indexOf('error='))}`);
+  if (kv.bad_blocks !== '0') throw new Error(`io-probe read back ${kv.bad_blocks} block(s) that do not hold what was written`);
+  const out = {} as Record<Measure, number>;
+  for (const m of MEASURES) {
+    const v = Number(kv[m]);
+    if (!Number.isFinite(v) || v <= 0) throw new Error(`io-probe: no ${m} in "${line}"`);
+    out[m] = v;
+  }
+  return out;
+}
+
+const median = (xs: number[]): number | undefined => {
+  if (!xs.length) return undefined;
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+};
+const ratio = (a: number | undefined, b: number | undefined): number | undefined => (a === undefined || b === undefined || b === 0 ? undefined : a / b);
+const fmtRatio = (r: number | undefined): string => (r === undefined ? '—' : `${r >= 0.1 ? r.toFixed(2) : r.toPrecision(2)}×`);
+const fmt = (v: number | undefined, digits = 1): string => (v === undefined ? '—' : v.toFixed(digits));
+
+try {
+  const kernel = defaultKernel();
+  const accel = await probeAccel(kernel);
+  console.log(
+    `kernel ${kernelVersion(kernel)}, accel ${accel}, ${runs} boot(s) per case, ${os.cpus().length} CPUs, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}`,
+  );
+  console.log(`work per boot: ${seqMiB} MiB sequential (1 MiB blocks), ${randOps} random 4 KiB operations, O_DIRECT, on a ${seqMiB} MiB scratch file of the root`);
+
+  // Three initramfs images, as a user would build them for each path.
+  const initrd = path.join(work, 'initrd.img');
+  const initrdNtfs3g = path.join(work, 'initrd-ntfs3g.img');
+  const initrdNbd = path.join(work, 'initrd-nbd.img');
+  writeInitramfs(initrd, { kernel });
+  writeInitramfs(initrdNtfs3g, { kernel, tools: ['ntfs-3g'] });
+  writeInitramfs(initrdNbd, { kernel, tools: ['ntfs-3g', 'qemu-nbd'] });
+
+  // The guest root: busybox, io-probe, and a scratch file of random bytes (allocated, not sparse).
+  const rootDir = path.join(work, 'root');
+  buildGuestRoot(rootDir, { commands: [`/bench/io-probe /bench/scratch ${seqMiB} ${randOps}`] });
+  fs.mkdirSync(path.join(rootDir, 'bench'));
+  buildProbe(path.join(rootDir, 'bench/io-probe'));
+  fs.writeFileSync(path.join(rootDir, 'bench/scratch'), crypto.randomBytes(seqMiB * MiB));
+  const rootFs = path.join(work, 'root.ext4');
+  makeExt4(rootFs, { sizeMiB: seqMiB + 32, label: 'benchroot', fromDir: rootDir });
+
+  // The guest disk as a fixed VHDX on NTFS, and the same filesystem on a plain partition next to it.
+  const guestRaw = path.join(work, 'guest.raw');
+  makePartitionedDisk(guestRaw, { table: 'gpt', partitions: [{ image: rootFs, type: ROOT_TYPE, name: 'linux' }] });
+  const vhdx = path.join(work, 'guest.vhdx');
+  convertImage(guestRaw, vhdx, 'vhdx', ['subformat=fixed']);
+  const ntfs = path.join(work, 'host.ntfs');
+  makeNtfs(ntfs, { sizeMiB: Math.ceil(fs.statSync(vhdx).size / MiB) + 40, label: 'Windows', files: { [IMAGE]: { hostFile: vhdx } } });
+  const hostDisk = path.join(work, 'host.img');
+  makePartitionedDisk(hostDisk, {
+    table: 'gpt',
+    partitions: [
+      { image: ntfs, type: BASIC_DATA, name: 'Basic data partition' },
+      { image: rootFs, type: 'linux', name: 'plainroot' },
+    ],
+  });
+  console.log(`host disk: NTFS ${(fs.statSync(ntfs).size / MiB).toFixed(0)} MiB holding ${IMAGE} (fixed VHDX, ${(fs.statSync(vhdx).size / MiB).toFixed(0)} MiB), then the same ext4 root (${seqMiB + 32} MiB) on partition 2`);
+  for (const f of [guestRaw, vhdx, ntfs]) fs.rmSync(f);
+
+  const root = `"root=vdisk:LABEL=Windows:${IMAGE}" rw`;
+  const mk = (name: Case['name'], append: string, rd: string, device: string, expect?: RegExp): Case => ({ name, append, initrd: rd, device, expect, results: [], uptimes: [], failures: [] });
+  const cases: Case[] = [
+    mk('raw', 'root=PARTLABEL=plainroot rw', initrd, '/dev/vda2'),
+    mk('direct', root, initrd, '/dev/mapper/vdisk0p1', /direct: the image is fully mappable/),
+    mk('loop', `${root} rd.vdisk.map=loop`, initrdNtfs3g, '/dev/mapper/vdisk0p1', /loop \(asked for\)/),
+    mk('nbd', `${root} rd.vdisk.map=nbd`, initrdNbd, '/dev/mapper/vdisk0p1', /nbd \(asked for\)/),
+  ];
+
+  // Boots interleaved (raw direct loop nbd raw …), so other load on the machine hits all alike.
+  for (let run = 1; run <= runs; run++) {
+    for (const c of cases) {
+      const disk = path.join(work, `disk-${c.name}.img`);
+      fs.copyFileSync(hostDisk, disk); // a fresh copy: every boot starts from the same bytes
+      const vm = await bootVm({ name: `bench-io-${c.name}`, kernel, initrd: c.initrd, append: c.append, disks: [{ file: disk, interface: 'virtio-blk' }], accel });
+      try {
+        await vm.waitFor(GUEST_MARKER, 900_000);
+        const t = vm.transcript();
+        const facts = parseGuestFacts(t);
+        if (facts.root.device !== c.device) throw new Error(`root is ${facts.root.device}, expected ${c.device}`);
+        if (c.expect && !c.expect.test(t)) throw new Error(`vdboot did not take the ${c.name} path (no ${String(c.expect)} on the console)`);
+        const r = parseProbe(t);
+        c.results.push(r);
+        c.uptimes.push(facts.uptime);
+        console.log(
+          `  run ${run}: ${c.name.padEnd(7)} init at ${facts.uptime.toFixed(2)} s; ` +
+            MEASURES.map((m) => `${LABELS[m]} ${fmt(r[m])}`).join(', '),
+        );
+        await vm.waitExit(120_000).catch(() => undefined);
+      } catch (e) {
+        c.failures.push(`run ${run}: ${(e as Error).message.split('\n')[0]} (log: ${vm.logFile})`);
+        console.log(`  run ${run}: ${c.name.padEnd(7)} FAILED (log: ${vm.logFile})`);
+      } finally {
+        await vm.kill();
+        fs.rmSync(disk, { force: true });
+      }
+    }
+  }
+
+  const med = (c: Case, m: Measure): number | undefined => median(c.results.map((r) => r[m]));
+  const byName = Object.fromEntries(cases.map((c) => [c.name, c])) as Record<Case['name'], Case>;
+  console.log('');
+  console.log(`${'path'.padEnd(8)}${MEASURES.map((m) => LABELS[m].padStart(17)).join('')}${'init at s'.padStart(11)}${'n'.padStart(4)}`);
+  for (const c of cases) {
+    console.log(`${c.name.padEnd(8)}${MEASURES.map((m) => fmt(med(c, m)).padStart(17)).join('')}${fmt(median(c.uptimes), 2).padStart(11)}${String(c.results.length).padStart(4)}`);
+  }
+  console.log('');
+  console.log(`${'ratios'.padEnd(16)}${MEASURES.map((m) => LABELS[m].padStart(17)).join('')}${'init at'.padStart(11)}`);
+  const pairs: [Case['name'], Case['name']][] = [['direct', 'raw'], ['loop', 'raw'], ['nbd', 'raw'], ['direct', 'loop'], ['direct', 'nbd']];
+  for (const [a, b] of pairs) {
+    console.log(
+      `${`${a} / ${b}`.padEnd(16)}${MEASURES.map((m) => fmtRatio(ratio(med(byName[a], m), med(byName[b], m))).padStart(17)).join('')}` +
+        `${fmtRatio(ratio(median(byName[a].uptimes), median(byName[b].uptimes))).padStart(11)}`,
+    );
+  }
+
+  console.log('');
+  console.log('targets (issue 4):');
+  const verdict = (rs: (number | undefined)[], ok: (r: number) => boolean): string =>
+    rs.some((r) => r === undefined) ? 'not measured' : rs.every((r) => ok(r!)) ? 'met' : 'NOT met';
+  const vsRaw = MEASURES.map((m) => ratio(med(byName.direct, m), med(byName.raw, m)));
+  const vsNbd = MEASURES.map((m) => ratio(med(byName.direct, m), med(byName.nbd, m)));
+  const worst = (rs: (number | undefined)[]): string => (rs.some((r) => r === undefined) ? '—' : fmtRatio(Math.min(...(rs as number[]))));
+  console.log(`  direct ≥ 0.95 × raw (every measure):  worst ${worst(vsRaw)} ${verdict(vsRaw, (r) => r >= 0.95)}`);
+  console.log(`  direct ≥ 3 × qemu-nbd (every measure): worst ${worst(vsNbd)} ${verdict(vsNbd, (r) => r >= 3)}`);
+  const up = ratio(median(byName.direct.uptimes), median(byName.raw.uptimes));
+  console.log(`  init at, vdisk ≤ 1.3 × plain partition: ${fmtRatio(up)} ${up === undefined ? 'not measured' : up <= 1.3 ? 'met' : 'NOT met'}`);
+
+  const failures = cases.flatMap((c) => c.failures.map((f) => `${c.name}: ${f}`));
+  if (failures.length) {
+    console.log('\nfailures:');
+    for (const f of failures) console.log(`  ${f}`);
+  }
+  // The benchmark itself fails only when the reference it compares against could not run.
+  if (byName.raw.results.length === 0) process.exitCode = 1;
+} finally {
+  fs.rmSync(work, { recursive: true, force: true });
+}
