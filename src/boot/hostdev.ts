@@ -9,6 +9,7 @@ import { type BlockReader, FormatError, isFormatError } from '../formats/block-r
 import type { ChainHost } from '../formats/chain.ts';
 import type { FileLayout } from '../formats/extent-ops.ts';
 import { hostFileReader, openHostFs, type HostFile, type HostFs } from '../formats/hostfs.ts';
+import { FIEMAP_DIRECT_FS } from './fiemap.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import type { ImageHost } from './vdisk.ts';
 
@@ -24,6 +25,27 @@ export interface HostDevice {
 
 /** The filesystems vdboot reads itself and can map files of directly. */
 export const HOST_FS_TYPES: ReadonlySet<string> = new Set(['ntfs', 'exfat', 'vfat']);
+
+/**
+ * Filesystems the kernel mounts for vdboot to reach an image file on them (fiemap.ts):
+ * at /run/vdboot/host, with the file's places on the partition from FIEMAP.
+ */
+export const KERNEL_HOST_FS_TYPES: ReadonlySet<string> = new Set(['ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'f2fs', 'jfs', 'reiserfs', 'nilfs2', 'bcachefs', 'iso9660', 'udf', 'hfsplus']);
+
+/** The host holds a filesystem the kernel mounts for vdboot rather than one vdboot reads. */
+export function isKernelHost(d: BlockDeviceInfo): boolean {
+  return d.fsType !== undefined && KERNEL_HOST_FS_TYPES.has(d.fsType);
+}
+
+/** The message for a kernel-mounted host where vdboot cannot mount (`vdboot plan` on a disk file); FormatError field "kernel-host". */
+export function kernelHostError(d: BlockDeviceInfo, path: string): FormatError {
+  return new FormatError(
+    `${path} is on ${describeHost(d)}, a filesystem vdboot does not read itself. At boot the kernel mounts it read-only at /run/vdboot/host through /dev/mapper/vdhost ` +
+      `and vdboot reads the image through it. ${FIEMAP_DIRECT_FS.has(d.fsType ?? '') ? `The image takes the direct path when the filesystem's FIEMAP places all of it, as it is, on ${d.path}; else the loop path. ` : `The image takes the loop path (through the kernel's ${d.fsType} driver). `}` +
+      `Without mounting it, this machine cannot show the image chain or device-mapper tables.`,
+    'kernel-host', d.path,
+  );
+}
 
 /** A host filesystem opened by vdboot on one device. */
 export interface OpenedHostFs {
@@ -74,6 +96,7 @@ export function findImage(devices: readonly HostDevice[], spec: DeviceSpec | und
   let lastError: unknown;
   let found: FoundImage | undefined;
   for (const dev of candidates) {
+    if (spec && isKernelHost(dev.info)) throw kernelHostError(dev.info, path);
     let host: OpenedHostFs;
     try {
       host = openHostDevice(dev);
@@ -116,6 +139,7 @@ export function findImage(devices: readonly HostDevice[], spec: DeviceSpec | und
     `Could not find ${path} on ${where}. ` +
       (candidates.length ? `Searched ${candidates.length} partition${candidates.length === 1 ? '' : 's'}:${searched.map((s) => `\n  ${s}`).join('')}` : 'No partition holds an NTFS, exFAT or FAT filesystem to search.') +
       (others.length ? `\nNot searched (${spec ? 'not matching, or ' : ''}not NTFS, exFAT or FAT): ${others.join(', ')}` : '') +
+      (!spec && devices.some((d) => isKernelHost(d.info)) ? `\nAn image on a filesystem the kernel mounts (ext4, xfs, btrfs, …) is found when the host is named: root=vdisk:LABEL=…:${path}` : '') +
       `\nCheck the path (it starts with "/"; "\\" works too) and the host spec on the kernel command line.`,
     'path', path,
   );

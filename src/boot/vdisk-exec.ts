@@ -12,10 +12,11 @@ import { describeDevices } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { mkdirs, readTextOr, writeText } from './fsutil.ts';
-import { findImage, imageHostFor, type FoundImage, type HostDevice } from './hostdev.ts';
+import { kernelImageHost } from './fiemap.ts';
+import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
 import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
 import { attachLoop, detachLoop } from './loop.ts';
-import { describeVdiskPlan, DM_UUID_PREFIX, planVdisk, type DmDevicePlan, type ImageRequest, type VdiskPlan } from './vdisk.ts';
+import { describeVdiskPlan, DM_UUID_PREFIX, planVdisk, type DmDevicePlan, type ImageHost, type ImageRequest, type VdiskPlan } from './vdisk.ts';
 
 export const HOST_MOUNT = '/run/vdboot/host';
 export const STATE_DIR = '/run/vdboot';
@@ -71,6 +72,80 @@ function waitForImage(ctx: InitContext, spec: DeviceSpec | undefined, path: stri
     }
     waitForUevents(ctx, Math.min(500, deadline - sys.monotonicMs()));
   }
+}
+
+/**
+ * The host of `path`: a device vdboot reads itself with the image found on it, or a
+ * device holding a filesystem only the kernel reads (the caller mounts it to look).
+ */
+function locateImage(ctx: InitContext, spec: DeviceSpec | undefined, path: string, what: string): { found?: FoundImage; kernel?: BlockDeviceInfo } {
+  if (!spec) return { found: waitForImage(ctx, spec, path, what) };
+  const dev = waitForDevice(ctx, spec, `host partition of ${what}`);
+  if (isKernelHost(dev)) return { kernel: dev };
+  return { found: findImage(hostDevices(ctx, [dev]), spec, path) };
+}
+
+/** A host mounted by the kernel at /run/vdboot/host (through vdhost) for vdboot to read its image files. */
+interface KernelMount {
+  device: BlockDeviceInfo;
+  /** the type it mounted as */
+  fsType: string;
+  writable: boolean;
+}
+
+/** Creates vdhost over `host` (read-only unless `writable`) and mounts it at HOST_MOUNT; takes vdhost down again when the mount fails. */
+function mountThroughVdhost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo, writable: boolean, fsType: string | undefined, readOnlyMount: boolean): string {
+  const vh = vdhostPlan(host, !writable);
+  const created = dm.create(vh.name, vh.uuid, vh.targets, vh.readOnly);
+  if (!undo.state.dm.includes(vh.name)) undo.state.dm.push(vh.name);
+  try {
+    return mountDevice(ctx, { ...host, name: vh.name, path: created.path }, HOST_MOUNT, fsType, readOnlyMount, '');
+  } catch (e) {
+    try {
+      dm.remove(vh.name);
+      undo.state.dm.splice(undo.state.dm.indexOf(vh.name), 1);
+    } catch { /* the rollback tries again */ }
+    throw e;
+  }
+}
+
+/**
+ * Mounts a host only the kernel reads (ext4, xfs, btrfs, …) read-only at HOST_MOUNT, on a
+ * read-only vdhost, so mounting writes nothing. A filesystem whose journal needs replaying
+ * (not cleanly unmounted) refuses that; it is then mounted read-only on a writable vdhost,
+ * where the kernel replays the journal as it would for any root filesystem.
+ */
+function mountKernelHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo): KernelMount {
+  const { log } = ctx;
+  ctx.modules.reportFailures(ctx.modules.load(['dm_mod']));
+  let fsType: string;
+  try {
+    try {
+      fsType = mountThroughVdhost(ctx, dm, undo, host, false, undefined, true);
+    } catch (first) {
+      log.warn(`${describeHost(host)} does not mount on a read-only view of the partition (${(first as Error).message}); it was probably not cleanly unmounted. Mounting it read-only with the kernel's journal recovery, which writes to the partition`);
+      fsType = mountThroughVdhost(ctx, dm, undo, host, true, undefined, true);
+    }
+  } catch (e) {
+    throw new BootFailure(
+      `${(e as Error).message}\nvdboot reaches image files on ${host.fsType} through the kernel's driver, so it must mount ${host.path}. ` +
+        `Check the filesystem from another system (fsck), or put the image on an NTFS, exFAT or FAT partition, which vdboot reads itself.`,
+    );
+  }
+  undo.state.hostMount = HOST_MOUNT;
+  return { device: host, fsType, writable: false };
+}
+
+/** The loop or nbd path writes through the kernel-mounted host: mount it again read-write, on a writable vdhost. */
+function remountKernelHostWritable(ctx: InitContext, dm: DeviceMapper, undo: Undo, k: KernelMount): void {
+  const { sys } = ctx;
+  sys.umount2(HOST_MOUNT, 0);
+  undo.state.hostMount = undefined;
+  dm.remove('vdhost');
+  undo.state.dm.splice(undo.state.dm.indexOf('vdhost'), 1);
+  mountThroughVdhost(ctx, dm, undo, k.device, true, k.fsType, false);
+  undo.state.hostMount = HOST_MOUNT;
+  k.writable = true;
 }
 
 /** The logical sector size of a device (a partition's is its disk's), 512 when sysfs does not say. */
@@ -162,38 +237,64 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     log.info(`${plan.vdisk.compat}: booting as root=vdisk:${plan.root.host ? `${formatDeviceSpec(plan.root.host)}:` : ''}${plan.root.path} would`);
   }
 
-  // 1. Plan everything (reads only).
+  // 1. Plan everything (reads only; a host only the kernel reads is mounted read-only first).
+  const dm = new DeviceMapper(sys);
+  const undo = new Undo(sys, dm);
+  let kernelHost: KernelMount | undefined;
   const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
-  for (const [index, r] of requests.entries()) {
-    const found = waitForImage(ctx, r.spec, r.path, r.what);
-    try {
-      const req: ImageRequest = {
-        index, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand,
-        // qemu-nbd reads the image through the host filesystem: the kernel (or ntfs-3g) must mount it
-        nbd: ctx.manifest.tools.qemuNbd !== undefined && (found.host.fs.type !== 'ntfs' || ctx.manifest.tools.ntfs3g !== undefined || 'ntfs3' in ctx.manifest.filesystems),
-        ...(r.root ? { root: plan.vdisk.root } : {}),
-      };
-      const imageHost = { ...imageHostFor(found.host, [found.file]), logicalBlockSize: logicalBlockSize(sys, found.host.device) };
-      const vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
-      for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
-      for (const w of vp.warnings) log.warn(w);
-      if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
-      planned.push({ vp, host: found.host.device });
-    } finally {
-      found.host.close();
+  try {
+    for (const [index, r] of requests.entries()) {
+      const located = locateImage(ctx, r.spec, r.path, r.what);
+      let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
+      if (located.kernel) {
+        const dev = located.kernel;
+        if (kernelHost && kernelHost.device.path !== dev.path) {
+          throw new BootFailure(`${r.what} is on ${describeHost(dev)}, but ${describeHost(kernelHost.device)} is mounted already for another image, and vdboot mounts one host filesystem at a time. Put the images on one partition.`);
+        }
+        kernelHost ??= mountKernelHost(ctx, dm, undo, dev);
+        const k = kernelImageHost(sys, HOST_MOUNT, dev, kernelHost.fsType, describeHost(dev), r.path);
+        opened = { path: k.file.path, device: dev, imageHost: k.host, nbdReadable: true, close: () => k.close() };
+      } else {
+        const found = located.found!;
+        opened = {
+          path: found.file.path, device: found.host.device, imageHost: imageHostFor(found.host, [found.file]),
+          // qemu-nbd reads the image through the host filesystem: the kernel (or ntfs-3g) must mount it
+          nbdReadable: found.host.fs.type !== 'ntfs' || ctx.manifest.tools.ntfs3g !== undefined || 'ntfs3' in ctx.manifest.filesystems,
+          close: () => found.host.close(),
+        };
+      }
+      try {
+        const req: ImageRequest = {
+          index, path: opened.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand,
+          nbd: ctx.manifest.tools.qemuNbd !== undefined && opened.nbdReadable,
+          ...(r.root ? { root: plan.vdisk.root } : {}),
+        };
+        const imageHost = { ...opened.imageHost, logicalBlockSize: logicalBlockSize(sys, opened.device) };
+        const vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
+        for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
+        for (const w of vp.warnings) log.warn(w);
+        if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
+        planned.push({ vp, host: opened.device });
+      } finally {
+        opened.close();
+      }
     }
+  } catch (e) {
+    undo.rollback(log);
+    throw e;
   }
 
   // vdboot mounts one host filesystem (at /run/vdboot/host): images that reach their file
   // through it (loop, nbd) must all lie on that one host, or a loop would open a file of
   // the same name on the wrong partition.
   const throughHost = planned.filter((p) => p.vp.path !== 'direct');
-  const mountedHost = throughHost[0]?.host ?? planned[0]?.host;
+  const mountedHost = kernelHost?.device ?? throughHost[0]?.host ?? planned[0]?.host;
   const elsewhere = throughHost.find((p) => p.host.path !== mountedHost?.path);
   if (elsewhere && mountedHost) {
+    undo.rollback(log);
     throw new BootFailure(
       `${elsewhere.vp.name} (${elsewhere.vp.imagePath} on ${elsewhere.host.path}) takes the ${elsewhere.vp.path} path, which reads the file through the mounted host filesystem, ` +
-        `but ${throughHost[0]!.vp.name} needs ${mountedHost.path} mounted, and vdboot mounts one host filesystem at a time. ` +
+        `but ${kernelHost ? 'the host of another image' : throughHost[0]!.vp.name} needs ${mountedHost.path} mounted, and vdboot mounts one host filesystem at a time. ` +
         'Put the images that need loop or nbd on one partition, or let the others take the direct path (rd.vdisk.map=auto, a fully allocated image).',
     );
   }
@@ -204,13 +305,13 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   if (planned.some((p) => p.vp.loops.length || p.vp.cowBytes !== undefined)) wanted.push('loop');
   if (planned.some((p) => p.vp.nbd)) wanted.push('nbd');
   ctx.modules.reportFailures(ctx.modules.load(wanted));
-  const dm = new DeviceMapper(sys);
-  const undo = new Undo(sys, dm);
   try {
     const hostInfo = mountedHost;
     const needsHostMount = planned.some((p) => p.vp.path !== 'direct');
     const hostWritable = planned.some((p) => p.vp.hostMountWritable);
-    if (hostInfo && needsHostMount) mountHost(ctx, dm, undo, hostInfo, hostWritable, true);
+    if (kernelHost) {
+      if (hostWritable) remountKernelHostWritable(ctx, dm, undo, kernelHost);
+    } else if (hostInfo && needsHostMount) mountHost(ctx, dm, undo, hostInfo, hostWritable, true);
     for (const { vp } of planned) {
       const loops: string[] = [];
       for (const l of vp.loops) {
@@ -228,7 +329,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
         }
       }, () => `created ${vp.devices.map((d) => `/dev/mapper/${d.name}${d.readOnly ? ' (ro)' : ''}`).join(', ')}`);
     }
-    if (hostInfo && !needsHostMount) mountHost(ctx, dm, undo, hostInfo, false, false);
+    if (hostInfo && !needsHostMount && !kernelHost) mountHost(ctx, dm, undo, hostInfo, false, false);
   } catch (e) {
     undo.rollback(log);
     if (isSysError(e)) {

@@ -50,6 +50,8 @@ export interface ImageHost {
   writeBlocker: string | null;
   /** the host device's logical sector size (512 when unknown) */
   logicalBlockSize?: number;
+  /** where file extents come from when not vdboot's own reader, for the console ("ext4's FIEMAP") */
+  layoutSource?: string;
 }
 
 export interface DmDevicePlan {
@@ -362,17 +364,17 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
   const hostName = host.device;
   if (req.map === 'direct') {
     if (directIssues.length) throw new FormatError(`rd.vdisk.map=direct: ${req.path} cannot be mapped directly onto ${host.description}: ${directIssues.join('; ')}. Use rd.vdisk.map=auto or loop.`, 'map', 'direct');
-    return { path: 'direct', why: `direct (asked for): ${directExplain(direct!, hostName)}` };
+    return { path: 'direct', why: `direct (asked for): ${directExplain(direct!, hostName, host.layoutSource)}` };
   }
   if (req.map === 'loop') return { path: 'loop', why: `loop (asked for): through the host filesystem's kernel driver` };
-  if (!directIssues.length) return { path: 'direct', why: `direct: ${directExplain(direct!, hostName)}` };
+  if (!directIssues.length) return { path: 'direct', why: `direct: ${directExplain(direct!, hostName, host.layoutSource)}` };
   return { path: 'loop', why: `loop: the direct path is not safe here (${directIssues.join('; ')}); the host filesystem's kernel driver carries the data` };
 }
 
-function directExplain(direct: ExtentMap, hostDevice: string): string {
+function directExplain(direct: ExtentMap, hostDevice: string, source?: string): string {
   const s = summarizeMap(direct);
   const zero = s.zeroBytes ? `, ${humanSize(s.zeroBytes)} read as zeros` : '';
-  return `the image is fully mappable: ${s.dataExtents} extent${s.dataExtents === 1 ? '' : 's'} on ${hostDevice}${zero}; the host filesystem driver is not in the data path`;
+  return `the image is fully mappable: ${s.dataExtents} extent${s.dataExtents === 1 ? '' : 's'} on ${hostDevice}${source ? ` (from ${source})` : ''}${zero}; the host filesystem driver is not in the data path`;
 }
 
 function chooseRoot(req: ImageRequest, choice: VdiskRootChoice, kind: string, parts: VirtualPartition[], whole: VirtualPartition): { partition: VirtualPartition; why: string } {
