@@ -48,6 +48,7 @@ const VOLUME_IS_DIRTY = 0x0001;
 const REC_MFT = 0;
 const REC_VOLUME = 3;
 const REC_ROOT = 5;
+const REC_BITMAP = 6;
 const REC_UPCASE = 10;
 
 /** NTFS fixups always protect 512-byte strides, whatever the sector size. */
@@ -801,7 +802,63 @@ export class NtfsVolume implements HostFs {
     if (!data.nonResident) {
       return { path: p, size: data.dataSize, extents: [], resident: new Uint8Array(data.value!) };
     }
-    return { path: p, size: data.dataSize, extents: this.extentsOf(data, p) };
+    const extents = this.extentsOf(data, p);
+    this.checkOwnClusters(data.runs.filter((r) => r.vcn * this.clusterSize < data.dataSize), p);
+    return { path: p, size: data.dataSize, extents };
+  }
+
+  /** $Bitmap's $DATA (MFT record 6), read on first use. */
+  private bitmapData: FullAttr | null = null;
+
+  /**
+   * A file's clusters must be its own before they are mapped: no two of its runs may
+   * share a cluster, and $Bitmap must mark every one of them in use. A damaged runlist
+   * that points into free space or repeats clusters would otherwise map (and in rw mode
+   * write) bytes that belong to nothing, or to another file. Reads only the bits of
+   * $Bitmap that cover the file.
+   */
+  private checkOwnClusters(runs: NtfsRun[], p: string): void {
+    const used: [number, number][] = [];
+    for (const r of runs) if (r.lcn !== null && r.length > 0) used.push([r.lcn, r.length]);
+    if (!used.length) return;
+    used.sort((a, b) => a[0] - b[0]);
+    for (let i = 1; i < used.length; i++) {
+      const [prev, prevLen] = used[i - 1]!;
+      const [lcn] = used[i]!;
+      if (lcn < prev + prevLen) {
+        throw new FormatError(`${this.volumeName}: ${p}: two parts of its runlist claim the same clusters (${lcn}..${Math.min(prev + prevLen, lcn + used[i]![1]) - 1}): the volume is damaged; run chkdsk /f on Windows before booting from this file`, 'lcn', lcn);
+      }
+    }
+    if (!this.bitmapData) {
+      const rec = this.readRecord(REC_BITMAP);
+      const a = this.getAttr(rec, AT_DATA, '', '$Bitmap');
+      if (!a) throw new FormatError(`${this.volumeName}: $Bitmap has no data: the volume is damaged; run chkdsk on Windows`, '$Bitmap', REC_BITMAP);
+      this.bitmapData = a;
+    }
+    const bm = this.bitmapData;
+    const chunkBits = 8 * 1024 * 1024; // one MiB of $Bitmap at a time
+    for (const [lcn, length] of used) {
+      for (let at = lcn; at < lcn + length; at += chunkBits) {
+        const n = Math.min(chunkBits, lcn + length - at);
+        const firstByte = Math.floor(at / 8);
+        const lastByte = Math.floor((at + n - 1) / 8);
+        if (lastByte >= bm.dataSize) {
+          throw new FormatError(`${this.volumeName}: ${p}: its clusters ${at}..${at + n - 1} lie past the end of $Bitmap (${bm.dataSize * 8} clusters): the volume is damaged; run chkdsk on Windows`, 'lcn', at);
+        }
+        const bytes = bm.nonResident
+          ? this.readRuns(bm.runs, firstByte, lastByte - firstByte + 1, bm.initializedSize, '$Bitmap')
+          : bm.value!.subarray(firstByte, lastByte + 1);
+        const free = firstClearBit(bytes, at - firstByte * 8, n);
+        if (free >= 0) {
+          const c = firstByte * 8 + free;
+          throw new FormatError(
+            `${this.volumeName}: ${p}: its cluster ${c} is marked free in $Bitmap, so the runlist does not match the volume's allocation: the volume is damaged ` +
+              `(or was not shut down cleanly). Run chkdsk /f on Windows before booting from this file.`,
+            'lcn', c,
+          );
+        }
+      }
+    }
   }
 
   private extentsOf(a: FullAttr, p: string): FileExtent[] {
@@ -847,6 +904,25 @@ export class NtfsVolume implements HostFs {
   readFile(file: HostFile, offset: number, length: number): Uint8Array {
     return readThroughExtents(this.partition, file, offset, length);
   }
+}
+
+/** The first bit in [from, from+count) of `bits` (LSB-first, as $Bitmap stores them) that is 0, or -1. */
+export function firstClearBit(bits: Uint8Array, from: number, count: number): number {
+  let i = from;
+  const end = from + count;
+  while (i < end && (i & 7) !== 0) {
+    if (!(bits[i >> 3]! & (1 << (i & 7)))) return i;
+    i++;
+  }
+  while (i + 8 <= end) {
+    const b = bits[i >> 3]!;
+    if (b !== 0xff) {
+      for (let k = 0; k < 8; k++) if (!(b & (1 << k))) return i + k;
+    }
+    i += 8;
+  }
+  for (; i < end; i++) if (!(bits[i >> 3]! & (1 << (i & 7)))) return i;
+  return -1;
 }
 
 function findRun(runs: NtfsRun[], vcn: number): number {
