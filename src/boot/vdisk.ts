@@ -19,6 +19,7 @@ import { parsePartitionTable, sliceReader, type PartitionTable } from '../format
 import { probeFilesystem } from '../formats/probe.ts';
 import { mappedReader } from '../formats/read-map.ts';
 import type { DmTarget } from './dm.ts';
+import { checkExpansion } from './expand-plan.ts';
 import { humanSize } from './devices.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
 import type { VdiskMapPath, VdiskMode, VdiskRootChoice } from './plan.ts';
@@ -328,6 +329,8 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
     for (const e of map.extents) if (e.kind === 'data' && !top.has(e.file)) parentBytes += e.length;
     const unallocated = (s.zeroBytesByWhy.unallocated ?? 0) + (s.zeroBytesByWhy.zeroed ?? 0) + (s.zeroBytesByWhy.uninitialized ?? 0);
     if (parentBytes > 0 || unallocated > 0) {
+      // Expanding in place (expand-plan.ts) throws ExpansionNeeded when vdboot can; with qemu-nbd in the initramfs, auto keeps the image dynamic.
+      const noExpansion = parentBytes > 0 ? 'it has a parent image, whose data expanding it would need' : req.nbd && req.map === 'auto' ? '' : checkExpansion(req, image, host, unallocated);
       if (req.nbd && req.map === 'auto') {
         return { path: 'nbd', why: `nbd: ${unallocated > 0 ? `${bytes(unallocated)} of the image ${unallocated > 1 ? 'are' : 'is'} not allocated` : `${bytes(parentBytes)} lie in its parent image`}, so writes must go through the image format: qemu-nbd allocates them` };
       }
@@ -336,7 +339,7 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
       if (parentBytes > 0) parts.push(`${bytes(parentBytes)} of it ${parentBytes > 1 ? 'are' : 'is'} held by the parent image ${image.layers[1]?.path ?? ''}, which a write must not change`);
       throw new FormatError(
         `${req.path} cannot be mapped read-write: ${parts.join('; and ')}. ` +
-          `${req.expand ? 'This vdboot cannot expand images in place yet. ' : 'rd.vdisk.expand=0 forbids expanding it in place. '}` +
+          `${req.expand ? `vdboot cannot expand it in place: ${noExpansion}. ` : 'rd.vdisk.expand=0 forbids expanding it in place. '}` +
           `Remedies: boot with rd.vdisk.mode=snapshot (writes go to RAM and are lost at power-off), or rd.vdisk.mode=ro; ` +
           `or make the image preallocated on another machine (a fixed VHD/VHDX: "qemu-img convert -O vpc -o subformat=fixed", ` +
           `"qemu-img convert -O vhdx -o subformat=fixed"; qcow2 with "-o preallocation=metadata"; or raw)${parentBytes > 0 ? ', merging the differencing chain ("qemu-img commit")' : ''}; ${NBD_HINT}.`,

@@ -283,7 +283,7 @@ describe('vdisk plan: what rw refuses, and why', () => {
     expect(msg).toMatch(/cannot be mapped read-write: \d[\d.]* MiB \(\d+ bytes\) of it are not allocated in the image/);
     expect(msg).toMatch(/rd\.vdisk\.mode=snapshot/);
     expect(msg).toMatch(/subformat=fixed/);
-    expect(msg).toMatch(/cannot expand images in place yet/);
+    expect(msg).toMatch(/At boot, vdboot first expands it in place \(\d+ blocks? of 2.0 MiB allocated and zero-filled; the file grows from/);
     expect(planError('root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rd.vdisk.expand=0')).toMatch(/rd\.vdisk\.expand=0 forbids expanding/);
   });
 

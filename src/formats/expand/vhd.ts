@@ -1,0 +1,122 @@
+/**
+ * Expanding a dynamic VHD: each absent block (BAT entry 0xFFFFFFFF) gets a sector bitmap
+ * of all ones and zero-filled data, appended where the footer was; the footer moves to
+ * the new end of the file (its copy at offset 0 stays the authority while the data is
+ * written); then the BAT entries point at the new blocks. Allocated blocks with absent
+ * sectors (clear bitmap bits read as zeros) get those sectors zero-filled, then all bits set.
+ */
+import type { BlockReader } from '../block-reader.ts';
+import { parseVhdDynamicHeader, parseVhdFooter, vhdFormat } from '../vhd.ts';
+import { alignUp, Progress, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
+
+const SECTOR = 512;
+const FOOTER = 512;
+const UNUSED = 0xffffffff;
+
+interface Partial {
+  block: number;
+  /** byte offset of the block's sector bitmap */
+  bitmapAt: number;
+  /** runs of absent sectors: [first sector, count] */
+  runs: [number, number][];
+}
+
+export function prepareVhd(file: BlockReader, name: string): PreparedExpansion {
+  const layer = vhdFormat.open(file, { path: name, openFile: () => refuse(name, 'it is a differencing VHD', 'footer.disk_type') });
+  const base = { format: 'vhd' as const, subformat: layer.subformat, name, virtualSize: layer.size, fileSize: file.size };
+  if (layer.subformat === 'fixed') {
+    return { plan: { ...base, blockSize: 0, blocks: 0, partialBlocks: 0, newFileSize: file.size, writeBytes: 0 }, run: () => 'done' };
+  }
+  if (layer.subformat === 'differencing') {
+    refuse(name, `it is a differencing VHD: its absent blocks are read from the parent image, so expanding it would need the parent's data. Merge the chain first ("qemu-img commit ${name}") or boot with rd.vdisk.mode=snapshot`, 'footer.disk_type', 4);
+  }
+  const parseAt = (off: number): { bytes: Uint8Array; ok: boolean } | undefined => {
+    if (off < 0 || off + FOOTER > file.size) return undefined;
+    const bytes = file.read(off, FOOTER).slice();
+    try {
+      const f = parseVhdFooter(bytes, name);
+      return { bytes, ok: f.checksum === f.computedChecksum };
+    } catch {
+      return undefined;
+    }
+  };
+  const end = parseAt(file.size - FOOTER);
+  const head = parseAt(0);
+  const footerBytes = end?.ok ? end.bytes : head?.ok ? head.bytes : undefined;
+  if (!footerBytes) refuse(name, 'neither its footer nor the footer copy at offset 0 is valid', 'footer');
+  const footer = parseVhdFooter(footerBytes, name);
+  const h = parseVhdDynamicHeader(file.read(footer.dataOffset!, 1024), name);
+  const bs = h.blockSize;
+  const blocks = Math.ceil(layer.size / bs);
+  const bitmapSize = Math.ceil(bs / SECTOR / 8 / SECTOR) * SECTOR;
+  const bat = readTable(file, h.tableOffset, blocks * 4);
+  const dv = new DataView(bat.buffer, bat.byteOffset, bat.byteLength);
+
+  // Where the image's own structures and blocks end: new blocks go after that (the old footer's place).
+  let dataEnd = Math.max(FOOTER, footer.dataOffset! + 1024, h.tableOffset + alignUp(h.maxTableEntries * 4, SECTOR));
+  for (const l of h.locators) dataEnd = Math.max(dataEnd, l.dataOffset + l.dataLength);
+  const missing: number[] = [];
+  const partial: Partial[] = [];
+  let partialBytes = 0;
+  for (let k = 0; k < blocks; k++) {
+    const entry = dv.getUint32(k * 4);
+    if (entry === UNUSED) { missing.push(k); continue; }
+    const at = entry * SECTOR;
+    dataEnd = Math.max(dataEnd, at + bitmapSize + bs);
+    const sectors = Math.min(bs, layer.size - k * bs) / SECTOR;
+    const bm = file.read(at, bitmapSize);
+    const runs: [number, number][] = [];
+    let s = 0;
+    while (s < sectors) {
+      if ((s & 7) === 0 && s + 8 <= sectors && bm[s >> 3] === 0xff) { s += 8; continue; }
+      if ((bm[s >> 3]! >> (7 - (s & 7))) & 1) { s++; continue; }
+      let e = s + 1;
+      while (e < sectors && ((bm[e >> 3]! >> (7 - (e & 7))) & 1) === 0) e++;
+      runs.push([s, e - s]);
+      partialBytes += (e - s) * SECTOR;
+      s = e;
+    }
+    if (runs.length) partial.push({ block: k, bitmapAt: at, runs });
+  }
+  dataEnd = alignUp(dataEnd, SECTOR);
+  const stride = bitmapSize + bs;
+  const newFileSize = missing.length ? dataEnd + missing.length * stride + FOOTER : file.size;
+  if ((dataEnd + missing.length * stride) / SECTOR >= UNUSED) {
+    refuse(name, `it would grow past the 2 TiB a VHD block table can address (${newFileSize} bytes)`, 'bat', missing.length);
+  }
+  const plan = { ...base, blockSize: bs, blocks: missing.length, partialBlocks: partial.length, newFileSize, writeBytes: missing.length * stride + partialBytes };
+
+  return {
+    plan,
+    run(out: ExpandFile, opts: ExpandOptions) {
+      if (!missing.length && !partial.length) return 'done';
+      const progress = new Progress(plan.writeBytes, opts.progress);
+      const ones = new Uint8Array(bitmapSize).fill(0xff);
+      // 1. Data: new blocks (bitmap all ones, zeros) over the old footer and on, the footer at the new end; absent sectors of partial blocks zeroed.
+      if (missing.length) {
+        missing.forEach((_, i) => {
+          const at = dataEnd + i * stride;
+          out.write(at, ones);
+          progress.add(bitmapSize);
+          writeZeros(out, at + bitmapSize, bs, progress);
+        });
+        if (out.size > newFileSize) out.truncate(newFileSize);
+        out.write(newFileSize - FOOTER, footerBytes);
+      }
+      for (const p of partial) {
+        for (const [s, n] of p.runs) writeZeros(out, p.bitmapAt + bitmapSize + s * SECTOR, n * SECTOR, progress);
+      }
+      out.sync();
+      if (opts.stopAfter === 'data' || opts.stopAfter === 'header') return 'data';
+      // 2. Metadata: the BAT, the partial blocks' bitmaps, the footer copy at offset 0.
+      const newBat = bat.slice();
+      const nv = new DataView(newBat.buffer);
+      missing.forEach((k, i) => nv.setUint32(k * 4, (dataEnd + i * stride) / SECTOR));
+      writeChanged(out, h.tableOffset, newBat, bat);
+      for (const p of partial) out.write(p.bitmapAt, ones);
+      if (!head?.ok || head.bytes.some((b, i) => b !== footerBytes[i])) out.write(0, footerBytes);
+      out.sync();
+      return 'done';
+    },
+  };
+}
