@@ -23,7 +23,8 @@ import { ConsoleLog } from './console.ts';
 import { DeviceMapper } from './dm.ts';
 import { exists, isDirectory, mkdirs, readFileBytes, readText, readTextOr, writeText } from './fsutil.ts';
 import { detachLoop } from './loop.ts';
-import { disconnectNbd, STATE_PATH, type VdiskState } from './vdisk-exec.ts';
+import { disconnectNbd, HOST_MOUNT, STATE_DIR, STATE_PATH, type VdiskState } from './vdisk-exec.ts';
+import { DM_UUID_PREFIX } from './vdisk.ts';
 
 export const SHUTDOWN_ROOT = '/run/initramfs';
 export const OLD_ROOT = '/oldroot';
@@ -53,7 +54,12 @@ function copyFile(sys: Sys, from: string, to: string, mode: number): void {
  * a warning, since the system can still boot, and says what will not be clean.
  */
 export function installShutdown(sys: Sys, log: ConsoleLog, busybox: string | undefined, self = '/init'): boolean {
-  if (!exists(sys, STATE_PATH)) return false;
+  let record: string | undefined = readTextOr(sys, STATE_PATH);
+  if (record === undefined) {
+    const found = recoverState(sys);
+    if (!found.dm.length && !found.loops.length && !found.hostMount) return false;
+    record = `${JSON.stringify(found)}\n`;
+  }
   try {
     for (const d of ['bin', 'etc/vdboot', 'proc', 'sys', 'dev', 'run', 'tmp', OLD_ROOT.slice(1), HOST_AT_SHUTDOWN.slice(1)]) mkdirs(sys, `${SHUTDOWN_ROOT}/${d}`);
     copyFile(sys, self, `${SHUTDOWN_ROOT}/shutdown`, 0o755);
@@ -62,7 +68,7 @@ export function installShutdown(sys: Sys, log: ConsoleLog, busybox: string | und
       try { sys.symlink('busybox', `${SHUTDOWN_ROOT}/bin/sh`); } catch (e) { if (!isSysError(e, 'EEXIST')) throw e; }
     }
     writeText(sys, `${SHUTDOWN_ROOT}/etc/initrd-release`, 'NAME=vdboot\nID=vdboot\nPRETTY_NAME="vdboot shutdown hand-off"\n');
-    writeText(sys, `${SHUTDOWN_ROOT}${SHUTDOWN_STATE}`, readText(sys, STATE_PATH));
+    writeText(sys, `${SHUTDOWN_ROOT}${SHUTDOWN_STATE}`, record);
     log.info(`shutdown hand-off ready in ${SHUTDOWN_ROOT} (systemd runs it at power-off; other inits: "${SHUTDOWN_ROOT}/shutdown poweroff" last)`);
     return true;
   } catch (e) {
@@ -104,8 +110,51 @@ function readState(sys: Sys, log: ConsoleLog): VdiskState {
       }
     } catch { /* try the next */ }
   }
-  log.warn('no record of the devices vdboot created; only unmounting');
-  return { dm: [], loops: [], daemons: [] };
+  const found = recoverState(sys);
+  if (found.dm.length || found.loops.length || found.hostMount) {
+    log.warn(`no record of the devices vdboot created; found by their names instead: ${[...found.dm, ...found.loops, ...(found.hostMount ? [found.hostMount] : [])].join(', ')}`);
+  } else {
+    log.warn('no record of the devices vdboot created, and none found by name; only unmounting');
+  }
+  return found;
+}
+
+/**
+ * What vdboot set up, read back from the kernel when its record (/run/vdboot/state.json)
+ * could not be written or read: device-mapper devices whose dm uuid begins with VDBOOT-
+ * (in the order they were made: vdhost, snapshot bases, whole disks, then partitions),
+ * loop devices whose backing file lies under /run/vdboot (an image through the host
+ * mount, a snapshot's RAM store), connected nbd devices, and the host mount.
+ */
+export function recoverState(sys: Sys): VdiskState {
+  const dm: { name: string; minor: number; rank: number }[] = [];
+  const loops: string[] = [];
+  const nbds: string[] = [];
+  let entries: string[] = [];
+  try { entries = sys.readdir('/sys/class/block'); } catch { /* no sysfs */ }
+  for (const e of entries) {
+    const dmMinor = /^dm-(\d+)$/.exec(e);
+    if (dmMinor) {
+      const uuid = (readTextOr(sys, `/sys/class/block/${e}/dm/uuid`) ?? '').trim();
+      const name = (readTextOr(sys, `/sys/class/block/${e}/dm/name`) ?? '').trim();
+      if (!uuid.startsWith(DM_UUID_PREFIX) || !name) continue;
+      const rank = name === 'vdhost' ? 0 : name.endsWith('-base') ? 1 : /-part\d+$/.test(uuid) ? 3 : 2;
+      dm.push({ name, minor: Number(dmMinor[1]), rank });
+    } else if (/^loop\d+$/.test(e)) {
+      const backing = (readTextOr(sys, `/sys/class/block/${e}/loop/backing_file`) ?? '').trim();
+      if (backing.includes(`${STATE_DIR}/`)) loops.push(`/dev/${e}`);
+    } else if (/^nbd\d+$/.test(e)) {
+      if (exists(sys, `/sys/class/block/${e}/pid`)) nbds.push(`/dev/${e}`);
+    }
+  }
+  dm.sort((a, b) => a.rank - b.rank || a.minor - b.minor);
+  loops.sort((a, b) => Number(a.slice(9)) - Number(b.slice(9)));
+  const mounts = readTextOr(sys, '/proc/self/mounts') ?? '';
+  const hostMounted = mounts.split('\n').some((l) => {
+    const mp = l.split(' ')[1];
+    return mp === HOST_MOUNT || mp === `${OLD_ROOT}${HOST_MOUNT}`;
+  });
+  return { dm: dm.map((d) => d.name), loops, nbds, daemons: [], ...(hostMounted ? { hostMount: HOST_MOUNT } : {}) };
 }
 
 /** Not started by systemd's hand-off: pivot into /run/initramfs ourselves, the old root at /oldroot. */
@@ -256,7 +305,11 @@ function detachLoops(sys: Sys, log: ConsoleLog, loops: string[]): void {
  */
 export function takeDownInPlace(sys: Sys, log: ConsoleLog, unmount: string[]): void {
   try {
-    if (!exists(sys, STATE_PATH)) return; // nothing was set up: no image, no host mount
+    // nothing was set up (no image, no host mount) unless the kernel shows vdboot's devices
+    if (!exists(sys, STATE_PATH)) {
+      const found = recoverState(sys);
+      if (!found.dm.length && !found.loops.length && !found.hostMount) return;
+    }
     const state = readState(sys, log);
     if (unmount.length) unmountAll(sys, log, unmount.filter((m) => exists(sys, m)));
     removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));

@@ -259,6 +259,7 @@ export class FakeKernel implements Sys {
     for (const l of this.loops.values()) {
       t[`loop${l.n}/dev`] = `${LOOP_MAJOR}:${l.n}\n`;
       t[`loop${l.n}/size`] = `${Math.floor((this.blockByNumber(LOOP_MAJOR, l.n)?.size ?? 0) / 512)}\n`;
+      if (l.file) t[`loop${l.n}/loop/backing_file`] = `${l.file}\n`;
     }
     return this.buildTree(t, 999_998);
   }

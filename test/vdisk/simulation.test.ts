@@ -201,6 +201,20 @@ describe('simulation: the loop path and the shutdown hand-off', () => {
     expect(k.consoleText).toMatch(/powering off/);
   });
 
+  it('without its record (state.json lost), the hand-off finds vdboot\'s devices by their dm uuid and loop backing files and takes them down in the same order', async () => {
+    const r = await boot('root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rd.vdisk.mode=snapshot');
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    const k = r.kernel;
+    k.pivotRoot('/run/initramfs', '/run/initramfs/oldroot');
+    for (const p of ['/etc/vdboot/state.json', '/oldroot/run/vdboot/state.json']) k.unlink(p);
+    k.machine.argv = ['/shutdown', 'poweroff'];
+    const s = await runBundleInQuickJS(k.machine, 'build/init.js', k);
+    expect(s.end?.reason, k.consoleText).toBe('reboot');
+    expect(k.consoleText).toMatch(/no record of the devices vdboot created; found by their names instead: vdhost, vdisk0-base, vdisk0, vdisk0p1, vdisk0p2, \/dev\/loop0/);
+    expect(k.events.dm.filter((e) => e.op === 'remove').map((e) => e.name)).toEqual(['vdisk0p2', 'vdisk0p1', 'vdisk0', 'vdisk0-base', 'vdhost']);
+    expect(k.events.loops.filter((e) => e.op === 'detach')).toEqual([{ op: 'detach', device: '/dev/loop0' }]);
+  });
+
   it('snapshot mode: the shutdown also detaches the RAM store\'s loop device', async () => {
     const r = await boot('root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rd.vdisk.mode=snapshot');
     const k = r.kernel;
