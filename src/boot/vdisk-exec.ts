@@ -12,6 +12,8 @@ import { describeDevices } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { mkdirs, readTextOr, writeText } from './fsutil.ts';
+import { expandInPlace } from './expand.ts';
+import { isExpansionNeeded } from './expand-plan.ts';
 import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
 import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
@@ -243,7 +245,9 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   let kernelHost: KernelMount | undefined;
   const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
   try {
-    for (const [index, r] of requests.entries()) {
+    const expanded = new Set<number>();
+    for (let index = 0; index < requests.length; index++) {
+      const r = requests[index]!;
       const located = locateImage(ctx, r.spec, r.path, r.what);
       let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
       if (located.kernel) {
@@ -270,7 +274,18 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
           ...(r.root ? { root: plan.vdisk.root } : {}),
         };
         const imageHost = { ...opened.imageHost, logicalBlockSize: logicalBlockSize(sys, opened.device) };
-        const vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
+        let vp: VdiskPlan;
+        try {
+          vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
+        } catch (e) {
+          // A dynamic image for a rw mapping: expand it in place (expand.ts), then plan it again.
+          if (!isExpansionNeeded(e) || expanded.has(index)) throw e;
+          expanded.add(index);
+          const kernelMount = located.kernel && kernelHost ? { dir: HOST_MOUNT, makeWritable: () => remountKernelHostWritable(ctx, dm, undo, kernelHost!) } : undefined;
+          expandInPlace(ctx, e, { device: opened.device, description: imageHost.description, path: opened.path, ...(kernelMount ? { kernelMount } : {}) });
+          index--;
+          continue;
+        }
         for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
         for (const w of vp.warnings) log.warn(w);
         if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);

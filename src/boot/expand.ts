@@ -1,0 +1,278 @@
+/**
+ * Expanding a dynamic image in place at boot (DESIGN §3), as Windows does for native
+ * VHD boot: the planner found blocks the image leaves unallocated and threw
+ * ExpansionNeeded (expand-plan.ts); here the host filesystem is mounted by a driver that
+ * writes it (ntfs3 or ntfs-3g for NTFS, the kernel's exfat / vfat, or the kernel-mounted
+ * host of ext4 and others), the free space is checked read-only first, then every absent
+ * block is allocated and zero-filled through the driver (src/formats/expand), progress
+ * on the console, fsync, and the host is unmounted again so the boot plans once more
+ * from the device: the now fully allocated image takes the direct path.
+ *
+ * Nothing is written before the expansion is known to fit: a missing writable driver or
+ * too little room stops the boot with the sizes and the alternatives.
+ */
+import { isFormatError, FormatError } from '../formats/block-reader.ts';
+import { EXPAND_REMEDIES, prepareExpansion, type ExpandFile, type ExpansionPlan } from '../formats/expand/index.ts';
+import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
+import { humanSize } from './devices.ts';
+import type { BlockDeviceInfo } from './devspec.ts';
+import type { ExpansionNeeded } from './expand-plan.ts';
+import { exists, mkdirs, readFileBytes } from './fsutil.ts';
+import { BootFailure, type InitContext } from './init.ts';
+
+/** Where a host vdboot reads itself is mounted while its image is expanded. */
+export const EXPAND_MOUNT = '/run/vdboot/expand';
+/** BLKFLSBUF (linux/fs.h): write back and drop the device's cached pages. */
+const BLKFLSBUF = 0x1261;
+
+/** The image's host, as the boot has it when the planner asks for an expansion. */
+export interface ExpandTarget {
+  /** the host partition */
+  device: BlockDeviceInfo;
+  /** "/dev/sda2 (ntfs, LABEL=Windows)" */
+  description: string;
+  /** the image's path on the host filesystem */
+  path: string;
+  /**
+   * A host the kernel has mounted already (read-only) for vdboot to read it (ext4, xfs…):
+   * its directory and how to make it writable and read-only again.
+   */
+  kernelMount?: { dir: string; makeWritable(): void };
+}
+
+function bytes(n: number): string {
+  return `${humanSize(n)}${n >= 1024 ? ` (${n} bytes)` : ''}`;
+}
+
+/** A file opened through the host filesystem's driver, as the expanders write it. */
+export function sysExpandFile(sys: Sys, path: string, writable: boolean): ExpandFile & { close(): void } {
+  const fd = sys.open(path, (writable ? O.RDWR : O.RDONLY) | O.CLOEXEC);
+  let size = sys.stat(path).size;
+  return {
+    name: path,
+    get size() { return size; },
+    read(offset: number, length: number): Uint8Array {
+      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
+        throw new FormatError(`${path}: read of ${length} bytes at ${offset} is past the end (${size} bytes)`, 'offset', offset);
+      }
+      const buf = new Uint8Array(length);
+      let done = 0;
+      while (done < length) {
+        const n = sys.pread(fd, done === 0 ? buf : buf.subarray(done), offset + done);
+        if (n <= 0) throw new FormatError(`${path}: the file ended at ${offset + done} while reading`, 'offset', offset + done);
+        done += n;
+      }
+      return buf;
+    },
+    write(offset: number, data: Uint8Array): void {
+      let done = 0;
+      while (done < data.length) {
+        const n = sys.pwrite(fd, done === 0 ? data : data.subarray(done), offset + done);
+        if (n <= 0) throw new Error(`${path}: short write at ${offset + done}`);
+        done += n;
+      }
+      size = Math.max(size, offset + data.length);
+    },
+    sync: () => sys.fsync(fd),
+    truncate(n: number) {
+      sys.truncate(fd, n);
+      size = n;
+    },
+    close: () => sys.close(fd),
+  };
+}
+
+/** Progress lines at most every 2 s: bytes, rate, time left. */
+function progressReporter(ctx: InitContext, path: string): (done: number, total: number) => void {
+  const { sys, log } = ctx;
+  const t0 = sys.monotonicMs();
+  let last = t0;
+  return (done, total) => {
+    const now = sys.monotonicMs();
+    if (now - last < 2000 && done < total) return;
+    last = now;
+    const secs = (now - t0) / 1000;
+    const rate = secs > 0 ? done / secs : 0;
+    const left = rate > 0 ? Math.ceil((total - done) / rate) : 0;
+    log.info(`expanding ${path}: ${humanSize(done)} of ${humanSize(total)} (${Math.floor((done / total) * 100)}%), ${humanSize(rate)}/s${done < total ? `, about ${left} s left` : ''}`);
+  };
+}
+
+/** How this initramfs writes the host's filesystem: kernel types to try, or ntfs-3g. */
+function writableDriver(ctx: InitContext, fsType: string | undefined): { kernel: string[]; ntfs3g?: string } | string {
+  const fs = ctx.manifest.filesystems;
+  if (fsType === 'ntfs') {
+    const kernel = 'ntfs3' in fs ? ['ntfs3'] : [];
+    const ntfs3g = ctx.manifest.tools.ntfs3g;
+    if (!kernel.length && !ntfs3g) return 'this initramfs has no NTFS driver that writes (the kernel has no ntfs3 module here, and ntfs-3g is not included: build it with "vdboot mkinitramfs --with ntfs-3g")';
+    return { kernel, ...(ntfs3g ? { ntfs3g } : {}) };
+  }
+  if (fsType === 'vfat' || fsType === 'exfat') return { kernel: [fsType] };
+  return `vdboot has no driver to write ${fsType ?? 'this'} filesystem`;
+}
+
+interface Mounted {
+  dir: string;
+  release(): void;
+}
+
+/** Mounts a host vdboot reads itself on EXPAND_MOUNT, read-only or read-write, with a writing driver. */
+function mountForExpansion(ctx: InitContext, t: ExpandTarget, driver: { kernel: string[]; ntfs3g?: string }, writable: boolean): Mounted {
+  const { sys, log } = ctx;
+  mkdirs(sys, EXPAND_MOUNT);
+  const errors: string[] = [];
+  for (const type of driver.kernel) {
+    ctx.modules.loadFilesystem(type);
+    try {
+      sys.mount(t.device.path, EXPAND_MOUNT, type, writable ? 0 : MS.RDONLY, '');
+      log.info(`mounted ${t.device.path} (${type}, ${writable ? 'rw' : 'ro'}) on ${EXPAND_MOUNT} to expand ${t.path}`);
+      return { dir: EXPAND_MOUNT, release: () => unmount(ctx, t, undefined) };
+    } catch (e) {
+      errors.push(`${type}: ${isSysError(e) ? e.code : (e as Error).message}`);
+    }
+  }
+  if (driver.ntfs3g) {
+    ctx.modules.reportFailures(ctx.modules.load(['fuse']));
+    // A distinct argv[0], so its daemon is found and waited for after the unmount.
+    const pid = sys.spawn(driver.ntfs3g, ['@ntfs-3g-expand', '-o', writable ? 'rw' : 'ro', t.device.path, EXPAND_MOUNT], []);
+    const r = sys.waitpid(pid, 0);
+    if (r.exitCode === 0) {
+      const daemon = findDaemon(sys);
+      log.info(`mounted ${t.device.path} with ntfs-3g (${writable ? 'rw' : 'ro'}) on ${EXPAND_MOUNT} to expand ${t.path}`);
+      return { dir: EXPAND_MOUNT, release: () => unmount(ctx, t, daemon) };
+    }
+    errors.push(`ntfs-3g: exit ${r.exitCode}`);
+  }
+  throw new BootFailure(
+    `${t.path} needs expanding in place, but ${t.description} could not be mounted ${writable ? 'read-write' : 'read-only'} (${errors.join('; ')}). Nothing was written. Instead: ${EXPAND_REMEDIES}.`,
+  );
+}
+
+function findDaemon(sys: Sys): number | undefined {
+  let names: string[] = [];
+  try { names = sys.readdir('/proc'); } catch { return undefined; }
+  for (const n of names) {
+    if (!/^\d+$/.test(n)) continue;
+    try {
+      const b = readFileBytes(sys, `/proc/${n}/cmdline`, 4096);
+      const end = b.indexOf(0);
+      if (String.fromCharCode(...b.subarray(0, end < 0 ? b.length : end)) === '@ntfs-3g-expand') return Number(n);
+    } catch { /* gone */ }
+  }
+  return undefined;
+}
+
+/** Unmounts EXPAND_MOUNT, waits for an ntfs-3g daemon to finish writing and exit, and drops the device's cached pages. */
+function unmount(ctx: InitContext, t: ExpandTarget, daemon: number | undefined): void {
+  const { sys, log } = ctx;
+  sys.umount2(EXPAND_MOUNT, 0);
+  if (daemon !== undefined) {
+    const deadline = sys.monotonicMs() + 120_000;
+    while (exists(sys, `/proc/${daemon}`) && sys.monotonicMs() < deadline) sys.sleepMs(50);
+    if (exists(sys, `/proc/${daemon}`)) log.warn(`ntfs-3g (pid ${daemon}) is still running 120 s after ${EXPAND_MOUNT} was unmounted`);
+  }
+  sys.sync();
+  try {
+    const fd = sys.open(t.device.path, O.RDONLY | O.CLOEXEC);
+    try { sys.ioctlInt(fd, BLKFLSBUF, 0); } finally { sys.close(fd); }
+  } catch { /* the cache is coherent anyway for drivers writing through the same device */ }
+}
+
+/** Free bytes the unprivileged user could use, as statfs(2) of the mounted host reports them. */
+function freeBytes(sys: Sys, dir: string): number {
+  const s = sys.statfs(dir);
+  return s.blocksAvailable * s.blockSize;
+}
+
+/** Room the host filesystem needs beyond the file's growth (its own records of the new clusters). */
+function margin(grow: number): number {
+  return Math.max(1 << 20, Math.ceil(grow / 512));
+}
+
+function refuse(t: ExpandTarget, reason: string): never {
+  throw new BootFailure(`${t.path} on ${t.description} cannot be mapped read-write as it is (blocks of the dynamic image are not allocated), and vdboot cannot expand it in place: ${reason}. Nothing was written. Instead: ${EXPAND_REMEDIES}.`);
+}
+
+/**
+ * Expands the image of `need` in place (see the file comment). Returns the expansion
+ * carried out; throws BootFailure (nothing written) when it cannot be done.
+ */
+export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: ExpandTarget): ExpansionPlan {
+  const { sys, log } = ctx;
+  let mount: Mounted;
+  let driver: { kernel: string[]; ntfs3g?: string } | undefined;
+  if (t.kernelMount) {
+    mount = { dir: t.kernelMount.dir, release: () => undefined };
+  } else {
+    const d = writableDriver(ctx, t.device.fsType);
+    if (typeof d === 'string') refuse(t, d);
+    driver = d;
+    mount = mountForExpansion(ctx, t, driver, false);
+  }
+
+  // 1. Read-only: the expansion's sizes from the file as the driver sees it, and the room.
+  let plan: ExpansionPlan;
+  try {
+    const file = sysExpandFile(sys, `${mount.dir}${t.path}`, false);
+    try {
+      plan = prepareExpansion(file, t.path).plan;
+    } finally {
+      file.close();
+    }
+    const grow = plan.newFileSize - plan.fileSize;
+    const free = freeBytes(sys, mount.dir);
+    if (free < grow + margin(grow)) {
+      refuse(t, `it would grow by ${bytes(grow)} (${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)}, to ${bytes(plan.newFileSize)}), but the host has only ${bytes(free)} free. Free ${humanSize(grow + margin(grow) - free)} or more on it (or compact the image elsewhere)`);
+    }
+    log.info(`expanding ${t.path} in place: ${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)} (${humanSize(need.unallocated)} of the virtual disk) allocated and zero-filled, the file grows from ${humanSize(plan.fileSize)} to ${humanSize(plan.newFileSize)}; ${t.description} has ${humanSize(free)} free`);
+  } catch (e) {
+    try { mount.release(); } catch (u) { log.warn(`unmounting ${mount.dir}: ${(u as Error).message}`); }
+    if (isFormatError(e)) refuse(t, (e as Error).message);
+    throw e;
+  }
+
+  // 2. Read-write: the expansion itself.
+  if (t.kernelMount) t.kernelMount.makeWritable();
+  else {
+    mount.release();
+    mount = mountForExpansion(ctx, t, driver!, true);
+  }
+  const t0 = sys.monotonicMs();
+  try {
+    const file = sysExpandFile(sys, `${mount.dir}${t.path}`, true);
+    try {
+      const prepared = prepareExpansion(file, t.path);
+      prepared.run(file, { progress: progressReporter(ctx, t.path), dataWillChange: true, random: (n) => randomBytes(sys, n) });
+      file.sync();
+      plan = prepared.plan;
+    } finally {
+      file.close();
+    }
+  } catch (e) {
+    throw new BootFailure(
+      `Expanding ${t.path} on ${t.description} failed: ${(e as Error).message}. The expansion writes zero-filled blocks before the tables that point at them, so the image still reads as before; ` +
+        `the boot stops here. Instead: ${EXPAND_REMEDIES}.`,
+    );
+  } finally {
+    try {
+      if (t.kernelMount) sys.mount('none', t.kernelMount.dir, '', MS.REMOUNT | MS.RDONLY, '');
+      else mount.release();
+    } catch (u) {
+      log.warn(`after expanding: ${(u as Error).message}`);
+    }
+  }
+  const secs = (sys.monotonicMs() - t0) / 1000;
+  log.info(`expanded ${t.path}: ${humanSize(plan.writeBytes)} written in ${secs.toFixed(1)} s (${humanSize(secs > 0 ? plan.writeBytes / secs : 0)}/s); planning it again`);
+  return plan;
+}
+
+function randomBytes(sys: Sys, n: number): Uint8Array {
+  const out = new Uint8Array(n);
+  try {
+    const fd = sys.open('/dev/urandom', O.RDONLY | O.CLOEXEC);
+    try { sys.read(fd, out); } finally { sys.close(fd); }
+  } catch {
+    for (let i = 0; i < n; i++) out[i] = Math.floor(Math.random() * 256);
+  }
+  return out;
+}
