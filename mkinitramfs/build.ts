@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
-import { MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
+import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
 
 export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
@@ -453,6 +453,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     },
     modules,
     aliases,
+    aliasIndex: buildAliasIndex(aliases),
     builtin: [...index.builtin].sort(),
     preload,
     filesystems: filesystemTable(index, included),

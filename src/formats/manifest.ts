@@ -28,6 +28,13 @@ export interface InitramfsManifest {
    * Sorted by pattern. Use `matchModalias()`.
    */
   aliases: Array<[pattern: string, modules: string[]]>;
+  /**
+   * `aliases` grouped by literal prefix (see `buildAliasIndex`), written by the generator so
+   * the init does not build it at boot: JSON.parse builds it in C, while a loop over every
+   * pattern's characters runs in the interpreter (slow under emulation). Optional: the init
+   * builds it when absent.
+   */
+  aliasIndex?: ManifestAliasIndex;
   /** Modules built into the kernel (canonical names): never loaded, always "present". */
   builtin: string[];
   /**
@@ -43,6 +50,13 @@ export interface InitramfsManifest {
   filesystems: Record<string, string>;
   /** Programs in the initramfs, as absolute paths inside it. */
   tools: ManifestTools;
+}
+
+export interface ManifestAliasIndex {
+  /** The distinct prefix lengths, ascending. */
+  prefixLengths: number[];
+  /** Literal prefix → indices into `aliases` of the patterns with that prefix. */
+  byPrefix: Record<string, number[]>;
 }
 
 export interface ManifestBuildInfo {
@@ -181,41 +195,32 @@ export function loadWaves(manifest: InitramfsManifest, names: readonly string[])
 
 // ---------------------------------------------------------------- modalias matching
 
-/** One alias pattern with the modules that declare it. */
-interface CompiledAlias {
-  pattern: string;
-  modules: string[];
-}
-
 /**
  * The patterns grouped by their literal prefix (the text before the first wildcard):
  * "pci:v00008086d00002922sv" for most PCI ids, "pci:v" for class matches, "" for patterns
  * that start with a wildcard. A modalias string can only match patterns whose prefix it
- * starts with, so a lookup tries one map probe per distinct prefix length and runs fnmatch on
+ * starts with, so a lookup tries one probe per distinct prefix length and runs fnmatch on
  * the few candidates found: a few dozen instead of the whole table, per device.
  */
-interface AliasIndex {
-  byPrefix: Map<string, CompiledAlias[]>;
-  /** The distinct prefix lengths, ascending. */
-  lengths: number[];
-}
-
-const aliasCache = new WeakMap<InitramfsManifest, AliasIndex>();
-
-function aliasIndex(manifest: InitramfsManifest): AliasIndex {
-  let idx = aliasCache.get(manifest);
-  if (idx) return idx;
-  const byPrefix = new Map<string, CompiledAlias[]>();
+export function buildAliasIndex(aliases: InitramfsManifest['aliases']): ManifestAliasIndex {
+  const byPrefix: Record<string, number[]> = Object.create(null) as Record<string, number[]>;
   const lengths = new Set<number>();
-  for (const [pattern, modules] of manifest.aliases) {
+  aliases.forEach(([pattern], i) => {
     const wild = firstWildcard(pattern);
     const prefix = wild < 0 ? pattern : pattern.slice(0, wild);
-    let list = byPrefix.get(prefix);
-    if (!list) byPrefix.set(prefix, (list = []));
-    list.push({ pattern, modules });
+    (byPrefix[prefix] ??= []).push(i);
     lengths.add(prefix.length);
-  }
-  idx = { byPrefix, lengths: [...lengths].sort((a, b) => a - b) };
+  });
+  return { prefixLengths: [...lengths].sort((a, b) => a - b), byPrefix };
+}
+
+const aliasCache = new WeakMap<InitramfsManifest, ManifestAliasIndex>();
+
+function aliasIndex(manifest: InitramfsManifest): ManifestAliasIndex {
+  let idx = aliasCache.get(manifest);
+  if (idx) return idx;
+  const given = manifest.aliasIndex;
+  idx = given && Array.isArray(given.prefixLengths) && typeof given.byPrefix === 'object' && given.byPrefix !== null ? given : buildAliasIndex(manifest.aliases);
   aliasCache.set(manifest, idx);
   return idx;
 }
@@ -239,10 +244,16 @@ export function matchModalias(manifest: InitramfsManifest, modalias: string): st
   if (direct) return [direct.name];
   const found = new Set<string>();
   const idx = aliasIndex(manifest);
-  for (const len of idx.lengths) {
+  const has = Object.prototype.hasOwnProperty;
+  for (const len of idx.prefixLengths) {
     if (len > modalias.length) break;
-    const bucket = idx.byPrefix.get(len === modalias.length ? modalias : modalias.slice(0, len));
-    if (bucket) for (const a of bucket) if (fnmatch(a.pattern, modalias)) for (const m of a.modules) found.add(m);
+    const key = len === modalias.length ? modalias : modalias.slice(0, len);
+    if (!has.call(idx.byPrefix, key)) continue;
+    for (const i of idx.byPrefix[key]!) {
+      const entry = manifest.aliases[i];
+      // a hand-edited index must not crash the init: bad entries are skipped
+      if (entry && typeof entry[0] === 'string' && Array.isArray(entry[1]) && fnmatch(entry[0], modalias)) for (const m of entry[1]) found.add(m);
+    }
   }
   return [...found].sort();
 }

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fnmatch, matchModalias, moduleKey } from '../../src/formats/manifest.ts';
+import { buildAliasIndex, fnmatch, matchModalias, moduleKey } from '../../src/formats/manifest.ts';
 import { installedRelease, universalBuild } from './helpers.ts';
 
 const release = installedRelease();
@@ -124,6 +124,19 @@ describe('matchModalias against modprobe --resolve-alias', () => {
       if (expected.length) hits++;
     });
     expect(hits).toBeGreaterThan(100);
+  });
+
+  it('the precomputed alias index in the manifest (read back from JSON) matches exactly as one built at boot', () => {
+    const { manifest } = universalBuild();
+    expect(manifest.aliasIndex).toBeDefined();
+    const fromJson = JSON.parse(JSON.stringify(manifest)) as typeof manifest;
+    expect(fromJson.aliasIndex).toEqual(JSON.parse(JSON.stringify(buildAliasIndex(manifest.aliases))));
+    const withoutIndex = { ...fromJson, aliasIndex: undefined };
+    const strings = [...KNOWN_DEVICES, ...sysModaliases().slice(0, 100)];
+    for (const s of strings) expect(matchModalias(fromJson, s), s).toEqual(matchModalias(withoutIndex, s));
+    // every pattern is in exactly one bucket, under its own literal prefix
+    const seen = Object.values(fromJson.aliasIndex!.byPrefix).flat().sort((a, b) => a - b);
+    expect(seen).toEqual(manifest.aliases.map((_, i) => i));
   });
 
   it('carries the alias table only for included modules', () => {
