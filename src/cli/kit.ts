@@ -1,6 +1,7 @@
 /** `vdboot kit`: the kernel, a vdboot initramfs and boot entries next to an image on a stick or partition. */
 import type { Command, CliIO } from './main.ts';
 import { KitError, kitInstructions, makeKit, type KitOptions } from '../../mkdisk/kit.ts';
+import { walkArgs } from './args.ts';
 
 const usage = `vdboot kit --image PATH --root-dir DIR [--host SPEC] [--kernel VMLINUZ] [--append ARGS] [--no-grub-images]
 
@@ -26,16 +27,7 @@ and prints the entries and what to do on Windows.
 
 export function parseKitArgs(args: string[]): KitOptions & { quiet: boolean } {
   const o: Partial<KitOptions> & { quiet: boolean } = { quiet: false };
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i]!;
-    const eq = arg.startsWith('--') ? arg.indexOf('=') : -1;
-    const flag = eq > 0 ? arg.slice(0, eq) : arg;
-    const value = (): string => {
-      if (eq > 0) return arg.slice(eq + 1);
-      const v = args[++i];
-      if (v === undefined) throw new KitError(`${flag} needs a value; see vdboot kit --help`);
-      return v;
-    };
+  walkArgs(args, (flag, value, arg) => {
     switch (flag) {
       case '--image': o.image = value(); break;
       case '--root-dir': o.rootDir = value(); break;
@@ -46,7 +38,7 @@ export function parseKitArgs(args: string[]): KitOptions & { quiet: boolean } {
       case '-q': case '--quiet': o.quiet = true; break;
       default: throw new KitError(`unknown argument "${arg}"; see vdboot kit --help`);
     }
-  }
+  }, (flag) => new KitError(`${flag} needs a value; see vdboot kit --help`));
   if (!o.image || !o.rootDir) throw new KitError('give --image PATH and --root-dir DIR; see vdboot kit --help');
   if (o.host !== undefined && !/^(UUID|LABEL|PARTUUID|PARTLABEL)=.+|^\/dev\/\S+$/.test(o.host)) {
     throw new KitError(`--host ${o.host}: give UUID=…, LABEL=…, PARTUUID=…, PARTLABEL=… or /dev/…`);

@@ -2,6 +2,7 @@
 import type { Command, CliIO } from './main.ts';
 import { OUTPUT_FORMATS, type OutputFormat } from '../formats/writers/index.ts';
 import { MkdiskError, formatBytes, mkdisk, parseSize, type FsType, type MkdiskOptions, type PartitionScheme } from '../../mkdisk/build.ts';
+import { walkArgs } from './args.ts';
 
 const usage = `vdboot mkdisk SOURCE -o OUT [--format FORMAT] [--fs ext2|ext3|ext4] [--label LABEL]
               [--size SIZE|+SIZE] [--partition gpt|mbr|none] [--bootable [--kernel VMLINUZ] [--append ARGS]]
@@ -29,16 +30,7 @@ export function parseMkdiskArgs(args: string[]): MkdiskOptions & { quiet: boolea
   let source: string | undefined;
   let output: string | undefined;
   const o: Partial<MkdiskOptions> & { quiet: boolean } = { quiet: false };
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i]!;
-    const eq = arg.startsWith('--') ? arg.indexOf('=') : -1;
-    const flag = eq > 0 ? arg.slice(0, eq) : arg;
-    const value = (): string => {
-      if (eq > 0) return arg.slice(eq + 1);
-      const v = args[++i];
-      if (v === undefined) throw new MkdiskError(`${flag} needs a value; see vdboot mkdisk --help`);
-      return v;
-    };
+  walkArgs(args, (flag, value, arg) => {
     switch (flag) {
       case '-o': case '--output': output = value(); break;
       case '--format': {
@@ -71,7 +63,7 @@ export function parseMkdiskArgs(args: string[]): MkdiskOptions & { quiet: boolea
         if (source !== undefined) throw new MkdiskError(`one SOURCE only ("${source}", then "${arg}"); the output is given with -o`);
         source = arg;
     }
-  }
+  }, (flag) => new MkdiskError(`${flag} needs a value; see vdboot mkdisk --help`));
   if (source === undefined) throw new MkdiskError('give a SOURCE directory or tar archive; see vdboot mkdisk --help');
   if (output === undefined) throw new MkdiskError('give the image to write with -o OUT; see vdboot mkdisk --help');
   if (o.kernel !== undefined && !o.bootable) throw new MkdiskError('--kernel is for --bootable disks');

@@ -4,6 +4,7 @@ import path from 'node:path';
 import type { Command, CliIO } from './main.ts';
 import { COMPRESSIONS, TOOLS, buildInitramfs, summary, type Compression, type MkinitramfsOptions, type ToolName } from '../../mkinitramfs/build.ts';
 import { ModuleError } from '../../mkinitramfs/kmod.ts';
+import { walkArgs } from './args.ts';
 
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
                   [--add-module NAME]... [--omit-module NAME]...
@@ -32,16 +33,7 @@ SOURCE_DATE_EPOCH sets every timestamp; the same inputs give the same bytes.`;
 export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOptions; output?: string } {
   const options: MkinitramfsOptions = { addModules: [] };
   let output: string | undefined;
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i];
-    const eq = arg.startsWith('--') ? arg.indexOf('=') : -1;
-    const flag = eq > 0 ? arg.slice(0, eq) : arg;
-    const value = (): string => {
-      if (eq > 0) return arg.slice(eq + 1);
-      const v = args[++i];
-      if (v === undefined) throw new ModuleError(`${flag} needs a value; see vdboot mkinitramfs --help`);
-      return v;
-    };
+  walkArgs(args, (flag, value, arg) => {
     switch (flag) {
       case '--kernel':
       case '-k':
@@ -88,7 +80,7 @@ export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOpti
       default:
         throw new ModuleError(`unknown argument "${arg}"; see vdboot mkinitramfs --help`);
     }
-  }
+  }, (flag) => new ModuleError(`${flag} needs a value; see vdboot mkinitramfs --help`));
   return { options, output };
 }
 
