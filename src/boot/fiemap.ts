@@ -62,12 +62,18 @@ const UNMAPPABLE: readonly [number, string][] = [
 ];
 
 /**
- * Filesystems whose FIEMAP reports byte offsets on the one block device they are
- * mounted from and that never move a file's blocks on their own. btrfs and bcachefs report
- * addresses in their own logical space (spread over chunks and devices), f2fs and nilfs2
- * move blocks when they clean their logs: those take the loop path.
+ * Filesystems whose files vdboot maps directly. ext2/3/4 and xfs: FIEMAP reports byte
+ * offsets on the one block device they are mounted from, and they never move a file's
+ * blocks on their own. btrfs: FIEMAP reports addresses in btrfs's own logical space, which
+ * vdboot translates through the chunk tree (single-device, "single" data chunks only).
+ * bcachefs (its own address space), f2fs and nilfs2 (move blocks when they clean their
+ * logs) and the rest take the loop path.
  */
-export const FIEMAP_DIRECT_FS: ReadonlySet<string> = new Set(['ext2', 'ext3', 'ext4', 'xfs']);
+export const FIEMAP_DIRECT_FS: ReadonlySet<string> = new Set(['ext2', 'ext3', 'ext4', 'xfs', 'btrfs']);
+
+/** _IOR('f', 1, long) on 64-bit; the kernel reads and writes an int */
+export const FS_IOC_GETFLAGS = 0x80086601;
+export const FS_NOCOW_FL = 0x00800000;
 
 export interface FiemapExtent {
   logical: number;
@@ -198,6 +204,153 @@ function xflags(sys: Sys, fd: number): number | undefined {
   }
 }
 
+// ---- btrfs: logical addresses → places on the device, through the chunk tree ----------
+
+/** _IOWR(0x94, 17, struct btrfs_ioctl_search_args) */
+export const BTRFS_IOC_TREE_SEARCH = 0xd0009411;
+/** _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args) */
+export const BTRFS_IOC_FS_INFO = 0x8400941f;
+export const BTRFS_SEARCH_KEY_SIZE = 104;
+export const BTRFS_SEARCH_ARGS_SIZE = 4096;
+export const BTRFS_SEARCH_HEADER_SIZE = 32;
+export const BTRFS_FS_INFO_SIZE = 1024;
+export const BTRFS_CHUNK_TREE_OBJECTID = 3;
+export const BTRFS_FIRST_CHUNK_TREE_OBJECTID = 256;
+export const BTRFS_CHUNK_ITEM_KEY = 228;
+/** offsets in struct btrfs_chunk and struct btrfs_stripe */
+export const BTRFS_CHUNK = { length: 0, type: 24, numStripes: 44, stripes: 48, stripeSize: 32, stripeDevid: 0, stripeOffset: 8 } as const;
+export const BTRFS_BLOCK_GROUP = { DATA: 0x1, RAID0: 0x8, RAID1: 0x10, DUP: 0x20, RAID10: 0x40, RAID5: 0x80, RAID6: 0x100, RAID1C3: 0x200, RAID1C4: 0x400 } as const;
+const PROFILE_MASK = 0x7f8;
+
+export interface BtrfsChunk {
+  /** logical start and length */
+  logical: number;
+  length: number;
+  type: number;
+  stripes: { devid: number; offset: number }[];
+}
+
+/** A TREE_SEARCH for the chunk items at logical addresses from `minOffset` on. */
+export function packBtrfsChunkSearch(minOffset: number): ArrayBuffer {
+  const buf = new ArrayBuffer(BTRFS_SEARCH_ARGS_SIZE);
+  const v = new DataView(buf);
+  const max = 0xffffffffffffffffn;
+  v.setBigUint64(0, BigInt(BTRFS_CHUNK_TREE_OBJECTID), true); // tree_id
+  v.setBigUint64(8, BigInt(BTRFS_FIRST_CHUNK_TREE_OBJECTID), true); // min_objectid
+  v.setBigUint64(16, BigInt(BTRFS_FIRST_CHUNK_TREE_OBJECTID), true); // max_objectid
+  v.setBigUint64(24, BigInt(minOffset), true); // min_offset
+  v.setBigUint64(32, max, true); // max_offset
+  v.setBigUint64(40, 0n, true); // min_transid
+  v.setBigUint64(48, max, true); // max_transid
+  v.setUint32(56, BTRFS_CHUNK_ITEM_KEY, true); // min_type
+  v.setUint32(60, BTRFS_CHUNK_ITEM_KEY, true); // max_type
+  v.setUint32(64, 4096, true); // nr_items: as many as fit
+  return buf;
+}
+
+/** The chunk items a TREE_SEARCH wrote into its buffer. */
+export function unpackBtrfsChunkSearch(buf: ArrayBuffer): BtrfsChunk[] {
+  const v = new DataView(buf);
+  const count = v.getUint32(64, true);
+  const chunks: BtrfsChunk[] = [];
+  let o = BTRFS_SEARCH_KEY_SIZE;
+  for (let i = 0; i < count; i++) {
+    if (o + BTRFS_SEARCH_HEADER_SIZE > buf.byteLength) throw new FormatError(`btrfs TREE_SEARCH: item ${i} of ${count} lies past the end of the reply`, 'nr_items', count);
+    const offset = safe(v.getBigUint64(o + 16, true), 'chunk key offset');
+    const type = v.getUint32(o + 24, true);
+    const len = v.getUint32(o + 28, true);
+    const d = o + BTRFS_SEARCH_HEADER_SIZE;
+    if (d + len > buf.byteLength) throw new FormatError(`btrfs TREE_SEARCH: item ${i} (${len} bytes) lies past the end of the reply`, 'len', len);
+    o = d + len;
+    if (type !== BTRFS_CHUNK_ITEM_KEY) continue;
+    if (len < BTRFS_CHUNK.stripes) throw new FormatError(`btrfs chunk item at ${offset} has only ${len} bytes`, 'len', len);
+    const n = v.getUint16(d + BTRFS_CHUNK.numStripes, true);
+    if (n === 0 || BTRFS_CHUNK.stripes + n * BTRFS_CHUNK.stripeSize > len) throw new FormatError(`btrfs chunk item at ${offset}: ${n} stripes do not fit its ${len} bytes`, 'num_stripes', n);
+    const stripes = [];
+    for (let k = 0; k < n; k++) {
+      const so = d + BTRFS_CHUNK.stripes + k * BTRFS_CHUNK.stripeSize;
+      stripes.push({ devid: safe(v.getBigUint64(so + BTRFS_CHUNK.stripeDevid, true), 'stripe devid'), offset: safe(v.getBigUint64(so + BTRFS_CHUNK.stripeOffset, true), 'stripe offset') });
+    }
+    chunks.push({ logical: offset, length: safe(v.getBigUint64(d + BTRFS_CHUNK.length, true), 'chunk length'), type: Number(v.getBigUint64(d + BTRFS_CHUNK.type, true) & 0xffffffffn), stripes });
+  }
+  return chunks;
+}
+
+/** Every chunk of the btrfs holding the open file `fd`, by logical address. */
+export function readBtrfsChunks(sys: Sys, fd: number): BtrfsChunk[] {
+  const all: BtrfsChunk[] = [];
+  let from = 0;
+  for (let round = 0; round < 100000; round++) {
+    const buf = packBtrfsChunkSearch(from);
+    sys.ioctl(fd, BTRFS_IOC_TREE_SEARCH, buf);
+    const got = unpackBtrfsChunkSearch(buf);
+    if (got.length === 0) break;
+    all.push(...got);
+    from = got[got.length - 1]!.logical + 1;
+  }
+  return all.sort((a, b) => a.logical - b.logical);
+}
+
+function profileName(type: number): string {
+  const names = Object.entries(BTRFS_BLOCK_GROUP).filter(([k, bit]) => k !== 'DATA' && type & bit).map(([k]) => k);
+  return names.length ? names.join('|') : 'single';
+}
+
+/**
+ * btrfs's logical extents as places on its one device: each extent split where it
+ * crosses chunks, each piece moved by its chunk's stripe offset. Only "single" chunks with
+ * one stripe map 1:1; anything else (DUP, RAID: several copies or stripes) is a problem,
+ * as is an address no chunk covers. Extents with a problem flag pass as they are
+ * (fiemapToFileExtents names them).
+ */
+export function btrfsToDevice(raw: readonly FiemapExtent[], chunks: readonly BtrfsChunk[]): { extents: FiemapExtent[]; problems: string[] } {
+  const out: FiemapExtent[] = [];
+  const problems = new Set<string>();
+  const skip = UNMAPPABLE.reduce((m, [flag]) => m | flag, 0);
+  for (const e of raw) {
+    if (e.flags & skip || e.length <= 0) {
+      out.push(e);
+      continue;
+    }
+    let done = 0;
+    while (done < e.length) {
+      const at = e.physical + done;
+      const c = chunks.find((x) => x.logical <= at && at < x.logical + x.length);
+      if (!c) {
+        problems.add(`btrfs address ${at} (file byte ${e.logical + done}) lies in no chunk`);
+        break;
+      }
+      const n = Math.min(e.length - done, c.logical + c.length - at);
+      if ((c.type & PROFILE_MASK) !== 0 || c.stripes.length !== 1) {
+        problems.add(`parts lie in a ${profileName(c.type)} chunk at ${c.logical}, kept in ${c.stripes.length} places: a write to one of them would leave the others stale`);
+      }
+      out.push({ logical: e.logical + done, physical: c.stripes[0]!.offset + (at - c.logical), length: n, flags: e.flags & ~FIEMAP_EXTENT.LAST });
+      done += n;
+    }
+  }
+  return { extents: out, problems: [...problems] };
+}
+
+function fsInfoDevices(sys: Sys, fd: number): number | undefined {
+  try {
+    const buf = new ArrayBuffer(BTRFS_FS_INFO_SIZE);
+    sys.ioctl(fd, BTRFS_IOC_FS_INFO, buf);
+    return safe(new DataView(buf).getBigUint64(8, true), 'num_devices');
+  } catch {
+    return undefined;
+  }
+}
+
+function inodeFlags(sys: Sys, fd: number): number | undefined {
+  try {
+    const buf = new ArrayBuffer(8);
+    sys.ioctl(fd, FS_IOC_GETFLAGS, buf);
+    return new DataView(buf).getUint32(0, true);
+  } catch {
+    return undefined;
+  }
+}
+
 export interface KernelImageHost {
   host: ImageHost & { chain: ChainHost };
   /** the image as found: its normalized path and size */
@@ -211,7 +364,7 @@ export interface KernelImageHost {
  * mounted as `fsType`): files read through the mount, their places on `device` from
  * FIEMAP. Throws FormatError naming the path when the image is not there.
  */
-export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo, fsType: string, description: string, imagePath: string): KernelImageHost {
+export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo, fsType: string, description: string, imagePath: string, writable: boolean): KernelImageHost {
   const opened: { close(): void }[] = [];
   const full = (p: string): string => `${mount}${joinHostPath(splitHostPath(p))}`;
   const statFile = (p: string) => {
@@ -248,9 +401,9 @@ export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo
     const { norm, st } = statFile(p);
     if (!FIEMAP_DIRECT_FS.has(fsType)) {
       throw new FormatError(
-        fsType === 'btrfs' || fsType === 'bcachefs'
-          ? `${fsType} reports where ${norm} lies in its own address space, which spans chunks and devices, not as places on ${device.path}`
-          : `vdboot does not map files of ${fsType} directly (it maps ext2/3/4 and xfs files through FIEMAP)`,
+        fsType === 'bcachefs'
+          ? `${fsType} reports where ${norm} lies in its own address space, which spans devices, not as places on ${device.path}`
+          : `vdboot does not map files of ${fsType} directly (it maps ext2/3/4, xfs and btrfs files through FIEMAP)`,
         'fstype', fsType,
       );
     }
@@ -259,14 +412,31 @@ export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo
       if (fsType === 'xfs' && ((xflags(sys, fd) ?? 0) & FS_XFLAG_REALTIME)) {
         throw new FormatError(`${norm} lies on the xfs realtime device, not on ${device.path}`, 'xflags', FS_XFLAG_REALTIME);
       }
+      if (fsType === 'btrfs' && writable && !((inodeFlags(sys, fd) ?? 0) & FS_NOCOW_FL)) {
+        throw new FormatError(
+          `btrfs keeps a checksum of every data block of ${norm}: a write that bypasses btrfs leaves them wrong, and btrfs refuses to read the file afterwards. ` +
+            `A file created No_COW ("chattr +C" on the empty file, then filled) has none and is mapped directly`,
+          'flags', norm,
+        );
+      }
       let raw: FiemapExtent[];
+      const early: string[] = [];
       try {
         raw = readFiemap(sys, fd, st.size);
+        if (fsType === 'btrfs') {
+          const devices = fsInfoDevices(sys, fd);
+          if (devices !== undefined && devices !== 1) early.push(`the btrfs spans ${devices} devices`);
+          const t = btrfsToDevice(raw, readBtrfsChunks(sys, fd));
+          raw = t.extents;
+          early.push(...t.problems);
+        }
       } catch (e) {
-        if (isSysError(e)) throw new FormatError(`${fsType} could not say where ${norm} lies (FIEMAP: ${e.code})`, 'fiemap', e.code);
+        if (isSysError(e)) throw new FormatError(`${fsType} could not say where ${norm} lies (${e.code})`, 'fiemap', e.code);
         throw e;
       }
-      const { extents, problems } = fiemapToFileExtents(raw, st.size, device.size);
+      const converted = fiemapToFileExtents(raw, st.size, device.size);
+      const { extents } = converted;
+      const problems = [...early, ...converted.problems];
       if (problems.length) throw new FormatError(`parts of ${norm} cannot be mapped onto ${device.path} as they are: ${problems.join('; ')}`, 'fiemap', norm);
       return { device: device.path, extents };
     } finally {
@@ -281,7 +451,7 @@ export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo
       chain,
       layout,
       writeBlocker: null,
-      layoutSource: `${fsType}'s FIEMAP`,
+      layoutSource: fsType === 'btrfs' ? "btrfs's FIEMAP and chunk tree" : `${fsType}'s FIEMAP`,
     },
     file: { path: norm, size: st.size, extents: [] },
     close(): void {

@@ -40,8 +40,8 @@ export function isKernelHost(d: BlockDeviceInfo): boolean {
 /** The message for a kernel-mounted host where vdboot cannot mount (`vdboot plan` on a disk file); FormatError field "kernel-host". */
 export function kernelHostError(d: BlockDeviceInfo, path: string): FormatError {
   return new FormatError(
-    `${path} is on ${describeHost(d)}, a filesystem vdboot does not read itself. At boot the kernel mounts it read-only at /run/vdboot/host through /dev/mapper/vdhost ` +
-      `and vdboot reads the image through it. ${FIEMAP_DIRECT_FS.has(d.fsType ?? '') ? `The image takes the direct path when the filesystem's FIEMAP places all of it, as it is, on ${d.path}; else the loop path. ` : `The image takes the loop path (through the kernel's ${d.fsType} driver). `}` +
+    `${path} is on ${describeHost(d)}, a filesystem vdboot does not read itself. At boot the kernel mounts it at /run/vdboot/host through /dev/mapper/vdhost (read-only, unless the loop path writes through it) ` +
+      `and vdboot reads the image through it. ${FIEMAP_DIRECT_FS.has(d.fsType ?? '') ? `The image takes the direct path when the filesystem's FIEMAP places all of it, as it is, on ${d.path} (and, read-write, the file has no holes or unwritten ranges${d.fsType === 'btrfs' ? ' and is No_COW, without data checksums' : ''}); else the loop path. ` : `The image takes the loop path (through the kernel's ${d.fsType} driver). `}` +
       `Without mounting it, this machine cannot show the image chain or device-mapper tables.`,
     'kernel-host', d.path,
   );

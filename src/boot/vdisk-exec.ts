@@ -10,7 +10,7 @@ import { isSysError, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { describeDevices } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
-import { formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
+import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { mkdirs, readTextOr, writeText } from './fsutil.ts';
 import { expandInPlace } from './expand.ts';
 import { isExpansionNeeded } from './expand-plan.ts';
@@ -248,7 +248,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     const expanded = new Set<number>();
     for (let index = 0; index < requests.length; index++) {
       const r = requests[index]!;
-      const located = locateImage(ctx, r.spec, r.path, r.what);
+      // A host mounted already is now also matched by vdhost (it carries the host's label): use the mounted one.
+      const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : locateImage(ctx, r.spec, r.path, r.what);
       let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
       if (located.kernel) {
         const dev = located.kernel;
@@ -256,7 +257,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
           throw new BootFailure(`${r.what} is on ${describeHost(dev)}, but ${describeHost(kernelHost.device)} is mounted already for another image, and vdboot mounts one host filesystem at a time. Put the images on one partition.`);
         }
         kernelHost ??= mountKernelHost(ctx, dm, undo, dev);
-        const k = kernelImageHost(sys, HOST_MOUNT, dev, kernelHost.fsType, describeHost(dev), r.path);
+        const k = kernelImageHost(sys, HOST_MOUNT, dev, kernelHost.fsType, describeHost(dev), r.path, plan.vdisk.mode === 'rw');
         opened = { path: k.file.path, device: dev, imageHost: k.host, nbdReadable: true, close: () => k.close() };
       } else {
         const found = located.found!;

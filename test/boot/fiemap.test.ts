@@ -10,18 +10,35 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
+  BTRFS_BLOCK_GROUP,
+  BTRFS_CHUNK,
+  BTRFS_CHUNK_ITEM_KEY,
+  BTRFS_CHUNK_TREE_OBJECTID,
+  BTRFS_FIRST_CHUNK_TREE_OBJECTID,
+  BTRFS_FS_INFO_SIZE,
+  BTRFS_IOC_FS_INFO,
+  BTRFS_IOC_TREE_SEARCH,
+  BTRFS_SEARCH_ARGS_SIZE,
+  BTRFS_SEARCH_HEADER_SIZE,
+  BTRFS_SEARCH_KEY_SIZE,
+  btrfsToDevice,
   FIEMAP_EXTENT,
   FIEMAP_EXTENT_SIZE,
   FIEMAP_FLAG,
   FIEMAP_HEADER_SIZE,
   FS_IOC_FIEMAP,
   FS_IOC_FSGETXATTR,
+  FS_IOC_GETFLAGS,
+  FS_NOCOW_FL,
   FS_XFLAG_REALTIME,
   FSXATTR_SIZE,
   fiemapToFileExtents,
+  packBtrfsChunkSearch,
   packFiemapRequest,
   readFiemap,
+  unpackBtrfsChunkSearch,
   unpackFiemap,
+  type BtrfsChunk,
   type FiemapExtent,
 } from '../../src/boot/fiemap.ts';
 import type { Sys } from '../../src/sys/sys.ts';
@@ -261,5 +278,110 @@ int main(int argc, char **argv) {
       expect(e.kind).toBe(o.unwritten ? 'uninitialized' : 'data');
       if (e.kind === 'data') expect(e.deviceOffset + (o.logical - e.fileOffset)).toBe(o.physical);
     }
+  });
+});
+
+describe('btrfs: logical addresses through the chunk tree', () => {
+  const bt = (() => {
+    const bin = compile('btrfs-facts', `#include <stdio.h>
+#include <stddef.h>
+#include <sys/ioctl.h>
+#include <linux/fs.h>
+#include <linux/btrfs.h>
+#include <linux/btrfs_tree.h>
+#define P(n, v) printf("%s %lu\\n", n, (unsigned long)(v))
+int main(void) {
+  P("key", sizeof(struct btrfs_ioctl_search_key)); P("args", sizeof(struct btrfs_ioctl_search_args));
+  P("header", sizeof(struct btrfs_ioctl_search_header)); P("fsinfo", sizeof(struct btrfs_ioctl_fs_info_args));
+  P("tree_id", offsetof(struct btrfs_ioctl_search_key, tree_id)); P("min_objectid", offsetof(struct btrfs_ioctl_search_key, min_objectid));
+  P("max_objectid", offsetof(struct btrfs_ioctl_search_key, max_objectid)); P("min_offset", offsetof(struct btrfs_ioctl_search_key, min_offset));
+  P("max_offset", offsetof(struct btrfs_ioctl_search_key, max_offset)); P("min_transid", offsetof(struct btrfs_ioctl_search_key, min_transid));
+  P("max_transid", offsetof(struct btrfs_ioctl_search_key, max_transid)); P("min_type", offsetof(struct btrfs_ioctl_search_key, min_type));
+  P("max_type", offsetof(struct btrfs_ioctl_search_key, max_type)); P("nr_items", offsetof(struct btrfs_ioctl_search_key, nr_items));
+  P("h_objectid", offsetof(struct btrfs_ioctl_search_header, objectid)); P("h_offset", offsetof(struct btrfs_ioctl_search_header, offset));
+  P("h_type", offsetof(struct btrfs_ioctl_search_header, type)); P("h_len", offsetof(struct btrfs_ioctl_search_header, len));
+  P("num_devices", offsetof(struct btrfs_ioctl_fs_info_args, num_devices));
+  P("c_length", offsetof(struct btrfs_chunk, length)); P("c_type", offsetof(struct btrfs_chunk, type));
+  P("c_num_stripes", offsetof(struct btrfs_chunk, num_stripes)); P("c_stripe", offsetof(struct btrfs_chunk, stripe));
+  P("stripe", sizeof(struct btrfs_stripe)); P("s_devid", offsetof(struct btrfs_stripe, devid)); P("s_offset", offsetof(struct btrfs_stripe, offset));
+  P("BTRFS_IOC_TREE_SEARCH", BTRFS_IOC_TREE_SEARCH); P("BTRFS_IOC_FS_INFO", BTRFS_IOC_FS_INFO);
+  P("FS_IOC_GETFLAGS", FS_IOC_GETFLAGS); P("FS_NOCOW_FL", FS_NOCOW_FL);
+  P("CHUNK_TREE", BTRFS_CHUNK_TREE_OBJECTID); P("FIRST_CHUNK_TREE", BTRFS_FIRST_CHUNK_TREE_OBJECTID); P("CHUNK_ITEM", BTRFS_CHUNK_ITEM_KEY);
+  P("DATA", BTRFS_BLOCK_GROUP_DATA); P("RAID0", BTRFS_BLOCK_GROUP_RAID0); P("RAID1", BTRFS_BLOCK_GROUP_RAID1); P("DUP", BTRFS_BLOCK_GROUP_DUP);
+  P("RAID10", BTRFS_BLOCK_GROUP_RAID10); P("RAID5", BTRFS_BLOCK_GROUP_RAID5); P("RAID6", BTRFS_BLOCK_GROUP_RAID6);
+  P("RAID1C3", BTRFS_BLOCK_GROUP_RAID1C3); P("RAID1C4", BTRFS_BLOCK_GROUP_RAID1C4);
+  return 0;
+}
+`);
+    const out = execFileSync(bin, { encoding: 'utf8' });
+    return Object.fromEntries(out.trim().split('\n').map((l) => { const [k, v] = l.split(' '); return [k!, Number(v)]; }));
+  })();
+
+  /** A TREE_SEARCH reply as the kernel writes it: the key with nr_items, then header + item per chunk. */
+  function packSearchReply(chunks: BtrfsChunk[]): ArrayBuffer {
+    const buf = new ArrayBuffer(bt.args!);
+    const v = new DataView(buf);
+    v.setUint32(bt.nr_items!, chunks.length, true);
+    let o = bt.key!;
+    for (const c of chunks) {
+      const len = bt.c_stripe! + c.stripes.length * bt.stripe!;
+      v.setBigUint64(o + bt.h_objectid!, 256n, true);
+      v.setBigUint64(o + bt.h_offset!, BigInt(c.logical), true);
+      v.setUint32(o + bt.h_type!, bt.CHUNK_ITEM!, true);
+      v.setUint32(o + bt.h_len!, len, true);
+      const d = o + bt.header!;
+      v.setBigUint64(d + bt.c_length!, BigInt(c.length), true);
+      v.setBigUint64(d + bt.c_type!, BigInt(c.type), true);
+      v.setUint16(d + bt.c_num_stripes!, c.stripes.length, true);
+      c.stripes.forEach((s, k) => {
+        v.setBigUint64(d + bt.c_stripe! + k * bt.stripe! + bt.s_devid!, BigInt(s.devid), true);
+        v.setBigUint64(d + bt.c_stripe! + k * bt.stripe! + bt.s_offset!, BigInt(s.offset), true);
+      });
+      o = d + len;
+    }
+    return buf;
+  }
+
+  it('has the sizes, offsets, request numbers and constants of linux/btrfs.h and btrfs_tree.h', () => {
+    expect([BTRFS_SEARCH_KEY_SIZE, BTRFS_SEARCH_ARGS_SIZE, BTRFS_SEARCH_HEADER_SIZE, BTRFS_FS_INFO_SIZE]).toEqual([bt.key, bt.args, bt.header, bt.fsinfo]);
+    expect([bt.tree_id, bt.min_objectid, bt.max_objectid, bt.min_offset, bt.max_offset, bt.min_transid, bt.max_transid, bt.min_type, bt.max_type, bt.nr_items]).toEqual([0, 8, 16, 24, 32, 40, 48, 56, 60, 64]);
+    expect([bt.h_offset, bt.h_type, bt.h_len, bt.num_devices]).toEqual([16, 24, 28, 8]);
+    expect(BTRFS_CHUNK).toEqual({ length: bt.c_length, type: bt.c_type, numStripes: bt.c_num_stripes, stripes: bt.c_stripe, stripeSize: bt.stripe, stripeDevid: bt.s_devid, stripeOffset: bt.s_offset });
+    expect([BTRFS_IOC_TREE_SEARCH, BTRFS_IOC_FS_INFO, FS_IOC_GETFLAGS, FS_NOCOW_FL]).toEqual([bt.BTRFS_IOC_TREE_SEARCH, bt.BTRFS_IOC_FS_INFO, bt.FS_IOC_GETFLAGS, bt.FS_NOCOW_FL]);
+    expect([BTRFS_CHUNK_TREE_OBJECTID, BTRFS_FIRST_CHUNK_TREE_OBJECTID, BTRFS_CHUNK_ITEM_KEY]).toEqual([bt.CHUNK_TREE, bt.FIRST_CHUNK_TREE, bt.CHUNK_ITEM]);
+    for (const [name, value] of Object.entries(BTRFS_BLOCK_GROUP)) expect([name, value]).toEqual([name, bt[name]]);
+    const req = new DataView(packBtrfsChunkSearch(12345));
+    expect(Number(req.getBigUint64(bt.tree_id!, true))).toBe(bt.CHUNK_TREE);
+    expect(Number(req.getBigUint64(bt.min_offset!, true))).toBe(12345);
+    expect([req.getUint32(bt.min_type!, true), req.getUint32(bt.max_type!, true)]).toEqual([bt.CHUNK_ITEM, bt.CHUNK_ITEM]);
+  });
+
+  it('moves each extent by its chunk\'s stripe, splitting where it crosses chunks; DUP, RAID and unmapped addresses are named', () => {
+    const chunks: BtrfsChunk[] = [
+      { logical: 13 * MiB, length: 8 * MiB, type: BTRFS_BLOCK_GROUP.DATA, stripes: [{ devid: 1, offset: 13 * MiB }] },
+      { logical: 61 * MiB, length: 8 * MiB, type: BTRFS_BLOCK_GROUP.DATA, stripes: [{ devid: 1, offset: MiB }] },
+      { logical: 69 * MiB, length: 8 * MiB, type: BTRFS_BLOCK_GROUP.DATA, stripes: [{ devid: 1, offset: 101 * MiB }] },
+      { logical: 200 * MiB, length: 8 * MiB, type: BTRFS_BLOCK_GROUP.DATA | BTRFS_BLOCK_GROUP.DUP, stripes: [{ devid: 1, offset: 150 * MiB }, { devid: 1, offset: 158 * MiB }] },
+    ];
+    const got = unpackBtrfsChunkSearch(packSearchReply(chunks));
+    expect(got).toEqual(chunks);
+    // a 4 MiB extent crossing from the second chunk into the third
+    const r = btrfsToDevice([{ logical: 0, physical: 67 * MiB, length: 4 * MiB, flags: FIEMAP_EXTENT.LAST }], got);
+    expect(r.problems).toEqual([]);
+    expect(r.extents).toEqual([
+      { logical: 0, physical: 7 * MiB, length: 2 * MiB, flags: 0 },
+      { logical: 2 * MiB, physical: 101 * MiB, length: 2 * MiB, flags: 0 },
+    ]);
+    expect(fiemapToFileExtents(r.extents, 4 * MiB, 128 * MiB).extents).toEqual([
+      { kind: 'data', fileOffset: 0, length: 2 * MiB, deviceOffset: 7 * MiB },
+      { kind: 'data', fileOffset: 2 * MiB, length: 2 * MiB, deviceOffset: 101 * MiB },
+    ]);
+    expect(btrfsToDevice([{ logical: 0, physical: 201 * MiB, length: 4096, flags: 0 }], got).problems)
+      .toEqual([`parts lie in a DUP chunk at ${200 * MiB}, kept in 2 places: a write to one of them would leave the others stale`]);
+    expect(btrfsToDevice([{ logical: 0, physical: 100 * MiB, length: 4096, flags: 0 }], got).problems)
+      .toEqual([`btrfs address ${100 * MiB} (file byte 0) lies in no chunk`]);
+    // extents flagged unmappable (compressed) pass untranslated, for fiemapToFileExtents to name
+    const enc = { logical: 0, physical: 300 * MiB, length: 4096, flags: FIEMAP_EXTENT.ENCODED };
+    expect(btrfsToDevice([enc], got)).toEqual({ extents: [enc], problems: [] });
   });
 });
