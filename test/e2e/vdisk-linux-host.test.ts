@@ -189,6 +189,30 @@ describe('end to end: root=vdisk: on an ext4 host (kernel-mounted, FIEMAP)', { t
   });
 });
 
+describe('end to end: root=vdisk: on an ext4 host, a sparse image file', { timeout: 600_000 }, () => {
+  it('rw: holes in the host file send auto to the loop path, the host is mounted read-write for it, and e2fsck -fn passes afterwards', async () => {
+    // mke2fs -d leaves the image's zero blocks out: holes, which a direct write would fill behind ext4's back
+    const hostPart = join(dir, 'sparse-host.ext4');
+    makeExt4(hostPart, { sizeMiB: 64, label: 'sparsehost', files: { '/VMs/linux.img': { hostFile: guestRaw } } });
+    const disk = join(dir, 'sparse-host.img');
+    const [part] = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: hostPart, type: LINUX_FS, name: 'linux data' }] });
+    const { facts, transcript } = await boot(disk, 'root=vdisk:LABEL=sparsehost:/VMs/linux.img rw', 'vdisk-ext4-sparse');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', fstype: 'ext4', mode: 'rw' });
+    expect(facts.wrote).toBe('/home/note.txt');
+    expect(transcript).toMatch(/vdisk0: .*loop: the direct path is not safe here \(.* in holes, where a write through the raw partition would stay invisible/);
+    expect(transcript).toMatch(/mounted \/dev\/mapper\/vdhost \(ext4, ro\) on \/run\/vdboot\/host/);
+    expect(transcript).toMatch(/mounted \/dev\/mapper\/vdhost \(ext4, rw\) on \/run\/vdboot\/host/);
+    expectHandOff(transcript);
+    expect(transcript).toMatch(/detached \/dev\/loop0/);
+    expect(transcript).toMatch(/unmounted \/host/);
+    const after = extract(disk, part!.offset, part!.size, 'sparse-after.ext4');
+    const fsck = spawnSync('e2fsck', ['-fn', after], { encoding: 'utf8' });
+    expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
+    const img = ext4Dump(after, '/VMs/linux.img', 'sparse-linux-after.img');
+    expect(run('debugfs', ['-R', 'cat /home/note.txt', extract(img, 3 * MiB, 24 * MiB, 'sparse-root-after.ext4')])).toBe(NOTE);
+  });
+});
+
 describe('end to end: root=vdisk: on a btrfs host (FIEMAP through the chunk tree)', { timeout: 600_000 }, () => {
   it('snapshot mode: the image\'s btrfs addresses are moved onto the partition through the chunk tree, the guest boots from them, and the image is unchanged', async () => {
     // mkfs.btrfs --rootdir: rootless; its data chunks sit elsewhere on the device than their logical addresses
