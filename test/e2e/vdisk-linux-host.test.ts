@@ -8,10 +8,12 @@
  *    fragments) and an attached fixed VHD (extent-mapped) on the partition, both take the
  *    direct path, the guest writes to both, and afterwards `e2fsck -fn` passes on the host
  *    partition and both writes are inside the image files.
- * 2. A btrfs host in snapshot mode: FIEMAP's btrfs addresses go through the chunk tree
+ * 2. An xfs host (mkfs.xfs -p): the same, direct, rw, xfs_repair -n clean afterwards; and an
+ *    ext4 host whose image file is sparse (mke2fs -d): rw goes through the loop path.
+ * 3. A btrfs host in snapshot mode: FIEMAP's btrfs addresses go through the chunk tree
  *    onto the partition (single data chunks), the guest boots from them, and the image is
  *    unchanged afterwards (`btrfs check`, `btrfs restore`).
- * 3. A `*.vdisk.json` on NTFS assembling a raw vfat ESP image and a fixed VHDX root into
+ * 4. A `*.vdisk.json` on NTFS assembling a raw vfat ESP image and a fixed VHDX root into
  *    one GPT disk: the root partition is found by its GPT type, the guest writes, and the
  *    write is inside the VHDX afterwards.
  */
@@ -210,6 +212,48 @@ describe('end to end: root=vdisk: on an ext4 host, a sparse image file', { timeo
     expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
     const img = ext4Dump(after, '/VMs/linux.img', 'sparse-linux-after.img');
     expect(run('debugfs', ['-R', 'cat /home/note.txt', extract(img, 3 * MiB, 24 * MiB, 'sparse-root-after.ext4')])).toBe(NOTE);
+  });
+});
+
+describe('end to end: root=vdisk: on an xfs host', { timeout: 600_000 }, () => {
+  it('rw: the raw image takes the direct path through xfs\'s FIEMAP; the write is in the file; xfs_repair -n passes', async () => {
+    // mkfs.xfs -p (a protofile) populates the filesystem rootless, with every block of the file written
+    const hostPart = join(dir, 'host.xfs');
+    writeFileSync(hostPart, '');
+    execFileSync('truncate', ['-s', `${300 * MiB}`, hostPart]);
+    const proto = join(dir, 'xfs.proto');
+    writeFileSync(proto, ['/dev/null', '0 0', 'd--755 0 0', 'VMs d--755 0 0', `linux.img ---644 0 0 ${guestRaw}`, '$', '$', ''].join('\n'));
+    run('mkfs.xfs', ['-q', '-L', 'xfshost', '-p', proto, hostPart]);
+    const disk = join(dir, 'xfs-host.img');
+    const [part] = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: hostPart, type: LINUX_FS, name: 'linux data' }] });
+
+    const { facts, transcript } = await boot(disk, 'root=vdisk:LABEL=xfshost:/VMs/linux.img rw', 'vdisk-xfs-host');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', fstype: 'ext4', mode: 'rw' });
+    expect(facts.wrote).toBe('/home/note.txt');
+    expect(transcript).toMatch(/mounted \/dev\/mapper\/vdhost \(xfs, ro\) on \/run\/vdboot\/host/);
+    expect(transcript).toMatch(/vdisk0: \/VMs\/linux\.img on \/dev\/vda1 \(xfs, LABEL="xfshost"\): raw [^,]*, direct: the image is fully mappable: \d+ extents? on \/dev\/vda1 \(from xfs's FIEMAP\)/);
+    expectHandOff(transcript);
+
+    const after = extract(disk, part!.offset, part!.size, 'host-after.xfs');
+    const repair = spawnSync('xfs_repair', ['-n', after], { encoding: 'utf8' });
+    expect(repair.status, `${repair.stdout}${repair.stderr}`).toBe(0);
+    // the file's bytes from xfs_db's block map (fsblock → byte on the partition)
+    const bytes = readFileSync(after);
+    const img = Buffer.alloc(readFileSync(guestRaw).length);
+    const bmap = run('xfs_db', ['-r', '-c', 'path /VMs/linux.img', '-c', 'bmap', after]);
+    const bs = Number(/blocksize = (\d+)/.exec(run('xfs_db', ['-r', '-c', 'sb 0', '-c', 'print blocksize', after]))![1]);
+    let covered = 0;
+    for (const m of bmap.matchAll(/data offset (\d+) startblock (\d+) \(\d+\/\d+\) count (\d+) flag (\d)/g)) {
+      expect(m[4]).toBe('0');
+      const at = Number(/\((\d+)\)/.exec(run('xfs_db', ['-r', '-c', `convert fsblock ${m[2]} byte`, after]))![1]);
+      const n = Number(m[3]) * bs;
+      bytes.copy(img, Number(m[1]) * bs, at, at + n);
+      covered += n;
+    }
+    expect(covered).toBe(img.length);
+    const imgFile = join(dir, 'xfs-linux-after.img');
+    writeFileSync(imgFile, img);
+    expect(run('debugfs', ['-R', 'cat /home/note.txt', extract(imgFile, 3 * MiB, 24 * MiB, 'xfs-root-after.ext4')])).toBe(NOTE);
   });
 });
 
