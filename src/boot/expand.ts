@@ -167,9 +167,21 @@ function unmount(ctx: InitContext, t: ExpandTarget, daemon: number | undefined):
   const { sys, log } = ctx;
   sys.umount2(EXPAND_MOUNT, 0);
   if (daemon !== undefined) {
+    // The daemon's parent exited at once, so it is PID 1's child: reap it (a zombie still shows in /proc).
+    const gone = (): boolean => {
+      try {
+        return sys.waitpid(daemon, 1 /* WNOHANG */).pid === daemon;
+      } catch {
+        return !exists(sys, `/proc/${daemon}`);
+      }
+    };
     const deadline = sys.monotonicMs() + 120_000;
-    while (exists(sys, `/proc/${daemon}`) && sys.monotonicMs() < deadline) sys.sleepMs(50);
-    if (exists(sys, `/proc/${daemon}`)) log.warn(`ntfs-3g (pid ${daemon}) is still running 120 s after ${EXPAND_MOUNT} was unmounted`);
+    let done = gone();
+    while (!done && sys.monotonicMs() < deadline) {
+      sys.sleepMs(50);
+      done = gone();
+    }
+    if (!done) log.warn(`ntfs-3g (pid ${daemon}) is still running 120 s after ${EXPAND_MOUNT} was unmounted`);
   }
   sys.sync();
   try {

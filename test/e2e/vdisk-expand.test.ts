@@ -1,0 +1,186 @@
+/**
+ * End to end: a dynamic image booted read-write is expanded in place first (DESIGN §3),
+ * through ntfs-3g (the Debian kernel has no ntfs3), then mapped directly. On the host
+ * afterwards: every block allocated, the guest's file inside the image, the virtual disk
+ * otherwise unchanged, the NTFS volume clean. A host without room refuses before
+ * writing anything: the whole host disk is byte-identical after the boot.
+ */
+import { createHash } from 'node:crypto';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { writeInitramfs } from '../../mkinitramfs/build.ts';
+import { convertImage, makeExt4, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { buildGuestRoot, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
+import { bytesReader } from '../../src/formats/block-reader.ts';
+import { openHostFs } from '../../src/formats/hostfs.ts';
+import { sliceReader } from '../../src/formats/partitions.ts';
+import { vhdFormat } from '../../src/formats/vhd.ts';
+import { vhdxFormat } from '../../src/formats/vhdx.ts';
+import { openFileReader } from '../../src/sys/node-reader.ts';
+
+const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
+const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
+const NOTE = 'written by the guest on an expanded image';
+const MiB = 1 << 20;
+
+let dir: string;
+let initrd: string;
+let guestRaw: string;
+const vms: Vm[] = [];
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'vdboot-e2e-expand-'));
+  initrd = join(dir, 'initrd.img');
+  writeInitramfs(initrd, { kernel: defaultKernel(), tools: ['ntfs-3g'] });
+  const rootDir = join(dir, 'root');
+  buildGuestRoot(rootDir, { writeFile: { path: '/home/note.txt', content: NOTE }, then: { exec: '/run/initramfs/shutdown poweroff' } });
+  const fsImg = join(dir, 'root.ext4');
+  makeExt4(fsImg, { sizeMiB: 24, label: 'vdisk root', fromDir: rootDir });
+  guestRaw = join(dir, 'guest.raw');
+  makePartitionedDisk(guestRaw, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fsImg, type: ROOT_TYPE, name: 'linux' }] });
+}, 300_000);
+
+afterAll(async () => {
+  for (const vm of vms) if (!vm.exited) await vm.kill();
+  if (dir && !process.env.VDBOOT_KEEP) rmSync(dir, { recursive: true, force: true });
+});
+
+interface Host { disk: string; offset: number; size: number }
+
+function hostDisk(name: string, sizeMiB: number, files: FileTree): Host {
+  const img = join(dir, `${name}.ntfs`);
+  makeNtfs(img, { sizeMiB, label: 'Windows', files });
+  const disk = join(dir, `${name}.img`);
+  const layout = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: img, type: BASIC_DATA, name: 'Basic data partition' }] });
+  return { disk, offset: layout[0]!.offset, size: layout[0]!.size };
+}
+
+function hostFile(host: Host, path: string, out: string): string {
+  const part = join(dir, `part-${Date.now()}.ntfs`);
+  writeFileSync(part, readFileSync(host.disk).subarray(host.offset, host.offset + host.size));
+  try {
+    writeFileSync(out, ntfsRead(part, path));
+  } finally {
+    rmSync(part);
+  }
+  return out;
+}
+
+function expectNtfsClean(host: Host): void {
+  const r = openFileReader(host.disk);
+  try {
+    expect(openHostFs(sliceReader(r, host.offset, host.size, 'ntfs'))?.writeBlocker()).toBeNull();
+  } finally {
+    r.close();
+  }
+}
+
+function sha(file: string): string {
+  return createHash('sha256').update(readFileSync(file)).digest('hex');
+}
+
+/** Bytes of the virtual disk the image does not store, by vdboot's reader (qemu's vhdx driver reports no allocation). */
+function unallocated(file: string, format: 'vhd' | 'vhdx'): number {
+  const reader = bytesReader(file, new Uint8Array(readFileSync(file)));
+  const layer = (format === 'vhd' ? vhdFormat : vhdxFormat).open(reader, { path: file, openFile: () => { throw new Error('no parent'); } });
+  return layer.extents.filter((e) => e.kind !== 'data').reduce((n, e) => n + e.length, 0);
+}
+
+function qemuRaw(file: string, format: string): Buffer {
+  const out = `${file}.raw`;
+  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', file, out]);
+  try {
+    return readFileSync(out);
+  } finally {
+    rmSync(out);
+  }
+}
+
+/** The guest's file inside an image: qemu-img convert, then debugfs on the root partition (3 MiB in). */
+function fileInImage(image: string, format: string, guestPath: string): string {
+  const raw = join(dir, `check-${Date.now()}.raw`);
+  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', image, raw]);
+  const part = `${raw}.ext4`;
+  execFileSync('dd', [`if=${raw}`, `of=${part}`, 'bs=1M', 'skip=3', 'status=none']);
+  try {
+    return execFileSync('debugfs', ['-R', `cat ${guestPath}`, part], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  } finally {
+    rmSync(raw);
+    rmSync(part);
+  }
+}
+
+describe('end to end: dynamic images expanded in place for a read-write boot (mkinitramfs --with ntfs-3g)', { timeout: 600_000 }, () => {
+  it('a dynamic VHD root and an attached dynamic VHDX are expanded through ntfs-3g, then mapped directly; the guest\'s file lands in the fully allocated VHD', async () => {
+    const vhd = join(dir, 'linux.vhd');
+    convertImage(guestRaw, vhd, 'vpc');
+    const vhdx = join(dir, 'data.vhdx');
+    convertImage(guestRaw, vhdx, 'vhdx', ['block_size=1M']);
+    expect(unallocated(vhd, 'vhd')).toBeGreaterThan(0);
+    expect(unallocated(vhdx, 'vhdx')).toBeGreaterThan(0);
+    const vhdxBefore = qemuRaw(vhdx, 'vhdx');
+    const host = hostDisk('expand', 120, { '/VMs/linux.vhd': { hostFile: vhd }, '/VMs/data.vhdx': { hostFile: vhdx } });
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=Windows:/VMs/linux.vhd rd.vdisk.attach=LABEL=Windows:/VMs/data.vhdx rw', disks: [{ file: host.disk, interface: 'virtio-blk' }], name: 'vdisk-expand' });
+    vms.push(vm);
+    await vm.waitFor(GUEST_MARKER, 300_000);
+    const facts = parseGuestFacts(vm.transcript());
+    await vm.waitExit(120_000);
+    const t = vm.transcript();
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+    expect(facts.wrote).toBe('/home/note.txt');
+    // the console: what is expanded, the progress, and the direct path afterwards
+    expect(t).toMatch(/expanding \/VMs\/linux\.vhd in place: \d+ absent blocks? of 2\.0 MiB .* allocated and zero-filled, the file grows from/);
+    expect(t).toMatch(/with ntfs-3g \(rw\) on \/run\/vdboot\/expand/);
+    expect(t).toMatch(/expanding \/VMs\/linux\.vhd: .* \(100%\), .*\/s/);
+    expect(t).toMatch(/expanded \/VMs\/linux\.vhd: .* written in/);
+    expect(t).toMatch(/expanding \/VMs\/data\.vhdx in place/);
+    expect(t).toMatch(/vdisk0: \/VMs\/linux\.vhd on .*vhd dynamic, direct: the image is fully mappable/);
+    expect(t).toMatch(/vdisk1: \/VMs\/data\.vhdx on .*vhdx dynamic, direct: the image is fully mappable/);
+    expect(t).toMatch(/shutdown hand-off \(poweroff\)/);
+    expect(t).toMatch(/reboot: Power down/);
+
+    const afterVhd = hostFile(host, '/VMs/linux.vhd', join(dir, 'after.vhd'));
+    expect(unallocated(afterVhd, 'vhd')).toBe(0);
+    const map = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'vpc', '--output=json', afterVhd], { encoding: 'utf8' })) as { data: boolean; offset?: number }[];
+    expect(map.every((m) => m.data && m.offset !== undefined)).toBe(true);
+    expect(fileInImage(afterVhd, 'vpc', '/home/note.txt')).toBe(NOTE);
+    const b = readFileSync(afterVhd);
+    expect(b.subarray(b.length - 512).equals(b.subarray(0, 512))).toBe(true);
+
+    const afterVhdx = hostFile(host, '/VMs/data.vhdx', join(dir, 'after.vhdx'));
+    const check = spawnSync('qemu-img', ['check', '-f', 'vhdx', afterVhdx], { encoding: 'utf8' });
+    expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+    expect(unallocated(afterVhdx, 'vhdx')).toBe(0);
+    expect(qemuRaw(afterVhdx, 'vhdx').equals(vhdxBefore)).toBe(true);
+    expectNtfsClean(host);
+  });
+
+  it('a host without room for the expansion is refused before anything is written: the sizes and the remedies, the host disk byte-identical', async () => {
+    const vhdx = join(dir, 'tight.vhdx');
+    convertImage(guestRaw, vhdx, 'vhdx', ['block_size=1M']);
+    const size = statSync(vhdx).size;
+    // room for the dynamic file, not for the expanded one
+    const host = hostDisk('tight', Math.ceil(size / MiB) + 8, { '/VMs/linux.vhdx': { hostFile: vhdx } });
+    const before = sha(host.disk);
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=Windows:/VMs/linux.vhdx rw', disks: [{ file: host.disk, interface: 'virtio-blk' }], name: 'vdisk-expand-noroom' });
+    vms.push(vm);
+    try {
+      await vm.waitFor('starting the rescue shell', 240_000);
+      const t = vm.transcript();
+      expect(t).toMatch(/\/VMs\/linux\.vhdx on .* cannot be mapped read-write as it is/);
+      expect(t).toMatch(/it would grow by [\d.]+ MiB \(\d+ bytes\) .*but the host has only .* free/);
+      expect(t).toMatch(/Nothing was written/);
+      expect(t).toMatch(/rd\.vdisk\.mode=snapshot/);
+      expect(t).toMatch(/rd\.vdisk\.map=nbd/);
+      expect(t).toMatch(/subformat=fixed/);
+      expect(t).not.toMatch(/created \/dev\/mapper\/vdisk0/);
+    } finally {
+      await vm.kill();
+    }
+    expect(sha(host.disk)).toBe(before);
+  });
+});
