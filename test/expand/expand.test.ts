@@ -42,7 +42,8 @@ function checkOk(img: string, format: string): void {
   } else expect(c.code, c.out).toBe(0);
 }
 
-const CASES: { format: 'vhd' | 'vdi' | 'vhdx'; sizeMiB: number; options?: string[] }[] = [
+const CASES: { format: 'vhd' | 'vdi' | 'vhdx' | 'vmdk'; sizeMiB: number; options?: string[] }[] = [
+  { format: 'vmdk', sizeMiB: 24 },
   { format: 'vhd', sizeMiB: 24 },
   { format: 'vdi', sizeMiB: 24 },
   { format: 'vhdx', sizeMiB: 24, options: ['block_size=1M'] },
@@ -175,6 +176,30 @@ describe('expansion refuses cleanly, writing nothing', () => {
     const h = sha(badPath);
     expect(refusal(badPath)).toMatch(/past the end/);
     expect(sha(badPath)).toBe(h);
+  });
+
+  it('split, streamOptimized and delta VMDKs are refused, naming what vdboot expands', () => {
+    const so = path.join(dir, 'so.vmdk');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'vmdk', '-o', 'subformat=streamOptimized', so, '16M']);
+    expect(refusal(so)).toMatch(/monolithicSparse|compressed/);
+    const split = path.join(dir, 'split.vmdk');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', split, '16M']);
+    const f = fileOf(split, true);
+    try {
+      expect(() => prepareExpansion(f, split)).toThrow(/several files|monolithicSparse/);
+    } finally {
+      f.close();
+    }
+    const base = path.join(dir, 'base.vmdk');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'vmdk', base, '16M']);
+    const delta = path.join(dir, 'delta.vmdk');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'vmdk', '-F', 'vmdk', '-b', base, delta]);
+    const fd = fileOf(delta, true);
+    try {
+      expect(() => prepareExpansion(fd, delta)).toThrow(/delta|parent|several files/);
+    } finally {
+      fd.close();
+    }
   });
 
   it('a VDI whose header miscounts its allocated blocks is refused with the repair to run', () => {

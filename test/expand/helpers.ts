@@ -47,10 +47,10 @@ export function fileOf(p: string, readOnly = false): ExpandFile & { close(): voi
   return f;
 }
 
-export const QEMU_FMT: Record<string, string> = { vhd: 'vpc', vdi: 'vdi', vhdx: 'vhdx' };
+export const QEMU_FMT: Record<string, string> = { vhd: 'vpc', vdi: 'vdi', vhdx: 'vhdx', vmdk: 'vmdk' };
 
 /** A dynamic image of `sizeMiB` with patterned writes at scattered offsets (some straddling blocks). */
-export function makeImage(dir: string, format: 'vhd' | 'vdi' | 'vhdx', sizeMiB: number, writes: [number, number, number][], options: string[] = []): string {
+export function makeImage(dir: string, format: 'vhd' | 'vdi' | 'vhdx' | 'vmdk', sizeMiB: number, writes: [number, number, number][], options: string[] = []): string {
   const img = path.join(dir, `img-${Math.random().toString(36).slice(2)}.${format}`);
   sh('qemu-img', ['create', '-q', '-f', QEMU_FMT[format]!, ...(options.length ? ['-o', options.join(',')] : []), img, `${sizeMiB}M`]);
   const cmds = writes.flatMap(([off, len, pat]) => ['-c', `write -P ${pat} ${off} ${len}`]);

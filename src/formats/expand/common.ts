@@ -33,7 +33,7 @@ export interface ExpandOptions {
 }
 
 export interface ExpansionPlan {
-  format: 'vhd' | 'vdi' | 'vhdx';
+  format: 'vhd' | 'vdi' | 'vhdx' | 'vmdk';
   subformat: string;
   /** the file's name for messages */
   name: string;
