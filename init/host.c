@@ -33,6 +33,7 @@
 #include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/resource.h>
+#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
@@ -435,6 +436,61 @@ static JSValue sys_rw(JSContext *ctx, JSValueConst this_val, int argc, JSValueCo
         return magic < 2 ? throw_errno(ctx, "%s fd %d at %lld", fn, fd, (long long)off)
                          : throw_errno(ctx, "%s fd %d", fn, fd);
     return JS_NewInt64(ctx, r);
+}
+
+/* sendfile(outFd, inFd, offset, count): up to count bytes of inFd from offset (-1: from
+ * and moving its file position) written to outFd inside the kernel; returns how many
+ * (0 at the end of the input). */
+static JSValue sys_sendfile(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int out, in;
+    int64_t off, count;
+    if (get_int(ctx, argc, argv, 0, "sendfile", &out) || get_int(ctx, argc, argv, 1, "sendfile", &in) ||
+        get_int64(ctx, argc, argv, 2, "sendfile", &off) || get_int64(ctx, argc, argv, 3, "sendfile", &count))
+        return JS_EXCEPTION;
+    if (off < -1 || count < 0)
+        return JS_ThrowRangeError(ctx, "sys.sendfile: offset %lld, count %lld", (long long)off, (long long)count);
+    off_t pos = (off_t)off;
+    ssize_t r;
+    do r = sendfile(out, in, off < 0 ? NULL : &pos, (size_t)count); while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return throw_errno(ctx, "sendfile fd %d at %lld to fd %d", in, (long long)off, out);
+    return JS_NewInt64(ctx, r);
+}
+
+/* splice(inFd, inOffset, outFd, outOffset, count, flags): offsets -1 for pipes (and to
+ * use the file position); returns the bytes moved (0 at the end of the input). */
+static JSValue sys_splice(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int in, out, flags;
+    int64_t inOff, outOff, count;
+    if (get_int(ctx, argc, argv, 0, "splice", &in) || get_int64(ctx, argc, argv, 1, "splice", &inOff) ||
+        get_int(ctx, argc, argv, 2, "splice", &out) || get_int64(ctx, argc, argv, 3, "splice", &outOff) ||
+        get_int64(ctx, argc, argv, 4, "splice", &count) || get_int_opt(ctx, argc, argv, 5, "splice", 0, &flags))
+        return JS_EXCEPTION;
+    if (inOff < -1 || outOff < -1 || count < 0)
+        return JS_ThrowRangeError(ctx, "sys.splice: offsets %lld, %lld, count %lld", (long long)inOff, (long long)outOff, (long long)count);
+    loff_t a = (loff_t)inOff, b = (loff_t)outOff;
+    ssize_t r;
+    do r = splice(in, inOff < 0 ? NULL : &a, out, outOff < 0 ? NULL : &b, (size_t)count, (unsigned)flags);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return throw_errno(ctx, "splice fd %d to fd %d", in, out);
+    return JS_NewInt64(ctx, r);
+}
+
+/* fcntl(fd, cmd, arg) with an integer argument (F_GETFL, F_SETPIPE_SZ, ...): fcntl's result. */
+static JSValue sys_fcntl(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int fd, cmd;
+    int64_t a;
+    if (get_int(ctx, argc, argv, 0, "fcntl", &fd) || get_int(ctx, argc, argv, 1, "fcntl", &cmd) ||
+        get_int64(ctx, argc, argv, 2, "fcntl", &a))
+        return JS_EXCEPTION;
+    int r = fcntl(fd, cmd, (long)a);
+    if (r < 0)
+        return throw_errno(ctx, "fcntl fd %d cmd %d", fd, cmd);
+    return JS_NewInt32(ctx, r);
 }
 
 static JSValue sys_ioctl(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
@@ -1161,6 +1217,9 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_MAGIC_DEF("read", 2, sys_rw, 2),
     JS_CFUNC_MAGIC_DEF("write", 2, sys_rw, 3),
     JS_CFUNC_DEF("ioctl", 3, sys_ioctl),
+    JS_CFUNC_DEF("sendfile", 4, sys_sendfile),
+    JS_CFUNC_DEF("splice", 6, sys_splice),
+    JS_CFUNC_DEF("fcntl", 3, sys_fcntl),
     JS_CFUNC_DEF("ioctlInt", 3, sys_ioctl_int),
     JS_CFUNC_DEF("fsync", 1, sys_fsync),
     JS_CFUNC_DEF("truncate", 2, sys_truncate),

@@ -301,5 +301,6 @@ function timedReader(sys: Sys, reader: ArchiveReader, timing: { parseMs: number 
       timing.parseMs += sys.monotonicMs() - t;
       return r;
     },
+    ...(reader.bodyTo ? { bodyTo: (fd: number, max: number) => reader.bodyTo!(fd, max) } : {}),
   };
 }

@@ -19,11 +19,14 @@ import { isSysError, O, type Sys } from '../sys/sys.ts';
 import { exists, readTextOr } from './fsutil.ts';
 import { INIT_ENV } from './switchroot.ts';
 
-/** The static host's process calls beyond the Sys port (QuickjsSys has them). */
+/** The static host's process and transfer calls beyond the Sys port (QuickjsSys has them). */
 interface ProcessSys extends Sys {
   fork?(): number;
   _exit?(code: number): never;
   pipe?(): [number, number];
+  sendfile?(outFd: number, inFd: number, offset: number, count: number): number;
+  splice?(inFd: number, inOffset: number, outFd: number, outOffset: number, count: number, flags?: number): number;
+  fcntl?(fd: number, cmd: number, arg: number): number;
 }
 
 export interface ArchiveStream {
@@ -53,17 +56,41 @@ function readerSource(reader: BlockReader, counter: { at: number }): ByteSource 
   };
 }
 
-/** Reads an open file sequentially into one reused buffer (a chunk is valid until the next pull). */
-function fileSource(sys: Sys, fd: number, counter: { at: number }): ByteSource {
-  const buf = new Uint8Array(READ_CHUNK);
-  return {
+/**
+ * How much of an uncompressed archive file is read into memory at a time. Headers and
+ * the bodies of small files come through this buffer; what is left of a larger body
+ * after it goes from the archive file into the new file with sendfile, copied once
+ * inside the kernel instead of read into memory and written out again.
+ */
+const FILE_WINDOW = 64 << 10;
+
+/**
+ * Reads an open file sequentially into one reused buffer (a chunk is valid until the next
+ * pull); with `direct`, what the reader wants without reading goes by sendfile. Each read lands at the buffer offset that matches its file offset modulo 512,
+ * so tar headers always start on a word boundary whatever sendfile skipped.
+ */
+function fileSource(sys: ProcessSys, fd: number, counter: { at: number }, window: number, direct: boolean): ByteSource {
+  const buf = new Uint8Array(window + 512);
+  let at = 0;
+  const source: ByteSource = {
     pull(): Uint8Array | null {
-      const n = sys.read(fd, buf);
+      const skew = at % 512;
+      const n = sys.pread(fd, buf.subarray(skew, skew + window), at);
       if (n <= 0) return null;
-      counter.at += n;
-      return buf.subarray(0, n);
+      at += n;
+      counter.at = at;
+      return buf.subarray(skew, skew + n);
     },
   };
+  if (direct && typeof sys.sendfile === 'function') {
+    source.sendTo = (out: number, max: number): number => {
+      const k = sys.sendfile!(out, fd, at, max);
+      at += k;
+      counter.at = at;
+      return k;
+    };
+  }
+  return source;
 }
 
 interface Decoder {
@@ -101,7 +128,7 @@ export function openArchiveStream(sys: Sys, reader: BlockReader, filePath: strin
   if (!ext || typeof ps.pipe !== 'function') {
     let fd = -1;
     if (filePath) fd = sys.open(filePath, O.RDONLY | O.CLOEXEC);
-    const raw = fd >= 0 ? fileSource(sys, fd, counter) : readerSource(reader, counter);
+    const raw = fd >= 0 ? (compression === 'none' ? fileSource(ps, fd, counter, FILE_WINDOW, true) : fileSource(ps, fd, counter, READ_CHUNK, false)) : readerSource(reader, counter);
     const js = jsDecoderSource(compression, raw, reader.name);
     const close = (): void => {
       if (fd >= 0) try { sys.close(fd); } catch { /* closed */ }

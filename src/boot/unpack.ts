@@ -247,11 +247,24 @@ function exists(sys: Sys, path: string): boolean {
   }
 }
 
-/** Writes the entry's body into `fd` (a new file, or the inode a hard link shares) and closes it. */
+/**
+ * Writes the entry's body into `fd` (a new file, or the inode a hard link shares) and
+ * closes it. What the reader already holds in memory is written from there; the rest
+ * goes straight from the archive into the file inside the kernel when the source can.
+ */
 function writeBody(sys: Sys, reader: ArchiveReader, fd: number, chunk: number, onProgress?: () => void): number {
   let written = 0;
+  const direct = reader.bodyTo !== undefined;
   try {
     for (;;) {
+      if (direct) {
+        const k = reader.bodyTo!(fd, chunk);
+        if (k > 0) {
+          written += k;
+          if (written % (4 << 20) < k) onProgress?.();
+          continue;
+        }
+      }
       const b = reader.body(chunk);
       if (b.length === 0) break;
       let off = 0;

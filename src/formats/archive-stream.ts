@@ -13,6 +13,12 @@ import { FormatError } from './block-reader.ts';
  */
 export interface ByteSource {
   pull(): Uint8Array | null;
+  /**
+   * Optional: writes the next bytes of the stream (those after everything pulled), at
+   * most `max`, into the file descriptor `fd` without passing them through JavaScript
+   * (sendfile, splice); returns how many (0 at the end of the stream).
+   */
+  sendTo?(fd: number, max: number): number;
 }
 
 export type ArchiveEntryType = 'file' | 'dir' | 'symlink' | 'hardlink' | 'char' | 'block' | 'fifo';
@@ -45,12 +51,31 @@ export interface ArchiveEntry {
   offset: number;
 }
 
+/**
+ * QuickJS gives an object literal its shape one property at a time, and frees a shape
+ * when no object has it any more: an entry made while the previous one is already gone
+ * would build its thirteen shapes again. One object per step of ArchiveEntry's property
+ * order (the readers write their literals in this order) keeps them all alive.
+ */
+const ENTRY_KEYS = ['path', 'type', 'perm', 'uid', 'gid', 'mtimeSec', 'mtimeNsec', 'size', 'linkTarget', 'devMajor', 'devMinor', 'xattrs', 'offset'] as const;
+export const ENTRY_SHAPES: readonly object[] = ENTRY_KEYS.map((_, n) => {
+  const o: Record<string, unknown> = {};
+  for (const k of ENTRY_KEYS.slice(0, n + 1)) o[k] = 0;
+  return o;
+});
+
 export interface ArchiveReader {
   readonly format: 'tar' | 'cpio';
   /** The next entry (its body unread), or null after the end marker. */
   next(): ArchiveEntry | null;
   /** Up to `max` bytes of the current entry's body; an empty array once it is all read. */
   body(max: number): Uint8Array;
+  /**
+   * Optional: moves up to `max` bytes of the current entry's body straight into the file
+   * descriptor `fd` (kernel-side, see ByteSource.sendTo); 0 when nothing is left or the
+   * bytes must come through `body` (they are already read into memory).
+   */
+  bodyTo?(fd: number, max: number): number;
   /** Bytes of the stream consumed so far. */
   readonly offset: number;
 }
@@ -109,7 +134,8 @@ export class StreamCursor {
     const out = new Uint8Array(n);
     let got = 0;
     while (got < n && this.fill()) {
-      const k = Math.min(n - got, this.chunk.length - this.pos);
+      const room = this.chunk.length - this.pos;
+      const k = n - got < room ? n - got : room;
       out.set(this.chunk.subarray(this.pos, this.pos + k), got);
       this.pos += k;
       got += k;
@@ -121,18 +147,33 @@ export class StreamCursor {
   /** Up to `max` bytes (at least one unless the stream ended): a view, valid until the next call. */
   some(max: number): Uint8Array {
     if (max <= 0 || !this.fill()) return EMPTY;
-    const k = Math.min(max, this.chunk.length - this.pos);
+    const room = this.chunk.length - this.pos;
+    const k = max < room ? max : room;
     const out = this.chunk.subarray(this.pos, this.pos + k);
     this.pos += k;
     this.consumed += k;
     return out;
   }
 
+  /**
+   * Moves up to `max` bytes into `fd` through the source's `sendTo` when nothing read is
+   * left over in memory; returns how many (0: read them with `some` instead).
+   */
+  sendTo(fd: number, max: number): number {
+    if (this.pos < this.chunk.length || this.ended || max <= 0) return 0;
+    const send = this.source.sendTo;
+    if (send === undefined) return 0;
+    const k = send.call(this.source, fd, max);
+    this.consumed += k;
+    return k;
+  }
+
   /** Skips `n` bytes; returns how many were skipped (fewer only at the end). */
   skip(n: number): number {
     let left = n;
     while (left > 0 && this.fill()) {
-      const k = Math.min(left, this.chunk.length - this.pos);
+      const room = this.chunk.length - this.pos;
+      const k = left < room ? left : room;
       this.pos += k;
       this.consumed += k;
       left -= k;
@@ -185,16 +226,26 @@ export function bytesSource(bytes: Uint8Array, chunkSize = 1 << 20): ByteSource 
  * An archive member's path made safe to create under the new root: "/" and "./"
  * prefixes, empty and "." components dropped; ".." refused (it could leave the root).
  */
-/** Paths that need no normalising: no leading "/" or "./", no empty, "." or ".." component, no trailing "/". */
-const PLAIN_PATH = /^(?!\.{1,2}(?:\/|$))(?:[^/]+\/(?!\.{1,2}(?:\/|$)))*[^/]+$/;
-
 export function archivePath(raw: string, what: string | (() => string), offset: number): string {
-  if (PLAIN_PATH.test(raw)) return raw;
-  const parts = raw.split('/').filter((p) => p !== '' && p !== '.');
-  if (parts.some((p) => p === '..')) {
+  const plain = plainPath(raw);
+  if (plain !== undefined) return plain;
+  const parts = raw.split('/').filter((x) => x !== '' && x !== '.');
+  if (parts.some((x) => x === '..')) {
     throw new FormatError(`${typeof what === 'string' ? what : what()} at byte ${offset}: the path "${raw}" contains "..", which would leave the root; the archive cannot be unpacked as a root filesystem`, 'path', raw);
   }
   return parts.join('/');
+}
+
+/**
+ * The path when it needs nothing but the "./" of "tar -C ROOT ." taken off, proved by a
+ * few native searches (no "//", no "/." that could start ".", ".." or a hidden name the
+ * general case reads, no leading "." or "/", no trailing "/"); else undefined.
+ */
+export function plainPath(raw: string): string | undefined {
+  const p = raw.charCodeAt(0) === 0x2e && raw.charCodeAt(1) === 0x2f ? raw.slice(2) : raw;
+  const first = p.charCodeAt(0);
+  if (p.length > 0 && first !== 0x2e && first !== 0x2f && p.charCodeAt(p.length - 1) !== 0x2f && p.indexOf('/.') < 0 && p.indexOf('//') < 0) return p;
+  return undefined;
 }
 
 /** "12.3 MiB"-style sizes for console messages. */

@@ -284,6 +284,13 @@ export class NewcReader implements ArchiveReader {
     return out;
   }
 
+  bodyTo(fd: number, max: number): number {
+    if (this.remaining === 0) return 0;
+    const k = this.cursor.sendTo(fd, Math.min(max, this.remaining));
+    this.remaining -= k;
+    return k;
+  }
+
   private finishBody(): void {
     if (this.remaining > 0) {
       const at = this.cursor.offset;

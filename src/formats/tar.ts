@@ -14,48 +14,136 @@
  * Engine-neutral: Uint8Array only.
  */
 import { FormatError } from './block-reader.ts';
-import { archivePath, type ArchiveEntry, type ArchiveEntryType, type ArchiveReader, StreamCursor, type Xattr } from './archive-stream.ts';
+import { archivePath, plainPath, type ArchiveEntry, type ArchiveEntryType, type ArchiveReader, StreamCursor, type Xattr } from './archive-stream.ts';
 import { utf8Decode } from './text.ts';
 
 const BLOCK = 512;
 const NO_XATTRS: Xattr[] = [];
+const NO_BYTES = new Uint8Array(0);
 /** Bodies of pax and GNU long-name headers are read whole: bound them. */
 const MAX_META_BODY = 1 << 20;
 
 /** True when `block` (512 bytes) is a tar header: its checksum is right. */
 export function isTarHeader(block: Uint8Array): boolean {
   if (block.length < BLOCK) return false;
-  const stored = parseOctal(block, 148, 8);
-  return stored !== undefined && checksumMatches(block, stored);
+  const at = wordsAt(block);
+  const stored = storedChecksum(block, at);
+  return stored !== undefined && checksumMatches(block, at, byteSum(viewWords, at), stored);
+}
+
+/*
+ * Headers are read as 32-bit words where they can be: QuickJS runs few, costly
+ * interpreter steps, and one word read with a mask or two does the work of four byte
+ * reads. Field offsets 100-156 are multiples of four, so the numbers are whole words.
+ * The word arithmetic assumes a little-endian machine (every target of vdboot); on
+ * another, the byte-wise parsers below do all the work.
+ */
+const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+/** The words of the buffer the last header came from (readers reuse one buffer), made once per buffer. */
+let viewOf: ArrayBufferLike | undefined;
+let viewWords: Int32Array = new Int32Array(0);
+
+/** Index in `viewWords` of the block's first word (the block is copied when it is not aligned). */
+function wordsAt(b: Uint8Array): number {
+  if (b.byteOffset % 4 !== 0) {
+    const copy = new Uint8Array(BLOCK);
+    copy.set(b.subarray(0, BLOCK));
+    viewOf = copy.buffer;
+    viewWords = new Int32Array(copy.buffer);
+    return 0;
+  }
+  if (b.buffer !== viewOf || b.byteOffset + BLOCK > viewWords.length * 4) {
+    viewOf = b.buffer;
+    viewWords = new Int32Array(b.buffer, 0, b.buffer.byteLength >>> 2);
+  }
+  return b.byteOffset >>> 2;
 }
 
 /**
- * The header checksum: the sum of its bytes with the checksum field read as spaces,
- * unsigned (POSIX) or, from some old writers, signed. Summed a word at a time, two bytes
- * per 16-bit lane: a byte loop costs a quarter of a millisecond per header in QuickJS.
+ * The sum of the 512 bytes from word `i`, exact: E sums bytes 0 and 2 of every word
+ * (masked, S0 + 2^16 S2), U sums the words shifted down a byte (S1 + 2^8 S2 + 2^16 S3);
+ * each lane's total is at most 128 * 255 < 2^15, so both stay below 2^31 and the four
+ * byte sums come apart again. Any byte order (the lanes only change places).
  */
-function checksumMatches(b: Uint8Array, stored: number): boolean {
-  let words: Int32Array;
-  if (b.byteOffset % 4 === 0) words = new Int32Array(b.buffer, b.byteOffset, BLOCK / 4);
-  else {
-    const copy = new Uint8Array(BLOCK);
-    copy.set(b.subarray(0, BLOCK));
-    words = new Int32Array(copy.buffer);
+function byteSum(w: Int32Array, i: number): number {
+  const M = 0x00ff00ff;
+  let e = 0;
+  let u = 0;
+  for (const end = i + BLOCK / 4; i < end; i += 8) {
+    const w0 = w[i]!, w1 = w[i + 1]!, w2 = w[i + 2]!, w3 = w[i + 3]!, w4 = w[i + 4]!, w5 = w[i + 5]!, w6 = w[i + 6]!, w7 = w[i + 7]!;
+    e += (w0 & M) + (w1 & M) + (w2 & M) + (w3 & M) + (w4 & M) + (w5 & M) + (w6 & M) + (w7 & M);
+    u += (w0 >>> 8) + (w1 >>> 8) + (w2 >>> 8) + (w3 >>> 8) + (w4 >>> 8) + (w5 >>> 8) + (w6 >>> 8) + (w7 >>> 8);
   }
-  let lo = 0;
-  let hi = 0;
-  for (let i = 0; i < BLOCK / 4; i += 4) {
-    const w0 = words[i]!;
-    const w1 = words[i + 1]!;
-    const w2 = words[i + 2]!;
-    const w3 = words[i + 3]!;
-    lo += (w0 & 0x00ff00ff) + (w1 & 0x00ff00ff) + (w2 & 0x00ff00ff) + (w3 & 0x00ff00ff);
-    hi += ((w0 >> 8) & 0x00ff00ff) + ((w1 >> 8) & 0x00ff00ff) + ((w2 >> 8) & 0x00ff00ff) + ((w3 >> 8) & 0x00ff00ff);
-  }
-  let sum = (lo & 0xffff) + (lo >>> 16) + (hi & 0xffff) + (hi >>> 16);
-  for (let i = 148; i < 156; i++) sum += 0x20 - b[i]!;
-  if (sum === stored) return true;
+  const s2 = e >>> 16;
+  const odd = u - s2 * 256;
+  return (e & 0xffff) + s2 + (odd & 0xffff) + (odd >>> 16);
+}
+
+/**
+ * The header checksum: the sum of its bytes with the checksum field (148/8) read as
+ * spaces, unsigned (POSIX) or, from some old writers, signed.
+ */
+function checksumMatches(b: Uint8Array, at: number, sum: number, stored: number): boolean {
+  const M = 0x00ff00ff;
+  const c0 = viewWords[at + 37]!;
+  const c1 = viewWords[at + 38]!;
+  const f = (c0 & M) + ((c0 >>> 8) & M) + (c1 & M) + ((c1 >>> 8) & M);
+  if (sum - (f & 0xffff) - (f >>> 16) + 8 * 0x20 === stored) return true;
   return headerSums(b).signed === stored;
+}
+
+/** The checksum field: "dddddd\0 " (most writers) or "ddddddd\0" read from its words, else byte by byte. */
+function storedChecksum(b: Uint8Array, at: number): number | undefined {
+  if (LITTLE_ENDIAN) {
+    const w0 = viewWords[at + 37]!;
+    const w1 = viewWords[at + 38]!;
+    if ((w0 & DIGITS_MASK) === DIGITS) {
+      if ((w1 & 0xf8f8) === 0x3030 && w1 >>> 16 === 0x2000) return octalWord(w0) * 64 + octalWord((w1 & 0xffff) << 16 | 0x3030);
+      if ((w1 & 0xf8f8f8) === 0x303030 && w1 >>> 24 === 0) return octalWord(w0) * 512 + octalWord((w1 & 0xffffff) << 8 | 0x30);
+    }
+  }
+  return parseOctal(b, 148, 8);
+}
+
+/** Masks a word's bytes to their top five bits: octal digits "0"-"7" read 0x30 each. */
+const DIGITS_MASK = 0xf8f8f8f8 | 0;
+const DIGITS = 0x30303030;
+
+/** Four octal digits (checked by the caller), the first in the lowest byte, as a number. */
+function octalWord(w: number): number {
+  const x = w - DIGITS;
+  return ((x & 7) << 9) | ((x >>> 2) & 0x1c0) | ((x >>> 13) & 0x38) | (x >>> 24);
+}
+
+/** Numbers of the last header read by `fastNumbers`. */
+let fMode = 0;
+let fUid = 0;
+let fGid = 0;
+let fSize = 0;
+let fMtime = 0;
+
+/**
+ * mode, uid, gid (7 digits and a NUL or space each), size and mtime (11 digits and a
+ * NUL or space) from the words of the header at word `at`, as GNU tar, busybox, Go and
+ * most writers make them; false for any other spelling, which the byte-wise parser reads.
+ */
+function fastNumbers(at: number): boolean {
+  const w = viewWords;
+  const a0 = w[at + 25]!, a1 = w[at + 26]!, b0 = w[at + 27]!, b1 = w[at + 28]!, c0 = w[at + 29]!, c1 = w[at + 30]!;
+  const d0 = w[at + 31]!, d1 = w[at + 32]!, d2 = w[at + 33]!, e0 = w[at + 34]!, e1 = w[at + 35]!, e2 = w[at + 36]!;
+  const D = DIGITS_MASK;
+  if (
+    (a0 & D) !== DIGITS || (b0 & D) !== DIGITS || (c0 & D) !== DIGITS || (d0 & D) !== DIGITS || (d1 & D) !== DIGITS || (e0 & D) !== DIGITS || (e1 & D) !== DIGITS ||
+    (a1 & 0xf8f8f8) !== 0x303030 || (b1 & 0xf8f8f8) !== 0x303030 || (c1 & 0xf8f8f8) !== 0x303030 || (d2 & 0xf8f8f8) !== 0x303030 || (e2 & 0xf8f8f8) !== 0x303030
+  ) return false;
+  // The last byte of each field: a NUL or a space.
+  if (((a1 >>> 24) | (b1 >>> 24) | (c1 >>> 24) | (d2 >>> 24) | (e2 >>> 24) | 0x20) !== 0x20) return false;
+  fMode = octalWord(a0) * 512 + (octalWord((a1 << 8) | 0x30) & 511);
+  fUid = octalWord(b0) * 512 + (octalWord((b1 << 8) | 0x30) & 511);
+  fGid = octalWord(c0) * 512 + (octalWord((c1 << 8) | 0x30) & 511);
+  fSize = (octalWord(d0) * 4096 + octalWord(d1)) * 512 + (octalWord((d2 << 8) | 0x30) & 511);
+  fMtime = (octalWord(e0) * 4096 + octalWord(e1)) * 512 + (octalWord((e2 << 8) | 0x30) & 511);
+  return true;
 }
 
 function headerSums(b: Uint8Array): { unsigned: number; signed: number } {
@@ -71,28 +159,24 @@ function headerSums(b: Uint8Array): { unsigned: number; signed: number } {
 
 /** An octal field (spaces and NULs around the digits); undefined when it holds something else. */
 function parseOctal(b: Uint8Array, off: number, len: number): number | undefined {
-  let i = off;
   const end = off + len;
+  let i = off;
+  let c = b[i]!;
+  while ((c === 0x20 || c === 0) && i < end) c = b[++i]!;
   let v = 0;
-  while (i < end && (b[i] === 0x20 || b[i] === 0)) i++;
-  for (; i < end; i++) {
-    const c = b[i]!;
-    if (c < 0x30 || c > 0x37) break;
+  while (c >= 0x30 && c <= 0x37 && i < end) {
     v = v * 8 + c - 0x30;
+    c = b[++i]!;
   }
-  for (; i < end; i++) {
-    const c = b[i]!;
+  while (i < end) {
     if (c !== 0x20 && c !== 0) return undefined;
+    c = b[++i]!;
   }
   return v;
 }
 
-function isZeroBlock(b: Uint8Array): boolean {
-  for (let i = 0; i < BLOCK; i++) if (b[i] !== 0) return false;
-  return true;
-}
-
 const NON_ASCII = /[\x80-\xff]/;
+const HIGH_BITS = 0x80808080 | 0;
 
 /** A NUL-terminated text field: the end found natively, ASCII read without the UTF-8 decoder. */
 function textField(b: Uint8Array, off: number, len: number): string {
@@ -101,6 +185,28 @@ function textField(b: Uint8Array, off: number, len: number): string {
   const bytes = b.subarray(off, end);
   const s = String.fromCharCode.apply(null, bytes as unknown as number[]);
   return NON_ASCII.test(s) ? utf8Decode(bytes) : s;
+}
+
+/**
+ * The name field (0/100) of the header at word `at` of the word view: as textField, with
+ * the ASCII test done on whole words (a regular expression costs more per byte in QuickJS).
+ */
+function nameField(b: Uint8Array, at: number): string {
+  let end = b.indexOf(0);
+  if (end < 0 || end > 100) end = 100;
+  const bytes = b.subarray(0, end);
+  const s = String.fromCharCode.apply(null, bytes as unknown as number[]);
+  const w = viewWords;
+  let high = 0;
+  for (let k = at, last = at + ((end + 3) >>> 2); k < last; k += 1) high |= w[k]!;
+  // Bytes after the NUL in the last word may count too: they only send the name through the decoder.
+  return (high & HIGH_BITS) === 0 ? s : utf8Decode(bytes);
+}
+
+/** A pax record's value as text. */
+function paxText(pax: Map<string, Uint8Array>, key: string): string | undefined {
+  const v = pax.get(key);
+  return v === undefined ? undefined : utf8Decode(v);
 }
 
 function cstr(b: Uint8Array, off: number, len: number): string {
@@ -217,13 +323,15 @@ export class TarReader implements ArchiveReader {
         return null;
       }
       if (block.length < BLOCK) throw this.truncated(longName ?? '(next header)', at, BLOCK, block.length);
-      if (isZeroBlock(block)) {
+      const words = wordsAt(block);
+      const sum = byteSum(viewWords, words);
+      if (sum === 0) {
         if (firstOffset !== at) throw new FormatError(`${this.name}: an extended header at byte ${firstOffset} is followed by an end-of-archive block at byte ${at}`, 'header', at);
         this.done = true;
         return null;
       }
-      const stored = parseOctal(block, 148, 8);
-      if (stored === undefined || !checksumMatches(block, stored)) {
+      const stored = storedChecksum(block, words);
+      if (stored === undefined || !checksumMatches(block, words, sum, stored)) {
         const sums = headerSums(block);
         throw new FormatError(
           `${this.name}: the tar header at byte ${at} is damaged (checksum ${stored === undefined ? 'unreadable' : stored} ≠ ${sums.unsigned})` +
@@ -231,9 +339,11 @@ export class TarReader implements ArchiveReader {
           'chksum', at,
         );
       }
-      const flag = String.fromCharCode(block[156]!);
-      const size = this.number(block, 124, 12, 'size', at);
-      if (flag === 'x' || flag === 'g' || flag === 'L' || flag === 'K') {
+      const fast = LITTLE_ENDIAN && fastNumbers(words);
+      const typeByte = block[156]!;
+      const size = fast ? fSize : this.number(block, 124, 12, 'size', at);
+      if (typeByte === 0x78 || typeByte === 0x67 || typeByte === 0x4c || typeByte === 0x4b) {
+        const flag = String.fromCharCode(typeByte);
         if (size > MAX_META_BODY) throw new FormatError(`${this.name}: the extended header at byte ${at} claims ${size} bytes (at most ${MAX_META_BODY}); the archive is corrupt`, 'size', size);
         const body = this.cursor.take(size);
         if (body.length < size) throw this.truncated('(extended header)', at, size, body.length);
@@ -245,37 +355,45 @@ export class TarReader implements ArchiveReader {
         else longLink = cstr(copy, 0, copy.length);
         continue;
       }
+      // Taken before anything else reads a header through the shared word view.
+      const mode = fast ? fMode : -1;
+      const uid = fast ? fUid : -1;
+      const gid = fast ? fGid : -1;
+      const mtime = fast ? fMtime : -1;
       // "ustar\0" (POSIX: the prefix field extends the name); GNU's "ustar  " has no prefix.
-      const ustar = block[257] === 0x75 && block[258] === 0x73 && block[259] === 0x74 && block[260] === 0x61 && block[261] === 0x72 && block[262] === 0;
-      const base = longName ?? (ustar && block[345] !== 0 ? `${textField(block, 345, 155)}/${textField(block, 0, 100)}` : textField(block, 0, 100));
+      const ustar = LITTLE_ENDIAN
+        ? viewWords[words + 64]! >>> 8 === 0x747375 && (viewWords[words + 65]! & 0xffffff) === 0x7261
+        : block[257] === 0x75 && block[258] === 0x73 && block[259] === 0x74 && block[260] === 0x61 && block[261] === 0x72 && block[262] === 0;
+      const base = longName ?? (ustar && block[345] !== 0 ? `${textField(block, 345, 155)}/${textField(block, 0, 100)}` : nameField(block, words));
       if (this.globalPax.size) {
         const merged = new Map(this.globalPax);
         if (pax) for (const [k, v] of pax) merged.set(k, v);
         pax = merged;
       }
-      const hasPax = pax !== undefined && pax.size > 0;
-      const text = (k: string): string | undefined => {
-        const v = hasPax ? pax!.get(k) : undefined;
-        return v === undefined ? undefined : utf8Decode(v);
-      };
-      const rawPath = hasPax ? text('path') ?? base : base;
-      if (hasPax) for (const k of pax!.keys()) {
+      const px = pax !== undefined && pax.size > 0 ? pax : undefined;
+      const rawPath = px ? paxText(px, 'path') ?? base : base;
+      if (px) for (const k of px.keys()) {
         if (k.startsWith('GNU.sparse.')) throw this.sparse(rawPath, at);
       }
-      if (flag === 'S') throw this.sparse(rawPath, at);
-      if (flag === 'M') {
-        throw new FormatError(`${this.name}: entry "${rawPath}" at byte ${at} continues from another volume of a multi-volume archive; make one archive instead`, 'typeflag', flag);
+      // The common types first, without making a string of the type byte.
+      let type: ArchiveEntryType | undefined =
+        typeByte === 0x30 || typeByte === 0 ? (rawPath.charCodeAt(rawPath.length - 1) === 0x2f ? 'dir' : 'file') // old archives mark directories only by a trailing slash
+          : typeByte === 0x35 ? 'dir'
+            : typeByte === 0x32 ? 'symlink'
+              : undefined;
+      const flag = type === undefined ? String.fromCharCode(typeByte) : '';
+      if (type === undefined) {
+        if (flag === 'S') throw this.sparse(rawPath, at);
+        if (flag === 'M') {
+          throw new FormatError(`${this.name}: entry "${rawPath}" at byte ${at} continues from another volume of a multi-volume archive; make one archive instead`, 'typeflag', flag);
+        }
+        type = TYPES[flag];
       }
-      let type: ArchiveEntryType | undefined = TYPES[flag];
-      // Old archives mark directories only by a trailing slash.
-      if (type === 'file' && (flag === '\0' || flag === '0') && rawPath.endsWith('/')) type = 'dir';
-      // Built only for messages: string building per entry is measurable at boot.
-      const what = (): string => `${this.name}: entry "${rawPath}" at byte ${at}`;
       let bodySize = size;
-      const paxSize = text('size');
+      const paxSize = px ? paxText(px, 'size') : undefined;
       if (paxSize !== undefined) {
         const v = paxInt(paxSize);
-        if (v === undefined || v < 0) throw new FormatError(`${what()}: pax size "${paxSize}" is not a byte count`, 'size', paxSize);
+        if (v === undefined || v < 0) throw new FormatError(`${this.what(rawPath, at)}: pax size "${paxSize}" is not a byte count`, 'size', paxSize);
         bodySize = v;
       }
       if (type === undefined) {
@@ -287,49 +405,40 @@ export class TarReader implements ArchiveReader {
           firstOffset = -1;
           continue;
         }
-        throw new FormatError(`${what()} has type '${printable(flag)}', which vdboot does not unpack (regular files, directories, links, devices and FIFOs only)`, 'typeflag', flag);
+        throw new FormatError(`${this.what(rawPath, at)} has type '${printable(flag)}', which vdboot does not unpack (regular files, directories, links, devices and FIFOs only)`, 'typeflag', flag);
       }
-      const path = archivePath(rawPath, what, at);
-      const num = (key: string, off: number, len: number, field: string): number => {
-        const t = text(key);
-        if (t !== undefined) {
-          const v = paxInt(t);
-          if (v === undefined || v < 0) throw new FormatError(`${what()}: pax ${key} "${t}" is not a number`, key, t);
-          return v;
-        }
-        return this.number(block, off, len, field, at);
-      };
+      const path = plainPath(rawPath) ?? archivePath(rawPath, () => this.what(rawPath, at), at);
       let mtimeSec: number;
       let mtimeNsec = 0;
-      const mtime = text('mtime');
-      if (mtime === undefined) mtimeSec = this.number(block, 136, 12, 'mtime', at, true);
+      const paxMtime = px ? paxText(px, 'mtime') : undefined;
+      if (paxMtime === undefined) mtimeSec = mtime >= 0 ? mtime : this.number(block, 136, 12, 'mtime', at, true);
       else {
-        const t = paxTime(mtime);
-        if (!t) throw new FormatError(`${what()}: pax mtime "${mtime}" is not a time`, 'mtime', mtime);
+        const t = paxTime(paxMtime);
+        if (!t) throw new FormatError(`${this.what(rawPath, at)}: pax mtime "${paxMtime}" is not a time`, 'mtime', paxMtime);
         mtimeSec = t.sec;
         mtimeNsec = t.nsec;
       }
       let linkTarget = '';
       if (type === 'symlink' || type === 'hardlink') {
-        const rawLink = text('linkpath') ?? longLink ?? textField(block, 157, 100);
+        const rawLink = (px ? paxText(px, 'linkpath') : undefined) ?? longLink ?? textField(block, 157, 100);
         if (type === 'symlink') {
-          if (rawLink === '') throw new FormatError(`${what()}: a symbolic link with an empty target`, 'linkname', '');
+          if (rawLink === '') throw new FormatError(`${this.what(rawPath, at)}: a symbolic link with an empty target`, 'linkname', '');
           linkTarget = rawLink;
         } else {
-          linkTarget = archivePath(rawLink, () => `${what()} (hard link target)`, at);
-          if (linkTarget === '' || linkTarget === path) throw new FormatError(`${what()}: a hard link to "${rawLink}", which is not another member`, 'linkname', rawLink);
+          linkTarget = archivePath(rawLink, () => `${this.what(rawPath, at)} (hard link target)`, at);
+          if (linkTarget === '' || linkTarget === path) throw new FormatError(`${this.what(rawPath, at)}: a hard link to "${rawLink}", which is not another member`, 'linkname', rawLink);
         }
       }
       let xattrs: Xattr[] = NO_XATTRS;
-      if (hasPax) {
+      if (px) {
         const found = new Map<string, Uint8Array>();
-        for (const [k, v] of pax!) {
+        for (const [k, v] of px) {
           if (k.startsWith('SCHILY.xattr.')) found.set(k.slice('SCHILY.xattr.'.length), v);
         }
-        for (const [k, v] of pax!) {
+        for (const [k, v] of px) {
           if (k.startsWith('LIBARCHIVE.xattr.')) {
             const value = base64Decode(utf8Decode(v));
-            if (!value) throw new FormatError(`${what()}: extended attribute ${k} is not base64`, 'pax', k);
+            if (!value) throw new FormatError(`${this.what(rawPath, at)}: extended attribute ${k} is not base64`, 'pax', k);
             found.set(percentDecode(k.slice('LIBARCHIVE.xattr.'.length)), value);
           }
         }
@@ -339,15 +448,15 @@ export class TarReader implements ArchiveReader {
       const entry: ArchiveEntry = {
         path,
         type,
-        perm: this.number(block, 100, 8, 'mode', at) & 0o7777,
-        uid: hasPax ? num('uid', 108, 8, 'uid') : this.number(block, 108, 8, 'uid', at),
-        gid: hasPax ? num('gid', 116, 8, 'gid') : this.number(block, 116, 8, 'gid', at),
+        perm: (mode >= 0 ? mode : this.number(block, 100, 8, 'mode', at)) & 0o7777,
+        uid: px ? this.paxNumber(px, 'uid', block, 108, 8, rawPath, at) : uid >= 0 ? uid : this.number(block, 108, 8, 'uid', at),
+        gid: px ? this.paxNumber(px, 'gid', block, 116, 8, rawPath, at) : gid >= 0 ? gid : this.number(block, 116, 8, 'gid', at),
         mtimeSec,
         mtimeNsec,
         size: type === 'file' || type === 'hardlink' ? bodySize : 0,
         linkTarget,
-        devMajor: device ? num('SCHILY.devmajor', 329, 8, 'devmajor') : 0,
-        devMinor: device ? num('SCHILY.devminor', 337, 8, 'devminor') : 0,
+        devMajor: device ? this.paxNumber(px, 'SCHILY.devmajor', block, 329, 8, rawPath, at) : 0,
+        devMinor: device ? this.paxNumber(px, 'SCHILY.devminor', block, 337, 8, rawPath, at) : 0,
         xattrs,
         offset: firstOffset,
       };
@@ -362,13 +471,34 @@ export class TarReader implements ArchiveReader {
 
   private lastName = '';
 
+  /** How messages name an entry. */
+  private what(rawPath: string, at: number): string {
+    return `${this.name}: entry "${rawPath}" at byte ${at}`;
+  }
+
+  /** A number from the pax record `key` when there is one, else from the header field. */
+  private paxNumber(px: Map<string, Uint8Array> | undefined, key: string, block: Uint8Array, off: number, len: number, rawPath: string, at: number): number {
+    const t = px ? paxText(px, key) : undefined;
+    if (t === undefined) return this.number(block, off, len, key.replace('SCHILY.', ''), at);
+    const v = paxInt(t);
+    if (v === undefined || v < 0) throw new FormatError(`${this.what(rawPath, at)}: pax ${key} "${t}" is not a number`, key, t);
+    return v;
+  }
+
   body(max: number): Uint8Array {
-    if (this.remaining === 0) return new Uint8Array(0);
-    const at = this.cursor.offset;
-    const out = this.cursor.some(Math.min(max, this.remaining));
-    if (out.length === 0) throw this.truncated(this.current!.path, at, this.remaining, 0, this.current!.offset);
-    this.remaining -= out.length;
+    const left = this.remaining;
+    if (left === 0) return NO_BYTES;
+    const out = this.cursor.some(max < left ? max : left);
+    if (out.length === 0) throw this.truncated(this.current!.path, this.cursor.offset, left, 0, this.current!.offset);
+    this.remaining = left - out.length;
     return out;
+  }
+
+  bodyTo(fd: number, max: number): number {
+    if (this.remaining === 0) return 0;
+    const k = this.cursor.sendTo(fd, max < this.remaining ? max : this.remaining);
+    this.remaining -= k;
+    return k;
   }
 
   private finishBody(): void {

@@ -26,6 +26,12 @@ declare module 'sys' {
   /** ioctl(fd, request, pointer to arg's memory); returns ioctl's result. */
   export function ioctl(fd: number, request: number, arg: Bytes): number;
   export function ioctlInt(fd: number, request: number, arg: number): number;
+  /** sendfile(2): up to count bytes of inFd from offset (-1: from its file position) written to outFd inside the kernel; 0 at the end of the input. */
+  export function sendfile(outFd: number, inFd: number, offset: number, count: number): number;
+  /** splice(2): offsets -1 for pipes (or the file position); the bytes moved, 0 at the end of the input. */
+  export function splice(inFd: number, inOffset: number, outFd: number, outOffset: number, count: number, flags?: number): number;
+  /** fcntl(2) with an integer argument (F_SETPIPE_SZ …); fcntl's result. */
+  export function fcntl(fd: number, cmd: number, arg: number): number;
   export function fsync(fd: number): void;
   /** ftruncate(2) */
   export function truncate(fd: number, length: number): void;

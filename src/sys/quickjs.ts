@@ -24,6 +24,12 @@ export interface QuickjsSys extends Sys {
   dup2(oldFd: number, newFd: number): number;
   /** pipe2(O_CLOEXEC): [readFd, writeFd] */
   pipe(): [number, number];
+  /** sendfile(2): up to count bytes of inFd from offset (-1: its file position) to outFd, inside the kernel (root archives' file bodies) */
+  sendfile(outFd: number, inFd: number, offset: number, count: number): number;
+  /** splice(2): offsets -1 for pipes; bytes moved, 0 at the end of the input */
+  splice(inFd: number, inOffset: number, outFd: number, outOffset: number, count: number, flags?: number): number;
+  /** fcntl(2) with an integer argument (F_SETPIPE_SZ for a decompressor's pipe) */
+  fcntl(fd: number, cmd: number, arg: number): number;
   /** umask(2): sets the mask, returns the previous one (the kernel starts init with 0o022). */
   umask(mask: number): number;
   /** utimensat(2): atime and mtime set to sec.nsec; AT_SYMLINK_NOFOLLOW when noFollow (root archives keep their times) */
@@ -91,6 +97,9 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     _exit: native._exit,
     dup2: native.dup2,
     pipe: native.pipe,
+    sendfile: native.sendfile,
+    splice: native.splice,
+    fcntl: native.fcntl,
     umask: native.umask,
     utimensat: native.utimensat,
     lsetxattr: native.lsetxattr,
