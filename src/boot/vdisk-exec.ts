@@ -125,7 +125,9 @@ function mountKernelHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: B
     try {
       fsType = mountThroughVdhost(ctx, dm, undo, host, false, undefined, true);
     } catch (first) {
-      log.warn(`${describeHost(host)} does not mount on a read-only view of the partition (${(first as Error).message}); it was probably not cleanly unmounted. Mounting it read-only with the kernel's journal recovery, which writes to the partition`);
+      const msg = (first as Error).message;
+      const why = /\(((?:[\w.-]+: E[A-Z]+(?:; )?)+)\)/.exec(msg)?.[1] ?? msg;
+      log.warn(`${describeHost(host)} does not mount on a read-only view of the partition (${why}); it was probably not cleanly unmounted. Mounting it read-only with the kernel's journal recovery, which writes to the partition`);
       fsType = mountThroughVdhost(ctx, dm, undo, host, true, undefined, true);
     }
   } catch (e) {

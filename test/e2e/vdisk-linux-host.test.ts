@@ -215,6 +215,30 @@ describe('end to end: root=vdisk: on an ext4 host, a sparse image file', { timeo
   });
 });
 
+describe('end to end: root=vdisk: on an ext4 host, failures', { timeout: 600_000 }, () => {
+  it('an unclean host is mounted with journal recovery after a warning; a missing image names the folder\'s contents, the host is taken down, then the rescue shell', async () => {
+    const hostPart = join(dir, 'unclean-host.ext4');
+    makeExt4(hostPart, { sizeMiB: 32, label: 'uncleanhost', files: { '/VMs/other.img': 'not the image\n', '/VMs/notes.txt': 'hello\n' } });
+    // as if the host had not been unmounted cleanly: its journal must be replayed before it can be mounted
+    run('debugfs', ['-w', '-R', 'feature needs_recovery', hostPart]);
+    const disk = join(dir, 'unclean-host.img');
+    makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: hostPart, type: LINUX_FS, name: 'linux data' }] });
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=uncleanhost:/VMs/linux.img rw', disks: [{ file: disk, interface: 'virtio-blk' }], name: 'vdisk-ext4-failures' });
+    vms.push(vm);
+    try {
+      await vm.waitFor('starting the rescue shell', 300_000);
+      const t = vm.transcript();
+      expect(t).toMatch(/does not mount on a read-only view of the partition \(ext4: EROFS\); it was probably not cleanly unmounted\. Mounting it read-only with the kernel's journal recovery/);
+      expect(t).toMatch(/mounted \/dev\/mapper\/vdhost \(ext4, ro\) on \/run\/vdboot\/host/);
+      expect(t).toMatch(/\/VMs\/linux\.img not found: \/VMs has no "linux\.img"; it holds "notes\.txt", "other\.img"/);
+      expect(t).not.toMatch(/while undoing/);
+      expect(t).not.toMatch(/created \/dev\/mapper\/vdisk0/);
+    } finally {
+      await vm.kill();
+    }
+  });
+});
+
 describe('end to end: root=vdisk: on an xfs host', { timeout: 600_000 }, () => {
   it('rw: the raw image takes the direct path through xfs\'s FIEMAP; the write is in the file; xfs_repair -n passes', async () => {
     // mkfs.xfs -p (a protofile) populates the filesystem rootless, with every block of the file written
