@@ -143,6 +143,7 @@ function mountKernelHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: B
 /** The loop or nbd path writes through the kernel-mounted host: mount it again read-write, on a writable vdhost. */
 function remountKernelHostWritable(ctx: InitContext, dm: DeviceMapper, undo: Undo, k: KernelMount): void {
   const { sys } = ctx;
+  if (k.writable) return;
   sys.umount2(HOST_MOUNT, 0);
   undo.state.hostMount = undefined;
   dm.remove('vdhost');
