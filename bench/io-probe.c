@@ -4,7 +4,7 @@
  * readahead hides the data path under it (raw partition, vdboot's direct path, loop over
  * ntfs-3g, qemu-nbd).
  *
- *   io-probe FILE SEQ_MIB RAND_OPS [SEED]
+ *   io-probe FILE SEQ_MIB RAND_OPS [ROUNDS [SEED]]
  *
  * Phases, in this order, each timed with CLOCK_MONOTONIC and each write phase ending with
  * fsync (so data pushed into a loop device's backing file or qemu-nbd counts):
@@ -13,7 +13,9 @@
  *   rand write RAND_OPS blocks of 4 KiB at pseudo-random 4 KiB-aligned offsets in that range
  *   rand read  RAND_OPS blocks of 4 KiB at other pseudo-random offsets
  * Before each phase the guest's caches are dropped (sync; /proc/sys/vm/drop_caches), so a
- * loop device's buffered backing file starts cold too.
+ * loop device's buffered backing file starts cold too. The four phases run ROUNDS times
+ * (default 3) and each measure's best round is reported: on a machine shared with other
+ * work, the fastest round is the one least disturbed by it.
  *
  * Every 4 KiB block written carries a stamp (its offset xor a per-phase key) in its first
  * 8 bytes; reads check the stamps, so a path that loses or misplaces writes is reported
@@ -98,16 +100,17 @@ static unsigned long check(const unsigned char *buf, size_t len, uint64_t offset
 
 int main(int argc, char **argv) {
   if (argc < 4) {
-    fprintf(stderr, "usage: io-probe FILE SEQ_MIB RAND_OPS [SEED]\n");
+    fprintf(stderr, "usage: io-probe FILE SEQ_MIB RAND_OPS [ROUNDS [SEED]]\n");
     return 2;
   }
   target = argv[1];
   long seq_mib = strtol(argv[2], NULL, 10);
   long rand_ops = strtol(argv[3], NULL, 10);
-  rng_state = argc > 4 ? strtoull(argv[4], NULL, 10) : 0x9e3779b97f4a7c15ULL;
+  long rounds = argc > 4 ? strtol(argv[4], NULL, 10) : 3;
+  rng_state = argc > 5 ? strtoull(argv[5], NULL, 10) : 0x9e3779b97f4a7c15ULL;
   if (rng_state == 0) rng_state = 1;
-  if (seq_mib <= 0 || rand_ops <= 0) {
-    fprintf(stderr, "io-probe: SEQ_MIB and RAND_OPS must be positive\n");
+  if (seq_mib <= 0 || rand_ops <= 0 || rounds <= 0) {
+    fprintf(stderr, "io-probe: SEQ_MIB, RAND_OPS and ROUNDS must be positive\n");
     return 2;
   }
 
@@ -129,48 +132,50 @@ int main(int argc, char **argv) {
   if (posix_memalign((void **)&buf, 4096, SEQ_BLOCK) != 0) fail("posix_memalign");
   for (size_t i = 0; i < SEQ_BLOCK; i++) buf[i] = (unsigned char)(rng() >> 56); /* not zeros: no path may shortcut them */
   unsigned long bad = 0;
-  double t0, seq_write, seq_read, rand_write, rand_read;
+  double t0, seq_write = 1e30, seq_read = 1e30, rand_write = 1e30, rand_read = 1e30, t;
 
-  drop_caches();
-  t0 = now();
-  for (uint64_t off = 0; off < seq_bytes; off += SEQ_BLOCK) {
-    stamp(buf, SEQ_BLOCK, off, SEQ_KEY);
-    if (pwrite(fd, buf, SEQ_BLOCK, (off_t)off) != SEQ_BLOCK) fail("sequential write");
-  }
-  if (fsync(fd) < 0) fail("fsync after the sequential write");
-  seq_write = now() - t0;
+  for (long round = 0; round < rounds; round++) {
+    drop_caches();
+    t0 = now();
+    for (uint64_t off = 0; off < seq_bytes; off += SEQ_BLOCK) {
+      stamp(buf, SEQ_BLOCK, off, SEQ_KEY);
+      if (pwrite(fd, buf, SEQ_BLOCK, (off_t)off) != SEQ_BLOCK) fail("sequential write");
+    }
+    if (fsync(fd) < 0) fail("fsync after the sequential write");
+    if ((t = now() - t0) < seq_write) seq_write = t;
 
-  drop_caches();
-  t0 = now();
-  for (uint64_t off = 0; off < seq_bytes; off += SEQ_BLOCK) {
-    if (pread(fd, buf, SEQ_BLOCK, (off_t)off) != SEQ_BLOCK) fail("sequential read");
-    bad += check(buf, SEQ_BLOCK, off);
-  }
-  seq_read = now() - t0;
+    drop_caches();
+    t0 = now();
+    for (uint64_t off = 0; off < seq_bytes; off += SEQ_BLOCK) {
+      if (pread(fd, buf, SEQ_BLOCK, (off_t)off) != SEQ_BLOCK) fail("sequential read");
+      bad += check(buf, SEQ_BLOCK, off);
+    }
+    if ((t = now() - t0) < seq_read) seq_read = t;
 
-  drop_caches();
-  t0 = now();
-  for (long i = 0; i < rand_ops; i++) {
-    uint64_t off = (rng() % rand_blocks) * RAND_BLOCK;
-    stamp(buf, RAND_BLOCK, off, RAND_KEY);
-    if (pwrite(fd, buf, RAND_BLOCK, (off_t)off) != RAND_BLOCK) fail("random write");
-  }
-  if (fsync(fd) < 0) fail("fsync after the random write");
-  rand_write = now() - t0;
+    drop_caches();
+    t0 = now();
+    for (long i = 0; i < rand_ops; i++) {
+      uint64_t off = (rng() % rand_blocks) * RAND_BLOCK;
+      stamp(buf, RAND_BLOCK, off, RAND_KEY);
+      if (pwrite(fd, buf, RAND_BLOCK, (off_t)off) != RAND_BLOCK) fail("random write");
+    }
+    if (fsync(fd) < 0) fail("fsync after the random write");
+    if ((t = now() - t0) < rand_write) rand_write = t;
 
-  drop_caches();
-  t0 = now();
-  for (long i = 0; i < rand_ops; i++) {
-    uint64_t off = (rng() % rand_blocks) * RAND_BLOCK;
-    if (pread(fd, buf, RAND_BLOCK, (off_t)off) != RAND_BLOCK) fail("random read");
-    bad += check(buf, RAND_BLOCK, off);
+    drop_caches();
+    t0 = now();
+    for (long i = 0; i < rand_ops; i++) {
+      uint64_t off = (rng() % rand_blocks) * RAND_BLOCK;
+      if (pread(fd, buf, RAND_BLOCK, (off_t)off) != RAND_BLOCK) fail("random read");
+      bad += check(buf, RAND_BLOCK, off);
+    }
+    if ((t = now() - t0) < rand_read) rand_read = t;
   }
-  rand_read = now() - t0;
   close(fd);
 
-  printf("VDBOOT-IO seq_write_mibs=%.2f seq_read_mibs=%.2f rand_write_iops=%.1f rand_read_iops=%.1f seq_mib=%ld rand_ops=%ld bad_blocks=%lu\n",
+  printf("VDBOOT-IO seq_write_mibs=%.2f seq_read_mibs=%.2f rand_write_iops=%.1f rand_read_iops=%.1f seq_mib=%ld rand_ops=%ld rounds=%ld bad_blocks=%lu\n",
          (double)seq_mib / seq_write, (double)seq_mib / seq_read, (double)rand_ops / rand_write, (double)rand_ops / rand_read,
-         seq_mib, rand_ops, bad);
+         seq_mib, rand_ops, rounds, bad);
   fflush(stdout);
   return bad ? 1 : 0;
 }
