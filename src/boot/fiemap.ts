@@ -437,7 +437,10 @@ export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo
       const converted = fiemapToFileExtents(raw, st.size, device.size);
       const { extents } = converted;
       const problems = [...early, ...converted.problems];
-      if (problems.length) throw new FormatError(`parts of ${norm} cannot be mapped onto ${device.path} as they are: ${problems.join('; ')}`, 'fiemap', norm);
+      if (problems.length) {
+        const shown = problems.slice(0, 4).join('; ') + (problems.length > 4 ? `; and ${problems.length - 4} more` : '');
+        throw new FormatError(`parts of ${norm} cannot be mapped onto ${device.path} as they are: ${shown}`, 'fiemap', norm);
+      }
       return { device: device.path, extents };
     } finally {
       sys.close(fd);
