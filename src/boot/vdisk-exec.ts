@@ -285,6 +285,9 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
           // A dynamic image for a rw mapping: expand it in place (expand.ts), then plan it again.
           if (!isExpansionNeeded(e) || expanded.has(index)) throw e;
           expanded.add(index);
+          // the host's files are closed before it is remounted read-write (an open file keeps it busy)
+          opened.close();
+          opened.close = () => undefined;
           const kernelMount = located.kernel && kernelHost ? { dir: HOST_MOUNT, makeWritable: () => remountKernelHostWritable(ctx, dm, undo, kernelHost!) } : undefined;
           expandInPlace(ctx, e, { device: opened.device, description: imageHost.description, path: opened.path, ...(kernelMount ? { kernelMount } : {}) });
           index--;

@@ -159,6 +159,45 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expectNtfsClean(host);
   });
 
+  it('on an ext4 host the kernel mounts: a dynamic VDI is expanded through ext4 (remounted read-write), mapped directly from FIEMAP, and e2fsck -fn passes afterwards', async () => {
+    const vdi = join(dir, 'linux.vdi');
+    convertImage(guestRaw, vdi, 'vdi');
+    const before = qemuRaw(vdi, 'vdi');
+    const hostPart = join(dir, 'host.ext4');
+    execFileSync('truncate', ['-s', `${96 * MiB}`, hostPart]);
+    execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-L', 'linuxhost', hostPart]);
+    execFileSync('debugfs', ['-w', '-R', 'mkdir /VMs', hostPart], { stdio: 'ignore' });
+    // e2cp writes every block: the file has no holes
+    execFileSync('e2cp', [vdi, `${hostPart}:/VMs/linux.vdi`]);
+    const disk = join(dir, 'ext4-host.img');
+    const [part] = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: hostPart, type: '0FC63DAF-8483-4772-8E79-3D69D8477DE4', name: 'linux data' }] });
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=linuxhost:/VMs/linux.vdi rw', disks: [{ file: disk, interface: 'virtio-blk' }], name: 'vdisk-expand-ext4' });
+    vms.push(vm);
+    await vm.waitFor(GUEST_MARKER, 300_000);
+    const facts = parseGuestFacts(vm.transcript());
+    await vm.waitExit(120_000);
+    const t = vm.transcript();
+    expect(facts.wrote).toBe('/home/note.txt');
+    expect(t).toMatch(/expanding \/VMs\/linux\.vdi in place: \d+ absent blocks? of 1\.0 MiB/);
+    expect(t).toMatch(/mounted \/dev\/mapper\/vdhost \(ext4, rw\) on \/run\/vdboot\/host/);
+    expect(t).toMatch(/expanded \/VMs\/linux\.vdi: .* written in/);
+    expect(t).toMatch(/vdisk0: \/VMs\/linux\.vdi on .*vdi dynamic, direct: the image is fully mappable: \d+ extents? on \/dev\/vda1 \(from ext4's FIEMAP\)/);
+    expect(t).toMatch(/reboot: Power down/);
+    const after = join(dir, 'host-after.ext4');
+    writeFileSync(after, readFileSync(disk).subarray(part!.offset, part!.offset + part!.size));
+    const fsck = spawnSync('e2fsck', ['-fn', after], { encoding: 'utf8' });
+    expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
+    const img = join(dir, 'after.vdi');
+    execFileSync('debugfs', ['-R', `dump /VMs/linux.vdi ${img}`, after], { stdio: 'ignore' });
+    const check = spawnSync('qemu-img', ['check', '-f', 'vdi', img], { encoding: 'utf8' });
+    expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+    const map = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'vdi', '--output=json', img], { encoding: 'utf8' })) as { data: boolean; offset?: number }[];
+    expect(map.every((m) => m.data && m.offset !== undefined)).toBe(true);
+    expect(fileInImage(img, 'vdi', '/home/note.txt')).toBe(NOTE);
+    // only the guest's writes changed the virtual disk: the ESP (first 3 MiB) is as before
+    expect(qemuRaw(img, 'vdi').subarray(0, 3 * MiB).equals(before.subarray(0, 3 * MiB))).toBe(true);
+  });
+
   it('a host without room for the expansion is refused before anything is written: the sizes and the remedies, the host disk byte-identical', async () => {
     const vhdx = join(dir, 'tight.vhdx');
     convertImage(guestRaw, vhdx, 'vhdx', ['block_size=1M']);
