@@ -14,13 +14,6 @@ const SECTOR = 512;
 const FLAG_RGD = 1 << 1;
 const FLAG_MARKERS = 1 << 17;
 
-interface Table {
-  /** byte offset of the grain table */
-  at: number;
-  entries: Uint8Array;
-  old: Uint8Array;
-}
-
 export function prepareVmdk(file: BlockReader, name: string): PreparedExpansion {
   const layer = vmdkFormat.open(file, { path: name, openFile: () => refuse(name, 'it is a VMDK made of several files or with a parent', 'extent') });
   if (layer.parent) {
@@ -38,52 +31,60 @@ export function prepareVmdk(file: BlockReader, name: string): PreparedExpansion 
   const directories = [{ at: h.gdOffset * SECTOR, what: 'grain directory' }];
   if ((h.flags & FLAG_RGD) !== 0 && h.rgdOffset > 0) directories.push({ at: h.rgdOffset * SECTOR, what: 'redundant grain directory' });
 
+  // Grain tables are read one at a time (a 2 TiB image has 32 Mi grains: no per-grain list is kept).
   let dataEnd = Math.max(h.overHead * SECTOR, (h.descriptorOffset + h.descriptorSize) * SECTOR);
-  const tables: Table[][] = directories.map((d) => {
+  const gts: number[][] = directories.map((d) => {
     dataEnd = Math.max(dataEnd, d.at + gdEntries * 4);
     const gd = file.read(d.at, gdEntries * 4);
     const gv = new DataView(gd.buffer, gd.byteOffset, gd.byteLength);
-    const out: Table[] = [];
+    const out: number[] = [];
     for (let i = 0; i < gdEntries; i++) {
       const s = gv.getUint32(i * 4, true);
       if (s === 0) refuse(name, `its ${d.what} entry ${i} has no grain table (vdboot fills preallocated grain tables only)`, 'gd.entry', i);
-      const at = s * SECTOR;
-      const count = Math.min(n, grains - i * n);
-      const entries = file.read(at, count * 4).slice();
-      out.push({ at, entries, old: entries.slice() });
-      dataEnd = Math.max(dataEnd, at + n * 4);
+      out.push(s * SECTOR);
+      dataEnd = Math.max(dataEnd, s * SECTOR + n * 4);
     }
     return out;
   });
-  const primary = tables[0]!;
-  const missing: number[] = [];
-  for (let g = 0; g < grains; g++) {
-    const t = primary[Math.floor(g / n)]!;
-    const e = new DataView(t.entries.buffer).getUint32((g % n) * 4, true);
-    if (e <= 1) missing.push(g);
-    else dataEnd = Math.max(dataEnd, e * SECTOR + grainBytes);
+  const count = (i: number): number => Math.min(n, grains - i * n);
+  let missing = 0;
+  for (let i = 0; i < gdEntries; i++) {
+    const gt = file.read(gts[0]![i]!, count(i) * 4);
+    const dv = new DataView(gt.buffer, gt.byteOffset, gt.byteLength);
+    for (let j = 0; j < count(i); j++) {
+      const e = dv.getUint32(j * 4, true);
+      if (e <= 1) missing++;
+      else dataEnd = Math.max(dataEnd, e * SECTOR + grainBytes);
+    }
   }
   dataEnd = alignUp(dataEnd, SECTOR);
-  if ((dataEnd + missing.length * grainBytes) / SECTOR > 0xffffffff) refuse(name, 'it would grow past what 32-bit grain table entries address', 'gt.entry');
-  const newFileSize = missing.length ? Math.max(file.size, dataEnd + missing.length * grainBytes) : file.size;
+  if ((dataEnd + missing * grainBytes) / SECTOR > 0xffffffff) refuse(name, 'it would grow past what 32-bit grain table entries address', 'gt.entry');
+  const newFileSize = missing ? Math.max(file.size, dataEnd + missing * grainBytes) : file.size;
   const plan = {
     format: 'vmdk' as const, subformat: layer.subformat, name, virtualSize: layer.size, fileSize: file.size,
-    blockSize: grainBytes, blocks: missing.length, partialBlocks: 0, newFileSize, writeBytes: missing.length * grainBytes,
+    blockSize: grainBytes, blocks: missing, partialBlocks: 0, newFileSize, writeBytes: missing * grainBytes,
   };
   return {
     plan,
     run(out: ExpandFile, opts: ExpandOptions) {
-      if (!missing.length) return 'done';
+      if (!missing) return 'done';
       // 1. Data: the new grains, contiguous after the file's last structure.
-      writeZeros(out, dataEnd, missing.length * grainBytes, new Progress(plan.writeBytes, opts.progress));
+      writeZeros(out, dataEnd, missing * grainBytes, new Progress(plan.writeBytes, opts.progress));
       out.sync();
       if (opts.stopAfter) return 'data';
-      // 2. Metadata: the grain tables, then the redundant ones, pointing at the new grains.
-      for (const set of tables) {
-        missing.forEach((g, k) => new DataView(set[Math.floor(g / n)]!.entries.buffer).setUint32((g % n) * 4, (dataEnd + k * grainBytes) / SECTOR, true));
-        for (const t of set) {
-          if (t.entries.some((b, i) => b !== t.old[i])) out.write(t.at, t.entries);
+      // 2. Metadata: the grain tables, then the redundant ones, the k-th absent grain (in
+      // the primary tables' order) at dataEnd + k grains. Both sets are assigned from the
+      // primary entries, so they agree.
+      let k = 0;
+      for (let i = 0; i < gdEntries; i++) {
+        const primary = out.read(gts[0]![i]!, count(i) * 4).slice();
+        const pv = new DataView(primary.buffer);
+        const updated = primary.slice();
+        const uv = new DataView(updated.buffer);
+        for (let j = 0; j < count(i); j++) {
+          if (pv.getUint32(j * 4, true) <= 1) uv.setUint32(j * 4, (dataEnd + k++ * grainBytes) / SECTOR, true);
         }
+        if (updated.some((b, x) => b !== primary[x])) for (const set of gts) out.write(set[i]!, updated);
       }
       out.sync();
       return 'done';
