@@ -2,7 +2,9 @@
 // `busybox tar -x` of the same archive from the same device, in the same boot: vdboot
 // unpacks the archive as the root, then the guest's init mounts the same ext4 host,
 // drops the page cache and times busybox tar extracting it into another tmpfs.
-// Target: vdboot / busybox >= 0.9. BENCH_RUNS=N boots each case N times (1).
+// Target: vdboot / busybox >= 0.9. BENCH_RUNS=N boots each case N times (1);
+// BENCH_CASES=gzip,none picks the cases; BENCH_DEBUG=1 adds rd.vdboot.debug (time split);
+// BENCH_APPEND adds words to the kernel command line.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -32,10 +34,11 @@ try {
 
   // A root with the shape of a real one: busybox, and a library tree of many small files.
   const root = path.join(work, 'root');
+  const only = process.env.BENCH_CASES?.split(',');
   const cases: Case[] = [
     { name: 'gzip', file: 'root.tar.gz', flag: 'z' },
     { name: 'none', file: 'root.tar', flag: '' },
-  ];
+  ].filter((c) => !only || only.includes(c.name));
   const commands = (c: Case): string[] => [
     'mkdir -p /mnt/h /tmp/x',
     'mount -t tmpfs -o size=400M tmpfs /tmp/x',
@@ -70,7 +73,7 @@ try {
   for (const c of cases) {
     const r = { name: c.name, size: sizes[c.name]!, vdboot: [] as number[], busybox: [] as number[] };
     for (let i = 0; i < runs; i++) {
-      const vm = await bootVm({ initrd, append: `root=tmpfs:/dev/vda:/${c.file}${process.env.BENCH_DEBUG ? ' rd.vdboot.debug' : ''}`, disks: [{ file: hostImg, snapshot: true }], name: `bench-tmpfs-${c.name}`, memoryMiB: 1024 });
+      const vm = await bootVm({ initrd, append: `root=tmpfs:/dev/vda:/${c.file}${process.env.BENCH_DEBUG ? ' rd.vdboot.debug' : ''}${process.env.BENCH_APPEND ? ` ${process.env.BENCH_APPEND}` : ''}`, disks: [{ file: hostImg, snapshot: true }], name: `bench-tmpfs-${c.name}`, memoryMiB: 1024 });
       try {
         await vm.waitFor('VDBOOT-GUEST-OK', 600_000);
         const t = vm.transcript();

@@ -479,6 +479,23 @@ static JSValue sys_splice(JSContext *ctx, JSValueConst this_val, int argc, JSVal
     return JS_NewInt64(ctx, r);
 }
 
+/* fadvise(fd, offset, len, advice): posix_fadvise (POSIX_FADV_WILLNEED = 3 starts reading
+ * a range into the page cache without waiting for it). */
+static JSValue sys_fadvise(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int fd, advice;
+    int64_t off, len;
+    if (get_int(ctx, argc, argv, 0, "fadvise", &fd) || get_int64(ctx, argc, argv, 1, "fadvise", &off) ||
+        get_int64(ctx, argc, argv, 2, "fadvise", &len) || get_int(ctx, argc, argv, 3, "fadvise", &advice))
+        return JS_EXCEPTION;
+    int r = posix_fadvise(fd, (off_t)off, (off_t)len, advice);
+    if (r != 0) {
+        errno = r;
+        return throw_errno(ctx, "fadvise fd %d", fd);
+    }
+    return JS_UNDEFINED;
+}
+
 /* fcntl(fd, cmd, arg) with an integer argument (F_GETFL, F_SETPIPE_SZ, ...): fcntl's result. */
 static JSValue sys_fcntl(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
 {
@@ -1220,6 +1237,7 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_DEF("sendfile", 4, sys_sendfile),
     JS_CFUNC_DEF("splice", 6, sys_splice),
     JS_CFUNC_DEF("fcntl", 3, sys_fcntl),
+    JS_CFUNC_DEF("fadvise", 4, sys_fadvise),
     JS_CFUNC_DEF("ioctlInt", 3, sys_ioctl_int),
     JS_CFUNC_DEF("fsync", 1, sys_fsync),
     JS_CFUNC_DEF("truncate", 2, sys_truncate),

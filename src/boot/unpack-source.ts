@@ -27,6 +27,7 @@ interface ProcessSys extends Sys {
   sendfile?(outFd: number, inFd: number, offset: number, count: number): number;
   splice?(inFd: number, inOffset: number, outFd: number, outOffset: number, count: number, flags?: number): number;
   fcntl?(fd: number, cmd: number, arg: number): number;
+  fadvise?(fd: number, offset: number, length: number, advice: number): void;
 }
 
 export interface ArchiveStream {
@@ -42,6 +43,22 @@ export interface ArchiveStream {
 }
 
 const READ_CHUNK = 1 << 20;
+/** fcntl's F_SETPIPE_SZ, and the decoder pipe's size (the kernel's default limit for it). */
+const F_SETPIPE_SZ = 1031;
+/**
+ * How far ahead of the reader the archive file is asked into the page cache
+ * (POSIX_FADV_WILLNEED): the disk works while vdboot creates files, instead of each read
+ * waiting for it. A window, not the whole file: an archive larger than RAM must not
+ * evict its own next pages.
+ */
+const READ_AHEAD = 32 << 20;
+const FADV_WILLNEED = 3;
+
+/** Asks the kernel to read [offset, offset + READ_AHEAD) of `fd` ahead (best effort). */
+function readAhead(sys: ProcessSys, fd: number, offset: number): void {
+  try { sys.fadvise?.(fd, offset, READ_AHEAD, FADV_WILLNEED); } catch { /* only a hint */ }
+}
+const PIPE_SIZE = 1 << 20;
 
 /** Reads a BlockReader sequentially in chunks. */
 function readerSource(reader: BlockReader, counter: { at: number }): ByteSource {
@@ -72,8 +89,14 @@ const FILE_WINDOW = 64 << 10;
 function fileSource(sys: ProcessSys, fd: number, counter: { at: number }, window: number, direct: boolean): ByteSource {
   const buf = new Uint8Array(window + 512);
   let at = 0;
+  // The next offset to ask ahead from, kept half a window ahead of the reader.
+  let ahead = 0;
   const source: ByteSource = {
     pull(): Uint8Array | null {
+      if (at + READ_AHEAD / 2 >= ahead) {
+        readAhead(sys, fd, ahead);
+        ahead += READ_AHEAD;
+      }
       const skew = at % 512;
       const n = sys.pread(fd, buf.subarray(skew, skew + window), at);
       if (n <= 0) return null;
@@ -83,8 +106,22 @@ function fileSource(sys: ProcessSys, fd: number, counter: { at: number }, window
     },
   };
   if (direct && typeof sys.sendfile === 'function') {
+    let works = true;
     source.sendTo = (out: number, max: number): number => {
-      const k = sys.sendfile!(out, fd, at, max);
+      if (!works) return 0;
+      if (at + READ_AHEAD / 2 >= ahead) {
+        readAhead(sys, fd, ahead);
+        ahead += READ_AHEAD;
+      }
+      let k: number;
+      try {
+        k = sys.sendfile!(out, fd, at, max);
+      } catch (e) {
+        // A file sendfile cannot write (EINVAL): the bytes are read instead from now on.
+        if (!isSysError(e, 'EINVAL')) throw e;
+        works = false;
+        return 0;
+      }
       at += k;
       counter.at = at;
       return k;
@@ -148,7 +185,11 @@ export function openArchiveStream(sys: Sys, reader: BlockReader, filePath: strin
 
 function externalStream(sys: ProcessSys, reader: BlockReader, filePath: string | undefined, dec: Decoder): ArchiveStream {
   const [outR, outW] = sys.pipe!();
+  // A larger pipe lets the decoder run longer before it waits for vdboot (fewer switches
+  // between the two on a single CPU). Best effort: the kernel may cap it.
+  try { sys.fcntl?.(outW, F_SETPIPE_SZ, PIPE_SIZE); } catch { /* the default size works too */ }
   let inFd = -1;
+  let decoderIn = -1;
   let feedW = -1;
   let feeder = 0;
   let decoder = 0;
@@ -158,6 +199,7 @@ function externalStream(sys: ProcessSys, reader: BlockReader, filePath: string |
   try {
     if (filePath) {
       inFd = sys.open(filePath, O.RDONLY | O.CLOEXEC);
+      readAhead(sys, inFd, 0);
     } else {
       if (typeof sys.fork !== 'function') throw new Error('no fork');
       const [r, w] = sys.pipe!();
@@ -165,7 +207,9 @@ function externalStream(sys: ProcessSys, reader: BlockReader, filePath: string |
       feedW = w;
     }
     decoder = sys.spawn(dec.path, dec.argv, INIT_ENV, { stdio: [inFd, outW, 2] });
-    closeQuietly(inFd);
+    // The archive file stays open here too, to keep asking it ahead of the decoder.
+    if (filePath) decoderIn = inFd;
+    else closeQuietly(inFd);
     closeQuietly(outW);
     inFd = -1;
     if (feedW >= 0) {
@@ -176,22 +220,28 @@ function externalStream(sys: ProcessSys, reader: BlockReader, filePath: string |
     }
   } catch (e) {
     closeQuietly(inFd);
+    closeQuietly(decoderIn);
     closeQuietly(outW);
     closeQuietly(feedW);
     closeQuietly(outR);
     if (decoder > 0) reap(sys, decoder, true);
     throw e;
   }
-  const buf = new Uint8Array(READ_CHUNK);
+  // Reads land at the buffer offset that matches their stream offset modulo 512, so tar
+  // headers start on a word boundary however the pipe splits the stream.
+  const buf = new Uint8Array(READ_CHUNK + 512);
   let open = true;
+  let streamAt = 0;
+  let nextAhead = READ_AHEAD / 2;
   const reader_ = feeder || decoder;
   const source: ByteSource = {
     pull(): Uint8Array | null {
       if (!open) return null;
+      const skew = streamAt % 512;
       for (;;) {
         let n: number;
         try {
-          n = sys.read(outR, buf);
+          n = sys.read(outR, buf.subarray(skew, skew + READ_CHUNK));
         } catch (e) {
           if (isSysError(e, 'EINTR')) continue;
           throw e;
@@ -200,15 +250,43 @@ function externalStream(sys: ProcessSys, reader: BlockReader, filePath: string |
           open = false;
           return null;
         }
-        return buf.subarray(0, n);
+        streamAt += n;
+        // Keep the decoder's input read ahead too: where it is comes from /proc, now and then.
+        if (filePath && streamAt >= nextAhead) {
+          nextAhead = streamAt + (16 << 20);
+          const pos = bytesRead(sys, decoder, true);
+          if (pos !== undefined && decoderIn >= 0) readAhead(sys, decoderIn, pos);
+        }
+        return buf.subarray(skew, skew + n);
       }
     },
   };
+  let spliceWorks = true;
+  if (typeof sys.splice === 'function') {
+    // What a file's body has beyond the bytes already read goes from the pipe into the file
+    // inside the kernel: one copy instead of two.
+    source.sendTo = (fd: number, max: number): number => {
+      if (!open || !spliceWorks) return 0;
+      let k: number;
+      try {
+        k = sys.splice!(outR, -1, fd, -1, max, 0);
+      } catch (e) {
+        // A file that cannot take spliced data (EINVAL): read the bytes instead from now on.
+        if (!isSysError(e, 'EINVAL')) throw e;
+        spliceWorks = false;
+        return 0;
+      }
+      if (k === 0) open = false;
+      streamAt += k;
+      return k;
+    };
+  }
   let done = false;
   const stop = (kill: boolean): { decoder?: number; feeder?: number } => {
     if (done) return {};
     done = true;
     closeQuietly(outR);
+    closeQuietly(decoderIn);
     open = false;
     return { decoder: reap(sys, decoder, kill), ...(feeder ? { feeder: reap(sys, feeder, kill) } : {}) };
   };

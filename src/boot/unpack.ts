@@ -69,7 +69,6 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   let warnedTime = false;
   let warnedXattr = false;
   const refusedXattrs = new Set<string>();
-  const full = (p: string): string => (p === '' ? root : `${root}/${p}`);
   let safeDir = '';
   let safeLinks = 0;
   let linksMade = 0;
@@ -84,7 +83,7 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
     for (;;) {
       const entry = reader.next();
       if (!entry) break;
-      stats.entries++;
+      stats.entries += 1;
       try {
         // An entry below a symlink the archive created would be written wherever the link points.
         // (Entries of one directory usually follow each other: its ancestors are checked once.)
@@ -98,16 +97,13 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
         }
         safeDir = dir;
         safeLinks = linksMade;
-        const path = full(entry.path);
-        if (entry.type === 'hardlink' && symlinks.has(entry.linkTarget)) {
+        const path = entry.path === '' ? root : `${root}/${entry.path}`;
+        const fd = createEntry(sys, entry, path, root, symlinks, exactModes ? entry.perm & 0o1777 : 0o700);
+        // A name made again is dropped from `symlinks` by createEntry; a hard link to a link is a link.
+        if (entry.type === 'symlink' || (entry.type === 'hardlink' && symlinks.has(entry.linkTarget))) {
           symlinks.add(entry.path);
-          linksMade++;
+          linksMade += 1;
         }
-        const fd = createEntry(sys, entry, path, full, symlinks, exactModes ? entry.perm & 0o1777 : 0o700);
-        if (entry.type === 'symlink') {
-          symlinks.add(entry.path);
-          linksMade++;
-        } else if (entry.path !== '') symlinks.delete(entry.path);
         if (fd >= 0 || (entry.size > 0 && entry.type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : openForData(sys, entry, path), chunk, opts.onProgress);
         if (entry.type === 'hardlink') {
           // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
@@ -123,7 +119,7 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
             for (const x of entry.xattrs) {
               try {
                 sys.lsetxattr!(path, x.name, x.value);
-                stats.xattrs++;
+                stats.xattrs += 1;
               } catch (e) {
                 // tmpfs takes security.* and trusted.*; user.* only on newer kernels. An attribute
                 // the kernel refuses costs that attribute, not the boot.
@@ -141,10 +137,10 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
           }
         }
         if (entry.type === 'dir') {
-          stats.dirs++;
+          stats.dirs += 1;
           dirTimes.push({ path, sec: entry.mtimeSec, nsec: entry.mtimeNsec });
         } else {
-          if (entry.type === 'file') stats.files++;
+          if (entry.type === 'file') stats.files += 1;
           if (canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
           else if (!warnedTime) {
             warnedTime = true;
@@ -172,7 +168,6 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   return stats;
 }
 
-/** Creates the entry; for a regular file returns its open fd (the body is written next), else -1. */
 /**
  * Opens an existing name to receive an entry's data (a hard link that carries the
  * inode's bytes). Only a regular file, and never through a symbolic link: a crafted
@@ -187,35 +182,18 @@ function openForData(sys: UnpackSys, entry: ArchiveEntry, path: string): number 
   return sys.open(path, O.WRONLY | O.NOFOLLOW | O.CLOEXEC, 0);
 }
 
-function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p: string) => string, symlinks: Set<string>, mode: number): number {
-  const make = (): number => {
-    switch (entry.type) {
-      case 'dir':
-        if (entry.path === '') return KEPT; // the root itself: metadata only
-        sys.mkdir(path, mode);
-        return -1;
-      case 'file':
-        return sys.open(path, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, mode & 0o777);
-      case 'symlink':
-        sys.symlink(entry.linkTarget, path);
-        return -1;
-      case 'hardlink':
-        sys.link(full(entry.linkTarget), path);
-        return -1;
-      case 'char':
-      case 'block':
-      case 'fifo':
-        sys.mknod(path, TYPE_BITS[entry.type]! | (mode & 0o777), entry.devMajor, entry.devMinor);
-        return -1;
-    }
-  };
-  for (let attempt = 0; ; attempt++) {
+/**
+ * Creates the entry; for a regular file returns its open fd (the body is written next),
+ * else -1, or KEPT for a directory that was there already.
+ */
+function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, root: string, symlinks: Set<string>, mode: number): number {
+  for (let attempt = 0; ; attempt += 1) {
     try {
-      return make();
+      return makeEntry(sys, entry, path, root, mode);
     } catch (e) {
       if (attempt >= 2) throw e;
       if (isSysError(e, 'ENOENT')) {
-        if (entry.type === 'hardlink' && !exists(sys, full(entry.linkTarget))) {
+        if (entry.type === 'hardlink' && !exists(sys, `${root}/${entry.linkTarget}`)) {
           throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} is a hard link to "${entry.linkTarget}", which the archive did not hold before it`, 'linkname', entry.linkTarget);
         }
         // Archives may leave parent directories out (tar of single files): create them.
@@ -235,6 +213,29 @@ function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, full: (p
       }
       throw e;
     }
+  }
+}
+
+/** Makes the entry's inode; a regular file's open fd is returned for its body, else -1 (KEPT for the root). */
+function makeEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, root: string, mode: number): number {
+  switch (entry.type) {
+    case 'file':
+      return sys.open(path, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, mode & 0o777);
+    case 'dir':
+      if (entry.path === '') return KEPT; // the root itself: metadata only
+      sys.mkdir(path, mode);
+      return -1;
+    case 'symlink':
+      sys.symlink(entry.linkTarget, path);
+      return -1;
+    case 'hardlink':
+      sys.link(`${root}/${entry.linkTarget}`, path);
+      return -1;
+    case 'char':
+    case 'block':
+    case 'fifo':
+      sys.mknod(path, TYPE_BITS[entry.type]! | (mode & 0o777), entry.devMajor, entry.devMinor);
+      return -1;
   }
 }
 

@@ -32,6 +32,8 @@ declare module 'sys' {
   export function splice(inFd: number, inOffset: number, outFd: number, outOffset: number, count: number, flags?: number): number;
   /** fcntl(2) with an integer argument (F_SETPIPE_SZ …); fcntl's result. */
   export function fcntl(fd: number, cmd: number, arg: number): number;
+  /** posix_fadvise(2) (4th argument: POSIX_FADV_WILLNEED = 3 reads a range ahead without waiting). */
+  export function fadvise(fd: number, offset: number, length: number, advice: number): void;
   export function fsync(fd: number): void;
   /** ftruncate(2) */
   export function truncate(fd: number, length: number): void;

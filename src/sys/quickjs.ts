@@ -30,6 +30,8 @@ export interface QuickjsSys extends Sys {
   splice(inFd: number, inOffset: number, outFd: number, outOffset: number, count: number, flags?: number): number;
   /** fcntl(2) with an integer argument (F_SETPIPE_SZ for a decompressor's pipe) */
   fcntl(fd: number, cmd: number, arg: number): number;
+  /** posix_fadvise(2): WILLNEED (3) reads a root archive ahead while it is unpacked */
+  fadvise(fd: number, offset: number, length: number, advice: number): void;
   /** umask(2): sets the mask, returns the previous one (the kernel starts init with 0o022). */
   umask(mask: number): number;
   /** utimensat(2): atime and mtime set to sec.nsec; AT_SYMLINK_NOFOLLOW when noFollow (root archives keep their times) */
@@ -100,6 +102,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     sendfile: native.sendfile,
     splice: native.splice,
     fcntl: native.fcntl,
+    fadvise: native.fadvise,
     umask: native.umask,
     utimensat: native.utimensat,
     lsetxattr: native.lsetxattr,
