@@ -108,6 +108,80 @@ describe('tar reader', () => {
   });
 });
 
+/** Rewrites the numeric fields of every tar header in another spelling POSIX or GNU tar allows, checksum recomputed. */
+function respell(src: Uint8Array): Uint8Array {
+  const b = src.slice();
+  const ascii = (off: number, text: string): void => {
+    for (let i = 0; i < text.length; i++) b[off + i] = text.charCodeAt(i);
+  };
+  const octal = (off: number, len: number): number => parseInt(Buffer.from(b.subarray(off, off + len)).toString('latin1').replace(/[\0 ]+$/, '').trim() || '0', 8);
+  for (let at = 0, n = 0; at + 512 <= b.length; n++) {
+    if (b.subarray(at, at + 512).every((x) => x === 0)) break;
+    const size = octal(at + 124, 12);
+    const style = n % 3;
+    for (const [off, len] of [[100, 8], [108, 8], [116, 8], [124, 12], [136, 12]] as const) {
+      const v = octal(at + off, len).toString(8);
+      if (style === 0) ascii(at + off, `${v.padStart(len - 2, ' ')} \0`); // leading spaces, space and NUL
+      else if (style === 1) ascii(at + off, `${v.padStart(len - 1, '0')} `); // ended by a space only
+      else if (off === 108 || off === 116) {
+        // base-256 (GNU): 0x80, then the number big-endian
+        b.fill(0, at + off, at + off + len);
+        b[at + off] = 0x80;
+        let x = parseInt(v, 8);
+        for (let i = len - 1; i > 0 && x > 0; i--, x = Math.floor(x / 256)) b[at + off + i] = x % 256;
+      }
+    }
+    b.fill(0x20, at + 148, at + 156);
+    let sum = 0;
+    for (let i = 0; i < 512; i++) sum += b[at + i]!;
+    ascii(at + 148, n % 2 ? `${sum.toString(8).padStart(7, '0')}\0` : `${sum.toString(8).padStart(6, '0')}\0 `);
+    at += 512 + Math.ceil(size / 512) * 512;
+  }
+  return b;
+}
+
+describe('tar headers read a word at a time', () => {
+  it('numbers in other spellings (leading spaces, space-ended, base-256 owners, both checksum forms) read as GNU tar reads them', () => {
+    const original = sh('tar --format=gnu --numeric-owner -cf - etc bin usr/bin dev');
+    const rewritten = respell(original);
+    expect(Buffer.compare(Buffer.from(rewritten), Buffer.from(original))).not.toBe(0);
+    // The oracle: GNU tar lists both the same way.
+    const list = (bytes: Uint8Array): string => execFileSync('tar', ['--numeric-owner', '--full-time', '-tvf', '-'], { input: bytes, encoding: 'utf8' });
+    expect(list(rewritten)).toBe(list(original));
+    const want = readArchiveBytes(original, 1 << 20);
+    expect(readArchiveBytes(rewritten, 1 << 20)).toEqual(want);
+    expect(readArchiveBytes(rewritten, 777)).toEqual(want);
+    expectMatches(want, { only: ['etc', 'bin', 'usr/bin', 'dev'] });
+  });
+
+  it('aligned and unaligned chunks read the same entries from GNU, pax, ustar and busybox archives', () => {
+    for (const cmd of ['tar --format=gnu -cf - .', "tar --format=pax --xattrs --xattrs-include='*' -cf - .", 'tar --format=ustar -cf - etc bin dev', 'busybox tar -cf - .']) {
+      const bytes = sh(cmd);
+      expect(readArchiveBytes(bytes, 1 << 20), cmd).toEqual(readArchiveBytes(bytes, 777));
+    }
+  });
+
+  it('any header byte changed, in its high bit or its low bit, is a damaged header', () => {
+    const bytes = sh('tar -cf - etc/hostname etc/empty');
+    for (const flip of [0x80, 0x01]) {
+      for (let i = 0; i < 512; i++) {
+        const b = bytes.slice();
+        b[1024 + i] ^= flip;
+        expect(() => readArchiveBytes(b, 1 << 20), `byte ${i} ^ 0x${flip.toString(16)}`).toThrow(/tar header at byte 1024 is damaged/);
+      }
+    }
+  });
+
+  it('UTF-8 names come back decoded, ASCII names as they are', () => {
+    const utf = path.join(dir, 'utf8');
+    fs.mkdirSync(path.join(utf, 'café'), { recursive: true });
+    fs.writeFileSync(path.join(utf, 'café', 'naïve-ünïcödé.txt'), 'x');
+    fs.writeFileSync(path.join(utf, 'café', 'plain.txt'), 'y');
+    const got = readArchiveBytes(new Uint8Array(execFileSync('tar', ['--format=gnu', '-C', utf, '-cf', '-', '.'])), 1 << 20);
+    expect(got.entries.map((e) => e.path).sort()).toEqual(['', 'café', 'café/naïve-ünïcödé.txt', 'café/plain.txt']);
+  });
+});
+
 describe('newc cpio reader', () => {
   it('GNU cpio -H newc: hard links rebuilt from shared inodes', () => {
     const got = readArchiveBytes(sh('find . | cpio --quiet -o -H newc'));
