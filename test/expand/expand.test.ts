@@ -222,3 +222,38 @@ describe('real-world images', () => {
     expect(unallocatedBytes(out, 'vpc')).toBe(0);
   });
 });
+
+describe('VHD sector bitmaps', () => {
+  /** The virtual disk as vdboot's reader sees it: a clear bitmap bit of a dynamic VHD reads as zeros. */
+  function vdbootRaw(img: string): Buffer {
+    const f = fileOf(img, true);
+    try {
+      const layer = vhdFormat.open(f, { path: img, openFile: () => { throw new Error('no parent'); } });
+      const out = Buffer.alloc(layer.size);
+      for (const e of layer.extents) if (e.kind === 'data') out.set(f.read(e.offset, e.length), e.start);
+      return out;
+    } finally {
+      f.close();
+    }
+  }
+
+  it('an allocated block whose bitmap marks sectors absent: those sectors are zero-filled, then every bit is set, so every reader sees what vdboot saw', () => {
+    const img = makeImage(dir, 'vhd', 8, [[0, 2 * MiB, 0x5a]]);
+    const b = fs.readFileSync(img);
+    const tableOffset = Number(b.readBigUInt64BE(512 + 16));
+    const block0 = b.readUInt32BE(tableOffset) * 512;
+    // sectors 8..23 of block 0 marked absent: bitmap bytes 1 and 2 cleared (data 0x5a stays behind them)
+    b[block0 + 1] = 0;
+    b[block0 + 2] = 0;
+    fs.writeFileSync(img, b);
+    const seen = vdbootRaw(img);
+    expect(seen.subarray(8 * 512, 24 * 512).every((x) => x === 0)).toBe(true);
+    expect(qemuRaw(img, 'vpc').equals(seen)).toBe(false); // qemu ignores a dynamic VHD's bitmaps
+    const r = expand(img);
+    expect(r.plan.partialBlocks).toBe(1);
+    const after = fs.readFileSync(img);
+    expect(after.subarray(block0, block0 + 512).every((x) => x === 0xff)).toBe(true);
+    expect(vdbootRaw(img).equals(seen)).toBe(true);
+    expect(qemuRaw(img, 'vpc').equals(seen)).toBe(true);
+  });
+});
