@@ -283,7 +283,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
           vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
         } catch (e) {
           // A dynamic image for a rw mapping: expand it in place (expand.ts), then plan it again.
-          if (!isExpansionNeeded(e) || expanded.has(index)) throw e;
+          if (!isExpansionNeeded(e)) throw e;
+          if (expanded.has(index)) throw new BootFailure(`${opened.path} still has unallocated blocks after it was expanded in place; the boot stops here. Check the image with "qemu-img check" on another machine.`);
           expanded.add(index);
           // the host's files are closed before it is remounted read-write (an open file keeps it busy)
           opened.close();
