@@ -1,9 +1,11 @@
 /**
  * End to end: a dynamic image booted read-write is expanded in place first (DESIGN §3),
- * through ntfs-3g (the Debian kernel has no ntfs3), then mapped directly. On the host
- * afterwards: every block allocated, the guest's file inside the image, the virtual disk
- * otherwise unchanged, the NTFS volume clean. A host without room refuses before
- * writing anything: the whole host disk is byte-identical after the boot.
+ * then mapped directly: on NTFS through ntfs-3g (the Debian kernel has no ntfs3), on a
+ * FAT32 stick through the kernel's vfat, on ext4 through the kernel-mounted host (and
+ * FIEMAP afterwards). On the host afterwards: every block allocated, the guest's file
+ * inside the image, the virtual disk otherwise unchanged, the host filesystem clean. A
+ * host without room refuses before writing anything: the whole host disk is
+ * byte-identical after the boot.
  */
 import { createHash } from 'node:crypto';
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -12,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, makeExt4, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { convertImage, fatRead, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
 import { buildGuestRoot, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { bytesReader } from '../../src/formats/block-reader.ts';
@@ -115,7 +117,7 @@ function fileInImage(image: string, format: string, guestPath: string): string {
 }
 
 describe('end to end: dynamic images expanded in place for a read-write boot (mkinitramfs --with ntfs-3g)', { timeout: 600_000 }, () => {
-  it('a dynamic VHD root and an attached dynamic VHDX are expanded through ntfs-3g, then mapped directly; the guest\'s file lands in the fully allocated VHD', async () => {
+  it('a dynamic VHD root and an attached dynamic VHDX are expanded through ntfs-3g, a VDI on a FAT32 stick through vfat, then all mapped directly; the guest\'s file lands in the fully allocated VHD', async () => {
     const vhd = join(dir, 'linux.vhd');
     convertImage(guestRaw, vhd, 'vpc');
     const vhdx = join(dir, 'data.vhdx');
@@ -124,7 +126,20 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expect(unallocated(vhdx, 'vhdx')).toBeGreaterThan(0);
     const vhdxBefore = qemuRaw(vhdx, 'vhdx');
     const host = hostDisk('expand', 120, { '/VMs/linux.vhd': { hostFile: vhd }, '/VMs/data.vhdx': { hostFile: vhdx } });
-    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=Windows:/VMs/linux.vhd rd.vdisk.attach=LABEL=Windows:/VMs/data.vhdx rw', disks: [{ file: host.disk, interface: 'virtio-blk' }], name: 'vdisk-expand' });
+    // a FAT32 stick on a second disk with a dynamic VDI: expanded through the kernel's vfat
+    const vdi = join(dir, 'stick.vdi');
+    convertImage(guestRaw, vdi, 'vdi');
+    const vdiBefore = qemuRaw(vdi, 'vdi');
+    const fatPart = join(dir, 'stick.vfat');
+    makeFat(fatPart, { sizeMiB: 64, label: 'STICK', files: { '/VMs/stick.vdi': { hostFile: vdi } } });
+    const stick = join(dir, 'stick.img');
+    const [fatLayout] = makePartitionedDisk(stick, { table: 'gpt', partitions: [{ image: fatPart, type: BASIC_DATA, name: 'stick' }] });
+    const vm = await bootVm({
+      initrd,
+      append: 'root=vdisk:LABEL=Windows:/VMs/linux.vhd rd.vdisk.attach=LABEL=Windows:/VMs/data.vhdx rd.vdisk.attach=LABEL=STICK:/VMs/stick.vdi rw',
+      disks: [{ file: host.disk, interface: 'virtio-blk' }, { file: stick, interface: 'virtio-blk' }],
+      name: 'vdisk-expand',
+    });
     vms.push(vm);
     await vm.waitFor(GUEST_MARKER, 300_000);
     const facts = parseGuestFacts(vm.transcript());
@@ -140,6 +155,8 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expect(t).toMatch(/expanding \/VMs\/data\.vhdx in place/);
     expect(t).toMatch(/vdisk0: \/VMs\/linux\.vhd on .*vhd dynamic, direct: the image is fully mappable/);
     expect(t).toMatch(/vdisk1: \/VMs\/data\.vhdx on .*vhdx dynamic, direct: the image is fully mappable/);
+    expect(t).toMatch(/mounted \/dev\/vdb1 \(vfat, rw\) on \/run\/vdboot\/expand to expand \/VMs\/stick\.vdi/);
+    expect(t).toMatch(/vdisk2: \/VMs\/stick\.vdi on \/dev\/vdb1 \(vfat, LABEL="STICK"\): vdi dynamic, direct: the image is fully mappable/);
     expect(t).toMatch(/shutdown hand-off \(poweroff\)/);
     expect(t).toMatch(/reboot: Power down/);
 
@@ -157,6 +174,18 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expect(unallocated(afterVhdx, 'vhdx')).toBe(0);
     expect(qemuRaw(afterVhdx, 'vhdx').equals(vhdxBefore)).toBe(true);
     expectNtfsClean(host);
+    // the stick: FAT clean, the VDI fully allocated and otherwise unchanged
+    const fatAfter = join(dir, 'stick-after.vfat');
+    writeFileSync(fatAfter, readFileSync(stick).subarray(fatLayout!.offset, fatLayout!.offset + fatLayout!.size));
+    const fsck = spawnSync('fsck.fat', ['-n', fatAfter], { encoding: 'utf8' });
+    expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
+    const afterVdi = join(dir, 'stick-after.vdi');
+    writeFileSync(afterVdi, fatRead(fatAfter, '/VMs/stick.vdi'));
+    const vdiCheck = spawnSync('qemu-img', ['check', '-f', 'vdi', afterVdi], { encoding: 'utf8' });
+    expect(vdiCheck.status, `${vdiCheck.stdout}${vdiCheck.stderr}`).toBe(0);
+    const vdiMap = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'vdi', '--output=json', afterVdi], { encoding: 'utf8' })) as { data: boolean; offset?: number }[];
+    expect(vdiMap.every((m) => m.data && m.offset !== undefined)).toBe(true);
+    expect(qemuRaw(afterVdi, 'vdi').equals(vdiBefore)).toBe(true);
   });
 
   it('on an ext4 host the kernel mounts: a dynamic VDI is expanded through ext4 (remounted read-write), mapped directly from FIEMAP, and e2fsck -fn passes afterwards', async () => {
