@@ -212,6 +212,28 @@ describe('expansion refuses cleanly, writing nothing', () => {
 });
 
 describe('real-world images', () => {
+  it('empty dynamic VHDs from Virtual PC and Hyper-V 2012 R2 (136 GB): the plan counts every block and the growth, without writing', () => {
+    for (const name of ['virtualpc-dynamic.vhd', 'hyperv2012r2-dynamic.vhd']) {
+      const out = path.join(dir, name);
+      execFileSync('sh', ['-c', `bzip2 -dc /work/shared/testdata/real-world/${name}.bz2 > '${out}'`]);
+      const f = fileOf(out, true);
+      try {
+        const layer = vhdFormat.open(f, { path: out, openFile: () => { throw new Error('no parent'); } });
+        const p = prepareExpansion(f, out).plan;
+        expect(p.blockSize).toBe(2 * MiB);
+        expect(p.blocks).toBe(Math.ceil(layer.size / p.blockSize));
+        expect(p.writeBytes).toBe(p.blocks * (p.blockSize + 512));
+        // the blocks start at the end of the image's structures (at the latest where the footer was), the footer after them
+        const table = Number(fs.readFileSync(out).readBigUInt64BE(512 + 16));
+        const start = p.newFileSize - 512 - p.writeBytes;
+        expect(start).toBeGreaterThanOrEqual(table + p.blocks * 4);
+        expect(start).toBeLessThanOrEqual(p.fileSize - 512);
+      } finally {
+        f.close();
+      }
+    }
+  });
+
   it('a Disk2vhd VHD whose last block lies partly beyond the disk expands to the same bytes', () => {
     const out = path.join(dir, 'd2v.vhd');
     execFileSync('sh', ['-c', `bzip2 -dc /work/shared/testdata/real-world/d2v-zerofilled.vhd.bz2 > '${out}'`]);
