@@ -329,10 +329,13 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
     for (const e of map.extents) if (e.kind === 'data' && !top.has(e.file)) parentBytes += e.length;
     const unallocated = (s.zeroBytesByWhy.unallocated ?? 0) + (s.zeroBytesByWhy.zeroed ?? 0) + (s.zeroBytesByWhy.uninitialized ?? 0);
     if (parentBytes > 0 || unallocated > 0) {
-      // Expanding in place (expand-plan.ts) throws ExpansionNeeded when vdboot can; with qemu-nbd in the initramfs, auto keeps the image dynamic.
-      const noExpansion = parentBytes > 0 ? 'it has a parent image, whose data expanding it would need' : req.nbd && req.map === 'auto' ? '' : checkExpansion(req, image, host, unallocated);
+      // Expanding in place (expand-plan.ts) throws ExpansionNeeded when vdboot can: it comes
+      // first (DESIGN §3, the direct path afterwards). Where it cannot — rd.vdisk.expand=0,
+      // a parent image, a format it does not expand — auto hands the image to qemu-nbd if the
+      // initramfs has it.
+      const noExpansion = parentBytes > 0 ? 'it has a parent image, whose data expanding it would need' : checkExpansion(req, image, host, unallocated);
       if (req.nbd && req.map === 'auto') {
-        return { path: 'nbd', why: `nbd: ${unallocated > 0 ? `${bytes(unallocated)} of the image ${unallocated > 1 ? 'are' : 'is'} not allocated` : `${bytes(parentBytes)} lie in its parent image`}, so writes must go through the image format: qemu-nbd allocates them` };
+        return { path: 'nbd', why: `nbd: ${unallocated > 0 ? `${bytes(unallocated)} of the image ${unallocated > 1 ? 'are' : 'is'} not allocated` : `${bytes(parentBytes)} lie in its parent image`}, so writes must go through the image format (${noExpansion}): qemu-nbd allocates them` };
       }
       const parts: string[] = [];
       if (unallocated > 0) parts.push(`${bytes(unallocated)} of it ${unallocated === s.zeroBytes ? 'are' : 'is'} not allocated in the image (a dynamic image's absent blocks), where writes through a direct mapping would vanish`);

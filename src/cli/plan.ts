@@ -17,6 +17,7 @@ import { findImage, type ClosableReader, type HostDevice, type OpenedHostFs, ima
 import { describeVdiskPlan, planVdisk, type VdiskPlan } from '../boot/vdisk.ts';
 import { vdhostPlan, HOST_MOUNT } from '../boot/vdisk-exec.ts';
 import type { BlockReader } from '../formats/block-reader.ts';
+import { isExpansionNeeded } from '../boot/expand-plan.ts';
 
 /** Block devices from disk image files: whole disks and their partitions, probed like discovery does at boot. */
 export function diskFileDevices(files: string[]): { devices: HostDevice[]; close(): void } {
@@ -155,6 +156,12 @@ export const command: Command = {
       if (err.name === 'FormatError' && (err as { field?: string }).field === 'kernel-host') {
         // Not a failure: at boot the kernel mounts that host, which this machine cannot do with a disk file.
         io.stdout(`devices found:\n${describeDevices(devices.map((d) => d.info))}\n${err.message}\n`);
+        return 0;
+      }
+      if (isExpansionNeeded(err)) {
+        // Not a failure: the init expands the image first (it needs the host mounted
+        // read-write, which a dry run does not do), then plans again for the direct path.
+        io.stdout(`devices found:\n${describeDevices(devices.map((d) => d.info))}\nat boot, before mapping: ${err.message}\n`);
         return 0;
       }
       if (err.name === 'FormatError' || err.name === 'PlanError') {

@@ -413,14 +413,14 @@ describe('end to end: the nbd path (vdboot mkinitramfs --with qemu-nbd --with nt
     writeInitramfs(initrdNbd, { kernel: defaultKernel(), tools: ['ntfs-3g', 'qemu-nbd'] });
   }, 120_000);
 
-  it('a dynamic VHDX rw: auto picks nbd, qemu-nbd allocates the guest\'s writes; qemu-img check passes and the file is in the image', async () => {
+  it('a dynamic VHDX rw with rd.vdisk.expand=0: auto picks nbd, qemu-nbd allocates the guest\'s writes; qemu-img check passes and the file is in the image', async () => {
     const image = join(dir, 'nbd-dynamic.vhdx');
     convertImage(guestRaw, image, 'vhdx', ['block_size=1M']);
     const host = hostDisk('nbd', 'ntfs', { '/VMs/dynamic.vhdx': { hostFile: image } });
-    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rw', 'vdisk-nbd', initrdNbd);
+    const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rw rd.vdisk.expand=0', 'vdisk-nbd', initrdNbd);
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
     expect(facts.wrote).toBe('/home/note.txt');
-    expect(transcript).toMatch(/vdisk0: .*nbd: .* not allocated, so writes must go through the image format/);
+    expect(transcript).toMatch(/vdisk0: .*nbd: .* not allocated, so writes must go through the image format \(rd\.vdisk\.expand=0 forbids expanding it in place\)/);
     expect(transcript).toMatch(/qemu-nbd serves \/VMs\/dynamic\.vhdx \(vhdx\) on \/dev\/nbd0/);
     expectHandOff(transcript);
     expect(transcript).toMatch(/disconnected \/dev\/nbd0/);

@@ -290,9 +290,11 @@ describe('vdisk plan: what rw refuses, and why', () => {
   it('with qemu-nbd in the initramfs, auto serves what device-mapper cannot write or read through nbd', () => {
     const d = devicesOf([hostDisk]);
     try {
-      const dyn = planAgainstDevices('root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw', d.devices, { nbd: true }).vdisks[0]!;
+      // expansion in place comes first; nbd serves the image where vdboot does not expand it
+      expect(() => planAgainstDevices('root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw', d.devices, { nbd: true })).toThrow(/expands it in place/);
+      const dyn = planAgainstDevices('root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw rd.vdisk.expand=0', d.devices, { nbd: true }).vdisks[0]!;
       expect(dyn.path).toBe('nbd');
-      expect(dyn.why).toMatch(/^nbd: .* not allocated, so writes must go through the image format: qemu-nbd allocates them/);
+      expect(dyn.why).toMatch(/^nbd: .* not allocated, so writes must go through the image format \(rd\.vdisk\.expand=0 forbids expanding it in place\): qemu-nbd allocates them/);
       expect(dyn.nbd).toEqual({ file: '/VMs/dynamic.vhd', format: 'vpc', readOnly: false });
       expect(dyn.devices[0]!.targets).toEqual([{ start: 0, length: dyn.size / 512, type: 'linear', params: '$NBD 0' }]);
       const compressed = planAgainstDevices('root=vdisk:LABEL=Windows:/VMs/compressed.qcow2 rd.vdisk.mode=ro', d.devices, { nbd: true }).vdisks[0]!;
