@@ -230,7 +230,7 @@ function selectModules(index: KernelModuleIndex, added: readonly string[], omitt
   const notes: string[] = [];
   const worthSaying = missing.filter((m) => !QUIETLY_OPTIONAL.has(m));
   if (worthSaying.length > 0) notes.push(`kernel ${index.release} has neither a module nor a built-in for: ${worthSaying.join(', ')} (skipped)`);
-  if (missing.includes('ntfs3') && !tools.includes('ntfs-3g')) notes.push(`without ntfs3, NTFS host partitions are reached only by vdboot's direct path; add --with ntfs-3g for the loop path and a mounted host at /run/vdboot/host`);
+  if (missing.includes('ntfs3') && !tools.includes('ntfs-3g')) notes.push(`without ntfs3, NTFS host partitions are reached only by vdboot's direct path; add --with ntfs-3g for the loop path, a mounted host at /run/vdboot/host, and read-write boots of dynamic images (expanded in place through it)`);
   return { roots, builtinRequested, notes };
 }
 
