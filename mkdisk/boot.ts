@@ -18,7 +18,7 @@ import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { buildInitramfs, kernelReleaseOfImage } from './../mkinitramfs/build.ts';
+import { buildInitramfs, kernelReleaseOfImage, type ToolName } from './../mkinitramfs/build.ts';
 import type { PartitionScheme } from './build.ts';
 
 const KiB = 1024;
@@ -72,10 +72,10 @@ export interface BootFiles {
 }
 
 /** The kernel and a vdboot initramfs built for it (its modules from /lib/modules/RELEASE). */
-export function prepareBootFiles(kernel: string | undefined, log: (l: string) => void): BootFiles {
+export function prepareBootFiles(kernel: string | undefined, log: (l: string) => void, tools: ToolName[] = []): BootFiles {
   const k = findKernel(kernel);
-  log(`building a vdboot initramfs for ${k.release}`);
-  const result = buildInitramfs({ kernel: k.file });
+  log(`building a vdboot initramfs for ${k.release}${tools.length ? ` with ${tools.join(', ')}` : ''}`);
+  const result = buildInitramfs({ kernel: k.file, tools });
   return { kernelFile: k.file, release: k.release, initrd: result.image };
 }
 

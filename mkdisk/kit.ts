@@ -222,7 +222,12 @@ export function makeKit(o: KitOptions): KitResult {
 
   const boot = path.join(o.rootDir, 'boot', 'vdboot');
   fs.mkdirSync(boot, { recursive: true });
-  const files = prepareBootFiles(o.kernel, log);
+  // ntfs-3g, where this machine has it: the kernel may lack ntfs3, and without a driver that
+  // writes NTFS the booted system cannot reach the host read-write (/run/vdboot/host, the
+  // loop path) nor expand a dynamic image in place for a read-write boot.
+  const ntfs3g = ['/usr/bin/ntfs-3g', '/bin/ntfs-3g'].some((p) => fs.existsSync(p));
+  if (!ntfs3g) log('ntfs-3g is not installed here, so the initramfs has no NTFS writer: dynamic images on NTFS boot only as snapshots or read-only (Debian: apt install ntfs-3g)');
+  const files = prepareBootFiles(o.kernel, log, ntfs3g ? ['ntfs-3g'] : []);
   copyWithProgress(files.kernelFile, path.join(boot, 'vmlinuz'), 'the kernel', log);
   copyWithProgress(files.initrd, path.join(boot, 'initrd.img'), 'the initramfs', log);
   const written = ['boot/vdboot/vmlinuz', 'boot/vdboot/initrd.img'];
@@ -267,7 +272,10 @@ export function readWriteObstacle(image: string): string | undefined {
   const img = openHostImage(image);
   try {
     const absent = img.map.extents.filter((e) => e.kind === 'zero').reduce((n, e) => n + e.length, 0);
-    if (absent > 0) return `${path.basename(image)} is a dynamic image (${(absent / MiB).toFixed(0)} MiB not allocated), which vdboot maps read-only or as a snapshot`;
+    if (absent > 0) {
+      return `${path.basename(image)} is a dynamic image (${(absent / MiB).toFixed(0)} MiB not allocated), which read-write boots would first expand in place on the host ` +
+        `(the file grows by about that much, at the first boot); give --append rd.vdisk.mode=rw for that`;
+    }
     if (img.map.extents.some((e) => e.kind === 'unmappable')) return `${path.basename(image)} has compressed or encrypted ranges`;
     if (img.map.extents.some((e) => e.kind === 'data' && e.file !== 0)) return `${path.basename(image)} reads ranges from its parent image`;
     return undefined;

@@ -97,6 +97,11 @@ describe('vdboot kit: files and entries', () => {
     const names = fs.readdirSync(boot).sort();
     expect(names).toEqual(['g2ldr', 'g2ldr.mbr', 'grub.cfg', 'grubx64.efi', 'initrd.img', 'menu.lst', 'syslinux.cfg', 'vdboot.conf', 'vmlinuz'].sort());
     expect(fs.readFileSync(path.join(boot, 'vmlinuz')).subarray(0x202, 0x206).toString('latin1')).toBe('HdrS');
+    // ntfs-3g is in the initramfs (this machine has it): NTFS hosts can be written, so
+    // --append rd.vdisk.mode=rw expands a dynamic image in place
+    const listing = spawnSync('sh', ['-c', `zstd -dc "$0" | cpio -t --quiet`, path.join(boot, 'initrd.img')], { encoding: 'utf8', maxBuffer: 1 << 26 });
+    expect(listing.status, listing.stderr).toBe(0);
+    expect(listing.stdout.split('\n')).toContain('usr/bin/ntfs-3g');
     // grubx64.efi is a PE program; g2ldr starts with GRUB's g2hdr header.
     expect(fs.readFileSync(path.join(boot, 'grubx64.efi')).subarray(0, 2).toString('latin1')).toBe('MZ');
     expect(fs.readFileSync(path.join(boot, 'g2ldr')).subarray(0, 512)).toEqual(fs.readFileSync('/usr/lib/grub/i386-pc/g2hdr.img').subarray(0, 512));
@@ -105,7 +110,8 @@ describe('vdboot kit: files and entries', () => {
   it('the GRUB entry finds the image by file and passes root=vdisk:HOST:PATH, quoted, to the kernel; grub-script-check accepts it', () => {
     const cfg = fs.readFileSync(path.join(stick.root, 'boot/vdboot/grub.cfg'), 'utf8');
     expect(cfg).toContain(`search --no-floppy --file --set=root '${IMAGE}'`);
-    // A dynamic image: vdboot cannot map it read-write yet, so the entry boots it as a snapshot.
+    // A dynamic image: a read-write boot would expand it in place on the stick at the first
+    // boot, which the kit does not choose for the user; the entry boots it as a snapshot.
     expect(grubLinuxArgs(cfg)).toBe(`"root=vdisk:LABEL=My Stick:${IMAGE}" rd.vdisk.mode=snapshot rw quiet`);
     expect(cfg).toMatch(/^\s*initrd \/boot\/vdboot\/initrd\.img$/m);
     const check = spawnSync('grub-script-check', [path.join(stick.root, 'boot/vdboot/grub.cfg')], { encoding: 'utf8' });
