@@ -85,6 +85,8 @@ const EMPTY = new Uint8Array(0);
 /** Sequential reads over a ByteSource, copying only when a read spans two chunks. */
 export class StreamCursor {
   private chunk: Uint8Array = EMPTY;
+  /** chunk.length, kept in a field: a typed array's length is a getter call in QuickJS. */
+  private end = 0;
   private pos = 0;
   private consumed = 0;
   private ended = false;
@@ -97,16 +99,18 @@ export class StreamCursor {
   }
 
   private fill(): boolean {
-    while (this.pos >= this.chunk.length) {
+    while (this.pos >= this.end) {
       if (this.ended) return false;
       const next = this.source.pull();
       if (next === null) {
         this.ended = true;
         this.chunk = EMPTY;
+        this.end = 0;
         this.pos = 0;
         return false;
       }
       this.chunk = next;
+      this.end = next.length;
       this.pos = 0;
     }
     return true;
@@ -124,7 +128,7 @@ export class StreamCursor {
   take(n: number): Uint8Array {
     if (n === 0) return EMPTY;
     if (!this.fill()) return EMPTY;
-    const avail = this.chunk.length - this.pos;
+    const avail = this.end - this.pos;
     if (avail >= n) {
       const out = this.chunk.subarray(this.pos, this.pos + n);
       this.pos += n;
@@ -134,7 +138,7 @@ export class StreamCursor {
     const out = new Uint8Array(n);
     let got = 0;
     while (got < n && this.fill()) {
-      const room = this.chunk.length - this.pos;
+      const room = this.end - this.pos;
       const k = n - got < room ? n - got : room;
       out.set(this.chunk.subarray(this.pos, this.pos + k), got);
       this.pos += k;
@@ -147,7 +151,7 @@ export class StreamCursor {
   /** Up to `max` bytes (at least one unless the stream ended): a view, valid until the next call. */
   some(max: number): Uint8Array {
     if (max <= 0 || !this.fill()) return EMPTY;
-    const room = this.chunk.length - this.pos;
+    const room = this.end - this.pos;
     const k = max < room ? max : room;
     const out = this.chunk.subarray(this.pos, this.pos + k);
     this.pos += k;
@@ -160,7 +164,7 @@ export class StreamCursor {
    * left over in memory; returns how many (0: read them with `some` instead).
    */
   sendTo(fd: number, max: number): number {
-    if (this.pos < this.chunk.length || this.ended || max <= 0) return 0;
+    if (this.pos < this.end || this.ended || max <= 0) return 0;
     const send = this.source.sendTo;
     if (send === undefined) return 0;
     const k = send.call(this.source, fd, max);
@@ -172,7 +176,7 @@ export class StreamCursor {
   skip(n: number): number {
     let left = n;
     while (left > 0 && this.fill()) {
-      const room = this.chunk.length - this.pos;
+      const room = this.end - this.pos;
       const k = left < room ? left : room;
       this.pos += k;
       this.consumed += k;
@@ -184,7 +188,7 @@ export class StreamCursor {
   /** Looks at the next `n` bytes without consuming them (fewer at the end). */
   peek(n: number): Uint8Array {
     if (!this.fill()) return EMPTY;
-    if (this.chunk.length - this.pos >= n) return this.chunk.subarray(this.pos, this.pos + n);
+    if (this.end - this.pos >= n) return this.chunk.subarray(this.pos, this.pos + n);
     // Gather into one chunk that holds the peeked bytes followed by the rest.
     const parts: Uint8Array[] = [this.chunk.slice(this.pos)];
     let have = parts[0]!.length;
@@ -204,6 +208,7 @@ export class StreamCursor {
       at += p.length;
     }
     this.chunk = joined;
+    this.end = have;
     this.pos = 0;
     return joined.subarray(0, Math.min(n, have));
   }

@@ -42,37 +42,53 @@ const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 /** The words of the buffer the last header came from (readers reuse one buffer), made once per buffer. */
 let viewOf: ArrayBufferLike | undefined;
 let viewWords: Int32Array = new Int32Array(0);
+let viewBytes = 0;
 
 /** Index in `viewWords` of the block's first word (the block is copied when it is not aligned). */
 function wordsAt(b: Uint8Array): number {
-  if (b.byteOffset % 4 !== 0) {
+  const off = b.byteOffset;
+  if (off % 4 !== 0) {
     const copy = new Uint8Array(BLOCK);
     copy.set(b.subarray(0, BLOCK));
     viewOf = copy.buffer;
     viewWords = new Int32Array(copy.buffer);
+    viewBytes = BLOCK;
     return 0;
   }
-  if (b.buffer !== viewOf || b.byteOffset + BLOCK > viewWords.length * 4) {
-    viewOf = b.buffer;
-    viewWords = new Int32Array(b.buffer, 0, b.buffer.byteLength >>> 2);
+  const buffer = b.buffer;
+  if (buffer !== viewOf || off + BLOCK > viewBytes) {
+    viewOf = buffer;
+    viewBytes = buffer.byteLength & ~3;
+    viewWords = new Int32Array(buffer, 0, viewBytes >>> 2);
   }
-  return b.byteOffset >>> 2;
+  return off >>> 2;
 }
 
 /**
- * The sum of the 512 bytes from word `i`, exact: E sums bytes 0 and 2 of every word
- * (masked, S0 + 2^16 S2), U sums the words shifted down a byte (S1 + 2^8 S2 + 2^16 S3);
- * each lane's total is at most 128 * 255 < 2^15, so both stay below 2^31 and the four
- * byte sums come apart again. Any byte order (the lanes only change places).
+ * The sum of the 512 bytes from word `at`, exact. The words are copied and sorted
+ * (natively), so the zero words, most of a header, sit together and are skipped; of the
+ * others, E sums bytes 0 and 2 (masked, S0 + 2^16 S2) and U the words shifted down a
+ * byte (S1 + 2^8 S2 + 2^16 S3). Each lane's total is at most 128 * 255 < 2^15, so both
+ * stay below 2^31 and the four byte sums come apart again. Any byte order.
  */
-function byteSum(w: Int32Array, i: number): number {
+function byteSum(w: Int32Array, at: number): number {
+  const t = w.slice(at, at + BLOCK / 4).sort();
+  let zerosFrom = t.indexOf(0);
+  let zerosTo = BLOCK / 4;
+  if (zerosFrom < 0) zerosFrom = BLOCK / 4;
+  else zerosTo = t.lastIndexOf(0) + 1;
   const M = 0x00ff00ff;
   let e = 0;
   let u = 0;
-  for (const end = i + BLOCK / 4; i < end; i += 8) {
-    const w0 = w[i]!, w1 = w[i + 1]!, w2 = w[i + 2]!, w3 = w[i + 3]!, w4 = w[i + 4]!, w5 = w[i + 5]!, w6 = w[i + 6]!, w7 = w[i + 7]!;
-    e += (w0 & M) + (w1 & M) + (w2 & M) + (w3 & M) + (w4 & M) + (w5 & M) + (w6 & M) + (w7 & M);
-    u += (w0 >>> 8) + (w1 >>> 8) + (w2 >>> 8) + (w3 >>> 8) + (w4 >>> 8) + (w5 >>> 8) + (w6 >>> 8) + (w7 >>> 8);
+  for (let k = 0; k < zerosFrom; k += 1) {
+    const x = t[k]!;
+    e += x & M;
+    u += x >>> 8;
+  }
+  for (let k = zerosTo; k < BLOCK / 4; k += 1) {
+    const x = t[k]!;
+    e += x & M;
+    u += x >>> 8;
   }
   const s2 = e >>> 16;
   const odd = u - s2 * 256;
@@ -138,11 +154,24 @@ function fastNumbers(at: number): boolean {
   ) return false;
   // The last byte of each field: a NUL or a space.
   if (((a1 >>> 24) | (b1 >>> 24) | (c1 >>> 24) | (d2 >>> 24) | (e2 >>> 24) | 0x20) !== 0x20) return false;
-  fMode = octalWord(a0) * 512 + (octalWord((a1 << 8) | 0x30) & 511);
-  fUid = octalWord(b0) * 512 + (octalWord((b1 << 8) | 0x30) & 511);
-  fGid = octalWord(c0) * 512 + (octalWord((c1 << 8) | 0x30) & 511);
-  fSize = (octalWord(d0) * 4096 + octalWord(d1)) * 512 + (octalWord((d2 << 8) | 0x30) & 511);
-  fMtime = (octalWord(e0) * 4096 + octalWord(e1)) * 512 + (octalWord((e2 << 8) | 0x30) & 511);
+  // Four digits each (see octalWord), written out: a call costs more than the arithmetic.
+  let x = a0 - DIGITS;
+  let y = ((a1 << 8) | 0x30) - DIGITS;
+  fMode = (((x & 7) << 9) | ((x >>> 2) & 0x1c0) | ((x >>> 13) & 0x38) | (x >>> 24)) * 512 + (((y & 7) << 9) | ((y >>> 2) & 0x1c0) | ((y >>> 13) & 0x38) | (y >>> 24));
+  x = b0 - DIGITS;
+  y = ((b1 << 8) | 0x30) - DIGITS;
+  fUid = (((x & 7) << 9) | ((x >>> 2) & 0x1c0) | ((x >>> 13) & 0x38) | (x >>> 24)) * 512 + (((y & 7) << 9) | ((y >>> 2) & 0x1c0) | ((y >>> 13) & 0x38) | (y >>> 24));
+  x = c0 - DIGITS;
+  y = ((c1 << 8) | 0x30) - DIGITS;
+  fGid = (((x & 7) << 9) | ((x >>> 2) & 0x1c0) | ((x >>> 13) & 0x38) | (x >>> 24)) * 512 + (((y & 7) << 9) | ((y >>> 2) & 0x1c0) | ((y >>> 13) & 0x38) | (y >>> 24));
+  x = d0 - DIGITS;
+  y = d1 - DIGITS;
+  let z = ((d2 << 8) | 0x30) - DIGITS;
+  fSize = ((((x & 7) << 9) | ((x >>> 2) & 0x1c0) | ((x >>> 13) & 0x38) | (x >>> 24)) * 4096 + (((y & 7) << 9) | ((y >>> 2) & 0x1c0) | ((y >>> 13) & 0x38) | (y >>> 24))) * 512 + (((z & 7) << 9) | ((z >>> 2) & 0x1c0) | ((z >>> 13) & 0x38) | (z >>> 24));
+  x = e0 - DIGITS;
+  y = e1 - DIGITS;
+  z = ((e2 << 8) | 0x30) - DIGITS;
+  fMtime = ((((x & 7) << 9) | ((x >>> 2) & 0x1c0) | ((x >>> 13) & 0x38) | (x >>> 24)) * 4096 + (((y & 7) << 9) | ((y >>> 2) & 0x1c0) | ((y >>> 13) & 0x38) | (y >>> 24))) * 512 + (((z & 7) << 9) | ((z >>> 2) & 0x1c0) | ((z >>> 13) & 0x38) | (z >>> 24));
   return true;
 }
 
