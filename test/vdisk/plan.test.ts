@@ -404,7 +404,7 @@ describe('vdboot plan command', () => {
     expect(out).toMatch(/dm vdisk0p2 \(uuid VDBOOT-vdisk0-part2\): 1 target\n +0 24576 linear \/dev\/mapper\/vdisk0 6144/);
     expect(out).toMatch(/\/dev\/mapper\/vdisk0p2 on \/root \(ext4, rw\)/);
     expect(out).toMatch(/\/dev\/mapper\/vdhost on \/run\/vdboot\/host \(ntfs, ro\)/);
-    const bad = await planCommand.run(['--cmdline', 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw', '--disk', hostDisk], io);
+    const bad = await planCommand.run(['--cmdline', 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw rd.vdisk.expand=0', '--disk', hostDisk], io);
     expect(bad).toBe(1);
     expect(err).toMatch(/the boot would fail here:\n.*not allocated in the image/);
     out = '';
