@@ -84,37 +84,44 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
       const entry = reader.next();
       if (!entry) break;
       stats.entries += 1;
+      // Read once: every property read is a lookup in QuickJS.
+      const name = entry.path;
+      const type = entry.type;
       try {
         // An entry below a symlink the archive created would be written wherever the link points.
         // (Entries of one directory usually follow each other: its ancestors are checked once.)
-        const slash = entry.path.lastIndexOf('/');
-        const dir = slash > 0 ? entry.path.slice(0, slash) : '';
-        if (dir !== safeDir || linksMade !== safeLinks) for (let i = entry.path.indexOf('/'); i > 0; i = entry.path.indexOf('/', i + 1)) {
-          const parent = entry.path.slice(0, i);
+        const slash = name.lastIndexOf('/');
+        const dir = slash > 0 ? name.slice(0, slash) : '';
+        if (dir !== safeDir || linksMade !== safeLinks) for (let i = name.indexOf('/'); i > 0; i = name.indexOf('/', i + 1)) {
+          const parent = name.slice(0, i);
           if (symlinks.has(parent)) {
             throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} lies under "${parent}", which the archive made a symbolic link; vdboot does not write through links (the archive may be malicious or damaged)`, 'path', entry.path);
           }
         }
         safeDir = dir;
         safeLinks = linksMade;
-        const path = entry.path === '' ? root : `${root}/${entry.path}`;
-        const fd = createEntry(sys, entry, path, root, symlinks, exactModes ? entry.perm & 0o1777 : 0o700);
+        const path = name === '' ? root : `${root}/${name}`;
+        const perm = entry.perm;
+        const fd = createEntry(sys, entry, path, root, symlinks, exactModes ? perm & 0o1777 : 0o700);
         // A name made again is dropped from `symlinks` by createEntry; a hard link to a link is a link.
-        if (entry.type === 'symlink' || (entry.type === 'hardlink' && symlinks.has(entry.linkTarget))) {
-          symlinks.add(entry.path);
+        if (type === 'symlink' || (type === 'hardlink' && symlinks.has(entry.linkTarget))) {
+          symlinks.add(name);
           linksMade += 1;
         }
-        if (fd >= 0 || (entry.size > 0 && entry.type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : openForData(sys, entry, path), chunk, opts.onProgress);
-        if (entry.type === 'hardlink') {
+        const size = entry.size;
+        if (fd >= 0 || (size > 0 && type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : openForData(sys, entry, path), size, chunk, opts.onProgress);
+        if (type === 'hardlink') {
           // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
           if (entry.size > 0 && canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
           continue; // the inode's owner, mode and times came with the first name
         }
-        const fresh = fd !== KEPT && entry.path !== '';
-        if (!fresh || entry.uid !== 0 || entry.gid !== 0 || setgidDirs) sys.lchown(path, entry.uid, entry.gid);
-        if (entry.type !== 'symlink' && (!fresh || !exactModes || setgidDirs || (entry.perm & 0o6000) !== 0)) sys.chmod(path, entry.perm);
-        if (entry.type === 'dir' && (entry.perm & 0o2000) !== 0) setgidDirs = true;
-        if (entry.xattrs.length) {
+        const fresh = fd !== KEPT && name !== '';
+        const uid = entry.uid;
+        const gid = entry.gid;
+        if (!fresh || uid !== 0 || gid !== 0 || setgidDirs) sys.lchown(path, uid, gid);
+        if (type !== 'symlink' && (!fresh || !exactModes || setgidDirs || (perm & 0o6000) !== 0)) sys.chmod(path, perm);
+        if (type === 'dir' && (perm & 0o2000) !== 0) setgidDirs = true;
+        if (entry.xattrs.length !== 0) {
           if (canXattr) {
             for (const x of entry.xattrs) {
               try {
@@ -136,11 +143,11 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
             stats.warnings.push(`this vdboot host cannot set extended attributes: "${entry.path}" and others lose theirs (${entry.xattrs.map((x) => x.name).join(', ')})`);
           }
         }
-        if (entry.type === 'dir') {
+        if (type === 'dir') {
           stats.dirs += 1;
           dirTimes.push({ path, sec: entry.mtimeSec, nsec: entry.mtimeNsec });
         } else {
-          if (entry.type === 'file') stats.files += 1;
+          if (type === 'file') stats.files += 1;
           if (canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
           else if (!warnedTime) {
             warnedTime = true;
@@ -253,25 +260,21 @@ function exists(sys: Sys, path: string): boolean {
  * closes it. What the reader already holds in memory is written from there; the rest
  * goes straight from the archive into the file inside the kernel when the source can.
  */
-function writeBody(sys: Sys, reader: ArchiveReader, fd: number, chunk: number, onProgress?: () => void): number {
+function writeBody(sys: Sys, reader: ArchiveReader, fd: number, size: number, chunk: number, onProgress?: () => void): number {
   let written = 0;
   const direct = reader.bodyTo !== undefined;
   try {
-    for (;;) {
-      if (direct) {
-        const k = reader.bodyTo!(fd, chunk);
-        if (k > 0) {
-          written += k;
-          if (written % (4 << 20) < k) onProgress?.();
-          continue;
-        }
+    while (written < size) {
+      let k = direct ? reader.bodyTo!(fd, chunk) : 0;
+      if (k === 0) {
+        const b = reader.body(chunk);
+        k = b.length;
+        if (k === 0) break;
+        let off = 0;
+        while (off < k) off += sys.write(fd, off === 0 ? b : b.subarray(off));
       }
-      const b = reader.body(chunk);
-      if (b.length === 0) break;
-      let off = 0;
-      while (off < b.length) off += sys.write(fd, off === 0 ? b : b.subarray(off));
-      written += b.length;
-      if (written % (4 << 20) < b.length) onProgress?.();
+      written += k;
+      if (written % (4 << 20) < k) onProgress?.();
     }
   } finally {
     sys.close(fd);

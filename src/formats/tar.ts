@@ -80,15 +80,21 @@ function byteSum(w: Int32Array, at: number): number {
   const M = 0x00ff00ff;
   let e = 0;
   let u = 0;
-  for (let k = 0; k < zerosFrom; k += 1) {
-    const x = t[k]!;
-    e += x & M;
-    u += x >>> 8;
-  }
-  for (let k = zerosTo; k < BLOCK / 4; k += 1) {
-    const x = t[k]!;
-    e += x & M;
-    u += x >>> 8;
+  // The words before the zeros, then those after, four at a time.
+  let k = 0;
+  for (let end = zerosFrom; ; end = BLOCK / 4) {
+    for (; k + 4 <= end; k += 4) {
+      const x0 = t[k]!, x1 = t[k + 1]!, x2 = t[k + 2]!, x3 = t[k + 3]!;
+      e += (x0 & M) + (x1 & M) + (x2 & M) + (x3 & M);
+      u += (x0 >>> 8) + (x1 >>> 8) + (x2 >>> 8) + (x3 >>> 8);
+    }
+    for (; k < end; k += 1) {
+      const x = t[k]!;
+      e += x & M;
+      u += x >>> 8;
+    }
+    if (end === BLOCK / 4) break;
+    k = zerosTo;
   }
   const s2 = e >>> 16;
   const odd = u - s2 * 256;
@@ -216,20 +222,35 @@ function textField(b: Uint8Array, off: number, len: number): string {
   return NON_ASCII.test(s) ? utf8Decode(bytes) : s;
 }
 
+/** What nameField saw in the name it returned: a plain path (see plainPath), one ending in "/". */
+let namePlain = false;
+let nameSlash = false;
+
 /**
  * The name field (0/100) of the header at word `at` of the word view: as textField, with
- * the ASCII test done on whole words (a regular expression costs more per byte in QuickJS).
+ * the ASCII test done on whole words (a regular expression costs more per byte in QuickJS),
+ * the "./" of "tar -C ROOT ." left out, and plainPath's test done on the bytes (each string
+ * method call is a property lookup and a native call).
  */
 function nameField(b: Uint8Array, at: number): string {
   let end = b.indexOf(0);
   if (end < 0 || end > 100) end = 100;
-  const bytes = b.subarray(0, end);
+  const start = end >= 2 && b[0] === 0x2e && b[1] === 0x2f ? 2 : 0;
+  const bytes = b.subarray(start, end);
   const s = String.fromCharCode.apply(null, bytes as unknown as number[]);
   const w = viewWords;
   let high = 0;
   for (let k = at, last = at + ((end + 3) >>> 2); k < last; k += 1) high |= w[k]!;
   // Bytes after the NUL in the last word may count too: they only send the name through the decoder.
-  return (high & HIGH_BITS) === 0 ? s : utf8Decode(bytes);
+  if ((high & HIGH_BITS) !== 0) {
+    namePlain = false;
+    nameSlash = false;
+    return utf8Decode(bytes);
+  }
+  const first = b[start];
+  nameSlash = end > 0 && b[end - 1] === 0x2f;
+  namePlain = end > start && first !== 0x2e && first !== 0x2f && !nameSlash && s.indexOf('/.') < 0 && s.indexOf('//') < 0;
+  return s;
 }
 
 /** A pax record's value as text. */
@@ -393,7 +414,8 @@ export class TarReader implements ArchiveReader {
       const ustar = LITTLE_ENDIAN
         ? viewWords[words + 64]! >>> 8 === 0x747375 && (viewWords[words + 65]! & 0xffffff) === 0x7261
         : block[257] === 0x75 && block[258] === 0x73 && block[259] === 0x74 && block[260] === 0x61 && block[261] === 0x72 && block[262] === 0;
-      const base = longName ?? (ustar && block[345] !== 0 ? `${textField(block, 345, 155)}/${textField(block, 0, 100)}` : nameField(block, words));
+      const fromName = longName === undefined && !(ustar && block[345] !== 0);
+      const base = fromName ? nameField(block, words) : longName ?? `${textField(block, 345, 155)}/${textField(block, 0, 100)}`;
       if (this.globalPax.size) {
         const merged = new Map(this.globalPax);
         if (pax) for (const [k, v] of pax) merged.set(k, v);
@@ -406,7 +428,7 @@ export class TarReader implements ArchiveReader {
       }
       // The common types first, without making a string of the type byte.
       let type: ArchiveEntryType | undefined =
-        typeByte === 0x30 || typeByte === 0 ? (rawPath.charCodeAt(rawPath.length - 1) === 0x2f ? 'dir' : 'file') // old archives mark directories only by a trailing slash
+        typeByte === 0x30 || typeByte === 0 ? ((rawPath === base && fromName ? nameSlash : rawPath.charCodeAt(rawPath.length - 1) === 0x2f) ? 'dir' : 'file') // old archives mark directories only by a trailing slash
           : typeByte === 0x35 ? 'dir'
             : typeByte === 0x32 ? 'symlink'
               : undefined;
@@ -436,7 +458,7 @@ export class TarReader implements ArchiveReader {
         }
         throw new FormatError(`${this.what(rawPath, at)} has type '${printable(flag)}', which vdboot does not unpack (regular files, directories, links, devices and FIFOs only)`, 'typeflag', flag);
       }
-      const path = plainPath(rawPath) ?? archivePath(rawPath, () => this.what(rawPath, at), at);
+      const path = fromName && namePlain && rawPath === base ? rawPath : plainPath(rawPath) ?? archivePath(rawPath, () => this.what(rawPath, at), at);
       let mtimeSec: number;
       let mtimeNsec = 0;
       const paxMtime = px ? paxText(px, 'mtime') : undefined;
