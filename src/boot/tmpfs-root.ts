@@ -188,7 +188,9 @@ export function unpackTmpfsRoot(ctx: InitContext, req: TmpfsRootRequest, target:
     // With rd.vdboot.debug: where the time goes (waiting for the decoder, parsing, creating files).
     const timing = { pullMs: 0, parseMs: 0 };
     const source = ctx.plan.debug ? timedSource(sys, stream.source, timing) : stream.source;
-    const reader = ctx.plan.debug ? timedReader(sys, openArchive(new StreamCursor(source), archive.where), timing) : openArchive(new StreamCursor(source), archive.where);
+    // The unpacker keeps no entry past the next one: the reader may refill one object.
+    const archiveReader = openArchive(new StreamCursor(source), archive.where, { reuseEntry: true });
+    const reader = ctx.plan.debug ? timedReader(sys, archiveReader, timing) : archiveReader;
     const total = archive.reader.size;
     const t0 = sys.monotonicMs();
     let nextReport = t0 + 1000;

@@ -64,6 +64,16 @@ export const ENTRY_SHAPES: readonly object[] = ENTRY_KEYS.map((_, n) => {
   return o;
 });
 
+/** How a reader hands out entries. */
+export interface ReaderOptions {
+  /**
+   * One entry object, refilled by every `next()` (valid until the next call), instead of
+   * a new one each time: QuickJS builds a new object a property at a time, which costs
+   * about as much as reading the header. For consumers that keep no entry (the unpacker).
+   */
+  reuseEntry?: boolean;
+}
+
 export interface ArchiveReader {
   readonly format: 'tar' | 'cpio';
   /** The next entry (its body unread), or null after the end marker. */

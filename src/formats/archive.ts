@@ -8,7 +8,7 @@
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
 import { Decompress as ZstdStream } from 'fzstd';
-import { archivePath, type ArchiveEntry, type ArchiveEntryType, type ArchiveReader, type ByteSource, StreamCursor } from './archive-stream.ts';
+import { archivePath, type ArchiveEntry, type ReaderOptions, type ArchiveEntryType, type ArchiveReader, type ByteSource, StreamCursor } from './archive-stream.ts';
 import { lz4Source } from './lz4.ts';
 import { isTarHeader, TarReader } from './tar.ts';
 import { utf8Decode } from './text.ts';
@@ -54,9 +54,9 @@ function hex(b: Uint8Array): string {
 }
 
 /** A reader for the archive at the cursor (tar or newc), after decompression. */
-export function openArchive(cursor: StreamCursor, name: string): ArchiveReader {
+export function openArchive(cursor: StreamCursor, name: string, opts: ReaderOptions = {}): ArchiveReader {
   const format = detectArchiveFormat(cursor.peek(512), name);
-  return format === 'tar' ? new TarReader(cursor, name) : new NewcReader(cursor, name);
+  return format === 'tar' ? new TarReader(cursor, name, opts) : new NewcReader(cursor, name);
 }
 
 /**

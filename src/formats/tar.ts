@@ -14,7 +14,7 @@
  * Engine-neutral: Uint8Array only.
  */
 import { FormatError } from './block-reader.ts';
-import { archivePath, plainPath, type ArchiveEntry, type ArchiveEntryType, type ArchiveReader, StreamCursor, type Xattr } from './archive-stream.ts';
+import { archivePath, plainPath, type ReaderOptions, type ArchiveEntry, type ArchiveEntryType, type ArchiveReader, StreamCursor, type Xattr } from './archive-stream.ts';
 import { utf8Decode } from './text.ts';
 
 const BLOCK = 512;
@@ -349,8 +349,10 @@ export class TarReader implements ArchiveReader {
   private globalPax = new Map<string, Uint8Array>();
   private done = false;
 
+  private reused: ArchiveEntry | undefined;
+
   /** `name`: how the console names the archive, e.g. "/images/root.tar.gz". */
-  constructor(private readonly cursor: StreamCursor, private readonly name: string) {}
+  constructor(private readonly cursor: StreamCursor, private readonly name: string, private readonly opts: ReaderOptions = {}) {}
 
   get offset(): number {
     return this.cursor.offset;
@@ -496,21 +498,31 @@ export class TarReader implements ArchiveReader {
         if (found.size) xattrs = [...found].map(([name, value]): Xattr => ({ name, value }));
       }
       const device = type === 'char' || type === 'block';
-      const entry: ArchiveEntry = {
-        path,
-        type,
-        perm: (mode >= 0 ? mode : this.number(block, 100, 8, 'mode', at)) & 0o7777,
-        uid: px ? this.paxNumber(px, 'uid', block, 108, 8, rawPath, at) : uid >= 0 ? uid : this.number(block, 108, 8, 'uid', at),
-        gid: px ? this.paxNumber(px, 'gid', block, 116, 8, rawPath, at) : gid >= 0 ? gid : this.number(block, 116, 8, 'gid', at),
-        mtimeSec,
-        mtimeNsec,
-        size: type === 'file' || type === 'hardlink' ? bodySize : 0,
-        linkTarget,
-        devMajor: device ? this.paxNumber(px, 'SCHILY.devmajor', block, 329, 8, rawPath, at) : 0,
-        devMinor: device ? this.paxNumber(px, 'SCHILY.devminor', block, 337, 8, rawPath, at) : 0,
-        xattrs,
-        offset: firstOffset,
-      };
+      const perm = (mode >= 0 ? mode : this.number(block, 100, 8, 'mode', at)) & 0o7777;
+      const owner = px ? this.paxNumber(px, 'uid', block, 108, 8, rawPath, at) : uid >= 0 ? uid : this.number(block, 108, 8, 'uid', at);
+      const group = px ? this.paxNumber(px, 'gid', block, 116, 8, rawPath, at) : gid >= 0 ? gid : this.number(block, 116, 8, 'gid', at);
+      const devMajor = device ? this.paxNumber(px, 'SCHILY.devmajor', block, 329, 8, rawPath, at) : 0;
+      const devMinor = device ? this.paxNumber(px, 'SCHILY.devminor', block, 337, 8, rawPath, at) : 0;
+      const bytes = type === 'file' || type === 'hardlink' ? bodySize : 0;
+      let entry = this.reused;
+      if (entry !== undefined) {
+        entry.path = path;
+        entry.type = type;
+        entry.perm = perm;
+        entry.uid = owner;
+        entry.gid = group;
+        entry.mtimeSec = mtimeSec;
+        entry.mtimeNsec = mtimeNsec;
+        entry.size = bytes;
+        entry.linkTarget = linkTarget;
+        entry.devMajor = devMajor;
+        entry.devMinor = devMinor;
+        entry.xattrs = xattrs;
+        entry.offset = firstOffset;
+      } else {
+        entry = { path, type, perm, uid: owner, gid: group, mtimeSec, mtimeNsec, size: bytes, linkTarget, devMajor, devMinor, xattrs, offset: firstOffset };
+        if (this.opts.reuseEntry) this.reused = entry;
+      }
       // Directories, links, devices and FIFOs carry no data; a size there is ignored, as GNU tar and libarchive do.
       this.remaining = entry.size;
       this.padding = pad(entry.size);

@@ -9,8 +9,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { bytesSource } from '../../src/formats/archive-stream.ts';
-import { declaredStreamSize, detectCompression, jsDecoderSource, type Compression } from '../../src/formats/archive.ts';
+import { bytesSource, StreamCursor } from '../../src/formats/archive-stream.ts';
+import { declaredStreamSize, detectCompression, jsDecoderSource, openArchive, type Compression } from '../../src/formats/archive.ts';
 import { bytesReader } from '../../src/formats/block-reader.ts';
 import { buildTree, describeTree, have, LONG_FILE, LONG_TARGET, MTIME, readArchiveBytes, type ReadBack } from './helpers.ts';
 
@@ -170,6 +170,27 @@ describe('tar headers read a word at a time', () => {
         expect(() => readArchiveBytes(b, 1 << 20), `byte ${i} ^ 0x${flip.toString(16)}`).toThrow(/tar header at byte 1024 is damaged/);
       }
     }
+  });
+
+  it('reuseEntry: one object refilled by each next() carries the same entries, bodies included', () => {
+    const bytes = sh("tar --format=pax --xattrs --xattrs-include='*' -cf - .");
+    const read = (reuse: boolean): { entries: object[]; objects: Set<object> } => {
+      const reader = openArchive(new StreamCursor(bytesSource(bytes, 1 << 20)), 'test archive', { reuseEntry: reuse });
+      const entries: object[] = [];
+      const objects = new Set<object>();
+      for (let e = reader.next(); e; e = reader.next()) {
+        objects.add(e);
+        let body = 0;
+        for (let b = reader.body(4096); b.length; b = reader.body(4096)) body += b.length;
+        entries.push({ ...e, body });
+      }
+      return { entries, objects };
+    };
+    const fresh = read(false);
+    const reused = read(true);
+    expect(reused.entries).toEqual(fresh.entries);
+    expect(fresh.objects.size).toBe(fresh.entries.length);
+    expect(reused.objects.size).toBe(1);
   });
 
   it('UTF-8 names come back decoded, ASCII names as they are', () => {
