@@ -347,6 +347,8 @@ export class TarReader implements ArchiveReader {
   private padding = 0;
   private current: ArchiveEntry | undefined;
   private globalPax = new Map<string, Uint8Array>();
+  /** globalPax.size !== 0, as a field (a Map's size is a getter call) */
+  private hasGlobalPax = false;
   private done = false;
 
   private reused: ArchiveEntry | undefined;
@@ -369,12 +371,13 @@ export class TarReader implements ArchiveReader {
       const at = this.cursor.offset;
       if (firstOffset < 0) firstOffset = at;
       const block = this.cursor.take(BLOCK);
-      if (block.length === 0 && firstOffset === at) {
+      const got = block.length;
+      if (got === 0 && firstOffset === at) {
         // Some writers stop without the two zero blocks; an end exactly between members is accepted.
         this.done = true;
         return null;
       }
-      if (block.length < BLOCK) throw this.truncated(longName ?? '(next header)', at, BLOCK, block.length);
+      if (got < BLOCK) throw this.truncated(longName ?? '(next header)', at, BLOCK, got);
       const words = wordsAt(block);
       const sum = byteSum(viewWords, words);
       if (sum === 0) {
@@ -402,7 +405,10 @@ export class TarReader implements ArchiveReader {
         const copy = body.slice();
         this.cursor.skip(pad(size));
         if (flag === 'x') for (const [k, v] of parsePaxRecords(copy, `${this.name}: pax header at byte ${at}`)) (pax ??= new Map()).set(k, v);
-        else if (flag === 'g') for (const [k, v] of parsePaxRecords(copy, `${this.name}: global pax header at byte ${at}`)) this.globalPax.set(k, v);
+        else if (flag === 'g') for (const [k, v] of parsePaxRecords(copy, `${this.name}: global pax header at byte ${at}`)) {
+          this.globalPax.set(k, v);
+          this.hasGlobalPax = true;
+        }
         else if (flag === 'L') longName = cstr(copy, 0, copy.length);
         else longLink = cstr(copy, 0, copy.length);
         continue;
@@ -418,7 +424,7 @@ export class TarReader implements ArchiveReader {
         : block[257] === 0x75 && block[258] === 0x73 && block[259] === 0x74 && block[260] === 0x61 && block[261] === 0x72 && block[262] === 0;
       const fromName = longName === undefined && !(ustar && block[345] !== 0);
       const base = fromName ? nameField(block, words) : longName ?? `${textField(block, 345, 155)}/${textField(block, 0, 100)}`;
-      if (this.globalPax.size) {
+      if (this.hasGlobalPax) {
         const merged = new Map(this.globalPax);
         if (pax) for (const [k, v] of pax) merged.set(k, v);
         pax = merged;
@@ -524,8 +530,8 @@ export class TarReader implements ArchiveReader {
         if (this.opts.reuseEntry) this.reused = entry;
       }
       // Directories, links, devices and FIFOs carry no data; a size there is ignored, as GNU tar and libarchive do.
-      this.remaining = entry.size;
-      this.padding = pad(entry.size);
+      this.remaining = bytes;
+      this.padding = (BLOCK - (bytes % BLOCK)) % BLOCK;
       this.current = entry;
       this.lastName = path;
       return entry;
