@@ -425,7 +425,9 @@ export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo
         raw = readFiemap(sys, fd, st.size);
         if (fsType === 'btrfs') {
           const devices = fsInfoDevices(sys, fd);
-          if (devices !== undefined && devices !== 1) early.push(`the btrfs spans ${devices} devices`);
+          // a chunk's stripe on another device of a multi-device btrfs would map onto the wrong partition
+          if (devices === undefined) early.push('btrfs did not say how many devices it spans (BTRFS_IOC_FS_INFO failed)');
+          else if (devices !== 1) early.push(`the btrfs spans ${devices} devices`);
           const t = btrfsToDevice(raw, readBtrfsChunks(sys, fd));
           raw = t.extents;
           early.push(...t.problems);

@@ -124,12 +124,11 @@ function readState(sys: Sys, log: ConsoleLog): VdiskState {
  * could not be written or read: device-mapper devices whose dm uuid begins with VDBOOT-
  * (in the order they were made: vdhost, snapshot bases, whole disks, then partitions),
  * loop devices whose backing file lies under /run/vdboot (an image through the host
- * mount, a snapshot's RAM store), connected nbd devices, and the host mount.
+ * mount, a snapshot's RAM store), and the host mount.
  */
 export function recoverState(sys: Sys): VdiskState {
   const dm: { name: string; minor: number; rank: number }[] = [];
   const loops: string[] = [];
-  const nbds: string[] = [];
   let entries: string[] = [];
   try { entries = sys.readdir('/sys/class/block'); } catch { /* no sysfs */ }
   for (const e of entries) {
@@ -143,8 +142,6 @@ export function recoverState(sys: Sys): VdiskState {
     } else if (/^loop\d+$/.test(e)) {
       const backing = (readTextOr(sys, `/sys/class/block/${e}/loop/backing_file`) ?? '').trim();
       if (backing.includes(`${STATE_DIR}/`)) loops.push(`/dev/${e}`);
-    } else if (/^nbd\d+$/.test(e)) {
-      if (exists(sys, `/sys/class/block/${e}/pid`)) nbds.push(`/dev/${e}`);
     }
   }
   dm.sort((a, b) => a.rank - b.rank || a.minor - b.minor);
@@ -154,7 +151,9 @@ export function recoverState(sys: Sys): VdiskState {
     const mp = l.split(' ')[1];
     return mp === HOST_MOUNT || mp === `${OLD_ROOT}${HOST_MOUNT}`;
   });
-  return { dm: dm.map((d) => d.name), loops, nbds, daemons: [], ...(hostMounted ? { hostMount: HOST_MOUNT } : {}) };
+  // nbd devices are left out: nothing tells vdboot's from one the user connected; the
+  // hand-off stops vdboot's qemu-nbd (argv[0] "@qemu-nbd") anyway, which ends its device.
+  return { dm: dm.map((d) => d.name), loops, nbds: [], daemons: [], ...(hostMounted ? { hostMount: HOST_MOUNT } : {}) };
 }
 
 /** Not started by systemd's hand-off: pivot into /run/initramfs ourselves, the old root at /oldroot. */
