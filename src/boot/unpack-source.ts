@@ -49,14 +49,19 @@ const F_SETPIPE_SZ = 1031;
  * How far ahead of the reader the archive file is asked into the page cache
  * (POSIX_FADV_WILLNEED): the disk works while vdboot creates files, instead of each read
  * waiting for it. A window, not the whole file: an archive larger than RAM must not
- * evict its own next pages.
+ * evict its own next pages. The kernel reads at most its readahead size per call (128 KiB
+ * by default), so the window is asked for in steps of that size.
  */
-const READ_AHEAD = 32 << 20;
+const READ_AHEAD = 8 << 20;
+const READ_AHEAD_STEP = 128 << 10;
 const FADV_WILLNEED = 3;
 
-/** Asks the kernel to read [offset, offset + READ_AHEAD) of `fd` ahead (best effort). */
+/** Asks the kernel to read [offset, offset + READ_AHEAD) of `fd` ahead, without waiting (best effort). */
 function readAhead(sys: ProcessSys, fd: number, offset: number): void {
-  try { sys.fadvise?.(fd, offset, READ_AHEAD, FADV_WILLNEED); } catch { /* only a hint */ }
+  if (typeof sys.fadvise !== 'function') return;
+  try {
+    for (let o = offset; o < offset + READ_AHEAD; o += READ_AHEAD_STEP) sys.fadvise(fd, o, READ_AHEAD_STEP, FADV_WILLNEED);
+  } catch { /* only a hint */ }
 }
 const PIPE_SIZE = 1 << 20;
 
@@ -253,7 +258,7 @@ function externalStream(sys: ProcessSys, reader: BlockReader, filePath: string |
         streamAt += n;
         // Keep the decoder's input read ahead too: where it is comes from /proc, now and then.
         if (filePath && streamAt >= nextAhead) {
-          nextAhead = streamAt + (16 << 20);
+          nextAhead = streamAt + READ_AHEAD;
           const pos = bytesRead(sys, decoder, true);
           if (pos !== undefined && decoderIn >= 0) readAhead(sys, decoderIn, pos);
         }
