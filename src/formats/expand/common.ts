@@ -75,6 +75,54 @@ export function refuse(name: string, what: string, field: string, value?: string
   throw new FormatError(`${name} cannot be expanded in place: ${what}. Instead: ${EXPAND_REMEDIES}.`, field, value);
 }
 
+/**
+ * The data phase failed (no room, the file too large for the host, an I/O error): the
+ * file was truncated back to its size before the expansion (and what the data phase
+ * overwrote at the old end was put back), or that failed too (`rollbackError`). The data
+ * phase writes only where the image's tables point nowhere yet, so either way the image
+ * reads as before.
+ */
+export class DataPhaseFailed extends Error {
+  constructor(
+    /** what failed: the write's or the sync's error */
+    readonly failure: unknown,
+    /** the file's size before the expansion, which it was truncated back to */
+    readonly fileSize: number,
+    /** why the rollback failed, when it did */
+    readonly rollbackError?: unknown,
+  ) {
+    super(`${failure instanceof Error ? failure.message : String(failure)}${rollbackError === undefined ? `; rolled back: the file was truncated to its former ${fileSize} bytes` : `; rolling it back to ${fileSize} bytes failed too (${rollbackError instanceof Error ? rollbackError.message : String(rollbackError)})`}`);
+    this.name = 'DataPhaseFailed';
+  }
+}
+
+export function isDataPhaseFailed(e: unknown): e is DataPhaseFailed {
+  return e instanceof Error && e.name === 'DataPhaseFailed';
+}
+
+/**
+ * Runs the data phase `write` and syncs it; if anything in it fails, truncates the file
+ * back to `fileSize`, lets `restore` put back what the phase overwrote below that size
+ * (VHD: its footer), syncs, and throws DataPhaseFailed. Only for phases that write where
+ * nothing points yet.
+ */
+export function dataPhase(out: ExpandFile, fileSize: number, write: () => void, restore?: () => void): void {
+  try {
+    write();
+    out.sync();
+  } catch (e) {
+    let rollbackError: unknown;
+    try {
+      out.truncate(fileSize);
+      restore?.();
+      out.sync();
+    } catch (r) {
+      rollbackError = r;
+    }
+    throw new DataPhaseFailed(e, fileSize, rollbackError);
+  }
+}
+
 const ZEROS = new Uint8Array(MiB);
 
 /** Counts written bytes for the progress callback. */

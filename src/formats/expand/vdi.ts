@@ -5,7 +5,7 @@
  */
 import type { BlockReader } from '../block-reader.ts';
 import { parseVdiHeader, vdiFormat } from '../vdi.ts';
-import { Progress, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
+import { dataPhase, Progress, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
 
 const FREE = 0xffffffff;
 const ZERO = 0xfffffffe;
@@ -51,8 +51,7 @@ export function prepareVdi(file: BlockReader, name: string): PreparedExpansion {
     run(out: ExpandFile, opts: ExpandOptions) {
       if (!missing.length) return 'done';
       // 1. Data: the new blocks, contiguous after the last allocated one.
-      writeZeros(out, first, missing.length * total, new Progress(plan.writeBytes, opts.progress));
-      out.sync();
+      dataPhase(out, plan.fileSize, () => writeZeros(out, first, missing.length * total, new Progress(plan.writeBytes, opts.progress)));
       if (opts.stopAfter) return 'data';
       // 2. Metadata: the block map, then the count.
       const next = map.slice();

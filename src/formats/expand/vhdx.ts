@@ -11,7 +11,7 @@
 import type { BlockReader } from '../block-reader.ts';
 import { crc32c } from '../crc.ts';
 import { GUID_BAT, parseVhdxHeader, parseVhdxRegionTable, vhdxFormat } from '../vhdx.ts';
-import { alignUp, MiB, Progress, randomBytes, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
+import { alignUp, MiB, dataPhase, Progress, randomBytes, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
 
 const KiB = 1024;
 const HEADER_OFFSETS = [64 * KiB, 128 * KiB];
@@ -101,8 +101,7 @@ export function prepareVhdx(file: BlockReader, name: string): PreparedExpansion 
       out.sync();
       if (opts.stopAfter === 'header') return 'header';
       // 1. Data: zero-filled blocks, contiguous from the aligned end.
-      writeZeros(out, dataEnd, missing.length * bs, new Progress(plan.writeBytes, opts.progress));
-      out.sync();
+      dataPhase(out, plan.fileSize, () => writeZeros(out, dataEnd, missing.length * bs, new Progress(plan.writeBytes, opts.progress)));
       if (opts.stopAfter === 'data') return 'data';
       // 2. Metadata: the BAT entries, FULLY_PRESENT at their blocks.
       const next = bat.slice();

@@ -8,7 +8,7 @@
  */
 import type { BlockReader } from '../block-reader.ts';
 import { parseSparseHeader, vmdkFormat } from '../vmdk.ts';
-import { alignUp, Progress, refuse, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
+import { alignUp, dataPhase, Progress, refuse, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
 
 const SECTOR = 512;
 const FLAG_RGD = 1 << 1;
@@ -69,8 +69,7 @@ export function prepareVmdk(file: BlockReader, name: string): PreparedExpansion 
     run(out: ExpandFile, opts: ExpandOptions) {
       if (!missing) return 'done';
       // 1. Data: the new grains, contiguous after the file's last structure.
-      writeZeros(out, dataEnd, missing * grainBytes, new Progress(plan.writeBytes, opts.progress));
-      out.sync();
+      dataPhase(out, plan.fileSize, () => writeZeros(out, dataEnd, missing * grainBytes, new Progress(plan.writeBytes, opts.progress)));
       if (opts.stopAfter) return 'data';
       // 2. Metadata: the grain tables, then the redundant ones, the k-th absent grain (in
       // the primary tables' order) at dataEnd + k grains. Both sets are assigned from the
