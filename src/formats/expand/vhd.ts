@@ -7,18 +7,29 @@
  */
 import type { BlockReader } from '../block-reader.ts';
 import { parseVhdDynamicHeader, parseVhdFooter, vhdFormat } from '../vhd.ts';
-import { alignUp, Progress, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
+import { alignUp, dataPhase, Progress, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
 
 const SECTOR = 512;
 const FOOTER = 512;
 const UNUSED = 0xffffffff;
 
-interface Partial {
-  block: number;
-  /** byte offset of the block's sector bitmap */
-  bitmapAt: number;
-  /** runs of absent sectors: [first sector, count] */
-  runs: [number, number][];
+/**
+ * Calls `each(first, count)` for every run of absent sectors (clear bits) among the first
+ * `sectors` bits of a block's sector bitmap; returns the number of absent sectors.
+ */
+function absentRuns(bm: Uint8Array, sectors: number, each?: (first: number, count: number) => void): number {
+  let absent = 0;
+  let s = 0;
+  while (s < sectors) {
+    if ((s & 7) === 0 && s + 8 <= sectors && bm[s >> 3] === 0xff) { s += 8; continue; }
+    if ((bm[s >> 3]! >> (7 - (s & 7))) & 1) { s++; continue; }
+    let e = s + 1;
+    while (e < sectors && ((bm[e >> 3]! >> (7 - (e & 7))) & 1) === 0) e++;
+    each?.(s, e - s);
+    absent += e - s;
+    s = e;
+  }
+  return absent;
 }
 
 export function prepareVhd(file: BlockReader, name: string): PreparedExpansion {
@@ -55,28 +66,22 @@ export function prepareVhd(file: BlockReader, name: string): PreparedExpansion {
   // Where the image's own structures and blocks end: new blocks go after that (the old footer's place).
   let dataEnd = Math.max(FOOTER, footer.dataOffset! + 1024, h.tableOffset + alignUp(h.maxTableEntries * 4, SECTOR));
   for (const l of h.locators) dataEnd = Math.max(dataEnd, l.dataOffset + l.dataLength);
+  const sectorsOf = (k: number): number => Math.min(bs, layer.size - k * bs) / SECTOR;
   const missing: number[] = [];
-  const partial: Partial[] = [];
+  // Allocated blocks with absent sectors: only their numbers are kept (a large image made
+  // by Windows can have millions of absent runs); run() reads their bitmaps again.
+  const partial: number[] = [];
   let partialBytes = 0;
   for (let k = 0; k < blocks; k++) {
     const entry = dv.getUint32(k * 4);
     if (entry === UNUSED) { missing.push(k); continue; }
     const at = entry * SECTOR;
     dataEnd = Math.max(dataEnd, at + bitmapSize + bs);
-    const sectors = Math.min(bs, layer.size - k * bs) / SECTOR;
-    const bm = file.read(at, bitmapSize);
-    const runs: [number, number][] = [];
-    let s = 0;
-    while (s < sectors) {
-      if ((s & 7) === 0 && s + 8 <= sectors && bm[s >> 3] === 0xff) { s += 8; continue; }
-      if ((bm[s >> 3]! >> (7 - (s & 7))) & 1) { s++; continue; }
-      let e = s + 1;
-      while (e < sectors && ((bm[e >> 3]! >> (7 - (e & 7))) & 1) === 0) e++;
-      runs.push([s, e - s]);
-      partialBytes += (e - s) * SECTOR;
-      s = e;
+    const absent = absentRuns(file.read(at, bitmapSize), sectorsOf(k));
+    if (absent) {
+      partial.push(k);
+      partialBytes += absent * SECTOR;
     }
-    if (runs.length) partial.push({ block: k, bitmapAt: at, runs });
   }
   dataEnd = alignUp(dataEnd, SECTOR);
   const stride = bitmapSize + bs;
@@ -92,28 +97,35 @@ export function prepareVhd(file: BlockReader, name: string): PreparedExpansion {
       if (!missing.length && !partial.length) return 'done';
       const progress = new Progress(plan.writeBytes, opts.progress);
       const ones = new Uint8Array(bitmapSize).fill(0xff);
+      const bitmapAt = (k: number): number => dv.getUint32(k * 4) * SECTOR;
       // 1. Data: new blocks (bitmap all ones, zeros) over the old footer and on, the footer at the new end; absent sectors of partial blocks zeroed.
-      if (missing.length) {
-        missing.forEach((_, i) => {
-          const at = dataEnd + i * stride;
-          out.write(at, ones);
-          progress.add(bitmapSize);
-          writeZeros(out, at + bitmapSize, bs, progress);
-        });
-        if (out.size > newFileSize) out.truncate(newFileSize);
-        out.write(newFileSize - FOOTER, footerBytes);
-      }
-      for (const p of partial) {
-        for (const [s, n] of p.runs) writeZeros(out, p.bitmapAt + bitmapSize + s * SECTOR, n * SECTOR, progress);
-      }
-      out.sync();
+      // On failure the file is truncated back and its footer rewritten where it was (nothing points at the new blocks yet).
+      const oldFooterAt = plan.fileSize - FOOTER;
+      dataPhase(out, plan.fileSize, () => {
+        if (missing.length) {
+          missing.forEach((_, i) => {
+            const at = dataEnd + i * stride;
+            out.write(at, ones);
+            progress.add(bitmapSize);
+            writeZeros(out, at + bitmapSize, bs, progress);
+          });
+          if (out.size > newFileSize) out.truncate(newFileSize);
+          out.write(newFileSize - FOOTER, footerBytes);
+        }
+        for (const k of partial) {
+          const at = bitmapAt(k) + bitmapSize;
+          absentRuns(out.read(bitmapAt(k), bitmapSize), sectorsOf(k), (s, n) => writeZeros(out, at + s * SECTOR, n * SECTOR, progress));
+        }
+      }, () => {
+        if (missing.length && dataEnd <= oldFooterAt) out.write(oldFooterAt, footerBytes);
+      });
       if (opts.stopAfter === 'data' || opts.stopAfter === 'header') return 'data';
       // 2. Metadata: the BAT, the partial blocks' bitmaps, the footer copy at offset 0.
       const newBat = bat.slice();
       const nv = new DataView(newBat.buffer);
       missing.forEach((k, i) => nv.setUint32(k * 4, (dataEnd + i * stride) / SECTOR));
       writeChanged(out, h.tableOffset, newBat, bat);
-      for (const p of partial) out.write(p.bitmapAt, ones);
+      for (const k of partial) out.write(bitmapAt(k), ones);
       if (!head?.ok || head.bytes.some((b, i) => b !== footerBytes[i])) out.write(0, footerBytes);
       out.sync();
       return 'done';
