@@ -6,7 +6,7 @@
  * /run/vdboot/state.json for the shutdown hand-off (shutdown.ts).
  */
 import { isFormatError } from '../formats/block-reader.ts';
-import { isSysError, O, type Sys } from '../sys/sys.ts';
+import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { describeDevices } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
@@ -117,7 +117,7 @@ function mountThroughVdhost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host
  * (not cleanly unmounted) refuses that; it is then mounted read-only on a writable vdhost,
  * where the kernel replays the journal as it would for any root filesystem.
  */
-function mountKernelHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo): KernelMount {
+function mountKernelHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo, mayWrite: boolean): KernelMount {
   const { log } = ctx;
   ctx.modules.reportFailures(ctx.modules.load(['dm_mod']));
   let fsType: string;
@@ -127,10 +127,19 @@ function mountKernelHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: B
     } catch (first) {
       const msg = (first as Error).message;
       const why = /\(((?:[\w.-]+: E[A-Z]+(?:; )?)+)\)/.exec(msg)?.[1] ?? msg;
+      // Journal recovery writes the host: only a read-write boot may do that.
+      if (!mayWrite) {
+        throw new BootFailure(
+          `${describeHost(host)} does not mount on a read-only view of the partition (${why}); it was probably not cleanly unmounted, and mounting it would replay its journal, ` +
+            `which writes to the partition. This boot's rd.vdisk.mode=${ctx.plan.vdisk.mode} writes nothing to the host, so vdboot stops here. ` +
+            `Check the filesystem from another system (fsck), or boot once with rd.vdisk.mode=rw to let the kernel replay the journal.`,
+        );
+      }
       log.warn(`${describeHost(host)} does not mount on a read-only view of the partition (${why}); it was probably not cleanly unmounted. Mounting it read-only with the kernel's journal recovery, which writes to the partition`);
       fsType = mountThroughVdhost(ctx, dm, undo, host, true, undefined, true);
     }
   } catch (e) {
+    if (e instanceof BootFailure) throw e;
     throw new BootFailure(
       `${(e as Error).message}\nvdboot reaches image files on ${host.fsType} through the kernel's driver, so it must mount ${host.path}. ` +
         `Check the filesystem from another system (fsck), or put the image on an NTFS, exFAT or FAT partition, which vdboot reads itself.`,
@@ -151,6 +160,12 @@ function remountKernelHostWritable(ctx: InitContext, dm: DeviceMapper, undo: Und
   mountThroughVdhost(ctx, dm, undo, k.device, true, k.fsType, false);
   undo.state.hostMount = HOST_MOUNT;
   k.writable = true;
+}
+
+/** After an expansion through the kernel-mounted host: read-only again, and known to be, so a loop or nbd path remounts it. */
+function remountKernelHostReadOnly(ctx: InitContext, k: KernelMount): void {
+  ctx.sys.mount('none', HOST_MOUNT, '', MS.REMOUNT | MS.RDONLY, '');
+  k.writable = false;
 }
 
 /** The logical sector size of a device (a partition's is its disk's), 512 when sysfs does not say. */
@@ -259,7 +274,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
         if (kernelHost && kernelHost.device.path !== dev.path) {
           throw new BootFailure(`${r.what} is on ${describeHost(dev)}, but ${describeHost(kernelHost.device)} is mounted already for another image, and vdboot mounts one host filesystem at a time. Put the images on one partition.`);
         }
-        kernelHost ??= mountKernelHost(ctx, dm, undo, dev);
+        kernelHost ??= mountKernelHost(ctx, dm, undo, dev, plan.vdisk.mode === 'rw');
         const k = kernelImageHost(sys, HOST_MOUNT, dev, kernelHost.fsType, describeHost(dev), r.path, plan.vdisk.mode === 'rw');
         opened = { path: k.file.path, device: dev, imageHost: k.host, nbdReadable: true, close: () => k.close() };
       } else {
@@ -289,7 +304,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
           // the host's files are closed before it is remounted read-write (an open file keeps it busy)
           opened.close();
           opened.close = () => undefined;
-          const kernelMount = located.kernel && kernelHost ? { dir: HOST_MOUNT, makeWritable: () => remountKernelHostWritable(ctx, dm, undo, kernelHost!) } : undefined;
+          const kernelMount = located.kernel && kernelHost ? { dir: HOST_MOUNT, makeWritable: () => remountKernelHostWritable(ctx, dm, undo, kernelHost!), makeReadOnly: () => remountKernelHostReadOnly(ctx, kernelHost!) } : undefined;
           expandInPlace(ctx, e, { device: opened.device, description: imageHost.description, path: opened.path, ...(kernelMount ? { kernelMount } : {}) });
           index--;
           continue;
