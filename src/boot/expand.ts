@@ -12,6 +12,7 @@
  * too little room stops the boot with the sizes and the alternatives.
  */
 import { isFormatError, FormatError } from '../formats/block-reader.ts';
+import { isDataPhaseFailed } from '../formats/expand/common.ts';
 import { EXPAND_REMEDIES, prepareExpansion, type ExpandFile, type ExpansionPlan } from '../formats/expand/index.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { humanSize } from './devices.ts';
@@ -35,9 +36,10 @@ export interface ExpandTarget {
   path: string;
   /**
    * A host the kernel has mounted already (read-only) for vdboot to read it (ext4, xfs…):
-   * its directory and how to make it writable and read-only again.
+   * its directory and how to make it writable and read-only again (makeReadOnly also
+   * tells the boot the host is read-only again, so a later loop path remounts it).
    */
-  kernelMount?: { dir: string; makeWritable(): void };
+  kernelMount?: { dir: string; makeWritable(): void; makeReadOnly(): void };
 }
 
 function bytes(n: number): string {
@@ -113,6 +115,9 @@ function writableDriver(ctx: InitContext, fsType: string | undefined): { kernel:
 
 interface Mounted {
   dir: string;
+  /** the driver that reads and writes the file, for messages: "ntfs3", "ntfs-3g", "the kernel's ext4" */
+  driver: string;
+  /** unmounts it; throws BootFailure when the host stays mounted (the boot must not map it then) */
   release(): void;
 }
 
@@ -126,7 +131,7 @@ function mountForExpansion(ctx: InitContext, t: ExpandTarget, driver: { kernel: 
     try {
       sys.mount(t.device.path, EXPAND_MOUNT, type, writable ? 0 : MS.RDONLY, '');
       log.info(`mounted ${t.device.path} (${type}, ${writable ? 'rw' : 'ro'}) on ${EXPAND_MOUNT} to expand ${t.path}`);
-      return { dir: EXPAND_MOUNT, release: () => unmount(ctx, t, undefined) };
+      return { dir: EXPAND_MOUNT, driver: type, release: () => unmount(ctx, t, undefined) };
     } catch (e) {
       errors.push(`${type}: ${isSysError(e) ? e.code : (e as Error).message}`);
     }
@@ -139,7 +144,7 @@ function mountForExpansion(ctx: InitContext, t: ExpandTarget, driver: { kernel: 
     if (r.exitCode === 0) {
       const daemon = findDaemon(sys);
       log.info(`mounted ${t.device.path} with ntfs-3g (${writable ? 'rw' : 'ro'}) on ${EXPAND_MOUNT} to expand ${t.path}`);
-      return { dir: EXPAND_MOUNT, release: () => unmount(ctx, t, daemon) };
+      return { dir: EXPAND_MOUNT, driver: 'ntfs-3g', release: () => unmount(ctx, t, daemon) };
     }
     errors.push(`ntfs-3g: exit ${r.exitCode}`);
   }
@@ -162,10 +167,25 @@ function findDaemon(sys: Sys): number | undefined {
   return undefined;
 }
 
-/** Unmounts EXPAND_MOUNT, waits for an ntfs-3g daemon to finish writing and exit, and drops the device's cached pages. */
+/** What the boot says when the host stays mounted (or its writer running) after the expansion: it stops. */
+function stillMounted(t: ExpandTarget, dir: string, what: string): BootFailure {
+  return new BootFailure(
+    `${what}. vdboot will not map ${t.device.path} while ${dir} (${t.description}, mounted to expand ${t.path}) may still hold unwritten changes, so the boot stops here. ` +
+      `From the rescue shell, unmount it ("umount ${dir}"; "sync"), then reboot.`,
+  );
+}
+
+/**
+ * Unmounts EXPAND_MOUNT, waits for an ntfs-3g daemon to finish writing and exit, and
+ * drops the device's cached pages. Throws BootFailure when the mount or the daemon stays.
+ */
 function unmount(ctx: InitContext, t: ExpandTarget, daemon: number | undefined): void {
-  const { sys, log } = ctx;
-  sys.umount2(EXPAND_MOUNT, 0);
+  const { sys } = ctx;
+  try {
+    sys.umount2(EXPAND_MOUNT, 0);
+  } catch (e) {
+    throw stillMounted(t, EXPAND_MOUNT, `${EXPAND_MOUNT} could not be unmounted after the expansion (${isSysError(e) ? e.code : (e as Error).message})`);
+  }
   if (daemon !== undefined) {
     // The daemon's parent exited at once, so it is PID 1's child: reap it (a zombie still shows in /proc).
     const gone = (): boolean => {
@@ -181,7 +201,7 @@ function unmount(ctx: InitContext, t: ExpandTarget, daemon: number | undefined):
       sys.sleepMs(50);
       done = gone();
     }
-    if (!done) log.warn(`ntfs-3g (pid ${daemon}) is still running 120 s after ${EXPAND_MOUNT} was unmounted`);
+    if (!done) throw stillMounted(t, EXPAND_MOUNT, `ntfs-3g (pid ${daemon}), which wrote ${t.device.path} for the expansion, is still running 120 s after ${EXPAND_MOUNT} was unmounted`);
   }
   sys.sync();
   try {
@@ -201,6 +221,18 @@ function margin(grow: number): number {
   return Math.max(1 << 20, Math.ceil(grow / 512));
 }
 
+/** FAT32 keeps a file's size in 32 bits. */
+const FAT_MAX_FILE = 0xffffffff;
+
+/** Why opening or reading the image through the host's driver failed, as a refusal's reason. */
+function openFailure(mount: Mounted, t: ExpandTarget, e: unknown): string {
+  const code = isSysError(e) ? e.code : (e as Error).message;
+  const hint = code === 'ENOENT' ? `: the driver does not find the file (check the path's upper and lower case)`
+    : code === 'EACCES' || code === 'EPERM' ? ': the driver does not allow it (a read-only or hibernated Windows volume, or file permissions)'
+      : '';
+  return `${mount.driver} could not open or read ${mount.dir}${t.path} (${code})${hint}`;
+}
+
 function refuse(t: ExpandTarget, reason: string): never {
   throw new BootFailure(`${t.path} on ${t.description} cannot be mapped read-write as it is (blocks of the dynamic image are not allocated), and vdboot cannot expand it in place: ${reason}. Nothing was written. Instead: ${EXPAND_REMEDIES}.`);
 }
@@ -214,7 +246,7 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
   let mount: Mounted;
   let driver: { kernel: string[]; ntfs3g?: string } | undefined;
   if (t.kernelMount) {
-    mount = { dir: t.kernelMount.dir, release: () => undefined };
+    mount = { dir: t.kernelMount.dir, driver: `the kernel's ${t.device.fsType ?? 'filesystem'} driver`, release: () => undefined };
   } else {
     const d = writableDriver(ctx, t.device.fsType);
     if (typeof d === 'string') refuse(t, d);
@@ -232,14 +264,19 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
       file.close();
     }
     const grow = plan.newFileSize - plan.fileSize;
+    if (t.device.fsType === 'vfat' && plan.newFileSize > FAT_MAX_FILE) {
+      refuse(t, `it would grow to ${bytes(plan.newFileSize)}, but ${t.description} is FAT32, where a file holds at most 4 GiB − 1 byte (${FAT_MAX_FILE} bytes). Put the image on an exFAT or NTFS partition, or use a preallocated image`);
+    }
     const free = freeBytes(sys, mount.dir);
     if (free < grow + margin(grow)) {
       refuse(t, `it would grow by ${bytes(grow)} (${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)}, to ${bytes(plan.newFileSize)}), but the host has only ${bytes(free)} free. Free ${humanSize(grow + margin(grow) - free)} or more on it (or compact the image elsewhere)`);
     }
     log.info(`expanding ${t.path} in place: ${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)} (${humanSize(need.unallocated)} of the virtual disk) allocated and zero-filled, the file grows from ${humanSize(plan.fileSize)} to ${humanSize(plan.newFileSize)}; ${t.description} has ${humanSize(free)} free`);
   } catch (e) {
-    try { mount.release(); } catch (u) { log.warn(`unmounting ${mount.dir}: ${(u as Error).message}`); }
+    // a failed unmount (BootFailure) wins: the host must not stay mounted under the boot
+    mount.release();
     if (isFormatError(e)) refuse(t, (e as Error).message);
+    if (isSysError(e)) refuse(t, openFailure(mount, t, e));
     throw e;
   }
 
@@ -250,8 +287,15 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
     mount = mountForExpansion(ctx, t, driver!, true);
   }
   const t0 = sys.monotonicMs();
+  let failure: unknown;
   try {
-    const file = sysExpandFile(sys, `${mount.dir}${t.path}`, true);
+    let file: ReturnType<typeof sysExpandFile>;
+    try {
+      file = sysExpandFile(sys, `${mount.dir}${t.path}`, true);
+    } catch (e) {
+      if (!isSysError(e)) throw e;
+      refuse(t, openFailure(mount, t, e));
+    }
     try {
       const prepared = prepareExpansion(file, t.path);
       prepared.run(file, { progress: progressReporter(ctx, t.path), dataWillChange: true, random: (n) => randomBytes(sys, n) });
@@ -261,21 +305,33 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
       file.close();
     }
   } catch (e) {
-    throw new BootFailure(
-      `Expanding ${t.path} on ${t.description} failed: ${(e as Error).message}. The expansion writes zero-filled blocks before the tables that point at them, so the image still reads as before; ` +
-        `the boot stops here. Instead: ${EXPAND_REMEDIES}.`,
-    );
-  } finally {
-    try {
-      if (t.kernelMount) sys.mount('none', t.kernelMount.dir, '', MS.REMOUNT | MS.RDONLY, '');
-      else mount.release();
-    } catch (u) {
-      log.warn(`after expanding: ${(u as Error).message}`);
-    }
+    failure = e instanceof BootFailure ? e : expansionFailed(t, plan, e);
   }
+  // The host goes back to read-only (or unmounted) whatever happened; if it cannot, the boot stops here.
+  try {
+    if (t.kernelMount) t.kernelMount.makeReadOnly();
+    else mount.release();
+  } catch (u) {
+    const after = u instanceof BootFailure ? u
+      : stillMounted(t, mount.dir, `${mount.dir} could not be made read-only again after the expansion (${isSysError(u) ? u.code : (u as Error).message})`);
+    throw failure ? new BootFailure(`${(failure as Error).message}\n${after.message}`) : after;
+  }
+  if (failure) throw failure;
   const secs = (sys.monotonicMs() - t0) / 1000;
   log.info(`expanded ${t.path}: ${humanSize(plan.writeBytes)} written in ${secs.toFixed(1)} s (${humanSize(secs > 0 ? plan.writeBytes / secs : 0)}/s); planning it again`);
   return plan;
+}
+
+/** The boot's message for an expansion that failed while writing. */
+function expansionFailed(t: ExpandTarget, plan: ExpansionPlan, e: unknown): BootFailure {
+  const cause = isDataPhaseFailed(e) ? e.failure : e;
+  const msg = isSysError(cause) ? `${cause.call}: ${cause.code}` : (cause as Error).message;
+  const state = !isDataPhaseFailed(e)
+    ? 'The expansion writes zero-filled blocks before the tables that point at them, so the image still reads as before'
+    : e.rollbackError === undefined
+      ? `The expansion was rolled back: ${t.path} was truncated to its former ${bytes(plan.fileSize)}, and reads as before`
+      : `Rolling the expansion back failed too, but nothing points at the new blocks yet, so the image still reads as before; ${t.path} may keep up to ${bytes(plan.newFileSize - plan.fileSize)} of unused space at its end`;
+  return new BootFailure(`Expanding ${t.path} on ${t.description} failed: ${msg}. ${state}; the boot stops here. Instead: ${EXPAND_REMEDIES}.`);
 }
 
 function randomBytes(sys: Sys, n: number): Uint8Array {
