@@ -184,7 +184,7 @@ function unmount(ctx: InitContext, t: ExpandTarget, daemon: number | undefined):
   try {
     sys.umount2(EXPAND_MOUNT, 0);
   } catch (e) {
-    throw stillMounted(t, EXPAND_MOUNT, `${EXPAND_MOUNT} could not be unmounted after the expansion (${isSysError(e) ? e.code : (e as Error).message})`);
+    throw stillMounted(t, EXPAND_MOUNT, `${EXPAND_MOUNT} could not be unmounted (${isSysError(e) ? e.code : (e as Error).message})`);
   }
   if (daemon !== undefined) {
     // The daemon's parent exited at once, so it is PID 1's child: reap it (a zombie still shows in /proc).
@@ -234,7 +234,11 @@ function openFailure(mount: Mounted, t: ExpandTarget, e: unknown): string {
 }
 
 function refuse(t: ExpandTarget, reason: string): never {
-  throw new BootFailure(`${t.path} on ${t.description} cannot be mapped read-write as it is (blocks of the dynamic image are not allocated), and vdboot cannot expand it in place: ${reason}. Nothing was written. Instead: ${EXPAND_REMEDIES}.`);
+  throw refusal(t, reason);
+}
+
+function refusal(t: ExpandTarget, reason: string): BootFailure {
+  return new BootFailure(`${t.path} on ${t.description} cannot be mapped read-write as it is (blocks of the dynamic image are not allocated), and vdboot cannot expand it in place: ${reason}. Nothing was written. Instead: ${EXPAND_REMEDIES}.`);
 }
 
 /**
@@ -273,11 +277,14 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
     }
     log.info(`expanding ${t.path} in place: ${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)} (${humanSize(need.unallocated)} of the virtual disk) allocated and zero-filled, the file grows from ${humanSize(plan.fileSize)} to ${humanSize(plan.newFileSize)}; ${t.description} has ${humanSize(free)} free`);
   } catch (e) {
-    // a failed unmount (BootFailure) wins: the host must not stay mounted under the boot
-    mount.release();
-    if (isFormatError(e)) refuse(t, (e as Error).message);
-    if (isSysError(e)) refuse(t, openFailure(mount, t, e));
-    throw e;
+    const err = isFormatError(e) ? refusal(t, (e as Error).message) : isSysError(e) ? refusal(t, openFailure(mount, t, e)) : e;
+    try {
+      mount.release();
+    } catch (u) {
+      // the host stays mounted: the boot stops with both reasons
+      throw new BootFailure(`${(err as Error).message}\n${(u as Error).message}`);
+    }
+    throw err;
   }
 
   // 2. Read-write: the expansion itself.

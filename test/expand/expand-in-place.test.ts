@@ -197,7 +197,7 @@ describe('expanding in place at boot', () => {
     const h = host('vhd', 8);
     const w = world(h.root, { umountFails: { call: 2, code: 'EBUSY' } });
     const e = failure(() => expandInPlace(w.ctx, need(h.rel), target('ntfs', h.rel)));
-    expect(e.message).toMatch(/\/run\/vdboot\/expand could not be unmounted after the expansion \(EBUSY\)\. vdboot will not map \/dev\/vda1 while/);
+    expect(e.message).toMatch(/\/run\/vdboot\/expand could not be unmounted \(EBUSY\)\. vdboot will not map \/dev\/vda1 while/);
     expect(e.message).toMatch(/rescue shell, unmount it \("umount \/run\/vdboot\/expand"/);
   });
 
@@ -216,5 +216,13 @@ describe('expanding in place at boot', () => {
     expect(e.message).toMatch(/^\/VMs\/Disk\.VHD on \/dev\/vda1 \(ntfs\) cannot be mapped read-write as it is .*: ntfs3 could not open or read \/run\/vdboot\/expand\/VMs\/Disk\.VHD \(ENOENT\): the driver does not find the file/);
     expect(e.message).toMatch(/Nothing was written\. Instead: boot with rd\.vdisk\.mode=snapshot/);
     expect(w.umounts).toEqual([EXPAND_MOUNT]);
+  });
+
+  it('a refusal whose read-only mount then does not unmount: the boot stops with both, the refusal and the mount to unmount', () => {
+    const h = host('vhd', 8);
+    const w = world(h.root, { umountFails: { call: 1, code: 'EBUSY' } });
+    const e = failure(() => expandInPlace(w.ctx, need('/VMs/missing.vhd'), target('ntfs', '/VMs/missing.vhd')));
+    expect(e.message).toMatch(/ntfs3 could not open or read \/run\/vdboot\/expand\/VMs\/missing\.vhd \(ENOENT\)/);
+    expect(e.message).toMatch(/\n\/run\/vdboot\/expand could not be unmounted \(EBUSY\).*umount \/run\/vdboot\/expand/);
   });
 });
