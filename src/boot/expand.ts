@@ -8,8 +8,11 @@
  * on the console, fsync, and the host is unmounted again so the boot plans once more
  * from the device: the now fully allocated image takes the direct path.
  *
- * Nothing is written before the expansion is known to fit: a missing writable driver or
- * too little room stops the boot with the sizes and the alternatives.
+ * Nothing is written before the expansion is known to fit: a missing writable driver,
+ * too little room or a FAT32 file limit stops the boot with the sizes and the
+ * alternatives. A data phase that fails is rolled back (the file truncated to its former
+ * size). A host that stays mounted read-write afterwards stops the boot: vdboot never
+ * maps a partition under a writing driver.
  */
 import { isFormatError, FormatError } from '../formats/block-reader.ts';
 import { isDataPhaseFailed } from '../formats/expand/common.ts';
@@ -336,7 +339,7 @@ function expansionFailed(t: ExpandTarget, plan: ExpansionPlan, e: unknown): Boot
   const state = !isDataPhaseFailed(e)
     ? 'The expansion writes zero-filled blocks before the tables that point at them, so the image still reads as before'
     : e.rollbackError === undefined
-      ? `The expansion was rolled back: ${t.path} was truncated to its former ${bytes(plan.fileSize)}, and reads as before`
+      ? `The expansion was rolled back: ${t.path} was truncated to its former ${bytes(e.fileSize)}, and reads as before`
       : `Rolling the expansion back failed too, but nothing points at the new blocks yet, so the image still reads as before; ${t.path} may keep up to ${bytes(plan.newFileSize - plan.fileSize)} of unused space at its end`;
   return new BootFailure(`Expanding ${t.path} on ${t.description} failed: ${msg}. ${state}; the boot stops here. Instead: ${EXPAND_REMEDIES}.`);
 }
