@@ -319,4 +319,30 @@ describe('VHD sector bitmaps', () => {
     expect(vdbootRaw(img).equals(seen)).toBe(true);
     expect(qemuRaw(img, 'vpc').equals(seen)).toBe(true);
   });
+
+  it('several partially written blocks with several absent runs each (bitmaps read again while expanding): every absent sector, and only those, is zero-filled', () => {
+    const img = makeImage(dir, 'vhd', 12, [[0, 6 * MiB, 0x6b]]);
+    const b = fs.readFileSync(img);
+    const tableOffset = Number(b.readBigUInt64BE(512 + 16));
+    // block 0: sectors 0..7 and 40..47 absent; block 2: sectors 3, 9..10 (inside bytes) and the block's last 8
+    const bm = (k: number) => b.readUInt32BE(tableOffset + 4 * k) * 512;
+    b[bm(0)] = 0;
+    b[bm(0) + 5] = 0;
+    b[bm(2)] = 0xef; // sector 3 clear
+    b[bm(2) + 1] = 0x9f; // sectors 9, 10 clear
+    b[bm(2) + 511] = 0;
+    fs.writeFileSync(img, b);
+    const seen = vdbootRaw(img);
+    const absent = 8 + 8 + 1 + 2 + 8;
+    const f = fileOf(img, true);
+    const plan = prepareExpansion(f, img).plan;
+    f.close();
+    expect(plan.partialBlocks).toBe(2);
+    expect(plan.writeBytes - plan.blocks * (plan.blockSize + 512)).toBe(absent * 512);
+    expect(expand(img).reached).toBe('done');
+    expect(vdbootRaw(img).equals(seen)).toBe(true);
+    expect(qemuRaw(img, 'vpc').equals(seen)).toBe(true);
+    // the data behind set bits is untouched: sector 2 of block 2 still holds the pattern
+    expect(seen[2 * 2 * MiB + 2 * 512]).toBe(0x6b);
+  });
 });
