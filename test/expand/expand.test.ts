@@ -164,6 +164,28 @@ describe('VHDX headers', () => {
   });
 });
 
+describe('a fixed VHDX whose all-zero blocks are marked ZERO (qemu-img convert -o subformat=fixed)', () => {
+  it('is expanded where its blocks already have space: the file does not grow, every block becomes present, the data reads the same', () => {
+    const raw = path.join(dir, 'zero-holes.raw');
+    fs.writeFileSync(raw, '');
+    fs.truncateSync(raw, 40 * MiB);
+    execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 1M', '-c', `write -P 0x6b ${30 * MiB} 2M`, raw], { stdio: 'ignore' });
+    const img = path.join(dir, 'fixed-zero.vhdx');
+    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'vhdx', '-o', 'subformat=fixed,block_size=8M', raw, img]);
+    const before = qemuRaw(img, 'vhdx');
+    const size = fs.statSync(img).size;
+    expect(unallocatedBytes(img, 'vhdx')).toBeGreaterThan(0); // the ZERO blocks
+    const r = expand(img, { dataWillChange: true });
+    expect(r.reached).toBe('done');
+    expect(r.plan.newFileSize).toBe(size);
+    expect(fs.statSync(img).size).toBe(size);
+    checkOk(img, 'vhdx');
+    expect(unallocatedBytes(img, 'vhdx')).toBe(0);
+    expect(qemuRaw(img, 'vhdx').equals(before)).toBe(true);
+    expect(expand(img).plan.blocks).toBe(0);
+  });
+});
+
 describe('expansion refuses cleanly, writing nothing', () => {
   const realWorld = '/work/shared/testdata/real-world';
   const unpack = (name: string): string => {

@@ -1,8 +1,9 @@
 /**
  * Expanding a dynamic VHDX (MS-VHDX): every payload block that is not FULLY_PRESENT
- * (NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED) gets a new zero-filled block appended at a
- * 1 MiB-aligned file offset, and its BAT entry becomes FULLY_PRESENT with that offset in
- * MiB units. Before the first write, the headers are updated as the format asks of any
+ * (NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED) gets a zero-filled block at a 1 MiB-aligned
+ * file offset — its own reserved space, else space in the file nothing claims (a fixed
+ * VHDX from qemu-img leaves its ZERO blocks' space so), else appended — and its BAT entry
+ * becomes FULLY_PRESENT with that offset in MiB units. Before the first write, the headers are updated as the format asks of any
  * writer: the non-current header takes the next sequence number and a new FileWriteGuid
  * (and a new DataWriteGuid when the virtual disk's data is about to change), then the
  * other one, so both are current. Images with a log to replay were refused by the reader;
@@ -53,25 +54,71 @@ export function prepareVhdx(file: BlockReader, name: string): PreparedExpansion 
     return { state: lo & 7, offset: ((lo >>> 20) + hi * 4096) * MiB };
   };
 
-  // Where the file's structures and blocks end: new blocks go after, 1 MiB aligned.
-  let dataEnd = MiB;
-  for (const r of regions) dataEnd = Math.max(dataEnd, r.offset + r.length);
+  // Where each absent block goes. Space in the file that no structure or block claims is
+  // used first: a fixed VHDX made by qemu-img marks its all-zero blocks ZERO and leaves their
+  // space unclaimed, and a block of its own reserved space (ZERO/UNMAPPED with an offset)
+  // keeps it; so a fixed image does not grow. The rest is appended after everything,
+  // 1 MiB aligned. Nothing claimed is ever given out: headers, regions (BAT, metadata),
+  // the log, present blocks, sector bitmaps, and any offset an absent block still names.
   const h = current.h!;
-  if (h.logLength > 0) dataEnd = Math.max(dataEnd, h.logOffset + h.logLength);
+  const used: [number, number][] = [[0, MiB]];
+  for (const r of regions) used.push([r.offset, r.offset + r.length]);
+  if (h.logLength > 0) used.push([h.logOffset, h.logOffset + h.logLength]);
   const missing: number[] = [];
+  const own: { i: number; offset: number }[] = [];
   for (let b = 0; b < dataBlocks; b++) {
     const i = b + Math.floor(b / chunkRatio);
     const e = entryAt(i);
-    if (e.state === FULLY_PRESENT) dataEnd = Math.max(dataEnd, e.offset + bs);
-    else missing.push(i);
+    if (e.state === FULLY_PRESENT) used.push([e.offset, e.offset + bs]);
+    else {
+      missing.push(i);
+      if (e.offset >= MiB) own.push({ i, offset: e.offset });
+    }
     // a sector bitmap entry after every chunkRatio payload entries
     if ((b + 1) % chunkRatio === 0 && i + 1 < totalEntries) {
       const sb = entryAt(i + 1);
-      if (sb.state === FULLY_PRESENT) dataEnd = Math.max(dataEnd, sb.offset + MiB);
+      if (sb.state === FULLY_PRESENT) used.push([sb.offset, sb.offset + MiB]);
     }
   }
-  dataEnd = alignUp(dataEnd, MiB);
-  const newFileSize = missing.length ? Math.max(file.size, dataEnd + missing.length * bs) : file.size;
+  const placement = new Map<number, number>(); // BAT index → file offset
+  // an absent block keeps its own space when that space is whole, aligned, inside the file and claimed by nothing else
+  const claims = [...used.map(([a0, z]) => ({ a: a0, z, own: -1 })), ...own.map((o, k) => ({ a: o.offset, z: o.offset + bs, own: k }))].sort((x, y) => x.a - y.a || x.z - y.z);
+  const clash = new Set<number>();
+  let reach = -1;
+  for (let k = 0; k < claims.length; k++) {
+    const c = claims[k]!;
+    if (reach >= 0 && claims[reach]!.z > c.a) {
+      if (claims[reach]!.own >= 0) clash.add(claims[reach]!.own);
+      if (c.own >= 0) clash.add(c.own);
+    }
+    if (reach < 0 || c.z > claims[reach]!.z) reach = k;
+  }
+  own.forEach((o, k) => {
+    if (!clash.has(k) && o.offset % MiB === 0 && o.offset + bs <= file.size) placement.set(o.i, o.offset);
+  });
+  for (const o of own) used.push([o.offset, o.offset + bs]); // reused or not, never handed to another block
+  // then the unclaimed gaps inside the file, lowest first
+  used.sort((x, y) => x[0] - y[0]);
+  let end = 0;
+  let dataEnd = MiB;
+  const todo = missing.filter((i) => !placement.has(i));
+  let next = 0;
+  const fill = (from: number, to: number): void => {
+    for (let at = alignUp(from, MiB); next < todo.length && at + bs <= to; at += bs) placement.set(todo[next++]!, at);
+  };
+  for (const [a0, z] of used) {
+    if (a0 > end) fill(end, Math.min(a0, file.size));
+    end = Math.max(end, z);
+    dataEnd = Math.max(dataEnd, z);
+  }
+  if (end < file.size) fill(end, file.size);
+  // the rest after the last byte in use
+  let last = dataEnd;
+  for (const o of placement.values()) last = Math.max(last, o + bs);
+  let at = alignUp(last, MiB);
+  for (; next < todo.length; next++, at += bs) placement.set(todo[next]!, at);
+  let newFileSize = file.size;
+  for (const o of placement.values()) newFileSize = Math.max(newFileSize, o + bs);
   const plan = {
     format: 'vhdx' as const, subformat: layer.subformat, name, virtualSize: layer.size, fileSize: file.size,
     blockSize: bs, blocks: missing.length, partialBlocks: 0, newFileSize, writeBytes: missing.length * bs,
@@ -100,17 +147,21 @@ export function prepareVhdx(file: BlockReader, name: string): PreparedExpansion 
       writeHeader(out, current.o, h.sequence + 2n, fileWrite, dataWrite);
       out.sync();
       if (opts.stopAfter === 'header') return 'header';
-      // 1. Data: zero-filled blocks, contiguous from the aligned end.
-      dataPhase(out, plan.fileSize, () => writeZeros(out, dataEnd, missing.length * bs, new Progress(plan.writeBytes, opts.progress)));
+      // 1. Data: every absent block zero-filled at its place, in file order.
+      const order = [...placement.entries()].sort((x, y) => x[1] - y[1]);
+      dataPhase(out, plan.fileSize, () => {
+        const progress = new Progress(plan.writeBytes, opts.progress);
+        for (const [, offset] of order) writeZeros(out, offset, bs, progress);
+      });
       if (opts.stopAfter === 'data') return 'data';
       // 2. Metadata: the BAT entries, FULLY_PRESENT at their blocks.
       const next = bat.slice();
       const nv = new DataView(next.buffer);
-      missing.forEach((i, k) => {
-        const mb = (dataEnd + k * bs) / MiB;
+      for (const [i, offset] of placement) {
+        const mb = offset / MiB;
         nv.setUint32(i * 8, ((mb % 4096) << 20 | FULLY_PRESENT) >>> 0, true);
         nv.setUint32(i * 8 + 4, Math.floor(mb / 4096), true);
-      });
+      }
       writeChanged(out, batRegion.offset, next, bat);
       out.sync();
       return 'done';
