@@ -227,6 +227,37 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expect(qemuRaw(img, 'vdi').subarray(0, 3 * MiB).equals(before.subarray(0, 3 * MiB))).toBe(true);
   });
 
+  it('on an ext4 host with rd.vdisk.map=loop: after the expansion the host is mounted read-write again for the loop device, the guest writes through it, e2fsck -fn passes', async () => {
+    const vdi = join(dir, 'loop.vdi');
+    convertImage(guestRaw, vdi, 'vdi');
+    const hostPart = join(dir, 'host-loop.ext4');
+    execFileSync('truncate', ['-s', `${96 * MiB}`, hostPart]);
+    execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-L', 'linuxhost', hostPart]);
+    execFileSync('debugfs', ['-w', '-R', 'mkdir /VMs', hostPart], { stdio: 'ignore' });
+    execFileSync('e2cp', [vdi, `${hostPart}:/VMs/linux.vdi`]);
+    const disk = join(dir, 'ext4-loop-host.img');
+    const [part] = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: hostPart, type: '0FC63DAF-8483-4772-8E79-3D69D8477DE4', name: 'linux data' }] });
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=linuxhost:/VMs/linux.vdi rw rd.vdisk.map=loop', disks: [{ file: disk, interface: 'virtio-blk' }], name: 'vdisk-expand-ext4-loop' });
+    vms.push(vm);
+    await vm.waitFor(GUEST_MARKER, 300_000);
+    const facts = parseGuestFacts(vm.transcript());
+    await vm.waitExit(120_000);
+    const t = vm.transcript();
+    expect(facts.wrote, t).toBe('/home/note.txt');
+    expect(t).toMatch(/expanded \/VMs\/linux\.vdi: .* written in/);
+    // rw for the expansion, read-only after it, rw again for the loop path
+    expect(t.match(/mounted \/dev\/mapper\/vdhost \(ext4, rw\) on \/run\/vdboot\/host/g)?.length).toBe(2);
+    expect(t).toMatch(/vdisk0: \/VMs\/linux\.vdi on .*vdi dynamic, loop \(asked for\)/);
+    expect(t).not.toMatch(/EROFS/);
+    const after = join(dir, 'host-loop-after.ext4');
+    writeFileSync(after, readFileSync(disk).subarray(part!.offset, part!.offset + part!.size));
+    const fsck = spawnSync('e2fsck', ['-fn', after], { encoding: 'utf8' });
+    expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
+    const img = join(dir, 'loop-after.vdi');
+    execFileSync('debugfs', ['-R', `dump /VMs/linux.vdi ${img}`, after], { stdio: 'ignore' });
+    expect(fileInImage(img, 'vdi', '/home/note.txt')).toBe(NOTE);
+  });
+
   it('a host without room for the expansion is refused before anything is written: the sizes and the remedies, the host disk byte-identical', async () => {
     const vhdx = join(dir, 'tight.vhdx');
     convertImage(guestRaw, vhdx, 'vhdx', ['block_size=1M']);
