@@ -12,8 +12,8 @@ import { describeDevices } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { mkdirs, readTextOr, writeText } from './fsutil.ts';
-import { expandInPlace } from './expand.ts';
-import { isExpansionNeeded } from './expand-plan.ts';
+import { expandInPlace, type ExpandTarget } from './expand.ts';
+import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
 import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
 import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
@@ -262,60 +262,67 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   const undo = new Undo(sys, dm);
   let kernelHost: KernelMount | undefined;
   const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
-  try {
-    const expanded = new Set<number>();
-    for (let index = 0; index < requests.length; index++) {
-      const r = requests[index]!;
-      // A host mounted already is now also matched by vdhost (it carries the host's label): use the mounted one.
-      const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : locateImage(ctx, r.spec, r.path, r.what);
-      let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
-      if (located.kernel) {
-        const dev = located.kernel;
-        if (kernelHost && kernelHost.device.path !== dev.path) {
-          throw new BootFailure(`${r.what} is on ${describeHost(dev)}, but ${describeHost(kernelHost.device)} is mounted already for another image, and vdboot mounts one host filesystem at a time. Put the images on one partition.`);
-        }
-        kernelHost ??= mountKernelHost(ctx, dm, undo, dev, plan.vdisk.mode === 'rw');
-        const k = kernelImageHost(sys, HOST_MOUNT, dev, kernelHost.fsType, describeHost(dev), r.path, plan.vdisk.mode === 'rw');
-        opened = { path: k.file.path, device: dev, imageHost: k.host, nbdReadable: true, close: () => k.close() };
-      } else {
-        const found = located.found!;
-        opened = {
-          path: found.file.path, device: found.host.device, imageHost: imageHostFor(found.host, [found.file]),
-          // qemu-nbd reads the image through the host filesystem: the kernel (or ntfs-3g) must mount it
-          nbdReadable: found.host.fs.type !== 'ntfs' || ctx.manifest.tools.ntfs3g !== undefined || 'ntfs3' in ctx.manifest.filesystems,
-          close: () => found.host.close(),
-        };
+  type Planned = { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo } | { kind: 'expand'; need: ExpansionNeeded; target: ExpandTarget };
+  /** Locates, opens and plans request `index` (reads only); a dynamic image for a rw mapping comes back as 'expand'. */
+  const planOne = (index: number): Planned => {
+    const r = requests[index]!;
+    // A host mounted already is now also matched by vdhost (it carries the host's label): use the mounted one.
+    const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : locateImage(ctx, r.spec, r.path, r.what);
+    let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
+    if (located.kernel) {
+      const dev = located.kernel;
+      if (kernelHost && kernelHost.device.path !== dev.path) {
+        throw new BootFailure(`${r.what} is on ${describeHost(dev)}, but ${describeHost(kernelHost.device)} is mounted already for another image, and vdboot mounts one host filesystem at a time. Put the images on one partition.`);
       }
+      kernelHost ??= mountKernelHost(ctx, dm, undo, dev, plan.vdisk.mode === 'rw');
+      const k = kernelImageHost(sys, HOST_MOUNT, dev, kernelHost.fsType, describeHost(dev), r.path, plan.vdisk.mode === 'rw');
+      opened = { path: k.file.path, device: dev, imageHost: k.host, nbdReadable: true, close: () => k.close() };
+    } else {
+      const found = located.found!;
+      opened = {
+        path: found.file.path, device: found.host.device, imageHost: imageHostFor(found.host, [found.file]),
+        // qemu-nbd reads the image through the host filesystem: the kernel (or ntfs-3g) must mount it
+        nbdReadable: found.host.fs.type !== 'ntfs' || ctx.manifest.tools.ntfs3g !== undefined || 'ntfs3' in ctx.manifest.filesystems,
+        close: () => found.host.close(),
+      };
+    }
+    try {
+      const req: ImageRequest = {
+        index, path: opened.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand,
+        nbd: ctx.manifest.tools.qemuNbd !== undefined && opened.nbdReadable,
+        ...(r.root ? { root: plan.vdisk.root } : {}),
+      };
+      const imageHost = { ...opened.imageHost, logicalBlockSize: logicalBlockSize(sys, opened.device) };
+      let vp: VdiskPlan;
       try {
-        const req: ImageRequest = {
-          index, path: opened.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand,
-          nbd: ctx.manifest.tools.qemuNbd !== undefined && opened.nbdReadable,
-          ...(r.root ? { root: plan.vdisk.root } : {}),
-        };
-        const imageHost = { ...opened.imageHost, logicalBlockSize: logicalBlockSize(sys, opened.device) };
-        let vp: VdiskPlan;
-        try {
-          vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
-        } catch (e) {
-          // A dynamic image for a rw mapping: expand it in place (expand.ts), then plan it again.
-          if (!isExpansionNeeded(e)) throw e;
-          if (expanded.has(index)) throw new BootFailure(`${opened.path} still has unallocated blocks after it was expanded in place; the boot stops here. Check the image with "qemu-img check" on another machine.`);
-          expanded.add(index);
-          // the host's files are closed before it is remounted read-write (an open file keeps it busy)
-          opened.close();
-          opened.close = () => undefined;
-          const kernelMount = located.kernel && kernelHost ? { dir: HOST_MOUNT, makeWritable: () => remountKernelHostWritable(ctx, dm, undo, kernelHost!), makeReadOnly: () => remountKernelHostReadOnly(ctx, kernelHost!) } : undefined;
-          expandInPlace(ctx, e, { device: opened.device, description: imageHost.description, path: opened.path, ...(kernelMount ? { kernelMount } : {}) });
-          index--;
-          continue;
-        }
-        for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
-        for (const w of vp.warnings) log.warn(w);
-        if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
-        planned.push({ vp, host: opened.device });
-      } finally {
-        opened.close();
+        vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
+      } catch (e) {
+        if (!isExpansionNeeded(e)) throw e;
+        const kernelMount = located.kernel && kernelHost ? { dir: HOST_MOUNT, makeWritable: () => remountKernelHostWritable(ctx, dm, undo, kernelHost!), makeReadOnly: () => remountKernelHostReadOnly(ctx, kernelHost!) } : undefined;
+        return { kind: 'expand', need: e, target: { device: opened.device, description: imageHost.description, path: opened.path, ...(kernelMount ? { kernelMount } : {}) } };
       }
+      for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
+      for (const w of vp.warnings) log.warn(w);
+      if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
+      return { kind: 'planned', vp, host: opened.device };
+    } finally {
+      // the host's files are closed before anything remounts it (an open file keeps it busy)
+      opened.close();
+    }
+  };
+  try {
+    // Every image is located and planned before any is expanded, so a later image that is
+    // missing or refused stops the boot before anything was written.
+    const results = requests.map((_, index) => planOne(index));
+    for (let index = 0; index < results.length; index++) {
+      let res = results[index]!;
+      if (res.kind === 'expand') {
+        // A dynamic image for a rw mapping: expand it in place (expand.ts), then plan it again.
+        expandInPlace(ctx, res.need, res.target);
+        res = planOne(index);
+        if (res.kind === 'expand') throw new BootFailure(`${res.target.path} still has unallocated blocks after it was expanded in place; the boot stops here. Check the image with "qemu-img check" on another machine.`);
+      }
+      planned.push({ vp: res.vp, host: res.host });
     }
   } catch (e) {
     undo.rollback(log);

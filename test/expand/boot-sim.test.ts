@@ -70,6 +70,20 @@ describe('simulation: expanding a dynamic image at boot refuses before writing',
     expect(sha(hostDisk)).toBe(before);
   });
 
+  it('every image is located before any is expanded: a missing attached image stops the boot before the root image\'s host is even mounted to measure', async () => {
+    const m = simManifest();
+    m.filesystems.ntfs3 = 'ntfs3';
+    const before = sha(hostDisk);
+    const r = await runBundleInQuickJS(machine('root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rw rd.vdisk.attach=LABEL=Windows:/VMs/missing.vhdx rd.timeout=1', m, true));
+    const text = r.kernel.consoleText;
+    expect(text).toMatch(/missing\.vhdx/);
+    expect(text).toMatch(/starting the rescue shell/);
+    expect(text).not.toMatch(/expand/i);
+    expect(r.kernel.events.mounts.filter((x) => x.source === '/dev/vda1'), text).toEqual([]);
+    expect(r.kernel.events.dm.filter((e) => e.op === 'create')).toEqual([]);
+    expect(sha(hostDisk)).toBe(before);
+  });
+
   it('with ntfs3, a host without room: mounted read-only to measure, refused with the growth and the free space, never mounted read-write', async () => {
     const m = simManifest();
     m.filesystems.ntfs3 = 'ntfs3';
