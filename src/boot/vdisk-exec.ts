@@ -18,7 +18,7 @@ import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
 import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
 import { attachLoop, detachLoop } from './loop.ts';
-import { describeVdiskPlan, DM_UUID_PREFIX, planVdisk, type DmDevicePlan, type ImageHost, type ImageRequest, type VdiskPlan } from './vdisk.ts';
+import { describeVdiskPlan, DM_UUID_PREFIX, formatName, planVdisk, type DmDevicePlan, type ImageHost, type ImageRequest, type VdiskPlan } from './vdisk.ts';
 
 export const HOST_MOUNT = '/run/vdboot/host';
 export const STATE_DIR = '/run/vdboot';
@@ -295,7 +295,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       const imageHost = { ...opened.imageHost, logicalBlockSize: logicalBlockSize(sys, opened.device) };
       let vp: VdiskPlan;
       try {
-        vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map((l) => `${l.format} ${l.subformat}`).join(' → ')}, ${p.why}`);
+        vp = log.step('plan', () => planVdisk(req, imageHost), (p) => `${p.name}: ${p.imagePath} on ${p.host}: ${p.chain.map(formatName).join(' → ')}, ${p.why}`);
       } catch (e) {
         if (!isExpansionNeeded(e)) throw e;
         const kernelMount = located.kernel && kernelHost ? { dir: HOST_MOUNT, makeWritable: () => remountKernelHostWritable(ctx, dm, undo, kernelHost!), makeReadOnly: () => remountKernelHostReadOnly(ctx, kernelHost!) } : undefined;

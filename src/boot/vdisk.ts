@@ -377,6 +377,11 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
   return { path: 'loop', why: `loop: the direct path is not safe here (${directIssues.join('; ')}); the host filesystem's kernel driver carries the data` };
 }
 
+/** "vhdx dynamic", "qcow2 v3"; a format without subformats ("raw") once. */
+export function formatName(l: { format: string; subformat: string }): string {
+  return !l.subformat || l.subformat === l.format ? l.format : `${l.format} ${l.subformat}`;
+}
+
 function directExplain(direct: ExtentMap, hostDevice: string, source?: string): string {
   const s = summarizeMap(direct);
   const zero = s.zeroBytes ? `, ${humanSize(s.zeroBytes)} read as zeros` : '';
@@ -426,7 +431,7 @@ export function formatTarget(t: DmTarget): string {
 export function describeVdiskPlan(plan: VdiskPlan, maxLines = 20): string[] {
   const out: string[] = [];
   out.push(`${plan.name}: ${plan.imagePath} on ${plan.host}, ${humanSize(plan.size)}, mode ${plan.mode}`);
-  for (const [i, l] of plan.chain.entries()) out.push(`  ${i === 0 ? 'image ' : 'parent'} ${l.path}: ${l.format} ${l.subformat}, ${humanSize(l.size)}`);
+  for (const [i, l] of plan.chain.entries()) out.push(`  ${i === 0 ? 'image ' : 'parent'} ${l.path}: ${formatName(l)}, ${humanSize(l.size)}`);
   out.push(`  path: ${plan.why}`);
   for (const lp of plan.loops) out.push(`  $LOOP${lp.index}: loop device of ${lp.file}${lp.readOnly ? ' (read-only)' : ''}`);
   if (plan.nbd) out.push(`  $NBD: qemu-nbd -f ${plan.nbd.format}${plan.nbd.readOnly ? ' -r' : ''} on ${plan.nbd.file}`);
