@@ -387,6 +387,35 @@ export function diskArgs(disks: readonly VmDisk[], machine = 'pc'): string[] {
 // ---- the VM ------------------------------------------------------------------------------
 
 const KERNEL_TIME = /^\[\s*(\d+\.\d+)\]/;
+/**
+ * The complete lines at the start of `text` (carriage returns already removed) and the
+ * unfinished rest. When the kernel printed a whole message into the middle of another line
+ * (vdboot's console writes go through the tty, printk does not), the message becomes a line
+ * of its own and the interrupted line goes on with what follows it.
+ */
+export function takeConsoleLines(text: string, hostMs: number): { lines: ConsoleLine[]; rest: string } {
+  const out: ConsoleLine[] = [];
+  let pending = text;
+  let nl: number;
+  while ((nl = pending.indexOf('\n')) >= 0) {
+    const line = pending.slice(0, nl);
+    const k = MIDLINE_KERNEL.exec(line);
+    if (k && k.index > 0) {
+      const message = line.slice(k.index);
+      const t = KERNEL_TIME.exec(message);
+      out.push({ text: message, hostMs, ...(t ? { kernelTime: Number(t[1]) } : {}) });
+      pending = line.slice(0, k.index) + pending.slice(nl + 1);
+      continue;
+    }
+    pending = pending.slice(nl + 1);
+    const t = KERNEL_TIME.exec(line);
+    out.push({ text: line, hostMs, ...(t ? { kernelTime: Number(t[1]) } : {}) });
+  }
+  return { lines: out, rest: pending };
+}
+
+/** A printk timestamp (six decimals; vdboot's own stamps have three) anywhere in a line. */
+const MIDLINE_KERNEL = /\[\s*\d+\.\d{6}\] /;
 
 function matches(marker: string | RegExp, text: string): boolean {
   if (typeof marker === 'string') return text.includes(marker);
@@ -469,13 +498,9 @@ export async function bootVm(opts: BootOptions = {}): Promise<Vm> {
     fs.writeSync(logFd, text);
     if (echo) process.stderr.write(text);
     pending += text.replace(/\r/g, '');
-    let nl: number;
-    while ((nl = pending.indexOf('\n')) >= 0) {
-      const line = pending.slice(0, nl);
-      pending = pending.slice(nl + 1);
-      const t = KERNEL_TIME.exec(line);
-      lines.push({ text: line, hostMs: Date.now() - started, ...(t ? { kernelTime: Number(t[1]) } : {}) });
-    }
+    const taken = takeConsoleLines(pending, Date.now() - started);
+    lines.push(...taken.lines);
+    pending = taken.rest;
     notify();
   });
   child.stderr!.on('data', (chunk: Buffer) => {
