@@ -15,12 +15,14 @@
  *   seq read   the same blocks
  *   rand write RAND_OPS blocks of 4 KiB at pseudo-random 4 KiB-aligned offsets in that range
  *   rand read  RAND_OPS blocks of 4 KiB at other pseudo-random offsets
- * Within a round every phase runs on each target in turn before the next phase starts, and
- * the turn order reverses every round (A B, B A, A B, …), so whatever else the machine is
- * doing falls on both sides alike. Every target sees the same pseudo-random offsets.
+ * Within a round every phase runs on all targets before the next phase starts, its passes
+ * interleaved by time: each pass goes to the target that has run least so far in the phase
+ * (ties to the first target in odd rounds, to the last in even ones), so targets of like
+ * speed alternate pass by pass (A B A B …) and whatever else the machine is doing falls on
+ * both sides alike. Every target sees the same pseudo-random offsets.
  * Before each pass the guest's caches are dropped (sync; /proc/sys/vm/drop_caches, not
  * timed), so a loop device's buffered backing file starts cold too. A phase repeats its pass
- * until the timed passes add up to MIN_SECONDS, so a fast path is measured over enough time
+ * on a target until its timed passes add up to MIN_SECONDS, so a fast path is measured over enough time
  * and a slow one is not made to run for minutes.
  *
  * Every 4 KiB block written carries a stamp (its offset xor a per-phase key xor a
@@ -220,16 +222,27 @@ int main(int argc, char **argv) {
   for (long round = 0; round < rounds; round++) {
     double rate[MAX_TARGETS][4];
     for (int ph = SEQ_WRITE; ph <= RAND_READ; ph++) {
+      /* Passes interleaved by time: the next pass goes to the target that has run the least
+       * so far in this phase (ties to A in even rounds, to B in odd ones), until every target
+       * has run MIN_SECONDS and at least one pass. Targets of like speed thus alternate pass
+       * by pass over the whole phase; a much slower one still runs only as long as it must. */
+      double seconds[MAX_TARGETS] = {0}, units[MAX_TARGETS] = {0};
+      unsigned long npass[MAX_TARGETS] = {0};
+      for (;;) {
+        int next = -1;
+        for (int k = 0; k < ntargets; k++) {
+          int i = round % 2 ? ntargets - 1 - k : k;
+          if (npass[i] > 0 && seconds[i] >= min_seconds) continue; /* done */
+          if (next < 0 || seconds[i] < seconds[next]) next = i;
+        }
+        if (next < 0) break;
+        seconds[next] += pass(&targets[next], (enum phase)ph);
+        units[next] += ph <= SEQ_READ ? (double)seq_mib : (double)rand_ops;
+        npass[next]++;
+      }
       for (int k = 0; k < ntargets; k++) {
-        /* A B in even rounds, B A in odd ones */
-        struct target *t = &targets[round % 2 ? ntargets - 1 - k : k];
-        double seconds = 0, units = 0;
-        do {
-          seconds += pass(t, (enum phase)ph);
-          units += ph <= SEQ_READ ? (double)seq_mib : (double)rand_ops;
-        } while (seconds < min_seconds);
-        rate[t - targets][ph] = units / seconds;
-        if (units / seconds > t->best[ph]) t->best[ph] = units / seconds;
+        rate[k][ph] = units[k] / seconds[k];
+        if (rate[k][ph] > targets[k].best[ph]) targets[k].best[ph] = rate[k][ph];
       }
     }
     for (int k = 0; k < ntargets; k++) {

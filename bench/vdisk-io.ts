@@ -10,7 +10,8 @@
 // Under TCG on a shared machine the absolute numbers swing widely from boot to boot, so the
 // comparison with raw is paired: every vdisk boot also mounts the plain partition 2 of the
 // same disk (the same ext4 copy, with the root's mount options) and io-probe measures both
-// scratch files in turns, phase by phase, round by round (A B, B A, …). A boot's ratio
+// scratch files in turns, each phase's passes interleaved (A B A B …), so both sides share the
+// machine's moments alike; a round's ratio compares the two sides of that round. A boot's ratio
 // path / raw for a measure is the median over its rounds of each round's ratio; the table
 // shows the median of those over boots, and the absolute numbers beside them. Vdisk paths
 // are compared with each other through their ratios to raw. A plain-partition boot (raw
