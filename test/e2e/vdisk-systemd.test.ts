@@ -6,7 +6,7 @@
  * which takes the image's devices down. On the host the file is in the image and NTFS is
  * clean.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
 import { makeExt4, makeNtfs, makePartitionedDisk, ntfsRead } from '../../qemu/disks.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
+import { machineDebianMirror } from '../../qemu/debian-mirror.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { sliceReader } from '../../src/formats/partitions.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
@@ -30,12 +31,20 @@ let ntfsOffset = 0;
 let ntfsSize = 0;
 const vms: Vm[] = [];
 
-beforeAll(() => {
+beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'vdboot-e2e-systemd-'));
   initrd = join(dir, 'initrd.img');
   writeInitramfs(initrd, { kernel: defaultKernel() });
   const root = join(dir, 'root');
-  execFileSync('debootstrap', ['--variant=minbase', '--include=systemd-sysv', 'bookworm', root, 'http://deb.debian.org/debian'], { stdio: 'ignore' });
+  // Asynchronous: debootstrap can take over a minute on a busy machine, longer than a test
+  // worker may go without answering vitest.
+  await new Promise<void>((resolve, reject) => {
+    const child = spawn('debootstrap', ['--variant=minbase', '--include=systemd-sysv', 'bookworm', root, machineDebianMirror()], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    child.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`debootstrap failed (exit ${code}): ${err.trim().split('\n').slice(-3).join(' | ')}`))));
+  });
   // A service that proves the system is up, writes the file, and powers off the systemd way.
   writeFileSync(join(root, 'etc/systemd/system/vdboot-test.service'), [
     '[Unit]',
