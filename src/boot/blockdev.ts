@@ -14,19 +14,8 @@ export function openBlockReader(sys: Sys, path: string, size: number): OpenedRea
   return {
     name: path,
     size,
-    read(offset: number, length: number): Uint8Array {
-      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
-        throw new FormatError(`${path}: read of ${length} bytes at ${offset} is past the end (${size} bytes)`, 'offset', offset);
-      }
-      const buf = new Uint8Array(length);
-      let done = 0;
-      while (done < length) {
-        const n = sys.pread(fd, buf.subarray(done), offset + done);
-        if (n <= 0) throw new FormatError(`${path}: short read at ${offset + done} (device ended early?)`, 'offset', offset + done);
-        done += n;
-      }
-      return buf;
-    },
+    read: (offset: number, length: number): Uint8Array =>
+      preadExact(sys, fd, path, size, offset, length, (at) => `short read at ${at} (device ended early?)`),
     close(): void {
       if (open) {
         open = false;
@@ -34,4 +23,23 @@ export function openBlockReader(sys: Sys, path: string, size: number): OpenedRea
       }
     },
   };
+}
+
+/**
+ * Exactly `length` bytes at `offset` of `fd` (a device or file of `size` bytes named `path`):
+ * the range is checked against `size` first, and a read that comes back short before the end
+ * is a FormatError saying `ended(at)`.
+ */
+export function preadExact(sys: Sys, fd: number, path: string, size: number, offset: number, length: number, ended: (at: number) => string): Uint8Array {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
+    throw new FormatError(`${path}: read of ${length} bytes at ${offset} is past the end (${size} bytes)`, 'offset', offset);
+  }
+  const buf = new Uint8Array(length);
+  let done = 0;
+  while (done < length) {
+    const n = sys.pread(fd, done === 0 ? buf : buf.subarray(done), offset + done);
+    if (n <= 0) throw new FormatError(`${path}: ${ended(offset + done)}`, 'offset', offset + done);
+    done += n;
+  }
+  return buf;
 }

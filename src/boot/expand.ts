@@ -18,6 +18,7 @@ import { isFormatError, FormatError } from '../formats/block-reader.ts';
 import { isDataPhaseFailed } from '../formats/expand/common.ts';
 import { EXPAND_REMEDIES, prepareExpansion, type ExpandFile, type ExpansionPlan } from '../formats/expand/index.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
+import { preadExact } from './blockdev.ts';
 import { humanSize } from './devices.ts';
 import type { BlockDeviceInfo } from './devspec.ts';
 import type { ExpansionNeeded } from './expand-plan.ts';
@@ -56,19 +57,8 @@ export function sysExpandFile(sys: Sys, path: string, writable: boolean): Expand
   return {
     name: path,
     get size() { return size; },
-    read(offset: number, length: number): Uint8Array {
-      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
-        throw new FormatError(`${path}: read of ${length} bytes at ${offset} is past the end (${size} bytes)`, 'offset', offset);
-      }
-      const buf = new Uint8Array(length);
-      let done = 0;
-      while (done < length) {
-        const n = sys.pread(fd, done === 0 ? buf : buf.subarray(done), offset + done);
-        if (n <= 0) throw new FormatError(`${path}: the file ended at ${offset + done} while reading`, 'offset', offset + done);
-        done += n;
-      }
-      return buf;
-    },
+    read: (offset: number, length: number): Uint8Array =>
+      preadExact(sys, fd, path, size, offset, length, (at) => `the file ended at ${at} while reading`),
     write(offset: number, data: Uint8Array): void {
       let done = 0;
       while (done < data.length) {
