@@ -14,8 +14,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, fatRead, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
-import { buildGuestRoot, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { convertImage, fatRead, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { makeGuestDisk } from './guest-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { bytesReader } from '../../src/formats/block-reader.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
@@ -25,7 +26,6 @@ import { vhdxFormat } from '../../src/formats/vhdx.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 
 const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
-const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
 const NOTE = 'written by the guest on an expanded image';
 const MiB = 1 << 20;
 
@@ -38,12 +38,7 @@ beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'vdboot-e2e-expand-'));
   initrd = join(dir, 'initrd.img');
   writeInitramfs(initrd, { kernel: defaultKernel(), tools: ['ntfs-3g'] });
-  const rootDir = join(dir, 'root');
-  buildGuestRoot(rootDir, { writeFile: { path: '/home/note.txt', content: NOTE }, then: { exec: '/run/initramfs/shutdown poweroff' } });
-  const fsImg = join(dir, 'root.ext4');
-  makeExt4(fsImg, { sizeMiB: 24, label: 'vdisk root', fromDir: rootDir });
-  guestRaw = join(dir, 'guest.raw');
-  makePartitionedDisk(guestRaw, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fsImg, type: ROOT_TYPE, name: 'linux' }] });
+  guestRaw = makeGuestDisk(dir, { writeFile: { path: '/home/note.txt', content: NOTE }, then: { exec: '/run/initramfs/shutdown poweroff' } }).raw;
 }, 300_000);
 
 afterAll(async () => {

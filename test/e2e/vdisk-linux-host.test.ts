@@ -24,14 +24,14 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
 import { convertImage, makeExt4, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
-import { buildGuestRoot, guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { makeGuestDisk } from './guest-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { sliceReader } from '../../src/formats/partitions.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 import { pseudoRandom } from '../vdisk/helpers.ts';
 
-const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
 const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
 const LINUX_FS = '0FC63DAF-8483-4772-8E79-3D69D8477DE4';
 const NOTE = 'written by the guest on a vdisk root';
@@ -55,8 +55,7 @@ beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'vdboot-e2e-linuxhost-'));
   initrd = join(dir, 'initrd.img');
   writeInitramfs(initrd, { kernel: defaultKernel() });
-  const rootDir = join(dir, 'root');
-  buildGuestRoot(rootDir, {
+  ({ raw: guestRaw, fs: guestFs } = makeGuestDisk(dir, {
     writeFile: { path: '/home/note.txt', content: NOTE },
     commands: [
       // an attached image (the ext4 boot): a marker written straight onto its device
@@ -67,11 +66,7 @@ beforeAll(() => {
       guestFact('esp', '$(dd if=/dev/mapper/vdisk0p1 bs=1 skip=43 count=11 2>/dev/null)'),
     ],
     then: { exec: '/run/initramfs/shutdown poweroff' },
-  });
-  guestFs = join(dir, 'root.ext4');
-  makeExt4(guestFs, { sizeMiB: 24, label: 'vdisk root', fromDir: rootDir });
-  guestRaw = join(dir, 'guest.raw');
-  makePartitionedDisk(guestRaw, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: guestFs, type: ROOT_TYPE, name: 'linux' }] });
+  }));
 }, 300_000);
 
 afterAll(async () => {

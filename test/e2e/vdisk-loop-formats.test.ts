@@ -18,15 +18,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, makeExt4, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
-import { buildGuestRoot, guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { convertImage, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { makeGuestDisk } from './guest-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { sliceReader } from '../../src/formats/partitions.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 
 const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
-const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
 const NOTE = 'written by the guest through a loop device on ntfs-3g';
 const MiB = 1 << 20;
 /** where and what the guest writes into each attached disk: 64 KiB of 'G' at 8 MiB (absent in every dynamic image before the boot) */
@@ -43,7 +43,6 @@ beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'vdboot-e2e-loopfmt-'));
   initrd = join(dir, 'initrd.img');
   writeInitramfs(initrd, { kernel: defaultKernel(), tools: ['ntfs-3g'] });
-  const rootDir = join(dir, 'root');
   const commands: string[] = [];
   for (let i = 1; i <= ATTACHED_COUNT; i++) {
     commands.push(
@@ -52,11 +51,7 @@ beforeAll(() => {
     );
   }
   commands.push('sync');
-  buildGuestRoot(rootDir, { writeFile: { path: '/home/note.txt', content: NOTE }, commands, then: { exec: '/run/initramfs/shutdown poweroff' } });
-  const fsImg = join(dir, 'root.ext4');
-  makeExt4(fsImg, { sizeMiB: 24, label: 'vdisk root', fromDir: rootDir });
-  guestRaw = join(dir, 'guest.raw');
-  makePartitionedDisk(guestRaw, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fsImg, type: ROOT_TYPE, name: 'linux' }] });
+  guestRaw = makeGuestDisk(dir, { writeFile: { path: '/home/note.txt', content: NOTE }, commands, then: { exec: '/run/initramfs/shutdown poweroff' } }).raw;
 }, 300_000);
 
 afterAll(async () => {

@@ -13,15 +13,15 @@ import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, fatRead, makeExfat, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsAddFragmented, ntfsRead, type FileTree } from '../../qemu/disks.ts';
-import { buildGuestRoot, guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { convertImage, fatRead, makeExfat, makeFat, makeNtfs, makePartitionedDisk, ntfsAddFragmented, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
+import { makeGuestDisk } from './guest-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { sliceReader } from '../../src/formats/partitions.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 
 const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
-const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
 const NOTE = 'written by the guest on a vdisk root';
 const ROOT_UUID = '6c0f5b8e-2d4a-4e1b-9f3c-7a8b9c0d1e2f';
 
@@ -36,8 +36,7 @@ beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'vdboot-e2e-vdisk-'));
   initrd = join(dir, 'initrd.img');
   writeInitramfs(initrd, { kernel: defaultKernel() });
-  const rootDir = join(dir, 'root');
-  buildGuestRoot(rootDir, {
+  ({ raw: guestRaw, fs: guestFs } = makeGuestDisk(dir, {
     writeFile: { path: '/home/note.txt', content: NOTE },
     commands: [
       // a boot counter: the second boot sees what the first one wrote
@@ -47,12 +46,7 @@ beforeAll(() => {
       guestFact('mapper', "$(ls /dev/mapper | tr '\\n' ,)"),
     ],
     then: { exec: '/run/initramfs/shutdown poweroff' },
-  });
-  const fsImg = join(dir, 'root.ext4');
-  makeExt4(fsImg, { sizeMiB: 24, label: 'vdisk root', uuid: ROOT_UUID, fromDir: rootDir });
-  guestFs = fsImg;
-  guestRaw = join(dir, 'guest.raw');
-  makePartitionedDisk(guestRaw, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fsImg, type: ROOT_TYPE, name: 'linux' }] });
+  }, { uuid: ROOT_UUID }));
 }, 300_000);
 
 afterAll(async () => {
