@@ -218,7 +218,7 @@ describe('end to end: root=vdisk: on an ext4 host, failures', { timeout: 600_000
     const disk = join(dir, 'unclean-snap.img');
     makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: hostPart, type: LINUX_FS, name: 'linux data' }] });
     const before = readFileSync(disk);
-    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=uncleansnap:/VMs/linux.img rd.vdisk.mode=snapshot loglevel=3', disks: [{ file: disk, interface: 'virtio-blk' }], name: 'vdisk-ext4-unclean-snapshot' });
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=uncleansnap:/VMs/linux.img rd.vdisk.mode=snapshot', disks: [{ file: disk, interface: 'virtio-blk' }], name: 'vdisk-ext4-unclean-snapshot' });
     vms.push(vm);
     try {
       await vm.waitFor('starting the rescue shell', 300_000);
@@ -235,11 +235,10 @@ describe('end to end: root=vdisk: on an ext4 host, failures', { timeout: 600_000
     const hostPart = join(dir, 'unclean-host.ext4');
     makeExt4(hostPart, { sizeMiB: 32, label: 'uncleanhost', files: { '/VMs/other.img': 'not the image\n', '/VMs/notes.txt': 'hello\n' } });
     // as if the host had not been unmounted cleanly: its journal must be replayed before it can be mounted
-    // (loglevel=3 in the boots below: driver messages would otherwise split vdboot's long console lines)
     run('debugfs', ['-w', '-R', 'feature needs_recovery', hostPart]);
     const disk = join(dir, 'unclean-host.img');
     makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: hostPart, type: LINUX_FS, name: 'linux data' }] });
-    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=uncleanhost:/VMs/linux.img rw loglevel=3', disks: [{ file: disk, interface: 'virtio-blk' }], name: 'vdisk-ext4-failures' });
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=uncleanhost:/VMs/linux.img rw', disks: [{ file: disk, interface: 'virtio-blk' }], name: 'vdisk-ext4-failures' });
     vms.push(vm);
     try {
       await vm.waitFor('starting the rescue shell', 300_000);
