@@ -100,7 +100,7 @@ export function mountsUnder(mountsText: string, base: string): string[] {
   return [...new Set(out)].sort((a, b) => b.split('/').length - a.split('/').length || b.length - a.length);
 }
 
-function readState(sys: Sys, log: ConsoleLog): VdiskState {
+function readState(sys: Sys, log: ConsoleLog, recovered?: VdiskState): VdiskState {
   // In the shutdown root, then the old root's record, then the initramfs's own (a failed boot).
   for (const p of [SHUTDOWN_STATE, `${OLD_ROOT}${STATE_PATH}`, STATE_PATH]) {
     try {
@@ -110,7 +110,7 @@ function readState(sys: Sys, log: ConsoleLog): VdiskState {
       }
     } catch { /* try the next */ }
   }
-  const found = recoverState(sys);
+  const found = recovered ?? recoverState(sys);
   if (found.dm.length || found.loops.length || found.hostMount) {
     log.warn(`no record of the devices vdboot created; found by their names instead: ${[...found.dm, ...found.loops, ...(found.hostMount ? [found.hostMount] : [])].join(', ')}`);
   } else {
@@ -305,11 +305,12 @@ function detachLoops(sys: Sys, log: ConsoleLog, loops: string[]): void {
 export function takeDownInPlace(sys: Sys, log: ConsoleLog, unmount: string[]): void {
   try {
     // nothing was set up (no image, no host mount) unless the kernel shows vdboot's devices
+    let found: VdiskState | undefined;
     if (!exists(sys, STATE_PATH)) {
-      const found = recoverState(sys);
+      found = recoverState(sys);
       if (!found.dm.length && !found.loops.length && !found.hostMount) return;
     }
-    const state = readState(sys, log);
+    const state = readState(sys, log, found);
     if (unmount.length) unmountAll(sys, log, unmount.filter((m) => exists(sys, m)));
     removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));
     for (const nbd of state.nbds ?? []) {
