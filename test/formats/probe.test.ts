@@ -45,23 +45,13 @@ function image(name: string, size: string): string {
   return f;
 }
 
-/** blkid's export quoting: `\\X` for shell characters, cat -v's `M-X` / `M-^X` / `^X` for other bytes; the bytes are UTF-8. */
-function unescapeBlkid(v: string): string {
-  const bytes: number[] = [];
-  for (let i = 0; i < v.length;) {
-    if (v.startsWith('M-^', i)) { bytes.push((v.charCodeAt(i + 3) ^ 0x40) | 0x80); i += 4; }
-    else if (v.startsWith('M-\\', i)) { bytes.push(v.charCodeAt(i + 3) | 0x80); i += 4; }
-    else if (v.startsWith('M-', i)) { bytes.push(v.charCodeAt(i + 2) | 0x80); i += 3; }
-    else if (v[i] === '^' && i + 1 < v.length) { bytes.push(v.charCodeAt(i + 1) ^ 0x40); i += 2; }
-    else if (v[i] === '\\' && i + 1 < v.length) { bytes.push(v.charCodeAt(i + 1)); i += 2; }
-    else { bytes.push(v.charCodeAt(i)); i += 1; }
-  }
-  return Buffer.from(bytes).toString('utf8');
-}
-
-/** `blkid -p -o export` as a map, without DEVNAME and partition-table keys. */
+/**
+ * `blkid -p -d -o export` as a map, without DEVNAME and partition-table keys. `-d` prints values
+ * as they are: without it blkid writes bytes ≥ 0x80 in cat -v's `M-X` notation, which cannot be told
+ * apart from a literal "M-a" inside a random LVM UUID.
+ */
 function blkid(file: string, offset?: number): Record<string, string> {
-  const args = ['-p', '-o', 'export', ...(offset !== undefined ? ['-O', String(offset)] : []), file];
+  const args = ['-p', '-d', '-o', 'export', ...(offset !== undefined ? ['-O', String(offset)] : []), file];
   const res = spawnSync('blkid', args, { encoding: 'utf8' });
   const out: Record<string, string> = {};
   for (const line of res.stdout.trim().split('\n')) {
@@ -69,7 +59,7 @@ function blkid(file: string, offset?: number): Record<string, string> {
     if (eq < 0) continue;
     const key = line.slice(0, eq);
     if (key === 'DEVNAME' || key.startsWith('PT')) continue;
-    out[key] = unescapeBlkid(line.slice(eq + 1));
+    out[key] = line.slice(eq + 1);
   }
   return out;
 }
