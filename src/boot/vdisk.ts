@@ -206,11 +206,14 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
     if (p.name) vp.partlabel = p.name;
     probeInto(vp, sliceReader(disk, p.start, p.size, vp.name), warnings);
     partitions.push(vp);
+    // A partition is laid straight onto what the whole disk maps to, so each of its I/Os is
+    // remapped once; only a snapshot's partitions must sit on the snapshot device.
+    const flat = req.mode === 'snapshot' ? null : sliceTargets(targets, p.start / SECTOR, p.size / SECTOR);
     devices.push({
       name: vp.name,
       uuid: `${DM_UUID_PREFIX}${name}-part${p.number}`,
       readOnly: req.mode === 'ro',
-      targets: [{ start: 0, length: p.size / SECTOR, type: 'linear', params: `/dev/mapper/${name} ${p.start / SECTOR}` }],
+      targets: flat ?? [{ start: 0, length: p.size / SECTOR, type: 'linear', params: `/dev/mapper/${name} ${p.start / SECTOR}` }],
     });
   }
   const whole: VirtualPartition = { number: 0, name, start: 0, size: map.size };
@@ -417,6 +420,37 @@ function chooseRoot(req: ImageRequest, choice: VdiskRootChoice, kind: string, pa
 }
 
 /** "start length type params" (dmTable's line) as a DmTarget. */
+/**
+ * The part of a device's table that covers its sectors [start, start + length), re-based to 0:
+ * linear targets keep their device with the offset moved by as much as the cut, zero and error
+ * targets are cut to size. Null when a target there is of another kind (a snapshot, say), whose
+ * sectors cannot be addressed apart from its device; the caller then stacks on the device.
+ */
+export function sliceTargets(targets: DmTarget[], start: number, length: number): DmTarget[] | null {
+  const end = start + length;
+  const out: DmTarget[] = [];
+  let covered = start;
+  for (const t of targets) {
+    const tEnd = t.start + t.length;
+    if (tEnd <= start || t.start >= end) continue;
+    if (t.start > covered) throw new Error(`internal: device-mapper table has a gap at sector ${covered}`);
+    const from = Math.max(t.start, start);
+    const to = Math.min(tEnd, end);
+    let params = t.params;
+    if (t.type === 'linear') {
+      const m = /^(\S+) (\d+)$/.exec(t.params);
+      if (!m) return null;
+      params = `${m[1]} ${Number(m[2]) + (from - t.start)}`;
+    } else if (t.type !== 'zero' && t.type !== 'error') {
+      return null;
+    }
+    out.push({ start: from - start, length: to - from, type: t.type, params });
+    covered = to;
+  }
+  if (covered !== end) throw new Error(`internal: device-mapper table ends at sector ${covered}, before ${end}`);
+  return out;
+}
+
 export function parseTableLine(line: string): DmTarget {
   const m = /^(\d+) (\d+) (\S+)(?: (.*))?$/.exec(line);
   if (!m) throw new Error(`internal: bad device-mapper line "${line}"`);

@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planAgainstDevices, formatReport, command as planCommand } from '../../src/cli/plan.ts';
-import { planVdisk, type VdiskPlan } from '../../src/boot/vdisk.ts';
+import { planVdisk, sliceTargets, type VdiskPlan } from '../../src/boot/vdisk.ts';
 import { findImage, imageHostFor } from '../../src/boot/hostdev.ts';
 import {
   BASIC_DATA, convert, devicesOf, GUEST_LABEL, loadNtfsMkdir, makeGuestDisk, makeGuestFs, makeHostDisk, makeNtfs, qemuRaw, readPlanned, sh, tmpDir,
@@ -124,6 +124,10 @@ function expectTablesMatch(vp: VdiskPlan, devices: ReturnType<typeof devicesOf>,
   const whole = readPlanned(vp.devices, devices.devices, vp.name, 0, vp.size);
   expect(Buffer.from(whole).equals(oracle)).toBe(true);
   for (const p of vp.partitions) {
+    // Partitions lie straight on the host (one remap per I/O), except over a snapshot.
+    const targets = vp.devices.find((d) => d.name === p.name)!.targets;
+    if (vp.mode === 'snapshot') expect(targets).toEqual([{ start: 0, length: p.size / 512, type: 'linear', params: `/dev/mapper/${vp.name} ${p.start / 512}` }]);
+    else expect(targets.some((t) => t.params.startsWith('/dev/mapper/')), p.name).toBe(false);
     const bytes = readPlanned(vp.devices, devices.devices, p.name, 0, p.size);
     expect(Buffer.from(bytes).equals(oracle.subarray(p.start, p.start + p.size)), p.name).toBe(true);
   }
@@ -210,6 +214,8 @@ describe('vdisk plan: direct mappings read what qemu-img reads', () => {
       const vp = report.vdisks[0]!;
       expect(vp.path).toBe('direct');
       expect(vp.devices[0]!.targets.length).toBeGreaterThan(200);
+      // The root partition's own table is cut from the fragments it spans, mid-fragment at both ends.
+      expect(vp.devices.find((d) => d.name === 'vdisk0p2')!.targets.length).toBeGreaterThan(100);
       expectTablesMatch(vp, devices, images.vhdFixed!);
     } finally {
       devices.close();
@@ -401,7 +407,10 @@ describe('vdboot plan command', () => {
     expect(out).toMatch(/\/dev\/sda2 +\d+ MiB ntfs LABEL="Windows"/);
     expect(out).toMatch(/image +\/VMs\/fixed\.vhd: vhd fixed, 16 MiB/);
     expect(out).toMatch(/path: direct: the image is fully mappable/);
-    expect(out).toMatch(/dm vdisk0p2 \(uuid VDBOOT-vdisk0-part2\): 1 target\n +0 24576 linear \/dev\/mapper\/vdisk0 6144/);
+    // The partition (6144 sectors into the disk) is laid on the host where vdisk0's sector 6144 lies.
+    const at = Number(/dm vdisk0 \(uuid VDBOOT-vdisk0\): 1 target\n +0 32776 linear \/dev\/sda2 (\d+)/.exec(out)?.[1]);
+    expect(at).toBeGreaterThan(0);
+    expect(out).toContain(`dm vdisk0p2 (uuid VDBOOT-vdisk0-part2): 1 target\n    0 24576 linear /dev/sda2 ${at + 6144}\n`);
     expect(out).toMatch(/\/dev\/mapper\/vdisk0p2 on \/root \(ext4, rw\)/);
     expect(out).toMatch(/\/dev\/mapper\/vdhost on \/run\/vdboot\/host \(ntfs, ro\)/);
     const bad = await planCommand.run(['--cmdline', 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhd rw rd.vdisk.expand=0', '--disk', hostDisk], io);
@@ -414,5 +423,46 @@ describe('vdboot plan command', () => {
     expect(json.vdisks[0]!.devices.map((d) => d.uuid)).toEqual(['VDBOOT-vdisk0', 'VDBOOT-vdisk0-part1', 'VDBOOT-vdisk0-part2']);
     expect(json.mounts.map((m) => m.target)).toEqual(['/root', '/run/vdboot/host']);
     void formatReport;
+  });
+});
+
+describe('sliceTargets: a partition cut from the whole disk\'s table', () => {
+  const table = [
+    { start: 0, length: 100, type: 'linear', params: '/dev/sda2 5000' },
+    { start: 100, length: 50, type: 'zero', params: '' },
+    { start: 150, length: 200, type: 'linear', params: '$LOOP1 8' },
+  ];
+
+  it('cuts linear targets mid-way (offset moved by the cut), zero targets to size, and keeps placeholders', () => {
+    expect(sliceTargets(table, 60, 200)).toEqual([
+      { start: 0, length: 40, type: 'linear', params: '/dev/sda2 5060' },
+      { start: 40, length: 50, type: 'zero', params: '' },
+      { start: 90, length: 110, type: 'linear', params: '$LOOP1 8' },
+    ]);
+    expect(sliceTargets(table, 170, 30)).toEqual([{ start: 0, length: 30, type: 'linear', params: '$LOOP1 28' }]);
+    expect(sliceTargets([{ start: 0, length: 64, type: 'linear', params: '$NBD 0' }], 16, 32)).toEqual([{ start: 0, length: 32, type: 'linear', params: '$NBD 16' }]);
+  });
+
+  it('every sector of the slice reads the sector the whole disk maps there', () => {
+    const where = (ts: typeof table, sector: number) => {
+      const t = ts.find((x) => sector >= x.start && sector < x.start + x.length)!;
+      if (t.type === 'zero') return 'zero';
+      const [dev, off] = t.params.split(' ');
+      return `${dev}@${Number(off) + sector - t.start}`;
+    };
+    for (const [start, length] of [[0, 350], [99, 2], [100, 50], [149, 201], [349, 1]] as const) {
+      const cut = sliceTargets(table, start, length)!;
+      expect(cut.reduce((n, t) => n + t.length, 0)).toBe(length);
+      for (let i = 0; i < length; i++) expect(where(cut, i), `${start}+${i}`).toBe(where(table, start + i));
+    }
+  });
+
+  it('a snapshot (or any target addressed only through its device) cannot be cut: null, so the caller stacks', () => {
+    expect(sliceTargets([{ start: 0, length: 64, type: 'snapshot', params: '/dev/mapper/vdisk0-base $COW N 8' }], 8, 8)).toBeNull();
+  });
+
+  it('a slice past the table\'s end or across a gap is an internal error, never a short device', () => {
+    expect(() => sliceTargets(table, 300, 100)).toThrow(/ends at sector 350, before 400/);
+    expect(() => sliceTargets([table[0]!, table[2]!], 90, 100)).toThrow(/gap at sector 100/);
   });
 });

@@ -96,6 +96,13 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
     const buf = new Uint8Array(oracle.length);
     expect(r.kernel.pread(fd, buf, 0)).toBe(oracle.length);
     expect(Buffer.from(buf).equals(oracle)).toBe(true);
+    // The root partition lies straight on the host partition (one remap), and reads its part of the disk.
+    const p2 = r.kernel.events.dm.find((e) => e.op === 'load' && e.name === 'vdisk0p2') as Extract<FakeDmEvent, { op: 'load' }>;
+    expect(p2.targets.every((t) => t.type === 'linear' && t.params.startsWith('/dev/vda1 '))).toBe(true);
+    const pfd = r.kernel.open('/dev/mapper/vdisk0p2', 0);
+    const part = new Uint8Array(12 << 20);
+    expect(r.kernel.pread(pfd, part, 0)).toBe(part.length);
+    expect(Buffer.from(part).equals(oracle.subarray(3 << 20, 15 << 20))).toBe(true);
     // The shutdown hand-off finds what to take down.
     const state = JSON.parse(new TextDecoder().decode(readAll(r.kernel, '/run/vdboot/state.json')));
     expect(state).toMatchObject({ dm: ['vdisk0', 'vdisk0p1', 'vdisk0p2', 'vdhost'], loops: [], hostMount: '/run/vdboot/host' });
@@ -111,6 +118,8 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
     const attach = r.kernel.events.loops.find((e) => e.op === 'attach')!;
     expect(attach).toMatchObject({ device: '/dev/loop0', file: '/run/vdboot/vdisk0.cow', readOnly: false });
     expect(loads.find((l) => l.name === 'vdisk0')!.targets).toEqual([{ start: 0, length: 32768, type: 'snapshot', params: '/dev/mapper/vdisk0-base /dev/loop0 N 8' }]);
+    // Over a snapshot the partitions must go through it, or their writes would reach the image.
+    expect(loads.find((l) => l.name === 'vdisk0p2')!.targets).toEqual([{ start: 0, length: 24576, type: 'linear', params: '/dev/mapper/vdisk0 6144' }]);
     expect(r.kernel.events.exec).toMatchObject({ rootDevice: '/dev/mapper/vdisk0p2' });
   });
 
