@@ -18,7 +18,7 @@ import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
 import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
 import { attachLoop, detachLoop } from './loop.ts';
-import { describeVdiskPlan, DM_UUID_PREFIX, formatName, planVdisk, type DmDevicePlan, type ImageHost, type ImageRequest, type VdiskPlan } from './vdisk.ts';
+import { describeVdiskPlan, DM_UUID_PREFIX, formatName, planVdisk, type DmDevicePlan, type HeaderUpdate, type ImageHost, type ImageRequest, type VdiskPlan } from './vdisk.ts';
 
 export const HOST_MOUNT = '/run/vdboot/host';
 export const STATE_DIR = '/run/vdboot';
@@ -373,6 +373,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
           undo.state.dm.push(d.name);
         }
       }, () => `created ${vp.devices.map((d) => `/dev/mapper/${d.name}${d.readOnly ? ' (ro)' : ''}`).join(', ')}`);
+      const hu = vp.headerUpdate;
+      if (hu) log.step('header', () => applyHeaderUpdate(sys, hu), () => `${vp.name}: wrote ${hu.what}`);
     }
     if (hostInfo && !needsHostMount && !kernelHost) mountHost(ctx, dm, undo, hostInfo, false, false);
   } catch (e) {
@@ -386,6 +388,32 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   writeState(sys, undo.state);
   const root = planned.find((p) => p.vp.root)?.vp.root?.device;
   return root ? { root, plans: planned.map((p) => p.vp) } : { plans: planned.map((p) => p.vp) };
+}
+
+/**
+ * A plan's header writes (a VHDX's new write GUIDs), each synced before the next, after the
+ * devices exist and before anything can write through them. A write that fails leaves the
+ * other header current: the image reads as before.
+ */
+function applyHeaderUpdate(sys: Sys, hu: HeaderUpdate): void {
+  const target = hu.on === 'device' ? hu.path : `${HOST_MOUNT}${hu.path}`;
+  try {
+    const fd = sys.open(target, O.RDWR | O.CLOEXEC);
+    try {
+      for (const w of hu.writes) {
+        const n = sys.pwrite(fd, w.bytes, w.offset);
+        if (n !== w.bytes.length) throw new Error(`${n} of ${w.bytes.length} bytes written at ${w.offset}`);
+        sys.fsync(fd);
+      }
+    } finally {
+      sys.close(fd);
+    }
+  } catch (e) {
+    throw new BootFailure(
+      `Writing ${hu.what} to ${target} failed (${(e as Error).message}); the boot stops before anything else is written. ` +
+        `The image reads as before (its other header is still valid). Check the host disk, or boot with rd.vdisk.mode=snapshot.`,
+    );
+  }
 }
 
 /** A sparse file in /run (RAM) on a loop device: the snapshot's copy-on-write store. */

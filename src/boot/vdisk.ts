@@ -19,7 +19,9 @@ import { parsePartitionTable, sliceReader, type PartitionTable } from '../format
 import { probeFilesystem } from '../formats/probe.ts';
 import { mappedReader } from '../formats/read-map.ts';
 import type { DmTarget } from './dm.ts';
+import { findChildImages, MAX_NEIGHBOURS } from './children.ts';
 import { checkExpansion } from './expand-plan.ts';
+import { vhdxHeaderRenewal } from '../formats/expand/vhdx.ts';
 import { humanSize } from './devices.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
 import type { VdiskMapPath, VdiskMode, VdiskRootChoice } from './plan.ts';
@@ -112,9 +114,26 @@ export interface VdiskPlan {
   cowBytes?: number;
   /** the root partition and why it was chosen */
   root?: { partition: VirtualPartition; device: BlockDeviceInfo; why: string };
+  /**
+   * Written before anything is written through the devices, in order, each synced before the
+   * next: a VHDX's headers get a new FileWriteGuid and DataWriteGuid, as MS-VHDX asks of a
+   * writer before its first write (backup tools and Hyper-V's checkpoints tell changed disks
+   * by them). On the host device for the direct path, through the mounted host file for loop;
+   * qemu-nbd does it itself.
+   */
+  headerUpdate?: HeaderUpdate;
   /** the host filesystem must be mounted read-write by the kernel (loop path in rw mode) */
   hostMountWritable: boolean;
   warnings: string[];
+}
+
+export interface HeaderUpdate {
+  /** for the console */
+  what: string;
+  /** 'device': offsets on the host device `path`; 'file': offsets in the host file `path` (under the host mount) */
+  on: 'device' | 'file';
+  path: string;
+  writes: { offset: number; bytes: Uint8Array }[];
 }
 
 export const DM_UUID_PREFIX = 'VDBOOT-';
@@ -161,7 +180,9 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
     directProblem = (e as Error).message;
   }
 
+  if (req.mode === 'rw') refuseWithChildren(req, image, host, warnings);
   const chosen = choosePath(req, image, direct, directProblem, host);
+  const headerUpdate = req.mode === 'rw' && chosen.path !== 'nbd' && image.layers[0]!.layer.format === 'vhdx' ? vhdxRenewal(image, host, chosen.path) : undefined;
   const tableMap = chosen.path === 'direct' ? direct! : map;
   const devicesForFiles = chosen.path === 'direct' ? undefined : map.files.map((_, i) => `$LOOP${i}`);
   const dataFiles = new Set<number>();
@@ -235,6 +256,7 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
     partitions,
     devices,
     loops,
+    ...(headerUpdate ? { headerUpdate } : {}),
     hostMountWritable: chosen.path !== 'direct' && req.mode === 'rw',
     warnings,
   };
@@ -273,6 +295,58 @@ function probeInto(vp: VirtualPartition, reader: BlockReader, warnings: string[]
   } catch (e) {
     warnings.push(`${vp.name}: probing its filesystem failed (${(e as Error).message})`);
   }
+}
+
+/**
+ * A read-write boot writes the image: refused while a differencing image beside it (a
+ * Hyper-V checkpoint, a VirtualBox snapshot, an overlay) reads unchanged blocks from it.
+ */
+function refuseWithChildren(req: ImageRequest, image: OpenedImage, host: ImageHost, warnings: string[]): void {
+  const kin = findChildImages(req.path, image.layers[0]!.layer, host.chain);
+  for (const s of kin.stale) warnings.push(`${s.path} names ${req.path} as its parent but no longer matches it, so it is already cut off from it (${s.why})`);
+  for (const u of kin.unreadable) warnings.push(`${u.path} could not be read to check whether ${req.path} is its parent (${u.why})`);
+  if (kin.skipped) warnings.push(`${kin.skipped} more image files beside ${req.path} were not checked for being its children (vdboot looks at ${MAX_NEIGHBOURS})`);
+  if (!kin.children.length) return;
+  const many = kin.children.length > 1;
+  throw new FormatError(
+    `${req.path} is the parent of ${kin.children.join(', ')}: ${many ? 'differencing images' : 'a differencing image'} (a Hyper-V checkpoint, a VirtualBox snapshot or an overlay) ` +
+      `that read${many ? '' : 's'} every block ${many ? 'they have' : 'it has'} not changed from it. Writing ${req.path} would corrupt ${many ? 'them' : 'it'}, so vdboot will not boot it read-write.\n` +
+      `Remedies: merge the checkpoints into the disk first (Hyper-V: delete the checkpoint, or Merge-VHD; VirtualBox: delete the snapshot; "qemu-img commit CHILD"); ` +
+      `or boot the newest child instead (root=vdisk:HOST:CHILD with rd.vdisk.mode=snapshot, or rd.vdisk.map=nbd with qemu-nbd in the initramfs); ` +
+      `or boot this image with rd.vdisk.mode=snapshot (writes go to RAM) or rd.vdisk.mode=ro.`,
+    'mode', 'rw',
+  );
+}
+
+/** The VHDX header writes of a rw boot (HeaderUpdate), placed on the host device for the direct path. */
+function vhdxRenewal(image: OpenedImage, host: ImageHost, path: 'direct' | 'loop'): HeaderUpdate {
+  const g = image.layers[0]!.fileIndex[0]!;
+  const file = image.map.files[g]!;
+  const writes = vhdxHeaderRenewal(image.readers[g]!, file);
+  const what = `a new FileWriteGuid and DataWriteGuid in ${file}'s headers, as VHDX asks before the first write`;
+  if (path === 'loop') return { what, on: 'file', path: file, writes };
+  const layout = host.layout(file);
+  if (!layout) throw new Error(`internal: the direct path was chosen for ${file} without its layout`);
+  const placed: HeaderUpdate['writes'] = [];
+  for (const w of writes) {
+    const end = w.offset + w.bytes.length;
+    let at = w.offset;
+    for (const e of layout.extents) {
+      if (e.fileOffset + e.length <= at || e.fileOffset >= end) continue;
+      if (e.kind !== 'data') {
+        throw new FormatError(
+          `${file}: its header at byte ${w.offset} lies ${e.kind === 'hole' ? 'in a hole of the file' : "past the file's initialized size"} on ${host.description}, so vdboot cannot renew it in place. ` +
+            `Boot with rd.vdisk.map=loop, or copy the image on another machine (a copy is stored whole).`,
+          'header', w.offset,
+        );
+      }
+      const to = Math.min(end, e.fileOffset + e.length);
+      placed.push({ offset: e.deviceOffset + (at - e.fileOffset), bytes: w.bytes.subarray(at - w.offset, to - w.offset) });
+      at = to;
+    }
+    if (at !== end) throw new FormatError(`${file}: its header at byte ${w.offset} lies past the file's extents on ${host.description}`, 'header', w.offset);
+  }
+  return { what, on: 'device', path: layout.device, writes: placed };
 }
 
 /** Map file indexes that belong to the image itself (not a parent): the only ones rw may write. */
@@ -470,6 +544,8 @@ export function describeVdiskPlan(plan: VdiskPlan, maxLines = 20): string[] {
   for (const lp of plan.loops) out.push(`  $LOOP${lp.index}: loop device of ${lp.file}${lp.readOnly ? ' (read-only)' : ''}`);
   if (plan.nbd) out.push(`  $NBD: qemu-nbd -f ${plan.nbd.format}${plan.nbd.readOnly ? ' -r' : ''} on ${plan.nbd.file}`);
   if (plan.cowBytes !== undefined) out.push(`  $COW: loop device of a sparse RAM file of ${humanSize(plan.cowBytes)} in /run/vdboot`);
+  const hu = plan.headerUpdate;
+  if (hu) out.push(`  before the first write: ${hu.what}: ${hu.writes.length} write${hu.writes.length === 1 ? '' : 's'} ${hu.on === 'device' ? `on ${hu.path} at ${hu.writes.map((w) => `${w.offset}+${w.bytes.length}`).join(', ')}` : `into the file through the mounted host at ${hu.writes.map((w) => w.offset).join(', ')}`}`);
   out.push(`  partitions (${plan.partitionTable}):${plan.partitions.length ? '' : ' none'}`);
   for (const p of plan.partitions) {
     out.push(`    ${p.name}: ${humanSize(p.size)} at ${p.start} ${p.fsType ?? '(no filesystem found)'}${p.label ? ` LABEL="${p.label}"` : ''}${p.uuid ? ` UUID=${p.uuid}` : ''}`);

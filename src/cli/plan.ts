@@ -148,7 +148,7 @@ export const command: Command = {
     const { devices, close } = diskFileDevices(disks);
     try {
       const report = planAgainstDevices(cmdline, devices, { nbd });
-      if (json) io.stdout(`${JSON.stringify({ ...report, vdisks: report.vdisks.map((v) => ({ ...v, map: undefined })) }, null, 1)}\n`);
+      if (json) io.stdout(`${JSON.stringify({ ...report, vdisks: report.vdisks.map((v) => ({ ...v, map: undefined, headerUpdate: v.headerUpdate && { ...v.headerUpdate, writes: v.headerUpdate.writes.map((w) => ({ offset: w.offset, length: w.bytes.length })) } })) }, null, 1)}\n`);
       else io.stdout(formatReport(report));
       return 0;
     } catch (e) {

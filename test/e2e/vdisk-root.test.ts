@@ -19,6 +19,7 @@ import { makeGuestDisk } from './guest-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { sliceReader } from '../../src/formats/partitions.ts';
+import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 
 const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
@@ -180,6 +181,15 @@ describe('end to end: root=vdisk: on NTFS, direct path, rw', { timeout: 420_000 
         if (!/does not support checks/.test(check.stderr)) expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
       }
       expect(fileInImage(after, c.format, '/home/note.txt')).toBe(NOTE);
+      if (c.format === 'vhdx') {
+        // the boot gave the VHDX a new DataWriteGuid before the guest's first write, in both headers
+        const guids = (f: string) => [64 * 1024, 128 * 1024].map((o) => parseVhdxHeader(readFileSync(f).subarray(o, o + 4096), o, f)!.dataWriteGuid);
+        const [was] = guids(image);
+        const now = guids(after);
+        expect(now[0]).toBe(now[1]);
+        expect(now[0]).not.toBe(was);
+        expect(transcript).toMatch(/vdisk0: wrote a new FileWriteGuid and DataWriteGuid/);
+      }
       expectHostClean(host);
     });
   }
@@ -357,6 +367,23 @@ describe('end to end: compatibility syntaxes and chains', { timeout: 420_000 }, 
     expect(transcript).toMatch(/qcow2 v3 → qcow2 v3/);
     expectHandOff(transcript);
     expect([sum('/VMs/chain/overlay.qcow2'), sum('/VMs/chain/base.qcow2')]).toEqual(before);
+  });
+
+  it('the overlay\'s backing file booted rw is refused while the overlay is beside it: the console names the overlay; the host disk is byte-identical', async () => {
+    const diskSum = () => createHash('sha256').update(readFileSync(host.disk)).digest('hex');
+    const before = diskSum();
+    const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=Windows:/VMs/chain/base.qcow2 rw', disks: [{ file: host.disk, interface: 'virtio-blk' }], name: 'vdisk-parent-rw' });
+    vms.push(vm);
+    try {
+      await vm.waitFor('starting the rescue shell', 180_000);
+      const t = vm.transcript();
+      expect(t).toMatch(/\/VMs\/chain\/base\.qcow2 is the parent of \/VMs\/chain\/overlay\.qcow2/);
+      expect(t).toMatch(/rd\.vdisk\.mode=snapshot/);
+      expect(t).not.toMatch(/created \/dev\/mapper/);
+    } finally {
+      await vm.kill();
+    }
+    expect(diskSum()).toBe(before);
   });
 });
 

@@ -2,9 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
-import { crc32c } from '../../src/formats/crc.ts';
-import { parseVhdxHeader, parseVhdxMetadataTable, parseVhdxRegionTable } from '../../src/formats/vhdx.ts';
-import { utf16leEncode } from '../../src/formats/text.ts';
+import { currentHeader, fixHeaderCrc, makeDifferencing, vhdxLayout } from './vhdx-patch.ts';
 import { readMapped } from '../../src/formats/read-map.ts';
 import {
   cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, openTestImage, qemuImg, qemuIo, qemuRaw, readWholeImage,
@@ -123,90 +121,6 @@ describe('VHDX larger than one chunk (sector-bitmap entries interleaved in the B
     }
   });
 });
-
-// ---- patching helpers: take a qemu-made VHDX and change single structures ----------
-
-function vhdxLayout(b: Buffer) {
-  const regions = parseVhdxRegionTable(b.subarray(192 * KiB, 256 * KiB), 't')!;
-  const bat = regions.find((r) => r.guid === '2dc27766-f623-4200-9d64-115e9bfd4a08')!;
-  const meta = regions.find((r) => r.guid === '8b7ca206-4790-4b9a-b8fe-575f050f886e')!;
-  const items = parseVhdxMetadataTable(b.subarray(meta.offset, meta.offset + 64 * KiB), 't');
-  return { batOffset: bat.offset, metaOffset: meta.offset, items };
-}
-
-function currentHeader(b: Buffer) {
-  const hs = [64 * KiB, 128 * KiB].map((o) => parseVhdxHeader(b.subarray(o, o + 4 * KiB), o, 't')).filter((h) => h !== undefined);
-  return hs.reduce((a, h) => (h!.sequence > a!.sequence ? h : a))!;
-}
-
-function fixHeaderCrc(b: Buffer, at: number): void {
-  b.writeUInt32LE(0, at + 4);
-  b.writeUInt32LE(crc32c(b.subarray(at, at + 4 * KiB)), at + 4);
-}
-
-function guidBytes(g: string): Buffer {
-  const h = g.replace(/-/g, '');
-  const x = Buffer.from(h, 'hex');
-  return Buffer.concat([Buffer.from([x[3]!, x[2]!, x[1]!, x[0]!, x[5]!, x[4]!, x[7]!, x[6]!]), x.subarray(8)]);
-}
-
-function parentLocator(entries: Record<string, string>): Buffer {
-  const keys = Object.entries(entries);
-  const head = Buffer.alloc(20 + keys.length * 12);
-  guidBytes('b04aefb7-d19e-4a81-b789-25b8e9445913').copy(head, 0);
-  head.writeUInt16LE(keys.length, 18);
-  const strings: Buffer[] = [];
-  let off = head.length;
-  keys.forEach(([k, v], i) => {
-    const kb = Buffer.from(utf16leEncode(k));
-    const vb = Buffer.from(utf16leEncode(v));
-    head.writeUInt32LE(off, 20 + i * 12);
-    head.writeUInt32LE(off + kb.length, 20 + i * 12 + 4);
-    head.writeUInt16LE(kb.length, 20 + i * 12 + 8);
-    head.writeUInt16LE(vb.length, 20 + i * 12 + 10);
-    strings.push(kb, vb);
-    off += kb.length + vb.length;
-  });
-  return Buffer.concat([head, ...strings]);
-}
-
-/**
- * Turns a qemu-made dynamic VHDX (1 MiB blocks, 512-byte sectors) into a differencing
- * one: HasParent, a parent locator, BAT states per block, and a sector bitmap block.
- */
-function makeDifferencing(child: string, parentHeaderGuid: string, relPath: string, states: Map<number, number>, bitmap: (block: number, sector: number) => boolean): void {
-  const b = fs.readFileSync(child);
-  const { batOffset, metaOffset, items } = vhdxLayout(b);
-  const fp = items.find((i) => i.guid === 'caa16737-fa36-4d43-b3b6-33f0aa44e76b')!;
-  b.writeUInt32LE(b.readUInt32LE(metaOffset + fp.offset + 4) | 2, metaOffset + fp.offset + 4);
-  // add the parent locator item
-  const count = b.readUInt16LE(metaOffset + 10);
-  const loc = parentLocator({ parent_linkage: `{${parentHeaderGuid}}`, relative_path: relPath.replace(/\//g, '\\') });
-  const locAt = 512 * KiB;
-  const e = metaOffset + 32 + count * 32;
-  guidBytes('a8d35f2d-b30b-454d-abf7-d3d84834ab0c').copy(b, e);
-  b.writeUInt32LE(locAt, e + 16);
-  b.writeUInt32LE(loc.length, e + 20);
-  b.writeUInt32LE(4 | 2, e + 24); // required, virtual disk
-  b.writeUInt16LE(count + 1, metaOffset + 10);
-  loc.copy(b, metaOffset + locAt);
-  // sector bitmap block appended at a 1 MiB boundary
-  const bmAt = Math.ceil(b.length / MiB) * MiB;
-  const bm = Buffer.alloc(MiB);
-  const spb = 2048; // sectors per 1 MiB block
-  for (const [blk, st] of states) {
-    const entry = batOffset + blk * 8; // blocks < chunk ratio: payload index = block
-    const lo = b.readUInt32LE(entry);
-    const hi = b.readUInt32LE(entry + 4);
-    b.writeUInt32LE((lo & ~7) | st, entry);
-    b.writeUInt32LE(hi, entry + 4);
-    if (st === 7) for (let s = 0; s < spb; s++) if (bitmap(blk, s)) bm[(blk * spb + s) >> 3]! |= 1 << (s & 7);
-  }
-  const chunkRatio = 4096;
-  b.writeUInt32LE(6 | ((bmAt / MiB) << 20), batOffset + chunkRatio * 8);
-  b.writeUInt32LE(0, batOffset + chunkRatio * 8 + 4);
-  fs.writeFileSync(child, Buffer.concat([b, Buffer.alloc(bmAt - b.length), bm]));
-}
 
 describe('differencing VHDX', () => {
   const dir = makeTmpDir();

@@ -3,11 +3,15 @@
  * converted by qemu-img, stored on NTFS with mkntfs + ntfscp. The planned device-mapper
  * tables are read back sector by sector and compared with `qemu-img convert -O raw`.
  */
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planAgainstDevices, formatReport, command as planCommand } from '../../src/cli/plan.ts';
 import { planVdisk, sliceTargets, type VdiskPlan } from '../../src/boot/vdisk.ts';
+import { parsePartitionTable } from '../../src/formats/partitions.ts';
+import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
+import { openFileReader } from '../../src/sys/node-reader.ts';
 import { findImage, imageHostFor } from '../../src/boot/hostdev.ts';
 import {
   BASIC_DATA, convert, devicesOf, GUEST_LABEL, loadNtfsMkdir, makeGuestDisk, makeGuestFs, makeHostDisk, makeNtfs, qemuRaw, readPlanned, sh, tmpDir,
@@ -31,6 +35,7 @@ beforeAll(async () => {
   images.vhdFixed = convert(guestRaw, path.join(dir, 'fixed.vhd'), 'vpc', ['subformat=fixed']);
   images.vhdDynamic = convert(guestRaw, path.join(dir, 'dynamic.vhd'), 'vpc', ['subformat=dynamic']);
   images.vhdx = convert(guestRaw, path.join(dir, 'dynamic.vhdx'), 'vhdx', ['block_size=1M']);
+  images.vhdxFixed = convert(guestRaw, path.join(dir, 'fixed.vhdx'), 'vhdx', ['subformat=fixed']);
   // A monolithicFlat VMDK: a descriptor small enough to live inside its NTFS record, and its extent file.
   images.vmdk = convert(guestRaw, path.join(dir, 'flat.vmdk'), 'vmdk', ['subformat=monolithicFlat']);
   images.compressed = path.join(dir, 'compressed.qcow2');
@@ -51,6 +56,7 @@ beforeAll(async () => {
     '/VMs/fixed.vhd': images.vhdFixed,
     '/VMs/dynamic.vhd': images.vhdDynamic,
     '/VMs/dynamic.vhdx': images.vhdx,
+    '/VMs/fixed.vhdx': images.vhdxFixed,
     '/VMs/compressed.qcow2': images.compressed,
     '/VMs/base.qcow2': images.base,
     '/VMs/overlay.qcow2': images.overlay,
@@ -232,6 +238,96 @@ describe('vdisk plan: direct mappings read what qemu-img reads', () => {
     } finally {
       devices.close();
     }
+  });
+});
+
+function withReader<T>(file: string, f: (r: ReturnType<typeof openFileReader>) => T): T {
+  const r = openFileReader(file);
+  try {
+    return f(r);
+  } finally {
+    r.close();
+  }
+}
+
+describe('vdisk plan: a VHDX booted rw gets new write GUIDs before its first write', () => {
+  /** The host disk after the plan's header writes, and the image file read back from its NTFS. */
+  function applyAndRead(vp: VdiskPlan, file: string): { after: string; disk: string } {
+    const disk = path.join(dir, `applied-${Date.now()}.img`);
+    fs.copyFileSync(hostDisk, disk);
+    const part = withReader(disk, (r) => parsePartitionTable(r)).partitions.find((p) => p.number === 2)!;
+    const hu = vp.headerUpdate!;
+    const fd = fs.openSync(disk, 'r+');
+    for (const w of hu.writes) {
+      expect(w.offset + w.bytes.length).toBeLessThanOrEqual(part.size);
+      fs.writeSync(fd, w.bytes, 0, w.bytes.length, part.start + w.offset);
+    }
+    fs.closeSync(fd);
+    const ntfs = path.join(dir, `applied-${Date.now()}.ntfs`);
+    fs.writeFileSync(ntfs, fs.readFileSync(disk).subarray(part.start, part.start + part.size));
+    const after = path.join(dir, `after-${Date.now()}.vhdx`);
+    fs.writeFileSync(after, execFileSync('ntfscat', ['-f', ntfs, file], { maxBuffer: 1 << 30 }));
+    return { after, disk };
+  }
+
+  function headersOf(f: string) {
+    const b = fs.readFileSync(f);
+    return [64 * 1024, 128 * 1024].map((o) => parseVhdxHeader(b.subarray(o, o + 4096), o, f));
+  }
+
+  it('direct: two 4 KiB writes on the host partition inside the file\'s clusters; qemu-img check passes, the disk reads the same, both headers current with new GUIDs', () => {
+    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/fixed.vhdx rw');
+    devices.close();
+    const vp = report.vdisks[0]!;
+    expect(vp.path).toBe('direct');
+    expect(vp.headerUpdate).toMatchObject({ on: 'device', path: '/dev/sda2' });
+    expect(vp.headerUpdate!.writes.reduce((n, w) => n + w.bytes.length, 0)).toBe(8192);
+    const { after } = applyAndRead(vp, '/VMs/fixed.vhdx');
+    const check = spawnSync('qemu-img', ['check', '-f', 'vhdx', after], { encoding: 'utf8' });
+    expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+    expect(qemuRaw(after, dir).equals(qemuRaw(images.vhdxFixed!, dir))).toBe(true);
+    // only the two header slots changed in the file
+    const a = fs.readFileSync(images.vhdxFixed!);
+    const b = fs.readFileSync(after);
+    expect(b.length).toBe(a.length);
+    for (let i = 0; i < a.length; i += 4096) {
+      const inHeader = (i >= 64 * 1024 && i < 68 * 1024) || (i >= 128 * 1024 && i < 132 * 1024);
+      if (!inHeader) expect(a.subarray(i, i + 4096).equals(b.subarray(i, i + 4096)), `4 KiB at ${i}`).toBe(true);
+    }
+    const before = headersOf(images.vhdxFixed!).filter((h) => h).reduce((x, y) => (y!.sequence > x!.sequence ? y : x))!;
+    const now = headersOf(after);
+    expect(now.every((h) => h !== undefined)).toBe(true);
+    expect(now.map((h) => h!.sequence).sort()).toEqual([before.sequence + 1n, before.sequence + 2n]);
+    for (const h of now) {
+      expect(h!.dataWriteGuid).not.toBe(before.dataWriteGuid);
+      expect(h!.fileWriteGuid).not.toBe(before.fileWriteGuid);
+      expect(h!.dataWriteGuid).toBe(now[0]!.dataWriteGuid);
+    }
+  });
+
+  it('loop: the same two writes into the file through the mounted host; ro, snapshot and other formats write no header', () => {
+    const loop = plan('root=vdisk:LABEL=Windows:/VMs/fixed.vhdx rw rd.vdisk.map=loop');
+    loop.devices.close();
+    const hu = loop.report.vdisks[0]!.headerUpdate!;
+    expect(hu).toMatchObject({ on: 'file', path: '/VMs/fixed.vhdx' });
+    expect(hu.writes.map((w) => [w.offset, w.bytes.length]).sort((x, y) => x[0]! - y[0]!)).toEqual([[64 * 1024, 4096], [128 * 1024, 4096]]);
+    for (const cmdline of ['root=vdisk:LABEL=Windows:/VMs/fixed.vhdx rd.vdisk.mode=ro', 'root=vdisk:LABEL=Windows:/VMs/fixed.vhdx rd.vdisk.mode=snapshot', 'root=vdisk:LABEL=Windows:/VMs/fixed.vhd rw']) {
+      const r = plan(cmdline);
+      r.devices.close();
+      expect(r.report.vdisks[0]!.headerUpdate, cmdline).toBeUndefined();
+    }
+  });
+});
+
+describe('vdisk plan: an image with children is not written', () => {
+  it('the backing file of a qcow2 overlay beside it is refused rw, naming the overlay and the ways out; snapshot still boots it', () => {
+    const msg = planError('root=vdisk:LABEL=Windows:/VMs/base.qcow2 rw');
+    expect(msg).toMatch(/\/VMs\/base\.qcow2 is the parent of \/VMs\/overlay\.qcow2: a differencing image/);
+    expect(msg).toMatch(/rd\.vdisk\.mode=snapshot/);
+    expect(msg).toMatch(/qemu-img commit/);
+    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/base.qcow2 rd.vdisk.mode=snapshot');
+    devices.close();
+    expect(report.vdisks[0]!.mode).toBe('snapshot');
   });
 });
 

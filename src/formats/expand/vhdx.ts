@@ -27,16 +27,57 @@ function newGuid(opts: ExpandOptions): Uint8Array {
   return b;
 }
 
+interface HeaderSlot {
+  o: number;
+  raw: Uint8Array;
+  h: ReturnType<typeof parseVhdxHeader>;
+}
+
+function readHeaders(file: BlockReader, name: string): { current: HeaderSlot; other: HeaderSlot } {
+  const headers: HeaderSlot[] = HEADER_OFFSETS.map((o) => ({ o, raw: file.read(o, HEADER_SIZE).slice() })).map((x) => ({ ...x, h: parseVhdxHeader(x.raw, x.o, name) }));
+  const valid = headers.filter((x) => x.h !== undefined);
+  if (!valid.length) refuse(name, 'neither of its two headers is valid', 'header');
+  const current = valid.reduce((a, b) => (b.h!.sequence > a.h!.sequence ? b : a));
+  return { current, other: headers.find((x) => x.o !== current.o)! };
+}
+
+/**
+ * The two header writes that give a VHDX a new FileWriteGuid (and with `dataWillChange` a
+ * new DataWriteGuid), as MS-VHDX asks before a file's first write and before the first
+ * change to the virtual disk's data: the non-current slot first with the next sequence
+ * number, then the other with the one after, each to be synced before the next. A torn
+ * write leaves a header whose checksum fails, and the other one current.
+ */
+function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOptions): { offset: number; bytes: Uint8Array }[] {
+  const fileWrite = newGuid(opts);
+  const dataWrite = opts.dataWillChange ? newGuid(opts) : undefined;
+  const header = (sequence: bigint): Uint8Array => {
+    const b = current.raw.slice();
+    const v = new DataView(b.buffer);
+    v.setBigUint64(8, sequence, true);
+    b.set(fileWrite, 16);
+    if (dataWrite) b.set(dataWrite, 32);
+    v.setUint32(4, 0, true);
+    v.setUint32(4, crc32c(b), true);
+    return b;
+  };
+  const seq = current.h!.sequence;
+  return [{ offset: other.o, bytes: header(seq + 1n) }, { offset: current.o, bytes: header(seq + 2n) }];
+}
+
+/** The header writes that renew a VHDX's FileWriteGuid and DataWriteGuid before a read-write boot writes it (see headerWrites). */
+export function vhdxHeaderRenewal(file: BlockReader, name: string, opts: Pick<ExpandOptions, 'random'> = {}): { offset: number; bytes: Uint8Array }[] {
+  const { current, other } = readHeaders(file, name);
+  return headerWrites(current, other, { ...opts, dataWillChange: true });
+}
+
 export function prepareVhdx(file: BlockReader, name: string): PreparedExpansion {
   // The reader validates everything and refuses an image whose log must be replayed.
   const layer = vhdxFormat.open(file, { path: name, openFile: () => refuse(name, 'it has a parent', 'parent') });
   if (layer.subformat === 'differencing') {
     refuse(name, `it is a differencing VHDX: its absent blocks are read from the parent image, so expanding it would need the parent's data. Merge the chain first ("qemu-img commit ${name}", or Hyper-V's Merge-VHD) or boot with rd.vdisk.mode=snapshot`, 'file_parameters.has_parent', 1);
   }
-  const headers = HEADER_OFFSETS.map((o) => ({ o, raw: file.read(o, HEADER_SIZE).slice() })).map((x) => ({ ...x, h: parseVhdxHeader(x.raw, x.o, name) }));
-  const valid = headers.filter((x) => x.h !== undefined);
-  const current = valid.reduce((a, b) => (b.h!.sequence > a.h!.sequence ? b : a));
-  const other = headers.find((x) => x.o !== current.o)!;
+  const { current, other } = readHeaders(file, name);
   let regions = parseVhdxRegionTable(file.read(192 * KiB, 64 * KiB), name);
   if (!regions) regions = parseVhdxRegionTable(file.read(256 * KiB, 64 * KiB), name)!;
   const batRegion = regions.find((r) => r.guid === GUID_BAT)!;
@@ -124,28 +165,15 @@ export function prepareVhdx(file: BlockReader, name: string): PreparedExpansion 
     blockSize: bs, blocks: missing.length, partialBlocks: 0, newFileSize, writeBytes: missing.length * bs,
   };
 
-  const writeHeader = (out: ExpandFile, at: number, sequence: bigint, fileWrite: Uint8Array, dataWrite: Uint8Array | undefined): void => {
-    const b = current.raw.slice();
-    const v = new DataView(b.buffer);
-    v.setBigUint64(8, sequence, true);
-    b.set(fileWrite, 16);
-    if (dataWrite) b.set(dataWrite, 32);
-    v.setUint32(4, 0, true);
-    v.setUint32(4, crc32c(b), true);
-    out.write(at, b);
-  };
-
   return {
     plan,
     run(out: ExpandFile, opts: ExpandOptions) {
       if (!missing.length) return 'done';
       // 0. Headers: the non-current one first, then the other, each synced.
-      const fileWrite = newGuid(opts);
-      const dataWrite = opts.dataWillChange ? newGuid(opts) : undefined;
-      writeHeader(out, other.o, h.sequence + 1n, fileWrite, dataWrite);
-      out.sync();
-      writeHeader(out, current.o, h.sequence + 2n, fileWrite, dataWrite);
-      out.sync();
+      for (const w of headerWrites(current, other, opts)) {
+        out.write(w.offset, w.bytes);
+        out.sync();
+      }
       if (opts.stopAfter === 'header') return 'header';
       // 1. Data: every absent block zero-filled at its place, in file order.
       const order = [...placement.entries()].sort((x, y) => x[1] - y[1]);
