@@ -323,7 +323,8 @@ function vhdxRenewal(image: OpenedImage, host: ImageHost, path: 'direct' | 'loop
   const g = image.layers[0]!.fileIndex[0]!;
   const file = image.map.files[g]!;
   const writes = vhdxHeaderRenewal(image.readers[g]!, file);
-  const what = `a new FileWriteGuid and DataWriteGuid in ${file}'s headers, as VHDX asks before the first write`;
+  const logged = image.layers[0]!.layer.logReplay?.writes.length ?? 0;
+  const what = `${logged ? `the ${logged} update${logged === 1 ? '' : 's'} in ${file}'s log (it was not closed cleanly), then ` : ''}a new FileWriteGuid and DataWriteGuid in ${logged ? 'its' : `${file}'s`} headers, as VHDX asks before the first write`;
   if (path === 'loop') return { what, on: 'file', path: file, writes };
   const layout = host.layout(file);
   if (!layout) throw new Error(`internal: the direct path was chosen for ${file} without its layout`);

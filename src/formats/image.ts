@@ -11,6 +11,7 @@ import type { BlockReader } from './block-reader.ts';
 import type { OpenedImage } from './chain.ts';
 import type { DataExtent, UnmappableExtent, ZeroExtent } from './extent-map.ts';
 import type { MetadataRange } from './extent-ops.ts';
+import type { LogWrite } from './vhdx-log.ts';
 
 export interface ParentExtent {
   kind: 'parent';
@@ -46,6 +47,11 @@ export interface ImageLayer {
   id?: string;
   /** facts for `vdboot inspect`: block size, allocated blocks, logical sector size, … */
   details: Record<string, string | number | boolean>;
+  /**
+   * VHDX: the log's updates, replayed in memory to read the image; a writer must write them
+   * (and then clear the log) before anything else.
+   */
+  logReplay?: { entries: number; writes: LogWrite[] };
   /**
    * Reads bytes of an `unmappable` range (decompressing on the host). Absent when the
    * layer has none or cannot read them at all (encryption).

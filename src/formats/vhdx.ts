@@ -15,13 +15,16 @@
  * least significant bit first, means the sector is in this file, clear means parent).
  *
  * A header whose LogGuid is not zero has log entries that must be replayed before the
- * BAT and metadata can be trusted: such an image is refused.
+ * BAT and metadata can be trusted (vhdx-log.ts): they are laid over the file in memory to
+ * read it, and the layer carries them (`logReplay`) for a writer to write first. A log that
+ * rewrites bytes of the disk's data, rather than metadata, is refused.
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
 import { crc32c } from './crc.ts';
 import { appendExtent, type LayerMetadata, type MetadataRange } from './extent-ops.ts';
 import type { FormatReader, ImageLayer, LayerExtent, OpenContext, ParentRef } from './image.ts';
 import { utf16leDecode } from './text.ts';
+import { readVhdxLog, replayedReader, type VhdxLogReplay } from './vhdx-log.ts';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -200,16 +203,17 @@ export function parseVhdxParentLocator(b: Uint8Array, name: string): { type: str
   return { type, entries };
 }
 
-function refuseLog(name: string, h: VhdxHeader): never {
+function refuseLog(name: string, h: VhdxHeader, why: string): never {
   throw new FormatError(
-    `${name}: this VHDX has a log that must be replayed first (log GUID ${h.logGuid}; it was not closed cleanly). ` +
-      'vdboot does not replay VHDX logs: open it once in Hyper-V (or mount it in Windows), or run "qemu-img check -r all" on a copy, then try again',
+    `${name}: this VHDX has a log that must be replayed first (log GUID ${h.logGuid}; it was not closed cleanly), and vdboot cannot replay it: ${why}. ` +
+      'Open it once in Hyper-V (or mount it in Windows), or run "qemu-img check -r all" on a copy, then try again',
     'header.log_guid', h.logGuid,
   );
 }
 
-function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetadata {
+function openVhdx(fileAsItIs: BlockReader, ctx: OpenContext): ImageLayer & LayerMetadata {
   const name = ctx.path;
+  let file = fileAsItIs;
   if (file.size < MiB) throw new FormatError(`${name}: ${file.size} bytes is too small for a VHDX (its headers alone take 1 MiB)`, 'size', file.size);
   const creator = utf16leDecode(file.read(8, 512)).replace(/\0.*$/s, '');
 
@@ -220,7 +224,12 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
   }
   const header = headers.reduce((a, b) => (b.sequence > a.sequence ? b : a));
   if (header.version !== 1) throw new FormatError(`${name}: VHDX header version ${header.version} is not 1`, 'header.version', header.version);
-  if (header.logGuid !== ZERO_GUID) refuseLog(name, header);
+  let replay: VhdxLogReplay | undefined;
+  if (header.logGuid !== ZERO_GUID) {
+    if (header.logVersion !== 0) refuseLog(name, header, `its log version is ${header.logVersion}, not 0`);
+    replay = readVhdxLog(file, header.logOffset, header.logLength, file.read(header.offset + 48, 16), name);
+    file = replayedReader(file, replay.writes);
+  }
 
   let regions: VhdxRegion[] | undefined;
   for (const o of REGION_TABLE_OFFSETS) {
@@ -459,6 +468,15 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
     if (n > 0) details[`blocks ${STATE_NAMES[state]}`] = (Number(details[`blocks ${STATE_NAMES[state]}`]) || 0) + n;
   });
 
+  if (replay) {
+    // Read through the replay, the data extents point into the file as it is: the log must not rewrite them.
+    for (const w of replay.writes) {
+      const hit = extents.find((e) => e.kind === 'data' && e.file === 0 && e.offset < w.offset + w.length && w.offset < e.offset + e.length);
+      if (hit) refuseLog(name, header, `it rewrites ${w.length} bytes at file offset ${w.offset}, which hold the disk's data (vdboot replays updates of the image's tables only)`);
+    }
+    details.log = replay.entries ? `${replay.entries} entr${replay.entries === 1 ? 'y' : 'ies'} (sequence ${replay.first}–${replay.last}), ${replay.writes.length} write${replay.writes.length === 1 ? '' : 's'} replayed in memory` : 'no valid entries';
+  }
+
   return {
     format: 'vhdx',
     subformat: hasParent ? 'differencing' : leaveAllocated ? 'fixed' : 'dynamic',
@@ -469,6 +487,7 @@ function openVhdx(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetada
     ...(parent ? { parent } : {}),
     details,
     metadata,
+    ...(replay ? { logReplay: { entries: replay.entries, writes: replay.writes } } : {}),
   };
 }
 

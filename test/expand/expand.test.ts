@@ -7,6 +7,7 @@ import { DataPhaseFailed } from '../../src/formats/expand/common.ts';
 import { prepareExpansion } from '../../src/formats/expand/index.ts';
 import { vhdFormat } from '../../src/formats/vhd.ts';
 import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
+import { crc32c } from '../../src/formats/crc.ts';
 import { fileOf, makeImage, QEMU_FMT, qemuCheck, qemuRaw, sha, tmpDir, unallocatedBytes } from './helpers.ts';
 
 const dir = tmpDir();
@@ -217,9 +218,19 @@ describe('expansion refuses cleanly, writing nothing', () => {
     function refuse(p: string) { return refusal(p); }
   });
 
-  it('a VHDX with a log to replay, a QCOW2, a truncated VHD and a VHD whose BAT points past the end', () => {
+  it('a VHDX whose log is broken, a QCOW2, a truncated VHD and a VHD whose BAT points past the end', () => {
+    // the sample's one log entry, with its tail pointing where no entry is: a log vdboot will not guess through
     const log = unpack('iotest-dirtylog-10G-4M.vhdx.bz2');
-    expect(refusal(log)).toMatch(/log that must be replayed/);
+    const lb = fs.readFileSync(log);
+    const lh = [64 * 1024, 128 * 1024].map((o) => parseVhdxHeader(lb.subarray(o, o + 4096), o, log)!).reduce((a, b) => (b.sequence > a.sequence ? b : a));
+    let entryAt = -1;
+    for (let at = 0; at < lh.logLength; at += 4096) if (lb.toString('latin1', lh.logOffset + at, lh.logOffset + at + 4) === 'loge') entryAt = at;
+    expect(entryAt).toBeGreaterThanOrEqual(0);
+    lb.writeUInt32LE((entryAt + 8 * 4096) % lh.logLength, lh.logOffset + entryAt + 12);
+    lb.writeUInt32LE(0, lh.logOffset + entryAt + 4);
+    lb.writeUInt32LE(crc32c(lb.subarray(lh.logOffset + entryAt, lh.logOffset + entryAt + lb.readUInt32LE(lh.logOffset + entryAt + 8))), lh.logOffset + entryAt + 4);
+    fs.writeFileSync(log, lb);
+    expect(refusal(log)).toMatch(/active sequence is broken/);
     const q = path.join(dir, 'x.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', q, '16M']);
     const qm = refusal(q);

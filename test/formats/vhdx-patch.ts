@@ -88,3 +88,65 @@ export function makeDifferencing(child: string, parentHeaderGuid: string, relPat
   b.writeUInt32LE(0, batOffset + chunkRatio * 8 + 4);
   fs.writeFileSync(child, Buffer.concat([b, Buffer.alloc(bmAt - b.length), bm]));
 }
+
+export interface LogEntrySpec {
+  /** log-relative offset of the entry */
+  at: number;
+  /** log-relative offset of the oldest entry still needed */
+  tail: number;
+  sequence: bigint;
+  writes?: { offset: number; data: Buffer }[];
+  zeros?: { offset: number; length: number }[];
+  /** file offsets the entry records (default: the file's size) */
+  flushedFileOffset?: number;
+  lastFileOffset?: number;
+}
+
+/**
+ * Writes one VHDX log entry (MS-VHDX §2.3.1) into the log of `b` and gives the current header
+ * `logGuid`, as Hyper-V leaves a file whose logged updates did not all reach their places.
+ * Returns the entry's length.
+ */
+export function writeLogEntry(b: Buffer, logGuid: Buffer, e: LogEntrySpec): number {
+  const h = currentHeader(b);
+  const writes = e.writes ?? [];
+  const zeros = e.zeros ?? [];
+  const count = writes.length + zeros.length;
+  const descSectors = Math.ceil((count + 2) / 128);
+  const length = (descSectors + writes.length) * 4096;
+  const entry = Buffer.alloc(length);
+  entry.write('loge', 0, 'latin1');
+  entry.writeUInt32LE(length, 8);
+  entry.writeUInt32LE(e.tail, 12);
+  entry.writeBigUInt64LE(e.sequence, 16);
+  entry.writeUInt32LE(count, 24);
+  logGuid.copy(entry, 32);
+  entry.writeBigUInt64LE(BigInt(e.flushedFileOffset ?? b.length), 48);
+  entry.writeBigUInt64LE(BigInt(e.lastFileOffset ?? b.length), 56);
+  let d = 64;
+  for (const z of zeros) {
+    entry.write('zero', d, 'latin1');
+    entry.writeBigUInt64LE(BigInt(z.length), d + 8);
+    entry.writeBigUInt64LE(BigInt(z.offset), d + 16);
+    entry.writeBigUInt64LE(e.sequence, d + 24);
+    d += 32;
+  }
+  writes.forEach((w, i) => {
+    entry.write('desc', d, 'latin1');
+    w.data.copy(entry, d + 4, 4092, 4096); // trailing 4 bytes
+    w.data.copy(entry, d + 8, 0, 8); // leading 8 bytes
+    entry.writeBigUInt64LE(BigInt(w.offset), d + 16);
+    entry.writeBigUInt64LE(e.sequence, d + 24);
+    d += 32;
+    const s = (descSectors + i) * 4096;
+    entry.write('data', s, 'latin1');
+    entry.writeUInt32LE(Number(e.sequence >> 32n), s + 4);
+    w.data.copy(entry, s + 8, 8, 4092);
+    entry.writeUInt32LE(Number(e.sequence & 0xffffffffn), s + 4092);
+  });
+  entry.writeUInt32LE(crc32c(entry), 4);
+  for (let i = 0; i < length; i += 4096) entry.copy(b, h.logOffset + ((e.at + i) % h.logLength), i, i + 4096);
+  logGuid.copy(b, h.offset + 48);
+  fixHeaderCrc(b, h.offset);
+  return length;
+}

@@ -12,6 +12,7 @@ import { planVdisk, sliceTargets, type VdiskPlan } from '../../src/boot/vdisk.ts
 import { parsePartitionTable } from '../../src/formats/partitions.ts';
 import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
+import { vhdxLayout, writeLogEntry } from '../formats/vhdx-patch.ts';
 import { findImage, imageHostFor } from '../../src/boot/hostdev.ts';
 import {
   BASIC_DATA, convert, devicesOf, GUEST_LABEL, loadNtfsMkdir, makeGuestDisk, makeGuestFs, makeHostDisk, makeNtfs, qemuRaw, readPlanned, sh, tmpDir,
@@ -36,6 +37,18 @@ beforeAll(async () => {
   images.vhdDynamic = convert(guestRaw, path.join(dir, 'dynamic.vhd'), 'vpc', ['subformat=dynamic']);
   images.vhdx = convert(guestRaw, path.join(dir, 'dynamic.vhdx'), 'vhdx', ['block_size=1M']);
   images.vhdxFixed = convert(guestRaw, path.join(dir, 'fixed.vhdx'), 'vhdx', ['subformat=fixed']);
+  // A VHDX as a crash leaves it: every block written, but the BAT update of the last one only in the log.
+  images.crashed = path.join(dir, 'crashed.vhdx');
+  sh('qemu-img', ['create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', images.crashed, String(16 << 20)]);
+  sh('qemu-io', ['-f', 'vhdx', '-c', 'write -P 0x31 0 5M', '-c', 'write -P 0x32 6M 10M', images.crashed]);
+  const { batOffset } = vhdxLayout(fs.readFileSync(images.crashed));
+  const batBefore = fs.readFileSync(images.crashed).subarray(batOffset, batOffset + 4096);
+  sh('qemu-io', ['-f', 'vhdx', '-c', 'write -P 0x33 5M 1M', images.crashed]);
+  const crashedBytes = fs.readFileSync(images.crashed);
+  const batAfter = Buffer.from(crashedBytes.subarray(batOffset, batOffset + 4096));
+  batBefore.copy(crashedBytes, batOffset);
+  writeLogEntry(crashedBytes, Buffer.alloc(16, 0x4c), { at: 0, tail: 0, sequence: 1n, writes: [{ offset: batOffset, data: batAfter }] });
+  fs.writeFileSync(images.crashed, crashedBytes);
   // A monolithicFlat VMDK: a descriptor small enough to live inside its NTFS record, and its extent file.
   images.vmdk = convert(guestRaw, path.join(dir, 'flat.vmdk'), 'vmdk', ['subformat=monolithicFlat']);
   images.compressed = path.join(dir, 'compressed.qcow2');
@@ -57,6 +70,7 @@ beforeAll(async () => {
     '/VMs/dynamic.vhd': images.vhdDynamic,
     '/VMs/dynamic.vhdx': images.vhdx,
     '/VMs/fixed.vhdx': images.vhdxFixed,
+    '/VMs/crashed.vhdx': images.crashed,
     '/VMs/compressed.qcow2': images.compressed,
     '/VMs/base.qcow2': images.base,
     '/VMs/overlay.qcow2': images.overlay,
@@ -303,6 +317,25 @@ describe('vdisk plan: a VHDX booted rw gets new write GUIDs before its first wri
       expect(h!.fileWriteGuid).not.toBe(before.fileWriteGuid);
       expect(h!.dataWriteGuid).toBe(now[0]!.dataWriteGuid);
     }
+  });
+
+  it('a VHDX with a log to replay: ro reads through the log and writes nothing; rw writes the log\'s update, then headers naming no log', () => {
+    const ro = plan('root=/dev/sda1 rd.vdisk.attach=LABEL=Windows:/VMs/crashed.vhdx rd.vdisk.mode=ro');
+    ro.devices.close();
+    const rovp = ro.report.vdisks[0]!;
+    expect(rovp.headerUpdate).toBeUndefined();
+    expect(rovp.map.extents.every((e) => e.kind === 'data')).toBe(true); // block 5 is there, as the log says
+    const { report, devices } = plan('root=/dev/sda1 rd.vdisk.attach=LABEL=Windows:/VMs/crashed.vhdx rw');
+    devices.close();
+    const vp = report.vdisks[0]!;
+    expect(vp.path).toBe('direct');
+    expect(vp.headerUpdate!.writes.reduce((n, w) => n + w.bytes.length, 0)).toBe(3 * 4096);
+    const { after } = applyAndRead(vp, '/VMs/crashed.vhdx');
+    expect(spawnSync('qemu-img', ['info', '-f', 'vhdx', after]).status).toBe(0); // no log left to replay
+    const check = spawnSync('qemu-img', ['check', '-f', 'vhdx', after], { encoding: 'utf8' });
+    expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+    const raw = qemuRaw(after, dir);
+    for (const [at, b] of [[0, 0x31], [5 << 20, 0x33], [6 << 20, 0x32]] as const) expect(raw.subarray(at, at + (1 << 20)).every((x) => x === b), `at ${at}`).toBe(true);
   });
 
   it('loop: the same two writes into the file through the mounted host; ro, snapshot and other formats write no header', () => {

@@ -6,12 +6,14 @@
  * becomes FULLY_PRESENT with that offset in MiB units. Before the first write, the headers are updated as the format asks of any
  * writer: the non-current header takes the next sequence number and a new FileWriteGuid
  * (and a new DataWriteGuid when the virtual disk's data is about to change), then the
- * other one, so both are current. Images with a log to replay were refused by the reader;
+ * other one, so both are current (an image with a log has its log's updates written before
+ * them, and the new headers name no log);
  * differencing images are refused here (their absent blocks come from the parent).
  */
 import type { BlockReader } from '../block-reader.ts';
 import { crc32c } from '../crc.ts';
 import { GUID_BAT, parseVhdxHeader, parseVhdxRegionTable, vhdxFormat } from '../vhdx.ts';
+import { logWriteBytes, replayedReader } from '../vhdx-log.ts';
 import { alignUp, MiB, dataPhase, Progress, randomBytes, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
 
 const KiB = 1024;
@@ -48,7 +50,7 @@ function readHeaders(file: BlockReader, name: string): { current: HeaderSlot; ot
  * number, then the other with the one after, each to be synced before the next. A torn
  * write leaves a header whose checksum fails, and the other one current.
  */
-function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOptions): { offset: number; bytes: Uint8Array }[] {
+function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOptions, clearLog: boolean): { offset: number; bytes: Uint8Array }[] {
   const fileWrite = newGuid(opts);
   const dataWrite = opts.dataWillChange ? newGuid(opts) : undefined;
   const header = (sequence: bigint): Uint8Array => {
@@ -57,6 +59,7 @@ function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOption
     v.setBigUint64(8, sequence, true);
     b.set(fileWrite, 16);
     if (dataWrite) b.set(dataWrite, 32);
+    if (clearLog) b.fill(0, 48, 64); // LogGuid: the log was replayed
     v.setUint32(4, 0, true);
     v.setUint32(4, crc32c(b), true);
     return b;
@@ -65,15 +68,25 @@ function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOption
   return [{ offset: other.o, bytes: header(seq + 1n) }, { offset: current.o, bytes: header(seq + 2n) }];
 }
 
-/** The header writes that renew a VHDX's FileWriteGuid and DataWriteGuid before a read-write boot writes it (see headerWrites). */
+/**
+ * What a read-write boot writes to a VHDX before anything else: the log's updates, if it has
+ * any (replayed in the order they were logged), then headers with a new FileWriteGuid and
+ * DataWriteGuid (see headerWrites) and no log. Each write is to be synced before the next: a
+ * crash before the headers leaves the log in place, to be replayed again.
+ */
 export function vhdxHeaderRenewal(file: BlockReader, name: string, opts: Pick<ExpandOptions, 'random'> = {}): { offset: number; bytes: Uint8Array }[] {
   const { current, other } = readHeaders(file, name);
-  return headerWrites(current, other, { ...opts, dataWillChange: true });
+  const layer = vhdxFormat.open(file, { path: name, openFile: () => refuse(name, 'it has a parent', 'parent') });
+  const replay = (layer.logReplay?.writes ?? []).map((w) => ({ offset: w.offset, bytes: logWriteBytes(w) }));
+  const hasLog = current.raw.subarray(48, 64).some((b) => b !== 0);
+  return [...replay, ...headerWrites(current, other, { ...opts, dataWillChange: true }, hasLog)];
 }
 
-export function prepareVhdx(file: BlockReader, name: string): PreparedExpansion {
-  // The reader validates everything and refuses an image whose log must be replayed.
-  const layer = vhdxFormat.open(file, { path: name, openFile: () => refuse(name, 'it has a parent', 'parent') });
+export function prepareVhdx(fileAsItIs: BlockReader, name: string): PreparedExpansion {
+  // The reader validates everything; a log's updates are read through (and written first, below).
+  const layer = vhdxFormat.open(fileAsItIs, { path: name, openFile: () => refuse(name, 'it has a parent', 'parent') });
+  const replay = layer.logReplay?.writes ?? [];
+  const file = replayedReader(fileAsItIs, replay);
   if (layer.subformat === 'differencing') {
     refuse(name, `it is a differencing VHDX: its absent blocks are read from the parent image, so expanding it would need the parent's data. Merge the chain first ("qemu-img commit ${name}", or Hyper-V's Merge-VHD) or boot with rd.vdisk.mode=snapshot`, 'file_parameters.has_parent', 1);
   }
@@ -169,8 +182,10 @@ export function prepareVhdx(file: BlockReader, name: string): PreparedExpansion 
     plan,
     run(out: ExpandFile, opts: ExpandOptions) {
       if (!missing.length) return 'done';
-      // 0. Headers: the non-current one first, then the other, each synced.
-      for (const w of headerWrites(current, other, opts)) {
+      // 0. The log's updates, then the headers (new GUIDs, no log), each synced.
+      for (const w of replay) out.write(w.offset, logWriteBytes(w));
+      if (replay.length) out.sync();
+      for (const w of headerWrites(current, other, opts, current.raw.subarray(48, 64).some((b) => b !== 0))) {
         out.write(w.offset, w.bytes);
         out.sync();
       }
