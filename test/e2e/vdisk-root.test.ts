@@ -20,6 +20,7 @@ import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { sliceReader } from '../../src/formats/partitions.ts';
 import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
+import { vhdxLayout, writeLogEntry } from '../formats/vhdx-patch.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 
 const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
@@ -140,11 +141,27 @@ interface FormatCase {
   options: string[];
   /** the image's path on the host; extra files (a flat VMDK's extent) go next to it */
   file: string;
+  /** changes the converted image before it goes on the host */
+  patch?: (image: string) => void;
+}
+
+/**
+ * A VHDX as an unclean shutdown leaves it: the BAT sector's update only in the log (in the
+ * file, block 0 still reads as absent). vdboot must replay the log before the guest writes.
+ */
+function leaveLogToReplay(image: string): void {
+  const b = readFileSync(image);
+  const { batOffset } = vhdxLayout(b);
+  const bat = Buffer.from(b.subarray(batOffset, batOffset + 4096));
+  b.writeUInt32LE(b.readUInt32LE(batOffset) & ~7, batOffset); // block 0: NOT_PRESENT in the file
+  writeLogEntry(b, Buffer.alloc(16, 0x6c), { at: 0, tail: 0, sequence: 1n, writes: [{ offset: batOffset, data: bat }] });
+  writeFileSync(image, b);
 }
 
 const FORMATS: FormatCase[] = [
   { name: 'qcow2 (preallocated metadata)', format: 'qcow2', options: ['preallocation=metadata'], file: '/VMs/My Linux ü.qcow2' },
   { name: 'VHDX fixed', format: 'vhdx', options: ['subformat=fixed'], file: '/VMs/linux.vhdx' },
+  { name: 'VHDX fixed, with a log left to replay', format: 'vhdx', options: ['subformat=fixed'], file: '/VMs/crashed.vhdx', patch: leaveLogToReplay },
   { name: 'VHD fixed', format: 'vpc', options: ['subformat=fixed'], file: '/VMs/linux.vhd' },
   { name: 'VDI static', format: 'vdi', options: ['static=on'], file: '/VMs/linux.vdi' },
   { name: 'VMDK monolithicFlat (descriptor + extent file)', format: 'vmdk', options: ['subformat=monolithicFlat'], file: '/VMs/linux.vmdk' },
@@ -156,13 +173,14 @@ describe('end to end: root=vdisk: on NTFS, direct path, rw', { timeout: 420_000 
     it(`${c.name}: the guest's file is in the image after the shutdown hand-off; qemu-img check passes; NTFS stays clean`, async () => {
       const image = join(dir, `image-${c.format}-${basename(c.file)}`);
       convertImage(guestRaw, image, c.format, c.options);
+      c.patch?.(image);
       const files: FileTree = { [c.file]: { hostFile: image } };
       if (c.format === 'vmdk') {
         // the descriptor names its extent by file name: copy it under that name, next to the descriptor
         const extent = /"([^"]+-flat\.vmdk)"/.exec(readFileSync(image, 'latin1'))![1]!;
         files[`${c.file.slice(0, c.file.lastIndexOf('/'))}/${extent}`] = { hostFile: join(dir, extent) };
       }
-      const host = hostDisk(`ntfs-${c.format}`, 'ntfs', files);
+      const host = hostDisk(`ntfs-${c.format}-${basename(c.file)}`, 'ntfs', files);
       const { facts, transcript } = await bootGuest(host, `"root=vdisk:LABEL=Windows:${c.file}" rw`, `vdisk-${c.format}`);
       expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', fstype: 'ext4', mode: 'rw' });
       expect(facts.wrote).toBe('/home/note.txt');
@@ -188,7 +206,9 @@ describe('end to end: root=vdisk: on NTFS, direct path, rw', { timeout: 420_000 
         const now = guids(after);
         expect(now[0]).toBe(now[1]);
         expect(now[0]).not.toBe(was);
-        expect(transcript).toMatch(/vdisk0: wrote a new FileWriteGuid and DataWriteGuid/);
+        expect(transcript).toMatch(c.patch ? /vdisk0: wrote the 1 update in \/VMs\/crashed\.vhdx's log .*then a new FileWriteGuid and DataWriteGuid/ : /vdisk0: wrote a new FileWriteGuid and DataWriteGuid/);
+        // no log left: qemu opens it read-only
+        expect(spawnSync('qemu-img', ['info', '-f', 'vhdx', after]).status).toBe(0);
       }
       expectHostClean(host);
     });
