@@ -17,6 +17,10 @@
 // are compared with each other through their ratios to raw. A plain-partition boot (raw
 // alone) still runs as a reference and for the kernel uptime at which the guest's init
 // starts (vdisk boot vs plain-partition boot).
+// The direct boots also measure a control: the same filesystem on partition 3, through one
+// dm-linear target over the whole partition made in the guest by bench/dm-linear.c — the
+// least any device-mapper path can be — so "control / raw" is what device-mapper itself costs
+// on this machine, and "direct / control" what vdboot's path adds to it.
 // Targets: direct >= 0.95 x raw and >= 3 x nbd on every measure; init at <= 1.3 x.
 // BENCH_RUNS=N boots each case N times (1), interleaved; medians over boots are shown.
 // BENCH_IO_SEQ_MIB (64) and BENCH_IO_RAND_OPS (2000) size one pass of each phase; a phase
@@ -68,6 +72,9 @@ interface PairedBoot {
   raw: Probe;
   /** path / raw per measure: the median over rounds of each round's ratio (its two sides ran back to back) */
   ratio: Record<Measure, number>;
+  /** the direct case: the dm-linear control over partition 3, and control / raw */
+  control?: Probe;
+  controlRatio?: Record<Measure, number>;
 }
 
 interface Case {
@@ -88,10 +95,10 @@ interface Case {
   failures: string[];
 }
 
-/** io-probe.c, compiled static with musl-gcc (the guest has no C library). */
-function buildProbe(out: string): void {
-  const r = spawnSync('musl-gcc', ['-static', '-O2', '-Wall', '-o', out, path.join(here, 'io-probe.c')], { encoding: 'utf8' });
-  if (r.error || r.status !== 0) throw new Error(`Could not build bench/io-probe.c with musl-gcc (Debian package musl-tools): ${r.stderr ?? r.error}`);
+/** A bench/*.c guest tool, compiled static with musl-gcc (the guest has no C library). */
+function buildTool(source: string, out: string): void {
+  const r = spawnSync('musl-gcc', ['-static', '-O2', '-Wall', '-o', out, path.join(here, source)], { encoding: 'utf8' });
+  if (r.error || r.status !== 0) throw new Error(`Could not build bench/${source} with musl-gcc (Debian package musl-tools): ${r.stderr ?? r.error}`);
 }
 
 const keyValues = (line: string): Record<string, string> => Object.fromEntries([...line.matchAll(/(\w+)=(\S+)/g)].map((m) => [m[1]!, m[2]!]));
@@ -174,7 +181,17 @@ try {
       `  o=$(awk '$2 == "/" { o = $4 } END { print o }' /proc/mounts)`,
       '  if mount -t ext4 -o "$o" /dev/vda2 /mnt/raw; then',
       `    ${guestFact('rawmount', "$(grep ' /mnt/raw ' /proc/mounts)")}`,
-      `    ${probe} root=/bench/scratch raw=/mnt/raw/bench/scratch`,
+      '    control=',
+      "    if grep -q 'bench.dmctl=1' /proc/cmdline; then",
+      '      if /bench/dm-linear dmctl /dev/vda3 && mount -t ext4 -o "$o" /dev/mapper/dmctl /mnt/dm; then',
+      `        ${guestFact('dmmount', "$(grep ' /mnt/dm ' /proc/mounts)")}`,
+      '        control=dm=/mnt/dm/bench/scratch',
+      '      else',
+      '        echo "VDBOOT-IO error=could not make or mount the dm-linear control over /dev/vda3"',
+      '      fi',
+      '    fi',
+      `    ${probe} root=/bench/scratch raw=/mnt/raw/bench/scratch $control`,
+      '    [ -n "$control" ] && umount /mnt/dm',
       '    umount /mnt/raw',
       '  else',
       '    echo "VDBOOT-IO error=could not mount the plain partition /dev/vda2 at /mnt/raw with options $o"',
@@ -184,7 +201,9 @@ try {
   });
   fs.mkdirSync(path.join(rootDir, 'bench'));
   fs.mkdirSync(path.join(rootDir, 'mnt/raw'), { recursive: true });
-  buildProbe(path.join(rootDir, 'bench/io-probe'));
+  fs.mkdirSync(path.join(rootDir, 'mnt/dm'), { recursive: true });
+  buildTool('io-probe.c', path.join(rootDir, 'bench/io-probe'));
+  buildTool('dm-linear.c', path.join(rootDir, 'bench/dm-linear'));
   fs.writeFileSync(path.join(rootDir, 'bench/scratch'), crypto.randomBytes(seqMiB * MiB));
   const rootFs = path.join(work, 'root.ext4');
   makeExt4(rootFs, { sizeMiB: seqMiB + 32, label: 'benchroot', fromDir: rootDir });
@@ -202,9 +221,10 @@ try {
     partitions: [
       { image: ntfs, type: BASIC_DATA, name: 'Basic data partition' },
       { image: rootFs, type: 'linux', name: 'plainroot' },
+      { image: rootFs, type: 'linux', name: 'dmcontrol' },
     ],
   });
-  console.log(`host disk: NTFS ${(fs.statSync(ntfs).size / MiB).toFixed(0)} MiB holding ${IMAGE} (fixed VHD, ${(fs.statSync(vhd).size / MiB).toFixed(0)} MiB), then the same ext4 root (${seqMiB + 32} MiB) on partition 2`);
+  console.log(`host disk: NTFS ${(fs.statSync(ntfs).size / MiB).toFixed(0)} MiB holding ${IMAGE} (fixed VHD, ${(fs.statSync(vhd).size / MiB).toFixed(0)} MiB), then the same ext4 root (${seqMiB + 32} MiB) on partitions 2 (plain) and 3 (under the dm-linear control)`);
   for (const f of [guestRaw, vhd, ntfs]) fs.rmSync(f);
 
   const root = `"root=vdisk:LABEL=Windows:${IMAGE}" rw`;
@@ -222,7 +242,7 @@ try {
   });
   const cases: Case[] = [
     mk('raw', 'root=PARTLABEL=plainroot rw', initrd, '/dev/vda2'),
-    mk('direct', root, initrd, '/dev/mapper/vdisk0p1', /direct: the image is fully mappable/),
+    mk('direct', `${root} bench.dmctl=1`, initrd, '/dev/mapper/vdisk0p1', /direct: the image is fully mappable/),
     mk('loop', `${root} rd.vdisk.map=loop`, initrdNtfs3g, '/dev/mapper/vdisk0p1', /loop \(asked for\)/),
     mk('nbd', `${root} rd.vdisk.map=nbd`, initrdNbd, '/dev/mapper/vdisk0p1', /nbd \(asked for\)/),
   ];
@@ -257,10 +277,18 @@ try {
           if (rawMount[0] !== '/dev/vda2' || rawMount[2] !== facts.root.fstype || rawMount[3] !== facts.root.options.join(',')) {
             throw new Error(`the plain partition is mounted as "${facts.facts.rawmount ?? ''}", not like the root (${facts.root.fstype} ${facts.root.options.join(',')})`);
           }
-          const p = parseProbe(t, ['root', 'raw']);
+          const withControl = c.name === 'direct';
+          const p = parseProbe(t, withControl ? ['root', 'raw', 'dm'] : ['root', 'raw']);
           const boot: PairedBoot = { path: p.root!, raw: p.raw!, ratio: pairedRatio(p.root!, p.raw!) };
+          if (withControl) {
+            boot.control = p.dm!;
+            boot.controlRatio = pairedRatio(p.dm!, p.raw!);
+          }
           c.paired.push(boot);
-          console.log(`${head}\n      ${c.name}: ${line(boot.path.best)}\n      raw:    ${line(boot.raw.best)}\n      ${c.name} / raw (paired): ${ratioLine(boot.ratio)}`);
+          console.log(
+            `${head}\n      ${c.name}: ${line(boot.path.best)}\n      raw:    ${line(boot.raw.best)}\n      ${c.name} / raw (paired): ${ratioLine(boot.ratio)}` +
+              (boot.control ? `\n      control: ${line(boot.control.best)}\n      control / raw (paired): ${ratioLine(boot.controlRatio!)}` : ''),
+          );
         }
         c.uptimes.push(facts.uptime);
         if (took) c.initrdSeconds.push(Number(took[1]));
@@ -301,6 +329,10 @@ try {
   for (const c of cases.filter((c) => c.name !== 'raw')) {
     console.log(`${`${c.name} / raw`.padEnd(22)}${MEASURES.map((m) => fmtRatio(pr(c, m)).padStart(17)).join('')}${fmtRatio(uptimeVsRaw(c)).padStart(11)}`);
   }
+  // The device-mapper control of the direct boots: one dm-linear target, nothing of vdboot's.
+  const ctl = (m: Measure): number | undefined => median(byName.direct.paired.flatMap((b) => (b.controlRatio ? [b.controlRatio[m]] : [])));
+  console.log(`${'dm-linear ctl / raw'.padEnd(22)}${MEASURES.map((m) => fmtRatio(ctl(m)).padStart(17)).join('')}`);
+  console.log(`${'direct / dm-linear ctl'.padEnd(22)}${MEASURES.map((m) => fmtRatio(ratio(pr(byName.direct, m), ctl(m))).padStart(17)).join('')}`);
   // Between two vdisk paths: each measured against the plain partition of its own boots.
   const via = (a: Case, b: Case, m: Measure): number | undefined => ratio(pr(a, m), pr(b, m));
   const cross: [Case['name'], Case['name']][] = [['direct', 'loop'], ['direct', 'nbd']];
@@ -320,6 +352,8 @@ try {
   const vsNbd = MEASURES.map((m) => via(byName.direct, byName.nbd, m));
   const worst = (rs: (number | undefined)[]): string => (rs.some((r) => r === undefined) ? '—' : fmtRatio(Math.min(...(rs as number[]))));
   console.log(`  direct ≥ 0.95 × raw (every measure, paired):  worst ${worst(vsRaw)} ${verdict(vsRaw, (r) => r >= 0.95)}`);
+  const floor = MEASURES.map((m) => ctl(m));
+  console.log(`    (one dm-linear target alone, the control: worst ${worst(floor)} of raw; direct against it: worst ${worst(MEASURES.map((m) => ratio(pr(byName.direct, m), ctl(m))))})`);
   console.log(`  direct ≥ 3 × qemu-nbd (every measure, via raw): worst ${worst(vsNbd)} ${verdict(vsNbd, (r) => r >= 3)}`);
   const up = uptimeVsRaw(byName.direct);
   console.log(`  init at, vdisk ≤ 1.3 × plain partition: ${fmtRatio(up)} ${up === undefined ? 'not measured' : up <= 1.3 ? 'met' : 'NOT met'}`);
