@@ -53,6 +53,20 @@ struct dm_target_spec {
 #define DM_DEV_SUSPEND DM_CMD(6)
 #define DM_TABLE_LOAD DM_CMD(9)
 
+union dm_buffer {
+  struct dm_ioctl io;
+  char raw[4096];
+};
+
+/* A request for device NAME with no targets: version 4, its data right after the struct. */
+static void request(union dm_buffer *b, const char *name) {
+  memset(b, 0, sizeof *b);
+  b->io.version[0] = 4;
+  b->io.data_size = sizeof b->io;
+  b->io.data_start = sizeof b->io;
+  snprintf(b->io.name, sizeof b->io.name, "%s", name);
+}
+
 static int fail(const char *what) {
   printf("VDBOOT-IO error=dm-linear:%s:%s\n", what, strerror(errno));
   return 1;
@@ -73,24 +87,14 @@ int main(int argc, char **argv) {
   int ctl = open("/dev/mapper/control", O_RDWR | O_CLOEXEC);
   if (ctl < 0) return fail("open /dev/mapper/control");
 
-  union {
-    struct dm_ioctl io;
-    char raw[4096];
-  } b;
-  memset(&b, 0, sizeof b);
-  b.io.version[0] = 4;
-  b.io.data_size = sizeof b.io;
-  b.io.data_start = sizeof b.io;
-  snprintf(b.io.name, sizeof b.io.name, "%s", argv[1]);
+  union dm_buffer b;
+  request(&b, argv[1]);
   if (ioctl(ctl, DM_DEV_CREATE, &b) != 0) return fail("DM_DEV_CREATE");
   uint64_t d = b.io.dev;
   unsigned major = (unsigned)((d >> 8) & 0xfff), minor = (unsigned)((d & 0xff) | ((d >> 12) & 0xfff00));
 
-  memset(&b, 0, sizeof b);
-  b.io.version[0] = 4;
-  b.io.data_start = sizeof b.io;
+  request(&b, argv[1]);
   b.io.target_count = 1;
-  snprintf(b.io.name, sizeof b.io.name, "%s", argv[1]);
   struct dm_target_spec *t = (struct dm_target_spec *)(b.raw + sizeof b.io);
   t->sector_start = 0;
   t->length = bytes / 512;
@@ -102,11 +106,7 @@ int main(int argc, char **argv) {
   b.io.data_size = (uint32_t)(sizeof b.io + spec);
   if (ioctl(ctl, DM_TABLE_LOAD, &b) != 0) return fail("DM_TABLE_LOAD");
 
-  memset(&b, 0, sizeof b);
-  b.io.version[0] = 4;
-  b.io.data_size = sizeof b.io;
-  b.io.data_start = sizeof b.io;
-  snprintf(b.io.name, sizeof b.io.name, "%s", argv[1]);
+  request(&b, argv[1]);
   if (ioctl(ctl, DM_DEV_SUSPEND, &b) != 0) return fail("DM_DEV_SUSPEND (resume)");
   close(ctl);
 
