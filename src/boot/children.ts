@@ -20,7 +20,7 @@ export interface ChildSearch {
   children: string[];
   /** images that name this one as their parent but no longer match it (already modified): not protected */
   stale: { path: string; why: string }[];
-  /** neighbours that could not be read, and why */
+  /** neighbours that could not be read to tell whether this image is their parent, and why */
   unreadable: { path: string; why: string }[];
   /** neighbours left unexamined past the limit */
   skipped: number;
@@ -28,8 +28,8 @@ export interface ChildSearch {
 
 /** Extensions of the formats vdboot reads that can have a parent. */
 const DIFFERENCING_NAME = /\.(a?vhdx?|vdi|vmdk|qcow2?)$/i;
-/** How many neighbours are examined at most. */
-export const MAX_NEIGHBOURS = 64;
+/** How many neighbours are examined at most (one small read each unless the header names a parent). */
+export const MAX_NEIGHBOURS = 1024;
 
 function u32be(b: Uint8Array, at: number): number {
   return ((b[at]! << 24) | (b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!) >>> 0;
@@ -66,6 +66,11 @@ export function mayHaveParent(file: BlockReader): boolean {
   return true;
 }
 
+/** The last component of a path written with / or \. */
+function baseName(p: string): string {
+  return p.slice(Math.max(p.lastIndexOf('/'), p.lastIndexOf('\\')) + 1);
+}
+
 function errorText(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
@@ -94,7 +99,10 @@ export function findChildImages(path: string, top: ImageLayer, host: ChainHost):
       if (DIFFERENCING_NAME.test(n) && p.toLowerCase() !== self) candidates.push(p);
     }
   }
-  candidates.sort();
+  // Most likely children first: Hyper-V names a checkpoint after its disk ("disk_GUID.avhdx"), VirtualBox keeps them in Snapshots/.
+  const stem = baseName(path).replace(/\.[^.]*$/, '');
+  const rank = (p: string): number => (baseName(p).startsWith(stem) ? 0 : p.includes('/Snapshots/') ? 1 : 2);
+  candidates.sort((a, b) => rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0));
   if (candidates.length > MAX_NEIGHBOURS) out.skipped = candidates.length - MAX_NEIGHBOURS;
   for (const p of candidates.slice(0, MAX_NEIGHBOURS)) {
     const childDir = dirName(p);
@@ -115,7 +123,10 @@ export function findChildImages(path: string, top: ImageLayer, host: ChainHost):
     }
     const ref = layer.parent;
     if (!ref) continue;
-    const named = ref.paths.some((c) => joinPath(childDir, c).toLowerCase() === self);
+    // Named by its path, or by its name alone: a parent named by an absolute path of another
+    // machine (C:\Users\…\disk.vmdk from a VirtualBox snapshot) is this one if the child's own check says so.
+    const selfName = baseName(path).toLowerCase();
+    const named = ref.paths.some((c) => joinPath(childDir, c).toLowerCase() === self || baseName(c).toLowerCase() === selfName);
     // A VDI names its parent by UUID only: its check below is the whole test.
     const byIdentity = ref.format === 'vdi' && top.format === 'vdi';
     if (!named && !byIdentity) continue;

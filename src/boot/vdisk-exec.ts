@@ -373,6 +373,9 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
           undo.state.dm.push(d.name);
         }
       }, () => `created ${vp.devices.map((d) => `/dev/mapper/${d.name}${d.readOnly ? ' (ro)' : ''}`).join(', ')}`);
+    }
+    // Only once every device exists: the first writes to the images (VHDX logs and headers).
+    for (const { vp } of planned) {
       const hu = vp.headerUpdate;
       if (hu) log.step('header', () => applyHeaderUpdate(sys, hu), () => `${vp.name}: wrote ${hu.what}`);
     }
@@ -411,7 +414,7 @@ function applyHeaderUpdate(sys: Sys, hu: HeaderUpdate): void {
   } catch (e) {
     throw new BootFailure(
       `Writing ${hu.what} to ${target} failed (${(e as Error).message}); the boot stops before anything else is written. ` +
-        `The image reads as before (its other header is still valid). Check the host disk, or boot with rd.vdisk.mode=snapshot.`,
+        `The image is left consistent: an interrupted header update leaves the other header current, and an interrupted log replay is replayed again when the image is next opened. Check the host disk, or boot with rd.vdisk.mode=snapshot.`,
     );
   }
 }

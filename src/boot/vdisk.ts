@@ -304,8 +304,16 @@ function probeInto(vp: VirtualPartition, reader: BlockReader, warnings: string[]
 function refuseWithChildren(req: ImageRequest, image: OpenedImage, host: ImageHost, warnings: string[]): void {
   const kin = findChildImages(req.path, image.layers[0]!.layer, host.chain);
   for (const s of kin.stale) warnings.push(`${s.path} names ${req.path} as its parent but no longer matches it, so it is already cut off from it (${s.why})`);
-  for (const u of kin.unreadable) warnings.push(`${u.path} could not be read to check whether ${req.path} is its parent (${u.why})`);
-  if (kin.skipped) warnings.push(`${kin.skipped} more image files beside ${req.path} were not checked for being its children (vdboot looks at ${MAX_NEIGHBOURS})`);
+  // What vdboot cannot check could be a child: a checkpoint left dirty by the same crash, say.
+  if (kin.unreadable.length || kin.skipped) {
+    throw new FormatError(
+      `${req.path} may be the parent of an image beside it that vdboot cannot check, so it will not boot it read-write: ` +
+        (kin.unreadable.length ? `${kin.unreadable.map((u) => `${u.path} (${u.why})`).join('; ')}` : '') +
+        (kin.skipped ? `${kin.unreadable.length ? '; and ' : ''}${kin.skipped} image files past the ${MAX_NEIGHBOURS} vdboot looks at` : '') +
+        `.\nRemedies: ${kin.unreadable.length ? `repair or move away ${kin.unreadable.length === 1 ? 'that file' : 'those files'}, or ` : ''}keep the image in a folder of its own; or boot with rd.vdisk.mode=snapshot (writes go to RAM) or rd.vdisk.mode=ro.`,
+      'mode', 'rw',
+    );
+  }
   if (!kin.children.length) return;
   const many = kin.children.length > 1;
   throw new FormatError(
@@ -494,7 +502,6 @@ function chooseRoot(req: ImageRequest, choice: VdiskRootChoice, kind: string, pa
   );
 }
 
-/** "start length type params" (dmTable's line) as a DmTarget. */
 /**
  * The part of a device's table that covers its sectors [start, start + length), re-based to 0:
  * linear targets keep their device with the offset moved by as much as the cut, zero and error
@@ -526,6 +533,7 @@ export function sliceTargets(targets: DmTarget[], start: number, length: number)
   return out;
 }
 
+/** "start length type params" (dmTable's line) as a DmTarget. */
 export function parseTableLine(line: string): DmTarget {
   const m = /^(\d+) (\d+) (\S+)(?: (.*))?$/.exec(line);
   if (!m) throw new Error(`internal: bad device-mapper line "${line}"`);

@@ -28,6 +28,10 @@ const MiB = 1024 * KiB;
 const SECTOR = 4 * KiB;
 /** The replay is kept in memory (and written at boot): bounded, far above what Hyper-V logs. */
 const MAX_REPLAY_BYTES = 256 * MiB;
+/** Hyper-V and qemu make 1 MiB logs; a larger one is read whole into memory, so it is bounded. */
+export const MAX_LOG_BYTES = 32 * MiB;
+/** Entries are checksummed at most this many times the log's size in all (a crafted log cannot make the search quadratic). */
+const CHECKSUM_BUDGET = 4;
 
 export interface LogWrite {
   /** file offset */
@@ -77,6 +81,13 @@ function sig(b: Uint8Array, at: number): string {
  * cannot be trusted through (a broken sequence, writes outside the file or into its headers).
  */
 export function readVhdxLog(file: BlockReader, logOffset: number, logLength: number, logGuid: Uint8Array, name: string): VhdxLogReplay {
+  if (logLength === 0) return { entries: 0, writes: [] }; // no log to hold entries (qemu reads it so too)
+  if (logLength > MAX_LOG_BYTES) {
+    throw new FormatError(
+      `${name}: its VHDX log is ${logLength} bytes, more than the ${MAX_LOG_BYTES / MiB} MiB vdboot replays (Hyper-V makes 1 MiB logs); open it once in Hyper-V, or run "qemu-img check -r all" on a copy`,
+      'header.log_length', logLength,
+    );
+  }
   if (logOffset < MiB || logOffset % MiB !== 0 || logLength === 0 || logLength % MiB !== 0 || logOffset + logLength > file.size) {
     throw new FormatError(`${name}: the VHDX log (${logLength} bytes at ${logOffset}) is misaligned or outside the ${file.size}-byte file`, 'header.log_offset', logOffset);
   }
@@ -90,8 +101,14 @@ export function readVhdxLog(file: BlockReader, logOffset: number, logLength: num
     return true;
   };
 
-  /** The entry at log offset `at`, fully checked, or undefined when none is there. */
+  let checksummed = 0;
+  const seen = new Map<number, Entry | undefined>();
+  /** The entry at log offset `at`, fully checked, or undefined when none is there (each place looked at once). */
   const entryAt = (at: number): Entry | undefined => {
+    if (!seen.has(at)) seen.set(at, readEntry(at));
+    return seen.get(at);
+  };
+  const readEntry = (at: number): Entry | undefined => {
     const h = sectorAt(at);
     if (sig(h, 0) !== 'loge' || !guidMatches(h)) return undefined;
     const dv = new DataView(h.buffer, h.byteOffset, SECTOR);
@@ -111,6 +128,16 @@ export function readVhdxLog(file: BlockReader, logOffset: number, logLength: num
       return n;
     })();
     if (dataCount < 0 || (descSectors + dataCount) * SECTOR > length) return undefined;
+    // every data sector says so, with the entry's sequence number, before anything is checksummed
+    for (let k = 0; k < dataCount; k++) {
+      const ds = sectorAt(at + (descSectors + k) * SECTOR);
+      const dsv = new DataView(ds.buffer, ds.byteOffset, SECTOR);
+      if (sig(ds, 0) !== 'data' || ((BigInt(dsv.getUint32(4, true)) << 32n) | BigInt(dsv.getUint32(4092, true))) !== sequence) return undefined;
+    }
+    checksummed += length;
+    if (checksummed > CHECKSUM_BUDGET * logLength) {
+      throw new FormatError(`${name}: the VHDX log holds more overlapping would-be entries than a log can; it is damaged. Open the image once in Hyper-V, or run "qemu-img check -r all" on a copy`, 'log', checksummed);
+    }
     // the checksum covers the whole entry, its own field taken as zero
     const whole = new Uint8Array(length);
     for (let s = 0; s < length; s += SECTOR) whole.set(sectorAt(at + s), s);

@@ -470,9 +470,20 @@ function openVhdx(fileAsItIs: BlockReader, ctx: OpenContext): ImageLayer & Layer
 
   if (replay) {
     // Read through the replay, the data extents point into the file as it is: the log must not rewrite them.
+    // (the file ranges sorted once, each write looked up by binary search: a log may hold thousands)
+    const ranges = extents.flatMap((e) => (e.kind === 'data' && e.file === 0 ? [[e.offset, e.offset + e.length] as const] : [])).sort((a, b) => a[0] - b[0]);
+    const reach: number[] = []; // the furthest end among ranges[0..i]
+    for (const [i, r] of ranges.entries()) reach.push(Math.max(r[1], i ? reach[i - 1]! : 0));
     for (const w of replay.writes) {
-      const hit = extents.find((e) => e.kind === 'data' && e.file === 0 && e.offset < w.offset + w.length && w.offset < e.offset + e.length);
-      if (hit) refuseLog(name, header, `it rewrites ${w.length} bytes at file offset ${w.offset}, which hold the disk's data (vdboot replays updates of the image's tables only)`);
+      // the last range starting before the write's end; some range up to it reaching past the write's start overlaps
+      let lo = 0;
+      let hi = ranges.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (ranges[mid]![0] < w.offset + w.length) lo = mid + 1;
+        else hi = mid;
+      }
+      if (lo > 0 && reach[lo - 1]! > w.offset) refuseLog(name, header, `it rewrites ${w.length} bytes at file offset ${w.offset}, which hold the disk's data (vdboot replays updates of the image's tables only)`);
     }
     details.log = replay.entries ? `${replay.entries} entr${replay.entries === 1 ? 'y' : 'ies'} (sequence ${replay.first}–${replay.last}), ${replay.writes.length} write${replay.writes.length === 1 ? '' : 's'} replayed in memory` : 'no valid entries';
   }

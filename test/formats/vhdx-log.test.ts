@@ -13,7 +13,7 @@ import { vhdxHeaderRenewal } from '../../src/formats/expand/vhdx.ts';
 import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
 import { fileOf } from '../expand/helpers.ts';
 import { cleanupTmpDirs, makeTmpDir, openTestImage, qemuImg, qemuIo, readWholeImage, realWorld } from './helpers.ts';
-import { currentHeader, vhdxLayout, writeLogEntry } from './vhdx-patch.ts';
+import { currentHeader, fixHeaderCrc, vhdxLayout, writeLogEntry } from './vhdx-patch.ts';
 
 afterAll(cleanupTmpDirs);
 
@@ -235,6 +235,49 @@ describe('VHDX log: writing it out', () => {
     try {
       expect(img.map.extents.every((e) => e.kind === 'data')).toBe(true);
       expect(readWholeImage(img).equals(expected)).toBe(true);
+    } finally {
+      img.close();
+    }
+  });
+});
+
+describe('VHDX log: bounded work on a crafted log', () => {
+  it('a log of would-be entries (every sector "loge", the whole log long, checksums wrong) is refused quickly, not searched for minutes', () => {
+    const dir = makeTmpDir();
+    const { p } = crashed(dir);
+    const b = fs.readFileSync(p);
+    const h = currentHeader(b);
+    for (let at = 0; at < h.logLength; at += 4096) {
+      const o = h.logOffset + at;
+      b.fill(0, o, o + 4096);
+      b.write('loge', o, 'latin1');
+      b.writeUInt32LE(h.logLength, o + 8);
+      b.writeBigUInt64LE(1n, o + 16);
+      LOG_GUID.copy(b, o + 32);
+    }
+    fs.writeFileSync(p, b);
+    const t0 = Date.now();
+    expect(() => openTestImage(p).close()).toThrow(/more overlapping would-be entries than a log can/);
+    expect(Date.now() - t0).toBeLessThan(5000);
+  });
+
+  it('a log over 32 MiB is refused before it is read; a log GUID with no log region is no log, as qemu reads it', () => {
+    const dir = makeTmpDir();
+    const { p } = crashed(dir);
+    const b = fs.readFileSync(p);
+    const h = currentHeader(b);
+    b.writeUInt32LE(64 * MiB, h.offset + 68);
+    fixHeaderCrc(b, h.offset);
+    const big = path.join(dir, 'big-log.vhdx');
+    fs.writeFileSync(big, b);
+    expect(() => openTestImage(big).close()).toThrow(/more than the 32 MiB vdboot replays/);
+    b.writeUInt32LE(0, h.offset + 68);
+    fixHeaderCrc(b, h.offset);
+    const none = path.join(dir, 'no-log.vhdx');
+    fs.writeFileSync(none, b);
+    const img = openTestImage(none);
+    try {
+      expect(img.layers[0]!.layer.details.log).toBe('no valid entries');
     } finally {
       img.close();
     }

@@ -4,6 +4,7 @@
  * qemu-made image where it cannot (a VHDX checkpoint, a VirtualBox snapshot VDI), and
  * Windows' own differencing VHD from the real-world samples.
  */
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -11,6 +12,8 @@ import { findChildImages, mayHaveParent } from '../../src/boot/children.ts';
 import { openImage, openLayer } from '../../src/formats/chain.ts';
 import type { ChainHost } from '../../src/formats/chain.ts';
 import { nodeChainHost } from '../../src/sys/node-reader.ts';
+import { planAgainstDevices } from '../../src/cli/plan.ts';
+import { BASIC_DATA, convert, devicesOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, tmpDir } from './helpers.ts';
 import { cleanupTmpDirs, makeTmpDir, qemuImg, qemuIo, realWorld } from '../formats/helpers.ts';
 import { currentHeader, makeDifferencing } from '../formats/vhdx-patch.ts';
 
@@ -63,6 +66,33 @@ describe('findChildImages: differencing images that read from an image', () => {
     qemuImg('create', '-q', '-f', 'vmdk', path.join(dir, 'disk.vmdk'), '8M');
     qemuImg('create', '-q', '-f', 'vmdk', '-F', 'vmdk', '-b', 'disk.vmdk', path.join(dir, 'disk-000001.vmdk'));
     expect(search(path.join(dir, 'disk.vmdk')).children).toEqual([path.join(dir, 'disk-000001.vmdk')]);
+  });
+
+  it('a VirtualBox snapshot VMDK naming its parent by another machine\'s absolute path: found by name, confirmed by its parentCID', () => {
+    const dir = makeTmpDir();
+    const disk = path.join(dir, 'disk.vmdk');
+    qemuImg('create', '-q', '-f', 'vmdk', disk, '8M');
+    fs.mkdirSync(path.join(dir, 'Snapshots'));
+    const snap = path.join(dir, 'Snapshots', '{0b5c2d1e-7777-4888-9999-aaaabbbbcccc}.vmdk');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'vmdk', '-F', 'vmdk', '-b', '../disk.vmdk', path.basename(snap)], { cwd: path.dirname(snap) });
+    const b = fs.readFileSync(snap);
+    const at = b.indexOf('parentFileNameHint="../disk.vmdk"');
+    expect(at).toBeGreaterThan(0);
+    // the descriptor has room after it (zero padding): the longer hint fits in place
+    const hint = 'parentFileNameHint="C:\\Users\\u\\VirtualBox VMs\\Debian\\disk.vmdk"';
+    const end = b.indexOf(0, at);
+    const rest = b.subarray(at + 'parentFileNameHint="../disk.vmdk"'.length, end);
+    Buffer.concat([Buffer.from(hint, 'latin1'), rest]).copy(b, at);
+    fs.writeFileSync(snap, b);
+    expect(search(disk).children).toEqual([snap]);
+    // another disk.vmdk (another CID) elsewhere is not its parent
+    const other = makeTmpDir();
+    qemuImg('create', '-q', '-f', 'vmdk', path.join(other, 'disk.vmdk'), '8M');
+    fs.mkdirSync(path.join(other, 'Snapshots'));
+    fs.copyFileSync(snap, path.join(other, 'Snapshots', path.basename(snap)));
+    const r = search(path.join(other, 'disk.vmdk'));
+    expect(r.children).toEqual([]);
+    expect(r.stale.map((x) => x.path)).toEqual([path.join(other, 'Snapshots', path.basename(snap))]);
   });
 
   it('a Hyper-V checkpoint (.avhdx) by relative path and the parent\'s DataWriteGuid; once the parent is written it is stale, not a child', () => {
@@ -168,3 +198,34 @@ function setVhdUuid(file: string, uuid: string): void {
   }
   fs.writeFileSync(file, b);
 }
+
+describe('a rw boot of an image with a child, or with a neighbour vdboot cannot check (planned on NTFS)', () => {
+  it('a checkpoint beside it is named and refused; a damaged neighbour refuses rw too, naming it; snapshot boots either way', async () => {
+    await loadNtfsMkdir();
+    const dir = tmpDir();
+    try {
+      const guest = makeGuestDisk(dir);
+      const disk = convert(guest, path.join(dir, 'disk.qcow2'), 'qcow2', ['preallocation=metadata']);
+      const broken = realWorld('afl9.vmdk.bz2', dir);
+      const ntfs = makeNtfs(dir, 'host', 60, 'Windows', { '/VMs/disk.qcow2': disk, '/VMs/old-export.vmdk': broken }, ['/VMs']);
+      const host = makeHostDisk(dir, 'host', [{ image: ntfs, type: BASIC_DATA }]);
+      const attempt = (cmdline: string): string => {
+        const d = devicesOf([host]);
+        try {
+          planAgainstDevices(cmdline, d.devices);
+          return 'planned';
+        } catch (e) {
+          return (e as Error).message;
+        } finally {
+          d.close();
+        }
+      };
+      const msg = attempt('root=vdisk:LABEL=Windows:/VMs/disk.qcow2 rw');
+      expect(msg).toMatch(/\/VMs\/disk\.qcow2 may be the parent of an image beside it that vdboot cannot check.*\/VMs\/old-export\.vmdk/s);
+      expect(msg).toMatch(/repair or move away that file.*rd\.vdisk\.mode=snapshot/s);
+      expect(attempt('root=vdisk:LABEL=Windows:/VMs/disk.qcow2 rd.vdisk.mode=snapshot')).toBe('planned');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
