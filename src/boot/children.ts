@@ -100,8 +100,8 @@ export function findChildImages(path: string, top: ImageLayer, host: ChainHost):
     }
   }
   // Most likely children first: Hyper-V names a checkpoint after its disk ("disk_GUID.avhdx"), VirtualBox keeps them in Snapshots/.
-  const stem = baseName(path).replace(/\.[^.]*$/, '');
-  const rank = (p: string): number => (baseName(p).startsWith(stem) ? 0 : p.includes('/Snapshots/') ? 1 : 2);
+  const stem = baseName(path).replace(/\.[^.]*$/, '').toLowerCase();
+  const rank = (p: string): number => (baseName(p).toLowerCase().startsWith(stem) ? 0 : p.includes('/Snapshots/') ? 1 : 2);
   candidates.sort((a, b) => rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0));
   if (candidates.length > MAX_NEIGHBOURS) out.skipped = candidates.length - MAX_NEIGHBOURS;
   for (const p of candidates.slice(0, MAX_NEIGHBOURS)) {
@@ -117,7 +117,7 @@ export function findChildImages(path: string, top: ImageLayer, host: ChainHost):
       };
       layer = openLayer(file, ctx, undefined, host.readers);
     } catch (e) {
-      // A damaged or unreadable neighbour is reported, never the end of the boot.
+      // A damaged or unreadable neighbour is reported, not thrown: the planner refuses rw over it (it could be a child).
       out.unreadable.push({ path: p, why: errorText(e) });
       continue;
     }

@@ -5,7 +5,7 @@
  */
 import { parsePartitionTable } from '../formats/partitions.ts';
 import { probeFilesystem } from '../formats/probe.ts';
-import type { Sys } from '../sys/sys.ts';
+import { isSysError, type Sys } from '../sys/sys.ts';
 import type { ConsoleLog } from './console.ts';
 import { openBlockReader } from './blockdev.ts';
 import type { BlockDeviceInfo } from './devspec.ts';
@@ -17,7 +17,7 @@ const SKIP = /^(ram\d+|zram\d+)$/;
 export class DeviceScanner {
   /** by kernel name; re-probed when the size changes (media inserted, loop attached) */
   private readonly known = new Map<string, BlockDeviceInfo>();
-  private readonly tables = new Map<string, { size: number; parts: Map<number, { partuuid?: string; partlabel?: string }>; kind: string }>();
+  private readonly tables = new Map<string, { size: number; parts: Map<number, { partuuid?: string; partlabel?: string }>; kind: string; read: boolean }>();
 
   constructor(private readonly sys: Sys, private readonly log: ConsoleLog) {}
 
@@ -37,8 +37,10 @@ export class DeviceScanner {
         present.push(cached);
         continue;
       }
-      const info = this.probe(name, size);
-      this.known.set(name, info);
+      const { info, complete } = this.probe(name, size);
+      // A device whose node or table could not be read yet (its /dev node can appear a moment
+      // after its /sys entry) is probed again at the next scan, not remembered half-known.
+      if (complete) this.known.set(name, info);
       present.push(info);
     }
     return present;
@@ -48,7 +50,8 @@ export class DeviceScanner {
     return readTextOr(this.sys, `/sys/class/block/${name}/partition`) !== undefined;
   }
 
-  private probe(name: string, size: number): BlockDeviceInfo {
+  private probe(name: string, size: number): { info: BlockDeviceInfo; complete: boolean } {
+    let complete = true;
     const [major, minor] = (readTextOr(this.sys, `/sys/class/block/${name}/dev`) ?? '0:0').split(':').map(Number);
     const path = `/dev/${name.replace(/!/g, '/')}`;
     const info: BlockDeviceInfo = { name, path, major: major ?? 0, minor: minor ?? 0, size };
@@ -61,12 +64,14 @@ export class DeviceScanner {
         info.parent = link[link.length - 2];
       } catch { /* no parent link: leave it unknown */ }
       const table = info.parent ? this.tableOf(info.parent) : undefined;
+      if (info.parent && !table?.read) complete = false;
       const entry = table?.parts.get(info.partNumber);
       if (entry?.partuuid) info.partuuid = entry.partuuid;
       if (entry?.partlabel) info.partlabel = entry.partlabel;
     } else {
       const table = this.tableOf(name);
-      if (table && table.kind !== 'none') info.table = table.kind;
+      if (!table.read) complete = false;
+      if (table.kind !== 'none') info.table = table.kind;
     }
     try {
       const reader = openBlockReader(this.sys, path, size);
@@ -82,17 +87,18 @@ export class DeviceScanner {
       }
     } catch (e) {
       this.log.debug(`probing ${path}: ${(e as Error).message}`);
+      if (isSysError(e)) complete = false; // not readable yet; content a probe rejects is final
     }
-    return info;
+    return { info, complete };
   }
 
-  /** The parsed partition table of a whole disk, cached by the disk's size. */
+  /** The parsed partition table of a whole disk, cached by the disk's size once the disk could be read (`read`). */
   private tableOf(disk: string) {
     const sectors = Number(readTextOr(this.sys, `/sys/class/block/${disk}/size`) ?? '0');
     const size = sectors * 512;
     const cached = this.tables.get(disk);
     if (cached && cached.size === size) return cached;
-    const entry = { size, parts: new Map<number, { partuuid?: string; partlabel?: string }>(), kind: 'none' };
+    const entry = { size, parts: new Map<number, { partuuid?: string; partlabel?: string }>(), kind: 'none', read: false };
     try {
       const reader = openBlockReader(this.sys, `/dev/${disk.replace(/!/g, '/')}`, size);
       try {
@@ -107,10 +113,13 @@ export class DeviceScanner {
       } finally {
         reader.close();
       }
+      entry.read = true;
     } catch (e) {
       this.log.debug(`partition table of ${disk}: ${(e as Error).message}`);
+      // a table the parser rejects is final; a device that could not be opened or read is tried again
+      if (!isSysError(e)) entry.read = true;
     }
-    this.tables.set(disk, entry);
+    if (entry.read) this.tables.set(disk, entry);
     return entry;
   }
 }
