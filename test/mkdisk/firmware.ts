@@ -20,6 +20,8 @@ export interface FirmwareBoot {
   timeoutMs: number;
   /** disk interface: virtio (default) or ide */
   interface?: 'virtio' | 'ide';
+  /** console text that ends the wait at once as a failure (default: vdboot starting its rescue shell) */
+  failOn?: string;
 }
 
 export function bootFromDisk(o: FirmwareBoot): Promise<string> {
@@ -45,9 +47,11 @@ export function bootFromDisk(o: FirmwareBoot): Promise<string> {
       if (err) reject(err); else resolve(out);
     };
     const timer = setTimeout(() => finish(new Error(`no "${o.marker}" within ${o.timeoutMs} ms; console tail:\n${out.slice(-3000)}`)), o.timeoutMs);
+    const failOn = o.failOn ?? 'starting the rescue shell';
     const onData = (b: Buffer) => {
       out += b.toString('latin1');
       if (out.includes(o.marker)) finish();
+      else if (out.includes(failOn)) finish(new Error(`"${failOn}" before "${o.marker}"; console tail:\n${out.slice(-3000)}`));
     };
     child.stdout!.on('data', onData);
     child.stderr!.on('data', (b: Buffer) => { out += b.toString('latin1'); });
