@@ -330,31 +330,24 @@ function refuseWithChildren(req: ImageRequest, image: OpenedImage, host: ImageHo
 function vhdxRenewal(image: OpenedImage, host: ImageHost, path: 'direct' | 'loop'): HeaderUpdate {
   const g = image.layers[0]!.fileIndex[0]!;
   const file = image.map.files[g]!;
-  const writes = vhdxHeaderRenewal(image.readers[g]!, file);
-  const logged = image.layers[0]!.layer.logReplay?.writes.length ?? 0;
+  const logWrites = image.layers[0]!.layer.logReplay?.writes ?? [];
+  const writes = vhdxHeaderRenewal(image.readers[g]!, file, logWrites);
+  const logged = logWrites.length;
   const what = `${logged ? `the ${logged} update${logged === 1 ? '' : 's'} in ${file}'s log (it was not closed cleanly), then ` : ''}a new FileWriteGuid and DataWriteGuid in ${logged ? 'its' : `${file}'s`} headers, as VHDX asks before the first write`;
   if (path === 'loop') return { what, on: 'file', path: file, writes };
   const layout = host.layout(file);
   if (!layout) throw new Error(`internal: the direct path was chosen for ${file} without its layout`);
-  const placed: HeaderUpdate['writes'] = [];
-  for (const w of writes) {
-    const end = w.offset + w.bytes.length;
-    let at = w.offset;
-    for (const e of layout.extents) {
-      if (e.fileOffset + e.length <= at || e.fileOffset >= end) continue;
-      if (e.kind !== 'data') {
-        throw new FormatError(
-          `${file}: its header at byte ${w.offset} lies ${e.kind === 'hole' ? 'in a hole of the file' : "past the file's initialized size"} on ${host.description}, so vdboot cannot renew it in place. ` +
-            `Boot with rd.vdisk.map=loop, or copy the image on another machine (a copy is stored whole).`,
-          'header', w.offset,
-        );
-      }
-      const to = Math.min(end, e.fileOffset + e.length);
-      placed.push({ offset: e.deviceOffset + (at - e.fileOffset), bytes: w.bytes.subarray(at - w.offset, to - w.offset) });
-      at = to;
+  // Each write's file range composed with the file's extents, as the image map is: only where the file's bytes lie.
+  const placed = writes.flatMap((w) => composeMap({ size: w.bytes.length, files: [file], extents: [{ kind: 'data', start: 0, length: w.bytes.length, file: 0, offset: w.offset }] }, [layout]).extents.map((e) => {
+    if (e.kind !== 'data') {
+      throw new FormatError(
+        `${file}: the bytes at ${w.offset + e.start} it must write first lie in a hole of the file or past its initialized size on ${host.description}, so vdboot cannot write them in place. ` +
+          `Boot with rd.vdisk.map=loop, or copy the image on another machine (a copy is stored whole).`,
+        'header', w.offset,
+      );
     }
-    if (at !== end) throw new FormatError(`${file}: its header at byte ${w.offset} lies past the file's extents on ${host.description}`, 'header', w.offset);
-  }
+    return { offset: e.offset, bytes: w.bytes.subarray(e.start, e.start + e.length) };
+  }));
   return { what, on: 'device', path: layout.device, writes: placed };
 }
 

@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { prepareExpansion } from '../../src/formats/expand/index.ts';
 import { vhdxHeaderRenewal } from '../../src/formats/expand/vhdx.ts';
-import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
+import { parseVhdxHeader, vhdxFormat } from '../../src/formats/vhdx.ts';
 import { fileOf } from '../expand/helpers.ts';
 import { cleanupTmpDirs, makeTmpDir, openTestImage, qemuImg, qemuIo, readWholeImage, realWorld } from './helpers.ts';
 import { currentHeader, fixHeaderCrc, vhdxLayout, writeLogEntry } from './vhdx-patch.ts';
@@ -199,7 +199,8 @@ describe('VHDX log: writing it out', () => {
     const expected = replayedByQemu(p);
     const f = fileOf(p);
     try {
-      const writes = vhdxHeaderRenewal(f, p);
+      const layer = vhdxFormat.open(f, { path: p, openFile: () => { throw new Error('no parent'); } });
+      const writes = vhdxHeaderRenewal(f, p, layer.logReplay?.writes ?? []);
       expect(writes.length).toBe(3);
       for (const w of writes) {
         f.write(w.offset, w.bytes);

@@ -13,7 +13,7 @@
 import type { BlockReader } from '../block-reader.ts';
 import { crc32c } from '../crc.ts';
 import { GUID_BAT, parseVhdxHeader, parseVhdxRegionTable, vhdxFormat } from '../vhdx.ts';
-import { logWriteBytes, replayedReader } from '../vhdx-log.ts';
+import { logWriteBytes, replayedReader, type LogWrite } from '../vhdx-log.ts';
 import { alignUp, MiB, dataPhase, Progress, randomBytes, readTable, refuse, writeChanged, writeZeros, type ExpandFile, type ExpandOptions, type PreparedExpansion } from './common.ts';
 
 const KiB = 1024;
@@ -50,7 +50,7 @@ function readHeaders(file: BlockReader, name: string): { current: HeaderSlot; ot
  * number, then the other with the one after, each to be synced before the next. A torn
  * write leaves a header whose checksum fails, and the other one current.
  */
-function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOptions, clearLog: boolean): { offset: number; bytes: Uint8Array }[] {
+function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOptions): { offset: number; bytes: Uint8Array }[] {
   const fileWrite = newGuid(opts);
   const dataWrite = opts.dataWillChange ? newGuid(opts) : undefined;
   const header = (sequence: bigint): Uint8Array => {
@@ -59,7 +59,7 @@ function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOption
     v.setBigUint64(8, sequence, true);
     b.set(fileWrite, 16);
     if (dataWrite) b.set(dataWrite, 32);
-    if (clearLog) b.fill(0, 48, 64); // LogGuid: the log was replayed
+    b.fill(0, 48, 64); // LogGuid: a writer has written the log's updates (if any) before these headers
     v.setUint32(4, 0, true);
     v.setUint32(4, crc32c(b), true);
     return b;
@@ -70,16 +70,14 @@ function headerWrites(current: HeaderSlot, other: HeaderSlot, opts: ExpandOption
 
 /**
  * What a read-write boot writes to a VHDX before anything else: the log's updates, if it has
- * any (replayed in the order they were logged), then headers with a new FileWriteGuid and
- * DataWriteGuid (see headerWrites) and no log. Each write is to be synced before the next: a
- * crash before the headers leaves the log in place, to be replayed again.
+ * any (`logWrites`, the opened layer's `logReplay`, in the order they were logged), then
+ * headers with a new FileWriteGuid and DataWriteGuid (see headerWrites) and no log. Each write
+ * is to be synced before the next: a crash before the headers leaves the log in place, to be
+ * replayed again.
  */
-export function vhdxHeaderRenewal(file: BlockReader, name: string, opts: Pick<ExpandOptions, 'random'> = {}): { offset: number; bytes: Uint8Array }[] {
+export function vhdxHeaderRenewal(file: BlockReader, name: string, logWrites: readonly LogWrite[], opts: Pick<ExpandOptions, 'random'> = {}): { offset: number; bytes: Uint8Array }[] {
   const { current, other } = readHeaders(file, name);
-  const layer = vhdxFormat.open(file, { path: name, openFile: () => refuse(name, 'it has a parent', 'parent') });
-  const replay = (layer.logReplay?.writes ?? []).map((w) => ({ offset: w.offset, bytes: logWriteBytes(w) }));
-  const hasLog = current.raw.subarray(48, 64).some((b) => b !== 0);
-  return [...replay, ...headerWrites(current, other, { ...opts, dataWillChange: true }, hasLog)];
+  return [...logWrites.map((w) => ({ offset: w.offset, bytes: logWriteBytes(w) })), ...headerWrites(current, other, { ...opts, dataWillChange: true })];
 }
 
 export function prepareVhdx(fileAsItIs: BlockReader, name: string): PreparedExpansion {
@@ -185,7 +183,7 @@ export function prepareVhdx(fileAsItIs: BlockReader, name: string): PreparedExpa
       // 0. The log's updates, then the headers (new GUIDs, no log), each synced.
       for (const w of replay) out.write(w.offset, logWriteBytes(w));
       if (replay.length) out.sync();
-      for (const w of headerWrites(current, other, opts, current.raw.subarray(48, 64).some((b) => b !== 0))) {
+      for (const w of headerWrites(current, other, opts)) {
         out.write(w.offset, w.bytes);
         out.sync();
       }
