@@ -14,6 +14,9 @@ import type { ChainHost } from '../formats/chain.ts';
 import { openLayer } from '../formats/chain.ts';
 import type { ImageLayer, OpenContext } from '../formats/image.ts';
 import { dirName, joinPath } from '../formats/paths.ts';
+import { parseQcow2Header, probeQcow2 } from '../formats/qcow2.ts';
+import { parseVdiHeader, probeVdi } from '../formats/vdi.ts';
+import { parseVhdFooter } from '../formats/vhd.ts';
 
 export interface ChildSearch {
   /** differencing images whose parent this image is, as they are now */
@@ -31,39 +34,32 @@ const DIFFERENCING_NAME = /\.(a?vhdx?|vdi|vmdk|qcow2?)$/i;
 /** How many neighbours are examined at most (one small read each unless the header names a parent). */
 export const MAX_NEIGHBOURS = 1024;
 
-function u32be(b: Uint8Array, at: number): number {
-  return ((b[at]! << 24) | (b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!) >>> 0;
-}
-
-function u32le(b: Uint8Array, at: number): number {
-  return (b[at]! | (b[at + 1]! << 8) | (b[at + 2]! << 16) | (b[at + 3]! << 24)) >>> 0;
-}
-
-function ascii(b: Uint8Array, at: number, n: number): string {
-  return String.fromCharCode(...b.subarray(at, at + n));
-}
-
 /**
  * False when the header shows the file has no parent; true when it has one or the header
- * alone cannot tell (VHDX, VMDK: then the file is opened).
+ * alone cannot tell (VHDX, VMDK, or a header its format's parser rejects: then the file is
+ * opened, and what cannot be opened is reported).
  */
 export function mayHaveParent(file: BlockReader): boolean {
   const head = file.read(0, Math.min(512, file.size));
-  if (head.length >= 16 && u32be(head, 0) === 0x514649fb) {
-    // qcow2: backing_file_offset, a big-endian u64 at 8
-    return u32be(head, 8) !== 0 || u32be(head, 12) !== 0;
-  }
-  if (head.length >= 0x50 && u32le(head, 0x40) === 0xbeda107f) {
-    // VDI: the image type follows the header size (at 0x4C; at 0x48 in version 0 headers, which have none); 3 undo, 4 differencing
-    const type = u32le(head, u32le(head, 0x44) >>> 16 === 0 ? 0x48 : 0x4c);
-    return type === 3 || type === 4;
-  }
-  if (file.size >= 512) {
-    // VHD: the footer in the last 512 bytes (a dynamic VHD copies it at 0); disk type at 60, 4 = differencing
-    const footer = ascii(head, 0, 8) === 'conectix' ? head : file.read(file.size - 512, 512);
-    if (ascii(footer, 0, 8) === 'conectix') return u32be(footer, 60) === 4;
+  try {
+    if (probeQcow2(head)) return parseQcow2Header(head, file).backingFileOffset !== 0;
+    if (probeVdi(head)) {
+      const type = parseVdiHeader(head, file).imageType;
+      return type === 3 || type === 4; // undo, differencing
+    }
+    if (file.size >= 512) {
+      // a dynamic VHD copies its footer at 0; a fixed one has it only at the end
+      const footer = isVhdFooter(head) ? head : file.read(file.size - 512, 512);
+      if (isVhdFooter(footer)) return parseVhdFooter(footer, file.name).diskType === 4;
+    }
+  } catch (e) {
+    if (!isFormatError(e)) throw e;
   }
   return true;
+}
+
+function isVhdFooter(b: Uint8Array): boolean {
+  return b.length >= 8 && String.fromCharCode(...b.subarray(0, 8)) === 'conectix';
 }
 
 /** The last component of a path written with / or \. */
