@@ -118,17 +118,15 @@ export function readVhdxLog(file: BlockReader, logOffset: number, logLength: num
     const count = dv.getUint32(24, true);
     if (length === 0 || length % SECTOR !== 0 || length > logLength || tail % SECTOR !== 0 || tail >= logLength || sequence === 0n) return undefined;
     const descSectors = Math.ceil((count + 2) / 128);
-    const dataCount = (() => {
-      let n = 0;
-      for (let i = 0; i < count; i++) {
-        const s = Math.floor((64 + i * 32) / SECTOR);
-        if (s >= descSectors || s * SECTOR >= length) return -1;
-        if (sig(sectorAt(at + s * SECTOR), (64 + i * 32) % SECTOR) === 'desc') n++;
-      }
-      return n;
-    })();
-    if (dataCount < 0 || (descSectors + dataCount) * SECTOR > length) return undefined;
+    if (descSectors * SECTOR > length) return undefined;
+    let dataCount = 0;
+    for (let i = 0; i < count; i++) {
+      const d = 64 + i * 32;
+      if (sig(sectorAt(at + Math.floor(d / SECTOR) * SECTOR), d % SECTOR) === 'desc') dataCount++;
+    }
+    if ((descSectors + dataCount) * SECTOR > length) return undefined;
     // every data sector says so, with the entry's sequence number, before anything is checksummed
+    // (the descriptors below take them in this order)
     for (let k = 0; k < dataCount; k++) {
       const ds = sectorAt(at + (descSectors + k) * SECTOR);
       const dsv = new DataView(ds.buffer, ds.byteOffset, SECTOR);
@@ -158,9 +156,6 @@ export function readVhdxLog(file: BlockReader, logOffset: number, logLength: num
         writes.push({ offset, length: zl });
       } else if (kind === 'desc') {
         const ds = whole.subarray(data * SECTOR, (data + 1) * SECTOR);
-        const dsv = new DataView(ds.buffer, ds.byteOffset, SECTOR);
-        const seq = (BigInt(dsv.getUint32(4, true)) << 32n) | BigInt(dsv.getUint32(4092, true));
-        if (sig(ds, 0) !== 'data' || seq !== sequence) return undefined;
         const bytes = new Uint8Array(SECTOR);
         bytes.set(whole.subarray(d + 8, d + 16), 0);
         bytes.set(ds.subarray(8, 4092), 8);
