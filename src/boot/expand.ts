@@ -17,6 +17,7 @@
 import { isFormatError, FormatError } from '../formats/block-reader.ts';
 import { isDataPhaseFailed } from '../formats/expand/common.ts';
 import { EXPAND_REMEDIES, prepareExpansion, type ExpandFile, type ExpansionPlan } from '../formats/expand/index.ts';
+import { runFill, type FillCheck } from '../formats/expand/fill.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { preadExact } from './blockdev.ts';
 import { humanSize } from './devices.ts';
@@ -197,10 +198,18 @@ function unmount(ctx: InitContext, t: ExpandTarget, daemon: number | undefined):
     if (!done) throw stillMounted(t, EXPAND_MOUNT, `ntfs-3g (pid ${daemon}), which wrote ${t.device.path} for the expansion, is still running 120 s after ${EXPAND_MOUNT} was unmounted`);
   }
   sys.sync();
+  dropDeviceCache(sys, t.device.path);
+}
+
+/**
+ * Writes back and drops a device's cached pages, so the next reads come from the disk:
+ * a filesystem driver writes file data around the device's own page cache.
+ */
+export function dropDeviceCache(sys: Sys, path: string): void {
   try {
-    const fd = sys.open(t.device.path, O.RDONLY | O.CLOEXEC);
+    const fd = sys.open(path, O.RDONLY | O.CLOEXEC);
     try { sys.ioctlInt(fd, BLKFLSBUF, 0); } finally { sys.close(fd); }
-  } catch { /* the cache is coherent anyway for drivers writing through the same device */ }
+  } catch { /* best effort: reads may then come from pages cached before the write */ }
 }
 
 /** Free bytes the unprivileged user could use, as statfs(2) of the mounted host reports them. */
@@ -234,11 +243,18 @@ function refusal(t: ExpandTarget, reason: string): BootFailure {
   return new BootFailure(`${t.path} on ${t.description} cannot be mapped read-write as it is (blocks of the dynamic image are not allocated), and vdboot cannot expand it in place: ${reason}. Nothing was written. Instead: ${EXPAND_REMEDIES}.`);
 }
 
+/** What expandInPlace did: the expansion carried out (if any), and the fill checks to verify from the partition. */
+export interface InPlaceResult {
+  expansion?: ExpansionPlan;
+  fills: { name: string; checks: FillCheck[] }[];
+}
+
 /**
- * Expands the image of `need` in place (see the file comment). Returns the expansion
- * carried out; throws BootFailure (nothing written) when it cannot be done.
+ * Fills the image file's holes (fill.ts) and expands the image in place (see the file
+ * comment), in that order: the expansion may write where holes were. Returns what was
+ * done; throws BootFailure (nothing written) when it cannot be done.
  */
-export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: ExpandTarget): ExpansionPlan {
+export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: ExpandTarget): InPlaceResult {
   const { sys, log } = ctx;
   let mount: Mounted;
   let driver: { kernel: string[]; ntfs3g?: string } | undefined;
@@ -248,27 +264,57 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
     const d = writableDriver(ctx, t.device.fsType);
     if (typeof d === 'string') refuse(t, d);
     driver = d;
+    // ntfs3 (6.12) loses the data of a sparse file's partly allocated compression units
+    // when it writes into their holes, and fails (EIO, volume marked dirty) filling a
+    // fragmented one: a sparse NTFS file is filled and expanded through ntfs-3g only.
+    if (t.device.fsType === 'ntfs' && need.fills.length) {
+      if (!d.ntfs3g) {
+        refuse(t, `${need.fills.map((f) => f.name).join(', ')} is a sparse file (${humanSize(need.fills.reduce((n, f) => n + f.zeroBytes, 0))} in holes), and filling a sparse NTFS file needs ntfs-3g: the kernel's ntfs3 loses data written into a sparse file's holes. Build the initramfs with ntfs-3g ("vdboot mkinitramfs --with ntfs-3g"; it is included by default when the build machine has ntfs-3g), or copy the image whole on another machine (Windows: copy; Linux: cp --sparse=never)`);
+      }
+      driver = { kernel: [], ntfs3g: d.ntfs3g };
+    }
     mount = mountForExpansion(ctx, t, driver, false);
   }
+  const fills = need.fills;
+  const fillZeros = fills.reduce((n, f) => n + f.zeroBytes, 0);
 
   // 1. Read-only: the expansion's sizes from the file as the driver sees it, and the room.
-  let plan: ExpansionPlan;
+  let plan: ExpansionPlan | undefined;
   try {
-    const file = sysExpandFile(sys, `${mount.dir}${t.path}`, false);
-    try {
-      plan = prepareExpansion(file, t.path).plan;
-    } finally {
-      file.close();
+    if (need.expansion) {
+      const file = sysExpandFile(sys, `${mount.dir}${t.path}`, false);
+      try {
+        plan = prepareExpansion(file, t.path).plan;
+      } finally {
+        file.close();
+      }
     }
-    const grow = plan.newFileSize - plan.fileSize;
-    if (t.device.fsType === 'vfat' && plan.newFileSize > FAT_MAX_FILE) {
+    for (const f of fills) {
+      const file = sysExpandFile(sys, `${mount.dir}${f.name}`, false);
+      try {
+        const end = f.ranges[f.ranges.length - 1]!;
+        if (end.offset + end.length > file.size) refuse(t, `${mount.driver} sees ${f.name} as ${bytes(file.size)}, shorter than vdboot reads it on the partition (${bytes(end.offset + end.length)}): the host filesystem may be damaged; check it with chkdsk /f on Windows`);
+      } finally {
+        file.close();
+      }
+    }
+    const grow = plan ? plan.newFileSize - plan.fileSize : 0;
+    if (plan && t.device.fsType === 'vfat' && plan.newFileSize > FAT_MAX_FILE) {
       refuse(t, `it would grow to ${bytes(plan.newFileSize)}, but ${t.description} is FAT32, where a file holds at most 4 GiB − 1 byte (${FAT_MAX_FILE} bytes). Put the image on an exFAT or NTFS partition, or use a preallocated image`);
     }
+    const need_ = grow + fillZeros;
     const free = freeBytes(sys, mount.dir);
-    if (free < grow + margin(grow)) {
-      refuse(t, `it would grow by ${bytes(grow)} (${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)}, to ${bytes(plan.newFileSize)}), but the host has only ${bytes(free)} free. Free ${humanSize(grow + margin(grow) - free)} or more on it (or compact the image elsewhere)`);
+    if (free < need_ + margin(need_)) {
+      const what = [
+        ...(fillZeros ? [`its ${bytes(fillZeros)} of holes need clusters`] : []),
+        ...(plan ? [`it would grow by ${bytes(grow)} (${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)}, to ${bytes(plan.newFileSize)})`] : []),
+      ].join(' and ');
+      refuse(t, `${what}, but the host has only ${bytes(free)} free. Free ${humanSize(need_ + margin(need_) - free)} or more on it (or compact the image elsewhere)`);
     }
-    log.info(`expanding ${t.path} in place: ${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)} (${humanSize(need.unallocated)} of the virtual disk) allocated and zero-filled, the file grows from ${humanSize(plan.fileSize)} to ${humanSize(plan.newFileSize)}; ${t.description} has ${humanSize(free)} free`);
+    for (const f of fills) {
+      log.info(`filling ${f.name}'s holes in place: ${humanSize(f.zeroBytes)} of the file lie in holes or past its initialized size; ${f.ranges.length} range${f.ranges.length === 1 ? '' : 's'} (${humanSize(f.writeBytes)}) rewritten through ${mount.driver} in whole units of ${humanSize(f.unit)}; ${t.description} has ${humanSize(free)} free`);
+    }
+    if (plan) log.info(`expanding ${t.path} in place: ${plan.blocks} absent block${plan.blocks === 1 ? '' : 's'} of ${humanSize(plan.blockSize)} (${humanSize(need.unallocated)} of the virtual disk) allocated and zero-filled, the file grows from ${humanSize(plan.fileSize)} to ${humanSize(plan.newFileSize)}; ${t.description} has ${humanSize(free)} free`);
   } catch (e) {
     const err = isFormatError(e) ? refusal(t, (e as Error).message) : isSysError(e) ? refusal(t, openFailure(mount, t, e)) : e;
     try {
@@ -280,7 +326,7 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
     throw err;
   }
 
-  // 2. Read-write: the expansion itself.
+  // 2. Read-write: the fills, then the expansion itself.
   if (t.kernelMount) t.kernelMount.makeWritable();
   else {
     mount.release();
@@ -288,24 +334,42 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
   }
   const t0 = sys.monotonicMs();
   let failure: unknown;
+  const done: InPlaceResult = { fills: [] };
   try {
-    let file: ReturnType<typeof sysExpandFile>;
-    try {
-      file = sysExpandFile(sys, `${mount.dir}${t.path}`, true);
-    } catch (e) {
-      if (!isSysError(e)) throw e;
-      refuse(t, openFailure(mount, t, e));
+    const open = (name: string): ReturnType<typeof sysExpandFile> => {
+      try {
+        return sysExpandFile(sys, `${mount.dir}${name}`, true);
+      } catch (e) {
+        if (!isSysError(e)) throw e;
+        refuse(t, openFailure(mount, t, e));
+      }
+    };
+    for (const f of fills) {
+      const file = open(f.name);
+      try {
+        // Each write puts back the bytes read there: a failure half-way leaves the file reading as before.
+        const checks = runFill(file, f, progressReporter(ctx, `${f.name} (filling holes)`));
+        done.fills.push({ name: f.name, checks });
+      } catch (e) {
+        throw new BootFailure(`Filling the holes of ${f.name} on ${t.description} failed: ${isSysError(e) ? `${e.call}: ${e.code}` : (e as Error).message}. Each write put back the bytes it read, so the image reads as before; the boot stops here. Instead: ${EXPAND_REMEDIES}.`);
+      } finally {
+        file.close();
+      }
     }
-    try {
-      const prepared = prepareExpansion(file, t.path);
-      prepared.run(file, { progress: progressReporter(ctx, t.path), dataWillChange: true, random: (n) => randomBytes(sys, n) });
-      file.sync();
-      plan = prepared.plan;
-    } finally {
-      file.close();
+    if (plan) {
+      const file = open(t.path);
+      try {
+        const prepared = prepareExpansion(file, t.path);
+        prepared.run(file, { progress: progressReporter(ctx, t.path), dataWillChange: true, random: (n) => randomBytes(sys, n) });
+        file.sync();
+        plan = prepared.plan;
+        done.expansion = plan;
+      } finally {
+        file.close();
+      }
     }
   } catch (e) {
-    failure = e instanceof BootFailure ? e : expansionFailed(t, plan, e);
+    failure = e instanceof BootFailure ? e : expansionFailed(t, plan!, e);
   }
   // The host goes back to read-only (or unmounted) whatever happened; if it cannot, the boot stops here.
   try {
@@ -318,8 +382,9 @@ export function expandInPlace(ctx: InitContext, need: ExpansionNeeded, t: Expand
   }
   if (failure) throw failure;
   const secs = (sys.monotonicMs() - t0) / 1000;
-  log.info(`expanded ${t.path}: ${humanSize(plan.writeBytes)} written in ${secs.toFixed(1)} s (${humanSize(secs > 0 ? plan.writeBytes / secs : 0)}/s); planning it again`);
-  return plan;
+  const written = (plan?.writeBytes ?? 0) + fills.reduce((n, f) => n + f.writeBytes, 0);
+  log.info(`${plan ? `expanded ${t.path}` : `filled the holes of ${t.path}`}: ${humanSize(written)} written in ${secs.toFixed(1)} s (${humanSize(secs > 0 ? written / secs : 0)}/s); planning it again`);
+  return done;
 }
 
 /** The boot's message for an expansion that failed while writing. */

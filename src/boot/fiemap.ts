@@ -443,7 +443,7 @@ export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo
         const shown = problems.slice(0, 4).join('; ') + (problems.length > 4 ? `; and ${problems.length - 4} more` : '');
         throw new FormatError(`parts of ${norm} cannot be mapped onto ${device.path} as they are: ${shown}`, 'fiemap', norm);
       }
-      return { device: device.path, extents };
+      return { device: device.path, extents, size: st.size };
     } finally {
       sys.close(fd);
     }

@@ -172,7 +172,7 @@ export function hostFileLayout(host: OpenedHostFs, file: HostFile): FileLayout {
   if (file.resident) {
     throw new FormatError(`${file.path} on ${describeHost(host.device)} is only ${file.size} bytes, stored inside its NTFS record: it has no clusters to map`, 'path', file.path);
   }
-  return { device: host.device.path, extents: file.extents };
+  return { device: host.device.path, extents: file.extents, size: file.size, ...(file.allocationUnit ? { allocationUnit: file.allocationUnit } : {}) };
 }
 
 /** The planner's view of a found image's host: the chain host, file layouts, the write blocker. */

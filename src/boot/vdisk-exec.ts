@@ -8,11 +8,12 @@
 import { isFormatError } from '../formats/block-reader.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
-import { describeDevices } from './devices.ts';
+import { describeDevices, humanSize } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { mkdirs, readTextOr, writeText } from './fsutil.ts';
-import { expandInPlace, type ExpandTarget } from './expand.ts';
+import { dropDeviceCache, expandInPlace, type ExpandTarget, type InPlaceResult } from './expand.ts';
+import { layoutReader, verifyFill } from '../formats/expand/fill.ts';
 import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
 import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
@@ -264,7 +265,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
   type Planned = { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo } | { kind: 'expand'; need: ExpansionNeeded; target: ExpandTarget };
   /** Locates, opens and plans request `index` (reads only); a dynamic image for a rw mapping comes back as 'expand'. */
-  const planOne = (index: number): Planned => {
+  const planOne = (index: number, verify?: (host: ImageHost, device: BlockDeviceInfo) => void): Planned => {
     const r = requests[index]!;
     // A host mounted already is now also matched by vdhost (it carries the host's label): use the mounted one.
     const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : locateImage(ctx, r.spec, r.path, r.what);
@@ -301,6 +302,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
         const kernelMount = located.kernel && kernelHost ? { dir: HOST_MOUNT, makeWritable: () => remountKernelHostWritable(ctx, dm, undo, kernelHost!), makeReadOnly: () => remountKernelHostReadOnly(ctx, kernelHost!) } : undefined;
         return { kind: 'expand', need: e, target: { device: opened.device, description: imageHost.description, path: opened.path, ...(kernelMount ? { kernelMount } : {}) } };
       }
+      verify?.(imageHost, opened.device);
       for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
       for (const w of vp.warnings) log.warn(w);
       if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
@@ -318,9 +320,15 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       let res = results[index]!;
       if (res.kind === 'expand') {
         // A dynamic image for a rw mapping: expand it in place (expand.ts), then plan it again.
-        expandInPlace(ctx, res.need, res.target);
-        res = planOne(index);
-        if (res.kind === 'expand') throw new BootFailure(`${res.target.path} still has unallocated blocks after it was expanded in place; the boot stops here. Check the image with "qemu-img check" on another machine.`);
+        const done = expandInPlace(ctx, res.need, res.target);
+        res = planOne(index, done.fills.length ? (host, device) => verifyFills(ctx, host, device, done) : undefined);
+        if (res.kind === 'expand') {
+          throw new BootFailure(
+            res.need.fills.length
+              ? `${res.target.path} still has ${res.need.fills.map((f) => `${humanSize(f.zeroBytes)} of holes in ${f.name}`).join(', ')} after they were filled through the host's driver: the driver did not allocate them, so vdboot will not map the file read-write. The boot stops here. Copy the image whole on another machine (Windows: copy; Linux: cp --sparse=never), or boot with rd.vdisk.mode=snapshot.`
+              : `${res.target.path} still has unallocated blocks after it was expanded in place; the boot stops here. Check the image with "qemu-img check" on another machine.`,
+          );
+        }
       }
       planned.push({ vp: res.vp, host: res.host });
     }
@@ -356,7 +364,10 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     const hostWritable = planned.some((p) => p.vp.hostMountWritable);
     if (kernelHost) {
       if (hostWritable) remountKernelHostWritable(ctx, dm, undo, kernelHost);
-    } else if (hostInfo && needsHostMount) mountHost(ctx, dm, undo, hostInfo, hostWritable, true);
+    } else if (hostInfo && needsHostMount) {
+      const sparse = planned.flatMap((p) => (p.vp.hostMountWritable ? p.vp.sparseHostFiles ?? [] : []));
+      mountHost(ctx, dm, undo, hostInfo, hostWritable, true, sparse);
+    }
     for (const { vp } of planned) {
       const loops: string[] = [];
       for (const l of vp.loops) {
@@ -391,6 +402,39 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   writeState(sys, undo.state);
   const root = planned.find((p) => p.vp.root)?.vp.root?.device;
   return root ? { root, plans: planned.map((p) => p.vp) } : { plans: planned.map((p) => p.vp) };
+}
+
+/**
+ * After a fill (fill.ts): the units where a file's data and its former holes meet, read
+ * again from the partition where the file's records now place them, must hold what was
+ * written through the driver. A driver that put them elsewhere (or lost them) stops the
+ * boot before anything is mapped, and before the guest writes anything.
+ */
+function verifyFills(ctx: InitContext, host: ImageHost, device: BlockDeviceInfo, done: InPlaceResult): void {
+  const { sys, log } = ctx;
+  dropDeviceCache(sys, device.path);
+  const dev = openBlockReader(sys, device.path, device.size);
+  try {
+    const bad: string[] = [];
+    let units = 0;
+    for (const f of done.fills) {
+      const layout = host.layout(f.name);
+      if (!layout) { bad.push(`${f.name}: vdboot cannot see where it lies on ${host.description}`); continue; }
+      const size = layout.size ?? layout.extents.reduce((n, e) => Math.max(n, e.fileOffset + e.length), 0);
+      bad.push(...verifyFill(f.name, f.checks, layoutReader(f.name, size, layout.extents, dev)));
+      units += f.checks.length;
+    }
+    if (bad.length) {
+      throw new BootFailure(
+        `After filling the holes of the image through the host's driver, what the partition holds is not what was written:\n  ${bad.slice(0, 8).join('\n  ')}${bad.length > 8 ? `\n  and ${bad.length - 8} more` : ''}\n` +
+          `The driver placed or kept the data elsewhere than the file's records say, so vdboot will not map this file. The boot stops here, before the guest wrote anything. ` +
+          `Check the host filesystem (Windows: chkdsk /f), and copy the image whole on another machine (Windows: copy; Linux: cp --sparse=never); or boot with rd.vdisk.mode=snapshot.`,
+      );
+    }
+    log.info(`checked ${units} filled unit${units === 1 ? '' : 's'} on ${device.path}: each holds what was written through the driver`);
+  } finally {
+    dev.close();
+  }
 }
 
 /**
@@ -443,8 +487,19 @@ const HOST_MOUNT_TYPES: Record<string, string> = { ntfs: 'ntfs3,ntfs', vfat: 'vf
  * Mounts the host filesystem at /run/vdboot/host through vdhost. `required`: the loop
  * path reads the image through it, so failing is fatal; otherwise the boot goes on.
  */
-function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo, writable: boolean, required: boolean): void {
+function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo, writable: boolean, required: boolean, sparseFiles: string[] = []): void {
   const { sys, log } = ctx;
+  // ntfs3 loses data written into the holes of a sparse file (a partly allocated
+  // compression unit gets new clusters without the old ones' data): such files are
+  // written through ntfs-3g, or not at all.
+  const avoidNtfs3 = writable && host.fsType === 'ntfs' && sparseFiles.length > 0;
+  if (avoidNtfs3 && !ctx.manifest.tools.ntfs3g) {
+    throw new BootFailure(
+      `${sparseFiles.join(', ')} on ${host.path} is a sparse file (it has holes), and this boot would write it through the kernel's ntfs3, which loses data written into a sparse file's holes; this initramfs has no ntfs-3g to write it instead. Nothing was written. ` +
+        `Boot without rd.vdisk.expand=0 (vdboot then fills the holes first and maps the image directly), or build the initramfs with "vdboot mkinitramfs --with ntfs-3g", ` +
+        `or copy the image whole on another machine (Windows: copy; Linux: cp --sparse=never), or boot with rd.vdisk.mode=snapshot.`,
+    );
+  }
   try {
     const vh = vdhostPlan(host, !writable);
     const created = dm.create(vh.name, vh.uuid, vh.targets, vh.readOnly);
@@ -453,6 +508,10 @@ function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDe
     mkdirs(sys, HOST_MOUNT);
     const types = HOST_MOUNT_TYPES[host.fsType ?? ''] ?? host.fsType;
     try {
+      if (avoidNtfs3) {
+        log.info(`${sparseFiles.join(', ')} is sparse on ${host.path}: written through ntfs-3g, not ntfs3 (ntfs3 loses data written into a sparse file's holes)`);
+        throw new Error('sparse file: ntfs-3g');
+      }
       mountDevice(ctx, dev, HOST_MOUNT, types, !writable, '');
       undo.state.hostMount = HOST_MOUNT;
     } catch (e) {

@@ -20,7 +20,7 @@ import { probeFilesystem } from '../formats/probe.ts';
 import { mappedReader } from '../formats/read-map.ts';
 import type { DmTarget } from './dm.ts';
 import { findChildImages, MAX_NEIGHBOURS } from './children.ts';
-import { checkExpansion } from './expand-plan.ts';
+import { checkFills, expansionFor, ExpansionNeeded, planFills } from './expand-plan.ts';
 import { vhdxHeaderRenewal } from '../formats/expand/vhdx.ts';
 import { humanSize } from './devices.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
@@ -124,6 +124,12 @@ export interface VdiskPlan {
   headerUpdate?: HeaderUpdate;
   /** the host filesystem must be mounted read-write by the kernel (loop path in rw mode) */
   hostMountWritable: boolean;
+  /**
+   * The image's own files have holes or uninitialized ranges on the host (rw only; the
+   * fill did not run: rd.vdisk.expand=0). The loop and nbd paths then write them through
+   * the host's driver, which must be one that allocates holes safely (not ntfs3).
+   */
+  sparseHostFiles?: string[];
   warnings: string[];
 }
 
@@ -260,6 +266,10 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
     hostMountWritable: chosen.path !== 'direct' && req.mode === 'rw',
     warnings,
   };
+  if (req.mode === 'rw' && chosen.path !== 'direct') {
+    const sparse = planFills(image, host).map((f) => f.name);
+    if (sparse.length) plan.sparseHostFiles = sparse;
+  }
   if (chosen.path === 'nbd') plan.nbd = { file: image.layers[0]!.path, format: qemuFormatName(image.layers[0]!.layer.format), readOnly: req.mode !== 'rw' };
   if (cowBytes !== undefined) plan.cowBytes = cowBytes;
   if (req.root) {
@@ -380,12 +390,17 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
   const s = summarizeMap(map);
   if (req.map === 'nbd') {
     if (!req.nbd) throw new FormatError(`rd.vdisk.map=nbd: this initramfs has no qemu-nbd. Build it with "vdboot mkinitramfs --with qemu-nbd --with ntfs-3g", or use rd.vdisk.map=auto, direct or loop.`, 'map', 'nbd');
+    // qemu-nbd writes through the host's driver: the file's holes are filled first
+    checkFills(req, image, host, 0);
     return { path: 'nbd', why: 'nbd (asked for): qemu-nbd serves the image through the host filesystem' };
   }
   if (s.unmappableBytes > 0) {
     const first = map.extents.find((e) => e.kind === 'unmappable');
     const reason = first && first.kind === 'unmappable' ? first.reason : 'unmappable';
-    if (req.nbd && req.map === 'auto') return { path: 'nbd', why: `nbd: ${bytes(s.unmappableBytes)} of the virtual disk cannot be handed to device-mapper (${reason}); qemu-nbd reads it` };
+    if (req.nbd && req.map === 'auto') {
+      checkFills(req, image, host, 0);
+      return { path: 'nbd', why: `nbd: ${bytes(s.unmappableBytes)} of the virtual disk cannot be handed to device-mapper (${reason}); qemu-nbd reads it` };
+    }
     throw new FormatError(
       `${req.path}: ${bytes(s.unmappableBytes)} of the virtual disk cannot be handed to device-mapper (${reason}). Convert the image on another machine, e.g. ` +
         `"qemu-img convert -O vhdx in out.vhdx" (uncompressed), then boot that one; ${NBD_HINT}.`,
@@ -407,12 +422,17 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
     let parentBytes = 0;
     for (const e of map.extents) if (e.kind === 'data' && !top.has(e.file)) parentBytes += e.length;
     const unallocated = (s.zeroBytesByWhy.unallocated ?? 0) + (s.zeroBytesByWhy.zeroed ?? 0) + (s.zeroBytesByWhy.uninitialized ?? 0);
+    // Expanding in place (expand-plan.ts) throws ExpansionNeeded when vdboot can: it comes
+    // first (DESIGN §3, the direct path afterwards), after the file's holes on the host are
+    // filled (planFills). Where it cannot — rd.vdisk.expand=0, a parent image, a format it
+    // does not expand — auto hands the image to qemu-nbd if the initramfs has it.
+    const expansion = parentBytes > 0 ? 'it has a parent image, whose data expanding it would need' : unallocated > 0 ? expansionFor(req, image, host, unallocated) : undefined;
+    const refused = typeof expansion === 'string' && !(req.nbd && req.map === 'auto');
+    // Holes are filled for whatever path follows, but not for a boot that is refused below.
+    if (!refused) checkFills(req, image, host, unallocated, typeof expansion === 'string' ? undefined : expansion);
+    if (expansion !== undefined && typeof expansion !== 'string') throw new ExpansionNeeded(req.path, expansion, unallocated, host.description);
     if (parentBytes > 0 || unallocated > 0) {
-      // Expanding in place (expand-plan.ts) throws ExpansionNeeded when vdboot can: it comes
-      // first (DESIGN §3, the direct path afterwards). Where it cannot — rd.vdisk.expand=0,
-      // a parent image, a format it does not expand — auto hands the image to qemu-nbd if the
-      // initramfs has it.
-      const noExpansion = parentBytes > 0 ? 'it has a parent image, whose data expanding it would need' : checkExpansion(req, image, host, unallocated);
+      const noExpansion = expansion as string;
       if (req.nbd && req.map === 'auto') {
         return { path: 'nbd', why: `nbd: ${unallocated > 0 ? `${bytes(unallocated)} of the image ${unallocated > 1 ? 'are' : 'is'} not allocated` : `${bytes(parentBytes)} lie in its parent image`}, so writes must go through the image format (${noExpansion}): qemu-nbd allocates them` };
       }

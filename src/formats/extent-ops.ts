@@ -82,6 +82,10 @@ export interface FileLayout {
   device: string;
   /** sorted by fileOffset, gap-free, covering at least the bytes the map uses */
   extents: readonly FileExtent[];
+  /** the file's size, when known (filling its holes stops there) */
+  size?: number;
+  /** the bytes its filesystem allocates a hole in at once (HostFile.allocationUnit) */
+  allocationUnit?: number;
 }
 
 export interface DmTableOptions {

@@ -20,6 +20,11 @@ export interface HostFile {
   /** extents in file order, covering [0, size) without gaps */
   extents: FileExtent[];
   /**
+   * The bytes the filesystem allocates a hole in at once, when more than a cluster: an
+   * NTFS sparse file's compression unit (16 clusters). Filling holes rewrites whole units.
+   */
+  allocationUnit?: number;
+  /**
    * NTFS resident data: a small file whose bytes live inside its MFT record. It has no
    * clusters of its own, so `extents` is empty and nothing can be mapped onto the
    * partition; readFile and hostFileReader still read it.

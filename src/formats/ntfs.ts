@@ -212,6 +212,8 @@ interface FullAttr {
   allocatedSize: number;
   dataSize: number;
   initializedSize: number;
+  /** log2 of the clusters per compression unit (0: neither sparse nor compressed) */
+  compressionUnit: number;
   runs: NtfsRun[];
 }
 
@@ -475,7 +477,7 @@ export class NtfsVolume implements HostFs {
     parts.sort((a, b) => a.lowVcn - b.lowVcn);
     const first = parts[0]!;
     if (!first.nonResident) {
-      return { type, name, flags: first.flags, nonResident: false, value: first.value, allocatedSize: first.dataSize, dataSize: first.dataSize, initializedSize: first.dataSize, runs: [] };
+      return { type, name, flags: first.flags, nonResident: false, value: first.value, allocatedSize: first.dataSize, dataSize: first.dataSize, initializedSize: first.dataSize, compressionUnit: 0, runs: [] };
     }
     if (first.lowVcn !== 0) throw new FormatError(`${this.volumeName}: ${what}: attribute 0x${type.toString(16)} has no part starting at VCN 0: the volume is damaged`, 'lowest_vcn', first.lowVcn);
     const runs: NtfsRun[] = [];
@@ -491,7 +493,7 @@ export class NtfsVolume implements HostFs {
       if (runs.length > MAX_RUNS) throw new FormatError(`${this.volumeName}: ${what}: more than ${MAX_RUNS} fragments`, 'runlist', runs.length);
     }
     this.checkRuns(runs, what);
-    return { type, name, flags: first.flags, nonResident: true, allocatedSize: first.allocatedSize, dataSize: first.dataSize, initializedSize: first.initializedSize, runs };
+    return { type, name, flags: first.flags, nonResident: true, allocatedSize: first.allocatedSize, dataSize: first.dataSize, initializedSize: first.initializedSize, compressionUnit: first.compressionUnit, runs };
   }
 
   // ---- volume state -----------------------------------------------------------------
@@ -804,7 +806,9 @@ export class NtfsVolume implements HostFs {
     }
     const extents = this.extentsOf(data, p);
     this.checkOwnClusters(data.runs.filter((r) => r.vcn * this.clusterSize < data.dataSize), p);
-    return { path: p, size: data.dataSize, extents };
+    // A sparse file's holes are allocated a compression unit at a time (2^unit clusters; 0: not sparse).
+    const unit = data.compressionUnit > 0 ? this.clusterSize * 2 ** Math.min(data.compressionUnit, 31) : this.clusterSize;
+    return { path: p, size: data.dataSize, extents, allocationUnit: unit };
   }
 
   /** $Bitmap's $DATA (MFT record 6), read on first use. */
