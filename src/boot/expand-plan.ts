@@ -7,7 +7,7 @@
  * FormatError says why not and what to do instead. Pure: reads only.
  */
 import { FormatError } from '../formats/block-reader.ts';
-import type { OpenedImage } from '../formats/chain.ts';
+import type { OpenedImage } from '../formats/image.ts';
 import { EXPAND_REMEDIES, expansionRefusal, prepareExpansion, type ExpansionPlan } from '../formats/expand/index.ts';
 import { humanSize } from './devices.ts';
 import type { ImageHost, ImageRequest } from './vdisk.ts';

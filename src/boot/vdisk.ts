@@ -11,7 +11,8 @@
  * image on) and `$COW` (the snapshot's RAM store).
  */
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
-import { openImage, type ChainHost, type OpenedImage } from '../formats/chain.ts';
+import { openImage, type ChainHost } from '../formats/chain.ts';
+import type { OpenedImage } from '../formats/image.ts';
 import type { ExtentMap } from '../formats/extent-map.ts';
 import { composeMap, dmTable, summarizeMap, type FileLayout, type MapSummary } from '../formats/extent-ops.ts';
 import { GPT_TYPE } from '../formats/guid.ts';

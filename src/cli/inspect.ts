@@ -11,7 +11,7 @@ import { parsePartitionTable, sliceReader, type PartitionTable } from '../format
 import { probeFilesystem, type ProbeResult } from '../formats/probe.ts';
 import { gptTypeName } from '../formats/guid.ts';
 import { openHostImage, parseImageArgs } from './map.ts';
-import type { OpenedImage } from '../formats/chain.ts';
+import type { OpenedImage } from '../formats/image.ts';
 
 export interface Mappability {
   ok: boolean;

@@ -3,7 +3,8 @@
  * Also home of the small helpers the image commands share (argument parsing, opening).
  */
 import type { Command, CliIO } from './main.ts';
-import { openImage, type OpenedImage } from '../formats/chain.ts';
+import { openImage } from '../formats/chain.ts';
+import type { OpenedImage } from '../formats/image.ts';
 import { dmTable, summarizeMap } from '../formats/extent-ops.ts';
 import { nodeChainHost } from '../sys/node-reader.ts';
 

@@ -4,7 +4,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { bytesReader, FormatError, isFormatError } from '../../src/formats/block-reader.ts';
 import { openImage, type ChainHost } from '../../src/formats/chain.ts';
 import { FORMAT_READERS, readerFor } from '../../src/formats/detect.ts';
-import type { FormatReader, ImageFormat, ImageLayer, LayerExtent } from '../../src/formats/image.ts';
+import type { FormatReader, ImageFormat, ImageLayer } from '../../src/formats/image.ts';
+import type { LayerExtent } from '../../src/formats/extent-map.ts';
 import { readMapped } from '../../src/formats/read-map.ts';
 import { vhdChecksum } from '../../src/formats/vhd.ts';
 import {
