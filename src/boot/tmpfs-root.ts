@@ -18,7 +18,7 @@
 import { detectCompression, declaredStreamSize, openArchive, type Compression } from '../formats/archive.ts';
 import { type ArchiveReader, type ByteSource, formatBytes, StreamCursor } from '../formats/archive-stream.ts';
 import { isFormatError, type BlockReader } from '../formats/block-reader.ts';
-import { hostFileReader } from '../formats/hostfs.ts';
+import { hostFileReader } from '../formats/host-volume.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { exists, mkdirs, readTextOr, writeText } from './fsutil.ts';
