@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { expandInPlace, EXPAND_MOUNT, type ExpandTarget } from '../../src/boot/expand.ts';
 import type { ExpansionNeeded } from '../../src/boot/expand-plan.ts';
-import { BootFailure, type InitContext } from '../../src/boot/init.ts';
+import { BootFailure, type InitContext } from '../../src/boot/context.ts';
 import { MS, SysError, type Stat, type StatFs } from '../../src/sys/sys.ts';
 import { makeImage, QEMU_FMT, qemuRaw, sha, tmpDir, unallocatedBytes } from './helpers.ts';
 
