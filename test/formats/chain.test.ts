@@ -8,9 +8,8 @@ import type { FormatReader, ImageFormat, ImageLayer } from '../../src/formats/im
 import type { LayerExtent } from '../../src/formats/extent-map.ts';
 import { readMapped } from '../../src/formats/read-map.ts';
 import { vhdChecksum } from '../../src/formats/vhd.ts';
-import {
-  cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, openTestImage, qemuImg, qemuIo, qemuMap, qemuRaw, readWholeImage,
-} from './helpers.ts';
+import { cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, qemuImg, qemuIo, qemuMap, qemuRaw, readWholeImage } from '../kit/oracle.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 afterAll(cleanupTmpDirs);
 
@@ -49,7 +48,7 @@ function makeDifferencing(p: string, parentUuid: Buffer, parentName: string, own
 
 function refusal(p: string): Error {
   try {
-    openTestImage(p).close();
+    openHostImage(p).close();
   } catch (e) {
     expect(isFormatError(e), String(e)).toBe(true);
     return e as Error;
@@ -76,7 +75,7 @@ describe('chains of differencing VHDs', () => {
       const from = layers.find((l) => l.allocated.has(b));
       if (from) from.raw.copy(expected, b * BLOCK, b * BLOCK, (b + 1) * BLOCK);
     }
-    const img = openTestImage(top);
+    const img = openHostImage(top);
     try {
       expect(img.layers.map((l) => path.basename(l.path))).toEqual(['top.vhd', 'mid.vhd', 'base.vhd']);
       expect(img.map.files.map((f) => path.basename(f))).toEqual(['top.vhd', 'mid.vhd', 'base.vhd']);
