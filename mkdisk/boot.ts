@@ -19,10 +19,12 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { buildInitramfs, kernelReleaseOfImage, type ToolName } from './../mkinitramfs/build.ts';
-import type { PartitionScheme } from './build.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
+/** The disk's partition table (build.ts lays the disk out; where GRUB's core.img goes depends on it). */
+export type PartitionScheme = 'gpt' | 'mbr' | 'none';
+
 /** The FAT32 boot partition (EFI system partition): room for two kernels and initramfs images. */
 export const BOOT_PARTITION_BYTES = 64 * MiB;
 /** The BIOS boot partition GRUB's core.img lives in on a GPT disk. */

@@ -22,14 +22,13 @@ import { writeGpt, writeMbr, type TableRegion } from '../src/formats/partitions.
 import { GPT_TYPE } from '../src/formats/guid.ts';
 import { formatFromFileName, writeImage, type OutputFormat } from '../src/formats/writers/index.ts';
 import { openFileSink, openRawSource, randomIdentity } from './image-file.ts';
-import { BOOT_PARTITION_BYTES, BIOS_BOOT_BYTES, installBootLoader, type BootSetup } from './boot.ts';
+import { BOOT_PARTITION_BYTES, BIOS_BOOT_BYTES, installBootLoader, type BootSetup, type PartitionScheme } from './boot.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 
 export type FsType = 'ext2' | 'ext3' | 'ext4';
-export type PartitionScheme = 'gpt' | 'mbr' | 'none';
 
 export class MkdiskError extends Error {
   constructor(message: string) {

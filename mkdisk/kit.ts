@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { GRUB_EFI_DIR, GRUB_PC_DIR, prepareBootFiles } from './boot.ts';
-import { openHostImage } from '../src/cli/map.ts';
+import { openHostImage } from '../src/sys/host-image.ts';
 
 const MiB = 1024 * 1024;
 

@@ -7,11 +7,11 @@
  * FormatError says why not and what to do instead. Pure: reads only.
  */
 import { FormatError } from '../formats/block-reader.ts';
-import type { OpenedImage } from '../formats/chain.ts';
+import type { OpenedImage } from '../formats/image.ts';
 import { EXPAND_REMEDIES, expansionRefusal, prepareExpansion, type ExpansionPlan } from '../formats/expand/index.ts';
 import { planFill, type FillPlan } from '../formats/expand/fill.ts';
 import { humanSize } from './devices.ts';
-import type { ImageHost, ImageRequest } from './vdisk.ts';
+import type { ImageHost, ImageRequest } from './image-host.ts';
 
 function bytes(n: number): string {
   return `${humanSize(n)}${n >= 1024 ? ` (${n} bytes)` : ''}`;

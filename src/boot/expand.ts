@@ -24,7 +24,7 @@ import { humanSize } from './devices.ts';
 import type { BlockDeviceInfo } from './devspec.ts';
 import type { ExpansionNeeded } from './expand-plan.ts';
 import { exists, mkdirs, readFileBytes } from './fsutil.ts';
-import { BootFailure, type InitContext } from './init.ts';
+import { BootFailure, type InitContext } from './context.ts';
 
 /** Where a host vdboot reads itself is mounted while its image is expanded. */
 export const EXPAND_MOUNT = '/run/vdboot/expand';

@@ -18,12 +18,12 @@
  */
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
 import type { ChainHost } from '../formats/chain.ts';
-import type { FileExtent, HostFile } from '../formats/hostfs.ts';
-import { joinHostPath, splitHostPath } from '../formats/hostfs.ts';
+import type { FileExtent, HostFile } from '../formats/host-volume.ts';
+import { joinHostPath, splitHostPath } from '../formats/host-volume.ts';
 import { isSysError, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import type { BlockDeviceInfo } from './devspec.ts';
-import type { ImageHost } from './vdisk.ts';
+import type { ImageHost } from './image-host.ts';
 
 export const FIEMAP_HEADER_SIZE = 32;
 export const FIEMAP_EXTENT_SIZE = 56;

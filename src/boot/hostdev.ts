@@ -8,10 +8,11 @@
 import { type BlockReader, FormatError, isFormatError } from '../formats/block-reader.ts';
 import type { ChainHost } from '../formats/chain.ts';
 import type { FileLayout } from '../formats/extent-ops.ts';
-import { hostFileReader, openHostFs, type HostFile, type HostFs } from '../formats/hostfs.ts';
+import { hostFileReader, type HostFile, type HostFs } from '../formats/host-volume.ts';
+import { openHostFs } from '../formats/hostfs.ts';
 import { FIEMAP_DIRECT_FS } from './fiemap.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
-import type { ImageHost } from './vdisk.ts';
+import type { ImageHost } from './image-host.ts';
 
 export interface ClosableReader extends BlockReader {
   close(): void;

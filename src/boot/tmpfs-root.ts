@@ -18,12 +18,14 @@
 import { detectCompression, declaredStreamSize, openArchive, type Compression } from '../formats/archive.ts';
 import { type ArchiveReader, type ByteSource, formatBytes, StreamCursor } from '../formats/archive-stream.ts';
 import { isFormatError, type BlockReader } from '../formats/block-reader.ts';
-import { hostFileReader } from '../formats/hostfs.ts';
+import { hostFileReader } from '../formats/host-volume.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { exists, mkdirs, readTextOr, writeText } from './fsutil.ts';
 import { describeHost, HOST_FS_TYPES, openHostDevice } from './hostdev.ts';
-import { BootFailure, mountDevice, waitForDevice, type InitContext } from './init.ts';
+import { BootFailure, type InitContext } from './context.ts';
+import { waitForDevice } from './devwait.ts';
+import { mountDevice } from './mount-device.ts';
 import { type ArchiveStream, openArchiveStream } from './unpack-source.ts';
 import { unpackArchive, UnpackError, type UnpackSys } from './unpack.ts';
 import type { DeviceSpec } from './devspec.ts';

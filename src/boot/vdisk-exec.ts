@@ -17,9 +17,12 @@ import { layoutReader, verifyFill } from '../formats/expand/fill.ts';
 import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
 import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
-import { BootFailure, mountDevice, waitForDevice, waitForUevents, type InitContext } from './init.ts';
+import { BootFailure, type InitContext } from './context.ts';
+import { waitForDevice, waitForUevents } from './devwait.ts';
+import { mountDevice } from './mount-device.ts';
 import { attachLoop, detachLoop } from './loop.ts';
-import { describeVdiskPlan, DM_UUID_PREFIX, formatName, planVdisk, type DmDevicePlan, type HeaderUpdate, type ImageHost, type ImageRequest, type VdiskPlan } from './vdisk.ts';
+import { describeVdiskPlan, DM_UUID_PREFIX, formatName, planVdisk, type DmDevicePlan, type HeaderUpdate, type VdiskPlan } from './vdisk.ts';
+import type { ImageHost, ImageRequest } from './image-host.ts';
 
 export const HOST_MOUNT = '/run/vdboot/host';
 export const STATE_DIR = '/run/vdboot';

@@ -11,9 +11,10 @@
  * image on) and `$COW` (the snapshot's RAM store).
  */
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
-import { openImage, type ChainHost, type OpenedImage } from '../formats/chain.ts';
+import { openImage } from '../formats/chain.ts';
+import type { OpenedImage } from '../formats/image.ts';
 import type { ExtentMap } from '../formats/extent-map.ts';
-import { composeMap, dmTable, summarizeMap, type FileLayout, type MapSummary } from '../formats/extent-ops.ts';
+import { composeMap, dmTable, summarizeMap, type MapSummary } from '../formats/extent-ops.ts';
 import { GPT_TYPE } from '../formats/guid.ts';
 import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
 import { probeFilesystem } from '../formats/probe.ts';
@@ -24,38 +25,8 @@ import { checkFills, expansionFor, ExpansionNeeded, planFills } from './expand-p
 import { vhdxHeaderRenewal } from '../formats/expand/vhdx.ts';
 import { humanSize } from './devices.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
-import type { VdiskMapPath, VdiskMode, VdiskRootChoice } from './plan.ts';
-
-export interface ImageRequest {
-  /** N of vdiskN */
-  index: number;
-  /** path on the host filesystem */
-  path: string;
-  mode: VdiskMode;
-  map: VdiskMapPath;
-  expand: boolean;
-  /** which partition is root; undefined for an attached image */
-  root?: VdiskRootChoice;
-  /** qemu-nbd is in the initramfs (vdboot mkinitramfs --with qemu-nbd): the nbd path exists */
-  nbd?: boolean;
-}
-
-/** The host side of an image: how to read its files and where they lie. */
-export interface ImageHost {
-  /** "/dev/sda2 (ntfs, LABEL=Windows)" */
-  description: string;
-  /** the host device's path, for direct tables */
-  device: string;
-  chain: ChainHost;
-  /** the physical extents of a host file, or null when vdboot cannot tell (no direct path) */
-  layout(path: string): FileLayout | null;
-  /** why the host filesystem must not be written (hibernated, dirty), or null */
-  writeBlocker: string | null;
-  /** the host device's logical sector size (512 when unknown) */
-  logicalBlockSize?: number;
-  /** where file extents come from when not vdboot's own reader, for the console ("ext4's FIEMAP") */
-  layoutSource?: string;
-}
+import type { ImageHost, ImageRequest } from './image-host.ts';
+import type { VdiskMode, VdiskRootChoice } from './plan.ts';
 
 export interface DmDevicePlan {
   name: string;

@@ -2,7 +2,8 @@
 import type { Command, CliIO } from './main.ts';
 import { streamMapped, mappedReader } from '../formats/read-map.ts';
 import { parsePartitionTable } from '../formats/partitions.ts';
-import { openHostImage, parseImageArgs, UsageError } from './map.ts';
+import { parseImageArgs, UsageError } from './map.ts';
+import { openHostImage } from '../sys/host-image.ts';
 
 export const command: Command = {
   summary: 'write the virtual disk (or one of its partitions) as raw bytes to stdout',

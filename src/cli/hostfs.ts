@@ -4,7 +4,8 @@
  * partition (the ones a direct mapping would use), or the file's bytes.
  */
 import type { Command, CliIO } from './main.ts';
-import { openHostFs, hostFileReader, type FileExtent, type HostFs } from '../formats/hostfs.ts';
+import { hostFileReader, type FileExtent, type HostFs } from '../formats/host-volume.ts';
+import { openHostFs } from '../formats/hostfs.ts';
 import { parsePartitionTable, sliceReader } from '../formats/partitions.ts';
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
 import { openFileReader } from '../sys/node-reader.ts';

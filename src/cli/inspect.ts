@@ -10,8 +10,9 @@ import { mappedReader } from '../formats/read-map.ts';
 import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
 import { probeFilesystem, type ProbeResult } from '../formats/probe.ts';
 import { gptTypeName } from '../formats/guid.ts';
-import { openHostImage, parseImageArgs } from './map.ts';
-import type { OpenedImage } from '../formats/chain.ts';
+import { parseImageArgs } from './map.ts';
+import { openHostImage } from '../sys/host-image.ts';
+import type { OpenedImage } from '../formats/image.ts';
 
 export interface Mappability {
   ok: boolean;

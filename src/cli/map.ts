@@ -1,11 +1,12 @@
 /**
  * `vdboot map IMAGE [--json] [--dm]`: the image's ExtentMap (the whole chain composed).
- * Also home of the small helpers the image commands share (argument parsing, opening).
+ * Also home of the argument parsing the image commands share; they open images with
+ * src/sys/host-image.ts.
  */
 import type { Command, CliIO } from './main.ts';
-import { openImage, type OpenedImage } from '../formats/chain.ts';
+import type { OpenedImage } from '../formats/image.ts';
 import { dmTable, summarizeMap } from '../formats/extent-ops.ts';
-import { nodeChainHost } from '../sys/node-reader.ts';
+import { openHostImage } from '../sys/host-image.ts';
 
 export class UsageError extends Error {
   constructor(message: string) {
@@ -38,17 +39,6 @@ export function parseImageArgs(args: string[], usage: string, flags: string[], o
   }
   if (!out.image) throw new UsageError(`no image given\n${usage}`);
   return out;
-}
-
-/** Opens an image chain from host files; `close()` closes every file it opened. */
-export function openHostImage(path: string): OpenedImage & { close(): void } {
-  const host = nodeChainHost();
-  try {
-    return Object.assign(openImage(path, host), { close: () => host.close() });
-  } catch (e) {
-    host.close();
-    throw e;
-  }
 }
 
 function extentLine(e: OpenedImage['map']['extents'][number], files: string[]): string {

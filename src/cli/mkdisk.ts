@@ -1,7 +1,8 @@
 /** `vdboot mkdisk SOURCE -o OUT`: a directory or tar archive becomes a (bootable) disk image. */
 import type { Command, CliIO } from './main.ts';
 import { OUTPUT_FORMATS, type OutputFormat } from '../formats/writers/index.ts';
-import { MkdiskError, formatBytes, mkdisk, parseSize, type FsType, type MkdiskOptions, type PartitionScheme } from '../../mkdisk/build.ts';
+import { MkdiskError, formatBytes, mkdisk, parseSize, type FsType, type MkdiskOptions } from '../../mkdisk/build.ts';
+import type { PartitionScheme } from '../../mkdisk/boot.ts';
 import { walkArgs } from './args.ts';
 
 const usage = `vdboot mkdisk SOURCE -o OUT [--format FORMAT] [--fs ext2|ext3|ext4] [--label LABEL]

@@ -29,7 +29,7 @@ import { dirName, joinPath, normalizePath } from './paths.ts';
 import { detectFormat, FORMAT_READERS, readerFor } from './detect.ts';
 import type { Extent, ExtentMap } from './extent-map.ts';
 import { appendExtent, findExtent, isMerged, validateExtents, type LayerMetadata } from './extent-ops.ts';
-import type { FormatReader, ImageFormat, ImageLayer, OpenContext } from './image.ts';
+import type { ChainLayer, FormatReader, ImageFormat, ImageLayer, OpenContext, OpenedImage } from './image.ts';
 
 export { dirName, joinPath, normalizePath };
 
@@ -44,23 +44,6 @@ export interface ChainHost {
   readers?: readonly FormatReader[];
   /** Names in a directory (a VDI parent is found by UUID among its neighbours); optional. */
   listDir?(dir: string): string[];
-}
-
-export interface ChainLayer {
-  /** the layer's path as resolved (relative to the child's directory) */
-  path: string;
-  layer: ImageLayer & LayerMetadata;
-  /** layer.files[i] → index in OpenedImage.map.files */
-  fileIndex: number[];
-}
-
-export interface OpenedImage {
-  map: ExtentMap;
-  /** [0] is the image opened, [1] its parent, … */
-  layers: ChainLayer[];
-  /** BlockReaders by map file index */
-  readers: BlockReader[];
-  readUnmappable(start: number, length: number): Uint8Array;
 }
 
 export function openLayer(

@@ -9,7 +9,7 @@ import { type BlockReader, FormatError } from './block-reader.ts';
 import {
   type FileExtent, type HostDirEntry, type HostFile, type HostFs,
   joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, TablePages, u64, viewOf,
-} from './hostfs.ts';
+} from './host-volume.ts';
 
 const ENTRY_BITMAP = 0x81;
 const ENTRY_UPCASE = 0x82;

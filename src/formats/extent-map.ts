@@ -42,6 +42,16 @@ export interface UnmappableExtent {
 
 export type Extent = DataExtent | ZeroExtent | UnmappableExtent;
 
+/** A range one layer of a chain leaves to its parent (image.ts, chain.ts). */
+export interface ParentExtent {
+  kind: 'parent';
+  start: number;
+  length: number;
+}
+
+/** What one format reader reports for one layer: the map's kinds plus `parent`. */
+export type LayerExtent = DataExtent | ZeroExtent | UnmappableExtent | ParentExtent;
+
 export interface ExtentMap {
   /** virtual size in bytes */
   size: number;

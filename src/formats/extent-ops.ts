@@ -42,8 +42,7 @@
  *   findExtent(extents, offset): number        index of the extent holding `offset` (-1 if none).
  */
 import { FormatError } from './block-reader.ts';
-import type { Extent, ExtentMap } from './extent-map.ts';
-import type { LayerExtent } from './image.ts';
+import type { Extent, ExtentMap, LayerExtent } from './extent-map.ts';
 
 /** A byte range of one of the layer's files that holds the format's own structures. */
 export interface MetadataRange {

@@ -8,7 +8,7 @@ import { type BlockReader, FormatError } from './block-reader.ts';
 import {
   type FileExtent, type HostDirEntry, type HostFile, type HostFs,
   joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, TablePages, upcaseChar, viewOf,
-} from './hostfs.ts';
+} from './host-volume.ts';
 
 const ATTR_VOLUME_ID = 0x08;
 const ATTR_DIRECTORY = 0x10;

@@ -5,21 +5,14 @@
  * with its extent files) and describes it as LayerExtents. Ranges the layer leaves to
  * its parent (a differencing VHD's absent block, a qcow2 overlay's unallocated
  * cluster, a VMDK delta's missing grain) are `parent` extents; the chain resolver
- * (chain.ts) opens the parent and composes the final ExtentMap.
+ * (chain.ts) opens the parent and composes the final ExtentMap, returned as an
+ * OpenedImage (defined here, so readers that open other images — disk definitions —
+ * need not import the resolver).
  */
 import type { BlockReader } from './block-reader.ts';
-import type { OpenedImage } from './chain.ts';
-import type { DataExtent, UnmappableExtent, ZeroExtent } from './extent-map.ts';
-import type { MetadataRange } from './extent-ops.ts';
+import type { ExtentMap, LayerExtent } from './extent-map.ts';
+import type { LayerMetadata, MetadataRange } from './extent-ops.ts';
 import type { LogWrite } from './vhdx-log.ts';
-
-export interface ParentExtent {
-  kind: 'parent';
-  start: number;
-  length: number;
-}
-
-export type LayerExtent = DataExtent | ZeroExtent | UnmappableExtent | ParentExtent;
 
 export type ImageFormat = 'raw' | 'vhd' | 'vhdx' | 'vdi' | 'vmdk' | 'qcow2' | 'vdisk-json';
 
@@ -59,6 +52,24 @@ export interface ImageLayer {
   readUnmappable?(start: number, length: number): Uint8Array;
   /** The layer's own structures in its files (header, tables): no data extent may point into them. */
   metadata?: MetadataRange[];
+}
+
+export interface ChainLayer {
+  /** the layer's path as resolved (relative to the child's directory) */
+  path: string;
+  layer: ImageLayer & LayerMetadata;
+  /** layer.files[i] → index in OpenedImage.map.files */
+  fileIndex: number[];
+}
+
+/** An image with its whole chain, as chain.ts's openImage returns it. */
+export interface OpenedImage {
+  map: ExtentMap;
+  /** [0] is the image opened, [1] its parent, … */
+  layers: ChainLayer[];
+  /** BlockReaders by map file index */
+  readers: BlockReader[];
+  readUnmappable(start: number, length: number): Uint8Array;
 }
 
 export interface OpenContext {

@@ -14,7 +14,7 @@ import { type BlockReader, FormatError } from './block-reader.ts';
 import {
   type FileExtent, type HostDirEntry, type HostFile, type HostFs,
   joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, u64, viewOf,
-} from './hostfs.ts';
+} from './host-volume.ts';
 import { utf16leDecode } from './text.ts';
 
 const AT_STANDARD_INFORMATION = 0x10;

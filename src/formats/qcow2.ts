@@ -11,7 +11,8 @@
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
 import type { LayerMetadata, MetadataRange } from './extent-ops.ts';
-import type { FormatReader, ImageFormat, ImageLayer, LayerExtent, OpenContext, ParentRef } from './image.ts';
+import type { FormatReader, ImageFormat, ImageLayer, OpenContext, ParentRef } from './image.ts';
+import type { LayerExtent } from './extent-map.ts';
 import { inflateRaw, unzstd } from './inflate.ts';
 import { utf8Decode } from './text.ts';
 

@@ -15,7 +15,8 @@
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
 import type { LayerMetadata } from './extent-ops.ts';
-import type { FormatReader, ImageLayer, LayerExtent, OpenContext, ParentRef } from './image.ts';
+import type { FormatReader, ImageLayer, OpenContext, ParentRef } from './image.ts';
+import type { LayerExtent } from './extent-map.ts';
 
 const SIGNATURE = 0xbeda107f;
 const BLOCK_FREE = 0xffffffff;

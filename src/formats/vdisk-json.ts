@@ -53,13 +53,12 @@
  * the table vdboot would write.
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
-import type { OpenedImage } from './chain.ts';
 import { normalizePath } from './paths.ts';
 import { crc32 } from './crc.ts';
-import type { Extent } from './extent-map.ts';
+import type { Extent, LayerExtent } from './extent-map.ts';
 import { mergeExtents } from './extent-ops.ts';
 import { gptTypeByGuid, gptTypeFromText, GPT_TYPES, normalizeGuid } from './guid.ts';
-import type { FormatReader, ImageLayer, LayerExtent, OpenContext } from './image.ts';
+import type { FormatReader, ImageLayer, OpenContext, OpenedImage } from './image.ts';
 import { parsePartitionTable, writeGpt, writeMbr, type PartitionTable, type SectorSize, type TableRegion } from './partitions.ts';
 import { utf8Decode, utf8Encode } from './text.ts';
 

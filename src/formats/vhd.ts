@@ -24,7 +24,8 @@
 import { FormatError, type BlockReader } from './block-reader.ts';
 import type { MetadataRange, LayerMetadata } from './extent-ops.ts';
 import { mergeExtents } from './extent-ops.ts';
-import type { FormatReader, ImageLayer, LayerExtent, OpenContext, ParentRef } from './image.ts';
+import type { FormatReader, ImageLayer, OpenContext, ParentRef } from './image.ts';
+import type { LayerExtent } from './extent-map.ts';
 import { utf16leDecode, utf8Decode } from './text.ts';
 
 const SECTOR = 512;

@@ -22,7 +22,8 @@
 import { FormatError, type BlockReader } from './block-reader.ts';
 import { crc32c } from './crc.ts';
 import { appendExtent, type LayerMetadata, type MetadataRange } from './extent-ops.ts';
-import type { FormatReader, ImageLayer, LayerExtent, OpenContext, ParentRef } from './image.ts';
+import type { FormatReader, ImageLayer, OpenContext, ParentRef } from './image.ts';
+import type { LayerExtent } from './extent-map.ts';
 import { utf16leDecode } from './text.ts';
 import { readVhdxLog, replayedReader, type VhdxLogReplay } from './vhdx-log.ts';
 

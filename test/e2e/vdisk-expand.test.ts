@@ -7,25 +7,21 @@
  * host without room refuses before writing anything: the whole host disk is
  * byte-identical after the boot.
  */
-import { createHash } from 'node:crypto';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, fatRead, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { convertImage, fatRead, makeFat, makePartitionedDisk } from '../../qemu/disks.ts';
 import { parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
-import { makeGuestDisk } from './guest-disk.ts';
+import { makeGuestDisk } from '../kit/guest-disk.ts';
+import { BASIC_DATA, copyHostFile, expectNtfsClean, fileInImage, hostDisk, qemuRawOf, sha256File } from '../kit/host-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { bytesReader } from '../../src/formats/block-reader.ts';
-import { openHostFs } from '../../src/formats/hostfs.ts';
-import { sliceReader } from '../../src/formats/partitions.ts';
 import { vhdFormat } from '../../src/formats/vhd.ts';
 import { vhdxFormat } from '../../src/formats/vhdx.ts';
-import { openFileReader } from '../../src/sys/node-reader.ts';
 
-const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
 const NOTE = 'written by the guest on an expanded image';
 const MiB = 1 << 20;
 
@@ -46,69 +42,11 @@ afterAll(async () => {
   if (dir && !process.env.VDBOOT_KEEP) rmSync(dir, { recursive: true, force: true });
 });
 
-interface Host { disk: string; offset: number; size: number }
-
-function hostDisk(name: string, sizeMiB: number, files: FileTree): Host {
-  const img = join(dir, `${name}.ntfs`);
-  makeNtfs(img, { sizeMiB, label: 'Windows', files });
-  const disk = join(dir, `${name}.img`);
-  const layout = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: img, type: BASIC_DATA, name: 'Basic data partition' }] });
-  return { disk, offset: layout[0]!.offset, size: layout[0]!.size };
-}
-
-function hostFile(host: Host, path: string, out: string): string {
-  const part = join(dir, `part-${Date.now()}.ntfs`);
-  writeFileSync(part, readFileSync(host.disk).subarray(host.offset, host.offset + host.size));
-  try {
-    writeFileSync(out, ntfsRead(part, path));
-  } finally {
-    rmSync(part);
-  }
-  return out;
-}
-
-function expectNtfsClean(host: Host): void {
-  const r = openFileReader(host.disk);
-  try {
-    expect(openHostFs(sliceReader(r, host.offset, host.size, 'ntfs'))?.writeBlocker()).toBeNull();
-  } finally {
-    r.close();
-  }
-}
-
-function sha(file: string): string {
-  return createHash('sha256').update(readFileSync(file)).digest('hex');
-}
-
 /** Bytes of the virtual disk the image does not store, by vdboot's reader (qemu's vhdx driver reports no allocation). */
 function unallocated(file: string, format: 'vhd' | 'vhdx'): number {
   const reader = bytesReader(file, new Uint8Array(readFileSync(file)));
   const layer = (format === 'vhd' ? vhdFormat : vhdxFormat).open(reader, { path: file, openFile: () => { throw new Error('no parent'); } });
   return layer.extents.filter((e) => e.kind !== 'data').reduce((n, e) => n + e.length, 0);
-}
-
-function qemuRaw(file: string, format: string): Buffer {
-  const out = `${file}.raw`;
-  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', file, out]);
-  try {
-    return readFileSync(out);
-  } finally {
-    rmSync(out);
-  }
-}
-
-/** The guest's file inside an image: qemu-img convert, then debugfs on the root partition (3 MiB in). */
-function fileInImage(image: string, format: string, guestPath: string): string {
-  const raw = join(dir, `check-${Date.now()}.raw`);
-  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', image, raw]);
-  const part = `${raw}.ext4`;
-  execFileSync('dd', [`if=${raw}`, `of=${part}`, 'bs=1M', 'skip=3', 'status=none']);
-  try {
-    return execFileSync('debugfs', ['-R', `cat ${guestPath}`, part], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-  } finally {
-    rmSync(raw);
-    rmSync(part);
-  }
 }
 
 describe('end to end: dynamic images expanded in place for a read-write boot (mkinitramfs --with ntfs-3g)', { timeout: 600_000 }, () => {
@@ -119,12 +57,12 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     convertImage(guestRaw, vhdx, 'vhdx', ['block_size=1M']);
     expect(unallocated(vhd, 'vhd')).toBeGreaterThan(0);
     expect(unallocated(vhdx, 'vhdx')).toBeGreaterThan(0);
-    const vhdxBefore = qemuRaw(vhdx, 'vhdx');
-    const host = hostDisk('expand', 120, { '/VMs/linux.vhd': { hostFile: vhd }, '/VMs/data.vhdx': { hostFile: vhdx } });
+    const vhdxBefore = qemuRawOf(vhdx, 'vhdx');
+    const host = hostDisk(dir, 'expand', 'ntfs', { '/VMs/linux.vhd': { hostFile: vhd }, '/VMs/data.vhdx': { hostFile: vhdx } }, { sizeMiB: 120 });
     // a FAT32 stick on a second disk with a dynamic VDI: expanded through the kernel's vfat
     const vdi = join(dir, 'stick.vdi');
     convertImage(guestRaw, vdi, 'vdi');
-    const vdiBefore = qemuRaw(vdi, 'vdi');
+    const vdiBefore = qemuRawOf(vdi, 'vdi');
     const fatPart = join(dir, 'stick.vfat');
     makeFat(fatPart, { sizeMiB: 64, label: 'STICK', files: { '/VMs/stick.vdi': { hostFile: vdi } } });
     const stick = join(dir, 'stick.img');
@@ -155,20 +93,20 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expect(t).toMatch(/shutdown hand-off \(poweroff\)/);
     expect(t).toMatch(/reboot: Power down/);
 
-    const afterVhd = hostFile(host, '/VMs/linux.vhd', join(dir, 'after.vhd'));
+    const afterVhd = copyHostFile(dir, host, '/VMs/linux.vhd', join(dir, 'after.vhd'));
     expect(unallocated(afterVhd, 'vhd')).toBe(0);
     const map = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'vpc', '--output=json', afterVhd], { encoding: 'utf8' })) as { data: boolean; offset?: number }[];
     expect(map.every((m) => m.data && m.offset !== undefined)).toBe(true);
-    expect(fileInImage(afterVhd, 'vpc', '/home/note.txt')).toBe(NOTE);
+    expect(fileInImage(dir, afterVhd, 'vpc', '/home/note.txt')).toBe(NOTE);
     const b = readFileSync(afterVhd);
     expect(b.subarray(b.length - 512).equals(b.subarray(0, 512))).toBe(true);
 
-    const afterVhdx = hostFile(host, '/VMs/data.vhdx', join(dir, 'after.vhdx'));
+    const afterVhdx = copyHostFile(dir, host, '/VMs/data.vhdx', join(dir, 'after.vhdx'));
     const check = spawnSync('qemu-img', ['check', '-f', 'vhdx', afterVhdx], { encoding: 'utf8' });
     expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
     expect(unallocated(afterVhdx, 'vhdx')).toBe(0);
-    expect(qemuRaw(afterVhdx, 'vhdx').equals(vhdxBefore)).toBe(true);
-    expectNtfsClean(host);
+    expect(qemuRawOf(afterVhdx, 'vhdx').equals(vhdxBefore)).toBe(true);
+    expectNtfsClean(host.disk, host.offset, host.size);
     // the stick: FAT clean, the VDI fully allocated and otherwise unchanged
     const fatAfter = join(dir, 'stick-after.vfat');
     writeFileSync(fatAfter, readFileSync(stick).subarray(fatLayout!.offset, fatLayout!.offset + fatLayout!.size));
@@ -180,13 +118,13 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expect(vdiCheck.status, `${vdiCheck.stdout}${vdiCheck.stderr}`).toBe(0);
     const vdiMap = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'vdi', '--output=json', afterVdi], { encoding: 'utf8' })) as { data: boolean; offset?: number }[];
     expect(vdiMap.every((m) => m.data && m.offset !== undefined)).toBe(true);
-    expect(qemuRaw(afterVdi, 'vdi').equals(vdiBefore)).toBe(true);
+    expect(qemuRawOf(afterVdi, 'vdi').equals(vdiBefore)).toBe(true);
   });
 
   it('on an ext4 host the kernel mounts: a dynamic VDI is expanded through ext4 (remounted read-write), mapped directly from FIEMAP, and e2fsck -fn passes afterwards', async () => {
     const vdi = join(dir, 'linux.vdi');
     convertImage(guestRaw, vdi, 'vdi');
-    const before = qemuRaw(vdi, 'vdi');
+    const before = qemuRawOf(vdi, 'vdi');
     const hostPart = join(dir, 'host.ext4');
     execFileSync('truncate', ['-s', `${96 * MiB}`, hostPart]);
     execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-L', 'linuxhost', hostPart]);
@@ -217,9 +155,9 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
     const map = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'vdi', '--output=json', img], { encoding: 'utf8' })) as { data: boolean; offset?: number }[];
     expect(map.every((m) => m.data && m.offset !== undefined)).toBe(true);
-    expect(fileInImage(img, 'vdi', '/home/note.txt')).toBe(NOTE);
+    expect(fileInImage(dir, img, 'vdi', '/home/note.txt')).toBe(NOTE);
     // only the guest's writes changed the virtual disk: the ESP (first 3 MiB) is as before
-    expect(qemuRaw(img, 'vdi').subarray(0, 3 * MiB).equals(before.subarray(0, 3 * MiB))).toBe(true);
+    expect(qemuRawOf(img, 'vdi').subarray(0, 3 * MiB).equals(before.subarray(0, 3 * MiB))).toBe(true);
   });
 
   it('on an ext4 host with rd.vdisk.map=loop: after the expansion the host is mounted read-write again for the loop device, the guest writes through it, e2fsck -fn passes', async () => {
@@ -250,7 +188,7 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
     const img = join(dir, 'loop-after.vdi');
     execFileSync('debugfs', ['-R', `dump /VMs/linux.vdi ${img}`, after], { stdio: 'ignore' });
-    expect(fileInImage(img, 'vdi', '/home/note.txt')).toBe(NOTE);
+    expect(fileInImage(dir, img, 'vdi', '/home/note.txt')).toBe(NOTE);
   });
 
   it('a host without room for the expansion is refused before anything is written: the sizes and the remedies, the host disk byte-identical', async () => {
@@ -258,8 +196,8 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     convertImage(guestRaw, vhdx, 'vhdx', ['block_size=1M']);
     const size = statSync(vhdx).size;
     // room for the dynamic file, not for the expanded one
-    const host = hostDisk('tight', Math.ceil(size / MiB) + 8, { '/VMs/linux.vhdx': { hostFile: vhdx } });
-    const before = sha(host.disk);
+    const host = hostDisk(dir, 'tight', 'ntfs', { '/VMs/linux.vhdx': { hostFile: vhdx } }, { sizeMiB: Math.ceil(size / MiB) + 8 });
+    const before = sha256File(host.disk);
     const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=Windows:/VMs/linux.vhdx rw', disks: [{ file: host.disk, interface: 'virtio-blk' }], name: 'vdisk-expand-noroom' });
     vms.push(vm);
     try {
@@ -275,6 +213,6 @@ describe('end to end: dynamic images expanded in place for a read-write boot (mk
     } finally {
       await vm.kill();
     }
-    expect(sha(host.disk)).toBe(before);
+    expect(sha256File(host.disk)).toBe(before);
   });
 });

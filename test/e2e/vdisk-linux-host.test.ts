@@ -25,14 +25,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
 import { convertImage, makeExt4, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
 import { guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
-import { makeGuestDisk } from './guest-disk.ts';
+import { makeGuestDisk } from '../kit/guest-disk.ts';
+import { BASIC_DATA, expectNtfsClean, extractRange } from '../kit/host-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
-import { openHostFs } from '../../src/formats/hostfs.ts';
-import { sliceReader } from '../../src/formats/partitions.ts';
-import { openFileReader } from '../../src/sys/node-reader.ts';
 import { pseudoRandom } from '../vdisk/helpers.ts';
 
-const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
 const LINUX_FS = '0FC63DAF-8483-4772-8E79-3D69D8477DE4';
 const NOTE = 'written by the guest on a vdisk root';
 const MARK = 'VDBOOT-ATTACHED-WRITE';
@@ -87,13 +84,6 @@ function expectHandOff(t: string): void {
   expect(t).toMatch(/shutdown hand-off \(poweroff\)/);
   expect(t).toMatch(/removed \/dev\/mapper\/vdisk0\r?\n/);
   expect(t).toMatch(/reboot: Power down/);
-}
-
-/** Bytes [offset, offset+size) of a disk file as a file of their own. */
-function extract(disk: string, offset: number, size: number, name: string): string {
-  const out = join(dir, name);
-  writeFileSync(out, readFileSync(disk).subarray(offset, offset + size));
-  return out;
 }
 
 /** A file of an ext2/3/4 image, read with debugfs. */
@@ -167,12 +157,12 @@ describe('end to end: root=vdisk: on an ext4 host (kernel-mounted, FIEMAP)', { t
     expectHandOff(transcript);
     expect(transcript).toMatch(/unmounted \/host/);
 
-    const after = extract(disk, part!.offset, part!.size, 'host-after.ext4');
+    const after = extractRange(disk, part!.offset, part!.size, join(dir, 'host-after.ext4'));
     const fsck = spawnSync('e2fsck', ['-fn', after], { encoding: 'utf8' });
     expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
     // the guest's file, inside the root image inside the host
     const img = ext4Dump(after, '/VMs/linux.img', 'linux-after.img');
-    const rootPart = extract(img, 3 * MiB, 24 * MiB, 'root-after.ext4');
+    const rootPart = extractRange(img, 3 * MiB, 24 * MiB, join(dir, 'root-after.ext4'));
     expect(run('debugfs', ['-R', 'cat /home/note.txt', rootPart])).toBe(NOTE);
     // the marker, inside the attached VHD, and nothing else of it changed
     const vhd = ext4Dump(after, '/VMs/data.vhd', 'data-after.vhd');
@@ -202,11 +192,11 @@ describe('end to end: root=vdisk: on an ext4 host, a sparse image file', { timeo
     expectHandOff(transcript);
     expect(transcript).toMatch(/detached \/dev\/loop0/);
     expect(transcript).toMatch(/unmounted \/host/);
-    const after = extract(disk, part!.offset, part!.size, 'sparse-after.ext4');
+    const after = extractRange(disk, part!.offset, part!.size, join(dir, 'sparse-after.ext4'));
     const fsck = spawnSync('e2fsck', ['-fn', after], { encoding: 'utf8' });
     expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
     const img = ext4Dump(after, '/VMs/linux.img', 'sparse-linux-after.img');
-    expect(run('debugfs', ['-R', 'cat /home/note.txt', extract(img, 3 * MiB, 24 * MiB, 'sparse-root-after.ext4')])).toBe(NOTE);
+    expect(run('debugfs', ['-R', 'cat /home/note.txt', extractRange(img, 3 * MiB, 24 * MiB, join(dir, 'sparse-root-after.ext4'))])).toBe(NOTE);
   });
 });
 
@@ -273,7 +263,7 @@ describe('end to end: root=vdisk: on an xfs host', { timeout: 600_000 }, () => {
     expect(transcript).toMatch(/vdisk0: \/VMs\/linux\.img on \/dev\/vda1 \(xfs, LABEL="xfshost"\): raw, direct: the image is fully mappable: \d+ extents? on \/dev\/vda1 \(from xfs's FIEMAP\)/);
     expectHandOff(transcript);
 
-    const after = extract(disk, part!.offset, part!.size, 'host-after.xfs');
+    const after = extractRange(disk, part!.offset, part!.size, join(dir, 'host-after.xfs'));
     const repair = spawnSync('xfs_repair', ['-n', after], { encoding: 'utf8' });
     expect(repair.status, `${repair.stdout}${repair.stderr}`).toBe(0);
     // the file's bytes from xfs_db's block map (fsblock → byte on the partition)
@@ -292,7 +282,7 @@ describe('end to end: root=vdisk: on an xfs host', { timeout: 600_000 }, () => {
     expect(covered).toBe(img.length);
     const imgFile = join(dir, 'xfs-linux-after.img');
     writeFileSync(imgFile, img);
-    expect(run('debugfs', ['-R', 'cat /home/note.txt', extract(imgFile, 3 * MiB, 24 * MiB, 'xfs-root-after.ext4')])).toBe(NOTE);
+    expect(run('debugfs', ['-R', 'cat /home/note.txt', extractRange(imgFile, 3 * MiB, 24 * MiB, join(dir, 'xfs-root-after.ext4'))])).toBe(NOTE);
   });
 });
 
@@ -319,7 +309,7 @@ describe('end to end: root=vdisk: on a btrfs host (FIEMAP through the chunk tree
     expect(transcript).toMatch(/vdisk0: \/VMs\/linux\.img on \/dev\/vda1 \(btrfs, LABEL="btrfshost"\): raw, direct: the image is fully mappable: \d+ extents? on \/dev\/vda1 \(from btrfs's FIEMAP and chunk tree\)/);
     expectHandOff(transcript);
 
-    const after = extract(disk, part!.offset, part!.size, 'host-after.btrfs');
+    const after = extractRange(disk, part!.offset, part!.size, join(dir, 'host-after.btrfs'));
     const check = spawnSync('btrfs', ['check', '--readonly', after], { encoding: 'utf8' });
     expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
     const out = join(dir, 'btrfs-restored');
@@ -363,7 +353,7 @@ describe('end to end: root=vdisk: from a JSON disk definition on NTFS', { timeou
     expect(transcript).toMatch(/root is \/dev\/mapper\/vdisk0p2 \(ext4\), chosen by the GPT type "Linux root \(x86-64\)"/);
     expectHandOff(transcript);
 
-    const after = extract(disk, part!.offset, part!.size, 'json-after.ntfs');
+    const after = extractRange(disk, part!.offset, part!.size, join(dir, 'json-after.ntfs'));
     const vhdx = join(dir, 'root-after.vhdx');
     writeFileSync(vhdx, ntfsRead(after, '/VMs/assembled/root.vhdx'));
     const check = spawnSync('qemu-img', ['check', '-f', 'vhdx', vhdx], { encoding: 'utf8' });
@@ -371,11 +361,6 @@ describe('end to end: root=vdisk: from a JSON disk definition on NTFS', { timeou
     const rootFs = join(dir, 'root-after-json.ext4');
     execFileSync('qemu-img', ['convert', '-f', 'vhdx', '-O', 'raw', vhdx, rootFs]);
     expect(run('debugfs', ['-R', 'cat /home/note.txt', rootFs])).toBe(NOTE);
-    const r = openFileReader(after);
-    try {
-      expect(openHostFs(sliceReader(r, 0, r.size, 'ntfs'))?.writeBlocker()).toBeNull();
-    } finally {
-      r.close();
-    }
+    expectNtfsClean(after);
   });
 });

@@ -20,13 +20,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
 import { convertImage, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
 import { guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
-import { makeGuestDisk } from './guest-disk.ts';
+import { makeGuestDisk } from '../kit/guest-disk.ts';
+import { BASIC_DATA, expectNtfsClean, fileInImage, qemuRawOf } from '../kit/host-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
-import { openHostFs } from '../../src/formats/hostfs.ts';
-import { sliceReader } from '../../src/formats/partitions.ts';
-import { openFileReader } from '../../src/sys/node-reader.ts';
 
-const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
 const NOTE = 'written by the guest through a loop device on ntfs-3g';
 const MiB = 1 << 20;
 /** where and what the guest writes into each attached disk: 64 KiB of 'G' at 8 MiB (absent in every dynamic image before the boot) */
@@ -83,36 +80,12 @@ const ATTACHED: Attached[] = [
   { name: 'data.img', format: 'raw', dynamic: false, check: false, create: [] },
 ];
 
-function qemuRaw(file: string, format: string): Buffer {
-  const out = `${file}.raw`;
-  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', file, out]);
-  try {
-    return readFileSync(out);
-  } finally {
-    rmSync(out);
-  }
-}
-
 /** A small image with known content in a few places (and, for the dynamic formats, absent blocks between them). */
 function makeAttached(a: Attached): string {
   const file = join(dir, a.name);
   execFileSync('qemu-img', ['create', '-q', '-f', a.format, ...a.create, file, SIZE]);
   execFileSync('qemu-io', ['-f', a.format, '-c', 'write -P 0xa5 0 64k', '-c', 'write -P 0x3c 3M 1M', '-c', 'write -P 0x5a 12M 512k', file], { stdio: 'ignore' });
   return file;
-}
-
-/** The guest's file inside an image: qemu-img convert, then debugfs on the root partition (3 MiB in). */
-function fileInImage(image: string, format: string, guestPath: string): string {
-  const raw = join(dir, `check-${Date.now()}.raw`);
-  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', image, raw]);
-  const part = `${raw}.ext4`;
-  execFileSync('dd', [`if=${raw}`, `of=${part}`, 'bs=1M', 'skip=3', 'status=none']);
-  try {
-    return execFileSync('debugfs', ['-R', `cat ${guestPath}`, part], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-  } finally {
-    rmSync(raw);
-    rmSync(part);
-  }
 }
 
 function esc(s: string): string {
@@ -127,7 +100,7 @@ describe('end to end: rd.vdisk.map=loop on an NTFS host through ntfs-3g, every w
     const before = new Map<string, Buffer>();
     for (const a of ATTACHED) {
       const file = makeAttached(a);
-      before.set(a.name, qemuRaw(file, a.format));
+      before.set(a.name, qemuRawOf(file, a.format));
       files[`/VMs/${a.name}`] = { hostFile: file };
       for (const x of a.extra ?? []) files[`/VMs/${x}`] = { hostFile: join(dir, x) };
     }
@@ -176,7 +149,7 @@ describe('end to end: rd.vdisk.map=loop on an NTFS host through ntfs-3g, every w
     expect(rootCheck.status, `${rootCheck.stdout}${rootCheck.stderr}`).toBe(0);
     const map = JSON.parse(execFileSync('qemu-img', ['map', '-f', 'vmdk', '--output=json', rootAfter], { encoding: 'utf8' })) as { data: boolean; offset?: number }[];
     expect(map.filter((m) => !m.data || m.offset === undefined)).toEqual([]);
-    expect(fileInImage(rootAfter, 'vmdk', '/home/note.txt')).toBe(NOTE);
+    expect(fileInImage(dir, rootAfter, 'vmdk', '/home/note.txt')).toBe(NOTE);
     for (const a of ATTACHED) {
       const file = after(a.name);
       for (const x of a.extra ?? []) after(x);
@@ -186,13 +159,8 @@ describe('end to end: rd.vdisk.map=loop on an NTFS host through ntfs-3g, every w
       }
       const expected = Buffer.from(before.get(a.name)!);
       expected.fill('G', WRITE_AT, WRITE_AT + WRITE_LEN);
-      expect(qemuRaw(file, a.format).equals(expected), `${a.name} reads as before, with the guest's 64 KiB at 8 MiB`).toBe(true);
+      expect(qemuRawOf(file, a.format).equals(expected), `${a.name} reads as before, with the guest's 64 KiB at 8 MiB`).toBe(true);
     }
-    const r = openFileReader(disk);
-    try {
-      expect(openHostFs(sliceReader(r, layout!.offset, layout!.size, 'ntfs'))?.writeBlocker()).toBeNull();
-    } finally {
-      r.close();
-    }
+    expectNtfsClean(disk, layout!.offset, layout!.size);
   });
 });

@@ -13,17 +13,16 @@ import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, fatRead, makeExfat, makeFat, makeNtfs, makePartitionedDisk, ntfsAddFragmented, ntfsRead, type FileTree } from '../../qemu/disks.ts';
+import { convertImage, ntfsAddFragmented, type FileTree } from '../../qemu/disks.ts';
 import { guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
-import { makeGuestDisk } from './guest-disk.ts';
+import { makeGuestDisk } from '../kit/guest-disk.ts';
+import { expectHostClean, fileInImage, hostDisk, readHostFile, type HostDisk } from '../kit/host-disk.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
-import { sliceReader } from '../../src/formats/partitions.ts';
 import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
 import { vhdxLayout, writeLogEntry } from '../formats/vhdx-patch.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 
-const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
 const NOTE = 'written by the guest on a vdisk root';
 const ROOT_UUID = '6c0f5b8e-2d4a-4e1b-9f3c-7a8b9c0d1e2f';
 
@@ -56,70 +55,7 @@ afterAll(async () => {
   if (dir && !process.env.VDBOOT_KEEP) rmSync(dir, { recursive: true, force: true });
 });
 
-interface Host {
-  disk: string;
-  fs: 'ntfs' | 'vfat' | 'exfat';
-  offset: number;
-  size: number;
-}
-
-/** A host disk with one partition "Windows" (NTFS) or "USB" (FAT32) holding `files`. */
-function hostDisk(name: string, fsType: 'ntfs' | 'vfat' | 'exfat', files: FileTree, extra?: (img: string) => void): Host {
-  const img = join(dir, `${name}.${fsType}`);
-  if (fsType === 'ntfs') makeNtfs(img, { sizeMiB: 120, label: 'Windows', files });
-  else if (fsType === 'exfat') makeExfat(img, { sizeMiB: 120, label: 'STICK', files });
-  else makeFat(img, { sizeMiB: 120, label: 'USB', files });
-  extra?.(img);
-  const disk = join(dir, `${name}.img`);
-  const layout = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: img, type: BASIC_DATA, name: 'Basic data partition' }] });
-  return { disk, fs: fsType, offset: layout[0]!.offset, size: layout[0]!.size };
-}
-
-/** A file from the host partition as it is on the disk now. */
-function readHostFile(host: Host, path: string): Buffer {
-  const part = join(dir, `part-${Date.now()}.${host.fs}`);
-  writeFileSync(part, readFileSync(host.disk).subarray(host.offset, host.offset + host.size));
-  try {
-    return host.fs === 'ntfs' ? ntfsRead(part, path) : fatRead(part, path);
-  } finally {
-    rmSync(part);
-  }
-}
-
-/** The host filesystem is clean: NTFS neither dirty nor hibernated (vdboot's reader); FAT by fsck.fat -n. */
-function expectHostClean(host: Host): void {
-  if (host.fs === 'ntfs') {
-    const r = openFileReader(host.disk);
-    try {
-      expect(openHostFs(sliceReader(r, host.offset, host.size, 'ntfs'))?.writeBlocker()).toBeNull();
-    } finally {
-      r.close();
-    }
-  } else {
-    const part = join(dir, `fsck-${Date.now()}.vfat`);
-    writeFileSync(part, readFileSync(host.disk).subarray(host.offset, host.offset + host.size));
-    const r = spawnSync('fsck.fat', ['-n', part], { encoding: 'utf8' });
-    rmSync(part);
-    expect(r.status, `${r.stdout}${r.stderr}`).toBe(0);
-  }
-}
-
-/** The guest's file, read from an image on the host: qemu-img convert, then debugfs on the root partition. */
-function fileInImage(image: string, format: string, guestPath: string): string {
-  const raw = join(dir, `check-${Date.now()}.raw`);
-  execFileSync('qemu-img', ['convert', '-f', format, '-O', 'raw', image, raw]);
-  const part = join(dir, `check-${Date.now()}.ext4`);
-  // the root partition starts 3 MiB in (1 MiB alignment, then the 2 MiB ESP)
-  execFileSync('dd', [`if=${raw}`, `of=${part}`, 'bs=1M', 'skip=3', 'status=none']);
-  try {
-    return execFileSync('debugfs', ['-R', `cat ${guestPath}`, part], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-  } finally {
-    rmSync(raw);
-    rmSync(part);
-  }
-}
-
-async function bootGuest(host: Host, append: string, name: string, withInitrd = initrd) {
+async function bootGuest(host: HostDisk, append: string, name: string, withInitrd = initrd) {
   const vm = await bootVm({ initrd: withInitrd, append, disks: [{ file: host.disk, interface: 'virtio-blk' }], name });
   vms.push(vm);
   await vm.waitFor(GUEST_MARKER, 240_000);
@@ -180,7 +116,7 @@ describe('end to end: root=vdisk: on NTFS, direct path, rw', { timeout: 420_000 
         const extent = /"([^"]+-flat\.vmdk)"/.exec(readFileSync(image, 'latin1'))![1]!;
         files[`${c.file.slice(0, c.file.lastIndexOf('/'))}/${extent}`] = { hostFile: join(dir, extent) };
       }
-      const host = hostDisk(`ntfs-${c.format}-${basename(c.file)}`, 'ntfs', files);
+      const host = hostDisk(dir, `ntfs-${c.format}-${basename(c.file)}`, 'ntfs', files);
       const { facts, transcript } = await bootGuest(host, `"root=vdisk:LABEL=Windows:${c.file}" rw`, `vdisk-${c.format}`);
       expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', fstype: 'ext4', mode: 'rw' });
       expect(facts.wrote).toBe('/home/note.txt');
@@ -188,17 +124,17 @@ describe('end to end: root=vdisk: on NTFS, direct path, rw', { timeout: 420_000 
       expect(transcript).toMatch(/vdisk0: .* direct: the image is fully mappable/);
       expectHandOff(transcript);
       const after = join(dir, `after-${basename(c.file)}`);
-      writeFileSync(after, readHostFile(host, c.file));
+      writeFileSync(after, readHostFile(dir, host, c.file));
       if (c.format === 'vmdk') {
         const extent = /"([^"]+-flat\.vmdk)"/.exec(readFileSync(after, 'latin1'))![1]!;
-        writeFileSync(join(dir, extent), readHostFile(host, `${c.file.slice(0, c.file.lastIndexOf('/'))}/${extent}`));
+        writeFileSync(join(dir, extent), readHostFile(dir, host, `${c.file.slice(0, c.file.lastIndexOf('/'))}/${extent}`));
       }
       if (c.format !== 'raw') {
         const check = spawnSync('qemu-img', ['check', '-f', c.format, after], { encoding: 'utf8' });
         // qemu-img has no check for VHD (vpc): the content check below is all there is
         if (!/does not support checks/.test(check.stderr)) expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
       }
-      expect(fileInImage(after, c.format, '/home/note.txt')).toBe(NOTE);
+      expect(fileInImage(dir, after, c.format, '/home/note.txt')).toBe(NOTE);
       if (c.format === 'vhdx') {
         // the boot gave the VHDX a new DataWriteGuid before the guest's first write, in both headers
         const guids = (f: string) => [64 * 1024, 128 * 1024].map((o) => parseVhdxHeader(readFileSync(f).subarray(o, o + 4096), o, f)!.dataWriteGuid);
@@ -210,25 +146,25 @@ describe('end to end: root=vdisk: on NTFS, direct path, rw', { timeout: 420_000 
         // no log left: qemu opens it read-only
         expect(spawnSync('qemu-img', ['info', '-f', 'vhdx', after]).status).toBe(0);
       }
-      expectHostClean(host);
+      expectHostClean(dir, host);
     });
   }
 
   it('a second boot sees what the first one wrote', async () => {
     const image = join(dir, 'twice.qcow2');
     convertImage(guestRaw, image, 'qcow2', ['preallocation=metadata']);
-    const host = hostDisk('twice', 'ntfs', { '/VMs/twice.qcow2': { hostFile: image } });
+    const host = hostDisk(dir, 'twice', 'ntfs', { '/VMs/twice.qcow2': { hostFile: image } });
     const first = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/twice.qcow2 rw', 'vdisk-twice-1');
     expect(first.facts.facts.count).toBe('1');
     const second = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/twice.qcow2 rw', 'vdisk-twice-2');
     expect(second.facts.facts.count).toBe('2');
-    expectHostClean(host);
+    expectHostClean(dir, host);
   });
 });
 
 describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, () => {
   it('FAT32 host, direct path: the host is reachable at /run/vdboot/host (through vdhost) while the image holds its partition', async () => {
-    const host = hostDisk('fat-direct', 'vfat', { '/linux.img': { hostFile: guestRaw }, '/readme.txt': 'on the host\n' });
+    const host = hostDisk(dir, 'fat-direct', 'vfat', { '/linux.img': { hostFile: guestRaw }, '/readme.txt': 'on the host\n' });
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=USB:/linux.img rw', 'vdisk-fat-direct');
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
     expect(facts.facts.host).toMatch(/linux\.img/);
@@ -237,13 +173,13 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
     expectHandOff(transcript);
     expect(transcript).toMatch(/unmounted \/host/);
     const after = join(dir, 'after-fat-direct.img');
-    writeFileSync(after, readHostFile(host, '/linux.img'));
-    expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
-    expectHostClean(host);
+    writeFileSync(after, readHostFile(dir, host, '/linux.img'));
+    expect(fileInImage(dir, after, 'raw', '/home/note.txt')).toBe(NOTE);
+    expectHostClean(dir, host);
   });
 
   it('exFAT host (a USB stick), direct path: rw, the file is in the image afterwards', async () => {
-    const host = hostDisk('exfat', 'exfat', { '/images/linux.img': { hostFile: guestRaw } });
+    const host = hostDisk(dir, 'exfat', 'exfat', { '/images/linux.img': { hostFile: guestRaw } });
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=STICK:/images/linux.img rw', 'vdisk-exfat');
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
     expect(transcript).toMatch(/vdisk0: .*\(exfat, LABEL="STICK"\).* direct: the image is fully mappable/);
@@ -257,7 +193,7 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
       const f = xfs.lookup('/images/linux.img');
       const after = join(dir, 'after-exfat.img');
       writeFileSync(after, xfs.readFile(f, 0, f.size));
-      expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
+      expect(fileInImage(dir, after, 'raw', '/home/note.txt')).toBe(NOTE);
       const fsck = spawnSync('fsck.exfat', ['-n', part], { encoding: 'utf8' });
       expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
     } finally {
@@ -268,9 +204,11 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
 
   it('an image in hundreds of NTFS fragments: one device-mapper target per run of the file, rw', async () => {
     let runs = 0;
-    const host = hostDisk('fragmented', 'ntfs', {}, (img) => {
-      ntfsAddFragmented(img, '/VMs/fragmented.img', { hostFile: guestRaw }, { chunkBytes: 32 * 1024 });
-      runs = Number(/Total runs:\s*(\d+)/.exec(execFileSync('ntfsinfo', ['-F', '/VMs/fragmented.img', '-v', img], { encoding: 'utf8' }))?.[1]);
+    const host = hostDisk(dir, 'fragmented', 'ntfs', {}, {
+      extra: (img) => {
+        ntfsAddFragmented(img, '/VMs/fragmented.img', { hostFile: guestRaw }, { chunkBytes: 32 * 1024 });
+        runs = Number(/Total runs:\s*(\d+)/.exec(execFileSync('ntfsinfo', ['-F', '/VMs/fragmented.img', '-v', img], { encoding: 'utf8' }))?.[1]);
+      },
     });
     expect(runs).toBeGreaterThan(100);
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/fragmented.img rw', 'vdisk-fragmented');
@@ -280,13 +218,13 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
     expect(extents).toBe(runs);
     expectHandOff(transcript);
     const after = join(dir, 'after-fragmented.img');
-    writeFileSync(after, readHostFile(host, '/VMs/fragmented.img'));
-    expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
-    expectHostClean(host);
+    writeFileSync(after, readHostFile(dir, host, '/VMs/fragmented.img'));
+    expect(fileInImage(dir, after, 'raw', '/home/note.txt')).toBe(NOTE);
+    expectHostClean(dir, host);
   });
 
   it('FAT32 host, rd.vdisk.map=loop: the image through a loop device of the file on the host mounted read-write', async () => {
-    const host = hostDisk('fat-loop', 'vfat', { '/linux.img': { hostFile: guestRaw } });
+    const host = hostDisk(dir, 'fat-loop', 'vfat', { '/linux.img': { hostFile: guestRaw } });
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=USB:/linux.img rw rd.vdisk.map=loop', 'vdisk-fat-loop');
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
     expect(transcript).toMatch(/loop \(asked for\)/);
@@ -295,23 +233,23 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
     expect(transcript).toMatch(/detached \/dev\/loop0/);
     expect(transcript).toMatch(/unmounted \/host/);
     const after = join(dir, 'after-fat-loop.img');
-    writeFileSync(after, readHostFile(host, '/linux.img'));
-    expect(fileInImage(after, 'raw', '/home/note.txt')).toBe(NOTE);
-    expectHostClean(host);
+    writeFileSync(after, readHostFile(dir, host, '/linux.img'));
+    expect(fileInImage(dir, after, 'raw', '/home/note.txt')).toBe(NOTE);
+    expectHostClean(dir, host);
   });
 
   it('snapshot mode: a dynamic qcow2 boots, the guest writes, and the image on NTFS is byte-identical afterwards', async () => {
     const image = join(dir, 'dynamic.qcow2');
     convertImage(guestRaw, image, 'qcow2');
     const before = createHash('sha256').update(readFileSync(image)).digest('hex');
-    const host = hostDisk('snapshot', 'ntfs', { '/VMs/dynamic.qcow2': { hostFile: image } });
+    const host = hostDisk(dir, 'snapshot', 'ntfs', { '/VMs/dynamic.qcow2': { hostFile: image } });
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/dynamic.qcow2 rd.vdisk.mode=snapshot rw', 'vdisk-snapshot');
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
     expect(facts.wrote).toBe('/home/note.txt');
     expect(facts.facts.mapper).toMatch(/vdisk0-base/);
     expectHandOff(transcript);
-    expect(createHash('sha256').update(readHostFile(host, '/VMs/dynamic.qcow2')).digest('hex')).toBe(before);
-    expectHostClean(host);
+    expect(createHash('sha256').update(readHostFile(dir, host, '/VMs/dynamic.qcow2')).digest('hex')).toBe(before);
+    expectHostClean(dir, host);
   });
 
   it('a hibernated Windows volume is refused for writing: the console says why and what to do, then the rescue shell', async () => {
@@ -320,7 +258,7 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
     // ntfs-3g refuses to write to a hibernated volume: the image goes in first
     const image = join(dir, 'hib.qcow2');
     convertImage(guestRaw, image, 'qcow2', ['preallocation=metadata']);
-    const host = hostDisk('hibernated', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image }, '/hiberfil.sys': { hostFile: hib } });
+    const host = hostDisk(dir, 'hibernated', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image }, '/hiberfil.sys': { hostFile: hib } });
     const vm = await bootVm({ initrd, append: 'root=vdisk:LABEL=Windows:/VMs/linux.qcow2 rw', disks: [{ file: host.disk, interface: 'virtio-blk' }], name: 'vdisk-hibernated' });
     vms.push(vm);
     try {
@@ -337,7 +275,7 @@ describe('end to end: root=vdisk: other paths and modes', { timeout: 420_000 }, 
 });
 
 describe('end to end: compatibility syntaxes and chains', { timeout: 420_000 }, () => {
-  let host: Host;
+  let host: HostDisk;
   beforeAll(() => {
     const vdi = join(dir, 'compat.vdi');
     convertImage(guestRaw, vdi, 'vdi', ['static=on']);
@@ -345,7 +283,7 @@ describe('end to end: compatibility syntaxes and chains', { timeout: 420_000 }, 
     convertImage(guestRaw, base, 'qcow2', ['preallocation=metadata']);
     const overlay = join(dir, 'overlay.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', 'base.qcow2', overlay]);
-    host = hostDisk('compat', 'ntfs', {
+    host = hostDisk(dir, 'compat', 'ntfs', {
       '/VMs/linux.vdi': { hostFile: vdi },
       '/ubuntu/disks/root.disk': { hostFile: guestFs },
       '/VMs/chain/base.qcow2': { hostFile: base },
@@ -373,13 +311,13 @@ describe('end to end: compatibility syntaxes and chains', { timeout: 420_000 }, 
     expect(transcript).toMatch(/unpartitioned disk holds ext4/);
     expectHandOff(transcript);
     const after = join(dir, 'after-root.disk');
-    writeFileSync(after, readHostFile(host, '/ubuntu/disks/root.disk'));
+    writeFileSync(after, readHostFile(dir, host, '/ubuntu/disks/root.disk'));
     expect(execFileSync('debugfs', ['-R', 'cat /home/note.txt', after], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })).toBe(NOTE);
-    expectHostClean(host);
+    expectHostClean(dir, host);
   });
 
   it('a qcow2 overlay on its backing file, both on NTFS, in snapshot mode: both files unchanged', async () => {
-    const sum = (p: string) => createHash('sha256').update(readHostFile(host, p)).digest('hex');
+    const sum = (p: string) => createHash('sha256').update(readHostFile(dir, host, p)).digest('hex');
     const before = [sum('/VMs/chain/overlay.qcow2'), sum('/VMs/chain/base.qcow2')];
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/chain/overlay.qcow2 rd.vdisk.mode=snapshot rw', 'vdisk-chain');
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
@@ -417,20 +355,20 @@ describe('end to end: NTFS through ntfs-3g (vdboot mkinitramfs --with ntfs-3g)',
   it('direct path: the NTFS host is reachable at /run/vdboot/host through ntfs-3g (read-only) and left clean', async () => {
     const image = join(dir, 'n3g.qcow2');
     convertImage(guestRaw, image, 'qcow2', ['preallocation=metadata']);
-    const host = hostDisk('ntfs3g-direct', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image }, '/Users/readme.txt': 'on the host\n' });
+    const host = hostDisk(dir, 'ntfs3g-direct', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image }, '/Users/readme.txt': 'on the host\n' });
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/linux.qcow2 rw', 'vdisk-ntfs3g-direct', initrdNtfs3g);
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
     expect(facts.facts.host).toMatch(/Users/);
     expect(facts.facts.host).toMatch(/VMs/);
     expect(transcript).toMatch(/with ntfs-3g on \/run\/vdboot\/host/);
     expectHandOff(transcript);
-    expectHostClean(host);
+    expectHostClean(dir, host);
   });
 
   it('loop path on NTFS, rw: the image through ntfs-3g and a loop device; the shutdown unmounts ntfs-3g cleanly', async () => {
     const image = join(dir, 'n3g-loop.qcow2');
     convertImage(guestRaw, image, 'qcow2', ['preallocation=metadata']);
-    const host = hostDisk('ntfs3g-loop', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image } });
+    const host = hostDisk(dir, 'ntfs3g-loop', 'ntfs', { '/VMs/linux.qcow2': { hostFile: image } });
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/linux.qcow2 rw rd.vdisk.map=loop', 'vdisk-ntfs3g-loop', initrdNtfs3g);
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
     expect(transcript).toMatch(/loop \(asked for\)/);
@@ -438,12 +376,12 @@ describe('end to end: NTFS through ntfs-3g (vdboot mkinitramfs --with ntfs-3g)',
     expect(transcript).toMatch(/detached \/dev\/loop0/);
     expect(transcript).toMatch(/unmounted \/host/);
     const after = join(dir, 'after-n3g-loop.qcow2');
-    writeFileSync(after, readHostFile(host, '/VMs/linux.qcow2'));
+    writeFileSync(after, readHostFile(dir, host, '/VMs/linux.qcow2'));
     const check = spawnSync('qemu-img', ['check', '-f', 'qcow2', after], { encoding: 'utf8' });
     expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
-    expect(fileInImage(after, 'qcow2', '/home/note.txt')).toBe(NOTE);
+    expect(fileInImage(dir, after, 'qcow2', '/home/note.txt')).toBe(NOTE);
     // ntfs-3g marks the volume dirty while mounted read-write and clean when unmounted cleanly
-    expectHostClean(host);
+    expectHostClean(dir, host);
   });
 });
 
@@ -457,7 +395,7 @@ describe('end to end: the nbd path (vdboot mkinitramfs --with qemu-nbd --with nt
   it('a dynamic VHDX rw with rd.vdisk.expand=0: auto picks nbd, qemu-nbd allocates the guest\'s writes; qemu-img check passes and the file is in the image', async () => {
     const image = join(dir, 'nbd-dynamic.vhdx');
     convertImage(guestRaw, image, 'vhdx', ['block_size=1M']);
-    const host = hostDisk('nbd', 'ntfs', { '/VMs/dynamic.vhdx': { hostFile: image } });
+    const host = hostDisk(dir, 'nbd', 'ntfs', { '/VMs/dynamic.vhdx': { hostFile: image } });
     const { facts, transcript } = await bootGuest(host, 'root=vdisk:LABEL=Windows:/VMs/dynamic.vhdx rw rd.vdisk.expand=0', 'vdisk-nbd', initrdNbd);
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
     expect(facts.wrote).toBe('/home/note.txt');
@@ -467,10 +405,10 @@ describe('end to end: the nbd path (vdboot mkinitramfs --with qemu-nbd --with nt
     expect(transcript).toMatch(/disconnected \/dev\/nbd0/);
     expect(transcript).toMatch(/unmounted \/host/);
     const after = join(dir, 'after-nbd.vhdx');
-    writeFileSync(after, readHostFile(host, '/VMs/dynamic.vhdx'));
+    writeFileSync(after, readHostFile(dir, host, '/VMs/dynamic.vhdx'));
     const check = spawnSync('qemu-img', ['check', '-f', 'vhdx', after], { encoding: 'utf8' });
     expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
-    expect(fileInImage(after, 'vhdx', '/home/note.txt')).toBe(NOTE);
-    expectHostClean(host);
+    expect(fileInImage(dir, after, 'vhdx', '/home/note.txt')).toBe(NOTE);
+    expectHostClean(dir, host);
   });
 });

@@ -7,7 +7,7 @@
  * clean.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -15,12 +15,9 @@ import { writeInitramfs } from '../../mkinitramfs/build.ts';
 import { makeExt4, makeNtfs, makePartitionedDisk, ntfsRead } from '../../qemu/disks.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { machineDebianMirror } from '../../qemu/debian-mirror.ts';
-import { openHostFs } from '../../src/formats/hostfs.ts';
-import { sliceReader } from '../../src/formats/partitions.ts';
-import { openFileReader } from '../../src/sys/node-reader.ts';
+import { ROOT_TYPE } from '../kit/guest-disk.ts';
+import { BASIC_DATA, expectNtfsClean, extractRange } from '../kit/host-disk.ts';
 
-const BASIC_DATA = 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7';
-const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
 const MARKER = 'VDBOOT-SYSTEMD-GUEST-UP';
 const NOTE = 'written under systemd on a vdisk root';
 
@@ -100,8 +97,7 @@ describe('end to end: a Debian guest with systemd on a vdisk root', { timeout: 6
     expect(t).not.toMatch(/entered \/run\/initramfs/); // systemd pivoted, not vdboot
     expect(t).toMatch(/reboot: Power down/);
     // The image on the host holds what the guest wrote.
-    const part = join(dir, 'after.ntfs');
-    writeFileSync(part, readFileSync(hostDisk).subarray(ntfsOffset, ntfsOffset + ntfsSize));
+    const part = extractRange(hostDisk, ntfsOffset, ntfsSize, join(dir, 'after.ntfs'));
     const image = join(dir, 'after.img');
     writeFileSync(image, ntfsRead(part, '/VMs/Debian.img'));
     const rootPart = join(dir, 'after-root.ext4');
@@ -109,11 +105,6 @@ describe('end to end: a Debian guest with systemd on a vdisk root', { timeout: 6
     expect(execFileSync('debugfs', ['-R', 'cat /home/note.txt', rootPart], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })).toBe(NOTE);
     // e2fsck: the guest's root was unmounted cleanly (or at least is consistent).
     execFileSync('e2fsck', ['-n', '-f', rootPart], { stdio: 'ignore' });
-    const r = openFileReader(hostDisk);
-    try {
-      expect(openHostFs(sliceReader(r, ntfsOffset, ntfsSize, 'ntfs'))?.writeBlocker()).toBeNull();
-    } finally {
-      r.close();
-    }
+    expectNtfsClean(hostDisk, ntfsOffset, ntfsSize);
   });
 });

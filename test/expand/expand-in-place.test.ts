@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { expandInPlace, EXPAND_MOUNT, type ExpandTarget } from '../../src/boot/expand.ts';
 import type { ExpansionNeeded } from '../../src/boot/expand-plan.ts';
-import { BootFailure, type InitContext } from '../../src/boot/init.ts';
+import { BootFailure, type InitContext } from '../../src/boot/context.ts';
 import { MS, SysError, type Stat, type StatFs } from '../../src/sys/sys.ts';
 import { makeImage, QEMU_FMT, qemuRaw, sha, tmpDir, unallocatedBytes } from './helpers.ts';
 
@@ -149,7 +149,7 @@ describe('expanding in place at boot', () => {
     const w = world(h.root);
     const calls: string[] = [];
     const plan = expandInPlace(w.ctx, need(h.rel), target('ext4', h.rel, { dir: HOST, makeWritable: () => calls.push('rw'), makeReadOnly: () => calls.push('ro') }));
-    expect(plan.blocks).toBeGreaterThan(0);
+    expect(plan.expansion?.blocks).toBeGreaterThan(0);
     expect(calls).toEqual(['rw', 'ro']);
     // expand.ts leaves the remount to the boot's callback
     expect(w.mounts.filter((m) => m.flags & MS.REMOUNT)).toEqual([]);

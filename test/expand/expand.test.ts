@@ -9,6 +9,7 @@ import { vhdFormat } from '../../src/formats/vhd.ts';
 import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
 import { crc32c } from '../../src/formats/crc.ts';
 import { fileOf, makeImage, QEMU_FMT, qemuCheck, qemuRaw, sha, tmpDir, unallocatedBytes } from './helpers.ts';
+import { REAL_WORLD_DIR } from '../kit/data.ts';
 
 const dir = tmpDir();
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -188,7 +189,7 @@ describe('a fixed VHDX whose all-zero blocks are marked ZERO (qemu-img convert -
 });
 
 describe('expansion refuses cleanly, writing nothing', () => {
-  const realWorld = '/work/shared/testdata/real-world';
+  const realWorld = REAL_WORLD_DIR;
   const unpack = (name: string): string => {
     const out = path.join(dir, name.replace(/\.(bz2|xz)$/, ''));
     execFileSync('sh', ['-c', `${name.endsWith('.xz') ? 'xz' : 'bzip2'} -dc '${realWorld}/${name}' > '${out}'`]);
@@ -289,7 +290,7 @@ describe('real-world images', () => {
   it('empty dynamic VHDs from Virtual PC and Hyper-V 2012 R2 (136 GB): the plan counts every block and the growth, without writing', () => {
     for (const name of ['virtualpc-dynamic.vhd', 'hyperv2012r2-dynamic.vhd']) {
       const out = path.join(dir, name);
-      execFileSync('sh', ['-c', `bzip2 -dc /work/shared/testdata/real-world/${name}.bz2 > '${out}'`]);
+      execFileSync('sh', ['-c', `bzip2 -dc '${REAL_WORLD_DIR}/${name}.bz2' > '${out}'`]);
       const f = fileOf(out, true);
       try {
         const layer = vhdFormat.open(f, { path: out, openFile: () => { throw new Error('no parent'); } });
@@ -310,7 +311,7 @@ describe('real-world images', () => {
 
   it('a Disk2vhd VHD whose last block lies partly beyond the disk expands to the same bytes', () => {
     const out = path.join(dir, 'd2v.vhd');
-    execFileSync('sh', ['-c', `bzip2 -dc /work/shared/testdata/real-world/d2v-zerofilled.vhd.bz2 > '${out}'`]);
+    execFileSync('sh', ['-c', `bzip2 -dc '${REAL_WORLD_DIR}/d2v-zerofilled.vhd.bz2' > '${out}'`]);
     const before = qemuRaw(out, 'vpc');
     const r = expand(out);
     expect(r.reached).toBe('done');

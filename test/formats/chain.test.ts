@@ -4,12 +4,12 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { bytesReader, FormatError, isFormatError } from '../../src/formats/block-reader.ts';
 import { openImage, type ChainHost } from '../../src/formats/chain.ts';
 import { FORMAT_READERS, readerFor } from '../../src/formats/detect.ts';
-import type { FormatReader, ImageFormat, ImageLayer, LayerExtent } from '../../src/formats/image.ts';
+import type { FormatReader, ImageFormat, ImageLayer } from '../../src/formats/image.ts';
+import type { LayerExtent } from '../../src/formats/extent-map.ts';
 import { readMapped } from '../../src/formats/read-map.ts';
 import { vhdChecksum } from '../../src/formats/vhd.ts';
-import {
-  cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, openTestImage, qemuImg, qemuIo, qemuMap, qemuRaw, readWholeImage,
-} from './helpers.ts';
+import { cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, qemuImg, qemuIo, qemuMap, qemuRaw, readWholeImage } from '../kit/oracle.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 afterAll(cleanupTmpDirs);
 
@@ -48,7 +48,7 @@ function makeDifferencing(p: string, parentUuid: Buffer, parentName: string, own
 
 function refusal(p: string): Error {
   try {
-    openTestImage(p).close();
+    openHostImage(p).close();
   } catch (e) {
     expect(isFormatError(e), String(e)).toBe(true);
     return e as Error;
@@ -75,7 +75,7 @@ describe('chains of differencing VHDs', () => {
       const from = layers.find((l) => l.allocated.has(b));
       if (from) from.raw.copy(expected, b * BLOCK, b * BLOCK, (b + 1) * BLOCK);
     }
-    const img = openTestImage(top);
+    const img = openHostImage(top);
     try {
       expect(img.layers.map((l) => path.basename(l.path))).toEqual(['top.vhd', 'mid.vhd', 'base.vhd']);
       expect(img.map.files.map((f) => path.basename(f))).toEqual(['top.vhd', 'mid.vhd', 'base.vhd']);

@@ -5,7 +5,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { main, type CliIO } from '../../src/cli/main.ts';
 import { validateMap } from '../../src/formats/extent-ops.ts';
 import type { ExtentMap } from '../../src/formats/extent-map.ts';
-import { cleanupTmpDirs, expectSameBytes, makeTmpDir, qemuImg, qemuIo, qemuRaw, run } from './helpers.ts';
+import { cleanupTmpDirs, expectSameBytes, makeTmpDir, qemuImg, qemuIo, qemuRaw, run } from '../kit/oracle.ts';
 
 afterAll(cleanupTmpDirs);
 

@@ -21,7 +21,7 @@ import { validateMap, type MetadataRange } from '../../src/formats/extent-ops.ts
 import { readMapped } from '../../src/formats/read-map.ts';
 import { vhdChecksum } from '../../src/formats/vhd.ts';
 import { parseVhdxRegionTable } from '../../src/formats/vhdx.ts';
-import { cleanupTmpDirs, makeTmpDir, prng, qemuImg, qemuIo } from './helpers.ts';
+import { cleanupTmpDirs, makeTmpDir, prng, qemuImg, qemuIo } from '../kit/oracle.ts';
 
 const SEED = Number(process.env['FUZZ_SEED'] ?? 20261122);
 const CASES = Number(process.env['FUZZ_CASES'] ?? 1500);

@@ -4,15 +4,17 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { qcow2Format } from '../../src/formats/qcow2.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
-import { be32, checkAgainstQemu, expectSameBytes, openChain, patchFile, qemuImg, qemuIo, qemuRaw, readAll, realWorld, run, tempDir } from './qemu-oracle.ts';
+import { be32, checkAgainstQemu, expectSameBytes, makeTmpDir, patchFile, qemuImgIn, qemuIoIn, qemuRaw, readWholeImage, run } from '../kit/oracle.ts';
+import { realWorld } from '../kit/data.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 let dir: string;
-beforeAll(() => { dir = tempDir(); });
+beforeAll(() => { dir = makeTmpDir(); });
 afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
 
 /** Writes of patterns, zeroes and discards that cross cluster and L2 boundaries. */
 function scribble(file: string, cs: number): void {
-  qemuIo(dir, file, [
+  qemuIoIn(dir, file, [
     'write -P 0x11 0 3k',
     `write -P 0x22 ${cs - 512} ${cs + 1024}`,
     `write -P 0x33 ${5 * cs} ${3 * cs}`,
@@ -46,7 +48,7 @@ describe('qcow2 reader against qemu-img', () => {
     for (const cs of [512, 4096, 65536, 2097152]) {
       it(`compat=${compat} cluster_size=${cs}: patterns, zero writes and discards read as qemu-img convert, map as qemu-img map`, () => {
         const f = path.join(dir, `c${compat}-${cs}.qcow2`);
-        qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', `compat=${compat},cluster_size=${cs}`, f, String(Math.max(4 << 20, 9 * cs)));
+        qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', `compat=${compat},cluster_size=${cs}`, f, String(Math.max(4 << 20, 9 * cs)));
         scribble(f, cs);
         const img = checkAgainstQemu(f);
         expect(img.layers[0]!.layer.details.clusterSize).toBe(cs);
@@ -58,7 +60,7 @@ describe('qcow2 reader against qemu-img', () => {
   for (const opts of ['refcount_bits=1', 'refcount_bits=64', 'lazy_refcounts=on']) {
     it(`${opts}: refcount layout does not change the map (refcount blocks count as metadata)`, () => {
       const f = path.join(dir, `${opts.replace(/\W/g, '-')}.qcow2`);
-      qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', `${opts},cluster_size=4k`, f, '4M');
+      qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', `${opts},cluster_size=4k`, f, '4M');
       scribble(f, 4096);
       const img = checkAgainstQemu(f);
       expect(img.layers[0]!.layer.metadata!.some((m) => m.what === 'refcount block')).toBe(true);
@@ -67,8 +69,8 @@ describe('qcow2 reader against qemu-img', () => {
 
   it('extended_l2=on: subcluster runs (allocated, zero, unallocated) map like qemu-img map', () => {
     const f = path.join(dir, 'ext.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', f, '4M');
-    qemuIo(dir, f, ['write -P 0x61 2k 2k', 'write -P 0x62 9k 7k', 'write -z 20k 4k', 'write -P 0x63 62k 6k', 'discard 66k 2k', 'write -P 0x64 1M 1k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on,cluster_size=64k', f, '4M');
+    qemuIoIn(dir, f, ['write -P 0x61 2k 2k', 'write -P 0x62 9k 7k', 'write -z 20k 4k', 'write -P 0x63 62k 6k', 'discard 66k 2k', 'write -P 0x64 1M 1k']);
     const img = checkAgainstQemu(f);
     expect(img.layers[0]!.layer.details.extendedL2).toBe(true);
     expect(img.map.extents.some((e) => e.kind === 'data' && e.length === 2048)).toBe(true);
@@ -77,26 +79,26 @@ describe('qcow2 reader against qemu-img', () => {
   it('extended_l2 over a backing file: unallocated subclusters come from the parent', () => {
     const base = path.join(dir, 'extbase.qcow2');
     const top = path.join(dir, 'exttop.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', base, '1M');
-    qemuIo(dir, base, ['write -P 0x71 0 1M']);
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', '-b', 'extbase.qcow2', '-F', 'qcow2', top);
-    qemuIo(dir, top, ['write -P 0x72 4k 2k', 'write -z 70k 4k', 'write -P 0x73 200k 10k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', base, '1M');
+    qemuIoIn(dir, base, ['write -P 0x71 0 1M']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', '-b', 'extbase.qcow2', '-F', 'qcow2', top);
+    qemuIoIn(dir, top, ['write -P 0x72 4k 2k', 'write -z 70k 4k', 'write -P 0x73 200k 10k']);
     checkAgainstQemu(top);
   });
 
   for (const prealloc of ['metadata', 'falloc', 'full']) {
     it(`preallocation=${prealloc}: preallocated clusters map as data (or zero) where qemu-img map says`, () => {
       const f = path.join(dir, `pre-${prealloc}.qcow2`);
-      qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', `preallocation=${prealloc}`, f, '3M');
-      qemuIo(dir, f, ['write -P 0x81 100k 200k', 'write -z 1M 64k']);
+      qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', `preallocation=${prealloc}`, f, '3M');
+      qemuIoIn(dir, f, ['write -P 0x81 100k 200k', 'write -z 1M 64k']);
       checkAgainstQemu(f);
     });
   }
 
   it('external data file: data extents point into the data file at the offsets qemu-img map gives', () => {
     const f = path.join(dir, 'ext-data.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'data_file=ext-data.bin', f, '4M');
-    qemuIo(dir, f, ['write -P 0x91 60k 10k', 'write -P 0x92 2M 128k', 'write -z 3M 64k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', 'data_file=ext-data.bin', f, '4M');
+    qemuIoIn(dir, f, ['write -P 0x91 60k 10k', 'write -P 0x92 2M 128k', 'write -z 3M 64k']);
     const img = checkAgainstQemu(f);
     expect(img.map.files.map((n) => path.basename(n))).toEqual(['ext-data.qcow2', 'ext-data.bin']);
     expect(img.map.extents.filter((e) => e.kind === 'data').every((e) => e.kind === 'data' && e.file === 1)).toBe(true);
@@ -104,8 +106,8 @@ describe('qcow2 reader against qemu-img', () => {
 
   it('data_file_raw=on: data extents point into the raw data file at the guest offset', () => {
     const f = path.join(dir, 'raw-data.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'data_file=raw-data.bin,data_file_raw=on', f, '4M');
-    qemuIo(dir, f, ['write -P 0xa1 60k 10k', 'write -z 3M 64k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', 'data_file=raw-data.bin,data_file_raw=on', f, '4M');
+    qemuIoIn(dir, f, ['write -P 0xa1 60k 10k', 'write -z 3M 64k']);
     const img = checkAgainstQemu(f);
     const data = img.map.extents.filter((e) => e.kind === 'data');
     expect(data.length).toBeGreaterThan(0);
@@ -120,8 +122,8 @@ describe('qcow2 reader against qemu-img', () => {
       bytes.fill(0xee, 2 << 20, (2 << 20) + 70000);
       fs.writeFileSync(src, bytes);
       const f = path.join(dir, `comp-${ct}${extra}.qcow2`);
-      qemuImg(dir, 'convert', '-c', '-O', 'qcow2', '-o', `compression_type=${ct}${extra}`, src, f);
-      qemuIo(dir, f, ['write -P 0xb1 1M 64k']);
+      qemuImgIn(dir, 'convert', '-c', '-O', 'qcow2', '-o', `compression_type=${ct}${extra}`, src, f);
+      qemuIoIn(dir, f, ['write -P 0xb1 1M 64k']);
       const img = checkAgainstQemu(f);
       const unmappable = img.map.extents.filter((e) => e.kind === 'unmappable');
       expect(unmappable.length).toBeGreaterThan(0);
@@ -131,11 +133,11 @@ describe('qcow2 reader against qemu-img', () => {
 
   it('persistent dirty bitmaps (qemu-img bitmap --add): their directory, tables and data count as metadata', () => {
     const f = path.join(dir, 'bitmaps.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', f, '4M');
-    qemuIo(dir, f, ['write -P 0xf1 0 1M']);
-    qemuImg(dir, 'bitmap', '--add', f, 'b0');
-    qemuImg(dir, 'bitmap', '--add', '-g', '64k', f, 'b1');
-    qemuIo(dir, f, ['write -P 0xf2 2M 64k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', f, '4M');
+    qemuIoIn(dir, f, ['write -P 0xf1 0 1M']);
+    qemuImgIn(dir, 'bitmap', '--add', f, 'b0');
+    qemuImgIn(dir, 'bitmap', '--add', '-g', '64k', f, 'b1');
+    qemuIoIn(dir, f, ['write -P 0xf2 2M 64k']);
     const img = checkAgainstQemu(f);
     const what = img.layers[0]!.layer.metadata!.map((m) => m.what);
     expect(what).toContain('bitmap directory');
@@ -145,27 +147,27 @@ describe('qcow2 reader against qemu-img', () => {
 
   it('internal snapshots are ignored: the active L1 is the disk', () => {
     const f = path.join(dir, 'snap.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', f, '2M');
-    qemuIo(dir, f, ['write -P 0xc1 0 1M']);
-    qemuImg(dir, 'snapshot', '-c', 'first', f);
-    qemuIo(dir, f, ['write -P 0xc2 64k 64k', 'discard 512k 128k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', f, '2M');
+    qemuIoIn(dir, f, ['write -P 0xc1 0 1M']);
+    qemuImgIn(dir, 'snapshot', '-c', 'first', f);
+    qemuIoIn(dir, f, ['write -P 0xc2 64k 64k', 'discard 512k 128k']);
     const img = checkAgainstQemu(f);
     expect(img.layers[0]!.layer.details.snapshots).toBe(1);
   });
 
   it('a backing file named by an absolute path from another machine is found by its name next to the overlay', () => {
     const base = path.join(dir, 'moved-base.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', base, '2M');
-    qemuIo(dir, base, ['write -P 0xe1 0 2M']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', base, '2M');
+    qemuIoIn(dir, base, ['write -P 0xe1 0 2M']);
     const top = path.join(dir, 'moved-top.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-b', 'moved-base.qcow2', '-F', 'qcow2', top);
-    qemuIo(dir, top, ['write -P 0xe2 1M 64k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-b', 'moved-base.qcow2', '-F', 'qcow2', top);
+    qemuIoIn(dir, top, ['write -P 0xe2 1M 64k']);
     const expected = qemuRaw(top);
-    qemuImg(dir, 'rebase', '-u', '-b', '/var/lib/libvirt/images/moved-base.qcow2', '-F', 'qcow2', top);
-    const img = openChain(top);
+    qemuImgIn(dir, 'rebase', '-u', '-b', '/var/lib/libvirt/images/moved-base.qcow2', '-F', 'qcow2', top);
+    const img = openHostImage(top);
     try {
       expect(img.layers[0]!.layer.parent?.paths).toEqual(['/var/lib/libvirt/images/moved-base.qcow2', 'moved-base.qcow2']);
-      expectSameBytes(readAll(img), expected, 'overlay over its moved backing file');
+      expectSameBytes(readWholeImage(img), expected, 'overlay over its moved backing file');
     } finally {
       img.close();
     }
@@ -174,10 +176,10 @@ describe('qcow2 reader against qemu-img', () => {
   it('backing chain qcow2 -> qcow2 -> raw (with -F): overlays show through to the base', () => {
     const base = path.join(dir, 'chain-base.raw');
     fs.writeFileSync(base, new Uint8Array(2 << 20).fill(0x5a));
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-b', 'chain-base.raw', '-F', 'raw', path.join(dir, 'chain-mid.qcow2'));
-    qemuIo(dir, path.join(dir, 'chain-mid.qcow2'), ['write -P 0xd1 60k 10k', 'write -z 1M 64k']);
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', '-b', 'chain-mid.qcow2', '-F', 'qcow2', path.join(dir, 'chain-top.qcow2'), '3M');
-    qemuIo(dir, path.join(dir, 'chain-top.qcow2'), ['write -P 0xd2 62k 4k', 'discard 1M 4k', 'write -P 0xd3 2500k 4k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-b', 'chain-base.raw', '-F', 'raw', path.join(dir, 'chain-mid.qcow2'));
+    qemuIoIn(dir, path.join(dir, 'chain-mid.qcow2'), ['write -P 0xd1 60k 10k', 'write -z 1M 64k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', '-b', 'chain-mid.qcow2', '-F', 'qcow2', path.join(dir, 'chain-top.qcow2'), '3M');
+    qemuIoIn(dir, path.join(dir, 'chain-top.qcow2'), ['write -P 0xd2 62k 4k', 'discard 1M 4k', 'write -P 0xd3 2500k 4k']);
     const img = checkAgainstQemu(path.join(dir, 'chain-top.qcow2'), { rawDepths: [2] });
     expect(img.layers.map((l) => l.layer.format)).toEqual(['qcow2', 'qcow2', 'raw']);
     expect(img.layers[0]!.layer.parent?.format).toBe('qcow2');
@@ -187,7 +189,7 @@ describe('qcow2 reader against qemu-img', () => {
 describe('qcow2 real-world images', () => {
   for (const name of ['ext2.qcow2.xz', 'windows_volume.qcow2.xz']) {
     it(`${name} reads as qemu-img convert and maps as qemu-img map`, () => {
-      const f = realWorld(dir, name);
+      const f = realWorld(name, dir);
       checkAgainstQemu(f);
     });
   }
@@ -196,8 +198,8 @@ describe('qcow2 real-world images', () => {
 describe('qcow2 damaged or unsupported images', () => {
   function fresh(name: string, opts = 'compat=1.1'): string {
     const f = path.join(dir, name);
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', opts, f, '4M');
-    qemuIo(dir, f, ['write -P 0x11 0 128k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', opts, f, '4M');
+    qemuIoIn(dir, f, ['write -P 0x11 0 128k']);
     return f;
   }
 
@@ -213,7 +215,7 @@ describe('qcow2 damaged or unsupported images', () => {
     // measurement can read 0 ms and it gives up ("Unable to get accurate CPU usage"): retry.
     for (let attempt = 1; ; attempt++) {
       try {
-        qemuImg(dir, 'create', '-q', '-f', 'qcow2', '--object', 'secret,id=s0,data=secret', '-o', 'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', f, '1M');
+        qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '--object', 'secret,id=s0,data=secret', '-o', 'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', f, '1M');
         break;
       } catch (e) {
         if (attempt >= 20 || !/accurate CPU usage/.test(String((e as Error).message))) throw e;
@@ -230,8 +232,8 @@ describe('qcow2 damaged or unsupported images', () => {
 
   it('an image left dirty by a crash (lazy_refcounts, qemu-io abort) reads as qemu-img convert and reports dirty', () => {
     const f = path.join(dir, 'dirty.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on,cluster_size=4k', f, '4M');
-    expect(() => run('qemu-io', ['-c', 'write -P 0x5a 8k 20k', '-c', 'abort', f], dir)).toThrow();
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on,cluster_size=4k', f, '4M');
+    expect(() => run('qemu-io', ['-c', 'write -P 0x5a 8k 20k', '-c', 'abort', f], { cwd: dir })).toThrow();
     const img = checkAgainstQemu(f);
     expect(img.layers[0]!.layer.details.dirty).toBe(true);
     expect(img.map.extents.some((e) => e.kind === 'data')).toBe(true);
@@ -269,15 +271,15 @@ describe('qcow2 damaged or unsupported images', () => {
     r2.close();
     patchFile(f, l2Off, [0x80, 0, 0, 0, ...be32(l1Off)]);
     let err: unknown;
-    try { openChain(f).close(); } catch (e) { err = e; }
+    try { openHostImage(f).close(); } catch (e) { err = e; }
     expect(isFormatError(err)).toBe(true);
     expect(String(err)).toMatch(/L1 table/);
   });
 
   it('two L1 entries sharing one L2 table are refused (a small file cannot describe a huge disk)', () => {
     const f = path.join(dir, 'shared-l2.qcow2');
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', f, '8M');
-    qemuIo(dir, f, ['write -P 0x11 0 4k']);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', f, '8M');
+    qemuIoIn(dir, f, ['write -P 0x11 0 4k']);
     const hdr = new DataView(new Uint8Array(fs.readFileSync(f)).buffer);
     const l1Off = Number(hdr.getBigUint64(40));
     const l1 = new Uint8Array(fs.readFileSync(f)).subarray(l1Off, l1Off + 8);
@@ -295,7 +297,7 @@ describe('qcow2 damaged or unsupported images', () => {
   it('a backing_fmt naming a format vdboot cannot read is refused', () => {
     const f = path.join(dir, 'bfmt.qcow2');
     fs.writeFileSync(path.join(dir, 'bfmt-base.raw'), new Uint8Array(1 << 20));
-    qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-b', 'bfmt-base.raw', '-F', 'raw', f);
+    qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-b', 'bfmt-base.raw', '-F', 'raw', f);
     const bytes = fs.readFileSync(f);
     const at = bytes.indexOf(Buffer.from([0xe2, 0x79, 0x2a, 0xca]));
     patchFile(f, at + 8, Buffer.from('vvf'));

@@ -8,7 +8,8 @@ import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { crc32 } from '../../src/formats/crc.ts';
 import { readMapped } from '../../src/formats/read-map.ts';
-import { cleanupTmpDirs, makeTmpDir, openTestImage, qemuImg, qemuIo } from './helpers.ts';
+import { cleanupTmpDirs, makeTmpDir, qemuImg, qemuIo } from '../kit/oracle.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 afterAll(cleanupTmpDirs);
 
@@ -16,7 +17,7 @@ const MiB = 1024 * 1024;
 
 function onNode(p: string): unknown {
   try {
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       let crc = 0;
       for (let pos = 0; pos < img.map.size; pos += MiB) crc = crc32(readMapped(img, pos, Math.min(MiB, img.map.size - pos)), crc);

@@ -1,6 +1,6 @@
 /**
  * Images made by Virtual PC, Hyper-V, Disk2vhd, Windows and fuzzers
- * (../shared/testdata/real-world/README.md says what each must do).
+ * (test/data/real-world/README.md says what each must do).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -10,9 +10,9 @@ import { readerFor } from '../../src/formats/detect.ts';
 import { summarizeMap, validateMap } from '../../src/formats/extent-ops.ts';
 import { readMapped } from '../../src/formats/read-map.ts';
 import { vhdChecksum } from '../../src/formats/vhd.ts';
-import {
-  cleanupTmpDirs, expectSameBytes, expectSameBytesAsQemu, makeTmpDir, openTestImage, qemuImg, qemuIo, qemuRaw, readWholeImage, realWorld,
-} from './helpers.ts';
+import { cleanupTmpDirs, expectSameBytes, expectSameBytesAsQemu, makeTmpDir, qemuImg, qemuIo, qemuRaw, readWholeImage } from '../kit/oracle.ts';
+import { REAL_WORLD_DIR, realWorld } from '../kit/data.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -20,14 +20,14 @@ beforeAll(() => { dir = makeTmpDir(); });
 afterAll(cleanupTmpDirs);
 
 function open(name: string) {
-  return openTestImage(realWorld(name, dir));
+  return openHostImage(realWorld(name, dir));
 }
 
 /** Expects a FormatError matching `re`. */
 function expectFormatError(p: string, re: RegExp): FormatErrorLike {
   let err: unknown;
   try {
-    openTestImage(p).close();
+    openHostImage(p).close();
   } catch (e) {
     err = e;
   }
@@ -61,7 +61,7 @@ describe('real-world VHD', () => {
 
   it('Disk2vhd dynamic VHD: 263,454,720 bytes, 126 allocated blocks, the last cut at the disk end; bytes equal qemu', () => {
     const p = realWorld('d2v-zerofilled.vhd.bz2', dir);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       expect(img.map.size).toBe(263_454_720);
       expect(img.layers[0]!.layer.details['allocated blocks']).toBe(126);
@@ -136,7 +136,7 @@ describe('real-world VHD', () => {
     }
     expect(childSectors).toBe(18);
 
-    const img = openTestImage(child);
+    const img = openHostImage(child);
     try {
       expect(img.layers.map((l) => path.basename(l.path))).toEqual(['fat-differential.vhd', 'fat-parent.vhd']);
       validateMap(img.map, { fileSizes: img.readers.map((r) => r.size) });
@@ -153,7 +153,7 @@ describe('real-world VHD', () => {
 describe('real-world VHDX', () => {
   it('Hyper-V dynamic VHDX: 1 GiB, 32 MiB blocks, 4 KiB physical sectors, 3 present + 29 zero blocks, 0xa5 then 0x96', () => {
     const p = realWorld('iotest-dynamic-1G.vhdx.bz2', dir);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       const d = img.layers[0]!.layer.details;
       expect(img.map.size).toBe(1024 * MiB);
@@ -178,7 +178,7 @@ describe('real-world VHDX', () => {
 
   it('Disk2vhd VHDX with two headers of the same sequence number: all 128 blocks present, bytes equal qemu', () => {
     const p = realWorld('test-disk2vhd.vhdx.bz2', dir);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       expect(img.map.size).toBe(256 * MiB);
       expect(img.layers[0]!.layer.details['blocks fully present']).toBe(128);
@@ -190,7 +190,7 @@ describe('real-world VHDX', () => {
   });
 
   it('VHDX whose log needs replaying: read through its log, never as-is (test/formats/vhdx-log.test.ts compares it with qemu\'s replay)', () => {
-    const img = openTestImage(realWorld('iotest-dirtylog-10G-4M.vhdx.bz2', dir));
+    const img = openHostImage(realWorld('iotest-dirtylog-10G-4M.vhdx.bz2', dir));
     try {
       expect(img.layers[0]!.layer.details.log).toMatch(/^1 entry .* replayed in memory$/);
       expect(img.layers[0]!.layer.logReplay!.writes.length).toBe(1);
@@ -213,11 +213,11 @@ describe('fuzzer-made images fail quickly with a FormatError', () => {
 });
 
 describe('every real-world sample that opens gives a valid map', () => {
-  const names = fs.readdirSync('/work/shared/testdata/real-world').filter((n) => /\.(bz2|xz)$/.test(n));
+  const names = fs.readdirSync(REAL_WORLD_DIR).filter((n) => /\.(bz2|xz)$/.test(n));
   it.each(names)('%s', (name) => {
     const p = realWorld(name, dir);
     try {
-      const img = openTestImage(p);
+      const img = openHostImage(p);
       try {
         validateMap(img.map, { fileSizes: img.readers.map((r) => r.size) });
       } finally {

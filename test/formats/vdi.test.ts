@@ -8,10 +8,10 @@ import { readMapped } from '../../src/formats/read-map.ts';
 import { nodeChainHost } from '../../src/sys/node-reader.ts';
 import type { OpenContext } from '../../src/formats/image.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
-import { checkAgainstQemu, expectSameBytes, le32, patchFile, qemuImg, qemuIo, qemuRaw, tempDir } from './qemu-oracle.ts';
+import { checkAgainstQemu, expectSameBytes, le32, makeTmpDir, patchFile, qemuImgIn, qemuIoIn, qemuRaw } from '../kit/oracle.ts';
 
 let dir: string;
-beforeAll(() => { dir = tempDir(); });
+beforeAll(() => { dir = makeTmpDir(); });
 afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
 
 const MiB = 1 << 20;
@@ -49,8 +49,8 @@ function le32At(file: string, offset: number): number {
 
 function newVdi(name: string, opts: string, size: string, writes: string[]): string {
   const f = path.join(dir, name);
-  qemuImg(dir, 'create', '-q', '-f', 'vdi', '-o', opts, f, size);
-  if (writes.length) qemuIo(dir, f, writes);
+  qemuImgIn(dir, 'create', '-q', '-f', 'vdi', '-o', opts, f, size);
+  if (writes.length) qemuIoIn(dir, f, writes);
   return f;
 }
 
@@ -189,13 +189,13 @@ describe('VDI differencing images', () => {
     const d = path.join(dir, sub);
     fs.mkdirSync(d);
     const parent = path.join(d, 'base.vdi');
-    qemuImg(d, 'create', '-q', '-f', 'vdi', parent, '4M');
-    qemuIo(d, parent, ['write -P 0x61 0 4M']);
+    qemuImgIn(d, 'create', '-q', '-f', 'vdi', parent, '4M');
+    qemuIoIn(d, parent, ['write -P 0x61 0 4M']);
     const other = path.join(d, 'other.vdi');
-    qemuImg(d, 'create', '-q', '-f', 'vdi', other, '4M');
+    qemuImgIn(d, 'create', '-q', '-f', 'vdi', other, '4M');
     const child = path.join(d, 'snapshot.vdi');
-    qemuImg(d, 'create', '-q', '-f', 'vdi', child, '4M');
-    qemuIo(d, child, ['write -P 0x62 1M 1M', 'write -P 0x63 3M 4k']);
+    qemuImgIn(d, 'create', '-q', '-f', 'vdi', child, '4M');
+    qemuIoIn(d, child, ['write -P 0x62 1M 1M', 'write -P 0x63 3M 4k']);
     // The oracle: blocks 1 and 3 from the child, blocks 0 and 2 from the parent.
     const p = qemuRaw(parent);
     const c = qemuRaw(child);

@@ -4,10 +4,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { validateMap } from '../../src/formats/extent-ops.ts';
 import { vhdChecksum } from '../../src/formats/vhd.ts';
-import {
-  cleanupTmpDirs, expectMapAgreesWithQemu, expectMatchesQemu, expectSameBytes, expectSameBytesAsQemu, makeTmpDir, openTestImage,
-  qemuImg, qemuIo, qemuRaw, qemuVirtualSize, readWholeImage,
-} from './helpers.ts';
+import { cleanupTmpDirs, expectMapAgreesWithQemu, expectMatchesQemu, expectSameBytes, expectSameBytesAsQemu, makeTmpDir, qemuImg, qemuIo, qemuRaw, qemuVirtualSize, readWholeImage } from '../kit/oracle.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 afterAll(cleanupTmpDirs);
 
@@ -62,7 +60,7 @@ describe('VHD read by vdboot matches qemu-img', () => {
   for (const force of [false, true]) {
     it(`fixed VHD${force ? ' with force_size' : ''}: one data extent at offset 0; qemu shows the footer as an extra sector`, () => {
       const p = vpc(dir, `fixed${force}.vhd`, '7M', ['subformat=fixed', ...(force ? ['force_size=on'] : [])], WRITES.slice(0, 4));
-      const img = openTestImage(p);
+      const img = openHostImage(p);
       try {
         validateMap(img.map, { fileSizes: img.readers.map((r) => r.size) });
         expect(img.map.extents).toEqual([{ kind: 'data', start: 0, length: img.map.size, file: 0, offset: 0 }]);
@@ -92,7 +90,7 @@ describe('VHD damage is refused with a FormatError', () => {
   function expectRefused(p: string, re: RegExp): void {
     let err: unknown;
     try {
-      openTestImage(p).close();
+      openHostImage(p).close();
     } catch (e) {
       err = e;
     }
@@ -110,7 +108,7 @@ describe('VHD damage is refused with a FormatError', () => {
 
   it('a damaged end footer falls back to the copy at offset 0', () => {
     const p = damaged('endbad.vhd', (b) => { b[b.length - 512 + 64] ^= 1; });
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       expectSameBytes(readWholeImage(img), qemuRaw(p), p);
     } finally {
@@ -170,7 +168,7 @@ describe('VHD size by creator application', () => {
   for (const [creator, rule] of [['vpc ', 'CHS'], ['qemu', 'CHS'], ['win ', 'current_size'], ['qem2', 'current_size'], ['d2v ', 'current_size'], ['CTXS', 'current_size'], ['tap\0', 'current_size']] as const) {
     it(`creator "${creator}" is sized by ${rule}, as qemu sizes it`, () => {
       const p = withCreator(`c-${creator.replace(/\W/g, '_')}.vhd`, creator);
-      const img = openTestImage(p);
+      const img = openHostImage(p);
       try {
         expect(img.map.size).toBe(rule === 'CHS' ? CHS_BYTES : 10_000_384);
         expect(img.map.size).toBe(qemuVirtualSize(p));
@@ -182,13 +180,13 @@ describe('VHD size by creator application', () => {
   }
 
   it('a CHS geometry at its maximum (65535/16/255) means current_size whatever the creator', () => {
-    const img = openTestImage(withCreator('maxchs.vhd', 'vpc ', [65535, 16, 255]));
+    const img = openHostImage(withCreator('maxchs.vhd', 'vpc ', [65535, 16, 255]));
     expect(img.map.size).toBe(10_000_384);
     img.close();
   });
 
   it('Disk2vhd\'s "d2v\\0" creator is sized by current_size, as Windows mounts it', () => {
-    const img = openTestImage(withCreator('d2vnul.vhd', 'd2v\0'));
+    const img = openHostImage(withCreator('d2vnul.vhd', 'd2v\0'));
     expect(img.map.size).toBe(10_000_384);
     img.close();
   });

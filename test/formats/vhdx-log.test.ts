@@ -12,7 +12,9 @@ import { prepareExpansion } from '../../src/formats/expand/index.ts';
 import { vhdxHeaderRenewal } from '../../src/formats/expand/vhdx.ts';
 import { parseVhdxHeader, vhdxFormat } from '../../src/formats/vhdx.ts';
 import { fileOf, qemuCheck } from '../expand/helpers.ts';
-import { cleanupTmpDirs, makeTmpDir, openTestImage, qemuImg, qemuIo, readWholeImage, realWorld } from './helpers.ts';
+import { cleanupTmpDirs, makeTmpDir, qemuImg, qemuIo, readWholeImage } from '../kit/oracle.ts';
+import { realWorld } from '../kit/data.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 import { currentHeader, fixHeaderCrc, vhdxLayout, writeLogEntry } from './vhdx-patch.ts';
 
 afterAll(cleanupTmpDirs);
@@ -45,7 +47,7 @@ function expectLogWrittenOut(p: string): void {
 }
 
 function ourBytes(p: string): Buffer {
-  const img = openTestImage(p);
+  const img = openHostImage(p);
   try {
     return readWholeImage(img);
   } finally {
@@ -83,7 +85,7 @@ describe('VHDX log: reading through it', () => {
     const expected = replayedByQemu(p);
     expect(expected.subarray(5 * MiB, 6 * MiB).every((x) => x === 0x22)).toBe(true);
     expect(ourBytes(p).equals(expected)).toBe(true);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       expect(img.layers[0]!.layer.details.log).toMatch(/1 entry \(sequence 7–7\), 1 write replayed in memory/);
     } finally {
@@ -140,7 +142,7 @@ describe('VHDX log: reading through it', () => {
     const open = (b: Buffer, name: string) => {
       const f = path.join(dir, name);
       fs.writeFileSync(f, b);
-      return () => openTestImage(f).close();
+      return () => openHostImage(f).close();
     };
     const base = crashed(dir);
     const clean = fs.readFileSync(base.p);
@@ -176,8 +178,8 @@ describe('VHDX log: reading through it', () => {
     fs.copyFileSync(p, copy);
     execFileSync('qemu-img', ['check', '-r', 'all', '-f', 'vhdx', copy]);
     // its one log entry rewrites a BAT sector: damaged in the file, the log restores it
-    const img = openTestImage(p);
-    const replayed = openTestImage(copy);
+    const img = openHostImage(p);
+    const replayed = openHostImage(copy);
     try {
       const w = img.layers[0]!.layer.logReplay!.writes;
       expect(w.length).toBe(1);
@@ -186,7 +188,7 @@ describe('VHDX log: reading through it', () => {
       damaged.fill(0, w[0]!.offset, w[0]!.offset + 4096);
       const d = path.join(dir, 'damaged.vhdx');
       fs.writeFileSync(d, damaged);
-      const di = openTestImage(d);
+      const di = openHostImage(d);
       try {
         expect(di.map.extents).toEqual(replayed.map.extents);
       } finally {
@@ -235,7 +237,7 @@ describe('VHDX log: writing it out', () => {
       f.close();
     }
     expectLogWrittenOut(p);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       expect(img.map.extents.every((e) => e.kind === 'data')).toBe(true);
       expect(readWholeImage(img).equals(expected)).toBe(true);
@@ -261,7 +263,7 @@ describe('VHDX log: bounded work on a crafted log', () => {
     }
     fs.writeFileSync(p, b);
     const t0 = Date.now();
-    expect(() => openTestImage(p).close()).toThrow(/more overlapping would-be entries than a log can/);
+    expect(() => openHostImage(p).close()).toThrow(/more overlapping would-be entries than a log can/);
     expect(Date.now() - t0).toBeLessThan(5000);
   });
 
@@ -274,12 +276,12 @@ describe('VHDX log: bounded work on a crafted log', () => {
     fixHeaderCrc(b, h.offset);
     const big = path.join(dir, 'big-log.vhdx');
     fs.writeFileSync(big, b);
-    expect(() => openTestImage(big).close()).toThrow(/more than the 32 MiB vdboot replays/);
+    expect(() => openHostImage(big).close()).toThrow(/more than the 32 MiB vdboot replays/);
     b.writeUInt32LE(0, h.offset + 68);
     fixHeaderCrc(b, h.offset);
     const none = path.join(dir, 'no-log.vhdx');
     fs.writeFileSync(none, b);
-    const img = openTestImage(none);
+    const img = openHostImage(none);
     try {
       expect(img.layers[0]!.layer.details.log).toBe('no valid entries');
     } finally {

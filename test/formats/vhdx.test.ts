@@ -4,9 +4,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { currentHeader, fixHeaderCrc, makeDifferencing, vhdxLayout } from './vhdx-patch.ts';
 import { readMapped } from '../../src/formats/read-map.ts';
-import {
-  cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, openTestImage, qemuImg, qemuIo, qemuRaw, readWholeImage,
-} from './helpers.ts';
+import { cleanupTmpDirs, expectMatchesQemu, expectSameBytes, makeTmpDir, qemuImg, qemuIo, qemuRaw, readWholeImage } from '../kit/oracle.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 afterAll(cleanupTmpDirs);
 
@@ -90,7 +89,7 @@ describe('VHDX read by vdboot matches qemu-img', () => {
     b.writeUInt32LE(4096, metaOffset + lss.offset);
     fs.writeFileSync(p, b);
     // qemu refuses to open the patched image, so the oracle is its raw output from before the patch
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       expect(img.layers[0]!.layer.details['logical sector size']).toBe(4096);
       expectSameBytes(readWholeImage(img), before, p);
@@ -106,7 +105,7 @@ describe('VHDX larger than one chunk (sector-bitmap entries interleaved in the B
     const p = path.join(dir, 'big.vhdx');
     qemuImg('create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', p, '6G');
     qemuIo(p, 'vhdx', ['write -P 0x11 0 1M', 'write -P 0x22 4095M 2M', 'write -P 0x33 5G 512k']);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       const data = img.map.extents.filter((e) => e.kind === 'data').map((e) => [e.start / MiB, e.length / MiB]);
       expect(data).toEqual([[0, 1], [4095, 2], [5120, 1]]);
@@ -149,7 +148,7 @@ describe('differencing VHDX', () => {
   }
 
   it('partially present blocks map sector run by sector run to the child or the parent', () => {
-    const img = openTestImage(childPath);
+    const img = openHostImage(childPath);
     try {
       expect(img.layers.map((l) => path.basename(l.path))).toEqual(['child.vhdx', 'parent.vhdx']);
       expect(img.layers[0]!.layer.subformat).toBe('differencing');
@@ -171,7 +170,7 @@ describe('differencing VHDX', () => {
     qemuIo(path.join(copyDir, 'parent.vhdx'), 'vhdx', ['write -P 0x33 0 512']);
     let err: unknown;
     try {
-      openTestImage(path.join(copyDir, 'child.vhdx')).close();
+      openHostImage(path.join(copyDir, 'child.vhdx')).close();
     } catch (e) {
       err = e;
     }
@@ -182,7 +181,7 @@ describe('differencing VHDX', () => {
   it('a missing parent is named in the error', () => {
     const copyDir = makeTmpDir();
     fs.copyFileSync(childPath, path.join(copyDir, 'child.vhdx'));
-    expect(() => openTestImage(path.join(copyDir, 'child.vhdx'))).toThrow(/parent.vhdx/);
+    expect(() => openHostImage(path.join(copyDir, 'child.vhdx'))).toThrow(/parent.vhdx/);
   });
 });
 
@@ -192,7 +191,7 @@ describe('VHDX headers', () => {
   function expectRefused(p: string, re: RegExp): void {
     let err: unknown;
     try {
-      openTestImage(p).close();
+      openHostImage(p).close();
     } catch (e) {
       err = e;
     }
@@ -206,7 +205,7 @@ describe('VHDX headers', () => {
     const cur = currentHeader(b);
     b[cur.offset + 100] ^= 0xff; // inside the header, not fixing the CRC
     fs.writeFileSync(p, b);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       expect(img.layers[0]!.layer.details['header sequence']).not.toBe(cur.sequence.toString());
       expectSameBytes(readWholeImage(img), qemuRaw(p), p);
@@ -224,7 +223,7 @@ describe('VHDX headers', () => {
     b.fill(0xab, other + 32, other + 48); // a distinguishable DataWriteGuid
     fixHeaderCrc(b, other);
     fs.writeFileSync(p, b);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     expect(img.layers[0]!.layer.details['header sequence']).toBe((cur.sequence + 5n).toString());
     expect(img.layers[0]!.layer.id).toBe('abababab-abab-abab-abab-abababababab');
     img.close();
@@ -246,7 +245,7 @@ describe('VHDX headers', () => {
     b.fill(0x5c, cur.offset + 48, cur.offset + 64);
     fixHeaderCrc(b, cur.offset);
     fs.writeFileSync(p, b);
-    const img = openTestImage(p);
+    const img = openHostImage(p);
     try {
       expect(img.layers[0]!.layer.details.log).toBe('no valid entries');
       expectSameBytes(readWholeImage(img), qemuRaw(p), p);

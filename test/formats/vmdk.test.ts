@@ -4,10 +4,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { openVmdk, vmdkFormat } from '../../src/formats/vmdk.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
-import { checkAgainstQemu, expectSameBytes, le32, openChain, patchFile, qemuImg, qemuIo, qemuRaw, readAll, realWorld, tempDir } from './qemu-oracle.ts';
+import { checkAgainstQemu, expectSameBytes, le32, makeTmpDir, patchFile, qemuImgIn, qemuIoIn, qemuRaw, readWholeImage } from '../kit/oracle.ts';
+import { realWorld } from '../kit/data.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 let dir: string;
-beforeAll(() => { dir = tempDir(); });
+beforeAll(() => { dir = makeTmpDir(); });
 afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
 
 const MiB = 1 << 20;
@@ -40,8 +42,8 @@ const WRITES = [
 
 function newVmdk(name: string, opts: string, size: string, writes = WRITES): string {
   const f = path.join(dir, name);
-  qemuImg(dir, 'create', '-q', '-f', 'vmdk', '-o', opts, f, size);
-  if (writes.length) qemuIo(dir, f, writes, 'vmdk');
+  qemuImgIn(dir, 'create', '-q', '-f', 'vmdk', '-o', opts, f, size);
+  if (writes.length) qemuIoIn(dir, f, writes, 'vmdk');
   return f;
 }
 
@@ -99,7 +101,7 @@ describe('VMDK reader against qemu-img', () => {
     const src = path.join(dir, 'so-src.raw');
     fs.writeFileSync(src, patterned(3 * MiB + 4096, 5));
     const f = path.join(dir, 'so.vmdk');
-    qemuImg(dir, 'convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', src, f);
+    qemuImgIn(dir, 'convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', src, f);
     const img = checkAgainstQemu(f);
     expect(img.layers[0]!.layer.subformat).toBe('streamOptimized');
     const u = img.map.extents.filter((e) => e.kind === 'unmappable');
@@ -110,8 +112,8 @@ describe('VMDK reader against qemu-img', () => {
   it('delta chain by parentFileNameHint: unallocated grains come from the parent', () => {
     const base = newVmdk('chain-base.vmdk', 'subformat=monolithicSparse', '4M', ['write -P 0x81 0 4M']);
     const top = path.join(dir, 'chain-top.vmdk');
-    qemuImg(dir, 'create', '-q', '-f', 'vmdk', '-b', path.basename(base), '-F', 'vmdk', top);
-    qemuIo(dir, top, ['write -P 0x82 60k 10k', 'write -P 0x83 3M 64k'], 'vmdk');
+    qemuImgIn(dir, 'create', '-q', '-f', 'vmdk', '-b', path.basename(base), '-F', 'vmdk', top);
+    qemuIoIn(dir, top, ['write -P 0x82 60k 10k', 'write -P 0x83 3M 64k'], 'vmdk');
     const img = checkAgainstQemu(top);
     expect(img.layers.length).toBe(2);
     expect(img.layers[0]!.layer.parent?.paths).toEqual(['chain-base.vmdk']);
@@ -120,17 +122,17 @@ describe('VMDK reader against qemu-img', () => {
   it('a parentFileNameHint written on Windows (C:\\VMs\\base.vmdk) finds the parent by its name next to the child', () => {
     const base = newVmdk('win-base.vmdk', 'subformat=monolithicSparse', '2M', ['write -P 0x84 0 2M']);
     const top = path.join(dir, 'win-top.vmdk');
-    qemuImg(dir, 'create', '-q', '-f', 'vmdk', '-b', path.basename(base), '-F', 'vmdk', top);
-    qemuIo(dir, top, ['write -P 0x85 64k 64k'], 'vmdk');
+    qemuImgIn(dir, 'create', '-q', '-f', 'vmdk', '-b', path.basename(base), '-F', 'vmdk', top);
+    qemuIoIn(dir, top, ['write -P 0x85 64k 64k'], 'vmdk');
     const expected = qemuRaw(top);
     const bytes = fs.readFileSync(top);
     const at = bytes.indexOf(Buffer.from('parentFileNameHint="win-base.vmdk"'));
     expect(at).toBeGreaterThan(0);
     patchFile(top, at, Buffer.from('parentFileNameHint="C:\\VMs\\win-base.vmdk"\n'));
-    const img = openChain(top);
+    const img = openHostImage(top);
     try {
       expect(img.layers[0]!.layer.parent?.paths).toEqual(['win-base.vmdk']);
-      expectSameBytes(readAll(img), expected, 'child over the parent found by base name');
+      expectSameBytes(readWholeImage(img), expected, 'child over the parent found by base name');
     } finally {
       img.close();
     }
@@ -139,12 +141,12 @@ describe('VMDK reader against qemu-img', () => {
   it('a parent whose CID no longer matches the child\'s parentCID is refused, naming the CID', () => {
     const base = newVmdk('cid-base.vmdk', 'subformat=monolithicSparse', '1M', ['write -P 0x81 0 1M']);
     const top = path.join(dir, 'cid-top.vmdk');
-    qemuImg(dir, 'create', '-q', '-f', 'vmdk', '-b', path.basename(base), '-F', 'vmdk', top);
+    qemuImgIn(dir, 'create', '-q', '-f', 'vmdk', '-b', path.basename(base), '-F', 'vmdk', top);
     const bytes = fs.readFileSync(base);
     const at = bytes.indexOf(Buffer.from('CID='));
     patchFile(base, at + 4, Buffer.from('0badc1d0'));
     let err: unknown;
-    try { openChain(top).close(); } catch (e) { err = e; }
+    try { openHostImage(top).close(); } catch (e) { err = e; }
     expect(isFormatError(err)).toBe(true);
     expect(String(err)).toMatch(/parentCID/);
   });
@@ -153,8 +155,8 @@ describe('VMDK reader against qemu-img', () => {
     const d = path.join(dir, 'mixed');
     fs.mkdirSync(d);
     fs.writeFileSync(path.join(d, 'a.bin'), patterned(2 * MiB, 1));
-    qemuImg(d, 'create', '-q', '-f', 'vmdk', 'b.vmdk', '1M');
-    qemuIo(d, 'b.vmdk', ['write -P 0x91 64k 64k'], 'vmdk');
+    qemuImgIn(d, 'create', '-q', '-f', 'vmdk', 'b.vmdk', '1M');
+    qemuIoIn(d, 'b.vmdk', ['write -P 0x91 64k 64k'], 'vmdk');
     fs.writeFileSync(path.join(d, 'c.bin'), patterned(MiB, 3));
     fs.writeFileSync(path.join(d, 'mixed.vmdk'), [
       '# Disk DescriptorFile', 'version=1', 'CID=12345678', 'parentCID=ffffffff', 'createType="vmfs"', '',
@@ -178,12 +180,12 @@ describe('VMDK reader against qemu-img', () => {
       '# Disk DescriptorFile', 'version=1', 'CID=fffffffe', 'parentCID=ffffffff', 'createType="monolithicFlat"',
       'RW 1024 FLAT "a.bin" 0', 'RW 4096 ZERO', 'RDONLY 1024 FLAT "a.bin" 1024', '',
     ].join('\n'));
-    const img = openChain(path.join(d, 'z.vmdk'));
+    const img = openHostImage(path.join(d, 'z.vmdk'));
     try {
       const expected = new Uint8Array(3 * MiB);
       expected.set(a.subarray(0, MiB / 2), 0);
       expected.set(a.subarray(MiB / 2), MiB / 2 + 2 * MiB);
-      expectSameBytes(readAll(img), expected, 'FLAT + ZERO + FLAT');
+      expectSameBytes(readWholeImage(img), expected, 'FLAT + ZERO + FLAT');
       expect(img.map.extents[1]).toEqual({ kind: 'zero', start: MiB / 2, length: 2 * MiB, why: 'zeroed' });
     } finally {
       img.close();
@@ -274,7 +276,7 @@ function buildSeSparse(sectors: number, grains: [number, number][], zeros: numbe
 
 describe('VMDK real-world images', () => {
   it('iotest-version3.vmdk (16 GiB streamOptimized, grain directory in the footer): compressed grains unmappable, readable, equal to qemu-img convert', () => {
-    const f = realWorld(dir, 'iotest-version3.vmdk.bz2');
+    const f = realWorld('iotest-version3.vmdk.bz2', dir);
     const img = checkAgainstQemu(f);
     expect(img.map.size).toBe(16 * 1024 * MiB);
     expect(img.map.extents.some((e) => e.kind === 'unmappable')).toBe(true);
@@ -282,12 +284,12 @@ describe('VMDK real-world images', () => {
   });
 
   it('ext2.vmdk reads as qemu-img convert', () => {
-    const f = realWorld(dir, 'ext2.vmdk.xz');
+    const f = realWorld('ext2.vmdk.xz', dir);
     checkAgainstQemu(f);
   });
 
   it('afl9.vmdk (fuzzed header) fails quickly with a FormatError naming the grain directory', () => {
-    const f = realWorld(dir, 'afl9.vmdk.bz2');
+    const f = realWorld('afl9.vmdk.bz2', dir);
     expectFormatError(() => layerOf(f), /grain|capacity|descriptor/);
   });
 });
@@ -314,7 +316,7 @@ describe('VMDK damaged images', () => {
     const gtSector = new DataView(new Uint8Array(fs.readFileSync(f)).buffer).getUint32(gdSector * 512, true);
     patchFile(f, gtSector * 512, le32(gdSector));
     let err: unknown;
-    try { openChain(f).close(); } catch (e) { err = e; }
+    try { openHostImage(f).close(); } catch (e) { err = e; }
     expect(isFormatError(err)).toBe(true);
     expect(String(err)).toMatch(/grain directory/);
   });
@@ -330,7 +332,7 @@ describe('VMDK damaged images', () => {
   it('a sparse extent file listed twice in a descriptor is refused', () => {
     const d = path.join(dir, 'twice');
     fs.mkdirSync(d);
-    qemuImg(d, 'create', '-q', '-f', 'vmdk', 's.vmdk', '1M');
+    qemuImgIn(d, 'create', '-q', '-f', 'vmdk', 's.vmdk', '1M');
     fs.writeFileSync(path.join(d, 't.vmdk'), '# Disk DescriptorFile\nversion=1\ncreateType="twoGbMaxExtentSparse"\nRW 2048 SPARSE "s.vmdk"\nRW 2048 SPARSE "s.vmdk"\n');
     expectFormatError(() => layerOf(path.join(d, 't.vmdk')), /already uses/);
   });
@@ -375,16 +377,16 @@ describe('qcow2 over other formats', () => {
       const base = path.join(dir, `over-${opts.replace(/\W/g, '')}.${fmt}`);
       const src = path.join(dir, `over-src-${fmt}.raw`);
       fs.writeFileSync(src, patterned(3 * MiB, 9));
-      qemuImg(dir, 'convert', '-O', fmt, '-o', opts, src, base);
+      qemuImgIn(dir, 'convert', '-O', fmt, '-o', opts, src, base);
       const top = `${base}.qcow2`;
-      qemuImg(dir, 'create', '-q', '-f', 'qcow2', '-b', path.basename(base), '-F', fmt, top);
-      qemuIo(dir, top, ['write -P 0xc1 1M 64k', 'write -z 2M 4k']);
+      qemuImgIn(dir, 'create', '-q', '-f', 'qcow2', '-b', path.basename(base), '-F', fmt, top);
+      qemuIoIn(dir, top, ['write -P 0xc1 1M 64k', 'write -z 2M 4k']);
       const img = checkAgainstQemu(top);
       expect(img.layers.map((l) => l.layer.format)).toEqual(['qcow2', fmt]);
       expect(img.layers[0]!.layer.parent?.format).toBe(fmt);
-      const again = openChain(top);
+      const again = openHostImage(top);
       try {
-        expectSameBytes(readAll(again).subarray(0, MiB), qemuRaw(base).subarray(0, MiB), 'first MiB from the backing file');
+        expectSameBytes(readWholeImage(again).subarray(0, MiB), qemuRaw(base).subarray(0, MiB), 'first MiB from the backing file');
       } finally {
         again.close();
       }

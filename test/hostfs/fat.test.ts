@@ -2,7 +2,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostFileReader, openHostFs, type HostFile, type HostFs } from '../../src/formats/hostfs.ts';
+import { hostFileReader, type HostFile, type HostFs } from '../../src/formats/host-volume.ts';
+import { openHostFs } from '../../src/formats/hostfs.ts';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { fileReader, pseudoRandom, run, tmpDir } from './helpers.ts';
 

@@ -2,8 +2,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'vitest';
-import type { HostFile, HostFs } from '../../src/formats/hostfs.ts';
-import { hostFileReader } from '../../src/formats/hostfs.ts';
+import type { HostFile, HostFs } from '../../src/formats/host-volume.ts';
+import { hostFileReader } from '../../src/formats/host-volume.ts';
 import { run } from './helpers.ts';
 
 export function mkntfs(img: string, sizeMiB: number, clusterSize: number, label = 'Windows', sectorSize = 512): void {

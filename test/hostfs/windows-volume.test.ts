@@ -6,8 +6,9 @@ import { openHostFs } from '../../src/formats/hostfs.ts';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { fileReader, run, tmpDir } from './helpers.ts';
 import { expectSameAsNtfs3g } from './ntfs-oracle.ts';
+import { REAL_WORLD_DIR } from '../kit/data.ts';
 
-const SAMPLE = path.resolve(__dirname, '../../../shared/testdata/real-world/windows_volume.qcow2.xz');
+const SAMPLE = path.join(REAL_WORLD_DIR, 'windows_volume.qcow2.xz');
 
 let dir: string;
 beforeAll(() => { dir = tmpDir(); });

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdisk, type MkdiskResult } from '../../mkdisk/build.ts';
 import { buildGuestRoot, GUEST_MARKER, parseGuestFacts } from '../../qemu/guest.ts';
-import { cleanupTmpDirs, makeTmpDir, run } from '../formats/helpers.ts';
+import { cleanupTmpDirs, makeTmpDir, run } from '../kit/oracle.ts';
 import { bootFromDisk } from './firmware.ts';
 
 const GPT_TYPES = {

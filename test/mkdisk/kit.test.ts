@@ -20,7 +20,7 @@ import { imagePathInRoot, kitEntries, splitArgs } from '../../mkdisk/kit.ts';
 import { makeExfat, makeFat, makeNtfs, makePartitionedDisk, type FileTree } from '../../qemu/disks.ts';
 import { buildGuestRoot, GUEST_MARKER, parseGuestFacts } from '../../qemu/guest.ts';
 import { bootVm, type Vm } from '../../qemu/harness.ts';
-import { cleanupTmpDirs, makeTmpDir } from '../formats/helpers.ts';
+import { cleanupTmpDirs, makeTmpDir } from '../kit/oracle.ts';
 import { bootFromDisk } from './firmware.ts';
 
 const MiB = 1024 * 1024;

@@ -10,7 +10,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main, type CliIO } from '../../src/cli/main.ts';
 import { OUTPUT_FORMATS, type OutputFormat } from '../../src/formats/writers/index.ts';
 import { parseSize } from '../../mkdisk/build.ts';
-import { cleanupTmpDirs, expectSameBytes, makeTmpDir, openTestImage, qemuImg, readWholeImage, run } from '../formats/helpers.ts';
+import { cleanupTmpDirs, expectSameBytes, makeTmpDir, qemuImg, readWholeImage, run } from '../kit/oracle.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 const MiB = 1024 * 1024;
 const QEMU_FORMAT: Record<OutputFormat, string> = { raw: 'raw', vhd: 'vpc', 'vhd-fixed': 'vpc', vhdx: 'vhdx', vdi: 'vdi', vmdk: 'vmdk', qcow2: 'qcow2' };
@@ -130,7 +131,7 @@ describe('vdboot mkdisk', () => {
     const info = JSON.parse(qemuImg('info', '--output=json', '-f', QEMU_FORMAT[format], out)) as { 'virtual-size': number };
     expect(info['virtual-size']).toBe(48 * MiB);
     const raw = toRaw(out, format);
-    const img = openTestImage(out);
+    const img = openHostImage(out);
     try {
       expectSameBytes(readWholeImage(img), fs.readFileSync(raw), `${format}: vdboot vs qemu-img`);
     } finally {

@@ -10,7 +10,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { OUTPUT_FORMATS, writeImage, type OutputFormat } from '../../src/formats/writers/index.ts';
 import { openFileSink, openRawSource, randomIdentity } from '../../mkdisk/image-file.ts';
-import { cleanupTmpDirs, expectSameBytes, makeTmpDir, openTestImage, qemuImg, qemuIo, readWholeImage, run } from '../formats/helpers.ts';
+import { cleanupTmpDirs, expectSameBytes, makeTmpDir, qemuImg, qemuIo, readWholeImage, run } from '../kit/oracle.ts';
+import { openHostImage } from '../../src/sys/host-image.ts';
 
 const QEMU_FORMAT: Record<OutputFormat, string> = { raw: 'raw', vhd: 'vpc', 'vhd-fixed': 'vpc', vhdx: 'vhdx', vdi: 'vdi', vmdk: 'vmdk', qcow2: 'qcow2' };
 const EXT: Record<OutputFormat, string> = { raw: 'img', vhd: 'vhd', 'vhd-fixed': 'vhd', vhdx: 'vhdx', vdi: 'vdi', vmdk: 'vmdk', qcow2: 'qcow2' };
@@ -73,7 +74,7 @@ describe.each(OUTPUT_FORMATS)('%s writer', (format) => {
     const info = JSON.parse(qemuImg('info', '--output=json', '-f', QEMU_FORMAT[format], out)) as { 'virtual-size': number };
     expect(info['virtual-size']).toBe(SIZE);
     expectSameBytes(qemuBytes(out, format), want, `${format} through qemu-img`);
-    const img = openTestImage(out);
+    const img = openHostImage(out);
     try {
       expect(img.layers[0]!.layer.format).toBe(format === 'vhd-fixed' ? 'vhd' : format);
       expectSameBytes(readWholeImage(img), want, `${format} through vdboot`);
@@ -98,7 +99,7 @@ describe.each(OUTPUT_FORMATS)('%s writer', (format) => {
     const back = qemuBytes(out, format);
     expect(back.length).toBe(8 * MiB);
     expect(back.equals(Buffer.alloc(8 * MiB))).toBe(true);
-    const img = openTestImage(out);
+    const img = openHostImage(out);
     try {
       // raw and fixed VHD map their (holed) data area; the dynamic formats have nothing allocated.
       const dynamic = !['raw', 'vhd-fixed'].includes(format);
@@ -155,7 +156,7 @@ describe('VHD size rule', () => {
     const { out } = writeAs('vhd', raw, 'chs');
     const footer = fs.readFileSync(out).subarray(0, 512);
     expect([footer.readUInt16BE(56), footer[58], footer[59]]).toEqual([65535, 16, 255]);
-    const img = openTestImage(out);
+    const img = openHostImage(out);
     try {
       expect(img.map.size).toBe(SIZE);
     } finally {

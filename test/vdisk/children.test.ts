@@ -14,7 +14,8 @@ import type { ChainHost } from '../../src/formats/chain.ts';
 import { nodeChainHost } from '../../src/sys/node-reader.ts';
 import { planAgainstDevices } from '../../src/cli/plan.ts';
 import { BASIC_DATA, convert, devicesOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, tmpDir } from './helpers.ts';
-import { cleanupTmpDirs, makeTmpDir, qemuImg, qemuIo, realWorld } from '../formats/helpers.ts';
+import { cleanupTmpDirs, makeTmpDir, qemuImg, qemuIo } from '../kit/oracle.ts';
+import { realWorld } from '../kit/data.ts';
 import { currentHeader, makeDifferencing } from '../formats/vhdx-patch.ts';
 
 afterAll(cleanupTmpDirs);

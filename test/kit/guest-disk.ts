@@ -1,4 +1,4 @@
-/** The guest disk the root=vdisk: end-to-end tests turn into images. */
+/** The end-to-end kit's guest disk: the one the root=vdisk: tests turn into images. */
 import { join } from 'node:path';
 import { makeExt4, makePartitionedDisk } from '../../qemu/disks.ts';
 import { buildGuestRoot, type GuestOptions } from '../../qemu/guest.ts';

@@ -1,0 +1,41 @@
+/**
+ * What planning an image boot starts from (vdisk.ts's planVdisk, expand-plan.ts's
+ * checkExpansion): the request from the command line (ImageRequest) and the host side
+ * that reads the image's files and says where they lie (ImageHost: hostdev.ts for NTFS,
+ * exFAT and FAT, fiemap.ts for a Linux filesystem, the CLI's files for `vdboot plan`).
+ * Types only, below the planner and the hosts alike.
+ */
+import type { ChainHost } from '../formats/chain.ts';
+import type { FileLayout } from '../formats/extent-ops.ts';
+import type { VdiskMapPath, VdiskMode, VdiskRootChoice } from './plan.ts';
+
+export interface ImageRequest {
+  /** N of vdiskN */
+  index: number;
+  /** path on the host filesystem */
+  path: string;
+  mode: VdiskMode;
+  map: VdiskMapPath;
+  expand: boolean;
+  /** which partition is root; undefined for an attached image */
+  root?: VdiskRootChoice;
+  /** qemu-nbd is in the initramfs (vdboot mkinitramfs --with qemu-nbd): the nbd path exists */
+  nbd?: boolean;
+}
+
+/** The host side of an image: how to read its files and where they lie. */
+export interface ImageHost {
+  /** "/dev/sda2 (ntfs, LABEL=Windows)" */
+  description: string;
+  /** the host device's path, for direct tables */
+  device: string;
+  chain: ChainHost;
+  /** the physical extents of a host file, or null when vdboot cannot tell (no direct path) */
+  layout(path: string): FileLayout | null;
+  /** why the host filesystem must not be written (hibernated, dirty), or null */
+  writeBlocker: string | null;
+  /** the host device's logical sector size (512 when unknown) */
+  logicalBlockSize?: number;
+  /** where file extents come from when not vdboot's own reader, for the console ("ext4's FIEMAP") */
+  layoutSource?: string;
+}
