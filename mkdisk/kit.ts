@@ -222,12 +222,10 @@ export function makeKit(o: KitOptions): KitResult {
 
   const boot = path.join(o.rootDir, 'boot', 'vdboot');
   fs.mkdirSync(boot, { recursive: true });
-  // ntfs-3g, where this machine has it: the kernel may lack ntfs3, and without a driver that
-  // writes NTFS the booted system cannot reach the host read-write (/run/vdboot/host, the
-  // loop path) nor expand a dynamic image in place for a read-write boot.
-  const ntfs3g = ['/usr/bin/ntfs-3g', '/bin/ntfs-3g'].some((p) => fs.existsSync(p));
-  if (!ntfs3g) log('ntfs-3g is not installed here, so the initramfs has no NTFS writer: dynamic images on NTFS boot only as snapshots or read-only (Debian: apt install ntfs-3g)');
-  const files = prepareBootFiles(o.kernel, log, ntfs3g ? ['ntfs-3g'] : []);
+  // mkinitramfs's defaults: ntfs-3g on a kernel without ntfs3, where this machine has it (it
+  // says so otherwise): without a driver that writes NTFS the booted system cannot reach the
+  // host read-write (/run/vdboot/host, the loop path) nor expand a dynamic image in place.
+  const files = prepareBootFiles(o.kernel, log);
   copyWithProgress(files.kernelFile, path.join(boot, 'vmlinuz'), 'the kernel', log);
   copyWithProgress(files.initrd, path.join(boot, 'initrd.img'), 'the initramfs', log);
   const written = ['boot/vdboot/vmlinuz', 'boot/vdboot/initrd.img'];
