@@ -538,6 +538,7 @@ export function writeInitramfs(output: string, options: MkinitramfsOptions = {})
 /** One line for the console: size, files, modules, time. */
 export function summary(output: string, r: MkinitramfsResult): string {
   const mib = (n: number) => `${(n / 1048576).toFixed(2)} MiB`;
-  const tools = r.tools.length ? `, with ${r.tools.map((t) => (t in r.defaultTools ? `${t} (by default: ${r.defaultTools[t]})` : t)).join(', ')}` : '';
+  // the reason in short: the notes say it in full
+  const tools = r.tools.length ? `, with ${r.tools.map((t) => (t in r.defaultTools ? `${t} (by default: ${r.defaultTools[t]!.split(',')[0]})` : t)).join(', ')}` : '';
   return `${output}: ${mib(r.image.length)} (${r.compression}; ${mib(r.cpio.length)} unpacked), ${r.files} files, ${r.modules} modules for kernel ${r.manifest.kernelRelease}${tools}, ${(r.milliseconds / 1000).toFixed(2)} s`;
 }

@@ -51,6 +51,7 @@ export function parseKitArgs(args: string[]): KitOptions & { quiet: boolean } {
     }
   }, (flag) => new KitError(`${flag} needs a value; see vdboot kit --help`));
   if (!o.image || !o.rootDir) throw new KitError('give --image PATH and --root-dir DIR; see vdboot kit --help');
+  if (o.esp !== undefined && o.secureBoot === false) throw new KitError('--esp DIR is where the Secure Boot chain goes, and --no-secure-boot asks for none: give one of them');
   if (o.host !== undefined && !/^(UUID|LABEL|PARTUUID|PARTLABEL)=.+|^\/dev\/\S+$/.test(o.host)) {
     throw new KitError(`--host ${o.host}: give UUID=…, LABEL=…, PARTUUID=…, PARTLABEL=… or /dev/…`);
   }

@@ -16,6 +16,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main, type CliIO } from '../../src/cli/main.ts';
+import { parseKitArgs } from '../../src/cli/kit.ts';
 import { hasPeSignature, MOK_MANAGER, SHIM, SIGNED_GRUB } from '../../mkdisk/secureboot.ts';
 import { convertImage, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
 import { GUEST_MARKER, guestFact, parseGuestFacts } from '../../qemu/guest.ts';
@@ -169,6 +170,10 @@ describe.skipIf(!ready)('vdboot kit --esp: the Secure Boot chain', () => {
     expect(r.out).toMatch(/EFI\/vdboot\/vmlinuz +the kernel: not signed: will NOT start under Secure Boot/);
     expect(r.out).toMatch(/WARNING: the kernel/);
   }, 120_000);
+
+  it('--esp with --no-secure-boot is refused as contradictory', () => {
+    expect(() => parseKitArgs(['--image', 'a.vhdx', '--root-dir', '.', '--esp', 'e', '--no-secure-boot'])).toThrow(/--esp DIR is where the Secure Boot chain goes, and --no-secure-boot asks for none/);
+  });
 
   it('without --esp, on a FAT root dir the chain goes into the root dir; elsewhere the kit says to give --esp', async () => {
     const bin = path.join(dir, 'fake-bin');
