@@ -77,6 +77,8 @@ export function windowsInstallScript(title: string): string {
     '  pause',
     '  exit /b 1',
     ')',
+    // Debian's signed GRUB reads EFI\debian\grub.cfg before the one in its own folder
+    'if exist "S:\\EFI\\debian\\grub.cfg" echo vdboot: note: S:\\EFI\\debian\\grub.cfg exists ^(a Debian on this PC^): the new entry will show Debian\'s GRUB menu; add the kit\'s GRUB entry to that Debian instead.',
     'echo vdboot: copying "%SRC%" to S:\\EFI\\vdboot',
     'xcopy "%SRC%" "S:\\EFI\\vdboot\\" /E /I /Y /Q',
     'if errorlevel 1 (',

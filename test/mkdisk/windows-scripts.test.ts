@@ -60,6 +60,8 @@ describe('windows-install.cmd and windows-uninstall.cmd', () => {
     ].map((re) => at(install, re));
     for (let i = 1; i < order.length; i++) expect(order[i]).toBeGreaterThan(order[i - 1]!);
     expect(install).toContain('set "SRC=%~dp0"');
+    // a Debian on the PC: its signed GRUB would read EFI\debian\grub.cfg first
+    expect(at(install, /^if exist "S:\\EFI\\debian\\grub\.cfg" echo vdboot: note: .*Debian's GRUB menu/)).toBeLessThan(at(install, /^xcopy /));
     expect(install).toContain('setlocal EnableExtensions EnableDelayedExpansion');
   });
 
