@@ -71,7 +71,8 @@ export function bootFromDisk(o: FirmwareBoot): Promise<string> {
     };
     child.stdout!.on('data', onData);
     child.stderr!.on('data', (b: Buffer) => { out += b.toString('latin1'); });
-    child.on('exit', () => {
+    // 'close': after the console's last bytes, which may come after the process's exit
+    child.on('close', () => {
       if (!out.includes(o.marker)) finish(new Error(`qemu exited before "${o.marker}"; console tail:\n${out.slice(-3000)}`));
       else if (o.until === 'exit') finish();
     });
