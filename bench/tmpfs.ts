@@ -30,7 +30,7 @@ try {
   const accel = await probeAccel(kernel);
   console.log(`accel ${accel}, ${os.cpus().length} CPUs, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}`);
   const initrd = path.join(work, 'initrd.img');
-  writeInitramfs(initrd, { kernel });
+  writeInitramfs(initrd, { kernel, without: ['ntfs-3g'] });
 
   // A root with the shape of a real one: busybox, and a library tree of many small files.
   const root = path.join(work, 'root');

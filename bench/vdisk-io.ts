@@ -163,7 +163,7 @@ try {
   const initrd = path.join(work, 'initrd.img');
   const initrdNtfs3g = path.join(work, 'initrd-ntfs3g.img');
   const initrdNbd = path.join(work, 'initrd-nbd.img');
-  writeInitramfs(initrd, { kernel });
+  writeInitramfs(initrd, { kernel, without: ['ntfs-3g'] }); // the direct path with no NTFS driver at all
   writeInitramfs(initrdNtfs3g, { kernel, tools: ['ntfs-3g'] });
   writeInitramfs(initrdNbd, { kernel, tools: ['ntfs-3g', 'qemu-nbd'] });
 

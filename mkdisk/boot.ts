@@ -73,11 +73,15 @@ export interface BootFiles {
   initrd: Uint8Array;
 }
 
-/** The kernel and a vdboot initramfs built for it (its modules from /lib/modules/RELEASE). */
-export function prepareBootFiles(kernel: string | undefined, log: (l: string) => void, tools: ToolName[] = []): BootFiles {
+/**
+ * The kernel and a vdboot initramfs built for it (its modules from /lib/modules/RELEASE),
+ * with mkinitramfs's default programs (ntfs-3g on kernels without ntfs3) unless left out.
+ */
+export function prepareBootFiles(kernel: string | undefined, log: (l: string) => void, tools: { with?: ToolName[]; without?: ToolName[] } = {}): BootFiles {
   const k = findKernel(kernel);
-  log(`building a vdboot initramfs for ${k.release}${tools.length ? ` with ${tools.join(', ')}` : ''}`);
-  const result = buildInitramfs({ kernel: k.file, tools });
+  log(`building a vdboot initramfs for ${k.release}`);
+  const result = buildInitramfs({ kernel: k.file, tools: tools.with, without: tools.without });
+  for (const note of result.notes) log(`initramfs: ${note}`);
   return { kernelFile: k.file, release: k.release, initrd: result.image };
 }
 

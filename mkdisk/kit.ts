@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { GRUB_EFI_DIR, GRUB_PC_DIR, prepareBootFiles } from './boot.ts';
 import { openHostImage } from '../src/sys/host-image.ts';
+import { secureBootMissing, writeSecureBootChain, type SecureBootChain } from './secureboot.ts';
 
 const MiB = 1024 * 1024;
 
@@ -34,6 +35,14 @@ export interface KitOptions {
   append?: string;
   /** build grubx64.efi and g2ldr (default true; needs grub-efi-amd64-bin and grub-pc-bin) */
   grubImages?: boolean;
+  /**
+   * The EFI system partition (a mounted FAT filesystem, or a folder to copy onto one) for
+   * the Secure Boot chain (shim, Debian's signed GRUB, the kernel and the initramfs);
+   * default: rootDir when it is on FAT, else no chain.
+   */
+  esp?: string;
+  /** write the Secure Boot chain (default true; needs shim-signed and grub-efi-amd64-signed) */
+  secureBoot?: boolean;
   log?: (line: string) => void;
 }
 
@@ -58,6 +67,10 @@ export interface KitResult {
   /** files written, relative to rootDir */
   files: string[];
   release: string;
+  /** the Secure Boot chain, when written */
+  secureBoot?: SecureBootChain;
+  /** why no Secure Boot chain was written */
+  secureBootSkipped?: string;
 }
 
 function run(cmd: string, args: string[]): { status: number; stdout: string; stderr: string } {
@@ -122,10 +135,18 @@ export function rootWord(host: string | undefined, imagePath: string): string {
   return host ? `root=vdisk:${host}:${imagePath}` : `root=vdisk:${imagePath}`;
 }
 
+function entryTitle(imagePath: string): string {
+  return `Linux from ${imagePath} (vdboot)`;
+}
+
+function kernelWords(host: string | undefined, imagePath: string, append: string[]): string[] {
+  return [rootWord(host, imagePath), ...append];
+}
+
 export function kitEntries(imagePath: string, host: string | undefined, append: string[]): { entries: KitEntries; cmdline: string } {
-  const words = [rootWord(host, imagePath), ...append];
+  const words = kernelWords(host, imagePath, append);
   const cmdline = words.map(kernelWord).join(' ');
-  const title = `Linux from ${imagePath} (vdboot)`;
+  const title = entryTitle(imagePath);
   const kernel = '/boot/vdboot/vmlinuz';
   const initrd = '/boot/vdboot/initrd.img';
   const grub = [
@@ -222,12 +243,10 @@ export function makeKit(o: KitOptions): KitResult {
 
   const boot = path.join(o.rootDir, 'boot', 'vdboot');
   fs.mkdirSync(boot, { recursive: true });
-  // ntfs-3g, where this machine has it: the kernel may lack ntfs3, and without a driver that
-  // writes NTFS the booted system cannot reach the host read-write (/run/vdboot/host, the
-  // loop path) nor expand a dynamic image in place for a read-write boot.
-  const ntfs3g = ['/usr/bin/ntfs-3g', '/bin/ntfs-3g'].some((p) => fs.existsSync(p));
-  if (!ntfs3g) log('ntfs-3g is not installed here, so the initramfs has no NTFS writer: dynamic images on NTFS boot only as snapshots or read-only (Debian: apt install ntfs-3g)');
-  const files = prepareBootFiles(o.kernel, log, ntfs3g ? ['ntfs-3g'] : []);
+  // mkinitramfs's defaults: ntfs-3g on a kernel without ntfs3, where this machine has it (it
+  // says so otherwise): without a driver that writes NTFS the booted system cannot reach the
+  // host read-write (/run/vdboot/host, the loop path) nor expand a dynamic image in place.
+  const files = prepareBootFiles(o.kernel, log);
   copyWithProgress(files.kernelFile, path.join(boot, 'vmlinuz'), 'the kernel', log);
   copyWithProgress(files.initrd, path.join(boot, 'initrd.img'), 'the initramfs', log);
   const written = ['boot/vdboot/vmlinuz', 'boot/vdboot/initrd.img'];
@@ -261,7 +280,44 @@ export function makeKit(o: KitOptions): KitResult {
       fs.rmSync(early, { force: true });
     }
   }
-  return { imagePath, host, hostSource, cmdline, entries, snapshotReason, files: written, release: files.release };
+  const sb = secureBootChain(o, d, files, `${entryTitle(imagePath)} (Secure Boot)`, kernelWords(host, imagePath, append), log);
+  return { imagePath, host, hostSource, cmdline, entries, snapshotReason, files: written, release: files.release, ...sb };
+}
+
+/**
+ * Where the Secure Boot chain goes and the chain itself: --esp DIR, else the kit's root dir
+ * when it is on FAT (firmware reads FAT only), else nowhere (with the reason).
+ */
+function secureBootChain(
+  o: KitOptions, d: ReturnType<typeof detectHostUuid>, files: { kernelFile: string; initrd: Uint8Array },
+  title: string, words: string[], log: (l: string) => void,
+): { secureBoot?: SecureBootChain; secureBootSkipped?: string } {
+  if (o.secureBoot === false) return { secureBootSkipped: 'not asked for (--no-secure-boot)' };
+  const missing = secureBootMissing();
+  let espDir = o.esp;
+  if (espDir !== undefined) {
+    if (missing) throw new KitError(`--esp ${espDir}: the Secure Boot chain needs Debian's signed shim and GRUB: ${missing}`);
+  } else {
+    const fat = d.fstype === 'vfat' || d.fstype === 'msdos';
+    if (!fat) {
+      const why = `${o.rootDir} is on ${d.fstype ?? 'a filesystem of unknown type'}, which firmware cannot read: no Secure Boot chain written; give --esp DIR (the EFI system partition, or a folder to copy onto a FAT stick; DIR itself when it will be one)`;
+      log(why);
+      return { secureBootSkipped: why };
+    }
+    if (missing) {
+      log(`no Secure Boot chain: ${missing}`);
+      return { secureBootSkipped: missing };
+    }
+    espDir = o.rootDir;
+  }
+  if (!fs.existsSync(espDir) || !fs.statSync(espDir).isDirectory()) throw new KitError(`--esp ${espDir} is not a directory: give the mounted EFI system partition (e.g. /boot/efi) or a folder`);
+  const chain = writeSecureBootChain({
+    espDir, kernelFile: files.kernelFile, initrd: files.initrd, title, kernelWords: words,
+    copy: (from, to, what) => copyWithProgress(from, to, what, log),
+  });
+  if (chain.kernelProblem) log(`Secure Boot: ${chain.kernelProblem}`);
+  for (const n of chain.notes) log(`Secure Boot: ${n}`);
+  return { secureBoot: chain };
 }
 
 /**
@@ -309,6 +365,22 @@ export function splitArgs(text: string): string[] {
   return out;
 }
 
+/** The Secure Boot chain's files, who signed each, and what to do with them. */
+function secureBootLines(r: KitResult): string[] {
+  if (!r.secureBoot) return ['== Secure Boot ==', `No signed chain: ${r.secureBootSkipped}`, ''];
+  const sb = r.secureBoot;
+  const width = Math.max(...sb.files.map((f) => f.path.length));
+  return [
+    `== Secure Boot (no key to enroll: shim is signed by Microsoft's UEFI CA, which PCs sold with Windows trust) in ${sb.dir} ==`,
+    ...sb.files.map((f) => `  ${f.path.padEnd(width)}  ${f.what}: ${f.signature}`),
+    ...(sb.kernelProblem ? [`  WARNING: ${sb.kernelProblem}`] : []),
+    ...sb.notes.map((n) => `  note: ${n}`),
+    '  A stick: the firmware starts EFI/BOOT/BOOTX64.EFI from its boot menu. An internal ESP: add a boot entry for \\EFI\\vdboot\\shimx64.efi',
+    '  (efibootmgr -c -d DISK -p N -l \\EFI\\vdboot\\shimx64.efi -L vdboot; on Windows: windows-install.cmd, below).',
+    '',
+  ];
+}
+
 /** What to do with the entries, for the person at the terminal. */
 export function kitInstructions(r: KitResult, rootDir: string): string {
   const letter = 'X:';
@@ -326,13 +398,21 @@ export function kitInstructions(r: KitResult, rootDir: string): string {
     r.entries.syslinux,
     '== systemd-boot (/loader/entries/vdboot.conf on this partition, when it is the ESP) ==',
     r.entries.systemdBoot,
+    ...secureBootLines(r),
+    ...(r.secureBoot ? [
+      '== Windows: a firmware boot entry for the Secure Boot chain ==',
+      `Run ${path.join(r.secureBoot.dir, 'EFI', 'vdboot', 'windows-install.cmd')} as administrator (right-click, "Run as administrator"): it copies`,
+      'that EFI\\vdboot folder to the PC\'s EFI system partition and adds a boot entry for \\EFI\\vdboot\\shimx64.efi;',
+      'windows-uninstall.cmd there removes both. Secure Boot may stay on.',
+      '',
+    ] : []),
     '== Windows (an administrator\'s command prompt; Secure Boot off) ==',
     `UEFI: an entry in the firmware's boot menu (${letter} is this partition; GRUB finds the image by itself):`,
     '  mountvol S: /s',
-    '  mkdir S:\\EFI\\vdboot',
-    `  copy ${letter}\\boot\\vdboot\\grubx64.efi S:\\EFI\\vdboot\\grubx64.efi`,
+    '  mkdir S:\\EFI\\vdboot-grub',
+    `  copy ${letter}\\boot\\vdboot\\grubx64.efi S:\\EFI\\vdboot-grub\\grubx64.efi`,
     '  bcdedit /copy {bootmgr} /d "Linux (vdboot)"          (prints {ID})',
-    '  bcdedit /set {ID} path \\EFI\\vdboot\\grubx64.efi',
+    '  bcdedit /set {ID} path \\EFI\\vdboot-grub\\grubx64.efi',
     '  bcdedit /set {fwbootmgr} displayorder {ID} /addlast',
     `BIOS: an entry in Windows' boot menu (${letter} is this partition; g2ldr.mbr loads \\g2ldr from the root of a partition):`,
     `  copy ${letter}\\boot\\vdboot\\g2ldr ${letter}\\g2ldr`,

@@ -87,8 +87,13 @@ export interface MkinitramfsOptions {
   addModules?: string[];
   /** Universal-set modules to leave out (kept anyway when another included module needs them). */
   omitModules?: string[];
-  /** Optional programs with their shared libraries: ntfs-3g (the loop path on kernels without ntfs3), qemu-nbd (the nbd path). */
+  /**
+   * Optional programs with their shared libraries, besides the default ones (see
+   * defaultTools: ntfs-3g when the kernel has no ntfs3): qemu-nbd (the nbd path), zstd, lz4.
+   */
   tools?: ToolName[];
+  /** Default programs to leave out (`--without ntfs-3g`). */
+  without?: ToolName[];
   compress?: Compression;
   /** The compressor's level (zstd 1-19, gzip 1-9, xz 1-9); default DEFAULT_LEVELS. */
   level?: number;
@@ -123,6 +128,10 @@ export interface MkinitramfsResult {
   modules: number;
   /** Things the user may want to know: modules this kernel does not have, … */
   notes: string[];
+  /** Programs included (the default ones and those asked for), sorted. */
+  tools: ToolName[];
+  /** The default programs included and why ("ntfs-3g": "kernel … has no ntfs3"). */
+  defaultTools: Partial<Record<ToolName, string>>;
   milliseconds: number;
 }
 
@@ -198,13 +207,45 @@ export function moduleClosure(index: KernelModuleIndex, roots: readonly string[]
   return included;
 }
 
+/** The program `name` on this host's PATH (plus the sbin directories), or undefined. */
+function lookupProgram(name: string): string | undefined {
+  for (const d of programDirs()) {
+    const p = path.join(d, name);
+    if (existsSync(p) && statSync(p).isFile()) return p;
+  }
+  return undefined;
+}
+
+function programDirs(): string[] {
+  return [...new Set([...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/sbin', '/usr/bin', '/bin'].filter(Boolean))];
+}
+
+/**
+ * The programs an initramfs for this kernel gets without being asked, each with the reason,
+ * and what the user should hear about the ones it cannot get:
+ *  - ntfs-3g when the kernel has no ntfs3 (neither a module nor built in) and this machine
+ *    has ntfs-3g: without a driver that writes NTFS the booted system reaches an NTFS host
+ *    only read-only through vdboot's direct path: no /run/vdboot/host read-write, no loop
+ *    path, no in-place expansion of a dynamic image for a read-write boot.
+ */
+export function defaultTools(index: Pick<KernelModuleIndex, 'files' | 'builtin' | 'release'>, has: (program: string) => boolean = (p) => lookupProgram(p) !== undefined): { tools: Partial<Record<ToolName, string>>; notes: string[] } {
+  const tools: Partial<Record<ToolName, string>> = {};
+  const notes: string[] = [];
+  const ntfs3 = index.files.has('ntfs3') || index.builtin.has('ntfs3');
+  if (!ntfs3) {
+    if (has('ntfs-3g')) tools['ntfs-3g'] = 'the kernel has no ntfs3, so NTFS hosts are written through ntfs-3g';
+    else notes.push(`kernel ${index.release} has no ntfs3 and this machine has no ntfs-3g (Debian package ntfs-3g), so the initramfs writes no NTFS: NTFS hosts are reached only by vdboot's direct path (no loop path, no read-write boot of a dynamic image); install ntfs-3g and build again`);
+  }
+  return { tools, notes };
+}
+
 interface ModuleSelection {
   roots: string[];
   builtinRequested: string[];
   notes: string[];
 }
 
-function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[], tools: readonly ToolName[]): ModuleSelection {
+function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[], tools: readonly ToolName[], without: readonly ToolName[]): ModuleSelection {
   const roots: string[] = [];
   const builtinRequested: string[] = [];
   const missing: string[] = [];
@@ -230,7 +271,7 @@ function selectModules(index: KernelModuleIndex, added: readonly string[], omitt
   const notes: string[] = [];
   const worthSaying = missing.filter((m) => !QUIETLY_OPTIONAL.has(m));
   if (worthSaying.length > 0) notes.push(`kernel ${index.release} has neither a module nor a built-in for: ${worthSaying.join(', ')} (skipped)`);
-  if (missing.includes('ntfs3') && !tools.includes('ntfs-3g')) notes.push(`without ntfs3, NTFS host partitions are reached only by vdboot's direct path; add --with ntfs-3g for the loop path, a mounted host at /run/vdboot/host, and read-write boots of dynamic images (expanded in place through it)`);
+  if (missing.includes('ntfs3') && !tools.includes('ntfs-3g') && without.includes('ntfs-3g')) notes.push(`without ntfs3 and without ntfs-3g (--without ntfs-3g), NTFS host partitions are reached only by vdboot's direct path; leave --without ntfs-3g out for the loop path, a mounted host at /run/vdboot/host, and read-write boots of dynamic images (expanded in place through it)`);
   return { roots, builtinRequested, notes };
 }
 
@@ -271,13 +312,10 @@ function busyboxApplets(busybox: string): string[] {
 
 /** The program `name` on this host's PATH (plus the sbin directories). */
 function findProgram(name: string): string {
-  const dirs = [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/sbin', '/usr/bin', '/bin'].filter(Boolean);
-  for (const d of dirs) {
-    const p = path.join(d, name);
-    if (existsSync(p) && statSync(p).isFile()) return p;
-  }
+  const found = lookupProgram(name);
+  if (found) return found;
   const pkg = name === 'qemu-nbd' ? 'qemu-utils' : name;
-  throw new ModuleError(`${name} is not installed on this machine (searched ${[...new Set(dirs)].join(':')}); install the Debian package ${pkg}`);
+  throw new ModuleError(`${name} is not installed on this machine (searched ${programDirs().join(':')}); install the Debian package ${pkg}`);
 }
 
 /**
@@ -363,9 +401,15 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
 
   const modulesDir = options.modulesDir ?? findModulesDir(options.kernel);
   const index = loadModuleIndex(modulesDir, options.modprobeDirs);
-  const tools = [...new Set(options.tools ?? [])].sort();
-  for (const t of tools) if (!(t in TOOLS)) throw new ModuleError(`unknown tool "${t}"; vdboot can include ${Object.keys(TOOLS).join(', ')}`);
-  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools);
+  const without = [...new Set(options.without ?? [])];
+  for (const t of [...(options.tools ?? []), ...without]) if (!(t in TOOLS)) throw new ModuleError(`unknown tool "${t}"; vdboot can include ${Object.keys(TOOLS).join(', ')}`);
+  for (const t of without) if ((options.tools ?? []).includes(t)) throw new ModuleError(`${t} is both asked for and left out (--with ${t} --without ${t}): give one of them`);
+  const defaults = defaultTools(index);
+  const chosenDefaults = Object.fromEntries(Object.entries(defaults.tools).filter(([t]) => !without.includes(t as ToolName))) as Partial<Record<ToolName, string>>;
+  const tools = [...new Set([...(options.tools ?? []), ...(Object.keys(chosenDefaults) as ToolName[])])].sort();
+  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without);
+  if (!without.includes('ntfs-3g')) selection.notes.push(...defaults.notes);
+  for (const [t, why] of Object.entries(chosenDefaults)) if (!(options.tools ?? []).includes(t as ToolName)) selection.notes.push(`${t} included: ${why}; --without ${t} leaves it out`);
   const charsets = filesystemCharsets(index.release);
   const fsRoots = new Set(selection.roots);
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
@@ -478,6 +522,8 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     files,
     modules: sortedNames.length,
     notes: selection.notes,
+    tools,
+    defaultTools: chosenDefaults,
     milliseconds: performance.now() - started,
   };
 }
@@ -492,5 +538,7 @@ export function writeInitramfs(output: string, options: MkinitramfsOptions = {})
 /** One line for the console: size, files, modules, time. */
 export function summary(output: string, r: MkinitramfsResult): string {
   const mib = (n: number) => `${(n / 1048576).toFixed(2)} MiB`;
-  return `${output}: ${mib(r.image.length)} (${r.compression}; ${mib(r.cpio.length)} unpacked), ${r.files} files, ${r.modules} modules for kernel ${r.manifest.kernelRelease}, ${(r.milliseconds / 1000).toFixed(2)} s`;
+  // the reason in short: the notes say it in full
+  const tools = r.tools.length ? `, with ${r.tools.map((t) => (t in r.defaultTools ? `${t} (by default: ${r.defaultTools[t]!.split(',')[0]})` : t)).join(', ')}` : '';
+  return `${output}: ${mib(r.image.length)} (${r.compression}; ${mib(r.cpio.length)} unpacked), ${r.files} files, ${r.modules} modules for kernel ${r.manifest.kernelRelease}${tools}, ${(r.milliseconds / 1000).toFixed(2)} s`;
 }

@@ -22,9 +22,16 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [[ ! -d node_modules || package-lock.json -nt node_modules/.package-lock.json ]]; then
-  # `npm install --no-save` installs the locked versions like `npm ci`, but also accepts a
-  # lock file written without the other platforms' optional packages (esbuild's, rollup's).
-  echo "vdboot: installing npm packages (the versions in package-lock.json)"
-  npm install --no-save --no-audit --no-fund --loglevel=error
+if [[ -L node_modules ]]; then
+  # A link to another checkout's packages (a git worktree): installing here would replace
+  # that checkout's node_modules, so only say when it is older than this lock file.
+  if [[ package-lock.json -nt node_modules/.package-lock.json ]]; then
+    echo "vdboot: node_modules links to $(readlink -f node_modules), installed from an older package-lock.json than this one;" >&2
+    echo "        run npm ci there, or replace the link: rm node_modules && npm ci" >&2
+  fi
+elif [[ ! -d node_modules || package-lock.json -nt node_modules/.package-lock.json ]]; then
+  # npm ci installs exactly the locked versions (the lock lists every platform's optional
+  # packages) and writes node_modules/.package-lock.json, so the next run does nothing.
+  echo "vdboot: installing npm packages (npm ci: the versions in package-lock.json)"
+  npm ci --no-audit --no-fund --loglevel=error
 fi

@@ -3,7 +3,7 @@ import type { Command, CliIO } from './main.ts';
 import { KitError, kitInstructions, makeKit, type KitOptions } from '../../mkdisk/kit.ts';
 import { walkArgs } from './args.ts';
 
-const usage = `vdboot kit --image PATH --root-dir DIR [--host SPEC] [--kernel VMLINUZ] [--append ARGS] [--no-grub-images]
+const usage = `vdboot kit --image PATH --root-dir DIR [--host SPEC] [--kernel VMLINUZ] [--append ARGS] [--esp DIR] [--no-grub-images] [--no-secure-boot]
 
 Makes the image PATH bootable from DIR, the root of the stick or partition that holds it:
 writes DIR/boot/vdboot/ with the kernel, a vdboot initramfs, and boot entries that boot
@@ -16,13 +16,22 @@ root=vdisk:HOST:PATH, each finding the image's partition by the image file itsel
   g2ldr, g2ldr.mbr  GRUB for Windows' BIOS boot manager (bcdedit /application bootsector)
 and prints the entries and what to do on Windows.
 
+For Secure Boot (no key to enroll), it writes a signed chain into the EFI system partition
+(--esp DIR, or DIR itself when it is on FAT): Debian's shim (signed by Microsoft's UEFI
+CA) as EFI/BOOT/BOOTX64.EFI and EFI/vdboot/shimx64.efi, Debian's signed GRUB and shim's
+MokManager beside each, a grub.cfg there, and the kernel and initramfs in EFI/vdboot/.
+The kernel must be signed (Debian's are); the kit says which file is signed by whom.
+
   --image PATH       the image (vhd, vhdx, vdi, vmdk, qcow2, raw), inside DIR
   --root-dir DIR     the root of the filesystem that holds the image
   --host SPEC        the host filesystem in root=vdisk: (UUID=…, LABEL=…, PARTUUID=…; default:
                      the UUID of DIR's filesystem from findmnt/blkid, else every partition is searched)
   --kernel VMLINUZ   the kernel: a file or a release (default: the newest in /boot)
   --append ARGS      more kernel command line (e.g. "rw", "rd.vdisk.mode=snapshot")
+  --esp DIR          the EFI system partition (mounted FAT, or a folder to copy onto one) for
+                     the Secure Boot chain (needs shim-signed and grub-efi-amd64-signed)
   --no-grub-images   skip grubx64.efi and g2ldr
+  --no-secure-boot   write no Secure Boot chain
   -q, --quiet        no progress`;
 
 export function parseKitArgs(args: string[]): KitOptions & { quiet: boolean } {
@@ -35,11 +44,14 @@ export function parseKitArgs(args: string[]): KitOptions & { quiet: boolean } {
       case '--kernel': o.kernel = value(); break;
       case '--append': o.append = value(); break;
       case '--no-grub-images': o.grubImages = false; break;
+      case '--esp': o.esp = value(); break;
+      case '--no-secure-boot': o.secureBoot = false; break;
       case '-q': case '--quiet': o.quiet = true; break;
       default: throw new KitError(`unknown argument "${arg}"; see vdboot kit --help`);
     }
   }, (flag) => new KitError(`${flag} needs a value; see vdboot kit --help`));
   if (!o.image || !o.rootDir) throw new KitError('give --image PATH and --root-dir DIR; see vdboot kit --help');
+  if (o.esp !== undefined && o.secureBoot === false) throw new KitError('--esp DIR is where the Secure Boot chain goes, and --no-secure-boot asks for none: give one of them');
   if (o.host !== undefined && !/^(UUID|LABEL|PARTUUID|PARTLABEL)=.+|^\/dev\/\S+$/.test(o.host)) {
     throw new KitError(`--host ${o.host}: give UUID=…, LABEL=…, PARTUUID=…, PARTLABEL=… or /dev/…`);
   }

@@ -8,11 +8,13 @@ import { walkArgs } from './args.ts';
 
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
                   [--add-module NAME]... [--omit-module NAME]...
-                  [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--modules-dir DIR] [--init FILE] [--busybox FILE]
+                  [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--without ntfs-3g]
+                  [--modules-dir DIR] [--init FILE] [--busybox FILE]
 
 Builds an initramfs whose /init is vdboot, with the kernel modules to reach a root on
 virtio, SCSI, SATA/AHCI, NVMe, USB and SD storage, the usual filesystems, device-mapper,
-loop, nbd and fuse, and busybox for the rescue shell.
+loop, nbd and fuse, and busybox for the rescue shell. On a kernel without ntfs3 it also
+includes ntfs-3g (when this machine has it), so NTFS hosts can be written at boot.
 
   --kernel VERSION|VMLINUZ  the kernel (default: the running one, else the newest in /lib/modules)
   -o, --output FILE         where to write (default: ./initramfs-vdboot-VERSION.img)
@@ -24,6 +26,8 @@ loop, nbd and fuse, and busybox for the rescue shell.
                             include the program and its libraries (ntfs-3g: NTFS through fuse, for kernels
                             without ntfs3; qemu-nbd: images the kernel cannot map; zstd, lz4: root=tmpfs:
                             archives in those compressions unpack at C speed); repeatable
+  --without ntfs-3g         leave out a program included by default (ntfs-3g on kernels without ntfs3:
+                            NTFS hosts are then reached read-only by vdboot's direct path alone)
   --modules-dir DIR         read modules from DIR instead of /lib/modules/VERSION
   --init FILE               the static /init host to include (default: build/init of this checkout)
   --busybox FILE            the static busybox to include (default: /bin/busybox)
@@ -66,6 +70,12 @@ export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOpti
         const t = value();
         if (!(t in TOOLS)) throw new ModuleError(`--with ${t}: vdboot can include ${Object.keys(TOOLS).join(', ')}`);
         (options.tools ??= []).push(t as ToolName);
+        break;
+      }
+      case '--without': {
+        const t = value();
+        if (!(t in TOOLS)) throw new ModuleError(`--without ${t}: vdboot includes by default only ntfs-3g (on kernels without ntfs3)`);
+        (options.without ??= []).push(t as ToolName);
         break;
       }
       case '--init':

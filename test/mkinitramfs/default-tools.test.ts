@@ -1,0 +1,106 @@
+/**
+ * `vdboot mkinitramfs` with no flags includes ntfs-3g on a kernel without ntfs3 (Debian's
+ * 6.1 kernel has none), so NTFS hosts can be written at boot; `--without ntfs-3g` leaves it
+ * out; a kernel with ntfs3 does not get it. The oracle is the archive itself, listed by GNU
+ * cpio, and the kernel's own module index (modinfo, modules.builtin).
+ */
+import { describe, expect, it } from 'vitest';
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { buildInitramfs, writeInitramfs } from '../../mkinitramfs/build.ts';
+import { MANIFEST_PATH, type InitramfsManifest } from '../../src/formats/manifest.ts';
+import { main, type CliIO } from '../../src/cli/main.ts';
+import { initBinary, tmpdir } from './helpers.ts';
+
+/** Debian's installed 6.1 kernel (linux-image-amd64 on bookworm), which has no ntfs3. */
+const vmlinuz61 = fs.readdirSync('/boot').filter((n) => /^vmlinuz-6\.1\./.test(n)).sort().map((n) => `/boot/${n}`).at(-1);
+const release61 = vmlinuz61?.slice('/boot/vmlinuz-'.length);
+const hasNtfs3g = fs.existsSync('/usr/bin/ntfs-3g');
+
+function captureIO(): CliIO & { out: string; err: string } {
+  const io = {
+    out: '',
+    err: '',
+    stdout(t: string) { io.out += t; },
+    stderr(t: string) { io.err += t; },
+    async stdoutBytes() {},
+  };
+  return io;
+}
+
+/** The archive's member names and its manifest, read back by GNU cpio. */
+function unpack(file: string): { names: string[]; manifest: InitramfsManifest } {
+  const names = execFileSync('cpio', ['-it', '--quiet'], { input: fs.readFileSync(file), encoding: 'utf8', maxBuffer: 1 << 26 }).split('\n').filter(Boolean);
+  const dir = tmpdir();
+  execFileSync('cpio', ['-id', '--quiet', MANIFEST_PATH.slice(1)], { cwd: dir, input: fs.readFileSync(file) });
+  return { names, manifest: JSON.parse(fs.readFileSync(path.join(dir, MANIFEST_PATH), 'utf8')) as InitramfsManifest };
+}
+
+describe.skipIf(!vmlinuz61 || !hasNtfs3g)(`mkinitramfs defaults for ${vmlinuz61 ?? 'a 6.1 kernel'} (no ntfs3)`, () => {
+  it('the kernel really has no ntfs3: neither modinfo nor modules.builtin knows it', () => {
+    expect(spawnSync('modinfo', ['-k', release61!, 'ntfs3']).status).not.toBe(0);
+    expect(fs.readFileSync(`/lib/modules/${release61}/modules.builtin`, 'utf8')).not.toMatch(/ntfs3/);
+  });
+
+  it('vdboot mkinitramfs with no flags includes ntfs-3g and its libraries, loads fuse first, and says so', async () => {
+    const out = path.join(tmpdir(), 'initrd.img');
+    const io = captureIO();
+    expect(await main(['mkinitramfs', '--kernel', vmlinuz61!, '--init', initBinary(), '--compress', 'none', '-o', out], io)).toBe(0);
+    const { names, manifest } = unpack(out);
+    expect(manifest.tools.ntfs3g).toBe('/usr/bin/ntfs-3g');
+    expect(names).toContain('usr/bin/ntfs-3g');
+    expect(manifest.preload).toContain('fuse');
+    expect(Object.keys(manifest.modules)).toContain('fuse');
+    // every library ldd names for ntfs-3g is in the archive
+    const libs = [...execFileSync('ldd', ['/usr/bin/ntfs-3g'], { encoding: 'utf8' }).matchAll(/=>\s+(\/\S+)/g)].map((m) => m[1]!.slice(1));
+    expect(libs.length).toBeGreaterThan(0);
+    for (const lib of libs) expect(names).toContain(lib);
+    expect(io.out).toMatch(new RegExp(`^${out.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: .* modules for kernel ${release61}, with ntfs-3g \\(by default: the kernel has no ntfs3\\), \\d+\\.\\d+ s$`, 'm'));
+    expect(io.err).toMatch(/note: ntfs-3g included: the kernel has no ntfs3, so NTFS hosts are written through ntfs-3g; --without ntfs-3g leaves it out/);
+  });
+
+  it('--without ntfs-3g leaves the program and its libraries out, and the note says what that costs', async () => {
+    const out = path.join(tmpdir(), 'initrd.img');
+    const io = captureIO();
+    expect(await main(['mkinitramfs', '--kernel', vmlinuz61!, '--init', initBinary(), '--compress', 'none', '--without', 'ntfs-3g', '-o', out], io)).toBe(0);
+    const { names, manifest } = unpack(out);
+    expect(manifest.tools.ntfs3g).toBeUndefined();
+    expect(names).not.toContain('usr/bin/ntfs-3g');
+    expect(manifest.preload).not.toContain('fuse');
+    expect(io.out).not.toMatch(/ntfs-3g/);
+    expect(io.err).toMatch(/without ntfs3 and without ntfs-3g \(--without ntfs-3g\), NTFS host partitions are reached only by vdboot's direct path/);
+    await expect(main(['mkinitramfs', '--kernel', vmlinuz61!, '--without', 'busybox', '-o', out], captureIO())).rejects.toThrow(/--without busybox: vdboot includes by default only ntfs-3g/);
+    expect(() => buildInitramfs({ kernel: vmlinuz61!, initBinary: initBinary(), tools: ['ntfs-3g'], without: ['ntfs-3g'] })).toThrow(/ntfs-3g is both asked for and left out/);
+  });
+
+  it('the library default matches: writeInitramfs with no tools option includes ntfs-3g; tools adds to it', () => {
+    const out = path.join(tmpdir(), 'initrd.img');
+    const r = writeInitramfs(out, { kernel: vmlinuz61!, initBinary: initBinary(), compress: 'none' });
+    expect(r.tools).toEqual(['ntfs-3g']);
+    expect(unpack(out).manifest.tools.ntfs3g).toBe('/usr/bin/ntfs-3g');
+    // the same bytes as asking for it
+    const asked = buildInitramfs({ kernel: vmlinuz61!, initBinary: initBinary(), compress: 'none', tools: ['ntfs-3g'] });
+    expect(Buffer.from(asked.cpio).equals(Buffer.from(r.cpio))).toBe(true);
+    const withZstd = buildInitramfs({ kernel: vmlinuz61!, initBinary: initBinary(), compress: 'none', tools: ['zstd'] });
+    expect(withZstd.manifest.tools).toMatchObject({ ntfs3g: '/usr/bin/ntfs-3g', zstd: '/usr/bin/zstd' });
+  });
+
+  it('a kernel with ntfs3 (here: the same modules with ntfs3 listed as built in) gets no ntfs-3g', () => {
+    // A copy of the kernel's module index that says ntfs3 is built in; the module files are
+    // reached through symlinks to the real tree.
+    const real = `/lib/modules/${release61}`;
+    const dir = path.join(tmpdir(), release61!);
+    fs.mkdirSync(dir);
+    for (const name of fs.readdirSync(real)) {
+      if (name === 'modules.builtin') continue;
+      fs.symlinkSync(path.join(real, name), path.join(dir, name));
+    }
+    fs.writeFileSync(path.join(dir, 'modules.builtin'), `${fs.readFileSync(path.join(real, 'modules.builtin'), 'utf8')}kernel/fs/ntfs3/ntfs3.ko\n`);
+    const r = buildInitramfs({ modulesDir: dir, initBinary: initBinary(), compress: 'none' });
+    expect(r.manifest.builtin).toContain('ntfs3');
+    expect(r.tools).toEqual([]);
+    expect(r.manifest.tools.ntfs3g).toBeUndefined();
+    expect(r.notes.join('\n')).not.toMatch(/ntfs-3g/);
+  });
+});
