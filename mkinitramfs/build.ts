@@ -174,7 +174,13 @@ export function kernelReleaseOfImage(file: string): string {
 /** The modules directory for `kernel` (release or vmlinuz), or the default kernel's. */
 export function findModulesDir(kernel?: string, modulesRoot = '/lib/modules'): string {
   let release = kernel;
-  if (kernel && existsSync(kernel) && statSync(kernel).isFile()) release = kernelReleaseOfImage(kernel);
+  if (kernel && existsSync(kernel) && statSync(kernel).isFile()) {
+    release = kernelReleaseOfImage(kernel);
+    // A kernel package unpacked without installing it (dpkg-deb -x pkg DIR; depmod -b DIR):
+    // DIR/boot/vmlinuz-R with its modules in DIR/lib/modules/R.
+    const beside = path.join(path.dirname(path.resolve(kernel)), '..', 'lib', 'modules', release);
+    if (!existsSync(path.join(modulesRoot, release, 'modules.dep')) && existsSync(path.join(beside, 'modules.dep'))) return path.normalize(beside);
+  }
   if (!release) {
     if (existsSync(path.join(modulesRoot, os.release(), 'modules.dep'))) release = os.release();
     else {
@@ -223,18 +229,24 @@ function programDirs(): string[] {
 /**
  * The programs an initramfs for this kernel gets without being asked, each with the reason,
  * and what the user should hear about the ones it cannot get:
- *  - ntfs-3g when the kernel has no ntfs3 (neither a module nor built in) and this machine
- *    has ntfs-3g: without a driver that writes NTFS the booted system reaches an NTFS host
- *    only read-only through vdboot's direct path: no /run/vdboot/host read-write, no loop
- *    path, no in-place expansion of a dynamic image for a read-write boot.
+ *  - ntfs-3g when this machine has it. Without ntfs3 (6.1) it is the only driver that
+ *    writes NTFS: without it the booted system reaches an NTFS host only read-only through
+ *    vdboot's direct path (no loop path, no in-place expansion). With ntfs3 (6.12) it is
+ *    still the one that writes a sparse image file (one copied with cp): ntfs3 loses data
+ *    written into a sparse file's holes, so vdboot fills them through ntfs-3g.
  */
 export function defaultTools(index: Pick<KernelModuleIndex, 'files' | 'builtin' | 'release'>, has: (program: string) => boolean = (p) => lookupProgram(p) !== undefined): { tools: Partial<Record<ToolName, string>>; notes: string[] } {
   const tools: Partial<Record<ToolName, string>> = {};
   const notes: string[] = [];
   const ntfs3 = index.files.has('ntfs3') || index.builtin.has('ntfs3');
-  if (!ntfs3) {
-    if (has('ntfs-3g')) tools['ntfs-3g'] = 'the kernel has no ntfs3, so NTFS hosts are written through ntfs-3g';
-    else notes.push(`kernel ${index.release} has no ntfs3 and this machine has no ntfs-3g (Debian package ntfs-3g), so the initramfs writes no NTFS: NTFS hosts are reached only by vdboot's direct path (no loop path, no read-write boot of a dynamic image); install ntfs-3g and build again`);
+  if (has('ntfs-3g')) {
+    tools['ntfs-3g'] = ntfs3
+      ? 'sparse NTFS image files are filled and written through ntfs-3g: the kernel\'s ntfs3 loses data written into their holes'
+      : 'the kernel has no ntfs3, so NTFS hosts are written through ntfs-3g';
+  } else if (!ntfs3) {
+    notes.push(`kernel ${index.release} has no ntfs3 and this machine has no ntfs-3g (Debian package ntfs-3g), so the initramfs writes no NTFS: NTFS hosts are reached only by vdboot's direct path (no loop path, no read-write boot of a dynamic image); install ntfs-3g and build again`);
+  } else {
+    notes.push(`this machine has no ntfs-3g (Debian package ntfs-3g): a sparse NTFS image file (one copied with cp) cannot be booted read-write, since the kernel's ntfs3 loses data written into its holes; install ntfs-3g and build again`);
   }
   return { tools, notes };
 }

@@ -221,6 +221,30 @@ export function ntfsVolumeFlags(image: string): number {
   return parseInt(m[1]!, 16);
 }
 
+/**
+ * Copies `source` into an NTFS image as a sparse file, as `cp` leaves one on a Linux
+ * machine: the image is mounted with ntfs-3g (FUSE: needs root and /dev/fuse) and cp
+ * --sparse=always skips the zero runs, so the file has holes inside compression units that
+ * are partly allocated. `sparseCopySupported()` says whether this machine can.
+ */
+export function ntfsAddSparse(image: string, file: string, source: string): void {
+  withTempDir((mnt) => {
+    run('ntfs-3g', [image, mnt]);
+    try {
+      const dest = path.join(mnt, normalize(file));
+      fs.mkdirSync(path.dirname(dest), { recursive: true });
+      run('cp', ['--sparse=always', source, dest]);
+    } finally {
+      run('umount', [mnt]);
+    }
+  });
+}
+
+/** Whether ntfsAddSparse can run here (root, /dev/fuse, ntfs-3g). */
+export function sparseCopySupported(): boolean {
+  return process.getuid?.() === 0 && fs.existsSync('/dev/fuse') && spawnSync('ntfs-3g', ['--version']).status !== null;
+}
+
 /** Reads a file from an NTFS image (ntfscat). */
 export function ntfsRead(image: string, file: string): Buffer {
   return execFileSync('ntfscat', [image, normalize(file)], { env: { ...process.env, ...UTF8 }, maxBuffer: 1024 * MiB });

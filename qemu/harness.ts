@@ -211,6 +211,21 @@ export function defaultKernel(): string {
   return path.join('/boot', kernels[kernels.length - 1]!);
 }
 
+/**
+ * A kernel unpacked by scripts/fetch-kernel.sh (Debian 12's 6.12 by default) into
+ * .cache/kernels/RELEASE/boot/vmlinuz-RELEASE, its modules beside it; the newest of the
+ * series, or undefined when none is there. mkinitramfs finds the modules from the path.
+ */
+export function cachedKernel(series = '6.12'): string | undefined {
+  const cache = path.join(path.dirname(new URL(import.meta.url).pathname), '..', '.cache', 'kernels');
+  if (!fs.existsSync(cache)) return undefined;
+  const releases = fs.readdirSync(cache)
+    .filter((r) => r.startsWith(`${series}.`) && fs.existsSync(path.join(cache, r, 'boot', `vmlinuz-${r}`)))
+    .sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
+  const r = releases.at(-1);
+  return r ? path.normalize(path.join(cache, r, 'boot', `vmlinuz-${r}`)) : undefined;
+}
+
 /** The kernel version of a /boot/vmlinuz-VERSION path (its modules live in /lib/modules/VERSION). */
 export function kernelVersion(kernel: string): string {
   const base = path.basename(kernel);

@@ -35,3 +35,7 @@ elif [[ ! -d node_modules || package-lock.json -nt node_modules/.package-lock.js
   echo "vdboot: installing npm packages (npm ci: the versions in package-lock.json)"
   npm ci --no-audit --no-fund --loglevel=error
 fi
+
+# Debian 12's 6.12 kernel (ntfs3, compressed modules), unpacked beside the installed 6.1 for
+# the tests that run on both kernels: .cache/kernels/RELEASE (nothing is installed).
+bash scripts/fetch-kernel.sh >/dev/null
