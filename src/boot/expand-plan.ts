@@ -42,11 +42,11 @@ export class ExpansionNeeded extends FormatError {
     }
     const why = expansion
       ? `${bytes(unallocated)} of it ${unallocated > 1 ? 'are' : 'is'} not allocated in the image (a dynamic image's absent blocks), where writes through a direct mapping would vanish`
-      : `${bytes(fills.reduce((n, f) => n + f.zeroBytes, 0))} of the file lie in holes or past its initialized size on ${host} (a sparse copy), where a write through the partition would stay invisible to the host filesystem, and writing them through some drivers (ntfs3) loses data`;
+      : `${bytes(fills.reduce((n, f) => n + f.zeroBytes, 0))} of the file lie in holes or past its initialized size on ${host} (a sparse copy, or a file grown without being written), where a write through the partition would stay invisible to the host filesystem, and writing them through some drivers (ntfs3) loses data`;
     super(
-      `${path} cannot be mapped read-write as it is: ${why}. ` +
-        `At boot, vdboot first ${steps.join(', then ')}; then it plans again and maps it directly (rd.vdisk.expand=0 refuses instead). ` +
-        `Without that: ${EXPAND_REMEDIES}.`,
+      `${path} cannot be mapped read-write${fills.length ? ' as it is' : ''}: ${why}. ` +
+        `At boot, vdboot first ${steps.join(', then ')}, then plans again and maps it directly (rd.vdisk.expand=0 refuses instead). ` +
+        `Without ${fills.length ? 'that' : 'expanding it'}: ${EXPAND_REMEDIES}.`,
       'expand', path,
     );
   }

@@ -9,7 +9,8 @@
  *    direct path, the guest writes to both, and afterwards `e2fsck -fn` passes on the host
  *    partition and both writes are inside the image files.
  * 2. An xfs host (mkfs.xfs -p): the same, direct, rw, xfs_repair -n clean afterwards; and an
- *    ext4 host whose image file is sparse (mke2fs -d): rw goes through the loop path.
+ *    ext4 host whose image file is sparse (mke2fs -d): rw fills its holes through ext4 first and maps
+ *    it directly; with rd.vdisk.expand=0 it goes through the loop path.
  * 3. A btrfs host in snapshot mode: FIEMAP's btrfs addresses go through the chunk tree
  *    onto the partition (single data chunks), the guest boots from them, and the image is
  *    unchanged afterwards (`btrfs check`, `btrfs restore`).
@@ -178,26 +179,49 @@ describe('end to end: root=vdisk: on an ext4 host (kernel-mounted, FIEMAP)', { t
 });
 
 describe('end to end: root=vdisk: on an ext4 host, a sparse image file', { timeout: 600_000 }, () => {
-  it('rw: holes in the host file send auto to the loop path, the host is mounted read-write for it, and e2fsck -fn passes afterwards', async () => {
-    // mke2fs -d leaves the image's zero blocks out: holes, which a direct write would fill behind ext4's back
-    const hostPart = join(dir, 'sparse-host.ext4');
+  /** An ext4 host whose image file is sparse: mke2fs -d leaves the image's zero blocks out. */
+  function sparseHost(name: string): { disk: string; part: { offset: number; size: number } } {
+    const hostPart = join(dir, `${name}.ext4`);
     makeExt4(hostPart, { sizeMiB: 64, label: 'sparsehost', files: { '/VMs/linux.img': { hostFile: guestRaw } } });
-    const disk = join(dir, 'sparse-host.img');
+    const disk = join(dir, `${name}.img`);
     const [part] = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: hostPart, type: LINUX_FS, name: 'linux data' }] });
+    return { disk, part: part! };
+  }
+
+  /** After the boot: the host's ext4 clean (e2fsck -fn), the guest's file in the image. */
+  function expectKept(name: string, disk: string, part: { offset: number; size: number }): void {
+    const after = extractRange(disk, part.offset, part.size, join(dir, `${name}-after.ext4`));
+    const fsck = spawnSync('e2fsck', ['-fn', after], { encoding: 'utf8' });
+    expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
+    const img = ext4Dump(after, '/VMs/linux.img', `${name}-linux-after.img`);
+    expect(run('debugfs', ['-R', 'cat /home/note.txt', extractRange(img, 3 * MiB, 24 * MiB, join(dir, `${name}-root-after.ext4`))])).toBe(NOTE);
+  }
+
+  it('rw: the file\'s holes are filled through ext4 (remounted read-write for it), checked on the partition, then the image is mapped directly; e2fsck -fn passes afterwards', async () => {
+    const { disk, part } = sparseHost('sparse-host');
     const { facts, transcript } = await boot(disk, 'root=vdisk:LABEL=sparsehost:/VMs/linux.img rw', 'vdisk-ext4-sparse');
     expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', fstype: 'ext4', mode: 'rw' });
     expect(facts.wrote).toBe('/home/note.txt');
+    expect(transcript).toMatch(/filling \/VMs\/linux\.img's holes in place: .* rewritten through the kernel's ext4 driver/);
+    expect(transcript).toMatch(/checked \d+ filled units? on \/dev\/vda1: each holds what was written through the driver/);
+    expect(transcript).toMatch(/vdisk0: .*raw, direct: the image is fully mappable/);
+    expectHandOff(transcript);
+    expectKept('sparse', disk, part);
+  });
+
+  it('rw with rd.vdisk.expand=0: holes in the host file send auto to the loop path, the host is mounted read-write for it, and e2fsck -fn passes afterwards', async () => {
+    const { disk, part } = sparseHost('sparse-loop-host');
+    const { facts, transcript } = await boot(disk, 'root=vdisk:LABEL=sparsehost:/VMs/linux.img rw rd.vdisk.expand=0', 'vdisk-ext4-sparse-loop');
+    expect(facts.root).toMatchObject({ device: '/dev/mapper/vdisk0p2', fstype: 'ext4', mode: 'rw' });
+    expect(facts.wrote).toBe('/home/note.txt');
+    expect(transcript).not.toMatch(/filling/);
     expect(transcript).toMatch(/vdisk0: .*loop: the direct path is not safe here \(.* in holes, where a write through the raw partition would stay invisible/);
     expect(transcript).toMatch(/mounted \/dev\/mapper\/vdhost \(ext4, ro\) on \/run\/vdboot\/host/);
     expect(transcript).toMatch(/mounted \/dev\/mapper\/vdhost \(ext4, rw\) on \/run\/vdboot\/host/);
     expectHandOff(transcript);
     expect(transcript).toMatch(/detached \/dev\/loop0/);
     expect(transcript).toMatch(/unmounted \/host/);
-    const after = extractRange(disk, part!.offset, part!.size, join(dir, 'sparse-after.ext4'));
-    const fsck = spawnSync('e2fsck', ['-fn', after], { encoding: 'utf8' });
-    expect(fsck.status, `${fsck.stdout}${fsck.stderr}`).toBe(0);
-    const img = ext4Dump(after, '/VMs/linux.img', 'sparse-linux-after.img');
-    expect(run('debugfs', ['-R', 'cat /home/note.txt', extractRange(img, 3 * MiB, 24 * MiB, join(dir, 'sparse-root-after.ext4'))])).toBe(NOTE);
+    expectKept('sparse-loop', disk, part);
   });
 });
 

@@ -116,7 +116,8 @@ function world(root: string, o: Opts = {}) {
 }
 
 function need(p: string): ExpansionNeeded {
-  return { name: 'ExpansionNeeded', message: 'needs expanding', path: p, unallocated: MiB } as unknown as ExpansionNeeded;
+  // the planner's expansion plan: expandInPlace reads its own again from the file as the driver sees it
+  return { name: 'ExpansionNeeded', message: 'needs expanding', path: p, unallocated: MiB, expansion: { blocks: 1 }, fills: [] } as unknown as ExpansionNeeded;
 }
 
 function target(fsType: string, p: string, kernelMount?: ExpandTarget['kernelMount']): ExpandTarget {

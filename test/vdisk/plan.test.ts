@@ -458,8 +458,11 @@ describe('vdisk plan: what rw refuses, and why', () => {
     expect(report.vdisks[0]!.mode).toBe('snapshot');
   });
 
-  it('bytes past NTFS\'s initialized size: rw goes through the loop path (auto) and direct is refused; ro maps them as zeros', () => {
-    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/grown.raw rw rd.vdisk.root=2');
+  it('bytes past NTFS\'s initialized size: rw fills them through the driver first (the dry run stops there, naming it); with rd.vdisk.expand=0 rw goes through the loop path (auto) and direct is refused; ro maps them as zeros', () => {
+    expect(planError('root=vdisk:LABEL=Windows:/VMs/grown.raw rw rd.vdisk.root=2')).toMatch(
+      /\/VMs\/grown\.raw cannot be mapped read-write as it is: 4\.0 MiB \(4194304 bytes\) of the file lie in holes or past its initialized size .* At boot, vdboot first fills \/VMs\/grown\.raw's 4\.0 MiB \(4194304 bytes\) of holes and uninitialized ranges .* through the host's driver \(4\.0 MiB \(4194304 bytes\) rewritten in whole units of 64 KiB\).*then plans again and maps it directly/,
+    );
+    const { report, devices } = plan('root=vdisk:LABEL=Windows:/VMs/grown.raw rw rd.vdisk.root=2 rd.vdisk.expand=0');
     devices.close();
     const vp = report.vdisks[0]!;
     expect(vp.path).toBe('loop');
@@ -467,7 +470,8 @@ describe('vdisk plan: what rw refuses, and why', () => {
     expect(vp.loops).toEqual([{ index: 0, file: '/VMs/grown.raw', readOnly: false }]);
     expect(vp.devices[0]!.targets).toEqual([{ start: 0, length: 40960, type: 'linear', params: '$LOOP0 0' }]);
     expect(report.mounts.find((m) => m.target === '/run/vdboot/host')).toMatchObject({ readOnly: false });
-    expect(planError('root=vdisk:LABEL=Windows:/VMs/grown.raw rw rd.vdisk.root=2 rd.vdisk.map=direct')).toMatch(/rd\.vdisk\.map=direct: .*past its initialized size/);
+    expect(vp.sparseHostFiles).toEqual(['/VMs/grown.raw']);
+    expect(planError('root=vdisk:LABEL=Windows:/VMs/grown.raw rw rd.vdisk.root=2 rd.vdisk.map=direct rd.vdisk.expand=0')).toMatch(/rd\.vdisk\.map=direct: .*past its initialized size/);
     const ro = plan('root=vdisk:LABEL=Windows:/VMs/grown.raw rd.vdisk.mode=ro rd.vdisk.root=2');
     try {
       const v = ro.report.vdisks[0]!;
