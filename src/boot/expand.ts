@@ -8,6 +8,13 @@
  * on the console, fsync, and the host is unmounted again so the boot plans once more
  * from the device: the now fully allocated image takes the direct path.
  *
+ * First, in the same read-write mount, the image file's holes on the host are filled
+ * (src/formats/expand/fill.ts): whole allocation units rewritten with their own bytes, so
+ * the expansion never writes into a hole and the file maps directly afterwards. A sparse
+ * NTFS file is written through ntfs-3g only (ntfs3 loses data in partly allocated
+ * compression units). The boot then checks the filled units on the partition before it
+ * maps anything (vdisk-exec.ts).
+ *
  * Nothing is written before the expansion is known to fit: a missing writable driver,
  * too little room or a FAT32 file limit stops the boot with the sizes and the
  * alternatives. A data phase that fails is rolled back (the file truncated to its former
