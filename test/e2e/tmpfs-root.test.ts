@@ -16,11 +16,14 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sharedLibraries, writeInitramfs } from '../../mkinitramfs/build.ts';
 import { convertImage, makeExfat, makeExt4, makeFat, makeNtfs, makePartitionedDisk } from '../../qemu/disks.ts';
 import { buildGuestRoot, guestFact, GUEST_MARKER, parseGuestFacts } from '../../qemu/guest.ts';
-import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
+import { bootVm, cachedKernel, defaultKernel, type Vm } from '../../qemu/harness.ts';
 
 const MTIME = 1_600_000_000;
 let dir: string;
 let initrd: string;
+/** Debian 12's 6.12 kernel (scripts/fetch-kernel.sh), and its default initramfs */
+const kernel612 = cachedKernel('6.12');
+let initrd612: string | undefined;
 let disk: string;
 const vms: Vm[] = [];
 
@@ -137,14 +140,18 @@ afterAll(async () => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
-async function boot(append: string, name: string): Promise<Vm> {
-  const vm = await bootVm({ initrd, append, disks: [{ file: disk, snapshot: true }], name: `tmpfs-${name}`, memoryMiB: 512 });
+async function boot(append: string, name: string, on612 = false): Promise<Vm> {
+  if (on612 && !initrd612) {
+    initrd612 = path.join(dir, 'initrd-612.img');
+    writeInitramfs(initrd612, { kernel: kernel612! });
+  }
+  const vm = await bootVm({ ...(on612 ? { kernel: kernel612!, initrd: initrd612! } : { initrd }), append, disks: [{ file: disk, snapshot: true }], name: `tmpfs-${name}`, memoryMiB: 512 });
   vms.push(vm);
   return vm;
 }
 
-async function bootToGuest(append: string, name: string) {
-  const vm = await boot(append, name);
+async function bootToGuest(append: string, name: string, on612 = false) {
+  const vm = await boot(append, name, on612);
   await vm.waitFor(GUEST_MARKER, 240_000);
   const facts = parseGuestFacts(vm.transcript()).facts;
   await vm.waitExit(60_000);
@@ -180,6 +187,12 @@ describe('end to end: root=tmpfs: under QEMU', { timeout: 400_000 }, () => {
     expectTree(facts, { xattrs: true });
     expect(facts.dfsize).toBe(String(96 * 1024));
     expect(vm.transcript()).toMatch(/unpacked \d+ entries/);
+  });
+
+  it.skipIf(!kernel612)('on the 6.12 kernel (modules .ko.xz, ntfs3): NTFS, gzip, the default initramfs; the whole tree came through', async () => {
+    const { facts, vm } = await bootToGuest('root=tmpfs:LABEL=WinData:/images/root.tar.gz rd.tmpfs.size=96M', 'ntfs-gzip-612', true);
+    expectTree(facts, { xattrs: true });
+    expect(vm.transcript()).toMatch(/Linux version 6\.12\./);
   });
 
   it('FAT32, xz; default size: the unpacked size plus 50%', async () => {

@@ -60,6 +60,7 @@ for (const kernel of kernels) {
     for (const c of cases) {
       for (const map of ['auto', 'loop'] as const) {
         const name = `${kernelVersion(kernel).split('-')[0]}-${c.fs}-${c.sparse ? 'sparse' : 'whole'}-${map}`;
+        // sparse NTFS copies and reading exFAT back need FUSE (root, /dev/fuse; exFAT a loop device too)
         const skip = (c.sparse && c.fs === 'ntfs' && !sparseCopySupported()) || (c.fs === 'exfat' && !sparseCopySupported());
         it.skipIf(skip)(`${c.fs}, ${c.sparse ? 'sparse' : 'whole'} copy, rd.vdisk.map=${map}: written, shut down, booted again, the writes there, every checker clean`, async () => {
           const host = imageHostDisk(dir, name, c.fs, IMAGE, guestImage(), c.sparse);

@@ -78,13 +78,18 @@ export function readImageBack(dir: string, host: ImageHostDisk, path: string, ou
     else if (host.kind === 'vfat') execFileSync('mcopy', ['-n', '-i', part, `::${path}`, out]);
     else if (host.kind === 'ext4') execFileSync('debugfs', ['-R', `dump ${path} ${out}`, part], { stdio: 'ignore' });
     else {
-      // exFAT: exfatprogs reads no files; the FUSE driver does (root and /dev/fuse)
+      // exFAT: exfatprogs reads no files; the FUSE driver does, from a block device (root, /dev/fuse, a loop device)
       const mnt = mkdtempSync(join(dir, 'exfat-'));
-      execFileSync('mount.exfat-fuse', ['-o', 'ro', part, mnt]);
+      const loop = execFileSync('losetup', ['-f', '--show', '-r', part], { encoding: 'utf8' }).trim();
       try {
-        execFileSync('cp', [join(mnt, path), out]);
+        execFileSync('mount.exfat-fuse', ['-o', 'ro', loop, mnt]);
+        try {
+          execFileSync('cp', [join(mnt, path), out]);
+        } finally {
+          execFileSync('umount', [mnt]);
+        }
       } finally {
-        execFileSync('umount', [mnt]);
+        execFileSync('losetup', ['-d', loop]);
         rmSync(mnt, { recursive: true });
       }
     }
