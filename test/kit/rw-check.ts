@@ -76,7 +76,7 @@ export function readImageBack(dir: string, host: ImageHostDisk, path: string, ou
   try {
     if (host.kind === 'ntfs') execFileSync('sh', ['-c', 'ntfscat "$1" "$2" > "$3"', 'sh', part, path, out]);
     else if (host.kind === 'vfat') execFileSync('mcopy', ['-n', '-i', part, `::${path}`, out]);
-    else if (host.kind === 'ext4') execFileSync('debugfs', ['-R', `dump ${path} ${out}`, part], { stdio: 'ignore' });
+    else if (host.kind === 'ext4') execFileSync('debugfs', ['-R', `dump "${path}" ${out}`, part], { stdio: 'ignore' });
     else {
       // exFAT: exfatprogs reads no files; the FUSE driver does, from a block device (root, /dev/fuse, a loop device)
       const mnt = mkdtempSync(join(dir, 'exfat-'));
