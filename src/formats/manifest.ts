@@ -50,6 +50,14 @@ export interface InitramfsManifest {
   filesystems: Record<string, string>;
   /** Programs in the initramfs, as absolute paths inside it. */
   tools: ManifestTools;
+  /**
+   * For a kernel that cannot decompress modules itself (no CONFIG_MODULE_DECOMPRESS, or not
+   * for this format): per compression, the argv of a program in the initramfs that writes
+   * the decompressed module from stdin to stdout (`["/bin/busybox", "xzcat"]`). The init
+   * runs it into a memfd and loads that. A compressed module whose format has no entry
+   * here goes to the kernel as it is, with MODULE_INIT_COMPRESSED_FILE. Absent: none.
+   */
+  decompressors?: Partial<Record<Exclude<ManifestModule['compression'], ''>, string[]>>;
 }
 
 export interface ManifestAliasIndex {
@@ -89,8 +97,10 @@ export interface ManifestModule {
   /** Module parameters for finit_module ("" for none), from modprobe.d `options`. */
   options: string;
   /**
-   * How the file is compressed: "" for a plain .ko. A compressed module needs
-   * finit_module's MODULE_INIT_COMPRESSED_FILE flag and kernel support for it.
+   * How the file is compressed: "" for a plain .ko (`path` ends in .ko), else as shipped
+   * (`path` ends in .ko.xz, .ko.zst, .ko.gz). The kernel decompresses it itself
+   * (finit_module's MODULE_INIT_COMPRESSED_FILE, CONFIG_MODULE_DECOMPRESS) unless
+   * `decompressors` names a program for the format.
    */
   compression: '' | 'xz' | 'zst' | 'gz';
 }
@@ -378,5 +388,12 @@ export function validateManifest(value: unknown): string[] {
   if (!Array.isArray(m.preload)) problems.push('preload is missing');
   if (typeof m.filesystems !== 'object' || m.filesystems === null) problems.push('filesystems is missing');
   if (typeof m.tools !== 'object' || m.tools === null || typeof m.tools.busybox !== 'string') problems.push('tools.busybox is missing');
+  if (m.decompressors !== undefined) {
+    if (typeof m.decompressors !== 'object' || m.decompressors === null) problems.push('decompressors is not an object');
+    else
+      for (const [format, argv] of Object.entries(m.decompressors)) {
+        if (!Array.isArray(argv) || argv.length === 0 || !argv.every((a) => typeof a === 'string')) problems.push(`decompressors.${format} is not a program's argv`);
+      }
+  }
   return problems;
 }
