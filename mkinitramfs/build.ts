@@ -3,6 +3,13 @@
  * modules of a universal set (storage, filesystems, device-mapper, keyboards) with their
  * dependencies, and the manifest the init reads. The archive is a deterministic newc cpio:
  * the same inputs and SOURCE_DATE_EPOCH give the same bytes.
+ *
+ * Modules the kernel ships compressed (.ko.xz, .ko.zst) stay compressed: they go as shipped
+ * into a second, uncompressed cpio appended to the compressed main one (the kernel unpacks
+ * concatenated archives), so the outer compression does not spend time failing to shrink
+ * them again. The init hands them to finit_module with MODULE_INIT_COMPRESSED_FILE when the
+ * kernel decompresses that format itself (CONFIG_MODULE_DECOMPRESS), else decompresses the
+ * ones it loads with busybox into a memfd (see ManifestModule.compression).
  */
 import { existsSync, readFileSync, readdirSync, realpathSync, statSync, writeFileSync, openSync, readSync, closeSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
@@ -62,11 +69,7 @@ export function filesystemCharsets(release: string, configFile = `/boot/config-$
     const all = ['nls_cp437', 'nls_ascii', 'nls_iso8859_1', 'nls_utf8'];
     return { vfat: all, msdos: all, exfat: ['nls_utf8'], isofs: ['nls_utf8', 'nls_iso8859_1'] };
   }
-  const config = new Map<string, string>();
-  for (const line of readFileSync(configFile, 'utf8').split('\n')) {
-    const m = /^(CONFIG_\w+)=(.*)$/.exec(line);
-    if (m) config.set(m[1], m[2].replace(/^"(.*)"$/, '$1'));
-  }
+  const config = readKernelConfig(configFile);
   const fat = [`nls_cp${config.get('CONFIG_FAT_DEFAULT_CODEPAGE') ?? '437'}`, nls(config.get('CONFIG_FAT_DEFAULT_IOCHARSET') ?? 'iso8859-1')];
   if (config.get('CONFIG_FAT_DEFAULT_UTF8') === 'y') fat.push('nls_utf8');
   const nlsDefault = nls(config.get('CONFIG_NLS_DEFAULT') ?? 'iso8859-1');
@@ -76,6 +79,64 @@ export function filesystemCharsets(release: string, configFile = `/boot/config-$
     exfat: [nls(config.get('CONFIG_EXFAT_DEFAULT_IOCHARSET') ?? 'utf8')],
     isofs: [nlsDefault],
   };
+}
+
+export type ModuleCompression = Exclude<ManifestModule['compression'], ''>;
+
+/** The compression of a module file by its name ("ext4.ko.xz" → "xz"), "" for a plain .ko. */
+export function moduleFileCompression(file: string): ManifestModule['compression'] {
+  const m = /\.ko\.(xz|zst|gz)$/.exec(file);
+  return m ? (m[1] as ModuleCompression) : '';
+}
+
+/**
+ * The kernel's build configuration: config-RELEASE beside the vmlinuz given (a kernel
+ * package unpacked with dpkg-deb -x: DIR/boot/config-R beside DIR/boot/vmlinuz-R), or
+ * beside the modules directory's package root (DIR/lib/modules/R → DIR/boot/config-R),
+ * else /boot/config-RELEASE. Undefined when none exists.
+ */
+export function findKernelConfig(release: string, kernel?: string, modulesDir?: string, bootDir = '/boot'): string | undefined {
+  const candidates: string[] = [];
+  if (kernel && existsSync(kernel) && statSync(kernel).isFile()) candidates.push(path.join(path.dirname(path.resolve(kernel)), `config-${release}`));
+  if (modulesDir) candidates.push(path.join(path.resolve(modulesDir), '..', '..', '..', 'boot', `config-${release}`));
+  candidates.push(path.join(bootDir, `config-${release}`));
+  return candidates.find((c) => existsSync(c));
+}
+
+/** CONFIG_ lines of a kernel config file as a map ("y", "m", a number or a string without quotes). */
+export function readKernelConfig(file: string): Map<string, string> {
+  const config = new Map<string, string>();
+  for (const line of readFileSync(file, 'utf8').split('\n')) {
+    const m = /^(CONFIG_\w+)=(.*)$/.exec(line);
+    if (m) config.set(m[1], m[2].replace(/^"(.*)"$/, '$1'));
+  }
+  return config;
+}
+
+/**
+ * The module compressions finit_module accepts with MODULE_INIT_COMPRESSED_FILE: with
+ * CONFIG_MODULE_DECOMPRESS the kernel decompresses the one format it was built for
+ * (kernel/module/decompress.c picks gzip, xz or zstd from CONFIG_MODULE_COMPRESS_*).
+ * Without a config file: none (the init then decompresses them itself, which works on any
+ * kernel).
+ */
+export function kernelModuleDecompression(config: Map<string, string> | undefined): ModuleCompression[] {
+  if (!config || config.get('CONFIG_MODULE_DECOMPRESS') !== 'y') return [];
+  const formats: Array<[string, ModuleCompression]> = [['CONFIG_MODULE_COMPRESS_GZIP', 'gz'], ['CONFIG_MODULE_COMPRESS_XZ', 'xz'], ['CONFIG_MODULE_COMPRESS_ZSTD', 'zst']];
+  return formats.filter(([k]) => config.get(k) === 'y').map(([, f]) => f);
+}
+
+/**
+ * For a kernel that cannot decompress a module format itself: the program in the initramfs
+ * that writes a decompressed module from stdin to stdout (busybox's xzcat or zcat, the zstd
+ * program when it is included), as the argv the init spawns, or undefined when there is none
+ * (such modules are then decompressed here, at build time).
+ */
+export function moduleDecompressor(format: ModuleCompression, applets: ReadonlySet<string>, tools: readonly ToolName[]): string[] | undefined {
+  const applet = { xz: 'xzcat', gz: 'zcat', zst: 'zstdcat' }[format];
+  if (applets.has(applet)) return ['/bin/busybox', applet];
+  if (format === 'zst' && tools.includes('zstd')) return [`/${TOOLS.zstd.path}`, '-dcq'];
+  return undefined;
 }
 
 export interface MkinitramfsOptions {
@@ -105,6 +166,12 @@ export interface MkinitramfsOptions {
   sourceDateEpoch?: number;
   /** Where modprobe.d `options`/`softdep` lines are read; default /lib/modprobe.d, /etc/modprobe.d. */
   modprobeDirs?: string[];
+  /**
+   * The module compressions the kernel decompresses itself (finit_module with
+   * MODULE_INIT_COMPRESSED_FILE); default: read from its config (kernelModuleDecompression).
+   * [] has busybox decompress the modules loaded at boot instead, which any kernel accepts.
+   */
+  kernelDecompresses?: ModuleCompression[];
 }
 
 export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4';
@@ -118,9 +185,19 @@ export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd
 };
 
 export interface MkinitramfsResult {
-  /** The compressed image (equal to `cpio` when compress is none). */
+  /**
+   * The image: `cpio` compressed, zero-padded to a multiple of 4 bytes when
+   * `modulesCpio` follows (the kernel reads the next archive's header at such an offset),
+   * then `modulesCpio` as it is. Equal to `cpio` when compress is none and no module is
+   * kept compressed.
+   */
   image: Uint8Array;
+  /** The main archive, uncompressed. */
   cpio: Uint8Array;
+  /** The second archive: the modules kept compressed as shipped, never compressed again; empty when there are none. */
+  modulesCpio: Uint8Array;
+  /** Where `modulesCpio` starts in `image` (image.length when it is empty). */
+  modulesOffset: number;
   manifest: InitramfsManifest;
   compression: Compression;
   /** Entries in the archive (files, links, directories, nodes). */
@@ -132,6 +209,10 @@ export interface MkinitramfsResult {
   tools: ToolName[];
   /** The default programs included and why ("ntfs-3g": "kernel … has no ntfs3"). */
   defaultTools: Partial<Record<ToolName, string>>;
+  /** The kernel config read (for CONFIG_MODULE_DECOMPRESS and the filesystems' charsets), if any. */
+  kernelConfig?: string;
+  /** How the init gets each compressed module format it loads: "kernel" (finit_module decompresses) or the program's argv joined. */
+  moduleLoading: Partial<Record<ModuleCompression, string>>;
   milliseconds: number;
 }
 
@@ -303,11 +384,10 @@ function filesystemTable(index: KernelModuleIndex, included: Set<string>): Recor
   return Object.fromEntries(Object.entries(table).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
 }
 
+/** A module file's bytes, decompressed when it is compressed (for a kernel and image that cannot at boot). */
 function readModuleFile(file: string): Uint8Array {
   const ext = path.extname(file);
   const tool = ext === '.xz' ? 'xz' : ext === '.zst' ? 'zstd' : ext === '.gz' ? 'gzip' : '';
-  // Compressed modules are unpacked here so the init can finit_module every kernel's modules
-  // without MODULE_INIT_COMPRESSED_FILE; the image compression covers them anyway.
   if (tool) return execFileSync(tool, ['-dc', file], { maxBuffer: 1 << 30 });
   return readFileSync(file);
 }
@@ -422,7 +502,9 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without);
   if (!without.includes('ntfs-3g')) selection.notes.push(...defaults.notes);
   for (const [t, why] of Object.entries(chosenDefaults)) if (!(options.tools ?? []).includes(t as ToolName)) selection.notes.push(`${t} included: ${why}; --without ${t} leaves it out`);
-  const charsets = filesystemCharsets(index.release);
+  const configFile = findKernelConfig(index.release, options.kernel, modulesDir);
+  const config = configFile ? readKernelConfig(configFile) : undefined;
+  const charsets = filesystemCharsets(index.release, configFile ?? `/boot/config-${index.release}`);
   const fsRoots = new Set(selection.roots);
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
   const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).filter((m) => m !== '' && index.files.has(m))]);
@@ -452,7 +534,8 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
       inputs.push({ type: 'file', path: rel, data: readFileSync(realpathSync(lib)), mode: 0o755 });
     }
   }
-  for (const applet of busyboxApplets(busybox)) {
+  const applets = busyboxApplets(busybox);
+  for (const applet of applets) {
     if (taken.has(applet)) continue;
     taken.add(applet);
     inputs.push({ type: 'symlink', path: applet, target: '/bin/busybox' });
@@ -461,23 +544,54 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const sortedNames = [...included].sort();
   const modules: Record<string, ManifestModule> = {};
   const depLines: string[] = [];
+  // Each compressed module stays as shipped when the kernel or a program in the image can
+  // decompress it at boot; otherwise it is decompressed here (e.g. .ko.zst on a kernel
+  // without MODULE_DECOMPRESS and without the zstd program in the image).
+  const kernelFormats = new Set(options.kernelDecompresses ?? kernelModuleDecompression(config));
+  const appletNames = new Set(applets.map((a) => path.basename(a)));
+  const decompressors: Partial<Record<ModuleCompression, string[]>> = {};
+  const moduleLoading: Partial<Record<ModuleCompression, string>> = {};
+  const unpackedHere = new Set<ModuleCompression>();
+  const compressedInputs: CpioInput[] = [];
+  const imageRel = new Map<string, string>();
   for (const name of sortedNames) {
     const rel = index.files.get(name)!;
-    const plainRel = rel.replace(/\.ko\.(xz|zst|gz)$/, '.ko');
-    inputs.push({ type: 'file', path: `${modRoot}/${plainRel}`, data: readModuleFile(path.join(modulesDir, rel)), mode: 0o644 });
+    const format = moduleFileCompression(rel);
+    let keep = false;
+    if (format && kernelFormats.has(format)) {
+      keep = true;
+      moduleLoading[format] = 'kernel';
+    } else if (format) {
+      const argv = moduleDecompressor(format, appletNames, tools);
+      if (argv) {
+        keep = true;
+        decompressors[format] = argv;
+        moduleLoading[format] = argv.join(' ');
+      } else unpackedHere.add(format);
+    }
+    imageRel.set(name, keep ? rel : rel.replace(/\.ko\.(xz|zst|gz)$/, '.ko'));
+    const file = path.join(modulesDir, rel);
+    if (keep) compressedInputs.push({ type: 'file', path: `${modRoot}/${rel}`, data: readFileSync(file), mode: 0o644 });
+    else inputs.push({ type: 'file', path: `${modRoot}/${imageRel.get(name)!}`, data: readModuleFile(file), mode: 0o644 });
+  }
+  for (const format of unpackedHere) {
+    selection.notes.push(`.ko.${format} modules were decompressed at build time: kernel ${index.release} cannot decompress them (${configFile ? `${configFile} has no CONFIG_MODULE_DECOMPRESS for ${format}` : 'no kernel config found'}) and the image has no program for it${format === 'zst' ? ' (--with zstd adds one)' : ''}`);
+  }
+  if (!configFile && Object.keys(decompressors).length > 0) selection.notes.push(`no config-${index.release} found (beside the kernel or in /boot): compressed modules are decompressed by busybox at boot, which works on any kernel`);
+  for (const name of sortedNames) {
     const deps = hardDepsInLoadOrder(index, name);
     const soft = index.softdeps.get(name) ?? { pre: [], post: [] };
     const resolveSoft = (list: string[]) => [...new Set(list.flatMap((s) => resolveName(index, s)))].filter((m) => included.has(m) && m !== name);
     modules[name] = {
       name,
-      path: `/${modRoot}/${plainRel}`,
+      path: `/${modRoot}/${imageRel.get(name)!}`,
       deps,
       softPre: [...new Set([...resolveSoft(soft.pre), ...(Object.hasOwn(charsets, name) ? charsets[name] : []).filter((m) => included.has(m))])],
       softPost: resolveSoft(soft.post),
       options: index.options.get(name) ?? '',
-      compression: '',
+      compression: moduleFileCompression(imageRel.get(name)!),
     };
-    depLines.push(`${plainRel}: ${deps.slice().reverse().map((d) => index.files.get(d)!.replace(/\.ko\.(xz|zst|gz)$/, '.ko')).join(' ')}`.trimEnd() + '\n');
+    depLines.push(`${imageRel.get(name)!}: ${deps.slice().reverse().map((d) => imageRel.get(d)!).join(' ')}`.trimEnd() + '\n');
   }
 
   const aliasMap = new Map<string, Set<string>>();
@@ -514,6 +628,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     preload,
     filesystems: filesystemTable(index, included),
     tools: manifestTools,
+    ...(Object.keys(decompressors).length > 0 ? { decompressors } : {}),
   };
   inputs.push({ type: 'file', path: MANIFEST_PATH, data: new TextEncoder().encode(JSON.stringify(manifest) + '\n') });
   inputs.push({ type: 'file', path: `${modRoot}/modules.dep`, data: new TextEncoder().encode(depLines.join('')) });
@@ -524,11 +639,23 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   inputs.push({ type: 'file', path: 'etc/initrd-release', data: new TextEncoder().encode(release_) });
 
   const cpio = writeCpio(inputs, { mtime });
-  const image = compress(cpio, compression, options.level);
-  const files = readCpio(cpio).length;
+  const packed = compress(cpio, compression, options.level);
+  const modulesCpio = compressedInputs.length > 0 ? writeCpio(compressedInputs, { mtime }) : new Uint8Array(0);
+  const modulesOffset = modulesCpio.length > 0 ? (packed.length + 3) & ~3 : packed.length;
+  let image = packed;
+  if (modulesCpio.length > 0) {
+    // The compressed archive, zeros up to a 4-byte boundary (the kernel skips them and
+    // reads the next header there), then the uncompressed modules archive.
+    image = new Uint8Array(modulesOffset + modulesCpio.length);
+    image.set(packed, 0);
+    image.set(modulesCpio, modulesOffset);
+  }
+  const files = readCpio(cpio).length + (modulesCpio.length > 0 ? readCpio(modulesCpio).length : 0);
   return {
     image,
     cpio,
+    modulesCpio,
+    modulesOffset,
     manifest,
     compression,
     files,
@@ -536,6 +663,8 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     notes: selection.notes,
     tools,
     defaultTools: chosenDefaults,
+    kernelConfig: configFile,
+    moduleLoading,
     milliseconds: performance.now() - started,
   };
 }
@@ -552,5 +681,7 @@ export function summary(output: string, r: MkinitramfsResult): string {
   const mib = (n: number) => `${(n / 1048576).toFixed(2)} MiB`;
   // the reason in short: the notes say it in full
   const tools = r.tools.length ? `, with ${r.tools.map((t) => (t in r.defaultTools ? `${t} (by default: ${r.defaultTools[t]!.split(',')[0]})` : t)).join(', ')}` : '';
-  return `${output}: ${mib(r.image.length)} (${r.compression}; ${mib(r.cpio.length)} unpacked), ${r.files} files, ${r.modules} modules for kernel ${r.manifest.kernelRelease}${tools}, ${(r.milliseconds / 1000).toFixed(2)} s`;
+  const kept = Object.entries(r.moduleLoading).map(([f, how]) => `.ko.${f} kept compressed (${how === 'kernel' ? 'the kernel decompresses them' : `decompressed at boot by ${how}`})`);
+  const modules = kept.length ? `, ${kept.join(', ')} in ${mib(r.modulesCpio.length)} appended uncompressed` : '';
+  return `${output}: ${mib(r.image.length)} (${r.compression}; ${mib(r.cpio.length + r.modulesCpio.length)} unpacked), ${r.files} files, ${r.modules} modules for kernel ${r.manifest.kernelRelease}${tools}${modules}, ${(r.milliseconds / 1000).toFixed(2)} s`;
 }
