@@ -211,9 +211,20 @@ export interface MkinitramfsResult {
   defaultTools: Partial<Record<ToolName, string>>;
   /** The kernel config read (for CONFIG_MODULE_DECOMPRESS and the filesystems' charsets), if any. */
   kernelConfig?: string;
+  /** Every file in the image with its size and what it is part of (for size breakdowns). */
+  parts: MkinitramfsPart[];
   /** How the init gets each compressed module format it loads: "kernel" (finit_module decompresses) or the program's argv joined. */
   moduleLoading: Partial<Record<ModuleCompression, string>>;
   milliseconds: number;
+}
+
+/** One file of the image: `bytes` as stored in its archive (a kept-compressed module as shipped, in `modulesCpio`). */
+export interface MkinitramfsPart {
+  path: string;
+  bytes: number;
+  part: 'init' | 'busybox' | 'tools' | 'modules' | 'modules-compressed' | 'manifest' | 'other';
+  /** for tools: the program this file belongs to (its libraries included) */
+  tool?: ToolName;
 }
 
 /** The vdboot checkout this code runs from (the folder with vdboot's package.json). */
@@ -520,17 +531,20 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   inputs.push({ type: 'file', path: 'init', data: readFileSync(initBinary), mode: 0o755 });
   inputs.push({ type: 'file', path: 'bin/busybox', data: readFileSync(busybox), mode: 0o755 });
   const taken = new Set(['bin/busybox', 'init']);
+  const toolOf = new Map<string, ToolName>();
   const manifestTools: ManifestTools = { busybox: '/bin/busybox' };
   for (const t of tools) {
     const found = findProgram(t);
     const spec = TOOLS[t];
     inputs.push({ type: 'file', path: spec.path, data: readFileSync(found), mode: 0o755 });
     taken.add(spec.path);
+    toolOf.set(spec.path, t);
     manifestTools[spec.manifestKey] = `/${spec.path}`;
     for (const lib of sharedLibraries(found)) {
       const rel = lib.replace(/^\/+/, '');
       if (taken.has(rel)) continue;
       taken.add(rel);
+      toolOf.set(rel, t);
       inputs.push({ type: 'file', path: rel, data: readFileSync(realpathSync(lib)), mode: 0o755 });
     }
   }
@@ -651,6 +665,17 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     image.set(modulesCpio, modulesOffset);
   }
   const files = readCpio(cpio).length + (modulesCpio.length > 0 ? readCpio(modulesCpio).length : 0);
+  const moduleFiles = new Set(Object.values(modules).map((m) => m.path.slice(1)));
+  const parts: MkinitramfsPart[] = [];
+  for (const [list, kept] of [[inputs, false], [compressedInputs, true]] as const) {
+    for (const input of list) {
+      if (input.type !== 'file') continue;
+      const p = input.path;
+      const tool = toolOf.get(p);
+      const part: MkinitramfsPart['part'] = p === 'init' ? 'init' : p === 'bin/busybox' ? 'busybox' : tool ? 'tools' : moduleFiles.has(p) ? (kept ? 'modules-compressed' : 'modules') : p === MANIFEST_PATH.slice(1) || p.startsWith(`${modRoot}/modules.`) ? 'manifest' : 'other';
+      parts.push({ path: p, bytes: input.data.length, part, ...(tool ? { tool } : {}) });
+    }
+  }
   return {
     image,
     cpio,
@@ -664,6 +689,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     tools,
     defaultTools: chosenDefaults,
     kernelConfig: configFile,
+    parts,
     moduleLoading,
     milliseconds: performance.now() - started,
   };
