@@ -17,8 +17,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
-import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
+import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestHostonly, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
+import { filesystemModules, hostFilesystems, hostStorageModules, rootSpecFilesystems } from './hostonly.ts';
 
 export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
 export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none'];
@@ -28,6 +29,13 @@ export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none
  * image file, plus keyboards for the rescue shell. Names the kernel lacks (neither a module
  * nor built in) are reported as notes: kernels are configured differently.
  */
+export const UNIVERSAL_STORAGE: readonly string[] = [
+  'virtio_pci', 'virtio_blk', 'virtio_scsi',
+  'sd_mod', 'sr_mod', 'ahci', 'libata', 'ata_piix', 'ata_generic', 'nvme',
+  'usb_storage', 'uas', 'xhci_pci', 'xhci_plat_hcd', 'ehci_pci', 'ehci_platform', 'ohci_pci', 'ohci_platform', 'uhci_hcd',
+  'mmc_block', 'sdhci_pci', 'sdhci_acpi',
+];
+
 export const UNIVERSAL_MODULES: readonly string[] = [
   // virtual machines (Hyper-V's hv_storvsc and VMware's vmw_pvscsi cost 170 KiB: --add-module them)
   'virtio_pci', 'virtio_blk', 'virtio_scsi', 'virtio_console',
@@ -172,7 +180,17 @@ export interface MkinitramfsOptions {
    * [] has busybox decompress the modules loaded at boot instead, which any kernel accepts.
    */
   kernelDecompresses?: ModuleCompression[];
+  /**
+   * Only this machine's storage drivers (from sysfs) and filesystems (its mounted block
+   * devices', and the `root` spec's), instead of the universal set; device-mapper, loop and
+   * keyboards stay. `sysfs` and `mounts` point elsewhere for tests; `typeOf` answers a device
+   * spec's filesystem type (default: blkid).
+   */
+  hostonly?: { root?: string; sysfs?: string; mounts?: string; typeOf?: (deviceSpec: string) => string | undefined };
 }
+
+/** What --hostonly keeps besides the machine's own drivers and filesystems. */
+const HOSTONLY_ALWAYS: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse', 'hid_generic', 'usbhid', 'atkbd', 'i8042'];
 
 export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4';
 /** Optional programs; `module` is the kernel module the program needs ('' for none). */
@@ -349,13 +367,13 @@ interface ModuleSelection {
   notes: string[];
 }
 
-function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[], tools: readonly ToolName[], without: readonly ToolName[]): ModuleSelection {
+function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[], tools: readonly ToolName[], without: readonly ToolName[], base: readonly string[] = UNIVERSAL_MODULES): ModuleSelection {
   const roots: string[] = [];
   const builtinRequested: string[] = [];
   const missing: string[] = [];
   const omit = new Set(omitted.map(moduleKey));
   for (const o of omit) if (!UNIVERSAL_MODULES.includes(o)) throw new ModuleError(`--omit-module ${o}: not in the universal set (${UNIVERSAL_MODULES.join(', ')})`);
-  for (const name of UNIVERSAL_MODULES) {
+  for (const name of base) {
     const key = moduleKey(name);
     if (omit.has(key)) continue;
     if (index.files.has(key)) roots.push(key);
@@ -510,7 +528,20 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const defaults = defaultTools(index);
   const chosenDefaults = Object.fromEntries(Object.entries(defaults.tools).filter(([t]) => !without.includes(t as ToolName))) as Partial<Record<ToolName, string>>;
   const tools = [...new Set([...(options.tools ?? []), ...(Object.keys(chosenDefaults) as ToolName[])])].sort();
-  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without);
+  let hostonly: ManifestHostonly | undefined;
+  let base = UNIVERSAL_MODULES;
+  if (options.hostonly) {
+    const storage = hostStorageModules(index, options.hostonly.sysfs);
+    const types = [...new Set([...hostFilesystems(options.hostonly.mounts), ...(options.hostonly.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf) : [])])].sort();
+    const fs = filesystemModules(index, types);
+    base = [...new Set([...HOSTONLY_ALWAYS, ...storage.modules, ...fs.modules])];
+    hostonly = { storage: storage.devices, filesystems: types, ...(options.hostonly.root ? { root: options.hostonly.root } : {}), leftOut: [] };
+  }
+  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without, base);
+  if (hostonly) {
+    const devices = Object.entries(hostonly.storage).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
+    selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
+  }
   if (!without.includes('ntfs-3g')) selection.notes.push(...defaults.notes);
   for (const [t, why] of Object.entries(chosenDefaults)) if (!(options.tools ?? []).includes(t as ToolName)) selection.notes.push(`${t} included: ${why}; --without ${t} leaves it out`);
   const configFile = findKernelConfig(index.release, options.kernel, modulesDir);
@@ -520,6 +551,13 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
   const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).filter((m) => m !== '' && index.files.has(m))]);
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
+  if (hostonly) {
+    // what the universal set would have brought for storage: named at boot when a device needs it
+    const universal = moduleClosure(index, UNIVERSAL_STORAGE.map(moduleKey).filter((m) => index.files.has(m)));
+    const leftOut = new Map<string, string[]>();
+    for (const [pattern, mod] of index.aliases) if (universal.has(mod) && !included.has(mod) && !pattern.startsWith('fs-')) leftOut.set(pattern, [...(leftOut.get(pattern) ?? []), mod]);
+    hostonly.leftOut = [...leftOut.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  }
   const release = index.release;
   const modRoot = `lib/modules/${release}`;
 
@@ -634,6 +672,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
       compression,
       modulesDir,
       addedModules: (options.addModules ?? []).map(moduleKey),
+      ...(hostonly ? { hostonly } : {}),
     },
     modules,
     aliases,

@@ -193,7 +193,26 @@ export class ModuleLoader {
   modulesForAlias(modalias: string): string[] {
     if (this.seenAliases.has(modalias)) return [];
     this.seenAliases.add(modalias);
-    return matchModalias(this.manifest, modalias).filter((m) => !this.loaded.has(m));
+    const found = matchModalias(this.manifest, modalias);
+    if (found.length === 0) this.warnIfLeftOut(modalias);
+    return found.filter((m) => !this.loaded.has(m));
+  }
+
+  private leftOutTable: InitramfsManifest | undefined;
+
+  /**
+   * An initramfs built --hostonly on another machine may lack this device's storage driver:
+   * when the device matches a driver the universal set has and this image left out, the
+   * console names the device and the module, so a root that never appears is explained.
+   */
+  private warnIfLeftOut(modalias: string): void {
+    const hostonly = this.manifest.build.hostonly;
+    if (!hostonly || !Array.isArray(hostonly.leftOut) || hostonly.leftOut.length === 0) return;
+    this.leftOutTable ??= { ...this.manifest, modules: {}, aliases: hostonly.leftOut, aliasIndex: undefined };
+    const needed = matchModalias(this.leftOutTable, modalias);
+    if (needed.length === 0) return;
+    const built = Object.entries(hostonly.storage).map(([d, m]) => `${d}: ${m.join(', ') || 'built-in'}`).join('; ');
+    this.log.warn(`no driver in this initramfs for the storage device ${modalias}: it needs ${needed.join(', ')}, which --hostonly left out (built for ${built || 'a machine without disks'}); build the initramfs without --hostonly, or with --add-module ${needed[0]}`);
   }
 
   /** Every modalias of every device on every bus now (the coldplug pass). */

@@ -78,6 +78,22 @@ export interface ManifestBuildInfo {
   modulesDir: string;
   /** Names given with --add-module, canonical. */
   addedModules: string[];
+  /** Present when built with --hostonly: what the build machine needed, and what was left out. */
+  hostonly?: ManifestHostonly;
+}
+
+export interface ManifestHostonly {
+  /** The build machine's block devices and the storage modules each one's device chain had bound ("sda": ["sd_mod", "ahci"]). */
+  storage: Record<string, string[]>;
+  /** The filesystem types included (the machine's mounted ones and the --root device's). */
+  filesystems: string[];
+  /** The --root spec given, if any. */
+  root?: string;
+  /**
+   * The modalias patterns of the universal set's storage drivers this image left out, with
+   * their modules: a device that matches one at boot is named in a warning, with the module.
+   */
+  leftOut: Array<[pattern: string, modules: string[]]>;
 }
 
 export interface ManifestModule {
