@@ -709,7 +709,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   for (const [list, kept] of [[inputs, false], [compressedInputs, true]] as const) {
     for (const input of list) {
       if (input.type !== 'file') continue;
-      const p = input.path;
+      const p = input.path.replace(/^\/+/, '');
       const tool = toolOf.get(p);
       const part: MkinitramfsPart['part'] = p === 'init' ? 'init' : p === 'bin/busybox' ? 'busybox' : tool ? 'tools' : moduleFiles.has(p) ? (kept ? 'modules-compressed' : 'modules') : p === MANIFEST_PATH.slice(1) || p.startsWith(`${modRoot}/modules.`) ? 'manifest' : 'other';
       parts.push({ path: p, bytes: input.data.length, part, ...(tool ? { tool } : {}) });
