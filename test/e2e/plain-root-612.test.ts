@@ -13,7 +13,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs, type MkinitramfsResult } from '../../mkinitramfs/build.ts';
 import { makeExt4, makePartitionedDisk } from '../../qemu/disks.ts';
 import { buildGuestRoot, GUEST_MARKER, guestFact, parseGuestFacts } from '../../qemu/guest.ts';
-import { bootVm, cachedKernel, type Vm } from '../../qemu/harness.ts';
+import { bootVm, cachedKernel, type DiskInterface, type Vm } from '../../qemu/harness.ts';
+import { recordedMounts, recordedSysfs } from '../kit/sysfs.ts';
 
 const kernel = cachedKernel('6.12');
 let dir: string;
@@ -38,9 +39,14 @@ afterAll(async () => {
   if (dir && !process.env.VDBOOT_KEEP) rmSync(dir, { recursive: true, force: true });
 });
 
-async function bootWith(initrd: string, name: string) {
-  const vm = await bootVm({ kernel: kernel!, initrd, append: 'root=/dev/vda1 rd.vdboot.debug', disks: [{ file: disk, interface: 'virtio-blk', snapshot: true }], name, memoryMiB: 512 });
+async function start(initrd: string, name: string, append = 'root=/dev/vda1 rd.vdboot.debug', iface: DiskInterface = 'virtio-blk') {
+  const vm = await bootVm({ kernel: kernel!, initrd, append, disks: [{ file: disk, interface: iface, snapshot: true }], name, memoryMiB: 512 });
   vms.push(vm);
+  return vm;
+}
+
+async function bootWith(initrd: string, name: string) {
+  const vm = await start(initrd, name);
   await vm.waitFor(GUEST_MARKER, 200_000);
   const facts = parseGuestFacts(vm.transcript());
   await vm.waitExit(60_000);
@@ -81,5 +87,18 @@ describe.skipIf(!kernel)('end to end: a plain root on 6.12 with modules kept .ko
     for (const m of ['virtio_blk', 'ext4', 'jbd2']) expect(loaded, m).toContain(m);
     expect(t).toMatch(/loaded module ext4/);
     expect(t).not.toMatch(/did not load|could not decompress/);
+  });
+
+  it('--hostonly for a machine with AHCI and virtio disks boots the virtio disk, and on NVMe names the driver it left out', async () => {
+    const initrd = join(dir, 'initrd-hostonly.img');
+    const built = writeInitramfs(initrd, { kernel: kernel!, hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts() } });
+    expect(built.manifest.modules.nvme).toBeUndefined();
+    expect(built.manifest.modules.virtio_blk).toBeDefined();
+    const { facts } = await bootWith(initrd, 'plain-612-hostonly');
+    expect(facts.root).toMatchObject({ device: '/dev/vda1', fstype: 'ext4' });
+    const vm = await start(initrd, 'plain-612-hostonly-nvme', 'root=/dev/nvme0n1p1 rd.timeout=5', 'nvme');
+    await vm.waitFor(/no driver in this initramfs for the storage device pci:v00001B36d00000010\S*: it needs nvme, which --hostonly left out/, 200_000);
+    await vm.waitFor(/did not appear within 5 s/, 60_000);
+    await vm.kill();
   });
 });
