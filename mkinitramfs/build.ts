@@ -181,6 +181,11 @@ export interface MkinitramfsOptions {
    */
   kernelDecompresses?: ModuleCompression[];
   /**
+   * Decompress every module here and compress it again with the rest, in one archive (the
+   * layout before compressed modules were kept; for comparisons).
+   */
+  unpackModules?: boolean;
+  /**
    * Only this machine's storage drivers (from sysfs) and filesystems (its mounted block
    * devices', and the `root` spec's), instead of the universal set; device-mapper, loop and
    * keyboards stay. `sysfs` and `mounts` point elsewhere for tests; `typeOf` answers a device
@@ -214,6 +219,8 @@ export interface MkinitramfsResult {
   cpio: Uint8Array;
   /** The second archive: the modules kept compressed as shipped, never compressed again; empty when there are none. */
   modulesCpio: Uint8Array;
+  /** The compressed main archive's length: image[0, packedLength) is `cpio` compressed, then zeros up to modulesOffset. */
+  packedLength: number;
   /** Where `modulesCpio` starts in `image` (image.length when it is empty). */
   modulesOffset: number;
   manifest: InitramfsManifest;
@@ -610,7 +617,9 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     const rel = index.files.get(name)!;
     const format = moduleFileCompression(rel);
     let keep = false;
-    if (format && kernelFormats.has(format)) {
+    if (options.unpackModules) {
+      /* every module plain, in the main archive */
+    } else if (format && kernelFormats.has(format)) {
       keep = true;
       moduleLoading[format] = 'kernel';
     } else if (format) {
@@ -626,7 +635,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     if (keep) compressedInputs.push({ type: 'file', path: `${modRoot}/${rel}`, data: readFileSync(file), mode: 0o644 });
     else inputs.push({ type: 'file', path: `${modRoot}/${imageRel.get(name)!}`, data: readModuleFile(file), mode: 0o644 });
   }
-  for (const format of unpackedHere) {
+  for (const format of options.unpackModules ? [] : unpackedHere) {
     selection.notes.push(`.ko.${format} modules were decompressed at build time: kernel ${index.release} cannot decompress them (${configFile ? `${configFile} has no CONFIG_MODULE_DECOMPRESS for ${format}` : 'no kernel config found'}) and the image has no program for it${format === 'zst' ? ' (--with zstd adds one)' : ''}`);
   }
   if (!configFile && Object.keys(decompressors).length > 0) selection.notes.push(`no config-${index.release} found (beside the kernel or in /boot): compressed modules are decompressed by busybox at boot, which works on any kernel`);
@@ -719,6 +728,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     image,
     cpio,
     modulesCpio,
+    packedLength: packed.length,
     modulesOffset,
     manifest,
     compression,

@@ -10,6 +10,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { buildInitramfs, findKernelConfig, kernelModuleDecompression, moduleDecompressor, moduleFileCompression, readKernelConfig, summary } from '../../mkinitramfs/build.ts';
 import { cachedKernel } from '../../qemu/harness.ts';
+import { readCpio } from '../../src/formats/cpio.ts';
 import { initBinary, installedRelease, tmpdir } from './helpers.ts';
 
 const kernel612 = cachedKernel('6.12');
@@ -54,7 +55,10 @@ describe.skipIf(!kernel612)('mkinitramfs on 6.12: .ko.xz kept as shipped in an u
     expect(r.modulesOffset % 4).toBe(0);
     expect(image.subarray(r.modulesOffset, r.modulesOffset + 6).toString('latin1')).toBe('070701');
     expect(r.modulesOffset + r.modulesCpio.length).toBe(image.length);
-    const main = image.subarray(0, r.modulesOffset);
+    // the zstd frame, then at most 3 zeros (the kernel skips zeros between archives; zstd's CLI would not)
+    expect(r.modulesOffset - r.packedLength).toBeLessThan(4);
+    expect([...image.subarray(r.packedLength, r.modulesOffset)].every((b) => b === 0)).toBe(true);
+    const main = image.subarray(0, r.packedLength);
     expect(execFileSync('zstd', ['-dcq'], { input: main, maxBuffer: 1 << 30 }).equals(Buffer.from(r.cpio))).toBe(true);
     expect(Buffer.from(image.subarray(r.modulesOffset)).equals(Buffer.from(r.modulesCpio))).toBe(true);
     // the main archive has no compressed module; the modules segment only compressed modules (and their folders)
@@ -92,8 +96,17 @@ describe.skipIf(!kernel612)('mkinitramfs on 6.12: .ko.xz kept as shipped in an u
     expect(r.manifest.decompressors).toEqual({ xz: ['/bin/busybox', 'xzcat'] });
     expect(r.moduleLoading).toEqual({ xz: '/bin/busybox xzcat' });
     expect(r.manifest.modules.ext4!.path).toMatch(/\/ext4\.ko\.xz$/);
-    expect(execFileSync('gzip', ['-dc'], { input: Buffer.from(r.image.subarray(0, r.modulesOffset)), maxBuffer: 1 << 30 }).equals(Buffer.from(r.cpio))).toBe(true);
+    expect(execFileSync('gzip', ['-dc'], { input: Buffer.from(r.image.subarray(0, r.packedLength)), maxBuffer: 1 << 30 }).equals(Buffer.from(r.cpio))).toBe(true);
     expect(cpioList(r.image.subarray(r.modulesOffset)).filter((n) => n.endsWith('.ko.xz')).length).toBe(r.modules);
+  });
+
+  it('unpackModules gives the layout before: plain .ko, decompressed here, one compressed archive', () => {
+    const r = buildInitramfs({ kernel: kernel612!, initBinary: initBinary(), compress: 'gzip', level: 1, unpackModules: true });
+    expect(r.modulesCpio.length).toBe(0);
+    expect(r.modulesOffset).toBe(r.image.length);
+    expect(r.manifest.modules.ext4).toMatchObject({ path: expect.stringMatching(/\/ext4\.ko$/), compression: '' });
+    const ext4 = readCpio(r.cpio).find((e) => e.name === r.manifest.modules.ext4!.path.slice(1))!;
+    expect(Buffer.from(ext4.data.subarray(0, 4)).toString('latin1')).toBe('\x7fELF');
   });
 });
 
