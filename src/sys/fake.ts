@@ -27,6 +27,8 @@ export interface FakeDisk {
   needsModule?: string;
   /** appears this many simulated ms after its module loaded (a USB disk) */
   appearsAfterMs?: number;
+  /** its node refuses to open (ENXIO) for this many simulated ms after it appeared, as 6.12's virtio_blk under emulation */
+  openableAfterMs?: number;
   /** the filesystem tree a mount of this disk (or of a partition by name) shows */
   trees?: Record<string, FakeTree>;
 }
@@ -390,6 +392,7 @@ export class FakeKernel implements Sys {
     let node: Node;
     try {
       node = this.lookup(path);
+      if (node.kind === 'blk') this.checkOpenable(node.major, node.minor, path);
     } catch (e) {
       if (!(flags & 0o100)) throw e;
       const { dir, name } = this.parentAndName(path);
@@ -399,6 +402,15 @@ export class FakeKernel implements Sys {
     const fd = this.nextFd++;
     this.fds.set(fd, { node, path: this.abs(path), flags, pos: 0 });
     return fd;
+  }
+
+  /** ENXIO while a disk (or one of its partitions) is listed but not yet openable (FakeDisk.openableAfterMs). */
+  private checkOpenable(major: number, _minor: number, path: string): void {
+    for (const d of this.machine.disks) {
+      if (d.major !== major || !d.openableAfterMs || !d.needsModule) continue;
+      const at = this.loadedAt.get(d.needsModule);
+      if (at !== undefined && this.clock < at + (d.appearsAfterMs ?? 0) + d.openableAfterMs) fail('ENXIO', `open ${path}`);
+    }
   }
 
   close(fd: number): void {

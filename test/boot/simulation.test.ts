@@ -194,3 +194,14 @@ describe('simulation: modules kept compressed (.ko.xz, as Debian 12\'s 6.12 ship
     expect(r.kernel.events.spawns.every((s) => s.argv.join(' ') === '/bin/busybox xzcat')).toBe(true);
   });
 });
+
+describe('simulation: a disk listed in /sys before it can be opened', () => {
+  it('is not taken for the root until it opens (ENXIO at first, as 6.12\'s virtio_blk under emulation)', async () => {
+    const m = simMachine('root=/dev/vda2', disk);
+    m.disks[0]!.openableAfterMs = 700;
+    const r = await boot('root=/dev/vda2', m);
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    expect(r.kernel.consoleText).toMatch(/found root device \/dev\/vda2 at \/dev\/vda2 \(ext4\)/);
+    expect(rootMount(r)).toMatchObject({ source: '/dev/vda2', fstype: 'ext4' });
+  });
+});
