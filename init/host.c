@@ -1079,6 +1079,24 @@ static JSValue sys_pipe(JSContext *ctx, JSValueConst this_val, int argc, JSValue
     return a;
 }
 
+/* memfdCreate(name, flags) → fd: memfd_create(2), an anonymous file in memory (flags:
+ * MFD_CLOEXEC = 1, …). A decompressor writes a module into one; the kernel loads it. */
+static JSValue sys_memfd_create(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int flags;
+    const char *name = get_str(ctx, argc, argv, 0, "memfdCreate");
+    if (!name)
+        return JS_EXCEPTION;
+    if (get_int_opt(ctx, argc, argv, 1, "memfdCreate", 0, &flags)) {
+        JS_FreeCString(ctx, name);
+        return JS_EXCEPTION;
+    }
+    long fd = syscall(SYS_memfd_create, name, (unsigned int)flags);
+    JSValue v = fd < 0 ? throw_errno(ctx, "memfd_create %s", name) : JS_NewInt32(ctx, (int)fd);
+    JS_FreeCString(ctx, name);
+    return v;
+}
+
 /* -------------------------------------------------------------- events and time ---- */
 
 /* A NETLINK_KOBJECT_UEVENT socket (non-blocking, close-on-exec) bound to the kernel's
@@ -1275,6 +1293,7 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_MAGIC_DEF("_exit", 1, sys_exit, 1),
     JS_CFUNC_DEF("dup2", 2, sys_dup2),
     JS_CFUNC_DEF("pipe", 0, sys_pipe),
+    JS_CFUNC_DEF("memfdCreate", 2, sys_memfd_create),
     JS_CFUNC_DEF("umask", 1, sys_umask),
     JS_CFUNC_DEF("nice", 1, sys_nice),
     JS_CFUNC_DEF("ueventSocket", 0, sys_uevent_socket),

@@ -3,6 +3,13 @@
  * modules of a universal set (storage, filesystems, device-mapper, keyboards) with their
  * dependencies, and the manifest the init reads. The archive is a deterministic newc cpio:
  * the same inputs and SOURCE_DATE_EPOCH give the same bytes.
+ *
+ * Modules the kernel ships compressed (.ko.xz, .ko.zst) stay compressed: they go as shipped
+ * into a second, uncompressed cpio appended to the compressed main one (the kernel unpacks
+ * concatenated archives), so the outer compression does not spend time failing to shrink
+ * them again. The init hands them to finit_module with MODULE_INIT_COMPRESSED_FILE when the
+ * kernel decompresses that format itself (CONFIG_MODULE_DECOMPRESS), else decompresses the
+ * ones it loads with busybox into a memfd (see ManifestModule.compression).
  */
 import { existsSync, readFileSync, readdirSync, realpathSync, statSync, writeFileSync, openSync, readSync, closeSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
@@ -10,8 +17,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
-import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
+import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestHostonly, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
+import { filesystemModules, hostFilesystems, hostStorageModules, rootSpecFilesystems } from './hostonly.ts';
 
 export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
 export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none'];
@@ -21,6 +29,13 @@ export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none
  * image file, plus keyboards for the rescue shell. Names the kernel lacks (neither a module
  * nor built in) are reported as notes: kernels are configured differently.
  */
+export const UNIVERSAL_STORAGE: readonly string[] = [
+  'virtio_pci', 'virtio_blk', 'virtio_scsi',
+  'sd_mod', 'sr_mod', 'ahci', 'libata', 'ata_piix', 'ata_generic', 'nvme',
+  'usb_storage', 'uas', 'xhci_pci', 'xhci_plat_hcd', 'ehci_pci', 'ehci_platform', 'ohci_pci', 'ohci_platform', 'uhci_hcd',
+  'mmc_block', 'sdhci_pci', 'sdhci_acpi',
+];
+
 export const UNIVERSAL_MODULES: readonly string[] = [
   // virtual machines (Hyper-V's hv_storvsc and VMware's vmw_pvscsi cost 170 KiB: --add-module them)
   'virtio_pci', 'virtio_blk', 'virtio_scsi', 'virtio_console',
@@ -62,11 +77,7 @@ export function filesystemCharsets(release: string, configFile = `/boot/config-$
     const all = ['nls_cp437', 'nls_ascii', 'nls_iso8859_1', 'nls_utf8'];
     return { vfat: all, msdos: all, exfat: ['nls_utf8'], isofs: ['nls_utf8', 'nls_iso8859_1'] };
   }
-  const config = new Map<string, string>();
-  for (const line of readFileSync(configFile, 'utf8').split('\n')) {
-    const m = /^(CONFIG_\w+)=(.*)$/.exec(line);
-    if (m) config.set(m[1], m[2].replace(/^"(.*)"$/, '$1'));
-  }
+  const config = readKernelConfig(configFile);
   const fat = [`nls_cp${config.get('CONFIG_FAT_DEFAULT_CODEPAGE') ?? '437'}`, nls(config.get('CONFIG_FAT_DEFAULT_IOCHARSET') ?? 'iso8859-1')];
   if (config.get('CONFIG_FAT_DEFAULT_UTF8') === 'y') fat.push('nls_utf8');
   const nlsDefault = nls(config.get('CONFIG_NLS_DEFAULT') ?? 'iso8859-1');
@@ -76,6 +87,64 @@ export function filesystemCharsets(release: string, configFile = `/boot/config-$
     exfat: [nls(config.get('CONFIG_EXFAT_DEFAULT_IOCHARSET') ?? 'utf8')],
     isofs: [nlsDefault],
   };
+}
+
+export type ModuleCompression = Exclude<ManifestModule['compression'], ''>;
+
+/** The compression of a module file by its name ("ext4.ko.xz" → "xz"), "" for a plain .ko. */
+export function moduleFileCompression(file: string): ManifestModule['compression'] {
+  const m = /\.ko\.(xz|zst|gz)$/.exec(file);
+  return m ? (m[1] as ModuleCompression) : '';
+}
+
+/**
+ * The kernel's build configuration: config-RELEASE beside the vmlinuz given (a kernel
+ * package unpacked with dpkg-deb -x: DIR/boot/config-R beside DIR/boot/vmlinuz-R), or
+ * beside the modules directory's package root (DIR/lib/modules/R → DIR/boot/config-R),
+ * else /boot/config-RELEASE. Undefined when none exists.
+ */
+export function findKernelConfig(release: string, kernel?: string, modulesDir?: string, bootDir = '/boot'): string | undefined {
+  const candidates: string[] = [];
+  if (kernel && existsSync(kernel) && statSync(kernel).isFile()) candidates.push(path.join(path.dirname(path.resolve(kernel)), `config-${release}`));
+  if (modulesDir) candidates.push(path.join(path.resolve(modulesDir), '..', '..', '..', 'boot', `config-${release}`));
+  candidates.push(path.join(bootDir, `config-${release}`));
+  return candidates.find((c) => existsSync(c));
+}
+
+/** CONFIG_ lines of a kernel config file as a map ("y", "m", a number or a string without quotes). */
+export function readKernelConfig(file: string): Map<string, string> {
+  const config = new Map<string, string>();
+  for (const line of readFileSync(file, 'utf8').split('\n')) {
+    const m = /^(CONFIG_\w+)=(.*)$/.exec(line);
+    if (m) config.set(m[1], m[2].replace(/^"(.*)"$/, '$1'));
+  }
+  return config;
+}
+
+/**
+ * The module compressions finit_module accepts with MODULE_INIT_COMPRESSED_FILE: with
+ * CONFIG_MODULE_DECOMPRESS the kernel decompresses the one format it was built for
+ * (kernel/module/decompress.c picks gzip, xz or zstd from CONFIG_MODULE_COMPRESS_*).
+ * Without a config file: none (the init then decompresses them itself, which works on any
+ * kernel).
+ */
+export function kernelModuleDecompression(config: Map<string, string> | undefined): ModuleCompression[] {
+  if (!config || config.get('CONFIG_MODULE_DECOMPRESS') !== 'y') return [];
+  const formats: Array<[string, ModuleCompression]> = [['CONFIG_MODULE_COMPRESS_GZIP', 'gz'], ['CONFIG_MODULE_COMPRESS_XZ', 'xz'], ['CONFIG_MODULE_COMPRESS_ZSTD', 'zst']];
+  return formats.filter(([k]) => config.get(k) === 'y').map(([, f]) => f);
+}
+
+/**
+ * For a kernel that cannot decompress a module format itself: the program in the initramfs
+ * that writes a decompressed module from stdin to stdout (busybox's xzcat or zcat, the zstd
+ * program when it is included), as the argv the init spawns, or undefined when there is none
+ * (such modules are then decompressed here, at build time).
+ */
+export function moduleDecompressor(format: ModuleCompression, applets: ReadonlySet<string>, tools: readonly ToolName[]): string[] | undefined {
+  const applet = { xz: 'xzcat', gz: 'zcat', zst: 'zstdcat' }[format];
+  if (applets.has(applet)) return ['/bin/busybox', applet];
+  if (format === 'zst' && tools.includes('zstd')) return [`/${TOOLS.zstd.path}`, '-dcq'];
+  return undefined;
 }
 
 export interface MkinitramfsOptions {
@@ -105,7 +174,28 @@ export interface MkinitramfsOptions {
   sourceDateEpoch?: number;
   /** Where modprobe.d `options`/`softdep` lines are read; default /lib/modprobe.d, /etc/modprobe.d. */
   modprobeDirs?: string[];
+  /**
+   * The module compressions the kernel decompresses itself (finit_module with
+   * MODULE_INIT_COMPRESSED_FILE); default: read from its config (kernelModuleDecompression).
+   * [] has busybox decompress the modules loaded at boot instead, which any kernel accepts.
+   */
+  kernelDecompresses?: ModuleCompression[];
+  /**
+   * Decompress every module here and compress it again with the rest, in one archive (the
+   * layout before compressed modules were kept; for comparisons).
+   */
+  unpackModules?: boolean;
+  /**
+   * Only this machine's storage drivers (from sysfs) and filesystems (its mounted block
+   * devices', and the `root` spec's), instead of the universal set; device-mapper, loop and
+   * keyboards stay. `sysfs` and `mounts` point elsewhere for tests; `typeOf` answers a device
+   * spec's filesystem type (default: blkid).
+   */
+  hostonly?: { root?: string; sysfs?: string; mounts?: string; typeOf?: (deviceSpec: string) => string | undefined };
 }
+
+/** What --hostonly keeps besides the machine's own drivers and filesystems. */
+const HOSTONLY_ALWAYS: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse', 'hid_generic', 'usbhid', 'atkbd', 'i8042'];
 
 export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4';
 /** Optional programs; `module` is the kernel module the program needs ('' for none). */
@@ -118,9 +208,21 @@ export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd
 };
 
 export interface MkinitramfsResult {
-  /** The compressed image (equal to `cpio` when compress is none). */
+  /**
+   * The image: `cpio` compressed, zero-padded to a multiple of 4 bytes when
+   * `modulesCpio` follows (the kernel reads the next archive's header at such an offset),
+   * then `modulesCpio` as it is. Equal to `cpio` when compress is none and no module is
+   * kept compressed.
+   */
   image: Uint8Array;
+  /** The main archive, uncompressed. */
   cpio: Uint8Array;
+  /** The second archive: the modules kept compressed as shipped, never compressed again; empty when there are none. */
+  modulesCpio: Uint8Array;
+  /** The compressed main archive's length: image[0, packedLength) is `cpio` compressed, then zeros up to modulesOffset. */
+  packedLength: number;
+  /** Where `modulesCpio` starts in `image` (image.length when it is empty). */
+  modulesOffset: number;
   manifest: InitramfsManifest;
   compression: Compression;
   /** Entries in the archive (files, links, directories, nodes). */
@@ -132,7 +234,22 @@ export interface MkinitramfsResult {
   tools: ToolName[];
   /** The default programs included and why ("ntfs-3g": "kernel … has no ntfs3"). */
   defaultTools: Partial<Record<ToolName, string>>;
+  /** The kernel config read (for CONFIG_MODULE_DECOMPRESS and the filesystems' charsets), if any. */
+  kernelConfig?: string;
+  /** Every file in the image with its size and what it is part of (for size breakdowns). */
+  parts: MkinitramfsPart[];
+  /** How the init gets each compressed module format it loads: "kernel" (finit_module decompresses) or the program's argv joined. */
+  moduleLoading: Partial<Record<ModuleCompression, string>>;
   milliseconds: number;
+}
+
+/** One file of the image: `bytes` as stored in its archive (a kept-compressed module as shipped, in `modulesCpio`). */
+export interface MkinitramfsPart {
+  path: string;
+  bytes: number;
+  part: 'init' | 'busybox' | 'tools' | 'modules' | 'modules-compressed' | 'manifest' | 'other';
+  /** for tools: the program this file belongs to (its libraries included) */
+  tool?: ToolName;
 }
 
 /** The vdboot checkout this code runs from (the folder with vdboot's package.json). */
@@ -257,13 +374,13 @@ interface ModuleSelection {
   notes: string[];
 }
 
-function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[], tools: readonly ToolName[], without: readonly ToolName[]): ModuleSelection {
+function selectModules(index: KernelModuleIndex, added: readonly string[], omitted: readonly string[], tools: readonly ToolName[], without: readonly ToolName[], base: readonly string[] = UNIVERSAL_MODULES): ModuleSelection {
   const roots: string[] = [];
   const builtinRequested: string[] = [];
   const missing: string[] = [];
   const omit = new Set(omitted.map(moduleKey));
   for (const o of omit) if (!UNIVERSAL_MODULES.includes(o)) throw new ModuleError(`--omit-module ${o}: not in the universal set (${UNIVERSAL_MODULES.join(', ')})`);
-  for (const name of UNIVERSAL_MODULES) {
+  for (const name of base) {
     const key = moduleKey(name);
     if (omit.has(key)) continue;
     if (index.files.has(key)) roots.push(key);
@@ -303,11 +420,10 @@ function filesystemTable(index: KernelModuleIndex, included: Set<string>): Recor
   return Object.fromEntries(Object.entries(table).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
 }
 
+/** A module file's bytes, decompressed when it is compressed (for a kernel and image that cannot at boot). */
 function readModuleFile(file: string): Uint8Array {
   const ext = path.extname(file);
   const tool = ext === '.xz' ? 'xz' : ext === '.zst' ? 'zstd' : ext === '.gz' ? 'gzip' : '';
-  // Compressed modules are unpacked here so the init can finit_module every kernel's modules
-  // without MODULE_INIT_COMPRESSED_FILE; the image compression covers them anyway.
   if (tool) return execFileSync(tool, ['-dc', file], { maxBuffer: 1 << 30 });
   return readFileSync(file);
 }
@@ -419,14 +535,36 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const defaults = defaultTools(index);
   const chosenDefaults = Object.fromEntries(Object.entries(defaults.tools).filter(([t]) => !without.includes(t as ToolName))) as Partial<Record<ToolName, string>>;
   const tools = [...new Set([...(options.tools ?? []), ...(Object.keys(chosenDefaults) as ToolName[])])].sort();
-  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without);
+  let hostonly: ManifestHostonly | undefined;
+  let base = UNIVERSAL_MODULES;
+  if (options.hostonly) {
+    const storage = hostStorageModules(index, options.hostonly.sysfs);
+    const types = [...new Set([...hostFilesystems(options.hostonly.mounts), ...(options.hostonly.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf) : [])])].sort();
+    const fs = filesystemModules(index, types);
+    base = [...new Set([...HOSTONLY_ALWAYS, ...storage.modules, ...fs.modules])];
+    hostonly = { storage: storage.devices, filesystems: types, ...(options.hostonly.root ? { root: options.hostonly.root } : {}), leftOut: [] };
+  }
+  const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without, base);
+  if (hostonly) {
+    const devices = Object.entries(hostonly.storage).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
+    selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
+  }
   if (!without.includes('ntfs-3g')) selection.notes.push(...defaults.notes);
   for (const [t, why] of Object.entries(chosenDefaults)) if (!(options.tools ?? []).includes(t as ToolName)) selection.notes.push(`${t} included: ${why}; --without ${t} leaves it out`);
-  const charsets = filesystemCharsets(index.release);
+  const configFile = findKernelConfig(index.release, options.kernel, modulesDir);
+  const config = configFile ? readKernelConfig(configFile) : undefined;
+  const charsets = filesystemCharsets(index.release, configFile ?? `/boot/config-${index.release}`);
   const fsRoots = new Set(selection.roots);
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
   const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).filter((m) => m !== '' && index.files.has(m))]);
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
+  if (hostonly) {
+    // what the universal set would have brought for storage: named at boot when a device needs it
+    const universal = moduleClosure(index, UNIVERSAL_STORAGE.map(moduleKey).filter((m) => index.files.has(m)));
+    const leftOut = new Map<string, string[]>();
+    for (const [pattern, mod] of index.aliases) if (universal.has(mod) && !included.has(mod) && !pattern.startsWith('fs-')) leftOut.set(pattern, [...(leftOut.get(pattern) ?? []), mod]);
+    hostonly.leftOut = [...leftOut.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  }
   const release = index.release;
   const modRoot = `lib/modules/${release}`;
 
@@ -438,21 +576,25 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   inputs.push({ type: 'file', path: 'init', data: readFileSync(initBinary), mode: 0o755 });
   inputs.push({ type: 'file', path: 'bin/busybox', data: readFileSync(busybox), mode: 0o755 });
   const taken = new Set(['bin/busybox', 'init']);
+  const toolOf = new Map<string, ToolName>();
   const manifestTools: ManifestTools = { busybox: '/bin/busybox' };
   for (const t of tools) {
     const found = findProgram(t);
     const spec = TOOLS[t];
     inputs.push({ type: 'file', path: spec.path, data: readFileSync(found), mode: 0o755 });
     taken.add(spec.path);
+    toolOf.set(spec.path, t);
     manifestTools[spec.manifestKey] = `/${spec.path}`;
     for (const lib of sharedLibraries(found)) {
       const rel = lib.replace(/^\/+/, '');
       if (taken.has(rel)) continue;
       taken.add(rel);
+      toolOf.set(rel, t);
       inputs.push({ type: 'file', path: rel, data: readFileSync(realpathSync(lib)), mode: 0o755 });
     }
   }
-  for (const applet of busyboxApplets(busybox)) {
+  const applets = busyboxApplets(busybox);
+  for (const applet of applets) {
     if (taken.has(applet)) continue;
     taken.add(applet);
     inputs.push({ type: 'symlink', path: applet, target: '/bin/busybox' });
@@ -461,23 +603,56 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const sortedNames = [...included].sort();
   const modules: Record<string, ManifestModule> = {};
   const depLines: string[] = [];
+  // Each compressed module stays as shipped when the kernel or a program in the image can
+  // decompress it at boot; otherwise it is decompressed here (e.g. .ko.zst on a kernel
+  // without MODULE_DECOMPRESS and without the zstd program in the image).
+  const kernelFormats = new Set(options.kernelDecompresses ?? kernelModuleDecompression(config));
+  const appletNames = new Set(applets.map((a) => path.basename(a)));
+  const decompressors: Partial<Record<ModuleCompression, string[]>> = {};
+  const moduleLoading: Partial<Record<ModuleCompression, string>> = {};
+  const unpackedHere = new Set<ModuleCompression>();
+  const compressedInputs: CpioInput[] = [];
+  const imageRel = new Map<string, string>();
   for (const name of sortedNames) {
     const rel = index.files.get(name)!;
-    const plainRel = rel.replace(/\.ko\.(xz|zst|gz)$/, '.ko');
-    inputs.push({ type: 'file', path: `${modRoot}/${plainRel}`, data: readModuleFile(path.join(modulesDir, rel)), mode: 0o644 });
+    const format = moduleFileCompression(rel);
+    let keep = false;
+    if (options.unpackModules) {
+      /* every module plain, in the main archive */
+    } else if (format && kernelFormats.has(format)) {
+      keep = true;
+      moduleLoading[format] = 'kernel';
+    } else if (format) {
+      const argv = moduleDecompressor(format, appletNames, tools);
+      if (argv) {
+        keep = true;
+        decompressors[format] = argv;
+        moduleLoading[format] = argv.join(' ');
+      } else unpackedHere.add(format);
+    }
+    imageRel.set(name, keep ? rel : rel.replace(/\.ko\.(xz|zst|gz)$/, '.ko'));
+    const file = path.join(modulesDir, rel);
+    if (keep) compressedInputs.push({ type: 'file', path: `${modRoot}/${rel}`, data: readFileSync(file), mode: 0o644 });
+    else inputs.push({ type: 'file', path: `${modRoot}/${imageRel.get(name)!}`, data: readModuleFile(file), mode: 0o644 });
+  }
+  for (const format of options.unpackModules ? [] : unpackedHere) {
+    selection.notes.push(`.ko.${format} modules were decompressed at build time: kernel ${index.release} cannot decompress them (${configFile ? `${configFile} has no CONFIG_MODULE_DECOMPRESS for ${format}` : 'no kernel config found'}) and the image has no program for it${format === 'zst' ? ' (--with zstd adds one)' : ''}`);
+  }
+  if (!configFile && Object.keys(decompressors).length > 0) selection.notes.push(`no config-${index.release} found (beside the kernel or in /boot): compressed modules are decompressed by busybox at boot, which works on any kernel`);
+  for (const name of sortedNames) {
     const deps = hardDepsInLoadOrder(index, name);
     const soft = index.softdeps.get(name) ?? { pre: [], post: [] };
     const resolveSoft = (list: string[]) => [...new Set(list.flatMap((s) => resolveName(index, s)))].filter((m) => included.has(m) && m !== name);
     modules[name] = {
       name,
-      path: `/${modRoot}/${plainRel}`,
+      path: `/${modRoot}/${imageRel.get(name)!}`,
       deps,
       softPre: [...new Set([...resolveSoft(soft.pre), ...(Object.hasOwn(charsets, name) ? charsets[name] : []).filter((m) => included.has(m))])],
       softPost: resolveSoft(soft.post),
       options: index.options.get(name) ?? '',
-      compression: '',
+      compression: moduleFileCompression(imageRel.get(name)!),
     };
-    depLines.push(`${plainRel}: ${deps.slice().reverse().map((d) => index.files.get(d)!.replace(/\.ko\.(xz|zst|gz)$/, '.ko')).join(' ')}`.trimEnd() + '\n');
+    depLines.push(`${imageRel.get(name)!}: ${deps.slice().reverse().map((d) => imageRel.get(d)!).join(' ')}`.trimEnd() + '\n');
   }
 
   const aliasMap = new Map<string, Set<string>>();
@@ -506,6 +681,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
       compression,
       modulesDir,
       addedModules: (options.addModules ?? []).map(moduleKey),
+      ...(hostonly ? { hostonly } : {}),
     },
     modules,
     aliases,
@@ -514,6 +690,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     preload,
     filesystems: filesystemTable(index, included),
     tools: manifestTools,
+    ...(Object.keys(decompressors).length > 0 ? { decompressors } : {}),
   };
   inputs.push({ type: 'file', path: MANIFEST_PATH, data: new TextEncoder().encode(JSON.stringify(manifest) + '\n') });
   inputs.push({ type: 'file', path: `${modRoot}/modules.dep`, data: new TextEncoder().encode(depLines.join('')) });
@@ -524,11 +701,35 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   inputs.push({ type: 'file', path: 'etc/initrd-release', data: new TextEncoder().encode(release_) });
 
   const cpio = writeCpio(inputs, { mtime });
-  const image = compress(cpio, compression, options.level);
-  const files = readCpio(cpio).length;
+  const packed = compress(cpio, compression, options.level);
+  const modulesCpio = compressedInputs.length > 0 ? writeCpio(compressedInputs, { mtime }) : new Uint8Array(0);
+  const modulesOffset = modulesCpio.length > 0 ? (packed.length + 3) & ~3 : packed.length;
+  let image = packed;
+  if (modulesCpio.length > 0) {
+    // The compressed archive, zeros up to a 4-byte boundary (the kernel skips them and
+    // reads the next header there), then the uncompressed modules archive.
+    image = new Uint8Array(modulesOffset + modulesCpio.length);
+    image.set(packed, 0);
+    image.set(modulesCpio, modulesOffset);
+  }
+  const files = readCpio(cpio).length + (modulesCpio.length > 0 ? readCpio(modulesCpio).length : 0);
+  const moduleFiles = new Set(Object.values(modules).map((m) => m.path.slice(1)));
+  const parts: MkinitramfsPart[] = [];
+  for (const [list, kept] of [[inputs, false], [compressedInputs, true]] as const) {
+    for (const input of list) {
+      if (input.type !== 'file') continue;
+      const p = input.path.replace(/^\/+/, '');
+      const tool = toolOf.get(p);
+      const part: MkinitramfsPart['part'] = p === 'init' ? 'init' : p === 'bin/busybox' ? 'busybox' : tool ? 'tools' : moduleFiles.has(p) ? (kept ? 'modules-compressed' : 'modules') : p === MANIFEST_PATH.slice(1) || p.startsWith(`${modRoot}/modules.`) ? 'manifest' : 'other';
+      parts.push({ path: p, bytes: input.data.length, part, ...(tool ? { tool } : {}) });
+    }
+  }
   return {
     image,
     cpio,
+    modulesCpio,
+    packedLength: packed.length,
+    modulesOffset,
     manifest,
     compression,
     files,
@@ -536,6 +737,9 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     notes: selection.notes,
     tools,
     defaultTools: chosenDefaults,
+    kernelConfig: configFile,
+    parts,
+    moduleLoading,
     milliseconds: performance.now() - started,
   };
 }
@@ -552,5 +756,7 @@ export function summary(output: string, r: MkinitramfsResult): string {
   const mib = (n: number) => `${(n / 1048576).toFixed(2)} MiB`;
   // the reason in short: the notes say it in full
   const tools = r.tools.length ? `, with ${r.tools.map((t) => (t in r.defaultTools ? `${t} (by default: ${r.defaultTools[t]!.split(',')[0]})` : t)).join(', ')}` : '';
-  return `${output}: ${mib(r.image.length)} (${r.compression}; ${mib(r.cpio.length)} unpacked), ${r.files} files, ${r.modules} modules for kernel ${r.manifest.kernelRelease}${tools}, ${(r.milliseconds / 1000).toFixed(2)} s`;
+  const kept = Object.entries(r.moduleLoading).map(([f, how]) => `.ko.${f} kept compressed (${how === 'kernel' ? 'the kernel decompresses them' : `decompressed at boot by ${how}`})`);
+  const modules = kept.length ? `, ${kept.join(', ')} in ${mib(r.modulesCpio.length)} appended uncompressed` : '';
+  return `${output}: ${mib(r.image.length)} (${r.compression}; ${mib(r.cpio.length + r.modulesCpio.length)} unpacked), ${r.files} files, ${r.modules} modules for kernel ${r.manifest.kernelRelease}${tools}${modules}, ${(r.milliseconds / 1000).toFixed(2)} s`;
 }

@@ -88,6 +88,7 @@ export class DeviceScanner {
     } catch (e) {
       this.log.debug(`probing ${path}: ${(e as Error).message}`);
       if (isSysError(e)) complete = false; // not readable yet; content a probe rejects is final
+      if (isSysError(e, 'ENXIO')) info.notReady = true;
     }
     return { info, complete };
   }

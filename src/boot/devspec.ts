@@ -32,6 +32,12 @@ export interface BlockDeviceInfo {
   partlabel?: string;
   /** "gpt" / "mbr" for a whole disk with a table */
   table?: string;
+  /**
+   * Listed in /sys but its node refused to open (ENXIO): the kernel registers a disk in
+   * sysfs a moment before it can be opened (6.12's virtio_blk, seen under emulation). It is
+   * no match for any spec until a later scan reads it.
+   */
+  notReady?: boolean;
 }
 
 const PREFIXES: [string, DeviceSpec['by']][] = [

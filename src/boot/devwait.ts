@@ -21,7 +21,8 @@ export function waitForDevice(ctx: InitContext, spec: DeviceSpec, what: string):
   let nextNote = start + 5000;
   for (;;) {
     const devices = ctx.devices.scan();
-    const matches = devices.filter((d) => deviceMatches(spec, d));
+    // a device that cannot be opened yet is no match: its filesystem is still unknown
+    const matches = devices.filter((d) => !d.notReady && deviceMatches(spec, d));
     if (matches.length > 0) {
       if (matches.length > 1) log.warn(`${formatDeviceSpec(spec)} matches ${matches.map((d) => d.path).join(', ')}; using ${matches[0]!.path}`);
       log.info(`found ${what} ${formatDeviceSpec(spec)} at ${matches[0]!.path} (${matches[0]!.fsType ?? 'no filesystem'}) after ${((sys.monotonicMs() - start) / 1000).toFixed(2)} s`);

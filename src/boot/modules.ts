@@ -4,8 +4,8 @@
  * uevents for devices that appear later, such as USB disks), and loading by name
  * (filesystems, which the kernel would otherwise ask modprobe for).
  */
-import { findModule, isBuiltin, loadOrder, loadWaves, matchModalias, moduleForFilesystem, type InitramfsManifest } from '../formats/manifest.ts';
-import { isSysError, O, type Sys } from '../sys/sys.ts';
+import { findModule, isBuiltin, loadOrder, loadWaves, matchModalias, moduleForFilesystem, type InitramfsManifest, type ManifestModule } from '../formats/manifest.ts';
+import { isSysError, MFD, MODULE_INIT, O, type Sys } from '../sys/sys.ts';
 import type { ConsoleLog } from './console.ts';
 import { readTextOr } from './fsutil.ts';
 
@@ -23,6 +23,49 @@ interface ForkingSys extends Sys {
 
 function canFork(sys: Sys): sys is ForkingSys {
   return typeof (sys as Partial<ForkingSys>).fork === 'function' && typeof (sys as Partial<ForkingSys>)._exit === 'function';
+}
+
+/** A module's file ready for finit_module: the fd to load and the flags to load it with. */
+export interface ModuleFile {
+  fd: number;
+  flags: number;
+}
+
+/** The program the manifest names to decompress `mod` at boot, or undefined (plain, or the kernel decompresses it). */
+export function moduleDecompressor(manifest: InitramfsManifest, mod: ManifestModule): string[] | undefined {
+  if (!mod.compression) return undefined;
+  const argv = manifest.decompressors?.[mod.compression];
+  return argv && argv.length > 0 ? argv : undefined;
+}
+
+/**
+ * Opens `mod` for finit_module; the caller closes the fd.
+ *  - a plain .ko: the file, flags 0;
+ *  - a compressed one the kernel decompresses (CONFIG_MODULE_DECOMPRESS): the file as it
+ *    is, with MODULE_INIT_COMPRESSED_FILE;
+ *  - otherwise the manifest's program (busybox xzcat) decompresses it natively, file on its
+ *    stdin, a memfd on its stdout; never in the interpreter. The kernel refuses to load a
+ *    file someone holds open for writing (ETXTBSY), so the memfd is reopened read-only
+ *    through /proc/self/fd and the writable fd closed before the load.
+ */
+export function openModuleFile(sys: Sys, manifest: InitramfsManifest, mod: ManifestModule): ModuleFile {
+  const argv = moduleDecompressor(manifest, mod);
+  if (!argv) {
+    const fd = sys.open(mod.path, O.RDONLY | O.CLOEXEC);
+    return { fd, flags: mod.compression ? MODULE_INIT.COMPRESSED_FILE : 0 };
+  }
+  const source = sys.open(mod.path, O.RDONLY | O.CLOEXEC);
+  let memfd = -1;
+  try {
+    memfd = sys.memfdCreate(mod.name, MFD.CLOEXEC);
+    const pid = sys.spawn(argv[0]!, argv, [], { stdio: [source, memfd, 2] });
+    const r = sys.waitpid(pid, 0);
+    if (r.exitCode !== 0) throw new Error(`${argv.join(' ')} could not decompress ${mod.path} (${r.termSignal ? `killed by signal ${r.termSignal}` : `exit status ${r.exitCode}`})`);
+    return { fd: sys.open(`/proc/self/fd/${memfd}`, O.RDONLY | O.CLOEXEC), flags: 0 };
+  } finally {
+    sys.close(source);
+    if (memfd >= 0) sys.close(memfd);
+  }
 }
 
 export class ModuleLoader {
@@ -80,8 +123,8 @@ export class ModuleLoader {
         for (let i = w; i < wave.length; i += workers) {
           try {
             const mod = this.manifest.modules[wave[i]!]!;
-            const fd = sys.open(mod.path, O.RDONLY | O.CLOEXEC);
-            sys.finitModule(fd, mod.options, mod.compression ? 4 : 0);
+            const file = openModuleFile(sys, this.manifest, mod);
+            sys.finitModule(file.fd, mod.options, file.flags);
           } catch { /* the parent's pass reports it */ }
         }
         sys._exit(0);
@@ -105,12 +148,18 @@ export class ModuleLoader {
         continue;
       }
       try {
-        const fd = this.sys.open(mod.path, O.RDONLY | O.CLOEXEC);
+        // A module a parallel child already loaded is not decompressed a second time just
+        // to learn EEXIST.
+        if (moduleDecompressor(this.manifest, mod) && this.isLoadedInKernel(name)) {
+          this.loaded.add(name);
+          report.loaded.push(name);
+          continue;
+        }
+        const file = openModuleFile(this.sys, this.manifest, mod);
         try {
-          // MODULE_INIT_COMPRESSED_FILE (4) lets the kernel decompress .ko.xz/.ko.zst itself.
-          this.sys.finitModule(fd, mod.options, mod.compression ? 4 : 0);
+          this.sys.finitModule(file.fd, mod.options, file.flags);
         } finally {
-          this.sys.close(fd);
+          this.sys.close(file.fd);
         }
         this.loaded.add(name);
         report.loaded.push(name);
@@ -130,11 +179,40 @@ export class ModuleLoader {
     return report;
   }
 
+  /** Whether the kernel has the module loaded (or loading): /sys/module/NAME/initstate exists. */
+  private isLoadedInKernel(name: string): boolean {
+    try {
+      this.sys.stat(`/sys/module/${name}/initstate`);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
   /** Modules for one device modalias (each alias handled once). */
   modulesForAlias(modalias: string): string[] {
     if (this.seenAliases.has(modalias)) return [];
     this.seenAliases.add(modalias);
-    return matchModalias(this.manifest, modalias).filter((m) => !this.loaded.has(m));
+    const found = matchModalias(this.manifest, modalias);
+    if (found.length === 0) this.warnIfLeftOut(modalias);
+    return found.filter((m) => !this.loaded.has(m));
+  }
+
+  private leftOutTable: InitramfsManifest | undefined;
+
+  /**
+   * An initramfs built --hostonly on another machine may lack this device's storage driver:
+   * when the device matches a driver the universal set has and this image left out, the
+   * console names the device and the module, so a root that never appears is explained.
+   */
+  private warnIfLeftOut(modalias: string): void {
+    const hostonly = this.manifest.build.hostonly;
+    if (!hostonly || !Array.isArray(hostonly.leftOut) || hostonly.leftOut.length === 0) return;
+    this.leftOutTable ??= { ...this.manifest, modules: {}, aliases: hostonly.leftOut, aliasIndex: undefined };
+    const needed = matchModalias(this.leftOutTable, modalias);
+    if (needed.length === 0) return;
+    const built = Object.entries(hostonly.storage).map(([d, m]) => `${d}: ${m.join(', ') || 'built-in'}`).join('; ');
+    this.log.warn(`no driver in this initramfs for the storage device ${modalias}: it needs ${needed.join(', ')}, which --hostonly left out (built for ${built || 'a machine without disks'}); build the initramfs without --hostonly, or with --add-module ${needed[0]}`);
   }
 
   /** Every modalias of every device on every bus now (the coldplug pass). */

@@ -9,12 +9,13 @@ import { walkArgs } from './args.ts';
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
                   [--add-module NAME]... [--omit-module NAME]...
                   [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--without ntfs-3g]
-                  [--modules-dir DIR] [--init FILE] [--busybox FILE]
+                  [--hostonly [--root SPEC]] [--modules-dir DIR] [--init FILE] [--busybox FILE]
 
 Builds an initramfs whose /init is vdboot, with the kernel modules to reach a root on
 virtio, SCSI, SATA/AHCI, NVMe, USB and SD storage, the usual filesystems, device-mapper,
-loop, nbd and fuse, and busybox for the rescue shell. On a kernel without ntfs3 it also
-includes ntfs-3g (when this machine has it), so NTFS hosts can be written at boot.
+loop, nbd and fuse, and busybox for the rescue shell. It also includes ntfs-3g (when this
+machine has it), so NTFS hosts and sparse image files on them can be written at boot.
+Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompressed.
 
   --kernel VERSION|VMLINUZ  the kernel (default: the running one, else the newest in /lib/modules)
   -o, --output FILE         where to write (default: ./initramfs-vdboot-VERSION.img)
@@ -28,6 +29,11 @@ includes ntfs-3g (when this machine has it), so NTFS hosts can be written at boo
                             archives in those compressions unpack at C speed); repeatable
   --without ntfs-3g         leave out a program included by default (ntfs-3g on kernels without ntfs3:
                             NTFS hosts are then reached read-only by vdboot's direct path alone)
+  --hostonly                only this machine's storage drivers (each disk's driver chain in /sys) and
+                            the filesystems of its mounted disks, instead of the universal set; a boot
+                            on hardware that needs a driver left out names the device and the module
+  --root SPEC               with --hostonly: the root as on the kernel command line (UUID=…, /dev/…,
+                            vdisk:HOST:PATH); its filesystem (the host's, for vdisk:) is included too
   --modules-dir DIR         read modules from DIR instead of /lib/modules/VERSION
   --init FILE               the static /init host to include (default: build/init of this checkout)
   --busybox FILE            the static busybox to include (default: /bin/busybox)
@@ -37,6 +43,7 @@ SOURCE_DATE_EPOCH sets every timestamp; the same inputs give the same bytes.`;
 export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOptions; output?: string } {
   const options: MkinitramfsOptions = { addModules: [] };
   let output: string | undefined;
+  let rootSpec: string | undefined;
   walkArgs(args, (flag, value, arg) => {
     switch (flag) {
       case '--kernel':
@@ -87,10 +94,20 @@ export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOpti
       case '--modules-dir':
         options.modulesDir = value();
         break;
+      case '--hostonly':
+        options.hostonly = { ...options.hostonly };
+        break;
+      case '--root':
+        rootSpec = value();
+        break;
       default:
         throw new ModuleError(`unknown argument "${arg}"; see vdboot mkinitramfs --help`);
     }
   }, (flag) => new ModuleError(`${flag} needs a value; see vdboot mkinitramfs --help`));
+  if (rootSpec !== undefined) {
+    if (!options.hostonly) throw new ModuleError('--root SPEC goes with --hostonly (the universal image reaches any root)');
+    options.hostonly.root = rootSpec;
+  }
   return { options, output };
 }
 

@@ -50,6 +50,14 @@ export interface InitramfsManifest {
   filesystems: Record<string, string>;
   /** Programs in the initramfs, as absolute paths inside it. */
   tools: ManifestTools;
+  /**
+   * For a kernel that cannot decompress modules itself (no CONFIG_MODULE_DECOMPRESS, or not
+   * for this format): per compression, the argv of a program in the initramfs that writes
+   * the decompressed module from stdin to stdout (`["/bin/busybox", "xzcat"]`). The init
+   * runs it into a memfd and loads that. A compressed module whose format has no entry
+   * here goes to the kernel as it is, with MODULE_INIT_COMPRESSED_FILE. Absent: none.
+   */
+  decompressors?: Partial<Record<Exclude<ManifestModule['compression'], ''>, string[]>>;
 }
 
 export interface ManifestAliasIndex {
@@ -70,6 +78,22 @@ export interface ManifestBuildInfo {
   modulesDir: string;
   /** Names given with --add-module, canonical. */
   addedModules: string[];
+  /** Present when built with --hostonly: what the build machine needed, and what was left out. */
+  hostonly?: ManifestHostonly;
+}
+
+export interface ManifestHostonly {
+  /** The build machine's block devices and the storage modules each one's device chain had bound ("sda": ["sd_mod", "ahci"]). */
+  storage: Record<string, string[]>;
+  /** The filesystem types included (the machine's mounted ones and the --root device's). */
+  filesystems: string[];
+  /** The --root spec given, if any. */
+  root?: string;
+  /**
+   * The modalias patterns of the universal set's storage drivers this image left out, with
+   * their modules: a device that matches one at boot is named in a warning, with the module.
+   */
+  leftOut: Array<[pattern: string, modules: string[]]>;
 }
 
 export interface ManifestModule {
@@ -89,8 +113,10 @@ export interface ManifestModule {
   /** Module parameters for finit_module ("" for none), from modprobe.d `options`. */
   options: string;
   /**
-   * How the file is compressed: "" for a plain .ko. A compressed module needs
-   * finit_module's MODULE_INIT_COMPRESSED_FILE flag and kernel support for it.
+   * How the file is compressed: "" for a plain .ko (`path` ends in .ko), else as shipped
+   * (`path` ends in .ko.xz, .ko.zst, .ko.gz). The kernel decompresses it itself
+   * (finit_module's MODULE_INIT_COMPRESSED_FILE, CONFIG_MODULE_DECOMPRESS) unless
+   * `decompressors` names a program for the format.
    */
   compression: '' | 'xz' | 'zst' | 'gz';
 }
@@ -378,5 +404,12 @@ export function validateManifest(value: unknown): string[] {
   if (!Array.isArray(m.preload)) problems.push('preload is missing');
   if (typeof m.filesystems !== 'object' || m.filesystems === null) problems.push('filesystems is missing');
   if (typeof m.tools !== 'object' || m.tools === null || typeof m.tools.busybox !== 'string') problems.push('tools.busybox is missing');
+  if (m.decompressors !== undefined) {
+    if (typeof m.decompressors !== 'object' || m.decompressors === null) problems.push('decompressors is not an object');
+    else
+      for (const [format, argv] of Object.entries(m.decompressors)) {
+        if (!Array.isArray(argv) || argv.length === 0 || !argv.every((a) => typeof a === 'string')) problems.push(`decompressors.${format} is not a program's argv`);
+      }
+  }
   return problems;
 }

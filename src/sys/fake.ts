@@ -27,6 +27,8 @@ export interface FakeDisk {
   needsModule?: string;
   /** appears this many simulated ms after its module loaded (a USB disk) */
   appearsAfterMs?: number;
+  /** its node refuses to open (ENXIO) for this many simulated ms after it appeared, as 6.12's virtio_blk under emulation */
+  openableAfterMs?: number;
   /** the filesystem tree a mount of this disk (or of a partition by name) shows */
   trees?: Record<string, FakeTree>;
 }
@@ -46,6 +48,18 @@ export interface FakeMachine {
   shellExits?: number;
   /** modules whose finit_module fails, with the errno name */
   moduleErrors?: Record<string, string>;
+  /**
+   * The module compressions finit_module decompresses with MODULE_INIT_COMPRESSED_FILE
+   * (CONFIG_MODULE_DECOMPRESS and the format it was built for); default none. As the real
+   * kernel: that flag on a kernel without it is EOPNOTSUPP, on another format or a plain
+   * module EINVAL; a compressed module without it is ENOEXEC (no ELF header).
+   */
+  moduleDecompress?: Array<'xz' | 'zst' | 'gz'>;
+  /**
+   * Programs a spawn with `stdio` runs, by name (busybox's applet when the path is
+   * busybox): stdin's bytes in, stdout's bytes and the exit status out.
+   */
+  programs?: Record<string, (stdin: Uint8Array, argv: string[]) => { stdout: Uint8Array; exitCode: number }>;
   /**
    * The filesystem tree a mount of a device-mapper device shows, by dm name ("vdisk0p2",
    * "vdhost"). The mount also checks that the device's bytes start with an ext or NTFS
@@ -112,7 +126,7 @@ interface OpenFile {
   pos: number;
 }
 
-const ERRNO: Record<string, number> = { ENXIO: 6, EACCES: 13, ENOTTY: 25,  ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10 };
+const ERRNO: Record<string, number> = { ETXTBSY: 26, EOPNOTSUPP: 95, ENOEXEC: 8, ENXIO: 6, EACCES: 13, ENOTTY: 25,  ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10 };
 
 function fail(code: string, call: string): never {
   throw new SysError(code, ERRNO[code] ?? 0, call);
@@ -133,6 +147,8 @@ const enc = (s: string): Uint8Array => {
 export interface FakeEvents {
   mounts: { source: string; target: string; fstype: string; flags: number; data: string }[];
   modules: string[];
+  /** every finit_module that loaded a module: its flags, and what the fd was (a file in the tree, or a memfd) */
+  moduleLoads: { name: string; flags: number; from: 'file' | 'memfd'; bytes: Uint8Array }[];
   spawns: { path: string; argv: string[] }[];
   /** the exec that ended the simulation, and the device whose filesystem was / then */
   exec?: { path: string; argv: string[]; envp: string[]; rootDevice: string };
@@ -148,7 +164,7 @@ export interface FakeEvents {
 let fsCounter = 1;
 
 export class FakeKernel implements Sys {
-  readonly events: FakeEvents = { mounts: [], modules: [], spawns: [], dm: [], loops: [], umounts: [] };
+  readonly events: FakeEvents = { mounts: [], modules: [], moduleLoads: [], spawns: [], dm: [], loops: [], umounts: [] };
   private readonly consoleBytes: number[] = [];
 
   /** Everything written to the console (fds 1 and 2), as text. */
@@ -167,6 +183,8 @@ export class FakeKernel implements Sys {
   private readonly fds = new Map<number, OpenFile>();
   private nextFd = 3;
   private shellRuns = 0;
+  /** exit statuses of programs that ran to completion at their spawn (waitpid returns them) */
+  private readonly finished = new Map<number, number>();
   private readonly loadedAt = new Map<string, number>();
   private readonly pending: string[] = [];
   private readonly ueventFds = new Set<number>();
@@ -363,9 +381,18 @@ export class FakeKernel implements Sys {
   // ---------------------------------------------------------------- Sys: files
 
   open(path: string, flags: number, mode = 0o644): number {
+    // /proc/self/fd/N opens the file behind fd N anew, as Linux does (a memfd included)
+    const self = /^\/proc\/self\/fd\/(\d+)$/.exec(path);
+    const behind = self ? this.fds.get(Number(self[1])) : undefined;
+    if (behind) {
+      const fd = this.nextFd++;
+      this.fds.set(fd, { node: behind.node, path: behind.path, flags, pos: 0 });
+      return fd;
+    }
     let node: Node;
     try {
       node = this.lookup(path);
+      if (node.kind === 'blk') this.checkOpenable(node.major, node.minor, path);
     } catch (e) {
       if (!(flags & 0o100)) throw e;
       const { dir, name } = this.parentAndName(path);
@@ -375,6 +402,15 @@ export class FakeKernel implements Sys {
     const fd = this.nextFd++;
     this.fds.set(fd, { node, path: this.abs(path), flags, pos: 0 });
     return fd;
+  }
+
+  /** ENXIO while a disk (or one of its partitions) is listed but not yet openable (FakeDisk.openableAfterMs). */
+  private checkOpenable(major: number, _minor: number, path: string): void {
+    for (const d of this.machine.disks) {
+      if (d.major !== major || !d.openableAfterMs || !d.needsModule) continue;
+      const at = this.loadedAt.get(d.needsModule);
+      if (at !== undefined && this.clock < at + (d.appearsAfterMs ?? 0) + d.openableAfterMs) fail('ENXIO', `open ${path}`);
+    }
   }
 
   close(fd: number): void {
@@ -886,14 +922,30 @@ export class FakeKernel implements Sys {
 
   // ---------------------------------------------------------------- Sys: modules, processes
 
-  finitModule(fd: number, _params: string, _flags: number): void {
+  memfdCreate(name: string, _flags: number): number {
+    const fd = this.nextFd++;
+    this.fds.set(fd, { node: { kind: 'file', mode: S.IFREG | 0o777, fs: 0, data: new Uint8Array(0) }, path: `/memfd:${name}`, flags: 2 /* O_RDWR */, pos: 0 });
+    return fd;
+  }
+
+  finitModule(fd: number, _params: string, flags: number): void {
     const f = this.fds.get(fd) ?? fail('EBADF', 'finit_module');
-    const name = (f.path.split('/').pop() ?? '').replace(/\.ko(\..*)?$/, '').replace(/-/g, '_');
+    const name = (f.path.split('/').pop() ?? '').replace(/^memfd:/, '').replace(/\.ko(\..*)?$/, '').replace(/-/g, '_');
+    if (f.node.kind !== 'file') fail('EINVAL', `finit_module ${name}`);
+    // kernel_read_file: deny_write_access fails while any fd has the file open for writing
+    for (const o of this.fds.values()) if (o.node === f.node && (o.flags & 3) !== 0) fail('ETXTBSY', `finit_module ${name}`);
+    const bytes = typeof f.node.data === 'function' ? f.node.data() : f.node.data;
+    const format = compressionMagic(bytes);
+    if (flags & 4) {
+      if (!(this.machine.moduleDecompress ?? []).length) fail('EOPNOTSUPP', `finit_module ${name}`);
+      if (!format || !this.machine.moduleDecompress!.includes(format)) fail('EINVAL', `finit_module ${name}`);
+    } else if (format) fail('ENOEXEC', `finit_module ${name}`);
     if (this.loadedAt.has(name)) fail('EEXIST', `finit_module ${name}`);
     const err = this.machine.moduleErrors?.[name];
     if (err) fail(err, `finit_module ${name}`);
     this.loadedAt.set(name, this.clock);
     this.events.modules.push(name);
+    this.events.moduleLoads.push({ name, flags, from: f.path.startsWith('/memfd:') ? 'memfd' : 'file', bytes });
     for (const d of this.machine.disks) if (d.needsModule === name) this.pending.push(`add@/devices/virtual/block/${d.name}\0ACTION=add\0SUBSYSTEM=block\0DEVNAME=${d.name}\0`);
   }
 
@@ -907,14 +959,32 @@ export class FakeKernel implements Sys {
     throw new SimulationEnd('exec', path);
   }
 
-  spawn(path: string, argv: string[], _envp: string[]): number {
+  spawn(path: string, argv: string[], _envp: string[], opts?: { stdio?: [number, number, number] }): number {
     const node = this.lookup(path);
     if (node.kind !== 'file') fail('ENOENT', `spawn ${path}`);
     this.events.spawns.push({ path, argv });
-    return 100 + this.events.spawns.length;
+    const pid = 100 + this.events.spawns.length;
+    const base = path.split('/').pop() ?? '';
+    const program = this.machine.programs?.[base === 'busybox' ? (argv[1] ?? '') : base];
+    if (program && opts?.stdio) {
+      // runs to completion now: stdin read from its position to the end, stdout written at its position
+      const [inFd, outFd] = opts.stdio;
+      const chunks: number[] = [];
+      const buf = new Uint8Array(65536);
+      for (let n; (n = this.read(inFd, buf)) > 0; ) for (let i = 0; i < n; i++) chunks.push(buf[i]!);
+      const r = program(Uint8Array.from(chunks), argv);
+      this.write(outFd, r.stdout);
+      this.finished.set(pid, r.exitCode);
+    }
+    return pid;
   }
 
   waitpid(pid: number, _flags: number): WaitResult {
+    const exitCode = this.finished.get(pid);
+    if (exitCode !== undefined) {
+      this.finished.delete(pid);
+      return { pid, status: exitCode << 8, exitCode, termSignal: 0 };
+    }
     this.shellRuns++;
     if (this.shellRuns > (this.machine.shellExits ?? 0)) throw new SimulationEnd('shell', `pid ${pid}`);
     return { pid, status: 0, exitCode: 0, termSignal: 0 };
@@ -962,6 +1032,15 @@ export class FakeKernel implements Sys {
     this.events.rebooted = cmd;
     throw new SimulationEnd('reboot', cmd.toString(16));
   }
+}
+
+/** The compression a module file's first bytes say (xz, zstd, gzip magic), or undefined. */
+function compressionMagic(b: Uint8Array): 'xz' | 'zst' | 'gz' | undefined {
+  const starts = (m: number[]) => m.every((v, i) => b[i] === v);
+  if (starts([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00])) return 'xz';
+  if (starts([0x28, 0xb5, 0x2f, 0xfd])) return 'zst';
+  if (starts([0x1f, 0x8b])) return 'gz';
+  return undefined;
 }
 
 function dmSectors(targets: FakeDmTarget[]): number {

@@ -89,6 +89,8 @@ declare module 'sys' {
   export function dup2(oldFd: number, newFd: number): number;
   /** pipe2(O_CLOEXEC): [readFd, writeFd] */
   export function pipe(): [number, number];
+  /** memfd_create(2): an anonymous in-memory file; flags MFD_CLOEXEC = 1. */
+  export function memfdCreate(name: string, flags?: number): number;
   /** umask(2): sets the mask, returns the previous one (the kernel starts init with 0o022). */
   export function umask(mask: number): number;
   /** setpriority(PRIO_PROCESS, 0, value): this process's nice value, -20 (first) to 19 (last). */

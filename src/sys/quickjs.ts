@@ -81,6 +81,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     chroot: native.chroot,
     pivotRoot: native.pivotRoot,
     finitModule: native.finitModule,
+    memfdCreate: native.memfdCreate,
     argv: () => native.args.slice(),
     getpid: native.getpid,
     execve: native.execve,

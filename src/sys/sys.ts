@@ -87,6 +87,12 @@ export const O = {
   CLOEXEC: 0o2000000,
 } as const;
 
+/** memfd_create(2) flags. */
+export const MFD = { CLOEXEC: 1 } as const;
+
+/** finit_module(2) flags. */
+export const MODULE_INIT = { IGNORE_MODVERSIONS: 1, IGNORE_VERMAGIC: 2, COMPRESSED_FILE: 4 } as const;
+
 /** mount(2) flags. */
 export const MS = {
   RDONLY: 1,
@@ -170,8 +176,10 @@ export interface Sys {
   pivotRoot(newRoot: string, putOld: string): void;
 
   // --- modules ---
-  /** finit_module(2) on an open module file. */
+  /** finit_module(2) on an open module file; flags MODULE_INIT_COMPRESSED_FILE (4): the kernel decompresses it. */
   finitModule(fd: number, params: string, flags: number): void;
+  /** memfd_create(2): an anonymous in-memory file, read and write (flags: MFD.CLOEXEC …). */
+  memfdCreate(name: string, flags: number): number;
 
   // --- processes ---
   /** This process's argv: for the init, what the kernel passed (argv[0] is "/init"). */

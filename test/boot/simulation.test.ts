@@ -3,11 +3,13 @@
  * command lines: it must reach the exec of the guest's init with the right root, or end
  * in the rescue shell with a message that says why.
  */
+import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { MS, REBOOT } from '../../src/sys/sys.ts';
+import type { InitramfsManifest } from '../../src/formats/manifest.ts';
+import { MODULE_INIT, MS, REBOOT } from '../../src/sys/sys.ts';
 import { runBundleInQuickJS } from './sim-harness.ts';
-import { buildGptDisk, PART_NAME, ROOT_LABEL, ROOT_UUID, simMachine, type BuiltDisk } from './sim-machine.ts';
+import { buildGptDisk, PART_NAME, ROOT_LABEL, ROOT_UUID, simInitramfs, simMachine, simManifest, type BuiltDisk } from './sim-machine.ts';
 
 let disk: BuiltDisk;
 
@@ -150,5 +152,56 @@ describe('simulation: failures end in the rescue shell with the reason', () => {
     const r = await boot('console=ttyS0');
     expect(r.end?.reason).toBe('shell');
     expect(r.kernel.consoleText).toMatch(/No root= on the kernel command line/);
+  });
+});
+
+describe('simulation: modules kept compressed (.ko.xz, as Debian 12\'s 6.12 ships them)', () => {
+  /** simManifest with every module at its .ko.xz path, and the initramfs holding real xz bytes. */
+  function xzMachine(cmdline: string, over: Parameters<typeof simMachine>[2], decompressors?: InitramfsManifest['decompressors']) {
+    const manifest = simManifest();
+    for (const m of Object.values(manifest.modules)) Object.assign(m, { path: `${m.path}.xz`, compression: 'xz' });
+    if (decompressors) manifest.decompressors = decompressors;
+    const initramfs = simInitramfs(manifest);
+    for (const m of Object.values(manifest.modules)) initramfs[m.path.slice(1)] = { bytes: new Uint8Array(execFileSync('xz', ['-c', '--check=crc32'], { input: `\x7fELF ${m.name}\n` })) };
+    return simMachine(cmdline, disk, { ...over, initramfs });
+  }
+
+  it('CONFIG_MODULE_DECOMPRESS: every module goes to finit_module as shipped, with MODULE_INIT_COMPRESSED_FILE', async () => {
+    const r = await boot('root=/dev/vda2', { ...xzMachine('root=/dev/vda2', {}), moduleDecompress: ['xz'] });
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    const loads = r.kernel.events.moduleLoads;
+    expect(loads.map((l) => l.name)).toEqual(expect.arrayContaining(['virtio_pci', 'virtio_blk', 'jbd2', 'ext4']));
+    for (const l of loads) expect(l, l.name).toMatchObject({ flags: MODULE_INIT.COMPRESSED_FILE, from: 'file' });
+    expect(r.kernel.events.spawns).toEqual([]);
+  });
+
+  it('without it: busybox xzcat decompresses each module loaded into a memfd, and the boot reaches the guest', async () => {
+    let runs = 0;
+    const xzcat = (stdin: Uint8Array) => {
+      runs++;
+      return { stdout: new Uint8Array(execFileSync('xz', ['-dc'], { input: stdin })), exitCode: 0 };
+    };
+    const m = xzMachine('root=/dev/vda2', { programs: { xzcat } }, { xz: ['/bin/busybox', 'xzcat'] });
+    const r = await boot('root=/dev/vda2', m);
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    const loads = r.kernel.events.moduleLoads;
+    for (const l of loads) {
+      expect(l, l.name).toMatchObject({ flags: 0, from: 'memfd' });
+      expect(new TextDecoder().decode(l.bytes)).toBe(`\x7fELF ${l.name}\n`);
+    }
+    expect(loads.map((l) => l.name)).not.toContain('usb_storage'); // only what this machine needs
+    expect(runs).toBe(loads.length);
+    expect(r.kernel.events.spawns.every((s) => s.argv.join(' ') === '/bin/busybox xzcat')).toBe(true);
+  });
+});
+
+describe('simulation: a disk listed in /sys before it can be opened', () => {
+  it('is not taken for the root until it opens (ENXIO at first, as 6.12\'s virtio_blk under emulation)', async () => {
+    const m = simMachine('root=/dev/vda2', disk);
+    m.disks[0]!.openableAfterMs = 700;
+    const r = await boot('root=/dev/vda2', m);
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    expect(r.kernel.consoleText).toMatch(/found root device \/dev\/vda2 at \/dev\/vda2 \(ext4\)/);
+    expect(rootMount(r)).toMatchObject({ source: '/dev/vda2', fstype: 'ext4' });
   });
 });

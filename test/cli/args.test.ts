@@ -17,5 +17,8 @@ describe('the argument walk the commands share', () => {
     expect(() => parseKitArgs(['--bogus'])).toThrow('unknown argument "--bogus"');
     expect(parseMkinitramfsArgs(['--kernel=6.1.0-56-amd64', '-o', 'out.img', '--with', 'zstd']).output).toBe('out.img');
     expect(() => parseMkinitramfsArgs(['-o'])).toThrow('-o needs a value; see vdboot mkinitramfs --help');
+    expect(parseMkinitramfsArgs(['--hostonly', '--root', 'vdisk:LABEL=Windows:/VMs/a.vhdx']).options.hostonly).toEqual({ root: 'vdisk:LABEL=Windows:/VMs/a.vhdx' });
+    expect(parseMkinitramfsArgs(['--hostonly']).options.hostonly).toEqual({});
+    expect(() => parseMkinitramfsArgs(['--root', 'UUID=1'])).toThrow('--root SPEC goes with --hostonly');
   });
 });

@@ -146,6 +146,7 @@ describe.concurrent('static /init host under QEMU', () => {
       n: 4, back: [3, 4, 5, 6], size: 50, mode: 0o600, nlink: 2, link: [12, 34], zero: [0, 0], entries: ['f', 'h2', 'zero'],
     });
     expect(r.spawnEcho).toEqual({ out: 'hello from busybox\n', exitCode: 0, samePid: true });
+    expect(r.memfd).toMatchObject({ exitCode: 0, out: 'into a memfd\n', link: '/memfd:selftest (deleted)', badName: { isSysError: false, name: 'TypeError' } });
     expect(r.spawnExit7).toBe(7);
     // The child sees its environment and only fds 0-2 (3 is ls's own directory fd).
     expect(r.spawnEnv).toEqual(['42', '0', '1', '2', '3']);

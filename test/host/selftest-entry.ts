@@ -110,6 +110,18 @@ check('spawnEcho', () => {
   const st = sys.waitpid(pid, 0);
   return { out, exitCode: st.exitCode, samePid: st.pid === pid };
 });
+check('memfd', () => {
+  // a program's stdout into a memfd, read back through a read-only reopen (how modules are decompressed for finit_module)
+  const mem = sys.memfdCreate('selftest', 1 /* MFD_CLOEXEC */);
+  const pid = sys.spawn('/bin/busybox', ['echo', 'into a memfd'], [], { stdio: [0, mem, 2] });
+  const exitCode = sys.waitpid(pid, 0).exitCode;
+  const link = sys.readlink(`/proc/self/fd/${mem}`);
+  const ro = sys.open(`/proc/self/fd/${mem}`, O.RDONLY | O.CLOEXEC);
+  sys.close(mem);
+  const out = readAll(ro);
+  sys.close(ro);
+  return { exitCode, out, link, badName: errorOf(() => (native.memfdCreate as (n: unknown) => number)(42)) };
+});
 check('spawnExit7', () => sys.waitpid(sys.spawn('/bin/sh', ['sh', '-c', 'exit 7'], []), 0).exitCode);
 check('spawnEnv', () => {
   const [r, w] = sys.pipe();

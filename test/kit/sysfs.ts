@@ -1,0 +1,62 @@
+/**
+ * The end-to-end kit's recorded machine: a sysfs tree and a mount table as a QEMU machine
+ * with an AHCI disk (sda, a partition sda1) and a virtio disk (vda) shows them, symlinks and
+ * all, plus a loop device; for `mkinitramfs --hostonly` tests, which read them instead of
+ * the build machine's.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+function tmpdir(): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-sysfs-'));
+}
+
+/** The sysfs tree: drivers bound along each disk's device chain, with the module links and modaliases the kernel writes. */
+export function recordedSysfs(): string {
+  const sys = path.join(tmpdir(), 'sys');
+  const mk = (p: string) => fs.mkdirSync(path.join(sys, p), { recursive: true });
+  const ln = (target: string, p: string) => fs.symlinkSync(path.join(sys, target), path.join(sys, p));
+  const write = (p: string, text: string) => fs.writeFileSync(path.join(sys, p), text);
+  for (const [bus, driver, module] of [['pci', 'ahci', 'ahci'], ['scsi', 'sd', 'sd_mod'], ['virtio', 'virtio_blk', 'virtio_blk'], ['pci', 'virtio-pci', 'virtio_pci']] as const) {
+    mk(`module/${module}`);
+    mk(`bus/${bus}/drivers/${driver}`);
+    ln(`module/${module}`, `bus/${bus}/drivers/${driver}/module`);
+  }
+  const ahci = 'devices/pci0000:00/0000:00:1f.2';
+  const scsiDisk = `${ahci}/ata1/host0/target0:0:0/0:0:0:0`;
+  mk(`${scsiDisk}/block/sda/sda1`);
+  write(`${ahci}/modalias`, 'pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01\n');
+  ln('bus/pci/drivers/ahci', `${ahci}/driver`);
+  ln('bus/scsi/drivers/sd', `${scsiDisk}/driver`);
+  write(`${scsiDisk}/block/sda/sda1/partition`, '1\n');
+  write(`${scsiDisk}/modalias`, 'scsi:t-0x00\n');
+  const virtio = 'devices/pci0000:00/0000:00:04.0';
+  mk(`${virtio}/virtio1/block/vda`);
+  ln('bus/pci/drivers/virtio-pci', `${virtio}/driver`);
+  ln('bus/virtio/drivers/virtio_blk', `${virtio}/virtio1/driver`);
+  write(`${virtio}/virtio1/modalias`, 'virtio:d00000002v00001AF4\n');
+  mk('devices/virtual/block/loop0');
+  mk('class/block');
+  ln(`${scsiDisk}/block/sda`, 'class/block/sda');
+  ln(`${scsiDisk}/block/sda/sda1`, 'class/block/sda1');
+  ln(`${virtio}/virtio1/block/vda`, 'class/block/vda');
+  ln('devices/virtual/block/loop0', 'class/block/loop0');
+  ln(scsiDisk, `${scsiDisk}/block/sda/device`);
+  ln(`${virtio}/virtio1`, `${virtio}/virtio1/block/vda/device`);
+  return sys;
+}
+
+/** The mount table: the ext4 root on vda1, an ntfs-3g host (fuseblk) on sda1 at /run/vdboot/host. */
+export function recordedMounts(): string {
+  const file = path.join(tmpdir(), 'mounts');
+  fs.writeFileSync(file, [
+    '/dev/vda1 / ext4 rw,relatime 0 0',
+    'proc /proc proc rw 0 0',
+    'tmpfs /run tmpfs rw 0 0',
+    '/dev/sda1 /run/vdboot/host fuseblk rw,user_id=0 0 0',
+    '',
+  ].join('\n'));
+  return file;
+}
+
