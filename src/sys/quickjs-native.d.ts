@@ -101,6 +101,8 @@ declare module 'sys' {
   export function uptimeSec(): number;
   export function sleepMs(ms: number): void;
   export function sync(): void;
+  /** kexec_file_load(kernelFd, initrdFd, strlen(cmdline) + 1, cmdline, flags); initrdFd -1 adds KEXEC_FILE_NO_INITRAMFS. */
+  export function kexecFileLoad(kernelFd: number, initrdFd: number, cmdline: string, flags?: number): void;
   export function reboot(cmd: number): never;
 
   /** Arguments joined by spaces, newline, to fd 1 (print) or fd 2 (printErr). */

@@ -93,6 +93,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     monotonicMs: native.monotonicMs,
     uptimeSec: native.uptimeSec,
     sleepMs: native.sleepMs,
+    kexecFileLoad: native.kexecFileLoad,
     sync: native.sync,
     reboot: native.reboot,
     fork: native.fork,
