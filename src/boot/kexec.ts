@@ -112,6 +112,9 @@ export function kexecRootKernel(ctx: InitContext, root: string): void {
     log.warn(`${what}. Booting on with the running kernel ${running}${missing}. To stop trying, add rd.vdboot.kexec=0`);
   };
 
+  // The coldplug child would compete for the CPU with the assembly below, for devices the
+  // next kernel finds again by itself; switch_root would stop it soon anyway.
+  ctx.modules.stopColdplug();
   let initrdPath: string;
   try {
     const kernelPath = `${root}${k.path}`;
@@ -133,7 +136,6 @@ export function kexecRootKernel(ctx: InitContext, root: string): void {
   }
 
   // From here on the root goes away: no way back to switch_root.
-  ctx.modules.stopColdplug();
   if (ctx.ueventFd >= 0) {
     try { sys.close(ctx.ueventFd); } catch { /* closed */ }
     ctx.ueventFd = -1;
@@ -210,7 +212,13 @@ const API_DIRS = new Set(['proc', 'sys', 'dev', 'run', 'root', 'tmp']);
  * (compressed modules stay compressed), and its manifest.
  */
 function assembleInitramfs(ctx: InitContext, root: string, release: string): { path: string; bytes: number; modules: number; missing: string[] } {
-  const { sys } = ctx;
+  const { sys, log } = ctx;
+  let t = sys.monotonicMs();
+  const lap = (what: string): void => {
+    const now = sys.monotonicMs();
+    log.debug(`kexec initramfs: ${what} in ${((now - t) / 1000).toFixed(2)} s`);
+    t = now;
+  };
   const modDir = `${root}/lib/modules/${release}`;
   const dep = parseModulesDep(readText(sys, `${modDir}/modules.dep`));
   const index: ModuleIndex = {
@@ -220,6 +228,7 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
     builtin: parseModulesBuiltin(readTextOr(sys, `${modDir}/modules.builtin`) ?? ''),
   };
   const made = manifestForKernel(index, readTextOr(sys, `${modDir}/modules.alias`) ?? '', readTextOr(sys, `${modDir}/modules.builtin.modinfo`) ?? '', ctx.manifest);
+  lap(`module index of ${release} read, ${made.files.length} modules chosen`);
   const compressed = made.files.find((f) => /\.ko\.(xz|zst|gz)$/.test(f.rel));
   if (compressed) {
     const config = readTextOr(sys, `${root}/boot/config-${release}`);
@@ -251,6 +260,7 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
     }
   };
   walk('');
+  lap(`this initramfs's ${inputs.length} files read`);
   // the nodes the kernel needs before devtmpfs: /dev is a mount now, its own nodes hidden
   inputs.push({ type: 'char', path: 'dev/console', major: 5, minor: 1, mode: 0o600 });
   inputs.push({ type: 'char', path: 'dev/null', major: 1, minor: 3, mode: 0o666 });
@@ -263,6 +273,7 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
     }
   }
 
+  lap('modules read');
   const cpio = writeCpio(inputs);
   mkdirs(sys, RUN_DIR);
   const path = `${RUN_DIR}/kexec-initrd.cpio`;
@@ -273,6 +284,7 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
   } finally {
     sys.close(fd);
   }
+  lap(`cpio written to ${path}`);
   return { path, bytes: cpio.length, modules: made.files.length, missing: made.missing };
 }
 

@@ -14,7 +14,7 @@ export interface ModuleIndex {
   /** canonical name → path relative to the modules directory (kernel/fs/ext4/ext4.ko.xz) */
   files: Map<string, string>;
   /** canonical name → its hard dependencies as modules.dep lists them (canonical names) */
-  depList: Map<string, string[]>;
+  depList: DepList;
   /** canonical name → softdep pre/post names as written */
   softdeps: Map<string, { pre: string[]; post: string[] }>;
   /** canonical names of the modules built into the kernel */
@@ -24,23 +24,50 @@ export interface ModuleIndex {
 /** The canonical module name of a path in modules.dep ("kernel/drivers/md/dm-mod.ko.xz" → "dm_mod"). */
 export function moduleNameOfPath(p: string): string {
   const base = p.slice(p.lastIndexOf('/') + 1);
-  return moduleKey(base.replace(/\.ko(\.(xz|zst|gz))?$/, ''));
+  const ko = base.lastIndexOf('.ko');
+  const name = ko > 0 && /^\.ko(\.(xz|zst|gz))?$/.test(base.slice(ko)) ? base.slice(0, ko) : base;
+  return name.indexOf('-') >= 0 ? moduleKey(name) : name;
+}
+
+/**
+ * modules.dep's dependency lists, each turned into names when first asked for: a kernel
+ * lists thousands of modules and the init wants the lists of a few dozen (the interpreter
+ * is slow under emulation, so the work not done counts).
+ */
+export class DepList {
+  private readonly parsed = new Map<string, string[]>();
+  constructor(private readonly raw: Map<string, string>) {}
+
+  get(name: string): string[] | undefined {
+    let deps = this.parsed.get(name);
+    if (deps) return deps;
+    const rest = this.raw.get(name);
+    if (rest === undefined) return undefined;
+    const text = rest.trim();
+    deps = text ? text.split(/\s+/).map(moduleNameOfPath) : [];
+    this.parsed.set(name, deps);
+    return deps;
+  }
+
+  has(name: string): boolean {
+    return this.raw.has(name);
+  }
 }
 
 /** modules.dep: "path: dep-path dep-path …" per line. */
 export function parseModulesDep(text: string): Pick<ModuleIndex, 'files' | 'depList'> {
   const files = new Map<string, string>();
-  const depList = new Map<string, string[]>();
-  for (const line of text.split('\n')) {
-    const colon = line.indexOf(':');
-    if (colon <= 0) continue;
-    const file = line.slice(0, colon).trim();
+  const raw = new Map<string, string>();
+  // one native regular-expression pass instead of a split and a loop over every line
+  const re = /^([^:\n]+):([^\n]*)/gm;
+  for (let m = re.exec(text); m; m = re.exec(text)) {
+    const file = m[1]!.trim();
+    if (!file) continue;
     const name = moduleNameOfPath(file);
     files.set(name, file);
-    const rest = line.slice(colon + 1).trim();
-    depList.set(name, rest ? rest.split(/\s+/).map(moduleNameOfPath) : []);
+    raw.set(name, m[2]!);
   }
-  return { files, depList };
+  return { files, depList: new DepList(raw) };
 }
 
 /**
@@ -48,8 +75,9 @@ export function parseModulesDep(text: string): Pick<ModuleIndex, 'files' | 'depL
  * module's canonical name before anything else is done with the line (the file has tens
  * of thousands of lines; the init wants the few that belong to its modules).
  */
-export function parseModulesAlias(text: string, keep?: (name: string) => boolean): Array<[pattern: string, module: string]> {
+export function parseModulesAlias(text: string, keep?: ((name: string) => boolean) | ReadonlySet<string>): Array<[pattern: string, module: string]> {
   const out: Array<[string, string]> = [];
+  const filter = keep instanceof Set ? (n: string) => keep.has(n) : (keep as ((name: string) => boolean) | undefined);
   for (const line of text.split('\n')) {
     if (!line.startsWith('alias ')) continue;
     const end = line.trimEnd();
@@ -57,7 +85,7 @@ export function parseModulesAlias(text: string, keep?: (name: string) => boolean
     if (sp <= 6) continue;
     const raw = end.slice(sp + 1);
     const name = raw.indexOf('-') >= 0 ? moduleKey(raw) : raw;
-    if (keep && !keep(name)) continue;
+    if (filter && !filter(name)) continue;
     const pattern = end.slice(6, sp).trim();
     if (pattern) out.push([pattern, name]);
   }
@@ -209,7 +237,7 @@ export function manifestForKernel(index: ModuleIndex, aliasText: string, builtin
   const grouped = new Map<string, Set<string>>();
   const fsTypes: Record<string, string> = {};
   for (const t of builtinFilesystems(builtinModinfo)) fsTypes[t] = '';
-  for (const [pattern, mod] of parseModulesAlias(aliasText, (n) => included.has(n))) {
+  for (const [pattern, mod] of parseModulesAlias(aliasText, included)) {
     let s = grouped.get(pattern);
     if (!s) grouped.set(pattern, (s = new Set()));
     s.add(mod);
@@ -244,7 +272,7 @@ export function manifestForKernel(index: ModuleIndex, aliasText: string, builtin
  * A module's hard dependencies in load order (each after its own dependencies), from
  * modules.dep's transitive lists walked from their end, as modprobe loads them.
  */
-export function hardDepsInLoadOrder(depList: Map<string, string[]>, name: string): string[] {
+export function hardDepsInLoadOrder(depList: Pick<DepList, 'get'>, name: string): string[] {
   const out: string[] = [];
   const seen = new Set<string>();
   const visit = (n: string, stack: Set<string>): void => {
