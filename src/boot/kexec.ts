@@ -64,9 +64,10 @@ export function decideKexec(setting: KexecSetting, running: string, kernels: rea
     return { jump: true, kernel: k, reason: `rd.vdboot.kexec=${setting.version} asks for it` };
   }
   const newest = usable[0];
-  if (!newest) {
-    return stay(kernels.length ? `none of the root's kernels (${listed}) has its modules in the root` : "the root has no kernel in /boot (vmlinuz-RELEASE)", kernels.length ? `install the modules of one of them (${listed})` : undefined);
-  }
+  // A root without kernels (a container-like root, or /boot on a partition of its own that
+  // is not mounted yet) is common and no mistake: said only with rd.vdboot.debug.
+  if (!newest && kernels.length === 0) return { jump: false, reason: 'the root has no kernel in /boot (vmlinuz-RELEASE)' };
+  if (!newest) return stay(`none of the root's kernels (${listed}) has its modules in the root`, `install the modules of one of them (${listed})`);
   if (newest.release === running) return stay(`the root's newest kernel ${newest.release} is the running one`);
   if (setting.mode === 'on') return { jump: true, kernel: newest, reason: `rd.vdboot.kexec=1 (running ${running})` };
   if (compareKernelReleases(newest.release, running) > 0) return { jump: true, kernel: newest, reason: `it is newer than the running ${running}` };

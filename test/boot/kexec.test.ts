@@ -72,8 +72,9 @@ describe('the kexec decision', () => {
     }
   });
 
-  it('no kernel in /boot, or none with modules: stay, saying so when modules are missing', () => {
-    expect(decideKexec(auto, RUNNING, [], true)).toMatchObject({ jump: false });
+  it('no kernel in /boot: stay without a word (a root without kernels is no mistake); kernels without modules: say so', () => {
+    expect(decideKexec(auto, RUNNING, [], true)).toEqual({ jump: false, reason: 'the root has no kernel in /boot (vmlinuz-RELEASE)' });
+    expect(decideKexec(auto, RUNNING, [], false)).toEqual({ jump: false, reason: 'the root has no kernel in /boot (vmlinuz-RELEASE)' });
     expect(decideKexec(auto, RUNNING, [k(NEW, false)], false)).toMatchObject({ jump: false, warning: expect.stringContaining(`install the modules of one of them (${NEW} (no modules))`) });
   });
 });
