@@ -152,10 +152,27 @@ export function kexecRootKernel(ctx: InitContext, root: string): void {
   }
 }
 
-/** This command line plus the marker (once), for the kernel started by kexec. */
+/**
+ * This command line plus the marker (once), for the kernel started by kexec. The marker
+ * goes before a lone `--`: what follows belongs to the init, and the kernel would pass the
+ * marker on to it instead of keeping it in the command line.
+ */
 export function kexecCmdline(current: string): string {
-  const words = current.trim();
-  return new RegExp(`(^|\\s)${KEXEC_MARKER.replace(/\./g, '\\.')}=`).test(words) ? words : `${words} ${KEXEC_MARKER}=1`.trim();
+  const text = current.replace(/[\r\n]+/g, ' ').trim();
+  let dashes = -1;
+  let inQuote = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === '"') inQuote = !inQuote;
+    else if (!inQuote && c === '-' && text[i + 1] === '-' && (i === 0 || text[i - 1] === ' ') && (i + 2 === text.length || text[i + 2] === ' ')) {
+      dashes = i;
+      break;
+    }
+  }
+  const params = dashes < 0 ? text : text.slice(0, dashes).trimEnd();
+  if (new RegExp(`(^|\\s)${KEXEC_MARKER.replace(/\./g, '\\.')}=`).test(params)) return text;
+  const marked = `${params} ${KEXEC_MARKER}=1`.trim();
+  return dashes < 0 ? marked : `${marked} ${text.slice(dashes)}`;
 }
 
 /** A damaged or foreign file is refused before anything else happens (kexec would say only ENOEXEC). */
@@ -265,7 +282,15 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
   // the nodes the kernel needs before devtmpfs: /dev is a mount now, its own nodes hidden
   inputs.push({ type: 'char', path: 'dev/console', major: 5, minor: 1, mode: 0o600 });
   inputs.push({ type: 'char', path: 'dev/null', major: 1, minor: 3, mode: 0o666 });
-  for (const f of made.files) inputs.push({ type: 'file', path: f.path, data: readFileBytes(sys, `${modDir}/${f.rel}`, 256 << 20), mode: 0o644 });
+  for (const f of made.files) {
+    let data: Uint8Array;
+    try {
+      data = readFileBytes(sys, `${modDir}/${f.rel}`, 256 << 20);
+    } catch (e) {
+      throw new Error(`the root's /lib/modules/${release}/${f.rel} cannot be read (${isSysError(e) ? e.code : (e as Error).message}): its modules are incomplete; reinstall the kernel's package`);
+    }
+    inputs.push({ type: 'file', path: f.path, data, mode: 0o644 });
+  }
   inputs.push({ type: 'file', path: MANIFEST_PATH, data: utf8Encode(JSON.stringify(made.manifest) + '\n'), mode: 0o644 });
   for (const i of inputs) {
     if (i.type === 'file' && i.path === '/etc/initrd-release') {

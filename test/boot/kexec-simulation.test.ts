@@ -49,9 +49,11 @@ function guestWithKernel(kernel: Uint8Array = bzImage(NEW)): FakeTree {
   return tree;
 }
 
-async function boot(cmdline: string, opts: { kernel?: Uint8Array; kexecError?: string } = {}) {
+async function boot(cmdline: string, opts: { kernel?: Uint8Array; kexecError?: string; without?: string } = {}) {
   const machine = simMachine(cmdline, disk, { kernelRelease: RUNNING, ...(opts.kexecError ? { kexecError: opts.kexecError } : {}) });
-  machine.disks[0]!.trees = { vda2: guestWithKernel(opts.kernel) };
+  const tree = guestWithKernel(opts.kernel);
+  if (opts.without) delete tree[opts.without];
+  machine.disks[0]!.trees = { vda2: tree };
   const r = await runBundleInQuickJS(machine);
   if (r.escaped) throw new Error(`an exception escaped the init:\n${r.escaped}\nconsole:\n${r.kernel.consoleText}`);
   return r;
@@ -82,6 +84,18 @@ describe('simulation: the root\'s own kernel (kexec)', () => {
     expect(manifest.modules.ext4).toMatchObject({ path: `${MOD}/kernel/fs/ext4/ext4.ko.xz`, deps: ['jbd2', 'mbcache', 'crc16'], compression: 'xz' });
     expect(manifest.filesystems).toEqual({ ext4: 'ext4', tmpfs: '' });
     expect(manifest.aliases.map(([p]) => p)).toEqual(['fs-ext4', 'pci:v00001AF4d00001001sv*sd*bc*sc*i*', 'virtio:d00000002v*']);
+  });
+
+  it('init= and the init\'s arguments after -- reach the new kernel as they were, the marker before --', async () => {
+    const r = await boot('root=/dev/vda2 init=/bin/custom-init -- single "two words"');
+    expect(r.kernel.events.kexec?.cmdline).toBe('root=/dev/vda2 init=/bin/custom-init rd.vdboot.kexeced=1 -- single "two words"');
+  });
+
+  it('a module file missing from the root: nothing is loaded, the console names the file and the remedy', async () => {
+    const r = await boot('root=/dev/vda2', { without: `${MOD.slice(1)}/kernel/fs/jbd2/jbd2.ko.xz` });
+    expect(r.end?.reason).toBe('exec');
+    expect(r.kernel.events.kexec).toBeUndefined();
+    expect(r.kernel.consoleText).toMatch(new RegExp(`Could not prepare kernel 6\\.12\\.1-sim for kexec: the root's /lib/modules/6\\.12\\.1-sim/kernel/fs/jbd2/jbd2\\.ko\\.xz cannot be read \\(ENOENT\\): its modules are incomplete; reinstall the kernel's package\\. Booting on with the running kernel ${RUNNING}`));
   });
 
   it('a refused kexec (EKEYREJECTED) boots on with the running kernel and says what is missing', async () => {

@@ -85,6 +85,14 @@ describe('the new kernel\'s command line and kexec_file_load\'s errors', () => {
     expect(kexecCmdline('root=LABEL=x rd.vdboot.kexeced=1')).toBe('root=LABEL=x rd.vdboot.kexeced=1');
   });
 
+  it('the marker goes before a lone --, whose words belong to the init; a quoted -- is no separator', () => {
+    expect(kexecCmdline('root=/dev/vda1 init=/bin/x -- single "two words"')).toBe('root=/dev/vda1 init=/bin/x rd.vdboot.kexeced=1 -- single "two words"');
+    expect(kexecCmdline('root=/dev/vda1 --')).toBe('root=/dev/vda1 rd.vdboot.kexeced=1 --');
+    expect(kexecCmdline('"root=LABEL=a -- b" quiet')).toBe('"root=LABEL=a -- b" quiet rd.vdboot.kexeced=1');
+    expect(kexecCmdline('root=/dev/vda1 -- rd.vdboot.kexeced=1')).toBe('root=/dev/vda1 rd.vdboot.kexeced=1 -- rd.vdboot.kexeced=1');
+    expect(kexecCmdline('root=/dev/vda1 --verbose')).toBe('root=/dev/vda1 --verbose rd.vdboot.kexeced=1');
+  });
+
   it('EPERM, EKEYREJECTED, ENOEXEC, ENOSYS are explained for the console', () => {
     expect(explainKexecError(new SysError('EPERM', 1, 'kexec_file_load fd 5'))).toMatch(/Secure Boot lockdown/);
     expect(explainKexecError(new SysError('EKEYREJECTED', 129, 'kexec_file_load fd 5'))).toMatch(/signature was rejected/);
