@@ -114,7 +114,8 @@ export function kexecRootKernel(ctx: InitContext, root: string): void {
   };
 
   // The coldplug child would compete for the CPU with the assembly below, for devices the
-  // next kernel finds again by itself; switch_root would stop it soon anyway.
+  // next kernel finds again by itself; switch_root would stop it soon anyway (should the
+  // jump be refused, the booted system's udev loads what it did not).
   ctx.modules.stopColdplug();
   let initrdPath: string;
   try {
