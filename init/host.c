@@ -1206,6 +1206,18 @@ static JSValue sys_reboot(JSContext *ctx, JSValueConst this_val, int argc, JSVal
 
 /* ------------------------------------------------------------ debugging, misc ------ */
 
+/* UTF-8 bytes as a string, invalid sequences as U+FFFD (QuickJS's own decoder): the
+   interpreter turns megabytes of text (a kernel's modules.alias) into a string far more
+   slowly, and under emulation that shows. A codec over a buffer, no file format. */
+static JSValue sys_utf8_decode(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    uint8_t *p;
+    size_t n;
+    if (get_bytes(ctx, argc, argv, 0, "utf8Decode", &p, &n))
+        return JS_EXCEPTION;
+    return JS_NewStringLen(ctx, (const char *)(p ? p : (uint8_t *)""), n);
+}
+
 /* Writes the arguments, separated by spaces, and a newline to fd (magic). */
 static JSValue sys_print(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv, int magic)
 {
@@ -1308,6 +1320,7 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_MAGIC_DEF("print", 1, sys_print, 1),
     JS_CFUNC_MAGIC_DEF("printErr", 1, sys_print, 2),
     JS_CFUNC_DEF("uname", 0, sys_uname),
+    JS_CFUNC_DEF("utf8Decode", 1, sys_utf8_decode),
     JS_CFUNC_DEF("setErrorFactory", 1, sys_set_error_factory),
 };
 

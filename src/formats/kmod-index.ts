@@ -23,9 +23,10 @@ export interface ModuleIndex {
 
 /** The canonical module name of a path in modules.dep ("kernel/drivers/md/dm-mod.ko.xz" → "dm_mod"). */
 export function moduleNameOfPath(p: string): string {
-  const base = p.slice(p.lastIndexOf('/') + 1);
-  const ko = base.lastIndexOf('.ko');
-  const name = ko > 0 && /^\.ko(\.(xz|zst|gz))?$/.test(base.slice(ko)) ? base.slice(0, ko) : base;
+  const slash = p.lastIndexOf('/') + 1;
+  const ko = p.lastIndexOf('.ko');
+  const end = ko > slash && (ko + 3 === p.length || p.charCodeAt(ko + 3) === 46 /* . */) ? ko : p.length;
+  const name = p.slice(slash, end);
   return name.indexOf('-') >= 0 ? moduleKey(name) : name;
 }
 
@@ -36,38 +37,49 @@ export function moduleNameOfPath(p: string): string {
  */
 export class DepList {
   private readonly parsed = new Map<string, string[]>();
-  constructor(private readonly raw: Map<string, string>) {}
+  /** `at`: where each module's dependency list starts in `text` (after its colon) */
+  constructor(private readonly text: string, private readonly at: Map<string, number>) {}
 
   get(name: string): string[] | undefined {
     let deps = this.parsed.get(name);
     if (deps) return deps;
-    const rest = this.raw.get(name);
-    if (rest === undefined) return undefined;
-    const text = rest.trim();
+    const start = this.at.get(name);
+    if (start === undefined) return undefined;
+    let end = this.text.indexOf('\n', start);
+    if (end < 0) end = this.text.length;
+    const text = this.text.slice(start, end).trim();
     deps = text ? text.split(/\s+/).map(moduleNameOfPath) : [];
     this.parsed.set(name, deps);
     return deps;
   }
 
   has(name: string): boolean {
-    return this.raw.has(name);
+    return this.at.has(name);
   }
 }
 
 /** modules.dep: "path: dep-path dep-path …" per line. */
 export function parseModulesDep(text: string): Pick<ModuleIndex, 'files' | 'depList'> {
   const files = new Map<string, string>();
-  const raw = new Map<string, string>();
-  // one native regular-expression pass instead of a split and a loop over every line
-  const re = /^([^:\n]+):([^\n]*)/gm;
-  for (let m = re.exec(text); m; m = re.exec(text)) {
-    const file = m[1]!.trim();
-    if (!file) continue;
-    const name = moduleNameOfPath(file);
-    files.set(name, file);
-    raw.set(name, m[2]!);
+  const at = new Map<string, number>();
+  // Line by line with indexOf, keeping only where each dependency list starts: few
+  // strings are made (each costs an allocation, and there are thousands of lines).
+  const len = text.length;
+  for (let pos = 0; pos < len; ) {
+    let nl = text.indexOf('\n', pos);
+    if (nl < 0) nl = len;
+    const colon = text.indexOf(':', pos);
+    if (colon > pos && colon < nl) {
+      const file = text.slice(pos, colon).trim();
+      if (file) {
+        const name = moduleNameOfPath(file);
+        files.set(name, file);
+        at.set(name, colon + 1);
+      }
+    }
+    pos = nl + 1;
   }
-  return { files, depList: new DepList(raw) };
+  return { files, depList: new DepList(text, at) };
 }
 
 /**
@@ -78,16 +90,24 @@ export function parseModulesDep(text: string): Pick<ModuleIndex, 'files' | 'depL
 export function parseModulesAlias(text: string, keep?: ((name: string) => boolean) | ReadonlySet<string>): Array<[pattern: string, module: string]> {
   const out: Array<[string, string]> = [];
   const filter = keep instanceof Set ? (n: string) => keep.has(n) : (keep as ((name: string) => boolean) | undefined);
-  for (const line of text.split('\n')) {
-    if (!line.startsWith('alias ')) continue;
-    const end = line.trimEnd();
-    const sp = end.lastIndexOf(' ');
-    if (sp <= 6) continue;
-    const raw = end.slice(sp + 1);
-    const name = raw.indexOf('-') >= 0 ? moduleKey(raw) : raw;
-    if (filter && !filter(name)) continue;
-    const pattern = end.slice(6, sp).trim();
-    if (pattern) out.push([pattern, name]);
+  // Line by line with indexOf: only the module name of each line becomes a string before
+  // the filter (tens of thousands of lines; every string costs an allocation).
+  const len = text.length;
+  for (let pos = 0; pos < len; ) {
+    let nl = text.indexOf('\n', pos);
+    if (nl < 0) nl = len;
+    let end = nl;
+    while (end > pos && (text.charCodeAt(end - 1) === 32 || text.charCodeAt(end - 1) === 13 || text.charCodeAt(end - 1) === 9)) end--;
+    const sp = text.lastIndexOf(' ', end - 1);
+    if (sp > pos + 6 && text.startsWith('alias ', pos)) {
+      const raw = text.slice(sp + 1, end);
+      const name = raw.indexOf('-') >= 0 ? moduleKey(raw) : raw;
+      if (!filter || filter(name)) {
+        const pattern = text.slice(pos + 6, sp).trim();
+        if (pattern) out.push([pattern, name]);
+      }
+    }
+    pos = nl + 1;
   }
   return out;
 }

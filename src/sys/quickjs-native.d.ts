@@ -108,5 +108,7 @@ declare module 'sys' {
   /** Arguments joined by spaces, newline, to fd 1 (print) or fd 2 (printErr). */
   export function print(...args: unknown[]): void;
   export function printErr(...args: unknown[]): void;
+  /** UTF-8 bytes as a string (invalid sequences as U+FFFD), decoded in C. */
+  export function utf8Decode(bytes: Bytes): string;
   export function uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
 }
