@@ -23,7 +23,7 @@ import { MANIFEST_PATH } from '../formats/manifest.ts';
 import { utf8Encode } from '../formats/text.ts';
 import { isSysError, MS, O, REBOOT, S, type Sys } from '../sys/sys.ts';
 import { BootFailure, type InitContext } from './context.ts';
-import { exists, mkdirs, readFileBytes, readText, readTextOr } from './fsutil.ts';
+import { exists, mkdirs, readText, readTextOr } from './fsutil.ts';
 import { KEXEC_MARKER, type KexecSetting } from './plan.ts';
 import { takeDownInPlace } from './shutdown.ts';
 
@@ -273,7 +273,7 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
         inputs.push({ type: 'dir', path, mode: st.mode & 0o7777 });
         // another filesystem mounted here (not part of the initramfs)
         if (st.devMajor === rootDev.devMajor && st.devMinor === rootDev.devMinor) walk(path);
-      } else if (type === S.IFREG) inputs.push({ type: 'file', path, data: readFileBytes(sys, path, 256 << 20), mode: st.mode & 0o7777 });
+      } else if (type === S.IFREG) inputs.push({ type: 'file', path, data: readRegularFile(sys, path, st.size), mode: st.mode & 0o7777 });
       else if (type === S.IFLNK) inputs.push({ type: 'symlink', path, target: sys.readlink(path) });
       else if (type === S.IFCHR || type === S.IFBLK) inputs.push({ type: type === S.IFCHR ? 'char' : 'block', path, major: st.rdevMajor, minor: st.rdevMinor, mode: st.mode & 0o7777 });
     }
@@ -286,7 +286,8 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
   for (const f of made.files) {
     let data: Uint8Array;
     try {
-      data = readFileBytes(sys, `${modDir}/${f.rel}`, 256 << 20);
+      const path = `${modDir}/${f.rel}`;
+      data = readRegularFile(sys, path, sys.stat(path).size);
     } catch (e) {
       throw new Error(`the root's /lib/modules/${release}/${f.rel} cannot be read (${isSysError(e) ? e.code : (e as Error).message}): its modules are incomplete; reinstall the kernel's package`);
     }
@@ -313,6 +314,28 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
   }
   lap(`cpio written to ${path}`);
   return { path, bytes: cpio.length, modules: made.files.length, missing: made.missing };
+}
+
+/**
+ * A regular file of known size, read into one buffer (readFileBytes reads in chunks and
+ * copies them together, for files that report no size: here megabytes of programs and
+ * modules would be copied twice more under emulation). A file that shrank gives what it has.
+ */
+function readRegularFile(sys: Sys, path: string, size: number): Uint8Array {
+  if (size > (256 << 20)) throw new Error(`${path} is ${size} bytes, more than an initramfs file should be`);
+  const fd = sys.open(path, O.RDONLY | O.CLOEXEC);
+  try {
+    const buf = new Uint8Array(size);
+    let off = 0;
+    while (off < size) {
+      const n = sys.pread(fd, buf.subarray(off), off);
+      if (n <= 0) break;
+      off += n;
+    }
+    return off === size ? buf : buf.subarray(0, off);
+  } finally {
+    sys.close(fd);
+  }
 }
 
 /**
