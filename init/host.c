@@ -1193,6 +1193,26 @@ static JSValue sys_sync(JSContext *ctx, JSValueConst this_val, int argc, JSValue
     return JS_UNDEFINED;
 }
 
+/* kexec_file_load(kernel_fd, initrd_fd, cmdline, flags): the kernel reads both files and
+   checks the kernel's signature where its policy asks; initrd_fd -1 means none. */
+static JSValue sys_kexec_file_load(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int kernel_fd, initrd_fd, flags;
+    if (get_int(ctx, argc, argv, 0, "kexecFileLoad", &kernel_fd) || get_int(ctx, argc, argv, 1, "kexecFileLoad", &initrd_fd) ||
+        get_int_opt(ctx, argc, argv, 3, "kexecFileLoad", 0, &flags))
+        return JS_EXCEPTION;
+    const char *cmdline = get_str(ctx, argc, argv, 2, "kexecFileLoad");
+    if (!cmdline)
+        return JS_EXCEPTION;
+    unsigned long f = (unsigned long)(unsigned)flags;
+    if (initrd_fd < 0)
+        f |= 0x4; /* KEXEC_FILE_NO_INITRAMFS */
+    long r = syscall(SYS_kexec_file_load, kernel_fd, initrd_fd < 0 ? -1 : initrd_fd, strlen(cmdline) + 1, cmdline, f);
+    JSValue v = r != 0 ? throw_errno(ctx, "kexec_file_load fd %d", kernel_fd) : JS_UNDEFINED;
+    JS_FreeCString(ctx, cmdline);
+    return v;
+}
+
 static JSValue sys_reboot(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
 {
     int64_t cmd;
@@ -1203,6 +1223,18 @@ static JSValue sys_reboot(JSContext *ctx, JSValueConst this_val, int argc, JSVal
 }
 
 /* ------------------------------------------------------------ debugging, misc ------ */
+
+/* UTF-8 bytes as a string, invalid sequences as U+FFFD (QuickJS's own decoder): the
+   interpreter turns megabytes of text (a kernel's modules.alias) into a string far more
+   slowly, and under emulation that shows. A codec over a buffer, no file format. */
+static JSValue sys_utf8_decode(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    uint8_t *p;
+    size_t n;
+    if (get_bytes(ctx, argc, argv, 0, "utf8Decode", &p, &n))
+        return JS_EXCEPTION;
+    return JS_NewStringLen(ctx, (const char *)(p ? p : (uint8_t *)""), n);
+}
 
 /* Writes the arguments, separated by spaces, and a newline to fd (magic). */
 static JSValue sys_print(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv, int magic)
@@ -1303,9 +1335,11 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_DEF("sleepMs", 1, sys_sleep_ms),
     JS_CFUNC_DEF("sync", 0, sys_sync),
     JS_CFUNC_DEF("reboot", 1, sys_reboot),
+    JS_CFUNC_DEF("kexecFileLoad", 4, sys_kexec_file_load),
     JS_CFUNC_MAGIC_DEF("print", 1, sys_print, 1),
     JS_CFUNC_MAGIC_DEF("printErr", 1, sys_print, 2),
     JS_CFUNC_DEF("uname", 0, sys_uname),
+    JS_CFUNC_DEF("utf8Decode", 1, sys_utf8_decode),
     JS_CFUNC_DEF("setErrorFactory", 1, sys_set_error_factory),
 };
 

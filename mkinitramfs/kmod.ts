@@ -6,7 +6,10 @@
  */
 import { readFileSync, existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
+import { hardDepsInLoadOrder as depsInLoadOrder, moduleNameOfPath, parseModulesAlias, parseModulesBuiltin, parseModulesDep, parseSoftdeps, type DepList } from '../src/formats/kmod-index.ts';
 import { matchModalias, moduleKey, MANIFEST_VERSION, type InitramfsManifest } from '../src/formats/manifest.ts';
+
+export { moduleNameOfPath };
 
 export interface KernelModuleIndex {
   /** e.g. /lib/modules/6.1.0-56-amd64 */
@@ -15,7 +18,7 @@ export interface KernelModuleIndex {
   /** canonical name → path relative to `dir` (kernel/fs/ext4/ext4.ko) */
   files: Map<string, string>;
   /** canonical name → its transitive hard deps as modules.dep lists them (canonical names) */
-  depList: Map<string, string[]>;
+  depList: DepList;
   /** alias lines in file order: pattern, canonical module name */
   aliases: Array<[string, string]>;
   /** canonical name → softdep pre/post names as written (module names or aliases) */
@@ -34,40 +37,23 @@ export class ModuleError extends Error {
   }
 }
 
-/** The canonical module name of a path in modules.dep ("kernel/drivers/md/dm-mod.ko" → "dm_mod"). */
-export function moduleNameOfPath(p: string): string {
-  return moduleKey(path.basename(p).replace(/\.ko(\.(xz|zst|gz))?$/, ''));
-}
-
 /** Where depmod's files of one kernel are, given a release or the modules directory itself. */
 export function loadModuleIndex(modulesDir: string, modprobeDirs: string[] = ['/lib/modprobe.d', '/etc/modprobe.d']): KernelModuleIndex {
   const depPath = path.join(modulesDir, 'modules.dep');
   if (!existsSync(depPath)) throw new ModuleError(`${depPath} does not exist: ${modulesDir} is not a kernel's modules directory (install the kernel's package, or run depmod)`);
+  // the text files are read here; their grammar is src/formats/kmod-index.ts's, which the
+  // init also uses for a kernel it starts with kexec
+  const aliasPath = path.join(modulesDir, 'modules.alias');
+  const builtinPath = path.join(modulesDir, 'modules.builtin');
   const index: KernelModuleIndex = {
     dir: modulesDir,
     release: path.basename(modulesDir),
-    files: new Map(),
-    depList: new Map(),
-    aliases: [],
+    ...parseModulesDep(readFileSync(depPath, 'utf8')),
+    aliases: existsSync(aliasPath) ? parseModulesAlias(readFileSync(aliasPath, 'utf8')) : [],
     softdeps: new Map(),
-    builtin: new Set(),
+    builtin: existsSync(builtinPath) ? parseModulesBuiltin(readFileSync(builtinPath, 'utf8')) : new Set(),
     options: new Map(),
   };
-  for (const line of readFileSync(depPath, 'utf8').split('\n')) {
-    const colon = line.indexOf(':');
-    if (colon <= 0) continue;
-    const file = line.slice(0, colon).trim();
-    const name = moduleNameOfPath(file);
-    index.files.set(name, file);
-    index.depList.set(name, line.slice(colon + 1).trim().split(/\s+/).filter(Boolean).map(moduleNameOfPath));
-  }
-  const aliasPath = path.join(modulesDir, 'modules.alias');
-  if (existsSync(aliasPath)) {
-    for (const line of readFileSync(aliasPath, 'utf8').split('\n')) {
-      const m = /^alias\s+(\S+)\s+(\S+)/.exec(line);
-      if (m) index.aliases.push([m[1], moduleKey(m[2])]);
-    }
-  }
   const softPath = path.join(modulesDir, 'modules.softdep');
   const softLines: string[] = existsSync(softPath) ? readFileSync(softPath, 'utf8').split('\n') : [];
   const confLines: string[] = [];
@@ -81,28 +67,16 @@ export function loadModuleIndex(modulesDir: string, modprobeDirs: string[] = ['/
       }
     }
   }
+  const softLinesText = [...softLines, ...confLines].join('\n');
+  index.softdeps = parseSoftdeps(softLinesText);
   for (const line of [...softLines, ...confLines]) {
     const words = line.replace(/#.*/, '').trim().split(/\s+/);
-    if (words[0] === 'softdep' && words.length > 2) {
-      const name = moduleKey(words[1]);
-      const entry = index.softdeps.get(name) ?? { pre: [], post: [] };
-      let mode: 'pre' | 'post' | '' = '';
-      for (const w of words.slice(2)) {
-        if (w === 'pre:') mode = 'pre';
-        else if (w === 'post:') mode = 'post';
-        else if (mode) entry[mode].push(w); // words before any pre:/post: are ignored, as kmod does
-      }
-      index.softdeps.set(name, entry);
-    } else if (words[0] === 'options' && words.length > 2) {
+    if (words[0] === 'options' && words.length > 2) {
       const name = moduleKey(words[1]);
       const prev = index.options.get(name);
       const opts = words.slice(2).join(' ');
       index.options.set(name, prev ? `${prev} ${opts}` : opts);
     }
-  }
-  const builtinPath = path.join(modulesDir, 'modules.builtin');
-  if (existsSync(builtinPath)) {
-    for (const line of readFileSync(builtinPath, 'utf8').split('\n')) if (line.trim()) index.builtin.add(moduleNameOfPath(line.trim()));
   }
   return index;
 }
@@ -147,20 +121,5 @@ function aliasTable(index: KernelModuleIndex): InitramfsManifest {
  * them, so the order matches `modprobe --show-depends` where the graph allows.
  */
 export function hardDepsInLoadOrder(index: KernelModuleIndex, name: string): string[] {
-  const out: string[] = [];
-  const seen = new Set<string>();
-  const visit = (n: string, stack: Set<string>): void => {
-    for (const d of [...(index.depList.get(n) ?? [])].reverse()) {
-      if (seen.has(d) || stack.has(d)) continue;
-      stack.add(d);
-      visit(d, stack);
-      stack.delete(d);
-      if (!seen.has(d)) {
-        seen.add(d);
-        out.push(d);
-      }
-    }
-  };
-  visit(name, new Set([name]));
-  return out;
+  return depsInLoadOrder(index.depList, name);
 }

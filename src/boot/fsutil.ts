@@ -25,8 +25,14 @@ export function readFileBytes(sys: Sys, path: string, limit = 64 << 20): Uint8Ar
   }
 }
 
+/** A Sys that decodes text in native code (the static host); others decode in JavaScript. */
+interface DecodingSys extends Sys {
+  utf8Decode(bytes: Uint8Array): string;
+}
+
 export function readText(sys: Sys, path: string): string {
-  return utf8Decode(readFileBytes(sys, path));
+  const bytes = readFileBytes(sys, path);
+  return typeof (sys as Partial<DecodingSys>).utf8Decode === 'function' ? (sys as DecodingSys).utf8Decode(bytes) : utf8Decode(bytes);
 }
 
 /** The file's text trimmed, or undefined when it does not exist or cannot be read. */

@@ -1,6 +1,6 @@
 /**
  * vdboot's PID 1: early mounts, the plan from the kernel command line, modules, the
- * root device, mount, switch_root. Every failure ends on the console with what failed,
+ * root device, mount, the root's own kernel (kexec) when it should run instead, switch_root. Every failure ends on the console with what failed,
  * why and what to try, then the rescue shell; PID 1 never returns.
  *
  * This file only orchestrates: the steps live in files of their own (vdisk-exec.ts,
@@ -15,6 +15,7 @@ import { DeviceScanner } from './devices.ts';
 import { waitForDevice } from './devwait.ts';
 import { formatDeviceSpec } from './devspec.ts';
 import { readText } from './fsutil.ts';
+import { kexecRootKernel } from './kexec.ts';
 import { ModuleLoader } from './modules.ts';
 import { chooseInit, mountDevice } from './mount-device.ts';
 import { mountEarly } from './mounts.ts';
@@ -41,6 +42,8 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     for (const w of plan.warnings) log.warn(w);
     const ctx = prepare(sys, log, plan);
     const { init } = mountRoot(ctx);
+    // returns unless it starts the root's own kernel
+    kexecRootKernel(ctx, NEW_ROOT);
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
     installShutdown(sys, log, ctx.manifest.tools.busybox);
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);

@@ -71,9 +71,28 @@ export interface BootPlan {
   shell: boolean;
   quiet: boolean;
   debug: boolean;
+  /** rd.vdboot.kexec and the marker of a boot that already jumped (kexec.ts) */
+  kexec: KexecSetting;
   /** things the person at the console should know: unknown or malformed keys */
   warnings: string[];
 }
+
+/**
+ * rd.vdboot.kexec: when to start the root's own kernel instead of going on with this one.
+ * auto (default): when the root's newest kernel is newer than the running one, or the root
+ * has no modules for the running one; on (=1): the root's newest kernel whenever it is not
+ * the running one; off (=0): never; version: that kernel.
+ */
+export interface KexecSetting {
+  mode: 'auto' | 'on' | 'off' | 'version';
+  /** for mode "version": the release, as in /boot/vmlinuz-RELEASE */
+  version?: string;
+  /** rd.vdboot.kexeced=1 is on the command line: this boot is the jump's, never jump again */
+  done: boolean;
+}
+
+/** The marker vdboot adds to the command line of the kernel it starts with kexec. */
+export const KEXEC_MARKER = 'rd.vdboot.kexeced';
 
 /** Tried in order when there is no init=, as the kernel does. */
 export const DEFAULT_INITS = ['/sbin/init', '/etc/init', '/bin/init', '/bin/sh'];
@@ -161,6 +180,7 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     shell,
     quiet: cmd.has('quiet'),
     debug: cmd.has('rd.vdboot.debug') || cmd.has('rd.debug'),
+    kexec: planKexec(cmd, warnings),
     warnings,
   };
 
@@ -171,12 +191,25 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   // Keys vdboot reads later (tmpfs options) are consumed here so they draw no warning.
   for (const key of ['rd.tmpfs.size', 'rd.tmpfs.imgfile']) cmd.all(key);
   for (const p of cmd.unused(OWN_NAMESPACES)) {
-    warnings.push(`unknown option ${p.key}${p.value === undefined ? '' : `=${p.value}`} is ignored (vdboot knows: rd.break, rd.shell, rd.timeout, rd.vdboot.debug, rd.vdisk.*, rd.tmpfs.*)`);
+    warnings.push(`unknown option ${p.key}${p.value === undefined ? '' : `=${p.value}`} is ignored (vdboot knows: rd.break, rd.shell, rd.timeout, rd.vdboot.debug, rd.vdboot.kexec, rd.vdisk.*, rd.tmpfs.*)`);
   }
   for (const p of cmd.params) {
     if (FOREIGN_RD.test(p.key)) warnings.push(`${p.key} is a dracut option vdboot does not implement; it is ignored`);
   }
   return plan;
+}
+
+/** rd.vdboot.kexec=auto|0|1|VERSION and the marker rd.vdboot.kexeced=1. */
+function planKexec(cmd: Cmdline, warnings: string[]): KexecSetting {
+  const marker = cmd.get(KEXEC_MARKER);
+  const done = marker !== undefined && marker !== '0';
+  const v = cmd.get('rd.vdboot.kexec');
+  if (v === undefined || v === 'auto') return { mode: 'auto', done };
+  if (v === '0' || v === 'no' || v === 'false') return { mode: 'off', done };
+  if (v === '' || v === '1' || v === 'yes' || v === 'true') return { mode: 'on', done };
+  if (/^\d+\.\d+[\w.+~-]*$/.test(v)) return { mode: 'version', version: v, done };
+  warnings.push(`rd.vdboot.kexec=${v} is not auto, 0, 1 or a kernel release such as 6.12.118+deb12-amd64; using auto`);
+  return { mode: 'auto', done };
 }
 
 /** root= forms: a device spec, vdisk:[HOST:]PATH, tmpfs:HOST:PATH. */

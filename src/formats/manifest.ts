@@ -1,7 +1,9 @@
 /**
  * The initramfs manifest: the one schema shared by `vdboot mkinitramfs` (which writes it as
  * JSON at MANIFEST_PATH inside the initramfs) and the init (which reads it at boot). The init
- * never parses kmod's text files: everything it needs to load modules is precomputed here.
+ * never parses kmod's text files to load its own kernel's modules: everything it needs is
+ * precomputed here. (For another kernel, one it starts with kexec, it writes such a manifest
+ * itself from that kernel's modules.dep/.alias/.builtin: kmod-index.ts.)
  *
  * Module names are stored canonical: the kernel's spelling with `_` (as in /sys/module).
  * `-` and `_` are equivalent in a module name (`dm-mod` is `dm_mod`); case is not.

@@ -66,6 +66,10 @@ export interface FakeMachine {
    * superblock, so a wrong table fails the mount as the kernel would.
    */
   deviceTrees?: Record<string, FakeTree>;
+  /** the running kernel's release (/proc/sys/kernel/osrelease); default "sim" */
+  kernelRelease?: string;
+  /** kexec_file_load fails with this errno name (EPERM, EKEYREJECTED, ENOEXEC, ENOSYS …) */
+  kexecError?: string;
 }
 
 /** One device-mapper target as the simulated kernel received it. */
@@ -126,7 +130,7 @@ interface OpenFile {
   pos: number;
 }
 
-const ERRNO: Record<string, number> = { ETXTBSY: 26, EOPNOTSUPP: 95, ENOEXEC: 8, ENXIO: 6, EACCES: 13, ENOTTY: 25,  ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10 };
+const ERRNO: Record<string, number> = { EPERM: 1, ETXTBSY: 26, EOPNOTSUPP: 95, ENOEXEC: 8, EKEYREJECTED: 129, ENXIO: 6, EACCES: 13, ENOTTY: 25, ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10 };
 
 function fail(code: string, call: string): never {
   throw new SysError(code, ERRNO[code] ?? 0, call);
@@ -159,6 +163,8 @@ export interface FakeEvents {
   loops: FakeLoopEvent[];
   /** umount2 targets, in order */
   umounts: string[];
+  /** what kexec_file_load was given: the kernel file's path and bytes, the initramfs's bytes */
+  kexec?: { kernelPath: string; kernel: Uint8Array; initrd?: Uint8Array; cmdline: string; flags: number };
 }
 
 let fsCounter = 1;
@@ -229,7 +235,7 @@ export class FakeKernel implements Sys {
   }
 
   private procTree(): Node {
-    return this.buildTree({ cmdline: `${this.machine.cmdline}\n`, mounts: '' }, fsCounter++);
+    return this.buildTree({ cmdline: `${this.machine.cmdline}\n`, mounts: '', 'sys/kernel/osrelease': `${this.machine.kernelRelease ?? 'sim'}\n` }, fsCounter++);
   }
 
   private sysTree(): Node {
@@ -1025,6 +1031,18 @@ export class FakeKernel implements Sys {
       if (due > before && due <= this.clock) this.pending.push(`add@/devices/virtual/block/${d.name}\0ACTION=add\0SUBSYSTEM=block\0DEVNAME=${d.name}\0`);
     }
     if (this.clock > 3_600_000) throw new SimulationEnd('stuck', 'an hour of simulated time passed');
+  }
+
+  kexecFileLoad(kernelFd: number, initrdFd: number, cmdline: string, flags: number): void {
+    const bytesOf = (fd: number): { path: string; data: Uint8Array } => {
+      const f = this.fds.get(fd) ?? fail('EBADF', 'kexec_file_load');
+      if (f.node.kind !== 'file') fail('EINVAL', `kexec_file_load ${f.path}`);
+      return { path: f.path, data: typeof f.node.data === 'function' ? f.node.data() : f.node.data.slice() };
+    };
+    const kernel = bytesOf(kernelFd);
+    const initrd = initrdFd >= 0 ? bytesOf(initrdFd).data : undefined;
+    if (this.machine.kexecError) fail(this.machine.kexecError, `kexec_file_load fd ${kernelFd}`);
+    this.events.kexec = { kernelPath: kernel.path, kernel: kernel.data, ...(initrd ? { initrd } : {}), cmdline, flags };
   }
 
   sync(): void {}

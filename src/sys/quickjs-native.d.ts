@@ -103,10 +103,14 @@ declare module 'sys' {
   export function uptimeSec(): number;
   export function sleepMs(ms: number): void;
   export function sync(): void;
+  /** kexec_file_load(kernelFd, initrdFd, strlen(cmdline) + 1, cmdline, flags); initrdFd -1 adds KEXEC_FILE_NO_INITRAMFS. */
+  export function kexecFileLoad(kernelFd: number, initrdFd: number, cmdline: string, flags?: number): void;
   export function reboot(cmd: number): never;
 
   /** Arguments joined by spaces, newline, to fd 1 (print) or fd 2 (printErr). */
   export function print(...args: unknown[]): void;
   export function printErr(...args: unknown[]): void;
+  /** UTF-8 bytes as a string (invalid sequences as U+FFFD), decoded in C. */
+  export function utf8Decode(bytes: Bytes): string;
   export function uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
 }

@@ -41,6 +41,8 @@ export interface QuickjsSys extends Sys {
   /** setpriority(2) on this process: 19 lets every other process run first. */
   nice(value: number): void;
   uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
+  /** UTF-8 bytes as a string, decoded in C (readText uses it when the Sys has it). */
+  utf8Decode(bytes: Uint8Array): string;
   /** Debug output: arguments joined by spaces, newline, on fd 1 / fd 2. */
   print(...args: unknown[]): void;
   printErr(...args: unknown[]): void;
@@ -94,6 +96,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     monotonicMs: native.monotonicMs,
     uptimeSec: native.uptimeSec,
     sleepMs: native.sleepMs,
+    kexecFileLoad: native.kexecFileLoad,
     sync: native.sync,
     reboot: native.reboot,
     fork: native.fork,
@@ -109,6 +112,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     lsetxattr: native.lsetxattr,
     nice: native.nice,
     uname: native.uname,
+    utf8Decode: native.utf8Decode,
     print: native.print,
     printErr: native.printErr,
     env: native.env,

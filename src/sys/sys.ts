@@ -129,6 +129,8 @@ export const REBOOT = {
   RESTART: 0x01234567,
   HALT: 0xcdef0123,
   POWER_OFF: 0x4321fedc,
+  /** LINUX_REBOOT_CMD_KEXEC: start the kernel loaded by kexec_file_load */
+  KEXEC: 0x45584543,
 } as const;
 
 export interface Sys {
@@ -209,6 +211,12 @@ export interface Sys {
   sleepMs(ms: number): void;
 
   // --- the end ---
+  /**
+   * kexec_file_load(2): loads the kernel in `kernelFd` (and the initramfs in `initrdFd`, or
+   * -1 for none) to start with `cmdline` at the next reboot(REBOOT.KEXEC). The kernel
+   * verifies the image's signature itself where its policy asks (lockdown, KEXEC_SIG).
+   */
+  kexecFileLoad(kernelFd: number, initrdFd: number, cmdline: string, flags: number): void;
   sync(): void;
   reboot(cmd: number): never;
 }

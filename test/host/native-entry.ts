@@ -38,6 +38,10 @@ if (mode === 'checks') {
     badStdio: caught(() => sys.spawn('/bin/true', ['true'], [], { stdio: [0, 1] as unknown as [number, number, number] })),
     argvNotStrings: caught(() => sys.spawn('/bin/true', ['true', 3 as unknown as string], [])),
     badPoll: caught(() => sys.poll([{ fd: r } as unknown as { fd: number; events: number }], 0)),
+    // never a real kernel: fd 9999 is not open, so nothing is loaded
+    kexecCmdlineNotString: caught(() => sys.kexecFileLoad(9999, -1, 42 as unknown as string, 0)),
+    utf8: [sys.utf8Decode(new Uint8Array([0x68, 0xc3, 0xa9, 0xff, 0x21, 0xf0, 0x9f, 0x98, 0x80])), sys.utf8Decode(new Uint8Array(0)), sys.utf8Decode(new Uint8Array([0x61, 0x62, 0x63, 0x64]).subarray(1, 3))],
+    kexecBadFd: caught(() => sys.kexecFileLoad(9999, -1, 'console=ttyS0', 0)),
     enotdir: caught(() => sys.readdir('/etc/passwd')),
     ebadf: caught(() => sys.close(9999)),
     closedPipeRead: (sys.close(w), sys.read(r, new Uint8Array(4))),

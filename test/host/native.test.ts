@@ -53,6 +53,10 @@ describe('static host as an ordinary process', () => {
     expect(v.badStdio).toBe('TypeError: sys.spawn: stdio must be an array of 3 fds');
     expect(v.argvNotStrings).toMatch(/^TypeError: sys.spawn: argument 2\[1\] must be a string/);
     expect(v.badPoll).toMatch(/^TypeError: sys.poll: entry 0 must be/);
+    expect(v.utf8).toEqual(['hé\uFFFD!😀', '', 'bc']);
+    expect(v.kexecCmdlineNotString).toBe('TypeError: sys.kexecFileLoad: argument 3 must be a string');
+    // EBADF as root; EPERM without CAP_SYS_BOOT; ENOSYS under a seccomp filter
+    expect(v.kexecBadFd).toMatch(/^SysError (EBADF 9|EPERM 1|ENOSYS 38) kexec_file_load fd 9999$/);
     expect(v.enotdir).toBe('SysError ENOTDIR 20 readdir /etc/passwd');
     expect(v.ebadf).toBe('SysError EBADF 9 close fd 9999');
     expect(v.closedPipeRead).toBe(0);
