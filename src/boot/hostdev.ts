@@ -160,8 +160,11 @@ export function hostChainHost(host: OpenedHostFs, known: readonly HostFile[] = [
   };
   return {
     openFile: (p) => hostFileReader(host.fs, lookup(p)),
-    // NTFS and FAT names are case-insensitive: the volume's own spelling identifies a file.
-    fileId: (p) => lookup(p).path.toLowerCase(),
+    // What the file is (its MFT record, its first cluster); else the volume's own spelling, case-insensitive as NTFS and FAT are.
+    fileId: (p) => {
+      const f = lookup(p);
+      return f.id ?? f.path.toLowerCase();
+    },
     // A differencing VDI names no parent file: its parent is found by UUID among its neighbours.
     listDir: (dir) => host.fs.readdir(dir).filter((e) => !e.isDir).map((e) => e.name),
     lookup,

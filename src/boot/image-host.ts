@@ -17,6 +17,8 @@ export interface ImageRequest {
   mode: VdiskMode;
   map: VdiskMapPath;
   expand: boolean;
+  /** rd.vdisk.allow-outside=1: the image may name files outside its folder (chain.ts's confinement) */
+  allowOutside?: boolean;
   /** which partition is root; undefined for an attached image */
   root?: VdiskRootChoice;
   /** qemu-nbd is in the initramfs (vdboot mkinitramfs --with qemu-nbd): the nbd path exists */

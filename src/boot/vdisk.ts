@@ -133,7 +133,7 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
       'host', host.device,
     );
   }
-  const image = openImage(req.path, host.chain);
+  const image = openImage(req.path, req.allowOutside ? { ...host.chain, allowOutside: true } : host.chain);
   const { map } = image;
   if (map.size % SECTOR !== 0) {
     throw new FormatError(`${req.path}: its virtual size ${map.size} is not a whole number of 512-byte sectors, so device-mapper cannot present it`, 'size', map.size);
@@ -332,9 +332,36 @@ function vhdxRenewal(image: OpenedImage, host: ImageHost, path: 'direct' | 'loop
   return { what, on: 'device', path: layout.device, writes: placed };
 }
 
-/** Map file indexes that belong to the image itself (not a parent): the only ones rw may write. */
+/**
+ * Map file indexes that belong to the image itself (not a parent): the only ones rw may
+ * write. The chain resolver refuses a file shared by two layers, so a file is one layer's.
+ */
 function topLayerFiles(image: OpenedImage): Set<number> {
-  return new Set(image.layers[0]!.fileIndex);
+  const top = new Set(image.layers[0]!.fileIndex);
+  for (const l of image.layers.slice(1)) for (const g of l.fileIndex) top.delete(g);
+  return top;
+}
+
+/**
+ * Bytes of the disk that read from a parent layer, counted by layer (the top layer's
+ * `parent` ranges that the chain resolves to data), not by file: whatever file the
+ * parent's data lies in, a direct rw mapping would write it.
+ */
+function parentDataBytes(image: OpenedImage): number {
+  const top = image.layers[0]!.layer.extents;
+  const map = image.map.extents;
+  let n = 0;
+  let j = 0;
+  for (const p of top) {
+    if (p.kind !== 'parent') continue;
+    const end = p.start + p.length;
+    while (j < map.length && map[j]!.start + map[j]!.length <= p.start) j++;
+    for (let k = j; k < map.length && map[k]!.start < end; k++) {
+      const e = map[k]!;
+      if (e.kind === 'data') n += Math.min(end, e.start + e.length) - Math.max(p.start, e.start);
+    }
+  }
+  return n;
 }
 
 interface PathChoice {
@@ -389,9 +416,7 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
         'mode', 'rw',
       );
     }
-    const top = topLayerFiles(image);
-    let parentBytes = 0;
-    for (const e of map.extents) if (e.kind === 'data' && !top.has(e.file)) parentBytes += e.length;
+    const parentBytes = parentDataBytes(image);
     const unallocated = (s.zeroBytesByWhy.unallocated ?? 0) + (s.zeroBytesByWhy.zeroed ?? 0) + (s.zeroBytesByWhy.uninitialized ?? 0);
     // Expanding in place (expand-plan.ts) throws ExpansionNeeded when vdboot can: it comes
     // first (DESIGN §3, the direct path afterwards), after the file's holes on the host are

@@ -262,7 +262,8 @@ export class FatVolume implements HostFs {
         runStart = i;
       }
     }
-    return { path: p, size: entry.size, extents };
+    // a file with clusters is its first cluster (two entries sharing one are one file, or cross-linked)
+    return { path: p, size: entry.size, extents, ...(entry.size > 0 && entry.firstCluster >= 2 ? { id: `fat:${entry.firstCluster}` } : {}) };
   }
 
   readdir(path: string): HostDirEntry[] {

@@ -14,6 +14,12 @@ export interface HostFile {
   path: string;
   /** size in bytes */
   size: number;
+  /**
+   * What the file is on this volume, whatever name reached it: "ntfs:MFT record" (hard
+   * links and case variants are one record), "fat:first cluster" for a file with clusters.
+   * The chain resolver identifies an image set's files by it (ChainHost.fileId).
+   */
+  id?: string;
   /** extents in file order, covering [0, size) without gaps */
   extents: FileExtent[];
   /**

@@ -802,13 +802,13 @@ export class NtfsVolume implements HostFs {
       throw new FormatError(`${this.volumeName}: ${p} is NTFS-compressed (perhaps because its folder has compression turned on), so its clusters cannot be mapped. On Windows run: compact /u "${p.replace(/\//g, '\\')}" (and "compact /u /s" on the folder to stop compressing new files)`, '$DATA', 'compressed');
     }
     if (!data.nonResident) {
-      return { path: p, size: data.dataSize, extents: [], resident: new Uint8Array(data.value!) };
+      return { path: p, id: `ntfs:${rec.no}`, size: data.dataSize, extents: [], resident: new Uint8Array(data.value!) };
     }
     const extents = this.extentsOf(data, p);
     this.checkOwnClusters(data.runs.filter((r) => r.vcn * this.clusterSize < data.dataSize), p);
     // A sparse file's holes are allocated a compression unit at a time (2^unit clusters; 0: not sparse).
     const unit = data.compressionUnit > 0 ? this.clusterSize * 2 ** Math.min(data.compressionUnit, 31) : this.clusterSize;
-    return { path: p, size: data.dataSize, extents, allocationUnit: unit };
+    return { path: p, id: `ntfs:${rec.no}`, size: data.dataSize, extents, allocationUnit: unit };
   }
 
   /** $Bitmap's $DATA (MFT record 6), read on first use. */
