@@ -187,6 +187,7 @@ export function imageHostFor(host: OpenedHostFs, known: readonly HostFile[] = []
     device: host.device.path,
     chain,
     layout: (p) => hostFileLayout(host, chain.lookup(p)),
+    checkOwnership: (paths) => host.fs.proveOwnership?.(paths.map((p) => chain.lookup(p))),
     writeBlocker: host.fs.writeBlocker(),
   };
 }

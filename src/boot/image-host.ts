@@ -34,6 +34,12 @@ export interface ImageHost {
   chain: ChainHost;
   /** the physical extents of a host file, or null when vdboot cannot tell (no direct path) */
   layout(path: string): FileLayout | null;
+  /**
+   * Proves that the clusters of these host files belong to them alone (NTFS: no other
+   * file or system file claims any, hostdev.ts); throws FormatError naming the other owner.
+   * Absent where the host cannot tell (a kernel-mounted filesystem).
+   */
+  checkOwnership?(paths: readonly string[]): void;
   /** why the host filesystem must not be written (hibernated, dirty), or null */
   writeBlocker: string | null;
   /** the host device's logical sector size (512 when unknown) */

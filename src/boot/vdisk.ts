@@ -140,6 +140,14 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
   }
   const chain = image.layers.map((l) => ({ path: l.path, format: l.layer.format, subformat: l.layer.subformat, size: l.layer.size }));
 
+  // Cross-links: a file whose clusters another file also claims is not mapped by any path
+  // (direct would write the other file's bytes; loop would too, through the driver).
+  {
+    const used = new Set<number>();
+    for (const e of map.extents) if (e.kind === 'data') used.add(e.file);
+    host.checkOwnership?.(map.files.filter((_, i) => used.has(i)));
+  }
+
   // Direct: the image map composed with every chain file's extents on the host device.
   let direct: ExtentMap | undefined;
   let directProblem: string | undefined;

@@ -56,6 +56,12 @@ export interface HostFs {
   lookup(path: string): HostFile;
   readdir(path: string): HostDirEntry[];
   readFile(file: HostFile, offset: number, length: number): Uint8Array;
+  /**
+   * Proves that every cluster of `files` belongs to that file alone (no other file, system
+   * structure or other file of the list claims it); FormatError naming the cluster, the
+   * other owner and the remedy otherwise. Readers that cannot tell leave it out.
+   */
+  proveOwnership?(files: readonly HostFile[]): void;
 }
 
 /** Reads a file through its extents (holes and uninitialized ranges as zeros). */
