@@ -14,12 +14,9 @@
  *
  *   ClusterTargets: the target files' cluster ranges, sorted (makeClusterTargets)
  *   scanMftChunk(chunk, firstRecord, recordSize, targets): ClusterConflict | null
- *       Scans whole records of `chunk` (fixups applied to a copy only where a record is
- *       in use). A record that is in use but torn or malformed is a conflict of its own
+ *       Scans whole records of `chunk` (fixups applied in place where a record is in use). A record that is in use but torn or malformed is a conflict of its own
  *       (`damaged`): what it claims cannot be known, so ownership is not proven.
  */
-import { viewOf } from './host-volume.ts';
-
 export interface ClusterRange {
   lcn: number;
   length: number;
@@ -38,7 +35,6 @@ export type ClusterConflict =
   | { kind: 'damaged'; record: number; why: string };
 
 const AT_DATA = 0x80;
-const AT_END = 0xffffffff;
 const MFT_RECORD_IN_USE = 0x0001;
 const FIXUP_STRIDE = 512;
 
@@ -81,70 +77,75 @@ function testRun(t: ClusterTargets, lcn: number, length: number, owner: number, 
 
 /**
  * Scans the records in `chunk` (a whole number of `recordSize`-byte records, the first one
- * numbered `firstRecord`). Returns the first conflict, or null. `chunk` is not modified.
+ * numbered `firstRecord`). Returns the first conflict, or null. The fixups of in-use
+ * records are applied to `chunk` in place (the caller's own buffer, read for this).
+ *
+ * Written for the interpreter: bytes read by index (no DataView calls), no object per
+ * record or run; a run outside every target range costs two comparisons.
  */
 export function scanMftChunk(chunk: Uint8Array, firstRecord: number, recordSize: number, targets: ClusterTargets): ClusterConflict | null {
-  if (targets.starts.length === 0) return null;
-  const v = viewOf(chunk);
-  const count = Math.floor(chunk.length / recordSize);
-  const rec = new Uint8Array(recordSize);
-  const rv = viewOf(rec);
-  for (let i = 0; i < count; i++) {
-    const at = i * recordSize;
+  const nTargets = targets.starts.length;
+  if (nTargets === 0) return null;
+  const lowest = targets.starts[0]!;
+  const highest = targets.ends[nTargets - 1]!;
+  const b = chunk;
+  const count = Math.floor(b.length / recordSize);
+  const strides = recordSize / FIXUP_STRIDE;
+  for (let i = 0, at = 0; i < count; i++, at += recordSize) {
     const no = firstRecord + i;
-    // "FILE", in use; anything else (free, never used, "BAAD" of a record not in use) claims nothing
-    if (chunk[at] !== 0x46 || chunk[at + 1] !== 0x49 || chunk[at + 2] !== 0x4c || chunk[at + 3] !== 0x45) {
-      if (chunk[at] === 0x42 && chunk[at + 1] === 0x41 && chunk[at + 2] === 0x41 && chunk[at + 3] === 0x44) return { kind: 'damaged', record: no, why: 'is marked bad (BAAD)' };
+    // "FILE", in use; anything else (free, never used, a "BAAD" record) is looked at no further
+    if (b[at] !== 0x46 || b[at + 1] !== 0x49 || b[at + 2] !== 0x4c || b[at + 3] !== 0x45) {
+      if (b[at] === 0x42 && b[at + 1] === 0x41 && b[at + 2] === 0x41 && b[at + 3] === 0x44) return { kind: 'damaged', record: no, why: 'is marked bad (BAAD)' };
       continue;
     }
-    if (!(v.getUint16(at + 0x16, true) & MFT_RECORD_IN_USE)) continue;
-    rec.set(chunk.subarray(at, at + recordSize));
-    // fixups
-    const usaOfs = rv.getUint16(4, true);
-    const usaCount = rv.getUint16(6, true);
-    if (usaCount !== recordSize / FIXUP_STRIDE + 1 || usaOfs % 2 !== 0 || usaOfs < 8 || usaOfs + usaCount * 2 > recordSize) {
+    if (!(b[at + 0x16]! & MFT_RECORD_IN_USE)) continue;
+    const usaOfs = b[at + 4]! | (b[at + 5]! << 8);
+    const usaCount = b[at + 6]! | (b[at + 7]! << 8);
+    if (usaCount !== strides + 1 || usaOfs % 2 !== 0 || usaOfs < 8 || usaOfs + usaCount * 2 > recordSize) {
       return { kind: 'damaged', record: no, why: `has an update sequence array that does not fit (offset ${usaOfs}, ${usaCount} entries)` };
     }
-    const usn = rv.getUint16(usaOfs, true);
-    for (let s = 1; s < usaCount; s++) {
-      const e = s * FIXUP_STRIDE - 2;
-      if (rv.getUint16(e, true) !== usn) return { kind: 'damaged', record: no, why: 'is torn (update sequence mismatch)' };
-      rv.setUint16(e, rv.getUint16(usaOfs + s * 2, true), true);
+    const u = at + usaOfs;
+    for (let s = 1; s <= strides; s++) {
+      const e = at + s * FIXUP_STRIDE - 2;
+      if (b[e] !== b[u] || b[e + 1] !== b[u + 1]) return { kind: 'damaged', record: no, why: 'is torn (update sequence mismatch)' };
+      b[e] = b[u + 2 * s]!;
+      b[e + 1] = b[u + 2 * s + 1]!;
     }
-    const base = rv.getUint32(0x20, true) + rv.getUint16(0x24, true) * 2 ** 32;
+    const base = (b[at + 0x20]! | (b[at + 0x21]! << 8) | (b[at + 0x22]! << 16)) + b[at + 0x23]! * 0x1000000 + (b[at + 0x24]! | (b[at + 0x25]! << 8)) * 0x100000000;
     const owner = base !== 0 ? base : no;
-    const firstAttr = rv.getUint16(0x14, true);
-    const inUse = Math.min(rv.getUint32(0x18, true), recordSize);
-    let pos = firstAttr;
+    const inUse = Math.min((b[at + 0x18]! | (b[at + 0x19]! << 8) | (b[at + 0x1a]! << 16)) + b[at + 0x1b]! * 0x1000000, recordSize);
+    let pos = b[at + 0x14]! | (b[at + 0x15]! << 8);
     for (;;) {
       if (pos < 0x18 || pos + 4 > inUse) return { kind: 'damaged', record: no, why: 'has attributes past its bytes in use' };
-      const type = rv.getUint32(pos, true);
-      if (type === AT_END) break;
+      const q = at + pos;
+      if (b[q] === 0xff && b[q + 1] === 0xff && b[q + 2] === 0xff && b[q + 3] === 0xff) break;
       if (pos + 16 > inUse) return { kind: 'damaged', record: no, why: `has an attribute cut short at ${pos}` };
-      const len = rv.getUint32(pos + 4, true);
-      if (len < 24 || len % 8 !== 0 || pos + len > inUse) return { kind: 'damaged', record: no, why: `has an attribute 0x${type.toString(16)} of length ${len} that does not fit` };
-      if (rec[pos + 8] !== 0) {
+      const len = (b[q + 4]! | (b[q + 5]! << 8) | (b[q + 6]! << 16)) + b[q + 7]! * 0x1000000;
+      if (len < 24 || (len & 7) !== 0 || pos + len > inUse) return { kind: 'damaged', record: no, why: `has an attribute of length ${len} at ${pos} that does not fit` };
+      if (b[q + 8] !== 0) {
+        const type = (b[q]! | (b[q + 1]! << 8) | (b[q + 2]! << 16)) + b[q + 3]! * 0x1000000;
         if (len < 0x40) return { kind: 'damaged', record: no, why: `has a non-resident attribute 0x${type.toString(16)} of only ${len} bytes` };
-        const ownData = type === AT_DATA && rec[pos + 9] === 0; // the unnamed $DATA: the file itself
-        let p = pos + rv.getUint16(pos + 0x20, true);
-        const end = pos + len;
+        const ownData = type === AT_DATA && b[q + 9] === 0; // the unnamed $DATA: the file itself
+        let p = q + (b[q + 0x20]! | (b[q + 0x21]! << 8));
+        const end = q + len;
         let lcn = 0;
         while (p < end) {
-          const header = rec[p]!;
+          const header = b[p]!;
           if (header === 0) break;
           const lenSize = header & 0x0f;
           const ofsSize = header >> 4;
           if (lenSize === 0 || lenSize > 8 || ofsSize > 8 || p + 1 + lenSize + ofsSize > end) {
             return { kind: 'damaged', record: no, why: `has a malformed runlist in attribute 0x${type.toString(16)}` };
           }
-          let length = 0;
-          for (let b = lenSize - 1; b >= 0; b--) length = length * 256 + rec[p + 1 + b]!;
           if (ofsSize > 0) {
+            let length = 0;
+            for (let k = p + lenSize; k > p; k--) length = length * 256 + b[k]!;
+            const o = p + 1 + lenSize;
             let delta = 0;
-            for (let b = ofsSize - 1; b >= 0; b--) delta = delta * 256 + rec[p + 1 + lenSize + b]!;
-            if (rec[p + lenSize + ofsSize]! & 0x80) delta -= 2 ** (8 * ofsSize);
+            for (let k = o + ofsSize - 1; k >= o; k--) delta = delta * 256 + b[k]!;
+            if (b[o + ofsSize - 1]! & 0x80) delta -= 2 ** (8 * ofsSize);
             lcn += delta;
-            if (length > 0 && lcn >= 0) {
+            if (length > 0 && lcn + length > lowest && lcn < highest) {
               const hit = testRun(targets, lcn, length, owner, ownData, type);
               if (hit) return hit;
             }
