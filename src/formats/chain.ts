@@ -44,8 +44,11 @@ export interface ChainHost {
    * through links, "./" and case. Without it the normalized path stands for the file.
    */
   fileId?(path: string): string;
-  /** 'device' for a device node, 'other' for anything else that is not a regular file; optional. */
-  fileKind?(path: string): 'file' | 'device' | 'other';
+  /**
+   * 'device' for a device node, 'link' for a symbolic link the host does not resolve
+   * (realPath absent), 'other' for anything else that is not a regular file; optional.
+   */
+  fileKind?(path: string): 'file' | 'device' | 'link' | 'other';
   /** The path with every symbolic link followed, when the host has links; optional. */
   realPath?(path: string): string;
   /**
@@ -116,13 +119,14 @@ function confine(host: ChainHost, root: string, p: string, namedBy: string): voi
     }
     if (real !== undefined && realRoot !== undefined && !isInside(realRoot, real)) refuse(`a link to ${real}, outside that folder`);
   }
-  let kind: 'file' | 'device' | 'other' = 'file';
+  let kind: 'file' | 'device' | 'link' | 'other' = 'file';
   try {
     kind = host.fileKind?.(p) ?? 'file';
   } catch {
     // a missing file: opening it says so
   }
   if (kind === 'device') refuse('a device node, not a file');
+  if (kind === 'link') refuse('a symbolic link, which vdboot does not follow there (it could lead anywhere, even outside the host filesystem)');
   if (kind === 'other') refuse('which is not a regular file');
 }
 
