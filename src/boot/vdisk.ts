@@ -14,7 +14,7 @@ import { FormatError, type BlockReader } from '../formats/block-reader.ts';
 import { openImage } from '../formats/chain.ts';
 import type { OpenedImage } from '../formats/image.ts';
 import type { ExtentMap } from '../formats/extent-map.ts';
-import { composeMap, dmTable, summarizeMap, type MapSummary } from '../formats/extent-ops.ts';
+import { composeMap, dmTable, summarizeMap, validateComposed, type FileLayout, type LayerMetadata, type MapSummary } from '../formats/extent-ops.ts';
 import { GPT_TYPE } from '../formats/guid.ts';
 import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
 import { probeFilesystem } from '../formats/probe.ts';
@@ -151,6 +151,7 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
   // Direct: the image map composed with every chain file's extents on the host device.
   let direct: ExtentMap | undefined;
   let directProblem: string | undefined;
+  let directLayouts: (FileLayout | null)[] | undefined;
   try {
     // Only files that hold data need a place on the device: a VMDK descriptor holds none
     // (and is often small enough to live inside its NTFS record).
@@ -159,10 +160,21 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
     const layouts = map.files.map((f, i) => (used.has(i) ? host.layout(f) : null));
     const missing = layouts.findIndex((l, i) => used.has(i) && l === null);
     if (missing >= 0) directProblem = `vdboot cannot see where ${map.files[missing]} lies on ${host.description}`;
-    else direct = composeMap(map, layouts);
+    else {
+      direct = composeMap(map, layouts);
+      directLayouts = layouts;
+    }
   } catch (e) {
     if ((e as Error).name !== 'FormatError') throw e;
     directProblem = (e as Error).message;
+  }
+
+  // Once more on the device: no two virtual ranges on the same sectors, none on a layer's
+  // tables, whatever the host's files are called (a refusal, not a reason to take the loop
+  // path: the driver would write the same clusters).
+  if (direct && directLayouts) {
+    const metadata = image.layers.flatMap((l) => ((l.layer as LayerMetadata).metadata ?? []).map((m) => ({ ...m, file: l.fileIndex[m.file] ?? -1 })));
+    validateComposed(`${req.path} on ${host.description}`, direct, directLayouts, metadata);
   }
 
   if (req.mode === 'rw') refuseWithChildren(req, image, host, warnings);
