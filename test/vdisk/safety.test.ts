@@ -11,10 +11,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planAgainstDevices } from '../../src/cli/plan.ts';
 import { bytesReader } from '../../src/formats/block-reader.ts';
 import { openNtfs } from '../../src/formats/ntfs.ts';
-import { BASIC_DATA, devicesOf, loadNtfsMkdir, makeHostDisk, makeNtfs, pseudoRandom, tmpDir } from './helpers.ts';
+import { openHostFs } from '../../src/formats/hostfs.ts';
+import { BASIC_DATA, devicesOf, loadNtfsMkdir, makeHostDisk, makeNtfs, pseudoRandom, sh, tmpDir } from './helpers.ts';
 
 let dir: string;
 let hostDisk: string;
+let fatDisk: string;
 let xdllRecord = 0;
 
 const KiB = 1024;
@@ -67,14 +69,37 @@ beforeAll(async () => {
   pointRunAt(ntfs, '/VMs/mft.raw', vol.boot.mftLcn);
   pointRunAt(ntfs, '/VMs/dll.raw', dllLcn);
   hostDisk = makeHostDisk(dir, 'host', [{ image: ntfs, type: BASIC_DATA }]);
+
+  // FAT32: b.raw's chain (2 clusters) is made to end in a.raw's last cluster, as a cross-link leaves it.
+  const fat = path.join(dir, 'usb.vfat');
+  sh('truncate', ['-s', '34M', fat]);
+  sh('mkfs.vfat', ['-F', '32', '-n', 'USB', fat]);
+  const cs0 = fs.readFileSync(fat).subarray(0, 512);
+  const clusterBytes = cs0.readUInt16LE(11) * cs0[13]!;
+  sh('mcopy', ['-i', fat, src('a.raw', pseudoRandom(64 * KiB, 7)), '::/a.raw']);
+  sh('mcopy', ['-i', fat, src('b.raw', pseudoRandom(2 * clusterBytes, 8)), '::/b.raw']);
+  const img = fs.readFileSync(fat);
+  const reserved = img.readUInt16LE(14);
+  const fats = img[16]!;
+  const fatSectors = img.readUInt32LE(36);
+  const dataOffset = (reserved + fats * fatSectors) * 512;
+  const usb = openHostFs(bytesReader(fat, img))!;
+  const clusterOf = (off: number) => (off - dataOffset) / clusterBytes + 2;
+  const a = usb.lookup('/a.raw');
+  const lastA = a.extents[a.extents.length - 1] as { deviceOffset: number; length: number };
+  const aLast = clusterOf(lastA.deviceOffset + lastA.length - clusterBytes);
+  const bFirst = clusterOf((usb.lookup('/b.raw').extents[0] as { deviceOffset: number }).deviceOffset);
+  for (let k = 0; k < fats; k++) img.writeUInt32LE(aLast, (reserved + k * fatSectors) * 512 + bFirst * 4);
+  fs.writeFileSync(fat, img);
+  fatDisk = makeHostDisk(dir, 'usb', [{ image: fat, type: BASIC_DATA }]);
 }, 120_000);
 
 afterAll(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
 
-function planError(cmdline: string, opts: { allowOutside?: boolean } = {}): string {
-  const d = devicesOf([hostDisk]);
+function planError(cmdline: string, opts: { allowOutside?: boolean } = {}, disks = [hostDisk]): string {
+  const d = devicesOf(disks);
   try {
     planAgainstDevices(cmdline, d.devices, opts);
   } catch (e) {
@@ -139,5 +164,15 @@ describe('image sets on NTFS: identity and confinement', () => {
   it('rd.vdisk.allow-outside=1 (or --allow-outside) lets the person open it', () => {
     expect(planned(`${attach('/VMs/abs.vmdk', 'ro')} rd.vdisk.allow-outside=1`).vdisks[0]!.path).toBe('direct');
     expect(planned(attach('/VMs/up.vmdk', 'ro'), { allowOutside: true }).vdisks[0]!.path).toBe('direct');
+  });
+});
+
+describe('FAT32 cross-links: another chain joining the file\'s chain', () => {
+  it('both files of a cross-link are refused, naming the clusters and fsck.vfat / chkdsk /f', () => {
+    for (const f of ['/a.raw', '/b.raw']) {
+      const msg = planError(`root=/dev/sda1 rd.vdisk.attach=LABEL=USB:${f} rd.vdisk.mode=ro`, {}, [fatDisk]);
+      expect(msg).toMatch(new RegExp(`${f.replace('.', '\\.')}: its cluster \\d+ is also reached from cluster \\d+`));
+      expect(msg).toContain('chkdsk /f');
+    }
   });
 });
