@@ -165,6 +165,7 @@ export function hostChainHost(host: OpenedHostFs, known: readonly HostFile[] = [
       const f = lookup(p);
       return f.id ?? f.path.toLowerCase();
     },
+    caseInsensitive: true,
     // A differencing VDI names no parent file: its parent is found by UUID among its neighbours.
     listDir: (dir) => host.fs.readdir(dir).filter((e) => !e.isDir).map((e) => e.name),
     lookup,

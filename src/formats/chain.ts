@@ -56,6 +56,8 @@ export interface ChainHost {
    * nodes (rd.vdisk.allow-outside=1, --allow-outside). Off by default: see confinement below.
    */
   allowOutside?: boolean;
+  /** Names that differ only in case are one name (NTFS, exFAT, FAT): "../vms/x" is inside "/VMs". */
+  caseInsensitive?: boolean;
   /** The formats to try; FORMAT_READERS by default. */
   readers?: readonly FormatReader[];
   /** Names in a directory (a VDI parent is found by UUID among its neighbours); optional. */
@@ -107,7 +109,8 @@ function confine(host: ChainHost, root: string, p: string, namedBy: string): voi
   const refuse = (why: string): never => {
     throw new FormatError(`${namedBy} names ${p}, ${why}: vdboot opens only files in the image's folder ${root} or below it. ${ALLOW_OUTSIDE_HINT}; or move the file into ${root} and name it there.`, 'outside', p);
   };
-  if (!isInside(root, p)) refuse(p.startsWith('/') && !root.startsWith('/') ? 'an absolute path' : 'which lies outside that folder');
+  const inside = host.caseInsensitive ? isInside(root.toLowerCase(), p.toLowerCase()) : isInside(root, p);
+  if (!inside) refuse(p.startsWith('/') && !root.startsWith('/') ? 'an absolute path' : 'which lies outside that folder');
   if (host.realPath) {
     let real: string | undefined;
     let realRoot: string | undefined;

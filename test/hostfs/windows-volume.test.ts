@@ -4,6 +4,7 @@ import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { isFormatError } from '../../src/formats/block-reader.ts';
+import type { HostFile } from '../../src/formats/host-volume.ts';
 import { fileReader, run, tmpDir } from './helpers.ts';
 import { expectSameAsNtfs3g } from './ntfs-oracle.ts';
 import { REAL_WORLD_DIR } from '../kit/data.ts';
@@ -63,7 +64,7 @@ it.skipIf(!fs.existsSync(SAMPLE))('the same volume: every file with clusters is 
   const img = path.join(dir, 'w2.raw');
   run('qemu-img', ['convert', '-O', 'raw', qcow, img]);
   const fsys = openHostFs(fileReader(img))!;
-  const files = [];
+  const files: HostFile[] = [];
   for (const [d, entries] of ntfslsTree(img)) {
     for (const e of entries.filter((x) => !x.endsWith('/'))) {
       const p = d === '/' ? `/${e}` : `${d}/${e}`;

@@ -60,6 +60,7 @@ beforeAll(async () => {
     '/VMs/d.raw': src('d.raw', pseudoRandom(32 * KiB, 5)),
     '/VMs/case.vmdk': src('case.vmdk', Buffer.from('# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 64 FLAT "d.raw" 0\nRW 64 FLAT "D.RAW" 0\n')),
     '/VMs/abs.vmdk': src('abs.vmdk', Buffer.from('# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 64 FLAT "/Windows/y.bin" 0\n')),
+    '/VMs/case2.vmdk': src('case2.vmdk', Buffer.from('# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 64 FLAT "../vms/D.raw" 0\n')),
     '/VMs/up.vmdk': src('up.vmdk', Buffer.from('# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 64 FLAT "../Windows/y.bin" 0\n')),
   }, ['/Windows', '/VMs']);
   const vol = openNtfs(bytesReader(ntfs, fs.readFileSync(ntfs)));
@@ -150,6 +151,10 @@ describe('NTFS cross-links: a file\'s clusters must be its own', () => {
 describe('image sets on NTFS: identity and confinement', () => {
   it('D.RAW and d.raw are one file (one MFT record): mapping both is refused', () => {
     expect(planError(attach('/VMs/case.vmdk', 'ro'))).toContain('mapped onto the same bytes of /VMs/d.raw');
+  });
+
+  it('"../vms/D.raw" from /VMs is inside the folder: NTFS names differ in case only', () => {
+    expect(planned(attach('/VMs/case2.vmdk', 'ro')).vdisks[0]!.path).toBe('direct');
   });
 
   it('a VMDK extent "/Windows/y.bin" or "../Windows/y.bin" is refused, naming the path and rd.vdisk.allow-outside=1', () => {
