@@ -940,6 +940,7 @@ export class NtfsVolume implements HostFs {
         ranges.push({ lcn: first, length: Math.ceil((e.deviceOffset + e.length) / cs) - first, record });
       }
     }
+    if (!ranges.length) return; // resident files have no clusters to prove
     const targets = makeClusterTargets(ranges);
     if ('kind' in targets) throw this.conflictError(targets, names);
     const size = this.boot.mftRecordSize;
