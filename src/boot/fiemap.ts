@@ -390,6 +390,12 @@ export function kernelImageHost(sys: Sys, mount: string, device: BlockDeviceInfo
       const { st } = statFile(p);
       return `${st.devMajor}:${st.devMinor}:${st.ino}`;
     },
+    // A link inside the mount resolves in the initramfs (an absolute target leaves the host
+    // filesystem): files an image names must be plain files (chain.ts's confinement).
+    fileKind(p: string) {
+      const type = sys.lstat(full(joinHostPath(splitHostPath(p)))).mode & 0o170000;
+      return type === 0o100000 ? 'file' : type === 0o120000 ? 'link' : type === 0o060000 || type === 0o020000 ? 'device' : 'other';
+    },
     listDir(dir: string): string[] {
       const d = full(dir);
       return sys.readdir(d).filter((n) => {

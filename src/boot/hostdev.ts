@@ -160,8 +160,12 @@ export function hostChainHost(host: OpenedHostFs, known: readonly HostFile[] = [
   };
   return {
     openFile: (p) => hostFileReader(host.fs, lookup(p)),
-    // NTFS and FAT names are case-insensitive: the volume's own spelling identifies a file.
-    fileId: (p) => lookup(p).path.toLowerCase(),
+    // What the file is (its MFT record, its first cluster); else the volume's own spelling, case-insensitive as NTFS and FAT are.
+    fileId: (p) => {
+      const f = lookup(p);
+      return f.id ?? f.path.toLowerCase();
+    },
+    caseInsensitive: true,
     // A differencing VDI names no parent file: its parent is found by UUID among its neighbours.
     listDir: (dir) => host.fs.readdir(dir).filter((e) => !e.isDir).map((e) => e.name),
     lookup,
@@ -184,6 +188,7 @@ export function imageHostFor(host: OpenedHostFs, known: readonly HostFile[] = []
     device: host.device.path,
     chain,
     layout: (p) => hostFileLayout(host, chain.lookup(p)),
+    checkOwnership: (paths) => host.fs.proveOwnership?.(paths.map((p) => chain.lookup(p))),
     writeBlocker: host.fs.writeBlocker(),
   };
 }

@@ -17,6 +17,8 @@ export interface ImageRequest {
   mode: VdiskMode;
   map: VdiskMapPath;
   expand: boolean;
+  /** rd.vdisk.allow-outside=1: the image may name files outside its folder (chain.ts's confinement) */
+  allowOutside?: boolean;
   /** which partition is root; undefined for an attached image */
   root?: VdiskRootChoice;
   /** qemu-nbd is in the initramfs (vdboot mkinitramfs --with qemu-nbd): the nbd path exists */
@@ -32,6 +34,12 @@ export interface ImageHost {
   chain: ChainHost;
   /** the physical extents of a host file, or null when vdboot cannot tell (no direct path) */
   layout(path: string): FileLayout | null;
+  /**
+   * Proves that the clusters of these host files belong to them alone (NTFS: no other
+   * file or system file claims any, hostdev.ts); throws FormatError naming the other owner.
+   * Absent where the host cannot tell (a kernel-mounted filesystem).
+   */
+  checkOwnership?(paths: readonly string[]): void;
   /** why the host filesystem must not be written (hibernated, dirty), or null */
   writeBlocker: string | null;
   /** the host device's logical sector size (512 when unknown) */

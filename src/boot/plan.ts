@@ -41,6 +41,11 @@ export interface VdiskOptions {
   map: VdiskMapPath;
   /** rd.vdisk.expand (default on): expand a dynamic image in place before a rw mapping */
   expand: boolean;
+  /**
+   * rd.vdisk.allow-outside=1: the image may name files outside its folder, absolute paths
+   * and device nodes (extents, data files, parents, partition images). Absent: refused.
+   */
+  allowOutside?: boolean;
   attach: VdiskAttach[];
   /** the compatibility syntax the vdisk root came from (rd.hostdev, loop=), for the console */
   compat?: string;
@@ -259,7 +264,7 @@ function splitHostPath(text: string, kind: string, prefix = `root=${kind}:`): { 
 
 const ROOT_BY_SPEC = /^(UUID|LABEL|PARTUUID|PARTLABEL)=/;
 
-/** rd.vdisk.root, .mode, .map, .expand, .attach and rd.ntfsloop. */
+/** rd.vdisk.root, .mode, .map, .expand, .allow-outside, .attach and rd.ntfsloop. */
 function planVdiskOptions(cmd: Cmdline, warnings: string[]): VdiskOptions {
   const out: VdiskOptions = { root: { by: 'auto' }, mode: 'rw', map: 'auto', expand: true, attach: [] };
   const rootText = cmd.get('rd.vdisk.root');
@@ -285,6 +290,11 @@ function planVdiskOptions(cmd: Cmdline, warnings: string[]): VdiskOptions {
   if (expand !== undefined) {
     if (expand === '0' || expand === 'no' || expand === 'false') out.expand = false;
     else if (!(expand === '' || expand === '1' || expand === 'yes' || expand === 'true')) warnings.push(`rd.vdisk.expand=${expand} is neither 0 nor 1; expansion stays on`);
+  }
+  const outside = cmd.get('rd.vdisk.allow-outside');
+  if (outside !== undefined) {
+    if (outside === '' || outside === '1' || outside === 'yes' || outside === 'true') out.allowOutside = true;
+    else if (!(outside === '0' || outside === 'no' || outside === 'false')) warnings.push(`rd.vdisk.allow-outside=${outside} is neither 0 nor 1; files outside the image's folder stay refused`);
   }
   const attachOne = (key: string, text: string) => {
     try {

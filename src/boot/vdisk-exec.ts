@@ -293,6 +293,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     try {
       const req: ImageRequest = {
         index, path: opened.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand,
+        ...(plan.vdisk.allowOutside ? { allowOutside: true } : {}),
         nbd: ctx.manifest.tools.qemuNbd !== undefined && opened.nbdReadable,
         ...(r.root ? { root: plan.vdisk.root } : {}),
       };

@@ -14,7 +14,7 @@ import { FormatError, type BlockReader } from '../formats/block-reader.ts';
 import { openImage } from '../formats/chain.ts';
 import type { OpenedImage } from '../formats/image.ts';
 import type { ExtentMap } from '../formats/extent-map.ts';
-import { composeMap, dmTable, summarizeMap, type MapSummary } from '../formats/extent-ops.ts';
+import { composeMap, dmTable, summarizeMap, validateComposed, type FileLayout, type LayerMetadata, type MapSummary } from '../formats/extent-ops.ts';
 import { GPT_TYPE } from '../formats/guid.ts';
 import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
 import { probeFilesystem } from '../formats/probe.ts';
@@ -133,16 +133,25 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
       'host', host.device,
     );
   }
-  const image = openImage(req.path, host.chain);
+  const image = openImage(req.path, req.allowOutside ? { ...host.chain, allowOutside: true } : host.chain);
   const { map } = image;
   if (map.size % SECTOR !== 0) {
     throw new FormatError(`${req.path}: its virtual size ${map.size} is not a whole number of 512-byte sectors, so device-mapper cannot present it`, 'size', map.size);
   }
   const chain = image.layers.map((l) => ({ path: l.path, format: l.layer.format, subformat: l.layer.subformat, size: l.layer.size }));
 
+  // Cross-links: a file whose clusters another file also claims is not mapped by any path
+  // (direct would write the other file's bytes; loop would too, through the driver).
+  {
+    const used = new Set<number>();
+    for (const e of map.extents) if (e.kind === 'data') used.add(e.file);
+    host.checkOwnership?.(map.files.filter((_, i) => used.has(i)));
+  }
+
   // Direct: the image map composed with every chain file's extents on the host device.
   let direct: ExtentMap | undefined;
   let directProblem: string | undefined;
+  let directLayouts: (FileLayout | null)[] | undefined;
   try {
     // Only files that hold data need a place on the device: a VMDK descriptor holds none
     // (and is often small enough to live inside its NTFS record).
@@ -151,10 +160,21 @@ export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
     const layouts = map.files.map((f, i) => (used.has(i) ? host.layout(f) : null));
     const missing = layouts.findIndex((l, i) => used.has(i) && l === null);
     if (missing >= 0) directProblem = `vdboot cannot see where ${map.files[missing]} lies on ${host.description}`;
-    else direct = composeMap(map, layouts);
+    else {
+      direct = composeMap(map, layouts);
+      directLayouts = layouts;
+    }
   } catch (e) {
     if ((e as Error).name !== 'FormatError') throw e;
     directProblem = (e as Error).message;
+  }
+
+  // Once more on the device: no two virtual ranges on the same sectors, none on a layer's
+  // tables, whatever the host's files are called (a refusal, not a reason to take the loop
+  // path: the driver would write the same clusters).
+  if (direct && directLayouts) {
+    const metadata = image.layers.flatMap((l) => ((l.layer as LayerMetadata).metadata ?? []).map((m) => ({ ...m, file: l.fileIndex[m.file] ?? -1 })));
+    validateComposed(`${req.path} on ${host.description}`, direct, directLayouts, metadata);
   }
 
   if (req.mode === 'rw') refuseWithChildren(req, image, host, warnings);
@@ -332,9 +352,36 @@ function vhdxRenewal(image: OpenedImage, host: ImageHost, path: 'direct' | 'loop
   return { what, on: 'device', path: layout.device, writes: placed };
 }
 
-/** Map file indexes that belong to the image itself (not a parent): the only ones rw may write. */
+/**
+ * Map file indexes that belong to the image itself (not a parent): the only ones rw may
+ * write. The chain resolver refuses a file shared by two layers, so a file is one layer's.
+ */
 function topLayerFiles(image: OpenedImage): Set<number> {
-  return new Set(image.layers[0]!.fileIndex);
+  const top = new Set(image.layers[0]!.fileIndex);
+  for (const l of image.layers.slice(1)) for (const g of l.fileIndex) top.delete(g);
+  return top;
+}
+
+/**
+ * Bytes of the disk that read from a parent layer, counted by layer (the top layer's
+ * `parent` ranges that the chain resolves to data), not by file: whatever file the
+ * parent's data lies in, a direct rw mapping would write it.
+ */
+function parentDataBytes(image: OpenedImage): number {
+  const top = image.layers[0]!.layer.extents;
+  const map = image.map.extents;
+  let n = 0;
+  let j = 0;
+  for (const p of top) {
+    if (p.kind !== 'parent') continue;
+    const end = p.start + p.length;
+    while (j < map.length && map[j]!.start + map[j]!.length <= p.start) j++;
+    for (let k = j; k < map.length && map[k]!.start < end; k++) {
+      const e = map[k]!;
+      if (e.kind === 'data') n += Math.min(end, e.start + e.length) - Math.max(p.start, e.start);
+    }
+  }
+  return n;
 }
 
 interface PathChoice {
@@ -389,9 +436,7 @@ function choosePath(req: ImageRequest, image: OpenedImage, direct: ExtentMap | u
         'mode', 'rw',
       );
     }
-    const top = topLayerFiles(image);
-    let parentBytes = 0;
-    for (const e of map.extents) if (e.kind === 'data' && !top.has(e.file)) parentBytes += e.length;
+    const parentBytes = parentDataBytes(image);
     const unallocated = (s.zeroBytesByWhy.unallocated ?? 0) + (s.zeroBytesByWhy.zeroed ?? 0) + (s.zeroBytesByWhy.uninitialized ?? 0);
     // Expanding in place (expand-plan.ts) throws ExpansionNeeded when vdboot can: it comes
     // first (DESIGN §3, the direct path afterwards), after the file's holes on the host are

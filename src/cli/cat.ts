@@ -7,10 +7,10 @@ import { openHostImage } from '../sys/host-image.ts';
 
 export const command: Command = {
   summary: 'write the virtual disk (or one of its partitions) as raw bytes to stdout',
-  usage: 'vdboot cat IMAGE [--partition N]\n  holes read as zeros; N numbers partitions as Linux does (sda1 = 1)',
+  usage: 'vdboot cat IMAGE [--partition N] [--allow-outside]\n  holes read as zeros; N numbers partitions as Linux does (sda1 = 1)\n  --allow-outside  let the image name files outside its folder (extents, backing files)',
   async run(args: string[], io: CliIO): Promise<number> {
-    const a = parseImageArgs(args, this.usage, [], ['--partition']);
-    const img = openHostImage(a.image);
+    const a = parseImageArgs(args, this.usage, ['--allow-outside'], ['--partition']);
+    const img = openHostImage(a.image, { allowOutside: a.flags.has('--allow-outside') });
     try {
       let start = 0;
       let length = img.map.size;

@@ -49,10 +49,10 @@ function human(n: number): string {
 
 export const command: Command = {
   summary: 'describe a disk image: format, size, parents, partitions, how it can be mapped',
-  usage: 'vdboot inspect IMAGE [--json]',
+  usage: 'vdboot inspect IMAGE [--json] [--allow-outside]\n  --allow-outside  let the image name files outside its folder (extents, backing files)',
   async run(args: string[], io: CliIO): Promise<number> {
-    const a = parseImageArgs(args, this.usage, ['--json']);
-    const img = openHostImage(a.image);
+    const a = parseImageArgs(args, this.usage, ['--json', '--allow-outside']);
+    const img = openHostImage(a.image, { allowOutside: a.flags.has('--allow-outside') });
     try {
       const top = img.layers[0]!.layer;
       const summary = summarizeMap(img.map);

@@ -50,10 +50,10 @@ function extentLine(e: OpenedImage['map']['extents'][number], files: string[]): 
 
 export const command: Command = {
   summary: 'print the extent map of a disk image (where each range of the virtual disk lies)',
-  usage: 'vdboot map IMAGE [--json] [--dm]\n  --json  the ExtentMap as JSON\n  --dm    the device-mapper table it gives (512-byte sectors)',
+  usage: 'vdboot map IMAGE [--json] [--dm] [--allow-outside]\n  --json  the ExtentMap as JSON\n  --dm    the device-mapper table it gives (512-byte sectors)\n  --allow-outside  let the image name files outside its folder (extents, backing files)',
   async run(args: string[], io: CliIO): Promise<number> {
-    const a = parseImageArgs(args, this.usage, ['--json', '--dm']);
-    const img = openHostImage(a.image);
+    const a = parseImageArgs(args, this.usage, ['--json', '--dm', '--allow-outside']);
+    const img = openHostImage(a.image, { allowOutside: a.flags.has('--allow-outside') });
     try {
       const { map } = img;
       if (a.flags.has('--json')) {

@@ -68,7 +68,7 @@ export interface BootPlanReport {
 }
 
 /** Plans a boot against host devices, opening every image the command line names. */
-export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts: { nbd?: boolean } = {}): BootPlanReport {
+export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts: { nbd?: boolean; allowOutside?: boolean } = {}): BootPlanReport {
   const plan = planBoot(cmdline);
   const vdisks: VdiskPlan[] = [];
   const hosts: OpenedHostFs[] = [];
@@ -78,7 +78,8 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts:
     const planOne = (hostSpec: Parameters<typeof findImage>[1], path: string, root: boolean) => {
       const found = findImage(devices, hostSpec, path);
       hosts.push(found.host);
-      const req = { index: index++, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, nbd: opts.nbd === true, ...(root ? { root: plan.vdisk.root } : {}) };
+      const allowOutside = opts.allowOutside === true || plan.vdisk.allowOutside === true;
+      const req = { index: index++, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, nbd: opts.nbd === true, ...(allowOutside ? { allowOutside } : {}), ...(root ? { root: plan.vdisk.root } : {}) };
       const vp = planVdisk(req, imageHostFor(found.host, [found.file]));
       vdisks.push(vp);
       return vp;
@@ -121,15 +122,17 @@ export function formatReport(r: BootPlanReport): string {
 
 export const command: Command = {
   summary: 'dry-run a boot: the devices, image chain, dm tables and mounts the init would make for a command line',
-  usage: "vdboot plan --cmdline 'root=vdisk:LABEL=Windows:/VMs/linux.vhdx …' --disk host.img [--disk …] [--json] [--nbd]\n" +
+  usage: "vdboot plan --cmdline 'root=vdisk:LABEL=Windows:/VMs/linux.vhdx …' --disk host.img [--disk …] [--json] [--nbd] [--allow-outside]\n" +
     '  --disk FILE  a disk image file standing for a disk of the machine (sda, sdb, … in order)\n' +
     '  --json       the plan as JSON (with every device-mapper target)\n' +
-    '  --nbd        plan for an initramfs with qemu-nbd and ntfs-3g (mkinitramfs --with qemu-nbd --with ntfs-3g)',
+    '  --nbd        plan for an initramfs with qemu-nbd and ntfs-3g (mkinitramfs --with qemu-nbd --with ntfs-3g)\n' +
+    '  --allow-outside  let images name files outside their folder (as rd.vdisk.allow-outside=1)',
   async run(args: string[], io: CliIO): Promise<number> {
     let cmdline: string | undefined;
     const disks: string[] = [];
     let json = false;
     let nbd = false;
+    let allowOutside = false;
     for (let i = 0; i < args.length; i++) {
       const a = args[i]!;
       const value = () => {
@@ -141,13 +144,14 @@ export const command: Command = {
       else if (a === '--disk' || a.startsWith('--disk=')) disks.push(value());
       else if (a === '--json') json = true;
       else if (a === '--nbd') nbd = true;
+      else if (a === '--allow-outside') allowOutside = true;
       else throw new UsageError(`unknown argument ${a}\n${this.usage}`);
     }
     if (cmdline === undefined) throw new UsageError(`--cmdline is required\n${this.usage}`);
     for (const d of disks) if (!fs.existsSync(d)) throw new UsageError(`--disk ${d}: no such file`);
     const { devices, close } = diskFileDevices(disks);
     try {
-      const report = planAgainstDevices(cmdline, devices, { nbd });
+      const report = planAgainstDevices(cmdline, devices, { nbd, allowOutside });
       if (json) io.stdout(`${JSON.stringify({ ...report, vdisks: report.vdisks.map((v) => ({ ...v, map: undefined, headerUpdate: v.headerUpdate && { ...v.headerUpdate, writes: v.headerUpdate.writes.map((w) => ({ offset: w.offset, length: w.bytes.length })) } })) }, null, 1)}\n`);
       else io.stdout(formatReport(report));
       return 0;

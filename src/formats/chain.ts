@@ -25,7 +25,7 @@
  *   joinPath(dir, path), dirName(path), normalizePath(path): re-exported from paths.ts.
  */
 import { FormatError, isFormatError, type BlockReader } from './block-reader.ts';
-import { dirName, joinPath, normalizePath } from './paths.ts';
+import { dirName, isInside, joinPath, normalizePath, resolveImageName } from './paths.ts';
 import { detectFormat, FORMAT_READERS, readerFor } from './detect.ts';
 import type { Extent, ExtentMap } from './extent-map.ts';
 import { appendExtent, findExtent, isMerged, validateExtents, type LayerMetadata } from './extent-ops.ts';
@@ -38,8 +38,26 @@ export const MAX_CHAIN_DEPTH = 64;
 export interface ChainHost {
   /** Opens a file (absolute path, or relative to the working directory); throws when it cannot. */
   openFile(path: string): BlockReader;
-  /** A stable identity of a file (e.g. "dev:ino") to catch loops through links; optional. */
+  /**
+   * What a file is, whatever its spelling ("dev:ino", an NTFS MFT record number): two
+   * names of one file are one file of the image set, so overlaps and loops are caught
+   * through links, "./" and case. Without it the normalized path stands for the file.
+   */
   fileId?(path: string): string;
+  /**
+   * 'device' for a device node, 'link' for a symbolic link the host does not resolve
+   * (realPath absent), 'other' for anything else that is not a regular file; optional.
+   */
+  fileKind?(path: string): 'file' | 'device' | 'link' | 'other';
+  /** The path with every symbolic link followed, when the host has links; optional. */
+  realPath?(path: string): string;
+  /**
+   * Files named by the image may lie outside its folder, be absolute paths or device
+   * nodes (rd.vdisk.allow-outside=1, --allow-outside). Off by default: see confinement below.
+   */
+  allowOutside?: boolean;
+  /** Names that differ only in case are one name (NTFS, exFAT, FAT): "../vms/x" is inside "/VMs". */
+  caseInsensitive?: boolean;
   /** The formats to try; FORMAT_READERS by default. */
   readers?: readonly FormatReader[];
   /** Names in a directory (a VDI parent is found by UUID among its neighbours); optional. */
@@ -74,12 +92,66 @@ function errorText(e: unknown): string {
 }
 
 export function openImage(path: string, host: ChainHost): OpenedImage {
+  return openChain(path, host, undefined);
+}
+
+const ALLOW_OUTSIDE_HINT = 'If you trust this image set, boot with rd.vdisk.allow-outside=1 (on this machine: vdboot inspect|map|cat|plan --allow-outside)';
+
+/**
+ * Confinement: every file an image names (extents, data files, parents, a disk
+ * definition's partition images) lies in the folder of the image the person named, or
+ * below it, and is a regular file. An image is untrusted input: without this a crafted
+ * VMDK extent "/Windows/secret.bin" or "../../x", or a qcow2 backing file /dev/sda, would
+ * be mapped (and written) as the guest's disk. `root` is that folder.
+ */
+function confine(host: ChainHost, root: string, p: string, namedBy: string): void {
+  if (host.allowOutside) return;
+  const refuse = (why: string): never => {
+    throw new FormatError(`${namedBy} names ${p}, ${why}: vdboot opens only files in the image's folder ${root} or below it. ${ALLOW_OUTSIDE_HINT}; or move the file into ${root} and name it there.`, 'outside', p);
+  };
+  const inside = host.caseInsensitive ? isInside(root.toLowerCase(), p.toLowerCase()) : isInside(root, p);
+  if (!inside) refuse(p.startsWith('/') && !root.startsWith('/') ? 'an absolute path' : 'which lies outside that folder');
+  if (host.realPath) {
+    let real: string | undefined;
+    let realRoot: string | undefined;
+    try {
+      real = host.realPath(p);
+      realRoot = host.realPath(root);
+    } catch {
+      // a missing file: opening it says so
+    }
+    if (real !== undefined && realRoot !== undefined && !isInside(realRoot, real)) refuse(`a link to ${real}, outside that folder`);
+  }
+  let kind: 'file' | 'device' | 'link' | 'other' = 'file';
+  try {
+    kind = host.fileKind?.(p) ?? 'file';
+  } catch {
+    // a missing file: opening it says so
+  }
+  if (kind === 'device') refuse('a device node, not a file');
+  if (kind === 'link') refuse('a symbolic link, which vdboot does not follow there (it could lead anywhere, even outside the host filesystem)');
+  if (kind === 'other') refuse('which is not a regular file');
+}
+
+function openChain(path: string, host: ChainHost, outerRoot: string | undefined): OpenedImage {
   const readersList = host.readers ?? FORMAT_READERS;
+  const top = normalizePath(path);
+  const root = outerRoot ?? dirName(top);
   const files: string[] = [];
   const readers: BlockReader[] = [];
-  const byPath = new Map<string, number>();
-  const openGlobal = (resolved: string): number => {
-    let i = byPath.get(resolved);
+  // by identity (ChainHost.fileId), so two spellings of one file are one index
+  const byId = new Map<string, number>();
+  const fileIdOf = (p: string): string => {
+    try {
+      return host.fileId ? host.fileId(p) : p;
+    } catch {
+      return p;
+    }
+  };
+  const openGlobal = (resolved: string, namedBy?: string): number => {
+    if (namedBy !== undefined) confine(host, root, resolved, namedBy);
+    const id = fileIdOf(resolved);
+    let i = byId.get(id);
     if (i === undefined) {
       let r: BlockReader;
       try {
@@ -92,20 +164,14 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
       i = files.length;
       files.push(resolved);
       readers.push(r);
-      byPath.set(resolved, i);
+      byId.set(id, i);
     }
     return i;
   };
 
   const layers: ChainLayer[] = [];
   const seen = new Map<string, string>();
-  const identity = (p: string): string => {
-    try {
-      return host.fileId ? host.fileId(p) : p;
-    } catch {
-      return p;
-    }
-  };
+  const identity = fileIdOf;
   const remember = (p: string) => {
     const id = identity(p);
     const before = seen.get(id);
@@ -118,23 +184,23 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
     seen.set(id, p);
   };
 
-  const openOne = (p: string, expected?: ImageFormat): ChainLayer => {
-    const primary = openGlobal(p);
+  const openOne = (p: string, expected?: ImageFormat, namedBy?: string): ChainLayer => {
+    const primary = openGlobal(p, namedBy);
     const dir = dirName(p);
     const ctx: OpenContext = {
       path: p,
-      openFile: (name) => readers[openGlobal(joinPath(dir, name))]!,
-      // A disk definition's partition images: whole chains of their own, never another definition.
-      openImage: (name) => openImage(joinPath(dir, name), { ...host, readers: readersList.filter((r) => r.format !== 'vdisk-json') }),
+      openFile: (name) => readers[openGlobal(resolveImageName(dir, name), p)]!,
+      // A disk definition's partition images: whole chains of their own, never another definition, confined to the same folder.
+      openImage: (name) => {
+        const q = resolveImageName(dir, name);
+        confine(host, root, q, p);
+        return openChain(q, { ...host, readers: readersList.filter((r) => r.format !== 'vdisk-json') }, root);
+      },
     };
     if (host.listDir) ctx.listDir = () => host.listDir!(dir);
     const layer = openLayer(readers[primary]!, ctx, expected, readersList);
-    const fileIndex = layer.files.map((name, i) => (i === 0 ? primary : openGlobal(joinPath(dir, name))));
-    validateExtents(p, layer.size, layer.extents, {
-      fileSizes: fileIndex.map((g) => readers[g]!.size),
-      metadata: layer.metadata,
-      files: layer.files,
-    });
+    const fileIndex = layer.files.map((name, i) => (i === 0 ? primary : openGlobal(resolveImageName(dir, name), p)));
+    validateLayer(p, layer, fileIndex, files, readers);
     const hasParentExtent = layer.extents.some((e) => e.kind === 'parent');
     if (hasParentExtent && !layer.parent) {
       throw new FormatError(`${p}: the image leaves ranges to a parent image but names none`, 'parent');
@@ -142,7 +208,7 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
     return { path: p, layer, fileIndex };
   };
 
-  let current = normalizePath(path);
+  let current = top;
   remember(current);
   layers.push(openOne(current));
   for (;;) {
@@ -160,7 +226,7 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
     let opened: ChainLayer | undefined;
     let loopCandidate: string | undefined;
     for (const cand of ref.paths) {
-      const p = joinPath(dir, cand);
+      const p = resolveImageName(dir, cand);
       if (tried.some((t) => t.startsWith(`${p}:`))) continue;
       // A candidate that is an earlier layer would loop: try the others first.
       if (seen.has(identity(p))) {
@@ -168,7 +234,7 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
         continue;
       }
       try {
-        const layer = openOne(p, ref.format);
+        const layer = openOne(p, ref.format, child.path);
         ref.verify?.(layer.layer);
         opened = layer;
         current = p;
@@ -186,6 +252,7 @@ export function openImage(path: string, host: ChainHost): OpenedImage {
       );
     }
     remember(current);
+    checkLayerFiles(path, layers, opened, files);
     layers.push(opened);
   }
 
@@ -284,4 +351,39 @@ function appendParent(out: Extent[], below: readonly Extent[], belowSize: number
   }
   const zeroFrom = Math.max(start, belowSize);
   if (zeroFrom < end) appendExtent(out, { kind: 'zero', start: zeroFrom, length: end - zeroFrom, why: 'unallocated' });
+}
+
+/**
+ * Validates one layer's extents on the chain's files, by identity: when two of the
+ * layer's names are one file ("d.raw" and "./d.raw", "D.RAW" and "d.raw" on NTFS, a
+ * qcow2 data_file naming the qcow2 itself), its overlap and metadata checks run on that
+ * one file, so data can neither be mapped twice nor onto the layer's own tables.
+ */
+function validateLayer(p: string, layer: ImageLayer & LayerMetadata, fileIndex: readonly number[], files: readonly string[], readers: readonly BlockReader[]): void {
+  if (new Set(fileIndex).size === fileIndex.length) {
+    validateExtents(p, layer.size, layer.extents, { fileSizes: fileIndex.map((g) => readers[g]!.size), metadata: layer.metadata, files: layer.files });
+    return;
+  }
+  const extents = layer.extents.map((e) => (e.kind === 'data' ? { ...e, file: fileIndex[e.file] ?? -1 } : e));
+  const metadata = (layer.metadata ?? []).map((m) => ({ ...m, file: fileIndex[m.file] ?? -1 }));
+  validateExtents(p, layer.size, extents, { fileSizes: readers.map((r) => r.size), metadata, files });
+}
+
+/**
+ * A file belongs to one layer of a chain. A child that names its parent's file as its own
+ * extent (a VMDK "FLAT base.vhd 0" beside parentFileNameHint="base.vhd", a qcow2 overlay
+ * whose data_file is its backing file) would expose the parent's tables as guest data, and
+ * a read-write boot would write the parent through the child.
+ */
+function checkLayerFiles(path: string, layers: readonly ChainLayer[], next: ChainLayer, files: readonly string[]): void {
+  for (const l of layers) {
+    const shared = next.fileIndex.find((g) => l.fileIndex.includes(g));
+    if (shared === undefined) continue;
+    throw new FormatError(
+      `${path}: ${files[shared]} is a file of two layers of the chain, ${l.path} and its parent ${next.path}: ` +
+        `a child that names its parent's file as its own data would read the parent's tables as the disk's bytes, and writes would change the parent. ` +
+        `The image set is damaged or crafted; rebuild the child (qemu-img create -b) or convert the chain to one image on a trusted machine.`,
+      'file', files[shared],
+    );
+  }
 }

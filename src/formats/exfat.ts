@@ -310,7 +310,7 @@ export class ExfatVolume implements HostFs {
       pushExtent(extents, { kind: 'uninitialized', fileOffset: initEnd, length: off + len - initEnd, deviceOffset: dev + (initEnd - off) });
       off += len;
     }
-    return { path: p, size, extents };
+    return { path: p, size, extents, ...(size > 0 && entry.firstCluster >= 2 ? { id: `exfat:${entry.firstCluster}` } : {}) };
   }
 
   readdir(path: string): HostDirEntry[] {

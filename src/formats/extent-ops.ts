@@ -32,6 +32,12 @@
  *       become zero{why:'uninitialized'}. `null` keeps files[i] as it is (e.g. a file
  *       reached through a loop device). Result files[] = the devices/files used.
  *
+ *   validateComposed(what, composed: ExtentMap, layouts, metadata): void
+ *       The composed map checked once more on the devices: no two virtual ranges on the
+ *       same device bytes, none on a layer's metadata (file ranges, by map file index,
+ *       translated through `layouts` into device ranges). Catches two files of a set that
+ *       share bytes on the host, whatever the chain resolver knew of their identity.
+ *
  *   dmTable(map: ExtentMap, opts?: DmTableOptions): string[]
  *       device-mapper lines "start_sector num_sectors linear DEV offset_sector" and
  *       "start num zero" (512-byte sectors). Refuses (FormatError) unaligned extents,
@@ -393,6 +399,32 @@ export function composeMap(map: ExtentMap, layouts: readonly (FileLayout | null)
     }
   }
   return { size: map.size, files, extents: mergeExtents(out) };
+}
+
+export function validateComposed(
+  what: string,
+  composed: ExtentMap,
+  layouts: readonly (FileLayout | null)[],
+  metadata: readonly MetadataRange[],
+): void {
+  const deviceIndex = new Map<string, number>(composed.files.map((f, i) => [f, i]));
+  const onDevice: MetadataRange[] = [];
+  for (const m of metadata) {
+    const layout = layouts[m.file];
+    if (!layout || m.length <= 0) continue;
+    const dev = deviceIndex.get(layout.device);
+    if (dev === undefined) continue;
+    const end = m.offset + m.length;
+    for (let i = Math.max(0, findFileExtent(layout.extents, m.offset)); i < layout.extents.length; i++) {
+      const f = layout.extents[i]!;
+      if (f.fileOffset >= end) break;
+      if (f.kind === 'hole' || (f as { deviceOffset?: number }).deviceOffset === undefined) continue;
+      const s = Math.max(m.offset, f.fileOffset);
+      const t = Math.min(end, f.fileOffset + f.length);
+      if (s < t) onDevice.push({ file: dev, offset: (f as { deviceOffset: number }).deviceOffset + (s - f.fileOffset), length: t - s, what: m.what });
+    }
+  }
+  validateExtents(what, composed.size, composed.extents, { metadata: onDevice, files: composed.files });
 }
 
 const SECTOR = 512;

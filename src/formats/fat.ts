@@ -149,6 +149,74 @@ export class FatVolume implements HostFs {
     }
   }
 
+  /**
+   * Cross-links: no other cluster chain joins the chains of `files`. One pass over the
+   * whole FAT: an entry X -> C where C is a cluster of a target file is legal only when X is
+   * C's predecessor in that file's own chain (and nothing may point at a chain's first
+   * cluster). Another file's chain that joins this one (what chkdsk calls cross-linked)
+   * is refused, naming both clusters. Not seen: another directory entry whose first
+   * cluster lies inside the chain (that needs every directory read).
+   */
+  proveOwnership(files: readonly HostFile[]): void {
+    // the targets' runs of consecutive clusters, each with the cluster before it in its chain
+    const runs: { start: number; end: number; before: number; path: string }[] = [];
+    for (const f of files) {
+      let before = -1;
+      for (const e of f.extents) {
+        if (e.kind !== 'data' || e.length <= 0) continue;
+        const start = (e.deviceOffset - this.dataOffset) / this.clusterSize + 2;
+        const end = start + Math.ceil(e.length / this.clusterSize);
+        runs.push({ start, end, before, path: f.path });
+        before = end - 1;
+      }
+    }
+    if (!runs.length) return;
+    runs.sort((a, b) => a.start - b.start);
+    for (let i = 1; i < runs.length; i++) {
+      if (runs[i]!.start < runs[i - 1]!.end) {
+        throw new FormatError(`${this.volumeName}: ${runs[i]!.path}: its cluster ${runs[i]!.start} also belongs to ${runs[i - 1]!.path}: two files are cross-linked; run fsck.vfat or chkdsk /f before booting from it`, 'cluster', runs[i]!.start);
+      }
+    }
+    const starts = new Float64Array(runs.map((r) => r.start));
+    const last = this.clusterCount + 1;
+    const lowest = starts[0]!;
+    const highest = runs[runs.length - 1]!.end;
+    // FAT16/32: the table read 1 MiB at a time and decoded in place; FAT12 through fatEntry
+    const width = this.fatBits === 32 ? 4 : this.fatBits === 16 ? 2 : 0;
+    const perChunk = 1 << 18;
+    let chunk: Uint8Array | null = null;
+    let chunkFirst = 0;
+    for (let x = 2; x <= last; x++) {
+      let c: number;
+      if (width) {
+        if (!chunk || x >= chunkFirst + perChunk) {
+          chunkFirst = x;
+          chunk = this.partition.read(this.fatOffset + x * width, Math.min(perChunk, last + 1 - x) * width);
+        }
+        const o = (x - chunkFirst) * width;
+        c = width === 4 ? (chunk[o]! | (chunk[o + 1]! << 8) | (chunk[o + 2]! << 16)) + (chunk[o + 3]! & 0x0f) * 0x1000000 : chunk[o]! | (chunk[o + 1]! << 8);
+      } else c = this.fatEntry(x);
+      if (c < lowest || c >= highest) continue;
+      // the run holding c
+      let lo = 0;
+      let hi = runs.length - 1;
+      let k = -1;
+      while (lo <= hi) {
+        const mid = (lo + hi) >>> 1;
+        if (starts[mid]! <= c) { k = mid; lo = mid + 1; } else hi = mid - 1;
+      }
+      if (k < 0) continue;
+      const r = runs[k]!;
+      if (c >= r.end) continue;
+      if (c === r.start ? x === r.before : x === c - 1) continue;
+      throw new FormatError(
+        `${this.volumeName}: ${r.path}: its cluster ${c} is also reached from cluster ${x}, which is not the cluster before it in the file: another file's chain joins this one (a cross-link), ` +
+          `and mapping it would read and write that file's bytes. Run fsck.vfat or chkdsk /f before booting from it.`,
+        'cluster', c,
+      );
+    }
+  }
+
   private clusterOffset(c: number): number {
     return this.dataOffset + (c - 2) * this.clusterSize;
   }
@@ -262,7 +330,8 @@ export class FatVolume implements HostFs {
         runStart = i;
       }
     }
-    return { path: p, size: entry.size, extents };
+    // a file with clusters is its first cluster (two entries sharing one are one file, or cross-linked)
+    return { path: p, size: entry.size, extents, ...(entry.size > 0 && entry.firstCluster >= 2 ? { id: `fat:${entry.firstCluster}` } : {}) };
   }
 
   readdir(path: string): HostDirEntry[] {

@@ -14,6 +14,12 @@ export interface HostFile {
   path: string;
   /** size in bytes */
   size: number;
+  /**
+   * What the file is on this volume, whatever name reached it: "ntfs:MFT record" (hard
+   * links and case variants are one record), "fat:first cluster" for a file with clusters.
+   * The chain resolver identifies an image set's files by it (ChainHost.fileId).
+   */
+  id?: string;
   /** extents in file order, covering [0, size) without gaps */
   extents: FileExtent[];
   /**
@@ -50,6 +56,12 @@ export interface HostFs {
   lookup(path: string): HostFile;
   readdir(path: string): HostDirEntry[];
   readFile(file: HostFile, offset: number, length: number): Uint8Array;
+  /**
+   * Proves that every cluster of `files` belongs to that file alone (no other file, system
+   * structure or other file of the list claims it); FormatError naming the cluster, the
+   * other owner and the remedy otherwise. Readers that cannot tell leave it out.
+   */
+  proveOwnership?(files: readonly HostFile[]): void;
 }
 
 /** Reads a file through its extents (holes and uninitialized ranges as zeros). */

@@ -16,9 +16,11 @@ import {
   joinHostPath, notFoundError, pushExtent, readThroughExtents, splitHostPath, u64, viewOf,
 } from './host-volume.ts';
 import { utf16leDecode } from './text.ts';
+import { makeClusterTargets, scanMftChunk, type ClusterConflict, type ClusterRange } from './ntfs-owners.ts';
 
 const AT_STANDARD_INFORMATION = 0x10;
 const AT_ATTRIBUTE_LIST = 0x20;
+const AT_FILE_NAME = 0x30;
 const AT_VOLUME_NAME = 0x60;
 const AT_VOLUME_INFORMATION = 0x70;
 const AT_DATA = 0x80;
@@ -53,6 +55,12 @@ const REC_UPCASE = 10;
 
 /** NTFS fixups always protect 512-byte strides, whatever the sector size. */
 const FIXUP_STRIDE = 512;
+
+/**
+ * The most MFT records the ownership proof reads (4 GiB of $MFT at 1 KiB a record): a
+ * volume with more files is refused rather than checked for minutes.
+ */
+export const MAX_OWNERSHIP_RECORDS = 4 * 1024 * 1024;
 
 /** The most fragments vdboot follows in one attribute (a corrupt runlist must not exhaust memory). */
 const MAX_RUNS = 4_000_000;
@@ -802,13 +810,13 @@ export class NtfsVolume implements HostFs {
       throw new FormatError(`${this.volumeName}: ${p} is NTFS-compressed (perhaps because its folder has compression turned on), so its clusters cannot be mapped. On Windows run: compact /u "${p.replace(/\//g, '\\')}" (and "compact /u /s" on the folder to stop compressing new files)`, '$DATA', 'compressed');
     }
     if (!data.nonResident) {
-      return { path: p, size: data.dataSize, extents: [], resident: new Uint8Array(data.value!) };
+      return { path: p, id: `ntfs:${rec.no}`, size: data.dataSize, extents: [], resident: new Uint8Array(data.value!) };
     }
     const extents = this.extentsOf(data, p);
     this.checkOwnClusters(data.runs.filter((r) => r.vcn * this.clusterSize < data.dataSize), p);
     // A sparse file's holes are allocated a compression unit at a time (2^unit clusters; 0: not sparse).
     const unit = data.compressionUnit > 0 ? this.clusterSize * 2 ** Math.min(data.compressionUnit, 31) : this.clusterSize;
-    return { path: p, size: data.dataSize, extents, allocationUnit: unit };
+    return { path: p, id: `ntfs:${rec.no}`, size: data.dataSize, extents, allocationUnit: unit };
   }
 
   /** $Bitmap's $DATA (MFT record 6), read on first use. */
@@ -907,6 +915,91 @@ export class NtfsVolume implements HostFs {
 
   readFile(file: HostFile, offset: number, length: number): Uint8Array {
     return readThroughExtents(this.partition, file, offset, length);
+  }
+
+  /**
+   * Cross-links: every cluster of `files` must be claimed by that file's unnamed $DATA
+   * and by nothing else on the volume: not another file, not a system file (records 0–15,
+   * $MFT's own runs among them), not another attribute of the same file, not another file
+   * of the list. One pass over the whole $MFT, 1 MiB at a time (ntfs-owners.ts); at most
+   * MAX_OWNERSHIP_RECORDS records. A record that is in use but damaged leaves ownership
+   * unproven and is refused too. Files without clusters (resident) need nothing.
+   */
+  proveOwnership(files: readonly HostFile[]): void {
+    const cs = this.clusterSize;
+    const ranges: ClusterRange[] = [];
+    const names = new Map<number, string>();
+    for (const f of files) {
+      const m = /^ntfs:(\d+)$/.exec(f.id ?? '');
+      if (!m) throw new Error(`proveOwnership: ${f.path} was not found on this NTFS volume`);
+      const record = Number(m[1]);
+      names.set(record, f.path);
+      for (const e of f.extents) {
+        if (e.kind === 'hole' || e.deviceOffset === undefined || e.length <= 0) continue;
+        const first = Math.floor(e.deviceOffset / cs);
+        ranges.push({ lcn: first, length: Math.ceil((e.deviceOffset + e.length) / cs) - first, record });
+      }
+    }
+    if (!ranges.length) return; // resident files have no clusters to prove
+    const targets = makeClusterTargets(ranges);
+    if ('kind' in targets) throw this.conflictError(targets, names);
+    const size = this.boot.mftRecordSize;
+    const records = Math.floor(this.mftSize / size);
+    if (records > MAX_OWNERSHIP_RECORDS) {
+      throw new FormatError(
+        `${this.volumeName}: its $MFT holds ${records} records, more than the ${MAX_OWNERSHIP_RECORDS} vdboot reads to prove that ${files.map((f) => f.path).join(', ')} share no cluster with another file. ` +
+          `Put the image on a partition with fewer files (a data partition of its own).`,
+        '$MFT', records,
+      );
+    }
+    const perChunk = Math.max(1, Math.floor((1024 * 1024) / size));
+    for (let first = 0; first < records; first += perChunk) {
+      const n = Math.min(perChunk, records - first);
+      const chunk = this.readRuns(this.mftRuns, first * size, n * size, this.mftSize, '$MFT');
+      const hit = scanMftChunk(chunk, first, size, targets);
+      if (hit) throw this.conflictError(hit, names);
+    }
+  }
+
+  private conflictError(c: ClusterConflict, names: Map<number, string>): FormatError {
+    const list = [...names.values()].join(', ');
+    if (c.kind === 'damaged') {
+      return new FormatError(
+        `${this.volumeName}: MFT record ${c.record} ${c.why}, so vdboot cannot prove that the clusters of ${list} belong to no other file. ` +
+          `The volume is damaged: run chkdsk /f on Windows before booting from it.`,
+        'mft_record', c.record,
+      );
+    }
+    const target = names.get(c.target) ?? `MFT record ${c.target}`;
+    const owner = c.owner === c.target
+      ? `another attribute (type 0x${c.attrType.toString(16)}) of the same file`
+      : `${names.get(c.owner) ?? this.recordPath(c.owner)} (MFT record ${c.owner})`;
+    return new FormatError(
+      `${this.volumeName}: ${target}: its cluster ${c.lcn} also belongs to ${owner}: two files claim the same clusters (a cross-link), and mapping this one would read and write the other's bytes. ` +
+        `The volume is damaged (or the runlist was edited): run chkdsk /f on Windows before booting from this file.`,
+      'lcn', c.lcn,
+    );
+  }
+
+  /** The path of an MFT record from its $FILE_NAME attributes, for messages ("/Windows/x.dll", "$MFT"); best effort. */
+  private recordPath(no: number): string {
+    const parts: string[] = [];
+    let cur = no;
+    try {
+      for (let depth = 0; depth < 64 && cur !== REC_ROOT; depth++) {
+        const rec = this.readRecord(cur);
+        const names = rec.attrs.filter((a) => a.type === AT_FILE_NAME && !a.nonResident && a.value && a.value.length >= 0x42);
+        const fn = names.find((a) => a.value![0x41] !== FILE_NAME_DOS) ?? names[0];
+        if (!fn) break;
+        const v = viewOf(fn.value!);
+        const len = fn.value![0x40]!;
+        parts.unshift(utf16leDecode(fn.value!.subarray(0x42, Math.min(fn.value!.length, 0x42 + len * 2))));
+        cur = Number(v.getBigUint64(0, true) & 0xffffffffffffn);
+      }
+    } catch {
+      // a damaged record: the name so far
+    }
+    return parts.length ? (no < 16 ? parts.join('/') : `/${parts.join('/')}`) : `MFT record ${no}`;
   }
 }
 

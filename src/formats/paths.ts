@@ -25,3 +25,25 @@ export function joinPath(dir: string, path: string): string {
   if (path.startsWith('/')) return normalizePath(path);
   return normalizePath(`${dir}/${path}`);
 }
+
+/** A Windows absolute path of another machine: "C:\VMs\base.vhdx", "C:/VMs/base.vhdx", "\\server\share\base.vhdx". */
+export function isWindowsAbsolute(name: string): boolean {
+  return /^[A-Za-z]:[\\/]/.test(name) || name.startsWith('\\\\');
+}
+
+/**
+ * Where a file named by an image (an extent, a data file, a parent, a partition image)
+ * is looked for: relative names beside the image; a Windows absolute path of another
+ * machine by its last name in the image's folder, as parents are found.
+ */
+export function resolveImageName(dir: string, name: string): string {
+  if (isWindowsAbsolute(name)) return joinPath(dir, name.slice(Math.max(name.lastIndexOf('/'), name.lastIndexOf('\\')) + 1));
+  return joinPath(dir, name);
+}
+
+/** True when the normalized `path` is `dir` itself or lies below it (both normalized the same way). */
+export function isInside(dir: string, path: string): boolean {
+  if (dir === '/') return path.startsWith('/');
+  if (dir === '.') return !path.startsWith('/') && path !== '..' && !path.startsWith('../');
+  return path === dir || path.startsWith(`${dir}/`);
+}

@@ -2,7 +2,8 @@
  * A BlockReader over a host file, for the CLI and tests (Node only).
  *
  *   openFileReader(path: string): FileReader       read-only; reads are exact (no short reads)
- *   nodeChainHost(): ChainHost & { close(): void }  opens files for openImage and closes them all
+ *   nodeChainHost(opts?): ChainHost & { close(): void }  opens files for openImage and closes them all;
+ *       opts.allowOutside lets an image name files outside its folder (--allow-outside)
  */
 import * as fs from 'node:fs';
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
@@ -65,9 +66,10 @@ function blockDeviceSize(fd: number): number {
   return lo * 512;
 }
 
-export function nodeChainHost(): ChainHost & { close(): void } {
+export function nodeChainHost(opts: { allowOutside?: boolean } = {}): ChainHost & { close(): void } {
   const opened: FileReader[] = [];
   return {
+    ...(opts.allowOutside ? { allowOutside: true } : {}),
     openFile(path: string) {
       const r = openFileReader(path);
       opened.push(r);
@@ -79,6 +81,13 @@ export function nodeChainHost(): ChainHost & { close(): void } {
     fileId(path: string) {
       const st = fs.statSync(path);
       return `${st.dev}:${st.ino}`;
+    },
+    fileKind(path: string) {
+      const st = fs.statSync(path);
+      return st.isFile() ? 'file' : st.isBlockDevice() || st.isCharacterDevice() ? 'device' : 'other';
+    },
+    realPath(path: string) {
+      return fs.realpathSync(path);
     },
     close() {
       for (const r of opened.splice(0)) {

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import type { Extent, ExtentMap } from '../../src/formats/extent-map.ts';
 import {
-  composeMap, dmTable, findExtent, mergeExtents, sliceMap, summarizeMap, validateExtents, validateMap, type FileExtent,
+  composeMap, dmTable, findExtent, mergeExtents, sliceMap, summarizeMap, validateComposed, validateExtents, validateMap, type FileExtent,
 } from '../../src/formats/extent-ops.ts';
 
 const d = (start: number, length: number, file: number, offset: number): Extent => ({ kind: 'data', start, length, file, offset });
@@ -118,5 +118,32 @@ describe('dmTable', () => {
   it('summarizeMap counts bytes per kind, per reason and per file', () => {
     const s = summarizeMap({ size: 8192, files: ['a', 'b'], extents: [d(0, 1024, 1, 0), z(1024, 1024, 'zeroed'), z(2048, 6144)] });
     expect(s).toMatchObject({ extents: 3, dataBytes: 1024, zeroBytes: 7168, zeroBytesByWhy: { zeroed: 1024, unallocated: 6144 }, dataBytesByFile: [0, 1024] });
+  });
+});
+
+describe('validateComposed: the composed map checked once more on the device', () => {
+  const MiB = 1 << 20;
+  // two files of an image set, each 1 MiB, on /dev/sda2
+  const map: ExtentMap = { size: 2 * MiB, files: ['a.raw', 'b.raw'], extents: [d(0, MiB, 0, 0), d(MiB, MiB, 1, 0)] };
+  const at = (deviceOffset: number): FileExtent[] => [{ kind: 'data', fileOffset: 0, length: MiB, deviceOffset }];
+
+  it('files on separate sectors pass', () => {
+    const layouts = [{ device: '/dev/sda2', extents: at(0) }, { device: '/dev/sda2', extents: at(4 * MiB) }];
+    expect(() => validateComposed('set', composeMap(map, layouts), layouts, [])).not.toThrow();
+  });
+
+  it('two files sharing sectors on the host (a cross-link the host reader did not see) are refused, naming the device', () => {
+    const layouts = [{ device: '/dev/sda2', extents: at(0) }, { device: '/dev/sda2', extents: at(MiB / 2) }];
+    const e = thrown(() => validateComposed('set', composeMap(map, layouts), layouts, []));
+    expect(isFormatError(e)).toBe(true);
+    expect(e.message).toContain('mapped onto the same bytes of /dev/sda2');
+  });
+
+  it('data on the sectors of another file\'s tables is refused, naming the table', () => {
+    // b.raw lies right after a.raw's first 64 KiB, which hold a.raw's header (metadata of file 0)
+    const small: ExtentMap = { size: MiB, files: ['a.raw', 'b.raw'], extents: [d(0, MiB / 2, 0, MiB / 2), d(MiB / 2, MiB / 2, 1, 0)] };
+    const layouts = [{ device: '/dev/sda2', extents: at(0) }, { device: '/dev/sda2', extents: [{ kind: 'data' as const, fileOffset: 0, length: MiB / 2, deviceOffset: 0 }] }];
+    const e = thrown(() => validateComposed('set', composeMap(small, layouts), layouts, [{ file: 0, offset: 0, length: 65536, what: 'header' }]));
+    expect(e.message).toMatch(/header/);
   });
 });

@@ -19,6 +19,15 @@ describe('rd.vdisk.* options', () => {
     expect(q.warnings.join('\n')).toMatch(/rd\.vdisk\.map=fuse is not auto, direct, loop or nbd/);
   });
 
+  it('rd.vdisk.allow-outside=1 lets an image name files outside its folder; absent or 0 it is off; other values warn', () => {
+    expect(planBoot('root=vdisk:/a.vhd rd.vdisk.allow-outside=1').vdisk.allowOutside).toBe(true);
+    expect(planBoot('root=vdisk:/a.vhd rd.vdisk.allow-outside').vdisk.allowOutside).toBe(true);
+    expect(planBoot('root=vdisk:/a.vhd rd.vdisk.allow-outside=0').vdisk.allowOutside).toBeUndefined();
+    const p = planBoot('root=vdisk:/a.vhd rd.vdisk.allow-outside=maybe');
+    expect(p.vdisk.allowOutside).toBeUndefined();
+    expect(p.warnings.join('\n')).toMatch(/rd\.vdisk\.allow-outside=maybe is neither 0 nor 1; files outside the image's folder stay refused/);
+  });
+
   it('rd.vdisk.root by number', () => {
     expect(planBoot('root=vdisk:/a.vhd rd.vdisk.root=3').vdisk.root).toEqual({ by: 'number', number: 3 });
   });
