@@ -133,10 +133,20 @@ function confine(host: ChainHost, root: string, p: string, namedBy: string): voi
   if (kind === 'other') refuse('which is not a regular file');
 }
 
+/**
+ * The folder an image's files must lie in: the named image's own, except that a VirtualBox
+ * snapshot (the VM's Snapshots/ folder) reaches its base disk in the VM's folder above it.
+ */
+export function confinementRoot(image: string): string {
+  const folder = dirName(normalizePath(image));
+  const last = folder.slice(folder.lastIndexOf('/') + 1);
+  return /^snapshots$/i.test(last) ? dirName(folder) : folder;
+}
+
 function openChain(path: string, host: ChainHost, outerRoot: string | undefined): OpenedImage {
   const readersList = host.readers ?? FORMAT_READERS;
   const top = normalizePath(path);
-  const root = outerRoot ?? dirName(top);
+  const root = outerRoot ?? confinementRoot(top);
   const files: string[] = [];
   const readers: BlockReader[] = [];
   // by identity (ChainHost.fileId), so two spellings of one file are one index

@@ -193,3 +193,14 @@ describe('a child that names its parent\'s file as its own data is refused (pare
     expect(refusal(p)).toContain('is a file of two layers of the chain');
   });
 });
+
+describe('the folder an image set is confined to', () => {
+  it('is the named image\'s folder; a VirtualBox snapshot in the VM\'s Snapshots/ folder reaches the VM folder above it', async () => {
+    const { confinementRoot } = await import('../../src/formats/chain.ts');
+    expect(confinementRoot('/VMs/linux/disk.vdi')).toBe('/VMs/linux');
+    expect(confinementRoot('/VMs/linux/Snapshots/{2b7e}.vdi')).toBe('/VMs/linux');
+    expect(confinementRoot('/VMs/linux/snapshots/x.vdi')).toBe('/VMs/linux');
+    expect(confinementRoot('/VMs/linux/Snapshots-old/x.vdi')).toBe('/VMs/linux/Snapshots-old');
+    expect(confinementRoot('disk.vhdx')).toBe(confinementRoot('./disk.vhdx'));
+  });
+});
