@@ -27,6 +27,8 @@ export interface FirmwareBoot {
   failOn?: string;
   /** UEFI with Secure Boot enforced and only Microsoft's keys (q35 with SMM, secure flash) */
   secureBoot?: boolean;
+  /** guest memory (default 512 MiB; a kexec needs room for a second kernel and initramfs) */
+  memoryMiB?: number;
   /** false: the guest's writes reach the disk file (default true: they are dropped) */
   snapshot?: boolean;
   /** 'exit': after the marker, wait for qemu to end (the guest powers off) before resolving */
@@ -37,7 +39,7 @@ export function bootFromDisk(o: FirmwareBoot): Promise<string> {
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-fwboot-'));
   const args = [
     '--signal=KILL', String(Math.ceil(o.timeoutMs / 1000) + 5), 'qemu-system-x86_64',
-    '-machine', o.secureBoot ? 'q35,smm=on' : 'pc', '-accel', 'tcg', '-m', '512', '-nodefaults', '-display', 'none', '-no-reboot',
+    '-machine', o.secureBoot ? 'q35,smm=on' : 'pc', '-accel', 'tcg', '-m', String(o.memoryMiB ?? 512), '-nodefaults', '-display', 'none', '-no-reboot',
     '-serial', 'stdio',
     '-drive', `file=${o.disk},format=${o.format},if=${o.interface ?? 'virtio'},snapshot=${o.snapshot === false ? 'off' : 'on'}`,
   ];
