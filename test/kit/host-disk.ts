@@ -14,11 +14,12 @@
  *   fileInImage(dir, image, format, guestPath): string     the guest's file (debugfs on the root partition)
  *   qemuRawOf(file, format): Buffer                        the virtual disk by qemu-img convert -O raw
  *   sha256File(file): string
+ *   treeOf(root): FileTree                                 every file under a folder, for the disk builders
  */
 import { createHash } from 'node:crypto';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
 import { expect } from 'vitest';
 import { fatRead, makeExfat, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
@@ -131,4 +132,18 @@ export function qemuRawOf(file: string, format: string): Buffer {
 
 export function sha256File(file: string): string {
   return createHash('sha256').update(readFileSync(file)).digest('hex');
+}
+
+/** Every file under `root` as a FileTree of host files, for the test-disk builders. */
+export function treeOf(root: string): FileTree {
+  const files: FileTree = {};
+  const walk = (d: string): void => {
+    for (const e of readdirSync(d, { withFileTypes: true })) {
+      const p = join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else files[`/${relative(root, p)}`] = { hostFile: p };
+    }
+  };
+  walk(root);
+  return files;
 }

@@ -20,6 +20,7 @@ import { imagePathInRoot, kitEntries, splitArgs } from '../../mkdisk/kit.ts';
 import { makeExfat, makeFat, makeNtfs, makePartitionedDisk, type FileTree } from '../../qemu/disks.ts';
 import { buildGuestRoot, GUEST_MARKER, parseGuestFacts } from '../../qemu/guest.ts';
 import { bootVm, type Vm } from '../../qemu/harness.ts';
+import { treeOf } from '../kit/host-disk.ts';
 import { cleanupTmpDirs, makeTmpDir } from '../kit/oracle.ts';
 import { bootFromDisk } from './firmware.ts';
 
@@ -51,19 +52,6 @@ async function kitOnStick(name: string, extra: string[], fixed = false): Promise
   return { root, out: r.out };
 }
 
-/** Every file under `root` as a FileTree of host files, for the test-disk builders. */
-function treeOf(root: string): FileTree {
-  const files: FileTree = {};
-  const walk = (d: string) => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) walk(p);
-      else files[`/${path.relative(root, p)}`] = { hostFile: p };
-    }
-  };
-  walk(root);
-  return files;
-}
 
 /** The kernel arguments GRUB passes for a `linux` line: its words, double-quoted when they hold spaces. */
 function grubLinuxArgs(grubCfg: string): string {

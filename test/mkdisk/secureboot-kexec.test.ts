@@ -16,6 +16,7 @@ import { GUEST_MARKER, guestFact, parseGuestFacts } from '../../qemu/guest.ts';
 import { cachedKernel, defaultKernel, kernelVersion } from '../../qemu/harness.ts';
 import { main, type CliIO } from '../../src/cli/main.ts';
 import { makeKexecGuestDisk } from '../kit/guest-disk.ts';
+import { treeOf } from '../kit/host-disk.ts';
 import { cleanupTmpDirs, makeTmpDir } from '../kit/oracle.ts';
 import { bootFromDisk, OVMF_CODE_SECBOOT, OVMF_VARS_MS } from './firmware.ts';
 
@@ -26,19 +27,6 @@ const ready = newKernel !== undefined && [SHIM, SIGNED_GRUB, MOK_MANAGER, OVMF_C
 
 afterAll(() => cleanupTmpDirs());
 
-/** A folder's files as a FileTree for makeFat. */
-function treeOf(root: string): FileTree {
-  const out: FileTree = {};
-  const walk = (d: string): void => {
-    for (const n of fs.readdirSync(d)) {
-      const p = path.join(d, n);
-      if (fs.statSync(p).isDirectory()) walk(p);
-      else out[`/${path.relative(root, p)}`] = { hostFile: p };
-    }
-  };
-  walk(root);
-  return out;
-}
 
 describe.skipIf(!ready)('kexec under Secure Boot', () => {
   it('the kit\'s signed 6.1 chain starts the image\'s signed 6.12 with kexec_file_load: both locked down, the guest on 6.12', async () => {

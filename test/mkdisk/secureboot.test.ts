@@ -21,6 +21,7 @@ import { hasPeSignature, MOK_MANAGER, SHIM, SIGNED_GRUB } from '../../mkdisk/sec
 import { convertImage, makeFat, makeNtfs, makePartitionedDisk, ntfsRead, type FileTree } from '../../qemu/disks.ts';
 import { GUEST_MARKER, guestFact, parseGuestFacts } from '../../qemu/guest.ts';
 import { makeGuestDisk } from '../kit/guest-disk.ts';
+import { treeOf } from '../kit/host-disk.ts';
 import { cleanupTmpDirs, makeTmpDir } from '../kit/oracle.ts';
 import { bootFromDisk, OVMF_CODE_SECBOOT, OVMF_VARS_MS } from './firmware.ts';
 
@@ -39,19 +40,6 @@ async function vdboot(...args: string[]): Promise<{ code: number; out: string; e
   return { code: await main(args, io), out, err };
 }
 
-/** Every file under `root` as a FileTree of host files, for the test-disk builders. */
-function treeOf(root: string): FileTree {
-  const files: FileTree = {};
-  const walk = (d: string) => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) walk(p);
-      else files[`/${path.relative(root, p)}`] = { hostFile: p };
-    }
-  };
-  walk(root);
-  return files;
-}
 
 /** The issuers' CNs sbverify lists for a signed file: the oracle for the kit's "signed by". */
 function sbverifyIssuers(file: string): string[] {
