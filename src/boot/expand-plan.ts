@@ -56,17 +56,6 @@ export function isExpansionNeeded(e: unknown): e is ExpansionNeeded {
   return typeof e === 'object' && e !== null && (e as { expansionNeeded?: unknown }).expansionNeeded === true;
 }
 
-/**
- * Called by the planner for a rw mapping of an image with `unallocated` bytes and no
- * parent data. Throws ExpansionNeeded when vdboot can expand it; returns the reason it
- * cannot otherwise (the planner's refusal names it). A malformed image throws its FormatError.
- */
-export function checkExpansion(req: ImageRequest, image: OpenedImage, host: ImageHost, unallocated: number): string {
-  const e = expansionFor(req, image, host, unallocated);
-  if (typeof e === 'string') return e;
-  throw new ExpansionNeeded(req.path, e, unallocated, host.description);
-}
-
 /** The expansion a rw mapping needs, or why vdboot cannot expand the image. */
 export function expansionFor(req: ImageRequest, image: OpenedImage, host: ImageHost, unallocated: number): ExpansionPlan | string {
   if (!req.expand) return 'rd.vdisk.expand=0 forbids expanding it in place';

@@ -1,6 +1,6 @@
 /**
  * What planning an image boot starts from (vdisk.ts's planVdisk, expand-plan.ts's
- * checkExpansion): the request from the command line (ImageRequest) and the host side
+ * expansionFor and planFills): the request from the command line (ImageRequest) and the host side
  * that reads the image's files and says where they lie (ImageHost: hostdev.ts for NTFS,
  * exFAT and FAT, fiemap.ts for a Linux filesystem, the CLI's files for `vdboot plan`).
  * Types only, below the planner and the hosts alike.

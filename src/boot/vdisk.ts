@@ -123,7 +123,33 @@ function bytes(n: number): string {
   return `${humanSize(n)}${n >= 1024 ? ` (${n} bytes)` : ''}`;
 }
 
-export function planVdisk(req: ImageRequest, host: ImageHost): VdiskPlan {
+/**
+ * The same host with each file's layout asked for once: the direct composition, the hole
+ * fills and the VHDX header placement all need it, and on a kernel-mounted host each ask
+ * is a FIEMAP (and on btrfs a chunk-tree walk). A failure is remembered and thrown again.
+ */
+function cachingLayouts(host: ImageHost): ImageHost {
+  const seen = new Map<string, { layout: FileLayout | null } | { error: unknown }>();
+  return {
+    ...host,
+    layout(path: string): FileLayout | null {
+      let r = seen.get(path);
+      if (!r) {
+        try {
+          r = { layout: host.layout(path) };
+        } catch (error) {
+          r = { error };
+        }
+        seen.set(path, r);
+      }
+      if ('error' in r) throw r.error;
+      return r.layout;
+    },
+  };
+}
+
+export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
+  const host = cachingLayouts(imageHost);
   const name = `vdisk${req.index}`;
   const warnings: string[] = [];
   if (req.mode === 'rw' && host.writeBlocker) {
