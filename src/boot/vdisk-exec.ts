@@ -511,24 +511,26 @@ function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDe
     const dev: BlockDeviceInfo = { ...host, name: vh.name, path: created.path };
     mkdirs(sys, HOST_MOUNT);
     const types = HOST_MOUNT_TYPES[host.fsType ?? ''] ?? host.fsType;
-    try {
-      if (avoidNtfs3) {
-        log.info(`${sparseFiles.join(', ')} is sparse on ${host.path}: written through ntfs-3g, not ntfs3 (ntfs3 loses data written into a sparse file's holes)`);
-        throw new Error('sparse file: ntfs-3g');
+    if (avoidNtfs3) {
+      log.info(`${sparseFiles.join(', ')} is sparse on ${host.path}: written through ntfs-3g, not ntfs3 (ntfs3 loses data written into a sparse file's holes)`);
+    } else {
+      try {
+        mountDevice(ctx, dev, HOST_MOUNT, types, !writable, '');
+        undo.state.hostMount = HOST_MOUNT;
+        return;
+      } catch (e) {
+        if (host.fsType !== 'ntfs' || !ctx.manifest.tools.ntfs3g) throw e;
       }
-      mountDevice(ctx, dev, HOST_MOUNT, types, !writable, '');
-      undo.state.hostMount = HOST_MOUNT;
-    } catch (e) {
-      const ntfs3g = ctx.manifest.tools.ntfs3g;
-      if (host.fsType !== 'ntfs' || !ntfs3g) throw e;
-      ctx.modules.reportFailures(ctx.modules.load(['fuse']));
-      // Storage daemons run with "@" as argv[0]'s first character: systemd's final kill spares them.
-      const pid = sys.spawn(ntfs3g, ['@ntfs-3g', '-o', writable ? 'rw' : 'ro', dev.path, HOST_MOUNT], []);
-      const r = sys.waitpid(pid, 0);
-      if (r.exitCode !== 0) throw new BootFailure(`ntfs-3g could not mount ${dev.path} (exit ${r.exitCode})`);
-      undo.state.hostMount = HOST_MOUNT;
-      log.info(`mounted ${host.path} through ${dev.path} with ntfs-3g on ${HOST_MOUNT}`);
     }
+    // NTFS through ntfs-3g: the kernel has no NTFS driver that mounts it, or the file is sparse.
+    const ntfs3g = ctx.manifest.tools.ntfs3g!;
+    ctx.modules.reportFailures(ctx.modules.load(['fuse']));
+    // Storage daemons run with "@" as argv[0]'s first character: systemd's final kill spares them.
+    const pid = sys.spawn(ntfs3g, ['@ntfs-3g', '-o', writable ? 'rw' : 'ro', dev.path, HOST_MOUNT], []);
+    const r = sys.waitpid(pid, 0);
+    if (r.exitCode !== 0) throw new BootFailure(`ntfs-3g could not mount ${dev.path} (exit ${r.exitCode})`);
+    undo.state.hostMount = HOST_MOUNT;
+    log.info(`mounted ${host.path} through ${dev.path} with ntfs-3g on ${HOST_MOUNT}`);
   } catch (e) {
     if (required) {
       throw new BootFailure(
