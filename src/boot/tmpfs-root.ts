@@ -27,7 +27,7 @@ import { BootFailure, type InitContext } from './context.ts';
 import { waitForDevice } from './devwait.ts';
 import { mountDevice } from './mount-device.ts';
 import { type ArchiveStream, openArchiveStream } from './unpack-source.ts';
-import { unpackArchive, UnpackError, type UnpackSys } from './unpack.ts';
+import { refusalSummary, unpackArchive, UnpackError, type UnpackSys } from './unpack.ts';
 import type { DeviceSpec } from './devspec.ts';
 
 /** Where a kernel-mounted host of the archive is mounted (read-only) while unpacking. */
@@ -216,6 +216,12 @@ export function unpackTmpfsRoot(ctx: InitContext, req: TmpfsRootRequest, target:
     const stats = unpackArchive(sys as UnpackSys, reader, target, { onProgress });
     stream.finish();
     for (const w of stats.warnings) log.warn(w);
+    const refused = refusalSummary(stats.refused);
+    if (refused) {
+      // The boot goes on: what was left out could only have landed outside the new root.
+      log.warn(`unpack: ${refused}; nothing was written outside the new root. The archive may be malicious or damaged; the first ${stats.refused.examples.length === 1 ? 'one' : stats.refused.examples.length}:`);
+      for (const x of stats.refused.examples) log.warn(`  refused ${x}`);
+    }
     const secs = (sys.monotonicMs() - t0) / 1000;
     log.debug(`unpack time: ${(timing.pullMs / 1000).toFixed(2)} s waiting for ${stream.how}, ${((timing.parseMs - timing.pullMs) / 1000).toFixed(2)} s reading the archive, ${(secs - timing.parseMs / 1000).toFixed(2)} s creating files`);
     const used = usedBytes(sys, target);

@@ -9,11 +9,23 @@
  * security.capability, so the mode and the xattrs come after both. Directory times are
  * set last, deepest first, since creating entries inside a directory changes its mtime.
  *
- * The archive is untrusted: an entry may not be created through a symbolic link the
- * archive made earlier (that could write outside the new root), ".." is refused by the
- * readers, and every path is created under `root` only.
+ * The archive is untrusted. Nothing is ever created or written outside `root`; an entry
+ * that would need it is refused (skipped, counted in `refused`, the boot goes on):
+ *  - a name or hard-link target with a ".." component ("outside");
+ *  - a name or hard-link target below a symbolic link the archive made earlier: the kernel
+ *    would follow it wherever it points, e.g. "data/dv -> /dev" then "data/dv/vda" would
+ *    open the host's disk ("symlink"). `root` is a new, empty tmpfs, so every symbolic link
+ *    in it is one the archive made, and the set below knows them all;
+ *  - a hard link to a name not unpacked before it, or to a directory ("hardlink");
+ *  - the root itself named as anything but a directory ("root").
+ * Absolute names are unpacked relative to `root` (the readers drop the leading "/", as
+ * GNU tar does). Device nodes and FIFOs are created as the archive says: a root archive
+ * legitimately holds /dev/console or /dev/null, the node is only a name inside the new
+ * root (the guest's own root can make any node anyway), and vdboot never writes data
+ * through one: a regular file replaces an earlier entry of the same name (O_EXCL create,
+ * after unlinking it), and data carried by a hard link goes only into a regular file.
  */
-import type { ArchiveEntry, ArchiveReader } from '../formats/archive-stream.ts';
+import { type ArchiveEntry, type ArchiveReader, hasDotDot } from '../formats/archive-stream.ts';
 import { FormatError } from '../formats/block-reader.ts';
 import { isSysError, O, S, type Sys } from '../sys/sys.ts';
 import { mkdirs } from './fsutil.ts';
@@ -40,6 +52,34 @@ export interface UnpackStats {
   xattrs: number;
   /** things the person at the console should know (once each) */
   warnings: string[];
+  /** entries not unpacked because they would have reached outside the root (see the top of this file) */
+  refused: Refusals;
+}
+
+export type RefusalReason = 'outside' | 'symlink' | 'hardlink' | 'root';
+
+export interface Refusals {
+  total: number;
+  byReason: Record<RefusalReason, number>;
+  /** the first few refused entries, each with why, for the console */
+  examples: string[];
+}
+
+/** How many refused entries are named one by one on the console. */
+const REFUSAL_EXAMPLES = 5;
+
+const REASON_WORDS: Record<RefusalReason, string> = {
+  outside: 'outside the root',
+  symlink: 'through a symbolic link',
+  hardlink: 'hard links to nothing unpacked before',
+  root: 'replacing the root itself',
+};
+
+/** "3 entries refused (2 outside the root, 1 through a symbolic link)", or '' when none was. */
+export function refusalSummary(r: Refusals): string {
+  if (r.total === 0) return '';
+  const parts = (Object.keys(REASON_WORDS) as RefusalReason[]).filter((k) => r.byReason[k] > 0).map((k) => `${r.byReason[k]} ${REASON_WORDS[k]}`);
+  return `${r.total} ${r.total === 1 ? 'entry' : 'entries'} refused (${parts.join(', ')})`;
 }
 
 export interface UnpackOptions {
@@ -60,7 +100,14 @@ export class UnpackError extends Error {
 const TYPE_BITS: Record<string, number> = { char: S.IFCHR, block: S.IFBLK, fifo: S.IFIFO };
 
 export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: string, opts: UnpackOptions = {}): UnpackStats {
-  const stats: UnpackStats = { entries: 0, files: 0, dirs: 0, bytes: 0, xattrs: 0, warnings: [] };
+  const refused: Refusals = { total: 0, byReason: { outside: 0, symlink: 0, hardlink: 0, root: 0 }, examples: [] };
+  const stats: UnpackStats = { entries: 0, files: 0, dirs: 0, bytes: 0, xattrs: 0, warnings: [], refused };
+  /** Skips the entry (the reader skips its body at the next header) and counts it. */
+  const refuse = (entry: ArchiveEntry, reason: RefusalReason, why: string): void => {
+    refused.total += 1;
+    refused.byReason[reason] += 1;
+    if (refused.examples.length < REFUSAL_EXAMPLES) refused.examples.push(`"${entry.path || '/'}" (${entry.type}, header at byte ${entry.offset}): ${why}`);
+  };
   const chunk = opts.chunk ?? 1 << 20;
   const symlinks = new Set<string>();
   const dirTimes: { path: string; sec: number; nsec: number }[] = [];
@@ -88,18 +135,34 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
       const name = entry.path;
       const type = entry.type;
       try {
+        if (hasDotDot(name)) {
+          refuse(entry, 'outside', 'its name has a ".." component, which could leave the root');
+          continue;
+        }
+        if (name === '' && type !== 'dir') {
+          refuse(entry, 'root', 'it names the root directory itself as a non-directory');
+          continue;
+        }
         // An entry below a symlink the archive created would be written wherever the link points.
         // (Entries of one directory usually follow each other: its ancestors are checked once.)
         const slash = name.lastIndexOf('/');
         const dir = slash > 0 ? name.slice(0, slash) : '';
-        if (dir !== safeDir || linksMade !== safeLinks) for (let i = name.indexOf('/'); i > 0; i = name.indexOf('/', i + 1)) {
-          const parent = name.slice(0, i);
-          if (symlinks.has(parent)) {
-            throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} lies under "${parent}", which the archive made a symbolic link; vdboot does not write through links (the archive may be malicious or damaged)`, 'path', entry.path);
+        if (dir !== safeDir || linksMade !== safeLinks) {
+          const link = linkAbove(name, symlinks);
+          if (link !== undefined) {
+            refuse(entry, 'symlink', `it lies under "${link}", which the archive made a symbolic link; vdboot does not write through links`);
+            continue;
           }
         }
         safeDir = dir;
         safeLinks = linksMade;
+        if (type === 'hardlink') {
+          const why = hardLinkRefusal(sys, entry.linkTarget, entry.size, root, symlinks);
+          if (why !== undefined) {
+            refuse(entry, why[0], why[1]);
+            continue;
+          }
+        }
         const path = name === '' ? root : `${root}/${name}`;
         const perm = entry.perm;
         const fd = createEntry(sys, entry, path, root, symlinks, exactModes ? perm & 0o1777 : 0o700);
@@ -200,9 +263,6 @@ function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, root: st
     } catch (e) {
       if (attempt >= 2) throw e;
       if (isSysError(e, 'ENOENT')) {
-        if (entry.type === 'hardlink' && !exists(sys, `${root}/${entry.linkTarget}`)) {
-          throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} is a hard link to "${entry.linkTarget}", which the archive did not hold before it`, 'linkname', entry.linkTarget);
-        }
         // Archives may leave parent directories out (tar of single files): create them.
         const parent = path.slice(0, path.lastIndexOf('/'));
         mkdirs(sys, parent, 0o755);
@@ -246,13 +306,39 @@ function makeEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, root: stri
   }
 }
 
-function exists(sys: Sys, path: string): boolean {
-  try {
-    sys.lstat(path);
-    return true;
-  } catch {
-    return false;
+/** The first ancestor of `name` that the archive made a symbolic link, if any. */
+function linkAbove(name: string, symlinks: Set<string>): string | undefined {
+  for (let i = name.indexOf('/'); i > 0; i = name.indexOf('/', i + 1)) {
+    const parent = name.slice(0, i);
+    if (symlinks.has(parent)) return parent;
   }
+  return undefined;
+}
+
+/**
+ * Why a hard link to `target` may not be made, or undefined when it may: the target must be
+ * a name unpacked before it, inside the root without ".." or a symbolic link on the way
+ * (link(2) follows the links of the target's directories), and not a directory; and when the
+ * entry carries data, a regular file (data for a link to a symbolic link or a device node
+ * would be written wherever it points).
+ */
+function hardLinkRefusal(sys: Sys, target: string, size: number, root: string, symlinks: Set<string>): [RefusalReason, string] | undefined {
+  if (hasDotDot(target)) return ['outside', `it is a hard link to "${target}", whose ".." could leave the root`];
+  const link = linkAbove(target, symlinks);
+  if (link !== undefined) return ['symlink', `it is a hard link to "${target}", which lies under "${link}", a symbolic link the archive made`];
+  let mode: number;
+  try {
+    mode = sys.lstat(`${root}/${target}`).mode & S.IFMT;
+  } catch (e) {
+    if (!isSysError(e, 'ENOENT') && !isSysError(e, 'ENOTDIR')) throw e;
+    return ['hardlink', `it is a hard link to "${target}", which the archive did not hold before it`];
+  }
+  if (mode === S.IFDIR) return ['hardlink', `it is a hard link to "${target}", a directory`];
+  if (size > 0 && mode !== S.IFREG) {
+    const what = mode === S.IFLNK ? 'a symbolic link' : 'not a regular file';
+    return [mode === S.IFLNK ? 'symlink' : 'hardlink', `it carries ${size} bytes of data for a hard link to "${target}", ${what}; vdboot writes data only into regular files`];
+  }
+  return undefined;
 }
 
 /**

@@ -5,7 +5,6 @@
  *
  * Engine-neutral: Uint8Array only.
  */
-import { FormatError } from './block-reader.ts';
 
 /**
  * Where the bytes come from. `pull` returns the next chunk (at least one byte), or null
@@ -30,7 +29,11 @@ export interface Xattr {
 
 /** One member of an archive, as the unpacker needs it. */
 export interface ArchiveEntry {
-  /** Relative path with no leading "/" or "./" and no "." or ".." components; "" is the root itself. */
+  /**
+   * Relative path with no leading "/" or "./" and no "." or empty components; "" is the root
+   * itself. It may hold ".." components: the reader passes them on (so a consumer can name
+   * and count the entry), and whoever creates files must refuse such an entry (hasDotDot).
+   */
   path: string;
   type: ArchiveEntryType;
   /** Permission bits including setuid, setgid and sticky (mode & 0o7777). */
@@ -238,17 +241,23 @@ export function bytesSource(bytes: Uint8Array, chunkSize = 1 << 20): ByteSource 
 }
 
 /**
- * An archive member's path made safe to create under the new root: "/" and "./"
- * prefixes, empty and "." components dropped; ".." refused (it could leave the root).
+ * An archive member's path relative to the new root: "/" and "./" prefixes, empty and "."
+ * components dropped (an absolute name lands inside the root, as GNU tar extracts it).
+ * ".." components are kept: the entry is refused by the unpacker, which counts it, rather
+ * than ending the whole unpack here.
  */
-export function archivePath(raw: string, what: string | (() => string), offset: number): string {
+export function archivePath(raw: string): string {
   const plain = plainPath(raw);
   if (plain !== undefined) return plain;
-  const parts = raw.split('/').filter((x) => x !== '' && x !== '.');
-  if (parts.some((x) => x === '..')) {
-    throw new FormatError(`${typeof what === 'string' ? what : what()} at byte ${offset}: the path "${raw}" contains "..", which would leave the root; the archive cannot be unpacked as a root filesystem`, 'path', raw);
-  }
-  return parts.join('/');
+  return raw.split('/').filter((x) => x !== '' && x !== '.').join('/');
+}
+
+/** Whether a path (as archivePath returns it) has a ".." component, i.e. could leave the root. */
+export function hasDotDot(path: string): boolean {
+  if (path.indexOf('..') < 0) return false; // one native search for nearly every name
+  const parts = path.split('/');
+  for (const x of parts) if (x === '..') return true;
+  return false;
 }
 
 /**

@@ -228,7 +228,7 @@ export class NewcReader implements ArchiveReader {
         continue;
       }
       const what = `${this.name}: entry "${rawName}" at byte ${at}`;
-      const path = archivePath(rawName, what, at);
+      const path = archivePath(rawName);
       let type = typeOf(mode);
       if (!type) throw new FormatError(`${what} has file type 0${(mode & 0o170000).toString(8)}, which vdboot does not unpack`, 'mode', mode);
       let size = filesize;

@@ -466,7 +466,7 @@ export class TarReader implements ArchiveReader {
         }
         throw new FormatError(`${this.what(rawPath, at)} has type '${printable(flag)}', which vdboot does not unpack (regular files, directories, links, devices and FIFOs only)`, 'typeflag', flag);
       }
-      const path = fromName && namePlain && rawPath === base ? rawPath : plainPath(rawPath) ?? archivePath(rawPath, () => this.what(rawPath, at), at);
+      const path = fromName && namePlain && rawPath === base ? rawPath : plainPath(rawPath) ?? archivePath(rawPath);
       let mtimeSec: number;
       let mtimeNsec = 0;
       const paxMtime = px ? paxText(px, 'mtime') : undefined;
@@ -484,7 +484,7 @@ export class TarReader implements ArchiveReader {
           if (rawLink === '') throw new FormatError(`${this.what(rawPath, at)}: a symbolic link with an empty target`, 'linkname', '');
           linkTarget = rawLink;
         } else {
-          linkTarget = archivePath(rawLink, () => `${this.what(rawPath, at)} (hard link target)`, at);
+          linkTarget = archivePath(rawLink);
           if (linkTarget === '' || linkTarget === path) throw new FormatError(`${this.what(rawPath, at)}: a hard link to "${rawLink}", which is not another member`, 'linkname', rawLink);
         }
       }
