@@ -127,6 +127,23 @@ function vmdkDescriptor(r: Rng, label: string[]): string {
   return lines.join('\n') + '\n';
 }
 
+/** A disk definition whose partition images (and table file) are names from the pool; sometimes with a character changed. */
+function vdiskJson(r: Rng, label: string[]): string {
+  const parts = [];
+  for (let i = 0, n = 1 + r.int(3); i < n; i++) parts.push({ image: r.pick(r.chance(0.6) ? ALIASES : NAMES), type: r.pick(['linux', 'esp', '83', 'linux-root-x86-64', 'nonsense']) });
+  const def: Record<string, unknown> = { vdisk: r.chance(0.9) ? 1 : r.pick([0, 2, '1']), table: r.pick(['gpt', 'mbr', 'gpt', 'apm']), partitions: parts };
+  if (r.chance(0.3)) def['sectorSize'] = r.pick([512, 4096, 1000]);
+  if (r.chance(0.3)) def['alignment'] = r.pick([4096, 1048576, 3, 0]);
+  if (r.chance(0.3)) def['tableFile'] = r.pick(NAMES);
+  let text = JSON.stringify(def);
+  if (r.chance(0.2)) {
+    const at = r.int(text.length);
+    text = text.slice(0, at) + r.pick(['"', '/', '.', '0', '9', '}', '..']) + text.slice(at + 1);
+  }
+  label.push(`vdisk.json ${text}`);
+  return text;
+}
+
 /** Rewrites the qcow2's data file and backing file names (12-byte slots) to names from the pool. */
 function qcow2Names(r: Rng, seed: Uint8Array, label: string[]): Uint8Array {
   const b = seed.slice();
@@ -179,7 +196,8 @@ export function imageSetCase(seeds: ImageSetSeeds, r: Rng, label: string[]): 'ok
   files.set('/vm/desc.vmdk', { bytes: desc, kind: 'file' });
   const q = qcow2Names(r, r.pick(seeds.qcow2), label);
   files.set('/vm/q.qcow2', { bytes: q, kind: 'file' });
-  const top = r.chance(0.5) ? '/vm/desc.vmdk' : '/vm/q.qcow2';
+  files.set('/vm/disk.vdisk.json', { bytes: new TextEncoder().encode(vdiskJson(r, label)), kind: 'file' });
+  const top = r.pick(['/vm/desc.vmdk', '/vm/desc.vmdk', '/vm/q.qcow2', '/vm/q.qcow2', '/vm/disk.vdisk.json']);
   label.push(`opens ${top}`);
   // sometimes the header bytes are mutated too (the set's names stay)
   const topFile = files.get(top)!;

@@ -6,6 +6,9 @@ import { bytesReader, isFormatError } from '../../src/formats/block-reader.ts';
 import { pseudoRandom, run, tmpDir } from './helpers.ts';
 import { mkntfs, ntfscp } from './ntfs-oracle.ts';
 
+/** Damaged volumes per filesystem: 1000 in npm test, FUZZ_CASES under npm run fuzz. */
+const ROUNDS = Number(process.env['FUZZ_CASES'] ?? 1000);
+
 let dir: string;
 beforeAll(() => { dir = tmpDir(); });
 afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
@@ -65,7 +68,7 @@ describe('damaged volumes fail with FormatError, never a crash', () => {
       if (at % 4096 === 0) regions.push([at, at + 4096]);
     }
     expect(regions.length).toBeGreaterThan(1); // the root index outgrew its record
-    const r = fuzz(image, regions, ['/file number 0.bin', '/FILE NUMBER 39.BIN', '/file number 17.bin'], 1000);
+    const r = fuzz(image, regions, ['/file number 0.bin', '/FILE NUMBER 39.BIN', '/file number 17.bin'], ROUNDS);
     expect(r.formatErrors).toBeGreaterThan(0);
     expect(r.survived).toBeGreaterThan(0);
   });
@@ -80,8 +83,8 @@ describe('damaged volumes fail with FormatError, never a crash', () => {
     run('mmd', ['-i', fat, '::/A Folder'], { env: { LC_ALL: 'C.UTF-8' } });
     run('mcopy', ['-i', fat, src, '::/A Folder/long file name.bin'], { env: { LC_ALL: 'C.UTF-8' } });
     const image = fs.readFileSync(fat);
-    const r = fuzz(image, [[0, 512], [512, 256 * 1024]], ['/A Folder/long file name.bin'], 1000);
-    expect(r.formatErrors + r.survived).toBe(1000);
+    const r = fuzz(image, [[0, 512], [512, 256 * 1024]], ['/A Folder/long file name.bin'], ROUNDS);
+    expect(r.formatErrors + r.survived).toBe(ROUNDS);
 
     const ex = path.join(dir, 'x.img');
     fs.writeFileSync(ex, Buffer.alloc(0));
@@ -89,7 +92,7 @@ describe('damaged volumes fail with FormatError, never a crash', () => {
     run('mkfs.exfat', ['-c', '4096', ex]);
     const ximage = fs.readFileSync(ex);
     // the FAT, the bitmap, the up-case table and the root directory all lie in the first MiB
-    const rx = fuzz(ximage, [[0, 512], [512 * 12, 1 << 20]], [], 1000);
-    expect(rx.formatErrors + rx.survived).toBe(1000);
+    const rx = fuzz(ximage, [[0, 512], [512 * 12, 1 << 20]], [], ROUNDS);
+    expect(rx.formatErrors + rx.survived).toBe(ROUNDS);
   });
 });
