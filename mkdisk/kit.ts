@@ -43,6 +43,8 @@ export interface KitOptions {
   esp?: string;
   /** write the Secure Boot chain (default true; needs shim-signed and grub-efi-amd64-signed) */
   secureBoot?: boolean;
+  /** the image may name files outside its folder: opened so here, booted with rd.vdisk.allow-outside=1 */
+  allowOutside?: boolean;
   log?: (line: string) => void;
 }
 
@@ -234,7 +236,9 @@ export function makeKit(o: KitOptions): KitResult {
     }
   }
   const append = (o.append ?? '').trim() ? splitArgs(o.append!) : [];
-  const snapshotReason = readWriteObstacle(o.image);
+  // The boot needs the same permission the person gave here (confinement is checked at boot too).
+  if (o.allowOutside && !append.some((w) => w.startsWith('rd.vdisk.allow-outside='))) append.push('rd.vdisk.allow-outside=1');
+  const snapshotReason = readWriteObstacle(o.image, { allowOutside: o.allowOutside === true });
   if (snapshotReason && !append.some((w) => w.startsWith('rd.vdisk.mode='))) {
     append.unshift('rd.vdisk.mode=snapshot');
     log(`${snapshotReason}: the entries boot it with rd.vdisk.mode=snapshot (writes are kept in RAM until power-off); give --append rd.vdisk.mode=… to choose`);
@@ -324,8 +328,8 @@ function secureBootChain(
  * Why vdboot could not map the image read-write at boot (a dynamic image's absent blocks,
  * ranges in a parent image, compressed ranges), or undefined when it can.
  */
-export function readWriteObstacle(image: string): string | undefined {
-  const img = openHostImage(image);
+export function readWriteObstacle(image: string, opts: { allowOutside?: boolean } = {}): string | undefined {
+  const img = openHostImage(image, opts);
   try {
     const absent = img.map.extents.filter((e) => e.kind === 'zero').reduce((n, e) => n + e.length, 0);
     if (absent > 0) {
@@ -333,7 +337,9 @@ export function readWriteObstacle(image: string): string | undefined {
         `(the file grows by about that much, at the first boot); give --append rd.vdisk.mode=rw for that`;
     }
     if (img.map.extents.some((e) => e.kind === 'unmappable')) return `${path.basename(image)} has compressed or encrypted ranges`;
-    if (img.map.extents.some((e) => e.kind === 'data' && e.file !== 0)) return `${path.basename(image)} reads ranges from its parent image`;
+    // by layer: a VMDK's extent files and a qcow2's data file are the image's own
+    const own = new Set(img.layers[0]!.fileIndex);
+    if (img.map.extents.some((e) => e.kind === 'data' && !own.has(e.file))) return `${path.basename(image)} reads ranges from its parent image`;
     return undefined;
   } finally {
     img.close();

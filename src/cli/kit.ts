@@ -3,7 +3,7 @@ import type { Command, CliIO } from './main.ts';
 import { KitError, kitInstructions, makeKit, type KitOptions } from '../../mkdisk/kit.ts';
 import { walkArgs } from './args.ts';
 
-const usage = `vdboot kit --image PATH --root-dir DIR [--host SPEC] [--kernel VMLINUZ] [--append ARGS] [--esp DIR] [--no-grub-images] [--no-secure-boot]
+const usage = `vdboot kit --image PATH --root-dir DIR [--host SPEC] [--kernel VMLINUZ] [--append ARGS] [--esp DIR] [--no-grub-images] [--no-secure-boot] [--allow-outside]
 
 Makes the image PATH bootable from DIR, the root of the stick or partition that holds it:
 writes DIR/boot/vdboot/ with the kernel, a vdboot initramfs, and boot entries that boot
@@ -32,6 +32,8 @@ The kernel must be signed (Debian's are); the kit says which file is signed by w
                      the Secure Boot chain (needs shim-signed and grub-efi-amd64-signed)
   --no-grub-images   skip grubx64.efi and g2ldr
   --no-secure-boot   write no Secure Boot chain
+  --allow-outside    the image may name files outside its folder (extents, backing files):
+                     opened so here, and booted with rd.vdisk.allow-outside=1
   -q, --quiet        no progress`;
 
 export function parseKitArgs(args: string[]): KitOptions & { quiet: boolean } {
@@ -47,6 +49,7 @@ export function parseKitArgs(args: string[]): KitOptions & { quiet: boolean } {
       case '--esp': o.esp = value(); break;
       case '--no-secure-boot': o.secureBoot = false; break;
       case '-q': case '--quiet': o.quiet = true; break;
+      case '--allow-outside': o.allowOutside = true; break;
       default: throw new KitError(`unknown argument "${arg}"; see vdboot kit --help`);
     }
   }, (flag) => new KitError(`${flag} needs a value; see vdboot kit --help`));

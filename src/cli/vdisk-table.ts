@@ -1,10 +1,10 @@
 /**
- * `vdboot vdisk-table NAME.vdisk.json [--force]`: writes the partition table file of a
+ * `vdboot vdisk-table NAME.vdisk.json [--force] [--allow-outside]`: writes the partition table file of a
  * disk definition (see src/formats/vdisk-json.ts), once, on the host. vdboot never writes
  * it at boot: device-mapper can only map bytes that are in a file.
  */
 import * as fs from 'node:fs';
-import { dirName, joinPath, openImage } from '../formats/chain.ts';
+import { dirName, joinPath, openDefinitionPartition } from '../formats/chain.ts';
 import { gptTypeName } from '../formats/guid.ts';
 import { planVdiskTable, verifyVdiskTableFile } from '../formats/vdisk-json.ts';
 import { nodeChainHost, openFileReader } from '../sys/node-reader.ts';
@@ -13,24 +13,27 @@ import type { CliIO, Command } from './main.ts';
 export const command: Command = {
   summary: 'write the partition table file of a disk assembled from partition images (*.vdisk.json)',
   usage: [
-    'vdboot vdisk-table NAME.vdisk.json [--force]',
+    'vdboot vdisk-table NAME.vdisk.json [--force] [--allow-outside]',
     '  Writes NAME.vdisk.table next to the JSON: the partition table and the gaps between the',
     '  partition images, which the assembled disk maps like any other file.',
     '  An existing table file that matches the JSON is left as it is (a guest may have written',
     '  its boot loader into the gaps); --force rewrites it from the JSON.',
+    '  --allow-outside lets the partition images (and the files they name) lie outside the',
+    '  JSON\'s folder; boot such a disk with rd.vdisk.allow-outside=1.',
   ].join('\n'),
   async run(args: string[], io: CliIO): Promise<number> {
     const force = args.includes('--force');
-    const rest = args.filter((a) => a !== '--force');
+    const allowOutside = args.includes('--allow-outside');
+    const rest = args.filter((a) => a !== '--force' && a !== '--allow-outside');
     if (rest.length !== 1 || rest[0]!.startsWith('-')) {
       io.stderr(`${this.usage}\n`);
       return 2;
     }
     const jsonPath = rest[0]!;
-    const host = nodeChainHost();
+    const host = nodeChainHost({ allowOutside });
     try {
       const dir = dirName(jsonPath);
-      const { layout, bytes } = planVdiskTable(fs.readFileSync(jsonPath, 'utf8').replace(/^\ufeff/, ''), jsonPath, (p) => openImage(joinPath(dir, p), host));
+      const { layout, bytes } = planVdiskTable(fs.readFileSync(jsonPath, 'utf8').replace(/^\ufeff/, ''), jsonPath, (p) => openDefinitionPartition(jsonPath, p, host));
       const tablePath = joinPath(dir, layout.spec.tableFile);
       if (fs.existsSync(tablePath) && !force) {
         const r = openFileReader(tablePath);

@@ -4,6 +4,9 @@
  *
  * API:
  *
+ *   openDefinitionPartition(definition: string, name: string, host: ChainHost): OpenedImage
+ *       A disk definition's partition image as the boot opens it (confined to the
+ *       definition's folder); what `vdboot vdisk-table` sizes.
  *   openImage(path: string, host: ChainHost): OpenedImage
  *       Detects the format of `path` by content, opens the layer, validates its extents
  *       (inside its files, not on its own metadata: see LayerMetadata in extent-ops.ts),
@@ -141,6 +144,19 @@ export function confinementRoot(image: string): string {
   const folder = dirName(normalizePath(image));
   const last = folder.slice(folder.lastIndexOf('/') + 1);
   return /^snapshots$/i.test(last) ? dirName(folder) : folder;
+}
+
+/**
+ * A disk definition's partition image `name`, opened as a boot opens it through the
+ * definition: confined to the definition's folder (unless host.allowOutside), a whole chain
+ * of its own, never another definition. For `vdboot vdisk-table`, which sizes the partitions.
+ */
+export function openDefinitionPartition(definition: string, name: string, host: ChainHost): OpenedImage {
+  const top = normalizePath(definition);
+  const root = confinementRoot(top);
+  const q = resolveImageName(dirName(top), name);
+  confine(host, root, q, top);
+  return openChain(q, { ...host, readers: (host.readers ?? FORMAT_READERS).filter((r) => r.format !== 'vdisk-json') }, root);
 }
 
 function openChain(path: string, host: ChainHost, outerRoot: string | undefined): OpenedImage {

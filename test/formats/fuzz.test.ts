@@ -167,7 +167,7 @@ describe('fuzz: mutated images end in a valid map or a FormatError', () => {
   afterAll(cleanupTmpDirs);
 
   const formats = FORMAT_READERS.map((r) => r.format).filter((f) => f !== 'raw' && f !== 'vdisk-json');
-  it.each(formats)('%s', (format) => {
+  it.each(formats)('%s', async (format) => {
     const seeds = buildSeeds(format, dir);
     let hash = SEED;
     for (const ch of format) hash = Math.imul(hash ^ ch.charCodeAt(0), 0x9e3779b1) >>> 0;
@@ -181,6 +181,8 @@ describe('fuzz: mutated images end in a valid map or a FormatError', () => {
       const size = seed.bytes.length;
       const work = seed.bytes.slice();
       for (let c = 0; c < perSeed; c++) {
+        // let the test runner's messages through during long runs (npm run fuzz)
+        if (c % 500 === 499) await new Promise((done) => setImmediate(done));
         const changed: [number, number][] = [];
         const set = (off: number, v: number) => {
           if (off < 0 || off >= size) return;

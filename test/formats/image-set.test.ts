@@ -12,6 +12,9 @@ import { isFormatError } from '../../src/formats/block-reader.ts';
 import { openHostImage } from '../../src/sys/host-image.ts';
 import { command as catCommand } from '../../src/cli/cat.ts';
 import { command as inspectCommand } from '../../src/cli/inspect.ts';
+import { parseKitArgs } from '../../src/cli/kit.ts';
+import { command as vdiskTableCommand } from '../../src/cli/vdisk-table.ts';
+import { readWriteObstacle } from '../../mkdisk/kit.ts';
 import { cleanupTmpDirs, makeTmpDir, qemuImg, qemuImgIn, qemuIo, qemuIoIn } from '../kit/oracle.ts';
 
 afterAll(cleanupTmpDirs);
@@ -133,6 +136,37 @@ describe('confinement: an image names only files in its folder or below', () => 
     const p = path.join(vm, 'def.vdisk.json');
     fs.writeFileSync(p, JSON.stringify({ vdisk: 1, table: 'gpt', partitions: [{ image: '../outside/secret.bin' }] }));
     expect(refusal(p)).toContain(path.join(outside, 'secret.bin'));
+  });
+
+  it('vdboot vdisk-table refuses a partition outside the folder and writes nothing; --allow-outside writes the table', async () => {
+    const p = path.join(vm, 'out.vdisk.json');
+    fs.writeFileSync(p, JSON.stringify({ vdisk: 1, table: 'gpt', partitions: [{ image: '../outside/secret.bin' }] }));
+    const table = path.join(vm, 'out.vdisk.table');
+    const refused = await runCommand(vdiskTableCommand, [p]);
+    expect(refused.code).toBe(1);
+    expect(refused.err).toContain(path.join(outside, 'secret.bin'));
+    expect(refused.err).toContain('--allow-outside');
+    expect(fs.existsSync(table)).toBe(false);
+    const allowed = await runCommand(vdiskTableCommand, [p, '--allow-outside']);
+    expect(allowed.code, allowed.err).toBe(0);
+    expect(fs.statSync(table).size).toBeGreaterThan(0);
+    // the table file then opens with the set (GPT of one partition of 1 MiB), and again only with the permission
+    expect(refusal(p)).toContain(path.join(outside, 'secret.bin'));
+    const img = openHostImage(p, { allowOutside: true });
+    try {
+      expect(img.map.extents.some((e) => e.kind === 'unmappable')).toBe(false);
+    } finally {
+      img.close();
+    }
+  });
+
+  it('vdboot kit --allow-outside: the image is checked with the permission and the entries boot with rd.vdisk.allow-outside=1', () => {
+    const p = descriptor(path.join(vm, 'kit-abs.vmdk'), [`RW 2048 FLAT "${path.join(outside, 'secret.bin')}" 0`]);
+    expect(() => readWriteObstacle(p)).toThrow(/outside|image's folder/);
+    expect(readWriteObstacle(p, { allowOutside: true })).toBeUndefined();
+    const o = parseKitArgs(['--image', p, '--root-dir', root, '--allow-outside']);
+    expect(o.allowOutside).toBe(true);
+    expect(parseKitArgs(['--image', p, '--root-dir', root]).allowOutside).toBeUndefined();
   });
 });
 

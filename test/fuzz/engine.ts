@@ -52,11 +52,13 @@ export interface Outcomes {
  * 'ok' or 'refused' (it decides what counts as the code's own clear refusal) and a label
  * for messages.
  */
-export function runFuzz(target: string, cases: number, one: (r: Rng, label: string[]) => 'ok' | 'refused'): Outcomes {
+export async function runFuzz(target: string, cases: number, one: (r: Rng, label: string[]) => 'ok' | 'refused'): Promise<Outcomes> {
   let hash = FUZZ_SEED;
   for (const ch of target) hash = Math.imul(hash ^ ch.charCodeAt(0), 0x9e3779b1) >>> 0;
   const out: Outcomes = { ok: 0, refused: 0, slowest: 0 };
   for (let c = 0; c < cases; c++) {
+    // let the test runner's messages through during long runs
+    if (c % 500 === 499) await new Promise((done) => setImmediate(done));
     const r = rng((hash + Math.imul(c, 0x85ebca6b)) >>> 0);
     const label: string[] = [];
     const t0 = performance.now();

@@ -20,16 +20,16 @@ describe('fuzz with independent checkers', { timeout: 3_600_000 }, () => {
   });
   afterAll(cleanupTmpDirs);
 
-  it('image sets (VMDK extents and parents, qcow2 data and backing files, aliases): every accepted map is inside its files, off their metadata, without shared bytes', () => {
-    const o = runFuzz('image-set', CASES, (r, label) => imageSetCase(seeds, r, label));
+  it('image sets (VMDK extents and parents, qcow2 data and backing files, aliases): every accepted map is inside its files, off their metadata, without shared bytes', async () => {
+    const o = await runFuzz('image-set', CASES, (r, label) => imageSetCase(seeds, r, label));
     expect(o.ok + o.refused).toBe(CASES);
     // both outcomes happen: the generator reaches accepted sets as well as refusals
     expect(o.ok).toBeGreaterThan(0);
     expect(o.refused).toBeGreaterThan(0);
   });
 
-  it('root archives (tar, cpio; names, links, types mutated): nothing is created outside the root or through a symbolic link', () => {
-    const o = runFuzz('archives', CASES, (r, label) => archiveCase(archives, r, label));
+  it('root archives (tar, cpio; names, links, types mutated): nothing is created outside the root or through a symbolic link', async () => {
+    const o = await runFuzz('archives', CASES, (r, label) => archiveCase(archives, r, label));
     expect(o.ok + o.refused).toBe(CASES);
     expect(o.ok).toBeGreaterThan(0);
     expect(o.refused).toBeGreaterThan(0);

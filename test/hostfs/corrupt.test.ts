@@ -18,7 +18,7 @@ afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
  * volume each time: every failure must be a FormatError (a message for the user),
  * never a TypeError, a RangeError from a huge allocation, or a hang.
  */
-function fuzz(image: Buffer, regions: [number, number][], names: string[], rounds: number): { formatErrors: number; survived: number } {
+async function fuzz(image: Buffer, regions: [number, number][], names: string[], rounds: number): Promise<{ formatErrors: number; survived: number }> {
   let seed = 12345;
   const rnd = (n: number): number => {
     seed ^= seed << 13; seed >>>= 0; seed ^= seed >>> 17; seed ^= seed << 5; seed >>>= 0;
@@ -27,6 +27,8 @@ function fuzz(image: Buffer, regions: [number, number][], names: string[], round
   let formatErrors = 0;
   let survived = 0;
   for (let round = 0; round < rounds; round++) {
+    // let the test runner's messages through during long runs (npm run fuzz)
+    if (round % 250 === 249) await new Promise((done) => setImmediate(done));
     const saved: [number, number][] = [];
     for (let k = 1 + rnd(4); k > 0; k--) {
       const [start, end] = regions[rnd(regions.length)]!;
@@ -55,7 +57,7 @@ function fuzz(image: Buffer, regions: [number, number][], names: string[], round
 }
 
 describe('damaged volumes fail with FormatError, never a crash', () => {
-  it('NTFS: random damage to MFT records and index blocks', () => {
+  it('NTFS: random damage to MFT records and index blocks', async () => {
     const img = path.join(dir, 'n.img');
     mkntfs(img, 16, 4096);
     const files: Record<string, Buffer> = {};
@@ -68,12 +70,12 @@ describe('damaged volumes fail with FormatError, never a crash', () => {
       if (at % 4096 === 0) regions.push([at, at + 4096]);
     }
     expect(regions.length).toBeGreaterThan(1); // the root index outgrew its record
-    const r = fuzz(image, regions, ['/file number 0.bin', '/FILE NUMBER 39.BIN', '/file number 17.bin'], ROUNDS);
+    const r = await fuzz(image, regions, ['/file number 0.bin', '/FILE NUMBER 39.BIN', '/file number 17.bin'], ROUNDS);
     expect(r.formatErrors).toBeGreaterThan(0);
     expect(r.survived).toBeGreaterThan(0);
   });
 
-  it('FAT16 and exFAT: random damage to the boot sector, FAT and directories', () => {
+  it('FAT16 and exFAT: random damage to the boot sector, FAT and directories', async () => {
     const fat = path.join(dir, 'f.img');
     fs.writeFileSync(fat, Buffer.alloc(0));
     fs.truncateSync(fat, 16 << 20);
@@ -83,7 +85,7 @@ describe('damaged volumes fail with FormatError, never a crash', () => {
     run('mmd', ['-i', fat, '::/A Folder'], { env: { LC_ALL: 'C.UTF-8' } });
     run('mcopy', ['-i', fat, src, '::/A Folder/long file name.bin'], { env: { LC_ALL: 'C.UTF-8' } });
     const image = fs.readFileSync(fat);
-    const r = fuzz(image, [[0, 512], [512, 256 * 1024]], ['/A Folder/long file name.bin'], ROUNDS);
+    const r = await fuzz(image, [[0, 512], [512, 256 * 1024]], ['/A Folder/long file name.bin'], ROUNDS);
     expect(r.formatErrors + r.survived).toBe(ROUNDS);
 
     const ex = path.join(dir, 'x.img');
@@ -92,7 +94,7 @@ describe('damaged volumes fail with FormatError, never a crash', () => {
     run('mkfs.exfat', ['-c', '4096', ex]);
     const ximage = fs.readFileSync(ex);
     // the FAT, the bitmap, the up-case table and the root directory all lie in the first MiB
-    const rx = fuzz(ximage, [[0, 512], [512 * 12, 1 << 20]], [], ROUNDS);
+    const rx = await fuzz(ximage, [[0, 512], [512 * 12, 1 << 20]], [], ROUNDS);
     expect(rx.formatErrors + rx.survived).toBe(ROUNDS);
   });
 });
