@@ -167,6 +167,12 @@ describe('confinement: an image names only files in its folder or below', () => 
     const o = parseKitArgs(['--image', p, '--root-dir', root, '--allow-outside']);
     expect(o.allowOutside).toBe(true);
     expect(parseKitArgs(['--image', p, '--root-dir', root]).allowOutside).toBeUndefined();
+    // by layer: a flat VMDK's extent file is its own (read-write as is), an overlay's backing file is a parent's
+    expect(readWriteObstacle(descriptor(path.join(vm, 'kit-flat.vmdk'), ['RW 2048 FLAT "d.raw" 0']))).toBeUndefined();
+    qemuImgIn(vm, 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', 'kit-base.qcow2', String(MiB));
+    qemuIoIn(vm, 'kit-base.qcow2', ['write -P 0x61 0 1M'], 'qcow2');
+    qemuImgIn(vm, 'create', '-q', '-f', 'qcow2', '-b', 'kit-base.qcow2', '-F', 'qcow2', 'kit-top.qcow2');
+    expect(readWriteObstacle(path.join(vm, 'kit-top.qcow2'))).toMatch(/reads ranges from its parent image/);
   });
 });
 
