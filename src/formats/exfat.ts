@@ -29,6 +29,16 @@ export function isExfatBootSector(b: Uint8Array): boolean {
   return b.length >= 512 && String.fromCharCode(...b.subarray(3, 11)) === 'EXFAT   ';
 }
 
+/** A stream the root directory names for the volume itself (allocation bitmap, up-case table). */
+interface SystemStream {
+  what: string;
+  first: number;
+  length: number;
+}
+
+/** The ownership proof reads at most this many directory entries (a volume with more is refused, not checked). */
+const MAX_PROOF_ENTRIES = 4_000_000;
+
 interface DirEntry {
   name: string;
   attributes: number;
@@ -173,18 +183,20 @@ export class ExfatVolume implements HostFs {
   }
 
   private readDirEntries(first: number, noFatChain: boolean, length: number, what: string, isRoot: boolean):
-    { entries: DirEntry[]; upcase?: Uint16Array; label?: string } {
+    { entries: DirEntry[]; upcase?: Uint16Array; label?: string; system: SystemStream[] } {
     const b = this.dirBytes(first, noFatChain, length, what, isRoot);
     const v = viewOf(b);
     const entries: DirEntry[] = [];
     let upcase: Uint16Array | undefined;
     let label: string | undefined;
+    const system: SystemStream[] = [];
     for (let pos = 0; pos + 32 <= b.length; pos += 32) {
       const type = b[pos]!;
       if (type === 0) break;
       if (!(type & 0x80)) continue;
       if (isRoot && type === ENTRY_UPCASE) {
         upcase = this.loadUpcase(v.getUint32(pos + 4, true), v.getUint32(pos + 20, true), u64(v, pos + 24, 'exFAT up-case table length'));
+        system.push({ what: 'the up-case table', first: v.getUint32(pos + 20, true), length: u64(v, pos + 24, 'exFAT up-case table length') });
       } else if (isRoot && type === ENTRY_LABEL) {
         const n = Math.min(11, b[pos + 1]!);
         let s = '';
@@ -226,11 +238,12 @@ export class ExfatVolume implements HostFs {
           dataLength,
         });
         pos += secondary * 32;
-      } else if (type === ENTRY_BITMAP) {
-        // the allocation bitmap: not needed for reading
+      } else if (isRoot && type === ENTRY_BITMAP) {
+        // the allocation bitmap (the first one: a TexFAT volume's second is not used by Windows): not needed for reading
+        if (!system.some((x) => x.what === 'the allocation bitmap')) system.push({ what: 'the allocation bitmap', first: v.getUint32(pos + 20, true), length: u64(v, pos + 24, 'exFAT allocation bitmap length') });
       }
     }
-    return { entries, upcase, label };
+    return { entries, upcase, label, system };
   }
 
   private loadUpcase(checksum: number, first: number, length: number): Uint16Array {
@@ -311,6 +324,141 @@ export class ExfatVolume implements HostFs {
       off += len;
     }
     return { path: p, size, extents, ...(size > 0 && entry.firstCluster >= 2 ? { id: `exfat:${entry.firstCluster}` } : {}) };
+  }
+
+  /**
+   * Proves that every cluster of `files` belongs to that file and to nothing else before
+   * they are mapped: the allocation bitmap marks each one in use; no two of the files share
+   * one; and no other claim on the volume reaches one — the allocation bitmap's, the up-case
+   * table's and every directory's own clusters, and every other file's, found by walking
+   * the whole directory tree once (a contiguous NoFatChain file is one range; a chained one
+   * is followed through the FAT, at most clusterCount steps in all; exactly one directory
+   * entry may start at a file's first cluster). A FAT-table pass like FAT32's would not do:
+   * the FAT entries of NoFatChain files are undefined and may point anywhere. A cross-link
+   * is refused naming the cluster and the other owner, with fsck.exfat / chkdsk /f as the
+   * remedy; a volume with more than MAX_PROOF_ENTRIES entries is refused, not checked.
+   */
+  proveOwnership(files: readonly HostFile[]): void {
+    const cs = this.clusterSize;
+    // the targets' cluster ranges [start, end), one list per file (two names of one file count once)
+    const runs: { start: number; end: number; path: string; first: number }[] = [];
+    const firsts = new Map<number, string>();
+    const seenIds = new Set<string>();
+    for (const f of files) {
+      if (f.id !== undefined) {
+        if (seenIds.has(f.id)) continue;
+        seenIds.add(f.id);
+      }
+      let first = -1;
+      for (const e of f.extents) {
+        const dev = (e as { deviceOffset?: number }).deviceOffset;
+        if (e.kind === 'hole' || e.length <= 0 || dev === undefined) continue;
+        const start = Math.floor((dev - this.heapOffset) / cs) + 2;
+        const end = Math.floor((dev + e.length - 1 - this.heapOffset) / cs) + 3;
+        if (first < 0) first = start;
+        const last = runs[runs.length - 1];
+        if (last && last.path === f.path && last.end >= start && last.start <= start) last.end = Math.max(last.end, end);
+        else runs.push({ start, end, path: f.path, first });
+      }
+      if (first >= 0) firsts.set(first, f.path);
+    }
+    if (!runs.length) return;
+    runs.sort((a, b) => a.start - b.start);
+    const fail = (path: string, c: number, other: string): never => {
+      throw new FormatError(
+        `${this.volumeName}: ${path}: its cluster ${c} also belongs to ${other}: the files are cross-linked, and mapping it would read and write that other data. ` +
+          'Run fsck.exfat or chkdsk /f before booting from it.',
+        'cluster', c,
+      );
+    };
+    for (let i = 1; i < runs.length; i++) if (runs[i]!.start < runs[i - 1]!.end) fail(runs[i]!.path, runs[i]!.start, runs[i - 1]!.path);
+    const starts = runs.map((r) => r.start);
+    /** The target run holding a cluster of [start, start + count), if any: [run, cluster]. */
+    const hit = (start: number, count: number): [typeof runs[number], number] | undefined => {
+      // the last run starting before the range ends; runs are disjoint and sorted, so only it can reach into the range
+      let lo = 0;
+      let hi = runs.length - 1;
+      let k = -1;
+      while (lo <= hi) {
+        const mid = (lo + hi) >>> 1;
+        if (starts[mid]! < start + count) { k = mid; lo = mid + 1; } else hi = mid - 1;
+      }
+      if (k < 0 || runs[k]!.end <= start) return undefined;
+      return [runs[k]!, Math.max(runs[k]!.start, start)];
+    };
+    let steps = 0;
+    const claim = (first: number, noFatChain: boolean, bytes: number, owner: string, isRoot = false): void => {
+      if (first < 2 || bytes <= 0 && !isRoot) return;
+      if (isRoot || !noFatChain) {
+        // a FAT chain, to its end for the root (which has no length), else for its clusters
+        const n = isRoot ? this.clusterCount : Math.ceil(bytes / cs);
+        let c = first;
+        for (let i = 0; i < n; i++) {
+          this.checkCluster(c, owner);
+          if (++steps > this.clusterCount + 2) throw new FormatError(`${this.volumeName}: the cluster chains of the volume are longer than the volume (at ${owner}): a chain loops; run fsck.exfat or chkdsk /f`, 'cluster', c);
+          const h = hit(c, 1);
+          if (h) fail(h[0].path, h[1], owner);
+          const next = this.fatEntry(c);
+          if (next === 0xffffffff || (isRoot && (next < 2 || next >= this.clusterCount + 2))) break;
+          if (i === n - 1) break;
+          if (next === 0xfffffff7 || next === 0) throw new FormatError(`${this.volumeName}: ${owner}: cluster chain ends early (FAT entry 0x${next.toString(16)} at cluster ${c}): the filesystem is damaged; run fsck.exfat or chkdsk /f`, 'cluster', c);
+          c = next;
+        }
+        return;
+      }
+      const n = Math.ceil(bytes / cs);
+      this.checkCluster(first + n - 1, owner);
+      const h = hit(first, n);
+      if (h) fail(h[0].path, h[1], owner);
+    };
+
+    // the volume's own structures, named by the root directory
+    const root = this.readDirEntries(this.rootCluster, false, 0, '/', true);
+    claim(this.rootCluster, false, 0, 'the root directory', true);
+    let bitmap: SystemStream | undefined;
+    for (const x of root.system) {
+      claim(x.first, false, x.length, x.what);
+      if (x.what === 'the allocation bitmap') bitmap = x;
+    }
+    // every target cluster is marked in use (a free one could be given to a new file by the next writer)
+    if (!bitmap) throw new FormatError(`${this.volumeName}: the root directory names no allocation bitmap: the filesystem is damaged; run fsck.exfat or chkdsk /f`, 'bitmap', 0);
+    const need = Math.ceil(this.clusterCount / 8);
+    if (bitmap.length < need) throw new FormatError(`${this.volumeName}: the allocation bitmap (${bitmap.length} bytes) is smaller than the volume's ${this.clusterCount} clusters need: the filesystem is damaged`, 'bitmap', bitmap.length);
+    const bits = this.dirBytes(bitmap.first, false, need, 'the allocation bitmap', false);
+    for (const r of runs) {
+      for (let c = r.start; c < r.end; c++) {
+        const i = c - 2;
+        if (((bits[i >> 3]! >> (i & 7)) & 1) === 0) {
+          throw new FormatError(`${this.volumeName}: ${r.path}: its cluster ${c} is marked free in the allocation bitmap, so the next writer may give it to another file: the filesystem is damaged. Run fsck.exfat or chkdsk /f before booting from it.`, 'cluster', c);
+        }
+      }
+    }
+    // every file and directory of the volume, breadth first
+    const ownSeen = new Set<number>();
+    const dirsSeen = new Set<number>([this.rootCluster]);
+    const queue: { entries: DirEntry[]; path: string }[] = [{ entries: root.entries, path: '' }];
+    let entries = 0;
+    while (queue.length) {
+      const d = queue.shift()!;
+      for (const e of d.entries) {
+        if (++entries > MAX_PROOF_ENTRIES) {
+          throw new FormatError(`${this.volumeName}: the volume holds more than ${MAX_PROOF_ENTRIES} directory entries; vdboot does not prove the image's clusters its own on a volume that large. Map it through the loop path (rd.vdisk.map=loop).`, 'entries', entries);
+        }
+        const p = `${d.path}/${e.name}`;
+        if (e.firstCluster < 2 || e.dataLength === 0) continue;
+        const own = firsts.get(e.firstCluster);
+        if (own !== undefined && !(e.attributes & ATTR_DIRECTORY) && !ownSeen.has(e.firstCluster)) {
+          ownSeen.add(e.firstCluster); // the target's own entry (one only: a second one is a cross-link)
+          continue;
+        }
+        claim(e.firstCluster, e.noFatChain, e.dataLength, p);
+        if (e.attributes & ATTR_DIRECTORY) {
+          if (dirsSeen.has(e.firstCluster)) throw new FormatError(`${this.volumeName}: the directory ${p} is named twice in the tree (cluster ${e.firstCluster}): the filesystem is damaged; run fsck.exfat or chkdsk /f`, 'cluster', e.firstCluster);
+          dirsSeen.add(e.firstCluster);
+          queue.push({ entries: this.readDirEntries(e.firstCluster, e.noFatChain, e.dataLength, p, false).entries, path: p });
+        }
+      }
+    }
   }
 
   readdir(path: string): HostDirEntry[] {

@@ -5,6 +5,7 @@ import { openHostFs } from '../../src/formats/hostfs.ts';
 import { bytesReader, isFormatError } from '../../src/formats/block-reader.ts';
 import { pseudoRandom, run, tmpDir } from './helpers.ts';
 import { mkntfs, ntfscp } from './ntfs-oracle.ts';
+import { writeExfatFiles } from '../../qemu/exfat-writer.ts';
 
 /** Damaged volumes per filesystem: 1000 in npm test, FUZZ_CASES under npm run fuzz. */
 const ROUNDS = Number(process.env['FUZZ_CASES'] ?? 1000);
@@ -41,10 +42,14 @@ async function fuzz(image: Buffer, regions: [number, number][], names: string[],
       if (fsys) {
         fsys.writeBlocker();
         fsys.readdir('/');
+        const found = [];
         for (const n of names) {
           const f = fsys.lookup(n);
           fsys.readFile(f, 0, Math.min(f.size, 1 << 20));
+          found.push(f);
         }
+        // the ownership proof a direct map runs first (a whole-volume pass) meets the damage too
+        fsys.proveOwnership?.(found);
       }
       survived++;
     } catch (e) {
@@ -92,9 +97,10 @@ describe('damaged volumes fail with FormatError, never a crash', () => {
     fs.writeFileSync(ex, Buffer.alloc(0));
     fs.truncateSync(ex, 16 << 20);
     run('mkfs.exfat', ['-c', '4096', ex]);
+    writeExfatFiles(ex, { '/Folder/long file name.bin': pseudoRandom(100_000, 5), '/small.bin': pseudoRandom(3000, 6) }, ['/Folder']);
     const ximage = fs.readFileSync(ex);
     // the FAT, the bitmap, the up-case table and the root directory all lie in the first MiB
-    const rx = await fuzz(ximage, [[0, 512], [512 * 12, 1 << 20]], [], ROUNDS);
+    const rx = await fuzz(ximage, [[0, 512], [512 * 12, 1 << 20]], ['/Folder/long file name.bin', '/small.bin'], ROUNDS);
     expect(rx.formatErrors + rx.survived).toBe(ROUNDS);
   });
 });
