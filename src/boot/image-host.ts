@@ -42,6 +42,14 @@ export interface ImageHost {
   checkOwnership?(paths: readonly string[]): void;
   /** why the host filesystem must not be written (hibernated, dirty), or null */
   writeBlocker: string | null;
+  /**
+   * Why the host filesystem must not be written through a driver (expansion, hole filling,
+   * loop), when writes inside an image's own clusters (the direct path) are still safe: an
+   * NTFS volume a Linux driver left dirty. Absent or null otherwise.
+   */
+  driverWriteBlocker?: string | null;
+  /** what the console says on a rw boot that is allowed despite such a flaw */
+  writeWarning?: string | null;
   /** the host device's logical sector size (512 when unknown) */
   logicalBlockSize?: number;
   /** where file extents come from when not vdboot's own reader, for the console ("ext4's FIEMAP") */

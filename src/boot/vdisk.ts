@@ -148,6 +148,33 @@ function cachingLayouts(host: ImageHost): ImageHost {
   };
 }
 
+/**
+ * On a host whose only flaw is the dirty flag a Linux NTFS driver leaves behind (see
+ * ImageHost.driverWriteBlocker), a rw boot may take the direct path, which writes only
+ * inside the image's own clusters; a path that writes through a host driver (expansion,
+ * hole filling, a rw loop or nbd) is refused with the blocker's message.
+ */
+function choosePathOnDirtyHost(req: ImageRequest, host: ImageHost, choose: () => ReturnType<typeof choosePath>): ReturnType<typeof choosePath> {
+  const blocker = req.mode === 'rw' ? host.driverWriteBlocker : undefined;
+  if (!blocker) return choose();
+  const refuse = (what: string): never => {
+    throw new FormatError(
+      `${req.path} is on ${host.description}, and this boot would ${what}, which vdboot does not do there: ${blocker}\n` +
+        `To boot without that, add rd.vdisk.mode=snapshot (changes are kept in RAM and lost at power-off) or rd.vdisk.mode=ro.`,
+      'host', host.device,
+    );
+  };
+  let chosen: ReturnType<typeof choosePath>;
+  try {
+    chosen = choose();
+  } catch (e) {
+    if (e instanceof ExpansionNeeded) refuse('first expand the image or fill its holes through the host\'s filesystem driver');
+    throw e;
+  }
+  if (chosen.path !== 'direct') refuse(`write the image through the host's filesystem driver (${chosen.path})`);
+  return chosen;
+}
+
 export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   const host = cachingLayouts(imageHost);
   const name = `vdisk${req.index}`;
@@ -204,7 +231,8 @@ export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   }
 
   if (req.mode === 'rw') refuseWithChildren(req, image, host, warnings);
-  const chosen = choosePath(req, image, direct, directProblem, host);
+  const chosen = choosePathOnDirtyHost(req, host, () => choosePath(req, image, direct, directProblem, host));
+  if (req.mode === 'rw' && host.writeWarning) warnings.push(host.writeWarning);
   const headerUpdate = req.mode === 'rw' && chosen.path !== 'nbd' && image.layers[0]!.layer.format === 'vhdx' ? vhdxRenewal(image, host, chosen.path) : undefined;
   const tableMap = chosen.path === 'direct' ? direct! : map;
   const devicesForFiles = chosen.path === 'direct' ? undefined : map.files.map((_, i) => `$LOOP${i}`);

@@ -52,6 +52,13 @@ export interface HostFs {
   clusterSize: number;
   /** dirty / hibernated state: why writing is unsafe, or null */
   writeBlocker(): string | null;
+  /**
+   * Why writing through a filesystem driver is unsafe when writing only inside a file's own
+   * clusters is not (NTFS left dirty by a Linux driver), or null. Optional.
+   */
+  driverWriteBlocker?(): string | null;
+  /** the console's warning for a write allowed on such a volume, or null. Optional. */
+  writeWarning?(): string | null;
   /** FormatError "not found" naming the path and the last directory that did exist, listing a few near names */
   lookup(path: string): HostFile;
   readdir(path: string): HostDirEntry[];

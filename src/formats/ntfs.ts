@@ -524,12 +524,53 @@ export class NtfsVolume implements HostFs {
         `writing to it now would corrupt it when Windows resumes. Start Windows and shut it down fully ` +
         `(hold Shift while clicking Shut down), or turn hibernation and Fast Startup off for good with "powercfg /h off" in an administrator prompt.`;
     }
-    if (this.volumeFlags & VOLUME_IS_DIRTY) {
+    if ((this.volumeFlags & VOLUME_IS_DIRTY) && !this.dirtyByLinuxDriver()) {
       return `${name} is marked dirty: Windows did not close it cleanly, or it is hibernated (Fast Startup), or it needs chkdsk. ` +
         `Start Windows and shut it down fully (hold Shift while clicking Shut down; "powercfg /h off" turns Fast Startup off), ` +
         `or run "chkdsk /f" on it, then try again.`;
     }
     return null;
+  }
+
+  /**
+   * The dirty flag with an empty $LogFile (every byte 0xFF) and no hibernation: the state
+   * ntfs3 and ntfs-3g leave when the power goes while they have the volume mounted
+   * read-write (vdboot's expansion, hole filling and loop path use them). They keep no NTFS
+   * journal and empty it when they mount; Windows always leaves its restart area ("RSTR")
+   * there, so a volume Windows marked for chkdsk, or did not close, is not taken for this.
+   */
+  private dirtyByLinuxDriver(): boolean {
+    if (!(this.volumeFlags & VOLUME_IS_DIRTY) || this.hibernationSignature()) return false;
+    return this.logFileState() === 'empty';
+  }
+
+  /** The first page of $LogFile: 'empty' (all 0xFF), 'restart' (Windows' restart area), or 'other'. */
+  logFileState(): 'empty' | 'restart' | 'other' {
+    let f: HostFile;
+    try {
+      f = this.lookup('/$LogFile');
+    } catch {
+      return 'other';
+    }
+    if (f.size < 4096) return 'other';
+    const page = this.readFile(f, 0, 4096);
+    if (page.every((b) => b === 0xff)) return 'empty';
+    return String.fromCharCode(page[0]!, page[1]!, page[2]!, page[3]!) === 'RSTR' ? 'restart' : 'other';
+  }
+
+  driverWriteBlocker(): string | null {
+    if (!this.dirtyByLinuxDriver()) return null;
+    const name = this.label ? `NTFS volume "${this.label}" (${this.volumeName})` : `NTFS volume ${this.volumeName}`;
+    return `${name} is marked dirty by a Linux NTFS driver that did not unmount it (a power cut while vdboot or another Linux system wrote to it): ` +
+      `its journal is empty, so writing inside the image's own clusters is safe, but writing through a driver again is not until it is checked. ` +
+      `Run "chkdsk /f" on it from Windows (or "ntfsfix -d" on Linux), then try again.`;
+  }
+
+  writeWarning(): string | null {
+    if (!this.dirtyByLinuxDriver()) return null;
+    const name = this.label ? `NTFS volume "${this.label}" (${this.volumeName})` : `NTFS volume ${this.volumeName}`;
+    return `${name} is marked dirty by a Linux NTFS driver that did not unmount it (a power cut while it was written); ` +
+      `its journal is empty and the image's clusters are proven its own, so this boot writes only inside the image (the direct path). Run "chkdsk /f" on it from Windows when you can.`;
   }
 
   private hibernationSignature(): string | null {

@@ -115,14 +115,28 @@ describe('NTFS without mounting (mkntfs + ntfscp)', () => {
     expect(open(clean).writeBlocker()).toBeNull();
   });
 
-  it('a volume marked dirty (ntfsfix schedules chkdsk) blocks writing until ntfsfix -d clears the flag', () => {
+  it('a volume marked dirty (ntfsfix schedules chkdsk, journal emptied) blocks writes through a driver until ntfsfix -d clears the flag; with Windows\' journal it blocks every write', () => {
     const img = path.join(dir, 'dirty.img');
     mkntfs(img, 16, 4096);
     run('ntfsfix', [img]);
     expect(run('ntfsinfo', ['-f', '-m', img]).toString()).toMatch(/Volume Flags: 0x0*1 DIRTY/);
+    // ntfsfix empties the journal as ntfs3 and ntfs-3g do: writes inside a file's own clusters stay allowed, driver writes do not
+    expect((open(img) as unknown as { logFileState(): string }).logFileState()).toBe('empty');
+    expect(open(img).writeBlocker()).toBeNull();
+    expect(open(img).driverWriteBlocker!()).toMatch(/marked dirty by a Linux NTFS driver.*chkdsk \/f/s);
+    // the same flag with Windows' restart area in the journal: nothing is written
+    const buf = fs.readFileSync(img);
+    const log = open(img).lookup('/$LogFile').extents[0] as { deviceOffset: number };
+    const saved = Buffer.from(buf.subarray(log.deviceOffset, log.deviceOffset + 4));
+    Buffer.from('RSTR').copy(buf, log.deviceOffset);
+    fs.writeFileSync(img, buf);
+    expect((open(img) as unknown as { logFileState(): string }).logFileState()).toBe('restart');
     expect(open(img).writeBlocker()).toMatch(/dirty.*shut it down fully/s);
+    saved.copy(buf, log.deviceOffset);
+    fs.writeFileSync(img, buf);
     run('ntfsfix', ['-d', img]);
     expect(open(img).writeBlocker()).toBeNull();
+    expect(open(img).driverWriteBlocker!()).toBeNull();
   });
 
   it('a torn MFT record (one sector not matching the update sequence) is refused', () => {

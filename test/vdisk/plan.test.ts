@@ -10,6 +10,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planAgainstDevices, formatReport, command as planCommand } from '../../src/cli/plan.ts';
 import { planVdisk, sliceTargets, type VdiskPlan } from '../../src/boot/vdisk.ts';
 import { parsePartitionTable } from '../../src/formats/partitions.ts';
+import { bytesReader } from '../../src/formats/block-reader.ts';
+import { openNtfs } from '../../src/formats/ntfs.ts';
 import { parseVhdxHeader } from '../../src/formats/vhdx.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 import { vhdxLayout, writeLogEntry } from '../formats/vhdx-patch.ts';
@@ -23,6 +25,7 @@ let hostDisk: string;
 let secondDisk: string;
 let hibernated: string;
 let dirty: string;
+let windowsDirty: string;
 let fragments = 0;
 let fragDisk: string;
 let guestRaw: string;
@@ -105,10 +108,20 @@ beforeAll(async () => {
   const ntfs3 = makeNtfs(dir, 'hib', 40, 'Hibernated', { '/linux.qcow2': images.qcow2!, '/hiberfil.sys': hib });
   hibernated = makeHostDisk(dir, 'hib', [{ image: ntfs3, type: BASIC_DATA }]);
 
-  // A volume Windows did not close cleanly: the $Volume dirty flag.
-  const ntfs4 = makeNtfs(dir, 'dirty', 40, 'Dirty', { '/linux.qcow2': images.qcow2! });
+  // The $Volume dirty flag with the empty journal (every byte of $LogFile 0xFF) ntfs3 and
+  // ntfs-3g leave when the power goes while they write (and mkntfs and ntfsfix leave too);
+  // and the same flag with a Windows restart area ("RSTR") in the journal: Windows did not
+  // close the volume, or asks for chkdsk.
+  const ntfs4 = makeNtfs(dir, 'dirty', 96, 'Dirty', { '/linux.qcow2': images.qcow2!, '/dyn.vhdx': convert(guestRaw, path.join(dir, 'dyn.vhdx'), 'vhdx', ['subformat=dynamic', 'block_size=1M']) });
   disks.ntfsSetVolumeFlags(ntfs4, disks.NTFS_VOLUME_FLAGS.dirty);
   dirty = makeHostDisk(dir, 'dirty', [{ image: ntfs4, type: BASIC_DATA }]);
+  const ntfs5 = makeNtfs(dir, 'windirty', 40, 'Dirty', { '/linux.qcow2': images.qcow2! });
+  disks.ntfsSetVolumeFlags(ntfs5, disks.NTFS_VOLUME_FLAGS.dirty);
+  const img5 = fs.readFileSync(ntfs5);
+  const log = openNtfs(bytesReader(ntfs5, img5)).lookup('/$LogFile').extents[0] as { deviceOffset: number };
+  Buffer.from('RSTR').copy(img5, log.deviceOffset);
+  fs.writeFileSync(ntfs5, img5);
+  windowsDirty = makeHostDisk(dir, 'windirty', [{ image: ntfs5, type: BASIC_DATA }]);
 }, 120_000);
 
 afterAll(() => {
@@ -504,10 +517,21 @@ describe('vdisk plan: what rw refuses, and why', () => {
     }
   });
 
-  it('a volume marked dirty is not written: rw refused, naming chkdsk', () => {
-    const msg = planError('root=vdisk:LABEL=Dirty:/linux.qcow2 rw', [dirty]);
+  it('a volume Windows left dirty (its journal holds a restart area) is not written: rw refused, naming chkdsk', () => {
+    const msg = planError('root=vdisk:LABEL=Dirty:/linux.qcow2 rw', [windowsDirty]);
     expect(msg).toMatch(/is marked dirty/);
     expect(msg).toMatch(/chkdsk \/f/);
+  });
+
+  it('a volume a Linux driver left dirty (empty journal, e.g. a power cut during expansion): rw direct boots, with a warning; writes through a driver are refused', () => {
+    const { report, devices } = plan('root=vdisk:LABEL=Dirty:/linux.qcow2 rw', [dirty]);
+    devices.close();
+    const vp = report.vdisks[0]!;
+    expect(vp.path).toBe('direct');
+    expect(vp.warnings.join('\n')).toMatch(/marked dirty by a Linux NTFS driver .*writes only inside the image \(the direct path\).*chkdsk \/f/);
+    // expanding a dynamic image would write through the host's driver
+    expect(planError('root=vdisk:LABEL=Dirty:/dyn.vhdx rw', [dirty])).toMatch(/would first expand the image or fill its holes through the host's filesystem driver.*marked dirty by a Linux NTFS driver/s);
+    expect(planError('root=vdisk:LABEL=Dirty:/linux.qcow2 rw rd.vdisk.map=loop', [dirty])).toMatch(/write the image through the host's filesystem driver \(loop\)/);
   });
 
   it('a qcow2 with internal snapshots is refused rw: its clusters are shared', () => {
