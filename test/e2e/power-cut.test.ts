@@ -6,8 +6,7 @@
  * come up read-write (vdboot left the host clean: nothing but the image's own clusters was
  * written), with the synced file there; after its clean shutdown NTFS is clean
  * (`ntfsfix -n` and vdboot's reader), `qemu-img check` passes and the guest's ext4 passes
- * `e2fsck -fn`. The sweep over other moments (expansion, the shutdown hand-off, the loop
- * path) is not done yet.
+ * `e2fsck -fn`. Cuts during expansion are in test/full/power-cut.full.ts.
  */
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
