@@ -5,7 +5,8 @@
  * The next boot must come up read-write (it expands again), the guest run, and after its
  * clean shutdown the host's own checker, `qemu-img check` and `e2fsck -fn` must pass. The
  * NTFS volume flags the cut left are printed (measured: 0x0 with both drivers, i.e. not
- * dirty; a dirty flag with an empty journal would still allow the direct path, README). The direct-path case (a cut during the
+ * dirty; a dirty flag with an empty journal would still allow the direct path, README).
+ * Then cuts during the shutdown hand-off, on the direct and the loop path. The direct-path case (a cut during the
  * guest's fsync'd writes) is in npm test: test/e2e/power-cut.test.ts.
  */
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
@@ -68,3 +69,47 @@ for (const kernel of kernels) {
     });
   });
 }
+
+// The shutdown hand-off: the guest has synced its counter and handed over to
+// /run/initramfs/shutdown, which is killed as it starts taking the devices down. Direct
+// (host mounted read-only) and rd.vdisk.map=loop (host mounted read-write by ntfs-3g or ntfs3).
+for (const kernel of kernels) {
+  const v = kernelVersion(kernel);
+  for (const map of ['direct', 'loop'] as const) {
+    describe(`power cut during the shutdown hand-off on ${v}, ${map}`, { timeout: 900_000 }, () => {
+      it('SIGKILL as the hand-off starts: the next boot comes up rw with the synced counter; every checker clean afterwards', async () => {
+        const sub = join(dir, `${v}-handoff-${map}`);
+        mkdirSync(join(sub, 'guest'), { recursive: true });
+        const raw = makeGuestDisk(join(sub, 'guest'), { commands: COUNTER_COMMANDS, then: { exec: '/run/initramfs/shutdown poweroff' } }).raw;
+        const vhdx = join(sub, 'guest.vhdx');
+        convertImage(raw, vhdx, 'vhdx', ['subformat=fixed']);
+        const host = imageHostDisk(sub, 'host', 'ntfs', IMAGE, vhdx, false);
+        const initrd = join(sub, 'initrd.img');
+        writeInitramfs(initrd, { kernel });
+        const append = `root="vdisk:LABEL=${RW_HOST_LABEL.ntfs}:${IMAGE}" rw${map === 'loop' ? ' rd.vdisk.map=loop' : ''}`;
+
+        const first = await bootVm({ kernel, initrd, append, disks: [{ file: host.disk }], name: `cut-handoff-${v}-${map}-1`, memoryMiB: 768 });
+        vms.push(first);
+        await first.waitFor(/entered \/run\/initramfs/, 300_000);
+        await first.kill();
+        const part = extractRange(host.disk, host.offset, host.size, join(sub, 'after-cut.ntfs'));
+        const flags = ntfsVolumeFlags(part);
+        rmSync(part);
+        process.stderr.write(`power cut during the shutdown hand-off on ${v} (${map}): NTFS volume flags afterwards 0x${flags.toString(16)}\n`);
+
+        const second = await bootVm({ kernel, initrd, append, disks: [{ file: host.disk }], name: `cut-handoff-${v}-${map}-2`, memoryMiB: 768 });
+        vms.push(second);
+        await second.waitFor(GUEST_MARKER, 400_000);
+        await second.waitExit(120_000);
+        const t = second.transcript();
+        const facts = parseGuestFacts(t);
+        expect(facts.root, t.slice(-3000)).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+        expect(facts.facts.count).toBe('1');
+        expect(t).toMatch(/reboot: Power down/);
+        expectHostFsClean(sub, host);
+        expectGuestKept(sub, readImageBack(sub, host, IMAGE, join(sub, 'after.vhdx')), 'vhdx', 2);
+      });
+    });
+  }
+}
+
