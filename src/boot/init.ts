@@ -25,16 +25,18 @@ import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
 import { unpackTmpfsRoot } from './tmpfs-root.ts';
 import { installShutdown, takeDownInPlace } from './shutdown.ts';
+import { processStartSec } from './timings.ts';
 
 export const NEW_ROOT = '/root';
 
 export function runInit(sys: Sys, kernelArgs: string[] = []): never {
   const log = new ConsoleLog(sys);
+  const timed = <T>(label: string, fn: () => T): T => log.timed(label, fn);
   let shell = true;
   try {
     const t0 = sys.uptimeSec();
-    for (const p of mountEarly(sys)) log.warn(p);
-    const plan = planBoot(readText(sys, '/proc/cmdline'), kernelArgs);
+    for (const p of timed('early-mounts', () => mountEarly(sys))) log.warn(p);
+    const plan = timed('cmdline', () => planBoot(readText(sys, '/proc/cmdline'), kernelArgs));
     shell = plan.shell;
     log.quiet = plan.quiet;
     log.debugOn = plan.debug;
@@ -43,17 +45,30 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     const ctx = prepare(sys, log, plan);
     const { init } = mountRoot(ctx);
     // returns unless it starts the root's own kernel
-    kexecRootKernel(ctx, NEW_ROOT);
+    timed('kexec-check', () => kexecRootKernel(ctx, NEW_ROOT));
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
-    installShutdown(sys, log, ctx.manifest.tools.busybox);
+    timed('shutdown-handoff', () => installShutdown(sys, log, ctx.manifest.tools.busybox));
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);
-    ctx.modules.stopColdplug();
+    timed('stop-coldplug', () => ctx.modules.stopColdplug());
     log.info(`starting ${init}${plan.initArgs.length ? ` ${plan.initArgs.join(' ')}` : ''} (vdboot took ${(sys.uptimeSec() - t0).toFixed(2)} s)`);
-    return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log);
+    return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log, () => {
+      if (log.debugOn) log.debug(timingSummary(sys, log, t0));
+    });
   } catch (e) {
     log.error(explain(e));
     return failureShell(sys, log, shell, () => takeDownInPlace(sys, log, [NEW_ROOT]));
   }
+}
+
+/**
+ * The rd.vdboot.debug summary: when the kernel started /init, how long the runtime took to
+ * reach the script (the bytecode load), then every step in ms and what they sum to.
+ */
+function timingSummary(sys: Sys, log: ConsoleLog, scriptStartSec: number): string {
+  let start: number | undefined;
+  try { start = processStartSec(readText(sys, '/proc/self/stat')); } catch { /* /proc is gone: no start */ }
+  const load = start === undefined ? '' : `/init started at ${start.toFixed(2)} s, script running ${Math.max(0, Math.round((scriptStartSec - start) * 1000))} ms later; `;
+  return `timings: ${load}${log.timings.summary()}`;
 }
 
 function describeRoot(plan: BootPlan): string {
@@ -74,7 +89,7 @@ function explain(e: unknown): string {
 
 /** Manifest, uevents, modules: everything before looking for the root. */
 function prepare(sys: Sys, log: ConsoleLog, plan: BootPlan): InitContext {
-  const manifest = readManifest(sys);
+  const manifest = log.timed('manifest', () => readManifest(sys));
   log.debug(`manifest read: ${Object.keys(manifest.modules).length} modules, ${manifest.aliases.length} aliases`);
   let ueventFd = -1;
   try {
@@ -116,13 +131,15 @@ function readManifest(sys: Sys): InitramfsManifest {
 function mountRoot(ctx: InitContext): { init: string } {
   const { sys, log, plan } = ctx;
   if (plan.breakAt.includes('pre-mount')) breakShell(sys, log, 'pre-mount');
-  if (plan.root.kind === 'tmpfs') {
-    if (plan.vdisk.attach.length) setupVdisks(ctx);
-    unpackTmpfsRoot(ctx, plan.root, NEW_ROOT);
+  const root = plan.root;
+  if (root.kind === 'tmpfs') {
+    if (plan.vdisk.attach.length) log.timed('images', () => setupVdisks(ctx));
+    log.timed('tmpfs-root', () => unpackTmpfsRoot(ctx, root, NEW_ROOT));
     return { init: chooseInit(sys, NEW_ROOT, plan) };
   }
-  const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? setupVdisks(ctx) : undefined;
-  const dev = plan.root.kind === 'vdisk' ? images!.root! : waitForDevice(ctx, plan.root.device, 'root device');
-  mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags);
-  return { init: chooseInit(sys, NEW_ROOT, plan) };
+  const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? log.timed('images', () => setupVdisks(ctx)) : undefined;
+  const rootSpec = root.kind === 'block' ? root.device : undefined;
+  const dev = rootSpec ? log.timed('root-device', () => waitForDevice(ctx, rootSpec, 'root device')) : images!.root!;
+  log.timed('root-mount', () => mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags));
+  return { init: log.timed('choose-init', () => chooseInit(sys, NEW_ROOT, plan)) };
 }

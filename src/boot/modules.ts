@@ -155,12 +155,15 @@ export class ModuleLoader {
           report.loaded.push(name);
           continue;
         }
-        const file = openModuleFile(this.sys, this.manifest, mod);
-        try {
-          this.sys.finitModule(file.fd, mod.options, file.flags);
-        } finally {
-          this.sys.close(file.fd);
-        }
+        // Counted in the boot timings whether it loads or fails: a failure costs time too.
+        this.log.timings.counted('modules', () => {
+          const file = openModuleFile(this.sys, this.manifest, mod);
+          try {
+            this.sys.finitModule(file.fd, mod.options, file.flags);
+          } finally {
+            this.sys.close(file.fd);
+          }
+        });
         this.loaded.add(name);
         report.loaded.push(name);
         this.log.debug(`loaded module ${name}`);

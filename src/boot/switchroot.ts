@@ -64,13 +64,19 @@ export function deleteInitramfs(sys: Sys, log: ConsoleLog): void {
   if (failed) log.debug(`${failed} initramfs entries could not be removed`);
 }
 
-/** Moves `newRoot` onto /, enters it and executes `init`. Returns only by throwing. */
-export function switchRoot(sys: Sys, newRoot: string, init: string, args: string[], log: ConsoleLog): never {
-  moveApiMounts(sys, newRoot, log);
-  sys.chdir(newRoot);
-  deleteInitramfs(sys, log);
-  sys.mount('.', '/', '', MS.MOVE, '');
-  sys.chroot('.');
-  sys.chdir('/');
+/**
+ * Moves `newRoot` onto /, enters it and executes `init`. Returns only by throwing.
+ * `beforeExec` runs last, when nothing but the execve is left (the timing summary).
+ */
+export function switchRoot(sys: Sys, newRoot: string, init: string, args: string[], log: ConsoleLog, beforeExec?: () => void): never {
+  log.timed('switch-prep', () => {
+    log.timed('move-mounts', () => moveApiMounts(sys, newRoot, log));
+    sys.chdir(newRoot);
+    log.timed('delete-initramfs', () => deleteInitramfs(sys, log));
+    sys.mount('.', '/', '', MS.MOVE, '');
+    sys.chroot('.');
+    sys.chdir('/');
+  });
+  beforeExec?.();
   return sys.execve(init, [init, ...args], INIT_ENV);
 }

@@ -1,0 +1,103 @@
+/**
+ * The boot timings under rd.vdboot.debug: the production bundle on QuickJS against the
+ * fake kernel, whose syscalls cost simulated time (finit_module, mount) and whose USB disk
+ * appears a set time after its driver loaded. The summary line must list the steps, put
+ * the module and device-wait time where it was spent, and add up.
+ */
+import { existsSync } from 'node:fs';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { BootTimings, processStartSec } from '../../src/boot/timings.ts';
+import { runBundleInQuickJS } from './sim-harness.ts';
+import { buildGptDisk, ROOT_UUID, simMachine, type BuiltDisk } from './sim-machine.ts';
+
+let disk: BuiltDisk;
+
+beforeAll(() => {
+  if (!existsSync('build/init.js')) throw new Error('build/init.js is missing: run "npm run build" first');
+  disk = buildGptDisk();
+});
+
+/** "label 12 (child 3, …)" → the ms of each top-level step, and the "= SUM of TOTAL ms" tail. */
+function parseSummary(line: string) {
+  const m = /timings: (.*) = (\d+) of (\d+) ms(?:; (.*))?$/.exec(line);
+  if (!m) throw new Error(`no timing summary in: ${line}`);
+  const top = new Map<string, number>();
+  let depth = 0;
+  for (const token of m[1]!.split(/(\(|\)|, )/)) {
+    if (token === '(') depth++;
+    else if (token === ')') depth--;
+    else if (token === ', ' || token === '') continue;
+    else {
+      const t = /^\s*(\S+) (\d+)\s*$/.exec(token);
+      if (t && depth === 0) top.set(t[1]!, Number(t[2]));
+    }
+  }
+  const counters = new Map<string, { count: number; ms: number }>();
+  for (const c of (m[4] ?? '').split(', ').filter(Boolean)) {
+    const k = /^(\S+) (\d+) in (\d+) ms$/.exec(c);
+    if (k) counters.set(k[1]!, { count: Number(k[2]), ms: Number(k[3]) });
+  }
+  return { top, sum: Number(m[2]), total: Number(m[3]), counters, inner: m[1]! };
+}
+
+describe('boot timings (rd.vdboot.debug)', () => {
+  it('a plain root: the summary lists each step, puts module and device time where it went, and adds up', async () => {
+    const r = await runBundleInQuickJS(
+      simMachine(`root=UUID=${ROOT_UUID} rd.vdboot.debug`, disk, { usb: true, syscallMs: { finitModule: 7, mount: 40 } }),
+    );
+    const text = r.kernel.consoleText;
+    expect(r.end?.reason, text).toBe('exec');
+    const line = text.split('\n').find((l) => l.includes('timings: '));
+    expect(line, text).toBeDefined();
+    const s = parseSummary(line!);
+    for (const step of ['early-mounts', 'cmdline', 'manifest', 'coldplug', 'root-device', 'root-mount', 'choose-init', 'kexec-check', 'shutdown-handoff', 'switch-prep']) {
+      expect(s.top.has(step), `${step} in ${line}`).toBe(true);
+    }
+    // The steps do not overlap: their sum is at most the whole, and here (nothing else
+    // costs simulated time) all of it, give or take rounding.
+    expect(s.sum).toBeLessThanOrEqual(s.total + s.top.size);
+    expect(s.sum).toBeGreaterThanOrEqual(s.total - s.top.size);
+    // Every finit_module costs 7 ms: the modules the init loaded itself.
+    const loads = r.kernel.events.moduleLoads.length;
+    expect(loads).toBeGreaterThan(3);
+    expect(s.counters.get('modules')?.count).toBe(loads);
+    expect(s.counters.get('modules')?.ms).toBe(7 * loads);
+    // The USB disk appears 1.5 s after usb_storage loads: the wait for the root is there.
+    expect(s.top.get('root-device')!).toBeGreaterThanOrEqual(1500);
+    expect(s.counters.get('uevent-waits')!.ms).toBeGreaterThanOrEqual(1400);
+    // The root mount costs 40 ms plus ext4 and its dependencies (7 ms each).
+    expect(s.top.get('root-mount')!).toBeGreaterThanOrEqual(40);
+    expect(s.inner).toMatch(/root-mount \d+ \(mount 40\)/);
+    expect(s.total).toBeLessThan(5000);
+  });
+
+  it('without rd.vdboot.debug there is no summary line', async () => {
+    const r = await runBundleInQuickJS(simMachine('root=/dev/vda2', disk));
+    expect(r.end?.reason).toBe('exec');
+    expect(r.kernel.consoleText).not.toContain('timings: ');
+  });
+});
+
+describe('BootTimings', () => {
+  it('nested steps are listed inside their parent and counted once; a throwing step is timed too', () => {
+    let now = 0;
+    const t = new BootTimings(() => now);
+    t.time('a', () => { now += 5; });
+    t.time('b', () => {
+      now += 1;
+      t.time('c', () => { now += 10; });
+      expect(() => t.time('d', () => { now += 2; throw new Error('x'); })).toThrow('x');
+    });
+    now += 3;
+    t.count('modules', 2, 8);
+    t.count('modules', 1, 4);
+    expect(t.summary()).toBe('a 5, b 13 (c 10, d 2) = 18 of 21 ms; modules 3 in 12 ms');
+  });
+
+  it('the process start comes from field 22 of /proc/self/stat, whatever the command name holds', () => {
+    const fields = ['S', ...Array.from({ length: 18 }, (_, i) => String(i + 4)), '245', '1000'];
+    expect(processStartSec(`1 (init) ${fields.join(' ')}`)).toBe(2.45);
+    expect(processStartSec(`1 (a) b (c) ${fields.join(' ')}`)).toBe(2.45);
+    expect(processStartSec('garbage')).toBeUndefined();
+  });
+});
