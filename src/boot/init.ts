@@ -25,7 +25,6 @@ import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
 import { unpackTmpfsRoot } from './tmpfs-root.ts';
 import { installShutdown, takeDownInPlace } from './shutdown.ts';
-import { processStartSec } from './timings.ts';
 
 export const NEW_ROOT = '/root';
 
@@ -52,23 +51,13 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     timed('stop-coldplug', () => ctx.modules.stopColdplug());
     log.info(`starting ${init}${plan.initArgs.length ? ` ${plan.initArgs.join(' ')}` : ''} (vdboot took ${(sys.uptimeSec() - t0).toFixed(2)} s)`);
     return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log, () => {
-      if (log.debugOn) log.debug(timingSummary(sys, log, t0));
+      // where vdboot's time went: t0 is the script's start; the kernel's "Run /init" line says when /init was executed
+      if (log.debugOn) log.debug(`timings: script started at ${t0.toFixed(3)} s; ${log.timings.summary()}`);
     });
   } catch (e) {
     log.error(explain(e));
     return failureShell(sys, log, shell, () => takeDownInPlace(sys, log, [NEW_ROOT]));
   }
-}
-
-/**
- * The rd.vdboot.debug summary: when the kernel started /init, how long the runtime took to
- * reach the script (the bytecode load), then every step in ms and what they sum to.
- */
-function timingSummary(sys: Sys, log: ConsoleLog, scriptStartSec: number): string {
-  let start: number | undefined;
-  try { start = processStartSec(readText(sys, '/proc/self/stat')); } catch { /* /proc is gone: no start */ }
-  const load = start === undefined ? '' : `/init started at ${start.toFixed(2)} s, script running ${Math.max(0, Math.round((scriptStartSec - start) * 1000))} ms later; `;
-  return `timings: ${load}${log.timings.summary()}`;
 }
 
 function describeRoot(plan: BootPlan): string {

@@ -100,17 +100,3 @@ export class BootTimings {
     return `${parts.join(', ')} = ${ms(sum)} of ${ms(this.elapsedMs())} ms${counters.length ? `; ${counters.join(', ')}` : ''}`;
   }
 }
-
-/**
- * The process's start in seconds of uptime, from field 22 of /proc/self/stat (in clock
- * ticks, 100 per second on Linux): with the uptime when the script began, it says how
- * long the runtime took to load the init's bytecode. Undefined when unreadable.
- */
-export function processStartSec(statText: string, ticksPerSec = 100): number | undefined {
-  // comm (field 2) may hold spaces and parentheses: count fields after its last ')'.
-  const close = statText.lastIndexOf(')');
-  if (close < 0) return undefined;
-  const fields = statText.slice(close + 2).split(' ');
-  const ticks = Number(fields[22 - 3]);
-  return Number.isFinite(ticks) && ticks >= 0 ? ticks / ticksPerSec : undefined;
-}
