@@ -4,7 +4,8 @@
 // .cache/kernels has it), all measured side by side in this run. Each vdboot boot is also
 // repeated with rd.vdboot.debug, which gives vdboot's own time (from its first statement to
 // the guest's init) and the per-step breakdown of timings.ts.
-// BENCH_RUNS=N boots each N times (3); BENCH_KERNELS=6.1,6.12 picks the kernels.
+// BENCH_RUNS=N boots each N times (3); BENCH_KERNELS=6.1,6.12 picks the kernels;
+// BENCH_ITOOLS=0 leaves initramfs-tools out (its build takes minutes on a busy machine).
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -73,7 +74,7 @@ function buildSet(series: string, kernel: string): KernelSet {
     vdbootDebug: candidate(`vdboot ${series} debug`, kernel, 'root=/dev/vda rw loglevel=4 rd.vdboot.debug'),
   };
   // (a) Debian's initramfs-tools, as `update-initramfs` would build it (needs the kernel installed)
-  if (installed) {
+  if (installed && process.env.BENCH_ITOOLS !== '0') {
     const itools = candidate(`initramfs-tools ${series}`, kernel, 'root=/dev/vda rw quiet');
     const image = path.join(work, `initramfs-tools-${series}.img`);
     const r = timed('mkinitramfs', ['-o', image, version]);

@@ -48,7 +48,7 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
     timed('shutdown-handoff', () => installShutdown(sys, log, ctx.manifest.tools.busybox));
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);
-    timed('stop-coldplug', () => ctx.modules.stopColdplug());
+    timed('stop-coldplug', () => ctx.modules.stopColdplug({ wait: false }));
     log.info(`starting ${init}${plan.initArgs.length ? ` ${plan.initArgs.join(' ')}` : ''} (vdboot took ${(sys.uptimeSec() - t0).toFixed(2)} s)`);
     return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log, () => {
       // where vdboot's time went: t0 is the script's start; the kernel's "Run /init" line says when /init was executed
@@ -96,7 +96,10 @@ function prepare(sys: Sys, log: ConsoleLog, plan: BootPlan): InitContext {
       return `loaded ${r.loaded.length} device-mapper and loop modules${r.failed.length ? `, ${r.failed.length} failed` : ''}`;
     });
   }
-  log.step('coldplug', () => modules.startColdplug(), (n) => `loading ${n} modules for the devices present`);
+  // The root's filesystem module loads with the storage drivers: rootfstype= names it, else
+  // the manifest's type known at build time (a tmpfs root needs none).
+  const rootFsTypes = plan.root.kind === 'tmpfs' ? [] : plan.rootFsType ? plan.rootFsType.split(',').filter(Boolean) : manifest.build.rootFsType ? [manifest.build.rootFsType] : [];
+  log.step('coldplug', () => modules.startColdplug(rootFsTypes), (n) => `loading ${n} modules for the devices present${rootFsTypes.length ? ` and the root's filesystem (${rootFsTypes.join(', ')})` : ''}`);
   if (plan.rootDelaySec > 0) {
     log.info(`rootdelay=${plan.rootDelaySec}: waiting`);
     sys.sleepMs(plan.rootDelaySec * 1000);

@@ -78,6 +78,33 @@ describe('boot timings (rd.vdboot.debug)', () => {
   });
 });
 
+describe('the root filesystem loads with the storage drivers, before the root device appears', () => {
+  const order = (r: Awaited<ReturnType<typeof runBundleInQuickJS>>) => r.kernel.events.modules;
+
+  it('rootfstype= names it: ext4 and its dependencies load before the USB disk\'s driver', async () => {
+    const r = await runBundleInQuickJS(simMachine(`root=UUID=${ROOT_UUID} rootfstype=ext4`, disk, { usb: true }));
+    expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+    const mods = order(r);
+    expect(mods.indexOf('ext4'), mods.join(',')).toBeGreaterThanOrEqual(0);
+    expect(mods.indexOf('jbd2')).toBeLessThan(mods.indexOf('ext4'));
+    expect(mods.indexOf('ext4')).toBeLessThan(mods.indexOf('usb_storage'));
+    expect(new Set(mods).size).toBe(mods.length);
+    expect(r.kernel.consoleText).toMatch(/modules for the devices present and the root's filesystem \(ext4\)/);
+  });
+
+  it('the manifest\'s type known at build time does the same; without either, ext4 loads once the disk is there', async () => {
+    const withHint = simMachine(`root=UUID=${ROOT_UUID}`, disk, { usb: true });
+    const manifestPath = 'etc/vdboot/manifest.json';
+    const m = JSON.parse(withHint.initramfs[manifestPath] as string);
+    m.build.rootFsType = 'ext4';
+    withHint.initramfs[manifestPath] = JSON.stringify(m);
+    const hinted = order(await runBundleInQuickJS(withHint));
+    expect(hinted.indexOf('ext4'), hinted.join(',')).toBeLessThan(hinted.indexOf('usb_storage'));
+    const plain = order(await runBundleInQuickJS(simMachine(`root=UUID=${ROOT_UUID}`, disk, { usb: true })));
+    expect(plain.indexOf('ext4'), plain.join(',')).toBeGreaterThan(plain.indexOf('usb_storage'));
+  });
+});
+
 describe('BootTimings', () => {
   it('nested steps are listed inside their parent and counted once; a throwing step is timed too', () => {
     let now = 0;
