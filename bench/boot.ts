@@ -5,13 +5,16 @@
 // repeated with rd.vdboot.debug, which gives vdboot's own time (from its first statement to
 // the guest's init) and the per-step breakdown of timings.ts.
 // BENCH_RUNS=N boots each N times (3); BENCH_KERNELS=6.1,6.12 picks the kernels;
-// BENCH_ITOOLS=0 leaves initramfs-tools out (its build takes minutes on a busy machine).
+// BENCH_ITOOLS=0 leaves initramfs-tools out (its build takes minutes on a busy machine);
+// BENCH_BASELINE_INIT=PATH adds vdboot images whose /init is that binary (another build of
+// vdboot, e.g. main's build/init), booted in the same run: before and after a change.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeExt4 } from '../qemu/disks.ts';
+import { writeInitramfs } from '../mkinitramfs/build.ts';
 import { buildFloorInitramfs } from '../qemu/floor-initramfs.ts';
 import { buildGuestRoot, parseGuestFacts } from '../qemu/guest.ts';
 import { bootVm, cachedKernel, defaultKernel, kernelVersion, probeAccel } from '../qemu/harness.ts';
@@ -44,6 +47,7 @@ interface KernelSet {
   floor: Candidate;
   vdboot: Candidate;
   vdbootDebug: Candidate;
+  baseline?: Candidate;
 }
 
 function timed(cmd: string, args: string[], env?: NodeJS.ProcessEnv): { seconds: number; ok: boolean; output: string } {
@@ -113,6 +117,19 @@ function buildSet(series: string, kernel: string): KernelSet {
       set.vdboot.failures.push(`vdboot mkinitramfs failed: ${r.output.trim().split('\n').slice(-3).join(' | ')}`);
     }
   }
+  // (d) the same image with another /init, for before/after comparisons
+  const baseInit = process.env.BENCH_BASELINE_INIT;
+  if (baseInit) {
+    const base = candidate(`baseline ${series}`, kernel, 'root=/dev/vda rw quiet');
+    const image = path.join(work, `baseline-${series}.img`);
+    try {
+      writeInitramfs(image, { kernel: installed ? version : kernel, initBinary: baseInit });
+      Object.assign(base, { image, size: fs.statSync(image).size });
+    } catch (e) {
+      base.failures.push(`baseline image failed: ${(e as Error).message}`);
+    }
+    set.baseline = base;
+  }
   return set;
 }
 
@@ -149,7 +166,7 @@ try {
   const rootImg = path.join(work, 'root.ext4');
   makeExt4(rootImg, { sizeMiB: 32, fromDir: rootDir, label: 'benchroot' });
 
-  const all = sets.flatMap((s) => [s.itools, s.floor, s.vdboot, s.vdbootDebug].filter((c): c is Candidate => c !== undefined));
+  const all = sets.flatMap((s) => [s.itools, s.floor, s.vdboot, s.vdbootDebug, s.baseline].filter((c): c is Candidate => c !== undefined));
   // Boots interleaved (a b c a b c …), so load from other work on the machine hits all alike.
   for (let run = 1; run <= runs; run++) {
     for (const c of all) {
@@ -201,6 +218,7 @@ try {
   console.log(`${'ratios'.padEnd(44)}${'size'.padStart(10)}${'build'.padStart(10)}${'init at'.padStart(10)}`);
   for (const s of sets) {
     const pairs: [Candidate, Candidate][] = [[s.vdboot, s.floor]];
+    if (s.baseline) pairs.push([s.baseline, s.floor], [s.vdboot, s.baseline]);
     if (s.itools) pairs.unshift([s.itools, s.floor], [s.vdboot, s.itools]);
     for (const [c, base] of pairs) {
       console.log(
