@@ -7,7 +7,10 @@
 // BENCH_RUNS=N boots each N times (3); BENCH_KERNELS=6.1,6.12 picks the kernels;
 // BENCH_ITOOLS=0 leaves initramfs-tools out (its build takes minutes on a busy machine);
 // BENCH_BASELINE_INIT=PATH adds vdboot images whose /init is that binary (another build of
-// vdboot, e.g. main's build/init), booted in the same run: before and after a change.
+// vdboot, e.g. main's build/init), booted in the same run: before and after a change;
+// BENCH_ICOUNT=SHIFT runs QEMU with `-icount shift=SHIFT,sleep=off` (TCG only): the guest's
+// clock counts instructions (2^SHIFT ns each), so its uptimes no longer depend on what
+// else the machine runs: for a busy machine, where real-time medians drift by seconds.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -24,6 +27,8 @@ const runs = Math.max(1, Number(process.env.BENCH_RUNS ?? 3) || 3);
 const wantedKernels = (process.env.BENCH_KERNELS ?? '6.1,6.12').split(',').map((s) => s.trim());
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-bench-'));
 const MiB = 1024 * 1024;
+const icount = process.env.BENCH_ICOUNT;
+const extraArgs = icount !== undefined && /^\d+$/.test(icount) ? ['-icount', `shift=${icount},sleep=off`] : [];
 
 interface Candidate {
   name: string;
@@ -158,7 +163,7 @@ try {
   if (!sets.length) throw new Error('no kernel to boot');
   const accel = await probeAccel(sets[0]!.kernel);
   const loadBefore = os.loadavg().map((l) => l.toFixed(1)).join(' ');
-  console.log(`kernels ${sets.map((s) => s.version).join(', ')}; accel ${accel}; ${runs} boot(s) each; ${os.cpus().length} CPUs; load average ${loadBefore}`);
+  console.log(`kernels ${sets.map((s) => s.version).join(', ')}; accel ${extraArgs.length ? `tcg ${extraArgs.join(' ')} (guest time counts instructions)` : accel}; ${runs} boot(s) each; ${os.cpus().length} CPUs; load average ${loadBefore}`);
 
   // The same guest root for every candidate; each boot writes to a throw-away overlay.
   const rootDir = path.join(work, 'root');
@@ -177,7 +182,8 @@ try {
         initrd: c.image,
         append: c.append,
         disks: [{ file: rootImg, snapshot: true }],
-        accel,
+        accel: extraArgs.length ? 'tcg' : accel,
+        ...(extraArgs.length ? { extraArgs } : {}),
       });
       try {
         await vm.waitFor('VDBOOT-GUEST-OK', 300_000);
