@@ -245,6 +245,10 @@ try {
     }
     const own = median(s.vdbootDebug.ownTimes);
     if (own !== undefined) console.log(`  ${s.series}: vdboot's own time, its start to the guest's init ≤ 0.5 s: ${own.toFixed(2)} s ${own <= 0.5 ? 'met' : 'NOT met'}`);
+    // The floor's /init does part of that work too (the same modules): what vdboot adds on top.
+    const v = median(s.vdboot.uptimes);
+    const f = median(s.floor.uptimes);
+    if (v !== undefined && f !== undefined) console.log(`  ${s.series}: the guest's init later than with the floor by ${(v - f).toFixed(2)} s (the modules both load are in both)`);
   }
   for (const s of sets) {
     if (!s.vdbootDebug.summaries.length) continue;
