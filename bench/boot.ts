@@ -237,11 +237,14 @@ try {
   console.log('');
   console.log('targets (issue 13):');
   const limits: Record<string, number> = { '6.12': 1.15, '6.1': 1.25 };
+  const best = (xs: number[]): number | undefined => (xs.length ? Math.min(...xs) : undefined);
   for (const s of sets) {
     const r = ratioOf(median(s.vdboot.uptimes), median(s.floor.uptimes));
     const limit = limits[s.series];
     if (r !== undefined && limit !== undefined) {
-      console.log(`  ${s.series}: guest init vs the busybox floor ≤ ${limit}×: ${r.toFixed(2)}× ${r <= limit ? 'met' : 'NOT met'}`);
+      // With -icount a boot is only ever slowed (a wait for I/O that real time drew out): the best boots compare too.
+      const rb = ratioOf(best(s.vdboot.uptimes), best(s.floor.uptimes));
+      console.log(`  ${s.series}: guest init vs the busybox floor ≤ ${limit}×: ${r.toFixed(2)}× ${r <= limit ? 'met' : 'NOT met'} (medians; best boots ${rb!.toFixed(2)}×)`);
     }
     const own = median(s.vdbootDebug.ownTimes);
     if (own !== undefined) console.log(`  ${s.series}: vdboot's own time, its start to the guest's init ≤ 0.5 s: ${own.toFixed(2)} s ${own <= 0.5 ? 'met' : 'NOT met'}`);
