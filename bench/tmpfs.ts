@@ -4,9 +4,7 @@
 // drops the page cache and times busybox tar extracting it into another tmpfs.
 // Target: vdboot / busybox >= 0.9. BENCH_RUNS=N boots each case N times (1);
 // BENCH_CASES=gzip,none picks the cases; BENCH_DEBUG=1 adds rd.vdboot.debug (time split);
-// BENCH_APPEND adds words to the kernel command line; BENCH_ICOUNT=SHIFT runs QEMU with
-// `-icount shift=SHIFT,sleep=off` (TCG only: the guest's clock counts instructions, so a
-// busy machine no longer moves the figures).
+// BENCH_APPEND adds words to the kernel command line.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -19,7 +17,6 @@ import { bootVm, defaultKernel, probeAccel } from '../qemu/harness.ts';
 const runs = Math.max(1, Number(process.env.BENCH_RUNS ?? 1) || 1);
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-bench-tmpfs-'));
 const MiB = 1024 * 1024;
-const icountArgs = /^\d+$/.test(process.env.BENCH_ICOUNT ?? '') ? ['-icount', `shift=${process.env.BENCH_ICOUNT},sleep=off`] : [];
 
 interface Case {
   name: string;
@@ -76,7 +73,7 @@ try {
   for (const c of cases) {
     const r = { name: c.name, size: sizes[c.name]!, vdboot: [] as number[], busybox: [] as number[] };
     for (let i = 0; i < runs; i++) {
-      const vm = await bootVm({ initrd, append: `root=tmpfs:/dev/vda:/${c.file}${process.env.BENCH_DEBUG ? ' rd.vdboot.debug' : ''}${process.env.BENCH_APPEND ? ` ${process.env.BENCH_APPEND}` : ''}`, disks: [{ file: hostImg, snapshot: true }], name: `bench-tmpfs-${c.name}`, memoryMiB: 1024, ...(icountArgs.length ? { accel: 'tcg' as const, extraArgs: icountArgs } : {}) });
+      const vm = await bootVm({ initrd, append: `root=tmpfs:/dev/vda:/${c.file}${process.env.BENCH_DEBUG ? ' rd.vdboot.debug' : ''}${process.env.BENCH_APPEND ? ` ${process.env.BENCH_APPEND}` : ''}`, disks: [{ file: hostImg, snapshot: true }], name: `bench-tmpfs-${c.name}`, memoryMiB: 1024 });
       try {
         await vm.waitFor('VDBOOT-GUEST-OK', 600_000);
         const t = vm.transcript();
