@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
 import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestHostonly, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
-import { filesystemModules, hostFilesystems, hostStorageModules, rootSpecFilesystems } from './hostonly.ts';
+import { filesystemModules, hostFilesystems, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
 
 export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
 export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none'];
@@ -672,6 +672,10 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
       return 'unknown';
     }
   })();
+  // The root's likely filesystem, when the image has its module (or it is built in).
+  const fsTable = filesystemTable(index, included);
+  const rootGuess = (options.hostonly?.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf)[0] : undefined) ?? rootFilesystem(options.hostonly?.mounts);
+  const rootFsType = rootGuess !== undefined && Object.prototype.hasOwnProperty.call(fsTable, rootGuess) ? rootGuess : undefined;
   const manifest: InitramfsManifest = {
     version: MANIFEST_VERSION,
     kernelRelease: release,
@@ -682,13 +686,14 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
       modulesDir,
       addedModules: (options.addModules ?? []).map(moduleKey),
       ...(hostonly ? { hostonly } : {}),
+      ...(rootFsType ? { rootFsType } : {}),
     },
     modules,
     aliases,
     aliasIndex: buildAliasIndex(aliases),
     builtin: [...index.builtin].sort(),
     preload,
-    filesystems: filesystemTable(index, included),
+    filesystems: fsTable,
     tools: manifestTools,
     ...(Object.keys(decompressors).length > 0 ? { decompressors } : {}),
   };

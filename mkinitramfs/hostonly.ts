@@ -69,6 +69,18 @@ export function hostFilesystems(mountsFile = '/proc/self/mounts'): string[] {
   return [...types].sort();
 }
 
+/** The type of the filesystem mounted at / when it is on a block device (not tmpfs, overlay, …). */
+export function rootFilesystem(mountsFile = '/proc/self/mounts'): string | undefined {
+  if (!existsSync(mountsFile)) return undefined;
+  let found: string | undefined;
+  for (const line of readFileSync(mountsFile, 'utf8').split('\n')) {
+    const [source, target, fstype] = line.split(' ');
+    // the last mount on / is the one seen
+    if (target === '/' && source && fstype) found = source.startsWith('/dev/') ? fstype : undefined;
+  }
+  return found;
+}
+
 /**
  * The filesystem types `--root SPEC` needs, as this machine sees them (blkid): a device spec
  * (/dev/…, UUID=, LABEL=, PARTUUID=, PARTLABEL=) gives its type; `vdisk:HOST:PATH` gives

@@ -18,6 +18,8 @@ export interface FloorOptions {
   modules?: string[];
   /** zstd level; default 10 */
   zstdLevel?: number;
+  /** where the kernel's modules are (MODULES_DIR/VERSION/…); default /lib/modules */
+  modulesDir?: string;
   busybox?: string;
 }
 
@@ -56,7 +58,8 @@ exec switch_root /newroot "$init" "$@"
 
 /** Builds the floor initramfs (newc cpio, zstd) at `out`; returns its size in bytes. */
 export function buildFloorInitramfs(out: string, opts: FloorOptions): number {
-  const modules = moduleClosure(opts.kernelVersion, opts.modules ?? FLOOR_MODULES);
+  const modulesDir = opts.modulesDir ?? '/lib/modules';
+  const modules = moduleClosure(opts.kernelVersion, opts.modules ?? FLOOR_MODULES, modulesDir);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-floor-'));
   try {
     for (const d of ['bin', 'dev', 'proc', 'sys', 'newroot']) fs.mkdirSync(path.join(dir, d));
@@ -68,7 +71,8 @@ export function buildFloorInitramfs(out: string, opts: FloorOptions): number {
     const modDir = path.join(dir, 'lib/modules');
     for (const m of modules) {
       fs.mkdirSync(path.join(modDir, path.dirname(m)), { recursive: true });
-      fs.copyFileSync(path.join('/lib/modules', opts.kernelVersion, m), path.join(modDir, m));
+      // as the kernel ships them (6.12: .ko.xz, which busybox's insmod decompresses)
+      fs.copyFileSync(path.join(modulesDir, opts.kernelVersion, m), path.join(modDir, m));
     }
     fs.writeFileSync(path.join(dir, 'init'), floorInitScript(modules), { mode: 0o755 });
     const r = spawnSync(

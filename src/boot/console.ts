@@ -5,12 +5,20 @@
  */
 import type { Sys } from '../sys/sys.ts';
 import { utf8Encode } from '../formats/text.ts';
+import { BootTimings } from './timings.ts';
 
 export class ConsoleLog {
   quiet = false;
   debugOn = false;
 
-  constructor(private readonly sys: Sys, private readonly fd = 1) {}
+  /** each step's duration, for the rd.vdboot.debug summary (timings.ts) */
+  readonly timings: BootTimings;
+
+  constructor(private readonly sys: Sys, private readonly fd = 1) {
+    this.timings = new BootTimings(() => {
+      try { return sys.monotonicMs(); } catch { return 0; }
+    });
+  }
 
   private stamp(): string {
     let t = 0;
@@ -46,9 +54,19 @@ export class ConsoleLog {
   /** Runs one step and logs it with the time it took. */
   step<T>(label: string, fn: () => T, summary?: (result: T) => string): T {
     const t0 = this.sys.monotonicMs();
-    const result = fn();
+    const result = this.timings.time(label, fn);
     const ms = this.sys.monotonicMs() - t0;
     this.info(`${summary ? summary(result) : label} (${(ms / 1000).toFixed(2)} s)`);
     return result;
+  }
+
+  /** Runs one step quietly: its time goes to the timings, and to a debug line. */
+  timed<T>(label: string, fn: () => T): T {
+    const t0 = this.sys.monotonicMs();
+    try {
+      return this.timings.time(label, fn);
+    } finally {
+      this.debug(`step ${label}: ${Math.round(this.sys.monotonicMs() - t0)} ms`);
+    }
   }
 }

@@ -20,7 +20,7 @@ export function waitForDevice(ctx: InitContext, spec: DeviceSpec, what: string):
   const deadline = plan.rootWait ? Infinity : start + plan.timeoutSec * 1000;
   let nextNote = start + 5000;
   for (;;) {
-    const devices = ctx.devices.scan();
+    const devices = log.timings.counted('device-scans', () => ctx.devices.scan());
     // a device that cannot be opened yet is no match: its filesystem is still unknown
     const matches = devices.filter((d) => !d.notReady && deviceMatches(spec, d));
     if (matches.length > 0) {
@@ -72,7 +72,7 @@ export function waitForUevents(ctx: InitContext, ms: number): void {
     if (wanted.size) modules.reportFailures(modules.load([...wanted]));
     return;
   }
-  const revents = sys.poll([{ fd: ctx.ueventFd, events: POLLIN }], Math.max(0, Math.round(ms)));
+  const revents = ctx.log.timings.counted('uevent-waits', () => sys.poll([{ fd: ctx.ueventFd, events: POLLIN }], Math.max(0, Math.round(ms))));
   if (!(revents[0]! & POLLIN)) return;
   const buf = new Uint8Array(16384);
   const wanted = new Set<string>();

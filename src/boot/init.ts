@@ -30,11 +30,12 @@ export const NEW_ROOT = '/root';
 
 export function runInit(sys: Sys, kernelArgs: string[] = []): never {
   const log = new ConsoleLog(sys);
+  const timed = <T>(label: string, fn: () => T): T => log.timed(label, fn);
   let shell = true;
   try {
     const t0 = sys.uptimeSec();
-    for (const p of mountEarly(sys)) log.warn(p);
-    const plan = planBoot(readText(sys, '/proc/cmdline'), kernelArgs);
+    for (const p of timed('early-mounts', () => mountEarly(sys))) log.warn(p);
+    const plan = timed('cmdline', () => planBoot(readText(sys, '/proc/cmdline'), kernelArgs));
     shell = plan.shell;
     log.quiet = plan.quiet;
     log.debugOn = plan.debug;
@@ -43,13 +44,16 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     const ctx = prepare(sys, log, plan);
     const { init } = mountRoot(ctx);
     // returns unless it starts the root's own kernel
-    kexecRootKernel(ctx, NEW_ROOT);
+    timed('kexec-check', () => kexecRootKernel(ctx, NEW_ROOT));
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
-    installShutdown(sys, log, ctx.manifest.tools.busybox);
+    timed('shutdown-handoff', () => installShutdown(sys, log, ctx.manifest.tools.busybox));
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);
-    ctx.modules.stopColdplug();
+    timed('stop-coldplug', () => ctx.modules.stopColdplug({ wait: false }));
     log.info(`starting ${init}${plan.initArgs.length ? ` ${plan.initArgs.join(' ')}` : ''} (vdboot took ${(sys.uptimeSec() - t0).toFixed(2)} s)`);
-    return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log);
+    return switchRoot(sys, NEW_ROOT, init, plan.initArgs, log, () => {
+      // where vdboot's time went: t0 is the script's start; the kernel's "Run /init" line says when /init was executed
+      if (log.debugOn) log.debug(`timings: script started at ${t0.toFixed(3)} s; ${log.timings.summary()}`);
+    });
   } catch (e) {
     log.error(explain(e));
     return failureShell(sys, log, shell, () => takeDownInPlace(sys, log, [NEW_ROOT]));
@@ -74,7 +78,7 @@ function explain(e: unknown): string {
 
 /** Manifest, uevents, modules: everything before looking for the root. */
 function prepare(sys: Sys, log: ConsoleLog, plan: BootPlan): InitContext {
-  const manifest = readManifest(sys);
+  const manifest = log.timed('manifest', () => readManifest(sys));
   log.debug(`manifest read: ${Object.keys(manifest.modules).length} modules, ${manifest.aliases.length} aliases`);
   let ueventFd = -1;
   try {
@@ -92,7 +96,10 @@ function prepare(sys: Sys, log: ConsoleLog, plan: BootPlan): InitContext {
       return `loaded ${r.loaded.length} device-mapper and loop modules${r.failed.length ? `, ${r.failed.length} failed` : ''}`;
     });
   }
-  log.step('coldplug', () => modules.startColdplug(), (n) => `loading ${n} modules for the devices present`);
+  // The root's filesystem module loads with the storage drivers: rootfstype= names it, else
+  // the manifest's type known at build time (a tmpfs root needs none).
+  const rootFsTypes = plan.root.kind === 'tmpfs' ? [] : plan.rootFsType ? plan.rootFsType.split(',').filter(Boolean) : manifest.build.rootFsType ? [manifest.build.rootFsType] : [];
+  log.step('coldplug', () => modules.startColdplug(rootFsTypes), (n) => `loading ${n} modules for the devices present${rootFsTypes.length ? ` and the root's filesystem (${rootFsTypes.join(', ')})` : ''}`);
   if (plan.rootDelaySec > 0) {
     log.info(`rootdelay=${plan.rootDelaySec}: waiting`);
     sys.sleepMs(plan.rootDelaySec * 1000);
@@ -116,13 +123,15 @@ function readManifest(sys: Sys): InitramfsManifest {
 function mountRoot(ctx: InitContext): { init: string } {
   const { sys, log, plan } = ctx;
   if (plan.breakAt.includes('pre-mount')) breakShell(sys, log, 'pre-mount');
-  if (plan.root.kind === 'tmpfs') {
-    if (plan.vdisk.attach.length) setupVdisks(ctx);
-    unpackTmpfsRoot(ctx, plan.root, NEW_ROOT);
+  const root = plan.root;
+  if (root.kind === 'tmpfs') {
+    if (plan.vdisk.attach.length) log.timed('images', () => setupVdisks(ctx));
+    log.timed('tmpfs-root', () => unpackTmpfsRoot(ctx, root, NEW_ROOT));
     return { init: chooseInit(sys, NEW_ROOT, plan) };
   }
-  const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? setupVdisks(ctx) : undefined;
-  const dev = plan.root.kind === 'vdisk' ? images!.root! : waitForDevice(ctx, plan.root.device, 'root device');
-  mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags);
-  return { init: chooseInit(sys, NEW_ROOT, plan) };
+  const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? log.timed('images', () => setupVdisks(ctx)) : undefined;
+  const rootSpec = root.kind === 'block' ? root.device : undefined;
+  const dev = rootSpec ? log.timed('root-device', () => waitForDevice(ctx, rootSpec, 'root device')) : images!.root!;
+  log.timed('root-mount', () => mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags));
+  return { init: log.timed('choose-init', () => chooseInit(sys, NEW_ROOT, plan)) };
 }

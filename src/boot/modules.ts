@@ -148,19 +148,22 @@ export class ModuleLoader {
         continue;
       }
       try {
-        // A module a parallel child already loaded is not decompressed a second time just
-        // to learn EEXIST.
-        if (moduleDecompressor(this.manifest, mod) && this.isLoadedInKernel(name)) {
+        // A module a parallel child (or the coldplug child) already loaded is not read (nor
+        // decompressed) a second time just to learn EEXIST.
+        if ((moduleDecompressor(this.manifest, mod) || this.backgroundNames.has(name)) && this.isLoadedInKernel(name)) {
           this.loaded.add(name);
           report.loaded.push(name);
           continue;
         }
-        const file = openModuleFile(this.sys, this.manifest, mod);
-        try {
-          this.sys.finitModule(file.fd, mod.options, file.flags);
-        } finally {
-          this.sys.close(file.fd);
-        }
+        // Counted in the boot timings whether it loads or fails: a failure costs time too.
+        this.log.timings.counted('modules', () => {
+          const file = openModuleFile(this.sys, this.manifest, mod);
+          try {
+            this.sys.finitModule(file.fd, mod.options, file.flags);
+          } finally {
+            this.sys.close(file.fd);
+          }
+        });
         this.loaded.add(name);
         report.loaded.push(name);
         this.log.debug(`loaded module ${name}`);
@@ -179,14 +182,14 @@ export class ModuleLoader {
     return report;
   }
 
-  /** Whether the kernel has the module loaded (or loading): /sys/module/NAME/initstate exists. */
+  /**
+   * Whether the kernel has the module loaded and initialised: /sys/module/NAME/initstate
+   * says "live". One still "coming" (another process loads it) is loaded again: the kernel
+   * makes that load wait for the first and answer EEXIST, so nothing uses the module
+   * (a filesystem for mount) before its init has run.
+   */
   private isLoadedInKernel(name: string): boolean {
-    try {
-      this.sys.stat(`/sys/module/${name}/initstate`);
-      return true;
-    } catch {
-      return false;
-    }
+    return readTextOr(this.sys, `/sys/module/${name}/initstate`) === 'live';
   }
 
   /** Modules for one device modalias (each alias handled once). */
@@ -237,7 +240,7 @@ export class ModuleLoader {
    * and USB disks, then everything else (keyboards, …). The root is usually reachable
    * long before the last of them has loaded.
    */
-  coldplugModules(): string[] {
+  coldplugModules(afterStorage: readonly string[] = []): string[] {
     const tiers: Set<string>[] = [new Set(), new Set(), new Set(), new Set()];
     const t0 = this.sys.monotonicMs();
     const aliases = this.coldplugAliases();
@@ -247,8 +250,11 @@ export class ModuleLoader {
       for (const m of this.modulesForAlias(alias)) tiers[tier]!.add(m);
     }
     const out: string[] = [];
-    for (const t of tiers) for (const m of [...t].sort()) if (!out.includes(m)) out.push(m);
-    this.log.debug(`coldplug: ${aliases.length} device aliases read in ${((t1 - t0) / 1000).toFixed(3)} s, matched to ${out.length} modules in ${((this.sys.monotonicMs() - t1) / 1000).toFixed(3)} s`);
+    tiers.forEach((t, i) => {
+      for (const m of [...t].sort()) if (!out.includes(m)) out.push(m);
+      if (i === 0) for (const m of afterStorage) if (!out.includes(m)) out.push(m);
+    });
+    this.log.debug(`coldplug: ${aliases.length} device aliases read in ${((t1 - t0) / 1000).toFixed(3)} s, matched to ${out.length - afterStorage.length} modules in ${((this.sys.monotonicMs() - t1) / 1000).toFixed(3)} s`);
     return out;
   }
 
@@ -259,15 +265,34 @@ export class ModuleLoader {
 
   /** The child process loading coldplug modules, while the init goes on (-1: none). */
   private background = -1;
+  /** every module the coldplug child was asked to load, dependencies included */
+  private backgroundNames = new Set<string>();
 
   /**
-   * Starts loading the coldplug modules in a child process, in storage-first order, and
-   * returns at once: the init meanwhile waits for the root device, loading what uevents
-   * ask for (the disk's own driver once its controller is up). Without fork (the fake
-   * kernel) the modules are loaded here and now. Returns how many modules were asked for.
+   * The modules of the root's likely filesystems (rootfstype=, or the type recorded at
+   * build time): the coldplug pass loads them right after the storage drivers, while the
+   * init waits for the root device (as a shell initramfs's insmod lines would), instead of
+   * after the device appeared. Built-in and unknown types add nothing.
    */
-  startColdplug(): number {
-    const names = this.coldplugModules();
+  private rootFilesystemModules(fsTypes: readonly string[]): string[] {
+    const out: string[] = [];
+    for (const t of fsTypes) {
+      const mod = moduleForFilesystem(this.manifest, t);
+      if (mod && !isBuiltin(this.manifest, mod) && findModule(this.manifest, mod) && !out.includes(mod)) out.push(mod);
+    }
+    return out;
+  }
+
+  /**
+   * Starts loading the coldplug modules in a child process, in storage-first order (then
+   * the root's filesystem, `rootFsTypes`), and returns at once: the init meanwhile waits
+   * for the root device, loading what uevents ask for (the disk's own driver once its
+   * controller is up). Without fork (the fake kernel) the modules are loaded here and now.
+   * Returns how many modules were asked for.
+   */
+  startColdplug(rootFsTypes: readonly string[] = []): number {
+    const rootFs = this.rootFilesystemModules(rootFsTypes);
+    const names = this.coldplugModules(rootFs);
     if (!canFork(this.sys) || names.length === 0) {
       this.reportFailures(this.load(names));
       return names.length;
@@ -290,6 +315,7 @@ export class ModuleLoader {
       sys._exit(0);
     }
     this.background = pid;
+    this.backgroundNames = new Set(loadOrder(this.manifest, names));
     return names.length;
   }
 
@@ -312,14 +338,24 @@ export class ModuleLoader {
   }
 
   /**
-   * Before switch_root: the remaining coldplug modules are left to the booted system
-   * (its udev loads them for the same devices). The child is killed and reaped, so it
-   * does not outlive the initramfs it reads modules from; the kernel finishes or
-   * cleanly abandons a finit_module the signal interrupts, never leaving half a module.
+   * Before switch_root or kexec: the remaining coldplug modules are left to the booted
+   * system (its udev loads them for the same devices). The child is killed, so it does not
+   * outlive the initramfs it reads modules from; the kernel finishes or cleanly abandons a
+   * finit_module the signal interrupts, never leaving half a module.
+   * With `wait: false` (switch_root) the child is not waited for: a finit_module in
+   * progress (an IDE controller's probe under emulation: 70–90 ms) ends in the booted
+   * system's time instead of delaying its init; the killed child then exits, and PID 1 —
+   * the guest's init by then — reaps it like any orphan. Nothing it holds is needed: the
+   * module file it may still read stays readable until it closes it, even once deleted.
    */
-  stopColdplug(): void {
+  stopColdplug(opts: { wait?: boolean } = {}): void {
     if (this.background < 0) return;
     try { this.sys.kill(this.background, 9); } catch { /* already gone */ }
+    if (opts.wait === false) {
+      try { this.sys.waitpid(this.background, 1 /* WNOHANG */); } catch { /* reaped elsewhere */ }
+      this.background = -1;
+      return;
+    }
     this.finishColdplug();
   }
 

@@ -271,14 +271,14 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   const planOne = (index: number, verify?: (host: ImageHost, device: BlockDeviceInfo) => void): Planned => {
     const r = requests[index]!;
     // A host mounted already is now also matched by vdhost (it carries the host's label): use the mounted one.
-    const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : locateImage(ctx, r.spec, r.path, r.what);
+    const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : log.timed('locate-host', () => locateImage(ctx, r.spec, r.path, r.what));
     let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
     if (located.kernel) {
       const dev = located.kernel;
       if (kernelHost && kernelHost.device.path !== dev.path) {
         throw new BootFailure(`${r.what} is on ${describeHost(dev)}, but ${describeHost(kernelHost.device)} is mounted already for another image, and vdboot mounts one host filesystem at a time. Put the images on one partition.`);
       }
-      kernelHost ??= mountKernelHost(ctx, dm, undo, dev, plan.vdisk.mode === 'rw');
+      kernelHost ??= log.timed('host-mount', () => mountKernelHost(ctx, dm, undo, dev, plan.vdisk.mode === 'rw'));
       const k = kernelImageHost(sys, HOST_MOUNT, dev, kernelHost.fsType, describeHost(dev), r.path, plan.vdisk.mode === 'rw');
       opened = { path: k.file.path, device: dev, imageHost: k.host, nbdReadable: true, close: () => k.close() };
     } else {
@@ -324,7 +324,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       let res = results[index]!;
       if (res.kind === 'expand') {
         // A dynamic image for a rw mapping: expand it in place (expand.ts), then plan it again.
-        const done = expandInPlace(ctx, res.need, res.target);
+        const need = res.need, target = res.target;
+        const done = log.timed('expand', () => expandInPlace(ctx, need, target));
         res = planOne(index, done.fills.length ? (host, device) => verifyFills(ctx, host, device, done) : undefined);
         if (res.kind === 'expand') {
           throw new BootFailure(
@@ -361,7 +362,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   if (planned.some((p) => p.vp.mode === 'snapshot')) wanted.push('dm_snapshot');
   if (planned.some((p) => p.vp.loops.length || p.vp.cowBytes !== undefined)) wanted.push('loop');
   if (planned.some((p) => p.vp.nbd)) wanted.push('nbd');
-  ctx.modules.reportFailures(ctx.modules.load(wanted));
+  log.timed('dm-modules', () => ctx.modules.reportFailures(ctx.modules.load(wanted)));
   try {
     const hostInfo = mountedHost;
     const needsHostMount = planned.some((p) => p.vp.path !== 'direct');
@@ -370,7 +371,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       if (hostWritable) remountKernelHostWritable(ctx, dm, undo, kernelHost);
     } else if (hostInfo && needsHostMount) {
       const sparse = planned.flatMap((p) => (p.vp.hostMountWritable ? p.vp.sparseHostFiles ?? [] : []));
-      mountHost(ctx, dm, undo, hostInfo, hostWritable, true, sparse);
+      log.timed('host-mount', () => mountHost(ctx, dm, undo, hostInfo, hostWritable, true, sparse));
     }
     for (const { vp } of planned) {
       const loops: string[] = [];
@@ -394,7 +395,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       const hu = vp.headerUpdate;
       if (hu) log.step('header', () => applyHeaderUpdate(sys, hu), () => `${vp.name}: wrote ${hu.what}`);
     }
-    if (hostInfo && !needsHostMount && !kernelHost) mountHost(ctx, dm, undo, hostInfo, false, false);
+    if (hostInfo && !needsHostMount && !kernelHost) log.timed('host-mount', () => mountHost(ctx, dm, undo, hostInfo, false, false));
   } catch (e) {
     undo.rollback(log);
     if (isSysError(e)) {

@@ -82,6 +82,13 @@ export interface ManifestBuildInfo {
   addedModules: string[];
   /** Present when built with --hostonly: what the build machine needed, and what was left out. */
   hostonly?: ManifestHostonly;
+  /**
+   * The filesystem type the root most likely has, known when the image is built: the
+   * --root device's with --hostonly, else the build machine's own / (the machine an
+   * initramfs is usually built for). The init loads its module with the storage drivers,
+   * while it waits for the root device, instead of after. Absent when unknown.
+   */
+  rootFsType?: string;
 }
 
 export interface ManifestHostonly {

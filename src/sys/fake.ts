@@ -70,6 +70,12 @@ export interface FakeMachine {
   kernelRelease?: string;
   /** kexec_file_load fails with this errno name (EPERM, EKEYREJECTED, ENOEXEC, ENOSYS …) */
   kexecError?: string;
+  /**
+   * What syscalls cost in simulated time (the clock advances by it at each call, as a
+   * real kernel's work would): tests of the boot timings. Default 0: only sleeps and
+   * polls move the clock.
+   */
+  syscallMs?: { finitModule?: number; mount?: number };
 }
 
 /** One device-mapper target as the simulated kernel received it. */
@@ -836,6 +842,7 @@ export class FakeKernel implements Sys {
   // ---------------------------------------------------------------- Sys: mounts
 
   mount(source: string, target: string, fstype: string, flags: number, data: string): void {
+    this.clock += this.machine.syscallMs?.mount ?? 0;
     const MS_MOVE = 8192;
     const node = this.lookup(target, true);
     if (node.kind !== 'dir') fail('ENOTDIR', `mount on ${target}`);
@@ -935,6 +942,7 @@ export class FakeKernel implements Sys {
   }
 
   finitModule(fd: number, _params: string, flags: number): void {
+    this.clock += this.machine.syscallMs?.finitModule ?? 0;
     const f = this.fds.get(fd) ?? fail('EBADF', 'finit_module');
     const name = (f.path.split('/').pop() ?? '').replace(/^memfd:/, '').replace(/\.ko(\..*)?$/, '').replace(/-/g, '_');
     if (f.node.kind !== 'file') fail('EINVAL', `finit_module ${name}`);

@@ -4,9 +4,10 @@
  * /run/vdboot/host), on the installed kernel's real module index; then the init, on a
  * machine with an NVMe controller, naming the driver the image left out.
  */
+import { writeFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { buildInitramfs } from '../../mkinitramfs/build.ts';
-import { filesystemModules, hostFilesystems, hostStorageModules, rootSpecFilesystems } from '../../mkinitramfs/hostonly.ts';
+import { filesystemModules, hostFilesystems, hostStorageModules, rootFilesystem, rootSpecFilesystems } from '../../mkinitramfs/hostonly.ts';
 import { loadModuleIndex } from '../../mkinitramfs/kmod.ts';
 import { ConsoleLog } from '../../src/boot/console.ts';
 import { ModuleLoader } from '../../src/boot/modules.ts';
@@ -28,6 +29,11 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
 
   it('filesystems come from the mounted disks (fuseblk is ntfs) and the --root device', () => {
     expect(hostFilesystems(recordedMounts())).toEqual(['ext4', 'ntfs']);
+    expect(rootFilesystem(recordedMounts())).toBe('ext4');
+    // a root that is not a block device's filesystem (a container's overlay) tells nothing
+    const overlay = `${recordedMounts()}.overlay`;
+    writeFileSync(overlay, '/dev/vda1 / ext4 rw 0 0\noverlay / overlay rw 0 0\n');
+    expect(rootFilesystem(overlay)).toBeUndefined();
     expect(rootSpecFilesystems('vdisk:LABEL=Windows:/VMs/a.vhdx', (d) => (d === 'LABEL=Windows' ? 'ntfs' : undefined))).toEqual(['ntfs']);
     expect(rootSpecFilesystems('UUID=1234', () => 'xfs')).toEqual(['xfs']);
     expect(rootSpecFilesystems('vdisk:/VMs/a.vhdx', () => 'xfs')).toEqual([]);
@@ -49,6 +55,8 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
     expect(h.storage.sda).toEqual(['sd_mod', 'ahci']);
     expect(h.filesystems).toEqual(['ext4', 'ntfs', 'xfs']);
     expect(h.root).toBe('UUID=5b1c3f0e');
+    // the --root device's type is the root's filesystem the init loads early
+    expect(r.manifest.build.rootFsType).toBe('xfs');
     const leftOut = new Map(h.leftOut);
     expect(leftOut.get('pci:v*d*sv*sd*bc01sc08i02*')).toEqual(['nvme']);
     expect([...leftOut.values()].flat()).not.toContain('ahci');
