@@ -222,7 +222,16 @@ export function cpioLayout(inputs: readonly CpioInput[], options: CpioWriteOptio
     }
   }
 
-  const entries = [...byPath.values()].sort((a, b) => comparePaths(a.name, b.name));
+  // comparePaths's order, each name split once (the sort compares each many times).
+  const keyed = [...byPath.values()].map((e) => ({ e, parts: e.name.split('/') }));
+  keyed.sort((x, y) => {
+    const pa = x.parts;
+    const pb = y.parts;
+    const n = Math.min(pa.length, pb.length);
+    for (let i = 0; i < n; i++) if (pa[i] !== pb[i]) return pa[i]! < pb[i]! ? -1 : 1;
+    return pa.length - pb.length;
+  });
+  const entries = keyed.map((k) => k.e);
 
   // Inodes in output order; link groups share the first member's; nlink counts names
   // (files, links) or 2 + subdirectories (directories).
@@ -277,7 +286,7 @@ export function cpioLayout(inputs: readonly CpioInput[], options: CpioWriteOptio
       const fields = [e.ino, e.mode, e.uid, e.gid, e.nlink, e === trailer ? 0 : mtime, sizeOf(e), 0, 0, e.rdevMajor, e.rdevMinor, e.nameBytes.length + 1, 0];
       const start = pos;
       pos = writeAscii(out, pos, '070701');
-      for (const f of fields) pos = writeAscii(out, pos, hex8(f));
+      for (const f of fields) pos = writeHex8(out, pos, f);
       out.set(e.nameBytes, pos);
       pos = start + align4(HEADER_SIZE + e.nameBytes.length + 1); // the NUL and the padding are already zero
       if (e.ext === undefined) {
@@ -310,9 +319,16 @@ function align4(n: number): number {
   return (n + 3) & ~3;
 }
 
-function hex8(n: number): string {
+const HEX_DIGITS = [48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 65, 66, 67, 68, 69, 70]; // 0-9 A-F
+
+/** `n` as 8 upper-case hex digits at `pos` (no string made: an archive has thousands of fields). */
+function writeHex8(out: Uint8Array, pos: number, n: number): number {
   if (!Number.isInteger(n) || n < 0 || n > MAX_U32) throw new FormatError(`cpio field value ${n} does not fit in 8 hex digits`, 'header', n);
-  return n.toString(16).toUpperCase().padStart(8, '0');
+  for (let i = 7; i >= 0; i--) {
+    out[pos + i] = HEX_DIGITS[n & 15]!;
+    n = Math.floor(n / 16);
+  }
+  return pos + 8;
 }
 
 function writeAscii(out: Uint8Array, pos: number, s: string): number {

@@ -183,6 +183,8 @@ describe('newc cpio writer', () => {
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
+    // header fields up to 2^32-1 (past int32) written digit by digit
+    expect(readCpio(writeCpio([{ type: 'file', path: 'a', data: bytes('x') }], { mtime: 0xfffffffe }))[0]!.mtime).toBe(0xfffffffe);
     expect(() => writeCpio([{ type: 'external', path: 'a', source: 'a', size: 1 }])).toThrow(/external body/);
     expect(() => cpioLayout([{ type: 'external', path: 'a', source: 'a', size: -1 }])).toThrow(/-1 bytes/);
   });
