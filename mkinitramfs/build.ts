@@ -330,6 +330,21 @@ export function moduleClosure(index: KernelModuleIndex, roots: readonly string[]
   return included;
 }
 
+const EM_AARCH64 = 183;
+
+/** An ELF file's e_machine (62 x86-64, 183 arm64), or -1 for anything else. */
+function elfMachine(file: string): number {
+  const b = Buffer.alloc(20);
+  let n = 0;
+  try {
+    const fd = openSync(file, 'r');
+    try { n = readSync(fd, b, 0, 20, 0); } finally { closeSync(fd); }
+  } catch {
+    return -1;
+  }
+  return n === 20 && b.readUInt32BE(0) === 0x7f454c46 && b[5] === 1 ? b.readUInt16LE(0x12) : -1;
+}
+
 /** The program `name` on this host's PATH (plus the sbin directories), or undefined. */
 function lookupProgram(name: string): string | undefined {
   for (const d of programDirs()) {
@@ -430,10 +445,14 @@ function readModuleFile(file: string): Uint8Array {
 
 function busyboxApplets(busybox: string): string[] {
   let out: string;
+  // An arm64 busybox on another machine runs through qemu-user (Debian's qemu-user-static).
+  const foreign = elfMachine(busybox) === EM_AARCH64 && process.arch !== 'arm64';
+  const [cmd, args] = foreign ? ['qemu-aarch64-static', [busybox, '--list-full']] : [busybox, ['--list-full']];
   try {
-    out = execFileSync(busybox, ['--list-full'], { encoding: 'utf8' });
+    out = execFileSync(cmd, args, { encoding: 'utf8' });
   } catch (e) {
-    throw new ModuleError(`cannot run ${busybox} --list-full (${(e as Error).message.split('\n')[0]}); install Debian's busybox-static or give another static busybox`);
+    const hint = foreign ? 'it is an arm64 program: install qemu-user-static to list its applets here' : "install Debian's busybox-static or give another static busybox";
+    throw new ModuleError(`cannot run ${foreign ? `${cmd} ${busybox}` : busybox} --list-full (${(e as Error).message.split('\n')[0]}); ${hint}`);
   }
   return out.split('\n').map((l) => l.trim()).filter((l) => l && !l.includes('..') && l !== 'linuxrc');
 }

@@ -3,9 +3,8 @@
 # own suite, architecture arm64) for the aarch64 static /init, and unpacks them into
 # .cache/musl-arm64/ with a gcc specs file that makes Debian's cross compiler
 # (gcc-aarch64-linux-gnu) link against it, as musl-gcc does for the native build.
-# The packages come through a private apt configuration (its own sources list and lists,
-# architecture arm64): the machine's apt setup and its architectures stay as they are, and
-# nothing is installed. apt checks the packages against the archive's signed index.
+# The packages come through a private apt configuration (scripts/arm64-apt.sh): nothing is
+# installed, and the machine's apt setup stays as it is.
 # Prints the specs file's path. Safe to run again: it does nothing when it is there.
 set -euo pipefail
 
@@ -24,39 +23,12 @@ exec 9>"$CACHE/.lock"
 flock 9
 ready && { echo "$SPECS"; exit 0; }
 
-# The mirror: the first URI of the machine's own Debian sources (deb822 or one-line
-# format); the suite: the machine's release (/etc/os-release).
-mirror=""
-for f in /etc/apt/sources.list.d/*.sources; do
-  [[ -f "$f" ]] || continue
-  mirror=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
-  [[ -n "$mirror" ]] && break
-done
-if [[ -z "$mirror" && -f /etc/apt/sources.list ]]; then
-  mirror=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { if ($i !~ /security/) { print $i; exit } else break } }' /etc/apt/sources.list)
-fi
-[[ -n "$mirror" ]] || die "no Debian mirror found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
-suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-[[ -n "$suite" ]] || die "no VERSION_CODENAME in /etc/os-release: which Debian release is this?"
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-[[ -f "$keyring" ]] || die "$keyring is missing: install the debian-archive-keyring package"
-
-apt=$CACHE/apt
-mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
-echo "deb [arch=arm64 signed-by=$keyring] $mirror $suite main" > "$apt/sources.list"
-APT=(apt-get -q
-  -o "APT::Architecture=arm64"
-  -o "APT::Architectures::=arm64"
-  -o "Dir::Etc::SourceList=$apt/sources.list"
-  -o "Dir::Etc::SourceParts=/nonexistent"
-  -o "Dir::State::Lists=$apt/lists"
-  -o "Dir::State::Status=/dev/null"
-  -o "Dir::Cache=$apt/cache"
-  -o "Debug::NoLocking=1"
-  -o "APT::Sandbox::User=root")
+ARM64_APT_DIR=$CACHE/apt
+# shellcheck source=arm64-apt.sh
+source "$ROOT/scripts/arm64-apt.sh"
 
 echo "fetch-musl-arm64: downloading musl and musl-dev (arm64) from $mirror ($suite)" >&2
-"${APT[@]}" update >/dev/null || die "apt-get update of the private arm64 list failed"
+arm64_apt_update
 scratch=$(mktemp -d "$CACHE/.fetch.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 (cd "$scratch" && "${APT[@]}" download musl-dev:arm64 musl:arm64 >/dev/null) || die "apt-get download musl-dev:arm64 musl:arm64 failed"
