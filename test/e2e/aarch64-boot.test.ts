@@ -1,16 +1,17 @@
 /**
  * An arm64 boot: Debian's arm64 kernel (linux-image-arm64) and its
- * modules, with an initramfs `vdboot mkinitramfs` builds around build/init-aarch64 and
- * Debian's arm64 busybox (scripts/fetch-arm64-boot.sh), booted by qemu-system-aarch64
+ * modules, with the initramfs `vdboot mkinitramfs --kernel IMAGE --busybox ARM64-BUSYBOX`
+ * builds (build/init-aarch64 picked by the Image's architecture; Debian's arm64 busybox
+ * from scripts/fetch-arm64-boot.sh), booted by qemu-system-aarch64
  * (-M virt, cortex-a57, TCG) into a plain ext4 root read-write. The guest's own init
  * (arm64 busybox) prints its facts and writes a file; the oracle is the console (machine
  * aarch64, the root rw, the running release) and the file read back from the disk image with
  * debugfs, with e2fsck -fn clean.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { basename, dirname, join } from 'node:path';
+import { basename, join } from 'node:path';
 import { afterAll, expect, it } from 'vitest';
 import { GUEST_MARKER, guestInitScript, parseGuestFacts } from '../../qemu/guest.ts';
 
@@ -39,12 +40,23 @@ it('Debian\'s arm64 kernel boots a plain ext4 root rw with vdboot\'s aarch64 /in
   const vmlinuz = /^vmlinuz (.+)$/m.exec(fetched)![1]!;
   const busybox = /^busybox (.+)$/m.exec(fetched)![1]!;
   const release = basename(vmlinuz).replace(/^vmlinuz-/, '');
-  const modules = join(dirname(vmlinuz), '..', 'lib', 'modules', release);
 
+  // The arm64 Image picks build/init-aarch64, its release and the modules beside it; the
+  // build machine's busybox and ntfs-3g are x86-64 and do not go in.
+  const vdboot = (...args: string[]) => spawnSync('node', [join(repo, 'bin/vdboot.mjs'), 'mkinitramfs', ...args], { encoding: 'utf8' });
+  const refused = vdboot('--kernel', vmlinuz, '-o', join(dir, 'refused.img'));
+  expect(refused.status).not.toBe(0);
+  expect(refused.stderr).toContain('/bin/busybox is not an aarch64 program, and the initramfs is for aarch64: give --busybox a static aarch64 busybox');
+  const wrongInit = vdboot('--kernel', vmlinuz, '--busybox', busybox, '--init', join(repo, 'build/init'), '-o', join(dir, 'refused.img'));
+  expect(wrongInit.stderr).toMatch(/build\/init is not an aarch64 program, .* give --init the aarch64 one \(build\/init-aarch64\)/);
   const initrd = join(dir, 'initrd.img');
-  const summary = execFileSync('node', [join(repo, 'bin/vdboot.mjs'), 'mkinitramfs', '--kernel', release, '--modules-dir', modules,
-    '--init', join(repo, 'build/init-aarch64'), '--busybox', busybox, '--without', 'ntfs-3g', '-o', initrd], { encoding: 'utf8' });
-  expect(summary).toMatch(new RegExp(`modules for kernel ${release.replace(/[.+]/g, '\\$&')}`));
+  const made = vdboot('--kernel', vmlinuz, '--busybox', busybox, '-o', initrd);
+  expect(made.status, made.stderr).toBe(0);
+  expect(made.stdout).toMatch(new RegExp(`modules for kernel ${release.replace(/[.+]/g, '\\$&')}`));
+  expect(made.stderr).toContain('the initramfs is for aarch64 and this machine is not: no programs from it (ntfs-3g) go in');
+  const listing = execFileSync('sh', ['-c', 'zstd -dc "$1" | cpio -it --quiet', 'sh', initrd], { encoding: 'utf8', maxBuffer: 64 << 20 }).split('\n');
+  expect(listing.some((f) => f.startsWith('usr/bin/ntfs-3g') || f === 'bin/ntfs-3g')).toBe(false);
+  expect(listing).toContain(`lib/modules/${release}/kernel/drivers/block/virtio_blk.ko`);
 
   const root = join(dir, 'root');
   for (const d of ['bin', 'sbin', 'proc', 'sys', 'dev', 'run', 'tmp', 'etc']) mkdirSync(join(root, d), { recursive: true });
