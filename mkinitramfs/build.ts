@@ -166,7 +166,13 @@ export interface MkinitramfsOptions {
   compress?: Compression;
   /** The compressor's level (zstd 1-19, gzip 1-9, xz 1-9); default DEFAULT_LEVELS. */
   level?: number;
-  /** The static /init; default build/init of this checkout. */
+  /**
+   * The machine the initramfs is for; default: the kernel image's (`kernel` as a file:
+   * bzImage x86_64, arm64 Image aarch64), else this machine's. It picks the default /init
+   * (build/init, build/init-aarch64); /init and busybox must be programs for it.
+   */
+  arch?: InitArch;
+  /** The static /init; default build/init (x86_64) or build/init-aarch64 (aarch64) of this checkout or package. */
   initBinary?: string;
   /** A static busybox; default /bin/busybox. */
   busybox?: string;
@@ -270,12 +276,37 @@ export function repoRoot(): string {
   }
 }
 
-/** The release string inside a bzImage (setup header "HdrS", kernel_version pointer at 0x20E). */
+/** The machines vdboot's /init is built for (build/init, build/init-aarch64). */
+export type InitArch = 'x86_64' | 'aarch64';
+const ELF_MACHINE: Record<InitArch, number> = { x86_64: 62, aarch64: 183 };
+/** The build machine's architecture, as vdboot names it. */
+export const HOST_ARCH: InitArch | undefined = process.arch === 'x64' ? 'x86_64' : process.arch === 'arm64' ? 'aarch64' : undefined;
+
+/** arm64's Image header: the magic "ARM\x64" at 0x38. */
+function isArm64Image(head: Buffer, n: number): boolean {
+  return n >= 0x40 && head.readUInt32LE(0x38) === 0x644d5241;
+}
+
+/** The architecture of a kernel image file: x86-64 bzImage or arm64 Image, else undefined. */
+export function kernelArch(file: string): InitArch | undefined {
+  const head = Buffer.alloc(0x210);
+  const fd = openSync(file, 'r');
+  let n = 0;
+  try { n = readSync(fd, head, 0, head.length, 0); } finally { closeSync(fd); }
+  if (n >= 0x206 && head.toString('latin1', 0x202, 0x206) === 'HdrS') return 'x86_64';
+  return isArm64Image(head, n) ? 'aarch64' : undefined;
+}
+
+/**
+ * The release string inside a bzImage (setup header "HdrS", kernel_version pointer at
+ * 0x20E) or an uncompressed arm64 Image (its "Linux version RELEASE " banner).
+ */
 export function kernelReleaseOfImage(file: string): string {
   const fd = openSync(file, 'r');
   try {
     const head = Buffer.alloc(0x10000); // the real-mode setup area is at most 64 KiB
     const n = readSync(fd, head, 0, head.length, 0);
+    if (isArm64Image(head, n)) return arm64ImageRelease(file);
     if (n < 0x210 || head.toString('latin1', 0x202, 0x206) !== 'HdrS') throw new ModuleError(`${file} is not a Linux bzImage (no "HdrS" setup header at 0x202); give --kernel a release such as ${os.release()} or a vmlinuz file`);
     const off = head.readUInt16LE(0x20e) + 0x200;
     if (off >= n) throw new ModuleError(`${file}: its kernel_version pointer (0x${off.toString(16)}) is outside the setup header`);
@@ -286,6 +317,17 @@ export function kernelReleaseOfImage(file: string): string {
   } finally {
     closeSync(fd);
   }
+}
+
+function arm64ImageRelease(file: string): string {
+  const size = statSync(file).size;
+  if (size > (256 << 20)) throw new ModuleError(`${file} is ${size} bytes, more than an arm64 kernel Image should be`);
+  const image = readFileSync(file);
+  const at = image.indexOf('Linux version ', 0, 'latin1');
+  if (at < 0) throw new ModuleError(`${file} is an arm64 Image without a "Linux version" banner; give --kernel its release and --modules-dir`);
+  const release = image.toString('latin1', at + 14, Math.min(image.length, at + 14 + 200)).split(' ')[0]!;
+  if (!/^[\w.+~-]+$/.test(release)) throw new ModuleError(`${file}: its version string "${release}" does not look like a kernel release`);
+  return release;
 }
 
 /** The modules directory for `kernel` (release or vmlinuz), or the default kernel's. */
@@ -328,6 +370,21 @@ export function moduleClosure(index: KernelModuleIndex, roots: readonly string[]
     if (soft) for (const s of [...soft.pre, ...soft.post]) queue.push(...resolveName(index, s));
   }
   return included;
+}
+
+const EM_AARCH64 = ELF_MACHINE.aarch64;
+
+/** An ELF file's e_machine (62 x86-64, 183 arm64), or -1 for anything else. */
+function elfMachine(file: string): number {
+  const b = Buffer.alloc(20);
+  let n = 0;
+  try {
+    const fd = openSync(file, 'r');
+    try { n = readSync(fd, b, 0, 20, 0); } finally { closeSync(fd); }
+  } catch {
+    return -1;
+  }
+  return n === 20 && b.readUInt32BE(0) === 0x7f454c46 && b[5] === 1 ? b.readUInt16LE(0x12) : -1;
 }
 
 /** The program `name` on this host's PATH (plus the sbin directories), or undefined. */
@@ -430,10 +487,14 @@ function readModuleFile(file: string): Uint8Array {
 
 function busyboxApplets(busybox: string): string[] {
   let out: string;
+  // An arm64 busybox on another machine runs through qemu-user (Debian's qemu-user-static).
+  const foreign = elfMachine(busybox) === EM_AARCH64 && process.arch !== 'arm64';
+  const [cmd, args] = foreign ? ['qemu-aarch64-static', [busybox, '--list-full']] : [busybox, ['--list-full']];
   try {
-    out = execFileSync(busybox, ['--list-full'], { encoding: 'utf8' });
+    out = execFileSync(cmd, args, { encoding: 'utf8' });
   } catch (e) {
-    throw new ModuleError(`cannot run ${busybox} --list-full (${(e as Error).message.split('\n')[0]}); install Debian's busybox-static or give another static busybox`);
+    const hint = foreign ? 'it is an arm64 program: install qemu-user-static to list its applets here' : "install Debian's busybox-static or give another static busybox";
+    throw new ModuleError(`cannot run ${foreign ? `${cmd} ${busybox}` : busybox} --list-full (${(e as Error).message.split('\n')[0]}); ${hint}`);
   }
   return out.split('\n').map((l) => l.trim()).filter((l) => l && !l.includes('..') && l !== 'linuxrc');
 }
@@ -521,18 +582,28 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   if (!COMPRESSIONS.includes(compression)) throw new ModuleError(`unknown compression "${compression}"; use one of ${COMPRESSIONS.join(', ')}`);
   const mtime = options.sourceDateEpoch ?? sourceDateEpochFromEnv();
   const root = options.initBinary && options.busybox ? '' : repoRoot();
-  const initBinary = options.initBinary ?? path.join(root, 'build', 'init');
-  if (!existsSync(initBinary)) throw new ModuleError(`${initBinary} does not exist: build the /init host first ("npm run build" builds it when init/ and src/boot/main.ts are present)`);
+  const kernelFile = options.kernel !== undefined && existsSync(options.kernel) && statSync(options.kernel).isFile() ? options.kernel : undefined;
+  const arch: InitArch = options.arch ?? (kernelFile ? kernelArch(kernelFile) : undefined) ?? HOST_ARCH ?? 'x86_64';
+  if (!(arch in ELF_MACHINE)) throw new ModuleError(`unknown architecture "${arch}"; vdboot's /init is built for ${Object.keys(ELF_MACHINE).join(' and ')}`);
+  const foreign = arch !== HOST_ARCH;
+  const initBinary = options.initBinary ?? path.join(root, 'build', arch === 'aarch64' ? 'init-aarch64' : 'init');
+  if (!existsSync(initBinary)) throw new ModuleError(`${initBinary} does not exist: build the /init host first ("npm run build" builds it when init/ and src/boot/main.ts are present${arch === 'aarch64' ? ', build/init-aarch64 with gcc-aarch64-linux-gnu' : ''})`);
+  if (elfMachine(initBinary) !== ELF_MACHINE[arch]) throw new ModuleError(`${initBinary} is not an ${arch} program, and the initramfs is for ${arch}${kernelFile && !options.arch ? ` (the kernel ${kernelFile} is)` : ''}: give --init the ${arch} one (build/init${arch === 'aarch64' ? '-aarch64' : ''})`);
   const busybox = options.busybox ?? '/bin/busybox';
   if (!existsSync(busybox)) throw new ModuleError(`${busybox} does not exist: install Debian's busybox-static (apt-get install busybox-static)`);
   if (!isStaticElf(busybox)) throw new ModuleError(`${busybox} is not a statically linked ELF program; the initramfs has no shared libraries for it: install busybox-static`);
+  if (elfMachine(busybox) !== ELF_MACHINE[arch]) throw new ModuleError(`${busybox} is not an ${arch} program, and the initramfs is for ${arch}: give --busybox a static ${arch} busybox (Debian's busybox-static:${arch === 'aarch64' ? 'arm64' : 'amd64'}, unpacked with dpkg-deb -x; scripts/fetch-arm64-boot.sh fetches the arm64 one)`);
+  // Programs with their libraries come from this machine: only for its own architecture.
+  if (foreign && options.tools?.length) throw new ModuleError(`--with ${options.tools.join(', ')}: the programs come from this machine, which is not ${arch}; build the initramfs on an ${arch} machine for them`);
 
   const modulesDir = options.modulesDir ?? findModulesDir(options.kernel);
   const index = loadModuleIndex(modulesDir, options.modprobeDirs);
   const without = [...new Set(options.without ?? [])];
   for (const t of [...(options.tools ?? []), ...without]) if (!(t in TOOLS)) throw new ModuleError(`unknown tool "${t}"; vdboot can include ${Object.keys(TOOLS).join(', ')}`);
   for (const t of without) if ((options.tools ?? []).includes(t)) throw new ModuleError(`${t} is both asked for and left out (--with ${t} --without ${t}): give one of them`);
-  const defaults = defaultTools(index);
+  const defaults = foreign
+    ? { tools: {}, notes: [`the initramfs is for ${arch} and this machine is not: no programs from it (ntfs-3g) go in; NTFS hosts are reached by the kernel's ntfs3 where it has one, else only by vdboot's direct path`] }
+    : defaultTools(index);
   const chosenDefaults = Object.fromEntries(Object.entries(defaults.tools).filter(([t]) => !without.includes(t as ToolName))) as Partial<Record<ToolName, string>>;
   const tools = [...new Set([...(options.tools ?? []), ...(Object.keys(chosenDefaults) as ToolName[])])].sort();
   let hostonly: ManifestHostonly | undefined;

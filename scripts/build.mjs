@@ -39,5 +39,27 @@ if (existsSync('src/boot/main.ts')) {
   if (existsSync('init/Makefile')) {
     // -j: QuickJS is compiled twice (gcc for qjsc, musl-gcc for /init), side by side.
     execFileSync('make', ['-s', `-j${os.availableParallelism()}`, '-C', 'init'], { stdio: 'inherit' });
+    // build/init-aarch64 for arm64 machines, with Debian's cross compiler and musl for arm64
+    // (init/Makefile). Without the cross compiler, or when it fails, the x86-64 build stands
+    // and this says why; the package build (prepack: VDBOOT_ALL_ARCHES=1) fails instead.
+    const all = process.env.VDBOOT_ALL_ARCHES === '1';
+    let cross = true;
+    try {
+      execFileSync('aarch64-linux-gnu-gcc', ['--version'], { stdio: 'ignore' });
+    } catch {
+      cross = false;
+    }
+    const skip = (why) => {
+      if (all) throw new Error(`build/init-aarch64: ${why}`);
+      process.stderr.write(`init: build/init-aarch64 not built: ${why}\n`);
+    };
+    if (!cross) skip('aarch64-linux-gnu-gcc is missing (Debian package gcc-aarch64-linux-gnu; scripts/ensure-deps.sh installs it)');
+    else {
+      try {
+        execFileSync('make', ['-s', `-j${os.availableParallelism()}`, '-C', 'init', 'ARCH=aarch64'], { stdio: 'inherit' });
+      } catch (e) {
+        skip(`the cross build failed (${e.message.split('\n')[0]}); run "make -C init ARCH=aarch64" to see why`);
+      }
+    }
   }
 }

@@ -17,7 +17,7 @@
  *     the host taken down (shutdown.ts's takeDownInPlace), everything synced;
  *  5. reboot(LINUX_REBOOT_CMD_KEXEC). Nothing is written to the root or the image.
  */
-import { writeCpio, type CpioInput } from '../formats/cpio.ts';
+import { cpioLayout, type CpioInput } from '../formats/cpio.ts';
 import { bzImageRelease, compareKernelReleases, manifestForKernel, parseModulesBuiltin, parseModulesDep, parseSoftdeps, type ModuleIndex } from '../formats/kmod-index.ts';
 import { MANIFEST_PATH } from '../formats/manifest.ts';
 import { utf8Encode } from '../formats/text.ts';
@@ -128,8 +128,15 @@ export function kexecRootKernel(ctx: InitContext, root: string): void {
   }
 
   const cmdline = kexecCmdline(readTextOr(sys, '/proc/cmdline') ?? '');
+  let t = sys.monotonicMs();
+  const lap = (what: string): void => {
+    const now = sys.monotonicMs();
+    log.debug(`kexec: ${what} in ${((now - t) / 1000).toFixed(2)} s`);
+    t = now;
+  };
   try {
     loadKernel(sys, `${root}${k.path}`, initrdPath, cmdline);
+    lap('kexec_file_load (the kernel copies, hashes and checks both files)');
   } catch (e) {
     staying(`The running kernel refused to load ${k.path} with kexec_file_load: ${explainKexecError(e)}`);
     return;
@@ -143,8 +150,10 @@ export function kexecRootKernel(ctx: InitContext, root: string): void {
     ctx.ueventFd = -1;
   }
   unmountRoot(ctx, root);
+  lap('root unmounted');
   takeDownInPlace(sys, log, [root]);
   sys.sync();
+  lap('devices and host taken down, synced');
   log.info(`kexec: jumping to ${k.release}`);
   try {
     sys.reboot(REBOOT.KEXEC);
@@ -239,15 +248,21 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
     t = now;
   };
   const modDir = `${root}/lib/modules/${release}`;
-  const dep = parseModulesDep(readText(sys, `${modDir}/modules.dep`));
+  const depText = readText(sys, `${modDir}/modules.dep`);
+  const aliasText = readTextOr(sys, `${modDir}/modules.alias`) ?? '';
+  const modinfoText = readTextOr(sys, `${modDir}/modules.builtin.modinfo`) ?? '';
+  lap(`module index files of ${release} read (${((depText.length + aliasText.length + modinfoText.length) / 1048576).toFixed(1)} MiB of text)`);
+  const dep = parseModulesDep(depText);
   const index: ModuleIndex = {
     release,
     ...dep,
     softdeps: parseSoftdeps(readTextOr(sys, `${modDir}/modules.softdep`) ?? ''),
     builtin: parseModulesBuiltin(readTextOr(sys, `${modDir}/modules.builtin`) ?? ''),
   };
-  const made = manifestForKernel(index, readTextOr(sys, `${modDir}/modules.alias`) ?? '', readTextOr(sys, `${modDir}/modules.builtin.modinfo`) ?? '', ctx.manifest);
-  lap(`module index of ${release} read, ${made.files.length} modules chosen`);
+  lap('modules.dep parsed');
+  const loaded = loadedModules(sys);
+  const made = manifestForKernel(index, aliasText, modinfoText, ctx.manifest, loaded);
+  lap(`module index of ${release} read, ${made.files.length} modules chosen${loaded ? ` for the ${loaded.size} this boot loaded` : ''}`);
   const compressed = made.files.find((f) => /\.ko\.(xz|zst|gz)$/.test(f.rel));
   if (compressed) {
     const config = readTextOr(sys, `${root}/boot/config-${release}`);
@@ -273,66 +288,112 @@ function assembleInitramfs(ctx: InitContext, root: string, release: string): { p
         inputs.push({ type: 'dir', path, mode: st.mode & 0o7777 });
         // another filesystem mounted here (not part of the initramfs)
         if (st.devMajor === rootDev.devMajor && st.devMinor === rootDev.devMinor) walk(path);
-      } else if (type === S.IFREG) inputs.push({ type: 'file', path, data: readRegularFile(sys, path, st.size), mode: st.mode & 0o7777 });
+      } else if (type === S.IFREG) inputs.push({ type: 'external', path, source: path, size: st.size, mode: st.mode & 0o7777 });
       else if (type === S.IFLNK) inputs.push({ type: 'symlink', path, target: sys.readlink(path) });
       else if (type === S.IFCHR || type === S.IFBLK) inputs.push({ type: type === S.IFCHR ? 'char' : 'block', path, major: st.rdevMajor, minor: st.rdevMinor, mode: st.mode & 0o7777 });
     }
   };
   walk('');
-  lap(`this initramfs's ${inputs.length} files read`);
+  lap(`this initramfs's ${inputs.length} entries listed`);
   // the nodes the kernel needs before devtmpfs: /dev is a mount now, its own nodes hidden
   inputs.push({ type: 'char', path: 'dev/console', major: 5, minor: 1, mode: 0o600 });
   inputs.push({ type: 'char', path: 'dev/null', major: 1, minor: 3, mode: 0o666 });
   for (const f of made.files) {
-    let data: Uint8Array;
+    const path = `${modDir}/${f.rel}`;
+    let size: number;
     try {
-      const path = `${modDir}/${f.rel}`;
-      data = readRegularFile(sys, path, sys.stat(path).size);
+      const st = sys.stat(path);
+      if ((st.mode & S.IFMT) !== S.IFREG) throw new Error('not a regular file');
+      size = st.size;
     } catch (e) {
       throw new Error(`the root's /lib/modules/${release}/${f.rel} cannot be read (${isSysError(e) ? e.code : (e as Error).message}): its modules are incomplete; reinstall the kernel's package`);
     }
-    inputs.push({ type: 'file', path: f.path, data, mode: 0o644 });
+    inputs.push({ type: 'external', path: f.path, source: path, size, mode: 0o644 });
   }
+  lap('module files looked up');
   inputs.push({ type: 'file', path: MANIFEST_PATH, data: utf8Encode(JSON.stringify(made.manifest) + '\n'), mode: 0o644 });
-  for (const i of inputs) {
-    if (i.type === 'file' && i.path === '/etc/initrd-release') {
-      const text = readText(sys, '/etc/initrd-release').replace(/^VDBOOT_KERNEL=.*$/m, `VDBOOT_KERNEL="${release}"`);
-      i.data = utf8Encode(text);
-    }
+  lap('manifest written out');
+  const osRelease = inputs.findIndex((i) => i.type === 'external' && i.path === '/etc/initrd-release');
+  if (osRelease >= 0) {
+    const text = readText(sys, '/etc/initrd-release').replace(/^VDBOOT_KERNEL=.*$/m, `VDBOOT_KERNEL="${release}"`);
+    inputs[osRelease] = { type: 'file', path: '/etc/initrd-release', data: utf8Encode(text), mode: (inputs[osRelease] as { mode?: number }).mode ?? 0o644 };
   }
 
-  lap('modules read');
-  const cpio = writeCpio(inputs);
+  const pieces = cpioLayout(inputs);
+  lap('archive laid out');
   mkdirs(sys, RUN_DIR);
   const path = `${RUN_DIR}/kexec-initrd.cpio`;
   const fd = sys.open(path, O.WRONLY | O.CREAT | O.TRUNC | O.CLOEXEC, 0o600);
+  let bytes = 0;
   try {
-    let off = 0;
-    while (off < cpio.length) off += sys.pwrite(fd, cpio.subarray(off, off + (4 << 20)), off);
+    for (const p of pieces) bytes += p instanceof Uint8Array ? writeAll(sys, fd, p) : copyFileInto(sys, fd, p.source, p.size);
   } finally {
     sys.close(fd);
   }
   lap(`cpio written to ${path}`);
-  return { path, bytes: cpio.length, modules: made.files.length, missing: made.missing };
+  return { path, bytes, modules: made.files.length, missing: made.missing };
 }
 
 /**
- * A regular file of known size, read into one buffer (readFileBytes reads in chunks and
- * copies them together, for files that report no size: here megabytes of programs and
- * modules would be copied twice more under emulation). A file that shrank gives what it has.
+ * The modules this boot loaded (/proc/modules' first column), or undefined when none are
+ * (everything reached so far was built in, and the new kernel may need as modules what the
+ * running one has built in) or the list cannot be read: then the whole running set goes.
+ * The second boot runs on the same machine towards the same root, so these are what it
+ * needs; the booted system loads the rest from the root's own /lib/modules.
  */
-function readRegularFile(sys: Sys, path: string, size: number): Uint8Array {
-  if (size > (256 << 20)) throw new Error(`${path} is ${size} bytes, more than an initramfs file should be`);
-  const fd = sys.open(path, O.RDONLY | O.CLOEXEC);
+export function loadedModules(sys: Sys): Set<string> | undefined {
+  const text = readTextOr(sys, '/proc/modules');
+  if (text === undefined) return undefined;
+  const names = new Set<string>();
+  for (const line of text.split('\n')) {
+    const name = line.slice(0, line.indexOf(' ') >>> 0);
+    if (name) names.add(name.replace(/-/g, '_'));
+  }
+  return names.size ? names : undefined;
+}
+
+function writeAll(sys: Sys, fd: number, data: Uint8Array): number {
+  for (let off = 0; off < data.length;) off += sys.write(fd, data.subarray(off, off + (4 << 20)));
+  return data.length;
+}
+
+/** sendfile(2) where the host has it (the static init): file bodies copied inside the kernel. */
+type WithSendfile = Sys & { sendfile?(outFd: number, inFd: number, offset: number, count: number): number };
+
+/**
+ * Exactly `size` bytes of the file at `source` appended to `out` (at its file position):
+ * with sendfile, the bytes of programs and modules never pass through the interpreter;
+ * without it (or where sendfile says EINVAL), read and written in 1 MiB pieces. A file
+ * that is shorter or longer than its stat said (changed while read) is an error: the
+ * archive's header already holds the size.
+ */
+function copyFileInto(sys: WithSendfile, out: number, source: string, size: number): number {
+  const fd = sys.open(source, O.RDONLY | O.CLOEXEC);
   try {
-    const buf = new Uint8Array(size);
     let off = 0;
+    let viaSendfile = typeof sys.sendfile === 'function';
+    let buf: Uint8Array | undefined;
     while (off < size) {
-      const n = sys.pread(fd, buf.subarray(off), off);
-      if (n <= 0) break;
+      let n: number;
+      if (viaSendfile) {
+        try {
+          n = sys.sendfile!(out, fd, off, size - off);
+        } catch (e) {
+          if (!isSysError(e, 'EINVAL') && !isSysError(e, 'ENOSYS')) throw e;
+          viaSendfile = false;
+          continue;
+        }
+      } else {
+        buf ??= new Uint8Array(Math.min(size, 1 << 20));
+        n = sys.pread(fd, buf.subarray(0, Math.min(buf.length, size - off)), off);
+        if (n > 0) writeAll(sys, out, buf.subarray(0, n));
+      }
+      if (n <= 0) throw new Error(`${source} ended at byte ${off} of the ${size} it had a moment before (changed while read)`);
       off += n;
     }
-    return off === size ? buf : buf.subarray(0, off);
+    const extra = sys.pread(fd, new Uint8Array(1), size);
+    if (extra > 0) throw new Error(`${source} grew past the ${size} bytes it had a moment before (changed while read)`);
+    return size;
   } finally {
     sys.close(fd);
   }

@@ -9,7 +9,8 @@ import { walkArgs } from './args.ts';
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
                   [--add-module NAME]... [--omit-module NAME]...
                   [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--without ntfs-3g]
-                  [--hostonly [--root SPEC]] [--modules-dir DIR] [--init FILE] [--busybox FILE]
+                  [--hostonly [--root SPEC]] [--modules-dir DIR] [--arch x86_64|aarch64]
+                  [--init FILE] [--busybox FILE]
 
 Builds an initramfs whose /init is vdboot, with the kernel modules to reach a root on
 virtio, SCSI, SATA/AHCI, NVMe, USB and SD storage, the usual filesystems, device-mapper,
@@ -35,7 +36,10 @@ Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompres
   --root SPEC               with --hostonly: the root as on the kernel command line (UUID=…, /dev/…,
                             vdisk:HOST:PATH); its filesystem (the host's, for vdisk:) is included too
   --modules-dir DIR         read modules from DIR instead of /lib/modules/VERSION
-  --init FILE               the static /init host to include (default: build/init of this checkout)
+  --arch x86_64|aarch64     the machine the initramfs is for (default: the kernel file's, a bzImage or an
+                            arm64 Image, else this machine's); for another machine no programs of this one
+                            (ntfs-3g) go in, and --busybox must name a static busybox for it
+  --init FILE               the static /init host to include (default: build/init, or build/init-aarch64)
   --busybox FILE            the static busybox to include (default: /bin/busybox)
 
 SOURCE_DATE_EPOCH sets every timestamp; the same inputs give the same bytes.`;
@@ -88,6 +92,12 @@ export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOpti
       case '--init':
         options.initBinary = value();
         break;
+      case '--arch': {
+        const a = value();
+        if (a !== 'x86_64' && a !== 'aarch64') throw new ModuleError(`--arch ${a}: use x86_64 or aarch64`);
+        options.arch = a;
+        break;
+      }
       case '--busybox':
         options.busybox = value();
         break;

@@ -33,7 +33,15 @@ export type CpioInput =
   /** A second name for the regular file at `target` (an archive path). */
   | { type: 'hardlink'; path: string; target: string }
   | { type: 'char' | 'block'; path: string; major: number; minor: number; mode?: number; uid?: number; gid?: number }
-  | { type: 'fifo'; path: string; mode?: number; uid?: number; gid?: number };
+  | { type: 'fifo'; path: string; mode?: number; uid?: number; gid?: number }
+  /**
+   * A regular file whose body the caller copies in itself (cpioLayout only): `source` names
+   * it for the caller (a path to copy from in the kernel, say), `size` is its length.
+   */
+  | { type: 'external'; path: string; source: string; size: number; mode?: number; uid?: number; gid?: number };
+
+/** A piece of an archive laid out by cpioLayout: bytes as they are, or a body to copy from `source`. */
+export type CpioPiece = Uint8Array | { source: string; size: number };
 
 export interface CpioWriteOptions {
   /** Seconds since the epoch for every entry (SOURCE_DATE_EPOCH); default 0. */
@@ -90,6 +98,9 @@ interface Planned {
   rdevMajor: number;
   rdevMinor: number;
   data: Uint8Array;
+  /** the body is not in `data` but copied from here by the caller (size `extSize`) */
+  ext?: string;
+  extSize: number;
   /** hard-link group key (the canonical path of the file), or "" */
   group: string;
   ino: number;
@@ -98,6 +109,28 @@ interface Planned {
 
 /** Builds a newc archive from `inputs`; see the file comment for the guarantees. */
 export function writeCpio(inputs: readonly CpioInput[], options: CpioWriteOptions = {}): Uint8Array {
+  const pieces = cpioLayout(inputs, options);
+  let size = 0;
+  for (const p of pieces) {
+    if (!(p instanceof Uint8Array)) throw new FormatError(`cpio: "${p.source}" is an external body; writeCpio needs the bytes (use cpioLayout)`, 'source', p.source);
+    size += p.length;
+  }
+  const out = new Uint8Array(size);
+  let pos = 0;
+  for (const p of pieces as Uint8Array[]) {
+    out.set(p, pos);
+    pos += p.length;
+  }
+  return out;
+}
+
+/**
+ * The same archive as writeCpio, as pieces in order: headers, names, padding and in-memory
+ * bodies joined into byte runs, and each `external` file's body as `{ source, size }` for
+ * the caller to copy (exactly `size` bytes; the padding after it is in the next run). An
+ * archive of programs and modules is then written without their bytes passing through here.
+ */
+export function cpioLayout(inputs: readonly CpioInput[], options: CpioWriteOptions = {}): CpioPiece[] {
   const mtime = options.mtime ?? 0;
   if (!Number.isInteger(mtime) || mtime < 0 || mtime > MAX_U32) throw new FormatError(`cpio mtime ${mtime} is not a whole number of seconds between 0 and ${MAX_U32}`, 'mtime', mtime);
 
@@ -116,6 +149,7 @@ export function writeCpio(inputs: readonly CpioInput[], options: CpioWriteOption
     rdevMajor: 0,
     rdevMinor: 0,
     data: new Uint8Array(0),
+    extSize: 0,
     group: '',
     ino: 0,
     nlink: 1,
@@ -127,6 +161,14 @@ export function writeCpio(inputs: readonly CpioInput[], options: CpioWriteOption
         const p = base(name, S_IFREG | ((input.mode ?? 0o644) & 0o7777), input.uid, input.gid);
         if (input.data.length > MAX_U32) throw new FormatError(`cpio: "${name}" is ${input.data.length} bytes; newc holds at most ${MAX_U32}`, 'filesize', input.data.length);
         p.data = input.data;
+        add(p);
+        break;
+      }
+      case 'external': {
+        const p = base(name, S_IFREG | ((input.mode ?? 0o644) & 0o7777), input.uid, input.gid);
+        if (!Number.isInteger(input.size) || input.size < 0 || input.size > MAX_U32) throw new FormatError(`cpio: "${name}" is ${input.size} bytes; newc holds at most ${MAX_U32}`, 'filesize', input.size);
+        p.ext = input.source;
+        p.extSize = input.size;
         add(p);
         break;
       }
@@ -180,7 +222,16 @@ export function writeCpio(inputs: readonly CpioInput[], options: CpioWriteOption
     }
   }
 
-  const entries = [...byPath.values()].sort((a, b) => comparePaths(a.name, b.name));
+  // comparePaths's order, each name split once (the sort compares each many times).
+  const keyed = [...byPath.values()].map((e) => ({ e, parts: e.name.split('/') }));
+  keyed.sort((x, y) => {
+    const pa = x.parts;
+    const pb = y.parts;
+    const n = Math.min(pa.length, pb.length);
+    for (let i = 0; i < n; i++) if (pa[i] !== pb[i]) return pa[i]! < pb[i]! ? -1 : 1;
+    return pa.length - pb.length;
+  });
+  const entries = keyed.map((k) => k.e);
 
   // Inodes in output order; link groups share the first member's; nlink counts names
   // (files, links) or 2 + subdirectories (directories).
@@ -205,7 +256,11 @@ export function writeCpio(inputs: readonly CpioInput[], options: CpioWriteOption
       if (ino === undefined) groupIno.set(e.group, (ino = nextIno++));
       e.ino = ino;
       e.nlink = groupCount.get(e.group)!;
-      if (groupLast.get(e.group) !== e) e.data = new Uint8Array(0);
+      if (groupLast.get(e.group) !== e) {
+        e.data = new Uint8Array(0);
+        delete e.ext;
+        e.extSize = 0;
+      }
     } else {
       e.ino = nextIno++;
       e.nlink = (e.mode & S_IFMT) === S_IFDIR ? 2 + (subdirs.get(e.name) ?? 0) : 1;
@@ -215,20 +270,45 @@ export function writeCpio(inputs: readonly CpioInput[], options: CpioWriteOption
   const trailer = base(TRAILER, 0);
   trailer.nlink = 1;
   const all = [...entries, trailer];
-  let size = 0;
-  for (const e of all) size += align4(HEADER_SIZE + e.nameBytes.length + 1) + align4(e.data.length);
-  const out = new Uint8Array(size);
-  let pos = 0;
-  for (const e of all) {
-    const fields = [e.ino, e.mode, e.uid, e.gid, e.nlink, e === trailer ? 0 : mtime, e.data.length, 0, 0, e.rdevMajor, e.rdevMinor, e.nameBytes.length + 1, 0];
-    pos = writeAscii(out, pos, '070701');
-    for (const f of fields) pos = writeAscii(out, pos, hex8(f));
-    out.set(e.nameBytes, pos);
-    pos = align4(pos + e.nameBytes.length + 1); // the NUL and the padding are already zero
-    out.set(e.data, pos);
-    pos = align4(pos + e.data.length);
+  const sizeOf = (e: Planned): number => (e.ext === undefined ? e.data.length : e.extSize);
+  const pad = (n: number): number => (4 - (n & 3)) & 3;
+  // Byte runs between external bodies. Each entry starts with the padding after the body
+  // before it (zeros), then its header and name padded to 4 bytes, then its body.
+  const pieces: CpioPiece[] = [];
+  let runStart = 0;
+  let runSize = 0;
+  const flush = (end: number): void => {
+    const out = new Uint8Array(runSize);
+    let pos = 0;
+    for (let i = runStart; i < end; i++) {
+      const e = all[i]!;
+      if (i > 0) pos += pad(sizeOf(all[i - 1]!));
+      const fields = [e.ino, e.mode, e.uid, e.gid, e.nlink, e === trailer ? 0 : mtime, sizeOf(e), 0, 0, e.rdevMajor, e.rdevMinor, e.nameBytes.length + 1, 0];
+      const start = pos;
+      pos = writeAscii(out, pos, '070701');
+      for (const f of fields) pos = writeHex8(out, pos, f);
+      out.set(e.nameBytes, pos);
+      pos = start + align4(HEADER_SIZE + e.nameBytes.length + 1); // the NUL and the padding are already zero
+      if (e.ext === undefined) {
+        out.set(e.data, pos);
+        pos += e.data.length;
+      }
+    }
+    pieces.push(out);
+  };
+  for (let i = 0; i < all.length; i++) {
+    const e = all[i]!;
+    if (i > 0) runSize += pad(sizeOf(all[i - 1]!));
+    runSize += align4(HEADER_SIZE + e.nameBytes.length + 1);
+    if (e.ext !== undefined) {
+      flush(i + 1);
+      pieces.push({ source: e.ext, size: e.extSize });
+      runStart = i + 1;
+      runSize = 0;
+    } else runSize += e.data.length;
   }
-  return out;
+  flush(all.length);
+  return pieces;
 }
 
 function checkU32(v: number, field: string, name: string): void {
@@ -239,9 +319,16 @@ function align4(n: number): number {
   return (n + 3) & ~3;
 }
 
-function hex8(n: number): string {
+const HEX_DIGITS = [48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 65, 66, 67, 68, 69, 70]; // 0-9 A-F
+
+/** `n` as 8 upper-case hex digits at `pos` (no string made: an archive has thousands of fields). */
+function writeHex8(out: Uint8Array, pos: number, n: number): number {
   if (!Number.isInteger(n) || n < 0 || n > MAX_U32) throw new FormatError(`cpio field value ${n} does not fit in 8 hex digits`, 'header', n);
-  return n.toString(16).toUpperCase().padStart(8, '0');
+  for (let i = 7; i >= 0; i--) {
+    out[pos + i] = HEX_DIGITS[n & 15]!;
+    n = Math.floor(n / 16);
+  }
+  return pos + 8;
 }
 
 function writeAscii(out: Uint8Array, pos: number, s: string): number {

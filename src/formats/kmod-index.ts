@@ -208,9 +208,15 @@ export interface KernelManifest {
  * aliases, built-ins and filesystem types. Module files keep their compression (the
  * kernel decompresses them: finit_module's MODULE_INIT_COMPRESSED_FILE); their paths are
  * the index's under /lib/modules/RELEASE. Tools and preloads are the running manifest's.
+ * With `only` (module names), the running set is cut down to those names first.
  */
-export function manifestForKernel(index: ModuleIndex, aliasText: string, builtinModinfo: string, running: InitramfsManifest): KernelManifest {
-  const wanted = new Set<string>([...Object.keys(running.modules), ...running.build.addedModules.map(moduleKey)]);
+export function manifestForKernel(index: ModuleIndex, aliasText: string, builtinModinfo: string, running: InitramfsManifest, only?: ReadonlySet<string>): KernelManifest {
+  // `only`: of the running initramfs's modules, those this boot loaded (/proc/modules):
+  // what reached the root on this machine. Modules asked for at build time (--add-module)
+  // and preloads stay whatever was loaded.
+  const preload = new Set(running.preload.map(moduleKey));
+  const kept = only ? Object.keys(running.modules).filter((m) => only.has(m) || preload.has(m)) : Object.keys(running.modules);
+  const wanted = new Set<string>([...kept, ...running.build.addedModules.map(moduleKey)]);
   const roots: string[] = [];
   const missing: string[] = [];
   for (const name of [...wanted].sort()) {

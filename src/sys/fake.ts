@@ -241,7 +241,11 @@ export class FakeKernel implements Sys {
   }
 
   private procTree(): Node {
-    return this.buildTree({ cmdline: `${this.machine.cmdline}\n`, mounts: '', 'sys/kernel/osrelease': `${this.machine.kernelRelease ?? 'sim'}\n` }, fsCounter++);
+    const root = this.buildTree({ cmdline: `${this.machine.cmdline}\n`, mounts: '', modules: '', 'sys/kernel/osrelease': `${this.machine.kernelRelease ?? 'sim'}\n` }, fsCounter++);
+    // /proc/modules: the modules loaded so far, one "NAME SIZE REFS DEPS STATE ADDRESS" line each
+    const modules = root.kind === 'dir' ? root.entries.get('modules') : undefined;
+    if (modules?.kind === 'file') modules.data = () => enc([...this.loadedAt.keys()].map((m) => `${m} 16384 0 - Live 0x0000000000000000\n`).join(''));
+    return root;
   }
 
   private sysTree(): Node {
@@ -466,6 +470,15 @@ export class FakeKernel implements Sys {
     next.set(buf, offset);
     f.node.data = next;
     return buf.length;
+  }
+
+  /** sendfile(2): up to `count` bytes of `inFd` from `offset` (-1: its position) appended at `outFd`'s position. */
+  sendfile(outFd: number, inFd: number, offset: number, count: number): number {
+    const f = this.fds.get(inFd) ?? fail('EBADF', `sendfile ${inFd}`);
+    const buf = new Uint8Array(Math.min(count, 1 << 20));
+    const n = this.pread(inFd, buf, offset < 0 ? f.pos : offset);
+    if (offset < 0) f.pos += n;
+    return n > 0 ? this.write(outFd, buf.subarray(0, n)) : 0;
   }
 
   read(fd: number, buf: Uint8Array): number {

@@ -31,7 +31,7 @@ export function write(fd, buf) { return unwrap(call('write', fd, Array.from(view
 export function pwrite(fd, buf, off) { return unwrap(call('pwrite', fd, Array.from(view(buf)), off)); }
 ${[
   'open', 'close', 'ioctlInt', 'fsync', 'truncate', 'stat', 'lstat', 'statfs', 'readdir', 'readlink', 'mkdir', 'rmdir', 'unlink',
-  'symlink', 'link', 'rename', 'mknod', 'chmod', 'lchown', 'mount', 'umount2', 'chdir', 'chroot', 'pivotRoot', 'finitModule', 'memfdCreate',
+  'symlink', 'link', 'rename', 'mknod', 'chmod', 'lchown', 'mount', 'umount2', 'chdir', 'chroot', 'pivotRoot', 'finitModule', 'memfdCreate', 'sendfile',
   'getpid', 'execve', 'spawn', 'waitpid', 'kill', 'exit', 'ueventSocket', 'poll', 'monotonicMs', 'uptimeSec', 'sleepMs', 'sync', 'reboot', 'kexecFileLoad',
 ].map((n) => `export function ${n}(...a) { return unwrap(call('${n}', ...a)); }`).join('\n')}
 export function ioctl(fd, req, arg) { const v = view(arg); const r = unwrap(call('ioctl', fd, req, Array.from(v))); v.set(r.buf); return r.ret; }

@@ -1,12 +1,13 @@
 /**
  * The installable package: `npm pack` (its prepack builds; here the build npm test made is
- * packed as it is) makes a tarball holding the bundled command and the static /init, which
+ * packed as it is) makes a tarball holding the bundled command and the static /init (x86-64,
+ * and build/init-aarch64 for arm64), which
  * `npm install -g` puts into a prefix; there it builds an initramfs with no C compiler, no
  * make and no checkout on PATH. The oracle: the archive's own listing (GNU cpio) and the
  * manifest inside it.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -19,7 +20,7 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 function pathWithoutCompilers(): string {
   const bin = join(dir, 'bin-nocc');
   mkdirSync(bin);
-  const banned = /^(gcc|cc|c\+\+|g\+\+|cpp|clang|musl-gcc|tcc|make|ld|as)([-.].*)?$|^x86_64-linux-gnu-(gcc|g\+\+|cpp|as|ld)/;
+  const banned = /^(gcc|cc|c\+\+|g\+\+|cpp|clang|musl-gcc|tcc|make|ld|as)([-.].*)?$|^(x86_64|aarch64)-linux-gnu-(gcc|g\+\+|cpp|as|ld)/;
   for (const d of ['/usr/local/bin', '/usr/bin', '/bin', '/usr/sbin', '/sbin']) {
     if (!existsSync(d)) continue;
     for (const name of readdirSync(d)) {
@@ -35,9 +36,12 @@ describe('the npm package', () => {
     const packed = execFileSync('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', dir], { cwd: repo, encoding: 'utf8' });
     const [info] = JSON.parse(packed) as { filename: string; files: { path: string }[] }[];
     const files = info!.files.map((f) => f.path).sort();
-    expect(files).toEqual(['README.md', 'bin/vdboot.mjs', 'build/cli.mjs', 'build/init', 'package.json']);
+    expect(files).toEqual(['README.md', 'bin/vdboot.mjs', 'build/cli.mjs', 'build/init', 'build/init-aarch64', 'package.json']);
     const prefix = join(dir, 'prefix');
     execFileSync('npm', ['install', '-g', '--offline', '--no-audit', '--no-fund', '--prefix', prefix, join(dir, info!.filename)], { encoding: 'utf8' });
+    // both static hosts installed: x86-64 (EM_X86_64 62) and arm64 (EM_AARCH64 183) at the ELF header's e_machine
+    const installed = join(prefix, 'lib', 'node_modules', 'vdboot', 'build');
+    expect([readFileSync(join(installed, 'init')).readUInt16LE(0x12), readFileSync(join(installed, 'init-aarch64')).readUInt16LE(0x12)]).toEqual([62, 183]);
     const nocc = pathWithoutCompilers();
     const env = { ...process.env, PATH: `${join(prefix, 'bin')}:${nocc}` };
     expect(spawnSync('sh', ['-c', 'command -v gcc || command -v cc || command -v make'], { env }).status).not.toBe(0);

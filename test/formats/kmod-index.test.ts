@@ -112,6 +112,15 @@ describe('a manifest for another kernel, with the running initramfs\'s module se
     expect(made.files).toContainEqual({ rel: 'kernel/fs/ext4/ext4.ko.xz', path: '/lib/modules/6.12.118+deb12-amd64/kernel/fs/ext4/ext4.ko.xz' });
   });
 
+  it('cut down to the modules this boot loaded: their closure in the new kernel, preloads kept', () => {
+    const cut = manifestForKernel(index, ALIAS, 'tmpfs.alias=fs-tmpfs\0', running, new Set(['virtio_blk', 'ext4', 'jbd2', 'mbcache', 'crc16', 'snd']));
+    // ext4's new dependencies come with it, vfat (not loaded) does not; dm_mod and dm_snapshot are preloads
+    expect(Object.keys(cut.manifest.modules).sort()).toEqual(['crc16', 'dm_bufio', 'dm_mod', 'dm_snapshot', 'ext4', 'jbd2', 'mbcache', 'virtio_blk']);
+    expect(cut.manifest.aliases.some(([, mods]) => mods.includes('vfat'))).toBe(false);
+    expect(cut.missing).toEqual([]);
+    expect(validateManifest(cut.manifest)).toEqual([]);
+  });
+
   it('modules the new kernel lacks are named; built-ins are not missing', () => {
     expect(made.missing).toEqual(['ahci']);
     expect(made.manifest.builtin).toEqual(['virtio_pci']);

@@ -3,7 +3,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { comparePaths, readCpio, writeCpio, S_IFMT, S_IFCHR, S_IFBLK, type CpioInput } from '../../src/formats/cpio.ts';
+import { comparePaths, cpioLayout, readCpio, writeCpio, S_IFMT, S_IFCHR, S_IFBLK, type CpioInput } from '../../src/formats/cpio.ts';
 
 function tmpdir(): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-cpio-'));
@@ -150,5 +150,42 @@ describe('newc cpio writer', () => {
     expect(() => writeCpio([{ type: 'file', path: '../escape', data: new Uint8Array(1) }])).toThrow(/"\.\."/);
     expect(() => writeCpio([{ type: 'file', path: 'a', data: new Uint8Array(1) }, { type: 'file', path: 'a/b', data: new Uint8Array(1) }])).toThrow(/not a directory/);
     expect(() => writeCpio([{ type: 'hardlink', path: 'x', target: 'nothing' }])).toThrow(/not a regular file/);
+  });
+
+  it('cpioLayout with external bodies: filled in by the caller, the same bytes as writeCpio, and GNU cpio extracts them', () => {
+    // Every regular file's body left to the caller (sizes 0..70001, odd and even, one in a
+    // hard-link group); the bodies come from a map keyed by the source name.
+    const bodies = new Map<string, Uint8Array>();
+    const inputs: CpioInput[] = sampleInputs().map((i) => {
+      if (i.type !== 'file') return i;
+      bodies.set(`src:${i.path}`, i.data);
+      return { type: 'external', path: i.path, source: `src:${i.path}`, size: i.data.length, ...(i.mode === undefined ? {} : { mode: i.mode }) };
+    });
+    inputs.push({ type: 'file', path: 'etc/in-memory', data: bytes('kept in memory between two external bodies') });
+    const pieces = cpioLayout(inputs, { mtime: 1_700_000_000 });
+    const external = pieces.filter((p) => !(p instanceof Uint8Array));
+    // the hard-linked file's body once, like writeCpio
+    expect(external.map((p) => (p as { source: string }).source).sort()).toEqual([...bodies.keys()].sort());
+    const parts = pieces.map((p) => (p instanceof Uint8Array ? p : bodies.get(p.source)!));
+    const joined = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const p of parts) { joined.set(p, at); at += p.length; }
+    const inMemory = sampleInputs();
+    inMemory.push({ type: 'file', path: 'etc/in-memory', data: bytes('kept in memory between two external bodies') });
+    expect(Buffer.from(joined).equals(Buffer.from(writeCpio(inMemory, { mtime: 1_700_000_000 })))).toBe(true);
+
+    const dir = tmpdir();
+    try {
+      fs.writeFileSync(path.join(dir, 'a.cpio'), joined);
+      fs.mkdirSync(path.join(dir, 'x'));
+      execFileSync('cpio', ['-idm', '--quiet', '--no-absolute-filenames', `--file=${path.join(dir, 'a.cpio')}`], { cwd: path.join(dir, 'x'), stdio: 'pipe' });
+      for (const [source, data] of bodies) expect(Buffer.from(fs.readFileSync(path.join(dir, 'x', source.slice(4).replace(/^\//, '')))).equals(Buffer.from(data)), source).toBe(true);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+    // header fields up to 2^32-1 (past int32) written digit by digit
+    expect(readCpio(writeCpio([{ type: 'file', path: 'a', data: bytes('x') }], { mtime: 0xfffffffe }))[0]!.mtime).toBe(0xfffffffe);
+    expect(() => writeCpio([{ type: 'external', path: 'a', source: 'a', size: 1 }])).toThrow(/external body/);
+    expect(() => cpioLayout([{ type: 'external', path: 'a', source: 'a', size: -1 }])).toThrow(/-1 bytes/);
   });
 });
