@@ -63,6 +63,8 @@ export function installShutdown(sys: Sys, log: ConsoleLog, busybox: string | und
   try {
     for (const d of ['bin', 'etc/vdboot', 'proc', 'sys', 'dev', 'run', 'tmp', OLD_ROOT.slice(1), HOST_AT_SHUTDOWN.slice(1)]) mkdirs(sys, `${SHUTDOWN_ROOT}/${d}`);
     copyFile(sys, self, `${SHUTDOWN_ROOT}/shutdown`, 0o755);
+    // The same binary attaches more images in the booted system (main.ts chooses by name).
+    try { sys.symlink('shutdown', `${SHUTDOWN_ROOT}/vdiskload`); } catch (e) { if (!isSysError(e, 'EEXIST')) throw e; }
     if (busybox && exists(sys, busybox)) {
       copyFile(sys, busybox, `${SHUTDOWN_ROOT}/bin/busybox`, 0o755);
       try { sys.symlink('busybox', `${SHUTDOWN_ROOT}/bin/sh`); } catch (e) { if (!isSysError(e, 'EEXIST')) throw e; }
