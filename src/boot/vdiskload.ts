@@ -458,7 +458,8 @@ function attach(sys: Sys, io: VdiskloadIO, cmd: Extract<VdiskloadCommand, { acti
         vp = planVdisk(req, { ...h.host, ...(disk ? { logicalBlockSize: logical > 0 ? logical : 512 } : {}) });
         break;
       } catch (e) {
-        if (!isExpansionNeeded(e) || round > 0) throw e;
+        // an expansion can leave holes of the file to fill (and the reverse): a few rounds at most
+        if (!isExpansionNeeded(e) || round >= 3) throw e;
         // the file is written through the filesystem: not while it is immutable
         made.takeDown(report);
         expandThroughMount(sys, io, loc, e);
