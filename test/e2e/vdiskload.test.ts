@@ -21,13 +21,14 @@ import { convertImage, makeExt4, makeNtfs, makePartitionedDisk, ntfsRead } from 
 import { guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
 import { makeGuestDisk } from '../kit/guest-disk.ts';
 import { BASIC_DATA, expectNtfsClean, fileInImage } from '../kit/host-disk.ts';
-import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
+import { bootVm, defaultKernel, kernelVersion, type Vm } from '../../qemu/harness.ts';
 
 const HELLO = 'hello from inside the image';
 const V = '/run/initramfs/vdiskload';
 const NT_IMAGE = '/run/vdboot/host/VMs/data.vhdx';
 const EX_IMAGE = '/mnt/e/img/data2.vhdx';
 const HELD_IMAGE = '/run/vdboot/host/img/data3.vhdx';
+const JSON_DEF = '/run/vdboot/host/img/json/disk.vdisk.json';
 
 let dir: string;
 let initrd: string;
@@ -75,10 +76,12 @@ function dataImage(name: string): string {
 }
 
 /** The guest root as a raw image, running `commands` and then the shutdown hand-off. */
-function guestImage(name: string, commands: string[]): string {
+function guestImage(name: string, commands: string[], snapshot = false): string {
   const sub = join(dir, name);
   mkdirSync(sub);
-  return makeGuestDisk(sub, { commands: ['mkdir -p /mnt/a /mnt/e', ...commands, 'sync'], then: { exec: '/run/initramfs/shutdown poweroff' } }).raw;
+  // the booted root has no modprobe: the snapshot target is loaded by the guest's init
+  const modules = snapshot ? { modules: { kernelVersion: kernelVersion(defaultKernel()), names: ['dm-snapshot'] } } : {};
+  return makeGuestDisk(sub, { ...modules, commands: ['mkdir -p /mnt/a /mnt/e', ...commands, 'sync'], then: { exec: '/run/initramfs/shutdown poweroff' } }).raw;
 }
 
 function qemuCheck(file: string): void {
@@ -175,9 +178,26 @@ describe('end to end: vdiskload in a booted guest', { timeout: 900_000 }, () => 
     const root = guestImage('guest2', [
       ...roundTrip('Held', 'held', HELD_IMAGE, NOTE_HELD, HELD_IMAGE).flatMap((l) => (l.includes(' -l --json') ? [...runRc('touchHeld', `touch ${HELD_IMAGE}`), l] : [l])),
       ...runRc('touchAfter', `touch ${HELD_IMAGE}`),
-    ]);
+      // a disk definition (JSON + table file + a raw ext4 partition image), as a snapshot
+      ...runRc('attachJson', `${V} --snapshot --name js ${JSON_DEF}`),
+      `mount -t ext4 /dev/mapper/jsp1 /mnt/a && ${guestFact('readJson', '$(cat /mnt/a/hello.txt)')} && echo dropped > /mnt/a/snap.txt && umount /mnt/a && ${guestFact('wroteJson', 'ok')}`,
+      ...runRc('detachJson', `${V} -d js`),
+    ], true);
+    const jsonDir = join(dir, 'json');
+    mkdirSync(jsonDir);
+    const partImg = join(jsonDir, 'part.img');
+    makeExt4(partImg, { sizeMiB: 8, label: 'jsonpart', files: { '/hello.txt': HELLO } });
+    const partBefore = readFileSync(partImg);
+    writeFileSync(join(jsonDir, 'disk.vdisk.json'), JSON.stringify({ vdisk: 1, table: 'gpt', partitions: [{ image: 'part.img', name: 'data' }] }));
+    execFileSync('node', [join(process.cwd(), 'bin/vdboot.mjs'), 'vdisk-table', join(jsonDir, 'disk.vdisk.json')]);
     const ext = join(dir, 'host2.ext4');
-    makeExt4(ext, { sizeMiB: 96, label: 'linuxhost', files: { '/img/linux.img': { hostFile: root }, '/img/data3.vhdx': { hostFile: dataImage('data3') } } });
+    makeExt4(ext, {
+      sizeMiB: 112, label: 'linuxhost',
+      files: {
+        '/img/linux.img': { hostFile: root }, '/img/data3.vhdx': { hostFile: dataImage('data3') },
+        '/img/json/disk.vdisk.json': { hostFile: join(jsonDir, 'disk.vdisk.json') }, '/img/json/disk.vdisk.table': { hostFile: join(jsonDir, 'disk.vdisk.table') }, '/img/json/part.img': { hostFile: partImg },
+      },
+    });
     const disk = join(dir, 'host2.img');
     const [layout] = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: ext, name: 'linuxhost' }] });
 
@@ -190,7 +210,14 @@ describe('end to end: vdiskload in a booted guest', { timeout: 900_000 }, () => 
     expect(facts.detachHeld).toBe('0:held: detached /run/vdboot/host/img/data3.vhdx|');
     expect(facts.touchAfter).toBe('0:|');
 
+    // the definition: direct, every file it maps held immutable; the snapshot's write dropped
+    expect(facts.attachJson, t).toMatch(/^0:js: \/run\/vdboot\/host\/img\/json\/disk\.vdisk\.json \(vdisk-json.*, snapshot\) on .*\|  data path: direct: .*\|  held still: [^|]*\/img\/json\/part\.img[^|]* immutable until "vdiskload -d js"\|  \/dev\/mapper\/js\|  \/dev\/mapper\/jsp1 ext4 LABEL="jsonpart"/);
+    expect(facts.readJson).toBe(HELLO);
+    expect(facts.wroteJson).toBe('ok');
+    expect(facts.detachJson).toBe('0:js: detached /run/vdboot/host/img/json/disk.vdisk.json (its snapshot\'s writes are dropped)|');
+
     const part = extPartition(disk, layout!, join(dir, 'after2.ext4'));
+    expect(readFileSync(dumpExt(part, '/img/json/part.img', join(dir, 'part-after.img'))).equals(partBefore), 'the snapshot wrote nothing to the partition image').toBe(true);
     const after = dumpExt(part, '/img/data3.vhdx', join(dir, 'data3-after.vhdx'));
     qemuCheck(after);
     expect(fileInImage(dir, after, 'vhdx', '/guest.txt')).toBe(`${NOTE_HELD}\n`);
