@@ -182,6 +182,8 @@ describe('end to end: vdiskload in a booted guest', { timeout: 900_000 }, () => 
       ...runRc('attachJson', `${V} --snapshot --name js ${JSON_DEF}`),
       `mount -t ext4 /dev/mapper/jsp1 /mnt/a && ${guestFact('readJson', '$(cat /mnt/a/hello.txt)')} && echo dropped > /mnt/a/snap.txt && umount /mnt/a && ${guestFact('wroteJson', 'ok')}`,
       ...runRc('detachJson', `${V} -d js`),
+      // left attached at power-off: the shutdown hand-off takes it down and clears the flag
+      ...runRc('left', `${V} --ro --name left ${HELD_IMAGE}`),
     ], true);
     const jsonDir = join(dir, 'json');
     mkdirSync(jsonDir);
@@ -216,12 +218,15 @@ describe('end to end: vdiskload in a booted guest', { timeout: 900_000 }, () => 
     expect(facts.wroteJson).toBe('ok');
     expect(facts.detachJson).toBe('0:js: detached /run/vdboot/host/img/json/disk.vdisk.json (its snapshot\'s writes are dropped)|');
 
+    expect(facts.left).toMatch(/^0:left: .*\|  data path: direct: .*\|  held still: \/run\/vdboot\/host\/img\/data3\.vhdx immutable/);
+    expect(t).toMatch(/removed \/dev\/mapper\/leftp2[\s\S]*removed \/dev\/mapper\/left\b[\s\S]*cleared the immutable flag vdiskload set on \/run\/vdboot\/host\/img\/data3\.vhdx[\s\S]*unmounted \/host/);
+
     const part = extPartition(disk, layout!, join(dir, 'after2.ext4'));
     expect(readFileSync(dumpExt(part, '/img/json/part.img', join(dir, 'part-after.img'))).equals(partBefore), 'the snapshot wrote nothing to the partition image').toBe(true);
     const after = dumpExt(part, '/img/data3.vhdx', join(dir, 'data3-after.vhdx'));
     qemuCheck(after);
     expect(fileInImage(dir, after, 'vhdx', '/guest.txt')).toBe(`${NOTE_HELD}\n`);
     const stat = execFileSync('debugfs', ['-R', 'stat /img/data3.vhdx', part], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-    expect(stat).toMatch(/Flags: 0x80000\b/); // extents only: the immutable flag (0x10) is gone again
+    expect(stat).toMatch(/Flags: 0x80000\b/); // extents only: the immutable flag (0x10) is gone again (the shutdown cleared the last one)
   });
 });
