@@ -646,7 +646,9 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   inputs.push({ type: 'char', path: 'dev/null', major: 1, minor: 3, mode: 0o666 });
   inputs.push({ type: 'file', path: 'init', data: readFileSync(initBinary), mode: 0o755 });
   inputs.push({ type: 'file', path: 'bin/busybox', data: readFileSync(busybox), mode: 0o755 });
-  const taken = new Set(['bin/busybox', 'init']);
+  // vdiskload (attach images from the rescue shell) is /init chosen by its name.
+  inputs.push({ type: 'symlink', path: 'usr/sbin/vdiskload', target: '/init' });
+  const taken = new Set(['bin/busybox', 'init', 'usr/sbin/vdiskload']);
   const toolOf = new Map<string, ToolName>();
   const manifestTools: ManifestTools = { busybox: '/bin/busybox' };
   for (const t of tools) {

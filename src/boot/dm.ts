@@ -19,6 +19,13 @@ export const DM_CMD = {
   DEV_STATUS: 7, DEV_WAIT: 8, TABLE_LOAD: 9, TABLE_CLEAR: 10, TABLE_DEPS: 11, TABLE_STATUS: 12,
 } as const;
 
+/**
+ * udev flags carried in DM_COOKIE (libdevmapper's libdm-common.h): PRIMARY_SOURCE says the
+ * change event comes from a proper activation, so the dm udev rules run their disk rules
+ * (blkid, /dev/disk/by-uuid and by-label links) instead of disabling them.
+ */
+export const DM_UDEV = { DISABLE_LIBRARY_FALLBACK: 0x0020, PRIMARY_SOURCE: 0x0040 } as const;
+
 export const DM_FLAG = {
   READONLY: 1 << 0,
   SUSPEND: 1 << 1,
@@ -186,16 +193,19 @@ export class DeviceMapper {
    * A failure after creation removes the half-made device again, so nothing is left
    * pointing at the disk.
    */
-  create(name: string, uuid: string, targets: DmTarget[], readOnly: boolean): { major: number; minor: number; path: string } {
+  create(name: string, uuid: string, targets: DmTarget[], readOnly: boolean, opts: { udevFlags?: number; makeNode?: boolean } = {}): { major: number; minor: number; path: string } {
     const created = this.call(DM_CMD.DEV_CREATE, { name, uuid });
     try {
       this.call(DM_CMD.TABLE_LOAD, { name, flags: readOnly ? DM_FLAG.READONLY : 0 }, targets);
-      this.call(DM_CMD.DEV_SUSPEND, { name, flags: 0 });
+      // The resume's event_nr reaches udev as DM_COOKIE: its upper 16 bits are the udev
+      // flags (libdevmapper's cookie, with no semaphore in the lower bits).
+      this.call(DM_CMD.DEV_SUSPEND, { name, flags: 0, eventNr: ((opts.udevFlags ?? 0) << 16) >>> 0 });
     } catch (e) {
       try { this.remove(name); } catch { /* reported by the caller's error */ }
       throw e;
     }
     const path = `/dev/mapper/${name}`;
+    if (opts.makeNode === false) return { ...created.dev, path };
     try {
       this.sys.mknod(path, S.IFBLK | 0o600, created.dev.major, created.dev.minor);
     } catch (e) {

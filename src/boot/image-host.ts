@@ -12,6 +12,8 @@ import type { VdiskMapPath, VdiskMode, VdiskRootChoice } from './plan.ts';
 export interface ImageRequest {
   /** N of vdiskN */
   index: number;
+  /** the dm name instead of vdiskN (vdiskload --name) */
+  name?: string;
   /** path on the host filesystem */
   path: string;
   mode: VdiskMode;

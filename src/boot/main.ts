@@ -3,9 +3,14 @@ import * as native from 'sys';
 import { quickjsSys } from '../sys/quickjs.ts';
 import { runInit } from './init.ts';
 import { runShutdown } from './shutdown.ts';
+import { runVdiskload } from './vdiskload.ts';
 
 const sys = quickjsSys(native);
 const argv = sys.argv();
+// The same binary attaches images on a running system as vdiskload (a link named so, or
+// "init vdiskload …"): an ordinary command, not process 1.
+if ((argv[0] ?? '').replace(/^.*\//, '') === 'vdiskload') sys.exit(runVdiskload(sys, argv.slice(1)));
+if (argv[1] === 'vdiskload' && sys.getpid() !== 1) sys.exit(runVdiskload(sys, argv.slice(2)));
 // vdboot mounts over /proc, /dev and /run, switches roots and powers off: only ever as
 // process 1 (of the initramfs, or of the shutdown hand-off), never by accident on a
 // running system.

@@ -8,7 +8,8 @@
  * the old root at /oldroot and executes `/shutdown VERB` as PID 1.
  *
  * runShutdown() then moves the host filesystem's mount out of the old root (to /host),
- * unmounts everything left under /oldroot deepest first, removes vdboot's image dm devices
+ * unmounts everything left under /oldroot deepest first, takes down the images vdiskload
+ * left attached (their records in /run/vdboot/attached), removes vdboot's image dm devices
  * newest first, detaches its loop devices (the loop path reads through the host
  * filesystem), unmounts the host filesystem (NTFS is flushed and marked clean), stops
  * storage daemons that started with "@" in argv[0], removes vdhost, syncs and powers off /
@@ -25,6 +26,8 @@ import { exists, isDirectory, mkdirs, readFileBytes, readText, readTextOr, write
 import { detachLoop } from './loop.ts';
 import { disconnectNbd, HOST_MOUNT, STATE_DIR, STATE_PATH, type VdiskState } from './vdisk-exec.ts';
 import { DM_UUID_PREFIX } from './vdisk.ts';
+import { ATTACHED_DIR, parseRecord, type AttachedImage } from './attached.ts';
+import { clearImmutable } from './vdiskload.ts';
 
 export const SHUTDOWN_ROOT = '/run/initramfs';
 export const OLD_ROOT = '/oldroot';
@@ -63,6 +66,8 @@ export function installShutdown(sys: Sys, log: ConsoleLog, busybox: string | und
   try {
     for (const d of ['bin', 'etc/vdboot', 'proc', 'sys', 'dev', 'run', 'tmp', OLD_ROOT.slice(1), HOST_AT_SHUTDOWN.slice(1)]) mkdirs(sys, `${SHUTDOWN_ROOT}/${d}`);
     copyFile(sys, self, `${SHUTDOWN_ROOT}/shutdown`, 0o755);
+    // The same binary attaches more images in the booted system (main.ts chooses by name).
+    try { sys.symlink('shutdown', `${SHUTDOWN_ROOT}/vdiskload`); } catch (e) { if (!isSysError(e, 'EEXIST')) throw e; }
     if (busybox && exists(sys, busybox)) {
       copyFile(sys, busybox, `${SHUTDOWN_ROOT}/bin/busybox`, 0o755);
       try { sys.symlink('busybox', `${SHUTDOWN_ROOT}/bin/sh`); } catch (e) { if (!isSysError(e, 'EEXIST')) throw e; }
@@ -297,6 +302,40 @@ function detachLoops(sys: Sys, log: ConsoleLog, loops: string[]): void {
   }
 }
 
+/** Images vdiskload attached and left attached: their records in the old root's /run, read before it is unmounted. */
+function leftAttached(sys: Sys): AttachedImage[] {
+  const dir = `${OLD_ROOT}${ATTACHED_DIR}`;
+  let names: string[] = [];
+  try { names = sys.readdir(dir); } catch { return []; }
+  return names.filter((n) => n.endsWith('.json')).flatMap((n) => {
+    const r = parseRecord(readTextOr(sys, `${dir}/${n}`) ?? '');
+    return r && r.by === 'vdiskload' ? [r] : [];
+  });
+}
+
+/**
+ * An image vdiskload left attached, taken down like `vdiskload -d` once the old root's
+ * mounts are gone: its dm devices, nbd, loops, then the immutable flag of the files it
+ * held still (they lie on the host mount, moved to /host here).
+ */
+function takeDownAttached(sys: Sys, log: ConsoleLog, r: AttachedImage, host: string | undefined): void {
+  removeDevices(sys, log, r.devices);
+  if (r.nbd) {
+    try { disconnectNbd(sys, r.nbd); } catch (e) { log.warn(`could not disconnect ${r.nbd}: ${(e as Error).message}`); }
+  }
+  detachLoops(sys, log, r.loops);
+  for (const f of r.immutable ?? []) {
+    const at = host && f.startsWith(`${HOST_MOUNT}/`) ? `${host}${f.slice(HOST_MOUNT.length)}` : undefined;
+    try {
+      if (!at) throw new Error('its filesystem is not mounted here any more');
+      clearImmutable(sys, at);
+      log.info(`cleared the immutable flag vdiskload set on ${f}`);
+    } catch (e) {
+      log.warn(`could not clear the immutable flag vdiskload set on ${f} (${(e as Error).message}): run "chattr -i ${f}" after the next boot`);
+    }
+  }
+}
+
 /**
  * Takes down what vdboot set up, from where we stand: `unmount` first (the root at /root
  * when the init gives up), then the image's dm devices, nbd, loops, the host filesystem
@@ -381,12 +420,14 @@ export function runShutdown(sys: Sys, args: string[]): never {
         if (!isSysError(e, 'EINVAL') && !isSysError(e, 'ENOENT')) log.warn(`could not move the host filesystem out of ${OLD_ROOT} (${(e as Error).message}); unmounting it in place`);
       }
     }
+    const attached = leftAttached(sys);
     const known = [
       ...(state.hostMount && !host ? [`${OLD_ROOT}${state.hostMount}`] : []),
       `${OLD_ROOT}/run`, `${OLD_ROOT}/dev/pts`, `${OLD_ROOT}/dev`, `${OLD_ROOT}/proc`, `${OLD_ROOT}/sys`, OLD_ROOT,
     ];
     const listed = mountsUnder(readTextOr(sys, '/proc/self/mounts') ?? '', OLD_ROOT);
     unmountAll(sys, log, listed.length ? listed : known);
+    for (const r of attached) takeDownAttached(sys, log, r, host);
     removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));
     detachLoops(sys, log, state.loops);
     for (const nbd of state.nbds ?? []) {

@@ -23,6 +23,7 @@ import { mountDevice } from './mount-device.ts';
 import { attachLoop, detachLoop } from './loop.ts';
 import { describeVdiskPlan, DM_UUID_PREFIX, formatName, planVdisk, type DmDevicePlan, type HeaderUpdate, type VdiskPlan } from './vdisk.ts';
 import type { ImageHost, ImageRequest } from './image-host.ts';
+import { imageRecord, type AttachedImage } from './attached.ts';
 
 export const HOST_MOUNT = '/run/vdboot/host';
 export const STATE_DIR = '/run/vdboot';
@@ -40,6 +41,8 @@ export interface VdiskState {
   hostMount?: string;
   /** pids of storage daemons (ntfs-3g) started with "@" in argv[0] */
   daemons: number[];
+  /** what each image is, for vdiskload -l and -d in the booted system */
+  images?: AttachedImage[];
 }
 
 /** dm-linear over the whole host partition: the host filesystem is mounted through it while a direct mapping holds the partition. */
@@ -404,7 +407,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
     }
     throw e;
   }
-  writeState(sys, undo.state);
+  writeState(sys, { ...undo.state, images: planned.map((p) => imageRecord(p.vp, 'boot')) });
   const root = planned.find((p) => p.vp.root)?.vp.root?.device;
   return root ? { root, plans: planned.map((p) => p.vp) } : { plans: planned.map((p) => p.vp) };
 }

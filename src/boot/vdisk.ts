@@ -177,7 +177,7 @@ function choosePathOnDirtyHost(req: ImageRequest, host: ImageHost, choose: () =>
 
 export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   const host = cachingLayouts(imageHost);
-  const name = `vdisk${req.index}`;
+  const name = req.name ?? `vdisk${req.index}`;
   const warnings: string[] = [];
   if (req.mode === 'rw' && host.writeBlocker) {
     throw new FormatError(

@@ -9,6 +9,7 @@
  */
 import { isFormatError, type BlockReader } from './block-reader.ts';
 import type { FormatReader, ImageFormat } from './image.ts';
+import { qcowFormat } from './qcow.ts';
 import { qcow2Format } from './qcow2.ts';
 import { rawFormat } from './raw.ts';
 import { vdiFormat } from './vdi.ts';
@@ -20,6 +21,7 @@ import { vmdkFormat } from './vmdk.ts';
 export const FORMAT_READERS: FormatReader[] = [
   vhdxFormat,
   vhdFormat,
+  qcowFormat,
   qcow2Format,
   vdiFormat,
   vmdkFormat,

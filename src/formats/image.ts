@@ -14,7 +14,7 @@ import type { ExtentMap, LayerExtent } from './extent-map.ts';
 import type { LayerMetadata, MetadataRange } from './extent-ops.ts';
 import type { LogWrite } from './vhdx-log.ts';
 
-export type ImageFormat = 'raw' | 'vhd' | 'vhdx' | 'vdi' | 'vmdk' | 'qcow2' | 'vdisk-json';
+export type ImageFormat = 'raw' | 'vhd' | 'vhdx' | 'vdi' | 'vmdk' | 'qcow' | 'qcow2' | 'vdisk-json';
 
 export interface ParentRef {
   /** Candidate paths in the order to try them (relative ones are relative to the child's directory). */

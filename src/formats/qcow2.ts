@@ -84,7 +84,7 @@ export function parseQcow2Header(bytes: Uint8Array, file: BlockReader): Qcow2Hea
   if (dv.getUint32(0) !== MAGIC) fail(file, 'magic is wrong: this is not a qcow2 image', 'magic', dv.getUint32(0));
   const version = dv.getUint32(4);
   if (version !== 2 && version !== 3) {
-    fail(file, `version ${version} is not supported (vdboot reads qcow2 versions 2 and 3; qcow version 1 images can be converted with qemu-img convert -O qcow2)`, 'version', version);
+    fail(file, `version ${version} is not supported (vdboot reads qcow2 versions 2 and 3, and qcow version 1 as the format "qcow")`, 'version', version);
   }
   const h: Qcow2Header = {
     version,
@@ -161,7 +161,7 @@ function parseExtensions(head: Uint8Array, h: Qcow2Header, clusterSize: number, 
 }
 
 const BACKING_FORMATS: Record<string, ImageFormat> = {
-  qcow2: 'qcow2', raw: 'raw', vmdk: 'vmdk', vdi: 'vdi', vpc: 'vhd', vhd: 'vhd', vhdx: 'vhdx',
+  qcow: 'qcow', qcow2: 'qcow2', raw: 'raw', vmdk: 'vmdk', vdi: 'vdi', vpc: 'vhd', vhd: 'vhd', vhdx: 'vhdx',
 };
 
 const RUN_DATA = 1;
@@ -602,7 +602,7 @@ function forEachEntry(file: BlockReader, offset: number, count: number, fn: (hi:
  * written on another machine, e.g. `C:\\VMs\\base.vmdk` or `/var/lib/libvirt/images/base.qcow2`)
  * its last component next to the child.
  */
-function parentCandidates(name: string): string[] {
+export function parentCandidates(name: string): string[] {
   const base = name.slice(Math.max(name.lastIndexOf('/'), name.lastIndexOf('\\')) + 1);
   const asWritten = /^[A-Za-z]:[\\/]/.test(name) || name.includes('\\') ? [] : [name];
   return base !== '' && base !== name ? [...asWritten, base] : [name];

@@ -48,6 +48,10 @@ const RECIPES: Record<string, { create: string[]; fmt: string; writes: string[] 
     { create: ['-f', 'qcow2', '-o', 'cluster_size=4096'], fmt: 'qcow2', writes: ['write -P 0x11 0 64k', 'write -z 1M 64k', 'write -c -P 0x44 2M 64k'] },
     { create: ['-f', 'qcow2', '-o', 'compat=0.10,cluster_size=65536'], fmt: 'qcow2', writes: ['write -P 0x11 0 64k', 'write -P 0x22 3M 4k'] },
   ],
+  qcow: [
+    // qemu-io writes one compressed qcow cluster (4 KiB) per command
+    { create: ['-f', 'qcow'], fmt: 'qcow', writes: ['write -P 0x11 0 64k', 'write -P 0x22 1023k 4k', 'write -c -P 0x44 2M 4k', 'write -c -P 0x45 5M 4k'] },
+  ],
   vdi: [
     { create: ['-f', 'vdi'], fmt: 'vdi', writes: ['write -P 0x11 0 64k', 'write -P 0x22 1023k 4k'] },
   ],

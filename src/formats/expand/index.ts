@@ -26,6 +26,7 @@ export function expansionRefusal(format: string, subformat: string): string | un
     case 'vhd': case 'vdi': case 'vhdx': return undefined;
     case 'vmdk': return subformat === 'monolithicSparse' ? undefined : `vdboot expands monolithicSparse VMDKs only, and this one is ${subformat}`;
     case 'qcow2': return 'vdboot does not expand QCOW2 images in place: preallocate its metadata on another machine ("qemu-img convert -O qcow2 -o preallocation=metadata in.qcow2 out.qcow2")';
+    case 'qcow': return 'vdboot does not expand qcow (version 1) images in place: the format allocates clusters as it writes; convert it on another machine ("qemu-img convert -O qcow2 -o preallocation=metadata in.qcow out.qcow2")';
     default: return `vdboot does not expand ${format} ${subformat} images in place`;
   }
 }
