@@ -35,6 +35,25 @@ export interface VdiskAttach {
   from: string;
 }
 
+/** rd.vdisk.bitlocker.key=KEYPATH[:KEYDEV] */
+export interface BitLockerKeyOption {
+  path: string;
+  /** where the file is; undefined: every partition vdboot reads is searched */
+  device?: DeviceSpec;
+}
+
+/** rd.vdisk.bitlocker.key's value: KEYPATH[:KEYDEV]; a message for a malformed one. */
+export function parseBitLockerKey(text: string, parseSpec: (t: string) => DeviceSpec | undefined = parseDeviceSpec): BitLockerKeyOption | string {
+  const colon = text.indexOf(':');
+  const path = colon < 0 ? text : text.slice(0, colon);
+  const devText = colon < 0 ? undefined : text.slice(colon + 1);
+  if (!path.startsWith('/')) return `rd.vdisk.bitlocker.key=${text}: the key file's path must start with /, e.g. rd.vdisk.bitlocker.key=/bitlocker.txt:LABEL=KEYS`;
+  if (devText === undefined || devText === '') return { path };
+  const device = parseSpec(devText);
+  if (!device) return `rd.vdisk.bitlocker.key=${text}: ${devText} is not a device (use /dev/NAME, UUID=, LABEL=, PARTUUID= or PARTLABEL=)`;
+  return { path, device };
+}
+
 export interface VdiskOptions {
   root: VdiskRootChoice;
   mode: VdiskMode;
@@ -47,6 +66,8 @@ export interface VdiskOptions {
    */
   allowOutside?: boolean;
   attach: VdiskAttach[];
+  /** rd.vdisk.bitlocker.key=KEYPATH[:KEYDEV]: the key of a BitLocker host partition, in a file */
+  bitlockerKey?: BitLockerKeyOption;
   /** the compatibility syntax the vdisk root came from (rd.hostdev, loop=), for the console */
   compat?: string;
 }
@@ -295,6 +316,12 @@ function planVdiskOptions(cmd: Cmdline, warnings: string[]): VdiskOptions {
   if (outside !== undefined) {
     if (outside === '' || outside === '1' || outside === 'yes' || outside === 'true') out.allowOutside = true;
     else if (!(outside === '0' || outside === 'no' || outside === 'false')) warnings.push(`rd.vdisk.allow-outside=${outside} is neither 0 nor 1; files outside the image's folder stay refused`);
+  }
+  const bitlockerKey = cmd.get('rd.vdisk.bitlocker.key');
+  if (bitlockerKey !== undefined) {
+    const k = parseBitLockerKey(bitlockerKey);
+    if (typeof k === 'string') warnings.push(`${k}; the key is asked on the console instead`);
+    else out.bitlockerKey = k;
   }
   const attachOne = (key: string, text: string) => {
     try {

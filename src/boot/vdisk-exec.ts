@@ -17,6 +17,7 @@ import { layoutReader, verifyFill } from '../formats/expand/fill.ts';
 import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
 import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
+import { isBitLockerHost, unlockBitLocker } from './bitlocker.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { waitForDevice, waitForUevents } from './devwait.ts';
 import { mountDevice } from './mount-device.ts';
@@ -40,6 +41,8 @@ export interface VdiskState {
   hostMount?: string;
   /** pids of storage daemons (ntfs-3g) started with "@" in argv[0] */
   daemons: number[];
+  /** dm names of BitLocker host partitions cryptsetup unlocked: closed after the host and vdhost */
+  unlocked?: string[];
 }
 
 /** dm-linear over the whole host partition: the host filesystem is mounted through it while a direct mapping holds the partition. */
@@ -84,11 +87,22 @@ function waitForImage(ctx: InitContext, spec: DeviceSpec | undefined, path: stri
  * The host of `path`: a device vdboot reads itself with the image found on it, or a
  * device holding a filesystem only the kernel reads (the caller mounts it to look).
  */
-function locateImage(ctx: InitContext, spec: DeviceSpec | undefined, path: string, what: string): { found?: FoundImage; kernel?: BlockDeviceInfo } {
+function locateImage(ctx: InitContext, spec: DeviceSpec | undefined, path: string, what: string, unlocked: Map<string, BlockDeviceInfo>, onUnlocked: (dmName: string) => void): { found?: FoundImage; kernel?: BlockDeviceInfo } {
   if (!spec) return { found: waitForImage(ctx, spec, path, what) };
-  const dev = waitForDevice(ctx, spec, `host partition of ${what}`);
+  let dev = waitForDevice(ctx, spec, `host partition of ${what}`);
+  let hostSpec = spec;
+  if (isBitLockerHost(dev)) {
+    // Unlocked once per boot: an image planned again after its expansion finds it open.
+    let open = unlocked.get(dev.path);
+    if (!open) {
+      open = unlockBitLocker(ctx, dev, ctx.plan.vdisk.bitlockerKey, onUnlocked);
+      unlocked.set(dev.path, open);
+    }
+    dev = open;
+    hostSpec = { by: 'path', value: open.path };
+  }
   if (isKernelHost(dev)) return { kernel: dev };
-  return { found: findImage(hostDevices(ctx, [dev]), spec, path) };
+  return { found: findImage(hostDevices(ctx, [dev]), hostSpec, path) };
 }
 
 /** A host mounted by the kernel at /run/vdboot/host (through vdhost) for vdboot to read its image files. */
@@ -265,13 +279,15 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   const dm = new DeviceMapper(sys);
   const undo = new Undo(sys, dm);
   let kernelHost: KernelMount | undefined;
+  /** BitLocker host partitions unlocked for this boot, by their own path */
+  const unlocked = new Map<string, BlockDeviceInfo>();
   const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
   type Planned = { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo } | { kind: 'expand'; need: ExpansionNeeded; target: ExpandTarget };
   /** Locates, opens and plans request `index` (reads only); a dynamic image for a rw mapping comes back as 'expand'. */
   const planOne = (index: number, verify?: (host: ImageHost, device: BlockDeviceInfo) => void): Planned => {
     const r = requests[index]!;
     // A host mounted already is now also matched by vdhost (it carries the host's label): use the mounted one.
-    const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : locateImage(ctx, r.spec, r.path, r.what);
+    const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : locateImage(ctx, r.spec, r.path, r.what, unlocked, (name) => (undo.state.unlocked ??= []).push(name));
     let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
     if (located.kernel) {
       const dev = located.kernel;

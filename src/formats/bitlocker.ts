@@ -180,7 +180,7 @@ export function protectorText(kind: BitLockerProtectorKind): string {
     case 'tpm-and-startup-key': return 'TPM and startup key';
     case 'tpm-and-pin': return 'TPM and PIN';
     case 'tpm-pin-and-startup-key': return 'TPM, PIN and startup key';
-    case 'recovery-password': return 'numerical (recovery) password';
+    case 'recovery-password': return 'recovery password (48 digits)';
     case 'smart-card': return 'smart card';
     case 'password': return 'password';
     default: return 'unknown';

@@ -2,6 +2,7 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { main, type CliIO } from '../../src/cli/main.ts';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { type BitLockerProtectorKind, bitLockerKeyNeed, describeBitLocker, FVE_METADATA_AREA, readBitLocker } from '../../src/formats/bitlocker.ts';
 import { crc32 } from '../../src/formats/crc.ts';
@@ -216,5 +217,76 @@ describe('BitLocker metadata: damage and bounds', () => {
     const plain = copyOf(base());
     patchFile(plain, 3, [...'NTFS    '].map((c) => c.charCodeAt(0)));
     expect(() => read(plain)).toThrow(/not a BitLocker volume/);
+  });
+});
+
+describe('vdboot inspect and plan on a disk whose partition is BitLocker', () => {
+  async function vdboot(args: string[]): Promise<{ code: number; out: string; err: string }> {
+    let out = '';
+    let err = '';
+    const io: CliIO = { stdout: (t) => { out += t; }, stderr: (t) => { err += t; }, stdoutBytes: async () => {} };
+    const code = await main(args, io);
+    return { code, out, err };
+  }
+  /** A GPT disk: partition 1 (PARTLABEL Windows) holds the BitLocker volume `image`. */
+  function diskWith(image: string): string {
+    const disk = path.join(dir, `disk-${path.basename(image)}`);
+    fs.writeFileSync(disk, '');
+    fs.truncateSync(disk, 2048 * 512 + fs.statSync(image).size + 1024 * 1024);
+    execFileSync('sfdisk', ['-q', disk], { input: `label: gpt\nstart=2048, size=${fs.statSync(image).size / 512}, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name="Windows"\n` });
+    execFileSync('dd', [`if=${image}`, `of=${disk}`, 'bs=1M', 'seek=1', 'conv=notrunc,sparse', 'status=none']);
+    return disk;
+  }
+
+  it('inspect names the volume, its protectors and the key the boot asks for; plan stops before the image, saying what it would ask', async () => {
+    const conf = readImagesConf(images).get('bitlk-aes-xts-128-startup-key')!;
+    const disk = diskWith(path.join(images, 'bitlk-aes-xts-128-startup-key.img'));
+    const ins = await vdboot(['inspect', disk]);
+    expect(ins.code).toBe(0);
+    expect(ins.out).toContain(`BitLocker volume ${conf.GUID} "DESKTOP-LG39GVP E: 15/09/2020"`);
+    expect(ins.out).toContain(`protector ${conf.SK_VMK_GUID}: startup key (.BEK file)`);
+    expect(ins.out).toContain(`protector ${conf.RP_VMK_GUID}: recovery password (48 digits)`);
+    expect(ins.out).toMatch(/at boot: asks for the recovery password \(48 digits\) or password on the console \(echo off, 3 tries\), or takes the startup key file given by rd.vdisk.bitlocker.key/);
+    const json = JSON.parse((await vdboot(['inspect', '--json', disk])).out) as { bitlocker: Record<string, { guid: string }> };
+    expect(json.bitlocker['1']!.guid).toBe(conf.GUID);
+
+    const plan = await vdboot(['plan', '--cmdline', 'root=vdisk:PARTLABEL=Windows:/VMs/linux.vhdx rd.vdisk.bitlocker.key=/4381F759-C4F8-4DE0-BB61-FC33A831BDA5.BEK:LABEL=KEYS', '--disk', disk]);
+    expect(plan.code).toBe(0);
+    expect(plan.out).toContain('/VMs/linux.vhdx is on /dev/sda1, a BitLocker volume');
+    expect(plan.out).toContain('at boot: reads the key from /4381F759-C4F8-4DE0-BB61-FC33A831BDA5.BEK on LABEL=KEYS (rd.vdisk.bitlocker.key)');
+    expect(plan.out).toContain(`cryptsetup unlocks it as /dev/mapper/bitlk-${conf.GUID}`);
+    // Searching every partition does not unlock one: the message says how to name it.
+    const search = await vdboot(['plan', '--cmdline', 'root=vdisk:/VMs/linux.vhdx', '--disk', disk]);
+    expect(search.code).toBe(1);
+    expect(search.err).toMatch(/BitLocker partitions \(\/dev\/sda1\) are unlocked and searched only when named: root=vdisk:PARTUUID=[0-9a-f-]{36}:\/VMs\/linux.vhdx/);
+    // A malformed key option is a warning; the key is then asked for.
+    expect((await vdboot(['plan', '--cmdline', 'root=vdisk:PARTLABEL=Windows:/VMs/linux.vhdx rd.vdisk.bitlocker.key=key.txt', '--disk', disk])).out)
+      .toMatch(/warning: rd.vdisk.bitlocker.key=key.txt: the key file's path must start with \/.*asked on the console instead/);
+  });
+
+  it('plan refuses a TPM-only host with the manage-bde advice', async () => {
+    const img = path.join(dir, 'tpm-only.img');
+    execFileSync('cp', ['--sparse=always', path.join(images, 'bitlk-aes-xts-128.img'), img]);
+    const vol = read(img);
+    for (const c of vol.copies) {
+      const fd = fs.openSync(img, 'r+');
+      const area = new Uint8Array(FVE_METADATA_AREA);
+      fs.readSync(fd, area, 0, area.length, c.offset);
+      const dv = new DataView(area.buffer);
+      for (let p = 112; p < 64 + dv.getUint32(64, true);) {
+        const size = dv.getUint16(p, true);
+        if (size === 0) break;
+        if (dv.getUint16(p + 2, true) === 2 && dv.getUint16(p + 4, true) === 8) dv.setUint16(p + 8 + 26, 0x0100, true);
+        p += size;
+      }
+      const blockSize = dv.getUint16(8, true) * 16;
+      dv.setUint32(blockSize + 4, crc32(area.subarray(0, blockSize)), true);
+      fs.writeSync(fd, area, 0, area.length, c.offset);
+      fs.closeSync(fd);
+    }
+    const disk = diskWith(img);
+    const plan = await vdboot(['plan', '--cmdline', 'root=vdisk:PARTLABEL=Windows:/VMs/linux.vhdx', '--disk', disk]);
+    expect(plan.code).toBe(1);
+    expect(plan.err).toMatch(/the boot would fail here:\n\/dev\/sda1 is BitLocker-encrypted with protectors vdboot cannot use \(TPM\).*manage-bde -protectors -add C: -RecoveryPassword/);
   });
 });
