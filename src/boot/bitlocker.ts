@@ -159,14 +159,14 @@ export function readSecret(sys: Sys, prompt: string, write: (s: string) => void)
 
 /**
  * Runs `cryptsetup open --type bitlk DEVICE NAME` with `key` on its stdin (a memfd, so the key
- * never lands in a file); an empty key opens a clear-key volume. Returns null on success, else
+ * never lands in a file). Returns null on success, else
  * cryptsetup's message and exit code.
  */
 function cryptsetupOpen(sys: Sys, cryptsetup: string, device: string, name: string, key: Uint8Array, readOnly: boolean): { exitCode: number; message: string } | null {
   const input = sys.memfdCreate('bitlocker-key', 1);
   const errors = sys.memfdCreate('cryptsetup-stderr', 1);
   try {
-    if (key.length) sys.pwrite(input, key, 0);
+    sys.pwrite(input, key, 0);
     const argv = ['cryptsetup', 'open', '--type', 'bitlk', '--key-file', '-', ...(readOnly ? ['--readonly'] : []), device, name];
     const pid = sys.spawn(cryptsetup, argv, [], { stdio: [input, errors, errors] });
     const r = sys.waitpid(pid, 0);
@@ -175,7 +175,7 @@ function cryptsetupOpen(sys: Sys, cryptsetup: string, device: string, name: stri
     const n = sys.pread(errors, buf, 0);
     return { exitCode: r.exitCode, message: utf8Decode(buf.subarray(0, Math.max(0, n))).trim() || `exit ${r.exitCode}${r.termSignal ? `, signal ${r.termSignal}` : ''}` };
   } finally {
-    if (key.length) { try { sys.pwrite(input, new Uint8Array(key.length), 0); } catch { /* dropped with the fd anyway */ } }
+    try { sys.pwrite(input, new Uint8Array(key.length), 0); } catch { /* dropped with the fd anyway */ }
     sys.close(input);
     sys.close(errors);
   }
@@ -216,15 +216,20 @@ export function unlockBitLocker(ctx: InitContext, dev: BlockDeviceInfo, key: Bit
     const failed = log.step('unlock', () => cryptsetupOpen(sys, cryptsetup, dev.path, name, k, readOnly), (r) => r ? `${dev.path}: ${what} did not open it` : `unlocked ${dev.path} (BitLocker ${vol.guid}) with ${what} as /dev/mapper/${name}`);
     if (!failed) return true;
     if (failed.exitCode !== WRONG_KEY) {
+      // cryptsetup refuses some volumes whatever the key (encrypt-on-write, partially converted).
+      const unsupported = /not supported|cannot be activated/.test(failed.message);
       throw new BootFailure(`cryptsetup could not open ${dev.path} (BitLocker ${vol.guid}): ${failed.message} (exit ${failed.exitCode}). ` +
-        'Check that the initramfs has dm_crypt and the kernel has AES-XTS/CBC; the rescue shell has cryptsetup to try by hand.');
+        (unsupported
+          ? 'cryptsetup cannot open this BitLocker volume in its current state. In Windows, let the encryption finish ("manage-bde -status" shows "Fully Encrypted", 100%), or turn BitLocker off for this partition ("manage-bde -off"), then boot again.'
+          : 'Check that the initramfs has dm_crypt and the kernel has AES-XTS/CBC; the rescue shell has cryptsetup to try by hand.'));
     }
     log.warn(`${failed.message} (${what})`);
     return false;
   };
 
   let unlocked = false;
-  if (need.kind === 'clear-key') unlocked = open(new Uint8Array(0), 'its clear key');
+  // A clear key opens the volume whatever is given; cryptsetup still wants a non-empty key file.
+  if (need.kind === 'clear-key') unlocked = open(utf8Encode('-'), 'its clear key');
   if (!unlocked && key) {
     const k = keyFromFile(readKeyFile(ctx, key));
     unlocked = open(k.key, `the ${k.kind === 'startup-key' ? 'startup key' : 'key'} in ${keyText(key)}`);

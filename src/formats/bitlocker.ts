@@ -98,6 +98,8 @@ export interface BitLockerMetadataCopy {
 export interface BitLockerVolume {
   /** 'to-go': a removable-drive volume with a FAT32 boot sector (BitLocker To Go). */
   variant: 'bitlocker' | 'to-go';
+  /** The boot sector carries the encrypt-on-write GUID (used space only, still converting). */
+  encryptOnWrite: boolean;
   /** FVE metadata version (2 for Windows 7 and later). */
   version: number;
   sectorSize: number;
@@ -331,8 +333,9 @@ export function readBitLocker(reader: BlockReader): BitLockerVolume {
   if (!encryption) {
     throw new FormatError(`${reader.name}: BitLocker encryption method ${hex4(parsed.method)} is unknown (known: AES-CBC with or without the diffuser, AES-XTS)`, 'encryption', parsed.method);
   }
+  const encryptOnWrite = guidFromBytes(boot, variant === 'to-go' ? 424 : 160) === BITLOCKER_EOW_GUID;
   return {
-    variant, version: parsed.version, sectorSize, guid: parsed.guid, description: parsed.description,
+    variant, encryptOnWrite, version: parsed.version, sectorSize, guid: parsed.guid, description: parsed.description,
     volumeSize: parsed.volumeSize, created: parsed.created, encryption, state: parsed.state, nextState: parsed.nextState,
     volumeHeader: parsed.volumeHeader, protectors: parsed.protectors, copies, used,
   };
@@ -368,6 +371,7 @@ export function describeBitLocker(vol: BitLockerVolume): string[] {
     `BitLocker${vol.variant === 'to-go' ? ' To Go' : ''} volume ${vol.guid}${vol.description ? ` "${vol.description}"` : ''}`,
     `  encryption: ${vol.encryption.text} (${vol.encryption.cipher}, ${vol.encryption.keyBits}-bit key), ${vol.sectorSize}-byte sectors, ${vol.volumeSize} bytes`,
   ];
+  if (vol.encryptOnWrite) lines.push('  encrypt-on-write (used space only, conversion not finished): cryptsetup up to 2.7 refuses to activate such a volume');
   if (vol.state !== 4) lines.push(`  state: ${vol.state === 1 ? 'decrypted' : vol.state === 2 ? 'encryption or decryption in progress' : vol.state === 5 ? 'encryption or decryption paused' : `state ${vol.state}`}`);
   for (const p of vol.protectors) {
     lines.push(`  protector ${p.guid}: ${protectorText(p.kind)}${p.kind === 'unknown' ? ` (${hex4(p.protection)})` : ''}${p.name ? ` "${p.name}"` : ''}`);

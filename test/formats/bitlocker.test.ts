@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main, type CliIO } from '../../src/cli/main.ts';
+import { keyFromFile } from '../../src/boot/bitlocker.ts';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { type BitLockerProtectorKind, bitLockerKeyNeed, describeBitLocker, FVE_METADATA_AREA, readBitLocker } from '../../src/formats/bitlocker.ts';
 import { crc32 } from '../../src/formats/crc.ts';
@@ -109,9 +110,10 @@ describe('BitLocker metadata of volumes made by Windows', () => {
     // --test-passphrase checks the key without device-mapper. Two images, one CBC, one XTS
     // with a startup key (.BEK given as the key file): each key derivation costs about a second.
     const conf = readImagesConf(images);
-    const test = (img: string, key: string, keyFile?: string) => {
+    const test = (img: string, key: string | Buffer, keyFile?: string) => {
       try {
-        const args = ['open', '--test-passphrase', '--type', 'bitlk', ...(keyFile ? ['--key-file', keyFile] : []), path.join(images, `${img}.img`)];
+        // As the boot runs it: the key on stdin as a key file (no newline), or the .BEK file.
+        const args = ['open', '--test-passphrase', '--type', 'bitlk', '--key-file', keyFile ?? '-', path.join(images, `${img}.img`)];
         execFileSync('cryptsetup', args, { input: key, stdio: ['pipe', 'pipe', 'pipe'] });
         return 'ok';
       } catch (e) {
@@ -127,6 +129,11 @@ describe('BitLocker metadata of volumes made by Windows', () => {
     const bek = `${vol.protectors.find((p) => p.kind === 'startup-key')!.guid.toUpperCase()}.BEK`;
     expect(test('bitlk-aes-xts-128-startup-key', '', path.join(images, bek))).toBe('ok');
     expect(test('bitlk-aes-cbc-128', 'not-the-password')).toMatch(/No key available with this passphrase/);
+    // The .BEK bytes on stdin open it too (the boot reads the file with its own FAT/NTFS reader).
+    expect(test('bitlk-aes-xts-128-startup-key', fs.readFileSync(path.join(images, bek)))).toBe('ok');
+    // An encrypt-on-write volume: the reader says so; cryptsetup refuses whatever the key (the boot passes its message on).
+    expect(describeBitLocker(read(path.join(images, 'bitlk-aes-xts-128-eow.img'))).join('\n')).toMatch(/encrypt-on-write/);
+    expect(test('bitlk-aes-xts-128-eow', conf.get('bitlk-aes-xts-128-eow')!.PW!)).toMatch(/cannot be activated/);
   });
 });
 
@@ -288,5 +295,21 @@ describe('vdboot inspect and plan on a disk whose partition is BitLocker', () =>
     const plan = await vdboot(['plan', '--cmdline', 'root=vdisk:PARTLABEL=Windows:/VMs/linux.vhdx', '--disk', disk]);
     expect(plan.code).toBe(1);
     expect(plan.err).toMatch(/the boot would fail here:\n\/dev\/sda1 is BitLocker-encrypted with protectors vdboot cannot use \(TPM\).*manage-bde -protectors -add C: -RecoveryPassword/);
+  });
+});
+
+describe('BitLocker key files (rd.vdisk.bitlocker.key)', () => {
+  it('a .BEK file goes to cryptsetup as it is; a text file gives its first line, from UTF-8, UTF-8 with BOM or Notepad\'s UTF-16', () => {
+    const bek = fs.readFileSync(path.join(images, '4381F759-C4F8-4DE0-BB61-FC33A831BDA5.BEK'));
+    const k = keyFromFile(new Uint8Array(bek));
+    expect(k.kind).toBe('startup-key');
+    expect(Buffer.from(k.key).equals(bek)).toBe(true);
+    const rp = '363770-230505-096371-652674-567006-579150-291038-408111';
+    const want = { key: Uint8Array.from(Buffer.from(rp)), kind: 'text' };
+    expect(keyFromFile(Buffer.from(`${rp}\r\n`))).toEqual(want);
+    expect(keyFromFile(Buffer.from(`\n${rp}  \nsecond line\n`))).toEqual(want);
+    expect(keyFromFile(Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(rp)]))).toEqual(want);
+    expect(keyFromFile(Buffer.concat([Buffer.from([0xff, 0xfe]), Buffer.from(`${rp}\r\n`, 'utf16le')]))).toEqual(want);
+    expect(keyFromFile(Buffer.from('anaconda£\n')).key).toEqual(Uint8Array.from(Buffer.from('anaconda£')));
   });
 });
