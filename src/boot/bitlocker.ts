@@ -23,7 +23,7 @@ import { isSysError, S, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
-import { exists, readTextOr } from './fsutil.ts';
+import { exists, mkdirs, readTextOr } from './fsutil.ts';
 import type { BitLockerKeyOption } from './plan.ts';
 import { waitForDevice, waitForUevents } from './devwait.ts';
 
@@ -223,7 +223,7 @@ export function unlockBitLocker(ctx: InitContext, dev: BlockDeviceInfo, key: Bit
           ? 'cryptsetup cannot open this BitLocker volume in its current state. In Windows, let the encryption finish ("manage-bde -status" shows "Fully Encrypted", 100%), or turn BitLocker off for this partition ("manage-bde -off"), then boot again.'
           : 'Check that the initramfs has dm_crypt and the kernel has AES-XTS/CBC; the rescue shell has cryptsetup to try by hand.'));
     }
-    log.warn(`${failed.message} (${what})`);
+    if (!what.startsWith('the key typed')) log.warn(`${what} did not open ${dev.path}: ${failed.message}`);
     return false;
   };
 
@@ -271,7 +271,11 @@ function unlockedDevice(ctx: InitContext, name: string): BlockDeviceInfo {
       if (!/^dm-\d+$/.test(d.name) || d.notReady) continue;
       if ((readTextOr(sys, `/sys/class/block/${d.name}/dm/name`) ?? '').trim() !== name) continue;
       if (!exists(sys, mapped)) {
-        try { sys.mknod(mapped, S.IFBLK | 0o600, d.major, d.minor); } catch { /* made meanwhile */ }
+        // libdevmapper makes the node itself when no udev runs; if it did not, vdboot does.
+        try {
+          mkdirs(sys, '/dev/mapper');
+          sys.mknod(mapped, S.IFBLK | 0o600, d.major, d.minor);
+        } catch { /* made meanwhile */ }
       }
       return { ...d, path: mapped };
     }
