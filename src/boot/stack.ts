@@ -1,0 +1,92 @@
+/**
+ * The layers between a block device and the root filesystem: LUKS volumes unlocked
+ * (luks-unlock.ts), LVM LVs activated (lvm-activate.ts), and resume= from a swap device.
+ * Device discovery calls `onDevices` after every scan (context.ts `stack`), so a root on an
+ * LV inside a LUKS volume on a partition appears like any other device, for plain roots and
+ * inside images alike.
+ *
+ * Scope: a plain root looks at every device; a root=vdisk: boot only at the image's own
+ * devices (/dev/mapper/vdisk*), so an encrypted partition of the host machine is never
+ * asked about — unless rd.luks.uuid= / rd.lvm.vg= / rd.lvm.lv= name it.
+ */
+import { BootFailure, type InitContext } from './context.ts';
+import { formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
+import { waitForDevice } from './devwait.ts';
+import { writeText } from './fsutil.ts';
+import { unlockLuks, wantsUnlock } from './luks-unlock.ts';
+import { LvmActivator } from './lvm-activate.ts';
+
+export interface OpenedCrypt {
+  name: string;
+  /** the kernel name of the LUKS device */
+  device: string;
+}
+
+export class StorageStack {
+  private busy = false;
+  readonly lvm: LvmActivator;
+  readonly crypts: OpenedCrypt[] = [];
+
+  constructor(private readonly ctx: InitContext) {
+    this.lvm = new LvmActivator(ctx);
+  }
+
+  /** Unlocks and activates what `devices` make possible; true when new devices were made. */
+  onDevices(devices: BlockDeviceInfo[]): boolean {
+    if (this.busy) return false; // a key device being looked for: no nested unlocking
+    this.busy = true;
+    try {
+      const { ctx } = this;
+      let changed = false;
+      const scoped = devices.filter((d) => this.inScope(d));
+      for (const d of scoped) {
+        if (d.notReady || !wantsUnlock(ctx, d)) continue;
+        const path = unlockLuks(ctx, d, () => ctx.devices.scan());
+        this.crypts.push({ name: path.slice('/dev/mapper/'.length), device: d.name });
+        changed = true;
+      }
+      if (this.lvm.step(scoped)) changed = true;
+      return changed;
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private inScope(d: BlockDeviceInfo): boolean {
+    const { plan } = this.ctx;
+    if (plan.root.kind === 'block') return true;
+    if (d.fsType === 'crypto_LUKS' && d.uuid && plan.stack.luks.uuids.includes(d.uuid.toLowerCase())) return true;
+    if (d.fsType === 'LVM2_member' && (plan.stack.lvm.vgs.length || plan.stack.lvm.lvs.length)) return true;
+    // an image's devices, and what vdboot made on top of them
+    return d.dmName !== undefined && (d.dmName.startsWith('vdisk') || this.crypts.some((c) => c.name === d.dmName) || this.lvm.activated.some((l) => l.dmName === d.dmName));
+  }
+
+  /** What to add when the root never appears: VGs missing PVs. */
+  notes(): string[] {
+    return this.lvm.notes();
+  }
+
+  /**
+   * resume=: hands the swap device to the kernel (/sys/power/resume) once unlocking and
+   * activation are done and before anything is mounted. With a hibernation image there the
+   * kernel restores it and this never returns; without one it returns and the boot goes on.
+   * Refused for images: the image's device tables must be the ones recorded at
+   * hibernation, which vdboot cannot prove, and resuming onto other sectors would corrupt.
+   */
+  resume(): void {
+    const { ctx } = this;
+    const spec = ctx.plan.stack.resume;
+    if (!spec) return;
+    if (ctx.plan.root.kind !== 'block') {
+      ctx.log.warn(`resume=${formatDeviceSpec(spec)} is ignored: resuming inside an image is refused, since vdboot cannot prove its device tables are the ones recorded at hibernation (a moved image file would resume onto the wrong sectors)`);
+      return;
+    }
+    const dev = waitForDevice(ctx, spec, 'resume device');
+    try {
+      writeText(ctx.sys, '/sys/power/resume', `${dev.major}:${dev.minor}\n`);
+      ctx.log.info(`resume=${formatDeviceSpec(spec)}: no hibernation image on ${dev.path}; booting normally`);
+    } catch (e) {
+      throw new BootFailure(`resume=${formatDeviceSpec(spec)}: the kernel refused ${dev.path} (${dev.major}:${dev.minor}) as its resume device (${(e as Error).message}). Remove resume= to boot without resuming.`);
+    }
+  }
+}
