@@ -23,7 +23,7 @@ import { PlanError, planBoot, type BootPlan } from './plan.ts';
 import { breakShell, failureShell } from './rescue.ts';
 import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
-import { StorageStack } from './stack.ts';
+import { findStackedRoot, StorageStack } from './stack.ts';
 import { unpackTmpfsRoot } from './tmpfs-root.ts';
 import { installShutdown, takeDownInPlace } from './shutdown.ts';
 
@@ -125,7 +125,7 @@ function mountRoot(ctx: InitContext): { init: string } {
     return { init: chooseInit(sys, NEW_ROOT, plan) };
   }
   const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? setupVdisks(ctx) : undefined;
-  const dev = plan.root.kind === 'vdisk' ? images!.root! : waitForDevice(ctx, plan.root.device, 'root device');
+  const dev = plan.root.kind !== 'vdisk' ? waitForDevice(ctx, plan.root.device, 'root device') : images!.root ?? findStackedRoot(ctx, images!.rootDeferred!);
   ctx.stack?.resume();
   mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags);
   return { init: chooseInit(sys, NEW_ROOT, plan) };

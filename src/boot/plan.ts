@@ -275,9 +275,10 @@ function planVdiskOptions(cmd: Cmdline, warnings: string[]): VdiskOptions {
   if (rootText !== undefined && rootText !== '' && rootText !== 'auto') {
     if (/^\d+$/.test(rootText) && Number(rootText) >= 1 && Number(rootText) <= 256) out.root = { by: 'number', number: Number(rootText) };
     else {
-      const spec = ROOT_BY_SPEC.test(rootText) ? parseDeviceSpec(rootText) : undefined;
+      // /dev/mapper/VG-LV and /dev/VG/LV name an LV inside the image (found after activation)
+      const spec = ROOT_BY_SPEC.test(rootText) || /^\/dev\/(mapper\/[^/]+|[^/]+\/[^/]+)$/.test(rootText) ? parseDeviceSpec(rootText) : undefined;
       if (spec) out.root = { by: 'spec', spec };
-      else warnings.push(`rd.vdisk.root=${rootText} is not a partition number, PARTUUID=, PARTLABEL=, UUID=, LABEL= or auto; using auto`);
+      else warnings.push(`rd.vdisk.root=${rootText} is not a partition number, PARTUUID=, PARTLABEL=, UUID=, LABEL=, /dev/mapper/VG-LV, /dev/VG/LV or auto; using auto`);
     }
   }
   const mode = cmd.get('rd.vdisk.mode');

@@ -10,11 +10,13 @@
  * asked about — unless rd.luks.uuid= / rd.lvm.vg= / rd.lvm.lv= name it.
  */
 import { BootFailure, type InitContext } from './context.ts';
-import { formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
+import { describeDevices } from './devices.ts';
+import { formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { waitForDevice } from './devwait.ts';
 import { writeText } from './fsutil.ts';
 import { unlockLuks, wantsUnlock } from './luks-unlock.ts';
 import { LvmActivator } from './lvm-activate.ts';
+import { LINUX_FS } from './vdisk.ts';
 
 export interface OpenedCrypt {
   name: string;
@@ -89,4 +91,26 @@ export class StorageStack {
       throw new BootFailure(`resume=${formatDeviceSpec(spec)}: the kernel refused ${dev.path} (${dev.major}:${dev.minor}) as its resume device (${(e as Error).message}). Remove resume= to boot without resuming.`);
     }
   }
+}
+
+/**
+ * root=vdisk: whose root lies behind LUKS/LVM inside the image: by rd.vdisk.root's spec
+ * (waiting as for any root, unlocking and activating on the way), or the only Linux
+ * filesystem on the devices unlocking and activation made.
+ */
+export function findStackedRoot(ctx: InitContext, deferred: { spec?: DeviceSpec; why: string }): BlockDeviceInfo {
+  if (deferred.spec) return waitForDevice(ctx, deferred.spec, 'root filesystem inside the image');
+  const stack = ctx.stack as StorageStack;
+  let devices = ctx.devices.scan();
+  while (stack.onDevices(devices)) devices = ctx.devices.scan();
+  const made = new Set([...stack.crypts.map((c) => c.name), ...stack.lvm.activated.map((l) => l.dmName)]);
+  const mine = devices.filter((d) => d.dmName !== undefined && made.has(d.dmName));
+  const linux = mine.filter((d) => d.fsType !== undefined && LINUX_FS.has(d.fsType));
+  if (linux.length === 1) {
+    ctx.log.info(`the root is ${linux[0]!.aliases?.[1] ?? linux[0]!.aliases?.[0] ?? linux[0]!.path} (${linux[0]!.fsType}): ${deferred.why}`);
+    return linux[0]!;
+  }
+  const notes = stack.notes().map((n) => `${n}\n`).join('');
+  throw new BootFailure(`${linux.length ? `${linux.length} Linux filesystems` : 'No Linux filesystem'} appeared behind the image's LUKS/LVM layers, so vdboot cannot tell which one is root.\n` +
+    `Devices made:\n${describeDevices(mine)}\n${notes}Name the root with rd.vdisk.root=UUID=…, LABEL=… or /dev/mapper/VG-LV.`);
 }

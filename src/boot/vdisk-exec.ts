@@ -252,7 +252,7 @@ function connectNbd(ctx: InitContext, undo: Undo, n: NonNullable<VdiskPlan['nbd'
  * Sets up root=vdisk: (and rd.vdisk.attach images) and returns the root device to
  * mount. Every image is planned before anything is written or created.
  */
-export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: VdiskPlan[] } {
+export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDeferred?: NonNullable<VdiskPlan['rootDeferred']>; plans: VdiskPlan[] } {
   const { sys, log, plan } = ctx;
   const requests: { spec?: DeviceSpec; path: string; root: boolean; what: string }[] = [];
   if (plan.root.kind === 'vdisk') requests.push({ ...(plan.root.host ? { spec: plan.root.host } : {}), path: plan.root.path, root: true, what: 'the root image' });
@@ -310,6 +310,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
       for (const w of vp.warnings) log.warn(w);
       if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
+      if (vp.rootDeferred) log.info(`${vp.name}: the root is found after unlocking and activation: ${vp.rootDeferred.why}`);
       return { kind: 'planned', vp, host: opened.device };
     } finally {
       // the host's files are closed before anything remounts it (an open file keeps it busy)
@@ -405,7 +406,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   }
   writeState(sys, undo.state);
   const root = planned.find((p) => p.vp.root)?.vp.root?.device;
-  return root ? { root, plans: planned.map((p) => p.vp) } : { plans: planned.map((p) => p.vp) };
+  const rootDeferred = planned.find((p) => p.vp.rootDeferred)?.vp.rootDeferred;
+  return { ...(root ? { root } : {}), ...(rootDeferred ? { rootDeferred } : {}), plans: planned.map((p) => p.vp) };
 }
 
 /**

@@ -90,4 +90,31 @@ describe.skipIf(!can)('end to end: LUKS2 → LVM → ext4 (Ubuntu\'s encrypted l
     expect(facts.root).toMatchObject({ fstype: 'ext4', mode: 'rw' });
     expect(facts.facts.count).toBe("0");
   });
+
+  it('plain root again, the passphrase typed on the serial console: the guest reads the count the first boot wrote', async () => {
+    const vm = await boot('luks-passphrase', 'root=/dev/mapper/ubuntu--vg-root rw', disk, false);
+    await vm.waitFor(`Passphrase for /dev/vda3 (luks-${LUKS_UUID}): `, 240_000);
+    vm.send(`${PASSPHRASE}\n`);
+    await vm.waitFor(GUEST_MARKER, 240_000);
+    const t = vm.transcript();
+    const facts = parseGuestFacts(t);
+    await vm.waitExit(60_000);
+    expect(t).not.toContain(PASSPHRASE); // echo off
+    expect(t).toMatch(new RegExp(`unlocked /dev/vda3: /dev/mapper/luks-${LUKS_UUID}`));
+    expect(facts.facts.count).toBe('1');
+    expect(facts.root.mode).toBe('rw');
+  });
+
+  it('inside a dynamic VHDX on NTFS: root=vdisk:… rd.vdisk.root=/dev/mapper/ubuntu--vg-root, the passphrase typed on the console', async () => {
+    const vm = await boot('luks-vhdx', 'root=vdisk:LABEL=Windows:/VMs/Ubuntu/ubuntu.vhdx rd.vdisk.mode=snapshot rd.vdisk.root=/dev/mapper/ubuntu--vg-root', hostDisk, true);
+    await vm.waitFor(/Passphrase for \/dev\/dm-\d+ /, 240_000);
+    vm.send(`${PASSPHRASE}\n`);
+    await vm.waitFor(GUEST_MARKER, 240_000);
+    const t = vm.transcript();
+    const facts = parseGuestFacts(t);
+    await vm.waitExit(60_000);
+    expect(t).toMatch(/the root is found after unlocking and activation: rd\.vdisk\.root=\/dev\/mapper\/ubuntu--vg-root, looked for behind partition 3 \(LUKS\)/);
+    expect(t).toMatch(/LVM: activated ubuntu-vg\/root as \/dev\/mapper\/ubuntu--vg-root/);
+    expect(facts.facts.count).toBe('0'); // the image was made from the disk before the plain-root boots
+  });
 });
