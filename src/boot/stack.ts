@@ -17,6 +17,7 @@ import { writeText } from './fsutil.ts';
 import { unlockLuks, wantsUnlock } from './luks-unlock.ts';
 import { LvmActivator } from './lvm-activate.ts';
 import { LINUX_FS } from './vdisk.ts';
+import { recordStackedDevice } from './vdisk-exec.ts';
 
 export interface OpenedCrypt {
   name: string;
@@ -41,13 +42,22 @@ export class StorageStack {
       const { ctx } = this;
       let changed = false;
       const scoped = devices.filter((d) => this.inScope(d));
+      const onImage = (kernelName: string): boolean => {
+        const dm = devices.find((x) => x.name === kernelName)?.dmName;
+        return dm !== undefined && (dm.startsWith('vdisk') || this.crypts.some((c) => c.name === dm) || this.lvm.activated.some((l) => l.dmName === dm));
+      };
       for (const d of scoped) {
         if (d.notReady || !wantsUnlock(ctx, d)) continue;
         const path = unlockLuks(ctx, d, () => ctx.devices.scan());
-        this.crypts.push({ name: path.slice('/dev/mapper/'.length), device: d.name });
+        const name = path.slice('/dev/mapper/'.length);
+        this.crypts.push({ name, device: d.name });
+        // on an image: the shutdown hand-off closes it before the image's devices go
+        if (onImage(d.name)) recordStackedDevice(ctx.sys, name);
         changed = true;
       }
+      const before = this.lvm.activated.length;
       if (this.lvm.step(scoped)) changed = true;
+      for (const lv of this.lvm.activated.slice(before)) if (lv.pvDevices.some(onImage)) recordStackedDevice(ctx.sys, lv.dmName);
       return changed;
     } finally {
       this.busy = false;

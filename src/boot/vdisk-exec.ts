@@ -11,7 +11,7 @@ import { openBlockReader } from './blockdev.ts';
 import { describeDevices, humanSize } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
-import { mkdirs, readTextOr, writeText } from './fsutil.ts';
+import { mkdirs, readText, readTextOr, writeText } from './fsutil.ts';
 import { dropDeviceCache, expandInPlace, type ExpandTarget, type InPlaceResult } from './expand.ts';
 import { layoutReader, verifyFill } from '../formats/expand/fill.ts';
 import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
@@ -543,6 +543,20 @@ function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDe
     }
     log.warn(`the host filesystem ${host.path} is not reachable at ${HOST_MOUNT} (${(e as Error).message}); the booted system can mount /dev/mapper/vdhost itself${host.fsType === 'ntfs' ? ', e.g. with ntfs-3g' : ''}`);
   }
+}
+
+/**
+ * Adds a device made on top of an image's devices (an unlocked LUKS volume, an LV) to the
+ * record the shutdown hand-off reads, after the image's own devices: they are removed in
+ * reverse, so it goes before the partition it sits on.
+ */
+export function recordStackedDevice(sys: Sys, name: string): void {
+  try {
+    const state = JSON.parse(readText(sys, STATE_PATH)) as VdiskState;
+    if (!Array.isArray(state.dm) || state.dm.includes(name)) return;
+    state.dm.push(name);
+    writeState(sys, state);
+  } catch { /* no record: the hand-off finds them by their place on vdboot's devices */ }
 }
 
 function writeState(sys: Sys, state: VdiskState): void {

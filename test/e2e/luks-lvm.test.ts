@@ -8,7 +8,8 @@
  *  3. the same layout inside a dynamic VHDX on NTFS (root=vdisk:…, snapshot), the
  *     passphrase typed on the console, the root found by rd.vdisk.root=/dev/mapper/ubuntu--vg-root.
  * The disks are built without device-mapper (test/kit/stack-disk.ts); the oracle is the
- * guest's own view (/proc/mounts, its init running) and e2fsck -fn on the LV's bytes after.
+ * guest's own view (/proc/mounts, its init running, the count it read back) and, after the
+ * rw boots, e2fsck -fn and debugfs on the root LV's bytes decrypted with the volume key.
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -21,7 +22,7 @@ import { buildGuestRoot, GUEST_MARKER, parseGuestFacts } from '../../qemu/guest.
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { lvmAvailable } from '../kit/lvm.ts';
 import { COUNTER_COMMANDS } from '../kit/rw-check.ts';
-import { makeLuks2, makeLvmPv } from '../kit/stack-disk.ts';
+import { decryptRange, makeLuks2, makeLvmPv, type LuksImage, type LvmLayout } from '../kit/stack-disk.ts';
 
 const LUKS_UUID = '5a1c0de1-7b2e-4c3d-9e8f-0123456789ab';
 const PASSPHRASE = 'correct horse battery';
@@ -31,6 +32,9 @@ let dir: string;
 let initrd: string;
 let disk: string;
 let hostDisk: string;
+let luks: LuksImage;
+let lvm: LvmLayout;
+let luksPartOffset: number;
 const vms: Vm[] = [];
 
 beforeAll(() => {
@@ -39,21 +43,23 @@ beforeAll(() => {
   initrd = join(dir, 'initrd.img');
   writeInitramfs(initrd, { kernel: defaultKernel() });
   const rootDir = join(dir, 'root');
-  buildGuestRoot(rootDir, { commands: COUNTER_COMMANDS });
+  // An image boot ends through vdboot's shutdown hand-off, which must close the LV and the
+  // LUKS volume before the image's partitions; a plain root powers off as usual.
+  buildGuestRoot(rootDir, { commands: [...COUNTER_COMMANDS, `if [ -x /run/initramfs/shutdown ]; then echo ${GUEST_MARKER}; sync; exec /run/initramfs/shutdown poweroff; fi`] });
   const rootFs = join(dir, 'root.ext4');
   makeExt4(rootFs, { sizeMiB: 24, label: 'ubuntu root', fromDir: rootDir });
   const swap = join(dir, 'swap.img');
   fs.writeFileSync(swap, '');
   fs.truncateSync(swap, 4 << 20);
   execFileSync('mkswap', ['-q', swap]);
-  const lvm = makeLvmPv(dir, 32, 'ubuntu-vg', [{ name: 'root', sizeMiB: 24, image: rootFs }, { name: 'swap_1', sizeMiB: 4, image: swap }]);
+  lvm = makeLvmPv(dir, 32, 'ubuntu-vg', [{ name: 'root', sizeMiB: 24, image: rootFs }, { name: 'swap_1', sizeMiB: 4, image: swap }]);
   const keyFile = join(dir, 'root.key');
   fs.writeFileSync(keyFile, Buffer.from('a key file of 64 bytes, not a passphrase: it may hold newlines\n\n'));
-  const luks = makeLuks2(dir, lvm.pv, keyFile, PASSPHRASE, LUKS_UUID);
+  luks = makeLuks2(dir, lvm.pv, keyFile, PASSPHRASE, LUKS_UUID);
   const boot = join(dir, 'boot.ext4');
   makeExt4(boot, { sizeMiB: 8, label: 'boot', files: { 'keys/root.key': fs.readFileSync(keyFile) } });
   disk = join(dir, 'disk.img');
-  makePartitionedDisk(disk, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: boot, name: 'boot' }, { image: luks.file, name: 'cryptroot' }] });
+  luksPartOffset = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: boot, name: 'boot' }, { image: luks.file, name: 'cryptroot' }] })[2]!.offset;
   // The same layout as the disk of a VM: a dynamic VHDX on an NTFS partition.
   const vhdx = join(dir, 'ubuntu.vhdx');
   convertImage(disk, vhdx, 'vhdx', ['subformat=dynamic']);
@@ -103,6 +109,10 @@ describe.skipIf(!can)('end to end: LUKS2 → LVM → ext4 (Ubuntu\'s encrypted l
     expect(t).toMatch(new RegExp(`unlocked /dev/vda3: /dev/mapper/luks-${LUKS_UUID}`));
     expect(facts.facts.count).toBe('1');
     expect(facts.root.mode).toBe('rw');
+    // the root LV's bytes, decrypted with the volume key: a clean ext4 holding count 2
+    const rootLv = decryptRange(disk, luksPartOffset, luks, lvm.lvs.root!.offset, lvm.lvs.root!.size, join(dir, 'root-after.ext4'));
+    execFileSync('e2fsck', ['-fn', rootLv]);
+    expect(execFileSync('debugfs', ['-R', 'cat /count', rootLv], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim()).toBe('2');
   });
 
   it('inside a dynamic VHDX on NTFS: root=vdisk:… rd.vdisk.root=/dev/mapper/ubuntu--vg-root, the passphrase typed on the console', async () => {
@@ -112,9 +122,14 @@ describe.skipIf(!can)('end to end: LUKS2 → LVM → ext4 (Ubuntu\'s encrypted l
     await vm.waitFor(GUEST_MARKER, 240_000);
     const t = vm.transcript();
     const facts = parseGuestFacts(t);
-    await vm.waitExit(60_000);
     expect(t).toMatch(/the root is found after unlocking and activation: rd\.vdisk\.root=\/dev\/mapper\/ubuntu--vg-root, looked for behind partition 3 \(LUKS\)/);
     expect(t).toMatch(/LVM: activated ubuntu-vg\/root as \/dev\/mapper\/ubuntu--vg-root/);
     expect(facts.facts.count).toBe('0'); // the image was made from the disk before the plain-root boots
+    await vm.waitExit(60_000);
+    const end = vm.transcript().slice(t.length);
+    const order = ['ubuntu--vg-root', `luks-${LUKS_UUID}`, 'vdisk0p3'].map((n) => end.indexOf(`removed /dev/mapper/${n}`));
+    expect(order.every((i) => i >= 0), end).toBe(true);
+    expect(order).toEqual([...order].sort((a, b) => a - b));
+    expect(end).not.toMatch(/could not remove/);
   });
 });

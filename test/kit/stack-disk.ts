@@ -7,7 +7,7 @@
  * sectors, the IV the sector number (little-endian) counted from the data segment.
  */
 import { execFileSync } from 'node:child_process';
-import { createCipheriv, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LvmLab } from './lvm.ts';
@@ -65,6 +65,43 @@ export interface LuksImage {
   file: string;
   uuid: string;
   dataOffset: number;
+  /** the volume key: the test reads the plaintext back with it (decryptRange) */
+  volumeKey: Buffer;
+}
+
+/** aes-xts-plain64 with 512-byte sectors, as dm-crypt does it; `sector` counts from the data segment. */
+function xts(encrypt: boolean, key: Buffer, data: Buffer, sector: number): Buffer {
+  const out = Buffer.alloc(data.length);
+  const iv = Buffer.alloc(16);
+  for (let s = 0; s < data.length; s += 512) {
+    iv.fill(0);
+    iv.writeBigUInt64LE(BigInt(sector + s / 512), 0);
+    const c = encrypt ? createCipheriv('aes-256-xts', key, iv) : createDecipheriv('aes-256-xts', key, iv);
+    c.setAutoPadding(false);
+    Buffer.concat([c.update(data.subarray(s, s + 512)), c.final()]).copy(out, s);
+  }
+  return out;
+}
+
+/**
+ * The plaintext of `length` bytes at `plainOffset` of a LUKS2 volume (aes-xts-plain64, 512-byte
+ * sectors) that starts at byte `volumeOffset` of `file`, written to `out`.
+ */
+export function decryptRange(file: string, volumeOffset: number, luks: Pick<LuksImage, 'dataOffset' | 'volumeKey'>, plainOffset: number, length: number, out: string): string {
+  const fd = fs.openSync(file, 'r');
+  const outFd = fs.openSync(out, 'w');
+  try {
+    const chunk = Buffer.alloc(MiB);
+    for (let off = 0; off < length; off += MiB) {
+      const n = Math.min(MiB, length - off);
+      fs.readSync(fd, chunk, 0, n, volumeOffset + luks.dataOffset + plainOffset + off);
+      fs.writeSync(outFd, xts(false, luks.volumeKey, chunk.subarray(0, n), (plainOffset + off) / 512));
+    }
+  } finally {
+    fs.closeSync(fd);
+    fs.closeSync(outFd);
+  }
+  return out;
 }
 
 /**
@@ -95,24 +132,14 @@ export function makeLuks2(dir: string, payload: string, keyFile: string, passphr
   const outFd = fs.openSync(file, 'r+');
   try {
     const chunk = Buffer.alloc(MiB);
-    const iv = Buffer.alloc(16);
     for (let off = 0; off < plain; off += chunk.length) {
       const n = fs.readSync(inFd, chunk, 0, Math.min(chunk.length, plain - off), off);
-      const out = Buffer.alloc(n);
-      for (let s = 0; s < n; s += 512) {
-        iv.fill(0);
-        iv.writeBigUInt64LE(BigInt((off + s) / 512), 0);
-        const c = createCipheriv('aes-256-xts', vk, iv);
-        c.setAutoPadding(false);
-        const enc = Buffer.concat([c.update(chunk.subarray(s, s + 512)), c.final()]);
-        enc.copy(out, s);
-      }
-      fs.writeSync(outFd, out, 0, n, dataOffset + off);
+      fs.writeSync(outFd, xts(true, vk, chunk.subarray(0, n), off / 512), 0, n, dataOffset + off);
     }
   } finally {
     fs.closeSync(inFd);
     fs.closeSync(outFd);
     fs.rmSync(vkFile);
   }
-  return { file, uuid, dataOffset };
+  return { file, uuid, dataOffset, volumeKey: vk };
 }
