@@ -133,14 +133,29 @@ export function recoverState(sys: Sys): VdiskState {
   const loops: string[] = [];
   let entries: string[] = [];
   try { entries = sys.readdir('/sys/class/block'); } catch { /* no sysfs */ }
+  // LUKS volumes and LVs vdboot opened on an image's devices: found by what they sit on
+  // (sysfs "slaves"), removed before those (a higher rank goes first).
+  const onVdboot = (e: string, depth: number): boolean => {
+    if (depth > 4) return false;
+    let slaves: string[] = [];
+    try { slaves = sys.readdir(`/sys/class/block/${e}/slaves`); } catch { return false; }
+    return slaves.some((s) => (readTextOr(sys, `/sys/class/block/${s}/dm/uuid`) ?? '').startsWith(DM_UUID_PREFIX) || onVdboot(s, depth + 1));
+  };
   for (const e of entries) {
     const dmMinor = /^dm-(\d+)$/.exec(e);
     if (dmMinor) {
       const uuid = (readTextOr(sys, `/sys/class/block/${e}/dm/uuid`) ?? '').trim();
       const name = (readTextOr(sys, `/sys/class/block/${e}/dm/name`) ?? '').trim();
+      if (!name) continue;
       // cryptsetup names its dm uuids CRYPT-BITLK-…; vdboot's BitLocker hosts are bitlk-GUID
-      if (uuid.startsWith('CRYPT-BITLK-') && name.startsWith(BITLOCKER_DM_PREFIX)) unlocked.push(name);
-      if (!uuid.startsWith(DM_UUID_PREFIX) || !name) continue;
+      if (uuid.startsWith('CRYPT-BITLK-') && name.startsWith(BITLOCKER_DM_PREFIX)) {
+        unlocked.push(name);
+        continue;
+      }
+      if (!uuid.startsWith(DM_UUID_PREFIX)) {
+        if ((uuid.startsWith('CRYPT-') || uuid.startsWith('LVM-')) && onVdboot(e, 0)) dm.push({ name, minor: Number(dmMinor[1]), rank: uuid.startsWith('CRYPT-') ? 4 : 5 });
+        continue;
+      }
       const rank = name === 'vdhost' ? 0 : name.endsWith('-base') ? 1 : /-part\d+$/.test(uuid) ? 3 : 2;
       dm.push({ name, minor: Number(dmMinor[1]), rank });
     } else if (/^loop\d+$/.test(e)) {

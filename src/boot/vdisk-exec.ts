@@ -11,7 +11,7 @@ import { openBlockReader } from './blockdev.ts';
 import { describeDevices, humanSize } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
-import { mkdirs, readTextOr, writeText } from './fsutil.ts';
+import { mkdirs, readText, readTextOr, writeText } from './fsutil.ts';
 import { dropDeviceCache, expandInPlace, type ExpandTarget, type InPlaceResult } from './expand.ts';
 import { layoutReader, verifyFill } from '../formats/expand/fill.ts';
 import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
@@ -266,7 +266,7 @@ function connectNbd(ctx: InitContext, undo: Undo, n: NonNullable<VdiskPlan['nbd'
  * Sets up root=vdisk: (and rd.vdisk.attach images) and returns the root device to
  * mount. Every image is planned before anything is written or created.
  */
-export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: VdiskPlan[] } {
+export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDeferred?: NonNullable<VdiskPlan['rootDeferred']>; plans: VdiskPlan[] } {
   const { sys, log, plan } = ctx;
   const requests: { spec?: DeviceSpec; path: string; root: boolean; what: string }[] = [];
   if (plan.root.kind === 'vdisk') requests.push({ ...(plan.root.host ? { spec: plan.root.host } : {}), path: plan.root.path, root: true, what: 'the root image' });
@@ -326,6 +326,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
       for (const w of vp.warnings) log.warn(w);
       if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
+      if (vp.rootDeferred) log.info(`${vp.name}: the root is found after unlocking and activation: ${vp.rootDeferred.why}`);
       return { kind: 'planned', vp, host: opened.device };
     } finally {
       // the host's files are closed before anything remounts it (an open file keeps it busy)
@@ -421,7 +422,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   }
   writeState(sys, undo.state);
   const root = planned.find((p) => p.vp.root)?.vp.root?.device;
-  return root ? { root, plans: planned.map((p) => p.vp) } : { plans: planned.map((p) => p.vp) };
+  const rootDeferred = planned.find((p) => p.vp.rootDeferred)?.vp.rootDeferred;
+  return { ...(root ? { root } : {}), ...(rootDeferred ? { rootDeferred } : {}), plans: planned.map((p) => p.vp) };
 }
 
 /**
@@ -557,6 +559,20 @@ function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDe
     }
     log.warn(`the host filesystem ${host.path} is not reachable at ${HOST_MOUNT} (${(e as Error).message}); the booted system can mount /dev/mapper/vdhost itself${host.fsType === 'ntfs' ? ', e.g. with ntfs-3g' : ''}`);
   }
+}
+
+/**
+ * Adds a device made on top of an image's devices (an unlocked LUKS volume, an LV) to the
+ * record the shutdown hand-off reads, after the image's own devices: they are removed in
+ * reverse, so it goes before the partition it sits on.
+ */
+export function recordStackedDevice(sys: Sys, name: string): void {
+  try {
+    const state = JSON.parse(readText(sys, STATE_PATH)) as VdiskState;
+    if (!Array.isArray(state.dm) || state.dm.includes(name)) return;
+    state.dm.push(name);
+    writeState(sys, state);
+  } catch { /* no record: the hand-off finds them by their place on vdboot's devices */ }
 }
 
 function writeState(sys: Sys, state: VdiskState): void {

@@ -94,7 +94,8 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts:
     };
     if (plan.root.kind === 'vdisk') {
       const vp = planOne(plan.root.host, plan.root.path, true);
-      report.mounts.push({ source: vp.root!.device.path, target: '/root', fstype: plan.rootFsType ?? vp.root!.partition.fsType ?? '?', readOnly: plan.readOnly });
+      if (vp.root) report.mounts.push({ source: vp.root.device.path, target: '/root', fstype: plan.rootFsType ?? vp.root.partition.fsType ?? '?', readOnly: plan.readOnly });
+      else if (vp.rootDeferred) report.mounts.push({ source: vp.rootDeferred.spec ? formatDeviceSpec(vp.rootDeferred.spec) : '(found at boot)', target: '/root', fstype: plan.rootFsType ?? '?', readOnly: plan.readOnly, note: `after unlocking and activation: ${vp.rootDeferred.why}` });
     }
     for (const a of plan.vdisk.attach) planOne(a.host, a.path, false);
     if (plan.root.kind === 'block') {
