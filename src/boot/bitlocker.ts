@@ -2,7 +2,7 @@
  * BitLocker host partitions: the partition that holds the image file is BitLocker-encrypted
  * (Windows 11 turns device encryption on by default). vdboot reads the FVE metadata itself
  * (src/formats/bitlocker.ts) to name the protectors and refuse what cannot be unlocked, then
- * runs `cryptsetup open --type bitlk` with the key — a recovery password or password typed on
+ * runs `cryptsetup open --type bitlk` (cryptsetup.ts's runner) with the key — a recovery password or password typed on
  * the console (echo off, three tries), or read from a file on another device
  * (rd.vdisk.bitlocker.key=KEYPATH:KEYDEV: a text file with the password, or a .BEK startup
  * key) — and the unlocked /dev/mapper/bitlk-GUID is the host from then on, read by vdboot's
@@ -19,9 +19,10 @@ import {
 } from '../formats/bitlocker.ts';
 import { openHostFs } from '../formats/hostfs.ts';
 import { utf16leDecode, utf8Decode, utf8Encode } from '../formats/text.ts';
-import { isSysError, S, type Sys } from '../sys/sys.ts';
+import { S } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { BootFailure, type InitContext } from './context.ts';
+import { CRYPTSETUP_WRONG_KEY, cryptsetupTool, openCrypt, promptSecret } from './cryptsetup.ts';
 import { formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
 import { exists, mkdirs, readTextOr } from './fsutil.ts';
 import type { BitLockerKeyOption } from './plan.ts';
@@ -123,74 +124,13 @@ function readKeyFile(ctx: InitContext, key: BitLockerKeyOption): Uint8Array {
   throw new BootFailure(`Could not find the BitLocker key file ${key.path} (rd.vdisk.bitlocker.key) on any FAT, exFAT or NTFS partition${tried.length ? `:\n  ${tried.join('\n  ')}` : ' (none found)'}. Name its device: rd.vdisk.bitlocker.key=${key.path}:LABEL=…`);
 }
 
-// struct termios (asm-generic): c_lflag at 12; ECHO is 0o10. TCGETS / TCSETS.
-const TCGETS = 0x5401;
-const TCSETS = 0x5402;
-const ECHO = 0o10;
-
-/** Reads one line from the console with echo off (restored after); null at end of input. */
-export function readSecret(sys: Sys, prompt: string, write: (s: string) => void): string | null {
-  write(prompt);
-  const termios = new ArrayBuffer(60);
-  let restore: ArrayBuffer | undefined;
-  try {
-    sys.ioctl(0, TCGETS, termios);
-    restore = termios.slice(0);
-    const v = new DataView(termios);
-    v.setUint32(12, v.getUint32(12, true) & ~ECHO, true);
-    sys.ioctl(0, TCSETS, termios);
-  } catch { /* not a terminal (a serial line without termios, a pipe): read it as it comes */ }
-  try {
-    const bytes: number[] = [];
-    const one = new Uint8Array(1);
-    for (;;) {
-      let n: number;
-      try { n = sys.read(0, one); } catch (e) { if (isSysError(e, 'EINTR') || isSysError(e, 'EAGAIN')) continue; throw e; }
-      if (n <= 0) return bytes.length ? utf8Decode(Uint8Array.from(bytes)) : null;
-      if (one[0] === 0x0a || one[0] === 0x0d) return utf8Decode(Uint8Array.from(bytes));
-      if (one[0] === 0x7f || one[0] === 0x08) { bytes.pop(); continue; } // backspace on a raw line
-      bytes.push(one[0]!);
-    }
-  } finally {
-    if (restore) { try { sys.ioctl(0, TCSETS, restore); } catch { /* nothing to restore */ } }
-    write('\n');
-  }
-}
-
-/**
- * Runs `cryptsetup open --type bitlk DEVICE NAME` with `key` on its stdin (a memfd, so the key
- * never lands in a file). Returns null on success, else
- * cryptsetup's message and exit code.
- */
-function cryptsetupOpen(sys: Sys, cryptsetup: string, device: string, name: string, key: Uint8Array, readOnly: boolean): { exitCode: number; message: string } | null {
-  const input = sys.memfdCreate('bitlocker-key', 1);
-  const errors = sys.memfdCreate('cryptsetup-stderr', 1);
-  try {
-    sys.pwrite(input, key, 0);
-    const argv = ['cryptsetup', 'open', '--type', 'bitlk', '--key-file', '-', ...(readOnly ? ['--readonly'] : []), device, name];
-    const pid = sys.spawn(cryptsetup, argv, [], { stdio: [input, errors, errors] });
-    const r = sys.waitpid(pid, 0);
-    if (r.exitCode === 0 && !r.termSignal) return null;
-    const buf = new Uint8Array(4096);
-    const n = sys.pread(errors, buf, 0);
-    return { exitCode: r.exitCode, message: utf8Decode(buf.subarray(0, Math.max(0, n))).trim() || `exit ${r.exitCode}${r.termSignal ? `, signal ${r.termSignal}` : ''}` };
-  } finally {
-    try { sys.pwrite(input, new Uint8Array(key.length), 0); } catch { /* dropped with the fd anyway */ }
-    sys.close(input);
-    sys.close(errors);
-  }
-}
-
-/** cryptsetup's exit code 2: no key slot opened with this key (man cryptsetup, RETURN CODES). */
-const WRONG_KEY = 2;
-
 /**
  * Unlocks the BitLocker host `dev` and returns the unlocked device (/dev/mapper/bitlk-GUID,
  * probed). BootFailure, naming the device and the command line to fix, when it cannot:
  * a TPM-only volume, no cryptsetup in the initramfs, three wrong keys.
  */
 export function unlockBitLocker(ctx: InitContext, dev: BlockDeviceInfo, key: BitLockerKeyOption | undefined, onUnlocked: (dmName: string) => void): BlockDeviceInfo {
-  const { sys, log, manifest } = ctx;
+  const { sys, log } = ctx;
   let vol: BitLockerVolume;
   const reader = openBlockReader(sys, dev.path, dev.size);
   try {
@@ -204,18 +144,15 @@ export function unlockBitLocker(ctx: InitContext, dev: BlockDeviceInfo, key: Bit
   const need = bitLockerKeyNeed(vol, dev.path);
   if (need.kind === 'refused') throw new BootFailure(need.message);
   const name = bitLockerMapName(vol);
-  const cryptsetup = (manifest.tools as { cryptsetup?: string }).cryptsetup;
-  if (!cryptsetup) {
-    throw new BootFailure(`${dev.path} is BitLocker-encrypted (${vol.protectors.map((p) => protectorText(p.kind)).join(', ')}), and this initramfs has no cryptsetup to unlock it. ` +
-      'Install cryptsetup (Debian: apt install cryptsetup-bin) on the machine that builds the initramfs and run "vdboot mkinitramfs" again.');
-  }
-  ctx.modules.reportFailures(ctx.modules.load(['dm_mod', 'dm_crypt']));
+  // cryptsetup and its kernel modules (dm_crypt, xts, cbc, aes); BootFailure naming what to install when absent
+  cryptsetupTool(ctx, `${dev.path} is BitLocker-encrypted (${vol.protectors.map((p) => protectorText(p.kind)).join(', ')}): unlocking it`);
   // Read-only unless the image boots read-write (its writes, and an expansion, go through the host).
   const readOnly = ctx.plan.vdisk.mode !== 'rw';
   const open = (k: Uint8Array, what: string): boolean => {
-    const failed = log.step('unlock', () => cryptsetupOpen(sys, cryptsetup, dev.path, name, k, readOnly), (r) => r ? `${dev.path}: ${what} did not open it` : `unlocked ${dev.path} (BitLocker ${vol.guid}) with ${what} as /dev/mapper/${name}`);
-    if (!failed) return true;
-    if (failed.exitCode !== WRONG_KEY) {
+    const failed = log.step('unlock', () => openCrypt(ctx, { type: 'bitlk', device: dev.path, name, key: k, args: readOnly ? ['--readonly'] : [] }),
+      (r) => r.ok ? `unlocked ${dev.path} (BitLocker ${vol.guid}) with ${what} as /dev/mapper/${name}` : `${dev.path}: ${what} did not open it`);
+    if (failed.ok) return true;
+    if (failed.exitCode !== CRYPTSETUP_WRONG_KEY) {
       // cryptsetup refuses some volumes whatever the key (encrypt-on-write, partially converted).
       const unsupported = /not supported|cannot be activated/.test(failed.message);
       throw new BootFailure(`cryptsetup could not open ${dev.path} (BitLocker ${vol.guid}): ${failed.message} (exit ${failed.exitCode}). ` +
@@ -238,8 +175,8 @@ export function unlockBitLocker(ctx: InitContext, dev: BlockDeviceInfo, key: Bit
   if (!unlocked && typed.length) {
     const what = typed.map(protectorText).join(' or ');
     for (let attempt = 1; attempt <= BITLOCKER_TRIES && !unlocked; attempt++) {
-      const secret = readSecret(sys, `\nvdboot: ${dev.path} is BitLocker-encrypted${vol.description ? ` ("${vol.description}")` : ''}.\nEnter the ${what} (try ${attempt} of ${BITLOCKER_TRIES}): `, (s) => log.write(s));
-      if (secret === null) break;
+      const secret = promptSecret(sys, `\nvdboot: ${dev.path} is BitLocker-encrypted${vol.description ? ` ("${vol.description}")` : ''}.\nEnter the ${what} (try ${attempt} of ${BITLOCKER_TRIES}): `);
+      if (secret === undefined) break;
       unlocked = open(utf8Encode(secret.trim()), `the key typed (try ${attempt} of ${BITLOCKER_TRIES})`);
       if (!unlocked) log.write(`No key available with this passphrase (try ${attempt} of ${BITLOCKER_TRIES}).\n`);
     }

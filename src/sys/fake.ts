@@ -66,7 +66,7 @@ export interface FakeMachine {
    * as a wrong key or cipher would leave it unreadable).
    */
   cryptPlaintext?: Record<string, Uint8Array>;
-  /** What the console's fd 0 reads (a person typing): bytes in order, then end of input. */
+  /** What the console (fd 0, /dev/console) reads (a person typing): bytes in order, then end of input. */
   consoleInput?: string;
   /**
    * The filesystem tree a mount of a device-mapper device shows, by dm name ("vdisk0p2",
@@ -478,9 +478,13 @@ export class FakeKernel implements Sys {
       buf.set(b.subarray(0, buf.length));
       return Math.min(b.length, buf.length);
     }
-    if (fd === 0 && !this.fds.has(0)) {
+    const cn = this.fds.get(fd)?.node;
+    if ((fd === 0 && !this.fds.has(0)) || (cn?.kind === 'chr' && cn.major === 5 && cn.minor === 1)) {
+      // a terminal in canonical mode: one line per read at most
       const input = enc(this.machine.consoleInput ?? '');
-      const n = Math.max(0, Math.min(buf.length, input.length - this.consoleRead));
+      const nl = input.indexOf(10, this.consoleRead);
+      const avail = (nl < 0 ? input.length : nl + 1) - this.consoleRead;
+      const n = Math.max(0, Math.min(buf.length, avail));
       buf.set(input.subarray(this.consoleRead, this.consoleRead + n));
       this.consoleRead += n;
       return n;
@@ -492,7 +496,8 @@ export class FakeKernel implements Sys {
   }
 
   write(fd: number, buf: Uint8Array): number {
-    if (fd === 1 || fd === 2) {
+    const cn = this.fds.get(fd)?.node;
+    if (fd === 1 || fd === 2 || (cn?.kind === 'chr' && cn.major === 5 && cn.minor === 1)) {
       for (const b of buf) this.consoleBytes.push(b);
       return buf.length;
     }

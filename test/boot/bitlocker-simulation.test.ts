@@ -71,10 +71,10 @@ let keysGiven: string[] = [];
 /** The same, as bytes. */
 let keysRaw: Buffer[] = [];
 
-/** cryptsetup open --type bitlk --key-file - [--readonly] DEVICE NAME, the key judged by the real cryptsetup. */
+/** cryptsetup open --type bitlk --key-file=- … [--readonly] DEVICE NAME, the key judged by the real cryptsetup. */
 function fakeCryptsetup(stdin: Uint8Array, argv: string[], kernel: FakeKernel): { stdout: Uint8Array; exitCode: number } {
   const [name, device] = [argv[argv.length - 1]!, argv[argv.length - 2]!];
-  expect(argv.slice(0, 6)).toEqual(['cryptsetup', 'open', '--type', 'bitlk', '--key-file', '-']);
+  expect(argv.slice(0, 5)).toEqual(['cryptsetup', 'open', '--type', 'bitlk', '--key-file=-']);
   keysGiven.push(Buffer.from(stdin).toString('utf8'));
   keysRaw.push(Buffer.from(stdin));
   try {
