@@ -11,8 +11,10 @@
  *  2. In that shell, the initramfs's cryptsetup opens an Elephant-diffuser volume with its
  *     password and a BitLocker To Go volume with its recovery password, SHA-256 as images.conf.
  * Every other volume, with both keys: test/full/bitlocker-volumes.full.ts. Not here: an image
- * booted from the NTFS inside a BitLocker volume (see the report in the README's BitLocker
- * section); the simulation test covers that path with a stand-in for the decryption.
+ * booted from the NTFS inside a BitLocker volume — these volumes' NTFS is stripped, so an image
+ * would first need a whole NTFS made inside the unlocked volume in a builder VM, keeping clear
+ * of the FVE metadata areas (Windows' NTFS reserves them as files; a fresh mkntfs does not).
+ * test/boot/bitlocker-simulation.test.ts covers that path with a stand-in for the decryption.
  */
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, it } from 'vitest';
