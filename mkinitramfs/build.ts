@@ -200,17 +200,26 @@ export interface MkinitramfsOptions {
   hostonly?: { root?: string; sysfs?: string; mounts?: string; typeOf?: (deviceSpec: string) => string | undefined };
 }
 
+/** The modules unlocking a LUKS volume needs (loaded when one is found, not at every boot). */
+export const CRYPT_MODULES: readonly string[] = ['dm_crypt', 'af_alg', 'algif_skcipher', 'xts', 'essiv', 'cbc', 'aesni_intel', 'aes_generic', 'sha256_ssse3', 'sha256_generic'];
+
 /** What --hostonly keeps besides the machine's own drivers and filesystems. */
 const HOSTONLY_ALWAYS: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse', 'hid_generic', 'usbhid', 'atkbd', 'i8042'];
 
-export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4';
-/** Optional programs; `module` is the kernel module the program needs ('' for none). */
-export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd' | 'lz4'; module: string; path: string }> = {
+export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4' | 'cryptsetup';
+/**
+ * Optional programs; `module` is the kernel module the program needs ('' for none), loaded
+ * at every boot; `onDemand` are modules it needs that the init loads only when it runs it.
+ */
+export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd' | 'lz4' | 'cryptsetup'; module: string; path: string; onDemand?: readonly string[] }> = {
   'ntfs-3g': { manifestKey: 'ntfs3g', module: 'fuse', path: 'usr/bin/ntfs-3g' },
   'qemu-nbd': { manifestKey: 'qemuNbd', module: 'nbd', path: 'usr/bin/qemu-nbd' },
   // root=tmpfs: archives compressed with zstd or lz4 unpack at C speed instead of in JavaScript
   zstd: { manifestKey: 'zstd', module: '', path: 'usr/bin/zstd' },
   lz4: { manifestKey: 'lz4', module: '', path: 'usr/bin/lz4' },
+  // LUKS: cryptsetup opens the volume (key derivation in C); dm_crypt maps it, the kernel's
+  // AF_ALG sockets decrypt the key slots, xts/essiv/aesni the usual ciphers.
+  cryptsetup: { manifestKey: 'cryptsetup', module: '', path: 'usr/sbin/cryptsetup', onDemand: CRYPT_MODULES },
 };
 
 export interface MkinitramfsResult {
@@ -422,6 +431,8 @@ export function defaultTools(index: Pick<KernelModuleIndex, 'files' | 'builtin' 
   } else {
     notes.push(`this machine has no ntfs-3g (Debian package ntfs-3g): a sparse NTFS image file (one copied with cp) cannot be booted read-write, since the kernel's ntfs3 loses data written into its holes; install ntfs-3g and build again`);
   }
+  if (has('cryptsetup')) tools.cryptsetup = 'LUKS volumes are unlocked with it, in plain roots and inside images';
+  else notes.push('this machine has no cryptsetup (Debian package cryptsetup-bin): LUKS volumes cannot be unlocked at boot; install it and build again');
   return { tools, notes };
 }
 
@@ -620,14 +631,15 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     const devices = Object.entries(hostonly.storage).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
     selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
   }
-  if (!without.includes('ntfs-3g')) selection.notes.push(...defaults.notes);
+  selection.notes.push(...defaults.notes.filter((n) => !without.some((t) => n.includes(`has no ${t}`))));
   for (const [t, why] of Object.entries(chosenDefaults)) if (!(options.tools ?? []).includes(t as ToolName)) selection.notes.push(`${t} included: ${why}; --without ${t} leaves it out`);
   const configFile = findKernelConfig(index.release, options.kernel, modulesDir);
   const config = configFile ? readKernelConfig(configFile) : undefined;
   const charsets = filesystemCharsets(index.release, configFile ?? `/boot/config-${index.release}`);
   const fsRoots = new Set(selection.roots);
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
-  const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).filter((m) => m !== '' && index.files.has(m))]);
+  const toolModules = tools.flatMap((t) => [TOOLS[t].module, ...(TOOLS[t].onDemand ?? [])]).map(moduleKey).filter((m) => m !== '' && index.files.has(m));
+  const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...toolModules]);
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   if (hostonly) {
     // what the universal set would have brought for storage: named at boot when a device needs it

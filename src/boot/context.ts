@@ -9,6 +9,7 @@ import type { InitramfsManifest } from '../formats/manifest.ts';
 import type { Sys } from '../sys/sys.ts';
 import type { ConsoleLog } from './console.ts';
 import type { DeviceScanner } from './devices.ts';
+import type { BlockDeviceInfo } from './devspec.ts';
 import type { ModuleLoader } from './modules.ts';
 import type { BootPlan } from './plan.ts';
 
@@ -29,4 +30,10 @@ export interface InitContext {
   devices: DeviceScanner;
   /** the NETLINK uevent socket, or -1 when the kernel gave none */
   ueventFd: number;
+  /**
+   * The storage stack (stack.ts): called after every device scan to unlock LUKS volumes and
+   * activate LVs; true when it made devices (scan again). `notes` explain a root that never
+   * appeared (a VG missing a PV); `resume` hands resume= to the kernel before the root is mounted.
+   */
+  stack?: { onDevices(devices: BlockDeviceInfo[]): boolean; notes(): string[]; resume(): void };
 }

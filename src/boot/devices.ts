@@ -8,7 +8,7 @@ import { probeFilesystem } from '../formats/probe.ts';
 import { isSysError, type Sys } from '../sys/sys.ts';
 import type { ConsoleLog } from './console.ts';
 import { openBlockReader } from './blockdev.ts';
-import type { BlockDeviceInfo } from './devspec.ts';
+import { dmAliases, type BlockDeviceInfo } from './devspec.ts';
 import { readTextOr } from './fsutil.ts';
 
 /** Devices never worth probing: RAM disks, unused loops, empty drives. */
@@ -55,6 +55,13 @@ export class DeviceScanner {
     const [major, minor] = (readTextOr(this.sys, `/sys/class/block/${name}/dev`) ?? '0:0').split(':').map(Number);
     const path = `/dev/${name.replace(/!/g, '/')}`;
     const info: BlockDeviceInfo = { name, path, major: major ?? 0, minor: minor ?? 0, size };
+    const dmName = readTextOr(this.sys, `/sys/class/block/${name}/dm/name`)?.trim();
+    if (dmName) {
+      info.dmName = dmName;
+      const dmUuid = readTextOr(this.sys, `/sys/class/block/${name}/dm/uuid`)?.trim() ?? '';
+      if (dmUuid) info.dmUuid = dmUuid;
+      info.aliases = dmAliases(dmName, dmUuid);
+    }
     const partNumber = readTextOr(this.sys, `/sys/class/block/${name}/partition`);
     if (partNumber !== undefined) {
       info.partNumber = Number(partNumber);

@@ -32,6 +32,11 @@ export interface BlockDeviceInfo {
   partlabel?: string;
   /** "gpt" / "mbr" for a whole disk with a table */
   table?: string;
+  /** device-mapper devices: their name and uuid (/sys/class/block/dm-N/dm/) */
+  dmName?: string;
+  dmUuid?: string;
+  /** other paths that name this device: /dev/mapper/NAME, and /dev/VG/LV for an LVM LV */
+  aliases?: string[];
   /**
    * Listed in /sys but its node refused to open (ENXIO): the kernel registers a disk in
    * sysfs a moment before it can be opened (6.12's virtio_blk, seen under emulation). It is
@@ -85,10 +90,24 @@ function sameId(a: string | undefined, b: string): boolean {
 
 export function deviceMatches(spec: DeviceSpec, dev: BlockDeviceInfo): boolean {
   switch (spec.by) {
-    case 'path': return spec.value === dev.path || spec.value === `/dev/${dev.name}`;
+    case 'path': return spec.value === dev.path || spec.value === `/dev/${dev.name}` || (dev.aliases?.includes(spec.value) ?? false);
     case 'uuid': return sameId(dev.uuid, spec.value);
     case 'label': return dev.label === spec.value;
     case 'partuuid': return sameId(dev.partuuid, spec.value);
     case 'partlabel': return dev.partlabel === spec.value;
   }
+}
+
+/**
+ * The names a device-mapper device is known by: /dev/mapper/NAME, and for an LV made by
+ * LVM or by vdboot (dm uuid LVM-…) also /dev/VG/LV, LVM's own link. LVM's dm name doubles
+ * dashes inside the VG and LV names and joins them with a single one.
+ */
+export function dmAliases(dmName: string, dmUuid: string): string[] {
+  const out = [`/dev/mapper/${dmName}`];
+  if (dmUuid.startsWith('LVM-')) {
+    const m = /^((?:[^-]|--)+)-((?:[^-]|--)+)$/.exec(dmName);
+    if (m) out.push(`/dev/${m[1]!.replace(/--/g, '-')}/${m[2]!.replace(/--/g, '-')}`);
+  }
+  return out;
 }

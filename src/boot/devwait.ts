@@ -21,6 +21,7 @@ export function waitForDevice(ctx: InitContext, spec: DeviceSpec, what: string):
   let nextNote = start + 5000;
   for (;;) {
     const devices = log.timings.counted('device-scans', () => ctx.devices.scan());
+    if (ctx.stack?.onDevices(devices)) continue; // LUKS opened or LVs made: look again
     // a device that cannot be opened yet is no match: its filesystem is still unknown
     const matches = devices.filter((d) => !d.notReady && deviceMatches(spec, d));
     if (matches.length > 0) {
@@ -40,6 +41,7 @@ export function waitForDevice(ctx: InitContext, spec: DeviceSpec, what: string):
       throw new BootFailure(
         `The ${what} ${formatDeviceSpec(spec)} did not appear within ${plan.timeoutSec} s.\n` +
           `Block devices seen:\n${describeDevices(devices)}\n` +
+          (ctx.stack?.notes() ?? []).map((n) => `${n}\n`).join('') +
           `No device has ${specFieldName(spec)}. Check the spelling on the kernel command line (edit the boot entry), ` +
           `that the disk is attached, or wait longer with rd.timeout=SECONDS or rootwait.`,
       );

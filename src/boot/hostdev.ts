@@ -141,6 +141,7 @@ export function findImage(devices: readonly HostDevice[], spec: DeviceSpec | und
       (candidates.length ? `Searched ${candidates.length} partition${candidates.length === 1 ? '' : 's'}:${searched.map((s) => `\n  ${s}`).join('')}` : 'No partition holds an NTFS, exFAT or FAT filesystem to search.') +
       (others.length ? `\nNot searched (${spec ? 'not matching, or ' : ''}not NTFS, exFAT or FAT): ${others.join(', ')}` : '') +
       (!spec && devices.some((d) => isKernelHost(d.info)) ? `\nAn image on a filesystem the kernel mounts (ext4, xfs, btrfs, …) is found when the host is named: root=vdisk:LABEL=…:${path}` : '') +
+      (!spec && devices.some((d) => d.info.fsType === 'BitLocker') ? `\nBitLocker partitions (${devices.filter((d) => d.info.fsType === 'BitLocker').map((d) => d.info.path).join(', ')}) are unlocked and searched only when named: root=vdisk:PARTUUID=${devices.find((d) => d.info.fsType === 'BitLocker')!.info.partuuid ?? '…'}:${path}` : '') +
       `\nCheck the path (it starts with "/"; "\\" works too) and the host spec on the kernel command line.`,
     'path', path,
   );

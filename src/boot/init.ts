@@ -23,6 +23,7 @@ import { PlanError, planBoot, type BootPlan } from './plan.ts';
 import { breakShell, failureShell } from './rescue.ts';
 import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
+import { findStackedRoot, StorageStack } from './stack.ts';
 import { unpackTmpfsRoot } from './tmpfs-root.ts';
 import { installShutdown, takeDownInPlace } from './shutdown.ts';
 
@@ -104,7 +105,9 @@ function prepare(sys: Sys, log: ConsoleLog, plan: BootPlan): InitContext {
     log.info(`rootdelay=${plan.rootDelaySec}: waiting`);
     sys.sleepMs(plan.rootDelaySec * 1000);
   }
-  return { sys, log, plan, manifest, modules, devices: new DeviceScanner(sys, log), ueventFd };
+  const ctx: InitContext = { sys, log, plan, manifest, modules, devices: new DeviceScanner(sys, log), ueventFd };
+  ctx.stack = new StorageStack(ctx);
+  return ctx;
 }
 
 function readManifest(sys: Sys): InitramfsManifest {
@@ -131,7 +134,8 @@ function mountRoot(ctx: InitContext): { init: string } {
   }
   const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? log.timed('images', () => setupVdisks(ctx)) : undefined;
   const rootSpec = root.kind === 'block' ? root.device : undefined;
-  const dev = rootSpec ? log.timed('root-device', () => waitForDevice(ctx, rootSpec, 'root device')) : images!.root!;
+  const dev = rootSpec ? log.timed('root-device', () => waitForDevice(ctx, rootSpec, 'root device')) : images!.root ?? findStackedRoot(ctx, images!.rootDeferred!);
+  ctx.stack?.resume();
   log.timed('root-mount', () => mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags));
   return { init: log.timed('choose-init', () => chooseInit(sys, NEW_ROOT, plan)) };
 }

@@ -4,6 +4,7 @@
  */
 import { Cmdline } from './cmdline.ts';
 import { type DeviceSpec, parseDeviceSpec } from './devspec.ts';
+import { planStack, type StackOptions } from './stack-plan.ts';
 
 export type RootSource =
   /** root on a block device: root=/dev/…, UUID=, LABEL=, PARTUUID=, PARTLABEL= */
@@ -35,6 +36,25 @@ export interface VdiskAttach {
   from: string;
 }
 
+/** rd.vdisk.bitlocker.key=KEYPATH[:KEYDEV] */
+export interface BitLockerKeyOption {
+  path: string;
+  /** where the file is; undefined: every partition vdboot reads is searched */
+  device?: DeviceSpec;
+}
+
+/** rd.vdisk.bitlocker.key's value: KEYPATH[:KEYDEV]; a message for a malformed one. */
+export function parseBitLockerKey(text: string, parseSpec: (t: string) => DeviceSpec | undefined = parseDeviceSpec): BitLockerKeyOption | string {
+  const colon = text.indexOf(':');
+  const path = colon < 0 ? text : text.slice(0, colon);
+  const devText = colon < 0 ? undefined : text.slice(colon + 1);
+  if (!path.startsWith('/')) return `rd.vdisk.bitlocker.key=${text}: the key file's path must start with /, e.g. rd.vdisk.bitlocker.key=/bitlocker.txt:LABEL=KEYS`;
+  if (devText === undefined || devText === '') return { path };
+  const device = parseSpec(devText);
+  if (!device) return `rd.vdisk.bitlocker.key=${text}: ${devText} is not a device (use /dev/NAME, UUID=, LABEL=, PARTUUID= or PARTLABEL=)`;
+  return { path, device };
+}
+
 export interface VdiskOptions {
   root: VdiskRootChoice;
   mode: VdiskMode;
@@ -47,6 +67,8 @@ export interface VdiskOptions {
    */
   allowOutside?: boolean;
   attach: VdiskAttach[];
+  /** rd.vdisk.bitlocker.key=KEYPATH[:KEYDEV]: the key of a BitLocker host partition, in a file */
+  bitlockerKey?: BitLockerKeyOption;
   /** the compatibility syntax the vdisk root came from (rd.hostdev, loop=), for the console */
   compat?: string;
 }
@@ -78,6 +100,8 @@ export interface BootPlan {
   debug: boolean;
   /** rd.vdboot.kexec and the marker of a boot that already jumped (kexec.ts) */
   kexec: KexecSetting;
+  /** rd.luks.*, rd.lvm.*, resume=: the layers between a partition and the root filesystem */
+  stack: StackOptions;
   /** things the person at the console should know: unknown or malformed keys */
   warnings: string[];
 }
@@ -111,10 +135,10 @@ export class PlanError extends Error {
 }
 
 /** Keys vdboot reads or knows to be the kernel's; others in vdboot's namespaces draw a warning. */
-const OWN_NAMESPACES = ['rd.vdboot.', 'rd.vdisk.', 'rd.tmpfs.', 'rd.break', 'rd.shell', 'rd.timeout'];
+const OWN_NAMESPACES = ['rd.vdboot.', 'rd.vdisk.', 'rd.tmpfs.', 'rd.break', 'rd.shell', 'rd.timeout', 'rd.luks', 'rd.lvm'];
 
 /** dracut options that vdboot does not implement: a warning says they are ignored. */
-const FOREIGN_RD = /^rd\.(luks|lvm|md|dm|iscsi|neednet|nfs|retry|live|multipath|zfcp|znet|cio_accept|driver|fstab|auto|hostonly|info|udev|memdebug|emergency|cmdline|plymouth|split_lock|kiwi)/;
+const FOREIGN_RD = /^rd\.(md|dm|iscsi|neednet|nfs|retry|live|multipath|zfcp|znet|cio_accept|driver|fstab|auto|hostonly|info|udev|memdebug|emergency|cmdline|plymouth|split_lock|kiwi)/;
 
 export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): BootPlan {
   const cmd = new Cmdline(cmdlineText);
@@ -186,6 +210,7 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     quiet: cmd.has('quiet'),
     debug: cmd.has('rd.vdboot.debug') || cmd.has('rd.debug'),
     kexec: planKexec(cmd, warnings),
+    stack: planStack(cmd, warnings),
     warnings,
   };
 
@@ -196,7 +221,7 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   // Keys vdboot reads later (tmpfs options) are consumed here so they draw no warning.
   for (const key of ['rd.tmpfs.size', 'rd.tmpfs.imgfile']) cmd.all(key);
   for (const p of cmd.unused(OWN_NAMESPACES)) {
-    warnings.push(`unknown option ${p.key}${p.value === undefined ? '' : `=${p.value}`} is ignored (vdboot knows: rd.break, rd.shell, rd.timeout, rd.vdboot.debug, rd.vdboot.kexec, rd.vdisk.*, rd.tmpfs.*)`);
+    warnings.push(`unknown option ${p.key}${p.value === undefined ? '' : `=${p.value}`} is ignored (vdboot knows: rd.break, rd.shell, rd.timeout, rd.vdboot.debug, rd.vdboot.kexec, rd.vdisk.*, rd.tmpfs.*, rd.luks, rd.luks.uuid/.name/.key/.options, rd.lvm, rd.lvm.vg/.lv)`);
   }
   for (const p of cmd.params) {
     if (FOREIGN_RD.test(p.key)) warnings.push(`${p.key} is a dracut option vdboot does not implement; it is ignored`);
@@ -271,9 +296,10 @@ function planVdiskOptions(cmd: Cmdline, warnings: string[]): VdiskOptions {
   if (rootText !== undefined && rootText !== '' && rootText !== 'auto') {
     if (/^\d+$/.test(rootText) && Number(rootText) >= 1 && Number(rootText) <= 256) out.root = { by: 'number', number: Number(rootText) };
     else {
-      const spec = ROOT_BY_SPEC.test(rootText) ? parseDeviceSpec(rootText) : undefined;
+      // /dev/mapper/VG-LV and /dev/VG/LV name an LV inside the image (found after activation)
+      const spec = ROOT_BY_SPEC.test(rootText) || /^\/dev\/(mapper\/[^/]+|[^/]+\/[^/]+)$/.test(rootText) ? parseDeviceSpec(rootText) : undefined;
       if (spec) out.root = { by: 'spec', spec };
-      else warnings.push(`rd.vdisk.root=${rootText} is not a partition number, PARTUUID=, PARTLABEL=, UUID=, LABEL= or auto; using auto`);
+      else warnings.push(`rd.vdisk.root=${rootText} is not a partition number, PARTUUID=, PARTLABEL=, UUID=, LABEL=, /dev/mapper/VG-LV, /dev/VG/LV or auto; using auto`);
     }
   }
   const mode = cmd.get('rd.vdisk.mode');
@@ -295,6 +321,12 @@ function planVdiskOptions(cmd: Cmdline, warnings: string[]): VdiskOptions {
   if (outside !== undefined) {
     if (outside === '' || outside === '1' || outside === 'yes' || outside === 'true') out.allowOutside = true;
     else if (!(outside === '0' || outside === 'no' || outside === 'false')) warnings.push(`rd.vdisk.allow-outside=${outside} is neither 0 nor 1; files outside the image's folder stay refused`);
+  }
+  const bitlockerKey = cmd.get('rd.vdisk.bitlocker.key');
+  if (bitlockerKey !== undefined) {
+    const k = parseBitLockerKey(bitlockerKey);
+    if (typeof k === 'string') warnings.push(`${k}; the key is asked on the console instead`);
+    else out.bitlockerKey = k;
   }
   const attachOne = (key: string, text: string) => {
     try {

@@ -22,6 +22,7 @@
 import { isSysError, MS, O, REBOOT, type Sys } from '../sys/sys.ts';
 import { ConsoleLog } from './console.ts';
 import { DeviceMapper } from './dm.ts';
+import { BITLOCKER_DM_PREFIX } from './bitlocker.ts';
 import { exists, isDirectory, mkdirs, readFileBytes, readText, readTextOr, writeText } from './fsutil.ts';
 import { detachLoop } from './loop.ts';
 import { disconnectNbd, HOST_MOUNT, STATE_DIR, STATE_PATH, type VdiskState } from './vdisk-exec.ts';
@@ -60,7 +61,7 @@ export function installShutdown(sys: Sys, log: ConsoleLog, busybox: string | und
   let record: string | undefined = readTextOr(sys, STATE_PATH);
   if (record === undefined) {
     const found = recoverState(sys);
-    if (!found.dm.length && !found.loops.length && !found.hostMount) return false;
+    if (!found.dm.length && !found.loops.length && !found.hostMount && !found.unlocked) return false;
     record = `${JSON.stringify(found)}\n`;
   }
   try {
@@ -111,7 +112,7 @@ function readState(sys: Sys, log: ConsoleLog, recovered?: VdiskState): VdiskStat
     try {
       const s = JSON.parse(readText(sys, p)) as VdiskState;
       if (Array.isArray(s.dm) && Array.isArray(s.loops)) {
-        return { dm: s.dm, loops: s.loops, nbds: Array.isArray(s.nbds) ? s.nbds : [], daemons: Array.isArray(s.daemons) ? s.daemons : [], ...(s.hostMount ? { hostMount: s.hostMount } : {}) };
+        return { dm: s.dm, loops: s.loops, nbds: Array.isArray(s.nbds) ? s.nbds : [], daemons: Array.isArray(s.daemons) ? s.daemons : [], ...(s.hostMount ? { hostMount: s.hostMount } : {}), ...(Array.isArray(s.unlocked) && s.unlocked.length ? { unlocked: s.unlocked.filter((n: unknown) => typeof n === 'string') } : {}) };
       }
     } catch { /* try the next */ }
   }
@@ -129,19 +130,37 @@ function readState(sys: Sys, log: ConsoleLog, recovered?: VdiskState): VdiskStat
  * could not be written or read: device-mapper devices whose dm uuid begins with VDBOOT-
  * (in the order they were made: vdhost, snapshot bases, whole disks, then partitions),
  * loop devices whose backing file lies under /run/vdboot (an image through the host
- * mount, a snapshot's RAM store), and the host mount.
+ * mount, a snapshot's RAM store), the host mount, and unlocked BitLocker hosts (bitlk-GUID).
  */
 export function recoverState(sys: Sys): VdiskState {
   const dm: { name: string; minor: number; rank: number }[] = [];
+  const unlocked: string[] = [];
   const loops: string[] = [];
   let entries: string[] = [];
   try { entries = sys.readdir('/sys/class/block'); } catch { /* no sysfs */ }
+  // LUKS volumes and LVs vdboot opened on an image's devices: found by what they sit on
+  // (sysfs "slaves"), removed before those (a higher rank goes first).
+  const onVdboot = (e: string, depth: number): boolean => {
+    if (depth > 4) return false;
+    let slaves: string[] = [];
+    try { slaves = sys.readdir(`/sys/class/block/${e}/slaves`); } catch { return false; }
+    return slaves.some((s) => (readTextOr(sys, `/sys/class/block/${s}/dm/uuid`) ?? '').startsWith(DM_UUID_PREFIX) || onVdboot(s, depth + 1));
+  };
   for (const e of entries) {
     const dmMinor = /^dm-(\d+)$/.exec(e);
     if (dmMinor) {
       const uuid = (readTextOr(sys, `/sys/class/block/${e}/dm/uuid`) ?? '').trim();
       const name = (readTextOr(sys, `/sys/class/block/${e}/dm/name`) ?? '').trim();
-      if (!uuid.startsWith(DM_UUID_PREFIX) || !name) continue;
+      if (!name) continue;
+      // cryptsetup names its dm uuids CRYPT-BITLK-…; vdboot's BitLocker hosts are bitlk-GUID
+      if (uuid.startsWith('CRYPT-BITLK-') && name.startsWith(BITLOCKER_DM_PREFIX)) {
+        unlocked.push(name);
+        continue;
+      }
+      if (!uuid.startsWith(DM_UUID_PREFIX)) {
+        if ((uuid.startsWith('CRYPT-') || uuid.startsWith('LVM-')) && onVdboot(e, 0)) dm.push({ name, minor: Number(dmMinor[1]), rank: uuid.startsWith('CRYPT-') ? 4 : 5 });
+        continue;
+      }
       const rank = name === 'vdhost' ? 0 : name.endsWith('-base') ? 1 : /-part\d+$/.test(uuid) ? 3 : 2;
       dm.push({ name, minor: Number(dmMinor[1]), rank });
     } else if (/^loop\d+$/.test(e)) {
@@ -158,7 +177,7 @@ export function recoverState(sys: Sys): VdiskState {
   });
   // nbd devices are left out: nothing tells vdboot's from one the user connected; the
   // hand-off stops vdboot's qemu-nbd (argv[0] "@qemu-nbd") anyway, which ends its device.
-  return { dm: dm.map((d) => d.name), loops, nbds: [], daemons: [], ...(hostMounted ? { hostMount: HOST_MOUNT } : {}) };
+  return { dm: dm.map((d) => d.name), loops, nbds: [], daemons: [], ...(hostMounted ? { hostMount: HOST_MOUNT } : {}), ...(unlocked.length ? { unlocked } : {}) };
 }
 
 /** Not started by systemd's hand-off: pivot into /run/initramfs ourselves, the old root at /oldroot. */
@@ -347,7 +366,7 @@ export function takeDownInPlace(sys: Sys, log: ConsoleLog, unmount: string[]): v
     let found: VdiskState | undefined;
     if (!exists(sys, STATE_PATH)) {
       found = recoverState(sys);
-      if (!found.dm.length && !found.loops.length && !found.hostMount) return;
+      if (!found.dm.length && !found.loops.length && !found.hostMount && !found.unlocked) return;
     }
     const state = readState(sys, log, found);
     if (unmount.length) unmountAll(sys, log, unmount.filter((m) => exists(sys, m)));
@@ -362,6 +381,7 @@ export function takeDownInPlace(sys: Sys, log: ConsoleLog, unmount: string[]): v
     const daemons = storageDaemons(sys, state.daemons);
     if (daemons.length) stopDaemons(sys, log, daemons);
     if (state.dm.includes('vdhost')) removeDevices(sys, log, ['vdhost']);
+    if (state.unlocked?.length) removeDevices(sys, log, state.unlocked);
   } catch (e) {
     log.warn(`taking down the image devices: ${(e as Error).message}`);
   }
@@ -445,6 +465,8 @@ export function runShutdown(sys: Sys, args: string[]): never {
     const daemons = storageDaemons(sys, state.daemons);
     if (daemons.length) stopDaemons(sys, log, daemons);
     if (state.dm.includes('vdhost')) removeDevices(sys, log, ['vdhost']);
+    // Last: the BitLocker host under everything above (removing it drops its key from the kernel).
+    if (state.unlocked?.length) removeDevices(sys, log, state.unlocked);
   } catch (e) {
     log.error(`the shutdown hand-off failed: ${(e as Error).message}; syncing and going on`);
   }

@@ -11,12 +11,13 @@ import { openBlockReader } from './blockdev.ts';
 import { describeDevices, humanSize } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
-import { mkdirs, readTextOr, writeText } from './fsutil.ts';
+import { mkdirs, readText, readTextOr, writeText } from './fsutil.ts';
 import { dropDeviceCache, expandInPlace, type ExpandTarget, type InPlaceResult } from './expand.ts';
 import { layoutReader, verifyFill } from '../formats/expand/fill.ts';
 import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
 import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
+import { isBitLockerHost, unlockBitLocker } from './bitlocker.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { waitForDevice, waitForUevents } from './devwait.ts';
 import { mountDevice } from './mount-device.ts';
@@ -43,6 +44,8 @@ export interface VdiskState {
   daemons: number[];
   /** what each image is, for vdiskload -l and -d in the booted system */
   images?: AttachedImage[];
+  /** dm names of BitLocker host partitions cryptsetup unlocked: closed after the host and vdhost */
+  unlocked?: string[];
 }
 
 /** dm-linear over the whole host partition: the host filesystem is mounted through it while a direct mapping holds the partition. */
@@ -87,11 +90,22 @@ function waitForImage(ctx: InitContext, spec: DeviceSpec | undefined, path: stri
  * The host of `path`: a device vdboot reads itself with the image found on it, or a
  * device holding a filesystem only the kernel reads (the caller mounts it to look).
  */
-function locateImage(ctx: InitContext, spec: DeviceSpec | undefined, path: string, what: string): { found?: FoundImage; kernel?: BlockDeviceInfo } {
+function locateImage(ctx: InitContext, spec: DeviceSpec | undefined, path: string, what: string, unlocked: Map<string, BlockDeviceInfo>, onUnlocked: (dmName: string) => void): { found?: FoundImage; kernel?: BlockDeviceInfo } {
   if (!spec) return { found: waitForImage(ctx, spec, path, what) };
-  const dev = waitForDevice(ctx, spec, `host partition of ${what}`);
+  let dev = waitForDevice(ctx, spec, `host partition of ${what}`);
+  let hostSpec = spec;
+  if (isBitLockerHost(dev)) {
+    // Unlocked once per boot: an image planned again after its expansion finds it open.
+    let open = unlocked.get(dev.path);
+    if (!open) {
+      open = unlockBitLocker(ctx, dev, ctx.plan.vdisk.bitlockerKey, onUnlocked);
+      unlocked.set(dev.path, open);
+    }
+    dev = open;
+    hostSpec = { by: 'path', value: open.path };
+  }
   if (isKernelHost(dev)) return { kernel: dev };
-  return { found: findImage(hostDevices(ctx, [dev]), spec, path) };
+  return { found: findImage(hostDevices(ctx, [dev]), hostSpec, path) };
 }
 
 /** A host mounted by the kernel at /run/vdboot/host (through vdhost) for vdboot to read its image files. */
@@ -255,7 +269,7 @@ function connectNbd(ctx: InitContext, undo: Undo, n: NonNullable<VdiskPlan['nbd'
  * Sets up root=vdisk: (and rd.vdisk.attach images) and returns the root device to
  * mount. Every image is planned before anything is written or created.
  */
-export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: VdiskPlan[] } {
+export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDeferred?: NonNullable<VdiskPlan['rootDeferred']>; plans: VdiskPlan[] } {
   const { sys, log, plan } = ctx;
   const requests: { spec?: DeviceSpec; path: string; root: boolean; what: string }[] = [];
   if (plan.root.kind === 'vdisk') requests.push({ ...(plan.root.host ? { spec: plan.root.host } : {}), path: plan.root.path, root: true, what: 'the root image' });
@@ -268,13 +282,15 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   const dm = new DeviceMapper(sys);
   const undo = new Undo(sys, dm);
   let kernelHost: KernelMount | undefined;
+  /** BitLocker host partitions unlocked for this boot, by their own path */
+  const unlocked = new Map<string, BlockDeviceInfo>();
   const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
   type Planned = { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo } | { kind: 'expand'; need: ExpansionNeeded; target: ExpandTarget };
   /** Locates, opens and plans request `index` (reads only); a dynamic image for a rw mapping comes back as 'expand'. */
   const planOne = (index: number, verify?: (host: ImageHost, device: BlockDeviceInfo) => void): Planned => {
     const r = requests[index]!;
     // A host mounted already is now also matched by vdhost (it carries the host's label): use the mounted one.
-    const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : log.timed('locate-host', () => locateImage(ctx, r.spec, r.path, r.what));
+    const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : log.timed('locate-host', () => locateImage(ctx, r.spec, r.path, r.what, unlocked, (name) => (undo.state.unlocked ??= []).push(name)));
     let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
     if (located.kernel) {
       const dev = located.kernel;
@@ -313,6 +329,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
       for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
       for (const w of vp.warnings) log.warn(w);
       if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
+      if (vp.rootDeferred) log.info(`${vp.name}: the root is found after unlocking and activation: ${vp.rootDeferred.why}`);
       return { kind: 'planned', vp, host: opened.device };
     } finally {
       // the host's files are closed before anything remounts it (an open file keeps it busy)
@@ -409,7 +426,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; plans: 
   }
   writeState(sys, { ...undo.state, images: planned.map((p) => imageRecord(p.vp, 'boot')) });
   const root = planned.find((p) => p.vp.root)?.vp.root?.device;
-  return root ? { root, plans: planned.map((p) => p.vp) } : { plans: planned.map((p) => p.vp) };
+  const rootDeferred = planned.find((p) => p.vp.rootDeferred)?.vp.rootDeferred;
+  return { ...(root ? { root } : {}), ...(rootDeferred ? { rootDeferred } : {}), plans: planned.map((p) => p.vp) };
 }
 
 /**
@@ -545,6 +563,20 @@ function mountHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDe
     }
     log.warn(`the host filesystem ${host.path} is not reachable at ${HOST_MOUNT} (${(e as Error).message}); the booted system can mount /dev/mapper/vdhost itself${host.fsType === 'ntfs' ? ', e.g. with ntfs-3g' : ''}`);
   }
+}
+
+/**
+ * Adds a device made on top of an image's devices (an unlocked LUKS volume, an LV) to the
+ * record the shutdown hand-off reads, after the image's own devices: they are removed in
+ * reverse, so it goes before the partition it sits on.
+ */
+export function recordStackedDevice(sys: Sys, name: string): void {
+  try {
+    const state = JSON.parse(readText(sys, STATE_PATH)) as VdiskState;
+    if (!Array.isArray(state.dm) || state.dm.includes(name)) return;
+    state.dm.push(name);
+    writeState(sys, state);
+  } catch { /* no record: the hand-off finds them by their place on vdboot's devices */ }
 }
 
 function writeState(sys: Sys, state: VdiskState): void {

@@ -24,7 +24,7 @@ import { findChildImages, MAX_NEIGHBOURS } from './children.ts';
 import { checkFills, expansionFor, ExpansionNeeded, planFills } from './expand-plan.ts';
 import { vhdxHeaderRenewal } from '../formats/expand/vhdx.ts';
 import { humanSize } from './devices.ts';
-import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
+import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import type { ImageHost, ImageRequest } from './image-host.ts';
 import type { VdiskMode, VdiskRootChoice } from './plan.ts';
 
@@ -86,6 +86,12 @@ export interface VdiskPlan {
   /** the root partition and why it was chosen */
   root?: { partition: VirtualPartition; device: BlockDeviceInfo; why: string };
   /**
+   * The root lies behind LUKS or LVM inside the image: it is found among the devices made
+   * after unlocking and activation — by `spec` (rd.vdisk.root=UUID=…, /dev/mapper/VG-LV), or
+   * without one as the only Linux filesystem there. `layers`: the partitions that hold them.
+   */
+  rootDeferred?: { spec?: DeviceSpec; why: string; layers: VirtualPartition[] };
+  /**
    * Written before anything is written through the devices, in order, each synced before the
    * next: a VHDX's headers get a new FileWriteGuid and DataWriteGuid, as MS-VHDX asks of a
    * writer before its first write (backup tools and Hyper-V's checkpoints tell changed disks
@@ -117,7 +123,7 @@ export const DM_UUID_PREFIX = 'VDBOOT-';
 const SECTOR = 512;
 
 /** Filesystems a Linux root lives on; `auto` looks for exactly one of them. */
-const LINUX_FS = new Set(['ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'f2fs', 'jfs', 'reiserfs', 'nilfs2', 'bcachefs']);
+export const LINUX_FS: ReadonlySet<string> = new Set(['ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'f2fs', 'jfs', 'reiserfs', 'nilfs2', 'bcachefs']);
 
 function bytes(n: number): string {
   return `${humanSize(n)}${n >= 1024 ? ` (${n} bytes)` : ''}`;
@@ -317,7 +323,10 @@ export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   }
   if (chosen.path === 'nbd') plan.nbd = { file: image.layers[0]!.path, format: qemuFormatName(image.layers[0]!.layer.format), readOnly: req.mode !== 'rw' };
   if (cowBytes !== undefined) plan.cowBytes = cowBytes;
-  if (req.root) {
+  const stacked = (table.kind === 'none' ? [whole] : partitions).filter((p) => p.fsType === 'crypto_LUKS' || p.fsType === 'LVM2_member');
+  const deferred = req.root ? deferRoot(req.root, table.kind, partitions, whole, stacked) : undefined;
+  if (deferred) plan.rootDeferred = deferred;
+  else if (req.root) {
     const r = chooseRoot(req, req.root, table.kind, partitions, whole);
     plan.root = {
       partition: r.partition,
@@ -557,6 +566,23 @@ function directExplain(direct: ExtentMap, hostDevice: string, source?: string): 
   return `the image is fully mappable: ${s.dataExtents} extent${s.dataExtents === 1 ? '' : 's'} on ${hostDevice}${source ? ` (from ${source})` : ''}${zero}; the host filesystem driver is not in the data path`;
 }
 
+/**
+ * When the image has LUKS or LVM partitions and the choice cannot be made from its plain
+ * partitions (a spec none matches, or auto without a GPT root type), the root is looked
+ * for after unlocking and activation instead.
+ */
+function deferRoot(choice: VdiskRootChoice, kind: string, parts: VirtualPartition[], whole: VirtualPartition, stacked: VirtualPartition[]): VdiskPlan['rootDeferred'] {
+  if (stacked.length === 0 || choice.by === 'number') return undefined;
+  const where = stacked.map((p) => `${p.number ? `partition ${p.number}` : 'the whole disk'} (${p.fsType === 'crypto_LUKS' ? 'LUKS' : 'LVM PV'})`).join(', ');
+  if (choice.by === 'spec') {
+    const candidates = kind === 'none' ? [whole] : parts;
+    const plain = candidates.some((x) => deviceMatches(choice.spec, { name: x.name, path: `/dev/mapper/${x.name}`, major: 0, minor: 0, size: x.size, fsType: x.fsType, uuid: x.uuid, label: x.label, partuuid: x.partuuid, partlabel: x.partlabel }));
+    return plain ? undefined : { spec: choice.spec, why: `rd.vdisk.root=${formatDeviceSpec(choice.spec)}, looked for behind ${where}`, layers: stacked };
+  }
+  if (parts.some((p) => p.type === GPT_TYPE.linuxRootX86_64)) return undefined;
+  return { why: `the only Linux filesystem behind ${where}`, layers: stacked };
+}
+
 function chooseRoot(req: ImageRequest, choice: VdiskRootChoice, kind: string, parts: VirtualPartition[], whole: VirtualPartition): { partition: VirtualPartition; why: string } {
   const list = () =>
     (kind === 'none' ? [whole] : parts)
@@ -648,6 +674,7 @@ export function describeVdiskPlan(plan: VdiskPlan, maxLines = 20): string[] {
     if (d.targets.length > maxLines) out.push(`    … ${d.targets.length - maxLines} more`);
   }
   if (plan.root) out.push(`  root: /dev/mapper/${plan.root.partition.name} (${plan.root.partition.fsType ?? 'no filesystem found'}), chosen by ${plan.root.why}`);
+  if (plan.rootDeferred) out.push(`  root: after unlocking and activation, ${plan.rootDeferred.why}`);
   for (const w of plan.warnings) out.push(`  warning: ${w}`);
   return out;
 }

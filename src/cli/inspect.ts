@@ -13,6 +13,8 @@ import { gptTypeName } from '../formats/guid.ts';
 import { parseImageArgs } from './map.ts';
 import { openHostImage } from '../sys/host-image.ts';
 import type { OpenedImage } from '../formats/image.ts';
+import { readBitLocker, type BitLockerVolume } from '../formats/bitlocker.ts';
+import { bitLockerBootLines } from '../boot/bitlocker.ts';
 
 export interface Mappability {
   ok: boolean;
@@ -59,9 +61,19 @@ export const command: Command = {
       const disk = mappedReader(img, a.image);
       let partitions: PartitionTable | { error: string };
       const filesystems: Record<string, ProbeResult | { error: string } | null> = {};
+      // BitLocker volumes: their metadata (protectors, cipher) read without a key.
+      const bitlocker: Record<string, BitLockerVolume | { error: string }> = {};
       const probe = (key: string, r: () => ReturnType<typeof mappedReader>) => {
         try {
-          filesystems[key] = probeFilesystem(r());
+          const reader = r();
+          filesystems[key] = probeFilesystem(reader);
+          if (filesystems[key]?.type === 'BitLocker') {
+            try {
+              bitlocker[key] = readBitLocker(reader);
+            } catch (e) {
+              bitlocker[key] = { error: (e as Error).message };
+            }
+          }
         } catch (e) {
           filesystems[key] = { error: (e as Error).message };
         }
@@ -80,7 +92,9 @@ export const command: Command = {
         if (f === undefined) return '';
         if (f === null) return ', no filesystem recognized';
         if ('error' in f) return `, filesystem unreadable: ${f.error}`;
-        return `, ${f.type}${f.label ? ` LABEL="${f.label}"` : ''}${f.uuid ? ` UUID=${f.uuid}` : ''}`;
+        const b = bitlocker[key];
+        const bitlk = b === undefined ? '' : 'error' in b ? `\n      BitLocker metadata unreadable: ${b.error}` : `\n${bitLockerBootLines(b, key === 'disk' ? 'the disk' : `partition ${key}`, undefined).map((l) => `      ${l}`).join('\n')}`;
+        return `, ${f.type}${f.label ? ` LABEL="${f.label}"` : ''}${f.uuid ? ` UUID=${f.uuid}` : ''}${bitlk}`;
       };
       const mapping = mappability(img);
       const chain = img.layers.map((l) => ({
@@ -93,7 +107,7 @@ export const command: Command = {
         details: l.layer.details,
       }));
       if (a.flags.has('--json')) {
-        io.stdout(`${JSON.stringify({ image: a.image, format: top.format, subformat: top.subformat, size: img.map.size, chain, map: summary, partitions, filesystems, mapping }, null, 1)}\n`);
+        io.stdout(`${JSON.stringify({ image: a.image, format: top.format, subformat: top.subformat, size: img.map.size, chain, map: summary, partitions, filesystems, ...(Object.keys(bitlocker).length ? { bitlocker } : {}), mapping }, null, 1)}\n`);
         return 0;
       }
       const out: string[] = [];

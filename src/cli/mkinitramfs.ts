@@ -8,14 +8,15 @@ import { walkArgs } from './args.ts';
 
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
                   [--add-module NAME]... [--omit-module NAME]...
-                  [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--without ntfs-3g]
+                  [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--without ntfs-3g|cryptsetup]
                   [--hostonly [--root SPEC]] [--modules-dir DIR] [--arch x86_64|aarch64]
                   [--init FILE] [--busybox FILE]
 
 Builds an initramfs whose /init is vdboot, with the kernel modules to reach a root on
 virtio, SCSI, SATA/AHCI, NVMe, USB and SD storage, the usual filesystems, device-mapper,
 loop, nbd and fuse, and busybox for the rescue shell. It also includes ntfs-3g (when this
-machine has it), so NTFS hosts and sparse image files on them can be written at boot.
+machine has it), so NTFS hosts and sparse image files on them can be written at boot, and
+cryptsetup (when this machine has it), so LUKS volumes can be unlocked at boot.
 Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompressed.
 
   --kernel VERSION|VMLINUZ  the kernel (default: the running one, else the newest in /lib/modules)
@@ -28,8 +29,10 @@ Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompres
                             include the program and its libraries (ntfs-3g: NTFS through fuse, for kernels
                             without ntfs3; qemu-nbd: images the kernel cannot map; zstd, lz4: root=tmpfs:
                             archives in those compressions unpack at C speed); repeatable
-  --without ntfs-3g         leave out a program included by default (ntfs-3g on kernels without ntfs3:
-                            NTFS hosts are then reached read-only by vdboot's direct path alone)
+  --without ntfs-3g|cryptsetup
+                            leave out a program included by default (ntfs-3g on kernels without ntfs3:
+                            NTFS hosts are then reached read-only by vdboot's direct path alone;
+                            cryptsetup: LUKS volumes then cannot be unlocked)
   --hostonly                only this machine's storage drivers (each disk's driver chain in /sys) and
                             the filesystems of its mounted disks, instead of the universal set; a boot
                             on hardware that needs a driver left out names the device and the module
@@ -85,7 +88,7 @@ export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOpti
       }
       case '--without': {
         const t = value();
-        if (!(t in TOOLS)) throw new ModuleError(`--without ${t}: vdboot includes by default only ntfs-3g (on kernels without ntfs3)`);
+        if (!(t in TOOLS)) throw new ModuleError(`--without ${t}: vdboot includes by default only ntfs-3g and cryptsetup`);
         (options.without ??= []).push(t as ToolName);
         break;
       }

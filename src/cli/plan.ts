@@ -18,6 +18,8 @@ import { describeVdiskPlan, planVdisk, type VdiskPlan } from '../boot/vdisk.ts';
 import { vdhostPlan, HOST_MOUNT } from '../boot/vdisk-exec.ts';
 import type { BlockReader } from '../formats/block-reader.ts';
 import { isExpansionNeeded } from '../boot/expand-plan.ts';
+import { bitLockerPlanStop, isBitLockerHost } from '../boot/bitlocker.ts';
+import { readBitLocker } from '../formats/bitlocker.ts';
 
 /** Block devices from disk image files: whole disks and their partitions, probed like discovery does at boot. */
 export function diskFileDevices(files: string[]): { devices: HostDevice[]; close(): void } {
@@ -76,6 +78,12 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts:
   try {
     let index = 0;
     const planOne = (hostSpec: Parameters<typeof findImage>[1], path: string, root: boolean) => {
+      // A BitLocker host: its protectors are shown, and the dry run stops (it has no key).
+      const bitlk = hostSpec && devices.find((d) => isBitLockerHost(d.info) && deviceMatches(hostSpec, d.info));
+      if (bitlk) {
+        const r = bitlk.open();
+        try { throw bitLockerPlanStop(bitlk.info, readBitLocker(r), plan.vdisk.bitlockerKey, path); } finally { r.close(); }
+      }
       const found = findImage(devices, hostSpec, path);
       hosts.push(found.host);
       const allowOutside = opts.allowOutside === true || plan.vdisk.allowOutside === true;
@@ -86,7 +94,8 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts:
     };
     if (plan.root.kind === 'vdisk') {
       const vp = planOne(plan.root.host, plan.root.path, true);
-      report.mounts.push({ source: vp.root!.device.path, target: '/root', fstype: plan.rootFsType ?? vp.root!.partition.fsType ?? '?', readOnly: plan.readOnly });
+      if (vp.root) report.mounts.push({ source: vp.root.device.path, target: '/root', fstype: plan.rootFsType ?? vp.root.partition.fsType ?? '?', readOnly: plan.readOnly });
+      else if (vp.rootDeferred) report.mounts.push({ source: vp.rootDeferred.spec ? formatDeviceSpec(vp.rootDeferred.spec) : '(found at boot)', target: '/root', fstype: plan.rootFsType ?? '?', readOnly: plan.readOnly, note: `after unlocking and activation: ${vp.rootDeferred.why}` });
     }
     for (const a of plan.vdisk.attach) planOne(a.host, a.path, false);
     if (plan.root.kind === 'block') {
@@ -157,9 +166,10 @@ export const command: Command = {
       return 0;
     } catch (e) {
       const err = e as Error;
-      if (err.name === 'FormatError' && (err as { field?: string }).field === 'kernel-host') {
-        // Not a failure: at boot the kernel mounts that host, which this machine cannot do with a disk file.
-        io.stdout(`devices found:\n${describeDevices(devices.map((d) => d.info))}\n${err.message}\n`);
+      if (err.name === 'FormatError' && ['kernel-host', 'bitlocker-host'].includes((err as { field?: string }).field ?? '')) {
+        // Not a failure: at boot the kernel mounts that host (or cryptsetup unlocks it), which this machine cannot do with a disk file.
+        const warnings = planBoot(cmdline).warnings.map((w) => `warning: ${w}\n`).join('');
+        io.stdout(`devices found:\n${describeDevices(devices.map((d) => d.info))}\n${warnings}${err.message}\n`);
         return 0;
       }
       if (isExpansionNeeded(err)) {

@@ -28,3 +28,12 @@ export function crc32(bytes: Uint8Array, seed = 0): number {
 export function crc32c(bytes: Uint8Array, seed = 0): number {
   return run(CASTAGNOLI, bytes, seed);
 }
+
+/**
+ * LVM2's checksum (lib/misc/crc.c): the reflected IEEE polynomial of `crc32`, but with no
+ * inversion before or after, started from LVM's INITIAL_CRC (0xf597a6cf) unless `initial`
+ * continues a previous result (metadata text that wraps round its area).
+ */
+export function lvmCrc(bytes: Uint8Array, initial = 0xf597a6cf): number {
+  return ~run(IEEE, bytes, ~initial >>> 0) >>> 0;
+}

@@ -140,6 +140,8 @@ export interface ManifestTools {
   /** zstd and lz4, when included: root=tmpfs: archives in those compressions unpack at C speed. */
   zstd?: string;
   lz4?: string;
+  /** cryptsetup, when included: unlocks LUKS volumes. */
+  cryptsetup?: string;
 }
 
 /** The canonical spelling of a module name: `-` and `_` are the same to the kernel. */

@@ -8,11 +8,12 @@
  * conventions so that `root=UUID=…` / `LABEL=…` written for a blkid-based initramfs
  * match here too.
  */
+import { bitLockerVariant, isVistaBitLocker, looksLikeBitLocker } from './bitlocker.ts';
 import type { BlockReader } from './block-reader.ts';
 import { utf16leDecode, utf8Decode } from './text.ts';
 
 export interface ProbeResult {
-  /** blkid's TYPE: ext2, ext3, ext4, xfs, btrfs, vfat, exfat, ntfs, iso9660, squashfs, swap, crypto_LUKS, LVM2_member, linux_raid_member, … */
+  /** blkid's TYPE: ext2, ext3, ext4, xfs, btrfs, vfat, exfat, ntfs, iso9660, squashfs, swap, crypto_LUKS, BitLocker, LVM2_member, linux_raid_member, … */
   type: string;
   /** blkid's USAGE */
   usage: 'filesystem' | 'other' | 'crypto' | 'raid';
@@ -240,6 +241,23 @@ function probeLuks(p: Probe): ProbeResult | null {
     if (sub) r.extra = { SUBSYSTEM: sub };
   }
   return clean(r);
+}
+
+/**
+ * BitLocker (Windows 7 and later) and BitLocker To Go: the boot sector's signature, VERSION
+ * from the first FVE metadata block, as blkid (which, like this, does not require the
+ * BitLocker GUID for a "-FVE-FS-" sector). Windows Vista's layout is named without VERSION.
+ */
+function probeBitLocker(p: Probe): ProbeResult | null {
+  const bs = p.read(0, 512);
+  if (!bs || !looksLikeBitLocker(bs)) return null;
+  const r: ProbeResult = { type: 'BitLocker', usage: 'crypto' };
+  const at = bitLockerVariant(bs) === 'to-go' ? 440 : isVistaBitLocker(bs) ? -1 : 176;
+  if (at > 0) {
+    const fve = p.read(le64(bs, at), 16);
+    if (fve && ascii(fve, 0, 8) === '-FVE-FS-') r.version = String(le16(fve, 10));
+  }
+  return r;
 }
 
 /** LVM2 physical volume: "LABELONE" in one of the first four sectors. */
@@ -583,7 +601,7 @@ function clean(r: ProbeResult): ProbeResult {
  * with unambiguous magic, FAT last (its signature is the weakest).
  */
 const PROBERS: ((p: Probe) => ProbeResult | null)[] = [
-  probeLuks, probeMdRaid, probeLvm2, probeSwap,
+  probeLuks, probeBitLocker, probeMdRaid, probeLvm2, probeSwap,
   probeXfs, probeBtrfs, probeExt, probeSquashfs, probeIso9660, probeNtfs, probeExfat, probeVfat,
 ];
 

@@ -59,7 +59,15 @@ export interface FakeMachine {
    * Programs a spawn with `stdio` runs, by name (busybox's applet when the path is
    * busybox): stdin's bytes in, stdout's bytes and the exit status out.
    */
-  programs?: Record<string, (stdin: Uint8Array, argv: string[]) => { stdout: Uint8Array; exitCode: number }>;
+  programs?: Record<string, (stdin: Uint8Array, argv: string[], kernel: FakeKernel) => { stdout: Uint8Array; exitCode: number }>;
+  /**
+   * dm-crypt: what a `crypt` target's device reads as once decrypted, by the device its
+   * table names ("/dev/vda1"); a crypt target on any other device fails to load (EINVAL,
+   * as a wrong key or cipher would leave it unreadable).
+   */
+  cryptPlaintext?: Record<string, Uint8Array>;
+  /** What the console (fd 0, /dev/console) reads (a person typing): bytes in order, then end of input. */
+  consoleInput?: string;
   /**
    * The filesystem tree a mount of a device-mapper device shows, by dm name ("vdisk0p2",
    * "vdhost"). The mount also checks that the device's bytes start with an ext or NTFS
@@ -489,6 +497,17 @@ export class FakeKernel implements Sys {
       buf.set(b.subarray(0, buf.length));
       return Math.min(b.length, buf.length);
     }
+    const cn = this.fds.get(fd)?.node;
+    if ((fd === 0 && !this.fds.has(0)) || (cn?.kind === 'chr' && cn.major === 5 && cn.minor === 1)) {
+      // a terminal in canonical mode: one line per read at most
+      const input = enc(this.machine.consoleInput ?? '');
+      const nl = input.indexOf(10, this.consoleRead);
+      const avail = (nl < 0 ? input.length : nl + 1) - this.consoleRead;
+      const n = Math.max(0, Math.min(buf.length, avail));
+      buf.set(input.subarray(this.consoleRead, this.consoleRead + n));
+      this.consoleRead += n;
+      return n;
+    }
     const f = this.fds.get(fd) ?? fail('EBADF', `read ${fd}`);
     const n = this.pread(fd, buf, f.pos);
     f.pos += n;
@@ -496,7 +515,8 @@ export class FakeKernel implements Sys {
   }
 
   write(fd: number, buf: Uint8Array): number {
-    if (fd === 1 || fd === 2) {
+    const cn = this.fds.get(fd)?.node;
+    if (fd === 1 || fd === 2 || (cn?.kind === 'chr' && cn.major === 5 && cn.minor === 1)) {
       for (const b of buf) this.consoleBytes.push(b);
       return buf.length;
     }
@@ -547,6 +567,47 @@ export class FakeKernel implements Sys {
   // ---------------------------------------------------------------- device-mapper and loop
 
   private readonly dms = new Map<string, FakeDm>();
+  /** bytes of machine.consoleInput read so far */
+  private consoleRead = 0;
+
+  /**
+   * What a program (cryptsetup) does through libdevmapper: creates, loads and resumes a dm
+   * device, by the same ioctl paths vdboot's own device-mapper code takes.
+   */
+  createDmDevice(name: string, uuid: string, targets: FakeDmTarget[], readOnly: boolean): void {
+    const pack = (fields: { name: string; uuid?: string; targets?: FakeDmTarget[]; flags?: number }): ArrayBuffer => {
+      const specs = (fields.targets ?? []).map((t) => {
+        const params = enc(`${t.params}\0`);
+        const size = (40 + params.length + 7) & ~7;
+        return { t, params, size };
+      });
+      const total = 312 + specs.reduce((a, x) => a + x.size, 0);
+      const buf = new ArrayBuffer(total);
+      const v = new DataView(buf);
+      const b = new Uint8Array(buf);
+      v.setUint32(0, 4, true);
+      v.setUint32(8, total, true);
+      v.setUint32(12, total, true);
+      v.setUint32(16, 312, true);
+      v.setUint32(20, specs.length, true);
+      v.setUint32(28, fields.flags ?? 0, true);
+      b.set(enc(fields.name), 48);
+      if (fields.uuid) b.set(enc(fields.uuid), 176);
+      let off = 312;
+      for (const x of specs) {
+        v.setBigUint64(off, BigInt(x.t.start), true);
+        v.setBigUint64(off + 8, BigInt(x.t.length), true);
+        v.setUint32(off + 20, x.size, true);
+        b.set(enc(x.t.type), off + 24);
+        b.set(x.params, off + 40);
+        off += x.size;
+      }
+      return buf;
+    };
+    this.dmIoctl(3, pack({ name, uuid }));
+    this.dmIoctl(9, pack({ name, targets, flags: readOnly ? 1 : 0 }));
+    this.dmIoctl(6, pack({ name }));
+  }
   /** dm devices' bytes, read through their tables; dropped whenever a table, loop or file changes */
   private readonly dmBytes = new Map<number, Uint8Array>();
   private nextDmMinor = 0;
@@ -592,7 +653,7 @@ export class FakeKernel implements Sys {
     const out = new Set<string>();
     for (const dm of this.dms.values()) {
       for (const t of [...(dm.live?.targets ?? []), ...(dm.inactive?.targets ?? [])]) {
-        const refs = t.type === 'linear' ? [t.params.split(' ')[0]!] : t.type === 'snapshot' ? t.params.split(' ').slice(0, 2) : [];
+        const refs = t.type === 'linear' ? [t.params.split(' ')[0]!] : t.type === 'snapshot' ? t.params.split(' ').slice(0, 2) : t.type === 'crypt' ? [t.params.split(' ')[3]!] : [];
         for (const r of refs) {
           try {
             const d = this.resolveDevice(r);
@@ -616,6 +677,11 @@ export class FakeKernel implements Sys {
         const from = t.type === 'linear' ? Number(off) * 512 : 0;
         const n = Math.max(0, Math.min(len, src.size - from));
         out.set(src.bytes.subarray(src.start + from, src.start + from + n), at);
+      } else if (t.type === 'crypt') {
+        const p = t.params.split(' ');
+        const plain = this.machine.cryptPlaintext?.[p[3]!] ?? fail('ENXIO', `dm: crypt ${p[3]} has no plaintext`);
+        const from = Number(p[4]) * 512;
+        out.set(plain.subarray(from, Math.min(plain.length, from + len)), at);
       }
     }
     return out;
@@ -667,7 +733,12 @@ export class FakeKernel implements Sys {
         for (const t of targets) {
           if (t.start !== pos || t.length <= 0) fail('EINVAL', `dm load ${name}: targets not contiguous at sector ${t.start}`);
           pos += t.length;
-          if (!['linear', 'zero', 'error', 'snapshot', 'snapshot-origin'].includes(t.type)) fail('EINVAL', `dm load ${name}: unknown target type ${t.type}`);
+          if (!['linear', 'zero', 'error', 'snapshot', 'snapshot-origin', 'crypt'].includes(t.type)) fail('EINVAL', `dm load ${name}: unknown target type ${t.type}`);
+          if (t.type === 'crypt') {
+            // <cipher> <key> <iv_offset> <device> <offset> [options]
+            const ref = t.params.split(' ')[3];
+            if (!ref || !this.machine.cryptPlaintext?.[ref]) fail('EINVAL', `dm load ${name}: crypt params "${t.params}": no plaintext for ${ref}`);
+          }
           if (t.type === 'linear') {
             const [ref, off0] = t.params.split(' ');
             if (!ref || !/^\d+$/.test(off0 ?? '')) fail('EINVAL', `dm load ${name}: linear params "${t.params}"`);
@@ -999,7 +1070,7 @@ export class FakeKernel implements Sys {
       const chunks: number[] = [];
       const buf = new Uint8Array(65536);
       for (let n; (n = this.read(inFd, buf)) > 0; ) for (let i = 0; i < n; i++) chunks.push(buf[i]!);
-      const r = program(Uint8Array.from(chunks), argv);
+      const r = program(Uint8Array.from(chunks), argv, this);
       this.write(outFd, r.stdout);
       this.finished.set(pid, r.exitCode);
     }

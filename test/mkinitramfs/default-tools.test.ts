@@ -17,6 +17,8 @@ import { initBinary, tmpdir } from './helpers.ts';
 const vmlinuz61 = fs.readdirSync('/boot').filter((n) => /^vmlinuz-6\.1\./.test(n)).sort().map((n) => `/boot/${n}`).at(-1);
 const release61 = vmlinuz61?.slice('/boot/vmlinuz-'.length);
 const hasNtfs3g = fs.existsSync('/usr/bin/ntfs-3g');
+const hasCryptsetup = fs.existsSync('/usr/sbin/cryptsetup') || fs.existsSync('/sbin/cryptsetup');
+const defaults = hasCryptsetup ? ['cryptsetup', 'ntfs-3g'] : ['ntfs-3g'];
 
 function captureIO(): CliIO & { out: string; err: string } {
   const io = {
@@ -56,7 +58,7 @@ describe.skipIf(!vmlinuz61 || !hasNtfs3g)(`mkinitramfs defaults for ${vmlinuz61 
     const libs = [...execFileSync('ldd', ['/usr/bin/ntfs-3g'], { encoding: 'utf8' }).matchAll(/=>\s+(\/\S+)/g)].map((m) => m[1]!.slice(1));
     expect(libs.length).toBeGreaterThan(0);
     for (const lib of libs) expect(names).toContain(lib);
-    expect(io.out).toMatch(new RegExp(`^${out.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: .* modules for kernel ${release61}, with ntfs-3g \\(by default: the kernel has no ntfs3\\), \\d+\\.\\d+ s$`, 'm'));
+    expect(io.out).toMatch(new RegExp(`^${out.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: .* modules for kernel ${release61}, with ${hasCryptsetup ? 'cryptsetup \\(by default: LUKS volumes [^)]*\\), ' : ''}ntfs-3g \\(by default: the kernel has no ntfs3\\), \\d+\\.\\d+ s$`, 'm'));
     expect(io.err).toMatch(/note: ntfs-3g included: the kernel has no ntfs3, so NTFS hosts are written through ntfs-3g; --without ntfs-3g leaves it out/);
   });
 
@@ -69,18 +71,19 @@ describe.skipIf(!vmlinuz61 || !hasNtfs3g)(`mkinitramfs defaults for ${vmlinuz61 
     expect(names).not.toContain('usr/bin/ntfs-3g');
     expect(manifest.preload).not.toContain('fuse');
     expect(io.out).not.toMatch(/ntfs-3g/);
+    expect(manifest.tools.cryptsetup === undefined).toBe(!hasCryptsetup);
     expect(io.err).toMatch(/without ntfs3 and without ntfs-3g \(--without ntfs-3g\), NTFS host partitions are reached only by vdboot's direct path/);
-    await expect(main(['mkinitramfs', '--kernel', vmlinuz61!, '--without', 'busybox', '-o', out], captureIO())).rejects.toThrow(/--without busybox: vdboot includes by default only ntfs-3g/);
+    await expect(main(['mkinitramfs', '--kernel', vmlinuz61!, '--without', 'busybox', '-o', out], captureIO())).rejects.toThrow(/--without busybox: vdboot includes by default only ntfs-3g and cryptsetup/);
     expect(() => buildInitramfs({ kernel: vmlinuz61!, initBinary: initBinary(), tools: ['ntfs-3g'], without: ['ntfs-3g'] })).toThrow(/ntfs-3g is both asked for and left out/);
   });
 
   it('the library default matches: writeInitramfs with no tools option includes ntfs-3g; tools adds to it', () => {
     const out = path.join(tmpdir(), 'initrd.img');
     const r = writeInitramfs(out, { kernel: vmlinuz61!, initBinary: initBinary(), compress: 'none' });
-    expect(r.tools).toEqual(['ntfs-3g']);
+    expect(r.tools).toEqual(defaults);
     expect(unpack(out).manifest.tools.ntfs3g).toBe('/usr/bin/ntfs-3g');
     // the same bytes as asking for it
-    const asked = buildInitramfs({ kernel: vmlinuz61!, initBinary: initBinary(), compress: 'none', tools: ['ntfs-3g'] });
+    const asked = buildInitramfs({ kernel: vmlinuz61!, initBinary: initBinary(), compress: 'none', tools: defaults as ('ntfs-3g' | 'cryptsetup')[] });
     expect(Buffer.from(asked.cpio).equals(Buffer.from(r.cpio))).toBe(true);
     const withZstd = buildInitramfs({ kernel: vmlinuz61!, initBinary: initBinary(), compress: 'none', tools: ['zstd'] });
     expect(withZstd.manifest.tools).toMatchObject({ ntfs3g: '/usr/bin/ntfs-3g', zstd: '/usr/bin/zstd' });
@@ -99,8 +102,31 @@ describe.skipIf(!vmlinuz61 || !hasNtfs3g)(`mkinitramfs defaults for ${vmlinuz61 
     fs.writeFileSync(path.join(dir, 'modules.builtin'), `${fs.readFileSync(path.join(real, 'modules.builtin'), 'utf8')}kernel/fs/ntfs3/ntfs3.ko\n`);
     const r = buildInitramfs({ modulesDir: dir, initBinary: initBinary(), compress: 'none' });
     expect(r.manifest.builtin).toContain('ntfs3');
-    expect(r.tools).toEqual(['ntfs-3g']);
+    expect(r.tools).toEqual(defaults);
     expect(r.manifest.tools.ntfs3g).toBe('/usr/bin/ntfs-3g');
     expect(r.notes.join('\n')).toMatch(/ntfs-3g included: sparse NTFS image files are filled and written through ntfs-3g: the kernel's ntfs3 loses data written into their holes/);
+  });
+
+  it.skipIf(!hasCryptsetup)('cryptsetup is included by default with its libraries and the modules that unlock LUKS (loaded on demand); --without cryptsetup leaves them out', async () => {
+    const out = path.join(tmpdir(), 'initrd.img');
+    const io = captureIO();
+    expect(await main(['mkinitramfs', '--kernel', vmlinuz61!, '--init', initBinary(), '--compress', 'none', '-o', out], io)).toBe(0);
+    const { names, manifest } = unpack(out);
+    expect(manifest.tools.cryptsetup).toBe('/usr/sbin/cryptsetup');
+    expect(names).toContain('usr/sbin/cryptsetup');
+    const libs = [...execFileSync('ldd', ['/usr/sbin/cryptsetup'], { encoding: 'utf8' }).matchAll(/=>\s+(\/\S+)/g)].map((m) => m[1]!.slice(1));
+    for (const lib of libs) expect(names).toContain(lib);
+    for (const m of ['dm_crypt', 'af_alg', 'algif_skcipher', 'xts']) {
+      expect(Object.keys(manifest.modules), m).toContain(m);
+      expect(manifest.preload).not.toContain(m);
+    }
+    expect(io.err).toMatch(/note: cryptsetup included: LUKS volumes are unlocked with it, .*; --without cryptsetup leaves it out/);
+    const without = path.join(tmpdir(), 'without.img');
+    expect(await main(['mkinitramfs', '--kernel', vmlinuz61!, '--init', initBinary(), '--compress', 'none', '--without', 'cryptsetup', '-o', without], captureIO())).toBe(0);
+    const w = unpack(without);
+    expect(w.manifest.tools.cryptsetup).toBeUndefined();
+    expect(w.names).not.toContain('usr/sbin/cryptsetup');
+    expect(Object.keys(w.manifest.modules)).not.toContain('dm_crypt');
+    console.log(`cryptsetup adds ${((fs.statSync(out).size - fs.statSync(without).size) / 1048576).toFixed(2)} MiB unpacked`);
   });
 });
