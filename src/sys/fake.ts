@@ -59,7 +59,13 @@ export interface FakeMachine {
    * Programs a spawn with `stdio` runs, by name (busybox's applet when the path is
    * busybox): stdin's bytes in, stdout's bytes and the exit status out.
    */
-  programs?: Record<string, (stdin: Uint8Array, argv: string[]) => { stdout: Uint8Array; exitCode: number }>;
+  programs?: Record<string, (stdin: Uint8Array, argv: string[], kernel: FakeKernel) => { stdout: Uint8Array; exitCode: number }>;
+  /**
+   * What the person at the console types: reads of /dev/console return it line by line
+   * (end of input after the last). TCGETS/TCSETS on the console work; `events.consoleReads`
+   * records whether echo was on for each line read.
+   */
+  consoleInput?: string[];
   /**
    * The filesystem tree a mount of a device-mapper device shows, by dm name ("vdisk0p2",
    * "vdhost"). The mount also checks that the device's bytes start with an ext or NTFS
@@ -154,6 +160,8 @@ export interface FakeEvents {
   /** every finit_module that loaded a module: its flags, and what the fd was (a file in the tree, or a memfd) */
   moduleLoads: { name: string; flags: number; from: 'file' | 'memfd'; bytes: Uint8Array }[];
   spawns: { path: string; argv: string[] }[];
+  /** each line read from /dev/console, and whether the terminal echoed it (ECHO in c_lflag) */
+  consoleReads: { line: string; echo: boolean }[];
   /** the exec that ended the simulation, and the device whose filesystem was / then */
   exec?: { path: string; argv: string[]; envp: string[]; rootDevice: string };
   rebooted?: number;
@@ -170,7 +178,9 @@ export interface FakeEvents {
 let fsCounter = 1;
 
 export class FakeKernel implements Sys {
-  readonly events: FakeEvents = { mounts: [], modules: [], moduleLoads: [], spawns: [], dm: [], loops: [], umounts: [] };
+  readonly events: FakeEvents = { mounts: [], modules: [], moduleLoads: [], spawns: [], consoleReads: [], dm: [], loops: [], umounts: [] };
+  /** the console's termios as TCSETS last set it (kernel struct termios, 36 bytes); echo on at start */
+  private termios: Uint8Array = (() => { const t = new Uint8Array(36); new DataView(t.buffer).setUint32(12, 0o10 | 0o2, true); return t; })();
   private readonly consoleBytes: number[] = [];
 
   /** Everything written to the console (fds 1 and 2), as text. */
@@ -471,13 +481,26 @@ export class FakeKernel implements Sys {
       return Math.min(b.length, buf.length);
     }
     const f = this.fds.get(fd) ?? fail('EBADF', `read ${fd}`);
+    if (f.node.kind === 'chr' && f.node.major === 5 && f.node.minor === 1) {
+      const line = this.machine.consoleInput?.shift();
+      if (line === undefined) return 0;
+      const lflag = new DataView(this.termios.buffer).getUint32(12, true);
+      const echo = (lflag & 0o10) !== 0;
+      this.events.consoleReads.push({ line, echo });
+      if (echo) for (const b of enc(`${line}\n`)) this.consoleBytes.push(b);
+      else if (lflag & 0o100) this.consoleBytes.push(10); // ECHONL
+      const b = enc(`${line}\n`);
+      buf.set(b.subarray(0, buf.length));
+      return Math.min(b.length, buf.length);
+    }
     const n = this.pread(fd, buf, f.pos);
     f.pos += n;
     return n;
   }
 
   write(fd: number, buf: Uint8Array): number {
-    if (fd === 1 || fd === 2) {
+    const cf = this.fds.get(fd)?.node;
+    if (fd === 1 || fd === 2 || (cf?.kind === 'chr' && cf.major === 5 && cf.minor === 1)) {
       for (const b of buf) this.consoleBytes.push(b);
       return buf.length;
     }
@@ -492,6 +515,14 @@ export class FakeKernel implements Sys {
     const n = f?.node;
     if (n && n.kind === 'chr' && n.major === 10 && n.minor === 236 && ((request >>> 8) & 0xff) === 0xfd) return this.dmIoctl(request & 0xff, arg);
     if (n && n.kind === 'blk' && n.major === LOOP_MAJOR && request === 0x4c0a) return this.loopConfigure(n.minor, arg);
+    if (n && n.kind === 'chr' && n.major === 5 && n.minor === 1 && (request === 0x5401 || request === 0x5402)) {
+      // TCGETS / TCSETS on the console
+      if (arg.byteLength < 36) fail('EFAULT', 'termios');
+      if (request === 0x5401) new Uint8Array(arg).set(this.termios);
+      else this.termios = new Uint8Array(arg.slice(0, 36));
+      return 0;
+    }
+    if (n && n.kind === 'chr') fail('ENOTTY', `ioctl 0x${request.toString(16)}`);
     fail('ENOSYS', `ioctl 0x${request.toString(16)}`);
   }
 
@@ -590,7 +621,31 @@ export class FakeKernel implements Sys {
     for (const t of targets) {
       const at = t.start * 512;
       const len = t.length * 512;
-      if (t.type === 'linear' || t.type === 'snapshot') {
+      if (t.type === 'crypt') {
+        // "cipher key iv_offset device offset": the simulation does not encrypt; the device's
+        // bytes past the offset read through as the plaintext
+        const p = t.params.split(' ');
+        const dev = this.resolveDevice(p[3]!);
+        const src = this.blockByNumber(dev.major, dev.minor, depth + 1) ?? fail('ENXIO', `dm: ${p[3]} has no bytes`);
+        const from = Number(p[4]) * 512;
+        const n = Math.max(0, Math.min(len, src.size - from));
+        out.set(src.bytes.subarray(src.start + from, src.start + from + n), at);
+      } else if (t.type === 'striped') {
+        // "N chunk dev1 off1 dev2 off2 …"
+        const p = t.params.split(' ');
+        const count = Number(p[0]);
+        const chunk = Number(p[1]) * 512;
+        const srcs = Array.from({ length: count }, (_, k) => {
+          const dev = this.resolveDevice(p[2 + 2 * k]!);
+          return { src: this.blockByNumber(dev.major, dev.minor, depth + 1) ?? fail('ENXIO', `dm: ${p[2 + 2 * k]} has no bytes`), from: Number(p[3 + 2 * k]) * 512 };
+        });
+        for (let o = 0; o < len; o += chunk) {
+          const c = o / chunk;
+          const s = srcs[c % count]!;
+          const at2 = s.from + Math.floor(c / count) * chunk;
+          out.set(s.src.bytes.subarray(s.src.start + at2, s.src.start + at2 + chunk), at + o);
+        }
+      } else if (t.type === 'linear' || t.type === 'snapshot') {
         const [ref, off] = t.params.split(' ');
         const dev = this.resolveDevice(ref!);
         const src = this.blockByNumber(dev.major, dev.minor, depth + 1) ?? fail('ENXIO', `dm: ${ref} has no bytes`);
@@ -648,7 +703,12 @@ export class FakeKernel implements Sys {
         for (const t of targets) {
           if (t.start !== pos || t.length <= 0) fail('EINVAL', `dm load ${name}: targets not contiguous at sector ${t.start}`);
           pos += t.length;
-          if (!['linear', 'zero', 'error', 'snapshot', 'snapshot-origin'].includes(t.type)) fail('EINVAL', `dm load ${name}: unknown target type ${t.type}`);
+          if (!['linear', 'striped', 'crypt', 'zero', 'error', 'snapshot', 'snapshot-origin'].includes(t.type)) fail('EINVAL', `dm load ${name}: unknown target type ${t.type}`);
+          if (t.type === 'crypt') {
+            const p = t.params.split(' ');
+            if (p.length < 5 || !/^\d+$/.test(p[4]!)) fail('EINVAL', `dm load ${name}: crypt params "${t.params}"`);
+            this.resolveDevice(p[3]!);
+          }
           if (t.type === 'linear') {
             const [ref, off0] = t.params.split(' ');
             if (!ref || !/^\d+$/.test(off0 ?? '')) fail('EINVAL', `dm load ${name}: linear params "${t.params}"`);
@@ -978,7 +1038,7 @@ export class FakeKernel implements Sys {
       const chunks: number[] = [];
       const buf = new Uint8Array(65536);
       for (let n; (n = this.read(inFd, buf)) > 0; ) for (let i = 0; i < n; i++) chunks.push(buf[i]!);
-      const r = program(Uint8Array.from(chunks), argv);
+      const r = program(Uint8Array.from(chunks), argv, this);
       this.write(outFd, r.stdout);
       this.finished.set(pid, r.exitCode);
     }
