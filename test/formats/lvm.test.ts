@@ -13,7 +13,7 @@ const can = lvmAvailable();
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-lvm-'));
 const lab = new LvmLab(dir);
 const files = { a: path.join(dir, 'pv-a.img'), b: path.join(dir, 'pv-b.img'), c: path.join(dir, 'pv-c.img') };
-let oldA: Uint8Array; // pv-a as it was before the last change to the VG
+let oldA: Uint8Array<ArrayBuffer>; // pv-a as it was before the last change to the VG
 let backup = '';
 
 function scanFile(file: string, bytes = new Uint8Array(fs.readFileSync(file))): PvScan {
