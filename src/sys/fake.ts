@@ -183,6 +183,15 @@ export class FakeKernel implements Sys {
   private termios: Uint8Array = (() => { const t = new Uint8Array(36); new DataView(t.buffer).setUint32(12, 0o10 | 0o2, true); return t; })();
   private readonly consoleBytes: number[] = [];
 
+  private resumeNode: Node | undefined;
+
+  /** What was written to /sys/power/resume (resume=), or undefined when nothing was. */
+  get sysPowerResume(): string | undefined {
+    const n = this.resumeNode;
+    if (!n || n.kind !== 'file' || typeof n.data === 'function' || n.data.length === 0) return undefined;
+    return decodeUtf8(n.data);
+  }
+
   /** Everything written to the console (fds 1 and 2), as text. */
   get consoleText(): string {
     let s = '';
@@ -250,9 +259,11 @@ export class FakeKernel implements Sys {
 
   private sysTree(): Node {
     const fs = fsCounter++;
-    const t: FakeTree = { 'bus/pci/devices/.keep': '', 'class/block/.keep': '', 'module/.keep': '' };
+    const t: FakeTree = { 'bus/pci/devices/.keep': '', 'class/block/.keep': '', 'module/.keep': '', 'power/resume': '' };
     for (const [id, alias] of Object.entries(this.machine.pciDevices ?? {})) t[`bus/pci/devices/${id}/modalias`] = `${alias}\n`;
     const root = this.buildTree(t, fs);
+    const power = root.kind === 'dir' ? root.entries.get('power') : undefined;
+    this.resumeNode = power?.kind === 'dir' ? power.entries.get('resume') : undefined;
     // sysfs is generated on each lookup of /sys/class/block, see dynamicSys().
     return root;
   }

@@ -57,4 +57,11 @@ describe('rd.luks.*, rd.lvm.*, resume= on the command line', () => {
     expect(dmAliases('ubuntu--vg-swap_1', 'LVM-abc')).toEqual(['/dev/mapper/ubuntu--vg-swap_1', '/dev/ubuntu-vg/swap_1']);
     expect(dmAliases(`luks-${U}`, `CRYPT-LUKS2-x-luks-${U}`)).toEqual([`/dev/mapper/luks-${U}`]);
   });
+
+  it('resume= is refused for an image root at planning, with the reason', () => {
+    const p = planBoot('root=vdisk:LABEL=W:/a.vhdx resume=/dev/vg/swap');
+    expect(p.stack.resume).toBeUndefined();
+    expect(p.warnings.join()).toMatch(/resume=\/dev\/vg\/swap is ignored: resuming inside an image is refused/);
+    expect(planBoot('root=/dev/vg/root resume=/dev/vg/swap').stack.resume).toEqual({ by: 'path', value: '/dev/vg/swap' });
+  });
 });

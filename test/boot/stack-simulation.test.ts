@@ -152,4 +152,16 @@ describe.skipIf(!can)('simulation: a root behind LUKS and LVM', () => {
     expect(none.end?.reason).toBe('shell');
     expect(none.kernel.events.dm.filter((e) => e.op === 'create').map((e) => e.name)).toEqual([`luks-${LUKS_UUID}`]);
   });
+
+  it('resume= on an LV: activated with the root and handed to the kernel as MAJ:MIN before the root is mounted', async () => {
+    const r = await boot('root=/dev/sim-vg/root resume=/dev/sim-vg/swap', [PASS]);
+    const t = r.kernel.consoleText;
+    expect(r.end?.reason, t).toBe('exec');
+    const swap = r.kernel.events.dm.find((e) => e.op === 'create' && e.name === 'sim--vg-swap');
+    expect(swap).toBeDefined();
+    const st = r.kernel.stat('/dev/mapper/sim--vg-swap');
+    expect(r.kernel.sysPowerResume).toBe(`${st.rdevMajor}:${st.rdevMinor}\n`);
+    expect(t).toContain('resume=/dev/sim-vg/swap: no hibernation image on /dev/');
+    expect(t.indexOf('resume=/dev/sim-vg/swap: no hibernation image')).toBeLessThan(t.indexOf('mounted /dev/'));
+  });
 });
