@@ -46,6 +46,7 @@ function rootSpec(ctx: InitContext): DeviceSpec | undefined {
   const r = ctx.plan.root;
   if (r.kind === 'block') return r.device;
   if (r.kind === 'vdisk' && ctx.plan.vdisk.root.by === 'spec') return ctx.plan.vdisk.root.spec;
+  if (r.kind === 'tmpfs') return r.host;
   return undefined;
 }
 

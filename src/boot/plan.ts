@@ -214,6 +214,10 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     warnings,
   };
 
+  if (plan.stack.resume && root.kind === 'vdisk') {
+    warnings.push(`resume=${cmd.get('resume')} is ignored: resuming inside an image is refused, since vdboot cannot prove the image's device tables are the ones recorded at hibernation (a moved image file would resume onto the wrong sectors)`);
+    delete plan.stack.resume;
+  }
   if (vdisk.mode === 'ro' && !readOnly && root.kind !== 'tmpfs') {
     warnings.push('rd.vdisk.mode=ro makes the image read-only, so the root is mounted read-only despite rw');
     plan.readOnly = true;

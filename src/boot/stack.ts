@@ -5,7 +5,7 @@
  * LV inside a LUKS volume on a partition appears like any other device, for plain roots and
  * inside images alike.
  *
- * Scope: a plain root looks at every device; a root=vdisk: boot only at the image's own
+ * Scope: a plain root (and a root=tmpfs: archive's host) looks at every device; a root=vdisk: boot only at the image's own
  * devices (/dev/mapper/vdisk*), so an encrypted partition of the host machine is never
  * asked about — unless rd.luks.uuid= / rd.lvm.vg= / rd.lvm.lv= name it.
  */
@@ -66,7 +66,7 @@ export class StorageStack {
 
   private inScope(d: BlockDeviceInfo): boolean {
     const { plan } = this.ctx;
-    if (plan.root.kind === 'block') return true;
+    if (plan.root.kind !== 'vdisk') return true; // a plain root, or a tmpfs root's archive host
     if (d.fsType === 'crypto_LUKS' && d.uuid && plan.stack.luks.uuids.includes(d.uuid.toLowerCase())) return true;
     if (d.fsType === 'LVM2_member' && (plan.stack.lvm.vgs.length || plan.stack.lvm.lvs.length)) return true;
     // an image's devices, and what vdboot made on top of them

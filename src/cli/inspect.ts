@@ -9,6 +9,7 @@ import { dmTable, summarizeMap } from '../formats/extent-ops.ts';
 import { mappedReader } from '../formats/read-map.ts';
 import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
 import { probeFilesystem, type ProbeResult } from '../formats/probe.ts';
+import { describeLayers, type LayerSource } from '../boot/layers.ts';
 import { gptTypeName } from '../formats/guid.ts';
 import { parseImageArgs } from './map.ts';
 import { openHostImage } from '../sys/host-image.ts';
@@ -96,6 +97,11 @@ export const command: Command = {
         const bitlk = b === undefined ? '' : 'error' in b ? `\n      BitLocker metadata unreadable: ${b.error}` : `\n${bitLockerBootLines(b, key === 'disk' ? 'the disk' : `partition ${key}`, undefined).map((l) => `      ${l}`).join('\n')}`;
         return `, ${f.type}${f.label ? ` LABEL="${f.label}"` : ''}${f.uuid ? ` UUID=${f.uuid}` : ''}${bitlk}`;
       };
+      // LUKS volumes and LVM PVs among the partitions (or the whole disk), seen without a key
+      const layerSources: LayerSource[] = 'error' in partitions ? [] : partitions.kind === 'none'
+        ? [{ name: 'whole disk', reader: disk }]
+        : partitions.partitions.filter((p) => !p.extended).map((p) => ({ name: `partition ${p.number}`, reader: sliceReader(disk, p.start, Math.min(p.size, disk.size - p.start), `${a.image} partition ${p.number}`) }));
+      const layers = describeLayers(layerSources);
       const mapping = mappability(img);
       const chain = img.layers.map((l) => ({
         path: l.path,
@@ -107,7 +113,7 @@ export const command: Command = {
         details: l.layer.details,
       }));
       if (a.flags.has('--json')) {
-        io.stdout(`${JSON.stringify({ image: a.image, format: top.format, subformat: top.subformat, size: img.map.size, chain, map: summary, partitions, filesystems, ...(Object.keys(bitlocker).length ? { bitlocker } : {}), mapping }, null, 1)}\n`);
+        io.stdout(`${JSON.stringify({ image: a.image, format: top.format, subformat: top.subformat, size: img.map.size, chain, map: summary, partitions, filesystems, layers, ...(Object.keys(bitlocker).length ? { bitlocker } : {}), mapping }, null, 1)}\n`);
         return 0;
       }
       const out: string[] = [];
@@ -132,6 +138,7 @@ export const command: Command = {
         }
         for (const w of partitions.warnings) out.push(`  warning: ${w}`);
       }
+      if (layers.length) out.push('layers:', ...layers.map((l) => `  ${l}`));
       out.push(`read-only boot (direct dm):  ${mapping.readOnly.ok ? 'yes' : 'no'} — ${mapping.readOnly.reason}`);
       out.push(`read-write boot (direct dm): ${mapping.readWrite.ok ? 'yes' : 'no'} — ${mapping.readWrite.reason}`);
       io.stdout(`${out.join('\n')}\n`);

@@ -15,6 +15,7 @@ import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from '../boot/d
 import { planBoot, type BootPlan } from '../boot/plan.ts';
 import { findImage, type ClosableReader, type HostDevice, type OpenedHostFs, imageHostFor } from '../boot/hostdev.ts';
 import { describeVdiskPlan, planVdisk, type VdiskPlan } from '../boot/vdisk.ts';
+import { describeLayers, keyStory } from '../boot/layers.ts';
 import { vdhostPlan, HOST_MOUNT } from '../boot/vdisk-exec.ts';
 import type { BlockReader } from '../formats/block-reader.ts';
 import { isExpansionNeeded } from '../boot/expand-plan.ts';
@@ -67,6 +68,8 @@ export interface BootPlanReport {
   mounts: { source: string; target: string; fstype: string; readOnly: boolean; note?: string }[];
   /** the device-mapper view of the whole host partition, when a direct mapping holds it */
   vdhost?: ReturnType<typeof vdhostPlan>;
+  /** LUKS volumes and LVM PVs: on the disks (read without a key) and inside images (where a key is asked) */
+  layers: string[];
 }
 
 /** Plans a boot against host devices, opening every image the command line names. */
@@ -74,7 +77,11 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts:
   const plan = planBoot(cmdline);
   const vdisks: VdiskPlan[] = [];
   const hosts: OpenedHostFs[] = [];
-  const report: BootPlanReport = { plan, devices: devices.map((d) => d.info), vdisks, mounts: [] };
+  const report: BootPlanReport = { plan, devices: devices.map((d) => d.info), vdisks, mounts: [], layers: [] };
+  // a root=vdisk: boot looks only inside the image, unless rd.luks.uuid / rd.lvm.* name a disk's
+  if (plan.root.kind === 'block' || plan.stack.luks.uuids.length || plan.stack.lvm.vgs.length || plan.stack.lvm.lvs.length) {
+    report.layers.push(...describeLayers(devices.filter((d) => d.info.fsType === 'crypto_LUKS' || d.info.fsType === 'LVM2_member').map((d) => ({ name: d.info.path, reader: d.open() })), plan));
+  }
   try {
     let index = 0;
     const planOne = (hostSpec: Parameters<typeof findImage>[1], path: string, root: boolean) => {
@@ -90,6 +97,10 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts:
       const req = { index: index++, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, nbd: opts.nbd === true, ...(allowOutside ? { allowOutside } : {}), ...(root ? { root: plan.vdisk.root } : {}) };
       const vp = planVdisk(req, imageHostFor(found.host, [found.file]));
       vdisks.push(vp);
+      for (const p of vp.partitions) {
+        if (p.fsType === 'crypto_LUKS' && p.uuid) report.layers.push(`/dev/mapper/${p.name} (in ${vp.imagePath}): LUKS, UUID ${p.uuid} → ${keyStory(plan, p.uuid)}`);
+        if (p.fsType === 'LVM2_member') report.layers.push(`/dev/mapper/${p.name} (in ${vp.imagePath}): LVM PV ${p.uuid ?? ''}${plan.stack.lvm.enabled ? ', activated at boot' : ' — not activated (rd.lvm=0)'}`);
+      }
       return vp;
     };
     if (plan.root.kind === 'vdisk') {
@@ -102,7 +113,8 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts:
       const spec = plan.root.device;
       const attached: BlockDeviceInfo[] = vdisks.flatMap((v) => v.partitions.map((p) => ({ name: p.name, path: `/dev/mapper/${p.name}`, major: 0, minor: 0, size: p.size, fsType: p.fsType, uuid: p.uuid, label: p.label, partuuid: p.partuuid, partlabel: p.partlabel })));
       const dev = [...devices.map((d) => d.info), ...attached].find((d) => deviceMatches(spec, d));
-      report.mounts.push({ source: dev?.path ?? `(${formatDeviceSpec(spec)}: no such device among the disks given)`, target: '/root', fstype: plan.rootFsType ?? dev?.fsType ?? '?', readOnly: plan.readOnly });
+      if (dev || !report.layers.length) report.mounts.push({ source: dev?.path ?? `(${formatDeviceSpec(spec)}: no such device among the disks given)`, target: '/root', fstype: plan.rootFsType ?? dev?.fsType ?? '?', readOnly: plan.readOnly });
+      else report.mounts.push({ source: formatDeviceSpec(spec), target: '/root', fstype: plan.rootFsType ?? '?', readOnly: plan.readOnly, note: 'looked for after unlocking and activation (layers above)' });
     } else if (plan.root.kind === 'tmpfs') {
       report.mounts.push({ source: 'tmpfs', target: '/root', fstype: 'tmpfs', readOnly: false, note: `unpacked from ${plan.root.path}` });
     }
@@ -123,6 +135,7 @@ export function formatReport(r: BootPlanReport): string {
   out.push('devices found:', describeDevices(r.devices));
   for (const w of r.plan.warnings) out.push(`warning: ${w}`);
   for (const v of r.vdisks) out.push(...describeVdiskPlan(v));
+  if (r.layers.length) out.push('layers:', ...r.layers.map((l) => `  ${l}`));
   if (r.vdhost) out.push(`dm ${r.vdhost.name} (uuid ${r.vdhost.uuid}): 0 ${r.vdhost.targets[0]!.length} linear ${r.vdhost.targets[0]!.params}`);
   out.push('mounts:');
   for (const m of r.mounts) out.push(`  ${m.source} on ${m.target} (${m.fstype}, ${m.readOnly ? 'ro' : 'rw'})${m.note ? ` — ${m.note}` : ''}`);

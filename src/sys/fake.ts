@@ -63,11 +63,17 @@ export interface FakeMachine {
   /**
    * dm-crypt: what a `crypt` target's device reads as once decrypted, by the device its
    * table names ("/dev/vda1"); a crypt target on any other device fails to load (EINVAL,
-   * as a wrong key or cipher would leave it unreadable).
+   * as a wrong key or cipher would leave it unreadable). Without it, any well-formed crypt
+   * table loads.
    */
   cryptPlaintext?: Record<string, Uint8Array>;
-  /** What the console (fd 0, /dev/console) reads (a person typing): bytes in order, then end of input. */
-  consoleInput?: string;
+  /**
+   * What the person at the console types. As a list of lines: reads of /dev/console return
+   * it line by line (end of input after the last), TCGETS/TCSETS work and
+   * `events.consoleReads` records whether echo was on for each line read. As one string:
+   * fd 0 and /dev/console read it as a terminal in canonical mode, a line per read at most.
+   */
+  consoleInput?: string | string[];
   /**
    * The filesystem tree a mount of a device-mapper device shows, by dm name ("vdisk0p2",
    * "vdhost"). The mount also checks that the device's bytes start with an ext or NTFS
@@ -168,6 +174,8 @@ export interface FakeEvents {
   /** every finit_module that loaded a module: its flags, and what the fd was (a file in the tree, or a memfd) */
   moduleLoads: { name: string; flags: number; from: 'file' | 'memfd'; bytes: Uint8Array }[];
   spawns: { path: string; argv: string[] }[];
+  /** each line read from /dev/console, and whether the terminal echoed it (ECHO in c_lflag) */
+  consoleReads: { line: string; echo: boolean }[];
   /** the exec that ended the simulation, and the device whose filesystem was / then */
   exec?: { path: string; argv: string[]; envp: string[]; rootDevice: string };
   rebooted?: number;
@@ -184,8 +192,19 @@ export interface FakeEvents {
 let fsCounter = 1;
 
 export class FakeKernel implements Sys {
-  readonly events: FakeEvents = { mounts: [], modules: [], moduleLoads: [], spawns: [], dm: [], loops: [], umounts: [] };
+  readonly events: FakeEvents = { mounts: [], modules: [], moduleLoads: [], spawns: [], consoleReads: [], dm: [], loops: [], umounts: [] };
+  /** the console's termios as TCSETS last set it (kernel struct termios, 36 bytes); echo on at start */
+  private termios: Uint8Array = (() => { const t = new Uint8Array(36); new DataView(t.buffer).setUint32(12, 0o10 | 0o2, true); return t; })();
   private readonly consoleBytes: number[] = [];
+
+  private resumeNode: Node | undefined;
+
+  /** What was written to /sys/power/resume (resume=), or undefined when nothing was. */
+  get sysPowerResume(): string | undefined {
+    const n = this.resumeNode;
+    if (!n || n.kind !== 'file' || typeof n.data === 'function' || n.data.length === 0) return undefined;
+    return decodeUtf8(n.data);
+  }
 
   /** Everything written to the console (fds 1 and 2), as text. */
   get consoleText(): string {
@@ -258,9 +277,11 @@ export class FakeKernel implements Sys {
 
   private sysTree(): Node {
     const fs = fsCounter++;
-    const t: FakeTree = { 'bus/pci/devices/.keep': '', 'class/block/.keep': '', 'module/.keep': '' };
+    const t: FakeTree = { 'bus/pci/devices/.keep': '', 'class/block/.keep': '', 'module/.keep': '', 'power/resume': '' };
     for (const [id, alias] of Object.entries(this.machine.pciDevices ?? {})) t[`bus/pci/devices/${id}/modalias`] = `${alias}\n`;
     const root = this.buildTree(t, fs);
+    const power = root.kind === 'dir' ? root.entries.get('power') : undefined;
+    this.resumeNode = power?.kind === 'dir' ? power.entries.get('resume') : undefined;
     // sysfs is generated on each lookup of /sys/class/block, see dynamicSys().
     return root;
   }
@@ -498,9 +519,10 @@ export class FakeKernel implements Sys {
       return Math.min(b.length, buf.length);
     }
     const cn = this.fds.get(fd)?.node;
-    if ((fd === 0 && !this.fds.has(0)) || (cn?.kind === 'chr' && cn.major === 5 && cn.minor === 1)) {
+    const typed = this.machine.consoleInput;
+    if (!Array.isArray(typed) && ((fd === 0 && !this.fds.has(0)) || (cn?.kind === 'chr' && cn.major === 5 && cn.minor === 1))) {
       // a terminal in canonical mode: one line per read at most
-      const input = enc(this.machine.consoleInput ?? '');
+      const input = enc(typed ?? '');
       const nl = input.indexOf(10, this.consoleRead);
       const avail = (nl < 0 ? input.length : nl + 1) - this.consoleRead;
       const n = Math.max(0, Math.min(buf.length, avail));
@@ -509,6 +531,18 @@ export class FakeKernel implements Sys {
       return n;
     }
     const f = this.fds.get(fd) ?? fail('EBADF', `read ${fd}`);
+    if (f.node.kind === 'chr' && f.node.major === 5 && f.node.minor === 1) {
+      const line = Array.isArray(typed) ? typed.shift() : undefined;
+      if (line === undefined) return 0;
+      const lflag = new DataView(this.termios.buffer).getUint32(12, true);
+      const echo = (lflag & 0o10) !== 0;
+      this.events.consoleReads.push({ line, echo });
+      if (echo) for (const b of enc(`${line}\n`)) this.consoleBytes.push(b);
+      else if (lflag & 0o100) this.consoleBytes.push(10); // ECHONL
+      const b = enc(`${line}\n`);
+      buf.set(b.subarray(0, buf.length));
+      return Math.min(b.length, buf.length);
+    }
     const n = this.pread(fd, buf, f.pos);
     f.pos += n;
     return n;
@@ -531,6 +565,14 @@ export class FakeKernel implements Sys {
     const n = f?.node;
     if (n && n.kind === 'chr' && n.major === 10 && n.minor === 236 && ((request >>> 8) & 0xff) === 0xfd) return this.dmIoctl(request & 0xff, arg);
     if (n && n.kind === 'blk' && n.major === LOOP_MAJOR && request === 0x4c0a) return this.loopConfigure(n.minor, arg);
+    if (n && n.kind === 'chr' && n.major === 5 && n.minor === 1 && (request === 0x5401 || request === 0x5402)) {
+      // TCGETS / TCSETS on the console
+      if (arg.byteLength < 36) fail('EFAULT', 'termios');
+      if (request === 0x5401) new Uint8Array(arg).set(this.termios);
+      else this.termios = new Uint8Array(arg.slice(0, 36));
+      return 0;
+    }
+    if (n && n.kind === 'chr') fail('ENOTTY', `ioctl 0x${request.toString(16)}`);
     fail('ENOSYS', `ioctl 0x${request.toString(16)}`);
   }
 
@@ -670,7 +712,31 @@ export class FakeKernel implements Sys {
     for (const t of targets) {
       const at = t.start * 512;
       const len = t.length * 512;
-      if (t.type === 'linear' || t.type === 'snapshot') {
+      if (t.type === 'crypt') {
+        // "cipher key iv_offset device offset": the simulation does not encrypt; the device's
+        // bytes past the offset read through as the plaintext
+        const p = t.params.split(' ');
+        const dev = this.resolveDevice(p[3]!);
+        const src = this.blockByNumber(dev.major, dev.minor, depth + 1) ?? fail('ENXIO', `dm: ${p[3]} has no bytes`);
+        const from = Number(p[4]) * 512;
+        const n = Math.max(0, Math.min(len, src.size - from));
+        out.set(src.bytes.subarray(src.start + from, src.start + from + n), at);
+      } else if (t.type === 'striped') {
+        // "N chunk dev1 off1 dev2 off2 …"
+        const p = t.params.split(' ');
+        const count = Number(p[0]);
+        const chunk = Number(p[1]) * 512;
+        const srcs = Array.from({ length: count }, (_, k) => {
+          const dev = this.resolveDevice(p[2 + 2 * k]!);
+          return { src: this.blockByNumber(dev.major, dev.minor, depth + 1) ?? fail('ENXIO', `dm: ${p[2 + 2 * k]} has no bytes`), from: Number(p[3 + 2 * k]) * 512 };
+        });
+        for (let o = 0; o < len; o += chunk) {
+          const c = o / chunk;
+          const s = srcs[c % count]!;
+          const at2 = s.from + Math.floor(c / count) * chunk;
+          out.set(s.src.bytes.subarray(s.src.start + at2, s.src.start + at2 + chunk), at + o);
+        }
+      } else if (t.type === 'linear' || t.type === 'snapshot') {
         const [ref, off] = t.params.split(' ');
         const dev = this.resolveDevice(ref!);
         const src = this.blockByNumber(dev.major, dev.minor, depth + 1) ?? fail('ENXIO', `dm: ${ref} has no bytes`);
@@ -733,11 +799,13 @@ export class FakeKernel implements Sys {
         for (const t of targets) {
           if (t.start !== pos || t.length <= 0) fail('EINVAL', `dm load ${name}: targets not contiguous at sector ${t.start}`);
           pos += t.length;
-          if (!['linear', 'zero', 'error', 'snapshot', 'snapshot-origin', 'crypt'].includes(t.type)) fail('EINVAL', `dm load ${name}: unknown target type ${t.type}`);
+          if (!['linear', 'striped', 'crypt', 'zero', 'error', 'snapshot', 'snapshot-origin'].includes(t.type)) fail('EINVAL', `dm load ${name}: unknown target type ${t.type}`);
           if (t.type === 'crypt') {
             // <cipher> <key> <iv_offset> <device> <offset> [options]
-            const ref = t.params.split(' ')[3];
-            if (!ref || !this.machine.cryptPlaintext?.[ref]) fail('EINVAL', `dm load ${name}: crypt params "${t.params}": no plaintext for ${ref}`);
+            const p = t.params.split(' ');
+            if (p.length < 5 || !/^\d+$/.test(p[4]!)) fail('EINVAL', `dm load ${name}: crypt params "${t.params}"`);
+            if (this.machine.cryptPlaintext && !this.machine.cryptPlaintext[p[3]!]) fail('EINVAL', `dm load ${name}: crypt params "${t.params}": no plaintext for ${p[3]}`);
+            this.resolveDevice(p[3]!);
           }
           if (t.type === 'linear') {
             const [ref, off0] = t.params.split(' ');

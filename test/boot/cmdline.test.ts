@@ -78,12 +78,13 @@ describe('boot plan', () => {
   });
 
   it('warns about unknown vdboot keys and malformed values, naming them', () => {
-    const p = planBoot('root=/dev/vda rd.vdboot.frobnicate=1 rd.timeout=soon rd.break=later rd.md.uuid=x');
+    const p = planBoot('root=/dev/vda rd.vdboot.frobnicate=1 rd.timeout=soon rd.break=later rd.md.uuid=x rd.luks.uuid=x');
     expect(p.timeoutSec).toBe(30);
     expect(p.warnings.join('\n')).toMatch(/rd\.vdboot\.frobnicate=1/);
     expect(p.warnings.join('\n')).toMatch(/rd\.timeout=soon/);
     expect(p.warnings.join('\n')).toMatch(/rd\.break=later/);
     expect(p.warnings.join('\n')).toMatch(/rd\.md\.uuid .*does not implement/);
+    expect(p.warnings.join('\n')).toMatch(/rd\.luks\.uuid=x is not a LUKS UUID/);
   });
 
   it('parses vdisk and tmpfs roots with and without a host', () => {

@@ -16,7 +16,7 @@ describe('vdboot demo', () => {
     const rc = await main(['demo'], io);
     expect(rc, `${out}\n${err}`).toBe(0);
     expect(DEMO_IMAGE).toBe('/Users/Jörg/VMs/My Linux.vhdx');
-    expect(out).toMatch(/with ntfs-3g \(by default/);
+    expect(out).toMatch(/[ ,]ntfs-3g \(by default/);
     expect(out).toMatch(/root \/dev\/mapper\/vdisk0p2 \(ext4, rw\)/);
     expect(out).toMatch(/^ {2}ok {3}NTFS is clean/m);
     expect(out).toMatch(/^ {2}ok {3}qemu-img check \/Users\/Jörg\/VMs\/My Linux\.vhdx$/m);
