@@ -712,9 +712,10 @@ export class FakeKernel implements Sys {
     for (const t of targets) {
       const at = t.start * 512;
       const len = t.length * 512;
-      if (t.type === 'crypt') {
+      if (t.type === 'crypt' && !this.machine.cryptPlaintext) {
         // "cipher key iv_offset device offset": the simulation does not encrypt; the device's
-        // bytes past the offset read through as the plaintext
+        // bytes past the offset read through as the plaintext (machine.cryptPlaintext, when
+        // given, says what each device decrypts to instead)
         const p = t.params.split(' ');
         const dev = this.resolveDevice(p[3]!);
         const src = this.blockByNumber(dev.major, dev.minor, depth + 1) ?? fail('ENXIO', `dm: ${p[3]} has no bytes`);
