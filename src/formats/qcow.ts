@@ -25,7 +25,7 @@ import type { LayerMetadata, MetadataRange } from './extent-ops.ts';
 import type { LayerExtent } from './extent-map.ts';
 import type { FormatReader, ImageLayer, OpenContext, ParentRef } from './image.ts';
 import { inflateRaw } from './inflate.ts';
-import { parentCandidates } from './qcow2.ts';
+import { compressedClusterReader, parentCandidates } from './qcow2.ts';
 import { utf8Decode } from './text.ts';
 
 const MAGIC = 0x514649fb; // "QFI\xfb"
@@ -216,36 +216,7 @@ export function openQcow(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
     },
   };
   if (parent) layer.parent = parent;
-  if (compressed.size > 0) {
-    let cachedIndex = -1;
-    let cached: Uint8Array | undefined;
-    const decode = (index: number): Uint8Array => {
-      if (index === cachedIndex && cached) return cached;
-      const c = compressed.get(index);
-      if (!c) throw new FormatError(`${file.name}: guest offset ${index * cs} is not a compressed cluster`, 'offset', index * cs);
-      const what = `${file.name}: compressed cluster at guest offset ${index * cs}`;
-      let out = inflateRaw(file.read(c.offset, c.length), cs, what);
-      if (out.length < cs) { const full = new Uint8Array(cs); full.set(out); out = full; }
-      cachedIndex = index;
-      cached = out;
-      return out;
-    };
-    layer.readUnmappable = (start: number, length: number): Uint8Array => {
-      if (!Number.isSafeInteger(start) || !Number.isSafeInteger(length) || start < 0 || length < 0 || start + length > size) {
-        throw new FormatError(`${file.name}: read of ${length} bytes at ${start} is outside the ${size}-byte disk`, 'offset', start);
-      }
-      const out = new Uint8Array(length);
-      let p = start;
-      while (p < start + length) {
-        const index = Math.floor(p / cs);
-        const within = p - index * cs;
-        const n = Math.min(cs - within, start + length - p);
-        out.set(decode(index).subarray(within, within + n), p - start);
-        p += n;
-      }
-      return out;
-    };
-  }
+  if (compressed.size > 0) layer.readUnmappable = compressedClusterReader(file, size, cs, compressed, (input, what) => inflateRaw(input, cs, what));
   return layer;
 }
 

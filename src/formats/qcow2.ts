@@ -393,37 +393,7 @@ export function openQcow2(file: BlockReader, ctx: OpenContext): ImageLayer & Lay
     },
   };
   if (parent) layer.parent = parent;
-  if (compressed.size > 0) {
-    let cachedIndex = -1;
-    let cached: Uint8Array | undefined;
-    const decode = (index: number): Uint8Array => {
-      if (index === cachedIndex && cached) return cached;
-      const c = compressed.get(index);
-      if (!c) throw new FormatError(`${file.name}: guest offset ${index * cs} is not a compressed cluster`, 'offset', index * cs);
-      const input = file.read(c.offset, c.length);
-      const what = `${file.name}: compressed cluster at guest offset ${index * cs}`;
-      let out = h.compressionType === 1 ? unzstd(input, cs, what) : inflateRaw(input, cs, what);
-      if (out.length < cs) { const full = new Uint8Array(cs); full.set(out); out = full; }
-      cachedIndex = index;
-      cached = out;
-      return out;
-    };
-    layer.readUnmappable = (start: number, length: number): Uint8Array => {
-      if (!Number.isSafeInteger(start) || !Number.isSafeInteger(length) || start < 0 || length < 0 || start + length > size) {
-        throw new FormatError(`${file.name}: read of ${length} bytes at ${start} is outside the ${size}-byte disk`, 'offset', start);
-      }
-      const out = new Uint8Array(length);
-      let p = start;
-      while (p < start + length) {
-        const index = Math.floor(p / cs);
-        const within = p - index * cs;
-        const n = Math.min(cs - within, start + length - p);
-        out.set(decode(index).subarray(within, within + n), p - start);
-        p += n;
-      }
-      return out;
-    };
-  }
+  if (compressed.size > 0) layer.readUnmappable = compressedClusterReader(file, size, cs, compressed, (input, what) => (h.compressionType === 1 ? unzstd(input, cs, what) : inflateRaw(input, cs, what)));
   return layer;
 }
 
@@ -613,3 +583,44 @@ export const qcow2Format: FormatReader = {
   probe: (head) => probeQcow2(head),
   open: openQcow2,
 };
+
+/**
+ * Reads of a layer's compressed clusters (qcow2 and qcow version 1): each cluster decoded
+ * by `inflate` and padded to the cluster size, the last one decoded kept for the next read.
+ */
+export function compressedClusterReader(
+  file: { name: string; read(offset: number, length: number): Uint8Array },
+  size: number,
+  cs: number,
+  compressed: Map<number, { offset: number; length: number }>,
+  inflate: (input: Uint8Array, what: string) => Uint8Array,
+): (start: number, length: number) => Uint8Array {
+  let cachedIndex = -1;
+  let cached: Uint8Array | undefined;
+  const decode = (index: number): Uint8Array => {
+    if (index === cachedIndex && cached) return cached;
+    const c = compressed.get(index);
+    if (!c) throw new FormatError(`${file.name}: guest offset ${index * cs} is not a compressed cluster`, 'offset', index * cs);
+    const what = `${file.name}: compressed cluster at guest offset ${index * cs}`;
+    let out = inflate(file.read(c.offset, c.length), what);
+    if (out.length < cs) { const full = new Uint8Array(cs); full.set(out); out = full; }
+    cachedIndex = index;
+    cached = out;
+    return out;
+  };
+  return (start: number, length: number): Uint8Array => {
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(length) || start < 0 || length < 0 || start + length > size) {
+      throw new FormatError(`${file.name}: read of ${length} bytes at ${start} is outside the ${size}-byte disk`, 'offset', start);
+    }
+    const out = new Uint8Array(length);
+    let p = start;
+    while (p < start + length) {
+      const index = Math.floor(p / cs);
+      const within = p - index * cs;
+      const n = Math.min(cs - within, start + length - p);
+      out.set(decode(index).subarray(within, within + n), p - start);
+      p += n;
+    }
+    return out;
+  };
+}
