@@ -16,7 +16,7 @@ import { resolveName, type KernelModuleIndex } from './kmod.ts';
 const VIRTUAL_BLOCK = /^(loop|ram|zram|dm-|md|nbd)\d/;
 
 export interface HostStorage {
-  /** block device → the modules of the drivers bound along its device chain (outermost first) */
+  /** block device → the modules of the drivers bound along its device chain (the disk's own first) */
   devices: Record<string, string[]>;
   /** every module above, once, sorted */
   modules: string[];
@@ -33,22 +33,11 @@ export interface HostStorage {
 export function hostStorageModules(index: KernelModuleIndex, sysfs = '/sys'): HostStorage {
   const devices: Record<string, string[]> = {};
   const classDir = path.join(sysfs, 'class', 'block');
-  const top = realpathSync(path.join(sysfs, 'devices'));
   for (const dev of existsSync(classDir) ? readdirSync(classDir).sort() : []) {
     if (VIRTUAL_BLOCK.test(dev) || existsSync(path.join(classDir, dev, 'partition'))) continue;
     const link = path.join(classDir, dev, 'device');
     if (!existsSync(link)) continue;
-    const chain: string[] = [];
-    for (let dir = realpathSync(link); dir.startsWith(top + path.sep); dir = path.dirname(dir)) {
-      if (!existsSync(path.join(dir, 'driver'))) continue;
-      const names: string[] = [];
-      const driverModule = path.join(dir, 'driver', 'module');
-      if (existsSync(driverModule)) names.push(moduleKey(path.basename(realpathSync(driverModule))));
-      const alias = path.join(dir, 'modalias');
-      if (existsSync(alias)) names.push(...resolveName(index, readFileSync(alias, 'utf8').trim()));
-      for (const name of names) if (index.files.has(name) && !chain.includes(name)) chain.push(name);
-    }
-    devices[dev] = chain;
+    devices[dev] = driverChain(index, sysfs, link);
   }
   return { devices, modules: [...new Set(Object.values(devices).flat())].sort() };
 }
@@ -119,4 +108,64 @@ export function filesystemModules(index: Pick<KernelModuleIndex, 'files' | 'alia
     else unknown.push(t);
   }
   return { modules: [...modules].sort(), unknown };
+}
+
+/** KEY_ENTER in `capabilities/key`: what tells a keyboard from a mouse or a power button. */
+const KEY_ENTER = 28;
+
+/**
+ * The keyboards' drivers, for the rescue shell and a typed passphrase: for each input device
+ * in SYSFS/class/input that reports KEY_ENTER, the modules of the drivers bound along its
+ * device chain (a USB keyboard: hid_generic, usbhid, its host controller's module; a PS/2
+ * one on a kernel with i8042 and atkbd built in: nothing).
+ */
+export function hostKeyboardModules(index: KernelModuleIndex, sysfs = '/sys'): string[] {
+  const classDir = path.join(sysfs, 'class', 'input');
+  const out = new Set<string>();
+  for (const dev of existsSync(classDir) ? readdirSync(classDir).sort() : []) {
+    const keys = path.join(classDir, dev, 'capabilities', 'key');
+    if (!existsSync(keys) || !hasBit(readFileSync(keys, 'utf8'), KEY_ENTER)) continue;
+    for (const m of driverChain(index, sysfs, path.join(classDir, dev))) out.add(m);
+  }
+  return [...out].sort();
+}
+
+/** A sysfs bitmap (hex words of the kernel's long, most significant first) has `bit` set. */
+function hasBit(text: string, bit: number): boolean {
+  const words = text.trim().split(/\s+/).reverse();
+  const word = words[Math.floor(bit / 64)];
+  return word !== undefined && /^[0-9a-f]+$/i.test(word) && ((BigInt(`0x${word}`) >> BigInt(bit % 64)) & 1n) === 1n;
+}
+
+/** The modules of the drivers bound from `dir` (a sysfs device, a link resolved) up to SYSFS/devices, innermost first. */
+function driverChain(index: KernelModuleIndex, sysfs: string, dir: string): string[] {
+  const top = realpathSync(path.join(sysfs, 'devices'));
+  const chain: string[] = [];
+  for (let d = realpathSync(dir); d.startsWith(top + path.sep); d = path.dirname(d)) {
+    if (!existsSync(path.join(d, 'driver'))) continue;
+    const names: string[] = [];
+    const driverModule = path.join(d, 'driver', 'module');
+    if (existsSync(driverModule)) names.push(moduleKey(path.basename(realpathSync(driverModule))));
+    const alias = path.join(d, 'modalias');
+    if (existsSync(alias)) names.push(...resolveName(index, readFileSync(alias, 'utf8').trim()));
+    for (const name of names) if (index.files.has(name) && !chain.includes(name)) chain.push(name);
+  }
+  return chain;
+}
+
+/**
+ * The device-mapper devices of this machine by kind, from SYSFS/class/block/dm-N/dm/uuid:
+ * `crypt` (LUKS, BitLocker: cryptsetup's CRYPT- uuids), `lvm` (LVM-), `vdboot` (images vdboot
+ * mapped at boot), `other`.
+ */
+export function hostDeviceMapper(sysfs = '/sys'): Set<'crypt' | 'lvm' | 'vdboot' | 'other'> {
+  const kinds = new Set<'crypt' | 'lvm' | 'vdboot' | 'other'>();
+  const classDir = path.join(sysfs, 'class', 'block');
+  for (const dev of existsSync(classDir) ? readdirSync(classDir) : []) {
+    if (!/^dm-\d+$/.test(dev)) continue;
+    const file = path.join(classDir, dev, 'dm', 'uuid');
+    const uuid = existsSync(file) ? readFileSync(file, 'utf8').trim() : '';
+    kinds.add(uuid.startsWith('CRYPT-') ? 'crypt' : uuid.startsWith('LVM-') ? 'lvm' : /^VDBOOT/i.test(uuid) ? 'vdboot' : 'other');
+  }
+  return kinds;
 }

@@ -103,6 +103,8 @@ export interface ManifestHostonly {
    * their modules: a device that matches one at boot is named in a warning, with the module.
    */
   leftOut: Array<[pattern: string, modules: string[]]>;
+  /** Default programs left out because this machine's root needs none (ntfs-3g, cryptsetup): named at boot when one is needed. */
+  toolsLeftOut?: string[];
 }
 
 export interface ManifestModule {
