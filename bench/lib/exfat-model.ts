@@ -184,11 +184,3 @@ export function exfatModel(o: ExfatModelOptions): { reader: BlockReader; imagePa
   return { reader, imagePath: '/image.vhdx' };
 }
 
-/** The exFAT proof on a model volume, timed (the model is built and the image looked up before the clock starts). */
-export function proveExfatModel(o: ExfatModelOptions, prove: (reader: BlockReader, path: string) => () => void): { ms: number } {
-  const m = exfatModel(o);
-  const run = prove(m.reader, m.imagePath);
-  const t0 = Date.now();
-  run();
-  return { ms: Date.now() - t0 };
-}
