@@ -7,12 +7,12 @@
  * NTFS volume flags the cut left are printed (measured: 0x0 with both drivers, i.e. not
  * dirty; a dirty flag with an empty journal would still allow the direct path, README).
  * Then cuts during the shutdown hand-off, on the direct and the loop path. The direct-path case (a cut during the
- * guest's fsync'd writes) is in npm test: test/e2e/power-cut.test.ts. Last, a cut that
- * really leaves the volume dirty: the guest writes without pause through the loop path
- * (the host mounted read-write by ntfs-3g or ntfs3) when QEMU is killed; the README's rule
- * must then hold: a boot that would write through the driver again is refused (checked
- * with `vdboot plan`), and the next boot on the direct path comes up read-write with the
- * warning, the guest's synced writes there.
+ * guest's fsync'd writes) is in npm test: test/e2e/power-cut.test.ts. Last, a cut while the
+ * guest writes without pause through the loop path (the host mounted read-write by ntfs-3g
+ * or ntfs3): the flags it leaves are printed (measured 0x0 with both drivers: neither marks
+ * the volume dirty for writes inside a file's clusters); the next boot on the direct path
+ * comes up read-write with the guest's synced writes; were the volume dirty, the README's
+ * rule is checked too (the driver path refused by `vdboot plan`, the boot warning).
  */
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -130,7 +130,7 @@ const WRITER_COMMANDS = [
 for (const kernel of kernels) {
   const v = kernelVersion(kernel);
   describe(`power cut during writes through the host driver on ${v}`, { timeout: 900_000 }, () => {
-    it('SIGKILL while the loop path writes: NTFS is left dirty; writing through the driver is refused, the direct path boots rw with the warning', async () => {
+    it('SIGKILL while the loop path writes: the next boot (direct) comes up rw with the synced count; a dirty volume refuses the driver path and warns', async () => {
       const sub = join(dir, `${v}-dirty`);
       mkdirSync(join(sub, 'guest'), { recursive: true });
       const raw = makeGuestDisk(join(sub, 'guest'), { commands: WRITER_COMMANDS, then: { exec: '/run/initramfs/shutdown poweroff' } }).raw;
@@ -150,20 +150,24 @@ for (const kernel of kernels) {
       const flags = ntfsVolumeFlags(part);
       rmSync(part);
       process.stderr.write(`power cut during writes through the driver on ${v}: NTFS volume flags afterwards 0x${flags.toString(16)}\n`);
-      expect(flags & 1, `the cut left the volume flags 0x${flags.toString(16)}: not dirty`).toBe(1);
-
-      // writing through the driver again (the loop path) is refused, naming the remedy
-      const d = devicesOf([host.disk]);
-      let refusal = '';
-      try {
-        planAgainstDevices(`${spec} rd.vdisk.map=loop`, d.devices);
-      } catch (e) {
-        refusal = (e as Error).message;
-      } finally {
-        d.close();
+      // Measured (6.1 ntfs-3g and 6.12 ntfs3): 0x0. Neither driver sets the dirty flag for
+      // writes inside an existing file's clusters, and cuts 0.3 s and 1.5 s into an
+      // expansion left 0x0 too. When a cut does leave it dirty (the flag, an empty $LogFile),
+      // writing through the driver again must be refused, naming the remedy.
+      const dirty = (flags & 1) === 1;
+      if (dirty) {
+        const d = devicesOf([host.disk]);
+        let refusal = '';
+        try {
+          planAgainstDevices(`${spec} rd.vdisk.map=loop`, d.devices);
+        } catch (e) {
+          refusal = (e as Error).message;
+        } finally {
+          d.close();
+        }
+        expect(refusal).toMatch(/marked dirty by a Linux NTFS driver/);
+        expect(refusal).toMatch(/chkdsk \/f|ntfsfix -d/);
       }
-      expect(refusal).toMatch(/marked dirty by a Linux NTFS driver/);
-      expect(refusal).toMatch(/chkdsk \/f|ntfsfix -d/);
 
       const second = await bootVm({ kernel, initrd, append: spec, disks: [{ file: host.disk }], name: `cut-dirty-${v}-2`, memoryMiB: 768 });
       vms.push(second);
@@ -172,9 +176,12 @@ for (const kernel of kernels) {
       const t = second.transcript();
       const facts = parseGuestFacts(t);
       expect(facts.root, t.slice(-3000)).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
-      expect(t).toMatch(/marked dirty by a Linux NTFS driver that did not unmount it/);
+      // the direct path boots either way; on a dirty volume with the warning, else without
+      if (dirty) expect(t).toMatch(/marked dirty by a Linux NTFS driver that did not unmount it/);
+      else expect(t).not.toMatch(/marked dirty/);
       expect(facts.facts.count).toBe('1');
       expect(t).toMatch(/reboot: Power down/);
+      if (!dirty) expectHostFsClean(sub, host);
       expectGuestKept(sub, readImageBack(sub, host, IMAGE, join(sub, 'after.vhdx')), 'vhdx', 2);
     });
   });
