@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
 import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestHostonly, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
-import { filesystemModules, hostFilesystems, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
+import { filesystemModules, hostFilesystems, hostNetworkModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
 
 export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
 export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none'];
@@ -36,6 +36,16 @@ export const UNIVERSAL_STORAGE: readonly string[] = [
   'mmc_block', 'sdhci_pci', 'sdhci_acpi',
 ];
 
+/**
+ * Wired network drivers of common PCs and VMs, for roots served over the network
+ * (root=vdisk:nbd://…): QEMU/KVM's virtio-net and e1000, Intel's e1000e (PC onboard), igb and
+ * igc (server and 2.5G onboard), ixgbe (10G), Realtek's r8169 (most desktop boards), Broadcom's
+ * tg3 (office PCs, servers). The init loads the one a machine has through its modalias, like
+ * any device driver. Firmware files (some r8169 and tg3 chips ask for one) are not included:
+ * those chips run without it.
+ */
+export const UNIVERSAL_NETWORK: readonly string[] = ['virtio_net', 'e1000', 'e1000e', 'igb', 'igc', 'r8169', 'ixgbe', 'tg3'];
+
 export const UNIVERSAL_MODULES: readonly string[] = [
   // virtual machines (Hyper-V's hv_storvsc and VMware's vmw_pvscsi cost 170 KiB: --add-module them)
   'virtio_pci', 'virtio_blk', 'virtio_scsi', 'virtio_console',
@@ -49,6 +59,8 @@ export const UNIVERSAL_MODULES: readonly string[] = [
   'ext4', 'xfs', 'btrfs', 'vfat', 'nls_cp437', 'nls_ascii', 'nls_iso8859_1', 'nls_utf8', 'exfat', 'isofs', 'squashfs', 'overlay', 'ntfs3',
   // device-mapper (linear is part of dm_mod), loop, nbd, fuse
   'dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse',
+  // network cards, for roots on an NBD server
+  ...UNIVERSAL_NETWORK,
   // keyboards for the rescue shell
   'hid_generic', 'usbhid', 'atkbd', 'i8042',
 ];
@@ -623,13 +635,15 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     const storage = hostStorageModules(index, options.hostonly.sysfs);
     const types = [...new Set([...hostFilesystems(options.hostonly.mounts), ...(options.hostonly.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf) : [])])].sort();
     const fs = filesystemModules(index, types);
-    base = [...new Set([...HOSTONLY_ALWAYS, ...storage.modules, ...fs.modules])];
-    hostonly = { storage: storage.devices, filesystems: types, ...(options.hostonly.root ? { root: options.hostonly.root } : {}), leftOut: [] };
+    const network = hostNetworkModules(index, options.hostonly.sysfs);
+    base = [...new Set([...HOSTONLY_ALWAYS, ...storage.modules, ...network.modules, ...fs.modules])];
+    hostonly = { storage: storage.devices, network: network.devices, filesystems: types, ...(options.hostonly.root ? { root: options.hostonly.root } : {}), leftOut: [] };
   }
   const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without, base);
   if (hostonly) {
     const devices = Object.entries(hostonly.storage).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
-    selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
+    const nics = Object.entries(hostonly.network ?? {}).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
+    selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; network cards: ${nics.join('; ') || 'none wired'}; filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
   }
   selection.notes.push(...defaults.notes.filter((n) => !without.some((t) => n.includes(`has no ${t}`))));
   for (const [t, why] of Object.entries(chosenDefaults)) if (!(options.tools ?? []).includes(t as ToolName)) selection.notes.push(`${t} included: ${why}; --without ${t} leaves it out`);

@@ -1,6 +1,7 @@
 /**
- * `vdboot mkinitramfs --hostonly`: the modules this machine needs to reach its disks and
- * mount its filesystems, instead of the universal set. Read from sysfs (each block device's
+ * `vdboot mkinitramfs --hostonly`: the modules this machine needs to reach its disks, its
+ * wired network cards (for a root on an NBD server) and mount its filesystems, instead of the
+ * universal set. Read from sysfs (each block device's
  * chain of parent devices and the modules of the drivers bound along it) and from the mount
  * table (the filesystems of mounted block devices: the root, /boot, a vdboot host at
  * /run/vdboot/host), plus the filesystem of the `--root` device. Both roots are parameters,
@@ -38,19 +39,49 @@ export function hostStorageModules(index: KernelModuleIndex, sysfs = '/sys'): Ho
     if (VIRTUAL_BLOCK.test(dev) || existsSync(path.join(classDir, dev, 'partition'))) continue;
     const link = path.join(classDir, dev, 'device');
     if (!existsSync(link)) continue;
-    const chain: string[] = [];
-    for (let dir = realpathSync(link); dir.startsWith(top + path.sep); dir = path.dirname(dir)) {
-      if (!existsSync(path.join(dir, 'driver'))) continue;
-      const names: string[] = [];
-      const driverModule = path.join(dir, 'driver', 'module');
-      if (existsSync(driverModule)) names.push(moduleKey(path.basename(realpathSync(driverModule))));
-      const alias = path.join(dir, 'modalias');
-      if (existsSync(alias)) names.push(...resolveName(index, readFileSync(alias, 'utf8').trim()));
-      for (const name of names) if (index.files.has(name) && !chain.includes(name)) chain.push(name);
-    }
-    devices[dev] = chain;
+    devices[dev] = driverChain(index, realpathSync(link), top);
   }
   return { devices, modules: [...new Set(Object.values(devices).flat())].sort() };
+}
+
+/**
+ * The wired network cards of this machine, for a root on an NBD server: for each interface in
+ * SYSFS/class/net that is hardware (it has a `device` link; lo, bridges, tunnels and VPNs
+ * have none) and not wireless (a `wireless` or `phy80211` entry: a root is not reached
+ * through Wi-Fi before its credentials are known), the driver chain as for disks. E.g. eth0 →
+ * virtio_net, virtio_pci; enp3s0 → r8169.
+ */
+export function hostNetworkModules(index: KernelModuleIndex, sysfs = '/sys'): HostStorage {
+  const devices: Record<string, string[]> = {};
+  const classDir = path.join(sysfs, 'class', 'net');
+  const top = realpathSync(path.join(sysfs, 'devices'));
+  for (const dev of existsSync(classDir) ? readdirSync(classDir).sort() : []) {
+    const iface = path.join(classDir, dev);
+    if (existsSync(path.join(iface, 'wireless')) || existsSync(path.join(iface, 'phy80211'))) continue;
+    const link = path.join(iface, 'device');
+    if (!existsSync(link)) continue;
+    devices[dev] = driverChain(index, realpathSync(link), top);
+  }
+  return { devices, modules: [...new Set(Object.values(devices).flat())].sort() };
+}
+
+/**
+ * The modules of the drivers bound from `device` up to `top` (SYSFS/devices), innermost
+ * first: each driver's module (its `module` link) when `index` has it as a loadable module,
+ * and the modules `index` resolves the device's modalias to.
+ */
+function driverChain(index: KernelModuleIndex, device: string, top: string): string[] {
+  const chain: string[] = [];
+  for (let dir = device; dir.startsWith(top + path.sep); dir = path.dirname(dir)) {
+    if (!existsSync(path.join(dir, 'driver'))) continue;
+    const names: string[] = [];
+    const driverModule = path.join(dir, 'driver', 'module');
+    if (existsSync(driverModule)) names.push(moduleKey(path.basename(realpathSync(driverModule))));
+    const alias = path.join(dir, 'modalias');
+    if (existsSync(alias)) names.push(...resolveName(index, readFileSync(alias, 'utf8').trim()));
+    for (const name of names) if (index.files.has(name) && !chain.includes(name)) chain.push(name);
+  }
+  return chain;
 }
 
 /**
