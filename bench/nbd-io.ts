@@ -6,8 +6,10 @@
 //   vdboot  the VHDX file's bytes exported by nbdkit, mapped client-side by vdboot
 //           (root=vdisk:nbd://…: one device-mapper remap over the kernel's nbd device)
 // The guest reaches the servers through QEMU's user network with restrict=on: each server
-// listens on 127.0.0.1 and a guestfwd relays the guest's connection to it (busybox nc), the
-// same relay for every case. raw and server are attached in the guest by bench/nbd-probe.c
+// listens on a Unix socket, and a guestfwd runs `nbdkit -s nbd socket=…` for each connection
+// of the guest, a proxy on stdio to it: the same relay for every case, with no TCP of the
+// host in between (a TCP relay without TCP_NODELAY, such as busybox nc, stalls every small
+// request behind Nagle and delayed ACKs: ~17 random reads/s whatever the server). raw and server are attached in the guest by bench/nbd-probe.c
 // (the handshake, then the socket handed to the kernel: no user space in the data path),
 // which then reads every device with O_DIRECT, targets in turn, round by round; the sums of
 // what each read must agree (the same virtual disk). Ratios: medians of paired rounds.
@@ -53,33 +55,22 @@ function sh(cmd: string, args: string[]): void {
   if (r.error || r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${r.stderr ?? r.error}`);
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-/** Starts a server on 127.0.0.1:port and waits until it accepts connections. */
-async function startServer(cmd: string, args: string[], port: number): Promise<void> {
+/** Starts a server on the Unix socket `socket` and waits until it accepts connections. */
+async function startServer(cmd: string, args: string[], socket: string): Promise<void> {
   const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   servers.push(child);
   let err = '';
   child.stderr!.on('data', (b: Buffer) => { err += b.toString(); });
   for (let i = 0; i < 100; i++) {
     const up = await new Promise<boolean>((resolve) => {
-      const c = net.connect(port, '127.0.0.1', () => { c.destroy(); resolve(true); });
+      const c = net.connect(socket, () => { c.destroy(); resolve(true); });
       c.on('error', () => resolve(false));
     });
     if (up) return;
     if (child.exitCode !== null) throw new Error(`${cmd} exited: ${err}`);
     await new Promise((r) => setTimeout(r, 100));
   }
-  throw new Error(`${cmd} did not listen on 127.0.0.1:${port}: ${err}`);
+  throw new Error(`${cmd} did not listen on ${socket}: ${err}`);
 }
 
 /** vdboot's planner takes root=vdisk:nbd:// once the init can boot it. */
@@ -92,10 +83,14 @@ function vdbootNbdRoot(): string | undefined {
   }
 }
 
-/** The user network: guestfwd relays from the guest's server addresses to the servers on 127.0.0.1. */
-function netArgs(rawPort: number, serverPort: number): string[] {
+/**
+ * The user network: a guestfwd per server address runs an nbdkit proxy on stdio for each
+ * connection, passing the export name the guest asks for on to the server's Unix socket.
+ */
+function netArgs(rawSocket: string, serverSocket: string): string[] {
+  const relay = (socket: string) => `cmd:nbdkit -s --readonly nbd socket=${socket} dynamic-export=true`;
   return [
-    '-netdev', `user,id=net0,restrict=on,guestfwd=tcp:${RAW_ADDR}:${NBD_PORT}-cmd:busybox nc 127.0.0.1 ${rawPort},guestfwd=tcp:${SERVER_ADDR}:${NBD_PORT}-cmd:busybox nc 127.0.0.1 ${serverPort}`,
+    '-netdev', `user,id=net0,restrict=on,guestfwd=tcp:${RAW_ADDR}:${NBD_PORT}-${relay(rawSocket)},guestfwd=tcp:${SERVER_ADDR}:${NBD_PORT}-${relay(serverSocket)}`,
     '-device', 'virtio-net-pci,netdev=net0',
   ];
 }
@@ -166,11 +161,11 @@ try {
   fs.symlinkSync(raw, path.join(exportsDir, 'disk.raw'));
 
   // The servers, as vdboot netboot prints them (nbdkit), and qemu-nbd decoding the VHDX.
-  const rawPort = await freePort();
-  await startServer('nbdkit', ['--foreground', '--readonly', '-i', '127.0.0.1', '--port', String(rawPort), '--filter=truncate', 'file', `dir=${exportsDir}`, 'round-up=512'], rawPort);
-  const serverPort = await freePort();
-  await startServer('qemu-nbd', ['--read-only', '--persistent', '--shared=8', '-f', 'vhdx', '-x', 'disk', '-b', '127.0.0.1', '-p', String(serverPort), vhdx], serverPort);
-  const userNet = netArgs(rawPort, serverPort);
+  const rawSocket = path.join(work, 'nbdkit.sock');
+  await startServer('nbdkit', ['--foreground', '--readonly', '--unix', rawSocket, '--filter=truncate', 'file', `dir=${exportsDir}`, 'round-up=512'], rawSocket);
+  const serverSocket = path.join(work, 'qemu-nbd.sock');
+  await startServer('qemu-nbd', ['--read-only', '--persistent', '--shared=8', '-f', 'vhdx', '-x', 'disk', '-k', serverSocket, vhdx], serverSocket);
+  const userNet = netArgs(rawSocket, serverSocket);
 
   const unavailable = vdbootNbdRoot();
   let transcript: string;

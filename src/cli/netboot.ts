@@ -257,6 +257,8 @@ export function netbootEntries(images: ReadonlyArray<Pick<NetbootImage, 'export'
     `DEFAULT img0`,
     images.length > 1 ? 'PROMPT 1' : 'PROMPT 0',
     'TIMEOUT 50',
+    // without a menu module (menu.c32) the boot: prompt shows these lines and takes a label
+    ...(images.length > 1 ? images.map((img, i) => `SAY img${i}: ${title(img)}`) : []),
     ...images.flatMap((img, i) => [`LABEL img${i}`, `  MENU LABEL ${title(img)}`, '  KERNEL vmlinuz', '  INITRD initrd.img', `  APPEND ${img.cmdline}`]),
     '',
   ];
