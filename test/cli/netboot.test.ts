@@ -346,7 +346,7 @@ describe('QEMU netboots the iPXE script from the output folder', () => {
     const vm = await bootVm({ name: 'netboot-ipxe', netboot: { tftp: out, bootfile: 'boot.ipxe' }, accel: 'tcg', maxLifetimeMs: 8 * 60_000 });
     try {
       // iPXE's own console output goes to the screen, not the serial port: the kernel's line shows the script ran
-      const kernelLine = await vm.waitFor(/Kernel command line: /, 6 * 60_000);
+      const kernelLine = await vm.waitFor(/Kernel command line: .*console=ttyS0,115200 panic=-1 rd\.shell=0$/, 6 * 60_000);
       expect(kernelLine).toContain('initrd=initrd.img root=vdisk:nbd://10.0.2.2:10809/fleet.vhdx ip=dhcp console=ttyS0,115200');
       // vdboot's init is PID 1 and reads that command line (the NBD root itself is the init's to reach)
       const first = await vm.waitFor(/^vdboot: /, 3 * 60_000);
