@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
 import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestHostonly, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
-import { filesystemModules, hostDeviceMapper, hostFilesystems, hostKeyboardModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
+import { filesystemModules, hostDeviceMapper, hostFilesystems, hostKeyboardModules, hostNetworkModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
 
 export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
 export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none'];
@@ -36,6 +36,16 @@ export const UNIVERSAL_STORAGE: readonly string[] = [
   'mmc_block', 'sdhci_pci', 'sdhci_acpi',
 ];
 
+/**
+ * Wired network drivers of common PCs and VMs, for roots served over the network
+ * (root=vdisk:nbd://…): QEMU/KVM's virtio-net and e1000, Intel's e1000e (PC onboard), igb and
+ * igc (server and 2.5G onboard), ixgbe (10G), Realtek's r8169 (most desktop boards), Broadcom's
+ * tg3 (office PCs, servers). The init loads the one a machine has through its modalias, like
+ * any device driver. Firmware files (some r8169 and tg3 chips ask for one) are not included:
+ * those chips run without it.
+ */
+export const UNIVERSAL_NETWORK: readonly string[] = ['virtio_net', 'e1000', 'e1000e', 'igb', 'igc', 'r8169', 'ixgbe', 'tg3'];
+
 export const UNIVERSAL_MODULES: readonly string[] = [
   // virtual machines (Hyper-V's hv_storvsc and VMware's vmw_pvscsi cost 170 KiB: --add-module them)
   'virtio_pci', 'virtio_blk', 'virtio_scsi', 'virtio_console',
@@ -49,6 +59,8 @@ export const UNIVERSAL_MODULES: readonly string[] = [
   'ext4', 'xfs', 'btrfs', 'vfat', 'nls_cp437', 'nls_ascii', 'nls_iso8859_1', 'nls_utf8', 'exfat', 'isofs', 'squashfs', 'overlay', 'ntfs3',
   // device-mapper (linear is part of dm_mod), loop, nbd, fuse
   'dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse',
+  // network cards, for roots on an NBD server
+  ...UNIVERSAL_NETWORK,
   // keyboards for the rescue shell
   'hid_generic', 'usbhid', 'atkbd', 'i8042',
 ];
@@ -207,22 +219,31 @@ export const CRYPT_MODULES: readonly string[] = ['dm_crypt', 'af_alg', 'algif_sk
 const HOSTONLY_IMAGE: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd'];
 
 /**
- * What --hostonly needs beyond the storage drivers and filesystems: the image data paths when
+ * What --hostonly needs beyond the storage drivers and filesystems: the network cards' drivers
+ * for a root on an NBD server (`--root vdisk:nbd://…`, or this machine booted from one), the image data paths when
  * the root is an image (`--root vdisk:…`, or this machine was booted from one by vdboot),
  * device-mapper when a disk here is mapped (LVM, LUKS), the keyboards' drivers; and which
  * default programs it leaves out: ntfs-3g without an NTFS filesystem, cryptsetup without an
  * encrypted disk (an image root keeps it: what the image holds is not known here).
  */
-function hostonlyNeeds(index: KernelModuleIndex, h: NonNullable<MkinitramfsOptions['hostonly']>, filesystems: readonly string[]): { modules: string[]; dropTools: ToolName[]; imageRoot: boolean } {
+function hostonlyNeeds(index: KernelModuleIndex, h: NonNullable<MkinitramfsOptions['hostonly']>, filesystems: readonly string[]): { modules: string[]; dropTools: ToolName[]; imageRoot: boolean; networkRoot: boolean } {
   const dm = hostDeviceMapper(h.sysfs);
-  const imageRoot = h.root?.startsWith('vdisk:') === true || dm.has('vdboot') || hostMountedAt(h.mounts, '/run/vdboot/host');
+  // a root on an NBD server: named so, or this machine booted from one (a connected nbd device)
+  const networkRoot = h.root?.startsWith('vdisk:nbd:') === true || hostNbdConnected(h.sysfs);
+  const imageRoot = networkRoot || h.root?.startsWith('vdisk:') === true || dm.has('vdboot') || hostMountedAt(h.mounts, '/run/vdboot/host');
   const modules = [...hostKeyboardModules(index, h.sysfs)];
   if (imageRoot) modules.push(...HOSTONLY_IMAGE);
   else if (dm.size || /^\/dev\/(mapper\/|dm-)/.test(h.root ?? '')) modules.push('dm_mod');
   const dropTools: ToolName[] = [];
   if (!filesystems.includes('ntfs')) dropTools.push('ntfs-3g');
   if (!imageRoot && !dm.has('crypt') && !filesystems.some((t) => t === 'crypto_LUKS' || t === 'BitLocker')) dropTools.push('cryptsetup');
-  return { modules, dropTools, imageRoot };
+  return { modules, dropTools, imageRoot, networkRoot };
+}
+
+/** An nbd device of this machine is connected (SYSFS/class/block/nbdN/pid exists while it is). */
+function hostNbdConnected(sysfs = '/sys'): boolean {
+  const classDir = path.join(sysfs, 'class', 'block');
+  return existsSync(classDir) && readdirSync(classDir).some((d) => /^nbd\d+$/.test(d) && existsSync(path.join(classDir, d, 'pid')));
 }
 
 /** A filesystem is mounted at `target` in the mounts file. */
@@ -652,18 +673,21 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     const types = [...new Set([...hostFilesystems(options.hostonly.mounts), ...(options.hostonly.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf) : [])])].sort();
     const fs = filesystemModules(index, types);
     const needs = hostonlyNeeds(index, options.hostonly, types);
-    base = [...new Set([...needs.modules, ...storage.modules, ...fs.modules])];
+    const network = needs.networkRoot ? hostNetworkModules(index, options.hostonly.sysfs) : { devices: {}, modules: [] };
+    base = [...new Set([...needs.modules, ...storage.modules, ...network.modules, ...fs.modules])];
     hostonlyDrop.push(...needs.dropTools.filter((t) => t in defaults.tools && !(options.tools ?? []).includes(t)));
     hostonlyWhy = hostonlyDrop.map((t) => (t === 'ntfs-3g' ? 'no NTFS filesystem here: ntfs-3g left out' : `no encrypted disk here: ${t} left out`));
     if (!needs.imageRoot) hostonlyWhy.push('the root is not an image file: loop, nbd and the image device-mapper targets left out');
-    hostonly = { storage: storage.devices, filesystems: types, ...(options.hostonly.root ? { root: options.hostonly.root } : {}), leftOut: [], ...(hostonlyDrop.length ? { toolsLeftOut: [...hostonlyDrop].sort() } : {}) };
+    if (!needs.networkRoot) hostonlyWhy.push('the root is not on an NBD server: no network card drivers');
+    hostonly = { storage: storage.devices, ...(needs.networkRoot ? { network: network.devices } : {}), filesystems: types, ...(options.hostonly.root ? { root: options.hostonly.root } : {}), leftOut: [], ...(hostonlyDrop.length ? { toolsLeftOut: [...hostonlyDrop].sort() } : {}) };
   }
   const chosenDefaults = Object.fromEntries(Object.entries(defaults.tools).filter(([t]) => !without.includes(t as ToolName) && !hostonlyDrop.includes(t as ToolName))) as Partial<Record<ToolName, string>>;
   const tools = [...new Set([...(options.tools ?? []), ...(Object.keys(chosenDefaults) as ToolName[])])].sort();
   const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without, base);
   if (hostonly) {
     const devices = Object.entries(hostonly.storage).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
-    selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
+    const nics = Object.entries(hostonly.network ?? {}).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
+    selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; ${hostonly.network ? `network cards: ${nics.join('; ') || 'none wired'}; ` : ''}filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
     if (hostonlyWhy.length) selection.notes.push(`--hostonly: ${hostonlyWhy.join('; ')} (--with or --add-module adds them back)`);
   }
   selection.notes.push(...defaults.notes.filter((n) => !without.some((t) => n.includes(`has no ${t}`))));

@@ -1,6 +1,7 @@
 /**
- * `vdboot mkinitramfs --hostonly`: the modules this machine needs to reach its disks and
- * mount its filesystems, instead of the universal set. Read from sysfs (each block device's
+ * `vdboot mkinitramfs --hostonly`: the modules this machine needs to reach its disks, its
+ * wired network cards (for a root on an NBD server) and mount its filesystems, instead of the
+ * universal set. Read from sysfs (each block device's
  * chain of parent devices and the modules of the drivers bound along it) and from the mount
  * table (the filesystems of mounted block devices: the root, /boot, a vdboot host at
  * /run/vdboot/host), plus the filesystem of the `--root` device. Both roots are parameters,
@@ -33,13 +34,54 @@ export interface HostStorage {
 export function hostStorageModules(index: KernelModuleIndex, sysfs = '/sys'): HostStorage {
   const devices: Record<string, string[]> = {};
   const classDir = path.join(sysfs, 'class', 'block');
+  const top = realpathSync(path.join(sysfs, 'devices'));
   for (const dev of existsSync(classDir) ? readdirSync(classDir).sort() : []) {
     if (VIRTUAL_BLOCK.test(dev) || existsSync(path.join(classDir, dev, 'partition'))) continue;
     const link = path.join(classDir, dev, 'device');
     if (!existsSync(link)) continue;
-    devices[dev] = driverChain(index, sysfs, link);
+    devices[dev] = driverChain(index, realpathSync(link), top);
   }
   return { devices, modules: [...new Set(Object.values(devices).flat())].sort() };
+}
+
+/**
+ * The wired network cards of this machine, for a root on an NBD server: for each interface in
+ * SYSFS/class/net that is hardware (it has a `device` link; lo, bridges, tunnels and VPNs
+ * have none) and not wireless (a `wireless` or `phy80211` entry: a root is not reached
+ * through Wi-Fi before its credentials are known), the driver chain as for disks. E.g. eth0 →
+ * virtio_net, virtio_pci; enp3s0 → r8169.
+ */
+export function hostNetworkModules(index: KernelModuleIndex, sysfs = '/sys'): HostStorage {
+  const devices: Record<string, string[]> = {};
+  const classDir = path.join(sysfs, 'class', 'net');
+  const top = realpathSync(path.join(sysfs, 'devices'));
+  for (const dev of existsSync(classDir) ? readdirSync(classDir).sort() : []) {
+    const iface = path.join(classDir, dev);
+    if (existsSync(path.join(iface, 'wireless')) || existsSync(path.join(iface, 'phy80211'))) continue;
+    const link = path.join(iface, 'device');
+    if (!existsSync(link)) continue;
+    devices[dev] = driverChain(index, realpathSync(link), top);
+  }
+  return { devices, modules: [...new Set(Object.values(devices).flat())].sort() };
+}
+
+/**
+ * The modules of the drivers bound from `device` up to `top` (SYSFS/devices), innermost
+ * first: each driver's module (its `module` link) when `index` has it as a loadable module,
+ * and the modules `index` resolves the device's modalias to.
+ */
+function driverChain(index: KernelModuleIndex, device: string, top: string): string[] {
+  const chain: string[] = [];
+  for (let dir = device; dir.startsWith(top + path.sep); dir = path.dirname(dir)) {
+    if (!existsSync(path.join(dir, 'driver'))) continue;
+    const names: string[] = [];
+    const driverModule = path.join(dir, 'driver', 'module');
+    if (existsSync(driverModule)) names.push(moduleKey(path.basename(realpathSync(driverModule))));
+    const alias = path.join(dir, 'modalias');
+    if (existsSync(alias)) names.push(...resolveName(index, readFileSync(alias, 'utf8').trim()));
+    for (const name of names) if (index.files.has(name) && !chain.includes(name)) chain.push(name);
+  }
+  return chain;
 }
 
 /**
@@ -77,6 +119,7 @@ export function rootFilesystem(mountsFile = '/proc/self/mounts'): string | undef
  * inside the booted image, as `hostFilesystems` reads them). Unknown specs give nothing.
  */
 export function rootSpecFilesystems(spec: string, typeOf: (deviceSpec: string) => string | undefined = blkidType): string[] {
+  if (spec.startsWith('vdisk:nbd:')) return []; // the image is on a server: no local host filesystem
   const vdisk = /^vdisk:(.+):\//.exec(spec);
   const device = vdisk ? vdisk[1]! : spec.startsWith('vdisk:') ? undefined : spec;
   const type = device ? typeOf(device) : undefined;
@@ -121,11 +164,12 @@ const KEY_ENTER = 28;
  */
 export function hostKeyboardModules(index: KernelModuleIndex, sysfs = '/sys'): string[] {
   const classDir = path.join(sysfs, 'class', 'input');
+  const top = realpathSync(path.join(sysfs, 'devices'));
   const out = new Set<string>();
   for (const dev of existsSync(classDir) ? readdirSync(classDir).sort() : []) {
     const keys = path.join(classDir, dev, 'capabilities', 'key');
     if (!existsSync(keys) || !hasBit(readFileSync(keys, 'utf8'), KEY_ENTER)) continue;
-    for (const m of driverChain(index, sysfs, path.join(classDir, dev))) out.add(m);
+    for (const m of driverChain(index, realpathSync(path.join(classDir, dev)), top)) out.add(m);
   }
   return [...out].sort();
 }
@@ -135,22 +179,6 @@ function hasBit(text: string, bit: number): boolean {
   const words = text.trim().split(/\s+/).reverse();
   const word = words[Math.floor(bit / 64)];
   return word !== undefined && /^[0-9a-f]+$/i.test(word) && ((BigInt(`0x${word}`) >> BigInt(bit % 64)) & 1n) === 1n;
-}
-
-/** The modules of the drivers bound from `dir` (a sysfs device, a link resolved) up to SYSFS/devices, innermost first. */
-function driverChain(index: KernelModuleIndex, sysfs: string, dir: string): string[] {
-  const top = realpathSync(path.join(sysfs, 'devices'));
-  const chain: string[] = [];
-  for (let d = realpathSync(dir); d.startsWith(top + path.sep); d = path.dirname(d)) {
-    if (!existsSync(path.join(d, 'driver'))) continue;
-    const names: string[] = [];
-    const driverModule = path.join(d, 'driver', 'module');
-    if (existsSync(driverModule)) names.push(moduleKey(path.basename(realpathSync(driverModule))));
-    const alias = path.join(d, 'modalias');
-    if (existsSync(alias)) names.push(...resolveName(index, readFileSync(alias, 'utf8').trim()));
-    for (const name of names) if (index.files.has(name) && !chain.includes(name)) chain.push(name);
-  }
-  return chain;
 }
 
 /**

@@ -1,7 +1,7 @@
 /**
  * The end-to-end kit's recorded machine: a sysfs tree and a mount table as a QEMU machine
  * with an AHCI disk (sda, a partition sda1) and a virtio disk (vda) shows them, symlinks and
- * all, plus a loop device; for `mkinitramfs --hostonly` tests, which read them instead of
+ * all, plus a loop device, a virtio network card (eth0), a Wi-Fi card and the loopback interface; for `mkinitramfs --hostonly` tests, which read them instead of
  * the build machine's.
  */
 import fs from 'node:fs';
@@ -22,7 +22,7 @@ export function recordedSysfs(opts: { dmUuids?: string[] } = {}): string {
   const mk = (p: string) => fs.mkdirSync(path.join(sys, p), { recursive: true });
   const ln = (target: string, p: string) => fs.symlinkSync(path.join(sys, target), path.join(sys, p));
   const write = (p: string, text: string) => fs.writeFileSync(path.join(sys, p), text);
-  for (const [bus, driver, module] of [['pci', 'ahci', 'ahci'], ['scsi', 'sd', 'sd_mod'], ['virtio', 'virtio_blk', 'virtio_blk'], ['pci', 'virtio-pci', 'virtio_pci']] as const) {
+  for (const [bus, driver, module] of [['pci', 'ahci', 'ahci'], ['scsi', 'sd', 'sd_mod'], ['virtio', 'virtio_blk', 'virtio_blk'], ['pci', 'virtio-pci', 'virtio_pci'], ['virtio', 'virtio_net', 'virtio_net'], ['pci', 'iwlwifi', 'iwlwifi']] as const) {
     mk(`module/${module}`);
     mk(`bus/${bus}/drivers/${driver}`);
     ln(`module/${module}`, `bus/${bus}/drivers/${driver}/module`);
@@ -40,6 +40,22 @@ export function recordedSysfs(opts: { dmUuids?: string[] } = {}): string {
   ln('bus/pci/drivers/virtio-pci', `${virtio}/driver`);
   ln('bus/virtio/drivers/virtio_blk', `${virtio}/virtio1/driver`);
   write(`${virtio}/virtio1/modalias`, 'virtio:d00000002v00001AF4\n');
+  // network: a virtio NIC (eth0), a Wi-Fi card (wlan0, skipped), the loopback (lo, no device)
+  const nic = 'devices/pci0000:00/0000:00:03.0';
+  mk(`${nic}/virtio0/net/eth0`);
+  ln('bus/pci/drivers/virtio-pci', `${nic}/driver`);
+  ln('bus/virtio/drivers/virtio_net', `${nic}/virtio0/driver`);
+  write(`${nic}/virtio0/modalias`, 'virtio:d00000001v00001AF4\n');
+  const wifi = 'devices/pci0000:00/0000:00:1c.0/0000:02:00.0';
+  mk(`${wifi}/net/wlan0/wireless`);
+  ln('bus/pci/drivers/iwlwifi', `${wifi}/driver`);
+  mk('devices/virtual/net/lo');
+  mk('class/net');
+  ln(`${nic}/virtio0/net/eth0`, 'class/net/eth0');
+  ln(`${wifi}/net/wlan0`, 'class/net/wlan0');
+  ln('devices/virtual/net/lo', 'class/net/lo');
+  ln(`${nic}/virtio0`, `${nic}/virtio0/net/eth0/device`);
+  ln(wifi, `${wifi}/net/wlan0/device`);
   mk('devices/virtual/block/loop0');
   mk('class/block');
   ln(`${scsiDisk}/block/sda`, 'class/block/sda');

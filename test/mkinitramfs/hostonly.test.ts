@@ -7,7 +7,7 @@
 import { writeFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { buildInitramfs, defaultTools } from '../../mkinitramfs/build.ts';
-import { filesystemModules, hostDeviceMapper, hostFilesystems, hostKeyboardModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from '../../mkinitramfs/hostonly.ts';
+import { filesystemModules, hostDeviceMapper, hostFilesystems, hostKeyboardModules, hostNetworkModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from '../../mkinitramfs/hostonly.ts';
 import { loadModuleIndex } from '../../mkinitramfs/kmod.ts';
 import { ConsoleLog } from '../../src/boot/console.ts';
 import { ModuleLoader } from '../../src/boot/modules.ts';
@@ -25,6 +25,13 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
     expect(storage.devices.sda).toEqual(['sd_mod', 'ahci']);
     expect(storage.devices.vda).toEqual(index.files.has('virtio_pci') ? ['virtio_blk', 'virtio_pci'] : ['virtio_blk']);
     expect(Object.keys(storage.devices).sort()).toEqual(['sda', 'vda']);
+  });
+
+  it('wired network cards give their driver chain; Wi-Fi and the loopback interface are skipped', () => {
+    const index = loadModuleIndex(`/lib/modules/${release}`);
+    const network = hostNetworkModules(index, recordedSysfs());
+    expect(Object.keys(network.devices)).toEqual(['eth0']);
+    expect(network.devices.eth0).toEqual(index.files.has('virtio_pci') ? ['virtio_net', 'virtio_pci'] : ['virtio_net']);
   });
 
   it('filesystems come from the mounted disks (fuseblk is ntfs) and the --root device', () => {
@@ -89,6 +96,16 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
     const mods = Object.keys(r.manifest.modules);
     for (const m of ['ahci', 'sd_mod', 'virtio_blk', 'libata', 'ext4', 'xfs', 'dm_mod', 'dm_snapshot', 'loop', 'usbhid', 'xhci_pci']) expect(mods, m).toContain(m);
     for (const m of ['nvme', 'usb_storage', 'uas', 'btrfs', 'mmc_block', 'ata_piix', 'isofs', 'squashfs']) expect(mods, m).not.toContain(m);
+    // the root is not on an NBD server: no network card drivers
+    for (const m of ['virtio_net', 'e1000', 'e1000e', 'igb', 'igc', 'r8169', 'ixgbe', 'tg3']) expect(mods, m).not.toContain(m);
+    expect(r.manifest.build.hostonly!.network).toBeUndefined();
+    // a root on an NBD server: the machine's wired card, and no other network driver of the universal set
+    const net = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts({ plain: true }), root: 'vdisk:nbd://10.0.2.2:10809/fleet.vhdx' } });
+    const netMods = Object.keys(net.manifest.modules);
+    for (const m of ['virtio_net', 'nbd', 'dm_mod', 'dm_snapshot']) expect(netMods, m).toContain(m);
+    for (const m of ['e1000', 'e1000e', 'igb', 'igc', 'r8169', 'ixgbe', 'tg3']) expect(netMods, m).not.toContain(m);
+    expect(net.manifest.build.hostonly!.network).toEqual({ eth0: expect.arrayContaining(['virtio_net']) });
+    expect(net.notes.join('\n')).toMatch(/network cards: eth0 \(virtio_net/);
     const universal = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none' });
     expect(r.cpio.length).toBeLessThan(universal.cpio.length);
     expect(r.modules).toBeLessThan(universal.modules * 0.6);
@@ -102,7 +119,7 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
     expect(leftOut.get('pci:v*d*sv*sd*bc01sc08i02*')).toEqual(['nvme']);
     expect([...leftOut.values()].flat()).not.toContain('ahci');
     expect(validateManifest(r.manifest)).toEqual([]);
-    expect(r.notes.join('\n')).toMatch(/--hostonly: storage drivers of this machine: sda \(sd_mod, ahci\); vda \(virtio_blk/);
+    expect(r.notes.join('\n')).toMatch(/--hostonly: storage drivers of this machine: sda \(sd_mod, ahci\); vda \(virtio_blk.*; filesystems: /);
     console.log(`--hostonly: ${r.modules} modules, ${(r.cpio.length / 1048576).toFixed(2)} MiB unpacked (universal: ${universal.modules}, ${(universal.cpio.length / 1048576).toFixed(2)} MiB); leftOut table ${h.leftOut.length} patterns, ${JSON.stringify(h.leftOut).length} bytes of JSON`);
 
     // booted on a machine whose disk sits behind an NVMe controller: the init names the driver

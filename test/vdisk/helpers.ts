@@ -11,6 +11,7 @@ import * as path from 'node:path';
 import { diskFileDevices } from '../../src/cli/plan.ts';
 import type { HostDevice } from '../../src/boot/hostdev.ts';
 import type { DmDevicePlan } from '../../src/boot/vdisk.ts';
+import { pseudoRandom } from '../hostfs/helpers.ts';
 
 export const GUEST_LABEL = 'guestroot';
 export const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
@@ -25,7 +26,7 @@ export function sh(cmd: string, args: string[], input?: string): string {
 }
 
 /** Deterministic pseudo-random bytes (one generator for every test's data). */
-export { pseudoRandom } from '../hostfs/helpers.ts';
+export { pseudoRandom };
 
 /** An ext4 filesystem image of `sizeMiB` holding /sbin/init and a random blob. */
 export function makeGuestFs(dir: string, name: string, sizeMiB: number, label = GUEST_LABEL): string {
