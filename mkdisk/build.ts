@@ -325,19 +325,10 @@ function copyInto(from: string, to: string, offset: number, size: number): void 
 }
 
 /** Free bytes and UUID of the filesystem made at `offset` of the raw disk. */
-function readFsInfo(raw: string, offset: number, fsType: FsType, scratch: string): { freeBytes: number; uuid: string } {
-  if (fsType !== 'xfs' && fsType !== 'btrfs') return readExtSuperblock(raw, offset);
-  // The superblock readers take a file starting at the filesystem: the first 1 MiB copied out.
-  const head = path.join(scratch, 'fs-head');
-  const buf = Buffer.alloc(MiB);
-  const fd = fs.openSync(raw, 'r');
-  try { fs.readSync(fd, buf, 0, buf.length, offset); } finally { fs.closeSync(fd); }
-  fs.writeFileSync(head, buf);
-  try {
-    return fsType === 'xfs' ? readXfsSuperblock(head) : readBtrfsSuperblock(head);
-  } finally {
-    fs.rmSync(head, { force: true });
-  }
+function readFsInfo(raw: string, offset: number, fsType: FsType): { freeBytes: number; uuid: string } {
+  if (fsType === 'xfs') return readXfsSuperblock(raw, offset);
+  if (fsType === 'btrfs') return readBtrfsSuperblock(raw, offset);
+  return readExtSuperblock(raw, offset);
 }
 
 function makeFilesystem(raw: string, layout: Layout, src: PreparedSource, opts: MkdiskOptions, inodes: number, scratch: string): { ok: true } | { ok: false; why: string } {
@@ -407,7 +398,7 @@ export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
       const inodes = Math.max(Math.ceil(content.inodes * 1.25) + 1024, Math.floor(fsSize / 16384));
       log(`making ${fsType} (${formatBytes(fsSize)}) on a ${scheme === 'none' ? 'disk without partition table' : `${scheme.toUpperCase()} disk`} of ${formatBytes(layout.diskSize)}`);
       const made = makeFilesystem(raw, layout, src, opts, Math.min(inodes, Math.floor(fsSize / 1024)), scratch);
-      const free = made.ok ? readFsInfo(raw, layout.fsOffset, fsType, scratch).freeBytes : -1;
+      const free = made.ok ? readFsInfo(raw, layout.fsOffset, fsType).freeBytes : -1;
       if (made.ok && free >= wantFree) break;
       if (opts.size && !opts.size.free) {
         throw new MkdiskError(
@@ -422,7 +413,7 @@ export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
       log(`the filesystem was ${made.ok ? `${formatBytes(wantFree - free)} short of the free space asked for` : 'too small'}; trying ${formatBytes(fsSize)}`);
     }
     writeRegions(raw, layout.regions);
-    const sb = readFsInfo(raw, layout.fsOffset, fsType, scratch);
+    const sb = readFsInfo(raw, layout.fsOffset, fsType);
     let cmdline: string | undefined;
     if (bootable) {
       const rootSpec = layout.partUuid ? `PARTUUID=${layout.partUuid}` : `UUID=${sb.uuid}`;

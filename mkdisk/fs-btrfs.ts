@@ -132,13 +132,13 @@ function writeDeviceNumbers(fsFile: string, devices: readonly TreeEntry[]): void
   if (check.status !== 0) throw new BtrfsBuildError(`btrfs check failed after writing the device numbers: ${tail(check.out)}`);
 }
 
-/** Free bytes (total minus used) and the UUID from the btrfs superblock of `file`. */
-export function readBtrfsSuperblock(file: string): { freeBytes: number; uuid: string } {
+/** Free bytes (total minus used) and the UUID from the btrfs superblock of the filesystem at byte `offset` of `file`. */
+export function readBtrfsSuperblock(file: string, offset = 0): { freeBytes: number; uuid: string } {
   const fd = fs.openSync(file, 'r');
   try {
     const sb = Buffer.alloc(4096);
-    fs.readSync(fd, sb, 0, sb.length, SUPERBLOCK);
-    if (sb.toString('latin1', 0x40, 0x48) !== '_BHRfS_M') throw new BtrfsBuildError(`no btrfs superblock in ${file}`);
+    fs.readSync(fd, sb, 0, sb.length, offset + SUPERBLOCK);
+    if (sb.toString('latin1', 0x40, 0x48) !== '_BHRfS_M') throw new BtrfsBuildError(`no btrfs superblock at byte ${offset + SUPERBLOCK} of ${file}`);
     const total = Number(sb.readBigUInt64LE(0x70));
     const used = Number(sb.readBigUInt64LE(0x78));
     const u = sb.subarray(0x20, 0x30).toString('hex');

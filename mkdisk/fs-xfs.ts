@@ -142,13 +142,13 @@ export function makeXfs(fsFile: string, proto: XfsProto, protoFile: string, labe
   return { ok: true };
 }
 
-/** Free bytes and the UUID from the XFS superblock at byte 0 of `file` (big-endian fields). */
-export function readXfsSuperblock(file: string): { freeBytes: number; uuid: string } {
+/** Free bytes and the UUID from the XFS superblock at byte `offset` of `file` (big-endian fields). */
+export function readXfsSuperblock(file: string, offset = 0): { freeBytes: number; uuid: string } {
   const fd = fs.openSync(file, 'r');
   try {
     const sb = Buffer.alloc(512);
-    fs.readSync(fd, sb, 0, 512, 0);
-    if (sb.toString('latin1', 0, 4) !== 'XFSB') throw new XfsProtoError(`no XFS superblock at the start of ${file}`);
+    fs.readSync(fd, sb, 0, 512, offset);
+    if (sb.toString('latin1', 0, 4) !== 'XFSB') throw new XfsProtoError(`no XFS superblock at byte ${offset} of ${file}`);
     const blockSize = sb.readUInt32BE(4);
     const fdblocks = Number(sb.readBigUInt64BE(144));
     const u = sb.subarray(32, 48).toString('hex');

@@ -10,7 +10,7 @@
  * - udevd runs; vdiskload attaches a dynamic VHDX; after `udevadm settle`,
  *   /dev/disk/by-label/… and /dev/disk/by-uuid/… point at its partition's dm device and
  *   `mount LABEL=…` (util-linux, which asks udev's links) reads a file; after -d the links
- *   are gone;
+ *   are gone; attached --ro, the link points at the read-only partition device;
  * - `--map nbd` serves a VHDX through qemu-nbd, a file is written and read back on the host;
  *   a compressed qcow2 goes through nbd by itself (auto);
  * - a partition's name taken is refused before anything is made; a partition's dm uuid
@@ -95,6 +95,13 @@ describe('end to end: vdiskload with udev, nbd, a half-way failure, and a boot d
       ...runRc('udevDetach', `${V} -d ud`),
       'udevadm settle --timeout=60',
       guestFact('labelAfter', '$([ -e /dev/disk/by-label/udevdata ] && echo stays || echo gone)'),
+      // read-only: device-mapper marks the disk ro (a DISK_RO change event) before the resume's event
+      ...runRc('roAttach', `${V} --ro --name ur /img/udev.vhdx`),
+      'udevadm settle --timeout=60',
+      guestFact('roByLabel', '$(readlink -f /dev/disk/by-label/udevdata)'),
+      guestFact('roMapperP2', '$(readlink -f /dev/mapper/urp2)'),
+      ...runRc('roDetach', `${V} -d ur`),
+      'udevadm settle --timeout=60',
       // nbd: asked for, and chosen for a compressed image
       ...runRc('nbdAttach', `${V} --map nbd --name nb /img/nbd.vhdx`),
       `mount -t ext4 /dev/mapper/nbp2 /mnt/a && ${guestFact('nbdRead', '$(cat /mnt/a/hello.txt)')} && echo "${NOTE_NBD}" > /mnt/a/guest.txt && umount /mnt/a`,
@@ -171,6 +178,10 @@ describe('end to end: vdiskload with udev, nbd, a half-way failure, and a boot d
     expect(f.mountLabel, t).toBe(`0:${HELLO}|`);
     expect(f.udevDetach).toBe('0:ud: detached /img/udev.vhdx|');
     expect(f.labelAfter).toBe('gone');
+    expect(f.roAttach, t).toMatch(/^0:ur: \/img\/udev\.vhdx \(vhdx dynamic, 16 MiB, ro\)/);
+    expect(f.roMapperP2).toMatch(/^\/dev\/dm-\d+$/);
+    expect(f.roByLabel).toBe(f.roMapperP2);
+    expect(f.roDetach).toBe('0:ur: detached /img/udev.vhdx|');
     // nbd
     expect(f.nbdAttach, t).toMatch(/^0:.*nb: \/img\/nbd\.vhdx \(vhdx dynamic, 16 MiB, rw\) .*\|  data path: nbd/);
     expect(f.nbdRead).toBe(HELLO);

@@ -214,6 +214,36 @@ describe('mkdisk --fs btrfs (mkfs.btrfs --rootdir, no root, nothing mounted)', (
   });
 });
 
+// As root, mkdisk unpacks without fakeroot; this runs the unprivileged path (tar, find, stat and mkfs.btrfs under fakeroot) for real.
+const canDropRoot = process.getuid?.() === 0 && fs.existsSync('/usr/bin/setpriv');
+describe.skipIf(!canDropRoot)('mkdisk --fs xfs|btrfs as an unprivileged user (nobody)', () => {
+  it('the archive\'s owners, sticky bit and device numbers come through fakeroot into both filesystems', () => {
+    const shared = path.join(dir, 'nobody');
+    fs.mkdirSync(shared);
+    fs.chmodSync(dir, 0o755);
+    fs.chmodSync(shared, 0o777);
+    fs.copyFileSync(archive, path.join(shared, 'root.tar.gz'));
+    fs.chmodSync(path.join(shared, 'root.tar.gz'), 0o644);
+    const entry = path.join(shared, 'cli.mts');
+    fs.writeFileSync(entry, `import { runCli } from ${JSON.stringify(path.resolve('src/cli/node-entry.ts'))};\nprocess.exitCode = await runCli(process.argv.slice(2));\n`);
+    for (const fsType of ['xfs', 'btrfs']) {
+      const out = path.join(shared, `${fsType}.img`);
+      run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', '--', 'env', `HOME=${shared}`, path.resolve('node_modules/.bin/tsx'), entry,
+        'mkdisk', path.join(shared, 'root.tar.gz'), '-o', out, '--partition', 'none', '--fs', fsType, '-q']);
+      expect(fs.statSync(out).uid).toBe(65534);
+    }
+    const x = xfsDb(path.join(shared, 'xfs.img'), 'path /home/user/notes.txt', 'print core.uid core.gid', 'path /tmp', 'print core.mode', 'path /nodes/vdx', 'print core.mode u3');
+    expect(x).toMatch(/core.uid = 1234\b[\s\S]*core.gid = 99\b/);
+    expect(x).toContain('core.mode = 041777');
+    expect(x).toContain(`u3.dev = 0x${((254 << 18) | 300).toString(16)}`);
+    const dump = run('btrfs', ['inspect-internal', 'dump-tree', '-t', 'fs', path.join(shared, 'btrfs.img')]).toString();
+    expect(dump).toMatch(/mode 60644 links 1 uid 0 gid 0 rdev 266338604\b/); // 254 << 20 | 300
+    expect(dump).toMatch(/mode 20644 links 1 uid 0 gid 0 rdev 1048579\b/); // 1 << 20 | 3
+    expect(dump).toMatch(/mode 100644 links 1 uid 1234 gid 99 /);
+    expect(dump).toMatch(/mode 41777 /);
+  });
+});
+
 describe('mkdisk --fs xfs|btrfs disks boot (vdboot loads the module, mounts the root by PARTUUID)', () => {
   it.each(['xfs', 'btrfs'] as const)('%s: the guest sees its files with the source\'s owners, modes, device numbers and content', async (fsType) => {
     const transcript = (await boots[fsType]!).replace(/\r/g, '');
