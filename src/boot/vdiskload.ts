@@ -35,7 +35,7 @@ import { locateFile, type LocatedFile } from './host-mount.ts';
 import type { ImageHost, ImageRequest } from './image-host.ts';
 import { attachLoop, detachLoop } from './loop.ts';
 import { DM_UUID_PREFIX, formatName, planVdisk, type VdiskPlan } from './vdisk.ts';
-import { disconnectNbd, STATE_PATH } from './vdisk-exec.ts';
+import { disconnectNbd, STATE_DIR, STATE_PATH } from './vdisk-exec.ts';
 import { parseVdiskloadArgs, UsageError, VDISKLOAD_USAGE, type VdiskloadCommand } from './vdiskload-args.ts';
 
 /** FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (linux/fs.h) and the immutable flag. */
@@ -285,7 +285,10 @@ function connectNbd(sys: Sys, tool: string, file: string, format: string, readOn
     if (readTextOr(sys, `/sys/class/block/nbd${i}/size`) === undefined) break;
     if (readTextOr(sys, `/sys/class/block/nbd${i}/pid`) !== undefined) continue;
     const dev = `/dev/nbd${i}`;
-    const pid = sys.spawn(tool, ['qemu-nbd', '--fork', '--connect', dev, '--format', format, ...(readOnly ? ['--read-only'] : []), file], []);
+    // Its server socket in /run, as at boot: its default directory, /var/lock, is missing on small systems.
+    mkdirs(sys, STATE_DIR);
+    const socket = `${STATE_DIR}/nbd${i}.sock`;
+    const pid = sys.spawn(tool, ['qemu-nbd', '--fork', '--connect', dev, '--socket', socket, '--format', format, ...(readOnly ? ['--read-only'] : []), file], []);
     const r = sys.waitpid(pid, 0);
     if (r.exitCode !== 0) throw new VdiskloadError(`qemu-nbd could not serve ${file} on ${dev} (exit ${r.exitCode}); its message is above`);
     return dev;

@@ -81,7 +81,7 @@ describe('end to end: vdiskload with udev, nbd, a half-way failure, and a boot d
     const loops = 'for l in /sys/block/loop*; do [ -r $l/loop/backing_file ] && echo "$(basename $l)=$(cat $l/loop/backing_file)"; done';
     const dms = 'for d in /sys/block/dm-*; do [ -r $d/dm/name ] && echo "$(cat $d/dm/name)"; done';
     const commands = [
-      'mount -o remount,rw / && mkdir -p /mnt/a /var/lock',
+      'mount -o remount,rw / && mkdir -p /mnt/a',
       // udev: the daemon, the rules' programs, a cold plug for what is there already
       '/lib/systemd/systemd-udevd --daemon 2>/dev/null',
       'udevadm trigger --action=add --subsystem-match=block; udevadm settle --timeout=60',
