@@ -1,7 +1,8 @@
 /**
- * `vdboot mkdisk`: a directory or a tar archive becomes a disk image with an ext2/3/4
- * filesystem, in a partition table vdboot writes itself, in any container format vdboot
- * writes, without root and without mounting anything.
+ * `vdboot mkdisk`: a directory or a tar archive becomes a disk image with an ext2/3/4, xfs
+ * or btrfs filesystem, in a partition table vdboot writes itself, in any container format
+ * vdboot writes, without root and without mounting anything. (xfs and btrfs: fs-xfs.ts and
+ * fs-btrfs.ts say what each mkfs keeps and what vdboot mends.)
  *
  * How owners survive without root: `mke2fs -d` copies a directory's owners, modes, links
  * and device nodes as it sees them. This e2fsprogs (1.47.0) cannot read tar archives
@@ -21,9 +22,8 @@ import path from 'node:path';
 import { writeGpt, writeMbr, type TableRegion } from '../src/formats/partitions.ts';
 import { GPT_TYPE } from '../src/formats/guid.ts';
 import { formatFromFileName, writeImage, type OutputFormat } from '../src/formats/writers/index.ts';
-import { openFileSink, openRawSource, randomIdentity } from './image-file.ts';
+import { hostAllocatedRanges, openFileSink, openRawSource, randomIdentity } from './image-file.ts';
 import { BOOT_PARTITION_BYTES, BIOS_BOOT_BYTES, installBootLoader, type BootSetup, type PartitionScheme } from './boot.ts';
-import { hostAllocatedRanges } from './image-file.ts';
 import { listTree } from './tree-listing.ts';
 import { makeXfs, readXfsSuperblock, xfsPrototype } from './fs-xfs.ts';
 import { makeBtrfs, readBtrfsSuperblock } from './fs-btrfs.ts';
