@@ -1,0 +1,85 @@
+/**
+ * btrfs test filesystems with subvolumes, as Ubuntu (`@`, `@home`) and Fedora (`root`,
+ * `home`) install them. Debian 12's mkfs.btrfs has no --subvol, so the filesystem is made by
+ * mkfs.btrfs on image files, attached to loop devices, mounted by this machine's kernel, and
+ * filled with `btrfs subvolume create` and a copy of each subvolume's folder, then unmounted
+ * and the loop devices detached (a btrfs spanning several images is forgotten by the
+ * kernel's device list again). Needs root, losetup and btrfs in the running kernel:
+ * `btrfsAvailable()` says whether this machine can.
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+
+export function btrfsAvailable(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  if (spawnSync('mkfs.btrfs', ['--version'], { stdio: 'ignore' }).status !== 0) return false;
+  if (spawnSync('losetup', ['--version'], { stdio: 'ignore' }).status !== 0) return false;
+  try {
+    return /\tbtrfs$/m.test(fs.readFileSync('/proc/filesystems', 'utf8')) || spawnSync('modprobe', ['btrfs'], { stdio: 'ignore' }).status === 0;
+  } catch {
+    return false;
+  }
+}
+
+export interface BtrfsOptions {
+  /** the member images: one file, or several for a multi-device btrfs (metadata raid1, data single) */
+  files: string[];
+  /** each member's size in MiB (mkfs.btrfs needs ~110 MiB per device) */
+  sizeMiB: number;
+  label?: string;
+  /** subvolume name → the folder copied into it */
+  subvolumes: Record<string, string>;
+  /** files in the top level (subvolid 5), outside every subvolume */
+  topLevel?: Record<string, string>;
+  /** the subvolume made the default (`btrfs subvolume set-default`); else the top level stays default */
+  defaultSubvolume?: string;
+}
+
+export interface BtrfsMade {
+  uuid: string;
+  /** subvolume name → its id */
+  subvolumeIds: Record<string, number>;
+}
+
+/** Makes the btrfs on `opts.files` (created or overwritten). */
+export function makeBtrfs(opts: BtrfsOptions): BtrfsMade {
+  for (const f of opts.files) {
+    fs.writeFileSync(f, '');
+    fs.truncateSync(f, opts.sizeMiB * 1024 * 1024);
+  }
+  const mkfs = ['-q', '-f'];
+  if (opts.label) mkfs.push('-L', opts.label);
+  if (opts.files.length > 1) mkfs.push('-m', 'raid1', '-d', 'single');
+  execFileSync('mkfs.btrfs', [...mkfs, ...opts.files], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const loops: string[] = [];
+  const mnt = fs.mkdtempSync(path.join(path.dirname(opts.files[0]!), 'btrfs-mnt-'));
+  let mounted = false;
+  try {
+    for (const f of opts.files) loops.push(execFileSync('losetup', ['-f', '--show', f], { encoding: 'utf8' }).trim());
+    const deviceOpts = loops.length > 1 ? ['-o', loops.map((l) => `device=${l}`).join(',')] : [];
+    execFileSync('mount', ['-t', 'btrfs', ...deviceOpts, loops[0]!, mnt]);
+    mounted = true;
+    const subvolumeIds: Record<string, number> = {};
+    for (const [name, dir] of Object.entries(opts.subvolumes)) {
+      execFileSync('btrfs', ['subvolume', 'create', path.join(mnt, name)], { stdio: 'ignore' });
+      execFileSync('cp', ['-a', `${dir}/.`, path.join(mnt, name)]);
+      subvolumeIds[name] = Number(/^Subvolume ID:\s*(\d+)/m.exec(execFileSync('btrfs', ['subvolume', 'show', path.join(mnt, name)], { encoding: 'utf8' }))![1]);
+    }
+    for (const [p, content] of Object.entries(opts.topLevel ?? {})) {
+      fs.mkdirSync(path.dirname(path.join(mnt, p)), { recursive: true });
+      fs.writeFileSync(path.join(mnt, p), content);
+    }
+    if (opts.defaultSubvolume) execFileSync('btrfs', ['subvolume', 'set-default', String(subvolumeIds[opts.defaultSubvolume]), mnt]);
+    const uuid = /uuid: ([0-9a-f-]{36})/.exec(execFileSync('btrfs', ['filesystem', 'show', mnt], { encoding: 'utf8' }))![1]!;
+    return { uuid, subvolumeIds };
+  } finally {
+    if (mounted) execFileSync('umount', [mnt]);
+    fs.rmSync(mnt, { recursive: true, force: true });
+    for (const l of loops) {
+      // the kernel keeps a scanned member in its device list; forget it before the loop goes
+      if (loops.length > 1) spawnSync('btrfs', ['device', 'scan', '--forget', l], { stdio: 'ignore' });
+      spawnSync('losetup', ['-d', l]);
+    }
+  }
+}
