@@ -10,6 +10,7 @@
 import { MANIFEST_PATH, validateManifest, type InitramfsManifest } from '../formats/manifest.ts';
 import type { Sys } from '../sys/sys.ts';
 import { ConsoleLog } from './console.ts';
+import { readyBtrfsRoot } from './btrfs.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { DeviceScanner } from './devices.ts';
 import { waitForDevice } from './devwait.ts';
@@ -136,6 +137,7 @@ function mountRoot(ctx: InitContext): { init: string } {
   const rootSpec = root.kind === 'block' ? root.device : undefined;
   const dev = rootSpec ? log.timed('root-device', () => waitForDevice(ctx, rootSpec, 'root device')) : images!.root ?? findStackedRoot(ctx, images!.rootDeferred!);
   ctx.stack?.resume();
+  if (dev.fsType === 'btrfs') log.timed('btrfs-devices', () => readyBtrfsRoot(ctx, dev));
   log.timed('root-mount', () => mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags));
   return { init: log.timed('choose-init', () => chooseInit(sys, NEW_ROOT, plan)) };
 }

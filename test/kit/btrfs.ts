@@ -64,7 +64,7 @@ export function makeBtrfs(opts: BtrfsOptions): BtrfsMade {
     for (const [name, dir] of Object.entries(opts.subvolumes)) {
       execFileSync('btrfs', ['subvolume', 'create', path.join(mnt, name)], { stdio: 'ignore' });
       execFileSync('cp', ['-a', `${dir}/.`, path.join(mnt, name)]);
-      subvolumeIds[name] = Number(/^Subvolume ID:\s*(\d+)/m.exec(execFileSync('btrfs', ['subvolume', 'show', path.join(mnt, name)], { encoding: 'utf8' }))![1]);
+      subvolumeIds[name] = Number(/Subvolume ID:\s*(\d+)/.exec(execFileSync('btrfs', ['subvolume', 'show', path.join(mnt, name)], { encoding: 'utf8' }))![1]);
     }
     for (const [p, content] of Object.entries(opts.topLevel ?? {})) {
       fs.mkdirSync(path.dirname(path.join(mnt, p)), { recursive: true });
