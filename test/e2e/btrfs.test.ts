@@ -18,11 +18,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { convertImage, makeExt4, makeNtfs, makePartitionedDisk, ntfsAdd } from '../../qemu/disks.ts';
+import { convertImage } from '../../qemu/disks.ts';
 import { buildGuestRoot, GUEST_MARKER, guestFact, parseGuestFacts } from '../../qemu/guest.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
-import { btrfsAvailable, makeBtrfs } from '../kit/btrfs.ts';
+import { btrfsAvailable, fedoraBtrfsDisks, folderWith, ubuntuBtrfsDisk } from '../kit/btrfs.ts';
 import { lvmAvailable } from '../kit/lvm.ts';
+import { imageHostDisk } from '../kit/rw-check.ts';
 import { makeLvmPv } from '../kit/stack-disk.ts';
 
 const can = btrfsAvailable() && lvmAvailable();
@@ -38,7 +39,7 @@ const SUBVOL_FACTS = [
 let dir: string;
 let initrd: string;
 let ubuntuHost: string;
-let fedoraDisks: [string, string];
+let fedoraDisks: string[];
 let fedoraUuid: string;
 const vms: Vm[] = [];
 
@@ -49,56 +50,29 @@ function guestRoot(name: string): string {
   return root;
 }
 
-function folderWith(name: string, files: Record<string, string>): string {
-  const d = join(dir, name);
-  for (const [p, c] of Object.entries(files)) {
-    fs.mkdirSync(join(d, p, '..'), { recursive: true });
-    fs.writeFileSync(join(d, p), c);
-  }
-  return d;
-}
-
 beforeAll(() => {
   if (!can) return;
   dir = fs.mkdtempSync(join(tmpdir(), 'vdboot-btrfs-e2e-'));
   initrd = join(dir, 'initrd.img');
   writeInitramfs(initrd, { kernel: defaultKernel() });
-  // Ubuntu: @ and @home, the top level (the default subvolume) without an init
-  const ubuntuFs = join(dir, 'ubuntu.btrfs');
-  makeBtrfs({
-    files: [ubuntuFs], sizeMiB: 128, label: 'ubuntu',
-    subvolumes: { '@': guestRoot('@'), '@home': folderWith('home-u', { which: '@home\n' }) },
-    topLevel: { which: 'top level\n' },
-  });
+  // Ubuntu's disk as the disk of a VM: a dynamic VHDX on an NTFS partition
   const ubuntuDisk = join(dir, 'ubuntu.img');
-  makePartitionedDisk(ubuntuDisk, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: ubuntuFs, name: 'root' }] });
+  ubuntuBtrfsDisk(ubuntuDisk, guestRoot('@'), folderWith(join(dir, 'home-u'), { which: '@home\n' }));
   const vhdx = join(dir, 'ubuntu.vhdx');
   convertImage(ubuntuDisk, vhdx, 'vhdx', ['subformat=dynamic']);
-  const ntfs = join(dir, 'host.ntfs');
-  makeNtfs(ntfs, { sizeMiB: 256, label: 'Windows' });
-  ntfsAdd(ntfs, { 'VMs/Ubuntu/ubuntu.vhdx': { hostFile: vhdx } });
-  ubuntuHost = join(dir, 'host.img');
-  makePartitionedDisk(ubuntuHost, { table: 'gpt', partitions: [{ image: ntfs, type: 'EBD0A0A2-B9E5-4433-87C0-68B6B72699C7', name: 'Windows' }] });
-  for (const f of [ubuntuFs, ubuntuDisk, vhdx, ntfs]) fs.rmSync(f);
-
-  // Fedora: /boot ext4 + btrfs member 1 on the first disk; member 2 and an LVM swap LV on the second
-  const members = [join(dir, 'fedora1.btrfs'), join(dir, 'fedora2.btrfs')];
-  fedoraUuid = makeBtrfs({
-    files: members, sizeMiB: 128, label: 'fedora',
-    subvolumes: { root: guestRoot('root'), home: folderWith('home-f', { which: 'home\n' }) },
-    topLevel: { which: 'top level\n' },
-  }).uuid;
-  const boot = join(dir, 'boot.ext4');
-  makeExt4(boot, { sizeMiB: 8, label: 'boot' });
+  ubuntuHost = imageHostDisk(dir, 'ubuntu-host', 'ntfs', 'VMs/Ubuntu/ubuntu.vhdx', vhdx, false, 256).disk;
+  // Fedora over two disks; the second also holds an LVM PV with a swap LV
   const swap = join(dir, 'swap.img');
   fs.writeFileSync(swap, '');
   fs.truncateSync(swap, 8 << 20);
   execFileSync('mkswap', ['-q', swap]);
   const pv = makeLvmPv(dir, 12, 'vg0', [{ name: 'swap', sizeMiB: 8, image: swap }]).pv;
-  fedoraDisks = [join(dir, 'fedora-a.img'), join(dir, 'fedora-b.img')];
-  makePartitionedDisk(fedoraDisks[0], { table: 'gpt', partitions: [{ image: boot, name: 'boot' }, { image: members[0], name: 'fedora' }] });
-  makePartitionedDisk(fedoraDisks[1], { table: 'gpt', partitions: [{ image: members[1], name: 'fedora2' }, { image: pv, name: 'lvm', type: 'E6D6D379-F507-44C2-A23C-238F2A3DF928' }] });
-  for (const f of [...members, boot, swap, pv]) fs.rmSync(f);
+  const fedora = fedoraBtrfsDisks(dir, guestRoot('root'), folderWith(join(dir, 'home-f'), { which: 'home\n' }), {
+    secondMember: true, secondDiskAlso: [{ image: pv, name: 'lvm', type: 'E6D6D379-F507-44C2-A23C-238F2A3DF928' }],
+  });
+  fedoraDisks = fedora.disks;
+  fedoraUuid = fedora.uuid;
+  for (const f of [ubuntuDisk, vhdx, swap, pv]) fs.rmSync(f);
 }, 300_000);
 
 afterAll(async () => {

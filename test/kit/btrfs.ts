@@ -10,6 +10,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { makeExt4, makePartitionedDisk, type PartitionSpec } from '../../qemu/disks.ts';
 
 export function btrfsAvailable(): boolean {
   if (process.getuid?.() !== 0) return false;
@@ -81,5 +82,56 @@ export function makeBtrfs(opts: BtrfsOptions): BtrfsMade {
       if (loops.length > 1) spawnSync('btrfs', ['device', 'scan', '--forget', l], { stdio: 'ignore' });
       spawnSync('losetup', ['-d', l]);
     }
+  }
+}
+
+/** A folder holding `files` (path → content), for a subvolume's content. */
+export function folderWith(dir: string, files: Record<string, string>): string {
+  for (const [p, c] of Object.entries(files)) {
+    fs.mkdirSync(path.dirname(path.join(dir, p)), { recursive: true });
+    fs.writeFileSync(path.join(dir, p), c);
+  }
+  return dir;
+}
+
+/**
+ * Ubuntu's btrfs layout as a raw disk `out`: GPT with an ESP and one btrfs (label "ubuntu")
+ * whose subvolume `@` holds `rootDir` and `@home` holds `homeDir`; the top level, which stays
+ * the default subvolume as Ubuntu leaves it, holds only /which ("top level") and no init.
+ */
+export function ubuntuBtrfsDisk(out: string, rootDir: string, homeDir: string): BtrfsMade {
+  const fsFile = `${out}.btrfs`;
+  try {
+    const made = makeBtrfs({ files: [fsFile], sizeMiB: 128, label: 'ubuntu', subvolumes: { '@': rootDir, '@home': homeDir }, topLevel: { which: 'top level\n' } });
+    makePartitionedDisk(out, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fsFile, name: 'root' }] });
+    return made;
+  } finally {
+    fs.rmSync(fsFile, { force: true });
+  }
+}
+
+/**
+ * Fedora's layout as raw disks: the first holds /boot (ext4, label "boot") and a btrfs
+ * (label "fedora") with subvolumes `root` (`rootDir`) and `home` (`homeDir`), the top level
+ * holding only /which. With `secondMember`, the btrfs spans a second disk too (metadata
+ * raid1: the kernel mounts it only with both), whose partitions are that member and then
+ * `secondDiskAlso`. Returns the disks and the btrfs UUID.
+ */
+export function fedoraBtrfsDisks(dir: string, rootDir: string, homeDir: string, opts: { secondMember?: boolean; secondDiskAlso?: PartitionSpec[] } = {}): BtrfsMade & { disks: string[] } {
+  const members = [path.join(dir, 'fedora1.btrfs')];
+  if (opts.secondMember) members.push(path.join(dir, 'fedora2.btrfs'));
+  const boot = path.join(dir, 'fedora-boot.ext4');
+  try {
+    const made = makeBtrfs({ files: members, sizeMiB: 128, label: 'fedora', subvolumes: { root: rootDir, home: homeDir }, topLevel: { which: 'top level\n' } });
+    makeExt4(boot, { sizeMiB: 8, label: 'boot' });
+    const disks = [path.join(dir, 'fedora-a.img')];
+    makePartitionedDisk(disks[0]!, { table: 'gpt', partitions: [{ image: boot, name: 'boot' }, { image: members[0]!, name: 'fedora' }] });
+    if (opts.secondMember) {
+      disks.push(path.join(dir, 'fedora-b.img'));
+      makePartitionedDisk(disks[1]!, { table: 'gpt', partitions: [{ image: members[1]!, name: 'fedora2' }, ...(opts.secondDiskAlso ?? [])] });
+    }
+    return { ...made, disks };
+  } finally {
+    for (const f of [...members, boot]) fs.rmSync(f, { force: true });
   }
 }
