@@ -98,13 +98,14 @@ export function folderWith(dir: string, files: Record<string, string>): string {
  * Ubuntu's btrfs layout as a raw disk `out`: GPT with an ESP and one btrfs (label "ubuntu")
  * whose subvolume `@` holds `rootDir` and `@home` holds `homeDir`; the top level, which stays
  * the default subvolume as Ubuntu leaves it, holds only /which ("top level") and no init.
+ * Returns the btrfs partition's place on the disk too.
  */
-export function ubuntuBtrfsDisk(out: string, rootDir: string, homeDir: string): BtrfsMade {
+export function ubuntuBtrfsDisk(out: string, rootDir: string, homeDir: string): BtrfsMade & { offset: number; size: number } {
   const fsFile = `${out}.btrfs`;
   try {
     const made = makeBtrfs({ files: [fsFile], sizeMiB: 128, label: 'ubuntu', subvolumes: { '@': rootDir, '@home': homeDir }, topLevel: { which: 'top level\n' } });
-    makePartitionedDisk(out, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fsFile, name: 'root' }] });
-    return made;
+    const part = makePartitionedDisk(out, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fsFile, name: 'root' }] })[1]!;
+    return { ...made, offset: part.offset, size: part.size };
   } finally {
     fs.rmSync(fsFile, { force: true });
   }
