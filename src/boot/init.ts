@@ -26,6 +26,7 @@ import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
 import { findStackedRoot, StorageStack } from './stack.ts';
 import { unpackTmpfsRoot } from './tmpfs-root.ts';
+import { recordDmDevicesForUdev } from './udev-db.ts';
 import { installShutdown, takeDownInPlace } from './shutdown.ts';
 
 export const NEW_ROOT = '/root';
@@ -49,6 +50,7 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     timed('kexec-check', () => kexecRootKernel(ctx, NEW_ROOT));
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
     timed('shutdown-handoff', () => installShutdown(sys, log, ctx.manifest.tools.busybox));
+    timed('udev-db', () => recordDmDevicesForUdev(sys, log));
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);
     timed('stop-coldplug', () => ctx.modules.stopColdplug({ wait: false }));
     log.info(`starting ${init}${plan.initArgs.length ? ` ${plan.initArgs.join(' ')}` : ''} (vdboot took ${(sys.uptimeSec() - t0).toFixed(2)} s)`);

@@ -1,5 +1,5 @@
 /**
- * Full: the real Debian guest with systemd (debootstrap --variant=minbase with systemd-sysv,
+ * Full: the real Debian guest with systemd (debootstrap --variant=minbase with systemd-sysv, udev,
  * cryptsetup and lvm2, as an encrypted install has them) in Ubuntu's encrypted layout inside
  * a dynamic VHDX on NTFS: GPT (ESP, LUKS2 → PV → VG ubuntu-vg → root LV ext4 + swap LV),
  * booted as root=vdisk:… rd.vdisk.root=/dev/mapper/ubuntu--vg-root with the key file on the
@@ -38,7 +38,7 @@ beforeAll(async () => {
   writeInitramfs(initrd, { kernel: defaultKernel(), without: ['ntfs-3g'] });
   const root = join(dir, 'root');
   await new Promise<void>((resolve, reject) => {
-    const child = spawn('debootstrap', ['--variant=minbase', '--include=systemd-sysv,cryptsetup,lvm2', 'bookworm', root, machineDebianMirror()], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn('debootstrap', ['--variant=minbase', '--include=systemd-sysv,udev,cryptsetup,lvm2', 'bookworm', root, machineDebianMirror()], { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
     child.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
     child.on('error', reject);
