@@ -10,6 +10,8 @@
  *    and this machine's btrfs reads the count back from the @ subvolume (btrfs check clean);
  *  - Fedora's layout inside a dynamic VHDX on NTFS (root=vdisk:… rootflags=subvol=root, the
  *    root partition found by rd.vdisk.root=auto beside /boot's ext4 because subvol= names btrfs).
+ * Measured under TCG on two busy cores: 42 s, 47 s, 110 s (two boots) and 53 s, plus ~1 min
+ * building the disks.
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
