@@ -25,7 +25,9 @@ export function waitForDevice(ctx: InitContext, spec: DeviceSpec, what: string):
     // a device that cannot be opened yet is no match: its filesystem is still unknown
     const matches = devices.filter((d) => !d.notReady && deviceMatches(spec, d));
     if (matches.length > 0) {
-      if (matches.length > 1) log.warn(`${formatDeviceSpec(spec)} matches ${matches.map((d) => d.path).join(', ')}; using ${matches[0]!.path}`);
+      // the members of one multi-device btrfs share its UUID: any of them mounts it (btrfs.ts)
+      const oneBtrfs = matches.every((d) => d.fsType === 'btrfs' && d.uuid === matches[0]!.uuid);
+      if (matches.length > 1 && !oneBtrfs) log.warn(`${formatDeviceSpec(spec)} matches ${matches.map((d) => d.path).join(', ')}; using ${matches[0]!.path}`);
       log.info(`found ${what} ${formatDeviceSpec(spec)} at ${matches[0]!.path} (${matches[0]!.fsType ?? 'no filesystem'}) after ${((sys.monotonicMs() - start) / 1000).toFixed(2)} s`);
       return matches[0]!;
     }

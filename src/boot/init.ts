@@ -10,6 +10,7 @@
 import { MANIFEST_PATH, validateManifest, type InitramfsManifest } from '../formats/manifest.ts';
 import type { Sys } from '../sys/sys.ts';
 import { ConsoleLog } from './console.ts';
+import { readyBtrfsRoot } from './btrfs.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { DeviceScanner } from './devices.ts';
 import { waitForDevice } from './devwait.ts';
@@ -25,6 +26,7 @@ import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
 import { findStackedRoot, StorageStack } from './stack.ts';
 import { unpackTmpfsRoot } from './tmpfs-root.ts';
+import { recordDmDevicesForUdev } from './udev-db.ts';
 import { installShutdown, takeDownInPlace } from './shutdown.ts';
 
 export const NEW_ROOT = '/root';
@@ -48,6 +50,7 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     timed('kexec-check', () => kexecRootKernel(ctx, NEW_ROOT));
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
     timed('shutdown-handoff', () => installShutdown(sys, log, ctx.manifest.tools.busybox));
+    timed('udev-db', () => recordDmDevicesForUdev(sys, log));
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);
     timed('stop-coldplug', () => ctx.modules.stopColdplug({ wait: false }));
     log.info(`starting ${init}${plan.initArgs.length ? ` ${plan.initArgs.join(' ')}` : ''} (vdboot took ${(sys.uptimeSec() - t0).toFixed(2)} s)`);
@@ -136,6 +139,7 @@ function mountRoot(ctx: InitContext): { init: string } {
   const rootSpec = root.kind === 'block' ? root.device : undefined;
   const dev = rootSpec ? log.timed('root-device', () => waitForDevice(ctx, rootSpec, 'root device')) : images!.root ?? findStackedRoot(ctx, images!.rootDeferred!);
   ctx.stack?.resume();
+  if (dev.fsType === 'btrfs') log.timed('btrfs-devices', () => readyBtrfsRoot(ctx, dev));
   log.timed('root-mount', () => mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags));
   return { init: log.timed('choose-init', () => chooseInit(sys, NEW_ROOT, plan)) };
 }

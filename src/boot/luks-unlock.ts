@@ -17,7 +17,7 @@ import { openBlockReader } from './blockdev.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { CRYPTSETUP_WRONG_KEY, openCrypt, promptSecret } from './cryptsetup.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
-import { exists, mkdirs, readFileBytes } from './fsutil.ts';
+import { exists, mkdirs, readFileBytes, readTextOr } from './fsutil.ts';
 import { mountDevice } from './mount-device.ts';
 import type { LuksKeySource } from './stack-plan.ts';
 
@@ -90,7 +90,9 @@ export function unlockLuks(ctx: InitContext, dev: BlockDeviceInfo, devicesNow: (
     }
     throw new BootFailure(`cryptsetup could not open ${dev.path} as /dev/mapper/${name} (exit ${r.exitCode}): ${r.message || 'no message'}. ${fix}`);
   }
-  throw new BootFailure(`${dev.path} (LUKS, UUID ${uuid}) stays locked: no key available with the passphrase after ${opts.tries} tries. ${fix} The command line is in /proc/cmdline; edit the boot entry to change it.`);
+  const cmdline = readTextOr(sys, '/proc/cmdline')?.trim();
+  throw new BootFailure(`${dev.path} (LUKS, UUID ${uuid}) stays locked: no key available with the passphrase after ${opts.tries} tries. ${fix} ` +
+    `To change the command line, edit the boot entry${cmdline ? `; this boot's was:\n  ${cmdline}` : ' (this boot\'s is in /proc/cmdline)'}`);
 }
 
 function describeKey(src: LuksKeySource): string {

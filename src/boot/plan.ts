@@ -18,8 +18,12 @@ export type BreakPoint = 'pre-mount' | 'pre-switch';
 
 /** rd.vdisk.root: which partition of the image is root. */
 export type VdiskRootChoice =
-  /** GPT "Linux root (x86-64)", else the only Linux filesystem, else the unpartitioned whole disk */
-  | { by: 'auto' }
+  /**
+   * GPT "Linux root (x86-64)", else the only Linux filesystem, else the unpartitioned whole
+   * disk; `subvol`: rootflags= names a btrfs subvolume (subvol=/subvolid=), so among several
+   * Linux filesystems (Fedora's /boot ext4 beside its btrfs) the only btrfs is root
+   */
+  | { by: 'auto'; subvol?: string }
   | { by: 'number'; number: number }
   | { by: 'spec'; spec: DeviceSpec };
 
@@ -145,6 +149,8 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   const warnings: string[] = [];
 
   const vdisk = planVdiskOptions(cmd, warnings);
+  const subvol = (cmd.get('rootflags') ?? '').split(',').find((o) => /^subvol(id)?=./.test(o));
+  if (subvol && vdisk.root.by === 'auto') vdisk.root = { by: 'auto', subvol };
   const compatRoot = compatVdiskRoot(cmd, vdisk, warnings);
   const rootText = cmd.get('root');
   if (!compatRoot && (rootText === undefined || rootText === '')) {

@@ -603,6 +603,8 @@ function chooseRoot(req: ImageRequest, choice: VdiskRootChoice, kind: string, pa
   if (rootType.length >= 1) return { partition: rootType[0]!, why: `the GPT type "Linux root (x86-64)"${rootType.length > 1 ? ` (the first of ${rootType.length})` : ''}` };
   const linux = parts.filter((p) => p.fsType && LINUX_FS.has(p.fsType));
   if (linux.length === 1) return { partition: linux[0]!, why: `the only Linux filesystem (${linux[0]!.fsType})` };
+  const btrfs = linux.filter((p) => p.fsType === 'btrfs');
+  if (choice.subvol && btrfs.length === 1) return { partition: btrfs[0]!, why: `the only btrfs, as rootflags=${choice.subvol} names a btrfs subvolume` };
   if (kind === 'none' && whole.fsType) return { partition: whole, why: `the unpartitioned disk holds ${whole.fsType}` };
   throw new FormatError(
     `${req.path}: vdboot cannot tell which partition is root (${linux.length > 1 ? `${linux.length} Linux filesystems` : 'no Linux filesystem'}, no GPT "Linux root (x86-64)" partition):\n${list()}\n` +

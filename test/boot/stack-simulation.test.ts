@@ -121,6 +121,22 @@ describe.skipIf(!can)('simulation: a root behind LUKS and LVM', () => {
     expect(load.targets).toEqual([{ start: 0, length: lvm.lvs.root!.size / 512, type: 'linear', params: expect.stringMatching(new RegExp(` ${lvm.lvs.root!.offset / 512}$`)) }]);
     expect(r.kernel.events.mounts.find((m) => m.target === '/root')).toMatchObject({ fstype: 'ext4' });
     expect(r.kernel.events.exec?.path).toBe('/sbin/init');
+    // the booted system's udev takes both dm devices as activated through libdevmapper (udev-db.ts)
+    const k = r.kernel;
+    const dmDevs = k.readdir('/sys/class/block').filter((n) => n.startsWith('dm-')).map((n) => {
+      const fd = k.open(`/sys/class/block/${n}/dev`, O.RDONLY);
+      const b = new Uint8Array(32);
+      const len = k.pread(fd, b, 0);
+      k.close(fd);
+      return `b${new TextDecoder().decode(b.subarray(0, len)).trim()}`;
+    });
+    expect(dmDevs).toHaveLength(2);
+    expect(k.readdir('/run/udev/data').sort()).toEqual(dmDevs.sort());
+    const fd = k.open(`/run/udev/data/${dmDevs[0]}`, O.RDONLY);
+    const b = new Uint8Array(256);
+    const len = k.pread(fd, b, 0);
+    k.close(fd);
+    expect(new TextDecoder().decode(b.subarray(0, len))).toContain('E:DM_UDEV_PRIMARY_SOURCE_FLAG=1\n');
   });
 
   it('three wrong passphrases end in the rescue shell naming the device and what to put on the command line', async () => {
