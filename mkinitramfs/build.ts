@@ -18,6 +18,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
 import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestHostonly, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
+import { LVM_MODULE_NAMES } from '../src/formats/lvm.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
 import { filesystemModules, hostFilesystems, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
 
@@ -206,12 +207,19 @@ export const CRYPT_MODULES: readonly string[] = ['dm_crypt', 'af_alg', 'algif_sk
 /** What --hostonly keeps besides the machine's own drivers and filesystems. */
 const HOSTONLY_ALWAYS: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse', 'hid_generic', 'usbhid', 'atkbd', 'i8042'];
 
-export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4' | 'cryptsetup';
+export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4' | 'cryptsetup' | 'lvm';
 /**
  * Optional programs; `module` is the kernel module the program needs ('' for none), loaded
  * at every boot; `onDemand` are modules it needs that the init loads only when it runs it.
  */
-export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd' | 'lz4' | 'cryptsetup'; module: string; path: string; onDemand?: readonly string[] }> = {
+export const TOOLS: Record<ToolName, {
+  manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd' | 'lz4' | 'cryptsetup' | 'lvm';
+  module: string;
+  path: string;
+  onDemand?: readonly string[];
+  /** programs that go in beside it when this machine has them, each with its other names (links) */
+  companions?: readonly { program: string; path: string; links: readonly string[] }[];
+}> = {
   'ntfs-3g': { manifestKey: 'ntfs3g', module: 'fuse', path: 'usr/bin/ntfs-3g' },
   'qemu-nbd': { manifestKey: 'qemuNbd', module: 'nbd', path: 'usr/bin/qemu-nbd' },
   // root=tmpfs: archives compressed with zstd or lz4 unpack at C speed instead of in JavaScript
@@ -220,6 +228,13 @@ export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd
   // LUKS: cryptsetup opens the volume (key derivation in C); dm_crypt maps it, the kernel's
   // AF_ALG sockets decrypt the key slots, xts/essiv/aesni the usual ciphers.
   cryptsetup: { manifestKey: 'cryptsetup', module: '', path: 'usr/sbin/cryptsetup', onDemand: CRYPT_MODULES },
+  // LVM's own program for thin, cache, raid and snapshot LVs (linear and striped ones vdboot
+  // maps itself); thin pools and cache volumes are checked by thin-provisioning-tools'
+  // thin_check/cache_check (one program, pdata_tools) before lvm activates them.
+  lvm: {
+    manifestKey: 'lvm', module: '', path: 'usr/sbin/lvm', onDemand: LVM_MODULE_NAMES,
+    companions: [{ program: 'pdata_tools', path: 'usr/sbin/pdata_tools', links: ['usr/sbin/thin_check', 'usr/sbin/cache_check'] }],
+  },
 };
 
 export interface MkinitramfsResult {
@@ -670,7 +685,20 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     taken.add(spec.path);
     toolOf.set(spec.path, t);
     manifestTools[spec.manifestKey] = `/${spec.path}`;
-    for (const lib of sharedLibraries(found)) {
+    const programs = [found];
+    for (const c of spec.companions ?? []) {
+      const other = lookupProgram(c.program);
+      if (!other) continue; // optional: lvm says what it misses when it needs it
+      inputs.push({ type: 'file', path: c.path, data: readFileSync(other), mode: 0o755 });
+      taken.add(c.path);
+      toolOf.set(c.path, t);
+      for (const link of c.links) {
+        inputs.push({ type: 'symlink', path: link, target: path.basename(c.path) });
+        taken.add(link);
+      }
+      programs.push(other);
+    }
+    for (const lib of programs.flatMap((p) => sharedLibraries(p))) {
       const rel = lib.replace(/^\/+/, '');
       if (taken.has(rel)) continue;
       taken.add(rel);

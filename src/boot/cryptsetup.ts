@@ -43,7 +43,7 @@ export function cryptsetupTool(ctx: InitContext, what: string): string {
   if (!tool) throw new BootFailure(`${what} needs cryptsetup, which this initramfs does not have: install Debian's cryptsetup-bin on the machine that builds it and run "vdboot mkinitramfs" again (without --without cryptsetup).`);
   {
     const present = CRYPT_MODULES.filter((m) => findModule(ctx.manifest, m));
-    ctx.modules.reportFailures(ctx.modules.load(present));
+    ctx.log.timed('crypt-modules', () => ctx.modules.reportFailures(ctx.modules.load(present)));
   }
   return tool;
 }
@@ -62,9 +62,12 @@ export function openCrypt(ctx: InitContext, req: CryptOpenRequest): CryptOpenRes
     const argv = ['cryptsetup', 'open', '--type', req.type, '--key-file=-', '--disable-locks', ...req.args, req.device, req.name];
     // No udev here: libdevmapper makes /dev/mapper/NAME itself instead of waiting for it.
     const env = ['DM_DISABLE_UDEV=1', 'LC_ALL=C', 'PATH=/usr/sbin:/usr/bin:/sbin:/bin'];
-    const pid = sys.spawn(tool, argv, env, { stdio: [keyFd, outFd, outFd] });
-    let r = sys.waitpid(pid, 0);
-    while (r.pid !== pid) r = sys.waitpid(pid, 0);
+    const r = ctx.log.timed('cryptsetup', () => {
+      const pid = sys.spawn(tool, argv, env, { stdio: [keyFd, outFd, outFd] });
+      let w = sys.waitpid(pid, 0);
+      while (w.pid !== pid) w = sys.waitpid(pid, 0);
+      return w;
+    });
     const out = new Uint8Array(4096);
     let n = 0;
     try { n = sys.pread(outFd, out, 0); } catch { n = 0; }

@@ -8,7 +8,7 @@ import { walkArgs } from './args.ts';
 
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
                   [--add-module NAME]... [--omit-module NAME]...
-                  [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--without ntfs-3g|cryptsetup]
+                  [--with ntfs-3g|qemu-nbd|zstd|lz4|lvm]... [--without ntfs-3g|cryptsetup]
                   [--hostonly [--root SPEC]] [--modules-dir DIR] [--arch x86_64|aarch64]
                   [--init FILE] [--busybox FILE]
 
@@ -25,10 +25,11 @@ Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompres
   --level N                 compression level (default: zstd 9, gzip 9, xz 6; zstd 19 is ~10% smaller, ~15 s)
   --add-module NAME         also include this module (or alias) and its dependencies; repeatable
   --omit-module NAME        leave a universal-set module out (e.g. btrfs, xfs: ~0.8 MiB each); repeatable
-  --with ntfs-3g|qemu-nbd|zstd|lz4
+  --with ntfs-3g|qemu-nbd|zstd|lz4|lvm
                             include the program and its libraries (ntfs-3g: NTFS through fuse, for kernels
                             without ntfs3; qemu-nbd: images the kernel cannot map; zstd, lz4: root=tmpfs:
-                            archives in those compressions unpack at C speed); repeatable
+                            archives in those compressions unpack at C speed; lvm: thin, cache, raid and
+                            snapshot LVs, with thin_check/cache_check when installed); repeatable
   --without ntfs-3g|cryptsetup
                             leave out a program included by default (ntfs-3g on kernels without ntfs3:
                             NTFS hosts are then reached read-only by vdboot's direct path alone;
