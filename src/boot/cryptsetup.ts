@@ -10,6 +10,7 @@ import { findModule } from '../formats/manifest.ts';
 import { utf8Decode, utf8Encode } from '../formats/text.ts';
 import { MFD, O, type Sys } from '../sys/sys.ts';
 import { BootFailure, type InitContext } from './context.ts';
+import { mountToolImage } from './tool-images.ts';
 
 /** What unlocking needs from the kernel; mkinitramfs includes them with cryptsetup (CRYPT_MODULES). */
 const CRYPT_MODULES = ['dm_crypt', 'af_alg', 'algif_skcipher', 'xts', 'essiv', 'cbc', 'aesni_intel', 'sha256_ssse3'];
@@ -45,6 +46,7 @@ export function cryptsetupTool(ctx: InitContext, what: string): string {
     const present = CRYPT_MODULES.filter((m) => findModule(ctx.manifest, m));
     ctx.log.timed('crypt-modules', () => ctx.modules.reportFailures(ctx.modules.load(present)));
   }
+  mountToolImage(ctx, 'cryptsetup');
   return tool;
 }
 

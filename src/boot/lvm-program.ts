@@ -16,6 +16,7 @@ import { MFD } from '../sys/sys.ts';
 import type { InitContext } from './context.ts';
 import type { BlockDeviceInfo } from './devspec.ts';
 import { exists, mkdirs } from './fsutil.ts';
+import { mountToolImage } from './tool-images.ts';
 
 export interface LvmProgramResult {
   ok: boolean;
@@ -56,6 +57,7 @@ export function activateWithLvmProgram(ctx: InitContext, tool: string, a: Assemb
   const { sys } = ctx;
   const present = ['dm_mod', ...LVM_MODULE_NAMES].filter((m) => findModule(ctx.manifest, m));
   ctx.modules.reportFailures(ctx.modules.load(present));
+  mountToolImage(ctx, 'lvm');
   mkdirs(sys, LOCK_DIR);
   const argv = ['lvm', 'lvchange', '-ay', '--config', lvmProgramConfig(pvDevices.map((d) => d.path)), `${a.vg.name}/${lv.name}`];
   const env = ['DM_DISABLE_UDEV=1', 'LVM_SUPPRESS_FD_WARNINGS=1', 'LC_ALL=C', 'PATH=/usr/sbin:/usr/bin:/sbin:/bin'];
