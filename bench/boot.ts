@@ -10,6 +10,8 @@
 // vdboot, e.g. main's build/init), booted in the same run: before and after a change;
 // BENCH_WITHOUT=TOOL[,TOOL…] adds vdboot images built with `--without TOOL` (e.g. cryptsetup),
 // booted in the same run: what a default program costs a boot that does not use it;
+// BENCH_PACK=TOOL[,TOOL…] adds vdboot images built with `--pack TOOL` (the program in a squashfs
+// image mounted when run, not unpacked by the kernel at every boot);
 // BENCH_ICOUNT=SHIFT runs QEMU with `-icount shift=SHIFT,sleep=off` (TCG only): the guest's
 // clock counts instructions (2^SHIFT ns each), so its uptimes no longer depend on what
 // else the machine runs: for a busy machine, where real-time medians drift by seconds.
@@ -55,7 +57,7 @@ interface KernelSet {
   vdboot: Candidate;
   vdbootDebug: Candidate;
   baseline?: Candidate;
-  /** vdboot built --without each BENCH_WITHOUT program */
+  /** vdboot built --without each BENCH_WITHOUT program, --pack each BENCH_PACK program */
   without: Candidate[];
 }
 
@@ -128,13 +130,16 @@ function buildSet(series: string, kernel: string): KernelSet {
     }
   }
   // (c') the universal image less a default program, for what that program costs
-  for (const tool of (process.env.BENCH_WITHOUT ?? '').split(',').map((t) => t.trim()).filter(Boolean)) {
-    const c = candidate(`vdboot ${series} -${tool}`, kernel, 'root=/dev/vda rw quiet');
-    const image = path.join(work, `vdboot-${series}-without-${tool}.img`);
-    const r = timed(process.execPath, [path.join(repo, 'bin/vdboot.mjs'), 'mkinitramfs', '--kernel', installed ? version : kernel, '--without', tool, '-o', image]);
-    if (r.ok && fs.existsSync(image)) Object.assign(c, { image, size: fs.statSync(image).size, buildSeconds: r.seconds });
-    else c.failures.push(`vdboot mkinitramfs --without ${tool} failed: ${r.output.trim().split('\n').slice(-3).join(' | ')}`);
-    set.without.push(c);
+  const variants = [['without', '-', process.env.BENCH_WITHOUT], ['pack', 'packed ', process.env.BENCH_PACK]] as const;
+  for (const [flag, label, list] of variants) {
+    for (const tool of (list ?? '').split(',').map((t) => t.trim()).filter(Boolean)) {
+      const c = candidate(`vdboot ${series} ${label}${tool}`, kernel, 'root=/dev/vda rw quiet');
+      const image = path.join(work, `vdboot-${series}-${flag}-${tool}.img`);
+      const r = timed(process.execPath, [path.join(repo, 'bin/vdboot.mjs'), 'mkinitramfs', '--kernel', installed ? version : kernel, `--${flag}`, tool, '-o', image]);
+      if (r.ok && fs.existsSync(image)) Object.assign(c, { image, size: fs.statSync(image).size, buildSeconds: r.seconds });
+      else c.failures.push(`vdboot mkinitramfs --${flag} ${tool} failed: ${r.output.trim().split('\n').slice(-3).join(' | ')}`);
+      set.without.push(c);
+    }
   }
   // (d) the same image with another /init, for before/after comparisons
   const baseInit = process.env.BENCH_BASELINE_INIT;

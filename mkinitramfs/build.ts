@@ -164,6 +164,11 @@ export interface MkinitramfsOptions {
   tools?: ToolName[];
   /** Default programs to leave out (`--without ntfs-3g`). */
   without?: ToolName[];
+  /**
+   * Programs kept in a squashfs image mounted when run (`--pack cryptsetup`), besides those
+   * packed always (TOOLS' `packed`): the kernel no longer unpacks them at every boot.
+   */
+  pack?: ToolName[];
   compress?: Compression;
   /** The compressor's level (zstd 1-19, gzip 1-9, xz 1-9); default DEFAULT_LEVELS. */
   level?: number;
@@ -240,8 +245,8 @@ export const TOOLS: Record<ToolName, {
   lz4: { manifestKey: 'lz4', module: '', path: 'usr/bin/lz4' },
   // LUKS: cryptsetup opens the volume (key derivation in C); dm_crypt maps it, the kernel's
   // AF_ALG sockets decrypt the key slots, xts/essiv/aesni the usual ciphers.
-  // (not packed yet, though its 10 MiB cost a boot without LUKS 0.3-0.5 s under emulation:
-  // `packed: true` here is the switch; the image tests still read a 6.1 image as one archive)
+  // (packed only with --pack cryptsetup yet, though its 10 MiB cost a boot without LUKS
+  // 0.3-0.5 s under emulation: the image tests still read a 6.1 image as one archive)
   cryptsetup: { manifestKey: 'cryptsetup', module: '', path: 'usr/sbin/cryptsetup', onDemand: CRYPT_MODULES },
   // LVM's own program for thin, cache, raid and snapshot LVs (linear and striped ones vdboot
   // maps itself); thin pools and cache volumes are checked by thin-provisioning-tools'
@@ -710,7 +715,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const charsets = filesystemCharsets(index.release, configFile ?? `/boot/config-${index.release}`);
   const fsRoots = new Set(selection.roots);
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
-  const toolModules = tools.flatMap((t) => [TOOLS[t].module, ...(TOOLS[t].onDemand ?? [])]).map(moduleKey).filter((m) => m !== '' && index.files.has(m));
+  const toolModules = tools.flatMap((t) => [TOOLS[t].module, ...(TOOLS[t].onDemand ?? []), ...((options.pack ?? []).includes(t) ? TOOL_IMAGE_MODULES : [])]).map(moduleKey).filter((m) => m !== '' && index.files.has(m));
   const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...toolModules]);
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   if (hostonly) {
@@ -739,7 +744,8 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const manifestTools: ManifestTools = { busybox: '/bin/busybox' };
   // packed tools last: libraries the main archive already has stay out of their images
   // (the wrapper's LD_LIBRARY_PATH falls back to the usual directories)
-  for (const t of [...tools].sort((a, b) => Number(TOOLS[a].packed ?? false) - Number(TOOLS[b].packed ?? false))) {
+  const isPacked = (t: ToolName): boolean => (TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t);
+  for (const t of [...tools].sort((a, b) => Number(isPacked(a)) - Number(isPacked(b)))) {
     const found = findProgram(t);
     const spec = TOOLS[t];
     // the tool's files: its program, companions with their links, their libraries
@@ -756,7 +762,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     }
     const libs = [...new Set(programs.flatMap((p) => sharedLibraries(p)))].sort();
     manifestTools[spec.manifestKey] = `/${spec.path}`;
-    if (spec.packed && lookupProgram('mksquashfs')) {
+    if (isPacked(t) && lookupProgram('mksquashfs')) {
       const imageRelPath = `${TOOL_IMAGE_DIR}/${t}.sqfs`;
       for (const lib of libs) {
         const rel = lib.replace(/^\/+/, '');

@@ -1,7 +1,7 @@
 /**
  * LVs that need device-mapper to be made (thin pools and thin volumes), built in a QEMU
  * builder VM: vdboot's own initramfs with LVM's program (`--with lvm`), stopped at
- * rd.break=pre-mount, where lvm2's real tools create the PV, the VG, the pool and the LV
+ * rd.break=pre-switch, where lvm2's real tools create the PV, the VG, the pool and the LV
  * on an empty disk and `dd` copies a filesystem image (the second disk) into the LV. The
  * build machine has loop devices but no device-mapper, so this cannot happen on it.
  */
@@ -31,7 +31,8 @@ export async function buildThinRoot(dir: string, opts: { initrd: string; kernel?
     name: 'lvm-thin-builder',
     ...(opts.kernel ? { kernel: opts.kernel } : {}),
     initrd: opts.initrd,
-    append: 'root=/dev/vdb rd.break=pre-mount',
+    // pre-switch: the disks are there (the root, the filesystem to copy, is mounted read-only)
+    append: 'root=/dev/vdb ro rd.break=pre-switch',
     disks: [{ file: disk }, { file: opts.fsImage, readonly: true }],
   });
   try {
