@@ -8,6 +8,10 @@
 // BENCH_ITOOLS=0 leaves initramfs-tools out (its build takes minutes on a busy machine);
 // BENCH_BASELINE_INIT=PATH adds vdboot images whose /init is that binary (another build of
 // vdboot, e.g. main's build/init), booted in the same run: before and after a change;
+// BENCH_WITHOUT=TOOL[,TOOL…] adds vdboot images built with `--without TOOL` (e.g. cryptsetup),
+// booted in the same run: what a default program costs a boot that does not use it;
+// BENCH_PACK=TOOL[,TOOL…] adds vdboot images built with `--pack TOOL` (the program in a squashfs
+// image mounted when run, not unpacked by the kernel at every boot);
 // BENCH_ICOUNT=SHIFT runs QEMU with `-icount shift=SHIFT,sleep=off` (TCG only): the guest's
 // clock counts instructions (2^SHIFT ns each), so its uptimes no longer depend on what
 // else the machine runs: for a busy machine, where real-time medians drift by seconds.
@@ -53,6 +57,8 @@ interface KernelSet {
   vdboot: Candidate;
   vdbootDebug: Candidate;
   baseline?: Candidate;
+  /** vdboot built --without each BENCH_WITHOUT program, --pack each BENCH_PACK program */
+  without: Candidate[];
 }
 
 function timed(cmd: string, args: string[], env?: NodeJS.ProcessEnv): { seconds: number; ok: boolean; output: string } {
@@ -81,6 +87,7 @@ function buildSet(series: string, kernel: string): KernelSet {
     floor: candidate(`floor ${series}`, kernel, 'root=/dev/vda rw quiet'),
     vdboot: candidate(`vdboot ${series}`, kernel, 'root=/dev/vda rw quiet'),
     vdbootDebug: candidate(`vdboot ${series} debug`, kernel, 'root=/dev/vda rw loglevel=4 rd.vdboot.debug'),
+    without: [],
   };
   // (a) Debian's initramfs-tools, as `update-initramfs` would build it (needs the kernel installed)
   if (installed && process.env.BENCH_ITOOLS !== '0') {
@@ -120,6 +127,18 @@ function buildSet(series: string, kernel: string): KernelSet {
     } else {
       console.log(`vdboot ${series}: not built`);
       set.vdboot.failures.push(`vdboot mkinitramfs failed: ${r.output.trim().split('\n').slice(-3).join(' | ')}`);
+    }
+  }
+  // (c') the universal image less a default program, for what that program costs
+  const variants = [['without', '-', process.env.BENCH_WITHOUT], ['pack', 'packed ', process.env.BENCH_PACK]] as const;
+  for (const [flag, label, list] of variants) {
+    for (const tool of (list ?? '').split(',').map((t) => t.trim()).filter(Boolean)) {
+      const c = candidate(`vdboot ${series} ${label}${tool}`, kernel, 'root=/dev/vda rw quiet');
+      const image = path.join(work, `vdboot-${series}-${flag}-${tool}.img`);
+      const r = timed(process.execPath, [path.join(repo, 'bin/vdboot.mjs'), 'mkinitramfs', '--kernel', installed ? version : kernel, `--${flag}`, tool, '-o', image]);
+      if (r.ok && fs.existsSync(image)) Object.assign(c, { image, size: fs.statSync(image).size, buildSeconds: r.seconds });
+      else c.failures.push(`vdboot mkinitramfs --${flag} ${tool} failed: ${r.output.trim().split('\n').slice(-3).join(' | ')}`);
+      set.without.push(c);
     }
   }
   // (d) the same image with another /init, for before/after comparisons
@@ -171,7 +190,7 @@ try {
   const rootImg = path.join(work, 'root.ext4');
   makeExt4(rootImg, { sizeMiB: 32, fromDir: rootDir, label: 'benchroot' });
 
-  const all = sets.flatMap((s) => [s.itools, s.floor, s.vdboot, s.vdbootDebug, s.baseline].filter((c): c is Candidate => c !== undefined));
+  const all = sets.flatMap((s) => [s.itools, s.floor, s.vdboot, s.vdbootDebug, s.baseline, ...s.without].filter((c): c is Candidate => c !== undefined));
   // Boots interleaved (a b c a b c …), so load from other work on the machine hits all alike.
   for (let run = 1; run <= runs; run++) {
     for (const c of all) {
@@ -225,6 +244,7 @@ try {
   for (const s of sets) {
     const pairs: [Candidate, Candidate][] = [[s.vdboot, s.floor]];
     if (s.baseline) pairs.push([s.baseline, s.floor], [s.vdboot, s.baseline]);
+    for (const w of s.without) pairs.push([w, s.floor], [s.vdboot, w]);
     if (s.itools) pairs.unshift([s.itools, s.floor], [s.vdboot, s.itools]);
     for (const [c, base] of pairs) {
       console.log(

@@ -78,6 +78,7 @@ for (const [series, kernel, target] of kernels) {
   const variants: Array<[string, MkinitramfsOptions]> = [
     ['--omit-module btrfs,xfs', { omitModules: ['btrfs', 'xfs'] }],
     ['--without ntfs-3g', { without: ['ntfs-3g'] }],
+    ['--without cryptsetup', { without: ['cryptsetup'] }],
     ['--level 19', { level: 19 }],
     ['all three', { omitModules: ['btrfs', 'xfs'], without: ['ntfs-3g'], level: 19 }],
     ['--hostonly (AHCI+virtio, ext4+ntfs)', { hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts() } }],

@@ -11,13 +11,14 @@
  * kernel decompresses that format itself (CONFIG_MODULE_DECOMPRESS), else decompresses the
  * ones it loads with busybox into a memfd (see ManifestModule.compression).
  */
-import { existsSync, readFileSync, readdirSync, realpathSync, statSync, writeFileSync, openSync, readSync, closeSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, realpathSync, rmSync, statSync, symlinkSync, writeFileSync, openSync, readSync, closeSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
 import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestHostonly, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
+import { LVM_MODULE_NAMES } from '../src/formats/lvm.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
 import { filesystemModules, hostDeviceMapper, hostFilesystems, hostKeyboardModules, hostNetworkModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
 
@@ -175,6 +176,11 @@ export interface MkinitramfsOptions {
   tools?: ToolName[];
   /** Default programs to leave out (`--without ntfs-3g`). */
   without?: ToolName[];
+  /**
+   * Programs kept in a squashfs image mounted when run (`--pack cryptsetup`), besides those
+   * packed always (TOOLS' `packed`): the kernel no longer unpacks them at every boot.
+   */
+  pack?: ToolName[];
   compress?: Compression;
   /** The compressor's level (zstd 1-19, gzip 1-9, xz 1-9); default DEFAULT_LEVELS. */
   level?: number;
@@ -211,6 +217,12 @@ export interface MkinitramfsOptions {
    */
   hostonly?: { root?: string; sysfs?: string; mounts?: string; typeOf?: (deviceSpec: string) => string | undefined };
 }
+
+/** Where packed tools' squashfs images lie in the initramfs, and where they are mounted when run. */
+export const TOOL_IMAGE_DIR = 'usr/lib/vdboot';
+export const TOOL_MOUNT_DIR = '/run/vdboot/tools';
+/** What mounting a packed tool's image needs (loaded by the init before it runs one). */
+export const TOOL_IMAGE_MODULES: readonly string[] = ['loop', 'squashfs'];
 
 /** The modules unlocking a LUKS volume needs (loaded when one is found, not at every boot). */
 export const CRYPT_MODULES: readonly string[] = ['dm_crypt', 'af_alg', 'algif_skcipher', 'xts', 'essiv', 'cbc', 'aesni_intel', 'aes_generic', 'sha256_ssse3', 'sha256_generic'];
@@ -253,12 +265,26 @@ function hostMountedAt(mountsFile: string | undefined, target: string): boolean 
   return readFileSync(file, 'utf8').split('\n').some((line) => line.split(' ')[1] === target);
 }
 
-export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4' | 'cryptsetup';
+export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4' | 'cryptsetup' | 'lvm';
 /**
  * Optional programs; `module` is the kernel module the program needs ('' for none), loaded
  * at every boot; `onDemand` are modules it needs that the init loads only when it runs it.
  */
-export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd' | 'lz4' | 'cryptsetup'; module: string; path: string; onDemand?: readonly string[] }> = {
+export const TOOLS: Record<ToolName, {
+  manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd' | 'lz4' | 'cryptsetup' | 'lvm';
+  module: string;
+  path: string;
+  onDemand?: readonly string[];
+  /**
+   * Kept with its libraries in a squashfs image in the uncompressed segment (TOOL_IMAGE_DIR),
+   * mounted only when it is run: the kernel then never unpacks it at a boot that does not
+   * need it (cryptsetup's 10 MiB cost every boot 0.3-0.5 s under emulation when unpacked).
+   * Its programs' paths hold small shell wrappers that mount the image and run them from it.
+   */
+  packed?: boolean;
+  /** programs that go in beside it when this machine has them, each with its other names (links) */
+  companions?: readonly { program: string; path: string; links: readonly string[] }[];
+}> = {
   'ntfs-3g': { manifestKey: 'ntfs3g', module: 'fuse', path: 'usr/bin/ntfs-3g' },
   'qemu-nbd': { manifestKey: 'qemuNbd', module: 'nbd', path: 'usr/bin/qemu-nbd' },
   // root=tmpfs: archives compressed with zstd or lz4 unpack at C speed instead of in JavaScript
@@ -266,7 +292,16 @@ export const TOOLS: Record<ToolName, { manifestKey: 'ntfs3g' | 'qemuNbd' | 'zstd
   lz4: { manifestKey: 'lz4', module: '', path: 'usr/bin/lz4' },
   // LUKS: cryptsetup opens the volume (key derivation in C); dm_crypt maps it, the kernel's
   // AF_ALG sockets decrypt the key slots, xts/essiv/aesni the usual ciphers.
+  // (packed only with --pack cryptsetup yet, though its 10 MiB cost a boot without LUKS
+  // 0.3-0.5 s under emulation: the image tests still read a 6.1 image as one archive)
   cryptsetup: { manifestKey: 'cryptsetup', module: '', path: 'usr/sbin/cryptsetup', onDemand: CRYPT_MODULES },
+  // LVM's own program for thin, cache, raid and snapshot LVs (linear and striped ones vdboot
+  // maps itself); thin pools and cache volumes are checked by thin-provisioning-tools'
+  // thin_check/cache_check (one program, pdata_tools) before lvm activates them.
+  lvm: {
+    manifestKey: 'lvm', module: '', path: 'usr/sbin/lvm', onDemand: [...LVM_MODULE_NAMES, ...TOOL_IMAGE_MODULES], packed: true,
+    companions: [{ program: 'pdata_tools', path: 'usr/sbin/pdata_tools', links: ['usr/sbin/thin_check', 'usr/sbin/cache_check'] }],
+  },
 };
 
 export interface MkinitramfsResult {
@@ -441,6 +476,48 @@ function elfMachine(file: string): number {
     return -1;
   }
   return n === 20 && b.readUInt32BE(0) === 0x7f454c46 && b[5] === 1 ? b.readUInt16LE(0x12) : -1;
+}
+
+/**
+ * A squashfs image (zstd, root-owned, every time `mtime`: the same bytes for the same inputs)
+ * of `files` (regular files and symlinks, archive paths).
+ */
+function squashfsImage(files: readonly CpioInput[], mtime: number): Uint8Array {
+  const stage = mkdtempSync(path.join(os.tmpdir(), 'vdboot-tool-'));
+  try {
+    const root = path.join(stage, 'root');
+    for (const f of files) {
+      const target = path.join(root, f.path.replace(/^\/+/, ''));
+      mkdirSync(path.dirname(target), { recursive: true });
+      if (f.type === 'file') writeFileSync(target, f.data, { mode: f.mode ?? 0o644 });
+      else if (f.type === 'symlink') symlinkSync(f.target, target);
+    }
+    const out = path.join(stage, 'image.sqfs');
+    execFileSync('mksquashfs', [root, out, '-comp', 'zstd', '-noappend', '-all-root', '-no-xattrs', '-quiet', '-no-progress', '-mkfs-time', String(mtime), '-all-time', String(mtime)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    return readFileSync(out);
+  } finally {
+    rmSync(stage, { recursive: true, force: true });
+  }
+}
+
+/**
+ * The shell wrapper at a packed tool's program path: mounts the tool's squashfs image at
+ * TOOL_MOUNT_DIR/TOOL the first time (busybox mount -o loop; the init has loaded loop and
+ * squashfs, and unmounts it before switching root), then runs the program from it with its
+ * libraries. Used the same way by the init and by a person in the rescue shell.
+ */
+function toolWrapper(tool: string, image: string, command: string, libraryPath: string): string {
+  return [
+    '#!/bin/sh',
+    `# ${tool} and its libraries are in ${image}, mounted when first run (vdboot mkinitramfs)`,
+    `d=${TOOL_MOUNT_DIR}/${tool}`,
+    `if [ ! -e "$d${command}" ]; then`,
+    '  modprobe -q loop 2>/dev/null; modprobe -q squashfs 2>/dev/null',
+    `  mkdir -p "$d" && mount -t squashfs -o ro,loop ${image} "$d" || { echo "${path.basename(command)}: cannot mount ${image} on $d" >&2; exit 127; }`,
+    'fi',
+    `LD_LIBRARY_PATH="${libraryPath}" exec "$d${command}" "$@"`,
+    '',
+  ].join('\n');
 }
 
 /** The program `name` on this host's PATH (plus the sbin directories), or undefined. */
@@ -697,7 +774,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const charsets = filesystemCharsets(index.release, configFile ?? `/boot/config-${index.release}`);
   const fsRoots = new Set(selection.roots);
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
-  const toolModules = tools.flatMap((t) => [TOOLS[t].module, ...(TOOLS[t].onDemand ?? [])]).map(moduleKey).filter((m) => m !== '' && index.files.has(m));
+  const toolModules = tools.flatMap((t) => [TOOLS[t].module, ...(TOOLS[t].onDemand ?? []), ...((options.pack ?? []).includes(t) ? TOOL_IMAGE_MODULES : [])]).map(moduleKey).filter((m) => m !== '' && index.files.has(m));
   const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...toolModules]);
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   if (hostonly) {
@@ -721,15 +798,58 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   inputs.push({ type: 'symlink', path: 'usr/sbin/vdiskload', target: '/init' });
   const taken = new Set(['bin/busybox', 'init', 'usr/sbin/vdiskload']);
   const toolOf = new Map<string, ToolName>();
+  // the uncompressed archive: modules kept compressed as shipped, packed tools' squashfs images
+  const compressedInputs: CpioInput[] = [];
   const manifestTools: ManifestTools = { busybox: '/bin/busybox' };
-  for (const t of tools) {
+  // packed tools last: libraries the main archive already has stay out of their images
+  // (the wrapper's LD_LIBRARY_PATH falls back to the usual directories)
+  const isPacked = (t: ToolName): boolean => (TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t);
+  for (const t of [...tools].sort((a, b) => Number(isPacked(a)) - Number(isPacked(b)))) {
     const found = findProgram(t);
     const spec = TOOLS[t];
-    inputs.push({ type: 'file', path: spec.path, data: readFileSync(found), mode: 0o755 });
-    taken.add(spec.path);
-    toolOf.set(spec.path, t);
+    // the tool's files: its program, companions with their links, their libraries
+    const own: CpioInput[] = [{ type: 'file', path: spec.path, data: readFileSync(found), mode: 0o755 }];
+    const programs = [found];
+    const commands = [spec.path];
+    for (const c of spec.companions ?? []) {
+      const other = lookupProgram(c.program);
+      if (!other) continue; // optional: lvm says what it misses when it needs it
+      own.push({ type: 'file', path: c.path, data: readFileSync(other), mode: 0o755 });
+      for (const link of c.links) own.push({ type: 'symlink', path: link, target: path.basename(c.path) });
+      programs.push(other);
+      commands.push(c.path, ...c.links);
+    }
+    const libs = [...new Set(programs.flatMap((p) => sharedLibraries(p)))].sort();
     manifestTools[spec.manifestKey] = `/${spec.path}`;
-    for (const lib of sharedLibraries(found)) {
+    if (isPacked(t) && lookupProgram('mksquashfs')) {
+      const imageRelPath = `${TOOL_IMAGE_DIR}/${t}.sqfs`;
+      for (const lib of libs) {
+        const rel = lib.replace(/^\/+/, '');
+        if (!taken.has(rel)) own.push({ type: 'file', path: rel, data: readFileSync(realpathSync(lib)), mode: 0o755 });
+      }
+      compressedInputs.push({ type: 'file', path: imageRelPath, data: squashfsImage(own, mtime), mode: 0o644 });
+      toolOf.set(imageRelPath, t);
+      // the program interpreter runs the wrapped programs: it stays in the main archive
+      for (const lib of libs.filter((l) => /\/ld-linux[^/]*\.so/.test(l))) {
+        const rel = lib.replace(/^\/+/, '');
+        if (taken.has(rel)) continue;
+        taken.add(rel);
+        inputs.push({ type: 'file', path: rel, data: readFileSync(realpathSync(lib)), mode: 0o755 });
+      }
+      const libraryPath = [...new Set(libs.map((l) => path.dirname(l)))].map((d) => `$d${d}`).join(':');
+      for (const cmd of commands) {
+        inputs.push({ type: 'file', path: cmd, data: new TextEncoder().encode(toolWrapper(t, `/${imageRelPath}`, `/${cmd}`, libraryPath)), mode: 0o755 });
+        taken.add(cmd);
+        toolOf.set(cmd, t);
+      }
+      continue;
+    }
+    for (const input of own) {
+      inputs.push(input);
+      taken.add(input.path);
+      toolOf.set(input.path, t);
+    }
+    for (const lib of libs) {
       const rel = lib.replace(/^\/+/, '');
       if (taken.has(rel)) continue;
       taken.add(rel);
@@ -755,7 +875,6 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const decompressors: Partial<Record<ModuleCompression, string[]>> = {};
   const moduleLoading: Partial<Record<ModuleCompression, string>> = {};
   const unpackedHere = new Set<ModuleCompression>();
-  const compressedInputs: CpioInput[] = [];
   const imageRel = new Map<string, string>();
   for (const name of sortedNames) {
     const rel = index.files.get(name)!;

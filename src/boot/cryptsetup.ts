@@ -10,6 +10,7 @@ import { findModule } from '../formats/manifest.ts';
 import { utf8Decode, utf8Encode } from '../formats/text.ts';
 import { MFD, O, type Sys } from '../sys/sys.ts';
 import { BootFailure, type InitContext } from './context.ts';
+import { mountToolImage } from './tool-images.ts';
 
 /** What unlocking needs from the kernel; mkinitramfs includes them with cryptsetup (CRYPT_MODULES). */
 const CRYPT_MODULES = ['dm_crypt', 'af_alg', 'algif_skcipher', 'xts', 'essiv', 'cbc', 'aesni_intel', 'sha256_ssse3'];
@@ -48,8 +49,9 @@ export function cryptsetupTool(ctx: InitContext, what: string): string {
   }
   {
     const present = CRYPT_MODULES.filter((m) => findModule(ctx.manifest, m));
-    ctx.modules.reportFailures(ctx.modules.load(present));
+    ctx.log.timed('crypt-modules', () => ctx.modules.reportFailures(ctx.modules.load(present)));
   }
+  mountToolImage(ctx, 'cryptsetup');
   return tool;
 }
 
@@ -67,9 +69,12 @@ export function openCrypt(ctx: InitContext, req: CryptOpenRequest): CryptOpenRes
     const argv = ['cryptsetup', 'open', '--type', req.type, '--key-file=-', '--disable-locks', ...req.args, req.device, req.name];
     // No udev here: libdevmapper makes /dev/mapper/NAME itself instead of waiting for it.
     const env = ['DM_DISABLE_UDEV=1', 'LC_ALL=C', 'PATH=/usr/sbin:/usr/bin:/sbin:/bin'];
-    const pid = sys.spawn(tool, argv, env, { stdio: [keyFd, outFd, outFd] });
-    let r = sys.waitpid(pid, 0);
-    while (r.pid !== pid) r = sys.waitpid(pid, 0);
+    const r = ctx.log.timed('cryptsetup', () => {
+      const pid = sys.spawn(tool, argv, env, { stdio: [keyFd, outFd, outFd] });
+      let w = sys.waitpid(pid, 0);
+      while (w.pid !== pid) w = sys.waitpid(pid, 0);
+      return w;
+    });
     const out = new Uint8Array(4096);
     let n = 0;
     try { n = sys.pread(outFd, out, 0); } catch { n = 0; }

@@ -22,6 +22,7 @@ import { chooseInit, mountDevice } from './mount-device.ts';
 import { mountEarly } from './mounts.ts';
 import { PlanError, planBoot, type BootPlan } from './plan.ts';
 import { breakShell, failureShell } from './rescue.ts';
+import { releaseToolImages } from './tool-images.ts';
 import { switchRoot } from './switchroot.ts';
 import { setupVdisks } from './vdisk-exec.ts';
 import { findStackedRoot, StorageStack } from './stack.ts';
@@ -49,6 +50,7 @@ export function runInit(sys: Sys, kernelArgs: string[] = []): never {
     // returns unless it starts the root's own kernel
     timed('kexec-check', () => kexecRootKernel(ctx, NEW_ROOT));
     if (plan.breakAt.includes('pre-switch')) breakShell(sys, log, 'pre-switch');
+    timed('tool-images', () => releaseToolImages(sys, log));
     timed('shutdown-handoff', () => installShutdown(sys, log, ctx.manifest.tools.busybox));
     timed('udev-db', () => recordDmDevicesForUdev(sys, log));
     if (ctx.ueventFd >= 0) sys.close(ctx.ueventFd);

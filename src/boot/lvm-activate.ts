@@ -1,5 +1,7 @@
 /**
- * LVM2 activation by vdboot itself (no lvm binary): the PVs among the devices found are
+ * LVM2 activation by vdboot itself (no lvm binary) for linear and striped LVs; thin, cache,
+ * raid, mirror and snapshot LVs through LVM's own program when the initramfs has it
+ * (lvm-program.ts), else refused naming the type. The PVs among the devices found are
  * read (src/formats/lvm.ts), their VGs assembled from the newest metadata copy, and the
  * LVs asked for created as device-mapper devices with LVM's own names and uuids
  * (/dev/mapper/VG-LV, uuid LVM-<vg uuid><lv uuid>) plus the /dev/VG/LV links, so the booted
@@ -21,6 +23,7 @@ import { BootFailure, type InitContext } from './context.ts';
 import { DeviceMapper } from './dm.ts';
 import type { BlockDeviceInfo, DeviceSpec } from './devspec.ts';
 import { readTextOr } from './fsutil.ts';
+import { activateWithLvmProgram } from './lvm-program.ts';
 
 export interface ActivatedLv {
   vg: string;
@@ -120,17 +123,48 @@ export class LvmActivator {
         if (needs.some((u) => !a.devices.has(u))) continue; // maybe later; notes() tells if never
         const other = unsupportedSegmentType(lv);
         if (other) {
+          const tool = ctx.manifest.tools.lvm;
+          if (tool) {
+            if (a.missing.length) continue; // lvm refuses an incomplete VG; notes() tells if it stays so
+            if (this.viaProgram(tool, a, lv, other, explicitly, byName)) created = true;
+            continue;
+          }
           this.refused.add(id);
           const msg = `LV ${id} is a ${other} volume: vdboot activates linear and striped LVs itself, and this initramfs has no lvm program for ${other} volumes`;
-          if (explicitly) throw new BootFailure(`${msg}. Boot a root on a linear or striped LV, or convert it (lvconvert) from another system.`);
-          ctx.log.warn(`${msg}; it is left inactive`);
+          if (explicitly) throw new BootFailure(`${msg}. Build the initramfs with "vdboot mkinitramfs --with lvm" (Debian's lvm2, and thin-provisioning-tools for thin and cache volumes, on the build machine), boot a root on a linear or striped LV, or convert it (lvconvert) from another system.`);
+          ctx.log.warn(`${msg} (vdboot mkinitramfs --with lvm adds it); it is left inactive`);
           continue;
         }
-        this.create(a, lv, (u) => byName.get(a.devices.get(u)!));
+        ctx.log.timed(`lvm ${id}`, () => this.create(a, lv, (u) => byName.get(a.devices.get(u)!)));
         created = true;
       }
     }
     return created;
+  }
+
+  /**
+   * One LV activated by `lvm lvchange -ay` (the VG complete): recorded like vdboot's own, with
+   * its /dev/VG/LV link. A failure stops the boot when the LV was asked for (root, rd.lvm.lv,
+   * rd.lvm.vg), else it is left inactive with a warning.
+   */
+  private viaProgram(tool: string, a: AssembledVg, lv: LogicalVolume, type: string, explicitly: boolean, byName: Map<string, BlockDeviceInfo>): boolean {
+    const { ctx } = this;
+    const id = `${a.vg.name}/${lv.name}`;
+    const pvs = [...a.devices.values()].map((n) => byName.get(n)).filter((d): d is BlockDeviceInfo => d !== undefined);
+    const r = ctx.log.timed(`lvm ${id}`, () => activateWithLvmProgram(ctx, tool, a, lv, pvs));
+    if (!r.ok) {
+      this.refused.add(id);
+      const msg = `lvm could not activate LV ${id} (a ${type} volume; exit ${r.exitCode}): ${r.message || 'no message'}`;
+      if (explicitly) throw new BootFailure(`${msg}. From the rescue shell, "lvm lvchange -ay ${id}" shows the problem again; a thin pool or cache that fails its check may need "lvconvert --repair" from another system.`);
+      ctx.log.warn(`${msg}; it is left inactive`);
+      return false;
+    }
+    const { sys } = ctx;
+    try { sys.mkdir(`/dev/${a.vg.name}`, 0o755); } catch { /* exists */ }
+    try { sys.symlink(`../mapper/${r.dmName}`, `/dev/${a.vg.name}/${lv.name}`); } catch { /* exists: lvm made it */ }
+    this.active.push({ vg: a.vg.name, lv: lv.name, dmName: r.dmName, dmUuid: r.dmUuid, pvDevices: [...new Set(pvs.map((d) => d.name))] });
+    ctx.log.info(`LVM: activated ${id} as /dev/mapper/${r.dmName} with lvm (${type}, ${(lv.sectors / 2048).toFixed(1)} MiB; metadata seqno ${a.vg.seqno})`);
+    return true;
   }
 
   private pvsOf(a: AssembledVg, lv: LogicalVolume): string[] {

@@ -48,7 +48,7 @@ export class StorageStack {
       };
       for (const d of scoped) {
         if (d.notReady || !wantsUnlock(ctx, d)) continue;
-        const path = unlockLuks(ctx, d, () => ctx.devices.scan());
+        const path = ctx.log.timed(`unlock ${d.name}`, () => unlockLuks(ctx, d, () => ctx.devices.scan()));
         const name = path.slice('/dev/mapper/'.length);
         this.crypts.push({ name, device: d.name });
         // on an image: the shutdown hand-off closes it before the image's devices go

@@ -8,7 +8,7 @@ import { walkArgs } from './args.ts';
 
 const usage = `vdboot mkinitramfs [--kernel VERSION|VMLINUZ] [-o FILE] [--compress zstd|gzip|xz|none] [--level N]
                   [--add-module NAME]... [--omit-module NAME]...
-                  [--with ntfs-3g|qemu-nbd|zstd|lz4]... [--without ntfs-3g|cryptsetup]
+                  [--with ntfs-3g|qemu-nbd|zstd|lz4|lvm]... [--without ntfs-3g|cryptsetup] [--pack cryptsetup]
                   [--hostonly [--root SPEC]] [--modules-dir DIR] [--arch x86_64|aarch64]
                   [--init FILE] [--busybox FILE]
 
@@ -26,14 +26,17 @@ Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompres
                             --hostonly: zstd 19)
   --add-module NAME         also include this module (or alias) and its dependencies; repeatable
   --omit-module NAME        leave a universal-set module out (e.g. btrfs, xfs: ~0.8 MiB each); repeatable
-  --with ntfs-3g|qemu-nbd|zstd|lz4
+  --with ntfs-3g|qemu-nbd|zstd|lz4|lvm
                             include the program and its libraries (ntfs-3g: NTFS through fuse, for kernels
                             without ntfs3; qemu-nbd: images the kernel cannot map; zstd, lz4: root=tmpfs:
-                            archives in those compressions unpack at C speed); repeatable
+                            archives in those compressions unpack at C speed; lvm: thin, cache, raid and
+                            snapshot LVs, with thin_check/cache_check when installed); repeatable
   --without ntfs-3g|cryptsetup
                             leave out a program included by default (ntfs-3g on kernels without ntfs3:
                             NTFS hosts are then reached read-only by vdboot's direct path alone;
                             cryptsetup: LUKS volumes then cannot be unlocked)
+  --pack cryptsetup         keep the program and its libraries in a squashfs image mounted only when it
+                            runs (lvm always is): the kernel no longer unpacks them at every boot
   --hostonly                only this machine's storage drivers (each disk's driver chain in /sys) and
                             the filesystems of its mounted disks, instead of the universal set; a boot
                             on hardware that needs a driver left out names the device and the module.
@@ -94,6 +97,12 @@ export function parseMkinitramfsArgs(args: string[]): { options: MkinitramfsOpti
         const t = value();
         if (!(t in TOOLS)) throw new ModuleError(`--without ${t}: vdboot includes by default only ntfs-3g and cryptsetup`);
         (options.without ??= []).push(t as ToolName);
+        break;
+      }
+      case '--pack': {
+        const t = value();
+        if (!(t in TOOLS)) throw new ModuleError(`--pack ${t}: vdboot can include ${Object.keys(TOOLS).join(', ')}`);
+        (options.pack ??= []).push(t as ToolName);
         break;
       }
       case '--init':

@@ -503,6 +503,13 @@ export interface LvTarget {
 }
 
 /** Segment types vdboot maps itself. */
+/**
+ * The kernel modules LVM's own program needs for the LVs vdboot does not map itself (thin,
+ * cache, raid, mirror, snapshot); mkinitramfs includes them with it, the init loads them
+ * only before running it.
+ */
+export const LVM_MODULE_NAMES: readonly string[] = ['dm_thin_pool', 'dm_cache', 'dm_cache_smq', 'dm_raid', 'dm_mirror', 'dm_snapshot', 'raid1', 'raid10', 'raid456'];
+
 const OWN_TYPES = new Set(['striped', 'zero', 'error']);
 
 /** What kind of LV needs the `lvm` binary: the first segment type vdboot does not map. */

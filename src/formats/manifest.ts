@@ -146,6 +146,8 @@ export interface ManifestTools {
   lz4?: string;
   /** cryptsetup, when included: unlocks LUKS volumes. */
   cryptsetup?: string;
+  /** LVM's lvm, when included: activates the thin, cache, raid and snapshot LVs vdboot does not map itself. */
+  lvm?: string;
 }
 
 /** The canonical spelling of a module name: `-` and `_` are the same to the kernel. */
