@@ -13,6 +13,7 @@
  * flight: that is the state in which the kernel's nbd driver may take the socket over.
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
+import { utf8Decode, utf8Encode } from './text.ts';
 
 /** How the protocol reaches the server: a socket, a pipe to `nbdkit -s`, … (blocking). */
 export interface NbdTransport {
@@ -102,9 +103,6 @@ export class NbdRefusal extends FormatError {
   }
 }
 
-const enc = new TextEncoder();
-const dec = new TextDecoder();
-
 function u32(n: number): Uint8Array {
   const b = new Uint8Array(4);
   new DataView(b.buffer).setUint32(0, n);
@@ -193,8 +191,8 @@ function listExports(t: NbdTransport, where: string): NbdExportListing[] | undef
     if (r.data.length < 4) throw new FormatError(`${where}: an export list entry of ${r.data.length} bytes is too short`, 'length', r.data.length);
     const len = view(r.data).getUint32(0);
     if (len > r.data.length - 4) throw new FormatError(`${where}: an export list entry names ${len} bytes in ${r.data.length - 4}`, 'length', len);
-    const entry: NbdExportListing = { name: dec.decode(r.data.subarray(4, 4 + len)) };
-    if (r.data.length > 4 + len) entry.description = dec.decode(r.data.subarray(4 + len));
+    const entry: NbdExportListing = { name: utf8Decode(r.data.subarray(4, 4 + len)) };
+    if (r.data.length > 4 + len) entry.description = utf8Decode(r.data.subarray(4 + len));
     out.push(entry);
     if (i > 100000) throw new FormatError(`${where}: the server lists more than 100000 exports`, 'count', i);
   }
@@ -246,7 +244,7 @@ function checkBlockSize(bs: NbdBlockSize, where: string): void {
  * ("nbd://10.0.2.100:10809/disk.vhdx").
  */
 export function nbdHandshake(t: NbdTransport, name: string, where: string): NbdExport {
-  const nameBytes = enc.encode(name);
+  const nameBytes = utf8Encode(name);
   if (nameBytes.length > MAX_EXPORT_NAME) throw new FormatError(`${where}: the export name is ${nameBytes.length} bytes long; NBD servers accept at most ${MAX_EXPORT_NAME}`, 'name', nameBytes.length);
   const { noZeroes } = greet(t, where);
   const go = new Uint8Array(4 + nameBytes.length + 2 + 2);
@@ -265,7 +263,7 @@ export function nbdHandshake(t: NbdTransport, name: string, where: string): NbdE
     if (r.type === NBD_REP.ACK) break;
     if (isError(r.type)) {
       const code = errorName(r.type);
-      const text = dec.decode(r.data).trim();
+      const text = utf8Decode(r.data).trim();
       if (code === 'NBD_REP_ERR_UNSUP') return exportNameFallback(t, name, nameBytes, noZeroes, where);
       const list = code === 'NBD_REP_ERR_UNKNOWN' || code === 'NBD_REP_ERR_INVALID' || code === 'NBD_REP_ERR_POLICY' ? tryList(t, where) : undefined;
       abort(t);
@@ -288,7 +286,7 @@ export function nbdHandshake(t: NbdTransport, name: string, where: string): NbdE
       blockSize = { minimum: v.getUint32(2), preferred: v.getUint32(6), maximum: v.getUint32(10) };
       checkBlockSize(blockSize, where);
     } else if (kind === NBD_INFO.DESCRIPTION) {
-      description = dec.decode(r.data.subarray(2));
+      description = utf8Decode(r.data.subarray(2));
     }
     // other information (NBD_INFO_NAME, newer kinds) is not needed
   }
@@ -433,7 +431,7 @@ export function parseNbdUrl(text: string): NbdUrl | string {
   } catch {
     return `${text}: the export name has a malformed %XX escape`;
   }
-  if (enc.encode(exportName).length > MAX_EXPORT_NAME) return `${text}: the export name is longer than ${MAX_EXPORT_NAME} bytes`;
+  if (utf8Encode(exportName).length > MAX_EXPORT_NAME) return `${text}: the export name is longer than ${MAX_EXPORT_NAME} bytes`;
   return { server: m[1]!.replace(/^\[|\]$/g, ''), port, export: exportName };
 }
 
