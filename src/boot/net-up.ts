@@ -9,6 +9,7 @@
 import type { Sys } from '../sys/sys.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { mkdirs, readTextOr, writeText } from './fsutil.ts';
+import { waitForUevents } from './devwait.ts';
 import type { IpConfig, NetOptions } from './net-cmdline.ts';
 
 const NET = '/sys/class/net';
@@ -80,8 +81,17 @@ export function bringUpNetwork(ctx: InitContext, opts: NetOptions, why: string):
   let list = listIfaces(sys);
   const wanted = cfg.iface;
   const present = () => (wanted ? list.some((i) => i.name === wanted) : list.length > 0) && opts.ifnames.every((n) => list.some((i) => i.name === n.name || i.mac === n.mac));
+  // Network cards appear once their bus driver is up (virtio_pci, then virtio0): their
+  // uevents load the drivers; after 2 s every present device's driver is asked for again.
+  let rescanned = false;
+  const start = sys.monotonicMs();
   while (!present() && sys.monotonicMs() < deadline) {
-    sys.sleepMs(100);
+    waitForUevents(ctx, 200);
+    if (!rescanned && sys.monotonicMs() - start > 2000) {
+      rescanned = true;
+      ctx.modules.finishColdplug();
+      ctx.modules.reportFailures(ctx.modules.coldplug());
+    }
     list = listIfaces(sys);
   }
   for (const n of opts.ifnames) {

@@ -623,17 +623,18 @@ function planNbd(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nb
   try {
     nh = log.timed('nbd-open', () => new NbdImageHost(sys, url));
   } catch (e) {
-    if (isFormatError(e) || isSysError(e)) throw new BootFailure(`${where}: ${(e as Error).message}`);
+    if (isFormatError(e)) throw new BootFailure((e as Error).message);
+    if (isSysError(e)) throw new BootFailure(`${where}: ${e.message}. Does the kernel have TCP/IP networking, and the initramfs the network card's driver?`);
     throw e;
   }
   nbdHosts.push(nh);
   log.info(`${where}: ${nh.rootExport.size} bytes${nh.rootExport.readOnly ? ', read-only' : ', writable'}${nh.rootExport.blockSize ? `, block sizes ${nh.rootExport.blockSize.minimum}/${nh.rootExport.blockSize.preferred}/${nh.rootExport.blockSize.maximum}` : ''}`);
   const req: ImageRequest = {
-    index, path: nh.path, mode: plan.vdisk.mode, map: plan.vdisk.map === 'auto' ? 'direct' : plan.vdisk.map, expand: false,
+    index, path: nh.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: false,
     ...(plan.vdisk.allowOutside ? { allowOutside: true } : {}),
     ...(root ? { root: plan.vdisk.root } : {}),
   };
-  if (req.map !== 'direct') throw new BootFailure(`${where}: rd.vdisk.map=${plan.vdisk.map} does not apply to a network image: vdboot maps its export directly (/dev/nbdN under device-mapper). Remove rd.vdisk.map.`);
+  if (req.map === 'loop' || req.map === 'nbd') throw new BootFailure(`${where}: rd.vdisk.map=${plan.vdisk.map} does not apply to a network image: vdboot maps its export directly (/dev/nbdN under device-mapper). Remove rd.vdisk.map.`);
   let vp: VdiskPlan;
   try {
     vp = log.step('plan', () => planVdisk(req, nh.host), (p) => `${p.name}: ${where}: ${p.chain.map(formatName).join(' → ')}, ${p.why}`);
