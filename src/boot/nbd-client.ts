@@ -13,7 +13,7 @@
  * belongs to it, every other one is closed with NBD_CMD_DISC by close().
  */
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
-import { formatNbdUrl, nbdHandshake, NbdReader, NBD_FLAG, type NbdExport, type NbdTransport, type NbdUrl } from '../formats/nbd.ts';
+import { formatNbdUrl, nbdHandshake, nbdList, NbdReader, NBD_FLAG, type NbdExport, type NbdTransport, type NbdUrl } from '../formats/nbd.ts';
 import { attrString, attrU16, attrU32, CTRL_ATTR, CTRL_CMD_GETFAMILY, errorOf, GENL_ID_CTRL, packGenl, parseAttrs, parseMessages, type NlAttr } from '../formats/netlink.ts';
 import { AF, NETLINK, POLLIN, SOCK, isSysError, type Sys } from '../sys/sys.ts';
 import type { ImageHost } from './image-host.ts';
@@ -196,7 +196,7 @@ export class NbdImageHost {
     this.host = {
       description: `the NBD server ${url.server}:${url.port}`,
       device: `${url.server}:${url.port}`,
-      chain: { openFile: (p) => this.openExport(p).reader },
+      chain: { openFile: (p) => this.openExport(p).reader, listDir: (d) => this.listDir(d) },
       layout: (p) => this.layout(p),
       writeBlocker: first.exp.readOnly ? `the server exports ${url.export} read-only (for one client to write it, start the server without --readonly/-r)` : null,
       logicalBlockSize: 512,
@@ -221,6 +221,21 @@ export class NbdImageHost {
     }
     this.open.set(path, o);
     return o;
+  }
+
+  /**
+   * The exports in folder `dir` (a VDI's parent is found by its UUID among its neighbours):
+   * NBD_OPT_LIST on a connection of its own; none when the server will not list.
+   */
+  private listDir(dir: string): string[] {
+    const prefix = dir === '/' ? '' : `${dir.replace(/^\/+|\/+$/g, '')}/`;
+    const fd = tcpConnect(this.sys, this.url);
+    try {
+      const list = nbdList(socketTransport(this.sys, fd, formatNbdUrl(this.url, '')), formatNbdUrl(this.url, '')) ?? [];
+      return list.map((e) => e.name).filter((n) => n.startsWith(prefix) && n.length > prefix.length && !n.slice(prefix.length).includes('/')).map((n) => n.slice(prefix.length));
+    } finally {
+      this.sys.close(fd);
+    }
   }
 
   /** The whole export on /dev/nbdN: one extent, the file's offsets are the device's. */
