@@ -187,3 +187,33 @@ describe('nbd:// URLs', () => {
     expect(parseNbdUrl('nbd://srv/%zz')).toMatch(/malformed %XX/);
   });
 });
+
+describe('NBD replies mutated at random', () => {
+  it('every mutation ends in a FormatError or a closed connection, never another exception', () => {
+    const good = hex(GREETING + OPT_REPLY(7, 3, 14) + '0003 00000200 00001000 00100000' + OPT_REPLY(7, 3, 12) + '0000 0000000000100000 0003' +
+      OPT_REPLY(7, 1, 0) + '67446698 00000000 0000000000000001' + 'ab'.repeat(4096));
+    let seed = 12345;
+    const rand = (n: number): number => {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      return seed % n;
+    };
+    const outcomes = new Map<string, number>();
+    for (let i = 0; i < 3000; i++) {
+      const bytes = good.slice(0, rand(4) === 0 ? rand(good.length) : good.length);
+      for (let k = 1 + rand(4); k > 0; k--) bytes[rand(Math.min(bytes.length, 140)) || 0] = rand(256);
+      try {
+        const t = scripted(bytes);
+        const e = nbdHandshake(t, 'x', 'nbd://h/x');
+        const r = new NbdReader(t, e, 'x');
+        if (e.size >= 4096) r.read(0, 4096);
+        outcomes.set('ok', (outcomes.get('ok') ?? 0) + 1);
+      } catch (e) {
+        const err = e as Error;
+        const kind = err.name === 'FormatError' ? 'FormatError' : /closed the connection/.test(err.message) ? 'closed' : `${err.name}: ${err.message}`;
+        outcomes.set(kind, (outcomes.get(kind) ?? 0) + 1);
+      }
+    }
+    expect([...outcomes.keys()].filter((k) => k !== 'ok' && k !== 'FormatError' && k !== 'closed')).toEqual([]);
+    expect(outcomes.get('FormatError')).toBeGreaterThan(100);
+  });
+});
