@@ -27,23 +27,12 @@ exec 9>"$CACHE/.lock"
 flock 9
 ready && exit 0
 
-# The mirror: the first URI of the machine's own Debian sources (deb822 or one-line format).
-mirror=""
-for f in /etc/apt/sources.list.d/*.sources; do
-  [[ -f "$f" ]] || continue
-  mirror=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
-  [[ -n "$mirror" ]] && break
-done
-if [[ -z "$mirror" && -f /etc/apt/sources.list ]]; then
-  mirror=$(awk '$1 ~ /^deb(-src)?$/ { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { if ($i !~ /security/) { print $i; exit } else break } }' /etc/apt/sources.list)
-fi
-[[ -n "$mirror" ]] || die "no Debian mirror found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
+# The mirror and keyring: the machine's own Debian sources (scripts/debian-mirror.sh).
+. "$ROOT/scripts/debian-mirror.sh"
 
 # apt verifies trixie's InRelease as usual: it carries signatures by the bookworm and the
 # trixie archive keys, and bookworm's debian-archive-keyring ships both (checked with
 # 2023.3+deb12u2). Verification is never switched off.
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-[[ -f "$keyring" ]] || die "$keyring is missing: install the debian-archive-keyring package"
 
 mkdir -p "$CACHE/apt/lists/partial" "$CACHE/apt/cache/archives/partial" "$CACHE/download"
 cat > "$CACHE/apt/sources.list" <<SOURCES

@@ -193,7 +193,11 @@ export async function installBootLoader(o: BootInstall): Promise<BootSetup> {
 
   o.log(`making the boot partition (FAT32, ${o.espSize / MiB} MiB) with GRUB for BIOS and UEFI`);
   const espSector = o.espOffset / 512;
-  run('mkfs.fat', ['-F', '32', '-n', 'VDBOOT-BOOT', '-i', serialHex, '-h', String(espSector), '--offset', String(espSector), o.raw, String(o.espSize / KiB)], 'making the boot partition');
+  // One sector per cluster, always: mkfs.fat picks the cluster size from the size of the
+  // whole file it is given (the disk), not from the partition's block count, and on disks of
+  // about 300 MiB and more it picked 4 KiB clusters, too few for FAT32 in 64 MiB (mtools then
+  // reads it as FAT16 and finds no root directory).
+  run('mkfs.fat', ['-F', '32', '-s', '1', '-n', 'VDBOOT-BOOT', '-i', serialHex, '-h', String(espSector), '--offset', String(espSector), o.raw, String(o.espSize / KiB)], 'making the boot partition');
   const img = `${o.raw}@@${o.espOffset}`;
   const early = path.join(o.scratch, 'early.cfg');
   fs.writeFileSync(early, earlyGrubConfig(serial));

@@ -1,7 +1,8 @@
 /**
- * `vdboot mkdisk`: a directory or a tar archive becomes a disk image with an ext2/3/4
- * filesystem, in a partition table vdboot writes itself, in any container format vdboot
- * writes, without root and without mounting anything.
+ * `vdboot mkdisk`: a directory or a tar archive becomes a disk image with an ext2/3/4, xfs
+ * or btrfs filesystem, in a partition table vdboot writes itself, in any container format
+ * vdboot writes, without root and without mounting anything. (xfs and btrfs: fs-xfs.ts and
+ * fs-btrfs.ts say what each mkfs keeps and what vdboot mends.)
  *
  * How owners survive without root: `mke2fs -d` copies a directory's owners, modes, links
  * and device nodes as it sees them. This e2fsprogs (1.47.0) cannot read tar archives
@@ -21,14 +22,21 @@ import path from 'node:path';
 import { writeGpt, writeMbr, type TableRegion } from '../src/formats/partitions.ts';
 import { GPT_TYPE } from '../src/formats/guid.ts';
 import { formatFromFileName, writeImage, type OutputFormat } from '../src/formats/writers/index.ts';
-import { openFileSink, openRawSource, randomIdentity } from './image-file.ts';
+import { hostAllocatedRanges, openFileSink, openRawSource, randomIdentity } from './image-file.ts';
 import { BOOT_PARTITION_BYTES, BIOS_BOOT_BYTES, installBootLoader, type BootSetup, type PartitionScheme } from './boot.ts';
+import { listTree } from './tree-listing.ts';
+import { makeXfs, readXfsSuperblock, xfsPrototype } from './fs-xfs.ts';
+import { makeBtrfs, readBtrfsSuperblock } from './fs-btrfs.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 
-export type FsType = 'ext2' | 'ext3' | 'ext4';
+export type FsType = 'ext2' | 'ext3' | 'ext4' | 'xfs' | 'btrfs';
+export const FS_TYPES: readonly FsType[] = ['ext4', 'ext3', 'ext2', 'xfs', 'btrfs'];
+
+/** The smallest filesystem each mkfs makes (mkfs.xfs refuses under 300 MB; btrfs needs room for its DUP metadata). */
+const MIN_FS_BYTES: Record<FsType, number> = { ext2: 8 * MiB, ext3: 8 * MiB, ext4: 8 * MiB, xfs: 320 * MiB, btrfs: 160 * MiB };
 
 export class MkdiskError extends Error {
   constructor(message: string) {
@@ -150,6 +158,14 @@ export function measureTree(dir: string): ContentSize {
  */
 export function estimateFsSize(content: ContentSize, free: number, fsType: FsType): number {
   const data = content.bytes + free;
+  if (fsType === 'xfs') {
+    // the log (64 MiB from 300 MiB up in xfsprogs 6.1), AG headers, 512-byte inodes
+    return Math.max(MIN_FS_BYTES.xfs, Math.ceil((data * 1.1 + 80 * MiB + content.inodes * 512 * 1.2) / MiB) * MiB);
+  }
+  if (fsType === 'btrfs') {
+    // metadata is DUP on one device: inodes, names and small files count twice
+    return Math.max(MIN_FS_BYTES.btrfs, Math.ceil((data * 1.15 + 64 * MiB + content.inodes * 1200) / MiB) * MiB);
+  }
   let size = Math.ceil(data * 1.07) + 2 * MiB;
   const journal = (s: number) => (fsType === 'ext2' ? 0 : s < 128 * MiB ? 4 * MiB : s < GiB ? 16 * MiB : s < 2 * GiB ? 32 * MiB : s < 16 * GiB ? 64 * MiB : 128 * MiB);
   size += journal(size);
@@ -262,8 +278,62 @@ function fsSizeForDisk(diskSize: number, scheme: PartitionScheme, bootable: bool
   return Math.floor((diskSize - overhead - boot) / (4 * KiB)) * 4 * KiB;
 }
 
-function makeFilesystem(raw: string, layout: Layout, src: PreparedSource, opts: MkdiskOptions, inodes: number): { ok: true } | { ok: false; why: string } {
+/**
+ * XFS and btrfs have no mkfs option to start at an offset: the filesystem is made in a file
+ * of its own in the scratch directory, then its allocated ranges are copied into the raw
+ * disk at the partition's offset (holes stay holes).
+ */
+function makeFsInFile(raw: string, layout: Layout, src: PreparedSource, opts: MkdiskOptions, scratch: string): { ok: true } | { ok: false; why: string } {
+  const fsFile = path.join(scratch, 'fs.img');
+  fs.rmSync(fsFile, { force: true });
+  fs.writeFileSync(fsFile, '');
+  fs.truncateSync(fsFile, layout.fsSize);
+  const entries = listTree(src.dir, src.fakerootState);
+  let made: { ok: true } | { ok: false; why: string };
+  if (opts.fs === 'xfs') {
+    const contentDir = path.join(scratch, 'xfs-content');
+    fs.rmSync(contentDir, { recursive: true, force: true });
+    const proto = xfsPrototype(entries, src.dir, contentDir);
+    made = makeXfs(fsFile, proto, path.join(scratch, 'xfs.proto'), opts.label);
+    if (made.ok && proto.hardLinkCopies > 0) opts.log?.(`xfs: ${proto.hardLinkCopies} hard-linked names became copies of their file (mkfs.xfs's prototype file cannot link)`);
+    if (made.ok && proto.socketsLeftOut > 0) opts.log?.(`xfs: ${proto.socketsLeftOut} sockets left out`);
+  } else {
+    made = makeBtrfs(fsFile, src.dir, entries, opts.label, src.fakerootState);
+  }
+  if (made.ok) copyInto(fsFile, raw, layout.fsOffset, layout.fsSize);
+  fs.rmSync(fsFile, { force: true });
+  return made;
+}
+
+/** Copies the allocated ranges of `from` into `to` at `offset` (at most `size` bytes). */
+function copyInto(from: string, to: string, offset: number, size: number): void {
+  const src = fs.openSync(from, 'r');
+  const dst = fs.openSync(to, 'r+');
+  try {
+    const buf = Buffer.alloc(4 * MiB);
+    for (const r of hostAllocatedRanges(from, size)) {
+      for (let at = r.start; at < r.start + r.length; at += buf.length) {
+        const n = fs.readSync(src, buf, 0, Math.min(buf.length, r.start + r.length - at), at);
+        if (n <= 0) break;
+        fs.writeSync(dst, buf, 0, n, offset + at);
+      }
+    }
+  } finally {
+    fs.closeSync(src);
+    fs.closeSync(dst);
+  }
+}
+
+/** Free bytes and UUID of the filesystem made at `offset` of the raw disk. */
+function readFsInfo(raw: string, offset: number, fsType: FsType): { freeBytes: number; uuid: string } {
+  if (fsType === 'xfs') return readXfsSuperblock(raw, offset);
+  if (fsType === 'btrfs') return readBtrfsSuperblock(raw, offset);
+  return readExtSuperblock(raw, offset);
+}
+
+function makeFilesystem(raw: string, layout: Layout, src: PreparedSource, opts: MkdiskOptions, inodes: number, scratch: string): { ok: true } | { ok: false; why: string } {
   const fsType = opts.fs ?? 'ext4';
+  if (fsType === 'xfs' || fsType === 'btrfs') return makeFsInFile(raw, layout, src, opts, scratch);
   const args = ['-q', '-F', '-t', fsType, '-b', '4096', '-N', String(inodes), '-d', src.dir, '-E', `offset=${layout.fsOffset},nodiscard,root_owner=0:0`];
   if (opts.label !== undefined) args.push('-L', opts.label);
   args.push(raw, `${layout.fsSize / KiB}k`);
@@ -283,8 +353,10 @@ function writeRegions(raw: string, regions: TableRegion[]): void {
   }
 }
 
-export function validateLabel(label: string): void {
-  if (Buffer.byteLength(label, 'utf8') > 16) throw new MkdiskError(`--label "${label}" is longer than the 16 bytes an ext filesystem label holds`);
+export function validateLabel(label: string, fsType: FsType = 'ext4'): void {
+  const max = fsType === 'xfs' ? 12 : fsType === 'btrfs' ? 255 : 16;
+  const what = fsType === 'xfs' ? 'an XFS' : fsType === 'btrfs' ? 'a btrfs' : 'an ext';
+  if (Buffer.byteLength(label, 'utf8') > max) throw new MkdiskError(`--label "${label}" is longer than the ${max} bytes ${what} filesystem label holds`);
 }
 
 export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
@@ -293,7 +365,7 @@ export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
   const scheme = opts.partition ?? 'gpt';
   const bootable = opts.bootable ?? false;
   const format = opts.format ?? formatFromFileName(opts.output);
-  if (opts.label !== undefined) validateLabel(opts.label);
+  if (opts.label !== undefined) validateLabel(opts.label, fsType);
   const outDir = path.dirname(path.resolve(opts.output));
   if (!fs.existsSync(outDir)) throw new MkdiskError(`the output's directory ${outDir} does not exist`);
   const scratch = fs.mkdtempSync(path.join(opts.tmpDir ?? outDir, '.vdboot-mkdisk-'));
@@ -309,6 +381,9 @@ export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
     if (opts.size && !opts.size.free) {
       fsSize = fsSizeForDisk(Math.ceil(opts.size.bytes / MiB) * MiB, scheme, bootable);
       if (fsSize < 4 * MiB) throw new MkdiskError(`--size ${formatBytes(opts.size.bytes)} leaves no room for a filesystem next to the partition table${bootable ? ' and the boot partition' : ''}`);
+      if (fsSize < MIN_FS_BYTES[fsType] && fsType !== 'ext2' && fsType !== 'ext3' && fsType !== 'ext4') {
+        throw new MkdiskError(`--size ${formatBytes(opts.size.bytes)} leaves ${formatBytes(fsSize)} for the filesystem; ${fsType} needs at least ${formatBytes(MIN_FS_BYTES[fsType])}: give a larger --size or --size +FREE`);
+      }
     } else {
       wantFree = opts.size?.bytes ?? Math.max(64 * MiB, Math.ceil(content.bytes / 4));
       fsSize = estimateFsSize(content, wantFree, fsType);
@@ -322,8 +397,8 @@ export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
       fs.truncateSync(raw, layout.diskSize);
       const inodes = Math.max(Math.ceil(content.inodes * 1.25) + 1024, Math.floor(fsSize / 16384));
       log(`making ${fsType} (${formatBytes(fsSize)}) on a ${scheme === 'none' ? 'disk without partition table' : `${scheme.toUpperCase()} disk`} of ${formatBytes(layout.diskSize)}`);
-      const made = makeFilesystem(raw, layout, src, opts, Math.min(inodes, Math.floor(fsSize / 1024)));
-      const free = made.ok ? readExtSuperblock(raw, layout.fsOffset).freeBytes : -1;
+      const made = makeFilesystem(raw, layout, src, opts, Math.min(inodes, Math.floor(fsSize / 1024)), scratch);
+      const free = made.ok ? readFsInfo(raw, layout.fsOffset, fsType).freeBytes : -1;
       if (made.ok && free >= wantFree) break;
       if (opts.size && !opts.size.free) {
         throw new MkdiskError(
@@ -338,7 +413,7 @@ export async function mkdisk(opts: MkdiskOptions): Promise<MkdiskResult> {
       log(`the filesystem was ${made.ok ? `${formatBytes(wantFree - free)} short of the free space asked for` : 'too small'}; trying ${formatBytes(fsSize)}`);
     }
     writeRegions(raw, layout.regions);
-    const sb = readExtSuperblock(raw, layout.fsOffset);
+    const sb = readFsInfo(raw, layout.fsOffset, fsType);
     let cmdline: string | undefined;
     if (bootable) {
       const rootSpec = layout.partUuid ? `PARTUUID=${layout.partUuid}` : `UUID=${sb.uuid}`;

@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { readCpio, writeCpio, type CpioInput } from '../src/formats/cpio.ts';
 import { buildAliasIndex, MANIFEST_PATH, MANIFEST_VERSION, moduleKey, type InitramfsManifest, type ManifestHostonly, type ManifestModule, type ManifestTools } from '../src/formats/manifest.ts';
 import { hardDepsInLoadOrder, loadModuleIndex, ModuleError, resolveName, type KernelModuleIndex } from './kmod.ts';
-import { filesystemModules, hostFilesystems, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
+import { filesystemModules, hostDeviceMapper, hostFilesystems, hostKeyboardModules, hostNetworkModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from './hostonly.ts';
 
 export type Compression = 'zstd' | 'gzip' | 'xz' | 'none';
 export const COMPRESSIONS: readonly Compression[] = ['zstd', 'gzip', 'xz', 'none'];
@@ -36,6 +36,16 @@ export const UNIVERSAL_STORAGE: readonly string[] = [
   'mmc_block', 'sdhci_pci', 'sdhci_acpi',
 ];
 
+/**
+ * Wired network drivers of common PCs and VMs, for roots served over the network
+ * (root=vdisk:nbd://…): QEMU/KVM's virtio-net and e1000, Intel's e1000e (PC onboard), igb and
+ * igc (server and 2.5G onboard), ixgbe (10G), Realtek's r8169 (most desktop boards), Broadcom's
+ * tg3 (office PCs, servers). The init loads the one a machine has through its modalias, like
+ * any device driver. Firmware files (some r8169 and tg3 chips ask for one) are not included:
+ * those chips run without it.
+ */
+export const UNIVERSAL_NETWORK: readonly string[] = ['virtio_net', 'e1000', 'e1000e', 'igb', 'igc', 'r8169', 'ixgbe', 'tg3'];
+
 export const UNIVERSAL_MODULES: readonly string[] = [
   // virtual machines (Hyper-V's hv_storvsc and VMware's vmw_pvscsi cost 170 KiB: --add-module them)
   'virtio_pci', 'virtio_blk', 'virtio_scsi', 'virtio_console',
@@ -49,6 +59,8 @@ export const UNIVERSAL_MODULES: readonly string[] = [
   'ext4', 'xfs', 'btrfs', 'vfat', 'nls_cp437', 'nls_ascii', 'nls_iso8859_1', 'nls_utf8', 'exfat', 'isofs', 'squashfs', 'overlay', 'ntfs3',
   // device-mapper (linear is part of dm_mod), loop, nbd, fuse
   'dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse',
+  // network cards, for roots on an NBD server
+  ...UNIVERSAL_NETWORK,
   // keyboards for the rescue shell
   'hid_generic', 'usbhid', 'atkbd', 'i8042',
 ];
@@ -193,8 +205,8 @@ export interface MkinitramfsOptions {
   unpackModules?: boolean;
   /**
    * Only this machine's storage drivers (from sysfs) and filesystems (its mounted block
-   * devices', and the `root` spec's), instead of the universal set; device-mapper, loop and
-   * keyboards stay. `sysfs` and `mounts` point elsewhere for tests; `typeOf` answers a device
+   * devices', and the `root` spec's), instead of the universal set, with what the root's kind
+   * needs (hostonlyNeeds: image data paths, device-mapper, keyboards, default programs). `sysfs` and `mounts` point elsewhere for tests; `typeOf` answers a device
    * spec's filesystem type (default: blkid).
    */
   hostonly?: { root?: string; sysfs?: string; mounts?: string; typeOf?: (deviceSpec: string) => string | undefined };
@@ -203,8 +215,43 @@ export interface MkinitramfsOptions {
 /** The modules unlocking a LUKS volume needs (loaded when one is found, not at every boot). */
 export const CRYPT_MODULES: readonly string[] = ['dm_crypt', 'af_alg', 'algif_skcipher', 'xts', 'essiv', 'cbc', 'aesni_intel', 'aes_generic', 'sha256_ssse3', 'sha256_generic'];
 
-/** What --hostonly keeps besides the machine's own drivers and filesystems. */
-const HOSTONLY_ALWAYS: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd', 'fuse', 'hid_generic', 'usbhid', 'atkbd', 'i8042'];
+/** What --hostonly keeps for a root in an image file (vdisk:): the image's data paths. */
+const HOSTONLY_IMAGE: readonly string[] = ['dm_mod', 'dm_zero', 'dm_snapshot', 'loop', 'nbd'];
+
+/**
+ * What --hostonly needs beyond the storage drivers and filesystems: the network cards' drivers
+ * for a root on an NBD server (`--root vdisk:nbd://…`, or this machine booted from one), the image data paths when
+ * the root is an image (`--root vdisk:…`, or this machine was booted from one by vdboot),
+ * device-mapper when a disk here is mapped (LVM, LUKS), the keyboards' drivers; and which
+ * default programs it leaves out: ntfs-3g without an NTFS filesystem, cryptsetup without an
+ * encrypted disk (an image root keeps it: what the image holds is not known here).
+ */
+function hostonlyNeeds(index: KernelModuleIndex, h: NonNullable<MkinitramfsOptions['hostonly']>, filesystems: readonly string[]): { modules: string[]; dropTools: ToolName[]; imageRoot: boolean; networkRoot: boolean } {
+  const dm = hostDeviceMapper(h.sysfs);
+  // a root on an NBD server: named so, or this machine booted from one (a connected nbd device)
+  const networkRoot = h.root?.startsWith('vdisk:nbd:') === true || hostNbdConnected(h.sysfs);
+  const imageRoot = networkRoot || h.root?.startsWith('vdisk:') === true || dm.has('vdboot') || hostMountedAt(h.mounts, '/run/vdboot/host');
+  const modules = [...hostKeyboardModules(index, h.sysfs)];
+  if (imageRoot) modules.push(...HOSTONLY_IMAGE);
+  else if (dm.size || /^\/dev\/(mapper\/|dm-)/.test(h.root ?? '')) modules.push('dm_mod');
+  const dropTools: ToolName[] = [];
+  if (!filesystems.includes('ntfs')) dropTools.push('ntfs-3g');
+  if (!imageRoot && !dm.has('crypt') && !filesystems.some((t) => t === 'crypto_LUKS' || t === 'BitLocker')) dropTools.push('cryptsetup');
+  return { modules, dropTools, imageRoot, networkRoot };
+}
+
+/** An nbd device of this machine is connected (SYSFS/class/block/nbdN/pid exists while it is). */
+function hostNbdConnected(sysfs = '/sys'): boolean {
+  const classDir = path.join(sysfs, 'class', 'block');
+  return existsSync(classDir) && readdirSync(classDir).some((d) => /^nbd\d+$/.test(d) && existsSync(path.join(classDir, d, 'pid')));
+}
+
+/** A filesystem is mounted at `target` in the mounts file. */
+function hostMountedAt(mountsFile: string | undefined, target: string): boolean {
+  const file = mountsFile ?? '/proc/self/mounts';
+  if (!existsSync(file)) return false;
+  return readFileSync(file, 'utf8').split('\n').some((line) => line.split(' ')[1] === target);
+}
 
 export type ToolName = 'ntfs-3g' | 'qemu-nbd' | 'zstd' | 'lz4' | 'cryptsetup';
 /**
@@ -556,6 +603,8 @@ function isStaticElf(file: string): boolean {
 
 /** Levels used when none is given: zstd -9 keeps the build well under a second (-19 saves ~10% and takes ~15 s). */
 export const DEFAULT_LEVELS: Record<Exclude<Compression, 'none'>, number> = { zstd: 9, gzip: 9, xz: 6 };
+/** The zstd level of --hostonly images when none is given. */
+export const HOSTONLY_ZSTD_LEVEL = 19;
 const MAX_LEVELS: Record<Exclude<Compression, 'none'>, number> = { zstd: 19, gzip: 9, xz: 9 };
 
 export function compress(bytes: Uint8Array, how: Compression, level?: number): Uint8Array {
@@ -615,21 +664,31 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const defaults = foreign
     ? { tools: {}, notes: [`the initramfs is for ${arch} and this machine is not: no programs from it (ntfs-3g) go in; NTFS hosts are reached by the kernel's ntfs3 where it has one, else only by vdboot's direct path`] }
     : defaultTools(index);
-  const chosenDefaults = Object.fromEntries(Object.entries(defaults.tools).filter(([t]) => !without.includes(t as ToolName))) as Partial<Record<ToolName, string>>;
-  const tools = [...new Set([...(options.tools ?? []), ...(Object.keys(chosenDefaults) as ToolName[])])].sort();
   let hostonly: ManifestHostonly | undefined;
   let base = UNIVERSAL_MODULES;
+  let hostonlyWhy: string[] = [];
+  const hostonlyDrop: ToolName[] = [];
   if (options.hostonly) {
     const storage = hostStorageModules(index, options.hostonly.sysfs);
     const types = [...new Set([...hostFilesystems(options.hostonly.mounts), ...(options.hostonly.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf) : [])])].sort();
     const fs = filesystemModules(index, types);
-    base = [...new Set([...HOSTONLY_ALWAYS, ...storage.modules, ...fs.modules])];
-    hostonly = { storage: storage.devices, filesystems: types, ...(options.hostonly.root ? { root: options.hostonly.root } : {}), leftOut: [] };
+    const needs = hostonlyNeeds(index, options.hostonly, types);
+    const network = needs.networkRoot ? hostNetworkModules(index, options.hostonly.sysfs) : { devices: {}, modules: [] };
+    base = [...new Set([...needs.modules, ...storage.modules, ...network.modules, ...fs.modules])];
+    hostonlyDrop.push(...needs.dropTools.filter((t) => t in defaults.tools && !(options.tools ?? []).includes(t)));
+    hostonlyWhy = hostonlyDrop.map((t) => (t === 'ntfs-3g' ? 'no NTFS filesystem here: ntfs-3g left out' : `no encrypted disk here: ${t} left out`));
+    if (!needs.imageRoot) hostonlyWhy.push('the root is not an image file: loop, nbd and the image device-mapper targets left out');
+    if (!needs.networkRoot) hostonlyWhy.push('the root is not on an NBD server: no network card drivers');
+    hostonly = { storage: storage.devices, ...(needs.networkRoot ? { network: network.devices } : {}), filesystems: types, ...(options.hostonly.root ? { root: options.hostonly.root } : {}), leftOut: [], ...(hostonlyDrop.length ? { toolsLeftOut: [...hostonlyDrop].sort() } : {}) };
   }
+  const chosenDefaults = Object.fromEntries(Object.entries(defaults.tools).filter(([t]) => !without.includes(t as ToolName) && !hostonlyDrop.includes(t as ToolName))) as Partial<Record<ToolName, string>>;
+  const tools = [...new Set([...(options.tools ?? []), ...(Object.keys(chosenDefaults) as ToolName[])])].sort();
   const selection = selectModules(index, options.addModules ?? [], options.omitModules ?? [], tools, without, base);
   if (hostonly) {
     const devices = Object.entries(hostonly.storage).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
-    selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
+    const nics = Object.entries(hostonly.network ?? {}).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
+    selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; ${hostonly.network ? `network cards: ${nics.join('; ') || 'none wired'}; ` : ''}filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
+    if (hostonlyWhy.length) selection.notes.push(`--hostonly: ${hostonlyWhy.join('; ')} (--with or --add-module adds them back)`);
   }
   selection.notes.push(...defaults.notes.filter((n) => !without.some((t) => n.includes(`has no ${t}`))));
   for (const [t, why] of Object.entries(chosenDefaults)) if (!(options.tools ?? []).includes(t as ToolName)) selection.notes.push(`${t} included: ${why}; --without ${t} leaves it out`);
@@ -791,7 +850,8 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   inputs.push({ type: 'file', path: 'etc/initrd-release', data: new TextEncoder().encode(release_) });
 
   const cpio = writeCpio(inputs, { mtime });
-  const packed = compress(cpio, compression, options.level);
+  // A host-only image is small already: zstd -19 takes seconds there and saves ~7% more.
+  const packed = compress(cpio, compression, options.level ?? (options.hostonly && compression === 'zstd' ? HOSTONLY_ZSTD_LEVEL : undefined));
   const modulesCpio = compressedInputs.length > 0 ? writeCpio(compressedInputs, { mtime }) : new Uint8Array(0);
   const modulesOffset = modulesCpio.length > 0 ? (packed.length + 3) & ~3 : packed.length;
   let image = packed;

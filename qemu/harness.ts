@@ -74,6 +74,12 @@ export interface BootOptions {
   maxLifetimeMs?: number;
   /** mirror the console to stderr as it arrives (also: VDBOOT_QEMU_ECHO=1) */
   echo?: boolean;
+  /**
+   * Boot from the network instead of `kernel`: a virtio-net card on QEMU's user network with
+   * `restrict=on` (no host sockets), its TFTP server on `tftp` and DHCP naming `bootfile`;
+   * the firmware's iPXE (Debian's ipxe-qemu) fetches and runs it. No -kernel, -initrd, -append.
+   */
+  netboot?: { tftp: string; bootfile: string };
 }
 
 export interface ConsoleLine {
@@ -465,9 +471,9 @@ export async function bootVm(opts: BootOptions = {}): Promise<Vm> {
     '-smp', String(opts.cpus ?? 1),
     '-nodefaults', '-display', 'none', '-no-reboot',
     '-serial', 'stdio',
-    '-kernel', kernel,
-    ...(opts.initrd ? ['-initrd', opts.initrd] : []),
-    '-append', cmdline,
+    ...(opts.netboot
+      ? ['-netdev', `user,id=net0,restrict=on,tftp=${opts.netboot.tftp.replace(/,/g, ',,')},bootfile=${opts.netboot.bootfile.replace(/,/g, ',,')}`, '-device', 'virtio-net-pci,netdev=net0', '-boot', 'n']
+      : ['-kernel', kernel, ...(opts.initrd ? ['-initrd', opts.initrd] : []), '-append', cmdline]),
   ];
   if (opts.firmware === 'uefi') {
     const code = OVMF_CODE.find((f) => fs.existsSync(f));

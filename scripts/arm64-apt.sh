@@ -5,22 +5,11 @@
 # every package against the archive's signed index. `arm64_apt_update` fetches the lists.
 # Needs die() from the caller.
 
-# The mirror: the first URI of the machine's own Debian sources (deb822 or one-line
-# format); the suite: the machine's release (/etc/os-release).
-mirror=""
-for f in /etc/apt/sources.list.d/*.sources; do
-  [[ -f "$f" ]] || continue
-  mirror=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
-  [[ -n "$mirror" ]] && break
-done
-if [[ -z "$mirror" && -f /etc/apt/sources.list ]]; then
-  mirror=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { if ($i !~ /security/) { print $i; exit } else break } }' /etc/apt/sources.list)
-fi
-[[ -n "$mirror" ]] || die "no Debian mirror found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
+# The mirror and keyring: the machine's own Debian sources (debian-mirror.sh); the suite:
+# the machine's release (/etc/os-release).
+. "$(dirname "${BASH_SOURCE[0]}")/debian-mirror.sh"
 suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 [[ -n "$suite" ]] || die "no VERSION_CODENAME in /etc/os-release: which Debian release is this?"
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-[[ -f "$keyring" ]] || die "$keyring is missing: install the debian-archive-keyring package"
 
 apt=$ARM64_APT_DIR
 mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"

@@ -16,6 +16,9 @@ export function openBlockReader(sys: Sys, path: string, size: number): OpenedRea
     size,
     read: (offset: number, length: number): Uint8Array =>
       preadExact(sys, fd, path, size, offset, length, (at) => `short read at ${at} (device ended early?)`),
+    prefetch(offset: number, length: number): void {
+      if (open) willNeed(sys, fd, offset, Math.min(length, size - offset));
+    },
     close(): void {
       if (open) {
         open = false;
@@ -23,6 +26,22 @@ export function openBlockReader(sys: Sys, path: string, size: number): OpenedRea
       }
     },
   };
+}
+
+const FADV_WILLNEED = 3;
+/** The kernel starts at most its readahead size (128 KiB by default) per WILLNEED call. */
+const WILL_NEED_STEP = 128 << 10;
+/** A hint is bounded: a caller cannot make the kernel read more than this ahead at once. */
+const WILL_NEED_MAX = 16 << 20;
+
+/** posix_fadvise(WILLNEED) over a range, where the native host has it; best effort. */
+function willNeed(sys: Sys, fd: number, offset: number, length: number): void {
+  const fadvise = (sys as { fadvise?: (fd: number, offset: number, length: number, advice: number) => void }).fadvise;
+  if (typeof fadvise !== 'function' || !(length > 0) || !(offset >= 0)) return;
+  try {
+    const end = offset + Math.min(length, WILL_NEED_MAX);
+    for (let o = offset; o < end; o += WILL_NEED_STEP) fadvise.call(sys, fd, o, Math.min(WILL_NEED_STEP, end - o), FADV_WILLNEED);
+  } catch { /* only a hint */ }
 }
 
 /**

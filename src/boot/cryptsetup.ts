@@ -40,7 +40,12 @@ export const CRYPTSETUP_WRONG_KEY = 2;
 /** The cryptsetup program of this initramfs, with its kernel modules loaded; BootFailure when absent. */
 export function cryptsetupTool(ctx: InitContext, what: string): string {
   const tool = ctx.manifest.tools.cryptsetup;
-  if (!tool) throw new BootFailure(`${what} needs cryptsetup, which this initramfs does not have: install Debian's cryptsetup-bin on the machine that builds it and run "vdboot mkinitramfs" again (without --without cryptsetup).`);
+  if (!tool) {
+    if (ctx.manifest.build.hostonly?.toolsLeftOut?.includes('cryptsetup')) {
+      throw new BootFailure(`${what} needs cryptsetup, which this initramfs does not have: it was built with --hostonly on a machine without encrypted disks. Build it again with --with cryptsetup (or without --hostonly).`);
+    }
+    throw new BootFailure(`${what} needs cryptsetup, which this initramfs does not have: install Debian's cryptsetup-bin on the machine that builds it and run "vdboot mkinitramfs" again (without --without cryptsetup).`);
+  }
   {
     const present = CRYPT_MODULES.filter((m) => findModule(ctx.manifest, m));
     ctx.modules.reportFailures(ctx.modules.load(present));

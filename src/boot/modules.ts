@@ -375,6 +375,20 @@ export class ModuleLoader {
    * crc32c_intel on a processor without the feature, a driver for absent hardware):
    * normal, and only shown with rd.vdboot.debug. Anything else is a warning.
    */
+  /**
+   * The modules of `names` an initramfs built --hostonly left out (neither in it nor built
+   * into the kernel): `what` cannot work without them, so the caller stops with this text.
+   * Universal images carry them all; undefined when nothing is missing.
+   */
+  hostonlyMissing(names: readonly string[], what: string): string | undefined {
+    const h = this.manifest.build.hostonly;
+    if (!h) return undefined;
+    const missing = names.filter((n) => !isBuiltin(this.manifest, n) && !findModule(this.manifest, n));
+    if (!missing.length) return undefined;
+    return `${what} needs the kernel module${missing.length > 1 ? 's' : ''} ${missing.join(', ')}, which this initramfs does not have: it was built with --hostonly for ${h.root ? `the root ${h.root}` : 'a machine whose root is not an image file'}. ` +
+      `Build it again with --hostonly --root set to this boot's root (e.g. --root vdisk:HOST:PATH), or with --add-module ${missing[0]}, or without --hostonly.`;
+  }
+
   reportFailures(report: LoadReport): void {
     for (const f of report.failed) {
       if (f.error === 'ENODEV') this.log.debug(`module ${f.name}: no device for it (ENODEV)`);

@@ -389,6 +389,10 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
   if (planned.some((p) => p.vp.mode === 'snapshot')) wanted.push('dm_snapshot');
   if (planned.some((p) => p.vp.loops.length || p.vp.cowBytes !== undefined)) wanted.push('loop');
   if (planned.some((p) => p.vp.nbd)) wanted.push('nbd');
+  {
+    const missing = ctx.modules.hostonlyMissing(wanted, `Mapping ${planned.map((p) => p.vp.imagePath).join(', ')}`);
+    if (missing) { undo.rollback(log); throw new BootFailure(missing); }
+  }
   log.timed('dm-modules', () => ctx.modules.reportFailures(ctx.modules.load(wanted)));
   try {
     const hostInfo = mountedHost;

@@ -35,7 +35,7 @@ import { locateFile, type LocatedFile } from './host-mount.ts';
 import type { ImageHost, ImageRequest } from './image-host.ts';
 import { attachLoop, detachLoop } from './loop.ts';
 import { DM_UUID_PREFIX, formatName, planVdisk, type VdiskPlan } from './vdisk.ts';
-import { disconnectNbd, STATE_PATH } from './vdisk-exec.ts';
+import { disconnectNbd, STATE_DIR, STATE_PATH } from './vdisk-exec.ts';
 import { parseVdiskloadArgs, UsageError, VDISKLOAD_USAGE, type VdiskloadCommand } from './vdiskload-args.ts';
 
 /** FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (linux/fs.h) and the immutable flag. */
@@ -285,7 +285,10 @@ function connectNbd(sys: Sys, tool: string, file: string, format: string, readOn
     if (readTextOr(sys, `/sys/class/block/nbd${i}/size`) === undefined) break;
     if (readTextOr(sys, `/sys/class/block/nbd${i}/pid`) !== undefined) continue;
     const dev = `/dev/nbd${i}`;
-    const pid = sys.spawn(tool, ['qemu-nbd', '--fork', '--connect', dev, '--format', format, ...(readOnly ? ['--read-only'] : []), file], []);
+    // Its server socket in /run, as at boot: its default directory, /var/lock, is missing on small systems.
+    mkdirs(sys, STATE_DIR);
+    const socket = `${STATE_DIR}/nbd${i}.sock`;
+    const pid = sys.spawn(tool, ['qemu-nbd', '--fork', '--connect', dev, '--socket', socket, '--format', format, ...(readOnly ? ['--read-only'] : []), file], []);
     const r = sys.waitpid(pid, 0);
     if (r.exitCode !== 0) throw new VdiskloadError(`qemu-nbd could not serve ${file} on ${dev} (exit ${r.exitCode}); its message is above`);
     return dev;
@@ -468,6 +471,13 @@ function attach(sys: Sys, io: VdiskloadIO, cmd: Extract<VdiskloadCommand, { acti
       }
     }
     if (vp.path !== 'direct') made.takeDown(report); // nothing maps the host's sectors: the file may move
+    // Every device name the plan makes (NAME, NAMEpK, NAME-cow…) must be free, checked before anything is made.
+    const liveNames = new Set(vdbootDmDevices(sys).map((d) => d.name));
+    for (const d of vp.devices) {
+      if (liveNames.has(d.name) || exists(sys, `/dev/mapper/${d.name}`)) {
+        throw new VdiskloadError(`the name ${d.name} (for ${d.name === name ? 'the disk' : 'a device of this image'}) is taken: /dev/mapper/${d.name} exists. Choose another name with --name NAME`);
+      }
+    }
     const dir = loc.mount.dir === '/' ? '' : loc.mount.dir;
 
     // 2. Execute.
@@ -485,7 +495,12 @@ function attach(sys: Sys, io: VdiskloadIO, cmd: Extract<VdiskloadCommand, { acti
       made.nbd = connectNbd(sys, qemuNbd!, `${dir}${vp.nbd.file}`, vp.nbd.format, vp.nbd.readOnly);
     }
     for (const d of vp.devices) {
-      createDm(sys, dm, d.name, d.uuid, substitute(d.targets, loops, cow, made.nbd), d.readOnly);
+      try {
+        createDm(sys, dm, d.name, d.uuid, substitute(d.targets, loops, cow, made.nbd), d.readOnly);
+      } catch (e) {
+        if (!isSysError(e, 'EBUSY') && !isSysError(e, 'EEXIST')) throw e;
+        throw new VdiskloadError(`device-mapper refused /dev/mapper/${d.name}: a device with its name or its uuid ${d.uuid} exists (dmsetup info -c shows them); what was made for ${name} before it has been taken down`);
+      }
       made.dm.push(d.name);
     }
     const hu = vp.headerUpdate;
@@ -538,8 +553,25 @@ function detach(sys: Sys, io: VdiskloadIO, target: string): void {
     const devs = vdbootDmDevices(sys).filter((d) => d.uuid === `${DM_UUID_PREFIX}${target}` || d.uuid.startsWith(`${DM_UUID_PREFIX}${target}-`));
     if (!devs.length) throw new VdiskloadError(`nothing is attached as ${target}: "vdiskload -l" lists what is`);
     const rank = (uuid: string): number => (/-part\d+$/.test(uuid) ? 0 : uuid.endsWith('-base') ? 2 : 1);
+    // What lies under them is read from sysfs before they go: afterwards the links are gone.
+    const under = backingDevices(sys, new Set(devs.map((d) => d.name)));
     for (const d of devs.sort((a, b) => rank(a.uuid) - rank(b.uuid))) takeDownDm(sys, dm, d.name);
-    io.out(`${target}: removed ${devs.map((d) => `/dev/mapper/${d.name}`).join(', ')} (no record of its loop devices: "losetup -l" shows any left)\n`);
+    const freed: string[] = [];
+    const kept: string[] = [];
+    for (const b of under) {
+      // only a device nothing else holds any more: another dm device may share a loop (vdhost, a second image)
+      if (holders(sys, b.dev).length) { kept.push(`/dev/${b.dev} (held by ${holders(sys, b.dev).join(', ')})`); continue; }
+      try {
+        if (b.dev.startsWith('nbd')) disconnectNbd(sys, `/dev/${b.dev}`);
+        else detachLoop(sys, `/dev/${b.dev}`);
+        freed.push(`/dev/${b.dev}${b.file ? ` (${b.file})` : ''}`);
+      } catch (e) {
+        report(`${b.dev.startsWith('nbd') ? 'disconnecting' : 'detaching'} /dev/${b.dev}: ${(e as Error).message}`);
+        kept.push(`/dev/${b.dev}`);
+      }
+    }
+    io.out(`${target}: removed ${devs.map((d) => `/dev/mapper/${d.name}`).join(', ')}${freed.length ? `, ${freed.join(', ')}` : ''} (made at boot, no record: found by their dm uuids and sysfs)\n`);
+    if (kept.length) io.out(`  left in place: ${kept.join(', ')}\n`);
     return;
   }
   for (const name of [...rec.devices].reverse()) takeDownDm(sys, dm, name);
@@ -551,6 +583,43 @@ function detach(sys: Sys, io: VdiskloadIO, target: string): void {
   for (const e of errors) report(e);
   io.out(`${rec.name}: detached ${rec.image}${rec.mode === 'snapshot' ? ' (its snapshot\'s writes are dropped)' : ''}\n`);
   if (errors.length) throw new VdiskloadError(`${rec.name}: ${errors.length} step${errors.length === 1 ? '' : 's'} of the detach failed (above)`);
+}
+
+/** sysfs's kernel name (dm-N) of each dm device, by its dm name. */
+function dmKernelNames(sys: Sys): Map<string, string> {
+  const out = new Map<string, string>();
+  let entries: string[] = [];
+  try { entries = sys.readdir('/sys/class/block'); } catch { /* no sysfs */ }
+  for (const e of entries) {
+    if (!/^dm-\d+$/.test(e)) continue;
+    const name = (readTextOr(sys, `/sys/class/block/${e}/dm/name`) ?? '').trim();
+    if (name) out.set(name, e);
+  }
+  return out;
+}
+
+function holders(sys: Sys, dev: string): string[] {
+  try { return sys.readdir(`/sys/class/block/${dev}/holders`).filter((n) => n !== '.' && n !== '..'); } catch { return []; }
+}
+
+/** The loop and nbd devices under the named dm devices (their slaves in sysfs), with a loop's backing file. */
+function backingDevices(sys: Sys, names: ReadonlySet<string>): { dev: string; file?: string }[] {
+  const kernel = dmKernelNames(sys);
+  const seen = new Set<string>();
+  const out: { dev: string; file?: string }[] = [];
+  for (const n of names) {
+    const k = kernel.get(n);
+    if (!k) continue;
+    let slaves: string[] = [];
+    try { slaves = sys.readdir(`/sys/class/block/${k}/slaves`); } catch { /* none */ }
+    for (const s of slaves) {
+      if (!/^(loop|nbd)\d+$/.test(s) || seen.has(s)) continue;
+      seen.add(s);
+      const file = readTextOr(sys, `/sys/class/block/${s}/loop/backing_file`)?.trim();
+      out.push({ dev: s, ...(file ? { file } : {}) });
+    }
+  }
+  return out;
 }
 
 /** Removes one dm device; a device in use is named with what to do. */

@@ -29,6 +29,7 @@ export const COMMANDS: Record<string, () => Promise<Command>> = {
   hostfs: async () => (await import('./hostfs.ts')).command,
   mkdisk: async () => (await import('./mkdisk.ts')).command,
   kit: async () => (await import('./kit.ts')).command,
+  netboot: async () => (await import('./netboot.ts')).command,
   attach: async () => (await import('./attach.ts')).attach,
   detach: async () => (await import('./attach.ts')).detach,
   list: async () => (await import('./attach.ts')).list,

@@ -1,11 +1,11 @@
 /** `vdboot mkdisk SOURCE -o OUT`: a directory or tar archive becomes a (bootable) disk image. */
 import type { Command, CliIO } from './main.ts';
 import { OUTPUT_FORMATS, type OutputFormat } from '../formats/writers/index.ts';
-import { MkdiskError, formatBytes, mkdisk, parseSize, type FsType, type MkdiskOptions } from '../../mkdisk/build.ts';
+import { FS_TYPES, MkdiskError, formatBytes, mkdisk, parseSize, type FsType, type MkdiskOptions } from '../../mkdisk/build.ts';
 import type { PartitionScheme } from '../../mkdisk/boot.ts';
 import { walkArgs } from './args.ts';
 
-const usage = `vdboot mkdisk SOURCE -o OUT [--format FORMAT] [--fs ext2|ext3|ext4] [--label LABEL]
+const usage = `vdboot mkdisk SOURCE -o OUT [--format FORMAT] [--fs ext4|ext3|ext2|xfs|btrfs] [--label LABEL]
               [--size SIZE|+SIZE] [--partition gpt|mbr|none] [--bootable [--kernel VMLINUZ] [--append ARGS]]
 
 Makes a disk image from SOURCE, a directory or a tar archive (gzip, bzip2, xz, zstd, lz4 or
@@ -14,8 +14,9 @@ none; a "docker export" works), without root: owners, modes, links and device no
   -o, --output OUT     the image to write
   --format FORMAT      ${OUTPUT_FORMATS.join(', ')} (default: by OUT's extension: .vhd .vhdx .vdi
                        .vmdk .qcow2, anything else raw); vhd is dynamic, vhd-fixed fixed
-  --fs TYPE            ext4 (default), ext3 or ext2
-  --label LABEL        the filesystem label (at most 16 bytes)
+  --fs TYPE            ext4 (default), ext3, ext2, xfs or btrfs (xfs: hard links become
+                       copies, names with white space are refused; see README)
+  --label LABEL        the filesystem label (at most 16 bytes; xfs 12, btrfs 255)
   --size SIZE          the whole disk (e.g. 4G); an error says so when the content does not fit
   --size +SIZE         at least SIZE free in the filesystem (default: +25% of the content, at least +64M)
   --partition SCHEME   gpt (default: one "Linux root (x86-64)" partition), mbr (one type 83
@@ -42,7 +43,7 @@ export function parseMkdiskArgs(args: string[]): MkdiskOptions & { quiet: boolea
       }
       case '--fs': {
         const f = value();
-        if (!['ext2', 'ext3', 'ext4'].includes(f)) throw new MkdiskError(`--fs ${f}: vdboot mkdisk makes ext2, ext3 or ext4`);
+        if (!FS_TYPES.includes(f as FsType)) throw new MkdiskError(`--fs ${f}: vdboot mkdisk makes ${FS_TYPES.join(', ')}`);
         o.fs = f as FsType;
         break;
       }

@@ -22,7 +22,8 @@ Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompres
   --kernel VERSION|VMLINUZ  the kernel (default: the running one, else the newest in /lib/modules)
   -o, --output FILE         where to write (default: ./initramfs-vdboot-VERSION.img)
   --compress METHOD         zstd (default), gzip, xz or none
-  --level N                 compression level (default: zstd 9, gzip 9, xz 6; zstd 19 is ~10% smaller, ~15 s)
+  --level N                 compression level (default: zstd 9, gzip 9, xz 6; zstd 19 is ~10% smaller, ~15 s;
+                            --hostonly: zstd 19)
   --add-module NAME         also include this module (or alias) and its dependencies; repeatable
   --omit-module NAME        leave a universal-set module out (e.g. btrfs, xfs: ~0.8 MiB each); repeatable
   --with ntfs-3g|qemu-nbd|zstd|lz4
@@ -35,7 +36,10 @@ Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompres
                             cryptsetup: LUKS volumes then cannot be unlocked)
   --hostonly                only this machine's storage drivers (each disk's driver chain in /sys) and
                             the filesystems of its mounted disks, instead of the universal set; a boot
-                            on hardware that needs a driver left out names the device and the module
+                            on hardware that needs a driver left out names the device and the module.
+                            Its keyboards' drivers; loop, nbd and the image dm targets only for a root
+                            in an image file; ntfs-3g only with NTFS here, cryptsetup only with an
+                            encrypted disk here or an image root (--with adds them back)
   --root SPEC               with --hostonly: the root as on the kernel command line (UUID=…, /dev/…,
                             vdisk:HOST:PATH); its filesystem (the host's, for vdisk:) is included too
   --modules-dir DIR         read modules from DIR instead of /lib/modules/VERSION

@@ -18,6 +18,12 @@ export interface BlockReader {
    * copy `read` would need (streaming a whole disk). Same bounds rules as `read`.
    */
   readInto?(offset: number, into: Uint8Array): void;
+  /**
+   * Optional, a hint: the bytes [offset, offset + length) will be read next, so the disk may
+   * start on them while the caller works on what it has (the NTFS ownership pass). Never an
+   * error, never waits.
+   */
+  prefetch?(offset: number, length: number): void;
 }
 
 /** Something a format can also write through (image expansion, mkdisk). */

@@ -428,36 +428,78 @@ export class ExfatVolume implements HostFs {
     for (const r of runs) {
       for (let c = r.start; c < r.end; c++) {
         const i = c - 2;
+        // eight clusters at a time where a whole byte of the bitmap is theirs and all set
+        if ((i & 7) === 0 && c + 8 <= r.end && bits[i >> 3] === 0xff) {
+          c += 7;
+          continue;
+        }
         if (((bits[i >> 3]! >> (i & 7)) & 1) === 0) {
           throw new FormatError(`${this.volumeName}: ${r.path}: its cluster ${c} is marked free in the allocation bitmap, so the next writer may give it to another file: the filesystem is damaged. Run fsck.exfat or chkdsk /f before booting from it.`, 'cluster', c);
         }
       }
     }
-    // every file and directory of the volume, breadth first
+    // every file and directory of the volume, breadth first; the root's entries as read
+    // above, the others by walkEntries (no names decoded unless a message needs one)
     const ownSeen = new Set<number>();
     const dirsSeen = new Set<number>([this.rootCluster]);
-    const queue: { entries: DirEntry[]; path: string }[] = [{ entries: root.entries, path: '' }];
+    const queue: { first: number; noFatChain: boolean; length: number; path: string }[] = [];
     let entries = 0;
-    while (queue.length) {
-      const d = queue.shift()!;
-      for (const e of d.entries) {
-        if (++entries > MAX_PROOF_ENTRIES) {
-          throw new FormatError(`${this.volumeName}: the volume holds more than ${MAX_PROOF_ENTRIES} directory entries; vdboot does not prove the image's clusters its own on a volume that large. Map it through the loop path (rd.vdisk.map=loop).`, 'entries', entries);
-        }
-        const p = `${d.path}/${e.name}`;
-        if (e.firstCluster < 2 || e.dataLength === 0) continue;
-        const own = firsts.get(e.firstCluster);
-        if (own !== undefined && !(e.attributes & ATTR_DIRECTORY) && !ownSeen.has(e.firstCluster)) {
-          ownSeen.add(e.firstCluster); // the target's own entry (one only: a second one is a cross-link)
-          continue;
-        }
-        claim(e.firstCluster, e.noFatChain, e.dataLength, p);
-        if (e.attributes & ATTR_DIRECTORY) {
-          if (dirsSeen.has(e.firstCluster)) throw new FormatError(`${this.volumeName}: the directory ${p} is named twice in the tree (cluster ${e.firstCluster}): the filesystem is damaged; run fsck.exfat or chkdsk /f`, 'cluster', e.firstCluster);
-          dirsSeen.add(e.firstCluster);
-          queue.push({ entries: this.readDirEntries(e.firstCluster, e.noFatChain, e.dataLength, p, false).entries, path: p });
-        }
+    const visit = (attributes: number, noFatChain: boolean, first: number, length: number, owner: () => string): void => {
+      if (++entries > MAX_PROOF_ENTRIES) {
+        throw new FormatError(`${this.volumeName}: the volume holds more than ${MAX_PROOF_ENTRIES} directory entries; vdboot does not prove the image's clusters its own on a volume that large. Map it through the loop path (rd.vdisk.map=loop).`, 'entries', entries);
       }
+      if (first < 2 || length === 0) return;
+      const isDir = (attributes & ATTR_DIRECTORY) !== 0;
+      if (!isDir && firsts.has(first) && !ownSeen.has(first)) {
+        ownSeen.add(first); // the target's own entry (one only: a second one is a cross-link)
+        return;
+      }
+      if (noFatChain && !isDir) {
+        // contiguous: one range, tested without a closure or a string (the common case)
+        const n = Math.ceil(length / cs);
+        if (first + n - 1 >= this.clusterCount + 2) this.checkCluster(first + n - 1, owner());
+        const h = hit(first, n);
+        if (h) fail(h[0].path, h[1], owner());
+      } else claim(first, noFatChain, length, owner());
+      if (isDir) {
+        const p = owner();
+        if (dirsSeen.has(first)) throw new FormatError(`${this.volumeName}: the directory ${p} is named twice in the tree (cluster ${first}): the filesystem is damaged; run fsck.exfat or chkdsk /f`, 'cluster', first);
+        dirsSeen.add(first);
+        queue.push({ first, noFatChain, length, path: p });
+      }
+    };
+    for (const e of root.entries) visit(e.attributes, e.noFatChain, e.firstCluster, e.dataLength, () => `/${e.name}`);
+    for (let qi = 0; qi < queue.length; qi++) {
+      const d = queue[qi]!;
+      queue[qi] = undefined as never; // read once; let the walk forget it
+      this.walkEntries(this.dirBytes(d.first, d.noFatChain, d.length, d.path, false), d.path, visit);
+    }
+  }
+
+  /**
+   * The file entry sets of one directory's bytes, for the ownership proof: for each, its
+   * attributes, stream flags, first cluster and data length, read in place; its name only
+   * when `visit` asks for it (a message). Checksums are not verified here: an entry set
+   * with a bad checksum still has its claim tested, which can only refuse more.
+   */
+  private walkEntries(b: Uint8Array, dirPath: string, visit: (attributes: number, noFatChain: boolean, first: number, length: number, owner: () => string) => void): void {
+    for (let pos = 0; pos + 32 <= b.length; pos += 32) {
+      const type = b[pos]!;
+      if (type === 0) break;
+      if (type !== ENTRY_FILE) continue;
+      const secondary = b[pos + 1]!;
+      if (secondary < 2 || secondary > 18 || pos + (secondary + 1) * 32 > b.length) {
+        throw new FormatError(`${this.volumeName}: ${dirPath}: file entry at byte ${pos} claims ${secondary} secondary entries: the directory is damaged; run fsck.exfat or chkdsk`, 'secondary_count', secondary);
+      }
+      const s = pos + 32;
+      if (b[s] !== ENTRY_STREAM) throw new FormatError(`${this.volumeName}: ${dirPath}: file entry at byte ${pos} lacks its stream extension: the directory is damaged`, 'entry_type', b[s]!);
+      const first = (b[s + 20]! | (b[s + 21]! << 8) | (b[s + 22]! << 16)) + b[s + 23]! * 0x1000000;
+      const low = (b[s + 24]! | (b[s + 25]! << 8) | (b[s + 26]! << 16)) + b[s + 27]! * 0x1000000;
+      const high = (b[s + 28]! | (b[s + 29]! << 8) | (b[s + 30]! << 16)) + b[s + 31]! * 0x1000000;
+      if (high >= 0x200000) throw new FormatError(`${this.volumeName}: ${dirPath}: file entry at byte ${pos} has a data length beyond what vdboot can address (2^53 bytes): the filesystem is damaged`, 'data_length', high);
+      const at = pos;
+      visit(b[pos + 4]! | (b[pos + 5]! << 8), (b[s + 1]! & FLAG_NO_FAT_CHAIN) !== 0, first, high === 0 ? low : low + high * 0x100000000, () => `${dirPath}/${entrySetName(b, at, secondary)}`);
+      pos += secondary * 32;
     }
   }
 
@@ -474,6 +516,18 @@ export class ExfatVolume implements HostFs {
   readFile(file: HostFile, offset: number, length: number): Uint8Array {
     return readThroughExtents(this.partition, file, offset, length);
   }
+}
+
+/** The name of the file entry set at `pos` of `b` (as far as its name entries hold it). */
+function entrySetName(b: Uint8Array, pos: number, secondary: number): string {
+  const nameLen = b[pos + 32 + 3]!;
+  let name = '';
+  for (let k = 2; k <= secondary && name.length < nameLen; k++) {
+    const o = pos + k * 32;
+    if (b[o] !== ENTRY_NAME) break;
+    for (let i = 0; i < 15 && name.length < nameLen; i++) name += String.fromCharCode(b[o + 2 + i * 2]! | (b[o + 3 + i * 2]! << 8));
+  }
+  return name;
 }
 
 function identityUpcase(): Uint16Array {

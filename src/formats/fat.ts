@@ -13,6 +13,8 @@ import {
 const ATTR_VOLUME_ID = 0x08;
 const ATTR_DIRECTORY = 0x10;
 const ATTR_LFN = 0x0f;
+/** The ownership proof reads at most this many directory entries (a volume with more is refused, not checked). */
+const MAX_PROOF_ENTRIES = 4_000_000;
 
 /** Code page 437, bytes 0x80..0xFF: how DOS and Windows (en-US) store 8.3 names. */
 const CP437_HIGH =
@@ -154,13 +156,19 @@ export class FatVolume implements HostFs {
    * whole FAT: an entry X -> C where C is a cluster of a target file is legal only when X is
    * C's predecessor in that file's own chain (and nothing may point at a chain's first
    * cluster). Another file's chain that joins this one (what chkdsk calls cross-linked)
-   * is refused, naming both clusters. Not seen: another directory entry whose first
-   * cluster lies inside the chain (that needs every directory read).
+   * is refused, naming both clusters. Then every directory of the volume is read once
+   * (walkForOwnership): another entry whose first cluster lies inside a target's chain
+   * (at its start or in its middle, which no FAT entry shows) is refused too.
    */
   proveOwnership(files: readonly HostFile[]): void {
     // the targets' runs of consecutive clusters, each with the cluster before it in its chain
     const runs: { start: number; end: number; before: number; path: string }[] = [];
+    const seenIds = new Set<string>();
     for (const f of files) {
+      if (f.id !== undefined) {
+        if (seenIds.has(f.id)) continue; // one file under two names: its clusters once
+        seenIds.add(f.id);
+      }
       let before = -1;
       for (const e of f.extents) {
         if (e.kind !== 'data' || e.length <= 0) continue;
@@ -214,6 +222,62 @@ export class FatVolume implements HostFs {
           `and mapping it would read and write that file's bytes. Run fsck.vfat or chkdsk /f before booting from it.`,
         'cluster', c,
       );
+    }
+    this.walkForOwnership(runs, starts);
+  }
+
+  /**
+   * Every directory entry of the volume, breadth first from the root, at most
+   * MAX_PROOF_ENTRIES entries, each directory once (a directory named twice is damage):
+   * an entry whose first cluster lies in a target run is another claim on the target's
+   * clusters, except the target's own entry (exactly one per target: a second entry
+   * starting at the same cluster is a cross-link too). "." and ".." are checked, not
+   * followed.
+   */
+  private walkForOwnership(runs: readonly { start: number; end: number; before: number; path: string }[], starts: Float64Array): void {
+    // each target's first cluster: the start of its first run in chain order (no cluster before it)
+    const firsts = new Set<number>(runs.filter((r) => r.before === -1).map((r) => r.start));
+    const ownSeen = new Set<number>();
+    const dirsSeen = new Set<number>();
+    if (this.fatBits === 32) dirsSeen.add(this.rootCluster);
+    const queue: { cluster: number | null; path: string }[] = [{ cluster: null, path: '' }];
+    let entries = 0;
+    for (let qi = 0; qi < queue.length; qi++) {
+      const d = queue[qi]!;
+      for (const e of this.readDir(d.cluster, d.path || '/')) {
+        if (e.attr & ATTR_VOLUME_ID && !(e.attr & ATTR_DIRECTORY)) continue;
+        if (++entries > MAX_PROOF_ENTRIES) {
+          throw new FormatError(`${this.volumeName}: the volume holds more than ${MAX_PROOF_ENTRIES} directory entries; vdboot does not prove the image's clusters its own on a volume that large. Map it through the loop path (rd.vdisk.map=loop).`, 'entries', entries);
+        }
+        const c = e.firstCluster;
+        if (c < 2) continue;
+        const dot = e.name === '.' || e.name === '..';
+        const isDir = (e.attr & ATTR_DIRECTORY) !== 0;
+        // the run holding c, if any
+        let lo = 0;
+        let hi = starts.length - 1;
+        let k = -1;
+        while (lo <= hi) {
+          const mid = (lo + hi) >>> 1;
+          if (starts[mid]! <= c) { k = mid; lo = mid + 1; } else hi = mid - 1;
+        }
+        if (k >= 0 && c < runs[k]!.end) {
+          if (!dot && !isDir && firsts.has(c) && !ownSeen.has(c)) {
+            ownSeen.add(c);
+            continue;
+          }
+          throw new FormatError(
+            `${this.volumeName}: ${runs[k]!.path}: its cluster ${c} is also the first cluster of ${d.path}/${e.name}${isDir ? ' (a directory)' : ''}: two directory entries claim the same clusters (a cross-link), ` +
+              `and mapping it would read and write that other ${isDir ? 'directory' : 'file'}'s bytes. Run fsck.vfat or chkdsk /f before booting from it.`,
+            'cluster', c,
+          );
+        }
+        if (isDir && !dot) {
+          if (dirsSeen.has(c)) throw new FormatError(`${this.volumeName}: the directory ${d.path}/${e.name} is named twice in the tree (cluster ${c}): the filesystem is damaged; run fsck.vfat or chkdsk /f`, 'cluster', c);
+          dirsSeen.add(c);
+          queue.push({ cluster: c, path: `${d.path}/${e.name}` });
+        }
+      }
     }
   }
 

@@ -94,6 +94,8 @@ export interface ManifestBuildInfo {
 export interface ManifestHostonly {
   /** The build machine's block devices and the storage modules each one's device chain had bound ("sda": ["sd_mod", "ahci"]). */
   storage: Record<string, string[]>;
+  /** The build machine's wired network interfaces and their driver modules ("eth0": ["virtio_net", "virtio_pci"]), for roots on an NBD server. */
+  network?: Record<string, string[]>;
   /** The filesystem types included (the machine's mounted ones and the --root device's). */
   filesystems: string[];
   /** The --root spec given, if any. */
@@ -103,6 +105,8 @@ export interface ManifestHostonly {
    * their modules: a device that matches one at boot is named in a warning, with the module.
    */
   leftOut: Array<[pattern: string, modules: string[]]>;
+  /** Default programs left out because this machine's root needs none (ntfs-3g, cryptsetup): named at boot when one is needed. */
+  toolsLeftOut?: string[];
 }
 
 export interface ManifestModule {

@@ -61,6 +61,8 @@ const FIXUP_STRIDE = 512;
  * volume with more files is refused rather than checked for minutes.
  */
 export const MAX_OWNERSHIP_RECORDS = 4 * 1024 * 1024;
+/** The ownership pass reads the $MFT in pieces of this size (a multiple of every record size). */
+const OWNERSHIP_CHUNK = 4 * 1024 * 1024;
 
 /** The most fragments vdboot follows in one attribute (a corrupt runlist must not exhaust memory). */
 const MAX_RUNS = 4_000_000;
@@ -416,6 +418,21 @@ export class NtfsVolume implements HostFs {
     }
     if (pos < end) throw new FormatError(`${this.volumeName}: ${what}: no cluster holds byte ${pos} (the runlist is too short): the volume is damaged; run chkdsk on Windows`, 'runlist', pos);
     return out;
+  }
+
+  /** Hints the partition's reader that the stream bytes [offset, offset+length) of `runs` are read next (prefetch). */
+  private prefetchRuns(runs: NtfsRun[], offset: number, length: number): void {
+    if (!this.partition.prefetch) return;
+    const cs = this.clusterSize;
+    const end = offset + length;
+    for (let i = findRun(runs, Math.floor(offset / cs)); i < runs.length; i++) {
+      const r = runs[i]!;
+      const rStart = r.vcn * cs;
+      if (rStart >= end) break;
+      const from = Math.max(offset, rStart);
+      const to = Math.min(end, (r.vcn + r.length) * cs);
+      if (r.lcn !== null && to > from && r.lcn + r.length <= this.totalClusters) this.partition.prefetch(r.lcn * cs + (from - rStart), to - from);
+    }
   }
 
   private readAttrValue(a: Attr | FullAttr, what: string, limit = 64 * 1024 * 1024): Uint8Array {
@@ -993,9 +1010,12 @@ export class NtfsVolume implements HostFs {
         '$MFT', records,
       );
     }
-    const perChunk = Math.max(1, Math.floor((1024 * 1024) / size));
+    // 4 MiB reads, the next one asked of the disk before this one is scanned: the read and
+    // the scan overlap where the device reader can hint (fadvise at boot)
+    const perChunk = Math.max(1, Math.floor(OWNERSHIP_CHUNK / size));
     for (let first = 0; first < records; first += perChunk) {
       const n = Math.min(perChunk, records - first);
+      if (first + n < records) this.prefetchRuns(this.mftRuns, (first + n) * size, Math.min(perChunk, records - first - n) * size);
       const chunk = this.readRuns(this.mftRuns, first * size, n * size, this.mftSize, '$MFT');
       const hit = scanMftChunk(chunk, first, size, targets);
       if (hit) throw this.conflictError(hit, names);

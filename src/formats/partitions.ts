@@ -98,6 +98,9 @@ export function sliceReader(reader: BlockReader, start: number, size: number, na
       }
       return reader.read(start + offset, length);
     },
+    prefetch(offset: number, length: number): void {
+      if (offset >= 0 && length > 0 && offset < size) reader.prefetch?.(start + offset, Math.min(length, size - offset));
+    },
   };
 }
 

@@ -16,37 +16,15 @@
  * of the FVE metadata areas (Windows' NTFS reserves them as files; a fresh mkntfs does not).
  * test/boot/bitlocker-simulation.test.ts covers that path with a stand-in for the decryption.
  */
-import * as path from 'node:path';
-import { afterAll, beforeAll, describe, it } from 'vitest';
-import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { defaultKernel, type Vm } from '../../qemu/harness.ts';
-import { hasCryptsetup, readImagesConf, unlockInInitramfs, unpackBitLockerImages, type BitLockerConf } from '../kit/bitlocker.ts';
-import { cleanupTmpDirs, makeTmpDir } from '../kit/oracle.ts';
+import { describe, it } from 'vitest';
+import { hasCryptsetup, unlockInInitramfs, useBitLockerVolumes } from '../kit/bitlocker.ts';
 
-let images: string;
-let conf: Map<string, BitLockerConf>;
-let initrd: string;
-const vms: Vm[] = [];
-
-beforeAll(() => {
-  if (!hasCryptsetup()) return;
-  const dir = makeTmpDir();
-  images = unpackBitLockerImages(dir);
-  conf = readImagesConf(images);
-  initrd = path.join(dir, 'initrd.img');
-  const r = writeInitramfs(initrd, { kernel: defaultKernel() });
-  if (!r.manifest.tools.cryptsetup) throw new Error('the initramfs has no cryptsetup');
-}, 300_000);
-
-afterAll(async () => {
-  for (const vm of vms) if (!vm.exited) await vm.kill();
-  cleanupTmpDirs();
-});
+const suite = useBitLockerVolumes();
 
 describe.skipIf(!hasCryptsetup())('end to end: BitLocker volumes unlocked in vdboot\'s initramfs', { timeout: 900_000 }, () => {
   it('the recovery password typed after a wrong key opens the host (echo off, try count), SHA-256 as images.conf; the initramfs\'s cryptsetup opens an Elephant volume by password and a To Go volume by recovery password', async () => {
     await unlockInInitramfs({
-      images, conf, initrd, vms, name: 'bitlocker-unlock', first: 'bitlk-aes-xts-128',
+      ...suite, name: 'bitlocker-unlock', first: 'bitlk-aes-xts-128',
       others: [{ name: 'bitlk-aes-cbc-elephant-128', keys: ['PW'] }, { name: 'bitlk-togo-aes-xts-128', keys: ['RP'] }],
     });
   });

@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { countingFileReader } from '../kit/format.ts';
 import { type BlockReader, FormatError } from '../../src/formats/block-reader.ts';
 import { crc32 } from '../../src/formats/crc.ts';
 import { GPT_TYPE } from '../../src/formats/guid.ts';
@@ -11,24 +12,7 @@ import { type PartitionTable, parsePartitionTable, sliceReader, writeGpt, writeM
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-'));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-/** A BlockReader over a file that counts the bytes read. */
-function fileReader(file: string): BlockReader & { bytesRead: number } {
-  const fd = fs.openSync(file, 'r');
-  const size = fs.fstatSync(fd).size;
-  const r = {
-    name: file,
-    size,
-    bytesRead: 0,
-    read(offset: number, length: number): Uint8Array {
-      if (offset < 0 || length < 0 || offset + length > size) throw new FormatError(`read past end of ${file}`);
-      const b = new Uint8Array(length);
-      fs.readSync(fd, b, 0, length, offset);
-      r.bytesRead += length;
-      return b;
-    },
-  };
-  return r;
-}
+const fileReader = countingFileReader;
 
 function disk(name: string, size: string): string {
   const f = path.join(dir, name);

@@ -3,7 +3,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { type BlockReader, bytesReader, FormatError } from '../../src/formats/block-reader.ts';
+import { countingFileReader } from '../kit/format.ts';
+import { bytesReader } from '../../src/formats/block-reader.ts';
 import { parsePartitionTable, sliceReader } from '../../src/formats/partitions.ts';
 import { blkidTags, probeFilesystem } from '../../src/formats/probe.ts';
 
@@ -12,23 +13,7 @@ afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 const UUID = '0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0';
 
-function fileReader(file: string): BlockReader & { bytesRead: number } {
-  const fd = fs.openSync(file, 'r');
-  const size = fs.fstatSync(fd).size;
-  const r = {
-    name: file,
-    size,
-    bytesRead: 0,
-    read(offset: number, length: number): Uint8Array {
-      if (offset < 0 || length < 0 || offset + length > size) throw new FormatError(`read past end of ${file}`);
-      const b = new Uint8Array(length);
-      fs.readSync(fd, b, 0, length, offset);
-      r.bytesRead += length;
-      return b;
-    },
-  };
-  return r;
-}
+const fileReader = countingFileReader;
 
 function has(tool: string): boolean {
   return spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0;

@@ -9,26 +9,14 @@ import { main, type CliIO } from '../../src/cli/main.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 import { openHostImage } from '../../src/sys/host-image.ts';
 import { be32, checkAgainstQemu, expectSameBytes, makeTmpDir, patchFile, qemuImgIn, qemuIoIn, qemuRaw, readWholeImage } from '../kit/oracle.ts';
+import { expectFormatError, openLayer } from '../kit/format.ts';
 
 let dir: string;
 beforeAll(() => { dir = makeTmpDir(); });
 afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
 
-function layerOf(file: string) {
-  const r = openFileReader(file);
-  try {
-    return qcowFormat.open(r, { path: file, openFile: (p) => openFileReader(path.join(path.dirname(file), p)) });
-  } finally {
-    r.close();
-  }
-}
+const layerOf = (file: string) => openLayer((r, ctx) => qcowFormat.open(r, ctx), file);
 
-function expectFormatError(fn: () => unknown, pattern: RegExp): void {
-  let err: unknown;
-  try { fn(); } catch (e) { err = e; }
-  expect(isFormatError(err), `expected a FormatError, got ${String(err)}`).toBe(true);
-  expect((err as Error).message).toMatch(pattern);
-}
 
 /** A source disk whose content compresses (runs and a pattern) but is not all zero. */
 function compressibleRaw(name: string, size: number): string {

@@ -5,6 +5,7 @@ import { isFormatError } from '../../src/formats/block-reader.ts';
 import { qcow2Format } from '../../src/formats/qcow2.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 import { be32, checkAgainstQemu, expectSameBytes, makeTmpDir, patchFile, qemuImgIn, qemuIoIn, qemuRaw, readWholeImage, run } from '../kit/oracle.ts';
+import { expectFormatError, openLayer } from '../kit/format.ts';
 import { realWorld } from '../kit/data.ts';
 import { openHostImage } from '../../src/sys/host-image.ts';
 
@@ -27,21 +28,8 @@ function scribble(file: string, cs: number): void {
   ]);
 }
 
-function layerOf(file: string) {
-  const r = openFileReader(file);
-  try {
-    return qcow2Format.open(r, { path: file, openFile: (p) => openFileReader(path.join(path.dirname(file), p)) });
-  } finally {
-    r.close();
-  }
-}
+const layerOf = (file: string) => openLayer((r, ctx) => qcow2Format.open(r, ctx), file);
 
-function expectFormatError(fn: () => unknown, pattern: RegExp): void {
-  let err: unknown;
-  try { fn(); } catch (e) { err = e; }
-  expect(isFormatError(err), `expected a FormatError, got ${String(err)}`).toBe(true);
-  expect((err as Error).message).toMatch(pattern);
-}
 
 describe('qcow2 reader against qemu-img', () => {
   for (const compat of ['0.10', '1.1']) {

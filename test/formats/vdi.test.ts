@@ -1,14 +1,13 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { isFormatError } from '../../src/formats/block-reader.ts';
 import { openVdi, vdiFormat } from '../../src/formats/vdi.ts';
 import { openImage } from '../../src/formats/chain.ts';
 import { readMapped } from '../../src/formats/read-map.ts';
 import { nodeChainHost } from '../../src/sys/node-reader.ts';
-import type { OpenContext } from '../../src/formats/image.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 import { checkAgainstQemu, expectSameBytes, le32, makeTmpDir, patchFile, qemuImgIn, qemuIoIn, qemuRaw } from '../kit/oracle.ts';
+import { expectFormatError, openLayer } from '../kit/format.ts';
 
 let dir: string;
 beforeAll(() => { dir = makeTmpDir(); });
@@ -16,27 +15,7 @@ afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
 
 const MiB = 1 << 20;
 
-function ctxFor(file: string, withListing = false): OpenContext {
-  const ctx: OpenContext = { path: file, openFile: (p) => openFileReader(path.join(path.dirname(file), p)) };
-  if (withListing) ctx.listDir = () => fs.readdirSync(path.dirname(file));
-  return ctx;
-}
-
-function layerOf(file: string, withListing = false) {
-  const r = openFileReader(file);
-  try {
-    return openVdi(r, ctxFor(file, withListing));
-  } finally {
-    r.close();
-  }
-}
-
-function expectFormatError(fn: () => unknown, pattern: RegExp): void {
-  let err: unknown;
-  try { fn(); } catch (e) { err = e; }
-  expect(isFormatError(err), `expected a FormatError, got ${String(err)}`).toBe(true);
-  expect((err as Error).message).toMatch(pattern);
-}
+const layerOf = (file: string, withListing = false) => openLayer(openVdi, file, { listing: withListing });
 
 function le32At(file: string, offset: number): number {
   const r = openFileReader(file);

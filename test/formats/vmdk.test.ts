@@ -5,6 +5,7 @@ import { isFormatError } from '../../src/formats/block-reader.ts';
 import { openVmdk, vmdkFormat } from '../../src/formats/vmdk.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 import { checkAgainstQemu, expectSameBytes, le32, makeTmpDir, patchFile, qemuImgIn, qemuIoIn, qemuRaw, readWholeImage } from '../kit/oracle.ts';
+import { expectFormatError, openLayer } from '../kit/format.ts';
 import { realWorld } from '../kit/data.ts';
 import { openHostImage } from '../../src/sys/host-image.ts';
 
@@ -14,21 +15,8 @@ afterAll(() => { fs.rmSync(dir, { recursive: true, force: true }); });
 
 const MiB = 1 << 20;
 
-function layerOf(file: string) {
-  const r = openFileReader(file);
-  try {
-    return openVmdk(r, { path: file, openFile: (p) => openFileReader(path.resolve(path.dirname(file), p)) });
-  } finally {
-    r.close();
-  }
-}
+const layerOf = (file: string) => openLayer(openVmdk, file);
 
-function expectFormatError(fn: () => unknown, pattern: RegExp): void {
-  let err: unknown;
-  try { fn(); } catch (e) { err = e; }
-  expect(isFormatError(err), `expected a FormatError, got ${String(err)}`).toBe(true);
-  expect((err as Error).message).toMatch(pattern);
-}
 
 /** Patterns, zero writes and discards across 64 KiB grain and 32 MiB grain-table boundaries. */
 const WRITES = [

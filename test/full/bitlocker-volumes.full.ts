@@ -7,37 +7,16 @@
  * volume ("partially decrypted"), and the password of the unicode volume (non-ASCII: no key
  * available; its recovery password is tested).
  */
-import * as path from 'node:path';
-import { afterAll, beforeAll, describe, it } from 'vitest';
-import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { defaultKernel, type Vm } from '../../qemu/harness.ts';
-import { hasCryptsetup, readImagesConf, unlockInInitramfs, unpackBitLockerImages, type BitLockerConf } from '../kit/bitlocker.ts';
-import { cleanupTmpDirs, makeTmpDir } from '../kit/oracle.ts';
+import { describe, it } from 'vitest';
+import { hasCryptsetup, unlockInInitramfs, useBitLockerVolumes } from '../kit/bitlocker.ts';
 
-let images: string;
-let conf: Map<string, BitLockerConf>;
-let initrd: string;
-const vms: Vm[] = [];
-
-beforeAll(() => {
-  if (!hasCryptsetup()) return;
-  const dir = makeTmpDir();
-  images = unpackBitLockerImages(dir);
-  conf = readImagesConf(images);
-  initrd = path.join(dir, 'initrd.img');
-  writeInitramfs(initrd, { kernel: defaultKernel() });
-}, 300_000);
-
-afterAll(async () => {
-  for (const vm of vms) if (!vm.exited) await vm.kill();
-  cleanupTmpDirs();
-});
+const suite = useBitLockerVolumes();
 
 describe.skipIf(!hasCryptsetup())('full: every Windows-made BitLocker volume unlocked in vdboot\'s initramfs', { timeout: 3_600_000 }, () => {
   it('password and recovery password of each, SHA-256 as images.conf', async () => {
     const both = ['PW', 'RP'] as ('PW' | 'RP')[];
     await unlockInInitramfs({
-      images, conf, initrd, vms, name: 'bitlocker-volumes', first: 'bitlk-aes-xts-128',
+      ...suite, name: 'bitlocker-volumes', first: 'bitlk-aes-xts-128',
       others: [
         ...['bitlk-aes-cbc-128', 'bitlk-aes-cbc-256', 'bitlk-aes-cbc-elephant-128', 'bitlk-aes-cbc-elephant-256', 'bitlk-aes-xts-256',
           'bitlk-aes-cbc-128-4k', 'bitlk-aes-xts-128-4k', 'bitlk-togo-aes-cbc-128', 'bitlk-togo-aes-xts-128', 'bitlk-aes-xts-128-new-entry',

@@ -101,4 +101,57 @@ describe('NTFS ownership scan', () => {
   it('two target files sharing a cluster conflict before any record is read', () => {
     expect(makeClusterTargets([{ lcn: 10, length: 5, record: 40 }, { lcn: 14, length: 5, record: 41 }])).toMatchObject({ kind: 'claimed', lcn: 14 });
   });
+
+  it('a run whose bytes cross a sector end is read with that sector\'s fixup applied', () => {
+    // 60 runs of 9 bytes: the runlist crosses byte 510, where the record holds its update sequence number
+    const runs: [number, number][] = Array.from({ length: 60 }, (_, k) => [20000 + k * 10, 5]);
+    // run 43's header is at byte 507: its 4-byte length is at 508..511, across the sector end
+    // at 510, whose bytes on disk hold the update sequence number (7) instead of the length's
+    runs[43] = [900, 3];
+    const r = record({ attrs: [{ type: 0x80, runs }] });
+    expect(scanMftChunk(chunk(r), 7, RECORD, targets)).toBeNull(); // 900..902: not the image's
+    expect(scanMftChunk(unaligned(chunk(r)), 7, RECORD, targets)).toBeNull();
+    runs[43] = [1095, 3];
+    const hit = record({ attrs: [{ type: 0x80, runs }] });
+    expect(scanMftChunk(chunk(hit), 7, RECORD, targets)).toMatchObject({ kind: 'claimed', owner: 7, lcn: 1095 });
+    // the same record scanned from an unaligned buffer goes through the byte-by-byte reader
+    expect(scanMftChunk(unaligned(chunk(hit)), 7, RECORD, targets)).toMatchObject({ kind: 'claimed', owner: 7, lcn: 1095 });
+  });
+
+  it('the word-reading scan and the byte-by-byte reader agree on 3,000 seeded mutations of a chunk', () => {
+    const long: [number, number][] = Array.from({ length: 60 }, (_, k) => [20000 + k * 7, 3]);
+    const base = chunk(
+      record({ attrs: [{ type: 0x80, runs: [[10, 4]] }] }),
+      free,
+      record({ attrs: [{ type: 0x80, runs: [[1000, 100]] }] }),
+      record({ base: 2, attrs: [{ type: 0x80, runs: [[5000, 10]] }] }),
+      record({ attrs: [{ type: 0xa0, name: '$I30', runs: [[3000, 2], [800, 1]] }, { type: 0x80, runs: [[1100, 50], [4990, 10]] }] }),
+      record({ attrs: [{ type: 0x80, runs: long }] }),
+    );
+    const own = makeClusterTargets([{ lcn: 1000, length: 100, record: 2 }, { lcn: 5000, length: 10, record: 2 }]) as ClusterTargets;
+    let x = 12345;
+    const rnd = (n: number) => ((x = (Math.imul(x, 1103515245) + 12345) >>> 0) % n);
+    let conflicts = 0;
+    for (let i = 0; i < 3000; i++) {
+      const m = base.slice();
+      for (let k = 1 + rnd(4); k > 0; k--) {
+        const rec = rnd(6) * RECORD;
+        m[rec + rnd(RECORD)] = rnd(4) === 0 ? 0xff : rnd(256);
+      }
+      const fast = scanMftChunk(m.slice(), 0, RECORD, own);
+      const slow = scanMftChunk(unaligned(m), 0, RECORD, own);
+      expect(fast, `mutation ${i}`).toEqual(slow);
+      if (fast) conflicts++;
+    }
+    // the mutations reach both outcomes
+    expect(conflicts).toBeGreaterThan(100);
+    expect(conflicts).toBeLessThan(2900);
+  });
 });
+
+/** A copy of `b` at an odd byte offset of its buffer: scanMftChunk then reads it byte by byte. */
+function unaligned(b: Uint8Array): Uint8Array {
+  const buf = new Uint8Array(b.length + 1);
+  buf.set(b, 1);
+  return buf.subarray(1);
+}

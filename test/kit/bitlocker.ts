@@ -10,9 +10,11 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { expect } from 'vitest';
-import { bootVm, type Vm } from '../../qemu/harness.ts';
+import { afterAll, beforeAll, expect } from 'vitest';
+import { writeInitramfs } from '../../mkinitramfs/build.ts';
+import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { BITLOCKER_DIR } from './data.ts';
+import { cleanupTmpDirs, makeTmpDir } from './oracle.ts';
 
 export function unpackBitLockerImages(dir: string): string {
   const out = path.join(dir, 'bitlk-images');
@@ -134,4 +136,36 @@ export async function unlockInInitramfs(opts: { images: string; conf: Map<string
   }
   vm.send('poweroff -f\n');
   await vm.waitExit(120_000);
+}
+
+/** What a test file that boots the BitLocker volumes shares: the unpacked volumes, images.conf, an initramfs with cryptsetup, its VMs. */
+export interface BitLockerSuite {
+  images: string;
+  conf: Map<string, BitLockerConf>;
+  initrd: string;
+  vms: Vm[];
+}
+
+/**
+ * Registers the file's beforeAll (the volumes unpacked, the default kernel's initramfs
+ * built, with cryptsetup) and afterAll (VMs killed, temporary folders removed); the fields
+ * are filled when the tests run. Nothing is done without cryptsetup on this machine (the
+ * tests skip themselves then).
+ */
+export function useBitLockerVolumes(): BitLockerSuite {
+  const suite: BitLockerSuite = { images: '', conf: new Map(), initrd: '', vms: [] };
+  beforeAll(() => {
+    if (!hasCryptsetup()) return;
+    const dir = makeTmpDir();
+    suite.images = unpackBitLockerImages(dir);
+    suite.conf = readImagesConf(suite.images);
+    suite.initrd = path.join(dir, 'initrd.img');
+    const r = writeInitramfs(suite.initrd, { kernel: defaultKernel() });
+    if (!r.manifest.tools.cryptsetup) throw new Error('the initramfs has no cryptsetup');
+  }, 300_000);
+  afterAll(async () => {
+    for (const vm of suite.vms) if (!vm.exited) await vm.kill();
+    cleanupTmpDirs();
+  });
+  return suite;
 }

@@ -196,7 +196,7 @@ describe('vdboot mkdisk', () => {
   });
 
   it('usage errors name the option', async () => {
-    expect((await vdboot('mkdisk', tree, '-o', path.join(dir, 'x.img'), '--fs', 'xfs')).err).toMatch(/--fs xfs/);
+    expect((await vdboot('mkdisk', tree, '-o', path.join(dir, 'x.img'), '--fs', 'zfs')).err).toMatch(/--fs zfs: vdboot mkdisk makes ext4, ext3, ext2, xfs, btrfs/);
     expect((await vdboot('mkdisk', tree)).err).toMatch(/-o OUT/);
     expect((await vdboot('mkdisk', tree, '-o', path.join(dir, 'x.img'), '--label', 'a label longer than 16')).err).toMatch(/16 bytes/);
     expect(() => parseSize('12Q')).toThrow(/--size 12Q/);

@@ -6,8 +6,8 @@
  */
 import { writeFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { buildInitramfs } from '../../mkinitramfs/build.ts';
-import { filesystemModules, hostFilesystems, hostStorageModules, rootFilesystem, rootSpecFilesystems } from '../../mkinitramfs/hostonly.ts';
+import { buildInitramfs, defaultTools } from '../../mkinitramfs/build.ts';
+import { filesystemModules, hostDeviceMapper, hostFilesystems, hostKeyboardModules, hostNetworkModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from '../../mkinitramfs/hostonly.ts';
 import { loadModuleIndex } from '../../mkinitramfs/kmod.ts';
 import { ConsoleLog } from '../../src/boot/console.ts';
 import { ModuleLoader } from '../../src/boot/modules.ts';
@@ -27,6 +27,13 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
     expect(Object.keys(storage.devices).sort()).toEqual(['sda', 'vda']);
   });
 
+  it('wired network cards give their driver chain; Wi-Fi and the loopback interface are skipped', () => {
+    const index = loadModuleIndex(`/lib/modules/${release}`);
+    const network = hostNetworkModules(index, recordedSysfs());
+    expect(Object.keys(network.devices)).toEqual(['eth0']);
+    expect(network.devices.eth0).toEqual(index.files.has('virtio_pci') ? ['virtio_net', 'virtio_pci'] : ['virtio_net']);
+  });
+
   it('filesystems come from the mounted disks (fuseblk is ntfs) and the --root device', () => {
     expect(hostFilesystems(recordedMounts())).toEqual(['ext4', 'ntfs']);
     expect(rootFilesystem(recordedMounts())).toBe('ext4');
@@ -43,11 +50,62 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
     if (!index.files.has('ntfs3')) expect(fsMods.unknown).toEqual(['ntfs']); // 6.1: ntfs-3g alone writes NTFS
   });
 
+  it('keyboards: the drivers along each input device that has an Enter key; device-mapper devices by kind', () => {
+    const index = loadModuleIndex(`/lib/modules/${release}`);
+    const kbd = hostKeyboardModules(index, recordedSysfs());
+    expect(kbd).toEqual(expect.arrayContaining(['hid_generic', 'usbhid', 'xhci_pci']));
+    // the power button (keys, but no Enter) brings nothing; no storage or filesystem module comes in
+    for (const m of kbd) expect(['hid_generic', 'usbhid', 'xhci_pci', 'xhci_hcd', 'usbcore', 'hid', 'usb_common']).toContain(m);
+    expect([...hostDeviceMapper(recordedSysfs())]).toEqual([]);
+    expect([...hostDeviceMapper(recordedSysfs({ dmUuids: ['CRYPT-LUKS2-0f3c-luks-0f3c', 'LVM-abcdef', 'VDBOOT-vdisk0'] }))].sort()).toEqual(['crypt', 'lvm', 'vdboot']);
+  });
+
+  it('a plain root (ext4 on a disk, nothing mapped, no NTFS): no image data paths, no ntfs-3g, no cryptsetup; the boot names them when an image needs them', () => {
+    const plain = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts({ plain: true }) } });
+    const mods = Object.keys(plain.manifest.modules);
+    for (const m of ['virtio_blk', 'ext4', 'usbhid', 'hid_generic', 'xhci_pci']) expect(mods, m).toContain(m);
+    for (const m of ['dm_mod', 'dm_snapshot', 'loop', 'nbd', 'fuse', 'dm_crypt', 'ntfs3']) expect(mods, m).not.toContain(m);
+    const has = defaultTools(loadModuleIndex(`/lib/modules/${release}`)).tools;
+    const dropped = (['cryptsetup', 'ntfs-3g'] as const).filter((t) => t in has);
+    expect(plain.tools.filter((t) => t === 'cryptsetup' || t === 'ntfs-3g')).toEqual([]);
+    expect(plain.manifest.build.hostonly!.toolsLeftOut ?? []).toEqual(dropped);
+    expect(plain.notes.join('\n')).toMatch(/--hostonly: .*the root is not an image file: loop, nbd and the image device-mapper targets left out/);
+    // asked for: kept
+    const asked = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', tools: dropped.includes('cryptsetup') ? ['cryptsetup'] : [], hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts({ plain: true }) } });
+    if (dropped.includes('cryptsetup')) expect(asked.tools).toContain('cryptsetup');
+    // an encrypted disk here keeps cryptsetup and device-mapper
+    const crypt = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', hostonly: { sysfs: recordedSysfs({ dmUuids: ['CRYPT-LUKS2-0f3c-luks-0f3c'] }), mounts: recordedMounts({ plain: true }) } });
+    if ('cryptsetup' in has) expect(crypt.tools).toContain('cryptsetup');
+    expect(Object.keys(crypt.manifest.modules)).toContain('dm_mod');
+    // --root vdisk: keeps the image data paths
+    const image = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts({ plain: true }), root: 'vdisk:LABEL=Data:/a.vhdx', typeOf: () => 'ext4' } });
+    for (const m of ['dm_mod', 'dm_snapshot', 'loop']) expect(Object.keys(image.manifest.modules), m).toContain(m);
+
+    // the plain image booted for an image file: the init stops and says what to build
+    const k = new FakeKernel({ cmdline: '', disks: [], initramfs: { 'etc/vdboot/manifest.json': JSON.stringify(plain.manifest) } });
+    const loader = new ModuleLoader(k, plain.manifest, new ConsoleLog(k));
+    expect(loader.hostonlyMissing(['dm_mod', 'dm_zero', 'loop'], 'Mapping /a.vhdx')).toMatch(/^Mapping \/a\.vhdx needs the kernel modules dm_mod, dm_zero, loop, which this initramfs does not have: it was built with --hostonly for a machine whose root is not an image file\. Build it again with --hostonly --root set to this boot's root/);
+    expect(new ModuleLoader(k, image.manifest, new ConsoleLog(k)).hostonlyMissing(['dm_mod', 'loop'], 'x')).toBeUndefined();
+    const universal = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', omitModules: ['loop'] });
+    expect(new ModuleLoader(k, universal.manifest, new ConsoleLog(k)).hostonlyMissing(['loop'], 'x')).toBeUndefined();
+    console.log(`--hostonly plain root: ${plain.modules} modules, ${(plain.cpio.length / 1048576).toFixed(2)} MiB unpacked; image root: ${image.modules} modules, ${(image.cpio.length / 1048576).toFixed(2)} MiB`);
+  });
+
   it('the image holds those drivers and filesystems, not the universal set; the manifest records it and what was left out', () => {
     const r = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts(), root: 'UUID=5b1c3f0e', typeOf: () => 'xfs' } });
     const mods = Object.keys(r.manifest.modules);
-    for (const m of ['ahci', 'sd_mod', 'virtio_blk', 'libata', 'ext4', 'xfs', 'dm_mod', 'dm_snapshot', 'loop', 'fuse', 'usbhid']) expect(mods, m).toContain(m);
-    for (const m of ['nvme', 'usb_storage', 'uas', 'xhci_pci', 'btrfs', 'mmc_block', 'ata_piix', 'isofs', 'squashfs']) expect(mods, m).not.toContain(m);
+    for (const m of ['ahci', 'sd_mod', 'virtio_blk', 'libata', 'ext4', 'xfs', 'dm_mod', 'dm_snapshot', 'loop', 'usbhid', 'xhci_pci']) expect(mods, m).toContain(m);
+    for (const m of ['nvme', 'usb_storage', 'uas', 'btrfs', 'mmc_block', 'ata_piix', 'isofs', 'squashfs']) expect(mods, m).not.toContain(m);
+    // the root is not on an NBD server: no network card drivers
+    for (const m of ['virtio_net', 'e1000', 'e1000e', 'igb', 'igc', 'r8169', 'ixgbe', 'tg3']) expect(mods, m).not.toContain(m);
+    expect(r.manifest.build.hostonly!.network).toBeUndefined();
+    // a root on an NBD server: the machine's wired card, and no other network driver of the universal set
+    const net = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts({ plain: true }), root: 'vdisk:nbd://10.0.2.2:10809/fleet.vhdx' } });
+    const netMods = Object.keys(net.manifest.modules);
+    for (const m of ['virtio_net', 'nbd', 'dm_mod', 'dm_snapshot']) expect(netMods, m).toContain(m);
+    for (const m of ['e1000', 'e1000e', 'igb', 'igc', 'r8169', 'ixgbe', 'tg3']) expect(netMods, m).not.toContain(m);
+    expect(net.manifest.build.hostonly!.network).toEqual({ eth0: expect.arrayContaining(['virtio_net']) });
+    expect(net.notes.join('\n')).toMatch(/network cards: eth0 \(virtio_net/);
     const universal = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none' });
     expect(r.cpio.length).toBeLessThan(universal.cpio.length);
     expect(r.modules).toBeLessThan(universal.modules * 0.6);
@@ -61,7 +119,7 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
     expect(leftOut.get('pci:v*d*sv*sd*bc01sc08i02*')).toEqual(['nvme']);
     expect([...leftOut.values()].flat()).not.toContain('ahci');
     expect(validateManifest(r.manifest)).toEqual([]);
-    expect(r.notes.join('\n')).toMatch(/--hostonly: storage drivers of this machine: sda \(sd_mod, ahci\); vda \(virtio_blk/);
+    expect(r.notes.join('\n')).toMatch(/--hostonly: storage drivers of this machine: sda \(sd_mod, ahci\); vda \(virtio_blk.*; filesystems: /);
     console.log(`--hostonly: ${r.modules} modules, ${(r.cpio.length / 1048576).toFixed(2)} MiB unpacked (universal: ${universal.modules}, ${(universal.cpio.length / 1048576).toFixed(2)} MiB); leftOut table ${h.leftOut.length} patterns, ${JSON.stringify(h.leftOut).length} bytes of JSON`);
 
     // booted on a machine whose disk sits behind an NVMe controller: the init names the driver

@@ -11,6 +11,7 @@ import * as path from 'node:path';
 import { diskFileDevices } from '../../src/cli/plan.ts';
 import type { HostDevice } from '../../src/boot/hostdev.ts';
 import type { DmDevicePlan } from '../../src/boot/vdisk.ts';
+import { pseudoRandom } from '../hostfs/helpers.ts';
 
 export const GUEST_LABEL = 'guestroot';
 export const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
@@ -24,16 +25,8 @@ export function sh(cmd: string, args: string[], input?: string): string {
   return execFileSync(cmd, args, { input, encoding: 'utf8', stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, LC_ALL: 'C.UTF-8' } });
 }
 
-/** Deterministic pseudo-random bytes, so a wrong offset never reads the right bytes. */
-export function pseudoRandom(n: number, seed: number): Buffer {
-  const b = Buffer.alloc(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
+/** Deterministic pseudo-random bytes (one generator for every test's data). */
+export { pseudoRandom };
 
 /** An ext4 filesystem image of `sizeMiB` holding /sbin/init and a random blob. */
 export function makeGuestFs(dir: string, name: string, sizeMiB: number, label = GUEST_LABEL): string {
