@@ -28,9 +28,8 @@ const sha256 = (f: string): string => createHash('sha256').update(readFileSync(f
 beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'vdboot-e2e-nbd-'));
   initrd = join(dir, 'initrd.img');
-  // virtio_net for QEMU's network card (nbd is in the default set); the server's log stays
-  // out of the connection (QEMU gives the command the socket as stdout and stderr)
-  writeInitramfs(initrd, { kernel: defaultKernel(), addModules: ['virtio_net'], without: ['ntfs-3g'] });
+  // the default image: nbd and the network cards' drivers (virtio_net) are in the universal set
+  writeInitramfs(initrd, { kernel: defaultKernel(), without: ['ntfs-3g'] });
   const { raw } = makeGuestDisk(dir, {
     commands: [
       'id=$(sed -n "s/.*vdtest.id=\\([A-Za-z0-9]*\\).*/\\1/p" /proc/cmdline)',
@@ -53,7 +52,10 @@ afterAll(async () => {
   if (dir && !process.env.VDBOOT_KEEP) rmSync(dir, { recursive: true, force: true });
 });
 
-/** QEMU's user network with only the NBD server reachable, at 10.0.2.100:10809. */
+/**
+ * QEMU's user network with only the NBD server reachable, at 10.0.2.100:10809. The server's
+ * log stays out of the connection (QEMU gives the command the socket as stdout and stderr).
+ */
 function nbdNet(folder: string): string[] {
   const cmd = `nbdkit -s --log=null file dir=${folder}`.replace(/,/g, ',,');
   return ['-netdev', `user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:10809-cmd:${cmd}`, '-device', 'virtio-net-pci,netdev=n0'];

@@ -25,7 +25,7 @@ const vms: Vm[] = [];
 beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'vdboot-full-nbd-'));
   initrd = join(dir, 'initrd.img');
-  writeInitramfs(initrd, { kernel: defaultKernel(), addModules: ['virtio_net'], without: ['ntfs-3g'] });
+  writeInitramfs(initrd, { kernel: defaultKernel(), without: ['ntfs-3g'] });
   ({ raw } = makeGuestDisk(dir, {
     commands: [
       'n=$(cat /root/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /root/count; sync',
