@@ -614,6 +614,9 @@ function writeState(sys: Sys, state: VdiskState): void {
   } catch { /* the shutdown hand-off then finds devices by their dm uuid prefix */ }
 }
 
+/** The snapshot's chunk over a network image, in 512-byte sectors (64 KiB). */
+const NBD_SNAPSHOT_CHUNK_SECTORS = 128;
+
 /**
  * Plans an image that is an export of an NBD server: the network is up already (init.ts);
  * the nbd module is loaded, the export opened and its tables read over the network. The
@@ -649,6 +652,10 @@ function planNbd(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nb
     }
     throw e;
   }
+  // dm-snapshot splits every read at its chunk size: 4 KiB chunks turn a 1 MiB read of the
+  // image into 256 round trips to the server. Network images take 64 KiB chunks (a first
+  // write to a chunk copies 64 KiB from the server into RAM).
+  for (const d of vp.devices) for (const t of d.targets) if (t.type === 'snapshot') t.params = t.params.replace(/ N 8$/, ` N ${NBD_SNAPSHOT_CHUNK_SECTORS}`);
   for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
   for (const w of vp.warnings) log.warn(w);
   if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
