@@ -1122,6 +1122,64 @@ static JSValue sys_uevent_socket(JSContext *ctx, JSValueConst this_val, int argc
     return JS_NewInt32(ctx, fd);
 }
 
+/* socket(domain, type, protocol): close-on-exec is added. A TCP socket for a network
+ * root's server (AF_INET/AF_INET6), a netlink socket for the kernel's nbd and routing
+ * families (AF_NETLINK with NETLINK_GENERIC or NETLINK_ROUTE). */
+static JSValue sys_socket(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int domain, type, protocol;
+    if (get_int(ctx, argc, argv, 0, "socket", &domain) || get_int(ctx, argc, argv, 1, "socket", &type) ||
+        get_int(ctx, argc, argv, 2, "socket", &protocol))
+        return JS_EXCEPTION;
+    int fd = socket(domain, type | SOCK_CLOEXEC, protocol);
+    if (fd < 0)
+        return throw_errno(ctx, "socket domain %d type %d", domain, type);
+    return JS_NewInt32(ctx, fd);
+}
+
+/* connect(fd, sockaddr bytes, timeoutMs): the socket is made non-blocking for the
+ * connect, waited for at most timeoutMs (ETIMEDOUT after), and left as it was. */
+static JSValue sys_connect(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int fd, timeout;
+    uint8_t *addr;
+    size_t len;
+    if (get_int(ctx, argc, argv, 0, "connect", &fd) || get_bytes(ctx, argc, argv, 1, "connect", &addr, &len) ||
+        get_int(ctx, argc, argv, 2, "connect", &timeout))
+        return JS_EXCEPTION;
+    if (len < sizeof(sa_family_t) || len > sizeof(struct sockaddr_storage))
+        return JS_ThrowRangeError(ctx, "connect: the address is %zu bytes long", len);
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return throw_errno(ctx, "connect fd %d", fd);
+    int r = connect(fd, (struct sockaddr *)addr, (socklen_t)len);
+    if (r < 0 && errno == EINPROGRESS) {
+        struct pollfd p = { .fd = fd, .events = POLLOUT };
+        int n;
+        do
+            n = poll(&p, 1, timeout);
+        while (n < 0 && errno == EINTR);
+        if (n == 0) {
+            errno = ETIMEDOUT;
+            r = -1;
+        } else if (n > 0) {
+            int err = 0;
+            socklen_t el = sizeof(err);
+            if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0)
+                err = errno;
+            errno = err;
+            r = err ? -1 : 0;
+        } else
+            r = -1;
+    }
+    int saved = errno;
+    fcntl(fd, F_SETFL, flags);
+    errno = saved;
+    if (r < 0)
+        return throw_errno(ctx, "connect fd %d", fd);
+    return JS_UNDEFINED;
+}
+
 /* poll([{fd, events}], timeoutMs) → revents per entry. Interrupted by a signal: all 0. */
 static JSValue sys_poll(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
 {
@@ -1329,6 +1387,8 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_DEF("umask", 1, sys_umask),
     JS_CFUNC_DEF("nice", 1, sys_nice),
     JS_CFUNC_DEF("ueventSocket", 0, sys_uevent_socket),
+    JS_CFUNC_DEF("socket", 3, sys_socket),
+    JS_CFUNC_DEF("connect", 3, sys_connect),
     JS_CFUNC_DEF("poll", 2, sys_poll),
     JS_CFUNC_MAGIC_DEF("monotonicMs", 0, sys_clock, 0),
     JS_CFUNC_MAGIC_DEF("uptimeSec", 0, sys_clock, 1),

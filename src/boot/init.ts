@@ -29,6 +29,8 @@ import { findStackedRoot, StorageStack } from './stack.ts';
 import { unpackTmpfsRoot } from './tmpfs-root.ts';
 import { recordDmDevicesForUdev } from './udev-db.ts';
 import { installShutdown, takeDownInPlace } from './shutdown.ts';
+import { bringUpNetwork } from './net-up.ts';
+import { formatNbdUrl } from '../formats/nbd.ts';
 
 export const NEW_ROOT = '/root';
 
@@ -70,7 +72,7 @@ function describeRoot(plan: BootPlan): string {
   const r = plan.root;
   switch (r.kind) {
     case 'block': return formatDeviceSpec(r.device);
-    case 'vdisk': return `vdisk:${r.host ? `${formatDeviceSpec(r.host)}:` : ''}${r.path}`;
+    case 'vdisk': return r.nbd ? `vdisk:${formatNbdUrl(r.nbd)}` : `vdisk:${r.host ? `${formatDeviceSpec(r.host)}:` : ''}${r.path}`;
     case 'tmpfs': return `tmpfs:${formatDeviceSpec(r.host)}:${r.path}`;
   }
 }
@@ -132,6 +134,10 @@ function mountRoot(ctx: InitContext): { init: string } {
   const { sys, log, plan } = ctx;
   if (plan.breakAt.includes('pre-mount')) breakShell(sys, log, 'pre-mount');
   const root = plan.root;
+  if (plan.net.need) {
+    const why = root.kind === 'vdisk' && root.nbd ? `root=${describeRoot(plan)}` : plan.vdisk.attach.some((a) => a.nbd) ? 'rd.vdisk.attach=nbd://…' : 'rd.neednet=1';
+    log.timed('network', () => bringUpNetwork(ctx, plan.net, why));
+  }
   if (root.kind === 'tmpfs') {
     if (plan.vdisk.attach.length) log.timed('images', () => setupVdisks(ctx));
     log.timed('tmpfs-root', () => unpackTmpfsRoot(ctx, root, NEW_ROOT));

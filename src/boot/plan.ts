@@ -5,12 +5,14 @@
 import { Cmdline } from './cmdline.ts';
 import { type DeviceSpec, parseDeviceSpec } from './devspec.ts';
 import { planStack, type StackOptions } from './stack-plan.ts';
+import { planNet, type NetOptions } from './net-cmdline.ts';
+import { parseNbdUrl, type NbdUrl } from '../formats/nbd.ts';
 
 export type RootSource =
   /** root on a block device: root=/dev/…, UUID=, LABEL=, PARTUUID=, PARTLABEL= */
   | { kind: 'block'; device: DeviceSpec }
   /** root=vdisk:[HOST:]PATH — an image file on a host filesystem (HOST undefined: search every partition) */
-  | { kind: 'vdisk'; host?: DeviceSpec; path: string }
+  | { kind: 'vdisk'; host?: DeviceSpec; path: string; nbd?: NbdUrl }
   /** root=tmpfs:HOST:PATH (or root=tmpfs:HOST rd.tmpfs.imgfile=PATH) — an archive unpacked into a tmpfs root; size: rd.tmpfs.size= as written */
   | { kind: 'tmpfs'; host: DeviceSpec; path: string; size?: string };
 
@@ -36,6 +38,8 @@ export type VdiskMapPath = 'auto' | 'direct' | 'loop' | 'nbd';
 export interface VdiskAttach {
   host?: DeviceSpec;
   path: string;
+  /** rd.vdisk.attach=nbd://SERVER[:PORT]/EXPORT: the image is an export of an NBD server */
+  nbd?: NbdUrl;
   /** the option that asked for it, for messages */
   from: string;
 }
@@ -75,6 +79,8 @@ export interface VdiskOptions {
   bitlockerKey?: BitLockerKeyOption;
   /** the compatibility syntax the vdisk root came from (rd.hostdev, loop=), for the console */
   compat?: string;
+  /** rd.vdisk.overlay.size=: the most RAM a snapshot's writes may take (a tmpfs size: 2G, 50%) */
+  overlaySize?: string;
 }
 
 export interface BootPlan {
@@ -106,6 +112,8 @@ export interface BootPlan {
   kexec: KexecSetting;
   /** rd.luks.*, rd.lvm.*, resume=: the layers between a partition and the root filesystem */
   stack: StackOptions;
+  /** ip=, ifname=, rd.neednet: the network, for an NBD image or when asked */
+  net: NetOptions;
   /** things the person at the console should know: unknown or malformed keys */
   warnings: string[];
 }
@@ -142,7 +150,7 @@ export class PlanError extends Error {
 const OWN_NAMESPACES = ['rd.vdboot.', 'rd.vdisk.', 'rd.tmpfs.', 'rd.break', 'rd.shell', 'rd.timeout', 'rd.luks', 'rd.lvm'];
 
 /** dracut options that vdboot does not implement: a warning says they are ignored. */
-const FOREIGN_RD = /^rd\.(md|dm|iscsi|neednet|nfs|retry|live|multipath|zfcp|znet|cio_accept|driver|fstab|auto|hostonly|info|udev|memdebug|emergency|cmdline|plymouth|split_lock|kiwi)/;
+const FOREIGN_RD = /^rd\.(md|dm|iscsi|nfs|retry|live|multipath|zfcp|znet|cio_accept|driver|fstab|auto|hostonly|info|udev|memdebug|emergency|cmdline|plymouth|split_lock|kiwi)/;
 
 export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): BootPlan {
   const cmd = new Cmdline(cmdlineText);
@@ -161,6 +169,16 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   if (root.kind === 'tmpfs' && tmpfsSize) root.size = tmpfsSize;
   // A tmpfs root only reads the images it attaches (the archive's host is never written).
   if (root.kind === 'tmpfs' && cmd.get('rd.vdisk.mode') === undefined) vdisk.mode = 'ro';
+  // A network image is shared by many clients: each one's writes stay in its own RAM overlay.
+  const nbdImages = (root.kind === 'vdisk' && root.nbd ? 1 : 0) + vdisk.attach.filter((a) => a.nbd).length;
+  if (nbdImages && cmd.get('rd.vdisk.mode') === undefined) vdisk.mode = 'snapshot';
+  const net = planNet({ ip: cmd.all('ip'), ifname: cmd.all('ifname'), neednet: cmd.get('rd.neednet') }, warnings);
+  if (nbdImages) net.need = true;
+  const overlaySize = cmd.get('rd.vdisk.overlay.size');
+  if (overlaySize !== undefined) {
+    if (/^\d+[kKmMgG%]?$/.test(overlaySize)) vdisk.overlaySize = overlaySize;
+    else warnings.push(`rd.vdisk.overlay.size=${overlaySize} is not a size (e.g. 2G, 512M or 25%); the overlay is limited by /run only`);
+  }
 
   const seconds = (key: string, fallback: number): number => {
     const v = cmd.get(key);
@@ -217,6 +235,7 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     debug: cmd.has('rd.vdboot.debug') || cmd.has('rd.debug'),
     kexec: planKexec(cmd, warnings),
     stack: planStack(cmd, warnings),
+    net,
     warnings,
   };
 
@@ -231,7 +250,7 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   // Keys vdboot reads later (tmpfs options) are consumed here so they draw no warning.
   for (const key of ['rd.tmpfs.size', 'rd.tmpfs.imgfile']) cmd.all(key);
   for (const p of cmd.unused(OWN_NAMESPACES)) {
-    warnings.push(`unknown option ${p.key}${p.value === undefined ? '' : `=${p.value}`} is ignored (vdboot knows: rd.break, rd.shell, rd.timeout, rd.vdboot.debug, rd.vdboot.kexec, rd.vdisk.*, rd.tmpfs.*, rd.luks, rd.luks.uuid/.name/.key/.options, rd.lvm, rd.lvm.vg/.lv)`);
+    warnings.push(`unknown option ${p.key}${p.value === undefined ? '' : `=${p.value}`} is ignored (vdboot knows: rd.break, rd.shell, rd.timeout, rd.neednet, rd.vdboot.debug, rd.vdboot.kexec, rd.vdisk.*, rd.tmpfs.*, rd.luks, rd.luks.uuid/.name/.key/.options, rd.lvm, rd.lvm.vg/.lv)`);
   }
   for (const p of cmd.params) {
     if (FOREIGN_RD.test(p.key)) warnings.push(`${p.key} is a dracut option vdboot does not implement; it is ignored`);
@@ -254,6 +273,11 @@ function planKexec(cmd: Cmdline, warnings: string[]): KexecSetting {
 
 /** root= forms: a device spec, vdisk:[HOST:]PATH, tmpfs:HOST:PATH. */
 function parseRoot(text: string, tmpfsImgfile?: string): RootSource {
+  if (text.startsWith('vdisk:nbd:')) {
+    const url = parseNbdUrl(text.slice('vdisk:'.length));
+    if (typeof url === 'string') throw new PlanError(`root=${text}: ${url}`);
+    return { kind: 'vdisk', path: `/${url.export}`, nbd: url };
+  }
   if (text.startsWith('vdisk:')) {
     const rest = text.slice('vdisk:'.length);
     const { host, path } = splitHostPath(rest, 'vdisk');
@@ -339,6 +363,12 @@ function planVdiskOptions(cmd: Cmdline, warnings: string[]): VdiskOptions {
     else out.bitlockerKey = k;
   }
   const attachOne = (key: string, text: string) => {
+    if (key === 'rd.vdisk.attach' && text.startsWith('nbd:')) {
+      const url = parseNbdUrl(text);
+      if (typeof url === 'string') warnings.push(`${key}=${url}; that image is not attached`);
+      else out.attach.push({ path: `/${url.export}`, nbd: url, from: `${key}=${text}` });
+      return;
+    }
     try {
       const { host, path } = splitHostPath(text, key, `${key}=`);
       out.attach.push(host ? { host, path, from: `${key}=${text}` } : { path, from: `${key}=${text}` });

@@ -25,6 +25,8 @@ import { attachLoop, detachLoop } from './loop.ts';
 import { describeVdiskPlan, DM_UUID_PREFIX, formatName, planVdisk, type DmDevicePlan, type HeaderUpdate, type VdiskPlan } from './vdisk.ts';
 import type { ImageHost, ImageRequest } from './image-host.ts';
 import { imageRecord, type AttachedImage } from './attached.ts';
+import { NbdImageHost } from './nbd-client.ts';
+import { formatNbdUrl, type NbdUrl } from '../formats/nbd.ts';
 
 export const HOST_MOUNT = '/run/vdboot/host';
 export const STATE_DIR = '/run/vdboot';
@@ -271,9 +273,11 @@ function connectNbd(ctx: InitContext, undo: Undo, n: NonNullable<VdiskPlan['nbd'
  */
 export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDeferred?: NonNullable<VdiskPlan['rootDeferred']>; plans: VdiskPlan[] } {
   const { sys, log, plan } = ctx;
-  const requests: { spec?: DeviceSpec; path: string; root: boolean; what: string }[] = [];
-  if (plan.root.kind === 'vdisk') requests.push({ ...(plan.root.host ? { spec: plan.root.host } : {}), path: plan.root.path, root: true, what: 'the root image' });
-  for (const a of plan.vdisk.attach) requests.push({ ...(a.host ? { spec: a.host } : {}), path: a.path, root: false, what: a.from });
+  const requests: { spec?: DeviceSpec; path: string; root: boolean; what: string; nbd?: NbdUrl }[] = [];
+  if (plan.root.kind === 'vdisk') requests.push({ ...(plan.root.host ? { spec: plan.root.host } : {}), ...(plan.root.nbd ? { nbd: plan.root.nbd } : {}), path: plan.root.path, root: true, what: 'the root image' });
+  for (const a of plan.vdisk.attach) requests.push({ ...(a.host ? { spec: a.host } : {}), ...(a.nbd ? { nbd: a.nbd } : {}), path: a.path, root: false, what: a.from });
+  /** the NBD servers' connections: kept open from planning until the kernel took the used ones */
+  const nbdHosts: NbdImageHost[] = [];
   if (plan.vdisk.compat && plan.root.kind === 'vdisk') {
     log.info(`${plan.vdisk.compat}: booting as root=vdisk:${plan.root.host ? `${formatDeviceSpec(plan.root.host)}:` : ''}${plan.root.path} would`);
   }
@@ -284,11 +288,12 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
   let kernelHost: KernelMount | undefined;
   /** BitLocker host partitions unlocked for this boot, by their own path */
   const unlocked = new Map<string, BlockDeviceInfo>();
-  const planned: { vp: VdiskPlan; host: BlockDeviceInfo }[] = [];
-  type Planned = { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo } | { kind: 'expand'; need: ExpansionNeeded; target: ExpandTarget };
+  const planned: { vp: VdiskPlan; host: BlockDeviceInfo; nbd?: NbdImageHost }[] = [];
+  type Planned = { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo; nbd?: NbdImageHost } | { kind: 'expand'; need: ExpansionNeeded; target: ExpandTarget };
   /** Locates, opens and plans request `index` (reads only); a dynamic image for a rw mapping comes back as 'expand'. */
   const planOne = (index: number, verify?: (host: ImageHost, device: BlockDeviceInfo) => void): Planned => {
     const r = requests[index]!;
+    if (r.nbd) return planNbd(ctx, index, r.nbd, r.root, nbdHosts);
     // A host mounted already is now also matched by vdhost (it carries the host's label): use the mounted one.
     const located = kernelHost && r.spec && deviceMatches(r.spec, kernelHost.device) ? { kernel: kernelHost.device } : log.timed('locate-host', () => locateImage(ctx, r.spec, r.path, r.what, unlocked, (name) => (undo.state.unlocked ??= []).push(name)));
     let opened: { path: string; device: BlockDeviceInfo; imageHost: ImageHost; nbdReadable: boolean; close(): void };
@@ -355,18 +360,20 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
           );
         }
       }
-      planned.push({ vp: res.vp, host: res.host });
+      planned.push({ vp: res.vp, host: res.host, ...(res.nbd ? { nbd: res.nbd } : {}) });
     }
   } catch (e) {
     undo.rollback(log);
+    for (const h of nbdHosts) h.close();
     throw e;
   }
 
   // vdboot mounts one host filesystem (at /run/vdboot/host): images that reach their file
   // through it (loop, nbd) must all lie on that one host, or a loop would open a file of
   // the same name on the wrong partition.
-  const throughHost = planned.filter((p) => p.vp.path !== 'direct');
-  const mountedHost = kernelHost?.device ?? throughHost[0]?.host ?? planned[0]?.host;
+  const local = planned.filter((p) => !p.nbd);
+  const throughHost = local.filter((p) => p.vp.path !== 'direct');
+  const mountedHost = kernelHost?.device ?? throughHost[0]?.host ?? local[0]?.host;
   const elsewhere = throughHost.find((p) => p.host.path !== mountedHost?.path);
   if (elsewhere && mountedHost) {
     undo.rollback(log);
@@ -390,12 +397,16 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
   try {
     const hostInfo = mountedHost;
     const needsHostMount = planned.some((p) => p.vp.path !== 'direct');
-    const hostWritable = planned.some((p) => p.vp.hostMountWritable);
+    const hostWritable = local.some((p) => p.vp.hostMountWritable);
     if (kernelHost) {
       if (hostWritable) remountKernelHostWritable(ctx, dm, undo, kernelHost);
     } else if (hostInfo && needsHostMount) {
       const sparse = planned.flatMap((p) => (p.vp.hostMountWritable ? p.vp.sparseHostFiles ?? [] : []));
       log.timed('host-mount', () => mountHost(ctx, dm, undo, hostInfo, hostWritable, true, sparse));
+    }
+    // The NBD exports the tables name, handed to the kernel: /dev/nbdN must have its size before device-mapper opens it.
+    for (const h of nbdHosts) {
+      for (const d of log.timed('nbd-connect', () => h.connectKernel(log))) undo.state.nbds!.push(d.device);
     }
     for (const { vp } of planned) {
       const loops: string[] = [];
@@ -405,7 +416,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
         loops[l.index] = dev;
       }
       let cow: string | undefined;
-      if (vp.cowBytes !== undefined) cow = makeCow(sys, undo, vp.name, vp.cowBytes);
+      if (vp.cowBytes !== undefined) cow = makeCow(sys, undo, vp.name, vp.cowBytes, plan.vdisk.overlaySize);
       const nbd = vp.nbd ? connectNbd(ctx, undo, vp.nbd) : undefined;
       log.step('dm', () => {
         for (const d of vp.devices) {
@@ -422,12 +433,14 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
     if (hostInfo && !needsHostMount && !kernelHost) log.timed('host-mount', () => mountHost(ctx, dm, undo, hostInfo, false, false));
   } catch (e) {
     undo.rollback(log);
+    for (const h of nbdHosts) h.close();
     if (isSysError(e)) {
       throw new BootFailure(`Setting up the image devices failed (${e.message}). Nothing was written to the image. ` +
         `Does the initramfs have device-mapper (dm_mod${planned.some((p) => p.vp.mode === 'snapshot') ? ', dm_snapshot' : ''}) and loop? Rebuild it with "vdboot mkinitramfs".`);
     }
     throw e;
   }
+  for (const h of nbdHosts) h.close();
   writeState(sys, { ...undo.state, images: planned.map((p) => imageRecord(p.vp, 'boot')) });
   const root = planned.find((p) => p.vp.root)?.vp.root?.device;
   const rootDeferred = planned.find((p) => p.vp.rootDeferred)?.vp.rootDeferred;
@@ -493,10 +506,21 @@ function applyHeaderUpdate(sys: Sys, hu: HeaderUpdate): void {
   }
 }
 
-/** A sparse file in /run (RAM) on a loop device: the snapshot's copy-on-write store. */
-function makeCow(sys: Sys, undo: Undo, name: string, size: number): string {
+/**
+ * A sparse file in /run (RAM) on a loop device: the snapshot's copy-on-write store. With
+ * rd.vdisk.overlay.size, the file lies in a tmpfs of that size of its own, so a client that
+ * writes more gets ENOSPC on the snapshot (the kernel then invalidates it) instead of
+ * filling /run.
+ */
+function makeCow(sys: Sys, undo: Undo, name: string, size: number, limit?: string): string {
   mkdirs(sys, STATE_DIR);
-  const file = `${STATE_DIR}/${name}.cow`;
+  let dir = STATE_DIR;
+  if (limit) {
+    dir = `${STATE_DIR}/overlay-${name}`;
+    mkdirs(sys, dir, 0o700);
+    sys.mount('tmpfs', dir, 'tmpfs', MS.NOSUID | MS.NODEV, `mode=0700,size=${limit}`);
+  }
+  const file = `${dir}/${name}.cow`;
   const fd = sys.open(file, O.RDWR | O.CREAT | O.TRUNC | O.CLOEXEC, 0o600);
   try {
     sys.truncate(fd, size);
@@ -588,4 +612,54 @@ function writeState(sys: Sys, state: VdiskState): void {
     mkdirs(sys, STATE_DIR);
     writeText(sys, STATE_PATH, `${JSON.stringify(state)}\n`);
   } catch { /* the shutdown hand-off then finds devices by their dm uuid prefix */ }
+}
+
+/** The snapshot's chunk over a network image, in 512-byte sectors (64 KiB). */
+const NBD_SNAPSHOT_CHUNK_SECTORS = 128;
+
+/**
+ * Plans an image that is an export of an NBD server: the network is up already (init.ts);
+ * the nbd module is loaded, the export opened and its tables read over the network. The
+ * connections stay open (nbdHosts) until the kernel takes them after the whole plan stands.
+ */
+function planNbd(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nbdHosts: NbdImageHost[]): { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo; nbd: NbdImageHost } {
+  const { sys, log, plan } = ctx;
+  ctx.modules.reportFailures(ctx.modules.load(['nbd']));
+  const where = formatNbdUrl(url);
+  let nh: NbdImageHost;
+  try {
+    nh = log.timed('nbd-open', () => new NbdImageHost(sys, url));
+  } catch (e) {
+    if (isFormatError(e)) throw new BootFailure((e as Error).message);
+    if (isSysError(e)) throw new BootFailure(`${where}: ${e.message}. Does the kernel have TCP/IP networking, and the initramfs the network card's driver?`);
+    throw e;
+  }
+  nbdHosts.push(nh);
+  log.info(`${where}: ${nh.rootExport.size} bytes${nh.rootExport.readOnly ? ', read-only' : ', writable'}${nh.rootExport.blockSize ? `, block sizes ${nh.rootExport.blockSize.minimum}/${nh.rootExport.blockSize.preferred}/${nh.rootExport.blockSize.maximum}` : ''}`);
+  const req: ImageRequest = {
+    index, path: nh.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: false,
+    ...(plan.vdisk.allowOutside ? { allowOutside: true } : {}),
+    ...(root ? { root: plan.vdisk.root } : {}),
+  };
+  if (req.map === 'loop' || req.map === 'nbd') throw new BootFailure(`${where}: rd.vdisk.map=${plan.vdisk.map} does not apply to a network image: vdboot maps its export directly (/dev/nbdN under device-mapper). Remove rd.vdisk.map.`);
+  let vp: VdiskPlan;
+  try {
+    vp = log.step('plan', () => planVdisk(req, nh.host), (p) => `${p.name}: ${where}: ${p.chain.map(formatName).join(' → ')}, ${p.why}`);
+  } catch (e) {
+    if (isExpansionNeeded(e)) {
+      throw new BootFailure(`${where}: rd.vdisk.mode=rw maps the image read-write, but it has unallocated blocks (a dynamic image), which vdboot can only expand on a local disk. ` +
+        `Boot it in snapshot mode (the default for network images: remove rd.vdisk.mode=rw), or convert it to a fixed image on the server (qemu-img convert -O vhdx -o subformat=fixed).`);
+    }
+    throw e;
+  }
+  // dm-snapshot splits every read at its chunk size: 4 KiB chunks turn a 1 MiB read of the
+  // image into 256 round trips to the server. Network images take 64 KiB chunks (a first
+  // write to a chunk copies 64 KiB from the server into RAM).
+  for (const d of vp.devices) for (const t of d.targets) if (t.type === 'snapshot') t.params = t.params.replace(/ N 8$/, ` N ${NBD_SNAPSHOT_CHUNK_SECTORS}`);
+  for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
+  for (const w of vp.warnings) log.warn(w);
+  if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);
+  if (vp.rootDeferred) log.info(`${vp.name}: the root is found after unlocking and activation: ${vp.rootDeferred.why}`);
+  const host: BlockDeviceInfo = { name: `nbd-${url.server}`, path: where, major: 0, minor: 0, size: nh.rootExport.size };
+  return { kind: 'planned', vp, host, nbd: nh };
 }

@@ -12,7 +12,7 @@ import { probeFilesystem } from '../formats/probe.ts';
 import { openFileReader } from '../sys/node-reader.ts';
 import { describeDevices } from '../boot/devices.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo } from '../boot/devspec.ts';
-import { planBoot, type BootPlan } from '../boot/plan.ts';
+import { PlanError, planBoot, type BootPlan } from '../boot/plan.ts';
 import { findImage, type ClosableReader, type HostDevice, type OpenedHostFs, imageHostFor } from '../boot/hostdev.ts';
 import { describeVdiskPlan, planVdisk, type VdiskPlan } from '../boot/vdisk.ts';
 import { describeLayers, keyStory } from '../boot/layers.ts';
@@ -75,6 +75,9 @@ export interface BootPlanReport {
 /** Plans a boot against host devices, opening every image the command line names. */
 export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts: { nbd?: boolean; allowOutside?: boolean } = {}): BootPlanReport {
   const plan = planBoot(cmdline);
+  if ((plan.root.kind === 'vdisk' && plan.root.nbd) || plan.vdisk.attach.some((a) => a.nbd)) {
+    throw new PlanError('vdboot plan reads images from the disks given with --disk; it does not connect to NBD servers. To see the plan of a network image, give its file: --cmdline \'root=vdisk:/FILE …\' with a disk holding it, or "vdboot inspect FILE" on the server.');
+  }
   const vdisks: VdiskPlan[] = [];
   const hosts: OpenedHostFs[] = [];
   const report: BootPlanReport = { plan, devices: devices.map((d) => d.info), vdisks, mounts: [], layers: [] };

@@ -1168,6 +1168,15 @@ export class FakeKernel implements Sys {
     return fd;
   }
 
+  /** The simulated machine has no network: sockets fail as on a kernel without them. */
+  socket(domain: number, _type: number, _protocol: number): number {
+    fail('EAFNOSUPPORT', `socket domain ${domain}`);
+  }
+
+  connect(fd: number, _address: Uint8Array, _timeoutMs: number): void {
+    fail('EBADF', `connect fd ${fd}`);
+  }
+
   poll(fds: PollFd[], timeoutMs: number): number[] {
     const ready = () => fds.map((p) => (this.ueventFds.has(p.fd) && this.pending.length ? 1 : 0));
     let r = ready();

@@ -98,6 +98,10 @@ declare module 'sys' {
 
   /** Non-blocking, close-on-exec; read() throws EAGAIN when nothing is queued. */
   export function ueventSocket(): number;
+  /** socket(domain, type | SOCK_CLOEXEC, protocol) */
+  export function socket(domain: number, type: number, protocol: number): number;
+  /** connect(2) with a struct sockaddr's bytes, waiting at most timeoutMs (ETIMEDOUT) */
+  export function connect(fd: number, address: Bytes, timeoutMs: number): void;
   export function poll(fds: { fd: number; events: number }[], timeoutMs: number): number[];
   export function monotonicMs(): number;
   export function uptimeSec(): number;

@@ -92,6 +92,8 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     kill: native.kill,
     exit: native.exit,
     ueventSocket: native.ueventSocket,
+    socket: native.socket,
+    connect: native.connect,
     poll: native.poll,
     monotonicMs: native.monotonicMs,
     uptimeSec: native.uptimeSec,

@@ -123,6 +123,12 @@ export const S = {
 } as const;
 
 export const POLLIN = 1;
+export const POLLOUT = 4;
+
+/** socket(2) domains, types and protocols. */
+export const AF = { INET: 2, INET6: 10, NETLINK: 16 } as const;
+export const SOCK = { STREAM: 1, DGRAM: 2, RAW: 3 } as const;
+export const NETLINK = { ROUTE: 0, GENERIC: 16 } as const;
 
 /** reboot(2) commands. */
 export const REBOOT = {
@@ -202,6 +208,10 @@ export interface Sys {
   // --- events and time ---
   /** A NETLINK_KOBJECT_UEVENT socket bound to the kernel's uevent multicast group. */
   ueventSocket(): number;
+  /** socket(2), close-on-exec: TCP for a network root's server, netlink for the nbd and routing families. */
+  socket(domain: number, type: number, protocol: number): number;
+  /** connect(2) to a struct sockaddr's bytes, waiting at most timeoutMs (then ETIMEDOUT). */
+  connect(fd: number, address: Uint8Array, timeoutMs: number): void;
   /** poll(2): returns revents per fd (0 where nothing happened). */
   poll(fds: PollFd[], timeoutMs: number): number[];
   /** Monotonic clock in milliseconds (CLOCK_MONOTONIC, with fractions). */

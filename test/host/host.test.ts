@@ -162,6 +162,10 @@ describe.concurrent('static /init host under QEMU', () => {
       reload: { code: 'EEXIST' }, drained: 'EAGAIN', rc: 0, size, viaView: size, flush: 0, got: 32, marker,
     });
     expect(r.virtioDisk.uevent).toMatch(/^add@\/devices\/.*\/block\/vda$/);
+    // socket/connect: lo is down in a fresh init, so 127.0.0.1 is unreachable (or refused once up); nlctrl is always family 0x10
+    expect(['ENETUNREACH', 'ECONNREFUSED']).toContain(r.sockets.connect.code);
+    expect(r.sockets.connect.call).toMatch(/^connect fd \d+$/);
+    expect(r.sockets).toMatchObject({ ready: 1, family: 0x10 });
   });
 
   test('a throwing init prints the error with its stack, then a rescue shell answers typed commands and restarts', async ({ expect }) => {

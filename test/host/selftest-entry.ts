@@ -6,7 +6,8 @@
  */
 import * as native from 'sys';
 import { quickjsSys } from '../../src/sys/quickjs.ts';
-import { MS, O, POLLIN, REBOOT, S, SysError } from '../../src/sys/sys.ts';
+import { AF, MS, NETLINK, O, POLLIN, REBOOT, S, SOCK, SysError } from '../../src/sys/sys.ts';
+import { attrU16, CTRL_ATTR, CTRL_CMD_GETFAMILY, GENL_ID_CTRL, packGenl, parseAttrs, parseMessages } from '../../src/formats/netlink.ts';
 
 const sys = quickjsSys(native);
 const result: Record<string, unknown> = {};
@@ -159,6 +160,25 @@ check('clocks', () => {
   sys.sleepMs(30);
   const b = sys.monotonicMs();
   return { advanced: b > a, slept: b - a >= 30, uptimePositive: sys.uptimeSec() > 0 };
+});
+
+// Sockets: TCP connect with its errno, a generic netlink request answered by the kernel.
+check('sockets', () => {
+  const tcp = sys.socket(AF.INET, SOCK.STREAM, 0);
+  const addr = new Uint8Array(16);
+  new DataView(addr.buffer).setUint16(0, AF.INET, true);
+  new DataView(addr.buffer).setUint16(2, 9, false);
+  addr.set([127, 0, 0, 1], 4);
+  const connect = errorOf(() => sys.connect(tcp, addr, 2000));
+  sys.close(tcp);
+  const nl = sys.socket(AF.NETLINK, SOCK.RAW, NETLINK.GENERIC);
+  sys.write(nl, packGenl(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, 1, [{ type: CTRL_ATTR.FAMILY_NAME, str: 'nlctrl' }]));
+  const ready = sys.poll([{ fd: nl, events: POLLIN }], 2000)[0];
+  const buf = new Uint8Array(65536);
+  const n = sys.read(nl, buf);
+  sys.close(nl);
+  const reply = parseMessages(buf.subarray(0, n))[0]!;
+  return { connect, ready, family: attrU16(parseAttrs(reply.payload.subarray(4)).get(CTRL_ATTR.FAMILY_ID)) };
 });
 
 // Kernel modules, uevents and a real block device.
