@@ -349,8 +349,9 @@ describe('QEMU netboots the iPXE script from the output folder', () => {
       const kernelLine = await vm.waitFor(/Kernel command line: .*console=ttyS0,115200 panic=-1 rd\.shell=0$/, 6 * 60_000);
       expect(kernelLine).toContain('initrd=initrd.img root=vdisk:nbd://10.0.2.2:10809/fleet.vhdx ip=dhcp console=ttyS0,115200');
       // vdboot's init is PID 1 and reads that command line (the NBD root itself is the init's to reach)
-      const first = await vm.waitFor(/^vdboot: /, 3 * 60_000);
-      expect(first).toMatch(/^vdboot: \[/);
+      // (waited for up to the timestamp's closing bracket: a line still being printed matches a shorter pattern)
+      const first = await vm.waitFor(/^vdboot: \[[^\]]*\]/, 3 * 60_000);
+      expect(first).toMatch(/^vdboot: \[[\d.\s]+\]/);
       expect(vm.transcript()).toMatch(/Run \/init as init process/);
     } finally {
       await vm.kill();
