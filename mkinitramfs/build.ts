@@ -745,9 +745,11 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   let base = UNIVERSAL_MODULES;
   let hostonlyWhy: string[] = [];
   const hostonlyDrop: ToolName[] = [];
+  // the --root device's filesystem (blkid by default): asked once, used for the modules and the early root module
+  const rootSpecTypes = options.hostonly?.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf) : [];
   if (options.hostonly) {
     const storage = hostStorageModules(index, options.hostonly.sysfs);
-    const types = [...new Set([...hostFilesystems(options.hostonly.mounts), ...(options.hostonly.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf) : [])])].sort();
+    const types = [...new Set([...hostFilesystems(options.hostonly.mounts), ...rootSpecTypes])].sort();
     const fs = filesystemModules(index, types);
     const needs = hostonlyNeeds(index, options.hostonly, types);
     const network = needs.networkRoot ? hostNetworkModules(index, options.hostonly.sysfs) : { devices: {}, modules: [] };
@@ -937,7 +939,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   })();
   // The root's likely filesystem, when the image has its module (or it is built in).
   const fsTable = filesystemTable(index, included);
-  const rootGuess = (options.hostonly?.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf)[0] : undefined) ?? rootFilesystem(options.hostonly?.mounts);
+  const rootGuess = rootSpecTypes[0] ?? rootFilesystem(options.hostonly?.mounts);
   const rootFsType = rootGuess !== undefined && Object.prototype.hasOwnProperty.call(fsTable, rootGuess) ? rootGuess : undefined;
   const manifest: InitramfsManifest = {
     version: MANIFEST_VERSION,

@@ -18,6 +18,7 @@ import { attrString, attrU16, attrU32, CTRL_ATTR, CTRL_CMD_GETFAMILY, errorOf, G
 import { AF, NETLINK, POLLIN, SOCK, isSysError, type Sys } from '../sys/sys.ts';
 import type { ImageHost } from './image-host.ts';
 import { readTextOr } from './fsutil.ts';
+import { parseIpv4 } from './net-cmdline.ts';
 
 /** linux/nbd-netlink.h */
 const NBD_GENL_NAME = 'nbd';
@@ -31,13 +32,6 @@ const NBD_SOCK_FD = 1;
 const NET_TIMEOUT_MS = 15_000;
 
 /** a.b.c.d → its four bytes, or undefined */
-export function parseIpv4(text: string): Uint8Array | undefined {
-  const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(text);
-  if (!m) return undefined;
-  const b = m.slice(1).map(Number);
-  return b.every((x) => x <= 255) ? Uint8Array.from(b) : undefined;
-}
-
 function sockaddrIn(addr: Uint8Array, port: number): Uint8Array {
   const out = new Uint8Array(16);
   const v = new DataView(out.buffer);

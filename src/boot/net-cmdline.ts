@@ -35,13 +35,19 @@ export interface NetOptions {
   need: boolean;
 }
 
-const IPV4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/;
 const MAC = /^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$/;
 const IFACE = /^[A-Za-z0-9_.@-]{1,15}$/;
 
+/** A dotted IPv4 address's four bytes; undefined for anything else. */
+export function parseIpv4(text: string): Uint8Array | undefined {
+  const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(text);
+  if (!m) return undefined;
+  const b = m.slice(1).map(Number);
+  return b.every((x) => x <= 255) ? Uint8Array.from(b) : undefined;
+}
+
 export function isIpv4(text: string): boolean {
-  const m = IPV4.exec(text);
-  return !!m && m.slice(1).every((x) => Number(x) <= 255);
+  return parseIpv4(text) !== undefined;
 }
 
 /** 255.255.255.0 or 24 → 24; undefined for a netmask whose ones are not contiguous. */

@@ -21,7 +21,7 @@
  * read-write boot of a not fully allocated image goes through qemu-nbd.
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
-import type { LayerMetadata, MetadataRange } from './extent-ops.ts';
+import { appendExtent, type LayerMetadata, type MetadataRange } from './extent-ops.ts';
 import type { LayerExtent } from './extent-map.ts';
 import type { FormatReader, ImageLayer, OpenContext, ParentRef } from './image.ts';
 import { inflateRaw } from './inflate.ts';
@@ -82,28 +82,7 @@ export function parseQcowHeader(bytes: Uint8Array, file: BlockReader): QcowHeade
   return h;
 }
 
-const RUN_DATA = 1;
-const RUN_UNALLOCATED = 2;
-const RUN_PARENT = 3;
-const RUN_UNMAPPABLE = 4;
 const COMPRESSED_REASON = 'zlib-compressed qcow cluster';
-
-/** Appends to the extent list, growing the last run when the next piece continues it. */
-function pushRun(out: LayerExtent[], kind: number, start: number, length: number, offset = 0): void {
-  const last = out[out.length - 1];
-  if (last && last.start + last.length === start) {
-    if (kind === RUN_DATA && last.kind === 'data' && last.offset + last.length === offset) { last.length += length; return; }
-    if (kind === RUN_UNALLOCATED && last.kind === 'zero') { last.length += length; return; }
-    if (kind === RUN_PARENT && last.kind === 'parent') { last.length += length; return; }
-    if (kind === RUN_UNMAPPABLE && last.kind === 'unmappable') { last.length += length; return; }
-  }
-  switch (kind) {
-    case RUN_DATA: out.push({ kind: 'data', start, length, file: 0, offset }); break;
-    case RUN_UNALLOCATED: out.push({ kind: 'zero', start, length, why: 'unallocated' }); break;
-    case RUN_PARENT: out.push({ kind: 'parent', start, length }); break;
-    default: out.push({ kind: 'unmappable', start, length, reason: COMPRESSED_REASON });
-  }
-}
 
 export function openQcow(file: BlockReader, ctx: OpenContext): ImageLayer & LayerMetadata {
   if (file.size < QCOW_HEADER_BYTES) fail(file, `file is too small (${file.size} bytes) to hold a header`, 'file.size', file.size);
@@ -139,7 +118,8 @@ export function openQcow(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
   if (l1Size > 0 && h.l1TableOffset < QCOW_HEADER_BYTES) fail(file, `l1_table_offset ${h.l1TableOffset} lies inside the header`, 'l1_table_offset', h.l1TableOffset);
   meta(h.l1TableOffset, l1Size * 8, 'L1 table');
 
-  const unallocated = parent ? RUN_PARENT : RUN_UNALLOCATED;
+  /** A range no cluster of this layer holds: the parent's, else zeros. */
+  const gap = (start: number, length: number): LayerExtent => (parent ? { kind: 'parent', start, length } : { kind: 'zero', start, length, why: 'unallocated' });
   const extents: LayerExtent[] = [];
   const compressed = new Map<number, { offset: number; length: number }>();
   const seenL2 = new Set<number>();
@@ -157,7 +137,7 @@ export function openQcow(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
       const base = l1i * l1Span;
       const span = Math.min(l1Span, size - base);
       const raw = l1v.getBigUint64(k * 8);
-      if (raw === 0n) { pushRun(extents, unallocated, base, span); continue; }
+      if (raw === 0n) { appendExtent(extents, gap(base, span)); continue; }
       if (raw > BigInt(Number.MAX_SAFE_INTEGER)) fail(file, `L1 entry ${l1i} = 0x${raw.toString(16)} is not a file offset`, 'l1_entry', raw);
       const l2Off = Number(raw);
       if (l2Off % 8 !== 0 || l2Off < QCOW_HEADER_BYTES) fail(file, `L1 entry ${l1i} points to offset ${l2Off}, which cannot hold an L2 table (inside the header or not 8-byte aligned)`, 'l1_entry', l2Off);
@@ -176,7 +156,7 @@ export function openQcow(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
         const len = Math.min(cs, size - start);
         const hi = dv.getUint32(j * 8);
         const lo = dv.getUint32(j * 8 + 4);
-        if (hi === 0 && lo === 0) { pushRun(extents, unallocated, start, len); continue; }
+        if (hi === 0 && lo === 0) { appendExtent(extents, gap(start, len)); continue; }
         allocatedClusters++;
         if (hi & 0x80000000) {
           const entry = (BigInt(hi) << 32n) | BigInt(lo);
@@ -186,14 +166,14 @@ export function openQcow(file: BlockReader, ctx: OpenContext): ImageLayer & Laye
             fail(file, `compressed cluster for guest offset ${start} (${clen} bytes at offset ${coff}) is not inside the file (${file.size} bytes)`, 'l2_entry', coff);
           }
           compressed.set(start / cs, { offset: coff, length: clen });
-          pushRun(extents, RUN_UNMAPPABLE, start, len);
+          appendExtent(extents, { kind: 'unmappable', start, length: len, reason: COMPRESSED_REASON });
           continue;
         }
         const off = hi * 2 ** 32 + lo;
         if (hi > 0x1fffff) fail(file, `L2 entry for guest offset ${start} = 0x${hi.toString(16)}${lo.toString(16).padStart(8, '0')} is not a file offset`, 'l2_entry', off);
         if ((lo & (cs - 1)) !== 0) fail(file, `L2 entry for guest offset ${start} points to offset ${off}, not aligned to the cluster size ${cs}`, 'l2_entry', off);
         if (off + len > file.size) fail(file, `guest offset ${start} maps to offset ${off}, past the end of the file (${file.size} bytes)`, 'l2_entry', off);
-        pushRun(extents, RUN_DATA, start, len, off);
+        appendExtent(extents, { kind: 'data', start, length: len, file: 0, offset: off });
       }
     }
   }
