@@ -26,7 +26,7 @@ import { extractRange } from '../kit/host-disk.ts';
 import { planAgainstDevices } from '../../src/cli/plan.ts';
 import { devicesOf } from '../vdisk/helpers.ts';
 import { makeGuestDisk } from '../kit/guest-disk.ts';
-import { COUNTER_COMMANDS, expectGuestKept, expectHostFsClean, imageHostDisk, readImageBack, RW_HOST_LABEL } from '../kit/rw-check.ts';
+import { COUNTER_COMMANDS, expectGuestKept, expectHostFsClean, imageHostDisk, readImageBack, RW_HOST_LABEL, type ImageHostDisk } from '../kit/rw-check.ts';
 
 const IMAGE = '/VMs/linux.vhdx';
 const dir = mkdtempSync(join(tmpdir(), 'vdboot-power-cut-full-'));
@@ -37,6 +37,29 @@ afterAll(async () => {
 });
 
 const kernels = [defaultKernel(), cachedKernel('6.12')].filter((k): k is string => k !== undefined);
+
+/** The host partition's NTFS volume flags after a cut (reported: what a real cut leaves). */
+function flagsAfterCut(sub: string, host: ImageHostDisk, what: string): number {
+  const part = extractRange(host.disk, host.offset, host.size, join(sub, 'after-cut.ntfs'));
+  const flags = ntfsVolumeFlags(part);
+  rmSync(part);
+  process.stderr.write(`power cut ${what}: NTFS volume flags afterwards 0x${flags.toString(16)}\n`);
+  return flags;
+}
+
+/** The boot after the cut: it comes up rw on the image's root with the synced `count`, and powers down; its transcript. */
+async function bootAfterCut(opts: { kernel: string; initrd: string; append: string; host: ImageHostDisk; name: string; count: string }): Promise<string> {
+  const vm = await bootVm({ kernel: opts.kernel, initrd: opts.initrd, append: opts.append, disks: [{ file: opts.host.disk }], name: opts.name, memoryMiB: 768 });
+  vms.push(vm);
+  await vm.waitFor(GUEST_MARKER, 400_000);
+  await vm.waitExit(120_000);
+  const t = vm.transcript();
+  const facts = parseGuestFacts(t);
+  expect(facts.root, t.slice(-3000)).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+  expect(facts.facts.count).toBe(opts.count);
+  expect(t).toMatch(/reboot: Power down/);
+  return t;
+}
 
 for (const kernel of kernels) {
   const v = kernelVersion(kernel);
@@ -57,20 +80,9 @@ for (const kernel of kernels) {
       await first.waitFor(/expanding \S+ in place|expanding .*: \d+/, 300_000);
       await first.kill();
       // what the cut left: the host's dirty flag (reported, the rule below must hold either way)
-      const part = extractRange(host.disk, host.offset, host.size, join(sub, 'after-cut.ntfs'));
-      const flags = ntfsVolumeFlags(part);
-      rmSync(part);
-      process.stderr.write(`power cut during expansion on ${v}: NTFS volume flags afterwards 0x${flags.toString(16)}\n`);
+      flagsAfterCut(sub, host, `during expansion on ${v}`);
 
-      const second = await bootVm({ kernel, initrd, append, disks: [{ file: host.disk }], name: `cut-expand-${v}-2`, memoryMiB: 768 });
-      vms.push(second);
-      await second.waitFor(GUEST_MARKER, 400_000);
-      await second.waitExit(120_000);
-      const t = second.transcript();
-      const facts = parseGuestFacts(t);
-      expect(facts.root, t.slice(-3000)).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
-      expect(facts.facts.count).toBe('0');
-      expect(t).toMatch(/reboot: Power down/);
+      await bootAfterCut({ kernel, initrd, append, host, name: `cut-expand-${v}-2`, count: '0' });
       expectHostFsClean(sub, host);
       expectGuestKept(sub, readImageBack(sub, host, IMAGE, join(sub, 'after.vhdx')), 'vhdx', 1);
     });
@@ -99,20 +111,9 @@ for (const kernel of kernels) {
         vms.push(first);
         await first.waitFor(/entered \/run\/initramfs/, 300_000);
         await first.kill();
-        const part = extractRange(host.disk, host.offset, host.size, join(sub, 'after-cut.ntfs'));
-        const flags = ntfsVolumeFlags(part);
-        rmSync(part);
-        process.stderr.write(`power cut during the shutdown hand-off on ${v} (${map}): NTFS volume flags afterwards 0x${flags.toString(16)}\n`);
+        flagsAfterCut(sub, host, `during the shutdown hand-off on ${v} (${map})`);
 
-        const second = await bootVm({ kernel, initrd, append, disks: [{ file: host.disk }], name: `cut-handoff-${v}-${map}-2`, memoryMiB: 768 });
-        vms.push(second);
-        await second.waitFor(GUEST_MARKER, 400_000);
-        await second.waitExit(120_000);
-        const t = second.transcript();
-        const facts = parseGuestFacts(t);
-        expect(facts.root, t.slice(-3000)).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
-        expect(facts.facts.count).toBe('1');
-        expect(t).toMatch(/reboot: Power down/);
+        await bootAfterCut({ kernel, initrd, append, host, name: `cut-handoff-${v}-${map}-2`, count: '1' });
         expectHostFsClean(sub, host);
         expectGuestKept(sub, readImageBack(sub, host, IMAGE, join(sub, 'after.vhdx')), 'vhdx', 2);
       });
@@ -146,10 +147,7 @@ for (const kernel of kernels) {
       await first.waitFor(/VDBOOT-GUEST writing=1/, 400_000);
       await new Promise((r) => setTimeout(r, 3000));
       await first.kill();
-      const part = extractRange(host.disk, host.offset, host.size, join(sub, 'after-cut.ntfs'));
-      const flags = ntfsVolumeFlags(part);
-      rmSync(part);
-      process.stderr.write(`power cut during writes through the driver on ${v}: NTFS volume flags afterwards 0x${flags.toString(16)}\n`);
+      const flags = flagsAfterCut(sub, host, `during writes through the driver on ${v}`);
       // Measured (6.1 ntfs-3g and 6.12 ntfs3): 0x0. Neither driver sets the dirty flag for
       // writes inside an existing file's clusters, and cuts 0.3 s and 1.5 s into an
       // expansion left 0x0 too. When a cut does leave it dirty (the flag, an empty $LogFile),
@@ -169,18 +167,10 @@ for (const kernel of kernels) {
         expect(refusal).toMatch(/chkdsk \/f|ntfsfix -d/);
       }
 
-      const second = await bootVm({ kernel, initrd, append: spec, disks: [{ file: host.disk }], name: `cut-dirty-${v}-2`, memoryMiB: 768 });
-      vms.push(second);
-      await second.waitFor(GUEST_MARKER, 400_000);
-      await second.waitExit(120_000);
-      const t = second.transcript();
-      const facts = parseGuestFacts(t);
-      expect(facts.root, t.slice(-3000)).toMatchObject({ device: '/dev/mapper/vdisk0p2', mode: 'rw' });
+      const t = await bootAfterCut({ kernel, initrd, append: spec, host, name: `cut-dirty-${v}-2`, count: '1' });
       // the direct path boots either way; on a dirty volume with the warning, else without
       if (dirty) expect(t).toMatch(/marked dirty by a Linux NTFS driver that did not unmount it/);
       else expect(t).not.toMatch(/marked dirty/);
-      expect(facts.facts.count).toBe('1');
-      expect(t).toMatch(/reboot: Power down/);
       if (!dirty) expectHostFsClean(sub, host);
       expectGuestKept(sub, readImageBack(sub, host, IMAGE, join(sub, 'after.vhdx')), 'vhdx', 2);
     });

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'vitest';
-import { FormatError, isFormatError, type BlockReader } from '../../src/formats/block-reader.ts';
+import { isFormatError, type BlockReader } from '../../src/formats/block-reader.ts';
 import type { ImageLayer, OpenContext } from '../../src/formats/image.ts';
 import { openFileReader } from '../../src/sys/node-reader.ts';
 
@@ -37,16 +37,13 @@ export function expectFormatError(fn: () => unknown, pattern: RegExp): void {
 
 /** A BlockReader over a file that counts the bytes read (for tests of how little a probe reads). */
 export function countingFileReader(file: string): BlockReader & { bytesRead: number } {
-  const fd = fs.openSync(file, 'r');
-  const size = fs.fstatSync(fd).size;
+  const f = openFileReader(file);
   const r = {
-    name: file,
-    size,
+    name: f.name,
+    size: f.size,
     bytesRead: 0,
     read(offset: number, length: number): Uint8Array {
-      if (offset < 0 || length < 0 || offset + length > size) throw new FormatError(`read past end of ${file}`);
-      const b = new Uint8Array(length);
-      fs.readSync(fd, b, 0, length, offset);
+      const b = f.read(offset, length);
       r.bytesRead += length;
       return b;
     },

@@ -3,11 +3,11 @@
  * FIFOs, so the synchronous protocol code reads and writes them with blocking calls (no
  * TCP socket at all). One server serves one connection.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { execFileSync } from 'node:child_process';
+import { shellQuote } from '../../qemu/guest.ts';
 import type { NbdTransport } from '../../src/formats/nbd.ts';
 
 export interface StdioNbd {
@@ -24,7 +24,7 @@ export function startStdioNbdkit(args: string[]): StdioNbd {
   const fromServer = join(dir, 'out');
   const errFile = join(dir, 'err');
   execFileSync('mkfifo', [toServer, fromServer]);
-  const quoted = args.map((a) => `'${a.replace(/'/g, `'\\''`)}'`).join(' ');
+  const quoted = args.map(shellQuote).join(' ');
   const child: ChildProcess = spawn('sh', ['-c', `exec nbdkit -s ${quoted} <'${toServer}' >'${fromServer}' 2>'${errFile}'`], { stdio: 'ignore' });
   const w = openSync(toServer, 'w');
   const r = openSync(fromServer, 'r');

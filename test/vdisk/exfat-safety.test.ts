@@ -11,11 +11,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { planAgainstDevices } from '../../src/cli/plan.ts';
 import { bytesReader } from '../../src/formats/block-reader.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { makeExfat } from '../../qemu/disks.ts';
-import { BASIC_DATA, devicesOf, makeHostDisk, pseudoRandom, tmpDir } from './helpers.ts';
+import { planOnVolume, pseudoRandom, tmpDir } from './helpers.ts';
 
 const KiB = 1024;
 let dir: string;
@@ -88,20 +87,7 @@ function systemCluster(img: Buffer, type: number): number {
 }
 
 function plan(img: Buffer, file: string, mode = 'rw'): string {
-  const vol = path.join(dir, `v-${Math.random().toString(36).slice(2)}.exfat`);
-  fs.writeFileSync(vol, img);
-  const disk = makeHostDisk(dir, path.basename(vol, '.exfat'), [{ image: vol, type: BASIC_DATA }]);
-  const d = devicesOf([disk]);
-  try {
-    const report = planAgainstDevices(`root=/dev/sda1 rd.vdisk.attach=LABEL=STICK:${file} rd.vdisk.mode=${mode}`, d.devices);
-    return `planned: ${JSON.stringify(report).slice(0, 200)}`;
-  } catch (e) {
-    return (e as Error).message;
-  } finally {
-    d.close();
-    fs.rmSync(disk, { force: true });
-    fs.rmSync(vol, { force: true });
-  }
+  return planOnVolume(dir, img, { ext: 'exfat', label: 'STICK', file, mode });
 }
 
 beforeAll(() => {

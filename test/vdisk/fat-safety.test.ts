@@ -10,10 +10,9 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { planAgainstDevices } from '../../src/cli/plan.ts';
 import { bytesReader } from '../../src/formats/block-reader.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
-import { BASIC_DATA, devicesOf, makeHostDisk, pseudoRandom, sh, tmpDir } from './helpers.ts';
+import { planOnVolume, pseudoRandom, sh, tmpDir } from './helpers.ts';
 
 const KiB = 1024;
 let dir: string;
@@ -50,20 +49,7 @@ function withFirst(entry: number, c: number): Buffer {
 }
 
 function plan(img: Buffer, file: string): string {
-  const vol = path.join(dir, `v-${Math.random().toString(36).slice(2)}.vfat`);
-  fs.writeFileSync(vol, img);
-  const disk = makeHostDisk(dir, path.basename(vol, '.vfat'), [{ image: vol, type: BASIC_DATA }]);
-  const d = devicesOf([disk]);
-  try {
-    const report = planAgainstDevices(`root=/dev/sda1 rd.vdisk.attach=LABEL=USB:${file} rd.vdisk.mode=rw`, d.devices);
-    return `planned: ${JSON.stringify(report).slice(0, 300)}`;
-  } catch (e) {
-    return (e as Error).message;
-  } finally {
-    d.close();
-    fs.rmSync(disk, { force: true });
-    fs.rmSync(vol, { force: true });
-  }
+  return planOnVolume(dir, img, { ext: 'vfat', label: 'USB', file });
 }
 
 beforeAll(() => {

@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { diskFileDevices } from '../../src/cli/plan.ts';
+import { diskFileDevices, planAgainstDevices } from '../../src/cli/plan.ts';
 import type { HostDevice } from '../../src/boot/hostdev.ts';
 import type { DmDevicePlan } from '../../src/boot/vdisk.ts';
 import { pseudoRandom } from '../hostfs/helpers.ts';
@@ -144,4 +144,26 @@ export function readPlanned(devices: readonly DmDevicePlan[], hosts: readonly Ho
     out.set(bytes, s - offset);
   }
   return out;
+}
+
+/**
+ * `vdboot plan` of `rd.vdisk.attach=LABEL=LABEL:FILE` on a host disk whose one partition is
+ * the volume `img` (written to DIR with extension `ext`): "planned: …" with the start of the
+ * report, or the refusal's message. The disk and volume files are removed after.
+ */
+export function planOnVolume(dir: string, img: Buffer, opts: { ext: string; label: string; file: string; mode?: string }): string {
+  const vol = path.join(dir, `v-${Math.random().toString(36).slice(2)}.${opts.ext}`);
+  fs.writeFileSync(vol, img);
+  const disk = makeHostDisk(dir, path.basename(vol, `.${opts.ext}`), [{ image: vol, type: BASIC_DATA }]);
+  const d = devicesOf([disk]);
+  try {
+    const report = planAgainstDevices(`root=/dev/sda1 rd.vdisk.attach=LABEL=${opts.label}:${opts.file} rd.vdisk.mode=${opts.mode ?? 'rw'}`, d.devices);
+    return `planned: ${JSON.stringify(report).slice(0, 300)}`;
+  } catch (e) {
+    return (e as Error).message;
+  } finally {
+    d.close();
+    fs.rmSync(disk, { force: true });
+    fs.rmSync(vol, { force: true });
+  }
 }
