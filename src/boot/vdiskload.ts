@@ -452,11 +452,12 @@ function attach(sys: Sys, io: VdiskloadIO, cmd: Extract<VdiskloadCommand, { acti
       }
     }
     // 1. Plan (reads only, except the immutable flag of files a direct path would map).
+    // the host's disk and its sector size: an expansion between rounds changes neither
+    const disk = loc.under ? (readTextOr(sys, `/sys/class/block/${loc.under.name}/partition`) !== undefined ? sys.readlink(`/sys/class/block/${loc.under.name}`).split('/').slice(-2)[0]! : loc.under.name) : undefined;
+    const logical = Number(readTextOr(sys, `/sys/class/block/${disk ?? '-'}/queue/logical_block_size`) ?? '512');
     for (let round = 0; ; round++) {
       const h = mountedImageHost(sys, loc, cmd.mode, cmd.map, made);
       const req: ImageRequest = { index: 0, name, path: loc.inMount, mode: cmd.mode, map: cmd.map, expand: true, nbd: qemuNbd !== undefined };
-      const disk = loc.under ? (readTextOr(sys, `/sys/class/block/${loc.under.name}/partition`) !== undefined ? sys.readlink(`/sys/class/block/${loc.under.name}`).split('/').slice(-2)[0]! : loc.under.name) : undefined;
-      const logical = Number((readTextOr(sys, `/sys/class/block/${disk ?? '-'}/queue/logical_block_size`) ?? '512').trim());
       try {
         vp = planVdisk(req, { ...h.host, ...(disk ? { logicalBlockSize: logical > 0 ? logical : 512 } : {}) });
         break;
@@ -560,7 +561,8 @@ function detach(sys: Sys, io: VdiskloadIO, target: string): void {
     const kept: string[] = [];
     for (const b of under) {
       // only a device nothing else holds any more: another dm device may share a loop (vdhost, a second image)
-      if (holders(sys, b.dev).length) { kept.push(`/dev/${b.dev} (held by ${holders(sys, b.dev).join(', ')})`); continue; }
+      const held = holders(sys, b.dev);
+      if (held.length) { kept.push(`/dev/${b.dev} (held by ${held.join(', ')})`); continue; }
       try {
         if (b.dev.startsWith('nbd')) disconnectNbd(sys, `/dev/${b.dev}`);
         else detachLoop(sys, `/dev/${b.dev}`);
