@@ -24,7 +24,7 @@ import { O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { humanSize } from './devices.ts';
-import { formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
+import type { BlockDeviceInfo } from './devspec.ts';
 import { waitForDevice } from './devwait.ts';
 import type { DeviceMapper, DmTarget } from './dm.ts';
 import { describeHost, findImage, hostFileLayout, isKernelHost } from './hostdev.ts';
@@ -243,5 +243,5 @@ export function createOverlay(sys: Sys, dm: DeviceMapper, name: string, op: Over
 /** One line for the console: where the writes go, and what was done to the overlay. */
 export function describeOverlay(name: string, op: OverlayPlan): string {
   const what = op.action === 'use' ? 'kept from earlier boots' : op.action === 'create' ? 'new (rd.vdisk.overlay.init)' : `started over (rd.vdisk.overlay.init=reset: ${op.replaced?.join('; ')})`;
-  return `${name}: writes go to the persistent overlay ${op.description} (${humanSize(op.size)}, ${formatDeviceSpec(op.option.device)}), ${what}`;
+  return `${name}: writes go to the persistent overlay ${op.description} (${humanSize(op.size)}), ${what}`;
 }

@@ -241,7 +241,7 @@ export function classifyOverlay(reader: BlockReader): OverlayContent {
   if (record) return { kind: 'overlay', record, store: parseStoreHeader(reader.read(record.storeOffset, 512)) };
   let fs: ReturnType<typeof probeFilesystem> = null;
   try { fs = probeFilesystem(reader); } catch { /* a damaged superblock still counts below */ }
-  if (fs) return { kind: 'foreign', what: `a ${fs.type} ${fs.usage === 'filesystem' ? 'filesystem' : 'signature'}${fs.label ? ` (LABEL=${fs.label})` : ''}${fs.uuid ? ` (UUID=${fs.uuid})` : ''}` };
+  if (fs) return { kind: 'foreign', what: `a ${fs.usage === 'filesystem' ? 'filesystem' : 'signature'} of type ${fs.type}${fs.label ? `, LABEL=${fs.label}` : ''}${fs.uuid ? `, UUID=${fs.uuid}` : ''}` };
   try {
     const table = parsePartitionTable(reader);
     if (table.kind !== 'none') return { kind: 'foreign', what: `a${table.kind === 'mbr' ? 'n' : ''} ${table.kind.toUpperCase()} partition table with ${table.partitions.length} partition${table.partitions.length === 1 ? '' : 's'}` };

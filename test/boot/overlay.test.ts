@@ -116,7 +116,7 @@ describe('what an overlay device holds', () => {
     const ext4 = join(dir, 'ext4.img');
     makeExt4(ext4, { sizeMiB: 8, label: 'home' });
     const r = openFileReader(ext4);
-    expect(classifyOverlay(r)).toEqual({ kind: 'foreign', what: expect.stringMatching(/^a ext4 filesystem \(LABEL=home\)/) });
+    expect(classifyOverlay(r)).toEqual({ kind: 'foreign', what: expect.stringMatching(/^a filesystem of type ext4, LABEL=home, UUID=/) });
     r.close();
 
     const gpt = join(dir, 'gpt.img');
