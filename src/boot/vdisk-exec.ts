@@ -394,6 +394,9 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
     const chunk = Number(/ P (\d+)$/.exec(vp0.devices.find((d) => d.name === vp0.name)?.targets[0]?.params ?? '')?.[1] ?? 8);
     try {
       overlay = log.timed('overlay', () => planOverlay(ctx, plan.vdisk.overlay!, vp0, chunk));
+      // An overlay kept from earlier boots has its chunk size in its store: the table says the same.
+      const kept = overlay.record.chunkSectors;
+      for (const t of vp0.devices.find((d) => d.name === vp0.name)?.targets ?? []) if (t.type === 'snapshot') t.params = t.params.replace(/ P \d+$/, ` P ${kept}`);
     } catch (e) {
       undo.rollback(log);
       for (const h of nbdHosts) h.close();
