@@ -9,8 +9,9 @@
  *
  * What never happens: the exceptions of an overlay are applied to an image other than the
  * one they were made over (the identities are compared first); a device holding a
- * filesystem, a partition table or any other signature is written; a blank device is
- * written without rd.vdisk.overlay.init=1.
+ * filesystem, a partition table, an image, any other signature or non-zero bytes where the
+ * record and the store's header go is written; a blank device is written without
+ * rd.vdisk.overlay.init=1.
  */
 import { FormatError, isFormatError, type BlockReader } from '../formats/block-reader.ts';
 import { composeMap, dmTable } from '../formats/extent-ops.ts';
@@ -76,12 +77,12 @@ export function planOverlay(ctx: InitContext, option: OverlayOption, vp: VdiskPl
     case 'foreign':
       throw new BootFailure(
         `${where} holds ${content.what}; vdboot never writes over that. Name an empty partition or file for the overlay, or, if its content is really not needed, ` +
-          `erase it from another system first (wipefs -a on the partition), then boot once with rd.vdisk.overlay.init=1.`,
+          `erase its start from another system first (dd if=/dev/zero of=THE-PARTITION-OR-FILE bs=1M count=2 conv=notrunc), then boot once with rd.vdisk.overlay.init=1.`,
       );
     case 'blank':
       if (option.init === 'no') {
         throw new BootFailure(
-          `${where} is not an overlay yet (it holds no filesystem or other signature). To make one there, boot once with rd.vdisk.overlay.init=1 ` +
+          `${where} is not an overlay yet (it holds zeros where the overlay's record goes, and no signature). To make one there, boot once with rd.vdisk.overlay.init=1 ` +
             `(it writes vdboot's record to its first 4 KiB and a new snapshot store from 1 MiB on). Without that, vdboot writes nothing to it and stops here.`,
         );
       }

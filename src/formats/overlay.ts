@@ -23,6 +23,7 @@
  */
 import { FormatError, type BlockReader } from './block-reader.ts';
 import { crc32 } from './crc.ts';
+import { detectFormat } from './detect.ts';
 import type { ExtentMap } from './extent-map.ts';
 import { parsePartitionTable } from './partitions.ts';
 import { probeFilesystem } from './probe.ts';
@@ -36,6 +37,8 @@ export const OVERLAY_STORE_OFFSET = 1024 * 1024;
 /** Below this, the store has no room for its header and a few areas: refused. */
 export const OVERLAY_MIN_SIZE = 4 * 1024 * 1024;
 const RECORD_VERSION = 1;
+/** the store's first chunk at most (2048 sectors would be 1 MiB; vdboot makes 4 or 64 KiB chunks): zeroed when an overlay is made */
+const STORE_HEAD_BYTES = 64 * 1024;
 /** offsets in the record */
 const OFF = { magic: 0, version: 16, storeSectors: 20, chunkSectors: 24, jsonLength: 28, jsonCrc: 32, json: 64 } as const;
 
@@ -224,10 +227,12 @@ export type OverlayContent =
   /** vdboot's magic with a record that does not parse: `why` */
   | { kind: 'damaged'; why: string };
 
+const isZeros = (b: Uint8Array): boolean => b.every((x) => x === 0);
+
 /**
  * Reads the start of an overlay device: vdboot's record (with its store's header), a
- * device with a filesystem, a partition table or another signature (foreign), or one with
- * none (blank), or vdboot's magic over a record that does not parse (damaged).
+ * device with a filesystem, a partition table, an image or another signature, or non-zero
+ * bytes where an overlay is made (foreign), or zeros there (blank), or vdboot's magic over a record that does not parse (damaged).
  */
 export function classifyOverlay(reader: BlockReader): OverlayContent {
   if (reader.size < OVERLAY_MIN_SIZE) throw new FormatError(`${reader.name} is ${reader.size} bytes; an overlay needs at least ${OVERLAY_MIN_SIZE / 1024 / 1024} MiB`, 'size', reader.size);
@@ -247,7 +252,14 @@ export function classifyOverlay(reader: BlockReader): OverlayContent {
     if (table.kind !== 'none') return { kind: 'foreign', what: `a${table.kind === 'mbr' ? 'n' : ''} ${table.kind.toUpperCase()} partition table with ${table.partitions.length} partition${table.partitions.length === 1 ? '' : 's'}` };
   } catch { /* not a partition table */ }
   if (parseStoreHeader(head).magic === SNAP_MAGIC) return { kind: 'foreign', what: 'a device-mapper snapshot store vdboot did not make' };
-  const store = parseStoreHeader(reader.read(OVERLAY_STORE_OFFSET, 512));
-  if (store.magic === SNAP_MAGIC) return { kind: 'foreign', what: 'a device-mapper snapshot store without vdboot\'s record (its record was erased)' };
+  const image = detectFormat(reader);
+  if (image.format !== 'raw') return { kind: 'foreign', what: `a ${image.format.toUpperCase()} image` };
+  const storeHead = reader.read(OVERLAY_STORE_OFFSET, STORE_HEAD_BYTES);
+  if (parseStoreHeader(storeHead).magic === SNAP_MAGIC) return { kind: 'foreign', what: 'a device-mapper snapshot store without vdboot\'s record (its record was erased)' };
+  // Where making an overlay writes (the record, the store's first chunk) must hold nothing:
+  // data without a signature is still someone's data.
+  if (!isZeros(head) || !isZeros(storeHead)) {
+    return { kind: 'foreign', what: `data with no signature vdboot recognises (the bytes an overlay is made in, its first 4 KiB and the ${STORE_HEAD_BYTES / 1024} KiB at 1 MiB, are not all zeros)` };
+  }
   return { kind: 'blank' };
 }

@@ -98,7 +98,7 @@ describe('the overlay record', () => {
 
 describe('what an overlay device holds', () => {
   const MiB = 1 << 20;
-  it('blank zeros; vdboot\'s record with its store; ext4, a GPT, a bare snapshot store: foreign; a damaged record', () => {
+  it('blank zeros; vdboot\'s record with its store; ext4, a GPT, a bare snapshot store, non-zero data, an image: foreign; a damaged record', () => {
     const blank = new Uint8Array(8 * MiB);
     expect(classifyOverlay(bytesReader('blank', blank))).toEqual({ kind: 'blank' });
 
@@ -130,6 +130,23 @@ describe('what an overlay device holds', () => {
     new DataView(bare.buffer).setUint32(OVERLAY_STORE_OFFSET, SNAP_MAGIC, true);
     expect(classifyOverlay(bytesReader('bare', bare))).toMatchObject({ kind: 'foreign', what: expect.stringMatching(/record was erased/) });
     expect(() => classifyOverlay(bytesReader('tiny', new Uint8Array(MiB)))).toThrow(/needs at least 4 MiB/);
+
+    // No signature, but not zeros where the record or the store's first chunk would go: someone's data.
+    for (const at of [100, OVERLAY_STORE_OFFSET + 60_000]) {
+      const data = blank.slice();
+      data[at] = 1;
+      expect(classifyOverlay(bytesReader('data', data))).toMatchObject({ kind: 'foreign', what: expect.stringMatching(/^data with no signature vdboot recognises/) });
+    }
+    const past = blank.slice();
+    past[OVERLAY_STORE_OFFSET + 64 * 1024] = 1;
+    expect(classifyOverlay(bytesReader('past', past))).toEqual({ kind: 'blank' });
+
+    // An image file named by mistake (the served image itself, say).
+    const vhdx = join(dir, 'mistake.vhdx');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'vhdx', vhdx, '64M']);
+    const v = openFileReader(vhdx);
+    expect(classifyOverlay(v)).toEqual({ kind: 'foreign', what: 'a VHDX image' });
+    v.close();
   });
 });
 
