@@ -18,8 +18,8 @@ import { composeMap, dmTable } from '../formats/extent-ops.ts';
 import type { ExtentMap } from '../formats/extent-map.ts';
 import { hostFileReader } from '../formats/host-volume.ts';
 import {
-  classifyOverlay, encodeOverlayRecord, identityDifferences, OVERLAY_MIN_SIZE, OVERLAY_STORE_OFFSET, SNAP_MAGIC,
-  type BaseIdentity, type OverlayContent, type OverlayRecord,
+  classifyOverlay, encodeOverlayRecord, identityDifferences, OVERLAY_MIN_SIZE, OVERLAY_STORE_OFFSET, SNAP_MAGIC, storeUsage,
+  type BaseIdentity, type OverlayContent, type OverlayRecord, type StoreUsage,
 } from '../formats/overlay.ts';
 import { O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
@@ -46,7 +46,12 @@ export interface OverlayPlan {
   record: OverlayRecord;
   /** what changed, when replacing */
   replaced?: string[];
+  /** a kept overlay: what its store holds */
+  usage?: StoreUsage;
 }
+
+/** Past this share of its store, the console warns that the overlay is about to fill up. */
+const NEARLY_FULL = 0.9;
 
 const MiB = 1024 * 1024;
 
@@ -62,8 +67,19 @@ export function planOverlay(ctx: InitContext, option: OverlayOption, vp: VdiskPl
   const dev = waitForDevice(ctx, option.device, `overlay device (rd.vdisk.overlay=${option.text})`);
   const located = option.path === undefined ? wholeDevice(sys, dev) : fileOnDevice(ctx, option, dev);
   let content: OverlayContent;
+  let usage: StoreUsage | undefined;
   try {
     content = classifyOverlay(located.reader);
+    if (content.kind === 'overlay' && content.store.magic === SNAP_MAGIC && content.store.valid === 1) {
+      const r = located.reader;
+      const from = content.record.storeOffset;
+      try {
+        usage = storeUsage({ name: r.name, size: r.size - from, read: (o, l) => r.read(from + o, l) }, content.store.chunkSectors);
+      } catch (e) {
+        if (!isFormatError(e)) throw e;
+        content = { kind: 'damaged', why: `its snapshot store is damaged: ${(e as Error).message}` };
+      }
+    }
   } catch (e) {
     if (isFormatError(e)) throw new BootFailure(`rd.vdisk.overlay=${option.text}: ${located.description}: ${(e as Error).message}. Give the overlay a partition or file of its own of at least ${OVERLAY_MIN_SIZE / MiB} MiB.`);
     throw e;
@@ -116,7 +132,7 @@ export function planOverlay(ctx: InitContext, option: OverlayOption, vp: VdiskPl
         if (option.init === 'reset') return { ...base, action: 'replace', record: fresh(), replaced: ['its snapshot store header was damaged'] };
         throw new BootFailure(`${where}: its snapshot store (at 1 MiB) has no valid header (magic ${store.magic.toString(16)}); start it over with rd.vdisk.overlay.init=reset (the writes kept there are dropped).`);
       }
-      return { ...base, action: 'use', record: content.record };
+      return { ...base, action: 'use', record: content.record, ...(usage ? { usage } : {}) };
     }
   }
 }
@@ -243,6 +259,16 @@ export function createOverlay(sys: Sys, dm: DeviceMapper, name: string, op: Over
 
 /** One line for the console: where the writes go, and what was done to the overlay. */
 export function describeOverlay(name: string, op: OverlayPlan): string {
-  const what = op.action === 'use' ? 'kept from earlier boots' : op.action === 'create' ? 'new (rd.vdisk.overlay.init)' : `started over (rd.vdisk.overlay.init=reset: ${op.replaced?.join('; ')})`;
+  const u = op.usage;
+  const kept = u ? `, ${humanSize(u.exceptions * u.chunkBytes)} written at earlier boots (${Math.round((100 * u.usedChunks) / u.totalChunks)}% of its store)` : '';
+  const what = op.action === 'use' ? `kept from earlier boots${kept}` : op.action === 'create' ? 'new (rd.vdisk.overlay.init)' : `started over (rd.vdisk.overlay.init=reset: ${op.replaced?.join('; ')})`;
   return `${name}: writes go to the persistent overlay ${op.description} (${humanSize(op.size)}), ${what}`;
+}
+
+/** A kept overlay nearly full: what happens when it fills, and what to do; null otherwise. */
+export function overlayFullWarning(op: OverlayPlan): string | null {
+  const u = op.usage;
+  if (!u || u.usedChunks < NEARLY_FULL * u.totalChunks) return null;
+  return `the persistent overlay ${op.description} is ${Math.round((100 * u.usedChunks) / u.totalChunks)}% full (${humanSize(u.usedChunks * u.chunkBytes)} of ${humanSize(u.totalChunks * u.chunkBytes)}): ` +
+    'when it fills, the kernel invalidates it and the system sees I/O errors on its disk. Start it over with rd.vdisk.overlay.init=reset (its writes are dropped), or move it to a larger partition or file.';
 }

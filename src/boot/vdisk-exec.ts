@@ -27,7 +27,7 @@ import type { ImageHost, ImageRequest } from './image-host.ts';
 import { imageRecord, type AttachedImage } from './attached.ts';
 import { NbdImageHost } from './nbd-client.ts';
 import { formatNbdUrl, type NbdUrl } from '../formats/nbd.ts';
-import { createOverlay, describeOverlay, planOverlay, type OverlayPlan } from './overlay.ts';
+import { createOverlay, describeOverlay, overlayFullWarning, planOverlay, type OverlayPlan } from './overlay.ts';
 
 export const HOST_MOUNT = '/run/vdboot/host';
 export const STATE_DIR = '/run/vdboot';
@@ -394,6 +394,8 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
     const chunk = Number(/ P (\d+)$/.exec(vp0.devices.find((d) => d.name === vp0.name)?.targets[0]?.params ?? '')?.[1] ?? 8);
     try {
       overlay = log.timed('overlay', () => planOverlay(ctx, plan.vdisk.overlay!, vp0, chunk));
+      const full = overlayFullWarning(overlay);
+      if (full) log.warn(full);
       // An overlay kept from earlier boots has its chunk size in its store: the table says the same.
       const kept = overlay.record.chunkSectors;
       for (const t of vp0.devices.find((d) => d.name === vp0.name)?.targets ?? []) if (t.type === 'snapshot') t.params = t.params.replace(/ P \d+$/, ` P ${kept}`);

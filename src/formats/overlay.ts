@@ -17,6 +17,7 @@
  *   parseOverlayRecord(bytes): OverlayRecord | null       null: no record (not vdboot's)
  *   encodeOverlayRecord(record): Uint8Array               the 4 KiB record
  *   parseStoreHeader(bytes): StoreHeader                   dm-snapshot's header chunk
+ *   storeUsage(reader, chunkSectors): StoreUsage           its exceptions, and how full it is
  *   baseIdentity(input): BaseIdentity                      what identifies an image
  *   identityDifferences(recorded, now): string[]           empty when it is the same image
  *   classifyOverlay(reader): OverlayContent                vdboot's overlay, blank, damaged, or something else
@@ -150,6 +151,42 @@ export function parseStoreHeader(bytes: Uint8Array): StoreHeader {
   if (bytes.length < 16) throw new FormatError(`the snapshot store header is truncated (${bytes.length} bytes)`, 'store', bytes.length);
   const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   return { magic: v.getUint32(0, true), valid: v.getUint32(4, true), version: v.getUint32(8, true), chunkSectors: v.getUint32(12, true) };
+}
+
+/** What a persistent store holds: its exceptions (chunks written), and how full it is. */
+export interface StoreUsage {
+  exceptions: number;
+  /** chunks in use: the header, the exception areas begun, the data chunks */
+  usedChunks: number;
+  /** chunks the store has room for */
+  totalChunks: number;
+  chunkBytes: number;
+}
+
+/**
+ * Counts a persistent store's exceptions (dm-snap-persistent.c's layout: after the header
+ * chunk, areas of one chunk of {old_chunk, new_chunk} pairs, 64-bit little-endian, each
+ * followed by as many data chunks; the first pair with new_chunk 0 ends the list). `reader`
+ * is the store itself (from its header on). A pair naming a chunk outside the store throws.
+ */
+export function storeUsage(reader: BlockReader, chunkSectors: number): StoreUsage {
+  if (chunkSectors < 8 || chunkSectors > 2048 || (chunkSectors & (chunkSectors - 1)) !== 0) throw new FormatError(`the snapshot store's chunk size ${chunkSectors} sectors is not a power of two from 8 to 2048`, 'chunk', chunkSectors);
+  const chunkBytes = chunkSectors * 512;
+  const totalChunks = Math.floor(reader.size / chunkBytes);
+  const perArea = chunkBytes / 16;
+  let exceptions = 0;
+  for (let area = 0; ; area++) {
+    const at = 1 + area * (perArea + 1);
+    if (at >= totalChunks) return { exceptions, usedChunks: 1 + area + exceptions, totalChunks, chunkBytes };
+    const bytes = reader.read(at * chunkBytes, chunkBytes);
+    const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    for (let i = 0; i < perArea; i++) {
+      const newChunk = v.getBigUint64(i * 16 + 8, true);
+      if (newChunk === 0n) return { exceptions, usedChunks: 1 + area + 1 + exceptions, totalChunks, chunkBytes };
+      if (newChunk >= BigInt(totalChunks)) throw new FormatError(`the snapshot store's exception ${exceptions} names chunk ${newChunk}, past its ${totalChunks} chunks`, 'new_chunk', newChunk);
+      exceptions++;
+    }
+  }
 }
 
 const hex = (b: Uint8Array): string => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');

@@ -14,7 +14,7 @@ import { planVdisk } from '../../src/boot/vdisk.ts';
 import type { ImageHost } from '../../src/boot/image-host.ts';
 import { bytesReader } from '../../src/formats/block-reader.ts';
 import {
-  classifyOverlay, encodeOverlayRecord, identityDifferences, OVERLAY_STORE_OFFSET, parseOverlayRecord, SNAP_MAGIC, type BaseIdentity,
+  classifyOverlay, encodeOverlayRecord, identityDifferences, OVERLAY_STORE_OFFSET, parseOverlayRecord, SNAP_MAGIC, storeUsage, type BaseIdentity,
 } from '../../src/formats/overlay.ts';
 import { nodeChainHost, openFileReader } from '../../src/sys/node-reader.ts';
 import { convertImage, makeExt4 } from '../../qemu/disks.ts';
@@ -93,6 +93,30 @@ describe('the overlay record', () => {
       .toEqual(['layer 1 was written since (DataWriteGuid w2, was w1)']);
     expect(identityDifferences(identity(), identity({ size: 128 << 20, tables: '11' })).join('; ')).toMatch(/size is 134217728 bytes, was 67108864; its allocation tables changed/);
     expect(identityDifferences(identity(), identity({ layers: [{ format: 'qcow2', subformat: 'v3', size: 64 << 20 }] }))[0]).toMatch(/it is qcow2 v3, was vhdx dynamic/);
+  });
+});
+
+describe('a persistent store\'s usage', () => {
+  it('counts exceptions across full areas to the first unused entry; a chunk past the store is an error', () => {
+    // dm-snap-persistent.c's layout with 4 KiB chunks: 256 exceptions per area, area k at chunk 1 + 257k.
+    const chunk = 4096;
+    const store = new Uint8Array(600 * chunk);
+    const v = new DataView(store.buffer);
+    v.setUint32(0, SNAP_MAGIC, true);
+    let next = 2;
+    const put = (area: number, i: number) => {
+      const at = (1 + area * 257) * chunk + i * 16;
+      v.setBigUint64(at, BigInt(1000 + next), true);
+      v.setBigUint64(at + 8, BigInt(next++), true);
+      if (next === 258) next = 259;
+    };
+    for (let i = 0; i < 256; i++) put(0, i);
+    for (let i = 0; i < 3; i++) put(1, i);
+    expect(storeUsage(bytesReader('store', store), 8)).toEqual({ exceptions: 259, usedChunks: 1 + 2 + 259, totalChunks: 600, chunkBytes: chunk });
+    expect(storeUsage(bytesReader('empty', new Uint8Array(600 * chunk)), 8)).toMatchObject({ exceptions: 0, usedChunks: 2 });
+    v.setBigUint64((1 + 257) * chunk + 2 * 16 + 8, 9999n, true);
+    expect(() => storeUsage(bytesReader('bad', store), 8)).toThrow(/exception 258 names chunk 9999, past its 600 chunks/);
+    expect(() => storeUsage(bytesReader('bad', store), 12)).toThrow(/chunk size 12/);
   });
 });
 

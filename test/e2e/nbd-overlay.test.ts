@@ -27,7 +27,8 @@ import { makeGuestDisk } from '../kit/guest-disk.ts';
 import { expectHostClean, hostDisk, readHostFile, type HostDisk } from '../kit/host-disk.ts';
 import { rangeServer, type RangeServer } from '../kit/http-range.ts';
 import { mergeSnapshotStore } from '../kit/dm-snapshot.ts';
-import { OVERLAY_STORE_OFFSET } from '../../src/formats/overlay.ts';
+import { OVERLAY_STORE_OFFSET, storeUsage } from '../../src/formats/overlay.ts';
+import { bytesReader } from '../../src/formats/block-reader.ts';
 
 const MiB = 1024 * 1024;
 const MAC = '52:54:00:0a:7e:01';
@@ -117,7 +118,8 @@ describe('rd.vdisk.overlay over an image nbdkit serves from HTTP, static address
     await second.waitExit(180_000);
     const t2 = second.transcript().replace(/\r/g, '');
     const f2 = parseGuestFacts(t2).facts;
-    expect(t2).toMatch(/vdisk0: writes go to the persistent overlay .*, kept from earlier boots/);
+    const kept = /vdisk0: writes go to the persistent overlay .*, kept from earlier boots, ([\d.]+) (KiB|MiB) written at earlier boots \((\d+)% of its store\)/.exec(t2);
+    expect(kept, t2).not.toBeNull();
     expect(f2.boots).toBe('2');
     expect(f2.files).toBe('boots,data-1,data-2,');
     expect(t2).toMatch(/reboot: Power down/);
@@ -130,6 +132,11 @@ describe('rd.vdisk.overlay over an image nbdkit serves from HTTP, static address
     const base = readFileSync(raw);
     const { merged, exceptions } = mergeSnapshotStore(base, overlay.subarray(OVERLAY_STORE_OFFSET));
     expect(exceptions).toBeGreaterThan(0);
+    // vdboot's count of the store the kernel wrote agrees with the kit's reading of it (after boot 2: more than boot 2 was told).
+    const store = overlay.subarray(OVERLAY_STORE_OFFSET);
+    const usage = storeUsage(bytesReader('store', new Uint8Array(store.buffer, store.byteOffset, store.byteLength)), store.readUInt32LE(12));
+    expect(usage.exceptions).toBe(exceptions);
+    expect(usage.exceptions * usage.chunkBytes).toBeGreaterThanOrEqual(Math.floor(Number(kept![1]) * (kept![2] === 'MiB' ? MiB : 1024) * 0.95));
     const rootPart = readPartitions(raw).find((p) => p.number === 2)!;
     const rootFs = join(dir, 'merged-root.ext4');
     writeFileSync(rootFs, merged.subarray(rootPart.offset, rootPart.offset + rootPart.size));
