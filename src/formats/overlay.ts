@@ -48,7 +48,7 @@ export const SNAP_MAGIC = 0x70416e53; // "SnAp" little-endian
 
 /** What identifies the image an overlay was made over. */
 export interface BaseIdentity {
-  /** where it came from (the export or the image's path): shown, not compared */
+  /** where it came from (the export or the image's path, as the host spells it): another name is another image */
   source: string;
   /** virtual size in bytes */
   size: number;
@@ -251,6 +251,7 @@ export function identityDifferences(recorded: BaseIdentity, now: BaseIdentity): 
   }
   if (recorded.tables !== now.tables) out.push('its allocation tables changed');
   if (recorded.content !== now.content) out.push('its partition table or a filesystem superblock changed');
+  if (recorded.source !== now.source) out.push(`it is ${now.source}, was ${recorded.source}`);
   return out;
 }
 

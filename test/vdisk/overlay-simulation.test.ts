@@ -106,7 +106,7 @@ describe('simulation: rd.vdisk.overlay', () => {
     const r = await boot(ROOT, overlayWith(changedIdentity));
     const text = r.kernel.consoleText;
     expect(r.end?.reason, text).toBe('shell');
-    expect(text).toMatch(/rd\.vdisk\.overlay=\/dev\/vdb \(\/dev\/vdb\) holds writes made over \S*\/changed\.vhdx \(vhdx dynamic, 16(\.0)? MiB\), but the image booted now is not that image: layer 1 was written since \(DataWriteGuid [0-9a-f-]{36}, was [0-9a-f-]{36}\); its allocation tables changed\./);
+    expect(text).toMatch(/rd\.vdisk\.overlay=\/dev\/vdb \(\/dev\/vdb\) holds writes made over \S*\/changed\.vhdx \(vhdx dynamic, 16(\.0)? MiB\), but the image booted now is not that image: layer 1 was written since \(DataWriteGuid [0-9a-f-]{36}, was [0-9a-f-]{36}\); its allocation tables changed; it is \/VMs\/dynamic\.vhdx, was \S*\/changed\.vhdx\./);
     expect(text).toMatch(/rd\.vdisk\.overlay\.init=reset/);
     expect(r.kernel.events.dm).toEqual([]);
   });
