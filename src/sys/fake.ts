@@ -80,6 +80,8 @@ export interface FakeMachine {
    * superblock, so a wrong table fails the mount as the kernel would.
    */
   deviceTrees?: Record<string, FakeTree>;
+  /** RAM in KiB (/proc/meminfo's MemTotal); default 1 GiB */
+  memKiB?: number;
   /** the running kernel's release (/proc/sys/kernel/osrelease); default "sim" */
   kernelRelease?: string;
   /** kexec_file_load fails with this errno name (EPERM, EKEYREJECTED, ENOEXEC, ENOSYS …) */
@@ -268,7 +270,10 @@ export class FakeKernel implements Sys {
   }
 
   private procTree(): Node {
-    const root = this.buildTree({ cmdline: `${this.machine.cmdline}\n`, mounts: '', modules: '', 'sys/kernel/osrelease': `${this.machine.kernelRelease ?? 'sim'}\n` }, fsCounter++);
+    const root = this.buildTree({
+      cmdline: `${this.machine.cmdline}\n`, mounts: '', modules: '', 'sys/kernel/osrelease': `${this.machine.kernelRelease ?? 'sim'}\n`,
+      meminfo: `MemTotal:       ${this.machine.memKiB ?? 1048576} kB\n`,
+    }, fsCounter++);
     // /proc/modules: the modules loaded so far, one "NAME SIZE REFS DEPS STATE ADDRESS" line each
     const modules = root.kind === 'dir' ? root.entries.get('modules') : undefined;
     if (modules?.kind === 'file') modules.data = () => enc([...this.loadedAt.keys()].map((m) => `${m} 16384 0 - Live 0x0000000000000000\n`).join(''));
