@@ -9,6 +9,7 @@
  *  - root=tmpfs:LABEL=vms:/VMs/rootfs.tar.gz: the same registration before the archive's host
  *    is mounted read-only, then the archive unpacked into the tmpfs root.
  * The oracle is the guest's own view (/which, a file only in that root, and /proc/mounts).
+ * Measured under TCG on two busy cores: 47 s and 40 s, plus ~40 s building the disks.
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';

@@ -14,6 +14,7 @@
  * way and booted rw twice through lvm as roots: the second boot reads the count the first
  * wrote, and the guest sees the LV's sub-devices (cache origin and pool, raid images and
  * metadata) under its root.
+ * Measured under TCG on two busy cores (builder VM and boots): thin 267 s, cache 228 s, raid1 217 s.
  */
 import fs from 'node:fs';
 import { tmpdir } from 'node:os';
