@@ -139,6 +139,14 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
     expect(r.kernel.stat('/dev/mapper/vdisk0p2')).toMatchObject({ rdevMajor: 253, rdevMinor: 2 });
   });
 
+  it('rd.vdisk.attach: resume= naming a partition of the attached image is refused with the reason, and the boot goes on', async () => {
+    const r = await boot(`root=UUID=${guestUuid} rd.vdisk.attach=LABEL=Windows:/VMs/linux.vhd resume=/dev/mapper/vdisk0p1`);
+    const t = r.kernel.consoleText;
+    expect(r.end?.reason, t).toBe('exec');
+    expect(t).toMatch(/resume=\/dev\/mapper\/vdisk0p1 is ignored: resuming inside an image is refused, .*; \/dev\/dm-1 lies on an image attached by rd\.vdisk\.attach=/);
+    expect(r.kernel.sysPowerResume).toBeUndefined();
+  });
+
   it('rd.vdisk.attach with rd.vdisk.mode=ro and rw: the image is read-only, so the root on it is mounted read-only, and the console says why', async () => {
     const r = await boot(`root=UUID=${guestUuid} rd.vdisk.attach=LABEL=Windows:/VMs/linux.vhd rd.vdisk.mode=ro rw`);
     const t = r.kernel.consoleText;
