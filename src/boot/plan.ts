@@ -243,7 +243,10 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     warnings.push(`resume=${cmd.get('resume')} is ignored: resuming inside an image is refused, since vdboot cannot prove the image's device tables are the ones recorded at hibernation (a moved image file would resume onto the wrong sectors)`);
     delete plan.stack.resume;
   }
-  if (vdisk.mode === 'ro' && !readOnly && root.kind !== 'tmpfs') {
+  // rd.vdisk.mode is the images' mode: it makes a root inside the image read-only, not a
+  // plain root beside rd.vdisk.attach= images (a root that turns out to lie on an attached
+  // read-only image is mounted read-only at boot, as its device is: init.ts).
+  if (vdisk.mode === 'ro' && !readOnly && root.kind === 'vdisk') {
     warnings.push('rd.vdisk.mode=ro makes the image read-only, so the root is mounted read-only despite rw');
     plan.readOnly = true;
   }

@@ -18,6 +18,7 @@ import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
 import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
 import { isBitLockerHost, unlockBitLocker } from './bitlocker.ts';
+import { readyBtrfsHost } from './btrfs.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { waitForDevice, waitForUevents } from './devwait.ts';
 import { mountDevice } from './mount-device.ts';
@@ -143,6 +144,8 @@ function mountThroughVdhost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host
 function mountKernelHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo, mayWrite: boolean): KernelMount {
   const { log } = ctx;
   ctx.modules.reportFailures(ctx.modules.load(['dm_mod']));
+  // a btrfs over several disks mounts only once all its members are registered
+  readyBtrfsHost(ctx, host, 'filesystem holding the image');
   let fsType: string;
   try {
     try {
