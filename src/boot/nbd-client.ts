@@ -89,25 +89,30 @@ export function socketTransport(sys: Sys, fd: number, where: string): NbdTranspo
 function genlRequest(sys: Sys, family: number, cmd: number, version: number, attrs: NlAttr[], what: string): Map<number, Uint8Array> {
   const fd = sys.socket(AF.NETLINK, SOCK.RAW, NETLINK.GENERIC);
   try {
-    const seq = 1;
-    sys.write(fd, packGenl(family, cmd, version, seq, attrs));
-    let result = new Map<number, Uint8Array>();
-    for (;;) {
-      const [ready] = sys.poll([{ fd, events: POLLIN }], NET_TIMEOUT_MS);
-      if (!ready) throw new FormatError(`${what}: the kernel did not answer`, 'netlink', what);
-      const buf = new Uint8Array(65536);
-      const n = sys.read(fd, buf);
-      for (const m of parseMessages(buf.subarray(0, n))) {
-        const err = errorOf(m);
-        if (err !== undefined) {
-          if (err !== 0) throw new NetlinkError(what, err);
-          return result;
-        }
-        if (m.type === family && m.payload.length >= 4) result = parseAttrs(m.payload.subarray(4));
-      }
-    }
+    return genlExchange(sys, fd, family, cmd, version, attrs, what);
   } finally {
     sys.close(fd);
+  }
+}
+
+/** genlRequest on a socket of the caller's (sending binds it to a port of its own). */
+function genlExchange(sys: Sys, fd: number, family: number, cmd: number, version: number, attrs: NlAttr[], what: string): Map<number, Uint8Array> {
+  const seq = 1;
+  sys.write(fd, packGenl(family, cmd, version, seq, attrs));
+  let result = new Map<number, Uint8Array>();
+  for (;;) {
+    const [ready] = sys.poll([{ fd, events: POLLIN }], NET_TIMEOUT_MS);
+    if (!ready) throw new FormatError(`${what}: the kernel did not answer`, 'netlink', what);
+    const buf = new Uint8Array(65536);
+    const n = sys.read(fd, buf);
+    for (const m of parseMessages(buf.subarray(0, n))) {
+      const err = errorOf(m);
+      if (err !== undefined) {
+        if (err !== 0) throw new NetlinkError(what, err);
+        return result;
+      }
+      if (m.type === family && m.payload.length >= 4) result = parseAttrs(m.payload.subarray(4));
+    }
   }
 }
 
@@ -127,12 +132,19 @@ function nbdFamilyId(sys: Sys): number {
   return nbdFamilyInfo(sys).id;
 }
 
-/** The nbd family's id and the multicast group of its NBD_CMD_LINK_DEAD announcements. */
-export function nbdFamilyInfo(sys: Sys): { id: number; linkDeadGroup: number | undefined } {
-  if (nbdFamily !== undefined) return nbdFamily;
+/**
+ * The nbd family's id and the multicast group of its NBD_CMD_LINK_DEAD announcements,
+ * asked on `fd` when given: the reconnect daemon asks on the socket that then joins the
+ * group, because sending binds a netlink socket to a port of its own, and the kernel's
+ * announcements (sent from port 0) skip a socket still at port 0.
+ */
+export function nbdFamilyInfo(sys: Sys, fd?: number): { id: number; linkDeadGroup: number | undefined } {
+  if (nbdFamily !== undefined && fd === undefined) return nbdFamily;
   let reply: Map<number, Uint8Array>;
   try {
-    reply = genlRequest(sys, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, [{ type: CTRL_ATTR.FAMILY_NAME, str: NBD_GENL_NAME }], 'looking up the nbd netlink family');
+    const ask = [{ type: CTRL_ATTR.FAMILY_NAME, str: NBD_GENL_NAME }];
+    const what = 'looking up the nbd netlink family';
+    reply = fd === undefined ? genlRequest(sys, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, ask, what) : genlExchange(sys, fd, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, ask, what);
   } catch (e) {
     if (e instanceof NetlinkError && e.errno === 2) throw new FormatError('The kernel has no nbd driver loaded (no "nbd" netlink family): is the nbd module in the initramfs? Rebuild it with "vdboot mkinitramfs" (it includes nbd).', 'module', 'nbd');
     throw e;

@@ -290,10 +290,11 @@ export function runNbdReconnect(sys: Sys, args: string[]): number {
   let fd: number;
   let family: number;
   try {
-    const info = nbdFamilyInfo(sys);
+    fd = sys.socket(AF.NETLINK, SOCK.RAW, NETLINK.GENERIC);
+    // asked on the socket that joins: the question binds it (see nbdFamilyInfo)
+    const info = nbdFamilyInfo(sys, fd);
     if (info.linkDeadGroup === undefined) throw new FormatError('the kernel\'s nbd netlink family has no multicast group "nbd_mc_group"', 'netlink', 'nbd_mc_group');
     family = info.id;
-    fd = sys.socket(AF.NETLINK, SOCK.RAW, NETLINK.GENERIC);
     sys.setsockopt(fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, u32le(info.linkDeadGroup));
   } catch (e) {
     log.error(`nbd: cannot watch ${devices} for a lost server (${(e as Error).message}): if the server goes away, their I/O waits 120 s, then fails.`);
