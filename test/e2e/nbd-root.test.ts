@@ -14,7 +14,7 @@
  * hand-off, which stops the daemon and disconnects the device.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -23,6 +23,7 @@ import { convertImage } from '../../qemu/disks.ts';
 import { guestFact, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
 import { makeGuestDisk } from '../kit/guest-disk.ts';
+import { killableNbdServer } from '../kit/nbd-server.ts';
 
 let dir: string;
 let served: string;
@@ -76,25 +77,6 @@ function nbdNet(folder: string): string[] {
   return ['-netdev', `user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:10809-cmd:${cmd}`, '-device', 'virtio-net-pci,netdev=n0'];
 }
 
-/**
- * As nbdNet, through a wrapper that notes each server's pid in `work`/pids (so the test
- * kills only servers it started) and, while `work`/refuse exists, closes the connection
- * at once: a server that is down.
- */
-function killableNbdNet(folder: string, work: string): string[] {
-  const script = join(work, 'serve.sh');
-  writeFileSync(script, `#!/bin/sh\necho $$ >> ${work}/pids\n[ -e ${work}/refuse ] && exit 0\nexec nbdkit -s --log=null file dir=${folder}\n`, { mode: 0o755 });
-  return ['-netdev', `user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:10809-cmd:sh ${script.replace(/,/g, ',,')}`, '-device', 'virtio-net-pci,netdev=n0'];
-}
-
-/** The wrapper's servers that are nbdkit now (the wrapper exec'd it) and still running. */
-function runningServers(work: string): number[] {
-  const pids = existsSync(join(work, 'pids')) ? readFileSync(join(work, 'pids'), 'utf8').split('\n').filter(Boolean).map(Number) : [];
-  return pids.filter((pid) => {
-    try { return readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('nbdkit'); } catch { return false; }
-  });
-}
-
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function bootClient(id: string, append: string, net = nbdNet(served)) {
@@ -132,19 +114,15 @@ describe('root=vdisk:nbd://', () => {
   }, 900_000);
 
   it('a server killed and restarted while a client reads: the client finishes its read and boots on', async () => {
-    const work = join(dir, 'killable');
-    mkdirSync(work);
-    const vm = await bootClient('R', 'root=vdisk:nbd://10.0.2.100/disk.vhdx ip=dhcp vdtest.read=1', killableNbdNet(served, work));
+    const server = killableNbdServer(join(dir, 'killable'), served);
+    const vm = await bootClient('R', 'root=vdisk:nbd://10.0.2.100/disk.vhdx ip=dhcp vdtest.read=1', server.netArgs);
     await vm.waitFor('VDTEST-READING', 480_000);
     await sleep(2000);
     // the server goes away: the one serving the kernel is killed, new connections are closed at once
-    writeFileSync(join(work, 'refuse'), '');
-    const killed = runningServers(work);
-    expect(killed.length).toBeGreaterThan(0);
-    for (const pid of killed) process.kill(pid, 'SIGKILL');
+    expect(server.kill().length).toBeGreaterThan(0);
     await vm.waitFor(/WARNING: nbd: lost the connection to nbd:\/\/10\.0\.2\.100\/disk\.vhdx \(\/dev\/nbd0\)/, 120_000);
     await sleep(6000);
-    unlinkSync(join(work, 'refuse'));
+    server.restart();
     await vm.waitFor(/nbd: reconnected \/dev\/nbd0 to nbd:\/\/10\.0\.2\.100\/disk\.vhdx/, 180_000);
     await vm.waitFor(GUEST_MARKER, 240_000);
     const facts = parseGuestFacts(vm.transcript());
@@ -157,6 +135,8 @@ describe('root=vdisk:nbd://', () => {
     const back = /nbd: reconnected \/dev\/nbd0 to nbd:\/\/10\.0\.2\.100\/disk\.vhdx after ([\d.]+) s \((\d+) attempts\); its I\/O goes on/.exec(t);
     expect(Number(back![1])).toBeGreaterThanOrEqual(5);
     expect(Number(back![2])).toBeGreaterThanOrEqual(2);
+    // one connection at boot, then one per attempt
+    expect(server.connections()).toBe(1 + Number(back![2]));
     // the shutdown hand-off stops the daemon, then disconnects the device
     const stop = t.search(/stopping the NBD reconnect daemon \(\d+\)/);
     const disc = t.search(/disconnected \/dev\/nbd0/);
