@@ -63,6 +63,9 @@ export function parseBitLockerKey(text: string, parseSpec: (t: string) => Device
   return { path, device };
 }
 
+/** How long I/O on a network image waits for a server that went away, by default (rd.vdisk.nbd.timeout=). */
+export const NBD_RECONNECT_DEFAULT_S = 300;
+
 export interface VdiskOptions {
   root: VdiskRootChoice;
   mode: VdiskMode;
@@ -81,6 +84,11 @@ export interface VdiskOptions {
   compat?: string;
   /** rd.vdisk.overlay.size=: the most RAM a snapshot's writes may take (a tmpfs size: 2G, 50%) */
   overlaySize?: string;
+  /**
+   * rd.vdisk.nbd.timeout=S: how long I/O on a network image waits for its server to come
+   * back while vdboot's reconnect daemon retries (undefined: NBD_RECONNECT_DEFAULT_S)
+   */
+  nbdTimeout?: number;
 }
 
 export interface BootPlan {
@@ -178,6 +186,11 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   if (overlaySize !== undefined) {
     if (/^\d+[kKmMgG%]?$/.test(overlaySize)) vdisk.overlaySize = overlaySize;
     else warnings.push(`rd.vdisk.overlay.size=${overlaySize} is not a size (e.g. 2G, 512M or 25%); the overlay is limited by /run only`);
+  }
+  const nbdTimeout = cmd.get('rd.vdisk.nbd.timeout');
+  if (nbdTimeout !== undefined) {
+    if (/^\d+$/.test(nbdTimeout) && Number(nbdTimeout) >= 1 && Number(nbdTimeout) <= 86400) vdisk.nbdTimeout = Number(nbdTimeout);
+    else warnings.push(`rd.vdisk.nbd.timeout=${nbdTimeout} is not a number of seconds from 1 to 86400; I/O waits ${NBD_RECONNECT_DEFAULT_S} s for a server that went away`);
   }
 
   const seconds = (key: string, fallback: number): number => {

@@ -1231,6 +1231,10 @@ export class FakeKernel implements Sys {
     fail('EBADF', `connect fd ${fd}`);
   }
 
+  setsockopt(fd: number, _level: number, _name: number, _value: Uint8Array): void {
+    fail('EBADF', `setsockopt fd ${fd}`);
+  }
+
   poll(fds: PollFd[], timeoutMs: number): number[] {
     const ready = () => fds.map((p) => (this.ueventFds.has(p.fd) && this.pending.length ? 1 : 0));
     let r = ready();
