@@ -1180,6 +1180,23 @@ static JSValue sys_connect(JSContext *ctx, JSValueConst this_val, int argc, JSVa
     return JS_UNDEFINED;
 }
 
+/* setsockopt(fd, level, name, value bytes): a netlink socket joins a generic netlink
+ * family's multicast group (SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, the group id). */
+static JSValue sys_setsockopt(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
+{
+    int fd, level, name;
+    uint8_t *value;
+    size_t len;
+    if (get_int(ctx, argc, argv, 0, "setsockopt", &fd) || get_int(ctx, argc, argv, 1, "setsockopt", &level) ||
+        get_int(ctx, argc, argv, 2, "setsockopt", &name) || get_bytes(ctx, argc, argv, 3, "setsockopt", &value, &len))
+        return JS_EXCEPTION;
+    if (len > 256)
+        return JS_ThrowRangeError(ctx, "setsockopt: the value is %zu bytes long", len);
+    if (setsockopt(fd, level, name, value, (socklen_t)len) != 0)
+        return throw_errno(ctx, "setsockopt fd %d level %d option %d", fd, level, name);
+    return JS_UNDEFINED;
+}
+
 /* poll([{fd, events}], timeoutMs) → revents per entry. Interrupted by a signal: all 0. */
 static JSValue sys_poll(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
 {
@@ -1389,6 +1406,7 @@ static const JSCFunctionListEntry sys_funcs[] = {
     JS_CFUNC_DEF("ueventSocket", 0, sys_uevent_socket),
     JS_CFUNC_DEF("socket", 3, sys_socket),
     JS_CFUNC_DEF("connect", 3, sys_connect),
+    JS_CFUNC_DEF("setsockopt", 4, sys_setsockopt),
     JS_CFUNC_DEF("poll", 2, sys_poll),
     JS_CFUNC_MAGIC_DEF("monotonicMs", 0, sys_clock, 0),
     JS_CFUNC_MAGIC_DEF("uptimeSec", 0, sys_clock, 1),

@@ -24,8 +24,8 @@ import { GPT_TYPE } from '../src/formats/guid.ts';
 import { formatFromFileName, writeImage, type OutputFormat } from '../src/formats/writers/index.ts';
 import { hostAllocatedRanges, openFileSink, openRawSource, randomIdentity } from './image-file.ts';
 import { BOOT_PARTITION_BYTES, BIOS_BOOT_BYTES, installBootLoader, type BootSetup, type PartitionScheme } from './boot.ts';
-import { listTree } from './tree-listing.ts';
-import { makeXfs, readXfsSuperblock, xfsPrototype } from './fs-xfs.ts';
+import { lastLines, listTree, type TreeEntry } from './tree-listing.ts';
+import { makeXfs, readXfsSuperblock, xfsPrototype, type XfsProto } from './fs-xfs.ts';
 import { makeBtrfs, readBtrfsSuperblock } from './fs-btrfs.ts';
 
 const KiB = 1024;
@@ -198,6 +198,9 @@ interface PreparedSource {
   dir: string;
   /** run mke2fs through fakeroot with this state file */
   fakerootState?: string;
+  /** the tree as listed for XFS and btrfs, and XFS's prototype: made once, kept across size retries */
+  entries?: TreeEntry[];
+  xfsProto?: XfsProto;
 }
 
 function prepareSource(source: string, scratch: string, log: (l: string) => void): PreparedSource {
@@ -218,7 +221,7 @@ function prepareSource(source: string, scratch: string, log: (l: string) => void
   const tarArgs = ['-x', '-f', path.resolve(source), '-C', dir, '--numeric-owner', '--same-owner', '--same-permissions', '--no-overwrite-dir'];
   const r = asRoot ? run('tar', tarArgs, 'unpacking the archive') : run('fakeroot', ['-s', state, '--', 'tar', ...tarArgs], 'unpacking the archive');
   if (r.status !== 0) {
-    throw new MkdiskError(`could not unpack ${source} as a tar archive: ${r.stderr.trim().split('\n').slice(-3).join('; ')}`);
+    throw new MkdiskError(`could not unpack ${source} as a tar archive: ${lastLines(r.stderr)}`);
   }
   return { dir, fakerootState: asRoot ? undefined : state };
 }
@@ -288,12 +291,15 @@ function makeFsInFile(raw: string, layout: Layout, src: PreparedSource, opts: Mk
   fs.rmSync(fsFile, { force: true });
   fs.writeFileSync(fsFile, '');
   fs.truncateSync(fsFile, layout.fsSize);
-  const entries = listTree(src.dir, src.fakerootState);
+  const entries = (src.entries ??= listTree(src.dir, src.fakerootState));
   let made: { ok: true } | { ok: false; why: string };
   if (opts.fs === 'xfs') {
-    const contentDir = path.join(scratch, 'xfs-content');
-    fs.rmSync(contentDir, { recursive: true, force: true });
-    const proto = xfsPrototype(entries, src.dir, contentDir);
+    if (!src.xfsProto) {
+      const contentDir = path.join(scratch, 'xfs-content');
+      fs.rmSync(contentDir, { recursive: true, force: true });
+      src.xfsProto = xfsPrototype(entries, src.dir, contentDir);
+    }
+    const proto = src.xfsProto;
     made = makeXfs(fsFile, proto, path.join(scratch, 'xfs.proto'), opts.label);
     if (made.ok && proto.hardLinkCopies > 0) opts.log?.(`xfs: ${proto.hardLinkCopies} hard-linked names became copies of their file (mkfs.xfs's prototype file cannot link)`);
     if (made.ok && proto.socketsLeftOut > 0) opts.log?.(`xfs: ${proto.socketsLeftOut} sockets left out`);

@@ -19,7 +19,8 @@
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { crc32c } from '../src/formats/crc.ts';
-import type { TreeEntry } from './tree-listing.ts';
+import { formatUuid } from '../src/formats/vhd.ts';
+import { lastLines, type TreeEntry } from './tree-listing.ts';
 
 export class BtrfsBuildError extends Error {
   constructor(message: string) {
@@ -41,17 +42,13 @@ function tool(cmd: string, args: string[], fakerootState?: string): { status: nu
   return { status: r.status ?? 1, out: `${r.stderr}\n${r.stdout}` };
 }
 
-function tail(text: string): string {
-  return text.trim().split('\n').filter(Boolean).slice(-3).join('; ');
-}
-
 /** `{ok: false}` when the content does not fit `fsFile`'s size, so the caller grows it. */
 export function makeBtrfs(fsFile: string, sourceDir: string, entries: readonly TreeEntry[], label: string | undefined, fakerootState?: string): { ok: true } | { ok: false; why: string } {
   const args = ['-q', '-f', ...(label !== undefined ? ['-L', label] : []), '--rootdir', sourceDir, fsFile];
   const r = tool('mkfs.btrfs', args, fakerootState);
   if (r.status !== 0) {
-    if (/not enough free space|No space left|ENOSPC|too small/i.test(r.out)) return { ok: false, why: tail(r.out) };
-    throw new BtrfsBuildError(`mkfs.btrfs failed (exit ${r.status}): ${tail(r.out)}`);
+    if (/not enough free space|No space left|ENOSPC|too small/i.test(r.out)) return { ok: false, why: lastLines(r.out) };
+    throw new BtrfsBuildError(`mkfs.btrfs failed (exit ${r.status}): ${lastLines(r.out)}`);
   }
   const devices = entries.filter((e) => e.type === 'char' || e.type === 'block');
   if (devices.length > 0) writeDeviceNumbers(fsFile, devices);
@@ -68,7 +65,7 @@ interface ItemAt { leaf: number; itemoff: number }
 /** objectid → where its INODE_ITEM lies, from dump-tree's text. */
 function inodeItems(fsFile: string): Map<number, ItemAt> {
   const r = tool('btrfs', ['inspect-internal', 'dump-tree', '-t', 'fs', fsFile]);
-  if (r.status !== 0) throw new BtrfsBuildError(`btrfs inspect-internal dump-tree failed: ${tail(r.out)}`);
+  if (r.status !== 0) throw new BtrfsBuildError(`btrfs inspect-internal dump-tree failed: ${lastLines(r.out)}`);
   const items = new Map<number, ItemAt>();
   let leaf = -1;
   for (const line of r.out.split('\n')) {
@@ -83,7 +80,7 @@ function inodeItems(fsFile: string): Map<number, ItemAt> {
 function mirrors(fsFile: string, logical: number): number[] {
   const r = tool('btrfs-map-logical', ['-l', String(logical), fsFile]);
   const out = [...r.out.matchAll(/^mirror \d+ logical (\d+) physical (\d+)/gm)].filter((m) => Number(m[1]) === logical).map((m) => Number(m[2]));
-  if (r.status !== 0 || out.length === 0) throw new BtrfsBuildError(`btrfs-map-logical found no copy of tree block ${logical}: ${tail(r.out)}`);
+  if (r.status !== 0 || out.length === 0) throw new BtrfsBuildError(`btrfs-map-logical found no copy of tree block ${logical}: ${lastLines(r.out)}`);
   return out;
 }
 
@@ -129,7 +126,7 @@ function writeDeviceNumbers(fsFile: string, devices: readonly TreeEntry[]): void
     fs.closeSync(fd);
   }
   const check = tool('btrfs', ['check', '--readonly', fsFile]);
-  if (check.status !== 0) throw new BtrfsBuildError(`btrfs check failed after writing the device numbers: ${tail(check.out)}`);
+  if (check.status !== 0) throw new BtrfsBuildError(`btrfs check failed after writing the device numbers: ${lastLines(check.out)}`);
 }
 
 /** Free bytes (total minus used) and the UUID from the btrfs superblock of the filesystem at byte `offset` of `file`. */
@@ -141,8 +138,7 @@ export function readBtrfsSuperblock(file: string, offset = 0): { freeBytes: numb
     if (sb.toString('latin1', 0x40, 0x48) !== '_BHRfS_M') throw new BtrfsBuildError(`no btrfs superblock at byte ${offset + SUPERBLOCK} of ${file}`);
     const total = Number(sb.readBigUInt64LE(0x70));
     const used = Number(sb.readBigUInt64LE(0x78));
-    const u = sb.subarray(0x20, 0x30).toString('hex');
-    return { freeBytes: Math.max(0, total - used), uuid: `${u.slice(0, 8)}-${u.slice(8, 12)}-${u.slice(12, 16)}-${u.slice(16, 20)}-${u.slice(20)}` };
+    return { freeBytes: Math.max(0, total - used), uuid: formatUuid(sb.subarray(0x20, 0x30)) };
   } finally {
     fs.closeSync(fd);
   }

@@ -22,7 +22,8 @@
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import type { TreeEntry } from './tree-listing.ts';
+import { formatUuid } from '../src/formats/vhd.ts';
+import { lastLines, type TreeEntry } from './tree-listing.ts';
 
 export class XfsProtoError extends Error {
   constructor(message: string) {
@@ -113,10 +114,6 @@ export function xfsPrototype(entries: readonly TreeEntry[], sourceDir: string, c
   return { text: `${lines.join('\n')}\n`, modeFixes, hardLinkCopies, socketsLeftOut };
 }
 
-function tail(text: string): string {
-  return text.trim().split('\n').filter(Boolean).slice(-3).join('; ');
-}
-
 /**
  * Makes the XFS filesystem in `fsFile` (already sized). `{ok: false}` when the content does
  * not fit, so the caller grows the size and tries again.
@@ -128,15 +125,15 @@ export function makeXfs(fsFile: string, proto: XfsProto, protoFile: string, labe
   if (r.error) throw new XfsProtoError(`making the filesystem: mkfs.xfs could not run (${r.error.message}); install xfsprogs`);
   if (r.status !== 0) {
     const text = `${r.stderr}\n${r.stdout}`;
-    if (/No space left|ENOSPC|must be larger|too small|cannot reserve/i.test(text)) return { ok: false, why: tail(text) };
-    throw new XfsProtoError(`mkfs.xfs failed (exit ${r.status}): ${tail(text)}`);
+    if (/No space left|ENOSPC|must be larger|too small|cannot reserve/i.test(text)) return { ok: false, why: lastLines(text) };
+    throw new XfsProtoError(`mkfs.xfs failed (exit ${r.status}): ${lastLines(text)}`);
   }
   if (proto.modeFixes.length > 0) {
     // Expert-mode writes into the unmounted image file: the sticky bit the prototype file cannot say.
     const cmds = proto.modeFixes.flatMap((f) => ['-c', `path ${f.path}`, '-c', `write core.mode 0${f.mode.toString(8)}`]);
     const w = spawnSync('xfs_db', ['-x', ...cmds, fsFile], { encoding: 'utf8' });
     if (w.error || w.status !== 0 || /not found|no such|invalid/i.test(w.stderr)) {
-      throw new XfsProtoError(`setting the sticky bit with xfs_db failed (exit ${w.status}): ${tail(w.stderr || w.stdout)}`);
+      throw new XfsProtoError(`setting the sticky bit with xfs_db failed (exit ${w.status}): ${lastLines(w.stderr || w.stdout)}`);
     }
   }
   return { ok: true };
@@ -151,8 +148,7 @@ export function readXfsSuperblock(file: string, offset = 0): { freeBytes: number
     if (sb.toString('latin1', 0, 4) !== 'XFSB') throw new XfsProtoError(`no XFS superblock at byte ${offset} of ${file}`);
     const blockSize = sb.readUInt32BE(4);
     const fdblocks = Number(sb.readBigUInt64BE(144));
-    const u = sb.subarray(32, 48).toString('hex');
-    return { freeBytes: fdblocks * blockSize, uuid: `${u.slice(0, 8)}-${u.slice(8, 12)}-${u.slice(12, 16)}-${u.slice(16, 20)}-${u.slice(20)}` };
+    return { freeBytes: fdblocks * blockSize, uuid: formatUuid(sb.subarray(32, 48)) };
   } finally {
     fs.closeSync(fd);
   }

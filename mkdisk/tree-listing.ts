@@ -76,3 +76,8 @@ export function listTree(dir: string, fakerootState?: string): TreeEntry[] {
   }
   return entries;
 }
+
+/** The last lines of a builder tool's output, joined for an error message. */
+export function lastLines(text: string, count = 3): string {
+  return text.trim().split('\n').filter(Boolean).slice(-count).join('; ');
+}

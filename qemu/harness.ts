@@ -117,7 +117,8 @@ export interface Vm {
   /** qemu's own stderr so far */
   stderr(): string;
   /**
-   * Waits until a console line (or the unfinished last line, e.g. a shell prompt) matches,
+   * Waits until a console line (or the unfinished last line, e.g. a shell prompt, once it has
+   * stayed unfinished for 300 ms) matches,
    * searching from just after the previous waitFor's match, and returns that line. A string
    * matches anywhere in the line; the console echoes what send() types, so to wait for a
    * command's answer use an anchored RegExp (/^42$/) rather than a string it contains.
@@ -144,6 +145,8 @@ export class VmError extends Error {
 }
 
 const QEMU = 'qemu-system-x86_64';
+/** how long an unfinished console line that matches a waitFor gets to complete before it counts as a prompt */
+const PROMPT_GRACE_MS = 300;
 
 /** Process groups of every running qemu (with its timeout(1) wrapper), killed at exit. */
 const live = new Set<number>();
@@ -584,9 +587,11 @@ export async function bootVm(opts: BootOptions = {}): Promise<Vm> {
     waitForLine: (marker, timeoutMs) =>
       new Promise<ConsoleLine>((resolve, reject) => {
         let timer: NodeJS.Timeout | undefined;
+        let grace: NodeJS.Timeout | undefined;
         const done = (): void => {
           listeners.delete(check);
           if (timer) clearTimeout(timer);
+          if (grace) clearTimeout(grace);
         };
         function check(): void {
           for (let i = cursor; i < lines.length; i++) {
@@ -597,15 +602,27 @@ export async function bootVm(opts: BootOptions = {}): Promise<Vm> {
               return;
             }
           }
-          if (pending && cursor <= lines.length && matches(marker, pending)) {
-            // An unfinished line (a prompt): consumed once it completes.
-            cursor = lines.length + 1;
-            done();
-            resolve({ text: pending, hostMs: Date.now() - started });
-            return;
+          if (pending && cursor <= lines.length && matches(marker, pending) && !grace) {
+            // An unfinished line matches: a prompt, or a line still being printed. Given
+            // PROMPT_GRACE_MS to complete (then the loop above returns it whole), else it is
+            // taken as a prompt, and consumed once it completes.
+            grace = setTimeout(() => {
+              if (!pending || cursor > lines.length || !matches(marker, pending)) {
+                grace = undefined;
+                check();
+                return;
+              }
+              cursor = lines.length + 1;
+              done();
+              resolve({ text: pending, hostMs: Date.now() - started });
+            }, PROMPT_GRACE_MS);
           }
           if (exitInfo) {
             done();
+            if (pending && cursor <= lines.length && matches(marker, pending)) {
+              resolve({ text: pending, hostMs: Date.now() - started });
+              return;
+            }
             reject(new VmError(`${name}: qemu exited (code ${exitInfo.code}, signal ${exitInfo.signal}) before ${String(marker)} appeared on the console.${describe()}`, vm));
           }
         }

@@ -1,5 +1,6 @@
 /**
- * A btrfs root that spans several devices (a disk added to Fedora's btrfs, a raid1 pair).
+ * A btrfs root that spans several devices (a disk added to Fedora's btrfs, a raid1 pair), or
+ * such a btrfs holding the image or the root archive (the host filesystem).
  * The kernel's btrfs mounts such a filesystem only when every member is registered with it,
  * and only the device named in mount(2) registers itself. So before mounting, every device
  * the scan found with the root's fsid is handed to BTRFS_IOC_DEVICES_READY on
@@ -69,9 +70,22 @@ function describeFs(sb: BtrfsSuperblock): string {
  * waiting for missing ones (see the file's comment). Returns at once for a single device.
  */
 export function readyBtrfsRoot(ctx: InitContext, root: BlockDeviceInfo): void {
+  readyBtrfs(ctx, root, { what: 'root', degraded: ctx.plan.rootFlags.split(',').includes('degraded') });
+}
+
+/**
+ * Before the kernel mounts a btrfs that holds an image or a root archive (a host
+ * filesystem, e.g. a two-disk btrfs holding /VMs/x.vhdx): its members registered as for a
+ * root. A host is mounted without rootflags=, so it is never mounted degraded.
+ */
+export function readyBtrfsHost(ctx: InitContext, host: BlockDeviceInfo, what: string): void {
+  readyBtrfs(ctx, host, { what, degraded: false });
+}
+
+function readyBtrfs(ctx: InitContext, target: BlockDeviceInfo, opts: { what: string; degraded: boolean }): void {
   const { sys, log, plan } = ctx;
-  if (root.fsType !== 'btrfs') return;
-  const sb = superblockOf(sys, root);
+  if (target.fsType !== 'btrfs') return;
+  const sb = superblockOf(sys, target);
   if (!sb || sb.numDevices === 1) return;
   // the control device comes with the btrfs module
   if (!ctx.modules.loadFilesystem('btrfs')) log.debug('no btrfs module known; trying the kernel as it is');
@@ -79,11 +93,10 @@ export function readyBtrfsRoot(ctx: InitContext, root: BlockDeviceInfo): void {
   try {
     fd = openControl(sys);
   } catch (e) {
-    log.warn(`${describeFs(sb)} spans ${sb.numDevices} devices, but ${BTRFS_CONTROL} could not be opened (${(e as Error).message}): mounting ${root.path} without registering the others`);
+    log.warn(`${describeFs(sb)} spans ${sb.numDevices} devices, but ${BTRFS_CONTROL} could not be opened (${(e as Error).message}): mounting ${target.path} without registering the others`);
     return;
   }
   try {
-    const degraded = plan.rootFlags.split(',').includes('degraded');
     const start = sys.monotonicMs();
     const deadline = plan.rootWait ? Infinity : start + plan.timeoutSec * 1000;
     let nextNote = start;
@@ -91,7 +104,7 @@ export function readyBtrfsRoot(ctx: InitContext, root: BlockDeviceInfo): void {
       const found: string[] = [];
       let ready = false;
       for (const d of ctx.devices.scan()) {
-        if (d.notReady || d.fsType !== 'btrfs' || d.uuid !== root.uuid) continue;
+        if (d.notReady || d.fsType !== 'btrfs' || d.uuid !== target.uuid) continue;
         const member = superblockOf(sys, d);
         if (!member || member.fsid !== sb.fsid) continue;
         ready = btrfsDevicesReady(sys, fd, d.path);
@@ -102,17 +115,19 @@ export function readyBtrfsRoot(ctx: InitContext, root: BlockDeviceInfo): void {
         log.info(`${describeFs(sb)}: all ${sb.numDevices} devices registered with the kernel (${found.join(', ')})`);
         return;
       }
-      if (degraded) {
+      if (opts.degraded) {
         log.warn(`${describeFs(sb)} has ${have}; mounting degraded, as rootflags=degraded asks`);
         return;
       }
       const now = sys.monotonicMs();
       if (now >= deadline) {
+        const remedy = opts.what === 'root'
+          ? 'or, when the data is mirrored (raid1, raid10, raid5/6), mount without the missing device with rootflags=degraded (add it to the existing rootflags= with a comma).'
+          : 'or copy the file onto a filesystem whose devices are all attached.';
         throw new BootFailure(
-          `The root ${describeFs(sb)} spans ${sb.numDevices} devices, and after ${plan.timeoutSec} s vdboot has found ${have}.\n` +
+          `The ${opts.what} ${describeFs(sb)} spans ${sb.numDevices} devices, and after ${plan.timeoutSec} s vdboot has found ${have}.\n` +
             'Attach the missing disk (its driver may be missing from the initramfs: vdboot mkinitramfs --add-module NAME), ' +
-            'wait longer with rd.timeout=SECONDS or rootwait, or, when the data is mirrored (raid1, raid10, raid5/6), ' +
-            'mount without the missing device with rootflags=degraded (add it to the existing rootflags= with a comma).',
+            `wait longer with rd.timeout=SECONDS or rootwait, ${remedy}`,
         );
       }
       if (now >= nextNote) {

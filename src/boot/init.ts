@@ -18,7 +18,7 @@ import { formatDeviceSpec } from './devspec.ts';
 import { readText } from './fsutil.ts';
 import { kexecRootKernel } from './kexec.ts';
 import { ModuleLoader } from './modules.ts';
-import { chooseInit, mountDevice } from './mount-device.ts';
+import { chooseInit, deviceIsReadOnly, mountDevice } from './mount-device.ts';
 import { mountEarly } from './mounts.ts';
 import { PlanError, planBoot, type BootPlan } from './plan.ts';
 import { breakShell, failureShell } from './rescue.ts';
@@ -148,6 +148,13 @@ function mountRoot(ctx: InitContext): { init: string } {
   const dev = rootSpec ? log.timed('root-device', () => waitForDevice(ctx, rootSpec, 'root device')) : images!.root ?? findStackedRoot(ctx, images!.rootDeferred!);
   ctx.stack?.resume();
   if (dev.fsType === 'btrfs') log.timed('btrfs-devices', () => readyBtrfsRoot(ctx, dev));
-  log.timed('root-mount', () => mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, plan.readOnly, plan.rootFlags));
+  let readOnly = plan.readOnly;
+  if (!readOnly && deviceIsReadOnly(sys, dev)) {
+    // as mount(8) does with a write-protected device; a read-write mount would fail (EACCES)
+    const why = plan.vdisk.mode === 'ro' && plan.vdisk.attach.length ? ': rd.vdisk.mode=ro makes the attached images read-only' : '';
+    log.warn(`the root ${dev.path} is on a read-only device${why}; it is mounted read-only despite rw`);
+    readOnly = true;
+  }
+  log.timed('root-mount', () => mountDevice(ctx, dev, NEW_ROOT, plan.rootFsType, readOnly, plan.rootFlags));
   return { init: log.timed('choose-init', () => chooseInit(sys, NEW_ROOT, plan)) };
 }

@@ -3,6 +3,7 @@ import * as native from 'sys';
 import { quickjsSys } from '../sys/quickjs.ts';
 import { runInit } from './init.ts';
 import { runShutdown } from './shutdown.ts';
+import { RECONNECT_ARGV0, runNbdReconnect } from './nbd-reconnect.ts';
 import { runVdiskload } from './vdiskload.ts';
 
 const sys = quickjsSys(native);
@@ -11,6 +12,9 @@ const argv = sys.argv();
 // "init vdiskload …"): an ordinary command, not process 1.
 if ((argv[0] ?? '').replace(/^.*\//, '') === 'vdiskload') sys.exit(runVdiskload(sys, argv.slice(1)));
 if (argv[1] === 'vdiskload' && sys.getpid() !== 1) sys.exit(runVdiskload(sys, argv.slice(2)));
+// Network images' reconnect daemon, started by the init under "@vdboot-nbd" (the "@" spares
+// it from systemd's final kill): it outlives switch_root and re-makes lost NBD connections.
+if (argv[0] === RECONNECT_ARGV0 && sys.getpid() !== 1) sys.exit(runNbdReconnect(sys, argv.slice(1)));
 // vdboot mounts over /proc, /dev and /run, switches roots and powers off: only ever as
 // process 1 (of the initramfs, or of the shutdown hand-off), never by accident on a
 // running system.

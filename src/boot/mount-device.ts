@@ -7,13 +7,46 @@
 import { isSysError, S, SysError, type Sys } from '../sys/sys.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import type { BlockDeviceInfo } from './devspec.ts';
-import { mkdirs } from './fsutil.ts';
+import { mkdirs, readTextOr } from './fsutil.ts';
 import { mountOptions } from './mounts.ts';
 import { DEFAULT_INITS, type BootPlan } from './plan.ts';
 
+/**
+ * The path a device is mounted by. A device-mapper device found by scanning is dm-N to the
+ * kernel; it is mounted as /dev/mapper/NAME instead, as dracut and initramfs-tools do, so the
+ * booted system's /proc/mounts, findmnt and grub-probe name it by its mapping
+ * (/dev/mapper/ubuntu--vg-root), not by a number that changes from boot to boot. The node is
+ * made when nothing (cryptsetup, lvm, vdboot's own device-mapper code) made it, and replaced
+ * when it names other device numbers; when it cannot be made, dm-N is used.
+ */
+export function mountPathOf(sys: Sys, dev: BlockDeviceInfo): string {
+  if (!dev.dmName || !/^dm-\d+$/.test(dev.name) || dev.path !== `/dev/${dev.name}` || dev.dmName.includes('/')) return dev.path;
+  const mapped = `/dev/mapper/${dev.dmName}`;
+  try {
+    const st = sys.stat(mapped);
+    if ((st.mode & S.IFMT) === S.IFBLK && st.rdevMajor === dev.major && st.rdevMinor === dev.minor) return mapped;
+    sys.unlink(mapped);
+  } catch (e) {
+    if (!isSysError(e, 'ENOENT')) return dev.path;
+  }
+  try {
+    mkdirs(sys, '/dev/mapper');
+    sys.mknod(mapped, S.IFBLK | 0o600, dev.major, dev.minor);
+    return mapped;
+  } catch {
+    return dev.path;
+  }
+}
+
+/** Whether the kernel holds `dev` read-only (/sys/class/block/NAME/ro): a read-only image's devices, a write-protected card. */
+export function deviceIsReadOnly(sys: Sys, dev: BlockDeviceInfo): boolean {
+  return (readTextOr(sys, `/sys/class/block/${dev.name}/ro`) ?? '').trim() === '1';
+}
+
 /** Mounts `dev` on `target` with the probed or the given filesystem type(s). */
-export function mountDevice(ctx: InitContext, dev: BlockDeviceInfo, target: string, fsTypes: string | undefined, readOnly: boolean, flagsText: string): string {
+export function mountDevice(ctx: InitContext, found: BlockDeviceInfo, target: string, fsTypes: string | undefined, readOnly: boolean, flagsText: string): string {
   const { sys, log, modules } = ctx;
+  const dev = { ...found, path: mountPathOf(sys, found) };
   const candidates = fsTypes ? fsTypes.split(',').filter(Boolean) : dev.fsType ? [dev.fsType] : [];
   if (candidates.length === 0) {
     throw new BootFailure(`${dev.path} holds no filesystem vdboot recognises. If it is one, name it with rootfstype=TYPE; if the wrong device was picked, list the devices with "blkid" in the rescue shell.`);

@@ -14,7 +14,7 @@
  */
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
 import { formatNbdUrl, nbdHandshake, nbdList, NbdReader, NBD_FLAG, type NbdExport, type NbdTransport, type NbdUrl } from '../formats/nbd.ts';
-import { attrString, attrU16, attrU32, CTRL_ATTR, CTRL_CMD_GETFAMILY, errorOf, GENL_ID_CTRL, packGenl, parseAttrs, parseMessages, type NlAttr } from '../formats/netlink.ts';
+import { attrString, attrU16, CTRL_ATTR, CTRL_CMD_GETFAMILY, errorOf, GENL_ID_CTRL, mcastGroupId, packGenl, parseAttrs, parseMessages, type NlAttr } from '../formats/netlink.ts';
 import { AF, NETLINK, POLLIN, SOCK, isSysError, type Sys } from '../sys/sys.ts';
 import type { ImageHost } from './image-host.ts';
 import { readTextOr } from './fsutil.ts';
@@ -23,8 +23,11 @@ import { parseIpv4 } from './net-cmdline.ts';
 /** linux/nbd-netlink.h */
 const NBD_GENL_NAME = 'nbd';
 const NBD_GENL_VERSION = 1;
-export const NBD_NL_CMD = { CONNECT: 1, DISCONNECT: 2, RECONFIGURE: 3 } as const;
-const NBD_ATTR = { INDEX: 1, SIZE_BYTES: 2, BLOCK_SIZE_BYTES: 3, TIMEOUT: 4, SERVER_FLAGS: 5, CLIENT_FLAGS: 6, SOCKETS: 7, DEAD_CONN_TIMEOUT: 8 } as const;
+export const NBD_NL_CMD = { CONNECT: 1, DISCONNECT: 2, RECONFIGURE: 3, LINK_DEAD: 4 } as const;
+export const NBD_ATTR_INDEX = 1;
+/** The multicast group on which the kernel announces NBD_CMD_LINK_DEAD. */
+const NBD_MCAST_GROUP = 'nbd_mc_group';
+const NBD_ATTR = { INDEX: NBD_ATTR_INDEX, SIZE_BYTES: 2, BLOCK_SIZE_BYTES: 3, TIMEOUT: 4, SERVER_FLAGS: 5, CLIENT_FLAGS: 6, SOCKETS: 7, DEAD_CONN_TIMEOUT: 8 } as const;
 const NBD_SOCK_ITEM = 1;
 const NBD_SOCK_FD = 1;
 
@@ -86,25 +89,30 @@ export function socketTransport(sys: Sys, fd: number, where: string): NbdTranspo
 function genlRequest(sys: Sys, family: number, cmd: number, version: number, attrs: NlAttr[], what: string): Map<number, Uint8Array> {
   const fd = sys.socket(AF.NETLINK, SOCK.RAW, NETLINK.GENERIC);
   try {
-    const seq = 1;
-    sys.write(fd, packGenl(family, cmd, version, seq, attrs));
-    let result = new Map<number, Uint8Array>();
-    for (;;) {
-      const [ready] = sys.poll([{ fd, events: POLLIN }], NET_TIMEOUT_MS);
-      if (!ready) throw new FormatError(`${what}: the kernel did not answer`, 'netlink', what);
-      const buf = new Uint8Array(65536);
-      const n = sys.read(fd, buf);
-      for (const m of parseMessages(buf.subarray(0, n))) {
-        const err = errorOf(m);
-        if (err !== undefined) {
-          if (err !== 0) throw new NetlinkError(what, err);
-          return result;
-        }
-        if (m.type === family && m.payload.length >= 4) result = parseAttrs(m.payload.subarray(4));
-      }
-    }
+    return genlExchange(sys, fd, family, cmd, version, attrs, what);
   } finally {
     sys.close(fd);
+  }
+}
+
+/** genlRequest on a socket of the caller's (sending binds it to a port of its own). */
+function genlExchange(sys: Sys, fd: number, family: number, cmd: number, version: number, attrs: NlAttr[], what: string): Map<number, Uint8Array> {
+  const seq = 1;
+  sys.write(fd, packGenl(family, cmd, version, seq, attrs));
+  let result = new Map<number, Uint8Array>();
+  for (;;) {
+    const [ready] = sys.poll([{ fd, events: POLLIN }], NET_TIMEOUT_MS);
+    if (!ready) throw new FormatError(`${what}: the kernel did not answer`, 'netlink', what);
+    const buf = new Uint8Array(65536);
+    const n = sys.read(fd, buf);
+    for (const m of parseMessages(buf.subarray(0, n))) {
+      const err = errorOf(m);
+      if (err !== undefined) {
+        if (err !== 0) throw new NetlinkError(what, err);
+        return result;
+      }
+      if (m.type === family && m.payload.length >= 4) result = parseAttrs(m.payload.subarray(4));
+    }
   }
 }
 
@@ -117,22 +125,34 @@ export class NetlinkError extends Error {
   }
 }
 
-let nbdFamily: number | undefined;
+let nbdFamily: { id: number; linkDeadGroup: number | undefined } | undefined;
 
 /** The nbd generic netlink family's id (the nbd module must be loaded). */
 function nbdFamilyId(sys: Sys): number {
-  if (nbdFamily !== undefined) return nbdFamily;
+  return nbdFamilyInfo(sys).id;
+}
+
+/**
+ * The nbd family's id and the multicast group of its NBD_CMD_LINK_DEAD announcements,
+ * asked on `fd` when given: the reconnect daemon asks on the socket that then joins the
+ * group, because sending binds a netlink socket to a port of its own, and the kernel's
+ * announcements (sent from port 0) skip a socket still at port 0.
+ */
+export function nbdFamilyInfo(sys: Sys, fd?: number): { id: number; linkDeadGroup: number | undefined } {
+  if (nbdFamily !== undefined && fd === undefined) return nbdFamily;
   let reply: Map<number, Uint8Array>;
   try {
-    reply = genlRequest(sys, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, [{ type: CTRL_ATTR.FAMILY_NAME, str: NBD_GENL_NAME }], 'looking up the nbd netlink family');
+    const ask = [{ type: CTRL_ATTR.FAMILY_NAME, str: NBD_GENL_NAME }];
+    const what = 'looking up the nbd netlink family';
+    reply = fd === undefined ? genlRequest(sys, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, ask, what) : genlExchange(sys, fd, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, ask, what);
   } catch (e) {
     if (e instanceof NetlinkError && e.errno === 2) throw new FormatError('The kernel has no nbd driver loaded (no "nbd" netlink family): is the nbd module in the initramfs? Rebuild it with "vdboot mkinitramfs" (it includes nbd).', 'module', 'nbd');
     throw e;
   }
   const id = attrU16(reply.get(CTRL_ATTR.FAMILY_ID));
   if (id === undefined || attrString(reply.get(CTRL_ATTR.FAMILY_NAME)) !== NBD_GENL_NAME) throw new FormatError('The kernel answered the nbd family look-up without its id', 'netlink', 'nbd');
-  nbdFamily = id;
-  return id;
+  nbdFamily = { id, linkDeadGroup: mcastGroupId(reply, NBD_MCAST_GROUP) };
+  return nbdFamily;
 }
 
 export interface KernelNbd {
@@ -161,9 +181,36 @@ export function nbdKernelConnect(sys: Sys, k: KernelNbd): void {
   ], `connecting /dev/nbd${k.index}`);
 }
 
+/**
+ * NBD_CMD_RECONFIGURE: new timeouts (seconds) for a connected /dev/nbd<index>, and/or a
+ * new socket (handshaken, in the transmission phase) that replaces its dead connection.
+ * The kernel takes the socket only while the old connection is marked dead; otherwise it
+ * drops it and still answers success (nbd.c turns ENOSPC into 0), which is why the
+ * reconnect daemon hands a socket over only after the kernel announced NBD_CMD_LINK_DEAD.
+ */
+export function nbdKernelReconfigure(sys: Sys, r: { index: number; socket?: number; timeout?: number; deadConnTimeout?: number }): void {
+  const attrs: NlAttr[] = [{ type: NBD_ATTR.INDEX, u32: r.index }];
+  if (r.timeout !== undefined) attrs.push({ type: NBD_ATTR.TIMEOUT, u64: r.timeout });
+  if (r.deadConnTimeout !== undefined) attrs.push({ type: NBD_ATTR.DEAD_CONN_TIMEOUT, u64: r.deadConnTimeout });
+  if (r.socket !== undefined) attrs.push({ type: NBD_ATTR.SOCKETS, nested: [{ type: NBD_SOCK_ITEM, nested: [{ type: NBD_SOCK_FD, u32: r.socket }] }] });
+  genlRequest(sys, nbdFamilyId(sys), NBD_NL_CMD.RECONFIGURE, NBD_GENL_VERSION, attrs, `reconfiguring /dev/nbd${r.index}`);
+}
+
 /** NBD_CMD_DISCONNECT: the kernel ends the connection (the server sees NBD_CMD_DISC). */
 export function nbdKernelDisconnect(sys: Sys, index: number): void {
   genlRequest(sys, nbdFamilyId(sys), NBD_NL_CMD.DISCONNECT, NBD_GENL_VERSION, [{ type: NBD_ATTR.INDEX, u32: index }], `disconnecting /dev/nbd${index}`);
+}
+
+/** An export the kernel serves as /dev/nbd<index>: what a reconnect must find again. */
+export interface ConnectedNbd {
+  device: string;
+  index: number;
+  url: NbdUrl;
+  /** the export's size and transmission flags at the first connection */
+  size: number;
+  flags: number;
+  /** the block size the kernel was given */
+  blockSize: number;
 }
 
 interface OpenExport {
@@ -261,15 +308,15 @@ export class NbdImageHost {
    * the devices. Exports the plan did not map are closed. A failure part-way disconnects
    * the devices connected so far.
    */
-  connectKernel(log: { info(m: string): void }): { device: string; index: number }[] {
-    const done: { device: string; index: number }[] = [];
+  connectKernel(log: { info(m: string): void }): ConnectedNbd[] {
+    const done: ConnectedNbd[] = [];
     try {
       for (const [path, o] of this.open) {
         if (o.index === undefined) continue;
         const min = o.exp.blockSize?.minimum ?? 512;
         const blockSize = Math.min(4096, Math.max(512, min));
         nbdKernelConnect(this.sys, { index: o.index, socket: o.fd, size: o.exp.size, blockSize, flags: o.exp.flags | NBD_FLAG.HAS_FLAGS });
-        done.push({ device: `/dev/nbd${o.index}`, index: o.index });
+        done.push({ device: `/dev/nbd${o.index}`, index: o.index, url: { ...this.url, export: path.slice(1) }, size: o.exp.size, flags: o.exp.flags, blockSize });
         log.info(`/dev/nbd${o.index}: ${formatNbdUrl(this.url, path.slice(1))} (${o.exp.size} bytes${o.exp.readOnly ? ', read-only' : ''})`);
         // the kernel holds its own reference to the socket
         this.sys.close(o.fd);

@@ -63,6 +63,9 @@ export function parseBitLockerKey(text: string, parseSpec: (t: string) => Device
   return { path, device };
 }
 
+/** How long I/O on a network image waits for a server that went away, by default (rd.vdisk.nbd.timeout=). */
+export const NBD_RECONNECT_DEFAULT_S = 300;
+
 export interface VdiskOptions {
   root: VdiskRootChoice;
   mode: VdiskMode;
@@ -83,6 +86,11 @@ export interface VdiskOptions {
   overlaySize?: string;
   /** rd.vdisk.overlay=: the first image's writes go to a persistent overlay on a local disk */
   overlay?: OverlayOption;
+  /**
+   * rd.vdisk.nbd.timeout=S: how long I/O on a network image waits for its server to come
+   * back while vdboot's reconnect daemon retries (undefined: NBD_RECONNECT_DEFAULT_S)
+   */
+  nbdTimeout?: number;
 }
 
 /**
@@ -221,6 +229,11 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     if (/^\d+[kKmMgG%]?$/.test(overlaySize)) vdisk.overlaySize = overlaySize;
     else warnings.push(`rd.vdisk.overlay.size=${overlaySize} is not a size (e.g. 2G, 512M or 25%); the overlay is limited by /run only`);
   }
+  const nbdTimeout = cmd.get('rd.vdisk.nbd.timeout');
+  if (nbdTimeout !== undefined) {
+    if (/^\d+$/.test(nbdTimeout) && Number(nbdTimeout) >= 1 && Number(nbdTimeout) <= 86400) vdisk.nbdTimeout = Number(nbdTimeout);
+    else warnings.push(`rd.vdisk.nbd.timeout=${nbdTimeout} is not a number of seconds from 1 to 86400; I/O waits ${NBD_RECONNECT_DEFAULT_S} s for a server that went away`);
+  }
 
   const seconds = (key: string, fallback: number): number => {
     const v = cmd.get(key);
@@ -285,7 +298,10 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     warnings.push(`resume=${cmd.get('resume')} is ignored: resuming inside an image is refused, since vdboot cannot prove the image's device tables are the ones recorded at hibernation (a moved image file would resume onto the wrong sectors)`);
     delete plan.stack.resume;
   }
-  if (vdisk.mode === 'ro' && !readOnly && root.kind !== 'tmpfs') {
+  // rd.vdisk.mode is the images' mode: it makes a root inside the image read-only, not a
+  // plain root beside rd.vdisk.attach= images (a root that turns out to lie on an attached
+  // read-only image is mounted read-only at boot, as its device is: init.ts).
+  if (vdisk.mode === 'ro' && !readOnly && root.kind === 'vdisk') {
     warnings.push('rd.vdisk.mode=ro makes the image read-only, so the root is mounted read-only despite rw');
     plan.readOnly = true;
   }

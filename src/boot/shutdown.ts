@@ -29,6 +29,7 @@ import { disconnectNbd, HOST_MOUNT, STATE_DIR, STATE_PATH, type VdiskState } fro
 import { DM_UUID_PREFIX } from './vdisk.ts';
 import { ATTACHED_DIR, parseRecord, type AttachedImage } from './attached.ts';
 import { clearImmutable } from './vdiskload.ts';
+import { RECONNECT_ARGV0 } from './nbd-reconnect.ts';
 
 export const SHUTDOWN_ROOT = '/run/initramfs';
 export const OLD_ROOT = '/oldroot';
@@ -271,8 +272,8 @@ export function storageDaemons(sys: Sys, recorded: readonly number[], only?: Reg
 }
 
 /** Waits up to `ms` for the storage daemons to exit after SIGTERM (they flush on exit). */
-function stopDaemons(sys: Sys, log: ConsoleLog, pids: number[], ms = 10_000): void {
-  log.info(`stopping storage daemon${pids.length === 1 ? '' : 's'} ${pids.join(', ')}`);
+function stopDaemons(sys: Sys, log: ConsoleLog, pids: number[], ms = 10_000, said = false): void {
+  if (!said) log.info(`stopping storage daemon${pids.length === 1 ? '' : 's'} ${pids.join(', ')}`);
   const left = new Set(pids);
   for (const pid of pids) {
     try { sys.kill(pid, SIGTERM); } catch { left.delete(pid); }
@@ -290,6 +291,18 @@ function stopDaemons(sys: Sys, log: ConsoleLog, pids: number[], ms = 10_000): vo
     if (left.size) sys.sleepMs(100);
   }
   if (left.size) log.warn(`storage daemon(s) ${[...left].join(', ')} did not exit within ${ms / 1000} s`);
+}
+
+/**
+ * Stops the network images' reconnect daemon (argv[0] "@vdboot-nbd") before their nbd
+ * devices are disconnected: the root is unmounted by then (while it was, a lost server
+ * was still reconnected), and nothing may hand the kernel a new socket any more.
+ */
+function stopReconnectDaemon(sys: Sys, log: ConsoleLog): void {
+  const pids = storageDaemons(sys, [], new RegExp(`^${RECONNECT_ARGV0}$`));
+  if (!pids.length) return;
+  log.info(`stopping the NBD reconnect daemon (${pids.join(', ')})`);
+  stopDaemons(sys, log, pids, 5000, true);
 }
 
 /** Removes dm devices newest first; devices systemd-shutdown already removed are fine. */
@@ -371,6 +384,7 @@ export function takeDownInPlace(sys: Sys, log: ConsoleLog, unmount: string[]): v
     const state = readState(sys, log, found);
     if (unmount.length) unmountAll(sys, log, unmount.filter((m) => exists(sys, m)));
     removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));
+    stopReconnectDaemon(sys, log);
     for (const nbd of state.nbds ?? []) {
       try { disconnectNbd(sys, nbd); } catch (e) { log.warn(`could not disconnect ${nbd}: ${(e as Error).message}`); }
     }
@@ -450,6 +464,7 @@ export function runShutdown(sys: Sys, args: string[]): never {
     for (const r of attached) takeDownAttached(sys, log, r, host);
     removeDevices(sys, log, state.dm.filter((n) => n !== 'vdhost'));
     detachLoops(sys, log, state.loops);
+    stopReconnectDaemon(sys, log);
     for (const nbd of state.nbds ?? []) {
       try {
         disconnectNbd(sys, nbd);

@@ -40,7 +40,7 @@ export interface LvmOptions {
 export interface StackOptions {
   luks: LuksOptions;
   lvm: LvmOptions;
-  /** resume=: the swap device to resume from (plain roots) */
+  /** resume=: the swap device to resume from (plain roots and root=tmpfs: boots; refused for root=vdisk:) */
   resume?: DeviceSpec;
 }
 

@@ -29,6 +29,7 @@ export class StorageStack {
   private busy = false;
   readonly lvm: LvmActivator;
   readonly crypts: OpenedCrypt[] = [];
+  private resumed = false;
 
   constructor(private readonly ctx: InitContext) {
     this.lvm = new LvmActivator(ctx);
@@ -43,8 +44,8 @@ export class StorageStack {
       let changed = false;
       const scoped = devices.filter((d) => this.inScope(d));
       const onImage = (kernelName: string): boolean => {
-        const dm = devices.find((x) => x.name === kernelName)?.dmName;
-        return dm !== undefined && (dm.startsWith('vdisk') || this.crypts.some((c) => c.name === dm) || this.lvm.activated.some((l) => l.dmName === dm));
+        const d = devices.find((x) => x.name === kernelName);
+        return d !== undefined && this.liesOnImage(d, devices);
       };
       for (const d of scoped) {
         if (d.notReady || !wantsUnlock(ctx, d)) continue;
@@ -64,6 +65,22 @@ export class StorageStack {
     }
   }
 
+  /**
+   * Whether `dev` is an image's device (vdisk…) or lies, through the LUKS volumes and LVs
+   * made at this boot, on one: such devices go into the shutdown hand-off's record, and
+   * resume= refuses them.
+   */
+  private liesOnImage(dev: BlockDeviceInfo, devices: BlockDeviceInfo[], depth = 0): boolean {
+    const dm = dev.dmName;
+    if (dm === undefined || depth > 8) return false;
+    if (dm.startsWith('vdisk')) return true;
+    const below = [...this.crypts.filter((c) => c.name === dm).map((c) => c.device), ...this.lvm.activated.filter((l) => l.dmName === dm).flatMap((l) => l.pvDevices)];
+    return below.some((name) => {
+      const d = devices.find((x) => x.name === name);
+      return d !== undefined && this.liesOnImage(d, devices, depth + 1);
+    });
+  }
+
   private inScope(d: BlockDeviceInfo): boolean {
     const { plan } = this.ctx;
     if (plan.root.kind !== 'vdisk') return true; // a plain root, or a tmpfs root's archive host
@@ -80,20 +97,29 @@ export class StorageStack {
 
   /**
    * resume=: hands the swap device to the kernel (/sys/power/resume) once unlocking and
-   * activation are done and before anything is mounted. With a hibernation image there the
-   * kernel restores it and this never returns; without one it returns and the boot goes on.
-   * Refused for images: the image's device tables must be the ones recorded at
-   * hibernation, which vdboot cannot prove, and resuming onto other sectors would corrupt.
+   * activation are done and before anything is mounted: the root of a plain boot, the
+   * archive's host of a root=tmpfs: boot (whose system keeps its swap on the disk beside the
+   * archive). With a hibernation image there the kernel restores it and this never returns;
+   * without one it returns and the boot goes on. Called once; later calls do nothing.
+   * Refused for images (root=vdisk:, or a swap on an rd.vdisk.attach= image): the image's
+   * device tables must be the ones recorded at hibernation, which vdboot cannot prove, and
+   * resuming onto other sectors would corrupt.
    */
   resume(): void {
     const { ctx } = this;
     const spec = ctx.plan.stack.resume;
-    if (!spec) return;
-    if (ctx.plan.root.kind !== 'block') {
-      ctx.log.warn(`resume=${formatDeviceSpec(spec)} is ignored: resuming inside an image is refused, since vdboot cannot prove its device tables are the ones recorded at hibernation (a moved image file would resume onto the wrong sectors)`);
+    if (!spec || this.resumed) return;
+    this.resumed = true;
+    const refusal = `resume=${formatDeviceSpec(spec)} is ignored: resuming inside an image is refused, since vdboot cannot prove its device tables are the ones recorded at hibernation (a moved image file would resume onto the wrong sectors)`;
+    if (ctx.plan.root.kind === 'vdisk') {
+      ctx.log.warn(refusal);
       return;
     }
     const dev = waitForDevice(ctx, spec, 'resume device');
+    if (this.liesOnImage(dev, ctx.devices.scan())) {
+      ctx.log.warn(`${refusal}; ${dev.path} lies on an image attached by rd.vdisk.attach=`);
+      return;
+    }
     try {
       writeText(ctx.sys, '/sys/power/resume', `${dev.major}:${dev.minor}\n`);
       ctx.log.info(`resume=${formatDeviceSpec(spec)}: no hibernation image on ${dev.path}; booting normally`);
@@ -106,7 +132,10 @@ export class StorageStack {
 /**
  * root=vdisk: whose root lies behind LUKS/LVM inside the image: by rd.vdisk.root's spec
  * (waiting as for any root, unlocking and activating on the way), or the only Linux
- * filesystem on the devices unlocking and activation made.
+ * filesystem on the devices unlocking and activation made — or, among several, the only
+ * btrfs when rootflags= names a btrfs subvolume (subvol=/subvolid=), the rule a plain
+ * btrfs in an image follows (vdisk.ts). The members of one multi-device btrfs are one
+ * filesystem.
  */
 export function findStackedRoot(ctx: InitContext, deferred: { spec?: DeviceSpec; why: string }): BlockDeviceInfo {
   if (deferred.spec) return waitForDevice(ctx, deferred.spec, 'root filesystem inside the image');
@@ -115,12 +144,32 @@ export function findStackedRoot(ctx: InitContext, deferred: { spec?: DeviceSpec;
   while (stack.onDevices(devices)) devices = ctx.devices.scan();
   const made = new Set([...stack.crypts.map((c) => c.name), ...stack.lvm.activated.map((l) => l.dmName)]);
   const mine = devices.filter((d) => d.dmName !== undefined && made.has(d.dmName));
-  const linux = mine.filter((d) => d.fsType !== undefined && LINUX_FS.has(d.fsType));
+  const linux = oneEachFilesystem(mine.filter((d) => d.fsType !== undefined && LINUX_FS.has(d.fsType)));
+  const name = (d: BlockDeviceInfo): string => d.aliases?.[1] ?? d.aliases?.[0] ?? d.path;
   if (linux.length === 1) {
-    ctx.log.info(`the root is ${linux[0]!.aliases?.[1] ?? linux[0]!.aliases?.[0] ?? linux[0]!.path} (${linux[0]!.fsType}): ${deferred.why}`);
+    ctx.log.info(`the root is ${name(linux[0]!)} (${linux[0]!.fsType}): ${deferred.why}`);
     return linux[0]!;
   }
+  const choice = ctx.plan.vdisk.root;
+  const subvol = choice.by === 'auto' ? choice.subvol : undefined;
+  const btrfs = linux.filter((d) => d.fsType === 'btrfs');
+  if (subvol && btrfs.length === 1) {
+    ctx.log.info(`the root is ${name(btrfs[0]!)} (btrfs): the only btrfs among the ${linux.length} Linux filesystems behind the image's LUKS/LVM layers, as rootflags=${subvol} names a btrfs subvolume`);
+    return btrfs[0]!;
+  }
   const notes = stack.notes().map((n) => `${n}\n`).join('');
-  throw new BootFailure(`${linux.length ? `${linux.length} Linux filesystems` : 'No Linux filesystem'} appeared behind the image's LUKS/LVM layers, so vdboot cannot tell which one is root.\n` +
+  const btrfsNote = subvol ? ` rootflags=${subvol} names a btrfs subvolume, but ${btrfs.length ? `${btrfs.length} of them are btrfs` : 'none of them is btrfs'}.` : '';
+  throw new BootFailure(`${linux.length ? `${linux.length} Linux filesystems` : 'No Linux filesystem'} appeared behind the image's LUKS/LVM layers, so vdboot cannot tell which one is root.${btrfsNote}\n` +
     `Devices made:\n${describeDevices(mine)}\n${notes}Name the root with rd.vdisk.root=UUID=…, LABEL=… or /dev/mapper/VG-LV.`);
+}
+
+/** One device per filesystem: the members of a multi-device btrfs share its UUID and count once. */
+function oneEachFilesystem(devices: BlockDeviceInfo[]): BlockDeviceInfo[] {
+  const seen = new Set<string>();
+  return devices.filter((d) => {
+    if (d.fsType !== 'btrfs' || !d.uuid) return true;
+    if (seen.has(d.uuid)) return false;
+    seen.add(d.uuid);
+    return true;
+  });
 }

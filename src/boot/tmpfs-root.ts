@@ -21,6 +21,7 @@ import { isFormatError, type BlockReader } from '../formats/block-reader.ts';
 import { hostFileReader } from '../formats/host-volume.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
+import { readyBtrfsHost } from './btrfs.ts';
 import { exists, mkdirs, readTextOr, writeText } from './fsutil.ts';
 import { describeHost, HOST_FS_TYPES, openHostDevice } from './hostdev.ts';
 import { BootFailure, type InitContext } from './context.ts';
@@ -105,6 +106,9 @@ interface OpenedArchive {
 function openArchiveFile(ctx: InitContext, req: TmpfsRootRequest): OpenedArchive {
   const { sys } = ctx;
   const dev = waitForDevice(ctx, req.host, 'host partition of the root archive');
+  // resume= (the tmpfs system's swap, often on the disk beside the archive): after unlocking
+  // and activation, before the host is read or mounted
+  ctx.stack?.resume();
   if (dev.fsType && HOST_FS_TYPES.has(dev.fsType)) {
     const host = openHostDevice({ info: dev, open: () => openBlockReader(sys, dev.path, dev.size) });
     try {
@@ -121,6 +125,8 @@ function openArchiveFile(ctx: InitContext, req: TmpfsRootRequest): OpenedArchive
   // read-only (BLKROSET) while it is mounted, so the kernel refuses any write to the host
   // whatever the filesystem does (f2fs roll-forward, ext4 orphan cleanup, …).
   const noReplay: Record<string, string> = { ext3: 'noload', ext4: 'noload', xfs: 'norecovery', btrfs: 'nologreplay' };
+  // a btrfs over several disks mounts only once all its members are registered
+  readyBtrfsHost(ctx, dev, 'filesystem holding the root archive');
   const wasReadOnly = setDeviceReadOnly(sys, dev.path, true);
   try {
     mountDevice(ctx, dev, ARCHIVE_HOST_MOUNT, undefined, true, noReplay[dev.fsType ?? ''] ?? '');

@@ -18,6 +18,7 @@ import { isExpansionNeeded, type ExpansionNeeded } from './expand-plan.ts';
 import { kernelImageHost } from './fiemap.ts';
 import { describeHost, findImage, imageHostFor, isKernelHost, type FoundImage, type HostDevice } from './hostdev.ts';
 import { isBitLockerHost, unlockBitLocker } from './bitlocker.ts';
+import { readyBtrfsHost } from './btrfs.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { waitForDevice, waitForUevents } from './devwait.ts';
 import { mountDevice } from './mount-device.ts';
@@ -25,7 +26,9 @@ import { attachLoop, detachLoop } from './loop.ts';
 import { describeVdiskPlan, DM_UUID_PREFIX, formatName, planVdisk, type DmDevicePlan, type HeaderUpdate, type VdiskPlan } from './vdisk.ts';
 import type { ImageHost, ImageRequest } from './image-host.ts';
 import { imageRecord, type AttachedImage } from './attached.ts';
-import { NbdImageHost } from './nbd-client.ts';
+import { NbdImageHost, type ConnectedNbd } from './nbd-client.ts';
+import { reconnectArgv } from './nbd-reconnect.ts';
+import { NBD_RECONNECT_DEFAULT_S } from './plan.ts';
 import { formatNbdUrl, type NbdUrl } from '../formats/nbd.ts';
 import { createOverlay, describeOverlay, overlayFullWarning, planOverlay, type OverlayPlan } from './overlay.ts';
 
@@ -144,6 +147,8 @@ function mountThroughVdhost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host
 function mountKernelHost(ctx: InitContext, dm: DeviceMapper, undo: Undo, host: BlockDeviceInfo, mayWrite: boolean): KernelMount {
   const { log } = ctx;
   ctx.modules.reportFailures(ctx.modules.load(['dm_mod']));
+  // a btrfs over several disks mounts only once all its members are registered
+  readyBtrfsHost(ctx, host, 'filesystem holding the image');
   let fsType: string;
   try {
     try {
@@ -231,6 +236,27 @@ function substitute(targets: DmTarget[], loops: string[], cow: string | undefine
       .replace(/\$COW/g, cow ?? '$COW')
       .replace(/\$NBD/g, nbd ?? '$NBD'),
   }));
+}
+
+/** vdboot's own binary in the initramfs, which the reconnect daemon runs again. */
+const SELF = '/init';
+
+/**
+ * Starts the reconnect daemon (nbd-reconnect.ts) for the network images' devices: this
+ * binary again, argv[0] "@vdboot-nbd", in a session of its own (no key typed on the
+ * console signals it). Best effort: without it, a server that goes away fails the
+ * devices' I/O after the 120 s they were connected with.
+ */
+function startNbdReconnect(ctx: InitContext, devices: ConnectedNbd[], state: VdiskState): void {
+  const { sys, log, plan } = ctx;
+  const argv = reconnectArgv(devices, plan.vdisk.nbdTimeout ?? NBD_RECONNECT_DEFAULT_S, log.quiet);
+  try {
+    const pid = sys.spawn(SELF, argv, [], { setsid: true });
+    state.daemons.push(pid);
+    log.debug(`nbd: reconnect daemon ${pid}: ${argv.join(' ')}`);
+  } catch (e) {
+    log.warn(`could not start the NBD reconnect daemon (${(e as Error).message}): if the server goes away, I/O on ${devices.map((d) => d.device).join(', ')} waits 120 s, then fails`);
+  }
 }
 
 /** NBD_DISCONNECT and NBD_CLEAR_SOCK (linux/nbd.h): qemu-nbd flushes the image and exits. */
@@ -416,6 +442,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
     if (missing) { undo.rollback(log); throw new BootFailure(missing); }
   }
   log.timed('dm-modules', () => ctx.modules.reportFailures(ctx.modules.load(wanted)));
+  const connectedNbds: ConnectedNbd[] = [];
   try {
     const hostInfo = mountedHost;
     const needsHostMount = planned.some((p) => p.vp.path !== 'direct');
@@ -428,7 +455,10 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
     }
     // The NBD exports the tables name, handed to the kernel: /dev/nbdN must have its size before device-mapper opens it.
     for (const h of nbdHosts) {
-      for (const d of log.timed('nbd-connect', () => h.connectKernel(log))) undo.state.nbds!.push(d.device);
+      for (const d of log.timed('nbd-connect', () => h.connectKernel(log))) {
+        undo.state.nbds!.push(d.device);
+        connectedNbds.push(d);
+      }
     }
     for (const { vp } of planned) {
       const loops: string[] = [];
@@ -467,6 +497,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
     throw e;
   }
   for (const h of nbdHosts) h.close();
+  if (connectedNbds.length) startNbdReconnect(ctx, connectedNbds, undo.state);
   writeState(sys, { ...undo.state, images: planned.map((p) => imageRecord(p.vp, 'boot')) });
   const root = planned.find((p) => p.vp.root)?.vp.root?.device;
   const rootDeferred = planned.find((p) => p.vp.rootDeferred)?.vp.rootDeferred;

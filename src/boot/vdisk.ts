@@ -593,7 +593,7 @@ function deferRoot(choice: VdiskRootChoice, kind: string, parts: VirtualPartitio
     return plain ? undefined : { spec: choice.spec, why: `rd.vdisk.root=${formatDeviceSpec(choice.spec)}, looked for behind ${where}`, layers: stacked };
   }
   if (parts.some((p) => p.type === GPT_TYPE.linuxRootX86_64)) return undefined;
-  return { why: `the only Linux filesystem behind ${where}`, layers: stacked };
+  return { why: `the only Linux filesystem behind ${where}${choice.subvol ? ` (among several, the only btrfs: rootflags=${choice.subvol} names a btrfs subvolume)` : ''}`, layers: stacked };
 }
 
 function chooseRoot(req: ImageRequest, choice: VdiskRootChoice, kind: string, parts: VirtualPartition[], whole: VirtualPartition): { partition: VirtualPartition; why: string } {

@@ -43,7 +43,8 @@ Writes into DIR (the root of a TFTP or HTTP server) what machines need to boot t
 over the network, each client reading the image file from an NBD server:
   vmlinuz, initrd.img      the kernel and a vdboot initramfs (network drivers and nbd included)
   boot.ipxe                iPXE script (a menu when there are several images)
-  pxelinux.cfg/default     PXELINUX entries (copy pxelinux.0 and ldlinux.c32 beside it)
+  pxelinux.cfg/default     PXELINUX entries (pxelinux.0 and ldlinux.c32 copied beside it
+                           when Debian's pxelinux and syslinux-common are installed)
   boot/grub/grub.cfg       GRUB entries for a grub-mknetdir tree (grub-mknetdir --net-directory=DIR)
   nbd-exports/             one link per file to serve: the images and their parents
 each with root=vdisk:nbd://HOST:PORT/EXPORT ip=dhcp, EXPORT being the image's file name;
@@ -253,7 +254,7 @@ export function netbootEntries(images: ReadonlyArray<Pick<NetbootImage, 'export'
       '',
     ];
   const pxelinux = [
-    '# vdboot netboot: PXELINUX entries (pxelinux.0 and ldlinux.c32 from Debian\'s pxelinux and syslinux-common beside pxelinux.cfg/)',
+    '# vdboot netboot: PXELINUX entries (read by pxelinux.0, with ldlinux.c32 beside it)',
     `DEFAULT img0`,
     images.length > 1 ? 'PROMPT 1' : 'PROMPT 0',
     'TIMEOUT 50',
@@ -316,6 +317,12 @@ export interface NetbootResult {
 /** The files vdboot netboot writes into DIR (and nbd-exports/), relative to DIR. */
 const OWN_FILES = ['vmlinuz', 'initrd.img', 'boot.ipxe', 'pxelinux.cfg/default', 'boot/grub/grub.cfg'];
 
+/** PXELINUX's own files (BIOS clients), copied into DIR when this machine has them. */
+const PXELINUX_FILES: ReadonlyArray<{ name: string; from: string; pkg: string }> = [
+  { name: 'pxelinux.0', from: '/usr/lib/PXELINUX/pxelinux.0', pkg: 'pxelinux' },
+  { name: 'ldlinux.c32', from: '/usr/lib/syslinux/modules/bios/ldlinux.c32', pkg: 'syslinux-common' },
+];
+
 export function makeNetboot(o: NetbootOptions, log: (line: string) => void = () => {}): NetbootResult {
   const server = o.server ?? defaultServer();
   const plan = planExports(o.images);
@@ -366,13 +373,17 @@ export function makeNetboot(o: NetbootOptions, log: (line: string) => void = () 
   put('boot.ipxe', entries.ipxe);
   put('pxelinux.cfg/default', entries.pxelinux);
   put('boot/grub/grub.cfg', entries.grub);
+  const pxeMissing = PXELINUX_FILES.filter((f) => !fs.existsSync(f.from));
+  const pxeFiles = pxeMissing.length === 0 ? PXELINUX_FILES.map((f) => f.name) : [];
+  if (pxeMissing.length === 0) for (const f of PXELINUX_FILES) put(f.name, fs.readFileSync(f.from));
+  else notes.push(`PXELINUX's ${pxeMissing.map((f) => f.name).join(' and ')} not found (${pxeMissing.map((f) => f.from).join(', ')}): install ${[...new Set(pxeMissing.map((f) => f.pkg))].join(' and ')} and run vdboot netboot again, or copy them into ${dir} yourself`);
   for (const p of oldLinks) fs.unlinkSync(p);
   if (o.url === undefined) {
     fs.mkdirSync(exportsDir, { recursive: true });
     for (const e of plan.exports) fs.symlinkSync(e.file, path.join(exportsDir, e.name));
   }
   const serve = nbdkitCommands({ port: o.port, exportsDir, url: o.url, images });
-  const files = [...OWN_FILES, ...(o.url === undefined ? plan.exports.map((e) => `${EXPORTS_DIR}/${e.name}`) : [])];
+  const files = [...OWN_FILES, ...pxeFiles, ...(o.url === undefined ? plan.exports.map((e) => `${EXPORTS_DIR}/${e.name}`) : [])];
   return { dir, server, release: kernel.release, images, exports: plan.exports, entries, serve, files, notes };
 }
 
@@ -412,7 +423,9 @@ export function netbootInstructions(r: NetbootResult, url?: string): string {
   lines.push(
     '== Boot loaders (DIR is the TFTP root) ==',
     '  iPXE: chain boot.ipxe (a DHCP server\'s filename option "boot.ipxe" for clients whose user-class is iPXE)',
-    '  PXELINUX: pxelinux.0 and ldlinux.c32 (Debian: pxelinux, syslinux-common) into DIR; DHCP filename "pxelinux.0"',
+    r.files.includes('pxelinux.0')
+      ? '  PXELINUX (BIOS clients): DHCP filename "pxelinux.0" (copied here with ldlinux.c32; it reads pxelinux.cfg/default)'
+      : '  PXELINUX (BIOS clients): pxelinux.0 and ldlinux.c32 (Debian: pxelinux, syslinux-common) into DIR; DHCP filename "pxelinux.0"',
     '  GRUB: grub-mknetdir --net-directory=DIR (its core.0 / core.efi read boot/grub/grub.cfg)',
     ...r.notes.map((n) => `note: ${n}`),
     '',

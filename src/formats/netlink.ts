@@ -12,7 +12,9 @@ export const NLMSG = { NOOP: 1, ERROR: 2, DONE: 3 } as const;
 /** The generic netlink controller (resolves family names to ids). */
 export const GENL_ID_CTRL = 0x10;
 export const CTRL_CMD_GETFAMILY = 3;
-export const CTRL_ATTR = { FAMILY_ID: 1, FAMILY_NAME: 2 } as const;
+export const CTRL_ATTR = { FAMILY_ID: 1, FAMILY_NAME: 2, MCAST_GROUPS: 7 } as const;
+/** An entry of CTRL_ATTR_MCAST_GROUPS: a family's multicast group, by name and id. */
+export const CTRL_ATTR_MCAST_GRP = { NAME: 1, ID: 2 } as const;
 const NLA_F_NESTED = 0x8000;
 
 /** One attribute to pack: a number of the given width, a string (NUL-terminated), raw bytes, or nested attributes. */
@@ -132,4 +134,19 @@ export function errorOf(m: NlMessage): number | undefined {
   if (m.type !== NLMSG.ERROR) return undefined;
   if (m.payload.length < 4) throw new FormatError('netlink: an error message without its code', 'nlmsgerr', m.payload.length);
   return -new DataView(m.payload.buffer, m.payload.byteOffset, 4).getInt32(0, true);
+}
+
+/**
+ * The id of the multicast group `name` in a CTRL_CMD_GETFAMILY reply's attributes
+ * (CTRL_ATTR_MCAST_GROUPS: a list of nested entries, each a name and an id), or undefined
+ * when the family has no such group.
+ */
+export function mcastGroupId(family: Map<number, Uint8Array>, name: string): number | undefined {
+  const list = family.get(CTRL_ATTR.MCAST_GROUPS);
+  if (!list) return undefined;
+  for (const entry of parseAttrs(list).values()) {
+    const group = parseAttrs(entry);
+    if (attrString(group.get(CTRL_ATTR_MCAST_GRP.NAME)) === name) return attrU32(group.get(CTRL_ATTR_MCAST_GRP.ID));
+  }
+  return undefined;
 }

@@ -80,6 +80,8 @@ export interface FakeMachine {
    * superblock, so a wrong table fails the mount as the kernel would.
    */
   deviceTrees?: Record<string, FakeTree>;
+  /** RAM in KiB (/proc/meminfo's MemTotal); default 1 GiB */
+  memKiB?: number;
   /** the running kernel's release (/proc/sys/kernel/osrelease); default "sim" */
   kernelRelease?: string;
   /** kexec_file_load fails with this errno name (EPERM, EKEYREJECTED, ENOEXEC, ENOSYS …) */
@@ -129,6 +131,8 @@ interface FakeLoop {
 
 const DM_MAJOR = 253;
 const LOOP_MAJOR = 7;
+/** _IOR(0x94, 39, struct btrfs_ioctl_vol_args) */
+const BTRFS_IOC_DEVICES_READY = ((2 << 30) | (4096 << 16) | (0x94 << 8) | 39) >>> 0;
 
 export class SimulationEnd extends Error {
   constructor(readonly reason: 'exec' | 'shell' | 'reboot' | 'exit' | 'stuck', detail: string) {
@@ -150,7 +154,7 @@ interface OpenFile {
   pos: number;
 }
 
-const ERRNO: Record<string, number> = { EPERM: 1, ETXTBSY: 26, EOPNOTSUPP: 95, ENOEXEC: 8, EKEYREJECTED: 129, ENXIO: 6, EACCES: 13, ENOTTY: 25, ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10 };
+const ERRNO: Record<string, number> = { EPERM: 1, ETXTBSY: 26, EOPNOTSUPP: 95, ENOEXEC: 8, EKEYREJECTED: 129, ENXIO: 6, EACCES: 13, ENOTTY: 25, ENOENT: 2, EIO: 5, EBADF: 9, EAGAIN: 11, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, EINVAL: 22, ENODEV: 19, EBUSY: 16, ENOTEMPTY: 39, ELOOP: 40, ENOSYS: 38, ECHILD: 10, ENOTBLK: 15, EFAULT: 14 };
 
 function fail(code: string, call: string): never {
   throw new SysError(code, ERRNO[code] ?? 0, call);
@@ -185,6 +189,8 @@ export interface FakeEvents {
   loops: FakeLoopEvent[];
   /** umount2 targets, in order */
   umounts: string[];
+  /** BTRFS_IOC_DEVICES_READY calls on /dev/btrfs-control: the path, and whether its filesystem then had every member */
+  btrfsReady: { path: string; ready: boolean }[];
   /** what kexec_file_load was given: the kernel file's path and bytes, the initramfs's bytes */
   kexec?: { kernelPath: string; kernel: Uint8Array; initrd?: Uint8Array; cmdline: string; flags: number };
 }
@@ -192,7 +198,7 @@ export interface FakeEvents {
 let fsCounter = 1;
 
 export class FakeKernel implements Sys {
-  readonly events: FakeEvents = { mounts: [], modules: [], moduleLoads: [], spawns: [], consoleReads: [], dm: [], loops: [], umounts: [] };
+  readonly events: FakeEvents = { mounts: [], modules: [], moduleLoads: [], spawns: [], consoleReads: [], dm: [], loops: [], umounts: [], btrfsReady: [] };
   /** the console's termios as TCSETS last set it (kernel struct termios, 36 bytes); echo on at start */
   private termios: Uint8Array = (() => { const t = new Uint8Array(36); new DataView(t.buffer).setUint32(12, 0o10 | 0o2, true); return t; })();
   private readonly consoleBytes: number[] = [];
@@ -268,7 +274,10 @@ export class FakeKernel implements Sys {
   }
 
   private procTree(): Node {
-    const root = this.buildTree({ cmdline: `${this.machine.cmdline}\n`, mounts: '', modules: '', 'sys/kernel/osrelease': `${this.machine.kernelRelease ?? 'sim'}\n` }, fsCounter++);
+    const root = this.buildTree({
+      cmdline: `${this.machine.cmdline}\n`, mounts: '', modules: '', 'sys/kernel/osrelease': `${this.machine.kernelRelease ?? 'sim'}\n`,
+      meminfo: `MemTotal:       ${this.machine.memKiB ?? 1048576} kB\n`,
+    }, fsCounter++);
     // /proc/modules: the modules loaded so far, one "NAME SIZE REFS DEPS STATE ADDRESS" line each
     const modules = root.kind === 'dir' ? root.entries.get('modules') : undefined;
     if (modules?.kind === 'file') modules.data = () => enc([...this.loadedAt.keys()].map((m) => `${m} 16384 0 - Live 0x0000000000000000\n`).join(''));
@@ -333,6 +342,7 @@ export class FakeKernel implements Sys {
     root.entries.set('console', { kind: 'chr', mode: S.IFCHR | 0o600, fs, major: 5, minor: 1 });
     root.entries.set('null', { kind: 'chr', mode: S.IFCHR | 0o666, fs, major: 1, minor: 3 });
     root.entries.set('loop-control', { kind: 'chr', mode: S.IFCHR | 0o660, fs, major: 10, minor: 237 });
+    root.entries.set('btrfs-control', { kind: 'chr', mode: S.IFCHR | 0o600, fs, major: 10, minor: 234 });
     return root;
   }
 
@@ -565,6 +575,7 @@ export class FakeKernel implements Sys {
     const n = f?.node;
     if (n && n.kind === 'chr' && n.major === 10 && n.minor === 236 && ((request >>> 8) & 0xff) === 0xfd) return this.dmIoctl(request & 0xff, arg);
     if (n && n.kind === 'blk' && n.major === LOOP_MAJOR && request === 0x4c0a) return this.loopConfigure(n.minor, arg);
+    if (n && n.kind === 'chr' && n.major === 10 && n.minor === 234 && request === BTRFS_IOC_DEVICES_READY) return this.btrfsDevicesReady(arg);
     if (n && n.kind === 'chr' && n.major === 5 && n.minor === 1 && (request === 0x5401 || request === 0x5402)) {
       // TCGETS / TCSETS on the console
       if (arg.byteLength < 36) fail('EFAULT', 'termios');
@@ -860,6 +871,45 @@ export class FakeKernel implements Sys {
     }
   }
 
+  /** btrfs's device list: fsid → devid → the path it was registered by (scan, DEVICES_READY or mount) */
+  private readonly btrfsMembers = new Map<string, Map<number, string>>();
+
+  /** The btrfs superblock fields of a block device's bytes (fsid, devid, num_devices), or undefined when it holds none. */
+  private btrfsSuperOf(major: number, minor: number): { fsid: string; devid: number; numDevices: number } | undefined {
+    const b = this.blockByNumber(major, minor);
+    if (!b || b.size < 0x11000) return undefined;
+    const sb = b.bytes.subarray(b.start + 0x10000, b.start + 0x11000);
+    if (String.fromCharCode(...sb.subarray(0x40, 0x48)) !== '_BHRfS_M') return undefined;
+    const v = new DataView(sb.buffer, sb.byteOffset, sb.byteLength);
+    const fsid = Array.from(sb.subarray(0x20, 0x30), (x) => x.toString(16).padStart(2, '0')).join('');
+    return { fsid, devid: Number(v.getBigUint64(0xc9, true)), numDevices: Number(v.getBigUint64(0x88, true)) };
+  }
+
+  /** Registers a btrfs member as the kernel's device list does; true when its filesystem has every member. */
+  private registerBtrfs(path: string, node: Node): boolean | undefined {
+    if (node.kind !== 'blk') return undefined;
+    const sb = this.btrfsSuperOf(node.major, node.minor);
+    if (!sb) return undefined;
+    let members = this.btrfsMembers.get(sb.fsid);
+    if (!members) this.btrfsMembers.set(sb.fsid, (members = new Map()));
+    members.set(sb.devid, path);
+    return members.size >= sb.numDevices;
+  }
+
+  /** BTRFS_IOC_DEVICES_READY: struct btrfs_ioctl_vol_args { __s64 fd; char name[4088]; }; 0 when ready, 1 when members are missing. */
+  private btrfsDevicesReady(buf: ArrayBuffer): number {
+    if (buf.byteLength !== 4096) fail('EFAULT', 'BTRFS_IOC_DEVICES_READY');
+    const name = new Uint8Array(buf, 8);
+    const end = name.indexOf(0);
+    if (end <= 0) fail('EINVAL', 'BTRFS_IOC_DEVICES_READY: no path');
+    const path = decodeUtf8(name.subarray(0, end));
+    const node = this.lookup(path);
+    if (node.kind !== 'blk') fail('ENOTBLK', `BTRFS_IOC_DEVICES_READY ${path}`);
+    const ready = this.registerBtrfs(path, node) ?? fail('EINVAL', `BTRFS_IOC_DEVICES_READY ${path}: no btrfs superblock`);
+    this.events.btrfsReady.push({ path, ready });
+    return ready ? 0 : 1;
+  }
+
   private loopConfigure(n: number, buf: ArrayBuffer): number {
     this.dmBytes.clear();
     const l = this.loops.get(n) ?? fail('ENXIO', `loop${n}`);
@@ -900,7 +950,8 @@ export class FakeKernel implements Sys {
     const at = (o: number, n: number) => b.bytes.subarray(b.start + o, b.start + o + n);
     const ext = b.size > 1082 && at(1080, 2)[0] === 0x53 && at(1080, 2)[1] === 0xef;
     const ntfs = b.size > 11 && String.fromCharCode(...at(3, 8)) === 'NTFS    ';
-    if (!ext && !ntfs) fail('EINVAL', `mount ${source}: no ext or NTFS superblock on ${dm.name}`);
+    const btrfs = b.size > 0x10048 && String.fromCharCode(...at(0x10040, 8)) === '_BHRfS_M';
+    if (!ext && !ntfs && !btrfs) fail('EINVAL', `mount ${source}: no ext, NTFS or btrfs superblock on ${dm.name}`);
     return tree;
   }
 
@@ -1034,6 +1085,9 @@ export class FakeKernel implements Sys {
       let srcNode: Node | undefined;
       try { srcNode = this.lookup(source); } catch { srcNode = undefined; }
       if (srcNode?.kind === 'blk' && this.claimed().has(`${srcNode.major}:${srcNode.minor}`)) fail('EBUSY', `mount ${source}: held by device-mapper`);
+      // btrfs: the mounted device registers itself; a filesystem missing members fails
+      // (open_ctree: missing devices) unless mounted degraded
+      if (srcNode && this.registerBtrfs(this.abs(source), srcNode) === false && !data.split(',').includes('degraded')) fail('EINVAL', `mount ${source}: btrfs devices missing`);
       const tree = this.dmTreeFor(source) ?? this.treeForDevice(source);
       if (!tree) fail(this.diskBytes(source.replace(/^\/dev\//, '')) ? 'EINVAL' : 'ENOENT', `mount ${source}`);
       fsRoot = this.buildTree(tree, fsCounter++);
@@ -1175,6 +1229,10 @@ export class FakeKernel implements Sys {
 
   connect(fd: number, _address: Uint8Array, _timeoutMs: number): void {
     fail('EBADF', `connect fd ${fd}`);
+  }
+
+  setsockopt(fd: number, _level: number, _name: number, _value: Uint8Array): void {
+    fail('EBADF', `setsockopt fd ${fd}`);
   }
 
   poll(fds: PollFd[], timeoutMs: number): number[] {

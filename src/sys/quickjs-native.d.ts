@@ -102,6 +102,8 @@ declare module 'sys' {
   export function socket(domain: number, type: number, protocol: number): number;
   /** connect(2) with a struct sockaddr's bytes, waiting at most timeoutMs (ETIMEDOUT) */
   export function connect(fd: number, address: Bytes, timeoutMs: number): void;
+  /** setsockopt(fd, level, name, value) */
+  export function setsockopt(fd: number, level: number, name: number, value: Bytes): void;
   export function poll(fds: { fd: number; events: number }[], timeoutMs: number): number[];
   export function monotonicMs(): number;
   export function uptimeSec(): number;

@@ -94,6 +94,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     ueventSocket: native.ueventSocket,
     socket: native.socket,
     connect: native.connect,
+    setsockopt: native.setsockopt,
     poll: native.poll,
     monotonicMs: native.monotonicMs,
     uptimeSec: native.uptimeSec,

@@ -129,6 +129,9 @@ export const POLLOUT = 4;
 export const AF = { INET: 2, INET6: 10, NETLINK: 16 } as const;
 export const SOCK = { STREAM: 1, DGRAM: 2, RAW: 3 } as const;
 export const NETLINK = { ROUTE: 0, GENERIC: 16 } as const;
+/** setsockopt(2) levels and options: SOL_NETLINK, NETLINK_ADD_MEMBERSHIP (linux/netlink.h). */
+export const SOL_NETLINK = 270;
+export const NETLINK_ADD_MEMBERSHIP = 1;
 
 /** reboot(2) commands. */
 export const REBOOT = {
@@ -212,6 +215,8 @@ export interface Sys {
   socket(domain: number, type: number, protocol: number): number;
   /** connect(2) to a struct sockaddr's bytes, waiting at most timeoutMs (then ETIMEDOUT). */
   connect(fd: number, address: Uint8Array, timeoutMs: number): void;
+  /** setsockopt(2) with the option value's bytes (a netlink socket joining a multicast group). */
+  setsockopt(fd: number, level: number, name: number, value: Uint8Array): void;
   /** poll(2): returns revents per fd (0 where nothing happened). */
   poll(fds: PollFd[], timeoutMs: number): number[];
   /** Monotonic clock in milliseconds (CLOCK_MONOTONIC, with fractions). */

@@ -28,10 +28,17 @@ const DATA_SECTORS = 2048; // the LUKS2 data segment starts 1 MiB in
 let dir: string;
 let disk: BuiltDisk;
 let lvm: LvmLayout;
+/** a root archive (tar) holding an executable /sbin/init */
+let rootArchive: Uint8Array;
 
 beforeAll(() => {
   if (!can) return;
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-stack-sim-'));
+  const tree = path.join(dir, 'tree');
+  fs.mkdirSync(path.join(tree, 'sbin'), { recursive: true });
+  fs.writeFileSync(path.join(tree, 'sbin', 'init'), '#!/bin/sh\necho from the archive\n', { mode: 0o755 });
+  execFileSync('tar', ['-cf', path.join(dir, 'rootfs.tar'), '-C', tree, '.']);
+  rootArchive = new Uint8Array(fs.readFileSync(path.join(dir, 'rootfs.tar')));
   const root = path.join(dir, 'root.ext4');
   execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', '-L', 'lv root', root, '4M']);
   lvm = makeLvmPv(dir, 8, 'sim-vg', [{ name: 'root', sizeMiB: 4, image: root }, { name: 'swap', sizeMiB: 1 }]);
@@ -119,8 +126,10 @@ describe.skipIf(!can)('simulation: a root behind LUKS and LVM', () => {
     expect(root.uuid).toBe(`LVM-${lvm.vgUuid.replace(/-/g, '')}${lvm.lvs.root!.uuid.replace(/-/g, '')}`);
     const load = r.kernel.events.dm.find((e) => e.op === 'load' && e.name === 'sim--vg-root') as { targets: { type: string; params: string; length: number }[] };
     expect(load.targets).toEqual([{ start: 0, length: lvm.lvs.root!.size / 512, type: 'linear', params: expect.stringMatching(new RegExp(` ${lvm.lvs.root!.offset / 512}$`)) }]);
-    expect(r.kernel.events.mounts.find((m) => m.target === '/root')).toMatchObject({ fstype: 'ext4' });
-    expect(r.kernel.events.exec?.path).toBe('/sbin/init');
+    // found as dm-1, mounted by its mapping's name, as the booted system's /proc/mounts then shows it
+    expect(t).toMatch(/found root device \/dev\/sim-vg\/root at \/dev\/dm-1 /);
+    expect(r.kernel.events.mounts.find((m) => m.target === '/root')).toMatchObject({ source: '/dev/mapper/sim--vg-root', fstype: 'ext4' });
+    expect(r.kernel.events.exec).toMatchObject({ path: '/sbin/init', rootDevice: '/dev/mapper/sim--vg-root' });
     // the booted system's udev takes both dm devices as activated through libdevmapper (udev-db.ts)
     const k = r.kernel;
     const dmDevs = k.readdir('/sys/class/block').filter((n) => n.startsWith('dm-')).map((n) => {
@@ -179,5 +188,24 @@ describe.skipIf(!can)('simulation: a root behind LUKS and LVM', () => {
     expect(r.kernel.sysPowerResume).toBe(`${st.rdevMajor}:${st.rdevMinor}\n`);
     expect(t).toContain('resume=/dev/sim-vg/swap: no hibernation image on /dev/');
     expect(t.indexOf('resume=/dev/sim-vg/swap: no hibernation image')).toBeLessThan(t.indexOf('mounted /dev/'));
+  });
+
+  it('root=tmpfs: with resume= on an LV beside the archive\'s: the swap LV is activated and handed to the kernel before the archive\'s host is mounted, then the archive boots', async () => {
+    const r = await boot('root=tmpfs:/dev/sim-vg/root:/images/rootfs.tar rd.tmpfs.size=8M resume=/dev/sim-vg/swap', [PASS], {
+      deviceTrees: { 'sim--vg-root': { 'images/rootfs.tar': { bytes: rootArchive } } },
+    });
+    const t = r.kernel.consoleText;
+    expect(r.end?.reason, t).toBe('exec');
+    const st = r.kernel.stat('/dev/mapper/sim--vg-swap');
+    expect(r.kernel.sysPowerResume).toBe(`${st.rdevMajor}:${st.rdevMinor}\n`);
+    const resumed = t.indexOf('resume=/dev/sim-vg/swap: no hibernation image on /dev/');
+    expect(resumed).toBeGreaterThan(0);
+    // the host: mounted read-only, after resume=, by its mapping's name
+    const hostMount = t.indexOf('mounted /dev/mapper/sim--vg-root (ext4, ro');
+    expect(hostMount, t).toBeGreaterThan(resumed);
+    expect(r.kernel.events.mounts.find((m) => m.target === '/run/vdboot/archive-host')).toMatchObject({ source: '/dev/mapper/sim--vg-root' });
+    expect(r.kernel.events.mounts.find((m) => m.target === '/root')).toMatchObject({ fstype: 'tmpfs' });
+    expect(r.kernel.events.exec).toMatchObject({ path: '/sbin/init', rootDevice: '(initramfs)' });
+    expect(t).not.toContain('is ignored');
   });
 });

@@ -155,6 +155,9 @@ describe('vdboot netboot on a dynamic VHDX and a qcow2 with a backing file', () 
     const manifest = JSON.parse(Buffer.from(entries.get('etc/vdboot/manifest.json')!.data).toString('utf8'));
     for (const m of ['nbd', 'virtio_net', 'e1000', 'e1000e', 'r8169']) expect(manifest.modules[m], m).toBeDefined();
     expect(fs.readdirSync(path.join(out, 'nbd-exports')).sort()).toEqual(['base.qcow2', 'fleet.vhdx', 'lab.qcow2']);
+    // PXELINUX's own files, from Debian's pxelinux and syslinux-common (scripts/debian-packages.txt)
+    expect(Buffer.compare(fs.readFileSync(path.join(out, 'pxelinux.0')), fs.readFileSync('/usr/lib/PXELINUX/pxelinux.0'))).toBe(0);
+    expect(Buffer.compare(fs.readFileSync(path.join(out, 'ldlinux.c32')), fs.readFileSync('/usr/lib/syslinux/modules/bios/ldlinux.c32'))).toBe(0);
   });
 
   it('iPXE, PXELINUX and GRUB boot each image with the same command line: root=vdisk:nbd://SERVER:PORT/EXPORT ip=dhcp', () => {

@@ -3,8 +3,9 @@
  *   root=tmpfs:/dev/mapper/vg1-data rd.tmpfs.imgfile=images/rootfs.tar.gz rd.tmpfs.size=… rd.lvm.lv=vg1/data
  * where vg1 is a striped VG over two disks, one of its PVs inside LUKS2: a wrong passphrase
  * typed on the serial console is counted (try 1 of 3), the right one opens it, the striped LV
- * is activated (and only it: rd.lvm.lv), the archive on its ext4 is unpacked into the tmpfs
- * root. The LV's ext4 is written stripe by stripe where lvm2's own report places them
+ * is activated (and only the LVs rd.lvm.lv names), the archive on its ext4 is unpacked into
+ * the tmpfs root. The tmpfs system's swap is an LV of the same VG (resume=/dev/vg1/swap
+ * rd.lvm.lv=vg1/swap): the guest reads the kernel's resume device back from /sys/power/resume. The LV's ext4 is written stripe by stripe where lvm2's own report places them
  * (test/kit/lvm-vg.ts), so a wrong stripe order or size in vdboot's table fails the mount or
  * the archive's checksum. The guest prints /which from the archive and the dm devices it sees.
  */
@@ -40,6 +41,7 @@ beforeAll(() => {
     files: { which: 'the archive on the striped LV\n' },
     commands: [
       guestFact('which', '$(cat /which)'),
+      guestFact('resume', '$(cat /sys/power/resume)'),
       'for d in /sys/block/dm-*; do [ -e "$d/dm/name" ] && echo "VDBOOT-GUEST dm.$(cat $d/dm/name)=$(cat $d/dev)"; done',
     ],
   });
@@ -47,9 +49,14 @@ beforeAll(() => {
   execFileSync('tar', ['-czf', archive, '-C', root, '.']);
   const dataFs = join(dir, 'data.ext4');
   makeExt4(dataFs, { sizeMiB: 16, label: 'tmpfs-images', files: { 'images/rootfs.tar.gz': fs.readFileSync(archive) } });
+  const swap = join(dir, 'swap.img');
+  fs.writeFileSync(swap, '');
+  fs.truncateSync(swap, 4 << 20);
+  execFileSync('mkswap', ['-q', swap]);
   const vg = makeLvmVg(dir, 'vg1', [{ name: 'a.pv', sizeMiB: 14 }, { name: 'b.pv', sizeMiB: 14 }], [
     { name: 'data', sizeMiB: 16, stripes: 2, stripeKiB: 64, image: dataFs },
     { name: 'other', sizeMiB: 4 },
+    { name: 'swap', sizeMiB: 4, image: swap },
   ]);
   const keyFile = join(dir, 'unused.key');
   fs.writeFileSync(keyFile, 'a key file this boot is not given\n');
@@ -57,7 +64,7 @@ beforeAll(() => {
   disks = [join(dir, 'disk-a.img'), join(dir, 'disk-b.img')];
   makePartitionedDisk(disks[0], { table: 'gpt', partitions: [{ image: luks.file, name: 'cryptpv' }] });
   makePartitionedDisk(disks[1], { table: 'gpt', partitions: [{ image: vg.pvs[1]!, name: 'pv', type: 'E6D6D379-F507-44C2-A23C-238F2A3DF928' }] });
-  for (const f of [archive, dataFs, ...vg.pvs, luks.file]) fs.rmSync(f);
+  for (const f of [archive, dataFs, swap, ...vg.pvs, luks.file]) fs.rmSync(f);
 }, 300_000);
 
 afterAll(async () => {
@@ -66,10 +73,10 @@ afterAll(async () => {
 });
 
 describe.skipIf(!can)('end to end: root=tmpfs: from a striped LV behind LUKS (the tmpfs-root system\'s LVM command line)', { timeout: 400_000 }, () => {
-  it('a wrong passphrase is counted, the right one opens the PV; rd.lvm.lv activates the striped LV only; the archive boots', async () => {
+  it('a wrong passphrase is counted, the right one opens the PV; rd.lvm.lv activates the striped LV and the swap only; resume= hands the swap to the kernel; the archive boots', async () => {
     const vm = await bootVm({
       initrd, name: 'lvm-tmpfs-striped',
-      append: 'root=tmpfs:/dev/mapper/vg1-data rd.tmpfs.imgfile=images/rootfs.tar.gz rd.tmpfs.size=48M rd.lvm.lv=vg1/data',
+      append: 'root=tmpfs:/dev/mapper/vg1-data rd.tmpfs.imgfile=images/rootfs.tar.gz rd.tmpfs.size=48M rd.lvm.lv=vg1/data rd.lvm.lv=vg1/swap resume=/dev/vg1/swap',
       disks: disks.map((file) => ({ file, interface: 'virtio-blk' as const, snapshot: true })),
     });
     vms.push(vm);
@@ -91,5 +98,10 @@ describe.skipIf(!can)('end to end: root=tmpfs: from a striped LV behind LUKS (th
     expect(facts.facts.which).toBe('the archive on the striped LV');
     expect(facts.facts['dm.vg1-data']).toMatch(/^\d+:\d+$/);
     expect(facts.facts['dm.vg1-other']).toBeUndefined();
+    // resume=: the swap LV vdboot activated is the kernel's resume device, set before the archive's host was mounted
+    expect(facts.facts['dm.vg1-swap']).toMatch(/^\d+:\d+$/);
+    expect(facts.facts.resume).toBe(facts.facts['dm.vg1-swap']);
+    expect(t).toMatch(/resume=\/dev\/vg1\/swap: no hibernation image on \/dev\/dm-\d+; booting normally/);
+    expect(t.indexOf('resume=/dev/vg1/swap: no hibernation image')).toBeLessThan(t.indexOf('mounted /dev/mapper/vg1-data (ext4, ro'));
   });
 });

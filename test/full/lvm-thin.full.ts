@@ -9,6 +9,12 @@
  *  2. the same image boots the same disk again and reads the count the first boot wrote
  *     (the rw path proven by reading back);
  *  3. the default initramfs (no lvm program) refuses the root, naming the LV and its type.
+ * Then a cached LV (VG "cachevg": a linear LV converted to a cache with an 8 MiB cache pool on
+ * the same PV) and a raid1 LV (VG "raidvg", one leg on each of two disks) are built the same
+ * way and booted rw twice through lvm as roots: the second boot reads the count the first
+ * wrote, and the guest sees the LV's sub-devices (cache origin and pool, raid images and
+ * metadata) under its root.
+ * Measured under TCG on two busy cores (builder VM and boots): thin 267 s, cache 228 s, raid1 217 s.
  */
 import fs from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -18,9 +24,11 @@ import { writeInitramfs } from '../../mkinitramfs/build.ts';
 import { makeExt4 } from '../../qemu/disks.ts';
 import { buildGuestRoot, guestFact, GUEST_MARKER, parseGuestFacts } from '../../qemu/guest.ts';
 import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
-import { buildThinRoot } from '../kit/lvm-builder.ts';
+import { buildLvmRoot, buildThinRoot } from '../kit/lvm-builder.ts';
 import { COUNTER_COMMANDS } from '../kit/rw-check.ts';
 
+/** guest shell: $rootdev = MAJ:MIN of the root filesystem's device, from stat's st_dev (the kernel's new_encode_dev) */
+const ROOT_DEV_NUMBERS = 'd=$(stat -c %d /); rootdev=$(( (d >> 8) & 0xfff )):$(( (d & 0xff) | ((d >> 12) & 0xfff00) ))';
 const can = ['/usr/sbin/lvm', '/usr/sbin/pdata_tools'].every((p) => fs.existsSync(p));
 const dir = fs.mkdtempSync(join(tmpdir(), 'vdboot-full-lvm-thin-'));
 const vms: Vm[] = [];
@@ -42,8 +50,10 @@ describe.skipIf(!can)('a root on a thin LV (lvm in the initramfs)', { timeout: 1
       commands: [
         ...COUNTER_COMMANDS,
         guestFact('dmnames', '$(cat /sys/block/dm-*/dm/name | sort | tr "\\n" " ")'),
-        guestFact('rootdev', '$(cat /sys/block/$(basename $(awk \'$2 == "/" { d = $1 } END { print d }\' /proc/mounts))/dm/name)'),
-        guestFact('rootuuid', '$(cat /sys/block/$(basename $(awk \'$2 == "/" { d = $1 } END { print d }\' /proc/mounts))/dm/uuid)'),
+        // the root filesystem's device by its numbers (/proc/mounts names it /dev/mapper/NAME)
+        ROOT_DEV_NUMBERS,
+        guestFact('rootdev', '$(cat /sys/dev/block/$rootdev/dm/name)'),
+        guestFact('rootuuid', '$(cat /sys/dev/block/$rootdev/dm/uuid)'),
       ],
     });
     const rootFs = join(dir, 'root.ext4');
@@ -63,8 +73,8 @@ describe.skipIf(!can)('a root on a thin LV (lvm in the initramfs)', { timeout: 1
       await vm.waitExit(60_000);
       expect(t).toMatch(/LVM: activated thinvg\/root as \/dev\/mapper\/thinvg-root with lvm \(thin, 24\.0 MiB/);
       expect(facts.root).toMatchObject({ fstype: 'ext4', mode: 'rw' });
-      // the mounted device is the LV's dm node, whose name is the LV's
-      expect(facts.root.device).toMatch(/^\/dev\/(dm-\d+|mapper\/thinvg-root)$/);
+      // the root is mounted by the LV's mapping name, as /proc/mounts shows it
+      expect(facts.root.device).toBe('/dev/mapper/thinvg-root');
       expect(facts.facts.rootdev).toBe('thinvg-root');
       expect(facts.facts.dmnames).toMatch(/thinvg-pool-tpool/);
       expect(facts.facts.dmnames).toMatch(/thinvg-root/);
@@ -80,4 +90,44 @@ describe.skipIf(!can)('a root on a thin LV (lvm in the initramfs)', { timeout: 1
     await vm.kill();
     expect(t).toMatch(/LV thinvg\/root is a thin volume: vdboot activates linear and striped LVs itself, and this initramfs has no lvm program for thin volumes\. Build the initramfs with "vdboot mkinitramfs --with lvm"/);
   });
+});
+
+describe.skipIf(!can)('roots on cache and raid1 LVs (lvm in the initramfs)', { timeout: 1_200_000 }, () => {
+  const cases = [
+    { kind: 'cache' as const, vg: 'cachevg', subs: [/cachevg-root_corig/, /cachevg-cpool_cpool_cdata|cachevg-cpool_cdata/, /cachevg-cpool_cpool_cmeta|cachevg-cpool_cmeta/], type: 'cache' },
+    { kind: 'raid1' as const, vg: 'raidvg', subs: [/raidvg-root_rimage_0/, /raidvg-root_rimage_1/, /raidvg-root_rmeta_0/, /raidvg-root_rmeta_1/], type: 'raid1' },
+  ];
+  for (const c of cases) {
+    it(`${c.kind}: built in a builder VM; booted rw twice through lvm lvchange, the count read back`, async () => {
+      const kernel = defaultKernel();
+      const withLvm = join(dir, `initrd-lvm-${c.kind}.img`);
+      writeInitramfs(withLvm, { kernel, tools: ['lvm'] });
+      const rootDir = join(dir, `root-${c.kind}`);
+      buildGuestRoot(rootDir, {
+        commands: [
+          ...COUNTER_COMMANDS,
+          guestFact('dmnames', '$(cat /sys/block/dm-*/dm/name | sort | tr "\\n" " ")'),
+          ROOT_DEV_NUMBERS,
+          guestFact('rootdev', '$(cat /sys/dev/block/$rootdev/dm/name)'),
+        ],
+      });
+      const rootFs = join(dir, `root-${c.kind}.ext4`);
+      makeExt4(rootFs, { sizeMiB: 24, label: `${c.kind}root`, fromDir: rootDir });
+      const built = await buildLvmRoot(dir, { kind: c.kind, initrd: withLvm, kernel, fsImage: rootFs, vg: c.vg, lv: 'root', sizeMiB: 64, lvMiB: 24 });
+      fs.rmSync(rootFs);
+      for (const [run, count] of [[1, '0'], [2, '1']] as const) {
+        const vm = await bootVm({ name: `lvm-${c.kind}-${run}`, kernel, initrd: withLvm, append: `root=/dev/${c.vg}/root rw`, disks: built.disks.map((file) => ({ file })) });
+        vms.push(vm);
+        await vm.waitFor(GUEST_MARKER, 400_000);
+        const t = vm.transcript();
+        const facts = parseGuestFacts(t);
+        await vm.waitExit(60_000);
+        expect(t).toMatch(new RegExp(`LVM: activated ${c.vg}/root as /dev/mapper/${c.vg}-root with lvm \\(${c.type}, 24\\.0 MiB`));
+        expect(facts.root).toMatchObject({ device: `/dev/mapper/${c.vg}-root`, fstype: 'ext4', mode: 'rw' });
+        expect(facts.facts.rootdev).toBe(`${c.vg}-root`);
+        for (const sub of c.subs) expect(facts.facts.dmnames).toMatch(sub);
+        expect(facts.facts.count).toBe(count);
+      }
+    });
+  }
 });

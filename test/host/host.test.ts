@@ -166,6 +166,8 @@ describe.concurrent('static /init host under QEMU', () => {
     expect(['ENETUNREACH', 'ECONNREFUSED']).toContain(r.sockets.connect.code);
     expect(r.sockets.connect.call).toMatch(/^connect fd \d+$/);
     expect(r.sockets).toMatchObject({ ready: 1, family: 0x10 });
+    // setsockopt: nlctrl's multicast group "notify" (GENL_ID_CTRL, 0x10) found in the reply and joined; a closed fd is EBADF
+    expect(r.sockets).toMatchObject({ notifyGroup: 0x10, joined: 'no exception', badFd: { code: 'EBADF' } });
   });
 
   test('a throwing init prints the error with its stack, then a rescue shell answers typed commands and restarts', async ({ expect }) => {

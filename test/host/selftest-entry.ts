@@ -6,8 +6,8 @@
  */
 import * as native from 'sys';
 import { quickjsSys } from '../../src/sys/quickjs.ts';
-import { AF, MS, NETLINK, O, POLLIN, REBOOT, S, SOCK, SysError } from '../../src/sys/sys.ts';
-import { attrU16, CTRL_ATTR, CTRL_CMD_GETFAMILY, GENL_ID_CTRL, packGenl, parseAttrs, parseMessages } from '../../src/formats/netlink.ts';
+import { AF, MS, NETLINK, NETLINK_ADD_MEMBERSHIP, O, POLLIN, REBOOT, S, SOCK, SOL_NETLINK, SysError } from '../../src/sys/sys.ts';
+import { attrU16, CTRL_ATTR, CTRL_CMD_GETFAMILY, GENL_ID_CTRL, mcastGroupId, packGenl, parseAttrs, parseMessages } from '../../src/formats/netlink.ts';
 
 const sys = quickjsSys(native);
 const result: Record<string, unknown> = {};
@@ -176,9 +176,14 @@ check('sockets', () => {
   const ready = sys.poll([{ fd: nl, events: POLLIN }], 2000)[0];
   const buf = new Uint8Array(65536);
   const n = sys.read(nl, buf);
-  sys.close(nl);
   const reply = parseMessages(buf.subarray(0, n))[0]!;
-  return { connect, ready, family: attrU16(parseAttrs(reply.payload.subarray(4)).get(CTRL_ATTR.FAMILY_ID)) };
+  const attrs = parseAttrs(reply.payload.subarray(4));
+  // nlctrl's own multicast group "notify", joined as the nbd reconnect daemon joins nbd's
+  const notifyGroup = mcastGroupId(attrs, 'notify');
+  const joined = errorOf(() => sys.setsockopt(nl, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, Uint8Array.of(notifyGroup ?? 0, 0, 0, 0)));
+  sys.close(nl);
+  const badFd = errorOf(() => sys.setsockopt(nl, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, Uint8Array.of(1, 0, 0, 0)));
+  return { connect, ready, family: attrU16(attrs.get(CTRL_ATTR.FAMILY_ID)), notifyGroup, joined, badFd };
 });
 
 // Kernel modules, uevents and a real block device.

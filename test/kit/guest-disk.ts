@@ -11,14 +11,14 @@ export const ROOT_TYPE = '4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709';
 
 /**
  * The test guest (qemu/guest.ts) as a raw GPT disk in `dir`: a 2 MiB ESP, then the guest's
- * ext4 root ("vdisk root", 24 MiB) in a Linux root partition. Returns the disk and the root
+ * ext4 root ("vdisk root", 24 MiB unless `sizeMiB`) in a Linux root partition. Returns the disk and the root
  * filesystem image alone.
  */
-export function makeGuestDisk(dir: string, guest: GuestOptions, opts: { uuid?: string } = {}): { raw: string; fs: string } {
+export function makeGuestDisk(dir: string, guest: GuestOptions, opts: { uuid?: string; sizeMiB?: number } = {}): { raw: string; fs: string } {
   const rootDir = join(dir, 'root');
   buildGuestRoot(rootDir, guest);
   const fs = join(dir, 'root.ext4');
-  makeExt4(fs, { sizeMiB: 24, label: 'vdisk root', ...(opts.uuid ? { uuid: opts.uuid } : {}), fromDir: rootDir });
+  makeExt4(fs, { sizeMiB: opts.sizeMiB ?? 24, label: 'vdisk root', ...(opts.uuid ? { uuid: opts.uuid } : {}), fromDir: rootDir });
   const raw = join(dir, 'guest.raw');
   makePartitionedDisk(raw, { table: 'gpt', partitions: [{ sizeMiB: 2, type: 'uefi', name: 'esp' }, { image: fs, type: ROOT_TYPE, name: 'linux' }] });
   return { raw, fs };

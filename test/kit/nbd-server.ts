@@ -1,10 +1,11 @@
 /**
  * NBD servers for tests, on stdio: `nbdkit -s` with its standard input and output on two
  * FIFOs, so the synchronous protocol code reads and writes them with blocking calls (no
- * TCP socket at all). One server serves one connection.
+ * TCP socket at all). One server serves one connection. And servers for QEMU guests that
+ * a test kills and restarts (killableNbdServer).
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { shellQuote } from '../../qemu/guest.ts';
@@ -54,5 +55,54 @@ export function startStdioNbdkit(args: string[]): StdioNbd {
       child.kill();
       rmSync(dir, { recursive: true, force: true });
     },
+  };
+}
+
+/**
+ * An NBD server for a QEMU guest that a test can take away: QEMU's user network
+ * (restrict=on) forwards 10.0.2.100:10809 to a wrapper that runs `nbdkit -s` for each
+ * connection. The wrapper notes each server's pid (so the test kills only servers it
+ * started), serves the folder named in `work`/folder (changeable between connections),
+ * and while the server is down closes every new connection at once.
+ */
+export interface KillableNbd {
+  /** QEMU arguments: the netdev and a virtio-net card */
+  netArgs: string[];
+  /** SIGKILLs the running servers (the one serving the guest's kernel among them) and refuses new connections; returns their pids */
+  kill(): number[];
+  /** new connections are served again, from `folder` if given */
+  restart(folder?: string): void;
+  /** how many connections the guest opened so far */
+  connections(): number;
+}
+
+export function killableNbdServer(work: string, folder: string): KillableNbd {
+  mkdirSync(work, { recursive: true });
+  const script = join(work, 'serve.sh');
+  writeFileSync(join(work, 'folder'), folder);
+  writeFileSync(script, [
+    '#!/bin/sh',
+    `echo $$ >> ${shellQuote(join(work, 'pids'))}`,
+    `[ -e ${shellQuote(join(work, 'down'))} ] && exit 0`,
+    `exec nbdkit -s --log=null file dir="$(cat ${shellQuote(join(work, 'folder'))})"`,
+    '',
+  ].join('\n'), { mode: 0o755 });
+  const pids = (): number[] => (existsSync(join(work, 'pids')) ? readFileSync(join(work, 'pids'), 'utf8').split('\n').filter(Boolean).map(Number) : []);
+  return {
+    netArgs: ['-netdev', `user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:10809-cmd:sh ${script.replace(/,/g, ',,')}`, '-device', 'virtio-net-pci,netdev=n0'],
+    kill() {
+      writeFileSync(join(work, 'down'), '');
+      // the wrapper exec'd nbdkit under its own pid: only those still running are servers
+      const running = pids().filter((pid) => {
+        try { return readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('nbdkit'); } catch { return false; }
+      });
+      for (const pid of running) process.kill(pid, 'SIGKILL');
+      return running;
+    },
+    restart(to) {
+      if (to) writeFileSync(join(work, 'folder'), to);
+      rmSync(join(work, 'down'), { force: true });
+    },
+    connections: () => pids().length,
   };
 }

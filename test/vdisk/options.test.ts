@@ -38,6 +38,19 @@ describe('rd.vdisk.* options', () => {
     expect(p.warnings.join('\n')).toMatch(/mounted read-only despite rw/);
   });
 
+  it('rd.vdisk.mode=ro with rd.vdisk.attach= is the attached images\' mode: a plain root stays rw, a tmpfs root too', () => {
+    for (const cmdline of ['root=UUID=1234 rd.vdisk.attach=LABEL=Win:/a.vhdx rd.vdisk.mode=ro rw', 'root=/dev/sda2 rd.ntfsloop=LABEL=Win:/a.vhdx rd.vdisk.mode=ro rw']) {
+      const p = planBoot(cmdline);
+      expect(p.vdisk.mode, cmdline).toBe('ro');
+      expect(p.readOnly, cmdline).toBe(false);
+      expect(p.warnings.join('\n'), cmdline).not.toMatch(/despite rw/);
+    }
+    const tmpfs = planBoot('root=tmpfs:LABEL=IN:/r.tar rd.vdisk.attach=LABEL=Win:/a.vhdx rd.vdisk.mode=ro rw');
+    expect(tmpfs.readOnly).toBe(false);
+    // without rw the kernel's default stays: read-only
+    expect(planBoot('root=UUID=1234 rd.vdisk.attach=LABEL=Win:/a.vhdx rd.vdisk.mode=ro').readOnly).toBe(true);
+  });
+
   it('rd.vdisk.attach and rd.ntfsloop repeat, in command-line order, with or without a host', () => {
     const p = planBoot('root=UUID=1234 rd.vdisk.attach=/a.vhdx rd.ntfsloop=LABEL=Win:/b.vdi rd.vdisk.attach="LABEL=My Disk:/VMs/c d.vmdk"');
     expect(p.vdisk.attach).toEqual([

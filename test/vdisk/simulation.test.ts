@@ -133,8 +133,31 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
     const r = await boot(`root=UUID=${guestUuid} rd.vdisk.attach=LABEL=Windows:/VMs/linux.vhd`);
     expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
     const root = r.kernel.events.mounts.find((m) => m.target === '/root')!;
-    expect(root.source).toMatch(/^\/dev\/dm-\d+$/);
+    // found as dm-2, mounted by its mapping's name (what the booted system's /proc/mounts shows)
     expect(r.kernel.consoleText).toMatch(new RegExp(`found root device UUID=${guestUuid} at /dev/dm-2`));
+    expect(root.source).toBe('/dev/mapper/vdisk0p2');
+    expect(r.kernel.stat('/dev/mapper/vdisk0p2')).toMatchObject({ rdevMajor: 253, rdevMinor: 2 });
+  });
+
+  it('rd.vdisk.attach: resume= naming a partition of the attached image is refused with the reason, and the boot goes on', async () => {
+    const r = await boot(`root=UUID=${guestUuid} rd.vdisk.attach=LABEL=Windows:/VMs/linux.vhd resume=/dev/mapper/vdisk0p1`);
+    const t = r.kernel.consoleText;
+    expect(r.end?.reason, t).toBe('exec');
+    expect(t).toMatch(/resume=\/dev\/mapper\/vdisk0p1 is ignored: resuming inside an image is refused, .*; \/dev\/dm-1 lies on an image attached by rd\.vdisk\.attach=/);
+    expect(r.kernel.sysPowerResume).toBeUndefined();
+  });
+
+  it('rd.vdisk.attach with rd.vdisk.mode=ro and rw: the image is read-only, so the root on it is mounted read-only, and the console says why', async () => {
+    const r = await boot(`root=UUID=${guestUuid} rd.vdisk.attach=LABEL=Windows:/VMs/linux.vhd rd.vdisk.mode=ro rw`);
+    const t = r.kernel.consoleText;
+    expect(r.end?.reason, t).toBe('exec');
+    const loads = r.kernel.events.dm.filter((e): e is Extract<FakeDmEvent, { op: 'load' }> => e.op === 'load' && e.name.startsWith('vdisk0'));
+    expect(loads.length).toBeGreaterThan(0);
+    expect(loads.every((l) => l.readOnly)).toBe(true);
+    const root = r.kernel.events.mounts.find((m) => m.target === '/root')!;
+    expect(root.flags & MS.RDONLY).toBe(MS.RDONLY);
+    expect(t).toContain('the root /dev/dm-2 is on a read-only device: rd.vdisk.mode=ro makes the attached images read-only; it is mounted read-only despite rw');
+    expect(t).not.toMatch(/despite rw[\s\S]*despite rw/);
   });
 });
 
