@@ -25,6 +25,11 @@ export interface ImageRequest {
   root?: VdiskRootChoice;
   /** qemu-nbd is in the initramfs (vdboot mkinitramfs --with qemu-nbd): the nbd path exists */
   nbd?: boolean;
+  /**
+   * rd.vdisk.overlay: the snapshot's store is a persistent one on a local disk ("P", the
+   * store device named $COW), and the plan carries the image's identity to check it against
+   */
+  persistentOverlay?: boolean;
 }
 
 /** The host side of an image: how to read its files and where they lie. */

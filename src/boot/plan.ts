@@ -3,7 +3,7 @@
  * The same plan drives the real boot (execute.ts) and the host's dry run.
  */
 import { Cmdline } from './cmdline.ts';
-import { type DeviceSpec, parseDeviceSpec } from './devspec.ts';
+import { type DeviceSpec, formatDeviceSpec, parseDeviceSpec } from './devspec.ts';
 import { planStack, type StackOptions } from './stack-plan.ts';
 import { planNet, type NetOptions } from './net-cmdline.ts';
 import { parseNbdUrl, type NbdUrl } from '../formats/nbd.ts';
@@ -84,11 +84,44 @@ export interface VdiskOptions {
   compat?: string;
   /** rd.vdisk.overlay.size=: the most RAM a snapshot's writes may take (a tmpfs size: 2G, 50%) */
   overlaySize?: string;
+  /** rd.vdisk.overlay=: the first image's writes go to a persistent overlay on a local disk */
+  overlay?: OverlayOption;
   /**
    * rd.vdisk.nbd.timeout=S: how long I/O on a network image waits for its server to come
    * back while vdboot's reconnect daemon retries (undefined: NBD_RECONNECT_DEFAULT_S)
    */
   nbdTimeout?: number;
+}
+
+/**
+ * rd.vdisk.overlay=DEVICE or DEVICE:/PATH: where a client's writes to a shared image are
+ * kept across reboots (overlay.ts). `init`: rd.vdisk.overlay.init — "blank" (=1) makes an
+ * overlay on a device with no signature; "reset" also replaces an overlay made over another
+ * image (its writes are dropped); "no" (default) uses only an overlay that exists.
+ */
+export interface OverlayOption {
+  device: DeviceSpec;
+  /** a preallocated file on the device's filesystem (NTFS, exFAT, FAT) instead of the whole device */
+  path?: string;
+  init: 'no' | 'blank' | 'reset';
+  /** the option as written, for messages */
+  text: string;
+}
+
+/** rd.vdisk.overlay's value: a device spec, or DEVICE:/PATH for a file; a message for anything else. */
+export function parseOverlaySpec(text: string): { device: DeviceSpec; path?: string } | string {
+  const example = 'e.g. rd.vdisk.overlay=PARTLABEL=vdboot-overlay or rd.vdisk.overlay=LABEL=DATA:/vdboot/client.cow';
+  const cut = text.indexOf(':/');
+  if (cut < 0) {
+    const device = parseDeviceSpec(text);
+    return device ? { device } : `rd.vdisk.overlay=${text} is not a device (/dev/NAME, UUID=, LABEL=, PARTUUID=, PARTLABEL=) nor DEVICE:/PATH of a file; ${example}`;
+  }
+  const devText = text.slice(0, cut);
+  const path = text.slice(cut + 1).replace(/\\/g, '/');
+  const device = parseDeviceSpec(devText);
+  if (!device) return `rd.vdisk.overlay=${text}: "${devText}" is not a device spec; use LABEL=…, UUID=…, PARTUUID=… or /dev/NAME before the path, ${example}`;
+  if (path === '/' || path.endsWith('/')) return `rd.vdisk.overlay=${text}: ${path} names a folder, not the overlay file; ${example}`;
+  return { device, path };
 }
 
 export interface BootPlan {
@@ -183,7 +216,16 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
   const net = planNet({ ip: cmd.all('ip'), ifname: cmd.all('ifname'), neednet: cmd.get('rd.neednet') }, warnings);
   if (nbdImages) net.need = true;
   const overlaySize = cmd.get('rd.vdisk.overlay.size');
-  if (overlaySize !== undefined) {
+  const overlay = planOverlayOption(cmd, nbdImages + (root.kind === 'vdisk' && !root.nbd ? 1 : 0) + vdisk.attach.filter((a) => !a.nbd).length, warnings);
+  if (overlay) {
+    vdisk.overlay = overlay;
+    if (cmd.get('rd.vdisk.mode') === undefined) vdisk.mode = 'snapshot';
+    if (vdisk.mode !== 'snapshot') {
+      throw new PlanError(`rd.vdisk.overlay=${overlay.text} keeps the image's writes on ${formatDeviceSpec(overlay.device)} and never writes the image, but rd.vdisk.mode=${vdisk.mode} asks ${vdisk.mode === 'rw' ? 'to write the image itself' : 'to write nothing'}. Remove one of the two.`);
+    }
+    if (overlaySize !== undefined) warnings.push(`rd.vdisk.overlay.size=${overlaySize} is ignored: the writes go to the persistent overlay rd.vdisk.overlay=${overlay.text}, whose size is its device's`);
+  }
+  if (overlaySize !== undefined && !overlay) {
     if (/^\d+[kKmMgG%]?$/.test(overlaySize)) vdisk.overlaySize = overlaySize;
     else warnings.push(`rd.vdisk.overlay.size=${overlaySize} is not a size (e.g. 2G, 512M or 25%); the overlay is limited by /run only`);
   }
@@ -272,6 +314,33 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     if (FOREIGN_RD.test(p.key)) warnings.push(`${p.key} is a dracut option vdboot does not implement; it is ignored`);
   }
   return plan;
+}
+
+/**
+ * rd.vdisk.overlay= and rd.vdisk.overlay.init=. A malformed overlay stops the boot: going on
+ * with a RAM snapshot would lose every write the user meant to keep at the next power-off.
+ */
+function planOverlayOption(cmd: Cmdline, images: number, warnings: string[]): OverlayOption | undefined {
+  const text = cmd.get('rd.vdisk.overlay');
+  const initText = cmd.get('rd.vdisk.overlay.init');
+  if (text === undefined || text === '') {
+    if (initText !== undefined) warnings.push(`rd.vdisk.overlay.init=${initText} is ignored: there is no rd.vdisk.overlay=`);
+    return undefined;
+  }
+  const spec = parseOverlaySpec(text);
+  if (typeof spec === 'string') throw new PlanError(`${spec}. The boot stops rather than keep the writes in RAM, where they would be lost at power-off.`);
+  let init: OverlayOption['init'] = 'no';
+  if (initText !== undefined) {
+    if (initText === '' || initText === '1' || initText === 'yes' || initText === 'true') init = 'blank';
+    else if (initText === 'reset') init = 'reset';
+    else if (!(initText === '0' || initText === 'no' || initText === 'false')) throw new PlanError(`rd.vdisk.overlay.init=${initText} is not 0, 1 or reset (1: make a new overlay on a device with no filesystem or other signature; reset: also replace an overlay made over another image, dropping its writes)`);
+  }
+  if (images === 0) {
+    warnings.push(`rd.vdisk.overlay=${text} is ignored: no image is booted or attached (root=vdisk:…, rd.vdisk.attach=…)`);
+    return undefined;
+  }
+  if (images > 1) warnings.push(`rd.vdisk.overlay=${text} keeps the writes of the first image (vdisk0) only; the other images' writes stay in RAM`);
+  return { ...spec, init, text };
 }
 
 /** rd.vdboot.kexec=auto|0|1|VERSION and the marker rd.vdboot.kexeced=1. */

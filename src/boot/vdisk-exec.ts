@@ -30,6 +30,7 @@ import { NbdImageHost, type ConnectedNbd } from './nbd-client.ts';
 import { reconnectArgv } from './nbd-reconnect.ts';
 import { NBD_RECONNECT_DEFAULT_S } from './plan.ts';
 import { formatNbdUrl, type NbdUrl } from '../formats/nbd.ts';
+import { createOverlay, describeOverlay, overlayFullWarning, planOverlay, type OverlayPlan } from './overlay.ts';
 
 export const HOST_MOUNT = '/run/vdboot/host';
 export const STATE_DIR = '/run/vdboot';
@@ -344,6 +345,7 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
       const req: ImageRequest = {
         index, path: opened.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand,
         ...(plan.vdisk.allowOutside ? { allowOutside: true } : {}),
+        ...(plan.vdisk.overlay && index === 0 ? { persistentOverlay: true } : {}),
         nbd: ctx.manifest.tools.qemuNbd !== undefined && opened.nbdReadable,
         ...(r.root ? { root: plan.vdisk.root } : {}),
       };
@@ -410,6 +412,26 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
     );
   }
 
+  // The persistent overlay of the first image (rd.vdisk.overlay): found and checked against
+  // the image's identity before anything is created (reads only).
+  let overlay: OverlayPlan | undefined;
+  if (plan.vdisk.overlay && planned[0]?.vp.mode === 'snapshot') {
+    const vp0 = planned[0].vp;
+    const chunk = Number(/ P (\d+)$/.exec(vp0.devices.find((d) => d.name === vp0.name)?.targets[0]?.params ?? '')?.[1] ?? 8);
+    try {
+      overlay = log.timed('overlay', () => planOverlay(ctx, plan.vdisk.overlay!, vp0, chunk));
+      const full = overlayFullWarning(overlay);
+      if (full) log.warn(full);
+      // An overlay kept from earlier boots has its chunk size in its store: the table says the same.
+      const kept = overlay.record.chunkSectors;
+      for (const t of vp0.devices.find((d) => d.name === vp0.name)?.targets ?? []) if (t.type === 'snapshot') t.params = t.params.replace(/ P \d+$/, ` P ${kept}`);
+    } catch (e) {
+      undo.rollback(log);
+      for (const h of nbdHosts) h.close();
+      throw e;
+    }
+  }
+
   // 2. Execute.
   const wanted = ['dm_mod', 'dm_zero'];
   if (planned.some((p) => p.vp.mode === 'snapshot')) wanted.push('dm_snapshot');
@@ -447,6 +469,10 @@ export function setupVdisks(ctx: InitContext): { root?: BlockDeviceInfo; rootDef
       }
       let cow: string | undefined;
       if (vp.cowBytes !== undefined) cow = makeCow(sys, undo, vp.name, vp.cowBytes, plan.vdisk.overlaySize);
+      else if (overlay && vp === planned[0]!.vp) {
+        const op = overlay;
+        cow = log.step('overlay', () => createOverlay(sys, dm, vp.name, op, (n) => undo.state.dm.push(n)), () => describeOverlay(vp.name, op));
+      }
       const nbd = vp.nbd ? connectNbd(ctx, undo, vp.nbd) : undefined;
       log.step('dm', () => {
         for (const d of vp.devices) {
@@ -670,6 +696,7 @@ function planNbd(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nb
   const req: ImageRequest = {
     index, path: nh.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: false,
     ...(plan.vdisk.allowOutside ? { allowOutside: true } : {}),
+    ...(plan.vdisk.overlay && index === 0 ? { persistentOverlay: true } : {}),
     ...(root ? { root: plan.vdisk.root } : {}),
   };
   if (req.map === 'loop' || req.map === 'nbd') throw new BootFailure(`${where}: rd.vdisk.map=${plan.vdisk.map} does not apply to a network image: vdboot maps its export directly (/dev/nbdN under device-mapper). Remove rd.vdisk.map.`);
@@ -686,7 +713,7 @@ function planNbd(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nb
   // dm-snapshot splits every read at its chunk size: 4 KiB chunks turn a 1 MiB read of the
   // image into 256 round trips to the server. Network images take 64 KiB chunks (a first
   // write to a chunk copies 64 KiB from the server into RAM).
-  for (const d of vp.devices) for (const t of d.targets) if (t.type === 'snapshot') t.params = t.params.replace(/ N 8$/, ` N ${NBD_SNAPSHOT_CHUNK_SECTORS}`);
+  for (const d of vp.devices) for (const t of d.targets) if (t.type === 'snapshot') t.params = t.params.replace(/ ([NP]) 8$/, ` $1 ${NBD_SNAPSHOT_CHUNK_SECTORS}`);
   for (const line of describeVdiskPlan(vp, 8)) log.debug(line);
   for (const w of vp.warnings) log.warn(w);
   if (vp.root) log.info(`${vp.name}: root is /dev/mapper/${vp.root.partition.name} (${vp.root.partition.fsType ?? 'no filesystem found'}), chosen by ${vp.root.why}`);

@@ -8,7 +8,7 @@
  *
  * Device references that exist only at execution are tokens in target params:
  * `$LOOP<i>` (a loop device of map file i), `$NBD` (the nbd device qemu-nbd serves the
- * image on) and `$COW` (the snapshot's RAM store).
+ * image on) and `$COW` (the snapshot's store: RAM, or the persistent overlay of rd.vdisk.overlay).
  */
 import { FormatError, type BlockReader } from '../formats/block-reader.ts';
 import { openImage } from '../formats/chain.ts';
@@ -19,6 +19,7 @@ import { GPT_TYPE } from '../formats/guid.ts';
 import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
 import { probeFilesystem } from '../formats/probe.ts';
 import { mappedReader } from '../formats/read-map.ts';
+import { baseIdentity, type BaseIdentity } from '../formats/overlay.ts';
 import type { DmTarget } from './dm.ts';
 import { findChildImages, MAX_NEIGHBOURS } from './children.ts';
 import { checkFills, expansionFor, ExpansionNeeded, planFills } from './expand-plan.ts';
@@ -83,6 +84,8 @@ export interface VdiskPlan {
   loops: LoopPlan[];
   /** snapshot mode: the size of the RAM store the COW device is made from */
   cowBytes?: number;
+  /** a snapshot onto a persistent overlay (rd.vdisk.overlay): what identifies the image, to check the overlay's record against */
+  baseIdentity?: BaseIdentity;
   /** the root partition and why it was chosen */
   root?: { partition: VirtualPartition; device: BlockDeviceInfo; why: string };
   /**
@@ -257,8 +260,9 @@ export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   if (req.mode === 'snapshot') {
     devices.push({ name: `${name}-base`, uuid: `${DM_UUID_PREFIX}${name}-base`, readOnly: true, targets });
     // Non-persistent snapshot ("N"), 4 KiB chunks: writes land in the RAM store, reads of unchanged chunks come from the image.
-    devices.push({ name, uuid: `${DM_UUID_PREFIX}${name}`, readOnly: false, targets: [{ start: 0, length: sectors, type: 'snapshot', params: `/dev/mapper/${name}-base $COW N 8` }] });
-    cowBytes = map.size;
+    // With rd.vdisk.overlay the store is persistent ("P") on a local disk (overlay.ts), and $COW names it.
+    devices.push({ name, uuid: `${DM_UUID_PREFIX}${name}`, readOnly: false, targets: [{ start: 0, length: sectors, type: 'snapshot', params: `/dev/mapper/${name}-base $COW ${req.persistentOverlay ? 'P' : 'N'} 8` }] });
+    if (!req.persistentOverlay) cowBytes = map.size;
   } else {
     devices.push({ name, uuid: `${DM_UUID_PREFIX}${name}`, readOnly: req.mode === 'ro', targets });
   }
@@ -323,6 +327,15 @@ export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   }
   if (chosen.path === 'nbd') plan.nbd = { file: image.layers[0]!.path, format: qemuFormatName(image.layers[0]!.layer.format), readOnly: req.mode !== 'rw' };
   if (cowBytes !== undefined) plan.cowBytes = cowBytes;
+  if (req.persistentOverlay && req.mode === 'snapshot') {
+    plan.baseIdentity = baseIdentity({
+      source: req.path,
+      layers: image.layers.map((l) => l.layer),
+      map,
+      disk,
+      partitionStarts: partitions.map((p) => p.start),
+    });
+  }
   const stacked = (table.kind === 'none' ? [whole] : partitions).filter((p) => p.fsType === 'crypto_LUKS' || p.fsType === 'LVM2_member');
   const deferred = req.root ? deferRoot(req.root, table.kind, partitions, whole, stacked) : undefined;
   if (deferred) plan.rootDeferred = deferred;
@@ -664,6 +677,7 @@ export function describeVdiskPlan(plan: VdiskPlan, maxLines = 20): string[] {
   for (const lp of plan.loops) out.push(`  $LOOP${lp.index}: loop device of ${lp.file}${lp.readOnly ? ' (read-only)' : ''}`);
   if (plan.nbd) out.push(`  $NBD: qemu-nbd -f ${plan.nbd.format}${plan.nbd.readOnly ? ' -r' : ''} on ${plan.nbd.file}`);
   if (plan.cowBytes !== undefined) out.push(`  $COW: loop device of a sparse RAM file of ${humanSize(plan.cowBytes)} in /run/vdboot`);
+  if (plan.baseIdentity) out.push(`  $COW: the persistent overlay (rd.vdisk.overlay), checked against this image's identity: tables ${plan.baseIdentity.tables}, content ${plan.baseIdentity.content}`);
   const hu = plan.headerUpdate;
   if (hu) out.push(`  before the first write: ${hu.what}: ${hu.writes.length} write${hu.writes.length === 1 ? '' : 's'} ${hu.on === 'device' ? `on ${hu.path} at ${hu.writes.map((w) => `${w.offset}+${w.bytes.length}`).join(', ')}` : `into the file through the mounted host at ${hu.writes.map((w) => w.offset).join(', ')}`}`);
   out.push(`  partitions (${plan.partitionTable}):${plan.partitions.length ? '' : ' none'}`);

@@ -97,7 +97,8 @@ export function planAgainstDevices(cmdline: string, devices: HostDevice[], opts:
       const found = findImage(devices, hostSpec, path);
       hosts.push(found.host);
       const allowOutside = opts.allowOutside === true || plan.vdisk.allowOutside === true;
-      const req = { index: index++, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, nbd: opts.nbd === true, ...(allowOutside ? { allowOutside } : {}), ...(root ? { root: plan.vdisk.root } : {}) };
+      const imageIndex = index++;
+      const req = { index: imageIndex, path: found.file.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: plan.vdisk.expand, nbd: opts.nbd === true, ...(allowOutside ? { allowOutside } : {}), ...(root ? { root: plan.vdisk.root } : {}), ...(plan.vdisk.overlay && imageIndex === 0 ? { persistentOverlay: true } : {}) };
       const vp = planVdisk(req, imageHostFor(found.host, [found.file]));
       vdisks.push(vp);
       for (const p of vp.partitions) {

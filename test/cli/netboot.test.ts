@@ -8,7 +8,6 @@
  */
 import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -18,6 +17,7 @@ import { main } from '../../src/cli/main.ts';
 import { parseNetbootArgs } from '../../src/cli/netboot.ts';
 import { readCpio } from '../../src/formats/cpio.ts';
 import { bootVm, defaultKernel } from '../../qemu/harness.ts';
+import { rangeServer } from '../kit/http-range.ts';
 
 const run = promisify(execFile);
 const hasNbdkit = spawnOk('nbdkit', ['--version']);
@@ -286,27 +286,6 @@ describe('vdboot netboot refuses', () => {
     expect(r.stderr).toMatch(/--url: lab\.qcow2 reads base\.qcow2 too.*flatten the image first/);
   });
 });
-
-/** A static file server with byte ranges (what nbdkit's curl plugin asks for), on 127.0.0.1. */
-function rangeServer(root: string): Promise<{ port: number; close(): void; requests: () => number }> {
-  let count = 0;
-  const server = http.createServer((req, res) => {
-    count++;
-    const file = path.join(root, decodeURIComponent((req.url ?? '/').split('?')[0]!).replace(/^\/+/, ''));
-    if (!file.startsWith(root + path.sep) || !fs.existsSync(file)) {
-      res.writeHead(404).end();
-      return;
-    }
-    const size = fs.statSync(file).size;
-    const range = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
-    const start = range ? Number(range[1]) : 0;
-    const end = range && range[2] ? Math.min(Number(range[2]), size - 1) : size - 1;
-    res.writeHead(range ? 206 : 200, { 'Content-Length': end - start + 1, 'Accept-Ranges': 'bytes', ...(range ? { 'Content-Range': `bytes ${start}-${end}/${size}` } : {}) });
-    if (req.method === 'HEAD') res.end();
-    else fs.createReadStream(file, { start, end }).pipe(res);
-  });
-  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ port: (server.address() as net.AddressInfo).port, close: () => server.close(), requests: () => count })));
-}
 
 describe.skipIf(!hasNbdkit)('vdboot netboot --url: images on an HTTP server, through nbdkit\'s curl plugin', () => {
   it('each image on its own port, its entries naming that port; each export reads back as the file', async () => {
