@@ -138,7 +138,7 @@ export interface NtfsOptions extends FilesystemOptions {
 const here = path.dirname(fileURLToPath(import.meta.url));
 
 /**
- * The ntfs-tool helper (qemu/ntfs-tool.c: mkdir, write-fragmented, set-flags), compiled
+ * The ntfs-tool helper (qemu/ntfs-tool.c: mkdir, write-fragmented, set-flags, reserve), compiled
  * against libntfs-3g on first use and cached in .cache/ by the source's hash. Needs gcc and
  * ntfs-3g-dev.
  */

@@ -51,6 +51,8 @@ export interface BitlkDump {
   /** VMK keyslots: GUID and cryptsetup's protection text ("VMK protected with passphrase"). */
   vmks: { guid: string; protection: string; name?: string }[];
   metadataOffsets: number[];
+  /** the FVE metadata areas with their sizes (cryptsetup maps them as zeros) */
+  metadataAreas: { offset: number; size: number }[];
   volumeHeader: { offset: number; size: number };
 }
 
@@ -71,6 +73,7 @@ export function bitlkDump(image: string): BitlkDump | null {
     vmks.push({ guid: m[2]!, protection: m[3]!.trim(), ...(m[1] !== undefined ? { name: m[1].trim() } : {}) });
   }
   const metadataOffsets = [...text.matchAll(/FVE metadata area\n\s*Offset:\s*(\d+)/g)].map((m) => Number(m[1]));
+  const metadataAreas = [...text.matchAll(/FVE metadata area\n\s*Offset:\s*(\d+) \[bytes\]\n\s*Size:\s*(\d+)/g)].map((m) => ({ offset: Number(m[1]), size: Number(m[2]) }));
   const vh = /Volume header\n\s*Offset:\s*(\d+) \[bytes\]\n\s*Size:\s*(\d+)/.exec(text);
   return {
     toGo: /^Info for BITLK To Go device/m.test(text),
@@ -83,6 +86,7 @@ export function bitlkDump(image: string): BitlkDump | null {
     keyBits: parseInt(field('Cipher key'), 10),
     vmks,
     metadataOffsets,
+    metadataAreas,
     volumeHeader: vh ? { offset: Number(vh[1]), size: Number(vh[2]) } : { offset: -1, size: -1 },
   };
 }
