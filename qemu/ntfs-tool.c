@@ -199,7 +199,7 @@ static void set_hidden_system(ntfs_inode *ni)
  * (hidden, system, named reserved-LCN after their first cluster), the others are deleted,
  * then the scratch folder. The allocator cannot be told to take given clusters, but it takes
  * every free one before it fails. Fails when a cluster of a range belongs to something else
- * (the volume's own metadata): nothing is deleted then. The fillers hold 0xa5 bytes, not
+ * (the volume's own metadata), leaving the fillers where they are: make the image again. The fillers hold 0xa5 bytes, not
  * zeros, so the free space left behind does too: a device that drops writes shows where. */
 static int cmd_reserve(ntfs_volume *vol, const char *dir, long chunk, int nranges, char **ranges)
 {

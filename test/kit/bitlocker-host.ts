@@ -24,12 +24,11 @@
  *   bitLockerHost(opts): Promise<BitLockerHost>
  *   zeroSegments(dump): Range[]          the unlocked volume's ranges cryptsetup maps as zeros
  */
-import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { makeExt4, makeNtfs, ntfsAdd, ntfsRead, ntfsTool } from '../../qemu/disks.ts';
+import { clusterOwners, makeExt4, makeNtfs, ntfsAdd, ntfsRead, ntfsReserve } from '../../qemu/disks.ts';
 import { buildGuestRoot } from '../../qemu/guest.ts';
 import { bootVm } from '../../qemu/harness.ts';
 import { bitlkDump, type BitLockerConf, type BitlkDump } from './bitlocker.ts';
@@ -99,15 +98,13 @@ function makeInnerNtfs(dir: string, size: number, serial: string, segments: Rang
   makeNtfs(ntfs, { sizeMiB: size / (1 << 20), label: 'Windows', clusterSize: CLUSTER, uuid: serial });
   const clusters = segments.map((r) => {
     const first = Math.floor(r.offset / CLUSTER);
-    return `${first}+${Math.ceil((r.offset + r.size) / CLUSTER) - first}`;
+    return { first, count: Math.ceil((r.offset + r.size) / CLUSTER) - first };
   });
-  execFileSync(ntfsTool(), [ntfs, 'reserve', '/$FVE-reserved', String(64 * 1024), ...clusters], { env: { ...process.env, LC_ALL: 'C.UTF-8' } });
+  ntfsReserve(ntfs, '/$FVE-reserved', clusters);
   const reserved = new Set<string>();
   for (const c of clusters) {
-    const [first, count] = c.split('+').map(Number) as [number, number];
-    const out = execFileSync('ntfscluster', ['-c', `${first}-${first + count - 1}`, ntfs], { encoding: 'utf8' });
-    const owners = [...out.matchAll(/^Inode \d+ (\S+)\/\$DATA$/gm)].map((m) => m[1]!);
-    if (!owners.length || owners.some((o) => !o.startsWith('/$FVE-reserved/'))) throw new Error(`clusters ${c} of the NTFS are not held by /$FVE-reserved files only:\n${out}`);
+    const owners = clusterOwners(ntfs, c.first, c.count);
+    if (!owners.length || owners.some((o) => !o.startsWith('/$FVE-reserved/'))) throw new Error(`clusters ${c.first}+${c.count} of the NTFS are not held by /$FVE-reserved files only: ${owners.join(', ') || 'free'}`);
     for (const o of owners) reserved.add(o);
   }
   ntfsAdd(ntfs, { [imagePath]: { hostFile: image } });

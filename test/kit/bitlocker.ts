@@ -1,11 +1,15 @@
 /**
  * The BitLocker volumes Windows made (test/data/bitlocker/bitlk-images.tar.xz), unpacked for
  * a test, with what their images.conf and `cryptsetup bitlkDump` say about them (the oracles).
+ * These volumes are stripped (cryptsetup's test suite kept only what its hash test needs: the
+ * NTFS inside is zeros); test/kit/bitlocker-host.ts writes an NTFS with an image into one,
+ * for boots from a BitLocker host.
  *
  *   unpackBitLockerImages(dir): string          unpacks once into dir; returns the images' folder
  *   readImagesConf(folder): Map<name, BitLockerConf>   images.conf, one section per image
  *   bitlkDump(image): BitlkDump | null          cryptsetup bitlkDump parsed (null: no cryptsetup)
  *   unlockInInitramfs(opts)                     a QEMU boot unlocking volumes in vdboot's initramfs
+ *   useBitLockerVolumes(): BitLockerSuite       a test file's volumes, initramfs and VMs
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
