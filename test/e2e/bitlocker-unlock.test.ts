@@ -21,25 +21,19 @@
  * images.conf: test/full/bitlocker-volumes.full.ts. test/boot/bitlocker-simulation.test.ts covers the boot
  * steps with a stand-in for the decryption.
  */
-import { execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { GUEST_MARKER, guestInitScript, parseGuestFacts, type GuestOptions } from '../../qemu/guest.ts';
+import { GUEST_MARKER, parseGuestFacts } from '../../qemu/guest.ts';
 import { bootVm, type Vm } from '../../qemu/harness.ts';
 import { hasCryptsetup, useBitLockerVolumes } from '../kit/bitlocker.ts';
-import { bitLockerHost, type BitLockerHost } from '../kit/bitlocker-host.ts';
-import { makeGuestDisk } from '../kit/guest-disk.ts';
+import { GUEST_HOST_VOLUME, GUEST_IMAGE_PATH, guestOnBitLockerHost, type BitLockerHost } from '../kit/bitlocker-host.ts';
 import { hostDisk } from '../kit/host-disk.ts';
 import { makeTmpDir } from '../kit/oracle.ts';
-import { COUNTER_COMMANDS } from '../kit/rw-check.ts';
 
 const suite = useBitLockerVolumes();
-const VOLUME = 'bitlk-aes-xts-128';
-const IMAGE_PATH = '/VMs/guest.vhdx';
-// An image boot ends through vdboot's shutdown hand-off, which removes the BitLocker mapping last.
-const GUEST: GuestOptions = { commands: [...COUNTER_COMMANDS, `if [ -x /run/initramfs/shutdown ]; then echo ${GUEST_MARKER}; sync; exec /run/initramfs/shutdown poweroff; fi`] };
+const VOLUME = GUEST_HOST_VOLUME;
+const IMAGE_PATH = GUEST_IMAGE_PATH;
 
 let host: BitLockerHost;
 let volume: string;
@@ -52,18 +46,7 @@ async function boot(name: string, append: string, disks: { file: string; snapsho
 
 describe.skipIf(!hasCryptsetup())('end to end: a VHDX on the NTFS inside a Windows-made BitLocker volume', { timeout: 1_200_000 }, () => {
   it('the builder wrote the NTFS through the bitlk mapping; the VHDX read back is byte-identical', async () => {
-    host = await bitLockerHost({
-      ...suite, name: VOLUME, imagePath: IMAGE_PATH,
-      recipe: JSON.stringify({ guest: guestInitScript(GUEST), busybox: createHash('sha256').update(fs.readFileSync('/bin/busybox')).digest('hex'), vhdx: 'dynamic, all allocated, 1M blocks' }),
-      makeImage: (dir) => {
-        const { raw } = makeGuestDisk(dir, GUEST, { uuid: '0b1d2c3e-4f50-4617-8a9b-0c1d2e3f4a5b' });
-        // every block allocated (-S 0), so a rw boot needs no expansion: qemu-img's fixed
-        // VHDX comes out twice the disk's size, too large for the 100 MiB volume
-        const vhdx = path.join(dir, 'guest.vhdx');
-        execFileSync('qemu-img', ['convert', '-q', '-S', '0', '-f', 'raw', '-O', 'vhdx', '-o', 'subformat=dynamic,block_size=1M', raw, vhdx]);
-        return vhdx;
-      },
-    });
+    host = await guestOnBitLockerHost(suite);
     // bitlkDump's three FVE metadata areas and the volume header (next to the first) are held
     expect(host.zeroSegments.length).toBe(3);
     expect(host.reserved.length).toBeGreaterThanOrEqual(3);

@@ -18,24 +18,27 @@
  *     that bitlkDump did not name would show), and the image read from it by ntfscat must be
  *     byte-identical to the one written (SHA-256).
  * The result is kept in .cache/bitlocker-host/KEY/, KEY hashing the inputs (the volume, the
- * caller's recipe for the image, ntfs-tool's source, this file's recipe version), so the
- * builder VM runs once per machine.
+ * caller's recipe for the image, this file's and ntfs-tool's sources), so the builder VM runs
+ * once per machine (and again after a change to one of them).
  *
  *   bitLockerHost(opts): Promise<BitLockerHost>
+ *   throughMapping(opts): Promise<void>  a volume's unlocked content read (after writing) in a VM
+ *   guestOnBitLockerHost(suite)          the test guest's VHDX at /VMs/guest.vhdx in bitlk-aes-xts-128
  *   zeroSegments(dump): Range[]          the unlocked volume's ranges cryptsetup maps as zeros
  */
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { clusterOwners, makeExt4, makeNtfs, ntfsAdd, ntfsRead, ntfsReserve } from '../../qemu/disks.ts';
-import { buildGuestRoot } from '../../qemu/guest.ts';
+import { buildGuestRoot, GUEST_MARKER, guestInitScript, type GuestOptions } from '../../qemu/guest.ts';
 import { bootVm } from '../../qemu/harness.ts';
-import { bitlkDump, type BitLockerConf, type BitlkDump } from './bitlocker.ts';
+import { bitlkDump, type BitLockerConf, type BitLockerSuite, type BitlkDump } from './bitlocker.ts';
+import { makeGuestDisk } from './guest-disk.ts';
 import { makeTmpDir } from './oracle.ts';
+import { COUNTER_COMMANDS } from './rw-check.ts';
 
-/** Raise when the recipe below changes what is built: old cache entries are then not used. */
-const RECIPE_VERSION = 1;
 const CACHE_DIR = fileURLToPath(new URL('../../.cache/bitlocker-host/', import.meta.url));
 const CLUSTER = 4096;
 
@@ -153,6 +156,49 @@ function allZero(file: string, r: Range): boolean {
 }
 
 /**
+ * The unlocked content of BitLocker `volume` (a file of `size` bytes unlocked), read in a VM:
+ * vdboot's initramfs `initrd` stopped at rd.break=pre-switch, where cryptsetup opens it with
+ * `key`; first `write` (a file of the unlocked size) is written into the mapping when given;
+ * then the mapping is read with O_DIRECT (not the page cache of what was written) into
+ * `readBack` (made here, `size` bytes). Each step's exit code is checked.
+ */
+export async function throughMapping(opts: { initrd: string; volume: string; key: string; size: number; write?: string; readBack: string; name: string }): Promise<void> {
+  fs.writeFileSync(opts.readBack, '');
+  fs.truncateSync(opts.readBack, opts.size);
+  // a root to stop before (pre-switch: every disk's node is made by then)
+  const dir = makeTmpDir();
+  const rootDir = path.join(dir, 'root');
+  buildGuestRoot(rootDir, {});
+  const root = path.join(dir, 'root.ext4');
+  makeExt4(root, { sizeMiB: 8, fromDir: rootDir });
+  const vm = await bootVm({
+    name: opts.name, initrd: opts.initrd, append: 'root=/dev/vdc ro rd.break=pre-switch rd.timeout=30',
+    disks: [{ file: opts.volume }, { file: opts.readBack }, { file: root, readonly: true }, ...(opts.write ? [{ file: opts.write, readonly: true }] : [])],
+  });
+  try {
+    await vm.waitFor('vdboot# ', 300_000);
+    const steps = [
+      `printf '%s' '${opts.key.replace(/'/g, `'\\''`)}' | cryptsetup open --type bitlk --key-file=- /dev/vda t`,
+      `[ "$(blockdev --getsize64 /dev/mapper/t)" = ${opts.size} ]`,
+      ...(opts.write ? ['dd if=/dev/vdd of=/dev/mapper/t bs=1M conv=fsync 2>&1 | tail -1'] : []),
+      'sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/mapper/t of=/dev/vdb bs=1M iflag=direct conv=fsync 2>&1 | tail -1',
+      'cryptsetup close t && sync',
+    ];
+    // one step at a time, each with its exit code, so a failure shows which and why
+    for (const [i, step] of steps.entries()) {
+      vm.send(`${step}; echo "STEP-${i}-RC=$?"\n`);
+      const line = await vm.waitFor(new RegExp(`^STEP-${i}-RC=\\d+$`), 600_000);
+      if (!line.endsWith('=0')) throw new Error(`${opts.name}: "${step.replace(opts.key, 'KEY')}" failed in the VM:\n${vm.transcript().split('\n').slice(-30).join('\n')}`);
+    }
+    vm.send('poweroff -f\n');
+    await vm.waitExit(120_000);
+  } finally {
+    if (!vm.exited) await vm.kill();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
  * The BitLocker host made from volume `name` of the unpacked test volumes (`images`, `conf`):
  * from the cache, else built (see the top of this file). `makeImage(dir)` makes the image
  * file (only on a cache miss); `recipe` must change whenever what it makes changes (it keys
@@ -163,8 +209,9 @@ export async function bitLockerHost(opts: { images: string; conf: Map<string, Bi
   if (!conf?.RP) throw new Error(`images.conf has no recovery password for ${opts.name}`);
   const source = path.join(opts.images, `${opts.name}.img`);
   const key = createHash('sha256').update(JSON.stringify({
-    RECIPE_VERSION, source: sha256Of(source), recipe: opts.recipe, imagePath: opts.imagePath,
-    ntfsTool: sha256Of(fileURLToPath(new URL('../../qemu/ntfs-tool.c', import.meta.url))),
+    source: sha256Of(source), recipe: opts.recipe, imagePath: opts.imagePath,
+    // the steps: this file and the tool that reserves the zero segments
+    kit: sha256Of(fileURLToPath(import.meta.url)), ntfsTool: sha256Of(fileURLToPath(new URL('../../qemu/ntfs-tool.c', import.meta.url))),
   })).digest('hex').slice(0, 24);
   const entry = path.join(CACHE_DIR, key);
   const meta = path.join(entry, 'host.json');
@@ -181,39 +228,8 @@ export async function bitLockerHost(opts: { images: string; conf: Map<string, Bi
   const volume = path.join(dir, 'volume.img');
   fs.copyFileSync(source, volume);
   const readBack = path.join(dir, 'read-back.ntfs');
-  fs.writeFileSync(readBack, '');
-  fs.truncateSync(readBack, dump.volumeSize);
 
-  // a root to stop before (pre-switch: every disk's node is made by then)
-  const rootDir = path.join(dir, 'builder-root');
-  buildGuestRoot(rootDir, {});
-  const root = path.join(dir, 'builder-root.ext4');
-  makeExt4(root, { sizeMiB: 8, fromDir: rootDir });
-  const vm = await bootVm({
-    name: 'bitlocker-host-builder', initrd: opts.initrd, append: 'root=/dev/vdd ro rd.break=pre-switch rd.timeout=30',
-    disks: [{ file: volume }, { file: ntfs, readonly: true }, { file: readBack }, { file: root, readonly: true }],
-  });
-  try {
-    await vm.waitFor('vdboot# ', 300_000);
-    const steps = [
-      `printf '%s' '${conf.RP}' | cryptsetup open --type bitlk --key-file=- /dev/vda t`,
-      `[ "$(blockdev --getsize64 /dev/mapper/t)" = ${dump.volumeSize} ]`,
-      'dd if=/dev/vdb of=/dev/mapper/t bs=1M conv=fsync 2>&1 | tail -1',
-      // read what the volume holds now, not the page cache of what was written
-      'sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/mapper/t of=/dev/vdc bs=1M iflag=direct conv=fsync 2>&1 | tail -1',
-      'cryptsetup close t && sync',
-    ];
-    // one step at a time, each with its exit code, so a failure shows which and why
-    for (const [i, step] of steps.entries()) {
-      vm.send(`${step}; echo "STEP-${i}-RC=$?"\n`);
-      const line = await vm.waitFor(new RegExp(`^STEP-${i}-RC=\\d+$`), 600_000);
-      if (!line.endsWith('=0')) throw new Error(`building the BitLocker host failed in the builder VM at "${step.replace(conf.RP, 'RECOVERY-PASSWORD')}":\n${vm.transcript().split('\n').slice(-30).join('\n')}`);
-    }
-    vm.send('poweroff -f\n');
-    await vm.waitExit(120_000);
-  } finally {
-    if (!vm.exited) await vm.kill();
-  }
+  await throughMapping({ initrd: opts.initrd, volume, key: conf.RP, size: dump.volumeSize, write: ntfs, readBack, name: 'bitlocker-host-builder' });
 
   // What the mapping reads now is what was written, except in the zero segments: zeros there.
   const outside = differences(ntfs, readBack).filter((d) => !segments.some((s) => d.offset >= s.offset && d.offset + d.size <= s.offset + s.size));
@@ -228,9 +244,40 @@ export async function bitLockerHost(opts: { images: string; conf: Map<string, Bi
     unlockedSha256: sha256Of(readBack), zeroSegments: segments, reserved,
   };
   fs.mkdirSync(entry, { recursive: true });
-  fs.copyFileSync(volume, host.volume);
-  fs.writeFileSync(`${meta}.tmp`, `${JSON.stringify({ ...host, volume: 'volume.img' }, null, 2)}\n`);
-  fs.renameSync(`${meta}.tmp`, meta); // last: an entry without host.json is not used
-  for (const f of [ntfs, readBack, image, volume, root]) fs.rmSync(f, { force: true });
+  // renamed into place: a test file building the same entry at the same time never reads half a copy
+  fs.copyFileSync(volume, `${host.volume}.${process.pid}.tmp`);
+  fs.renameSync(`${host.volume}.${process.pid}.tmp`, host.volume);
+  fs.writeFileSync(`${meta}.${process.pid}.tmp`, `${JSON.stringify({ ...host, volume: 'volume.img' }, null, 2)}\n`);
+  fs.renameSync(`${meta}.${process.pid}.tmp`, meta); // last: an entry without host.json is not used
+  for (const f of [ntfs, readBack, image, volume]) fs.rmSync(f, { force: true });
   return host;
+}
+
+/** The volume, and the image path on its NTFS, of guestOnBitLockerHost. */
+export const GUEST_HOST_VOLUME = 'bitlk-aes-xts-128';
+export const GUEST_IMAGE_PATH = '/VMs/guest.vhdx';
+/**
+ * The guest inside: it counts its boots in /count (rw-check.ts) and ends through vdboot's
+ * shutdown hand-off, which removes the BitLocker mapping last.
+ */
+export const BITLOCKER_GUEST: GuestOptions = { commands: [...COUNTER_COMMANDS, `if [ -x /run/initramfs/shutdown ]; then echo ${GUEST_MARKER}; sync; exec /run/initramfs/shutdown poweroff; fi`] };
+
+/**
+ * The test guest (test/kit/guest-disk.ts, BITLOCKER_GUEST) as a VHDX with every block
+ * allocated (a rw boot then needs no expansion; qemu-img's fixed VHDX comes out twice the
+ * disk's size, too large for the 100 MiB volume), at GUEST_IMAGE_PATH on the NTFS inside
+ * GUEST_HOST_VOLUME: one cache entry shared by every test that boots it.
+ */
+export function guestOnBitLockerHost(suite: BitLockerSuite): Promise<BitLockerHost> {
+  return bitLockerHost({
+    ...suite, name: GUEST_HOST_VOLUME, imagePath: GUEST_IMAGE_PATH,
+    recipe: JSON.stringify({ guest: guestInitScript(BITLOCKER_GUEST), busybox: sha256Of('/bin/busybox'), vhdx: 'dynamic, all allocated, 1M blocks' }),
+    makeImage: (dir) => {
+      const { raw } = makeGuestDisk(dir, BITLOCKER_GUEST, { uuid: '0b1d2c3e-4f50-4617-8a9b-0c1d2e3f4a5b' });
+      const vhdx = path.join(dir, 'guest.vhdx');
+      execFileSync('qemu-img', ['convert', '-q', '-S', '0', '-f', 'raw', '-O', 'vhdx', '-o', 'subformat=dynamic,block_size=1M', raw, vhdx]);
+      fs.rmSync(raw);
+      return vhdx;
+    },
+  });
 }
