@@ -12,7 +12,7 @@
  *     space and keeps the files that hold a cluster of a zero segment (in /$FVE-reserved,
  *     hidden and system); ntfscluster must name only those as their owners; ntfscp the image;
  *  2. in the builder VM, open the copy of the volume with its recovery password, dd the NTFS
- *     into the mapping, drop the caches, read the mapping back with O_DIRECT to a third disk;
+ *     into the mapping, drop the caches, read the mapping back with O_DIRECT to another disk;
  *  3. on the host, the read-back must equal the NTFS written except in the zero segments,
  *     which read as zeros (the filler bytes are 0xa5, so a segment cryptsetup drops writes to
  *     that bitlkDump did not name would show), and the image read from it by ntfscat must be
