@@ -138,7 +138,7 @@ export interface NtfsOptions extends FilesystemOptions {
 const here = path.dirname(fileURLToPath(import.meta.url));
 
 /**
- * The ntfs-tool helper (qemu/ntfs-tool.c: mkdir, write-fragmented, set-flags), compiled
+ * The ntfs-tool helper (qemu/ntfs-tool.c: mkdir, write-fragmented, set-flags, reserve), compiled
  * against libntfs-3g on first use and cached in .cache/ by the source's hash. Needs gcc and
  * ntfs-3g-dev.
  */
@@ -171,6 +171,16 @@ export function makeNtfs(image: string, opts: NtfsOptions): void {
     run('ntfslabel', ['-q', `--new-serial=${opts.uuid}`, image]);
   }
   ntfsAdd(image, opts.files, opts.dirs);
+}
+
+/**
+ * Keeps clusters [first, first+count) of each range of an NTFS image away from every other
+ * file (ntfs-tool reserve): files in `dir` (hidden, system) hold them, made by filling the
+ * free space with `chunkBytes` files and deleting those that hold none. Throws, naming the
+ * clusters, when one already belongs to something else (the image is then left full).
+ */
+export function ntfsReserve(image: string, dir: string, ranges: { first: number; count: number }[], chunkBytes = 64 * 1024): void {
+  run(ntfsTool(), [image, 'reserve', normalize(dir), String(chunkBytes), ...ranges.map((r) => `${r.first}+${r.count}`)], UTF8);
 }
 
 /** Adds files and directories to an existing NTFS image (parents are created). */
@@ -248,6 +258,12 @@ export function sparseCopySupported(): boolean {
 /** Reads a file from an NTFS image (ntfscat). */
 export function ntfsRead(image: string, file: string): Buffer {
   return execFileSync('ntfscat', [image, normalize(file)], { env: { ...process.env, ...UTF8 }, maxBuffer: 1024 * MiB });
+}
+
+/** The files holding clusters [first, first+count) of an NTFS image, by ntfscluster (paths, sorted, each once). */
+export function clusterOwners(image: string, first: number, count: number): string[] {
+  const out = execFileSync('ntfscluster', ['-c', `${first}-${first + count - 1}`, image], { encoding: 'utf8', env: { ...process.env, ...UTF8 }, stdio: ['ignore', 'pipe', 'pipe'] });
+  return [...new Set([...out.matchAll(/^Inode \d+ (.+?)(?:\/\$[A-Z_]+)?$/gm)].map((m) => m[1]!))].sort();
 }
 
 // ---- FAT32 -------------------------------------------------------------------------------

@@ -8,6 +8,9 @@
  *                                           copy host file SRC to DEST in about
  *                                           size/CHUNK fragments, FILLER's clusters between
  *   ntfs-tool IMAGE set-flags HEX           write the volume flags ($Volume), e.g. 1 = dirty
+ *   ntfs-tool IMAGE reserve DIR CHUNK FIRST+COUNT...
+ *                                           keep clusters FIRST..FIRST+COUNT-1 of each range in
+ *                                           files of DIR (hidden, system) that nothing else uses
  */
 #include <errno.h>
 #include <stdio.h>
@@ -152,10 +155,230 @@ out:
 	return rc;
 }
 
+/* One filler file of cmd_reserve: its MFT reference and its runs. */
+struct filler {
+	u64 mref;
+	int nruns;
+	LCN *lcn;
+	s64 *len;
+};
+
+/* The runs of `na` copied into f (holes left out). */
+static int take_runs(ntfs_attr *na, struct filler *f)
+{
+	if (!NAttrNonResident(na))
+		return 0;
+	if (ntfs_attr_map_whole_runlist(na))
+		return -1;
+	int n = 0;
+	for (runlist_element *rl = na->rl; rl && rl->length; rl++)
+		n++;
+	f->lcn = calloc(n ? n : 1, sizeof(LCN));
+	f->len = calloc(n ? n : 1, sizeof(s64));
+	if (!f->lcn || !f->len)
+		return -1;
+	for (runlist_element *rl = na->rl; rl && rl->length; rl++)
+		if (rl->lcn >= 0) {
+			f->lcn[f->nruns] = rl->lcn;
+			f->len[f->nruns++] = rl->length;
+		}
+	return 0;
+}
+
+/* Sets the hidden and system attributes (written to the MFT record and the directory entry at close). */
+static void set_hidden_system(ntfs_inode *ni)
+{
+	ni->flags |= FILE_ATTR_HIDDEN | FILE_ATTR_SYSTEM;
+	NInoSetDirty(ni);
+	NInoFileNameSetDirty(ni);
+}
+
+/* Keeps clusters [first, first+count) of each range out of every other file's reach: the
+ * free space is filled with files in a scratch folder /$RESERVE-FILL (CHUNK bytes each,
+ * then one cluster each for what is left); those holding a cluster of a range move to DIR
+ * (hidden, system, named reserved-LCN after their first cluster), the others are deleted,
+ * then the scratch folder. The allocator cannot be told to take given clusters, but it takes
+ * every free one before it fails. Fails when a cluster of a range belongs to something else
+ * (the volume's own metadata), leaving the fillers where they are: make the image again. The fillers hold 0xa5 bytes, not
+ * zeros, so the free space left behind does too: a device that drops writes shows where. */
+static int cmd_reserve(ntfs_volume *vol, const char *dir, long chunk, int nranges, char **ranges)
+{
+	LCN first[64];
+	s64 count[64];
+	if (nranges > 64) {
+		fprintf(stderr, "ntfs-tool: at most 64 ranges\n");
+		return 2;
+	}
+	for (int r = 0; r < nranges; r++) {
+		char *end;
+		first[r] = strtoll(ranges[r], &end, 0);
+		count[r] = *end == '+' ? strtoll(end + 1, &end, 0) : -1;
+		if (*end || first[r] < 0 || count[r] <= 0 || first[r] + count[r] > vol->nr_clusters) {
+			fprintf(stderr, "ntfs-tool: range %s is not FIRST+COUNT within the volume's %lld clusters\n", ranges[r], (long long)vol->nr_clusters);
+			return 2;
+		}
+	}
+	static const char scratch[] = "$RESERVE-FILL";
+	ntfs_inode *dni = open_path(vol, dir, S_IFDIR);
+	ntfs_inode *sni = dni ? open_path(vol, scratch, S_IFDIR) : NULL;
+	if (!sni) {
+		fprintf(stderr, "ntfs-tool: cannot create %s or /%s: %s\n", dir, scratch, strerror(errno));
+		if (dni)
+			ntfs_inode_close(dni);
+		return 1;
+	}
+	set_hidden_system(dni);
+	u64 keep_mref = dni->mft_no, dir_mref = sni->mft_no;
+	ntfs_inode_close(dni);
+	ntfs_inode_close(sni);
+
+	char *buf = malloc(chunk);
+	struct filler *fill = NULL;
+	int nfill = 0, cap = 0, rc = 1;
+	if (!buf)
+		goto out;
+	memset(buf, 0xa5, chunk);
+	long size = chunk;
+	for (;;) {
+		if (nfill == cap) {
+			cap = cap ? 2 * cap : 1024;
+			struct filler *grown = realloc(fill, cap * sizeof(*fill));
+			if (!grown)
+				goto out;
+			fill = grown;
+		}
+		char name[32];
+		snprintf(name, sizeof(name), "fill-%06d", nfill);
+		ntfschar *uname = NULL;
+		int ulen = ntfs_mbstoucs(name, &uname);
+		ntfs_inode *d = ntfs_inode_open(vol, dir_mref);
+		ntfs_inode *ni = d && ulen > 0 ? ntfs_create(d, const_cpu_to_le32(0), uname, (u8)ulen, S_IFREG) : NULL;
+		free(uname);
+		if (!ni) {
+			if (d)
+				ntfs_inode_close(d);
+			break; /* no room for another MFT record: the clusters left are checked below */
+		}
+		ntfs_attr *na = ntfs_attr_open(ni, AT_DATA, AT_UNNAMED, 0);
+		s64 wrote = na ? ntfs_attr_pwrite(na, 0, size, buf) : -1;
+		struct filler *f = &fill[nfill];
+		memset(f, 0, sizeof(*f));
+		f->mref = ni->mft_no;
+		if (wrote > 0 && wrote < size)
+			ntfs_attr_truncate(na, wrote);
+		if (na && wrote > 0 && take_runs(na, f)) {
+			fprintf(stderr, "ntfs-tool: cannot read the runs of %s/%s: %s\n", dir, name, strerror(errno));
+			goto out;
+		}
+		if (na)
+			ntfs_attr_close(na);
+		ntfs_inode_close_in_dir(ni, d);
+		ntfs_inode_close(d);
+		nfill++;
+		if (wrote != size) {
+			if (size == vol->cluster_size)
+				break; /* not one cluster more */
+			size = vol->cluster_size;
+		}
+	}
+	/* Which fillers hold a cluster of a range, and is every such cluster held by one? */
+	char *keep = calloc(nfill ? nfill : 1, 1);
+	if (!keep)
+		goto out;
+	int uncovered = 0;
+	for (int r = 0; r < nranges; r++) {
+		for (LCN c = first[r]; c < first[r] + count[r]; c++) {
+			int held = 0;
+			for (int i = 0; i < nfill && !held; i++)
+				for (int k = 0; k < fill[i].nruns; k++)
+					if (c >= fill[i].lcn[k] && c < fill[i].lcn[k] + fill[i].len[k]) {
+						keep[i] = 1;
+						held = 1;
+						break;
+					}
+			if (!held) {
+				if (!uncovered++)
+					fprintf(stderr, "ntfs-tool: clusters of the ranges that belong to something else (see ntfscluster -c):");
+				fprintf(stderr, " %lld", (long long)c);
+			}
+		}
+	}
+	if (uncovered) {
+		fprintf(stderr, "\n");
+		free(keep);
+		goto out;
+	}
+	for (int i = 0; i < nfill; i++) {
+		ntfs_inode *ni = ntfs_inode_open(vol, fill[i].mref);
+		if (!ni)
+			goto fail;
+		if (keep[i]) {
+			/* hidden and system first (synced into the scratch folder's entry), then a
+			 * second name in DIR, which copies them; the scratch name goes below */
+			set_hidden_system(ni);
+			if (ntfs_inode_close(ni))
+				goto fail;
+			char kname[48];
+			snprintf(kname, sizeof(kname), "reserved-%lld", (long long)fill[i].lcn[0]);
+			ntfschar *ukname = NULL;
+			int klen = ntfs_mbstoucs(kname, &ukname);
+			ni = ntfs_inode_open(vol, fill[i].mref);
+			ntfs_inode *k = ni ? ntfs_inode_open(vol, keep_mref) : NULL;
+			int bad = !k || klen <= 0 || ntfs_link(ni, k, ukname, (u8)klen);
+			free(ukname);
+			if (k && ntfs_inode_close(k))
+				bad = 1;
+			if (bad) {
+				if (ni)
+					ntfs_inode_close(ni);
+				goto fail;
+			}
+		}
+		char name[32];
+		snprintf(name, sizeof(name), "fill-%06d", i);
+		ntfschar *uname = NULL;
+		int ulen = ntfs_mbstoucs(name, &uname);
+		ntfs_inode *d = ntfs_inode_open(vol, dir_mref);
+		/* ntfs_delete closes both inodes, whatever it returns */
+		if (!d || ulen <= 0 || ntfs_delete(vol, NULL, ni, d, uname, (u8)ulen)) {
+			free(uname);
+			goto fail;
+		}
+		free(uname);
+	}
+	{
+		ntfschar *uname = NULL;
+		int ulen = ntfs_mbstoucs(scratch, &uname);
+		ntfs_inode *ni = ntfs_inode_open(vol, dir_mref);
+		ntfs_inode *root = ni ? ntfs_inode_open(vol, FILE_root) : NULL;
+		if (!root || ulen <= 0 || ntfs_delete(vol, NULL, ni, root, uname, (u8)ulen)) {
+			if (ni && !root)
+				ntfs_inode_close(ni);
+			free(uname);
+			goto fail;
+		}
+		free(uname);
+	}
+	free(keep);
+	rc = 0;
+	goto out;
+fail:
+	fprintf(stderr, "ntfs-tool: cannot keep or delete the fillers in %s: %s\n", dir, strerror(errno));
+	free(keep);
+out:
+	for (int i = 0; i < nfill; i++) {
+		free(fill[i].lcn);
+		free(fill[i].len);
+	}
+	free(fill);
+	free(buf);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 4) {
-		fprintf(stderr, "usage: ntfs-tool IMAGE mkdir DIR... | write-fragmented DEST SRC FILLER CHUNK | set-flags HEX\n");
+		fprintf(stderr, "usage: ntfs-tool IMAGE mkdir DIR... | write-fragmented DEST SRC FILLER CHUNK | set-flags HEX | reserve DIR CHUNK FIRST+COUNT...\n");
 		return 2;
 	}
 	ntfs_set_locale();
@@ -174,6 +397,11 @@ int main(int argc, char **argv)
 		rc = ntfs_volume_write_flags(vol, cpu_to_le16((u16)strtoul(argv[3], NULL, 16))) ? 1 : 0;
 		if (rc)
 			perror("ntfs-tool: cannot write the volume flags");
+	} else if (!strcmp(argv[2], "reserve") && argc >= 6) {
+		long chunk = strtol(argv[4], NULL, 0);
+		rc = chunk >= vol->cluster_size && chunk % vol->cluster_size == 0 ? cmd_reserve(vol, argv[3], chunk, argc - 5, argv + 5) : 2;
+		if (rc == 2)
+			fprintf(stderr, "ntfs-tool: reserve: CHUNK must be a multiple of the cluster size (%u)\n", vol->cluster_size);
 	} else {
 		fprintf(stderr, "ntfs-tool: unknown command %s\n", argv[2]);
 		rc = 2;

@@ -1,11 +1,15 @@
 /**
  * The BitLocker volumes Windows made (test/data/bitlocker/bitlk-images.tar.xz), unpacked for
  * a test, with what their images.conf and `cryptsetup bitlkDump` say about them (the oracles).
+ * These volumes are stripped (cryptsetup's test suite kept only what its hash test needs: the
+ * NTFS inside is zeros); test/kit/bitlocker-host.ts writes an NTFS with an image into one,
+ * for boots from a BitLocker host.
  *
  *   unpackBitLockerImages(dir): string          unpacks once into dir; returns the images' folder
  *   readImagesConf(folder): Map<name, BitLockerConf>   images.conf, one section per image
  *   bitlkDump(image): BitlkDump | null          cryptsetup bitlkDump parsed (null: no cryptsetup)
  *   unlockInInitramfs(opts)                     a QEMU boot unlocking volumes in vdboot's initramfs
+ *   useBitLockerVolumes(): BitLockerSuite       a test file's volumes, initramfs and VMs
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -51,6 +55,8 @@ export interface BitlkDump {
   /** VMK keyslots: GUID and cryptsetup's protection text ("VMK protected with passphrase"). */
   vmks: { guid: string; protection: string; name?: string }[];
   metadataOffsets: number[];
+  /** the FVE metadata areas with their sizes (cryptsetup maps them as zeros) */
+  metadataAreas: { offset: number; size: number }[];
   volumeHeader: { offset: number; size: number };
 }
 
@@ -71,6 +77,7 @@ export function bitlkDump(image: string): BitlkDump | null {
     vmks.push({ guid: m[2]!, protection: m[3]!.trim(), ...(m[1] !== undefined ? { name: m[1].trim() } : {}) });
   }
   const metadataOffsets = [...text.matchAll(/FVE metadata area\n\s*Offset:\s*(\d+)/g)].map((m) => Number(m[1]));
+  const metadataAreas = [...text.matchAll(/FVE metadata area\n\s*Offset:\s*(\d+) \[bytes\]\n\s*Size:\s*(\d+)/g)].map((m) => ({ offset: Number(m[1]), size: Number(m[2]) }));
   const vh = /Volume header\n\s*Offset:\s*(\d+) \[bytes\]\n\s*Size:\s*(\d+)/.exec(text);
   return {
     toGo: /^Info for BITLK To Go device/m.test(text),
@@ -83,6 +90,7 @@ export function bitlkDump(image: string): BitlkDump | null {
     keyBits: parseInt(field('Cipher key'), 10),
     vmks,
     metadataOffsets,
+    metadataAreas,
     volumeHeader: vh ? { offset: Number(vh[1]), size: Number(vh[2]) } : { offset: -1, size: -1 },
   };
 }

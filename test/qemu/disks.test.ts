@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
-  convertImage, fatRead, makeExfat, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsAdd, ntfsAddFragmented, ntfsRead,
+  clusterOwners, convertImage, fatRead, makeExfat, makeExt4, makeFat, makeNtfs, makePartitionedDisk, ntfsAdd, ntfsAddFragmented, ntfsRead, ntfsReserve,
   ntfsSetVolumeFlags, ntfsVolumeFlags, NTFS_VOLUME_FLAGS, readPartitions,
 } from '../../qemu/disks.ts';
 import { diskArgs } from '../../qemu/harness.ts';
@@ -70,6 +70,37 @@ describe('filesystem images built without mounting', () => {
     expect(runs).toBeGreaterThanOrEqual(Math.floor(data.length / 8192));
     expect(info).toMatch(/\$ATTRIBUTE_LIST/);
     expect(sh('ntfsfix', ['-n', img])).toMatch(/processed successfully/);
+  });
+
+  it('NTFS: reserved clusters are held by hidden system files only, the rest is free again, and a file added later keeps off them', () => {
+    const img = path.join(dir, 'reserve.ntfs');
+    makeNtfs(img, { sizeMiB: 32, label: 'Reserve', clusterSize: 4096 });
+    const free = (): number => Number(/Free Clusters:\s*(\d+)/.exec(sh('ntfsinfo', ['-m', img]))![1]);
+    const before = free();
+    // one range across two 64 KiB fillers, one of a single cluster, one near the end
+    const ranges = [{ first: 2053, count: 18 }, { first: 6000, count: 1 }, { first: 8000, count: 16 }];
+    ntfsReserve(img, '/$FVE-reserved', ranges);
+    const held = ranges.map((r) => clusterOwners(img, r.first, r.count));
+    for (const owners of held) {
+      expect(owners.length).toBeGreaterThan(0);
+      for (const o of owners) expect(o).toMatch(/^\/\$FVE-reserved\/reserved-\d+$/);
+    }
+    const kept = sh('ntfsls', ['-a', '-p', '/$FVE-reserved', img]).split('\n').filter((n) => n.startsWith('reserved-'));
+    expect(kept.sort()).toEqual([...new Set(held.flat())].map((o) => o.slice('/$FVE-reserved/'.length)).sort());
+    expect(sh('ntfsinfo', ['-F', `/$FVE-reserved/${kept[0]}`, img])).toMatch(/File attributes:\s*HIDDEN SYSTEM/);
+    // the fillers holding nothing were deleted with their scratch folder: at most 16 clusters
+    // kept per range cluster touched, and some more for the MFT records the fill used
+    expect(sh('ntfsls', ['-a', img])).not.toMatch(/RESERVE-FILL/);
+    expect(before - free()).toBeLessThanOrEqual(kept.length * 16 + 512);
+    const data = random(20 << 20);
+    ntfsAdd(img, { '/VMs/big.img': data });
+    expect(ntfsRead(img, '/VMs/big.img').equals(data)).toBe(true);
+    expect(ranges.map((r) => clusterOwners(img, r.first, r.count))).toEqual(held);
+    expect(sh('ntfsfix', ['-n', img])).toMatch(/processed successfully/);
+    // a cluster the volume's own metadata holds ($Boot at 0) cannot be reserved
+    const taken = path.join(dir, 'reserve-taken.ntfs');
+    makeNtfs(taken, { sizeMiB: 8, label: 'Taken', clusterSize: 4096 });
+    expect(() => ntfsReserve(taken, '/$FVE-reserved', [{ first: 0, count: 2 }])).toThrow(/clusters of the ranges that belong to something else \(see ntfscluster -c\): 0 1/);
   });
 
   it('NTFS: the dirty volume flag is set and cleared', () => {
