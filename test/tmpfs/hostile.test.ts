@@ -157,7 +157,7 @@ with tarfile.open(sys.argv[1], 'w', format=tarfile.GNU_FORMAT) as t:
     const out = path.join(dir, 'out-readonly');
     fs.mkdirSync(out);
     const sys = nodeUnpackSys();
-    const failing = new Proxy(sys, { get: (t, k: string) => (k === 'open' ? () => { throw Object.assign(new Error('EROFS'), { name: 'SysError', code: 'EROFS' }); } : (t as unknown as Record<string, unknown>)[k]) });
+    const failing = new Proxy(sys, { get: (t, k: string) => (k === 'openat' ? () => { throw Object.assign(new Error('EROFS'), { name: 'SysError', code: 'EROFS' }); } : (t as unknown as Record<string, unknown>)[k]) });
     expect(() => unpackArchive(failing, openArchive(new StreamCursor(bytesSource(bytes)), 'x'), out)).toThrow(UnpackError);
   });
 });
