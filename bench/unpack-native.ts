@@ -14,6 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
+import { buildSmallFileTree } from './lib/small-tree.ts';
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const runs = Math.max(1, Number(process.env.BENCH_RUNS ?? 5) || 5);
@@ -21,41 +22,13 @@ const fileCount = Math.max(100, Number(process.env.BENCH_FILES ?? 12000) || 1200
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'vdboot-bench-unpack-'));
 const mnt = path.join(work, 'mnt');
 
-/** A tree shaped like a library directory: nested packages, small files, a few links. */
-function buildTree(root: string): void {
-  let seed = 1;
-  const rand = (n: number): number => {
-    seed = (seed * 1103515245 + 12345) >>> 0;
-    return (seed >>> 8) % n;
-  };
-  const dirs: string[] = [];
-  for (let i = 0; i < Math.ceil(fileCount / 25); i++) {
-    const parent = dirs.length && rand(3) ? dirs[rand(dirs.length)]! : 'usr/lib/python3/dist-packages';
-    const d = `${parent}/package_${i}`;
-    fs.mkdirSync(path.join(root, d), { recursive: true });
-    dirs.push(d);
-  }
-  for (let i = 0; i < fileCount; i++) {
-    const d = dirs[i % dirs.length]!;
-    const name = `${d}/module_${i}_${'x'.repeat(rand(12))}.py`;
-    if (i % 50 === 49) {
-      fs.symlinkSync(`module_${i - 1}.py`, path.join(root, name));
-      continue;
-    }
-    const body = Buffer.alloc(rand(3000));
-    for (let k = 0; k < body.length; k++) body[k] = 0x20 + rand(90);
-    fs.writeFileSync(path.join(root, name), body);
-  }
-  execFileSync('find', [root, '-exec', 'touch', '-h', '-d', '@1600000000', '{}', '+']);
-}
-
 function median(xs: number[]): number {
   return [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 }
 
 try {
   const tree = path.join(work, 'tree');
-  buildTree(tree);
+  buildSmallFileTree(tree, fileCount);
   const tar = path.join(work, 'root.tar');
   execFileSync('tar', ['-C', tree, '-cf', tar, '.']);
   fs.rmSync(tree, { recursive: true, force: true });

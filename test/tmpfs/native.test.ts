@@ -1,6 +1,8 @@
 /**
  * The static host's utimensat and lsetxattr (what a tmpfs root needs to keep times and
- * file capabilities), run directly on the build machine as an ordinary process.
+ * file capabilities), and the *at calls root archives are unpacked with (openat2 refusing
+ * a symbolic link and "..", entries made from a directory descriptor), run directly on the
+ * build machine as an ordinary process.
  */
 import { build } from 'esbuild';
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -29,12 +31,17 @@ afterAll(() => {
   if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
 });
 
-test('utimensat sets a file\'s time to the nanosecond and a symlink\'s own time; lsetxattr sets binary values and security.capability', () => {
+test('utimensat sets a file\'s time to the nanosecond and a symlink\'s own time; lsetxattr sets binary values and security.capability; openat2 refuses a link and "..", the *at calls make every kind of entry from a directory descriptor', () => {
   const file = path.join(tmp, 'file');
   const link = path.join(tmp, 'link');
   fs.writeFileSync(file, 'x');
   fs.symlinkSync('file', link);
-  const r = spawnSync(init, [file, link], { encoding: 'utf8', timeout: 20_000 });
+  const dir = path.join(tmp, 'at');
+  const outside = path.join(tmp, 'outside');
+  fs.mkdirSync(path.join(dir, 'sub'), { recursive: true });
+  fs.mkdirSync(outside);
+  fs.symlinkSync(outside, path.join(dir, 'out'));
+  const r = spawnSync(init, [file, link, dir], { encoding: 'utf8', timeout: 20_000 });
   const m = /TMPFS-NATIVE (.*)/.exec(r.stdout);
   expect(m, r.stdout + r.stderr).not.toBeNull();
   const v = JSON.parse(m![1]!);
@@ -47,4 +54,19 @@ test('utimensat sets a file\'s time to the nanosecond and a symlink\'s own time;
   const attrs = execFileSync('getfattr', ['--absolute-names', '-d', '-m', '-', '-e', 'hex', file], { encoding: 'utf8' });
   expect(attrs).toContain('user.vdboot=0x686900ff');
   expect(execFileSync('getcap', [file], { encoding: 'utf8' })).toMatch(/cap_net_raw[=+]ep/);
+  // the *at calls: openat2 follows no link and no ".."; entries made by name from a directory descriptor
+  expect(v.throughLink).toBe('SysError ELOOP');
+  expect(v.dotDot).toBe('SysError EXDEV');
+  expect(v.exclusive).toBe('SysError EEXIST');
+  expect(v.make).toMatchObject({ nlink: 2, uid: 1000, linkType: 0o120000 });
+  const sub = path.join(dir, 'sub');
+  expect(fs.readdirSync(sub).sort()).toEqual(['d', 'f', 'h', 'l', 'p']);
+  expect(fs.readdirSync(outside)).toEqual([]);
+  const f = fs.lstatSync(path.join(sub, 'f'), { bigint: true });
+  expect([Number(f.mode & 0o7777n), f.uid, f.gid, f.mtimeNs, f.nlink]).toEqual([0o4750, 1000n, 100n, 1_600_000_000_000_000_007n, 2n]);
+  expect(fs.readFileSync(path.join(sub, 'h'), 'utf8')).toBe('ab');
+  const l = fs.lstatSync(path.join(sub, 'l'), { bigint: true });
+  expect([fs.readlinkSync(path.join(sub, 'l')), l.uid, l.gid, l.mtimeNs]).toEqual(['f', 1001n, 101n, 1_500_000_000_000_000_005n]);
+  expect(fs.lstatSync(path.join(sub, 'p')).isFIFO()).toBe(true);
+  expect(fs.lstatSync(path.join(sub, 'd')).mode & 0o777).toBe(0o750 & ~process.umask());
 });
