@@ -72,7 +72,7 @@ try {
   }
   const host = path.join(work, 'host');
   fs.mkdirSync(host);
-  const results: { name: string; size: number; vdboot: number[]; busybox: number[] }[] = [];
+  const results: { name: string; size: number; vdboot: number[]; busybox: number[]; split: string[] }[] = [];
   // One host holds both archives, each with an init that times busybox on itself.
   for (const c of cases) {
     buildGuestRoot(c.root, { commands: commands(c) });
