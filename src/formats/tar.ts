@@ -353,8 +353,13 @@ export class TarReader implements ArchiveReader {
 
   private reused: ArchiveEntry | undefined;
 
+  /** ReaderOptions.byteSum, read once */
+  private readonly nativeSum: ((bytes: Uint8Array) => number) | undefined;
+
   /** `name`: how the console names the archive, e.g. "/images/root.tar.gz". */
-  constructor(private readonly cursor: StreamCursor, private readonly name: string, private readonly opts: ReaderOptions = {}) {}
+  constructor(private readonly cursor: StreamCursor, private readonly name: string, private readonly opts: ReaderOptions = {}) {
+    this.nativeSum = opts.byteSum;
+  }
 
   get offset(): number {
     return this.cursor.offset;
@@ -379,7 +384,7 @@ export class TarReader implements ArchiveReader {
       }
       if (got < BLOCK) throw this.truncated(longName ?? '(next header)', at, BLOCK, got);
       const words = wordsAt(block);
-      const sum = byteSum(viewWords, words);
+      const sum = this.nativeSum !== undefined ? this.nativeSum(block) : byteSum(viewWords, words);
       if (sum === 0) {
         if (firstOffset !== at) throw new FormatError(`${this.name}: an extended header at byte ${firstOffset} is followed by an end-of-archive block at byte ${at}`, 'header', at);
         this.done = true;

@@ -135,5 +135,7 @@ declare module 'sys' {
   export function printErr(...args: unknown[]): void;
   /** UTF-8 bytes as a string (invalid sequences as U+FFFD), decoded in C. */
   export function utf8Decode(bytes: Bytes): string;
+  /** The sum of the bytes as unsigned numbers (tar header checksums), computed in C. */
+  export function byteSum(bytes: Bytes): number;
   export function uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
 }

@@ -43,6 +43,8 @@ export interface QuickjsSys extends Sys, AtSys {
   uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
   /** UTF-8 bytes as a string, decoded in C (readText uses it when the Sys has it). */
   utf8Decode(bytes: Uint8Array): string;
+  /** The sum of the bytes as unsigned numbers, computed in C (tar header checksums: ReaderOptions.byteSum). */
+  byteSum(bytes: Uint8Array): number;
   /** Debug output: arguments joined by spaces, newline, on fd 1 / fd 2. */
   print(...args: unknown[]): void;
   printErr(...args: unknown[]): void;
@@ -126,6 +128,7 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     nice: native.nice,
     uname: native.uname,
     utf8Decode: native.utf8Decode,
+    byteSum: native.byteSum,
     print: native.print,
     printErr: native.printErr,
     env: native.env,

@@ -29,6 +29,7 @@ export function read(fd, buf) { const v = view(buf); const r = call('read', fd, 
 export function pread(fd, buf, off) { const v = view(buf); const r = call('pread', fd, v.length, off); if (typeof r === 'string') return unwrap(r); const b = new Uint8Array(r); v.set(b); return b.length; }
 export function write(fd, buf) { return unwrap(call('write', fd, Array.from(view(buf)))); }
 export function pwrite(fd, buf, off) { return unwrap(call('pwrite', fd, Array.from(view(buf)), off)); }
+export function byteSum(b) { let s = 0; for (const x of view(b)) s += x; return s; }
 export function lsetxattr(path, name, value) { return unwrap(call('lsetxattr', path, name, Array.from(view(value)))); }
 ${[
   'open', 'close', 'ioctlInt', 'fsync', 'truncate', 'stat', 'lstat', 'statfs', 'readdir', 'readlink', 'mkdir', 'rmdir', 'unlink',

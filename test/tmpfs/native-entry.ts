@@ -53,5 +53,8 @@ attempt('make', () => {
 });
 attempt('exclusive', () => sys.openat(root, 'sub/f', O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, 0o600));
 sys.close(root);
+const block = new Uint8Array(600);
+for (let i = 0; i < block.length; i++) block[i] = (i * 7 + 3) & 255;
+attempt('byteSum', () => [sys.byteSum(block), sys.byteSum(block.subarray(88, 600)), sys.byteSum(new Uint8Array(512).fill(255))]);
 sys.print(`TMPFS-NATIVE ${JSON.stringify(out)}`);
 sys.exit(0);

@@ -68,5 +68,8 @@ test('utimensat sets a file\'s time to the nanosecond and a symlink\'s own time;
   const l = fs.lstatSync(path.join(sub, 'l'), { bigint: true });
   expect([fs.readlinkSync(path.join(sub, 'l')), l.uid, l.gid, l.mtimeNs]).toEqual(['f', 1001n, 101n, 1_500_000_000_000_000_005n]);
   expect(fs.lstatSync(path.join(sub, 'p')).isFIFO()).toBe(true);
+  // byteSum (tar header checksums): the bytes of the view only, as unsigned numbers
+  const block = Array.from({ length: 600 }, (_, i) => (i * 7 + 3) & 255);
+  expect(v.byteSum).toEqual([block.reduce((a, b) => a + b, 0), block.slice(88).reduce((a, b) => a + b, 0), 512 * 255]);
   expect(fs.lstatSync(path.join(sub, 'd')).mode & 0o777).toBe(0o750 & ~process.umask());
 });
