@@ -1445,8 +1445,23 @@ static JSValue sys_byte_sum(JSContext *ctx, JSValueConst this_val, int argc, JSV
     size_t len;
     if (get_bytes(ctx, argc, argv, 0, "byteSum", &p, &len))
         return JS_EXCEPTION;
-    uint64_t sum = 0;
-    for (size_t i = 0; i < len; i++)
+    /* Eight bytes at a time in 16-bit lanes (each lane gains at most 510 per word: flushed
+     * every 128 words, before it can overflow), then the bytes left over. */
+    const uint64_t M = 0x00ff00ff00ff00ffULL;
+    uint64_t sum = 0, lanes = 0;
+    size_t i = 0, n = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        lanes += (w & M) + ((w >> 8) & M);
+        if (++n == 128) {
+            sum += (lanes & 0xffff) + ((lanes >> 16) & 0xffff) + ((lanes >> 32) & 0xffff) + (lanes >> 48);
+            lanes = 0;
+            n = 0;
+        }
+    }
+    sum += (lanes & 0xffff) + ((lanes >> 16) & 0xffff) + ((lanes >> 32) & 0xffff) + (lanes >> 48);
+    for (; i < len; i++)
         sum += p[i];
     return JS_NewInt64(ctx, (int64_t)sum);
 }

@@ -113,8 +113,9 @@ const TYPE_BITS: Record<string, number> = { char: S.IFCHR, block: S.IFBLK, fifo:
 /** A directory descriptor used only to resolve names from: nothing is read through it. */
 const DIR_FLAGS = O.PATH | O.DIRECTORY | O.CLOEXEC;
 const BENEATH = RESOLVE.BENEATH | RESOLVE.NO_SYMLINKS | RESOLVE.NO_MAGICLINKS;
-/** How many directory descriptors stay open between entries. */
+/** How many directory descriptors stay open (checked every 32 entries; an entry opens two at most). */
 const MAX_DIR_FDS = 48;
+const FILE_FLAGS = O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC;
 
 /**
  * Open descriptors of the root's directories, by archive path ('' is the root). A
@@ -148,53 +149,66 @@ class DirFds {
 
   private open(dir: string, create: boolean): number {
     try {
-      return this.resolve(dir);
+      return this.resolve(this.rootFd, dir);
     } catch (e) {
       if (e instanceof Refused || !create || !isSysError(e, 'ENOENT')) throw e;
     }
-    // Archives may leave parent directories out (tar of single files): make them.
-    const slash = dir.lastIndexOf('/');
-    const parent = this.get(slash > 0 ? dir.slice(0, slash) : '', true);
-    try {
-      this.sys.mkdirat(parent, dir.slice(slash + 1), 0o755);
-    } catch (e) {
-      if (!isSysError(e, 'EEXIST')) throw e;
-    }
-    return this.resolve(dir);
-  }
-
-  /** Opens `dir` from the root: no ".." and no symbolic link on the way, the kernel checks it. */
-  private resolve(dir: string): number {
-    const sys = this.sys;
-    if (this.openat2) {
-      try {
-        return sys.openat2(this.rootFd, dir, DIR_FLAGS, 0, BENEATH);
-      } catch (e) {
-        if (isSysError(e, 'ELOOP')) throw new Refused('symlink', `the way to "${dir}" passes a symbolic link; vdboot does not write through links`);
-        if (isSysError(e, 'EXDEV')) throw new Refused('outside', `the way to "${dir}" leaves the root`);
-        if (!isSysError(e, 'ENOSYS') && !isSysError(e, 'EPERM')) throw e;
-        this.openat2 = false; // Linux before 5.6 (EPERM: a seccomp filter that does not know it)
-      }
-    }
-    // Component by component, each checked to be a directory and not a link before it is opened.
+    // Archives may leave parent directories out (tar of single files): make the missing
+    // ones from the root down, each from the one above it, holding two descriptors at most.
     let fd = this.rootFd;
-    let at = 0;
     try {
-      for (;;) {
+      for (let at = 0; ;) {
         const slash = dir.indexOf('/', at);
         const name = slash < 0 ? dir.slice(at) : dir.slice(at, slash);
-        if (name === '..') throw new Refused('outside', `the way to "${dir}" leaves the root`);
-        const type = sys.fstatat(fd, name, AT.SYMLINK_NOFOLLOW).mode & S.IFMT;
-        if (type === S.IFLNK) throw new Refused('symlink', `the way to "${dir}" passes a symbolic link; vdboot does not write through links`);
-        if (type !== S.IFDIR) throw new SysError('ENOTDIR', 20, `openat ${dir}`);
-        const next = sys.openat(fd, name, DIR_FLAGS);
-        if (fd !== this.rootFd) sys.close(fd);
+        try {
+          this.sys.mkdirat(fd, name, 0o755);
+        } catch (e) {
+          if (!isSysError(e, 'EEXIST')) throw e;
+        }
+        const next = this.resolve(fd, name, dir);
+        if (fd !== this.rootFd) this.sys.close(fd);
         fd = next;
         if (slash < 0) return fd;
         at = slash + 1;
       }
     } catch (e) {
-      if (fd !== this.rootFd) sys.close(fd);
+      if (fd !== this.rootFd) this.sys.close(fd);
+      throw e;
+    }
+  }
+
+  /** Opens `path` from the directory `from`: no ".." and no symbolic link on the way, the kernel checks it. */
+  private resolve(from: number, path: string, whole = path): number {
+    const sys = this.sys;
+    if (this.openat2) {
+      try {
+        return sys.openat2(from, path, DIR_FLAGS, 0, BENEATH);
+      } catch (e) {
+        if (isSysError(e, 'ELOOP')) throw new Refused('symlink', `the way to "${whole}" passes a symbolic link; vdboot does not write through links`);
+        if (isSysError(e, 'EXDEV')) throw new Refused('outside', `the way to "${whole}" leaves the root`);
+        if (!isSysError(e, 'ENOSYS') && !isSysError(e, 'EPERM')) throw e;
+        this.openat2 = false; // Linux before 5.6 (EPERM: a seccomp filter that does not know it)
+      }
+    }
+    // Component by component, each checked to be a directory and not a link before it is opened.
+    let fd = from;
+    let at = 0;
+    try {
+      for (;;) {
+        const slash = path.indexOf('/', at);
+        const name = slash < 0 ? path.slice(at) : path.slice(at, slash);
+        if (name === '..') throw new Refused('outside', `the way to "${whole}" leaves the root`);
+        const type = sys.fstatat(fd, name, AT.SYMLINK_NOFOLLOW).mode & S.IFMT;
+        if (type === S.IFLNK) throw new Refused('symlink', `the way to "${whole}" passes a symbolic link; vdboot does not write through links`);
+        if (type !== S.IFDIR) throw new SysError('ENOTDIR', 20, `openat ${whole}`);
+        const next = sys.openat(fd, name, DIR_FLAGS);
+        if (fd !== from) sys.close(fd);
+        fd = next;
+        if (slash < 0) return fd;
+        at = slash + 1;
+      }
+    } catch (e) {
+      if (fd !== from) sys.close(fd);
       throw e;
     }
   }
@@ -364,8 +378,10 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
         if (isSysError(e)) throw new UnpackError(`could not create ${where}: ${e.message}`, entry, e);
         throw new UnpackError(`${(e as Error).message}${(e as Error).message.includes(entry.path) ? '' : ` (at ${where})`}`, entry, e);
       }
-      if ((stats.entries & 31) === 0) opts.onProgress?.();
-      dirs.trim(false);
+      if ((stats.entries & 31) === 0) {
+        opts.onProgress?.();
+        dirs.trim(false);
+      }
     }
     // Deepest first, so setting a parent's time is the last change to it. A directory
     // replaced since (by a later member of its name) is skipped, not followed.
@@ -431,7 +447,7 @@ function createEntry(sys: UnpackSys, dirs: DirFds, entry: ArchiveEntry, dfd: num
 function makeEntry(sys: UnpackSys, entry: ArchiveEntry, dfd: number, base: string, linkFrom: LinkSource | undefined, mode: number): number {
   switch (entry.type) {
     case 'file':
-      return sys.openat(dfd, base, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, mode & 0o777);
+      return sys.openat(dfd, base, FILE_FLAGS, mode & 0o777);
     case 'dir':
       if (entry.path === '') return KEPT; // the root itself: metadata only
       sys.mkdirat(dfd, base, mode);
@@ -506,7 +522,8 @@ function writeBody(sys: Sys, reader: ArchiveReader, fd: number, size: number, ch
   const direct = reader.bodyTo !== undefined;
   try {
     while (written < size) {
-      let k = direct ? reader.bodyTo!(fd, chunk) : 0;
+      // What the reader holds in memory first (a small file's whole body), then kernel-side.
+      let k = direct && written !== 0 ? reader.bodyTo!(fd, chunk) : 0;
       if (k === 0) {
         const b = reader.body(chunk);
         k = b.length;
