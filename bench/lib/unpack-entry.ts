@@ -36,7 +36,7 @@ const t0 = cpuTicks();
 const u0 = userTicks();
 const w0 = sys.monotonicMs();
 const stream = openArchiveStream(sys, reader, archive, 'none', undefined);
-const tar = openArchive(new StreamCursor(stream.source), archive!, { reuseEntry: true, byteSum: sys.byteSum });
+const tar = openArchive(new StreamCursor(stream.source), archive!, { reuseEntry: true, byteSum: sys.byteSum, utf8Decode: sys.utf8Decode });
 let entries = 0;
 if (mode === 'parse') {
   for (let e = tar.next(); e; e = tar.next()) entries += 1;

@@ -80,6 +80,8 @@ export interface ReaderOptions {
    * (the tar header checksum; summed here, it is a third of the work of reading a header).
    */
   byteSum?: (bytes: Uint8Array) => number;
+  /** UTF-8 bytes as a string, from native code when the host has it (names; a call costs less than building the string here). */
+  utf8Decode?: (bytes: Uint8Array) => string;
 }
 
 export interface ArchiveReader {

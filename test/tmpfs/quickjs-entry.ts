@@ -24,7 +24,7 @@ if (fail) unpackSys[fail.call] = () => { throw new SysError(fail.code, 0, fail.c
 let result: unknown;
 const stream = openArchiveStream(sys, { name: archive!, size: sys.stat(archive!).size } as BlockReader, archive, 'none', undefined);
 try {
-  const reader = openArchive(new StreamCursor(stream.source), archive!, { reuseEntry: true, byteSum: sys.byteSum });
+  const reader = openArchive(new StreamCursor(stream.source), archive!, { reuseEntry: true, byteSum: sys.byteSum, utf8Decode: sys.utf8Decode });
   result = { stats: unpackArchive(unpackSys as unknown as UnpackSys, reader, target!) };
   stream.finish();
 } catch (e) {
