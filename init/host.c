@@ -379,6 +379,24 @@ static void close_fds_from(int from, int keep)
 
 /* ------------------------------------------------------------------- files --------- */
 
+/* The open flags of src/sys/sys.ts's O are x86-64's numbers. Elsewhere (aarch64) O_DIRECTORY
+ * and O_NOFOLLOW have other values (x86-64's O_DIRECTORY is aarch64's O_DIRECT, which
+ * openat2 refuses with O_PATH; its O_NOFOLLOW is O_LARGEFILE, which follows links): they are
+ * translated here. */
+static int open_flags(int flags)
+{
+#if defined(__x86_64__)
+    return flags;
+#else
+    int out = flags & ~(0200000 | 0400000);
+    if (flags & 0200000)
+        out |= O_DIRECTORY;
+    if (flags & 0400000)
+        out |= O_NOFOLLOW;
+    return out;
+#endif
+}
+
 static JSValue sys_open(JSContext *ctx, JSValueConst this_val, int argc, JSValueConst *argv)
 {
     int flags, mode;
@@ -391,6 +409,7 @@ static JSValue sys_open(JSContext *ctx, JSValueConst this_val, int argc, JSValue
     int fd;
     /* openat(2) directly: musl's open() follows O_CLOEXEC with an fcntl for kernels older
      * than 2.6.23, one more syscall per file when a root archive is unpacked. */
+    flags = open_flags(flags);
     do fd = (int)syscall(SYS_openat, AT_FDCWD, path, flags, (mode_t)mode); while (fd < 0 && errno == EINTR);
     JSValue r = fd < 0 ? throw_errno(ctx, "open %s", path) : JS_NewInt32(ctx, fd);
     JS_FreeCString(ctx, path);
@@ -803,6 +822,7 @@ static JSValue sys_openat(JSContext *ctx, JSValueConst this_val, int argc, JSVal
     if (!path)
         return JS_EXCEPTION;
     int fd;
+    flags = open_flags(flags);
     do fd = (int)syscall(SYS_openat, dirfd, path, flags, (mode_t)mode); while (fd < 0 && errno == EINTR);
     JSValue r = fd < 0 ? throw_errno(ctx, "openat %s", path) : JS_NewInt32(ctx, fd);
     JS_FreeCString(ctx, path);
@@ -819,7 +839,7 @@ static JSValue sys_openat2(JSContext *ctx, JSValueConst this_val, int argc, JSVa
     const char *path = get_str(ctx, argc, argv, 1, "openat2");
     if (!path)
         return JS_EXCEPTION;
-    struct open_how how = { .flags = (uint64_t)(uint32_t)flags, .mode = (uint64_t)(uint32_t)mode, .resolve = (uint64_t)(uint32_t)resolve };
+    struct open_how how = { .flags = (uint64_t)(uint32_t)open_flags(flags), .mode = (uint64_t)(uint32_t)mode, .resolve = (uint64_t)(uint32_t)resolve };
     int fd;
     do fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how)); while (fd < 0 && errno == EINTR);
     JSValue r = fd < 0 ? throw_errno(ctx, "openat2 %s", path) : JS_NewInt32(ctx, fd);

@@ -71,7 +71,7 @@ export interface WaitResult {
   termSignal: number;
 }
 
-/** open(2) flags (x86-64 / generic values). */
+/** open(2) flags, x86-64's values (the static host translates O_DIRECTORY and O_NOFOLLOW where they differ, on aarch64). */
 export const O = {
   RDONLY: 0,
   WRONLY: 1,
