@@ -51,6 +51,8 @@ attempt('make', () => {
   sys.close(sub);
   return { mode: st.mode, nlink: st.nlink, uid: st.uid, linkType: lst.mode & S.IFMT };
 });
+attempt('directoryOnFile', () => sys.openat(AT.FDCWD, file!, dirFlags));
+attempt('noFollow', () => sys.openat(AT.FDCWD, link!, O.RDONLY | O.NOFOLLOW | O.CLOEXEC));
 attempt('exclusive', () => sys.openat(root, 'sub/f', O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, 0o600));
 sys.close(root);
 const block = new Uint8Array(600);
