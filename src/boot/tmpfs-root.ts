@@ -197,7 +197,9 @@ export function unpackTmpfsRoot(ctx: InitContext, req: TmpfsRootRequest, target:
     const timing = { pullMs: 0, parseMs: 0 };
     const source = ctx.plan.debug ? timedSource(sys, stream.source, timing) : stream.source;
     // The unpacker keeps no entry past the next one: the reader may refill one object.
-    const archiveReader = openArchive(new StreamCursor(source), archive.where, { reuseEntry: true });
+    // Header checksums are summed and names decoded natively when the host can (QuickjsSys).
+    const { byteSum, utf8Decode } = sys as { byteSum?: (b: Uint8Array) => number; utf8Decode?: (b: Uint8Array) => string };
+    const archiveReader = openArchive(new StreamCursor(source), archive.where, { reuseEntry: true, byteSum, utf8Decode });
     const reader = ctx.plan.debug ? timedReader(sys, archiveReader, timing) : archiveReader;
     const total = archive.reader.size;
     const t0 = sys.monotonicMs();

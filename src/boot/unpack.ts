@@ -9,6 +9,11 @@
  * security.capability, so the mode and the xattrs come after both. Directory times are
  * set last, deepest first, since creating entries inside a directory changes its mtime.
  *
+ * Every entry is made by its last component from an open descriptor of the directory it
+ * goes in (openat, mkdirat, symlinkat, linkat, mknodat, fchownat, utimensat …), not by a
+ * path the kernel walks again from "/" at every call: entries of one directory follow each
+ * other, so its descriptor is opened once and kept (a few dozen are kept open).
+ *
  * The archive is untrusted. Nothing is ever created or written outside `root`; an entry
  * that would need it is refused (skipped, counted in `refused`, the boot goes on):
  *  - a name or hard-link target with a ".." component ("outside");
@@ -18,6 +23,11 @@
  *    in it is one the archive made, and the set below knows them all;
  *  - a hard link to a name not unpacked before it, or to a directory ("hardlink");
  *  - the root itself named as anything but a directory ("root").
+ * Beyond the archive's own symbolic links, which the unpacker tracks, the kernel checks
+ * too: a directory is opened from the root's descriptor by openat2 with RESOLVE_BENEATH and
+ * RESOLVE_NO_SYMLINKS, so no symbolic link and no ".." is followed on the way to it,
+ * whatever the tracking missed (on kernels without openat2, each component is checked
+ * not to be a link before it is opened); a hard link's target is reached the same way.
  * Absolute names are unpacked relative to `root` (the readers drop the leading "/", as
  * GNU tar does). Device nodes and FIFOs are created as the archive says: a root archive
  * legitimately holds /dev/console or /dev/null, the node is only a name inside the new
@@ -27,13 +37,10 @@
  */
 import { type ArchiveEntry, type ArchiveReader, hasDotDot } from '../formats/archive-stream.ts';
 import { FormatError } from '../formats/block-reader.ts';
-import { isSysError, O, S, type Sys } from '../sys/sys.ts';
-import { mkdirs } from './fsutil.ts';
+import { AT, type AtSys, isSysError, O, RESOLVE, S, type Sys, SysError } from '../sys/sys.ts';
 
-/** What the unpacker uses beyond the Sys port when the host offers it. */
-export interface UnpackSys extends Sys {
-  /** utimensat(AT_FDCWD, path, [atime = mtime, mtime], AT_SYMLINK_NOFOLLOW when `noFollow`) */
-  utimensat?(path: string, sec: number, nsec: number, noFollow: boolean): void;
+/** What the unpacker uses beyond the Sys port: the *at calls, and the rest when the host offers it. */
+export interface UnpackSys extends Sys, AtSys {
   /** lsetxattr(path, name, value, 0) */
   lsetxattr?(path: string, name: string, value: Uint8Array): void;
   /** umask(2); with it, entries are created with their final mode and most chmod calls are saved */
@@ -97,7 +104,139 @@ export class UnpackError extends Error {
   }
 }
 
+/** An entry the kernel would not reach from the root without a link or a "..": refused, not a failure. */
+class Refused {
+  constructor(readonly reason: RefusalReason, readonly why: string) {}
+}
+
 const TYPE_BITS: Record<string, number> = { char: S.IFCHR, block: S.IFBLK, fifo: S.IFIFO };
+/** A directory descriptor used only to resolve names from: nothing is read through it. */
+const DIR_FLAGS = O.PATH | O.DIRECTORY | O.CLOEXEC;
+const BENEATH = RESOLVE.BENEATH | RESOLVE.NO_SYMLINKS | RESOLVE.NO_MAGICLINKS;
+/** How many directory descriptors stay open (checked every 32 entries; an entry opens two at most). */
+const MAX_DIR_FDS = 48;
+const FILE_FLAGS = O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC;
+
+/**
+ * Open descriptors of the root's directories, by archive path ('' is the root). A
+ * directory is opened from the root's descriptor without following any symbolic link
+ * (see the top of the file), and made first, with its missing parents, when asked to.
+ */
+class DirFds {
+  private readonly fds = new Map<string, number>();
+  /** The last directory asked for, and its descriptor: entries of one directory follow each other. */
+  private lastDir = '';
+  private lastFd: number;
+  private openat2 = true;
+
+  constructor(private readonly sys: UnpackSys, readonly rootFd: number) {
+    this.lastFd = rootFd;
+    this.fds.set('', rootFd);
+  }
+
+  /** The descriptor of `dir` (no leading or trailing "/"); its missing directories made (0o755) when `create`. */
+  get(dir: string, create: boolean): number {
+    if (dir === this.lastDir) return this.lastFd;
+    let fd = this.fds.get(dir);
+    if (fd === undefined) {
+      fd = this.open(dir, create);
+      this.fds.set(dir, fd);
+    }
+    this.lastDir = dir;
+    this.lastFd = fd;
+    return fd;
+  }
+
+  private open(dir: string, create: boolean): number {
+    try {
+      return this.resolve(this.rootFd, dir);
+    } catch (e) {
+      if (e instanceof Refused || !create || !isSysError(e, 'ENOENT')) throw e;
+    }
+    // Archives may leave parent directories out (tar of single files): make the missing
+    // ones from the root down, each from the one above it, holding two descriptors at most.
+    let fd = this.rootFd;
+    try {
+      for (let at = 0; ;) {
+        const slash = dir.indexOf('/', at);
+        const name = slash < 0 ? dir.slice(at) : dir.slice(at, slash);
+        try {
+          this.sys.mkdirat(fd, name, 0o755);
+        } catch (e) {
+          if (!isSysError(e, 'EEXIST')) throw e;
+        }
+        const next = this.resolve(fd, name, dir);
+        if (fd !== this.rootFd) this.sys.close(fd);
+        fd = next;
+        if (slash < 0) return fd;
+        at = slash + 1;
+      }
+    } catch (e) {
+      if (fd !== this.rootFd) this.sys.close(fd);
+      throw e;
+    }
+  }
+
+  /** Opens `path` from the directory `from`: no ".." and no symbolic link on the way, the kernel checks it. */
+  private resolve(from: number, path: string, whole = path): number {
+    const sys = this.sys;
+    if (this.openat2) {
+      try {
+        return sys.openat2(from, path, DIR_FLAGS, 0, BENEATH);
+      } catch (e) {
+        if (isSysError(e, 'ELOOP')) throw new Refused('symlink', `the way to "${whole}" passes a symbolic link; vdboot does not write through links`);
+        if (isSysError(e, 'EXDEV')) throw new Refused('outside', `the way to "${whole}" leaves the root`);
+        if (!isSysError(e, 'ENOSYS') && !isSysError(e, 'EPERM')) throw e;
+        this.openat2 = false; // Linux before 5.6 (EPERM: a seccomp filter that does not know it)
+      }
+    }
+    // Component by component, each checked to be a directory and not a link before it is opened.
+    let fd = from;
+    let at = 0;
+    try {
+      for (;;) {
+        const slash = path.indexOf('/', at);
+        const name = slash < 0 ? path.slice(at) : path.slice(at, slash);
+        if (name === '..') throw new Refused('outside', `the way to "${whole}" leaves the root`);
+        const type = sys.fstatat(fd, name, AT.SYMLINK_NOFOLLOW).mode & S.IFMT;
+        if (type === S.IFLNK) throw new Refused('symlink', `the way to "${whole}" passes a symbolic link; vdboot does not write through links`);
+        if (type !== S.IFDIR) throw new SysError('ENOTDIR', 20, `openat ${whole}`);
+        const next = sys.openat(fd, name, DIR_FLAGS);
+        if (fd !== from) sys.close(fd);
+        fd = next;
+        if (slash < 0) return fd;
+        at = slash + 1;
+      }
+    } catch (e) {
+      if (fd !== from) sys.close(fd);
+      throw e;
+    }
+  }
+
+  /** Closes the descriptors of `dir` and of the directories below it: it was removed, they name nothing now. */
+  forget(dir: string): void {
+    const below = `${dir}/`;
+    for (const [d, fd] of this.fds) {
+      if (d !== dir && !d.startsWith(below)) continue;
+      this.sys.close(fd);
+      this.fds.delete(d);
+    }
+    if (this.lastDir === dir || this.lastDir.startsWith(below)) {
+      this.lastDir = '';
+      this.lastFd = this.rootFd;
+    }
+  }
+
+  /** Closes every descriptor when too many are open (`all`: at the end). Called between entries, when none is in use. */
+  trim(all: boolean): void {
+    if (!all && this.fds.size <= MAX_DIR_FDS) return;
+    for (const fd of this.fds.values()) if (fd !== this.rootFd) this.sys.close(fd);
+    this.fds.clear();
+    this.fds.set('', this.rootFd);
+    this.lastDir = '';
+    this.lastFd = this.rootFd;
+  }
+}
 
 export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: string, opts: UnpackOptions = {}): UnpackStats {
   const refused: Refusals = { total: 0, byReason: { outside: 0, symlink: 0, hardlink: 0, root: 0 }, examples: [] };
@@ -110,10 +249,8 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   };
   const chunk = opts.chunk ?? 1 << 20;
   const symlinks = new Set<string>();
-  const dirTimes: { path: string; sec: number; nsec: number }[] = [];
-  const canTime = typeof sys.utimensat === 'function';
+  const dirTimes: { dir: string; base: string; sec: number; nsec: number }[] = [];
   const canXattr = typeof sys.lsetxattr === 'function';
-  let warnedTime = false;
   let warnedXattr = false;
   const refusedXattrs = new Set<string>();
   let safeDir = '';
@@ -126,6 +263,14 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
   const exactModes = oldMask !== undefined;
   // A new entry is owned by root:root, unless its directory is setgid (it then takes the directory's group).
   let setgidDirs = false;
+  let rootFd: number;
+  try {
+    rootFd = sys.open(root, DIR_FLAGS);
+  } catch (e) {
+    if (oldMask !== undefined) sys.umask!(oldMask);
+    throw new UnpackError(`could not open the new root ${root}: ${(e as Error).message}`, undefined, e);
+  }
+  const dirs = new DirFds(sys, rootFd);
   try {
     for (;;) {
       const entry = reader.next();
@@ -156,36 +301,50 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
         }
         safeDir = dir;
         safeLinks = linksMade;
+        let linkFrom: LinkSource | undefined;
         if (type === 'hardlink') {
-          const why = hardLinkRefusal(sys, entry.linkTarget, entry.size, root, symlinks);
-          if (why !== undefined) {
-            refuse(entry, why[0], why[1]);
+          const found = hardLinkSource(sys, dirs, entry.linkTarget, entry.size, symlinks);
+          if (found instanceof Refused) {
+            refuse(entry, found.reason, found.why);
             continue;
           }
+          linkFrom = found;
         }
-        const path = name === '' ? root : `${root}/${name}`;
+        // Where the entry is made: its name in its directory's descriptor (the root itself by its path).
+        let dfd: number;
+        try {
+          dfd = name === '' ? AT.FDCWD : dirs.get(dir, true);
+        } catch (e) {
+          if (!(e instanceof Refused)) throw e;
+          refuse(entry, e.reason, e.why);
+          continue;
+        }
+        const base = name === '' ? root : slash > 0 ? name.slice(slash + 1) : name;
         const perm = entry.perm;
-        const fd = createEntry(sys, entry, path, root, symlinks, exactModes ? perm & 0o1777 : 0o700);
+        const fd = createEntry(sys, dirs, entry, dfd, base, linkFrom, symlinks, exactModes ? perm & 0o1777 : 0o700);
         // A name made again is dropped from `symlinks` by createEntry; a hard link to a link is a link.
         if (type === 'symlink' || (type === 'hardlink' && symlinks.has(entry.linkTarget))) {
           symlinks.add(name);
           linksMade += 1;
         }
         const size = entry.size;
-        if (fd >= 0 || (size > 0 && type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : openForData(sys, entry, path), size, chunk, opts.onProgress);
+        if (fd >= 0 || (size > 0 && type !== 'dir')) stats.bytes += writeBody(sys, reader, fd >= 0 ? fd : openForData(sys, entry, dfd, base), size, chunk, opts.onProgress);
         if (type === 'hardlink') {
           // Data on a later name of the inode (GNU cpio) moved its time: put the archive's back.
-          if (entry.size > 0 && canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
+          if (entry.size > 0) sys.utimensatAt(dfd, base, entry.mtimeSec, entry.mtimeNsec, AT.SYMLINK_NOFOLLOW);
           continue; // the inode's owner, mode and times came with the first name
         }
         const fresh = fd !== KEPT && name !== '';
         const uid = entry.uid;
         const gid = entry.gid;
-        if (!fresh || uid !== 0 || gid !== 0 || setgidDirs) sys.lchown(path, uid, gid);
-        if (type !== 'symlink' && (!fresh || !exactModes || setgidDirs || (perm & 0o6000) !== 0)) sys.chmod(path, perm);
+        if (!fresh || uid !== 0 || gid !== 0 || setgidDirs) sys.fchownat(dfd, base, uid, gid, AT.SYMLINK_NOFOLLOW);
+        if (type !== 'symlink' && (!fresh || !exactModes || setgidDirs || (perm & 0o6000) !== 0)) sys.fchmodat(dfd, base, perm);
         if (type === 'dir' && (perm & 0o2000) !== 0) setgidDirs = true;
         if (entry.xattrs.length !== 0) {
           if (canXattr) {
+            // By path: Linux has no lsetxattr relative to a directory. The path holds no link
+            // (its directory was reached without one) and nothing else changes the tree.
+            const path = name === '' ? root : `${root}/${name}`;
             for (const x of entry.xattrs) {
               try {
                 sys.lsetxattr!(path, x.name, x.value);
@@ -208,14 +367,10 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
         }
         if (type === 'dir') {
           stats.dirs += 1;
-          dirTimes.push({ path, sec: entry.mtimeSec, nsec: entry.mtimeNsec });
+          dirTimes.push({ dir, base: name === '' ? '' : base, sec: entry.mtimeSec, nsec: entry.mtimeNsec });
         } else {
           if (type === 'file') stats.files += 1;
-          if (canTime) sys.utimensat!(path, entry.mtimeSec, entry.mtimeNsec, true);
-          else if (!warnedTime) {
-            warnedTime = true;
-            stats.warnings.push('this vdboot host cannot set file times: unpacked files carry the time of the boot');
-          }
+          sys.utimensatAt(dfd, base, entry.mtimeSec, entry.mtimeNsec, AT.SYMLINK_NOFOLLOW);
         }
       } catch (e) {
         const where = `"${entry.path || '/'}" (${entry.type}, header at byte ${entry.offset} of the archive)`;
@@ -223,17 +378,33 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
         if (isSysError(e)) throw new UnpackError(`could not create ${where}: ${e.message}`, entry, e);
         throw new UnpackError(`${(e as Error).message}${(e as Error).message.includes(entry.path) ? '' : ` (at ${where})`}`, entry, e);
       }
-      if ((stats.entries & 31) === 0) opts.onProgress?.();
+      if ((stats.entries & 31) === 0) {
+        opts.onProgress?.();
+        dirs.trim(false);
+      }
     }
-  } finally {
-    if (oldMask !== undefined) sys.umask!(oldMask);
-  }
-  if (canTime) {
-    // Deepest first, so setting a parent's time is the last change to it.
+    // Deepest first, so setting a parent's time is the last change to it. A directory
+    // replaced since (by a later member of its name) is skipped, not followed.
     for (let i = dirTimes.length - 1; i >= 0; i--) {
       const d = dirTimes[i]!;
-      sys.utimensat!(d.path, d.sec, d.nsec, true);
+      if (d.base === '') {
+        sys.utimensatAt(AT.FDCWD, root, d.sec, d.nsec, AT.SYMLINK_NOFOLLOW);
+        continue;
+      }
+      let dfd: number;
+      try {
+        dfd = dirs.get(d.dir, false);
+      } catch (e) {
+        if (e instanceof Refused || isSysError(e, 'ENOENT') || isSysError(e, 'ENOTDIR')) continue;
+        throw e;
+      }
+      sys.utimensatAt(dfd, d.base, d.sec, d.nsec, AT.SYMLINK_NOFOLLOW);
+      dirs.trim(false);
     }
+  } finally {
+    dirs.trim(true);
+    sys.close(dirs.rootFd);
+    if (oldMask !== undefined) sys.umask!(oldMask);
   }
   return stats;
 }
@@ -244,64 +415,53 @@ export function unpackArchive(sys: UnpackSys, reader: ArchiveReader, root: strin
  * archive could otherwise hard-link a symlink or a device node and have its bytes
  * written onto /dev/sda or a host file.
  */
-function openForData(sys: UnpackSys, entry: ArchiveEntry, path: string): number {
-  const st = sys.lstat(path);
+function openForData(sys: UnpackSys, entry: ArchiveEntry, dfd: number, base: string): number {
+  const st = sys.fstatat(dfd, base, AT.SYMLINK_NOFOLLOW);
   if ((st.mode & S.IFMT) !== S.IFREG) {
     throw new FormatError(`entry "${entry.path}" at byte ${entry.offset} carries ${entry.size} bytes of data for a name that is not a regular file; vdboot writes data only into regular files (the archive may be malicious or damaged)`, 'type', entry.type);
   }
-  return sys.open(path, O.WRONLY | O.NOFOLLOW | O.CLOEXEC, 0);
+  return sys.openat(dfd, base, O.WRONLY | O.NOFOLLOW | O.CLOEXEC, 0);
 }
 
 /**
- * Creates the entry; for a regular file returns its open fd (the body is written next),
- * else -1, or KEPT for a directory that was there already.
+ * Creates the entry as `base` in the directory `dfd`; for a regular file returns its open
+ * fd (the body is written next), else -1, or KEPT for a directory that was there already.
  */
-function createEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, root: string, symlinks: Set<string>, mode: number): number {
+function createEntry(sys: UnpackSys, dirs: DirFds, entry: ArchiveEntry, dfd: number, base: string, linkFrom: LinkSource | undefined, symlinks: Set<string>, mode: number): number {
   for (let attempt = 0; ; attempt += 1) {
     try {
-      return makeEntry(sys, entry, path, root, mode);
+      return makeEntry(sys, entry, dfd, base, linkFrom, mode);
     } catch (e) {
-      if (attempt >= 2) throw e;
-      if (isSysError(e, 'ENOENT')) {
-        // Archives may leave parent directories out (tar of single files): create them.
-        const parent = path.slice(0, path.lastIndexOf('/'));
-        mkdirs(sys, parent, 0o755);
-        continue;
-      }
-      if (isSysError(e, 'EEXIST')) {
-        const st = sys.lstat(path);
-        const isDir = (st.mode & S.IFMT) === S.IFDIR;
-        if (entry.type === 'dir' && isDir) return KEPT; // a directory named twice, or made for a child first: keep it
-        // A later member replaces an earlier one with the same name, as tar does.
-        if (isDir) sys.rmdir(path);
-        else sys.unlink(path);
-        symlinks.delete(entry.path);
-        continue;
-      }
-      throw e;
+      if (attempt >= 1 || !isSysError(e, 'EEXIST')) throw e;
+      const isDir = (sys.fstatat(dfd, base, AT.SYMLINK_NOFOLLOW).mode & S.IFMT) === S.IFDIR;
+      if (entry.type === 'dir' && isDir) return KEPT; // a directory named twice, or made for a child first: keep it
+      // A later member replaces an earlier one with the same name, as tar does.
+      sys.unlinkat(dfd, base, isDir ? AT.REMOVEDIR : 0);
+      if (isDir) dirs.forget(entry.path); // the entry's own directory (its parent) stays open
+      symlinks.delete(entry.path);
     }
   }
 }
 
 /** Makes the entry's inode; a regular file's open fd is returned for its body, else -1 (KEPT for the root). */
-function makeEntry(sys: UnpackSys, entry: ArchiveEntry, path: string, root: string, mode: number): number {
+function makeEntry(sys: UnpackSys, entry: ArchiveEntry, dfd: number, base: string, linkFrom: LinkSource | undefined, mode: number): number {
   switch (entry.type) {
     case 'file':
-      return sys.open(path, O.WRONLY | O.CREAT | O.EXCL | O.CLOEXEC, mode & 0o777);
+      return sys.openat(dfd, base, FILE_FLAGS, mode & 0o777);
     case 'dir':
       if (entry.path === '') return KEPT; // the root itself: metadata only
-      sys.mkdir(path, mode);
+      sys.mkdirat(dfd, base, mode);
       return -1;
     case 'symlink':
-      sys.symlink(entry.linkTarget, path);
+      sys.symlinkat(entry.linkTarget, dfd, base);
       return -1;
     case 'hardlink':
-      sys.link(`${root}/${entry.linkTarget}`, path);
+      sys.linkat(linkFrom!.dfd, linkFrom!.base, dfd, base, 0);
       return -1;
     case 'char':
     case 'block':
     case 'fifo':
-      sys.mknod(path, TYPE_BITS[entry.type]! | (mode & 0o777), entry.devMajor, entry.devMinor);
+      sys.mknodat(dfd, base, TYPE_BITS[entry.type]! | (mode & 0o777), entry.devMajor, entry.devMinor);
       return -1;
   }
 }
@@ -315,30 +475,41 @@ function linkAbove(name: string, symlinks: Set<string>): string | undefined {
   return undefined;
 }
 
+/** A hard link's target: its name in its directory's descriptor. */
+interface LinkSource {
+  dfd: number;
+  base: string;
+}
+
 /**
- * Why a hard link to `target` may not be made, or undefined when it may: the target must be
+ * Where a hard link to `target` links from, or why it may not be made: the target must be
  * a name unpacked before it, inside the root without ".." or a symbolic link on the way
- * (link(2) follows the links of the target's directories), and not a directory; and when the
- * entry carries data, a regular file (data for a link to a symbolic link or a device node
- * would be written wherever it points).
+ * (its directory is reached as every other, see DirFds), and not a directory; and when
+ * the entry carries data, a regular file (data for a link to a symbolic link or a device
+ * node would be written wherever it points).
  */
-function hardLinkRefusal(sys: Sys, target: string, size: number, root: string, symlinks: Set<string>): [RefusalReason, string] | undefined {
-  if (hasDotDot(target)) return ['outside', `it is a hard link to "${target}", whose ".." could leave the root`];
+function hardLinkSource(sys: UnpackSys, dirs: DirFds, target: string, size: number, symlinks: Set<string>): LinkSource | Refused {
+  if (hasDotDot(target)) return new Refused('outside', `it is a hard link to "${target}", whose ".." could leave the root`);
   const link = linkAbove(target, symlinks);
-  if (link !== undefined) return ['symlink', `it is a hard link to "${target}", which lies under "${link}", a symbolic link the archive made`];
+  if (link !== undefined) return new Refused('symlink', `it is a hard link to "${target}", which lies under "${link}", a symbolic link the archive made`);
+  const slash = target.lastIndexOf('/');
+  const base = target.slice(slash + 1);
+  let dfd: number;
   let mode: number;
   try {
-    mode = sys.lstat(`${root}/${target}`).mode & S.IFMT;
+    dfd = dirs.get(slash > 0 ? target.slice(0, slash) : '', false);
+    mode = sys.fstatat(dfd, base, AT.SYMLINK_NOFOLLOW).mode & S.IFMT;
   } catch (e) {
+    if (e instanceof Refused) return new Refused(e.reason, `it is a hard link to "${target}": ${e.why}`);
     if (!isSysError(e, 'ENOENT') && !isSysError(e, 'ENOTDIR')) throw e;
-    return ['hardlink', `it is a hard link to "${target}", which the archive did not hold before it`];
+    return new Refused('hardlink', `it is a hard link to "${target}", which the archive did not hold before it`);
   }
-  if (mode === S.IFDIR) return ['hardlink', `it is a hard link to "${target}", a directory`];
+  if (mode === S.IFDIR) return new Refused('hardlink', `it is a hard link to "${target}", a directory`);
   if (size > 0 && mode !== S.IFREG) {
     const what = mode === S.IFLNK ? 'a symbolic link' : 'not a regular file';
-    return [mode === S.IFLNK ? 'symlink' : 'hardlink', `it carries ${size} bytes of data for a hard link to "${target}", ${what}; vdboot writes data only into regular files`];
+    return new Refused(mode === S.IFLNK ? 'symlink' : 'hardlink', `it carries ${size} bytes of data for a hard link to "${target}", ${what}; vdboot writes data only into regular files`);
   }
-  return undefined;
+  return { dfd, base };
 }
 
 /**
@@ -351,7 +522,8 @@ function writeBody(sys: Sys, reader: ArchiveReader, fd: number, size: number, ch
   const direct = reader.bodyTo !== undefined;
   try {
     while (written < size) {
-      let k = direct ? reader.bodyTo!(fd, chunk) : 0;
+      // What the reader holds in memory first (a small file's whole body), then kernel-side.
+      let k = direct && written !== 0 ? reader.bodyTo!(fd, chunk) : 0;
       if (k === 0) {
         const b = reader.body(chunk);
         k = b.length;

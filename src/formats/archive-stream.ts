@@ -75,6 +75,13 @@ export interface ReaderOptions {
    * about as much as reading the header. For consumers that keep no entry (the unpacker).
    */
   reuseEntry?: boolean;
+  /**
+   * The sum of a block's bytes as unsigned numbers, from native code when the host has it
+   * (the tar header checksum; summed here, it is a third of the work of reading a header).
+   */
+  byteSum?: (bytes: Uint8Array) => number;
+  /** UTF-8 bytes as a string, from native code when the host has it (names; a call costs less than building the string here). */
+  utf8Decode?: (bytes: Uint8Array) => string;
 }
 
 export interface ArchiveReader {

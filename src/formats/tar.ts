@@ -232,15 +232,23 @@ let nameSlash = false;
  * the "./" of "tar -C ROOT ." left out, and plainPath's test done on the bytes (each string
  * method call is a property lookup and a native call).
  */
-function nameField(b: Uint8Array, at: number): string {
+function nameField(b: Uint8Array, at: number, decode: ((bytes: Uint8Array) => string) | undefined): string {
   let end = b.indexOf(0);
   if (end < 0 || end > 100) end = 100;
   const start = end >= 2 && b[0] === 0x2e && b[1] === 0x2f ? 2 : 0;
   const bytes = b.subarray(start, end);
-  const s = String.fromCharCode.apply(null, bytes as unknown as number[]);
-  const w = viewWords;
+  let s: string;
   let high = 0;
-  for (let k = at, last = at + ((end + 3) >>> 2); k < last; k += 1) high |= w[k]!;
+  if (decode !== undefined) {
+    // The host's decoder: one native call. An ASCII name comes back as long as its bytes
+    // and without U+FFFD; any other goes through utf8Decode below, as without the host.
+    s = decode(bytes);
+    if (s.length !== end - start || s.indexOf('\ufffd') >= 0) high = HIGH_BITS;
+  } else {
+    s = String.fromCharCode.apply(null, bytes as unknown as number[]);
+    const w = viewWords;
+    for (let k = at, last = at + ((end + 3) >>> 2); k < last; k += 1) high |= w[k]!;
+  }
   // Bytes after the NUL in the last word may count too: they only send the name through the decoder.
   if ((high & HIGH_BITS) !== 0) {
     namePlain = false;
@@ -353,8 +361,15 @@ export class TarReader implements ArchiveReader {
 
   private reused: ArchiveEntry | undefined;
 
+  /** ReaderOptions.byteSum and utf8Decode, read once */
+  private readonly nativeSum: ((bytes: Uint8Array) => number) | undefined;
+  private readonly nativeDecode: ((bytes: Uint8Array) => string) | undefined;
+
   /** `name`: how the console names the archive, e.g. "/images/root.tar.gz". */
-  constructor(private readonly cursor: StreamCursor, private readonly name: string, private readonly opts: ReaderOptions = {}) {}
+  constructor(private readonly cursor: StreamCursor, private readonly name: string, private readonly opts: ReaderOptions = {}) {
+    this.nativeSum = opts.byteSum;
+    this.nativeDecode = opts.utf8Decode;
+  }
 
   get offset(): number {
     return this.cursor.offset;
@@ -379,7 +394,7 @@ export class TarReader implements ArchiveReader {
       }
       if (got < BLOCK) throw this.truncated(longName ?? '(next header)', at, BLOCK, got);
       const words = wordsAt(block);
-      const sum = byteSum(viewWords, words);
+      const sum = this.nativeSum !== undefined ? this.nativeSum(block) : byteSum(viewWords, words);
       if (sum === 0) {
         if (firstOffset !== at) throw new FormatError(`${this.name}: an extended header at byte ${firstOffset} is followed by an end-of-archive block at byte ${at}`, 'header', at);
         this.done = true;
@@ -423,7 +438,7 @@ export class TarReader implements ArchiveReader {
         ? viewWords[words + 64]! >>> 8 === 0x747375 && (viewWords[words + 65]! & 0xffffff) === 0x7261
         : block[257] === 0x75 && block[258] === 0x73 && block[259] === 0x74 && block[260] === 0x61 && block[261] === 0x72 && block[262] === 0;
       const fromName = longName === undefined && !(ustar && block[345] !== 0);
-      const base = fromName ? nameField(block, words) : longName ?? `${textField(block, 345, 155)}/${textField(block, 0, 100)}`;
+      const base = fromName ? nameField(block, words, this.nativeDecode) : longName ?? `${textField(block, 345, 155)}/${textField(block, 0, 100)}`;
       if (this.hasGlobalPax) {
         const merged = new Map(this.globalPax);
         if (pax) for (const [k, v] of pax) merged.set(k, v);

@@ -5,7 +5,7 @@
  * The simulation ends at execve (the guest's init) or when the rescue shell is waited
  * for more often than the machine allows: both throw SimulationEnd.
  */
-import { S, SysError, type PollFd, type Stat, type StatFs, type Sys, type WaitResult } from './sys.ts';
+import { AT, type AtSys, O, RESOLVE, S, SysError, type PollFd, type Stat, type StatFs, type Sys, type WaitResult } from './sys.ts';
 
 export interface FakePartition {
   /** kernel name, e.g. "vda1" */
@@ -141,11 +141,25 @@ export class SimulationEnd extends Error {
   }
 }
 
-type Node =
+/** What an inode carries beyond its kind (set by chown, utimensat, setxattr; 0 and none by default). */
+interface NodeMeta {
+  uid?: number;
+  gid?: number;
+  mtimeSec?: number;
+  mtimeNsec?: number;
+  xattrs?: Map<string, Uint8Array>;
+}
+
+type Node = NodeMeta & (
   | { kind: 'dir'; mode: number; fs: number; entries: Map<string, Node>; mounted?: Node[] }
   | { kind: 'file'; mode: number; fs: number; data: Uint8Array | (() => Uint8Array) }
   | { kind: 'link'; mode: number; fs: number; target: string }
-  | { kind: 'blk' | 'chr'; mode: number; fs: number; major: number; minor: number };
+  // a FIFO is a 'chr' node whose mode says S.IFIFO
+  | { kind: 'blk' | 'chr'; mode: number; fs: number; major: number; minor: number });
+
+/** Inode numbers, given on first stat: names of one inode (hard links) share theirs. */
+const inodeNumbers = new WeakMap<object, number>();
+let nextInode = 2;
 
 interface OpenFile {
   node: Node;
@@ -197,7 +211,7 @@ export interface FakeEvents {
 
 let fsCounter = 1;
 
-export class FakeKernel implements Sys {
+export class FakeKernel implements Sys, AtSys {
   readonly events: FakeEvents = { mounts: [], modules: [], moduleLoads: [], spawns: [], consoleReads: [], dm: [], loops: [], umounts: [], btrfsReady: [] };
   /** the console's termios as TCSETS last set it (kernel struct termios, 36 bytes); echo on at start */
   private termios: Uint8Array = (() => { const t = new Uint8Array(36); new DataView(t.buffer).setUint32(12, 0o10 | 0o2, true); return t; })();
@@ -959,8 +973,10 @@ export class FakeKernel implements Sys {
 
   private statOf(node: Node, path: string): Stat {
     const size = node.kind === 'file' ? (typeof node.data === 'function' ? 4096 : node.data.length) : node.kind === 'blk' ? this.diskBytes(path.replace(/^\/dev\//, ''))?.size ?? 0 : 0;
+    let ino = inodeNumbers.get(node);
+    if (ino === undefined) inodeNumbers.set(node, (ino = nextInode++));
     return {
-      mode: node.mode, size, ino: 1, nlink: 1, uid: 0, gid: 0, mtimeSec: 0,
+      mode: node.mode, size, ino, nlink: 1, uid: node.uid ?? 0, gid: node.gid ?? 0, mtimeSec: node.mtimeSec ?? 0,
       devMajor: 0, devMinor: node.fs,
       rdevMajor: node.kind === 'blk' || node.kind === 'chr' ? node.major : 0,
       rdevMinor: node.kind === 'blk' || node.kind === 'chr' ? node.minor : 0,
@@ -1042,6 +1058,124 @@ export class FakeKernel implements Sys {
   }
 
   lchown(_path: string, _uid: number, _gid: number): void {}
+
+  // ---------------------------------------------------------------- Sys: names from a directory fd
+
+  private umaskValue = 0o022;
+
+  umask(mask: number): number {
+    const old = this.umaskValue;
+    this.umaskValue = mask & 0o777;
+    return old;
+  }
+
+  /** The path an *at call names: an absolute path as it is, else relative to the directory fd (or the cwd). */
+  private atPath(dirfd: number, path: string, call: string): string {
+    if (path.startsWith('/') || dirfd === AT.FDCWD) return path;
+    const dir = this.fds.get(dirfd) ?? fail('EBADF', `${call} ${path}`);
+    if (dir.node.kind !== 'dir') fail('ENOTDIR', `${call} ${path}`);
+    return path === '' ? dir.path : `${dir.path}/${path}`;
+  }
+
+  /** Whether a name exists (not following a symbolic link at its end). */
+  private present(path: string): boolean {
+    try {
+      this.lookup(path, false);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  openat(dirfd: number, path: string, flags: number, mode = 0o666): number {
+    const p = this.atPath(dirfd, path, 'openat');
+    const exists = this.present(p);
+    if (exists && (flags & O.CREAT) && (flags & O.EXCL)) fail('EEXIST', `openat ${path}`);
+    if (exists && (flags & O.NOFOLLOW) && !(flags & O.PATH) && this.lookup(p, false).kind === 'link') fail('ELOOP', `openat ${path}`);
+    if (exists && (flags & O.DIRECTORY) && this.lookup(p, !(flags & O.NOFOLLOW)).kind !== 'dir') fail('ENOTDIR', `openat ${path}`);
+    return this.open(p, flags, (mode & ~this.umaskValue) & 0o7777);
+  }
+
+  /** openat2(2): RESOLVE_BENEATH refuses ".." and absolute names (EXDEV), RESOLVE_NO_SYMLINKS any link on the way (ELOOP). */
+  openat2(dirfd: number, path: string, flags: number, mode: number, resolve: number): number {
+    const parts = path.split('/');
+    if ((resolve & RESOLVE.BENEATH) && (path.startsWith('/') || parts.includes('..'))) fail('EXDEV', `openat2 ${path}`);
+    if (resolve & RESOLVE.NO_SYMLINKS) {
+      let cur = this.atPath(dirfd, '', 'openat2');
+      for (const part of parts) {
+        cur = `${cur}/${part}`;
+        if (this.lookup(cur, false).kind === 'link') fail('ELOOP', `openat2 ${path}`);
+      }
+    }
+    return this.openat(dirfd, path, flags, mode);
+  }
+
+  mkdirat(dirfd: number, path: string, mode: number): void {
+    this.mkdir(this.atPath(dirfd, path, 'mkdirat'), mode & ~this.umaskValue & 0o7777);
+  }
+
+  unlinkat(dirfd: number, path: string, flags: number): void {
+    const p = this.atPath(dirfd, path, 'unlinkat');
+    if (flags & AT.REMOVEDIR) this.rmdir(p);
+    else this.unlink(p);
+  }
+
+  fchmodat(dirfd: number, path: string, mode: number): void {
+    this.chmod(this.atPath(dirfd, path, 'fchmodat'), mode);
+  }
+
+  mknodat(dirfd: number, path: string, mode: number, major: number, minor: number): void {
+    const p = this.atPath(dirfd, path, 'mknodat');
+    if (this.present(p)) fail('EEXIST', `mknodat ${path}`);
+    this.mknod(p, (mode & S.IFMT) | (mode & ~this.umaskValue & 0o7777), major, minor);
+  }
+
+  fchownat(dirfd: number, path: string, uid: number, gid: number, flags: number): void {
+    const n = this.lookup(this.atPath(dirfd, path, 'fchownat'), !(flags & AT.SYMLINK_NOFOLLOW));
+    n.uid = uid;
+    n.gid = gid;
+    // chown clears setuid and setgid (of files; a directory keeps its setgid), as Linux does
+    if (n.kind !== 'dir' && n.kind !== 'link') n.mode &= ~0o6000;
+  }
+
+  symlinkat(target: string, dirfd: number, path: string): void {
+    this.symlink(target, this.atPath(dirfd, path, 'symlinkat'));
+  }
+
+  linkat(oldDirfd: number, oldPath: string, newDirfd: number, newPath: string, _flags: number): void {
+    const from = this.atPath(oldDirfd, oldPath, 'linkat');
+    const to = this.atPath(newDirfd, newPath, 'linkat');
+    if (this.lookup(from, false).kind === 'dir') fail('EPERM', `linkat ${oldPath}`);
+    if (this.present(to)) fail('EEXIST', `linkat ${newPath}`);
+    this.link(from, to);
+  }
+
+  fstatat(dirfd: number, path: string, flags: number): Stat {
+    const p = this.atPath(dirfd, path, 'fstatat');
+    return flags & AT.SYMLINK_NOFOLLOW ? this.lstat(p) : this.stat(p);
+  }
+
+  utimensatAt(dirfd: number, path: string, sec: number, nsec: number, flags: number): void {
+    const n = this.lookup(this.atPath(dirfd, path, 'utimensat'), !(flags & AT.SYMLINK_NOFOLLOW));
+    n.mtimeSec = sec;
+    n.mtimeNsec = nsec;
+  }
+
+  lsetxattr(path: string, name: string, value: Uint8Array): void {
+    const n = this.lookup(path, false);
+    (n.xattrs ??= new Map()).set(name, value.slice());
+  }
+
+  /** An inode's extended attributes, for tests (lgetxattr without following a link). */
+  xattrsOf(path: string): Map<string, Uint8Array> {
+    return new Map(this.lookup(path, false).xattrs ?? []);
+  }
+
+  /** An inode's time to the nanosecond, for tests. */
+  mtimeOf(path: string): { sec: number; nsec: number } {
+    const n = this.lookup(path, false);
+    return { sec: n.mtimeSec ?? 0, nsec: n.mtimeNsec ?? 0 };
+  }
 
   // ---------------------------------------------------------------- Sys: mounts
 

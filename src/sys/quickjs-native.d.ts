@@ -61,6 +61,25 @@ declare module 'sys' {
   export function utimensat(path: string, sec: number, nsec: number, noFollow: boolean): void;
   /** lsetxattr(path, name, value, 0) */
   export function lsetxattr(path: string, name: string, value: Uint8Array | ArrayBuffer): void;
+  /** openat(2): path relative to the directory fd dirfd (-100: AT_FDCWD); mode defaults to 0o666. */
+  export function openat(dirfd: number, path: string, flags: number, mode?: number): number;
+  /** openat2(2) with struct open_how { flags, mode, resolve } (RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS …); ENOSYS before Linux 5.6. */
+  export function openat2(dirfd: number, path: string, flags: number, mode: number, resolve: number): number;
+  export function mkdirat(dirfd: number, path: string, mode: number): void;
+  /** unlinkat(2); flags AT_REMOVEDIR (0x200) removes a directory. */
+  export function unlinkat(dirfd: number, path: string, flags: number): void;
+  /** fchmodat(dirfd, path, mode, 0): follows a symbolic link, like chmod(2). */
+  export function fchmodat(dirfd: number, path: string, mode: number): void;
+  export function mknodat(dirfd: number, path: string, mode: number, major: number, minor: number): void;
+  /** fchownat(2); flags AT_SYMLINK_NOFOLLOW (0x100) changes a symbolic link itself. */
+  export function fchownat(dirfd: number, path: string, uid: number, gid: number, flags: number): void;
+  export function symlinkat(target: string, dirfd: number, path: string): void;
+  /** linkat(2) without AT_SYMLINK_FOLLOW: a symbolic link named by oldPath is linked itself. */
+  export function linkat(oldDirfd: number, oldPath: string, newDirfd: number, newPath: string, flags: number): void;
+  /** fstatat(2); flags AT_SYMLINK_NOFOLLOW (0x100) stats a symbolic link itself. */
+  export function fstatat(dirfd: number, path: string, flags: number): NativeStat;
+  /** utimensat(dirfd, path, [t, t], flags) with t = sec.nsec */
+  export function utimensatAt(dirfd: number, path: string, sec: number, nsec: number, flags: number): void;
 
   /** source, fstype and data may be null; "" fstype/data are passed as NULL. */
   export function mount(source: string | null, target: string, fstype: string | null, flags: number, data: string | null): void;
@@ -118,5 +137,7 @@ declare module 'sys' {
   export function printErr(...args: unknown[]): void;
   /** UTF-8 bytes as a string (invalid sequences as U+FFFD), decoded in C. */
   export function utf8Decode(bytes: Bytes): string;
+  /** The sum of the bytes as unsigned numbers (tar header checksums), computed in C. */
+  export function byteSum(bytes: Bytes): number;
   export function uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
 }

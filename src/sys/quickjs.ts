@@ -11,12 +11,12 @@
  * registered here, so `instanceof SysError` and `isSysError` both work.
  */
 import type * as NativeModule from 'sys';
-import { SysError, type Sys } from './sys.ts';
+import { SysError, type AtSys, type Sys } from './sys.ts';
 
 export type NativeSys = typeof NativeModule;
 
 /** What the static host offers beyond the Sys port. */
-export interface QuickjsSys extends Sys {
+export interface QuickjsSys extends Sys, AtSys {
   /** fork(2): the child's pid in the parent, 0 in the child, which must end with `_exit`. */
   fork(): number;
   /** _exit(2) without cleanup, for forked children. As PID 1: the rescue shell. */
@@ -43,6 +43,8 @@ export interface QuickjsSys extends Sys {
   uname(): { sysname: string; nodename: string; release: string; version: string; machine: string };
   /** UTF-8 bytes as a string, decoded in C (readText uses it when the Sys has it). */
   utf8Decode(bytes: Uint8Array): string;
+  /** The sum of the bytes as unsigned numbers, computed in C (tar header checksums: ReaderOptions.byteSum). */
+  byteSum(bytes: Uint8Array): number;
   /** Debug output: arguments joined by spaces, newline, on fd 1 / fd 2. */
   print(...args: unknown[]): void;
   printErr(...args: unknown[]): void;
@@ -113,9 +115,21 @@ export function quickjsSys(native: NativeSys): QuickjsSys {
     umask: native.umask,
     utimensat: native.utimensat,
     lsetxattr: native.lsetxattr,
+    openat: native.openat,
+    openat2: native.openat2,
+    mkdirat: native.mkdirat,
+    unlinkat: native.unlinkat,
+    fchmodat: native.fchmodat,
+    mknodat: native.mknodat,
+    fchownat: native.fchownat,
+    symlinkat: native.symlinkat,
+    linkat: native.linkat,
+    fstatat: native.fstatat,
+    utimensatAt: native.utimensatAt,
     nice: native.nice,
     uname: native.uname,
     utf8Decode: native.utf8Decode,
+    byteSum: native.byteSum,
     print: native.print,
     printErr: native.printErr,
     env: native.env,

@@ -71,7 +71,7 @@ export interface WaitResult {
   termSignal: number;
 }
 
-/** open(2) flags (x86-64 / generic values). */
+/** open(2) flags, x86-64's values (the static host translates O_DIRECTORY and O_NOFOLLOW where they differ, on aarch64). */
 export const O = {
   RDONLY: 0,
   WRONLY: 1,
@@ -85,6 +85,8 @@ export const O = {
   DIRECTORY: 0o200000,
   NOFOLLOW: 0o400000,
   CLOEXEC: 0o2000000,
+  /** a handle on the name only: a directory to resolve from, nothing read or written through it */
+  PATH: 0o10000000,
 } as const;
 
 /** memfd_create(2) flags. */
@@ -141,6 +143,47 @@ export const REBOOT = {
   /** LINUX_REBOOT_CMD_KEXEC: start the kernel loaded by kexec_file_load */
   KEXEC: 0x45584543,
 } as const;
+
+/** The *at calls' flags and their special directory fd. */
+export const AT = {
+  FDCWD: -100,
+  SYMLINK_NOFOLLOW: 0x100,
+  REMOVEDIR: 0x200,
+} as const;
+
+/** openat2(2)'s resolve flags (struct open_how). */
+export const RESOLVE = {
+  NO_XDEV: 0x01,
+  NO_MAGICLINKS: 0x02,
+  NO_SYMLINKS: 0x04,
+  BENEATH: 0x08,
+} as const;
+
+/**
+ * Names resolved from an open directory (dirfd, or AT.FDCWD) rather than from "/": what
+ * the root-archive unpacker creates entries with, one component from the directory each
+ * is in. The static host and the fake kernel have them; callers test for `openat`.
+ */
+export interface AtSys {
+  openat(dirfd: number, path: string, flags: number, mode?: number): number;
+  /** openat2(2): `resolve` is RESOLVE's flags; ENOSYS on kernels before 5.6 */
+  openat2(dirfd: number, path: string, flags: number, mode: number, resolve: number): number;
+  mkdirat(dirfd: number, path: string, mode: number): void;
+  /** flags AT.REMOVEDIR for a directory */
+  unlinkat(dirfd: number, path: string, flags: number): void;
+  /** follows a symbolic link (Linux has no fchmodat that does not, before 6.6) */
+  fchmodat(dirfd: number, path: string, mode: number): void;
+  /** mode carries the file type (S.IFBLK, S.IFCHR, S.IFIFO) */
+  mknodat(dirfd: number, path: string, mode: number, major: number, minor: number): void;
+  /** flags AT.SYMLINK_NOFOLLOW for a symbolic link itself */
+  fchownat(dirfd: number, path: string, uid: number, gid: number, flags: number): void;
+  symlinkat(target: string, dirfd: number, path: string): void;
+  /** without AT_SYMLINK_FOLLOW: a symbolic link is linked itself, never followed */
+  linkat(oldDirfd: number, oldPath: string, newDirfd: number, newPath: string, flags: number): void;
+  fstatat(dirfd: number, path: string, flags: number): Stat;
+  /** utimensat(2): atime and mtime set to sec.nsec */
+  utimensatAt(dirfd: number, path: string, sec: number, nsec: number, flags: number): void;
+}
 
 export interface Sys {
   // --- files ---

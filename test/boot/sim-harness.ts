@@ -29,10 +29,14 @@ export function read(fd, buf) { const v = view(buf); const r = call('read', fd, 
 export function pread(fd, buf, off) { const v = view(buf); const r = call('pread', fd, v.length, off); if (typeof r === 'string') return unwrap(r); const b = new Uint8Array(r); v.set(b); return b.length; }
 export function write(fd, buf) { return unwrap(call('write', fd, Array.from(view(buf)))); }
 export function pwrite(fd, buf, off) { return unwrap(call('pwrite', fd, Array.from(view(buf)), off)); }
+export function utf8Decode(b) { return unwrap(call('utf8Decode', Array.from(view(b)))); }
+export function byteSum(b) { let s = 0; for (const x of view(b)) s += x; return s; }
+export function lsetxattr(path, name, value) { return unwrap(call('lsetxattr', path, name, Array.from(view(value)))); }
 ${[
   'open', 'close', 'ioctlInt', 'fsync', 'truncate', 'stat', 'lstat', 'statfs', 'readdir', 'readlink', 'mkdir', 'rmdir', 'unlink',
   'symlink', 'link', 'rename', 'mknod', 'chmod', 'lchown', 'mount', 'umount2', 'chdir', 'chroot', 'pivotRoot', 'finitModule', 'memfdCreate', 'sendfile',
   'getpid', 'execve', 'spawn', 'waitpid', 'kill', 'exit', 'ueventSocket', 'poll', 'monotonicMs', 'uptimeSec', 'sleepMs', 'sync', 'reboot', 'kexecFileLoad',
+  'umask', 'openat', 'openat2', 'mkdirat', 'unlinkat', 'fchmodat', 'mknodat', 'fchownat', 'symlinkat', 'linkat', 'fstatat', 'utimensatAt',
 ].map((n) => `export function ${n}(...a) { return unwrap(call('${n}', ...a)); }`).join('\n')}
 export function ioctl(fd, req, arg) { const v = view(arg); const r = unwrap(call('ioctl', fd, req, Array.from(v))); v.set(r.buf); return r.ret; }
 export function fork() { throw factory('ENOSYS', 38, 'fork'); }
@@ -78,6 +82,9 @@ export async function runBundleInQuickJS(machine: FakeMachine, bundlePath = 'bui
         return vm.newArrayBuffer(buf.slice(0, n).buffer);
       }
       if (BYTES_IN.has(name)) args[1] = Uint8Array.from(args[1] as number[]);
+      if (name === 'lsetxattr') args[2] = Uint8Array.from(args[2] as number[]);
+      // the host decodes in C, invalid sequences as U+FFFD: Node's decoder does the same
+      if (name === 'utf8Decode') return vm.newString(JSON.stringify({ value: Buffer.from(args[0] as number[]).toString('utf8') }));
       if (name === 'ioctl') {
         // The struct goes in and comes back: the kernel writes its reply into it.
         const buf = Uint8Array.from(args[2] as number[]).buffer;

@@ -10,7 +10,9 @@
  * kernel would, and records a violation for any call that would create or change
  * something outside the root, pass through a symbolic link (any symbolic link: the root
  * starts empty, so each one came from the archive), follow one at the end of a path when
- * the call does (chmod, open without O_NOFOLLOW), or name ".." at all. A case ends with
+ * the call does (chmod, open without O_NOFOLLOW), or name ".." at all. The *at calls are
+ * checked as the path of their directory descriptor joined with the name; openat2 with
+ * RESOLVE_NO_SYMLINKS refuses a symbolic link on the way (ELOOP) as the kernel does. A case ends with
  * the archive unpacked or an UnpackError/FormatError, and no violation either way.
  */
 import { execFileSync, execSync } from 'node:child_process';
@@ -20,12 +22,12 @@ import { bytesSource, StreamCursor } from '../../src/formats/archive-stream.ts';
 import { openArchive } from '../../src/formats/archive.ts';
 import { isFormatError } from '../../src/formats/block-reader.ts';
 import { unpackArchive, UnpackError, type UnpackSys } from '../../src/boot/unpack.ts';
-import { O, S, SysError, type Stat } from '../../src/sys/sys.ts';
+import { AT, O, RESOLVE, S, SysError, type Stat } from '../../src/sys/sys.ts';
 import { CheckFailure, mutateBytes, type Rng, undoBytes } from './engine.ts';
 
 const ROOT = '/sysroot';
 
-const ERRNO: Record<string, number> = { ENOENT: 2, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, ENOTEMPTY: 39, EPERM: 1, ELOOP: 40, EBADF: 9, EINVAL: 22 };
+const ERRNO: Record<string, number> = { EXDEV: 18, ENOENT: 2, EEXIST: 17, ENOTDIR: 20, EISDIR: 21, ENOTEMPTY: 39, EPERM: 1, ELOOP: 40, EBADF: 9, EINVAL: 22 };
 
 interface Node {
   mode: number;
@@ -99,9 +101,22 @@ export class CheckingFs {
 
   sys(): UnpackSys {
     const stat = (n: Node): Stat => ({ mode: n.mode, size: n.size, rdevMajor: 0, rdevMinor: 0, devMajor: 0, devMinor: 0, ino: 1, nlink: 1, uid: 0, gid: 0, mtimeSec: 0 });
+    const at = (dirfd: number, p: string): string => {
+      if (dirfd === AT.FDCWD) return p;
+      const dir = this.fds.get(dirfd) ?? this.fail('EBADF', `at fd ${dirfd}`);
+      return `${dir}/${p}`;
+    };
     const impl: Partial<UnpackSys> = {
       open: (p, flags, mode) => {
         const call = `open ${p}`;
+        if ((flags & O.PATH) !== 0) {
+          // a directory to resolve names from
+          const [k, n] = this.existing(p, call, false, (flags & O.NOFOLLOW) === 0);
+          if ((n.mode & S.IFMT) !== S.IFDIR) this.fail('ENOTDIR', call);
+          const fd = this.nextFd++;
+          this.fds.set(fd, k);
+          return fd;
+        }
         if ((flags & O.CREAT) !== 0) {
           if ((flags & O.EXCL) === 0) this.violations.push(`${call}: O_CREAT without O_EXCL could write through an existing name`);
           this.create(p, { mode: S.IFREG | (mode ?? 0), size: 0 }, call);
@@ -151,9 +166,34 @@ export class CheckingFs {
       lchown: (p) => void this.existing(p, `lchown ${p}`, true, false),
       lstat: (p) => stat(this.existing(p, `lstat ${p}`, false, false)[1]),
       stat: (p) => stat(this.existing(p, `stat ${p}`, false, true)[1]),
-      utimensat: (p, _s, _n, noFollow) => void this.existing(p, `utimensat ${p}`, true, !noFollow),
       lsetxattr: (p) => void this.existing(p, `lsetxattr ${p}`, true, false),
       umask: () => 0o022,
+      openat: (dirfd, p, flags, mode) => impl.open!(at(dirfd, p), flags, mode),
+      openat2: (dirfd, p, flags, mode, resolve) => {
+        const call = `openat2 ${p}`;
+        const parts = p.split('/');
+        if ((resolve & RESOLVE.BENEATH) !== 0 && (p.startsWith('/') || parts.includes('..'))) throw new SysError('EXDEV', 18, call);
+        let cur = at(dirfd, '').replace(/\/$/, '');
+        for (const part of parts) {
+          cur = `${cur}/${part}`;
+          const n = this.nodes.get(cur);
+          if (!n) this.fail('ENOENT', call);
+          if ((resolve & RESOLVE.NO_SYMLINKS) !== 0 && (n.mode & S.IFMT) === S.IFLNK) this.fail('ELOOP', call);
+        }
+        return impl.open!(cur, flags, mode);
+      },
+      mkdirat: (dirfd, p, mode) => impl.mkdir!(at(dirfd, p), mode),
+      unlinkat: (dirfd, p, flags) => ((flags & AT.REMOVEDIR) !== 0 ? impl.rmdir!(at(dirfd, p)) : impl.unlink!(at(dirfd, p))),
+      fchmodat: (dirfd, p, mode) => impl.chmod!(at(dirfd, p), mode),
+      mknodat: (dirfd, p, mode, major, minor) => impl.mknod!(at(dirfd, p), mode, major, minor),
+      fchownat: (dirfd, p, uid, gid, flags) => {
+        if ((flags & AT.SYMLINK_NOFOLLOW) === 0) void this.existing(at(dirfd, p), `fchownat ${p}`, true, true);
+        else impl.lchown!(at(dirfd, p), uid, gid);
+      },
+      symlinkat: (t, dirfd, p) => impl.symlink!(t, at(dirfd, p)),
+      linkat: (od, op, nd, np) => impl.link!(at(od, op), at(nd, np)),
+      fstatat: (dirfd, p, flags) => ((flags & AT.SYMLINK_NOFOLLOW) !== 0 ? impl.lstat!(at(dirfd, p)) : impl.stat!(at(dirfd, p))),
+      utimensatAt: (dirfd, p, _s, _n, flags) => void this.existing(at(dirfd, p), `utimensat ${p}`, true, (flags & AT.SYMLINK_NOFOLLOW) === 0),
     };
     return new Proxy(impl as UnpackSys, {
       get: (t, k: string) => {

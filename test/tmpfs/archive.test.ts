@@ -172,6 +172,35 @@ describe('tar headers read a word at a time', () => {
     }
   });
 
+  it('byteSum and utf8Decode (the header sum and the name from the host\'s native code): the same entries, and any changed header byte is still a damaged header', () => {
+    const decoded: string[] = [];
+    const utf8Decode = (b: Uint8Array): string => {
+      const s = Buffer.from(b).toString('utf8');
+      decoded.push(s);
+      return s;
+    };
+    let calls = 0;
+    const byteSum = (b: Uint8Array): number => {
+      calls += 1;
+      let sum = 0;
+      for (const x of b) sum += x;
+      return sum;
+    };
+    for (const cmd of ['tar --format=gnu -cf - .', "tar --format=pax --xattrs --xattrs-include='*' -cf - .", 'busybox tar -cf - .']) {
+      const bytes = sh(cmd);
+      expect(readArchiveBytes(bytes, 777, { byteSum }), cmd).toEqual(readArchiveBytes(bytes, 777));
+      expect(readArchiveBytes(bytes, 777, { byteSum, utf8Decode }), cmd).toEqual(readArchiveBytes(bytes, 777));
+    }
+    expect(calls).toBeGreaterThan(40);
+    expect(decoded.some((n) => n.includes('Grüße'))).toBe(true);
+    const bytes = sh('tar -cf - etc/hostname etc/empty');
+    for (let i = 0; i < 512; i++) {
+      const b = bytes.slice();
+      b[1024 + i] ^= 0x01;
+      expect(() => readArchiveBytes(b, 1 << 20, { byteSum }), `byte ${i}`).toThrow(/tar header at byte 1024 is damaged/);
+    }
+  });
+
   it('reuseEntry: one object refilled by each next() carries the same entries, bodies included', () => {
     const bytes = sh("tar --format=pax --xattrs --xattrs-include='*' -cf - .");
     const read = (reuse: boolean): { entries: object[]; objects: Set<object> } => {

@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { type ArchiveEntry, type ArchiveReader, bytesSource, StreamCursor } from '../../src/formats/archive-stream.ts';
+import { type ArchiveEntry, type ArchiveReader, bytesSource, type ReaderOptions, StreamCursor } from '../../src/formats/archive-stream.ts';
 import { openArchive } from '../../src/formats/archive.ts';
 
 export const LONG_DIR = `deep/${'a'.repeat(60)}/${'b'.repeat(50)}`;
@@ -103,8 +103,8 @@ export interface ReadBack {
 }
 
 /** Reads a whole archive through the streaming reader in chunks of `chunk` bytes. */
-export function readArchiveBytes(bytes: Uint8Array, chunk = 777): ReadBack {
-  const reader: ArchiveReader = openArchive(new StreamCursor(bytesSource(bytes, chunk)), 'test archive');
+export function readArchiveBytes(bytes: Uint8Array, chunk = 777, opts: ReaderOptions = {}): ReadBack {
+  const reader: ArchiveReader = openArchive(new StreamCursor(bytesSource(bytes, chunk)), 'test archive', opts);
   const entries: ArchiveEntry[] = [];
   const bodies = new Map<string, string>();
   for (let e = reader.next(); e; e = reader.next()) {

@@ -1,6 +1,7 @@
 /**
  * Hostile root archives through vdboot's unpacker (the code that runs at boot) on the build
- * machine, as root, over Node's fs: GNU tar and GNU cpio archives holding a symbolic link
+ * machine, as root, on both engines (unpackers.ts: Node over Node's fs, QuickJS against the
+ * fake kernel holding a copy of the victim and the source tree): GNU tar and GNU cpio archives holding a symbolic link
  * to a directory outside the root followed by a file through it, ".." names, absolute
  * names, hard links out of the root and device nodes. Nothing outside the root changes
  * (the victim files keep their bytes and inodes), every refused entry is counted by
@@ -14,8 +15,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bytesSource, StreamCursor } from '../../src/formats/archive-stream.ts';
 import { openArchive } from '../../src/formats/archive.ts';
-import { refusalSummary, unpackArchive, UnpackError } from '../../src/boot/unpack.ts';
-import { nodeUnpackSys } from './node-sys.ts';
+import { refusalSummary } from '../../src/boot/unpack.ts';
+import { type UnpackRun, UNPACKERS } from './unpackers.ts';
 
 let dir: string;
 /** A directory outside every root, standing in for /dev: the archive's symlink points here. */
@@ -57,16 +58,10 @@ beforeAll(() => {
 }, 60_000);
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-function unpack(bytes: Uint8Array, name: string) {
-  const out = path.join(dir, `out-${name}`);
-  fs.mkdirSync(out);
-  const stats = unpackArchive(nodeUnpackSys({ umask: true }), openArchive(new StreamCursor(bytesSource(bytes, 4096)), name), out);
-  return { out, stats };
-}
-
 /** What an unpack must leave: the victim untouched, the good entries there, the bad ones nowhere. */
-function expectContained(out: string): void {
+function expectContained(out: string, run: UnpackRun): void {
   expect(snapshot()).toEqual(before);
+  expect(run.mirrorChanges).toEqual([]);
   expect(fs.readFileSync(path.join(out, 'data/ok.txt'), 'utf8')).toBe('kept\n');
   expect(fs.readlinkSync(path.join(out, 'data/dv'))).toBe(victim); // the link itself is kept: it is only a name in the root
   // device nodes are created as the archive says (a name inside the root, never written through)
@@ -79,8 +74,17 @@ function expectContained(out: string): void {
   }
 }
 
-describe('hostile archives: nothing is written outside the root, and what was refused is counted', () => {
-  it('GNU tar: symlink then a file through it, "..", an absolute name, hard links out, the root as a file, device nodes', () => {
+describe.each(UNPACKERS)('hostile archives ($name): nothing is written outside the root, and what was refused is counted', (u) => {
+  /** Unpacks into a new directory; the QuickJS run's fake kernel holds the victim and the sources, and must not gain the escapes' names. */
+  async function unpack(bytes: Uint8Array, name: string) {
+    const out = path.join(dir, `out-${name}-${u.name.replace(/\W+/g, '-')}`);
+    fs.mkdirSync(out);
+    const escapes = ['escape', 'h-out', 'h2'].flatMap((bad) => [path.join(dir, bad), path.join(path.dirname(dir), bad)]);
+    const run = await u.run(bytes, out, { umask: true, mirror: [victim, path.join(dir, 'src')], absent: escapes });
+    return { out, run, stats: run.stats! };
+  }
+
+  it('GNU tar: symlink then a file through it, "..", an absolute name, hard links out, the root as a file, device nodes', async () => {
     const abs = path.join(dir, 'absolute-target');
     // --transform renames members (and hard-link targets) as they are stored; -P keeps "/" and "..".
     const bytes = new Uint8Array(execSync(
@@ -95,8 +99,8 @@ describe('hostile archives: nothing is written outside the root, and what was re
     expect(listing).toMatch(/ \.\.\/escape$/m);
     expect(listing).toMatch(/ h2 link to \.\.\/\.\.\/h-out$/m);
     expect(listing).toContain(` ${abs}\n`);
-    const { out, stats } = unpack(bytes, 'tar');
-    expectContained(out);
+    const { out, run, stats } = await unpack(bytes, 'tar');
+    expectContained(out, run);
     expect(stats.refused.byReason).toEqual({ outside: 3, symlink: 1, hardlink: 0, root: 1 });
     expect(refusalSummary(stats.refused)).toBe('5 entries refused (3 outside the root, 1 through a symbolic link, 1 replacing the root itself)');
     expect(stats.refused.examples.join('\n')).toMatch(/"data\/dv\/vda" \(file, header at byte \d+\): it lies under "data\/dv", which the archive made a symbolic link/);
@@ -106,7 +110,7 @@ describe('hostile archives: nothing is written outside the root, and what was re
     expect(fs.statSync(out).isDirectory()).toBe(true);
   });
 
-  it('GNU cpio newc: the same, with names given to cpio -o ("../", absolute, a hard-link pair whose first name leaves the root)', () => {
+  it('GNU cpio newc: the same, with names given to cpio -o ("../", absolute, a hard-link pair whose first name leaves the root)', async () => {
     const src = path.join(dir, 'src');
     // cpio stores the names exactly as listed; "../src/…" leaves the root, "/…" is absolute.
     const names = ['data', 'data/ok.txt', 'data/dv', 'data/dv/vda', 'data/sda', 'data/console', '../src/escape', path.join(src, 'abs'), '../src/h1', 'h2'];
@@ -115,8 +119,8 @@ describe('hostile archives: nothing is written outside the root, and what was re
     expect(listing).toMatch(/^l.* data\/dv -> /m);
     expect(listing).toMatch(/^-.* data\/dv\/vda$/m);
     expect(listing).toMatch(/ \.\.\/src\/h1$/m);
-    const { out, stats } = unpack(bytes, 'cpio');
-    expectContained(out);
+    const { out, run, stats } = await unpack(bytes, 'cpio');
+    expectContained(out, run);
     // "../src/escape" and "../src/h1" leave the root; "h2" shares h1's inode (it carries the data), so it is a hard link to "../src/h1"
     expect(stats.refused.byReason).toEqual({ outside: 3, symlink: 1, hardlink: 0, root: 0 });
     expect(refusalSummary(stats.refused)).toBe('4 entries refused (3 outside the root, 1 through a symbolic link)');
@@ -124,7 +128,7 @@ describe('hostile archives: nothing is written outside the root, and what was re
     expect(fs.existsSync(path.join(out, 'h2'))).toBe(false);
   });
 
-  it('data on a hard link to a symbolic link the archive made is refused, and the link\'s target keeps its bytes', () => {
+  it('data on a hard link to a symbolic link the archive made is refused, and the link\'s target keeps its bytes', async () => {
     // tar cannot be made to write this: Python's tarfile crafts the archive.
     const tarFile = path.join(dir, 'out-hardlink-data.tar');
     execFileSync('python3', ['-c', `
@@ -136,7 +140,8 @@ with tarfile.open(sys.argv[1], 'w', format=tarfile.GNU_FORMAT) as t:
     d = tarfile.TarInfo('dirlink'); d.type = tarfile.LNKTYPE; d.linkname = 'nothing-before'; t.addfile(d)
     f = tarfile.TarInfo('after'); data = b'still unpacked'; f.size = len(data); t.addfile(f, io.BytesIO(data))
 `, tarFile, path.join(victim, 'vda')]);
-    const { out, stats } = unpack(new Uint8Array(fs.readFileSync(tarFile)), 'hardlink-data');
+    const { out, run, stats } = await unpack(new Uint8Array(fs.readFileSync(tarFile)), 'hardlink-data');
+    expect(run.mirrorChanges).toEqual([]);
     expect(snapshot()).toEqual(before);
     expect(stats.refused.byReason).toEqual({ outside: 0, symlink: 1, hardlink: 1, root: 0 });
     expect(stats.refused.examples.join('\n')).toMatch(/"copy" .*carries 5 bytes of data for a hard link to "disk", a symbolic link/);
@@ -144,20 +149,35 @@ with tarfile.open(sys.argv[1], 'w', format=tarfile.GNU_FORMAT) as t:
     expect(fs.readFileSync(path.join(out, 'after'), 'utf8')).toBe('still unpacked');
   });
 
-  it('an archive with nothing hostile refuses nothing', () => {
+  it('an archive with nothing hostile refuses nothing', async () => {
     const bytes = new Uint8Array(execSync('tar -cf - data/ok.txt h1 h2', { cwd: path.join(dir, 'src') }));
-    const { out, stats } = unpack(bytes, 'clean');
+    const { out, stats } = await unpack(bytes, 'clean');
     expect(stats.refused.total).toBe(0);
     expect(refusalSummary(stats.refused)).toBe('');
     expect(fs.statSync(path.join(out, 'h1')).ino).toBe(fs.statSync(path.join(out, 'h2')).ino);
   });
 
-  it('an unpack error is still an UnpackError naming the entry (a refusal never hides a real failure)', () => {
-    const bytes = new Uint8Array(execSync('tar -cf - data/ok.txt', { cwd: path.join(dir, 'src') }));
-    const out = path.join(dir, 'out-readonly');
+  it('a symbolic link in the root that the archive did not make is not followed either: the kernel refuses the way through it', async () => {
+    // data/ok.txt under "pre/", a link to the victim already in the root (so the unpacker's own list does not know it)
+    const renamed = new Uint8Array(execSync('tar -cf - --transform="s,^data/ok.txt$,pre/ok.txt," data/ok.txt h1', { cwd: path.join(dir, 'src') }));
+    const out = path.join(dir, `out-prelink-${u.name.replace(/\W+/g, '-')}`);
     fs.mkdirSync(out);
-    const sys = nodeUnpackSys();
-    const failing = new Proxy(sys, { get: (t, k: string) => (k === 'open' ? () => { throw Object.assign(new Error('EROFS'), { name: 'SysError', code: 'EROFS' }); } : (t as unknown as Record<string, unknown>)[k]) });
-    expect(() => unpackArchive(failing, openArchive(new StreamCursor(bytesSource(bytes)), 'x'), out)).toThrow(UnpackError);
+    fs.symlinkSync(victim, path.join(out, 'pre'));
+    const run = await u.run(renamed, out, { umask: true, mirror: [victim, out] });
+    expect(run.error).toBeUndefined();
+    expect(run.stats!.refused.byReason).toEqual({ outside: 0, symlink: 1, hardlink: 0, root: 0 });
+    expect(run.stats!.refused.examples[0]).toMatch(/"pre\/ok\.txt" \(file, header at byte 0\): the way to "pre" passes a symbolic link/);
+    expect(snapshot()).toEqual(before);
+    expect(run.mirrorChanges).toEqual([]);
+    expect(fs.readFileSync(path.join(out, 'h1'), 'utf8')).toBe('linked\n');
+  });
+
+  it('an unpack error is still an UnpackError naming the entry (a refusal never hides a real failure)', async () => {
+    const bytes = new Uint8Array(execSync('tar -cf - data/ok.txt', { cwd: path.join(dir, 'src') }));
+    const out = path.join(dir, `out-readonly-${u.name.replace(/\W+/g, '-')}`);
+    fs.mkdirSync(out);
+    const run = await u.run(bytes, out, { fail: { call: 'openat', code: 'EROFS' } });
+    expect(run.error).toMatchObject({ name: 'UnpackError', entry: 'data/ok.txt', code: 'EROFS' });
+    expect(run.error!.message).toMatch(/could not create "data\/ok\.txt" \(file, header at byte \d+ of the archive\)/);
   });
 });
