@@ -27,6 +27,7 @@ import { formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
 import { exists, mkdirs, readTextOr } from './fsutil.ts';
 import type { BitLockerKeyOption } from './plan.ts';
 import { waitForDevice, waitForUevents } from './devwait.ts';
+import { DeviceMapper } from './dm.ts';
 
 export const BITLOCKER_TRIES = 3;
 /** dm names of unlocked BitLocker hosts begin with this (the shutdown hand-off finds them by it). */
@@ -214,12 +215,31 @@ function unlockedDevice(ctx: InitContext, name: string): BlockDeviceInfo {
           sys.mknod(mapped, S.IFBLK | 0o600, d.major, d.minor);
         } catch { /* made meanwhile */ }
       }
-      return { ...d, path: mapped };
+      return { ...d, path: mapped, deadRanges: deadRangesOf(ctx, name) };
     }
     if (sys.monotonicMs() >= deadline) {
       throw new BootFailure(`cryptsetup reported ${mapped} open, but no such device-mapper device appeared within 10 s. The rescue shell has "cryptsetup status ${name}".`);
     }
     waitForUevents(ctx, 200);
+  }
+}
+
+/**
+ * The ranges cryptsetup's mapping fills with `zero` (or `error`) targets: the FVE metadata
+ * areas, which read as zeros and swallow writes. Windows' NTFS keeps them as its own reserved
+ * clusters, so no image file lies there; an NTFS written by other tools may not, and the
+ * planner refuses an image whose clusters reach into one (vdisk.ts).
+ */
+function deadRangesOf(ctx: InitContext, name: string): Array<{ offset: number; length: number }> {
+  const dm = new DeviceMapper(ctx.sys);
+  try {
+    const dead = dm.table(name).filter((t) => t.type === 'zero' || t.type === 'error').map((t) => ({ offset: t.start * 512, length: t.length * 512 }));
+    if (dead.length) ctx.log.info(`/dev/mapper/${name}: ${dead.length} BitLocker metadata area${dead.length > 1 ? 's' : ''} (${dead.reduce((a, d) => a + d.length, 0) / 1024} KiB) read${dead.length > 1 ? '' : 's'} as zeros there; no image may lie in ${dead.length > 1 ? 'them' : 'it'}`);
+    return dead;
+  } catch (e) {
+    throw new BootFailure(`cannot read the device-mapper table of /dev/mapper/${name} (${(e as Error).message}), so vdboot cannot tell where the BitLocker metadata areas lie, which no image may touch. The rescue shell has "cryptsetup status ${name}".`);
+  } finally {
+    dm.close();
   }
 }
 

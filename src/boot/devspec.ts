@@ -43,6 +43,12 @@ export interface BlockDeviceInfo {
    * no match for any spec until a later scan reads it.
    */
   notReady?: boolean;
+  /**
+   * Byte ranges of this device that read as zeros and drop writes: the metadata areas an
+   * unlocked BitLocker volume's mapping fills with `zero` targets (bitlocker.ts). No image
+   * file may lie there.
+   */
+  deadRanges?: ReadonlyArray<{ offset: number; length: number }>;
 }
 
 const PREFIXES: [string, DeviceSpec['by']][] = [

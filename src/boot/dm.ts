@@ -127,6 +127,41 @@ export function unpackDmIoctl(buf: ArrayBuffer): DmIoctlReply {
   };
 }
 
+/** A target of a live table, as DM_TABLE_STATUS returns it. */
+export interface DmLiveTarget {
+  /** in 512-byte sectors */
+  start: number;
+  length: number;
+  type: string;
+  params: string;
+}
+
+/**
+ * The targets of a DM_TABLE_STATUS reply: dm_target_spec records from data_start, each
+ * followed by its parameters; `next` is the offset of the following record from data_start.
+ */
+export function unpackDmTable(buf: ArrayBuffer, reply: DmIoctlReply): DmLiveTarget[] {
+  const v = new DataView(buf);
+  const bytes = new Uint8Array(buf);
+  const end = Math.min(reply.dataSize, buf.byteLength);
+  const out: DmLiveTarget[] = [];
+  let rel = 0;
+  for (let i = 0; i < reply.targetCount; i++) {
+    const at = reply.dataStart + rel;
+    if (at + DM_TARGET_SPEC_SIZE > end) throw new Error(`device-mapper: table status of ${reply.name}: target ${i} lies past the reply (${at} of ${end} bytes)`);
+    const next = v.getUint32(at + 20, true);
+    out.push({
+      start: Number(v.getBigUint64(at, true)),
+      length: Number(v.getBigUint64(at + 8, true)),
+      type: getString(bytes, at + 24, DM_MAX_TYPE_NAME),
+      params: getString(bytes, at + DM_TARGET_SPEC_SIZE, end - at - DM_TARGET_SPEC_SIZE),
+    });
+    if (i < reply.targetCount - 1 && next <= rel) throw new Error(`device-mapper: table status of ${reply.name}: target ${i}'s next offset ${next} does not move forward`);
+    rel = next;
+  }
+  return out;
+}
+
 /** The kernel's huge_encode_dev / new_encode_dev: minor's low byte, major, minor's high bits. */
 export function encodeDev(major: number, minor: number): number {
   return (minor & 0xff) + major * 256 + (minor & ~0xff) * 4096;
@@ -212,6 +247,21 @@ export class DeviceMapper {
       if (!isSysError(e, 'EEXIST')) throw e;
     }
     return { ...created.dev, path };
+  }
+
+  /**
+   * The live table of `name` as the kernel holds it (DM_TABLE_STATUS with the table flag):
+   * one entry per target, in sectors. The buffer grows while the kernel says it is full.
+   */
+  table(name: string): DmLiveTarget[] {
+    for (let extra = 16 * 1024; extra <= 4 * 1024 * 1024; extra *= 4) {
+      const buf = packDmIoctl({ name, flags: DM_FLAG.STATUS_TABLE }, [], extra);
+      this.sys.ioctl(this.control(), dmRequest(DM_CMD.TABLE_STATUS), buf);
+      const reply = unpackDmIoctl(buf);
+      if (reply.flags & DM_FLAG.BUFFER_FULL) continue;
+      return unpackDmTable(buf, reply);
+    }
+    throw new Error(`device-mapper: the table of ${name} does not fit 4 MiB`);
   }
 
   remove(name: string): void {

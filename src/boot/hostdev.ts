@@ -190,6 +190,7 @@ export function imageHostFor(host: OpenedHostFs, known: readonly HostFile[] = []
     chain,
     layout: (p) => hostFileLayout(host, chain.lookup(p)),
     checkOwnership: (paths) => host.fs.proveOwnership?.(paths.map((p) => chain.lookup(p))),
+    ...(host.device.deadRanges?.length ? { deadRanges: host.device.deadRanges } : {}),
     writeBlocker: host.fs.writeBlocker(),
     driverWriteBlocker: host.fs.driverWriteBlocker?.() ?? null,
     writeWarning: host.fs.writeWarning?.() ?? null,

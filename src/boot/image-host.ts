@@ -47,6 +47,8 @@ export interface ImageHost {
    * Absent where the host cannot tell (a kernel-mounted filesystem).
    */
   checkOwnership?(paths: readonly string[]): void;
+  /** byte ranges of the host device that read as zeros and drop writes (BlockDeviceInfo.deadRanges) */
+  deadRanges?: ReadonlyArray<{ offset: number; length: number }>;
   /** why the host filesystem must not be written (hibernated, dirty), or null */
   writeBlocker: string | null;
   /**

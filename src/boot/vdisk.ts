@@ -184,6 +184,39 @@ function choosePathOnDirtyHost(req: ImageRequest, host: ImageHost, choose: () =>
   return chosen;
 }
 
+/**
+ * No file of the image may have clusters where the host device reads zeros and drops writes
+ * (an unlocked BitLocker volume's metadata areas): its bytes there read back wrong and a write
+ * vanishes, on every path (the driver would write the same clusters).
+ */
+function refuseDeadRanges(host: ImageHost, files: readonly string[], dead: ReadonlyArray<{ offset: number; length: number }>): void {
+  for (const f of files) {
+    let layout: FileLayout | null;
+    try {
+      layout = host.layout(f);
+    } catch (e) {
+      if ((e as Error).name === 'FormatError') continue; // no clusters (resident): nothing on the device
+      throw e;
+    }
+    if (!layout) continue;
+    for (const x of layout.extents) {
+      if (x.kind !== 'data') continue;
+      for (const d of dead) {
+        const from = Math.max(x.deviceOffset, d.offset);
+        const to = Math.min(x.deviceOffset + x.length, d.offset + d.length);
+        if (from >= to) continue;
+        const fileAt = x.fileOffset + (from - x.deviceOffset);
+        throw new FormatError(
+          `${f} on ${host.description}: ${to - from} bytes of it (file bytes ${fileAt}–${fileAt + (to - from) - 1}, device bytes ${from}–${to - 1}) lie in a BitLocker metadata area, ` +
+            'which the unlocked volume reads as zeros and where writes are dropped. Windows never puts a file there, so this NTFS was written by another tool or is damaged: ' +
+            'run "chkdsk /f" on it in Windows, then copy the image onto it again with Windows.',
+          'path', f,
+        );
+      }
+    }
+  }
+}
+
 export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   const host = cachingLayouts(imageHost);
   const name = req.name ?? `vdisk${req.index}`;
@@ -208,6 +241,7 @@ export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
     const used = new Set<number>();
     for (const e of map.extents) if (e.kind === 'data') used.add(e.file);
     host.checkOwnership?.(map.files.filter((_, i) => used.has(i)));
+    if (host.deadRanges?.length) refuseDeadRanges(host, map.files.filter((_, i) => used.has(i)), host.deadRanges);
   }
 
   // Direct: the image map composed with every chain file's extents on the host device.

@@ -873,6 +873,35 @@ export class FakeKernel implements Sys, AtSys {
         this.events.dm.push({ op: 'resume', name });
         return 0;
       }
+      case 12: { // TABLE_STATUS: with DM_STATUS_TABLE_FLAG, the live table as loaded
+        const dm = get();
+        if (!(flags & (1 << 4))) fail('ENOTTY', `dm table status ${name}: only the table form is simulated`);
+        const targets = dm.live?.targets ?? [];
+        const start = 312;
+        let rel = 0;
+        let full = false;
+        for (const t of targets) {
+          const params = enc(`${t.params}\0`);
+          const at = start + rel;
+          const next = (rel + 40 + params.length + 7) & ~7;
+          if (start + next > dataSize) {
+            full = true;
+            break;
+          }
+          v.setBigUint64(at, BigInt(t.start), true);
+          v.setBigUint64(at + 8, BigInt(t.length), true);
+          v.setInt32(at + 16, 0, true);
+          v.setUint32(at + 20, next, true);
+          bytes.fill(0, at + 24, at + 40);
+          bytes.set(enc(t.type), at + 24);
+          bytes.set(params, at + 40);
+          rel = next;
+        }
+        v.setUint32(16, start, true);
+        v.setUint32(20, full ? 0 : targets.length, true);
+        v.setUint32(28, full ? flags | (1 << 8) : flags & ~(1 << 8), true);
+        return 0;
+      }
       case 4: { // DEV_REMOVE
         const dm = get();
         if (this.claimed().has(`${DM_MAJOR}:${dm.minor}`) || this.mountedDevices().has(`${DM_MAJOR}:${dm.minor}`)) fail('EBUSY', `dm remove ${name}`);

@@ -15,6 +15,7 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { FakeDmEvent, FakeKernel, FakeMachine } from '../../src/sys/fake.ts';
 import { REBOOT } from '../../src/sys/sys.ts';
+import { openHostFs } from '../../src/formats/hostfs.ts';
 import { readImagesConf, unpackBitLockerImages } from '../kit/bitlocker.ts';
 import { BASIC_DATA, convert, devicesOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, tmpDir } from '../vdisk/helpers.ts';
 import { runBundleInQuickJS } from './sim-harness.ts';
@@ -66,6 +67,8 @@ afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
+/** A zero target the fake cryptsetup puts in its table (sectors), as over an FVE metadata area. */
+let zeroArea: { start: number; length: number } | undefined;
 /** Keys the fake cryptsetup was given, as text. */
 let keysGiven: string[] = [];
 /** The same, as bytes. */
@@ -84,7 +87,13 @@ function fakeCryptsetup(stdin: Uint8Array, argv: string[], kernel: FakeKernel): 
     return { stdout: new Uint8Array(err.stderr), exitCode: err.status };
   }
   const uuid = `CRYPT-BITLK-${conf.GUID!.replace(/-/g, '')}-${name}`;
-  kernel.createDmDevice(name, uuid, [{ start: 0, length: plain.length / 512, type: 'crypt', params: `aes-xts-plain64 :32:logon:cryptsetup:${conf.GUID} 0 ${device} 0` }], argv.includes('--readonly'));
+  const crypt = (start: number, length: number) => ({ start, length, type: 'crypt', params: `aes-xts-plain64 :32:logon:cryptsetup:${conf.GUID} ${start} ${device} ${start}` });
+  const end = plain.length / 512;
+  // cryptsetup's bitlk table: crypt targets with a zero target over each FVE metadata area
+  const targets = zeroArea
+    ? [crypt(0, zeroArea.start), { start: zeroArea.start, length: zeroArea.length, type: 'zero', params: '' }, crypt(zeroArea.start + zeroArea.length, end - zeroArea.start - zeroArea.length)]
+    : [crypt(0, end)];
+  kernel.createDmDevice(name, uuid, targets, argv.includes('--readonly'));
   return { stdout: new Uint8Array(0), exitCode: 0 };
 }
 
@@ -191,5 +200,41 @@ describe('simulation: root=vdisk: on a BitLocker host partition', () => {
     } finally {
       volume = saved;
     }
+  });
+
+  describe('the FVE metadata areas (zero targets in cryptsetup\'s table)', () => {
+    /** Where /VMs/linux.vhd lies in the unlocked volume, by vdboot's NTFS reader: its first data run, in sectors. */
+    function imageRun(): { start: number; length: number } {
+      const fs = openHostFs({ name: 'plain', size: plain.length, read: (o, l) => plain.subarray(o, o + l) })!;
+      const run = fs.lookup('/VMs/linux.vhd').extents.find((e) => e.kind === 'data')!;
+      if (run.kind !== 'data') throw new Error('no data run');
+      return { start: run.deviceOffset / 512, length: run.length / 512 };
+    }
+    afterAll(() => { zeroArea = undefined; });
+
+    it('a metadata area over the image file\'s clusters: refused before anything maps it, naming the file and device bytes', async () => {
+      const run = imageRun();
+      // 64 KiB in the middle of the image's first run: inside the guest's disk, not its footer
+      zeroArea = { start: run.start + Math.floor(run.length / 2 / 8) * 8, length: 128 };
+      const r = await boot(`root=vdisk:PARTLABEL=Windows:/VMs/linux.vhd rw rd.shell=0`, `${conf.RP}\n`);
+      const text = r.kernel.consoleText;
+      expect(text).toMatch(/\/VMs\/linux\.vhd on \/dev\/mapper\/bitlk-[0-9a-f-]+ .*: 65536 bytes of it \(file bytes \d+–\d+, device bytes \d+–\d+\) lie in a BitLocker metadata area, which the unlocked volume reads as zeros and where writes are dropped/);
+      const from = zeroArea.start * 512;
+      expect(text).toContain(`device bytes ${from}–${from + 65536 - 1}`);
+      expect(text).toContain('chkdsk /f');
+      expect(created(r.kernel.events.dm)).toEqual([`bitlk-${conf.GUID}`]);
+    });
+
+    it('metadata areas clear of the image file: read from the kernel\'s table, and the boot goes on', async () => {
+      const run = imageRun();
+      const end = plain.length / 512;
+      // free space past the image file (the volume's last MiBs, before NTFS's backup boot sector)
+      zeroArea = { start: Math.max(run.start + run.length, end - 4096), length: 128 };
+      expect(zeroArea.start + zeroArea.length).toBeLessThan(end - 8);
+      const r = await boot(`root=vdisk:PARTLABEL=Windows:/VMs/linux.vhd rw`, `${conf.RP}\n`);
+      expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
+      expect(r.kernel.consoleText).toContain(`/dev/mapper/bitlk-${conf.GUID}: 1 BitLocker metadata area (64 KiB) reads as zeros there; no image may lie in it`);
+      expect(r.kernel.consoleText).not.toContain('lie in a BitLocker metadata area');
+    });
   });
 });

@@ -4,7 +4,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { decodeDev, DM_CMD, DM_IOCTL_SIZE, DM_TARGET_SPEC_SIZE, dmRequest, encodeDev, packDmIoctl, unpackDmIoctl } from '../../src/boot/dm.ts';
+import { decodeDev, DM_CMD, DM_IOCTL_SIZE, DM_TARGET_SPEC_SIZE, dmRequest, encodeDev, packDmIoctl, unpackDmIoctl, unpackDmTable } from '../../src/boot/dm.ts';
 
 function headerFacts(): Record<string, number> {
   const dir = mkdtempSync(join(tmpdir(), 'vdboot-dm-'));
@@ -78,5 +78,45 @@ describe('device-mapper ioctl structures', () => {
 
   it('refuses names longer than the kernel allows', () => {
     expect(() => packDmIoctl({ name: 'x'.repeat(128) })).toThrow(/longer than 127 bytes/);
+  });
+});
+
+describe('DM_TABLE_STATUS replies', () => {
+  /** A reply laid out as the kernel's retrieve_status writes it: each spec's next is its successor's offset from data_start. */
+  function reply(targets: Array<{ start: number; length: number; type: string; params: string }>, opts: { next?: (i: number, rel: number) => number; dataSize?: number } = {}): ArrayBuffer {
+    const buf = packDmIoctl({ name: 'bitlk-x' }, [], 4096);
+    const v = new DataView(buf);
+    const b = new Uint8Array(buf);
+    let rel = 0;
+    for (const [i, t] of targets.entries()) {
+      const at = DM_IOCTL_SIZE + rel;
+      v.setBigUint64(at, BigInt(t.start), true);
+      v.setBigUint64(at + 8, BigInt(t.length), true);
+      b.set(Buffer.from(t.type), at + 24);
+      b.set(Buffer.from(`${t.params}\0`), at + DM_TARGET_SPEC_SIZE);
+      const next = (rel + DM_TARGET_SPEC_SIZE + t.params.length + 1 + 7) & ~7;
+      v.setUint32(at + 20, opts.next ? opts.next(i, next) : next, true);
+      rel = next;
+    }
+    v.setUint32(12, opts.dataSize ?? DM_IOCTL_SIZE + rel, true);
+    v.setUint32(20, targets.length, true);
+    return buf;
+  }
+  const bitlk = [
+    { start: 0, length: 16, type: 'crypt', params: 'aes-xts-plain64 :32:logon:cryptsetup:x 0 252:1 0' },
+    { start: 16, length: 128, type: 'zero', params: '' },
+    { start: 144, length: 204656, type: 'crypt', params: 'aes-xts-plain64 :32:logon:cryptsetup:x 144 252:1 144' },
+  ];
+
+  it('gives every target with its sectors, type and parameters', () => {
+    const buf = reply(bitlk);
+    expect(unpackDmTable(buf, unpackDmIoctl(buf))).toEqual(bitlk);
+  });
+
+  it('refuses a next offset that does not move forward, and a target past the reply', () => {
+    const loop = reply(bitlk, { next: (i, n) => (i === 1 ? 0 : n) });
+    expect(() => unpackDmTable(loop, unpackDmIoctl(loop))).toThrow(/target 1's next offset 0 does not move forward/);
+    const short = reply(bitlk, { dataSize: DM_IOCTL_SIZE + 60 });
+    expect(() => unpackDmTable(short, unpackDmIoctl(short))).toThrow(/target 1 lies past the reply/);
   });
 });
