@@ -177,8 +177,8 @@ export interface MkinitramfsOptions {
   /** Default programs to leave out (`--without ntfs-3g`). */
   without?: ToolName[];
   /**
-   * Programs kept in a squashfs image mounted when run (`--pack cryptsetup`), besides those
-   * packed always (TOOLS' `packed`): the kernel no longer unpacks them at every boot.
+   * Programs kept in a squashfs image mounted when run, besides those packed always (TOOLS'
+   * `packed`: cryptsetup and lvm): the kernel no longer unpacks them at every boot.
    */
   pack?: ToolName[];
   compress?: Compression;
@@ -209,6 +209,12 @@ export interface MkinitramfsOptions {
    * layout before compressed modules were kept; for comparisons).
    */
   unpackModules?: boolean;
+  /**
+   * Modules (names) stored decompressed in the main archive although the kernel could load
+   * them as shipped: the outer compression packs them, and the kernel's unpacking of the
+   * archive (zstd) is much faster than its decompression of each .ko.xz in finit_module.
+   */
+  decompressModules?: string[];
   /**
    * Only this machine's storage drivers (from sysfs) and filesystems (its mounted block
    * devices', and the `root` spec's), instead of the universal set, with what the root's kind
@@ -291,10 +297,10 @@ export const TOOLS: Record<ToolName, {
   zstd: { manifestKey: 'zstd', module: '', path: 'usr/bin/zstd' },
   lz4: { manifestKey: 'lz4', module: '', path: 'usr/bin/lz4' },
   // LUKS: cryptsetup opens the volume (key derivation in C); dm_crypt maps it, the kernel's
-  // AF_ALG sockets decrypt the key slots, xts/essiv/aesni the usual ciphers.
-  // (packed only with --pack cryptsetup yet, though its 10 MiB cost a boot without LUKS
-  // 0.3-0.5 s under emulation: the image tests still read a 6.1 image as one archive)
-  cryptsetup: { manifestKey: 'cryptsetup', module: '', path: 'usr/sbin/cryptsetup', onDemand: CRYPT_MODULES },
+  // AF_ALG sockets decrypt the key slots, xts/essiv/aesni the usual ciphers. Packed: its
+  // 10 MiB with libraries, unpacked by the kernel at every boot, cost a boot without LUKS
+  // 0.3-0.5 s under emulation (bench/boot.ts with BENCH_WITHOUT=cryptsetup).
+  cryptsetup: { manifestKey: 'cryptsetup', module: '', path: 'usr/sbin/cryptsetup', onDemand: [...CRYPT_MODULES, ...TOOL_IMAGE_MODULES], packed: true },
   // LVM's own program for thin, cache, raid and snapshot LVs (linear and striped ones vdboot
   // maps itself); thin pools and cache volumes are checked by thin-provisioning-tools'
   // thin_check/cache_check (one program, pdata_tools) before lvm activates them.
@@ -314,7 +320,10 @@ export interface MkinitramfsResult {
   image: Uint8Array;
   /** The main archive, uncompressed. */
   cpio: Uint8Array;
-  /** The second archive: the modules kept compressed as shipped, never compressed again; empty when there are none. */
+  /**
+   * The second archive, never compressed again: the modules kept compressed as shipped and
+   * packed tools' squashfs images; empty when there are none.
+   */
   modulesCpio: Uint8Array;
   /** The compressed main archive's length: image[0, packedLength) is `cpio` compressed, then zeros up to modulesOffset. */
   packedLength: number;
@@ -493,11 +502,25 @@ function squashfsImage(files: readonly CpioInput[], mtime: number): Uint8Array {
       else if (f.type === 'symlink') symlinkSync(f.target, target);
     }
     const out = path.join(stage, 'image.sqfs');
-    execFileSync('mksquashfs', [root, out, '-comp', 'zstd', '-noappend', '-all-root', '-no-xattrs', '-quiet', '-no-progress', '-mkfs-time', String(mtime), '-all-time', String(mtime)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // mksquashfs refuses -mkfs-time/-all-time while SOURCE_DATE_EPOCH is set (it would use
+    // that instead): the times are given here, from the same source, so it runs without it.
+    const { SOURCE_DATE_EPOCH: _epoch, ...env } = process.env;
+    execFileSync('mksquashfs', [root, out, '-comp', 'zstd', '-noappend', '-all-root', '-no-xattrs', '-quiet', '-no-progress', '-mkfs-time', String(mtime), '-all-time', String(mtime)], { stdio: ['ignore', 'ignore', 'pipe'], env });
     return readFileSync(out);
   } finally {
     rmSync(stage, { recursive: true, force: true });
   }
+}
+
+/**
+ * Whether the kernel can mount a packed tool's image: loop and squashfs (a module or built
+ * in) and, when its config is known, squashfs's zstd decompressor; else why not.
+ */
+function toolImageSupport(index: KernelModuleIndex, config: Map<string, string> | undefined): true | string {
+  const lacks = TOOL_IMAGE_MODULES.filter((m) => !index.files.has(m) && !index.builtin.has(m));
+  if (lacks.length) return `kernel ${index.release} has no ${lacks.join(' and ')} to mount its squashfs image`;
+  if (config && config.get('CONFIG_SQUASHFS_ZSTD') !== 'y') return `kernel ${index.release} reads no zstd squashfs images (no CONFIG_SQUASHFS_ZSTD)`;
+  return true;
 }
 
 /**
@@ -805,7 +828,12 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const manifestTools: ManifestTools = { busybox: '/bin/busybox' };
   // packed tools last: libraries the main archive already has stay out of their images
   // (the wrapper's LD_LIBRARY_PATH falls back to the usual directories)
-  const isPacked = (t: ToolName): boolean => (TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t);
+  // A packed tool needs mksquashfs here, and at boot loop and squashfs with zstd in the kernel;
+  // without them it goes in unpacked, as before packing (said in a note).
+  const imageMounts = toolImageSupport(index, config);
+  const packable = lookupProgram('mksquashfs') ? imageMounts : 'this machine has no mksquashfs (Debian package squashfs-tools)';
+  const isPacked = (t: ToolName): boolean => ((TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t)) && packable === true;
+  for (const t of tools) if (((TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t)) && packable !== true) selection.notes.push(`${t} goes in unpacked (the kernel unpacks it at every boot): ${packable}`);
   for (const t of [...tools].sort((a, b) => Number(isPacked(a)) - Number(isPacked(b)))) {
     const found = findProgram(t);
     const spec = TOOLS[t];
@@ -823,7 +851,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     }
     const libs = [...new Set(programs.flatMap((p) => sharedLibraries(p)))].sort();
     manifestTools[spec.manifestKey] = `/${spec.path}`;
-    if (isPacked(t) && lookupProgram('mksquashfs')) {
+    if (isPacked(t)) {
       const imageRelPath = `${TOOL_IMAGE_DIR}/${t}.sqfs`;
       for (const lib of libs) {
         const rel = lib.replace(/^\/+/, '');
@@ -878,12 +906,13 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const moduleLoading: Partial<Record<ModuleCompression, string>> = {};
   const unpackedHere = new Set<ModuleCompression>();
   const imageRel = new Map<string, string>();
+  const decompress = new Set((options.decompressModules ?? []).map(moduleKey));
   for (const name of sortedNames) {
     const rel = index.files.get(name)!;
     const format = moduleFileCompression(rel);
     let keep = false;
-    if (options.unpackModules) {
-      /* every module plain, in the main archive */
+    if (options.unpackModules || decompress.has(name)) {
+      /* plain, in the main archive */
     } else if (format && kernelFormats.has(format)) {
       keep = true;
       moduleLoading[format] = 'kernel';
