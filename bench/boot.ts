@@ -29,6 +29,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { makeExt4 } from '../qemu/disks.ts';
 import { writeInitramfs, type Compression } from '../mkinitramfs/build.ts';
+import { loadModuleIndex } from '../mkinitramfs/kmod.ts';
 import { buildFloorInitramfs } from '../qemu/floor-initramfs.ts';
 import { buildGuestRoot, parseGuestFacts } from '../qemu/guest.ts';
 import { bootVm, cachedKernel, defaultKernel, kernelVersion, probeAccel } from '../qemu/harness.ts';
@@ -178,7 +179,9 @@ function buildSet(series: string, kernel: string): KernelSet {
   }
   // (c''') BENCH_HOT: the modules a boot loads first, decompressed into the zstd archive
   const hotModules = (process.env.BENCH_HOT ?? '').split(',').map((t) => t.trim()).filter(Boolean);
-  if (hotModules.length) {
+  // (only where the kernel ships them compressed: 6.1's are plain .ko already)
+  const index = hotModules.length ? loadModuleIndex(path.join(modulesDir, version)) : undefined;
+  if (hotModules.length && hotModules.some((m) => /\.ko\.(xz|zst|gz)$/.test(index?.files.get(m) ?? ''))) {
     const hot = candidate(`vdboot ${series} hot`, kernel, 'root=/dev/vda rw quiet');
     const hotDebug = candidate(`vdboot ${series} hot debug`, kernel, 'root=/dev/vda rw loglevel=4 rd.vdboot.debug');
     const image = path.join(work, `vdboot-${series}-hot.img`);
