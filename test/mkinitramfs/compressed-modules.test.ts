@@ -11,6 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { buildInitramfs, findKernelConfig, kernelModuleDecompression, moduleDecompressor, moduleFileCompression, readKernelConfig, summary } from '../../mkinitramfs/build.ts';
 import { cachedKernel } from '../../qemu/harness.ts';
 import { readCpio } from '../../src/formats/cpio.ts';
+import { recordedMounts, recordedSysfs } from '../kit/sysfs.ts';
 import { initBinary, installedRelease, tmpdir } from './helpers.ts';
 
 const kernel612 = cachedKernel('6.12');
@@ -102,6 +103,27 @@ describe.skipIf(!kernel612)('mkinitramfs on 6.12: .ko.xz kept as shipped in an u
     expect(r.manifest.modules.ext4!.path).toMatch(/\/ext4\.ko\.xz$/);
     expect(execFileSync('gzip', ['-dc'], { input: Buffer.from(r.image.subarray(0, r.packedLength)), maxBuffer: 1 << 30 }).equals(Buffer.from(r.cpio))).toBe(true);
     expect(cpioList(r.image.subarray(r.modulesOffset)).filter((n) => n.endsWith('.ko.xz')).length).toBe(r.modules);
+  });
+
+  it('--hostonly stores the disks\' drivers and the root filesystem\'s modules decompressed in the main archive, the rest as shipped', () => {
+    const r = buildInitramfs({ kernel: kernel612!, initBinary: initBinary(), compress: 'gzip', level: 1, hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts({ plain: true }) } });
+    const hot = ['ext4', 'jbd2', 'mbcache', 'crc16', 'virtio_blk', 'ahci', 'libata', 'sd_mod'];
+    const main = new Map(readCpio(r.cpio).map((e) => [e.name, e.data]));
+    for (const m of hot) {
+      const mod = r.manifest.modules[m]!;
+      expect(mod, m).toMatchObject({ path: expect.stringMatching(new RegExp(`/${m}\\.ko$`)), compression: '' });
+      // the kernel package's .ko.xz, decompressed by xz: the same bytes
+      const shipped = path.join(r.manifest.build.modulesDir, path.relative(`/lib/modules/${r.manifest.kernelRelease}`, mod.path) + '.xz');
+      expect(Buffer.from(main.get(mod.path.slice(1))!).equals(execFileSync('xz', ['-dc', shipped], { maxBuffer: 1 << 28 })), m).toBe(true);
+    }
+    // the keyboard's drivers (not loaded for the root) stay as shipped, in the uncompressed segment
+    for (const m of ['usbhid', 'hid_generic', 'xhci_pci']) expect(r.manifest.modules[m], m).toMatchObject({ compression: 'xz' });
+    expect(cpioList(r.modulesCpio)).toContain(r.manifest.modules.usbhid!.path.slice(1));
+    expect(r.notes.join('\n')).toMatch(/ext4.* stored decompressed in the gzip archive \(--hostonly: the modules this machine loads first, its disks' drivers and its root's filesystem\)/);
+    // asked for by name in a universal image
+    const u = buildInitramfs({ kernel: kernel612!, initBinary: initBinary(), compress: 'gzip', level: 1, decompressModules: ['ext4'] });
+    expect(u.manifest.modules.ext4!.compression).toBe('');
+    expect(u.manifest.modules.jbd2!.compression).toBe('xz');
   });
 
   it('unpackModules gives the layout before: plain .ko, decompressed here, one compressed archive', () => {
