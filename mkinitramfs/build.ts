@@ -537,7 +537,11 @@ function toolWrapper(tool: string, image: string, command: string, libraryPath: 
     `# ${tool} and its libraries are in ${image}, mounted when first run (vdboot mkinitramfs)`,
     `d=${TOOL_MOUNT_DIR}/${tool}`,
     `if [ ! -e "$d${command}" ]; then`,
-    '  modprobe -q loop 2>/dev/null; modprobe -q squashfs 2>/dev/null',
+    // busybox's modprobe hands a .ko.xz to finit_module without MODULE_INIT_COMPRESSED_FILE,
+    // which the kernel refuses ("Invalid ELF header magic", 6.12): then the module is
+    // decompressed to /tmp by xzcat and insmod'ed (checked in a 6.12 rescue shell)
+    '  m() { [ -d /sys/module/$1 ] && return; modprobe -q $1 2>/dev/null && return; r=/lib/modules/$(uname -r); f=$(sed -n "s#^\\([^:]*/$1\\.ko\\.xz\\):.*#\\1#p" $r/modules.dep); [ -n "$f" ] && xzcat $r/$f > /tmp/$1.ko && insmod /tmp/$1.ko; rm -f /tmp/$1.ko; }',
+    '  m loop 2>/dev/null; m squashfs 2>/dev/null',
     `  mkdir -p "$d" && mount -t squashfs -o ro,loop ${image} "$d" || { echo "${path.basename(command)}: cannot mount ${image} on $d" >&2; exit 127; }`,
     'fi',
     `LD_LIBRARY_PATH="${libraryPath}" exec "$d${command}" "$@"`,
