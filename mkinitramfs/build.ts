@@ -531,17 +531,18 @@ function toolImageSupport(index: KernelModuleIndex, config: Map<string, string> 
  * squashfs, and unmounts it before switching root), then runs the program from it with its
  * libraries. Used the same way by the init and by a person in the rescue shell.
  */
-function toolWrapper(tool: string, image: string, command: string, libraryPath: string): string {
+function toolWrapper(tool: string, image: string, command: string, libraryPath: string, modules: readonly { name: string; path: string }[]): string {
   return [
     '#!/bin/sh',
     `# ${tool} and its libraries are in ${image}, mounted when first run (vdboot mkinitramfs)`,
     `d=${TOOL_MOUNT_DIR}/${tool}`,
     `if [ ! -e "$d${command}" ]; then`,
-    // busybox's modprobe hands a .ko.xz to finit_module without MODULE_INIT_COMPRESSED_FILE,
-    // which the kernel refuses ("Invalid ELF header magic", 6.12): then the module is
-    // decompressed to /tmp by xzcat and insmod'ed (checked in a 6.12 rescue shell)
-    '  m() { [ -d /sys/module/$1 ] && return; modprobe -q $1 2>/dev/null && return; r=/lib/modules/$(uname -r); f=$(sed -n "s#^\\([^:]*/$1\\.ko\\.xz\\):.*#\\1#p" $r/modules.dep); [ -n "$f" ] && xzcat $r/$f > /tmp/$1.ko && insmod /tmp/$1.ko; rm -f /tmp/$1.ko; }',
-    '  m loop 2>/dev/null; m squashfs 2>/dev/null',
+    // The modules it needs, dependencies first (the init loads them itself before it runs the
+    // program; this is for the rescue shell). busybox's modprobe hands a .ko.xz to
+    // finit_module without MODULE_INIT_COMPRESSED_FILE, which the kernel refuses ("Invalid
+    // ELF header magic", 6.12): then the module is decompressed to /tmp by xzcat and insmod'ed.
+    '  m() { [ -d /sys/module/$1 ] && return; modprobe -q $1 2>/dev/null && return; case $2 in *.ko.xz) xzcat $2 > /tmp/$1.ko && insmod /tmp/$1.ko; rm -f /tmp/$1.ko;; *) insmod $2;; esac; }',
+    `  for x in ${modules.map((m) => `${m.name}:${m.path}`).join(' ')}; do m \${x%%:*} \${x#*:} 2>/dev/null; done`,
     `  mkdir -p "$d" && mount -t squashfs -o ro,loop ${image} "$d" || { echo "${path.basename(command)}: cannot mount ${image} on $d" >&2; exit 127; }`,
     'fi',
     `LD_LIBRARY_PATH="${libraryPath}" exec "$d${command}" "$@"`,
@@ -818,6 +819,12 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
   const toolModules = tools.flatMap((t) => [TOOLS[t].module, ...(TOOLS[t].onDemand ?? []), ...((options.pack ?? []).includes(t) ? TOOL_IMAGE_MODULES : [])]).map(moduleKey).filter((m) => m !== '' && index.files.has(m));
   const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...toolModules]);
+  // Modules only a program needs when it runs (cryptsetup's crypto modules, lvm's targets):
+  // kept out of the modules.alias text that busybox's modprobe reads, since the kernel's own
+  // early request_module calls (crypto algorithms for IMA, keys) run /sbin/modprobe before
+  // /init and would load them, or on 6.12 fail on each .ko.xz, at every boot.
+  const everyBoot = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).map(moduleKey).filter((m) => m !== '' && index.files.has(m))]);
+  const onDemandOnly = new Set([...included].filter((m) => !everyBoot.has(m)));
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   if (hostonly) {
     // what the universal set would have brought for storage: named at boot when a device needs it
@@ -849,6 +856,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   // without them it goes in unpacked, as before packing (said in a note).
   const imageMounts = toolImageSupport(index, config);
   const packable = lookupProgram('mksquashfs') ? imageMounts : 'this machine has no mksquashfs (Debian package squashfs-tools)';
+  const wrappers: { input: CpioInput & { type: 'file' }; tool: ToolName; image: string; command: string; libraryPath: string }[] = [];
   const isPacked = (t: ToolName): boolean => ((TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t)) && packable === true;
   for (const t of tools) if (((TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t)) && packable !== true) selection.notes.push(`${t} goes in unpacked (the kernel unpacks it at every boot): ${packable}`);
   for (const t of [...tools].sort((a, b) => Number(isPacked(a)) - Number(isPacked(b)))) {
@@ -885,7 +893,10 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
       }
       const libraryPath = [...new Set(libs.map((l) => path.dirname(l)))].map((d) => `$d${d}`).join(':');
       for (const cmd of commands) {
-        inputs.push({ type: 'file', path: cmd, data: new TextEncoder().encode(toolWrapper(t, `/${imageRelPath}`, `/${cmd}`, libraryPath)), mode: 0o755 });
+        // written once the modules' paths in the image are known (below)
+        const wrapper: CpioInput = { type: 'file', path: cmd, data: new Uint8Array(0), mode: 0o755 };
+        wrappers.push({ input: wrapper, tool: t, image: `/${imageRelPath}`, command: `/${cmd}`, libraryPath });
+        inputs.push(wrapper);
         taken.add(cmd);
         toolOf.set(cmd, t);
       }
@@ -948,6 +959,13 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     const file = path.join(modulesDir, rel);
     if (keep) compressedInputs.push({ type: 'file', path: `${modRoot}/${rel}`, data: readFileSync(file), mode: 0o644 });
     else inputs.push({ type: 'file', path: `${modRoot}/${imageRel.get(name)!}`, data: readModuleFile(file), mode: 0o644 });
+  }
+  for (const w of wrappers) {
+    const order: string[] = [];
+    for (const m of [...TOOL_IMAGE_MODULES, ...(TOOLS[w.tool].onDemand ?? [])].map(moduleKey).filter((m) => included.has(m))) {
+      for (const d of [...hardDepsInLoadOrder(index, m), m]) if (!order.includes(d)) order.push(d);
+    }
+    w.input.data = new TextEncoder().encode(toolWrapper(w.tool, w.image, w.command, w.libraryPath, order.map((name) => ({ name, path: `/${modRoot}/${imageRel.get(name)!}` }))));
   }
   for (const format of options.unpackModules ? [] : unpackedHere) {
     selection.notes.push(`.ko.${format} modules were decompressed at build time: kernel ${index.release} cannot decompress them (${configFile ? `${configFile} has no CONFIG_MODULE_DECOMPRESS for ${format}` : 'no kernel config found'}) and the image has no program for it${format === 'zst' ? ' (--with zstd adds one)' : ''}`);
@@ -1014,7 +1032,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   };
   inputs.push({ type: 'file', path: MANIFEST_PATH, data: new TextEncoder().encode(JSON.stringify(manifest) + '\n') });
   inputs.push({ type: 'file', path: `${modRoot}/modules.dep`, data: new TextEncoder().encode(depLines.join('')) });
-  inputs.push({ type: 'file', path: `${modRoot}/modules.alias`, data: new TextEncoder().encode(aliases.flatMap(([p, ms]) => ms.map((m) => `alias ${p} ${m}\n`)).join('')) });
+  inputs.push({ type: 'file', path: `${modRoot}/modules.alias`, data: new TextEncoder().encode(aliases.flatMap(([p, ms]) => ms.filter((m) => !onDemandOnly.has(m)).map((m) => `alias ${p} ${m}\n`)).join('')) });
   const builtinFile = path.join(modulesDir, 'modules.builtin');
   if (existsSync(builtinFile)) inputs.push({ type: 'file', path: `${modRoot}/modules.builtin`, data: readFileSync(builtinFile) });
   const release_ = [`NAME="vdboot"`, `ID=vdboot`, `VERSION_ID="${pkgVersion}"`, `PRETTY_NAME="vdboot initramfs ${pkgVersion} (kernel ${release})"`, `VDBOOT_KERNEL="${release}"`].join('\n') + '\n';

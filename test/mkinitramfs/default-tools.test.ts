@@ -141,6 +141,15 @@ describe.skipIf(!vmlinuz61 || !hasNtfs3g)(`mkinitramfs defaults for ${vmlinuz61 
       expect(manifest.preload).not.toContain(m);
     }
     expect(io.err).toMatch(/note: cryptsetup included: LUKS volumes are unlocked with it, .*; --without cryptsetup leaves it out/);
+    // its modules are kept from busybox's modprobe (the kernel runs it for crypto algorithms
+    // before /init): not in the modules.alias text, still in the manifest for the init
+    const { main: archive } = imageArchives(fs.readFileSync(out));
+    const aliasText = new TextDecoder().decode(readCpio(new Uint8Array(archive)).find((e) => e.name.endsWith('/modules.alias'))!.data);
+    for (const m of ['xts', 'essiv', 'af_alg', 'aesni_intel']) {
+      expect(manifest.aliases.some(([, ms]) => ms.includes(m)), m).toBe(true);
+      expect(aliasText, m).not.toMatch(new RegExp(` ${m}$`, 'm'));
+    }
+    expect(aliasText).toMatch(/^alias fs-ext4 ext4$/m);
     const without = path.join(tmpdir(), 'without.img');
     expect(await main(['mkinitramfs', '--kernel', vmlinuz61!, '--init', initBinary(), '--compress', 'none', '--without', 'cryptsetup', '-o', without], captureIO())).toBe(0);
     const w = unpack(without);
