@@ -177,8 +177,8 @@ export interface MkinitramfsOptions {
   /** Default programs to leave out (`--without ntfs-3g`). */
   without?: ToolName[];
   /**
-   * Programs kept in a squashfs image mounted when run (`--pack cryptsetup`), besides those
-   * packed always (TOOLS' `packed`): the kernel no longer unpacks them at every boot.
+   * Programs kept in a squashfs image mounted when run, besides those packed always (TOOLS'
+   * `packed`: cryptsetup and lvm): the kernel no longer unpacks them at every boot.
    */
   pack?: ToolName[];
   compress?: Compression;
@@ -209,6 +209,14 @@ export interface MkinitramfsOptions {
    * layout before compressed modules were kept; for comparisons).
    */
   unpackModules?: boolean;
+  /**
+   * Modules (names) stored decompressed in the main archive although the kernel could load
+   * them as shipped: the outer compression packs them, and the kernel's unpacking of the
+   * archive (zstd) is faster than its decompression of each .ko.xz in finit_module. Default:
+   * none; with --hostonly, this machine's disk drivers and its root's filesystem with their
+   * dependencies (on 6.12 under TCG: modules 0.2 s sooner for 0.05 MiB, bench/boot.ts).
+   */
+  decompressModules?: string[];
   /**
    * Only this machine's storage drivers (from sysfs) and filesystems (its mounted block
    * devices', and the `root` spec's), instead of the universal set, with what the root's kind
@@ -291,10 +299,10 @@ export const TOOLS: Record<ToolName, {
   zstd: { manifestKey: 'zstd', module: '', path: 'usr/bin/zstd' },
   lz4: { manifestKey: 'lz4', module: '', path: 'usr/bin/lz4' },
   // LUKS: cryptsetup opens the volume (key derivation in C); dm_crypt maps it, the kernel's
-  // AF_ALG sockets decrypt the key slots, xts/essiv/aesni the usual ciphers.
-  // (packed only with --pack cryptsetup yet, though its 10 MiB cost a boot without LUKS
-  // 0.3-0.5 s under emulation: the image tests still read a 6.1 image as one archive)
-  cryptsetup: { manifestKey: 'cryptsetup', module: '', path: 'usr/sbin/cryptsetup', onDemand: CRYPT_MODULES },
+  // AF_ALG sockets decrypt the key slots, xts/essiv/aesni the usual ciphers. Packed: its
+  // 10 MiB with libraries, unpacked by the kernel at every boot, cost a boot without LUKS
+  // 0.3-0.5 s under emulation (bench/boot.ts with BENCH_WITHOUT=cryptsetup).
+  cryptsetup: { manifestKey: 'cryptsetup', module: '', path: 'usr/sbin/cryptsetup', onDemand: [...CRYPT_MODULES, ...TOOL_IMAGE_MODULES], packed: true },
   // LVM's own program for thin, cache, raid and snapshot LVs (linear and striped ones vdboot
   // maps itself); thin pools and cache volumes are checked by thin-provisioning-tools'
   // thin_check/cache_check (one program, pdata_tools) before lvm activates them.
@@ -314,7 +322,10 @@ export interface MkinitramfsResult {
   image: Uint8Array;
   /** The main archive, uncompressed. */
   cpio: Uint8Array;
-  /** The second archive: the modules kept compressed as shipped, never compressed again; empty when there are none. */
+  /**
+   * The second archive, never compressed again: the modules kept compressed as shipped and
+   * packed tools' squashfs images; empty when there are none.
+   */
   modulesCpio: Uint8Array;
   /** The compressed main archive's length: image[0, packedLength) is `cpio` compressed, then zeros up to modulesOffset. */
   packedLength: number;
@@ -493,11 +504,25 @@ function squashfsImage(files: readonly CpioInput[], mtime: number): Uint8Array {
       else if (f.type === 'symlink') symlinkSync(f.target, target);
     }
     const out = path.join(stage, 'image.sqfs');
-    execFileSync('mksquashfs', [root, out, '-comp', 'zstd', '-noappend', '-all-root', '-no-xattrs', '-quiet', '-no-progress', '-mkfs-time', String(mtime), '-all-time', String(mtime)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // mksquashfs refuses -mkfs-time/-all-time while SOURCE_DATE_EPOCH is set (it would use
+    // that instead): the times are given here, from the same source, so it runs without it.
+    const { SOURCE_DATE_EPOCH: _epoch, ...env } = process.env;
+    execFileSync('mksquashfs', [root, out, '-comp', 'zstd', '-noappend', '-all-root', '-no-xattrs', '-quiet', '-no-progress', '-mkfs-time', String(mtime), '-all-time', String(mtime)], { stdio: ['ignore', 'ignore', 'pipe'], env });
     return readFileSync(out);
   } finally {
     rmSync(stage, { recursive: true, force: true });
   }
+}
+
+/**
+ * Whether the kernel can mount a packed tool's image: loop and squashfs (a module or built
+ * in) and, when its config is known, squashfs's zstd decompressor; else why not.
+ */
+function toolImageSupport(index: KernelModuleIndex, config: Map<string, string> | undefined): true | string {
+  const lacks = TOOL_IMAGE_MODULES.filter((m) => !index.files.has(m) && !index.builtin.has(m));
+  if (lacks.length) return `kernel ${index.release} has no ${lacks.join(' and ')} to mount its squashfs image`;
+  if (config && config.get('CONFIG_SQUASHFS_ZSTD') !== 'y') return `kernel ${index.release} reads no zstd squashfs images (no CONFIG_SQUASHFS_ZSTD)`;
+  return true;
 }
 
 /**
@@ -506,13 +531,18 @@ function squashfsImage(files: readonly CpioInput[], mtime: number): Uint8Array {
  * squashfs, and unmounts it before switching root), then runs the program from it with its
  * libraries. Used the same way by the init and by a person in the rescue shell.
  */
-function toolWrapper(tool: string, image: string, command: string, libraryPath: string): string {
+function toolWrapper(tool: string, image: string, command: string, libraryPath: string, modules: readonly { name: string; path: string }[]): string {
   return [
     '#!/bin/sh',
     `# ${tool} and its libraries are in ${image}, mounted when first run (vdboot mkinitramfs)`,
     `d=${TOOL_MOUNT_DIR}/${tool}`,
     `if [ ! -e "$d${command}" ]; then`,
-    '  modprobe -q loop 2>/dev/null; modprobe -q squashfs 2>/dev/null',
+    // The modules it needs, dependencies first (the init loads them itself before it runs the
+    // program; this is for the rescue shell). busybox's modprobe hands a .ko.xz to
+    // finit_module without MODULE_INIT_COMPRESSED_FILE, which the kernel refuses ("Invalid
+    // ELF header magic", 6.12): then the module is decompressed to /tmp by xzcat and insmod'ed.
+    '  m() { [ -d /sys/module/$1 ] && return; modprobe -q $1 2>/dev/null && return; case $2 in *.ko.xz) xzcat $2 > /tmp/$1.ko && insmod /tmp/$1.ko; rm -f /tmp/$1.ko;; *) insmod $2;; esac; }',
+    `  for x in ${modules.map((m) => `${m.name}:${m.path}`).join(' ')}; do m \${x%%:*} \${x#*:} 2>/dev/null; done`,
     `  mkdir -p "$d" && mount -t squashfs -o ro,loop ${image} "$d" || { echo "${path.basename(command)}: cannot mount ${image} on $d" >&2; exit 127; }`,
     'fi',
     `LD_LIBRARY_PATH="${libraryPath}" exec "$d${command}" "$@"`,
@@ -723,7 +753,12 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const arch: InitArch = options.arch ?? (kernelFile ? kernelArch(kernelFile) : undefined) ?? HOST_ARCH ?? 'x86_64';
   if (!(arch in ELF_MACHINE)) throw new ModuleError(`unknown architecture "${arch}"; vdboot's /init is built for ${Object.keys(ELF_MACHINE).join(' and ')}`);
   const foreign = arch !== HOST_ARCH;
-  const initBinary = options.initBinary ?? path.join(root, 'build', arch === 'aarch64' ? 'init-aarch64' : 'init');
+  // A host-only image takes the /init whose bytecode has no debug info (build/init-stripped,
+  // 0.13 MiB less zstd-compressed): an internal error's stack then names the functions but
+  // not their lines. --init build/init keeps them.
+  const stripped = path.join(root, 'build', 'init-stripped');
+  const strippedInit = !options.initBinary && options.hostonly !== undefined && arch === 'x86_64' && existsSync(stripped);
+  const initBinary = options.initBinary ?? (strippedInit ? stripped : path.join(root, 'build', arch === 'aarch64' ? 'init-aarch64' : 'init'));
   if (!existsSync(initBinary)) throw new ModuleError(`${initBinary} does not exist: build the /init host first ("npm run build" builds it when init/ and src/boot/main.ts are present${arch === 'aarch64' ? ', build/init-aarch64 with gcc-aarch64-linux-gnu' : ''})`);
   if (elfMachine(initBinary) !== ELF_MACHINE[arch]) throw new ModuleError(`${initBinary} is not an ${arch} program, and the initramfs is for ${arch}${kernelFile && !options.arch ? ` (the kernel ${kernelFile} is)` : ''}: give --init the ${arch} one (build/init${arch === 'aarch64' ? '-aarch64' : ''})`);
   const busybox = options.busybox ?? '/bin/busybox';
@@ -747,6 +782,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const hostonlyDrop: ToolName[] = [];
   // the --root device's filesystem (blkid by default): asked once, used for the modules and the early root module
   const rootSpecTypes = options.hostonly?.root ? rootSpecFilesystems(options.hostonly.root, options.hostonly.typeOf) : [];
+  let hotModules = options.decompressModules;
   if (options.hostonly) {
     const storage = hostStorageModules(index, options.hostonly.sysfs);
     const types = [...new Set([...hostFilesystems(options.hostonly.mounts), ...rootSpecTypes])].sort();
@@ -754,6 +790,10 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     const needs = hostonlyNeeds(index, options.hostonly, types);
     const network = needs.networkRoot ? hostNetworkModules(index, options.hostonly.sysfs) : { devices: {}, modules: [] };
     base = [...new Set([...needs.modules, ...storage.modules, ...network.modules, ...fs.modules])];
+    // The modules every boot of this machine loads first: its disks' drivers and the root's
+    // filesystem, stored decompressed (see HOSTONLY_HOT).
+    const rootType = rootSpecTypes[0] ?? rootFilesystem(options.hostonly.mounts);
+    hotModules ??= [...moduleClosure(index, [...storage.modules, ...filesystemModules(index, rootType ? [rootType] : []).modules].filter((m) => index.files.has(m)))];
     hostonlyDrop.push(...needs.dropTools.filter((t) => t in defaults.tools && !(options.tools ?? []).includes(t)));
     hostonlyWhy = hostonlyDrop.map((t) => (t === 'ntfs-3g' ? 'no NTFS filesystem here: ntfs-3g left out' : `no encrypted disk here: ${t} left out`));
     if (!needs.imageRoot) hostonlyWhy.push('the root is not an image file: loop, nbd and the image device-mapper targets left out');
@@ -768,6 +808,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     const nics = Object.entries(hostonly.network ?? {}).map(([d, m]) => `${d} (${m.join(', ') || 'built-in drivers'})`);
     selection.notes.push(`--hostonly: storage drivers of this machine: ${devices.join('; ') || 'no block devices found'}; ${hostonly.network ? `network cards: ${nics.join('; ') || 'none wired'}; ` : ''}filesystems: ${hostonly.filesystems.join(', ') || 'none mounted'}`);
     if (hostonlyWhy.length) selection.notes.push(`--hostonly: ${hostonlyWhy.join('; ')} (--with or --add-module adds them back)`);
+    if (strippedInit) selection.notes.push(`--hostonly: /init is ${stripped}, its bytecode without debug info (0.13 MiB smaller): a report of an internal error names functions but no lines; --init ${path.join(root, 'build', 'init')} keeps them`);
   }
   selection.notes.push(...defaults.notes.filter((n) => !without.some((t) => n.includes(`has no ${t}`))));
   for (const [t, why] of Object.entries(chosenDefaults)) if (!(options.tools ?? []).includes(t as ToolName)) selection.notes.push(`${t} included: ${why}; --without ${t} leaves it out`);
@@ -778,6 +819,12 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const charsetRoots = Object.entries(charsets).flatMap(([fs, list]) => (fsRoots.has(fs) ? list : [])).filter((m) => index.files.has(m));
   const toolModules = tools.flatMap((t) => [TOOLS[t].module, ...(TOOLS[t].onDemand ?? []), ...((options.pack ?? []).includes(t) ? TOOL_IMAGE_MODULES : [])]).map(moduleKey).filter((m) => m !== '' && index.files.has(m));
   const included = moduleClosure(index, [...selection.roots, ...charsetRoots, ...toolModules]);
+  // Modules only a program needs when it runs (cryptsetup's crypto modules, lvm's targets):
+  // kept out of the modules.alias text that busybox's modprobe reads, since the kernel's own
+  // early request_module calls (crypto algorithms for IMA, keys) run /sbin/modprobe before
+  // /init and would load them, or on 6.12 fail on each .ko.xz, at every boot.
+  const everyBoot = moduleClosure(index, [...selection.roots, ...charsetRoots, ...tools.map((t) => TOOLS[t].module).map(moduleKey).filter((m) => m !== '' && index.files.has(m))]);
+  const onDemandOnly = new Set([...included].filter((m) => !everyBoot.has(m)));
   for (const o of options.omitModules ?? []) if (included.has(moduleKey(o))) selection.notes.push(`${moduleKey(o)} stays in: another included module needs it`);
   if (hostonly) {
     // what the universal set would have brought for storage: named at boot when a device needs it
@@ -805,7 +852,13 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const manifestTools: ManifestTools = { busybox: '/bin/busybox' };
   // packed tools last: libraries the main archive already has stay out of their images
   // (the wrapper's LD_LIBRARY_PATH falls back to the usual directories)
-  const isPacked = (t: ToolName): boolean => (TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t);
+  // A packed tool needs mksquashfs here, and at boot loop and squashfs with zstd in the kernel;
+  // without them it goes in unpacked, as before packing (said in a note).
+  const imageMounts = toolImageSupport(index, config);
+  const packable = lookupProgram('mksquashfs') ? imageMounts : 'this machine has no mksquashfs (Debian package squashfs-tools)';
+  const wrappers: { input: CpioInput & { type: 'file' }; tool: ToolName; image: string; command: string; libraryPath: string }[] = [];
+  const isPacked = (t: ToolName): boolean => ((TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t)) && packable === true;
+  for (const t of tools) if (((TOOLS[t].packed ?? false) || (options.pack ?? []).includes(t)) && packable !== true) selection.notes.push(`${t} goes in unpacked (the kernel unpacks it at every boot): ${packable}`);
   for (const t of [...tools].sort((a, b) => Number(isPacked(a)) - Number(isPacked(b)))) {
     const found = findProgram(t);
     const spec = TOOLS[t];
@@ -823,7 +876,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     }
     const libs = [...new Set(programs.flatMap((p) => sharedLibraries(p)))].sort();
     manifestTools[spec.manifestKey] = `/${spec.path}`;
-    if (isPacked(t) && lookupProgram('mksquashfs')) {
+    if (isPacked(t)) {
       const imageRelPath = `${TOOL_IMAGE_DIR}/${t}.sqfs`;
       for (const lib of libs) {
         const rel = lib.replace(/^\/+/, '');
@@ -840,7 +893,10 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
       }
       const libraryPath = [...new Set(libs.map((l) => path.dirname(l)))].map((d) => `$d${d}`).join(':');
       for (const cmd of commands) {
-        inputs.push({ type: 'file', path: cmd, data: new TextEncoder().encode(toolWrapper(t, `/${imageRelPath}`, `/${cmd}`, libraryPath)), mode: 0o755 });
+        // written once the modules' paths in the image are known (below)
+        const wrapper: CpioInput = { type: 'file', path: cmd, data: new Uint8Array(0), mode: 0o755 };
+        wrappers.push({ input: wrapper, tool: t, image: `/${imageRelPath}`, command: `/${cmd}`, libraryPath });
+        inputs.push(wrapper);
         taken.add(cmd);
         toolOf.set(cmd, t);
       }
@@ -878,12 +934,16 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   const moduleLoading: Partial<Record<ModuleCompression, string>> = {};
   const unpackedHere = new Set<ModuleCompression>();
   const imageRel = new Map<string, string>();
+  const decompress = new Set((hotModules ?? []).map(moduleKey));
+  const decompressed: string[] = [];
   for (const name of sortedNames) {
     const rel = index.files.get(name)!;
     const format = moduleFileCompression(rel);
     let keep = false;
     if (options.unpackModules) {
-      /* every module plain, in the main archive */
+      /* plain, in the main archive */
+    } else if (format && decompress.has(name)) {
+      decompressed.push(name);
     } else if (format && kernelFormats.has(format)) {
       keep = true;
       moduleLoading[format] = 'kernel';
@@ -900,9 +960,17 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
     if (keep) compressedInputs.push({ type: 'file', path: `${modRoot}/${rel}`, data: readFileSync(file), mode: 0o644 });
     else inputs.push({ type: 'file', path: `${modRoot}/${imageRel.get(name)!}`, data: readModuleFile(file), mode: 0o644 });
   }
+  for (const w of wrappers) {
+    const order: string[] = [];
+    for (const m of [...TOOL_IMAGE_MODULES, ...(TOOLS[w.tool].onDemand ?? [])].map(moduleKey).filter((m) => included.has(m))) {
+      for (const d of [...hardDepsInLoadOrder(index, m), m]) if (!order.includes(d)) order.push(d);
+    }
+    w.input.data = new TextEncoder().encode(toolWrapper(w.tool, w.image, w.command, w.libraryPath, order.map((name) => ({ name, path: `/${modRoot}/${imageRel.get(name)!}` }))));
+  }
   for (const format of options.unpackModules ? [] : unpackedHere) {
     selection.notes.push(`.ko.${format} modules were decompressed at build time: kernel ${index.release} cannot decompress them (${configFile ? `${configFile} has no CONFIG_MODULE_DECOMPRESS for ${format}` : 'no kernel config found'}) and the image has no program for it${format === 'zst' ? ' (--with zstd adds one)' : ''}`);
   }
+  if (decompressed.length) selection.notes.push(`${decompressed.join(', ')} stored decompressed in the ${compression} archive${options.decompressModules ? '' : ' (--hostonly: the modules this machine loads first, its disks\' drivers and its root\'s filesystem)'}: the kernel unpacks them with the archive, faster than it decompresses each .ko.${moduleFileCompression(index.files.get(decompressed[0]!)!)} when loading it`);
   if (!configFile && Object.keys(decompressors).length > 0) selection.notes.push(`no config-${index.release} found (beside the kernel or in /boot): compressed modules are decompressed by busybox at boot, which works on any kernel`);
   for (const name of sortedNames) {
     const deps = hardDepsInLoadOrder(index, name);
@@ -964,7 +1032,7 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   };
   inputs.push({ type: 'file', path: MANIFEST_PATH, data: new TextEncoder().encode(JSON.stringify(manifest) + '\n') });
   inputs.push({ type: 'file', path: `${modRoot}/modules.dep`, data: new TextEncoder().encode(depLines.join('')) });
-  inputs.push({ type: 'file', path: `${modRoot}/modules.alias`, data: new TextEncoder().encode(aliases.flatMap(([p, ms]) => ms.map((m) => `alias ${p} ${m}\n`)).join('')) });
+  inputs.push({ type: 'file', path: `${modRoot}/modules.alias`, data: new TextEncoder().encode(aliases.flatMap(([p, ms]) => ms.filter((m) => !onDemandOnly.has(m)).map((m) => `alias ${p} ${m}\n`)).join('')) });
   const builtinFile = path.join(modulesDir, 'modules.builtin');
   if (existsSync(builtinFile)) inputs.push({ type: 'file', path: `${modRoot}/modules.builtin`, data: readFileSync(builtinFile) });
   const release_ = [`NAME="vdboot"`, `ID=vdboot`, `VERSION_ID="${pkgVersion}"`, `PRETTY_NAME="vdboot initramfs ${pkgVersion} (kernel ${release})"`, `VDBOOT_KERNEL="${release}"`].join('\n') + '\n';

@@ -39,6 +39,9 @@ if (existsSync('src/boot/main.ts')) {
   if (existsSync('init/Makefile')) {
     // -j: QuickJS is compiled twice (gcc for qjsc, musl-gcc for /init), side by side.
     execFileSync('make', ['-s', `-j${os.availableParallelism()}`, '-C', 'init'], { stdio: 'inherit' });
+    // The same /init with bytecode stripped of debug info, for --hostonly images (mkinitramfs
+    // picks it when present): 0.13 MiB smaller zstd-compressed, stack traces without lines.
+    execFileSync('make', ['-s', '-C', 'init', `OUT=${root}build/init-stripped`, 'QJSC_FLAGS=-s'], { stdio: 'inherit' });
     // build/init-aarch64 for arm64 machines, with Debian's cross compiler and musl for arm64
     // (init/Makefile). Without the cross compiler, or when it fails, the x86-64 build stands
     // and this says why; the package build (prepack: VDBOOT_ALL_ARCHES=1) fails instead.

@@ -35,8 +35,9 @@ Modules the kernel ships compressed (.ko.xz) stay compressed, appended uncompres
                             leave out a program included by default (ntfs-3g on kernels without ntfs3:
                             NTFS hosts are then reached read-only by vdboot's direct path alone;
                             cryptsetup: LUKS volumes then cannot be unlocked)
-  --pack cryptsetup         keep the program and its libraries in a squashfs image mounted only when it
-                            runs (lvm always is): the kernel no longer unpacks them at every boot
+  --pack cryptsetup         accepted for older command lines: cryptsetup (like lvm) is always kept with its
+                            libraries in a squashfs image mounted only when it runs, so the kernel does not
+                            unpack it at every boot (unless the kernel lacks squashfs: a note says so)
   --hostonly                only this machine's storage drivers (each disk's driver chain in /sys) and
                             the filesystems of its mounted disks, instead of the universal set; a boot
                             on hardware that needs a driver left out names the device and the module.

@@ -36,7 +36,7 @@ describe('the npm package', () => {
     const packed = execFileSync('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', dir], { cwd: repo, encoding: 'utf8' });
     const [info] = JSON.parse(packed) as { filename: string; files: { path: string }[] }[];
     const files = info!.files.map((f) => f.path).sort();
-    expect(files).toEqual(['README.md', 'bin/vdboot.mjs', 'build/cli.mjs', 'build/init', 'build/init-aarch64', 'package.json']);
+    expect(files).toEqual(['README.md', 'bin/vdboot.mjs', 'build/cli.mjs', 'build/init', 'build/init-aarch64', 'build/init-stripped', 'package.json']);
     const prefix = join(dir, 'prefix');
     execFileSync('npm', ['install', '-g', '--offline', '--no-audit', '--no-fund', '--prefix', prefix, join(dir, info!.filename)], { encoding: 'utf8' });
     // both static hosts installed: x86-64 (EM_X86_64 62) and arm64 (EM_AARCH64 183) at the ELF header's e_machine

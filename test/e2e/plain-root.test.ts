@@ -4,7 +4,8 @@
  * form and every storage controller of the universal set; a missing root ends in a rescue
  * shell that answers commands typed on the serial console.
  */
-import { chmodSync, mkdtempSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { chmodSync, existsSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -13,6 +14,8 @@ import { makeExt4, makePartitionedDisk, type PartitionLayout } from '../../qemu/
 import { buildGuestRoot, parseGuestFacts, GUEST_MARKER } from '../../qemu/guest.ts';
 import { bootVm, defaultKernel, type DiskInterface, type Vm } from '../../qemu/harness.ts';
 
+const hasCryptsetup = existsSync('/usr/sbin/cryptsetup');
+const cryptsetupVersion = hasCryptsetup ? execFileSync('/usr/sbin/cryptsetup', ['--version'], { encoding: 'utf8' }).trim() : undefined;
 const ROOT_UUID = '3f6a2c1e-9b0d-4e55-8a7f-1c2d3e4f5a6b';
 const ROOT_LABEL = 'vd root';
 const PART_NAME = 'guest-root';
@@ -92,13 +95,20 @@ describe('end to end: vdboot boots a plain root under QEMU', { timeout: 240_000 
     expect(facts.root.device).toBe('/dev/sda2');
   });
 
-  it('a missing root lists the devices and starts a rescue shell that answers typed commands', async () => {
+  it('a missing root lists the devices and starts a rescue shell that answers typed commands; its cryptsetup mounts its own image and runs', async () => {
     const vm = await boot('root=LABEL=no-such-root rd.timeout=3', 'virtio-blk');
     await vm.waitFor(/did not appear within 3 s/, 150_000);
     await vm.waitFor(/\/dev\/vda2 .*ext4 LABEL="vd root"/, 5_000);
     await vm.waitFor(/vdboot# /, 30_000);
     vm.send('echo answer-$((6*7))\n');
     await vm.waitFor(/answer-42/, 30_000);
+    if (hasCryptsetup) {
+      // packed by default: the wrapper loads squashfs, mounts the image and runs the program;
+      // the version is the build machine's cryptsetup's
+      vm.send('cryptsetup --version; echo "MOUNTED $(grep -c " /run/vdboot/tools/cryptsetup squashfs " /proc/mounts)"\n');
+      await vm.waitFor(new RegExp(`^${cryptsetupVersion!.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\s*$`), 60_000);
+      await vm.waitFor(/^MOUNTED 1$/, 30_000);
+    }
     await vm.kill();
   });
 });

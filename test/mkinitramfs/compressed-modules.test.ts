@@ -11,6 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { buildInitramfs, findKernelConfig, kernelModuleDecompression, moduleDecompressor, moduleFileCompression, readKernelConfig, summary } from '../../mkinitramfs/build.ts';
 import { cachedKernel } from '../../qemu/harness.ts';
 import { readCpio } from '../../src/formats/cpio.ts';
+import { recordedMounts, recordedSysfs } from '../kit/sysfs.ts';
 import { initBinary, installedRelease, tmpdir } from './helpers.ts';
 
 const kernel612 = cachedKernel('6.12');
@@ -61,12 +62,15 @@ describe.skipIf(!kernel612)('mkinitramfs on 6.12: .ko.xz kept as shipped in an u
     const main = image.subarray(0, r.packedLength);
     expect(execFileSync('zstd', ['-dcq'], { input: main, maxBuffer: 1 << 30 }).equals(Buffer.from(r.cpio))).toBe(true);
     expect(Buffer.from(image.subarray(r.modulesOffset)).equals(Buffer.from(r.modulesCpio))).toBe(true);
-    // the main archive has no compressed module; the modules segment only compressed modules (and their folders)
+    // the main archive has no compressed module; the uncompressed segment only compressed
+    // modules, packed tools' squashfs images (cryptsetup by default) and their folders
     const mainNames = cpioList(r.cpio);
     const modNames = cpioList(image.subarray(r.modulesOffset));
     expect(mainNames.filter((n) => /\.ko(\.\w+)?$/.test(n))).toEqual([]);
     const modFiles = modNames.filter((n) => /\.ko\.xz$/.test(n));
-    for (const n of modNames.filter((n) => !modFiles.includes(n))) expect(modFiles.some((f) => f.startsWith(`${n}/`)), `${n} is a folder of modules`).toBe(true);
+    const toolImages = modNames.filter((n) => /^usr\/lib\/vdboot\/[\w-]+\.sqfs$/.test(n));
+    expect(toolImages).toEqual(r.tools.includes('cryptsetup') ? ['usr/lib/vdboot/cryptsetup.sqfs'] : []);
+    for (const n of modNames.filter((n) => !modFiles.includes(n) && !toolImages.includes(n))) expect([...modFiles, ...toolImages].some((f) => f.startsWith(`${n}/`)), `${n} is a folder of modules or tool images`).toBe(true);
     expect(modFiles.length).toBe(r.modules);
     // every manifest path is in the modules segment, byte for byte the package's file
     const x = tmpdir();
@@ -86,8 +90,9 @@ describe.skipIf(!kernel612)('mkinitramfs on 6.12: .ko.xz kept as shipped in an u
     for (const line of dep.trim().split('\n')) for (const f of line.replace(':', '').split(' ')) expect(modFiles, line).toContain(`lib/modules/${r.manifest.kernelRelease}/${f}`);
     // the sizes, as the build counts them
     const sumShipped = Object.values(r.manifest.modules).reduce((a, m) => a + fs.statSync(path.join(x, m.path)).size, 0);
-    expect(r.modulesCpio.length - sumShipped).toBeLessThan((modNames.length + 1) * 256); // only cpio headers on top
-    console.log(`6.12 image ${(image.length / MiB).toFixed(2)} MiB = zstd main ${(r.modulesOffset / MiB).toFixed(2)} MiB (${(r.cpio.length / MiB).toFixed(2)} MiB unpacked) + modules ${(r.modulesCpio.length / MiB).toFixed(2)} MiB (${r.modules} .ko.xz, ${(sumShipped / MiB).toFixed(2)} MiB)`);
+    const sumTools = toolImages.reduce((a, t) => a + fs.statSync(path.join(x, t)).size, 0);
+    expect(r.modulesCpio.length - sumShipped - sumTools).toBeLessThan((modNames.length + 1) * 256); // only cpio headers on top
+    console.log(`6.12 image ${(image.length / MiB).toFixed(2)} MiB = zstd main ${(r.modulesOffset / MiB).toFixed(2)} MiB (${(r.cpio.length / MiB).toFixed(2)} MiB unpacked) + uncompressed segment ${(r.modulesCpio.length / MiB).toFixed(2)} MiB (${r.modules} .ko.xz, ${(sumShipped / MiB).toFixed(2)} MiB; tool images ${(sumTools / MiB).toFixed(2)} MiB)`);
     expect(summary('out.img', r)).toMatch(/\.ko\.xz kept compressed \(the kernel decompresses them\) in [\d.]+ MiB appended uncompressed/);
   });
 
@@ -100,10 +105,34 @@ describe.skipIf(!kernel612)('mkinitramfs on 6.12: .ko.xz kept as shipped in an u
     expect(cpioList(r.image.subarray(r.modulesOffset)).filter((n) => n.endsWith('.ko.xz')).length).toBe(r.modules);
   });
 
+  it('--hostonly stores the disks\' drivers and the root filesystem\'s modules decompressed in the main archive, the rest as shipped', () => {
+    const r = buildInitramfs({ kernel: kernel612!, initBinary: initBinary(), compress: 'gzip', level: 1, hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts({ plain: true }) } });
+    const hot = ['ext4', 'jbd2', 'mbcache', 'crc16', 'virtio_blk', 'ahci', 'libata', 'sd_mod'];
+    const main = new Map(readCpio(r.cpio).map((e) => [e.name, e.data]));
+    for (const m of hot) {
+      const mod = r.manifest.modules[m]!;
+      expect(mod, m).toMatchObject({ path: expect.stringMatching(new RegExp(`/${m}\\.ko$`)), compression: '' });
+      // the kernel package's .ko.xz, decompressed by xz: the same bytes
+      const shipped = path.join(r.manifest.build.modulesDir, path.relative(`/lib/modules/${r.manifest.kernelRelease}`, mod.path) + '.xz');
+      expect(Buffer.from(main.get(mod.path.slice(1))!).equals(execFileSync('xz', ['-dc', shipped], { maxBuffer: 1 << 28 })), m).toBe(true);
+    }
+    // the keyboard's drivers (not loaded for the root) stay as shipped, in the uncompressed segment
+    for (const m of ['usbhid', 'hid_generic', 'xhci_pci']) expect(r.manifest.modules[m], m).toMatchObject({ compression: 'xz' });
+    expect(cpioList(r.modulesCpio)).toContain(r.manifest.modules.usbhid!.path.slice(1));
+    expect(r.notes.join('\n')).toMatch(/ext4.* stored decompressed in the gzip archive \(--hostonly: the modules this machine loads first, its disks' drivers and its root's filesystem\)/);
+    // asked for by name in a universal image
+    const u = buildInitramfs({ kernel: kernel612!, initBinary: initBinary(), compress: 'gzip', level: 1, decompressModules: ['ext4'] });
+    expect(u.manifest.modules.ext4!.compression).toBe('');
+    expect(u.manifest.modules.jbd2!.compression).toBe('xz');
+  });
+
   it('unpackModules gives the layout before: plain .ko, decompressed here, one compressed archive', () => {
-    const r = buildInitramfs({ kernel: kernel612!, initBinary: initBinary(), compress: 'gzip', level: 1, unpackModules: true });
+    const r = buildInitramfs({ kernel: kernel612!, initBinary: initBinary(), compress: 'gzip', level: 1, unpackModules: true, without: ['cryptsetup'] });
     expect(r.modulesCpio.length).toBe(0);
     expect(r.modulesOffset).toBe(r.image.length);
+    // with the default packed cryptsetup, its image is all the uncompressed segment holds
+    const packed = buildInitramfs({ kernel: kernel612!, initBinary: initBinary(), compress: 'gzip', level: 1, unpackModules: true });
+    if (packed.tools.includes('cryptsetup')) expect(cpioList(packed.modulesCpio).filter((n) => !n.endsWith('/') && n.includes('.'))).toEqual(['usr/lib/vdboot/cryptsetup.sqfs']);
     expect(r.manifest.modules.ext4).toMatchObject({ path: expect.stringMatching(/\/ext4\.ko$/), compression: '' });
     const ext4 = readCpio(r.cpio).find((e) => e.name === r.manifest.modules.ext4!.path.slice(1))!;
     expect(Buffer.from(ext4.data.subarray(0, 4)).toString('latin1')).toBe('\x7fELF');
@@ -123,11 +152,11 @@ describe('a kernel shipping .ko.zst without MODULE_DECOMPRESS', () => {
 
   it('without the zstd program they are decompressed at build time, said in a note; --with zstd keeps them', () => {
     const modulesDir = zstModules();
-    const plain = buildInitramfs({ modulesDir, initBinary: initBinary(), compress: 'none', without: ['ntfs-3g'] });
+    const plain = buildInitramfs({ modulesDir, initBinary: initBinary(), compress: 'none', without: ['ntfs-3g', 'cryptsetup'] });
     expect(plain.manifest.modules.ext4).toMatchObject({ path: '/lib/modules/9.9.9-zst/kernel/fs/ext4.ko', compression: '' });
     expect(plain.modulesCpio.length).toBe(0);
     expect(plain.notes.join('\n')).toMatch(/\.ko\.zst modules were decompressed at build time: kernel 9\.9\.9-zst cannot decompress them \(no kernel config found\).*--with zstd/);
-    const kept = buildInitramfs({ modulesDir, initBinary: initBinary(), compress: 'none', without: ['ntfs-3g'], tools: ['zstd'] });
+    const kept = buildInitramfs({ modulesDir, initBinary: initBinary(), compress: 'none', without: ['ntfs-3g', 'cryptsetup'], tools: ['zstd'] });
     expect(kept.manifest.modules.ext4).toMatchObject({ path: '/lib/modules/9.9.9-zst/kernel/fs/ext4.ko.zst', compression: 'zst' });
     expect(kept.manifest.decompressors).toEqual({ zst: ['/usr/bin/zstd', '-dcq'] });
     expect(cpioList(kept.modulesCpio)).toContain('lib/modules/9.9.9-zst/kernel/fs/jbd2.ko.zst');

@@ -9,9 +9,10 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { buildInitramfs, writeInitramfs } from '../../mkinitramfs/build.ts';
+import { readCpio } from '../../src/formats/cpio.ts';
 import { MANIFEST_PATH, type InitramfsManifest } from '../../src/formats/manifest.ts';
 import { main, type CliIO } from '../../src/cli/main.ts';
-import { initBinary, tmpdir } from './helpers.ts';
+import { imageArchives, imageNames, initBinary, squashfsNames, tmpdir } from './helpers.ts';
 
 /** Debian's installed 6.1 kernel (linux-image-amd64 on bookworm), which has no ntfs3. */
 const vmlinuz61 = fs.readdirSync('/boot').filter((n) => /^vmlinuz-6\.1\./.test(n)).sort().map((n) => `/boot/${n}`).at(-1);
@@ -31,12 +32,23 @@ function captureIO(): CliIO & { out: string; err: string } {
   return io;
 }
 
-/** The archive's member names and its manifest, read back by GNU cpio. */
-function unpack(file: string): { names: string[]; manifest: InitramfsManifest } {
-  const names = execFileSync('cpio', ['-it', '--quiet'], { input: fs.readFileSync(file), encoding: 'utf8', maxBuffer: 1 << 26 }).split('\n').filter(Boolean);
+/**
+ * The image's member names (both archives) and its manifest, read back by GNU cpio; `packed`
+ * the files inside each packed tool's squashfs image, listed by unsquashfs.
+ */
+function unpack(file: string): { names: string[]; manifest: InitramfsManifest; packed: Record<string, string[]> } {
+  const image = fs.readFileSync(file);
+  const names = imageNames(image);
+  const { main, segment } = imageArchives(image);
   const dir = tmpdir();
-  execFileSync('cpio', ['-id', '--quiet', MANIFEST_PATH.slice(1)], { cwd: dir, input: fs.readFileSync(file) });
-  return { names, manifest: JSON.parse(fs.readFileSync(path.join(dir, MANIFEST_PATH), 'utf8')) as InitramfsManifest };
+  execFileSync('cpio', ['-id', '--quiet', MANIFEST_PATH.slice(1)], { cwd: dir, input: main });
+  const packed: Record<string, string[]> = {};
+  if (segment.length) {
+    execFileSync('cpio', ['-id', '--quiet', 'usr/lib/vdboot/*'], { cwd: dir, input: segment });
+    const tools = path.join(dir, 'usr/lib/vdboot');
+    for (const f of fs.existsSync(tools) ? fs.readdirSync(tools) : []) packed[f.replace(/\.sqfs$/, '')] = squashfsNames(fs.readFileSync(path.join(tools, f)));
+  }
+  return { names, manifest: JSON.parse(fs.readFileSync(path.join(dir, MANIFEST_PATH), 'utf8')) as InitramfsManifest, packed };
 }
 
 describe.skipIf(!vmlinuz61 || !hasNtfs3g)(`mkinitramfs defaults for ${vmlinuz61 ?? 'a 6.1 kernel'} (no ntfs3)`, () => {
@@ -107,26 +119,59 @@ describe.skipIf(!vmlinuz61 || !hasNtfs3g)(`mkinitramfs defaults for ${vmlinuz61 
     expect(r.notes.join('\n')).toMatch(/ntfs-3g included: sparse NTFS image files are filled and written through ntfs-3g: the kernel's ntfs3 loses data written into their holes/);
   });
 
-  it.skipIf(!hasCryptsetup)('cryptsetup is included by default with its libraries and the modules that unlock LUKS (loaded on demand); --without cryptsetup leaves them out', async () => {
+  it.skipIf(!hasCryptsetup)('cryptsetup is included by default, packed with its libraries in a squashfs image, with the modules that unlock LUKS and mount it (loaded on demand); --without cryptsetup leaves them out', async () => {
     const out = path.join(tmpdir(), 'initrd.img');
     const io = captureIO();
     expect(await main(['mkinitramfs', '--kernel', vmlinuz61!, '--init', initBinary(), '--compress', 'none', '-o', out], io)).toBe(0);
-    const { names, manifest } = unpack(out);
+    const { names, manifest, packed } = unpack(out);
     expect(manifest.tools.cryptsetup).toBe('/usr/sbin/cryptsetup');
+    // the program's path holds the wrapper; the program itself is in the image
     expect(names).toContain('usr/sbin/cryptsetup');
+    expect(names).toContain('usr/lib/vdboot/cryptsetup.sqfs');
+    expect(packed.cryptsetup).toContain('usr/sbin/cryptsetup');
+    // every library ldd names is in the image or, shared with ntfs-3g, in the main archive;
+    // the program interpreter is in the main archive (it runs the wrapped program)
     const libs = [...execFileSync('ldd', ['/usr/sbin/cryptsetup'], { encoding: 'utf8' }).matchAll(/=>\s+(\/\S+)/g)].map((m) => m[1]!.slice(1));
-    for (const lib of libs) expect(names).toContain(lib);
-    for (const m of ['dm_crypt', 'af_alg', 'algif_skcipher', 'xts']) {
+    for (const lib of libs) expect(names.includes(lib) || packed.cryptsetup!.includes(lib), lib).toBe(true);
+    expect(packed.cryptsetup).toContain('lib/x86_64-linux-gnu/libcryptsetup.so.12');
+    expect(names).not.toContain('lib/x86_64-linux-gnu/libcryptsetup.so.12');
+    expect(names).toContain('lib64/ld-linux-x86-64.so.2');
+    for (const m of ['dm_crypt', 'af_alg', 'algif_skcipher', 'xts', 'squashfs']) {
       expect(Object.keys(manifest.modules), m).toContain(m);
       expect(manifest.preload).not.toContain(m);
     }
     expect(io.err).toMatch(/note: cryptsetup included: LUKS volumes are unlocked with it, .*; --without cryptsetup leaves it out/);
+    // its modules are kept from busybox's modprobe (the kernel runs it for crypto algorithms
+    // before /init): not in the modules.alias text, still in the manifest for the init
+    const { main: archive } = imageArchives(fs.readFileSync(out));
+    const aliasText = new TextDecoder().decode(readCpio(new Uint8Array(archive)).find((e) => e.name.endsWith('/modules.alias'))!.data);
+    for (const m of ['xts', 'essiv', 'af_alg', 'aesni_intel']) {
+      expect(manifest.aliases.some(([, ms]) => ms.includes(m)), m).toBe(true);
+      expect(aliasText, m).not.toMatch(new RegExp(` ${m}$`, 'm'));
+    }
+    expect(aliasText).toMatch(/^alias fs-ext4 ext4$/m);
     const without = path.join(tmpdir(), 'without.img');
     expect(await main(['mkinitramfs', '--kernel', vmlinuz61!, '--init', initBinary(), '--compress', 'none', '--without', 'cryptsetup', '-o', without], captureIO())).toBe(0);
     const w = unpack(without);
     expect(w.manifest.tools.cryptsetup).toBeUndefined();
     expect(w.names).not.toContain('usr/sbin/cryptsetup');
+    expect(w.names).not.toContain('usr/lib/vdboot/cryptsetup.sqfs');
     expect(Object.keys(w.manifest.modules)).not.toContain('dm_crypt');
     console.log(`cryptsetup adds ${((fs.statSync(out).size - fs.statSync(without).size) / 1048576).toFixed(2)} MiB unpacked`);
+  });
+
+  it.skipIf(!hasCryptsetup)('a kernel without squashfs gets cryptsetup unpacked, with a note saying why', () => {
+    // a modules directory with ext4 alone (as depmod lays it out): no loop, no squashfs
+    const dir = path.join(tmpdir(), '9.9.9-nosquashfs');
+    fs.mkdirSync(path.join(dir, 'kernel/fs'), { recursive: true });
+    fs.writeFileSync(path.join(dir, 'kernel/fs/ext4.ko'), '\x7fELF ext4\n');
+    fs.writeFileSync(path.join(dir, 'modules.dep'), 'kernel/fs/ext4.ko:\n');
+    fs.writeFileSync(path.join(dir, 'modules.alias'), 'alias fs-ext4 ext4\n');
+    const r = buildInitramfs({ modulesDir: dir, initBinary: initBinary(), compress: 'none', without: ['ntfs-3g'] });
+    expect(r.tools).toEqual(['cryptsetup']);
+    expect(r.notes.join('\n')).toMatch(/cryptsetup goes in unpacked \(the kernel unpacks it at every boot\): kernel 9\.9\.9-nosquashfs has no loop and squashfs to mount its squashfs image/);
+    expect(r.modulesCpio.length).toBe(0);
+    const program = readCpio(r.cpio).find((e) => e.name === 'usr/sbin/cryptsetup')!;
+    expect(Buffer.from(program.data).equals(fs.readFileSync('/usr/sbin/cryptsetup'))).toBe(true);
   });
 });

@@ -32,3 +32,5 @@ export function universalBuild(extra: MkinitramfsOptions = {}): MkinitramfsResul
   cached ??= buildInitramfs({ kernel: installedRelease(), initBinary: initBinary(), compress: 'none' });
   return cached;
 }
+
+export { imageArchives, imageNames, squashfsNames } from '../kit/initramfs-image.ts';

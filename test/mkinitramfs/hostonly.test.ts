@@ -4,9 +4,11 @@
  * /run/vdboot/host), on the installed kernel's real module index; then the init, on a
  * machine with an NVMe controller, naming the driver the image left out.
  */
-import { writeFileSync } from 'node:fs';
+import fs, { writeFileSync } from 'node:fs';
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { buildInitramfs, defaultTools } from '../../mkinitramfs/build.ts';
+import { buildInitramfs, defaultTools, repoRoot } from '../../mkinitramfs/build.ts';
+import { readCpio } from '../../src/formats/cpio.ts';
 import { filesystemModules, hostDeviceMapper, hostFilesystems, hostKeyboardModules, hostNetworkModules, hostStorageModules, rootFilesystem, rootSpecFilesystems } from '../../mkinitramfs/hostonly.ts';
 import { loadModuleIndex } from '../../mkinitramfs/kmod.ts';
 import { ConsoleLog } from '../../src/boot/console.ts';
@@ -91,11 +93,23 @@ describe(`--hostonly on kernel ${release}, from a recorded /sys`, () => {
     console.log(`--hostonly plain root: ${plain.modules} modules, ${(plain.cpio.length / 1048576).toFixed(2)} MiB unpacked; image root: ${image.modules} modules, ${(image.cpio.length / 1048576).toFixed(2)} MiB`);
   });
 
+  it('without --init, a host-only image takes build/init-stripped (no debug info) and says so', () => {
+    const stripped = path.join(repoRoot(), 'build', 'init-stripped');
+    if (!fs.existsSync(stripped)) return; // built by npm run build with the /init host
+    const r = buildInitramfs({ kernel: release, compress: 'none', hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts({ plain: true }) } });
+    const init = readCpio(r.cpio).find((e) => e.name === 'init')!;
+    expect(Buffer.from(init.data).equals(fs.readFileSync(stripped))).toBe(true);
+    expect(fs.statSync(stripped).size).toBeLessThan(fs.statSync(path.join(repoRoot(), 'build', 'init')).size);
+    expect(r.notes.join('\n')).toMatch(/--hostonly: \/init is .*build\/init-stripped, its bytecode without debug info .*--init .*build\/init keeps them/);
+  });
+
   it('the image holds those drivers and filesystems, not the universal set; the manifest records it and what was left out', () => {
     const r = buildInitramfs({ kernel: release, initBinary: initBinary(), compress: 'none', hostonly: { sysfs: recordedSysfs(), mounts: recordedMounts(), root: 'UUID=5b1c3f0e', typeOf: () => 'xfs' } });
     const mods = Object.keys(r.manifest.modules);
     for (const m of ['ahci', 'sd_mod', 'virtio_blk', 'libata', 'ext4', 'xfs', 'dm_mod', 'dm_snapshot', 'loop', 'usbhid', 'xhci_pci']) expect(mods, m).toContain(m);
-    for (const m of ['nvme', 'usb_storage', 'uas', 'btrfs', 'mmc_block', 'ata_piix', 'isofs', 'squashfs']) expect(mods, m).not.toContain(m);
+    for (const m of ['nvme', 'usb_storage', 'uas', 'btrfs', 'mmc_block', 'ata_piix', 'isofs']) expect(mods, m).not.toContain(m);
+    // squashfs only to mount a packed tool (cryptsetup: this machine's root is an image), not as a root filesystem
+    expect(mods.includes('squashfs'), 'squashfs').toBe(r.tools.includes('cryptsetup'));
     // the root is not on an NBD server: no network card drivers
     for (const m of ['virtio_net', 'e1000', 'e1000e', 'igb', 'igc', 'r8169', 'ixgbe', 'tg3']) expect(mods, m).not.toContain(m);
     expect(r.manifest.build.hostonly!.network).toBeUndefined();
