@@ -21,7 +21,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
 import { makeExt4, makePartitionedDisk } from '../../qemu/disks.ts';
 import { buildGuestRoot, GUEST_MARKER, guestFact } from '../../qemu/guest.ts';
-import { bootVm, defaultKernel, type Vm } from '../../qemu/harness.ts';
+import { bootVm, cachedKernel, defaultKernel, kernelVersion, type Vm } from '../../qemu/harness.ts';
 
 const SWAP_TYPE = '0657FD6D-A4AB-43C4-84E5-0933C84B4F4F';
 const ROOT_LABEL = 'hib-root';
@@ -53,31 +53,33 @@ const HIBERNATE_COMMANDS = [
   guestFact('after', '$(cat /mnt/ram/token)'),
 ];
 
-describe('resume= with a real hibernation image (plain root)', { timeout: 1_200_000 }, () => {
+const kernels = [defaultKernel(), cachedKernel('6.12')].filter((k): k is string => k !== undefined);
+
+for (const kernel of kernels) describe(`resume= with a real hibernation image (plain root) on ${kernelVersion(kernel)}`, { timeout: 1_200_000 }, () => {
   it('boot 1 hibernates with a token in a tmpfs; boot 2 with the same command line resumes: the token is still there', async () => {
-    const kernel = defaultKernel();
-    const root = join(dir, 'root');
-    mkdirSync(root);
+    const sub = join(dir, kernelVersion(kernel));
+    const root = join(sub, 'root');
+    mkdirSync(root, { recursive: true });
     buildGuestRoot(root, { commands: HIBERNATE_COMMANDS, kernelMessages: true });
-    const rootFs = join(dir, 'root.ext4');
+    const rootFs = join(sub, 'root.ext4');
     makeExt4(rootFs, { sizeMiB: 24, label: ROOT_LABEL, fromDir: root });
     const swapUuid = randomUUID();
-    const swap = join(dir, 'swap.img');
+    const swap = join(sub, 'swap.img');
     writeFileSync(swap, '');
     truncateSync(swap, 192 << 20);
     execFileSync('mkswap', ['-q', '-U', swapUuid, swap]);
-    const disk = join(dir, 'disk.img');
+    const disk = join(sub, 'disk.img');
     const parts = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: rootFs, name: 'root' }, { image: swap, name: 'swap', type: SWAP_TYPE }] });
     rmSync(rootFs);
     rmSync(swap);
     // the swap as the host's blkid sees it in the disk: the spec vdboot is given
     const found = execFileSync('blkid', ['-p', '-o', 'value', '-s', 'UUID', '--offset', String(parts[1]!.offset), disk], { encoding: 'utf8' }).trim();
     expect(found).toBe(swapUuid);
-    const initrd = join(dir, 'initrd.img');
+    const initrd = join(sub, 'initrd.img');
     writeInitramfs(initrd, { kernel });
     const append = `root=LABEL=${ROOT_LABEL} rw resume=UUID=${swapUuid}`;
 
-    const first = await bootVm({ kernel, initrd, append, disks: [{ file: disk }], name: 'hibernate-1', memoryMiB: 384 });
+    const first = await bootVm({ kernel, initrd, append, disks: [{ file: disk }], name: `hibernate-${kernelVersion(kernel)}-1`, memoryMiB: 384 });
     vms.push(first);
     const tokenLine = await first.waitFor(/VDBOOT-GUEST token=[0-9a-f]{32}$/, 400_000);
     const token = tokenLine.replace(/^.*token=/, '');
@@ -95,10 +97,10 @@ describe('resume= with a real hibernation image (plain root)', { timeout: 1_200_
     expect(t1).not.toContain(GUEST_MARKER);
 
     // the disk as boot 1 left it, for the control below
-    const control = join(dir, 'control.img');
+    const control = join(sub, 'control.img');
     execFileSync('cp', ['--sparse=always', disk, control]);
 
-    const second = await bootVm({ kernel, initrd, append, disks: [{ file: disk }], name: 'hibernate-2', memoryMiB: 384 });
+    const second = await bootVm({ kernel, initrd, append, disks: [{ file: disk }], name: `hibernate-${kernelVersion(kernel)}-2`, memoryMiB: 384 });
     vms.push(second);
     await second.waitFor(GUEST_MARKER, 600_000);
     await second.waitExit(120_000);
@@ -123,7 +125,7 @@ describe('resume= with a real hibernation image (plain root)', { timeout: 1_200_
     expect(t2).not.toMatch(/VDBOOT-GUEST token=/);
 
     // boot 3: the image was consumed (the swap signature is back), so the guest starts afresh
-    const third = await bootVm({ kernel, initrd, append, disks: [{ file: disk }], name: 'hibernate-3', memoryMiB: 384 });
+    const third = await bootVm({ kernel, initrd, append, disks: [{ file: disk }], name: `hibernate-${kernelVersion(kernel)}-3`, memoryMiB: 384 });
     vms.push(third);
     const fresh = (await third.waitFor(/VDBOOT-GUEST token=[0-9a-f]{32}$/, 400_000)).replace(/^.*token=/, '');
     await third.kill();
@@ -134,7 +136,7 @@ describe('resume= with a real hibernation image (plain root)', { timeout: 1_200_
 
     // control: the disk holding boot 1's image, booted without resume=: nothing restores it
     // (the kernel cannot resolve UUID= itself), so the guest starts afresh
-    const bare = await bootVm({ kernel, initrd, append: `root=LABEL=${ROOT_LABEL} rw`, disks: [{ file: control }], name: 'hibernate-control', memoryMiB: 384 });
+    const bare = await bootVm({ kernel, initrd, append: `root=LABEL=${ROOT_LABEL} rw`, disks: [{ file: control }], name: `hibernate-${kernelVersion(kernel)}-control`, memoryMiB: 384 });
     vms.push(bare);
     const controlToken = (await bare.waitFor(/VDBOOT-GUEST token=[0-9a-f]{32}$/, 400_000)).replace(/^.*token=/, '');
     await bare.kill();
