@@ -8,13 +8,16 @@
  * the kernel again, the kernel restores the image, and the guest's shell carries on after
  * its `echo disk`: it prints the token read back from the tmpfs, which must be boot 1's.
  * The kernel's own messages show the image read ("PM: hibernation: Read … kbytes") and restored.
+ * The swap's first page is read on the host after each boot: S1SUSPEND after boot 1,
+ * SWAPSPACE2 again after the restore, and bytes put in its first 1024 (mkswap's boot bits)
+ * kept by both (the kernel rewrites that page read-modify-write).
  * Checked too: a third boot after the resume finds no image any more and starts the guest
  * afresh; and a copy of the disk as boot 1 left it, booted without resume=, starts the guest
  * afresh (the control: the restore is vdboot's doing, the kernel cannot resolve UUID=).
  */
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import { randomUUID } from 'node:crypto';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -53,6 +56,29 @@ const HIBERNATE_COMMANDS = [
   guestFact('after', '$(cat /mnt/ram/token)'),
 ];
 
+/** `length` bytes of `file` at `offset` */
+function readAt(file: string, offset: number, length: number): Buffer {
+  const fd = openSync(file, 'r');
+  try {
+    const b = Buffer.alloc(length);
+    readSync(fd, b, 0, length, offset);
+    return b;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * The swap's first page as the kernel leaves it: its signature (the last 10 bytes of the
+ * page: SWAPSPACE2 for a swap, S1SUSPEND while it holds a hibernation image) and its first
+ * 1024 bytes (the "boot bits" mkswap leaves to boot loaders: where a record kept across a
+ * hibernation could live, so the test checks the kernel keeps them).
+ */
+function swapPage(disk: string, offset: number): { sig: string; bootbits: Buffer } {
+  const page = readAt(disk, offset, 4096);
+  return { sig: page.subarray(4086).toString('latin1').replace(/\0+$/, ''), bootbits: page.subarray(0, 1024) };
+}
+
 const kernels = [defaultKernel(), cachedKernel('6.12')].filter((k): k is string => k !== undefined);
 
 for (const kernel of kernels) describe(`resume= with a real hibernation image (plain root) on ${kernelVersion(kernel)}`, { timeout: 1_200_000 }, () => {
@@ -75,6 +101,13 @@ for (const kernel of kernels) describe(`resume= with a real hibernation image (p
     // the swap as the host's blkid sees it in the disk: the spec vdboot is given
     const found = execFileSync('blkid', ['-p', '-o', 'value', '-s', 'UUID', '--offset', String(parts[1]!.offset), disk], { encoding: 'utf8' }).trim();
     expect(found).toBe(swapUuid);
+    // bytes in the swap's boot bits, to see whether hibernation and resume keep them
+    const swapAt = parts[1]!.offset;
+    const probe = Buffer.concat([Buffer.from('VDBOOT-PROBE'), randomBytes(64)]);
+    const fd = openSync(disk, 'r+');
+    writeSync(fd, probe, 0, probe.length, swapAt);
+    closeSync(fd);
+    expect(swapPage(disk, swapAt).sig).toBe('SWAPSPACE2');
     const initrd = join(sub, 'initrd.img');
     writeInitramfs(initrd, { kernel });
     const append = `root=LABEL=${ROOT_LABEL} rw resume=UUID=${swapUuid}`;
@@ -96,6 +129,10 @@ for (const kernel of kernels) describe(`resume= with a real hibernation image (p
     expect(t1).toMatch(/reboot: Power down/);
     expect(t1).not.toContain(GUEST_MARKER);
 
+    // the image is on the swap vdboot named: its signature says so; the boot bits are kept
+    const hibernated = swapPage(disk, swapAt);
+    expect(hibernated.sig).toBe('S1SUSPEND');
+    expect(hibernated.bootbits.subarray(0, probe.length).equals(probe)).toBe(true);
     // the disk as boot 1 left it, for the control below
     const control = join(sub, 'control.img');
     execFileSync('cp', ['--sparse=always', disk, control]);
@@ -123,6 +160,11 @@ for (const kernel of kernels) describe(`resume= with a real hibernation image (p
     expect(t2).toContain(`VDBOOT-GUEST after=${token}`);
     expect(t2).not.toMatch(/VDBOOT-GUEST uptime=/);
     expect(t2).not.toMatch(/VDBOOT-GUEST token=/);
+
+    // the restore put the swap signature back, and kept the boot bits
+    const restored = swapPage(disk, swapAt);
+    expect(restored.sig).toBe('SWAPSPACE2');
+    expect(restored.bootbits.subarray(0, probe.length).equals(probe)).toBe(true);
 
     // boot 3: the image was consumed (the swap signature is back), so the guest starts afresh
     const third = await bootVm({ kernel, initrd, append, disks: [{ file: disk }], name: `hibernate-${kernelVersion(kernel)}-3`, memoryMiB: 384 });
