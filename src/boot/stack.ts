@@ -120,6 +120,8 @@ export class StorageStack {
       ctx.log.warn(`${refusal}; ${dev.path} lies on an image attached by rd.vdisk.attach=`);
       return;
     }
+    // logged first: with a hibernation image the kernel restores it inside the write below
+    ctx.log.info(`resume=${formatDeviceSpec(spec)}: handing ${dev.path} (${dev.major}:${dev.minor}) to the kernel; a hibernation image there is restored now`);
     try {
       writeText(ctx.sys, '/sys/power/resume', `${dev.major}:${dev.minor}\n`);
       ctx.log.info(`resume=${formatDeviceSpec(spec)}: no hibernation image on ${dev.path}; booting normally`);
