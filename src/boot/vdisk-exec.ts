@@ -5,7 +5,7 @@
  * the host filesystem at /run/vdboot/host. What was created is recorded in
  * /run/vdboot/state.json for the shutdown hand-off (shutdown.ts).
  */
-import { isFormatError } from '../formats/block-reader.ts';
+import { isFormatError, type FormatError } from '../formats/block-reader.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { describeDevices, humanSize } from './devices.ts';
@@ -679,17 +679,33 @@ const NBD_SNAPSHOT_CHUNK_SECTORS = 128;
  * the nbd module is loaded, the export opened and its tables read over the network. The
  * connections stay open (nbdHosts) until the kernel takes them after the whole plan stands.
  */
+/** A connection refused or closed before the server said anything: a server not (yet) there, not an answer. */
+function serverNotThereYet(e: FormatError): boolean {
+  return (e.field === 'closed' && e.value === 0) || (e.field === 'server' && /^Could not connect to the NBD server .*\((ECONNREFUSED|ETIMEDOUT|ENETUNREACH|EHOSTUNREACH)\)/.test(e.message));
+}
+
 function planNbd(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nbdHosts: NbdImageHost[]): { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo; nbd: NbdImageHost } {
   const { sys, log, plan } = ctx;
   ctx.modules.reportFailures(ctx.modules.load(['nbd']));
   const where = formatNbdUrl(url);
-  let nh: NbdImageHost;
-  try {
-    nh = log.timed('nbd-open', () => new NbdImageHost(sys, url));
-  } catch (e) {
-    if (isFormatError(e)) throw new BootFailure((e as Error).message);
-    if (isSysError(e)) throw new BootFailure(`${where}: ${e.message}. Does the kernel have TCP/IP networking, and the initramfs the network card's driver?`);
-    throw e;
+  let nh: NbdImageHost | undefined;
+  // A server that is starting (nothing listens yet, or its relay closes the connection before
+  // the greeting) is waited for like a disk that has not appeared, up to rd.timeout.
+  const deadline = sys.monotonicMs() + plan.timeoutSec * 1000;
+  for (let attempt = 1; !nh; attempt++) {
+    try {
+      nh = log.timed('nbd-open', () => new NbdImageHost(sys, url));
+    } catch (e) {
+      const left = Math.ceil((deadline - sys.monotonicMs()) / 1000);
+      if (isFormatError(e) && serverNotThereYet(e as FormatError) && left > 0) {
+        log.warn(`${(e as Error).message} (attempt ${attempt}; trying again for ${left} s more, rd.timeout=${plan.timeoutSec})`);
+        sys.sleepMs(Math.min(1000 * attempt, 5000, left * 1000));
+        continue;
+      }
+      if (isFormatError(e)) throw new BootFailure(`${(e as Error).message}${attempt > 1 ? ` (after ${attempt} attempts within rd.timeout=${plan.timeoutSec} s)` : ''}`);
+      if (isSysError(e)) throw new BootFailure(`${where}: ${e.message}. Does the kernel have TCP/IP networking, and the initramfs the network card's driver?`);
+      throw e;
+    }
   }
   nbdHosts.push(nh);
   log.info(`${where}: ${nh.rootExport.size} bytes${nh.rootExport.readOnly ? ', read-only' : ', writable'}${nh.rootExport.blockSize ? `, block sizes ${nh.rootExport.blockSize.minimum}/${nh.rootExport.blockSize.preferred}/${nh.rootExport.blockSize.maximum}` : ''}`);
