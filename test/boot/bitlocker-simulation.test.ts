@@ -17,7 +17,7 @@ import type { FakeDmEvent, FakeKernel, FakeMachine } from '../../src/sys/fake.ts
 import { REBOOT } from '../../src/sys/sys.ts';
 import { openHostFs } from '../../src/formats/hostfs.ts';
 import { readImagesConf, unpackBitLockerImages } from '../kit/bitlocker.ts';
-import { BASIC_DATA, convert, devicesOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, tmpDir } from '../vdisk/helpers.ts';
+import { BASIC_DATA, convert, fakeDiskOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, tmpDir } from '../vdisk/helpers.ts';
 import { runBundleInQuickJS } from './sim-harness.ts';
 import { GUEST_TREE, simInitramfs, simManifest } from './sim-machine.ts';
 
@@ -32,15 +32,8 @@ let images: string;
 let keys: string;
 
 /** A GPT disk: partition 1 (PARTLABEL Windows) the BitLocker volume, partition 2 a FAT labelled KEYS. */
-async function hostDiskWith(vol: string, name: string): Promise<{ bytes: Uint8Array; partitions: typeof partitions }> {
-  const file = makeHostDisk(dir, name, [{ image: vol, type: BASIC_DATA, label: 'Windows' }, { image: keys, type: BASIC_DATA, label: 'keys' }]);
-  const bytes = new Uint8Array(readFileSync(file));
-  const d = devicesOf([file]);
-  const { parsePartitionTable } = await import('../../src/formats/partitions.ts');
-  const table = parsePartitionTable({ name: file, size: bytes.length, read: (o, l) => bytes.subarray(o, o + l) });
-  const parts = d.devices.filter((x) => x.info.partNumber).map((x) => ({ name: `vda${x.info.partNumber}`, number: x.info.partNumber!, start: table.partitions.find((t) => t.number === x.info.partNumber)!.start, size: x.info.size }));
-  d.close();
-  return { bytes, partitions: parts };
+function hostDiskWith(vol: string, name: string): { bytes: Uint8Array; partitions: typeof partitions } {
+  return fakeDiskOf(makeHostDisk(dir, name, [{ image: vol, type: BASIC_DATA, label: 'Windows' }, { image: keys, type: BASIC_DATA, label: 'keys' }]));
 }
 
 beforeAll(async () => {
@@ -60,7 +53,7 @@ beforeAll(async () => {
   execFileSync('mmd', ['-i', keys, '::/BitLocker'], { stdio: 'pipe' });
   execFileSync('mcopy', ['-i', keys, path.join(dir, 'recovery.txt'), '::/BitLocker/recovery.txt'], { stdio: 'pipe' });
   execFileSync('mcopy', ['-i', keys, path.join(images, '4381F759-C4F8-4DE0-BB61-FC33A831BDA5.BEK'), '::/4381F759-C4F8-4DE0-BB61-FC33A831BDA5.BEK'], { stdio: 'pipe' });
-  ({ bytes: hostDisk, partitions } = await hostDiskWith(volume, 'host'));
+  ({ bytes: hostDisk, partitions } = hostDiskWith(volume, 'host'));
 }, 120_000);
 
 afterAll(() => {
@@ -186,7 +179,7 @@ describe('simulation: root=vdisk: on a BitLocker host partition', () => {
     const saved = volume;
     volume = vol; // the fake cryptsetup judges keys against this volume
     try {
-      const disk = await hostDiskWith(vol, 'host-sk');
+      const disk = hostDiskWith(vol, 'host-sk');
       const r = await boot('root=vdisk:PARTLABEL=Windows:/VMs/linux.vhd rw rd.vdisk.bitlocker.key=/4381F759-C4F8-4DE0-BB61-FC33A831BDA5.BEK:LABEL=KEYS', '', disk);
       expect(r.end?.reason, r.kernel.consoleText).toBe('exec');
       expect(r.kernel.consoleText).toMatch(/with the startup key in \/4381F759-C4F8-4DE0-BB61-FC33A831BDA5.BEK on LABEL=KEYS as \/dev\/mapper\/bitlk-/);

@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { diskFileDevices, planAgainstDevices } from '../../src/cli/plan.ts';
+import { parsePartitionTable } from '../../src/formats/partitions.ts';
 import type { HostDevice } from '../../src/boot/hostdev.ts';
 import type { DmDevicePlan } from '../../src/boot/vdisk.ts';
 import { pseudoRandom } from '../hostfs/helpers.ts';
@@ -111,6 +112,24 @@ export function makeHostDisk(dir: string, name: string, parts: { image?: string;
 
 export function devicesOf(disks: string[]): { devices: HostDevice[]; close(): void } {
   return diskFileDevices(disks);
+}
+
+/** A partition of a fake kernel's disk (src/sys/fake.ts): kernel name, number, byte offset, size. */
+export interface FakePartition { name: string; number: number; start: number; size: number }
+
+/** A disk image file as the fake kernel's disk `vda`: its bytes, and its partitions with the offsets its table gives. */
+export function fakeDiskOf(file: string): { bytes: Uint8Array; partitions: FakePartition[] } {
+  const bytes = new Uint8Array(fs.readFileSync(file));
+  const d = devicesOf([file]);
+  try {
+    const table = parsePartitionTable({ name: file, size: bytes.length, read: (o, l) => bytes.subarray(o, o + l) });
+    const partitions = d.devices.filter((x) => x.info.partNumber).map((x) => ({
+      name: `vda${x.info.partNumber}`, number: x.info.partNumber!, start: table.partitions.find((t) => t.number === x.info.partNumber)!.start, size: x.info.size,
+    }));
+    return { bytes, partitions };
+  } finally {
+    d.close();
+  }
 }
 
 /**

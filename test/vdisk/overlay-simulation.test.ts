@@ -16,7 +16,7 @@ import { encodeOverlayRecord, OVERLAY_STORE_OFFSET, type BaseIdentity } from '..
 import { nodeChainHost } from '../../src/sys/node-reader.ts';
 import { runBundleInQuickJS } from '../boot/sim-harness.ts';
 import { GUEST_TREE, simInitramfs, simManifest } from '../boot/sim-machine.ts';
-import { BASIC_DATA, convert, devicesOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, tmpDir } from './helpers.ts';
+import { BASIC_DATA, convert, fakeDiskOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, tmpDir } from './helpers.ts';
 
 const MiB = 1 << 20;
 let dir: string;
@@ -47,13 +47,7 @@ beforeAll(async () => {
   changedIdentity = identityOf(changed);
   const ntfs = makeNtfs(dir, 'win', 60, 'Windows', { '/VMs/dynamic.vhdx': dynamic }, ['/VMs']);
   const file = makeHostDisk(dir, 'host', [{ image: ntfs, type: BASIC_DATA }]);
-  hostDisk = new Uint8Array(readFileSync(file));
-  const d = devicesOf([file]);
-  partitions = d.devices.filter((x) => x.info.partNumber).map((x) => ({ name: `vda${x.info.partNumber}`, number: x.info.partNumber!, start: 0, size: x.info.size }));
-  const { parsePartitionTable } = await import('../../src/formats/partitions.ts');
-  const table = parsePartitionTable({ name: file, size: hostDisk.length, read: (o, l) => hostDisk.subarray(o, o + l) });
-  for (const p of partitions) p.start = table.partitions.find((t) => t.number === p.number)!.start;
-  d.close();
+  ({ bytes: hostDisk, partitions } = fakeDiskOf(file));
   const ext4 = path.join(dir, 'home.ext4');
   execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', '-L', 'home', ext4, '8M']);
   ext4Bytes = new Uint8Array(readFileSync(ext4));

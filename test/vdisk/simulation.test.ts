@@ -12,7 +12,7 @@ import { MS, REBOOT } from '../../src/sys/sys.ts';
 import type { FakeDmEvent, FakeMachine } from '../../src/sys/fake.ts';
 import { runBundleInQuickJS } from '../boot/sim-harness.ts';
 import { GUEST_TREE, simInitramfs, simManifest } from '../boot/sim-machine.ts';
-import { BASIC_DATA, convert, devicesOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, qemuRaw, tmpDir } from './helpers.ts';
+import { BASIC_DATA, convert, fakeDiskOf, loadNtfsMkdir, makeGuestDisk, makeHostDisk, makeNtfs, qemuRaw, tmpDir } from './helpers.ts';
 import { readFileSync } from 'node:fs';
 
 let dir: string;
@@ -30,14 +30,7 @@ beforeAll(async () => {
   const dynamic = convert(raw, path.join(dir, 'dynamic.vhdx'), 'vhdx', ['block_size=1M']);
   const ntfs = makeNtfs(dir, 'win', 60, 'Windows', { '/VMs/linux.vhd': fixedVhd, '/VMs/dynamic.vhdx': dynamic }, ['/VMs']);
   const file = makeHostDisk(dir, 'host', [{ image: ntfs, type: BASIC_DATA }]);
-  hostDisk = new Uint8Array(readFileSync(file));
-  const d = devicesOf([file]);
-  partitions = d.devices.filter((x) => x.info.partNumber).map((x) => ({ name: `vda${x.info.partNumber}`, number: x.info.partNumber!, start: 0, size: x.info.size }));
-  // partition offsets from the table the devices were read from
-  const { parsePartitionTable } = await import('../../src/formats/partitions.ts');
-  const table = parsePartitionTable({ name: file, size: hostDisk.length, read: (o, l) => hostDisk.subarray(o, o + l) });
-  for (const p of partitions) p.start = table.partitions.find((t) => t.number === p.number)!.start;
-  d.close();
+  ({ bytes: hostDisk, partitions } = fakeDiskOf(file));
   const { probeFilesystem } = await import('../../src/formats/probe.ts');
   const guest = new Uint8Array(readFileSync(raw));
   vhdBytes = new Uint8Array(readFileSync(fixedVhd));
