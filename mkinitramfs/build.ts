@@ -962,9 +962,17 @@ export function buildInitramfs(options: MkinitramfsOptions = {}): MkinitramfsRes
   }
   for (const w of wrappers) {
     const order: string[] = [];
-    for (const m of [...TOOL_IMAGE_MODULES, ...(TOOLS[w.tool].onDemand ?? [])].map(moduleKey).filter((m) => included.has(m))) {
+    // Soft pre-dependencies too (xts asks for ecb): these modules are not in the modules.alias
+    // text, so the kernel's own request for "crypto-ecb(aes)" finds nothing; the wrapper loads them.
+    const add = (m: string, seen: Set<string>): void => {
+      if (seen.has(m)) return;
+      seen.add(m);
+      const pre = [...new Set((index.softdeps.get(m)?.pre ?? []).flatMap((x) => resolveName(index, x)))].filter((x) => included.has(x) && x !== m);
+      for (const x of pre) add(x, seen);
       for (const d of [...hardDepsInLoadOrder(index, m), m]) if (!order.includes(d)) order.push(d);
-    }
+    };
+    const seen = new Set<string>();
+    for (const m of [...TOOL_IMAGE_MODULES, ...(TOOLS[w.tool].onDemand ?? [])].map(moduleKey).filter((m) => included.has(m))) add(m, seen);
     w.input.data = new TextEncoder().encode(toolWrapper(w.tool, w.image, w.command, w.libraryPath, order.map((name) => ({ name, path: `/${modRoot}/${imageRel.get(name)!}` }))));
   }
   for (const format of options.unpackModules ? [] : unpackedHere) {
