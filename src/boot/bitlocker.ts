@@ -19,15 +19,14 @@ import {
 } from '../formats/bitlocker.ts';
 import { openHostFs } from '../formats/hostfs.ts';
 import { utf16leDecode, utf8Decode, utf8Encode } from '../formats/text.ts';
-import { S } from '../sys/sys.ts';
 import { openBlockReader } from './blockdev.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { CRYPTSETUP_WRONG_KEY, cryptsetupTool, openCrypt, promptSecret } from './cryptsetup.ts';
 import { formatDeviceSpec, type BlockDeviceInfo } from './devspec.ts';
-import { exists, mkdirs, readTextOr } from './fsutil.ts';
 import type { BitLockerKeyOption } from './plan.ts';
 import { waitForDevice, waitForUevents } from './devwait.ts';
 import { DeviceMapper } from './dm.ts';
+import { mountPathOf } from './mount-device.ts';
 
 export const BITLOCKER_TRIES = 3;
 /** dm names of unlocked BitLocker hosts begin with this (the shutdown hand-off finds them by it). */
@@ -207,15 +206,9 @@ function unlockedDevice(ctx: InitContext, name: string): BlockDeviceInfo {
   for (;;) {
     for (const d of ctx.devices.scan()) {
       if (!/^dm-\d+$/.test(d.name) || d.notReady) continue;
-      if ((readTextOr(sys, `/sys/class/block/${d.name}/dm/name`) ?? '').trim() !== name) continue;
-      if (!exists(sys, mapped)) {
-        // libdevmapper makes the node itself when no udev runs; if it did not, vdboot does.
-        try {
-          mkdirs(sys, '/dev/mapper');
-          sys.mknod(mapped, S.IFBLK | 0o600, d.major, d.minor);
-        } catch { /* made meanwhile */ }
-      }
-      return { ...d, path: mapped, deadRanges: deadRangesOf(ctx, name) };
+      if (d.dmName !== name) continue;
+      // libdevmapper makes the node itself when no udev runs; if it did not, mountPathOf does.
+      return { ...d, path: mountPathOf(sys, d), deadRanges: deadRangesOf(ctx, name) };
     }
     if (sys.monotonicMs() >= deadline) {
       throw new BootFailure(`cryptsetup reported ${mapped} open, but no such device-mapper device appeared within 10 s. The rescue shell has "cryptsetup status ${name}".`);

@@ -40,7 +40,7 @@ export function mountPathOf(sys: Sys, dev: BlockDeviceInfo): string {
 
 /** Whether the kernel holds `dev` read-only (/sys/class/block/NAME/ro): a read-only image's devices, a write-protected card. */
 export function deviceIsReadOnly(sys: Sys, dev: BlockDeviceInfo): boolean {
-  return (readTextOr(sys, `/sys/class/block/${dev.name}/ro`) ?? '').trim() === '1';
+  return readTextOr(sys, `/sys/class/block/${dev.name}/ro`) === '1';
 }
 
 /** Mounts `dev` on `target` with the probed or the given filesystem type(s). */
