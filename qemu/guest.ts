@@ -77,6 +77,14 @@ export function guestFact(key: string, shellValue: string): string {
   return `echo "${GUEST_FACT}${key}=${shellValue}"`;
 }
 
+/**
+ * Waits (up to 5 s) until the serial port has sent what init wrote: `poweroff -f` does not
+ * wait for the UART, and on a loaded host the last lines of a long transcript were lost with
+ * the machine (the marker among them). The 8250 driver counts sent bytes in
+ * /proc/tty/driver/serial; the line is done when the count stops moving for 0.1 s.
+ */
+const CONSOLE_DRAIN = 'a=; i=0; while [ $i -lt 50 ]; do b=$(grep -o "tx:[0-9]*" /proc/tty/driver/serial 2>/dev/null | tr "\\n" " "); [ "$b" = "$a" ] && break; a=$b; i=$((i+1)); sleep 0.1; done';
+
 export function guestInitScript(opts: GuestOptions = {}): string {
   const marker = opts.marker ?? GUEST_MARKER;
   const f = (s: string): string => `echo "${GUEST_FACT}${s}"`;
@@ -120,10 +128,10 @@ export function guestInitScript(opts: GuestOptions = {}): string {
   }
   switch (then) {
     case 'poweroff':
-      lines.push('sync', 'mount -o remount,ro / 2>/dev/null', 'poweroff -f');
+      lines.push('sync', 'mount -o remount,ro / 2>/dev/null', CONSOLE_DRAIN, 'poweroff -f');
       break;
     case 'reboot':
-      lines.push('sync', 'mount -o remount,ro / 2>/dev/null', 'reboot -f');
+      lines.push('sync', 'mount -o remount,ro / 2>/dev/null', CONSOLE_DRAIN, 'reboot -f');
       break;
     case 'shell':
       lines.push('exec sh </dev/console >/dev/console 2>&1');

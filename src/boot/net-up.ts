@@ -80,7 +80,9 @@ export function bringUpNetwork(ctx: InitContext, opts: NetOptions, why: string):
   // 1. The interfaces (their drivers load with coldplug), renamed by ifname=.
   let list = listIfaces(sys);
   const wanted = cfg.iface;
-  const present = () => (wanted ? list.some((i) => i.name === wanted) : list.length > 0) && opts.ifnames.every((n) => list.some((i) => i.name === n.name || i.mac === n.mac));
+  // a wanted name that ifname= gives to a MAC is there once the card with that MAC is (it is renamed below)
+  const named = (name: string) => list.some((i) => i.name === name || opts.ifnames.some((n) => n.name === name && n.mac === i.mac));
+  const present = () => (wanted ? named(wanted) : list.length > 0) && opts.ifnames.every((n) => list.some((i) => i.name === n.name || i.mac === n.mac));
   // Network cards appear once their bus driver is up (virtio_pci, then virtio0): their
   // uevents load the drivers; after 2 s every present device's driver is asked for again.
   let rescanned = false;

@@ -687,11 +687,32 @@ function serverNotThereYet(e: FormatError): boolean {
 function planNbd(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nbdHosts: NbdImageHost[]): { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo; nbd: NbdImageHost } {
   const { sys, log, plan } = ctx;
   ctx.modules.reportFailures(ctx.modules.load(['nbd']));
+  // A connection that drops while the image's tables are read (a relay that died, a server
+  // restarted) is opened again and the plan made anew, within the same rd.timeout.
+  const deadline = sys.monotonicMs() + plan.timeoutSec * 1000;
+  for (let round = 1; ; round++) {
+    const nh = openNbdWithin(ctx, url, deadline);
+    nbdHosts.push(nh);
+    try {
+      return planNbdExport(ctx, index, url, root, nh);
+    } catch (e) {
+      const left = Math.ceil((deadline - sys.monotonicMs()) / 1000);
+      if (!(isFormatError(e) && (e as FormatError).field === 'closed' && left > 0)) throw e;
+      log.warn(`${(e as Error).message} while vdboot read the image's tables; connecting again (${round === 1 ? 'first retry' : `retry ${round}`}; trying for ${left} s more, rd.timeout=${plan.timeoutSec})`);
+      nbdHosts.splice(nbdHosts.indexOf(nh), 1);
+      try { nh.close(); } catch { /* the connection is gone already */ }
+      sys.sleepMs(Math.min(500 * round, 5000, left * 1000));
+    }
+  }
+}
+
+/** Connects to the export, retrying a server that is not (yet) there until `deadline`. */
+function openNbdWithin(ctx: InitContext, url: NbdUrl, deadline: number): NbdImageHost {
+  const { sys, log, plan } = ctx;
   const where = formatNbdUrl(url);
   let nh: NbdImageHost | undefined;
   // A server that is starting (nothing listens yet, or its relay closes the connection before
   // the greeting) is waited for like a disk that has not appeared, up to rd.timeout.
-  const deadline = sys.monotonicMs() + plan.timeoutSec * 1000;
   for (let attempt = 1; !nh; attempt++) {
     try {
       nh = log.timed('nbd-open', () => new NbdImageHost(sys, url));
@@ -707,7 +728,12 @@ function planNbd(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nb
       throw e;
     }
   }
-  nbdHosts.push(nh);
+  return nh;
+}
+
+function planNbdExport(ctx: InitContext, index: number, url: NbdUrl, root: boolean, nh: NbdImageHost): { kind: 'planned'; vp: VdiskPlan; host: BlockDeviceInfo; nbd: NbdImageHost } {
+  const { log, plan } = ctx;
+  const where = formatNbdUrl(url);
   log.info(`${where}: ${nh.rootExport.size} bytes${nh.rootExport.readOnly ? ', read-only' : ', writable'}${nh.rootExport.blockSize ? `, block sizes ${nh.rootExport.blockSize.minimum}/${nh.rootExport.blockSize.preferred}/${nh.rootExport.blockSize.maximum}` : ''}`);
   const req: ImageRequest = {
     index, path: nh.path, mode: plan.vdisk.mode, map: plan.vdisk.map, expand: false,

@@ -74,10 +74,35 @@ afterAll(async () => {
   if (dir && !process.env.VDBOOT_KEEP) rmSync(dir, { recursive: true, force: true });
 });
 
-/** The user network with only nbdkit's curl plugin reachable, at 10.0.2.100:10809, and a card with a fixed MAC. */
+/**
+ * The user network with only nbdkit's curl plugin reachable, at 10.0.2.100:10809, and a card
+ * with a fixed MAC. QEMU runs the command without a shell, with the connection as its standard
+ * error too: a wrapper sends nbdkit's messages to a file instead, which a failure shows.
+ */
 function curlNet(url: string): string[] {
-  const cmd = `nbdkit -s -r --log=null curl url=${url}`.replace(/,/g, ',,');
-  return ['-netdev', `user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:10809-cmd:${cmd}`, '-device', `virtio-net-pci,netdev=n0,mac=${MAC}`];
+  const script = join(dir, 'serve.sh');
+  writeFileSync(script, `#!/bin/sh\nexec nbdkit -s -r --log=stderr curl url=${url} 2>>${join(dir, 'nbdkit.log')}\n`, { mode: 0o755 });
+  return ['-netdev', `user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:10809-cmd:sh ${script.replace(/,/g, ',,')}`, '-device', `virtio-net-pci,netdev=n0,mac=${MAC}`];
+}
+
+/** Waits for the guest's marker; a boot that does not get there says what nbdkit said. */
+async function finished(vm: Vm): Promise<void> {
+  try {
+    await vm.waitFor(GUEST_MARKER, 480_000);
+  } catch (e) {
+    let log = '';
+    try { log = readFileSync(join(dir, 'nbdkit.log'), 'utf8'); } catch { /* nbdkit said nothing */ }
+    throw new Error(`${(e as Error).message}\n--- nbdkit's messages ---\n${log || '(none)'}`);
+  }
+  await vm.waitExit(180_000);
+}
+
+/** Seconds from vdboot's start to the card's link: ifname= renames the card, and the wait for its new name must not run out rd.timeout. */
+function linkAfter(t: string): number {
+  const start = /vdboot: \[\s*([\d.]+)\] vdboot started/.exec(t);
+  const link = /vdboot: \[\s*([\d.]+)\] net: lan0 \(virtio_net/.exec(t);
+  expect(start && link, t).toBeTruthy();
+  return Number(link![1]) - Number(start![1]);
 }
 
 async function bootClient(name: string, append: string): Promise<Vm> {
@@ -98,8 +123,7 @@ describe('rd.vdisk.overlay over an image nbdkit serves from HTTP, static address
     const before = sha256(served);
 
     const first = await bootClient('overlay-1', 'rd.vdisk.overlay.init=1');
-    await first.waitFor(GUEST_MARKER, 480_000);
-    await first.waitExit(180_000);
+    await finished(first);
     const t1 = first.transcript().replace(/\r/g, '');
     const f1 = parseGuestFacts(t1).facts;
     expect(f1.boots).toBe('1');
@@ -108,14 +132,15 @@ describe('rd.vdisk.overlay over an image nbdkit serves from HTTP, static address
     expect(t1).toMatch(new RegExp(`net: lan0 \\(virtio_net, ${MAC}\\) has a link`));
     expect(t1).toMatch(/net: lan0 is 10\.0\.2\.77\/24, gateway 10\.0\.2\.2 \(ip=/);
     expect(t1).not.toMatch(/DHCP/);
+    // the card is found by its MAC at once (it took rd.timeout=30 s when the wait looked for lan0 before renaming)
+    expect(linkAfter(t1)).toBeLessThan(15);
     expect(t1).toMatch(/nbd:\/\/10\.0\.2\.100\/disk\.vhdx: 41943040 bytes, read-only/);
     expect(t1).toMatch(/vdisk0: writes go to the persistent overlay \/vdboot\/client\.cow on \/dev\/vda1 \(vfat, LABEL="USB"\) \(48(\.0)? MiB\), new \(rd\.vdisk\.overlay\.init\)/);
     expect(t1).toMatch(/reboot: Power down/);
     expect(http.requests()).toBeGreaterThan(2);
 
     const second = await bootClient('overlay-2', '');
-    await second.waitFor(GUEST_MARKER, 480_000);
-    await second.waitExit(180_000);
+    await finished(second);
     const t2 = second.transcript().replace(/\r/g, '');
     const f2 = parseGuestFacts(t2).facts;
     const kept = /vdisk0: writes go to the persistent overlay .*, kept from earlier boots, ([\d.]+) (KiB|MiB) written at earlier boots \((\d+)% of its store\)/.exec(t2);

@@ -63,7 +63,9 @@ export function startStdioNbdkit(args: string[]): StdioNbd {
  * (restrict=on) forwards 10.0.2.100:10809 to a wrapper that runs `nbdkit -s` for each
  * connection. The wrapper notes each server's pid (so the test kills only servers it
  * started), serves the folder named in `work`/folder (changeable between connections),
- * and while the server is down closes every new connection at once.
+ * and while the server is down closes every new connection at once. After dropAtFirstRead(),
+ * the next connection completes its handshake and then loses its server at the first request
+ * (nbdkit's sh plugin kills its own nbdkit), as a relay that dies mid-session does.
  */
 export interface KillableNbd {
   /** QEMU arguments: the netdev and a virtio-net card */
@@ -74,6 +76,8 @@ export interface KillableNbd {
   restart(folder?: string): void;
   /** how many connections the guest opened so far */
   connections(): number;
+  /** the next connection gets through the handshake for an export of `size` bytes, then the server dies at the first request */
+  dropAtFirstRead(size: number): void;
 }
 
 export function killableNbdServer(work: string, folder: string): KillableNbd {
@@ -84,6 +88,7 @@ export function killableNbdServer(work: string, folder: string): KillableNbd {
     '#!/bin/sh',
     `echo $$ >> ${shellQuote(join(work, 'pids'))}`,
     `[ -e ${shellQuote(join(work, 'down'))} ] && exit 0`,
+    `if [ -e ${shellQuote(join(work, 'drop'))} ]; then rm -f ${shellQuote(join(work, 'drop'))}; exec nbdkit -s --log=null sh ${shellQuote(join(work, 'drop.sh'))}; fi`,
     `exec nbdkit -s --log=null file dir="$(cat ${shellQuote(join(work, 'folder'))})"`,
     '',
   ].join('\n'), { mode: 0o755 });
@@ -104,5 +109,10 @@ export function killableNbdServer(work: string, folder: string): KillableNbd {
       rmSync(join(work, 'down'), { force: true });
     },
     connections: () => pids().length,
+    dropAtFirstRead(size) {
+      // the sh plugin runs the script as nbdkit's child: SIGKILL to $PPID closes the client's connection
+      writeFileSync(join(work, 'drop.sh'), ['#!/bin/sh', 'case "$1" in', `  get_size) echo ${size} ;;`, '  pread) kill -9 $PPID; exit 1 ;;', '  *) exit 2 ;;', 'esac', ''].join('\n'), { mode: 0o755 });
+      writeFileSync(join(work, 'drop'), '');
+    },
   };
 }
