@@ -12,6 +12,7 @@ import type { DeviceScanner } from './devices.ts';
 import type { BlockDeviceInfo } from './devspec.ts';
 import type { ModuleLoader } from './modules.ts';
 import type { BootPlan } from './plan.ts';
+import type { VdiskPlan } from './vdisk.ts';
 
 /** A failure the person at the console can act on: the message is the whole story. */
 export class BootFailure extends Error {
@@ -35,5 +36,5 @@ export interface InitContext {
    * activate LVs; true when it made devices (scan again). `notes` explain a root that never
    * appeared (a VG missing a PV); `resume` hands resume= to the kernel before the root is mounted.
    */
-  stack?: { onDevices(devices: BlockDeviceInfo[]): boolean; notes(): string[]; resume(): void };
+  stack?: { onDevices(devices: BlockDeviceInfo[]): boolean; notes(): string[]; resume(images?: readonly VdiskPlan[]): void };
 }

@@ -146,7 +146,7 @@ function mountRoot(ctx: InitContext): { init: string } {
   const images = plan.root.kind === 'vdisk' || plan.vdisk.attach.length ? log.timed('images', () => setupVdisks(ctx)) : undefined;
   const rootSpec = root.kind === 'block' ? root.device : undefined;
   const dev = rootSpec ? log.timed('root-device', () => waitForDevice(ctx, rootSpec, 'root device')) : images!.root ?? findStackedRoot(ctx, images!.rootDeferred!);
-  ctx.stack?.resume();
+  ctx.stack?.resume(images?.plans);
   if (dev.fsType === 'btrfs') log.timed('btrfs-devices', () => readyBtrfsRoot(ctx, dev));
   let readOnly = plan.readOnly;
   if (!readOnly && deviceIsReadOnly(sys, dev)) {

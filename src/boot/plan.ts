@@ -294,8 +294,10 @@ export function planBoot(cmdlineText: string, kernelInitArgs: string[] = []): Bo
     warnings,
   };
 
-  if (plan.stack.resume && root.kind === 'vdisk') {
-    warnings.push(`resume=${cmd.get('resume')} is ignored: resuming inside an image is refused, since vdboot cannot prove the image's device tables are the ones recorded at hibernation (a moved image file would resume onto the wrong sectors)`);
+  // Resuming an image's system needs the record a read-write boot leaves (resume-record.ts):
+  // a snapshot's writes, the hibernation image among them, live in RAM and are gone.
+  if (plan.stack.resume && root.kind === 'vdisk' && plan.vdisk.mode !== 'rw') {
+    warnings.push(`resume=${cmd.get('resume')} is ignored: rd.vdisk.mode=${plan.vdisk.mode} ${plan.vdisk.mode === 'ro' ? 'writes nothing to the image' : 'keeps this boot\'s writes in RAM'}, so there is no hibernation image to resume and none can be made; resuming inside an image needs rd.vdisk.mode=rw`);
     delete plan.stack.resume;
   }
   // rd.vdisk.mode is the images' mode: it makes a root inside the image read-only, not a

@@ -14,9 +14,11 @@ import { describeDevices } from './devices.ts';
 import { formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { waitForDevice } from './devwait.ts';
 import { writeText } from './fsutil.ts';
+import { encodeResumeRecord, readBootBits, resumeDifferences, RESUME_RECORD_BYTES, swapState, tablesHash, type ResumeIdentity } from '../formats/resume-record.ts';
+import { O, type Sys } from '../sys/sys.ts';
 import { unlockLuks, wantsUnlock } from './luks-unlock.ts';
 import { LvmActivator } from './lvm-activate.ts';
-import { LINUX_FS } from './vdisk.ts';
+import { LINUX_FS, type VdiskPlan } from './vdisk.ts';
 import { recordStackedDevice } from './vdisk-exec.ts';
 
 export interface OpenedCrypt {
@@ -101,23 +103,24 @@ export class StorageStack {
    * archive's host of a root=tmpfs: boot (whose system keeps its swap on the disk beside the
    * archive). With a hibernation image there the kernel restores it and this never returns;
    * without one it returns and the boot goes on. Called once; later calls do nothing.
-   * Refused for images (root=vdisk:, or a swap on an rd.vdisk.attach= image): the image's
-   * device tables must be the ones recorded at hibernation, which vdboot cannot prove, and
-   * resuming onto other sectors would corrupt.
+   *
+   * A system in an image (root=vdisk:, `images` given) resumes only when the record in the
+   * swap's boot bits (resume-record.ts) shows the image's tables are the ones it hibernated
+   * with; each read-write boot writes that record. A swap on an rd.vdisk.attach= image of a
+   * plain or tmpfs root is refused.
    */
-  resume(): void {
+  resume(images?: readonly VdiskPlan[]): void {
     const { ctx } = this;
     const spec = ctx.plan.stack.resume;
     if (!spec || this.resumed) return;
     this.resumed = true;
-    const refusal = `resume=${formatDeviceSpec(spec)} is ignored: resuming inside an image is refused, since vdboot cannot prove its device tables are the ones recorded at hibernation (a moved image file would resume onto the wrong sectors)`;
+    const found = waitForDevice(ctx, spec, 'resume device');
+    // named on the console as /dev/mapper/NAME when device-mapper's, as the system names it
+    const dev = found.dmName ? { ...found, path: `/dev/mapper/${found.dmName}` } : found;
     if (ctx.plan.root.kind === 'vdisk') {
-      ctx.log.warn(refusal);
-      return;
-    }
-    const dev = waitForDevice(ctx, spec, 'resume device');
-    if (this.liesOnImage(dev, ctx.devices.scan())) {
-      ctx.log.warn(`${refusal}; ${dev.path} lies on an image attached by rd.vdisk.attach=`);
+      if (!this.imageAllowsResume(spec, dev, found.path, images ?? [])) return;
+    } else if (this.liesOnImage(dev, ctx.devices.scan())) {
+      ctx.log.warn(`resume=${formatDeviceSpec(spec)} is ignored: ${dev.path} lies on an image attached by rd.vdisk.attach=, and vdboot resumes only a system whose root is the image (root=vdisk:), whose tables it records at each boot`);
       return;
     }
     // logged first: with a hibernation image the kernel restores it inside the write below
@@ -127,6 +130,98 @@ export class StorageStack {
       ctx.log.info(`resume=${formatDeviceSpec(spec)}: no hibernation image on ${dev.path}; booting normally`);
     } catch (e) {
       throw new BootFailure(`resume=${formatDeviceSpec(spec)}: the kernel refused ${dev.path} (${dev.major}:${dev.minor}) as its resume device (${(e as Error).message}). Remove resume= to boot without resuming.`);
+    }
+  }
+
+  /**
+   * root=vdisk: with resume=: true when the kernel may be handed the swap. A hibernated swap
+   * is resumed only when its record equals the image's tables now; otherwise the boot goes
+   * on without it (the system's swapon makes the swap anew) and the record is cleared, so the
+   * stale image can never be restored later. A swap without one gets this boot's record.
+   */
+  private imageAllowsResume(spec: DeviceSpec, dev: BlockDeviceInfo, ioPath: string, images: readonly VdiskPlan[]): boolean {
+    const { ctx } = this;
+    const what = `resume=${formatDeviceSpec(spec)}`;
+    const vp = images.find((p) => p.root !== undefined || p.rootDeferred !== undefined) ?? images[0];
+    if (!vp) {
+      ctx.log.warn(`${what} is ignored: no image was set up`);
+      return false;
+    }
+    if (images.length > 1) {
+      ctx.log.warn(`${what} is ignored: resuming is supported with the root image alone, and ${images.length - 1} more ${images.length === 2 ? 'is' : 'are'} attached (rd.vdisk.attach=)`);
+      return false;
+    }
+    if (vp.mode !== 'rw' || vp.path !== 'direct') {
+      ctx.log.warn(`${what} is ignored: ${vp.imagePath} is mapped ${vp.path === 'direct' ? '' : `on the ${vp.path} path `}in ${vp.mode} mode; vdboot resumes only an image mapped read-write on the direct path (device-mapper over the host's sectors), whose tables it can record`);
+      return false;
+    }
+    const devices = ctx.devices.scan();
+    const hostDev = devices.find((d) => d.path === vp.hostDevice || (d.aliases ?? []).includes(vp.hostDevice));
+    const host = hostDev?.partuuid ? `PARTUUID=${hostDev.partuuid.toLowerCase()}` : hostDev?.dmName ? `dm:${hostDev.dmName}` : hostDev?.uuid ? `UUID=${hostDev.uuid.toLowerCase()}` : undefined;
+    if (!host) {
+      ctx.log.warn(`${what} is ignored: the image's host ${vp.hostDevice} has neither a partition UUID nor a filesystem UUID, so vdboot cannot tell it is the same partition at the next boot`);
+      return false;
+    }
+    const chain = vp.chain.map((c) => `${c.format} ${c.subformat} ${c.size}`).join(' → ');
+    const now: ResumeIdentity = { image: vp.imagePath, host, chain, tables: tablesHash(vp.map), writeIds: vp.writeIds.found };
+    const next: ResumeIdentity = { ...now, writeIds: vp.writeIds.after };
+    let page: Uint8Array;
+    try {
+      page = readDeviceStart(ctx.sys, ioPath, 4096);
+    } catch (e) {
+      ctx.log.warn(`${what} is ignored: ${dev.path} could not be read (${(e as Error).message})`);
+      return false;
+    }
+    const state = swapState(page);
+    const bits = readBootBits(page.subarray(0, RESUME_RECORD_BYTES));
+    if (state === 'none') {
+      ctx.log.warn(`${what} is ignored: ${dev.path} is not a swap area (no swap signature at the end of its first 4 KiB)`);
+      return false;
+    }
+    if (state === 'hibernated') {
+      const why = bits.kind === 'record' ? resumeDifferences(bits.id, now)
+        : bits.kind === 'damaged' ? [`vdboot's record in its first 1 KiB is damaged (${bits.why})`]
+          : ['it holds no record of the tables it hibernated with (it was not booted read-write by vdboot with this resume=)'];
+      if (!why.length) {
+        ctx.log.info(`${what}: ${dev.path} holds a hibernation image made with ${vp.imagePath}'s tables as they are now (${host}, the same extents and write ids)`);
+        return true;
+      }
+      ctx.log.warn(
+        `${what}: ${dev.path} holds a hibernation image, but it is NOT restored: ${why.join('; ')}. Restoring it would write through the old tables onto sectors that are no longer the image's. ` +
+          `The system boots afresh; what was open at hibernation is lost, and its swapon makes the swap anew. To restore it instead, put the image back as it was at hibernation and boot again.`,
+      );
+      if (bits.kind === 'record' || bits.kind === 'damaged') this.writeRecord(dev, ioPath, new Uint8Array(RESUME_RECORD_BYTES), what, 'cleared the record, so this hibernation image is never restored later');
+      return false;
+    }
+    if (bits.kind === 'other') {
+      ctx.log.warn(`${what}: the first 1 KiB of ${dev.path} holds other data (a boot loader?), so vdboot leaves it and writes no record; a hibernation of this system will not be resumed`);
+      return true;
+    }
+    if (bits.kind === 'record' && !resumeDifferences(bits.id, next).length) return true;
+    let record: Uint8Array;
+    try {
+      record = encodeResumeRecord(next);
+    } catch (e) {
+      ctx.log.warn(`${what}: no record written, so a hibernation of this boot will not be resumed: ${(e as Error).message}`);
+      return true;
+    }
+    this.writeRecord(dev, ioPath, record, what, `recorded ${vp.imagePath}'s tables in its first 1 KiB (${host}, map ${next.tables.slice(0, 12)}…), so a hibernation of this boot can be resumed`);
+    return true;
+  }
+
+  private writeRecord(dev: BlockDeviceInfo, ioPath: string, bytes: Uint8Array, what: string, done: string): void {
+    const { sys, log } = this.ctx;
+    try {
+      const fd = sys.open(ioPath, O.RDWR | O.CLOEXEC);
+      try {
+        if (sys.pwrite(fd, bytes, 0) !== bytes.length) throw new Error('a short write');
+        sys.fsync(fd);
+      } finally {
+        sys.close(fd);
+      }
+      log.info(`${what}: ${dev.path}: ${done}`);
+    } catch (e) {
+      throw new BootFailure(`${what}: writing ${dev.path}'s first 1 KiB failed (${(e as Error).message}). Remove resume= to boot without it.`);
     }
   }
 }
@@ -174,4 +269,21 @@ function oneEachFilesystem(devices: BlockDeviceInfo[]): BlockDeviceInfo[] {
     seen.add(d.uuid);
     return true;
   });
+}
+
+/** The first `length` bytes of a block device. */
+function readDeviceStart(sys: Sys, path: string, length: number): Uint8Array {
+  const fd = sys.open(path, O.RDONLY | O.CLOEXEC);
+  try {
+    const out = new Uint8Array(length);
+    let done = 0;
+    while (done < length) {
+      const n = sys.pread(fd, out.subarray(done), done);
+      if (n <= 0) break;
+      done += n;
+    }
+    return out.subarray(0, done);
+  } finally {
+    sys.close(fd);
+  }
 }

@@ -24,6 +24,7 @@ import type { DmTarget } from './dm.ts';
 import { findChildImages, MAX_NEIGHBOURS } from './children.ts';
 import { checkFills, expansionFor, ExpansionNeeded, planFills } from './expand-plan.ts';
 import { vhdxHeaderRenewal } from '../formats/expand/vhdx.ts';
+import { msGuid } from '../formats/vhdx.ts';
 import { humanSize } from './devices.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import type { ImageHost, ImageRequest } from './image-host.ts';
@@ -104,6 +105,8 @@ export interface VdiskPlan {
   headerUpdate?: HeaderUpdate;
   /** the host filesystem must be mounted read-write by the kernel (loop path in rw mode) */
   hostMountWritable: boolean;
+  /** each layer's write id (VHDX DataWriteGuid, VMDK CID; '' for none) as found, and as this boot leaves it (resume=) */
+  writeIds: { found: string[]; after: string[] };
   /**
    * The image's own files have holes or uninitialized ranges on the host (rw only; the
    * fill did not run: rd.vdisk.expand=0). The loop and nbd paths then write them through
@@ -120,6 +123,8 @@ export interface HeaderUpdate {
   on: 'device' | 'file';
   path: string;
   writes: { offset: number; bytes: Uint8Array }[];
+  /** the DataWriteGuid the headers get */
+  dataWriteGuid: string;
 }
 
 export const DM_UUID_PREFIX = 'VDBOOT-';
@@ -277,6 +282,7 @@ export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   const chosen = choosePathOnDirtyHost(req, host, () => choosePath(req, image, direct, directProblem, host));
   if (req.mode === 'rw' && host.writeWarning) warnings.push(host.writeWarning);
   const headerUpdate = req.mode === 'rw' && chosen.path !== 'nbd' && image.layers[0]!.layer.format === 'vhdx' ? vhdxRenewal(image, host, chosen.path) : undefined;
+  const found = image.layers.map((l) => String(l.layer.details['data write guid'] ?? l.layer.details['cid'] ?? ''));
   const tableMap = chosen.path === 'direct' ? direct! : map;
   const devicesForFiles = chosen.path === 'direct' ? undefined : map.files.map((_, i) => `$LOOP${i}`);
   const dataFiles = new Set<number>();
@@ -353,6 +359,7 @@ export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
     loops,
     ...(headerUpdate ? { headerUpdate } : {}),
     hostMountWritable: chosen.path !== 'direct' && req.mode === 'rw',
+    writeIds: { found, after: found.map((w, i) => (i === 0 && headerUpdate ? headerUpdate.dataWriteGuid : w)) },
     warnings,
   };
   if (req.mode === 'rw' && chosen.path !== 'direct') {
@@ -444,8 +451,10 @@ function vhdxRenewal(image: OpenedImage, host: ImageHost, path: 'direct' | 'loop
   const logWrites = image.layers[0]!.layer.logReplay?.writes ?? [];
   const writes = vhdxHeaderRenewal(image.readers[g]!, file, logWrites);
   const logged = logWrites.length;
+  // the header writes come last; the DataWriteGuid is at byte 32 of a header
+  const dataWriteGuid = msGuid(writes[writes.length - 1]!.bytes, 32);
   const what = `${logged ? `the ${logged} update${logged === 1 ? '' : 's'} in ${file}'s log (it was not closed cleanly), then ` : ''}a new FileWriteGuid and DataWriteGuid in ${logged ? 'its' : `${file}'s`} headers, as VHDX asks before the first write`;
-  if (path === 'loop') return { what, on: 'file', path: file, writes };
+  if (path === 'loop') return { what, on: 'file', path: file, writes, dataWriteGuid };
   const layout = host.layout(file);
   if (!layout) throw new Error(`internal: the direct path was chosen for ${file} without its layout`);
   // Each write's file range composed with the file's extents, as the image map is: only where the file's bytes lie.
@@ -459,7 +468,7 @@ function vhdxRenewal(image: OpenedImage, host: ImageHost, path: 'direct' | 'loop
     }
     return { offset: e.offset, bytes: w.bytes.subarray(e.start, e.start + e.length) };
   }));
-  return { what, on: 'device', path: layout.device, writes: placed };
+  return { what, on: 'device', path: layout.device, writes: placed, dataWriteGuid };
 }
 
 /**

@@ -58,10 +58,15 @@ describe('rd.luks.*, rd.lvm.*, resume= on the command line', () => {
     expect(dmAliases(`luks-${U}`, `CRYPT-LUKS2-x-luks-${U}`)).toEqual([`/dev/mapper/luks-${U}`]);
   });
 
-  it('resume= is refused for an image root at planning, with the reason', () => {
-    const p = planBoot('root=vdisk:LABEL=W:/a.vhdx resume=/dev/vg/swap');
-    expect(p.stack.resume).toBeUndefined();
-    expect(p.warnings.join()).toMatch(/resume=\/dev\/vg\/swap is ignored: resuming inside an image is refused/);
+  it('resume= for an image root is kept for a read-write boot (the record decides at boot) and refused for snapshot and ro, with the reason', () => {
+    expect(planBoot('root=vdisk:LABEL=W:/a.vhdx rw resume=/dev/vg/swap').stack.resume).toEqual({ by: 'path', value: '/dev/vg/swap' });
+    for (const mode of ['snapshot', 'ro']) {
+      const p = planBoot(`root=vdisk:LABEL=W:/a.vhdx rd.vdisk.mode=${mode} resume=/dev/vg/swap`);
+      expect(p.stack.resume).toBeUndefined();
+      expect(p.warnings.join()).toMatch(new RegExp(`resume=/dev/vg/swap is ignored: rd\\.vdisk\\.mode=${mode} .*resuming inside an image needs rd\\.vdisk\\.mode=rw`));
+    }
+    // a network image is a snapshot by default
+    expect(planBoot('root=vdisk:nbd://10.0.2.100/a.vhdx ip=dhcp resume=UUID=0b9c1c4e-3c5e-4b8f-9e2a-6a1d2f3e4b5c').stack.resume).toBeUndefined();
     expect(planBoot('root=/dev/vg/root resume=/dev/vg/swap').stack.resume).toEqual({ by: 'path', value: '/dev/vg/swap' });
   });
 });

@@ -91,7 +91,7 @@ function plan(over: Partial<VdiskPlan> = {}): VdiskPlan {
     map: { size: 1 << 30, files: [], extents: [] }, summary: {} as VdiskPlan['summary'], partitionTable: 'gpt',
     partitions: [{ number: 1, name: 'vdisk0p1', start: 1 << 20, size: 100 << 20, fsType: 'ext4', label: 'root' }],
     devices: [{ name: 'vdisk0', uuid: 'VDBOOT-vdisk0', readOnly: false, targets: [] }, { name: 'vdisk0p1', uuid: 'VDBOOT-vdisk0-part1', readOnly: false, targets: [] }],
-    loops: [], hostMountWritable: false, warnings: [],
+    loops: [], hostMountWritable: false, writeIds: { found: [''], after: [''] }, warnings: [],
     ...over,
   };
 }

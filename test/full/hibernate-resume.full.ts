@@ -14,20 +14,24 @@
  * Checked too: a third boot after the resume finds no image any more and starts the guest
  * afresh; and a copy of the disk as boot 1 left it, booted without resume=, starts the guest
  * afresh (the control: the restore is vdboot's doing, the kernel cannot resolve UUID=).
+ *
+ * The same inside a dynamic VHDX on NTFS (root=vdisk:, resume=UUID= of the swap partition in
+ * the image): boot 1 expands the image, records its tables in the swap's boot bits
+ * (resume-record.ts) and hibernates; boot 2 finds them equal and resumes. The image as boot 1
+ * left it, copied onto another NTFS behind a filler file (so its extents differ), is not
+ * resumed: the console says why, the guest starts afresh, and the record is cleared.
  */
 import { execFileSync } from 'node:child_process';
-import { closeSync, mkdirSync, mkdtempSync, openSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
 import { makeExt4, makePartitionedDisk } from '../../qemu/disks.ts';
-import { buildGuestRoot, GUEST_MARKER, guestFact } from '../../qemu/guest.ts';
+import { buildGuestRoot, GUEST_MARKER } from '../../qemu/guest.ts';
 import { bootVm, cachedKernel, defaultKernel, kernelVersion, type Vm } from '../../qemu/harness.ts';
-
-const SWAP_TYPE = '0657FD6D-A4AB-43C4-84E5-0933C84B4F4F';
-const ROOT_LABEL = 'hib-root';
+import { HIBERNATE_COMMANDS, hibernateInImage, ROOT_LABEL, SWAP_TYPE, swapPage } from '../kit/hibernate.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'vdboot-hibernate-full-'));
 const vms: Vm[] = [];
@@ -35,49 +39,6 @@ afterAll(async () => {
   for (const vm of vms) if (!vm.exited) await vm.kill();
   if (!process.env.VDBOOT_KEEP) rmSync(dir, { recursive: true, force: true });
 });
-
-/**
- * The guest's part: a token in a tmpfs, the swap vdboot named enabled, then hibernation.
- * After a restore the shell returns from the `echo disk` and prints what the tmpfs holds.
- */
-const HIBERNATE_COMMANDS = [
-  'mkdir -p /mnt/ram && mount -t tmpfs -o size=1m ram /mnt/ram',
-  "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /mnt/ram/token",
-  guestFact('token', '$(cat /mnt/ram/token)'),
-  guestFact('resume', '$(cat /sys/power/resume)'),
-  'swapon /dev/disk/by-partlabel/swap 2>/dev/null || swapon "$(findfs PARTLABEL=swap)" || swapon /dev/vda2',
-  guestFact('swaps', '$(tail -n +2 /proc/swaps | wc -l)'),
-  'echo 0 > /sys/power/image_size',
-  'echo shutdown > /sys/power/disk',
-  'echo 7 > /proc/sys/kernel/printk',
-  'echo "VDBOOT-GUEST hibernating"',
-  'if echo disk > /sys/power/state; then echo "VDBOOT-GUEST thawed"; else echo "VDBOOT-GUEST hibernation-failed"; fi',
-  'echo 1 > /proc/sys/kernel/printk',
-  guestFact('after', '$(cat /mnt/ram/token)'),
-];
-
-/** `length` bytes of `file` at `offset` */
-function readAt(file: string, offset: number, length: number): Buffer {
-  const fd = openSync(file, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    readSync(fd, b, 0, length, offset);
-    return b;
-  } finally {
-    closeSync(fd);
-  }
-}
-
-/**
- * The swap's first page as the kernel leaves it: its signature (the last 10 bytes of the
- * page: SWAPSPACE2 for a swap, S1SUSPEND while it holds a hibernation image) and its first
- * 1024 bytes (the "boot bits" mkswap leaves to boot loaders: where a record kept across a
- * hibernation could live, so the test checks the kernel keeps them).
- */
-function swapPage(disk: string, offset: number): { sig: string; bootbits: Buffer } {
-  const page = readAt(disk, offset, 4096);
-  return { sig: page.subarray(4086).toString('latin1').replace(/\0+$/, ''), bootbits: page.subarray(0, 1024) };
-}
 
 const kernels = [defaultKernel(), cachedKernel('6.12')].filter((k): k is string => k !== undefined);
 
@@ -187,5 +148,13 @@ for (const kernel of kernels) describe(`resume= with a real hibernation image (p
     expect(tc).not.toMatch(/handing \/dev\/vda2/);
     expect(controlToken).not.toBe(token);
     rmSync(control);
+  });
+});
+
+// resume= inside an image: the default kernel's run is in npm test (test/e2e/hibernate-image.test.ts)
+const k612 = cachedKernel('6.12');
+if (k612) describe(`resume= inside a dynamic VHDX on NTFS with a real hibernation on ${kernelVersion(k612)}`, { timeout: 1_500_000 }, () => {
+  it('boot 1 records the tables and hibernates; boot 2 resumes; the image moved on another NTFS is not resumed and its record is cleared', async () => {
+    await hibernateInImage(k612, dir, vms);
   });
 });
