@@ -136,7 +136,16 @@ describe('simulation: root=vdisk: boots through device-mapper', () => {
     const r = await boot(`root=UUID=${guestUuid} rd.vdisk.attach=LABEL=Windows:/VMs/linux.vhd resume=/dev/mapper/vdisk0p1`);
     const t = r.kernel.consoleText;
     expect(r.end?.reason, t).toBe('exec');
-    expect(t).toMatch(/resume=\/dev\/mapper\/vdisk0p1 is ignored: resuming inside an image is refused, .*; \/dev\/dm-1 lies on an image attached by rd\.vdisk\.attach=/);
+    expect(t).toMatch(/resume=\/dev\/mapper\/vdisk0p1 is ignored: \/dev\/mapper\/vdisk0p1 lies on an image attached by rd\.vdisk\.attach=, and vdboot resumes only a system whose root is the image/);
+    expect(r.kernel.sysPowerResume).toBeUndefined();
+  });
+
+  it('root=vdisk: resume= naming a partition that is no swap: read through the image\'s mapping on QuickJS, refused with the reason, nothing written, the boot goes on', async () => {
+    const r = await boot(`root=vdisk:LABEL=Windows:/VMs/linux.vhd rw resume=/dev/mapper/vdisk0p1`);
+    const t = r.kernel.consoleText;
+    expect(r.end?.reason, t).toBe('exec');
+    expect(t).toMatch(/resume=\/dev\/mapper\/vdisk0p1 is ignored: \/dev\/mapper\/vdisk0p1 is not a swap area \(no swap signature at the end of its first 4 KiB\)/);
+    expect(t).not.toMatch(/recorded .* tables/);
     expect(r.kernel.sysPowerResume).toBeUndefined();
   });
 
