@@ -22,16 +22,15 @@
  * resumed: the console says why, the guest starts afresh, and the record is cleared.
  */
 import { execFileSync } from 'node:child_process';
-import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
-import { randomBytes, randomUUID } from 'node:crypto';
+import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { writeInitramfs } from '../../mkinitramfs/build.ts';
-import { makeExt4, makePartitionedDisk } from '../../qemu/disks.ts';
-import { buildGuestRoot, GUEST_MARKER } from '../../qemu/guest.ts';
+import { GUEST_MARKER } from '../../qemu/guest.ts';
 import { bootVm, cachedKernel, defaultKernel, kernelVersion, type Vm } from '../../qemu/harness.ts';
-import { HIBERNATE_COMMANDS, hibernateInImage, ROOT_LABEL, SWAP_TYPE, swapPage } from '../kit/hibernate.ts';
+import { HIBERNATE_COMMANDS, hibernateGuestDisk, hibernateInImage, ROOT_LABEL, swapPage } from '../kit/hibernate.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'vdboot-hibernate-full-'));
 const vms: Vm[] = [];
@@ -45,20 +44,9 @@ const kernels = [defaultKernel(), cachedKernel('6.12')].filter((k): k is string 
 for (const kernel of kernels) describe(`resume= with a real hibernation image (plain root) on ${kernelVersion(kernel)}`, { timeout: 1_200_000 }, () => {
   it('boot 1 hibernates with a token in a tmpfs; boot 2 with the same command line resumes: the token is still there', async () => {
     const sub = join(dir, kernelVersion(kernel));
-    const root = join(sub, 'root');
-    mkdirSync(root, { recursive: true });
-    buildGuestRoot(root, { commands: HIBERNATE_COMMANDS, kernelMessages: true });
-    const rootFs = join(sub, 'root.ext4');
-    makeExt4(rootFs, { sizeMiB: 24, label: ROOT_LABEL, fromDir: root });
-    const swapUuid = randomUUID();
-    const swap = join(sub, 'swap.img');
-    writeFileSync(swap, '');
-    truncateSync(swap, 192 << 20);
-    execFileSync('mkswap', ['-q', '-U', swapUuid, swap]);
+    mkdirSync(sub, { recursive: true });
     const disk = join(sub, 'disk.img');
-    const parts = makePartitionedDisk(disk, { table: 'gpt', partitions: [{ image: rootFs, name: 'root' }, { image: swap, name: 'swap', type: SWAP_TYPE }] });
-    rmSync(rootFs);
-    rmSync(swap);
+    const { parts, swapUuid } = hibernateGuestDisk(sub, disk, HIBERNATE_COMMANDS, 192);
     // the swap as the host's blkid sees it in the disk: the spec vdboot is given
     const found = execFileSync('blkid', ['-p', '-o', 'value', '-s', 'UUID', '--offset', String(parts[1]!.offset), disk], { encoding: 'utf8' }).trim();
     expect(found).toBe(swapUuid);

@@ -71,6 +71,28 @@ function swapPageInVhdx(work: string, host: HostDisk, path: string, swapOffset: 
 }
 
 /**
+ * The hibernating guest's disk `out` in `sub`: GPT with the test guest's ext4 root (label
+ * ROOT_LABEL, running `commands`) and a swap partition of `swapMiB` made by mkswap with a
+ * fresh UUID; returns the partitions and that UUID.
+ */
+export function hibernateGuestDisk(sub: string, out: string, commands: string[], swapMiB: number): { parts: ReturnType<typeof makePartitionedDisk>; swapUuid: string } {
+  const root = join(sub, 'root');
+  mkdirSync(root, { recursive: true });
+  buildGuestRoot(root, { commands, kernelMessages: true });
+  const rootFs = join(sub, 'root.ext4');
+  makeExt4(rootFs, { sizeMiB: 24, label: ROOT_LABEL, fromDir: root });
+  const swapUuid = randomUUID();
+  const swap = join(sub, 'swap.img');
+  writeFileSync(swap, '');
+  truncateSync(swap, swapMiB << 20);
+  execFileSync('mkswap', ['-q', '-U', swapUuid, swap]);
+  const parts = makePartitionedDisk(out, { table: 'gpt', partitions: [{ image: rootFs, name: 'root' }, { image: swap, name: 'swap', type: SWAP_TYPE }] });
+  rmSync(rootFs);
+  rmSync(swap);
+  return { parts, swapUuid };
+}
+
+/**
  * resume= inside a dynamic VHDX on NTFS, with a real hibernation (the test's body; the e2e
  * suite runs it on the default kernel, test:full on 6.12): boot 1 expands the image, records
  * its tables in the swap's boot bits and hibernates with a token in a tmpfs; boot 2 resumes
@@ -82,23 +104,11 @@ function swapPageInVhdx(work: string, host: HostDisk, path: string, swapOffset: 
 export async function hibernateInImage(kernel: string, work: string, vms: Vm[]): Promise<void> {
   {
     const sub = join(work, `image-${kernelVersion(kernel)}`);
-    const root = join(sub, 'root');
-    mkdirSync(root, { recursive: true });
-    buildGuestRoot(root, { commands: HIBERNATE_COMMANDS.map((c) => (c.startsWith('swapon') ? 'swapon /dev/mapper/vdisk0p2' : c)), kernelMessages: true });
-    const rootFs = join(sub, 'root.ext4');
-    makeExt4(rootFs, { sizeMiB: 24, label: ROOT_LABEL, fromDir: root });
-    const swapUuid = randomUUID();
-    const swap = join(sub, 'swap.img');
-    writeFileSync(swap, '');
-    truncateSync(swap, 128 << 20);
-    execFileSync('mkswap', ['-q', '-U', swapUuid, swap]);
     const raw = join(sub, 'guest.raw');
-    const parts = makePartitionedDisk(raw, { table: 'gpt', partitions: [{ image: rootFs, name: 'root' }, { image: swap, name: 'swap', type: SWAP_TYPE }] });
+    const { parts, swapUuid } = hibernateGuestDisk(sub, raw, HIBERNATE_COMMANDS.map((c) => (c.startsWith('swapon') ? 'swapon /dev/mapper/vdisk0p2' : c)), 128);
     const swapAt = parts[1]!.offset;
     const vhdx = join(sub, 'hib.vhdx');
     convertImage(raw, vhdx, 'vhdx', ['subformat=dynamic']);
-    rmSync(rootFs);
-    rmSync(swap);
     rmSync(raw);
     const host = hostDisk(sub, 'host', 'ntfs', { '/VMs/hib.vhdx': { hostFile: vhdx } }, { sizeMiB: 320 });
     const initrd = join(sub, 'initrd.img');
