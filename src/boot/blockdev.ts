@@ -62,3 +62,21 @@ export function preadExact(sys: Sys, fd: number, path: string, size: number, off
   }
   return buf;
 }
+
+/**
+ * Writes `writes` to `path` (a device or file) in order, each synced before the next, as
+ * boot writes metadata (a VHDX's headers, an overlay's record, a resume record): a short
+ * write is an error naming how much arrived. The caller says what failed for the console.
+ */
+export function writeSynced(sys: Sys, path: string, writes: readonly { offset: number; bytes: Uint8Array }[]): void {
+  const fd = sys.open(path, O.RDWR | O.CLOEXEC);
+  try {
+    for (const w of writes) {
+      const n = sys.pwrite(fd, w.bytes, w.offset);
+      if (n !== w.bytes.length) throw new Error(`${n} of ${w.bytes.length} bytes written at ${w.offset}`);
+      sys.fsync(fd);
+    }
+  } finally {
+    sys.close(fd);
+  }
+}

@@ -21,8 +21,8 @@ import {
   classifyOverlay, encodeOverlayRecord, identityDifferences, OVERLAY_MIN_SIZE, OVERLAY_STORE_OFFSET, SNAP_MAGIC, storeUsage,
   type BaseIdentity, type OverlayContent, type OverlayRecord, type StoreUsage,
 } from '../formats/overlay.ts';
-import { O, type Sys } from '../sys/sys.ts';
-import { openBlockReader } from './blockdev.ts';
+import type { Sys } from '../sys/sys.ts';
+import { openBlockReader, writeSynced } from './blockdev.ts';
 import { BootFailure, type InitContext } from './context.ts';
 import { humanSize } from './devices.ts';
 import type { BlockDeviceInfo } from './devspec.ts';
@@ -235,19 +235,13 @@ export function createOverlay(sys: Sys, dm: DeviceMapper, name: string, op: Over
   const made = dm.create(whole, `${DM_UUID_PREFIX}${whole}`, op.targets, false);
   created(whole);
   if (op.action !== 'use') {
-    const fd = sys.open(made.path, O.RDWR | O.CLOEXEC);
     try {
-      const writeAll = (bytes: Uint8Array, offset: number): void => {
-        const n = sys.pwrite(fd, bytes, offset);
-        if (n !== bytes.length) throw new Error(`${n} of ${bytes.length} bytes written at ${offset}`);
-        sys.fsync(fd);
-      };
-      writeAll(new Uint8Array(Math.max(op.record.chunkSectors * 512, 4096)), op.record.storeOffset);
-      writeAll(encodeOverlayRecord(op.record), 0);
+      writeSynced(sys, made.path, [
+        { offset: op.record.storeOffset, bytes: new Uint8Array(Math.max(op.record.chunkSectors * 512, 4096)) },
+        { offset: 0, bytes: encodeOverlayRecord(op.record) },
+      ]);
     } catch (e) {
       throw new BootFailure(`Writing the overlay's record to ${op.description} failed (${(e as Error).message}); the boot stops. Check that disk, or boot without rd.vdisk.overlay.`);
-    } finally {
-      sys.close(fd);
     }
   }
   const cow = `${name}-cow`;

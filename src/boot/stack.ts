@@ -14,8 +14,9 @@ import { describeDevices } from './devices.ts';
 import { formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
 import { waitForDevice } from './devwait.ts';
 import { writeText } from './fsutil.ts';
-import { encodeResumeRecord, readBootBits, resumeDifferences, RESUME_RECORD_BYTES, swapState, tablesHash, type ResumeIdentity } from '../formats/resume-record.ts';
-import { O, type Sys } from '../sys/sys.ts';
+import { mapHash } from '../formats/overlay.ts';
+import { encodeResumeRecord, readBootBits, resumeDifferences, RESUME_RECORD_BYTES, swapState, type ResumeIdentity } from '../formats/resume-record.ts';
+import { openBlockReader, writeSynced } from './blockdev.ts';
 import { unlockLuks, wantsUnlock } from './luks-unlock.ts';
 import { LvmActivator } from './lvm-activate.ts';
 import { LINUX_FS, type VdiskPlan } from './vdisk.ts';
@@ -163,11 +164,16 @@ export class StorageStack {
       return false;
     }
     const chain = vp.chain.map((c) => `${c.format} ${c.subformat} ${c.size}`).join(' → ');
-    const now: ResumeIdentity = { image: vp.imagePath, host, chain, tables: tablesHash(vp.map), writeIds: vp.writeIds.found };
+    const now: ResumeIdentity = { image: vp.imagePath, host, chain, tables: mapHash(vp.map), writeIds: vp.writeIds.found };
     const next: ResumeIdentity = { ...now, writeIds: vp.writeIds.after };
     let page: Uint8Array;
     try {
-      page = readDeviceStart(ctx.sys, ioPath, 4096);
+      const reader = openBlockReader(ctx.sys, ioPath, dev.size);
+      try {
+        page = reader.read(0, Math.min(4096, dev.size));
+      } finally {
+        reader.close();
+      }
     } catch (e) {
       ctx.log.warn(`${what} is ignored: ${dev.path} could not be read (${(e as Error).message})`);
       return false;
@@ -212,13 +218,7 @@ export class StorageStack {
   private writeRecord(dev: BlockDeviceInfo, ioPath: string, bytes: Uint8Array, what: string, done: string): void {
     const { sys, log } = this.ctx;
     try {
-      const fd = sys.open(ioPath, O.RDWR | O.CLOEXEC);
-      try {
-        if (sys.pwrite(fd, bytes, 0) !== bytes.length) throw new Error('a short write');
-        sys.fsync(fd);
-      } finally {
-        sys.close(fd);
-      }
+      writeSynced(sys, ioPath, [{ offset: 0, bytes }]);
       log.info(`${what}: ${dev.path}: ${done}`);
     } catch (e) {
       throw new BootFailure(`${what}: writing ${dev.path}'s first 1 KiB failed (${(e as Error).message}). Remove resume= to boot without it.`);
@@ -269,21 +269,4 @@ function oneEachFilesystem(devices: BlockDeviceInfo[]): BlockDeviceInfo[] {
     seen.add(d.uuid);
     return true;
   });
-}
-
-/** The first `length` bytes of a block device. */
-function readDeviceStart(sys: Sys, path: string, length: number): Uint8Array {
-  const fd = sys.open(path, O.RDONLY | O.CLOEXEC);
-  try {
-    const out = new Uint8Array(length);
-    let done = 0;
-    while (done < length) {
-      const n = sys.pread(fd, out.subarray(done), done);
-      if (n <= 0) break;
-      done += n;
-    }
-    return out.subarray(0, done);
-  } finally {
-    sys.close(fd);
-  }
 }

@@ -7,7 +7,7 @@
  */
 import { isFormatError, type FormatError } from '../formats/block-reader.ts';
 import { isSysError, MS, O, type Sys } from '../sys/sys.ts';
-import { openBlockReader } from './blockdev.ts';
+import { openBlockReader, writeSynced } from './blockdev.ts';
 import { describeDevices, humanSize } from './devices.ts';
 import { DeviceMapper, type DmTarget } from './dm.ts';
 import { deviceMatches, formatDeviceSpec, type BlockDeviceInfo, type DeviceSpec } from './devspec.ts';
@@ -545,16 +545,7 @@ function verifyFills(ctx: InitContext, host: ImageHost, device: BlockDeviceInfo,
 function applyHeaderUpdate(sys: Sys, hu: HeaderUpdate): void {
   const target = hu.on === 'device' ? hu.path : `${HOST_MOUNT}${hu.path}`;
   try {
-    const fd = sys.open(target, O.RDWR | O.CLOEXEC);
-    try {
-      for (const w of hu.writes) {
-        const n = sys.pwrite(fd, w.bytes, w.offset);
-        if (n !== w.bytes.length) throw new Error(`${n} of ${w.bytes.length} bytes written at ${w.offset}`);
-        sys.fsync(fd);
-      }
-    } finally {
-      sys.close(fd);
-    }
+    writeSynced(sys, target, hu.writes);
   } catch (e) {
     throw new BootFailure(
       `Writing ${hu.what} to ${target} failed (${(e as Error).message}); the boot stops before anything else is written. ` +

@@ -19,7 +19,7 @@ import { GPT_TYPE } from '../formats/guid.ts';
 import { parsePartitionTable, sliceReader, type PartitionTable } from '../formats/partitions.ts';
 import { probeFilesystem } from '../formats/probe.ts';
 import { mappedReader } from '../formats/read-map.ts';
-import { baseIdentity, type BaseIdentity } from '../formats/overlay.ts';
+import { baseIdentity, layerWriteId, type BaseIdentity } from '../formats/overlay.ts';
 import type { DmTarget } from './dm.ts';
 import { findChildImages, MAX_NEIGHBOURS } from './children.ts';
 import { checkFills, expansionFor, ExpansionNeeded, planFills } from './expand-plan.ts';
@@ -282,7 +282,7 @@ export function planVdisk(req: ImageRequest, imageHost: ImageHost): VdiskPlan {
   const chosen = choosePathOnDirtyHost(req, host, () => choosePath(req, image, direct, directProblem, host));
   if (req.mode === 'rw' && host.writeWarning) warnings.push(host.writeWarning);
   const headerUpdate = req.mode === 'rw' && chosen.path !== 'nbd' && image.layers[0]!.layer.format === 'vhdx' ? vhdxRenewal(image, host, chosen.path) : undefined;
-  const found = image.layers.map((l) => String(l.layer.details['data write guid'] ?? l.layer.details['cid'] ?? ''));
+  const found = image.layers.map((l) => layerWriteId(l.layer.details) ?? '');
   const tableMap = chosen.path === 'direct' ? direct! : map;
   const devicesForFiles = chosen.path === 'direct' ? undefined : map.files.map((_, i) => `$LOOP${i}`);
   const dataFiles = new Set<number>();

@@ -194,6 +194,24 @@ const hex = (b: Uint8Array): string => Array.from(b, (x) => x.toString(16).padSt
 /** Details keys whose value a format changes when the image is written (vhdx.ts, vmdk.ts). */
 const WRITE_IDS = ['data write guid', 'cid'];
 
+/** A layer's write id (VHDX DataWriteGuid, VMDK CID) from its details; undefined for formats without one. */
+export function layerWriteId(details: Record<string, string | number | boolean>): string | undefined {
+  const w = WRITE_IDS.map((k) => details[k]).find((x) => x !== undefined);
+  return w === undefined ? undefined : String(w);
+}
+
+/** The extents a map's tables are made from: where each lies in the virtual disk and in its file (or device). */
+export interface MapLike {
+  size: number;
+  extents: readonly { kind: string; start: number; length: number; file?: number; offset?: number }[];
+}
+
+/** SHA-256 (hex, 32 digits) of a map: a new allocation or a moved extent anywhere changes it. */
+export function mapHash(map: MapLike): string {
+  const text = map.extents.map((e) => (e.kind === 'data' ? `${e.start}+${e.length}@${e.file}:${e.offset}` : `${e.start}+${e.length}:${e.kind}`)).join(',');
+  return hex(sha256(utf8Encode(`${map.size};${text}`)).subarray(0, 16));
+}
+
 export interface IdentityInput {
   source: string;
   layers: { format: string; subformat: string; size: number; id?: string; details: Record<string, string | number | boolean> }[];
@@ -218,12 +236,11 @@ export function baseIdentity(input: IdentityInput): BaseIdentity {
   const layers = input.layers.map((l): LayerIdentity => {
     const out: LayerIdentity = { format: l.format, subformat: l.subformat, size: l.size };
     if (l.id !== undefined) out.id = l.id;
-    const w = WRITE_IDS.map((k) => l.details[k]).find((x) => x !== undefined);
-    if (w !== undefined) out.writeId = String(w);
+    const w = layerWriteId(l.details);
+    if (w !== undefined) out.writeId = w;
     return out;
   });
-  const mapText = input.map.extents.map((e) => (e.kind === 'data' ? `${e.start}+${e.length}@${e.file}:${e.offset}` : `${e.start}+${e.length}:${e.kind}`)).join(',');
-  const tables = hex(sha256(utf8Encode(`${input.map.size};${mapText}`)).subarray(0, 16));
+  const tables = mapHash(input.map);
   const places = [0, ...input.partitionStarts].filter((s, i, a) => s < input.disk.size && a.indexOf(s) === i);
   const parts: Uint8Array[] = [];
   for (const start of places) parts.push(input.disk.read(start, Math.min(SAMPLE, input.disk.size - start)));

@@ -18,7 +18,6 @@
  * JSON u32, the JSON (at most 1000 bytes), zeros to 1024.
  */
 import { crc32 } from './crc.ts';
-import { sha256 } from './sha256.ts';
 import { utf8Decode, utf8Encode } from './text.ts';
 
 export const RESUME_RECORD_BYTES = 1024;
@@ -32,23 +31,10 @@ export interface ResumeIdentity {
   host: string;
   /** "vhdx dynamic 21474836480 → …" */
   chain: string;
-  /** SHA-256 (hex, 32 digits) of the map the tables are made from */
+  /** mapHash (overlay.ts) of the map the tables are made from */
   tables: string;
   /** each layer's write id ('' where the format has none) */
   writeIds: string[];
-}
-
-export interface MapLike {
-  size: number;
-  extents: readonly ({ kind: 'data'; start: number; length: number; file: number; offset: number } | { kind: string; start: number; length: number })[];
-}
-
-const hex = (b: Uint8Array): string => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
-
-/** The hash of a map: every extent's place in the virtual disk and on the host device. */
-export function tablesHash(map: MapLike): string {
-  const text = map.extents.map((e) => ('file' in e ? `${e.start}+${e.length}@${e.file}:${e.offset}` : `${e.start}+${e.length}:${e.kind}`)).join(',');
-  return hex(sha256(utf8Encode(`${map.size};${text}`)).subarray(0, 16));
 }
 
 export function encodeResumeRecord(id: ResumeIdentity): Uint8Array {

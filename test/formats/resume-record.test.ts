@@ -8,7 +8,8 @@ import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from '
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { encodeResumeRecord, readBootBits, resumeDifferences, RESUME_RECORD_BYTES, swapState, tablesHash, type ResumeIdentity } from '../../src/formats/resume-record.ts';
+import { mapHash } from '../../src/formats/overlay.ts';
+import { encodeResumeRecord, readBootBits, resumeDifferences, RESUME_RECORD_BYTES, swapState, type ResumeIdentity } from '../../src/formats/resume-record.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'vdboot-resume-record-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -17,7 +18,7 @@ const ID: ResumeIdentity = {
   image: '/Users/Jörg/VMs/My Linux.vhdx',
   host: 'PARTUUID=2f0c7e0a-1b7e-4c1f-9a53-0c4c1a8b9d10',
   chain: 'vhdx dynamic 21474836480',
-  tables: tablesHash({ size: 1 << 30, extents: [{ kind: 'data', start: 0, length: 1 << 20, file: 0, offset: 4 << 20 }, { kind: 'zero', start: 1 << 20, length: (1 << 30) - (1 << 20) }] }),
+  tables: mapHash({ size: 1 << 30, extents: [{ kind: 'data', start: 0, length: 1 << 20, file: 0, offset: 4 << 20 }, { kind: 'zero', start: 1 << 20, length: (1 << 30) - (1 << 20) }] }),
   writeIds: ['6f1e1c0e-9a4b-4e43-8f3a-1d2c3b4a5f60'],
 };
 
@@ -75,7 +76,7 @@ describe('resume record', () => {
   it('says what differs: another host, a moved file, a layer written by another program', () => {
     expect(resumeDifferences(ID, ID)).toEqual([]);
     expect(resumeDifferences(ID, { ...ID, host: 'PARTUUID=00000000-0000-0000-0000-000000000001' })).toEqual(['its host is PARTUUID=00000000-0000-0000-0000-000000000001, was PARTUUID=2f0c7e0a-1b7e-4c1f-9a53-0c4c1a8b9d10']);
-    const moved = tablesHash({ size: 1 << 30, extents: [{ kind: 'data', start: 0, length: 1 << 20, file: 0, offset: 8 << 20 }, { kind: 'zero', start: 1 << 20, length: (1 << 30) - (1 << 20) }] });
+    const moved = mapHash({ size: 1 << 30, extents: [{ kind: 'data', start: 0, length: 1 << 20, file: 0, offset: 8 << 20 }, { kind: 'zero', start: 1 << 20, length: (1 << 30) - (1 << 20) }] });
     expect(moved).not.toBe(ID.tables);
     expect(resumeDifferences(ID, { ...ID, tables: moved })[0]).toMatch(/its file lies elsewhere on the host now/);
     expect(resumeDifferences(ID, { ...ID, writeIds: ['11111111-2222-3333-4444-555555555555'] })).toEqual(['layer 1 was written by another program since (write id 11111111-2222-3333-4444-555555555555, was 6f1e1c0e-9a4b-4e43-8f3a-1d2c3b4a5f60)']);
